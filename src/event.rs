@@ -1,0 +1,218 @@
+//! The types that flow through pgrelay, from the replication stream to Kafka.
+//!
+//! ```text
+//! pgoutput bytes -> Message -> (assembly) -> Change -> (residency) -> Routed -> (publish) -> record
+//! ```
+//!
+//! Values stay in PostgreSQL's text output format from end to end: the
+//! capture side never needs to understand a type to route or publish it, and
+//! the apply side casts the text back with the target column's own type.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// A WAL position (`pg_lsn`). Ordered, printed as `X/Y` like PostgreSQL does.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    pub const ZERO: Lsn = Lsn(0);
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+impl fmt::Debug for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (hi, lo) = s
+            .split_once('/')
+            .ok_or_else(|| format!("invalid LSN {s:?}: expected X/Y"))?;
+        let hi = u64::from_str_radix(hi, 16).map_err(|_| format!("invalid LSN {s:?}"))?;
+        let lo = u64::from_str_radix(lo, 16).map_err(|_| format!("invalid LSN {s:?}"))?;
+        if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
+            return Err(format!("invalid LSN {s:?}: component out of range"));
+        }
+        Ok(Lsn((hi << 32) | lo))
+    }
+}
+
+/// One column value as it travels: PostgreSQL's text format, NULL, or the
+/// "unchanged TOAST" marker meaning "this column was not modified and the
+/// stream did not carry its value" (the apply side must leave it alone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Datum {
+    Null,
+    Unchanged,
+    Text(String),
+}
+
+impl Datum {
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Datum::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// A fully qualified table name (`schema.table`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `schema.table` or `table` (schema `public`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (schema, name) = match s.split_once('.') {
+            Some((schema, name)) => (schema, name),
+            None => ("public", s),
+        };
+        if schema.is_empty() || name.is_empty() || name.contains('.') {
+            return Err(format!(
+                "invalid table name {s:?}: expected \"schema.table\" or \"table\""
+            ));
+        }
+        Ok(TableName::new(schema, name))
+    }
+
+    /// The name quoted for SQL: `"schema"."table"`.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Quotes an SQL identifier, doubling embedded quotes.
+pub fn quote_ident(ident: &str) -> String {
+    let mut out = String::with_capacity(ident.len() + 2);
+    out.push('"');
+    for c in ident.chars() {
+        if c == '"' {
+            out.push('"');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// Quotes an SQL string literal, doubling embedded quotes.
+pub fn quote_literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\'' {
+            out.push('\'');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+/// One column of a relation as described by the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnDesc {
+    pub name: String,
+    pub type_oid: u32,
+    /// Part of the replica identity (the key) of the relation.
+    pub is_key: bool,
+}
+
+/// The shape of a table as last announced by a Relation message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSchema {
+    pub oid: u32,
+    pub table: TableName,
+    pub columns: Vec<ColumnDesc>,
+}
+
+impl TableSchema {
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    /// Debezium's one-letter operation code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Insert => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Truncate => "t",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Op> {
+        match code {
+            "c" | "r" => Some(Op::Insert),
+            "u" => Some(Op::Update),
+            "d" => Some(Op::Delete),
+            "t" => Some(Op::Truncate),
+            _ => None,
+        }
+    }
+}
+
+/// What the whole transaction shares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxMeta {
+    pub xid: u32,
+    /// LSN of the commit record (Begin's final LSN).
+    pub commit_lsn: Lsn,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_ts_us: i64,
+}
+
+/// One row change of a declared table, before routing.
+///
+/// `before` is the old tuple when the stream has one (replica identity FULL
+/// or a key change), otherwise `None`; for deletes it holds at least the key.
+/// Values are indexed like `schema.columns`.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub schema: Arc<TableSchema>,
+    pub op: Op,
+    pub before: Option<Vec<Datum>>,
+    pub after: Option<Vec<Datum>>,
+    /// The HLC stamp of this write (see `hlc`).
+    pub hlc: u64,
+    pub tx: Arc<TxMeta>,
+    /// Position of this change inside its transaction (0-based).
+    pub seq: u64,
+}
