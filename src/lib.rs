@@ -8,10 +8,20 @@
 //! ```
 //!
 //! Pure logic (`pgoutput`, `config`, `residency`, `hlc`, `publish::envelope`,
-//! `publish::acks`) is separate from IO so each can be tested alone.
+//! `publish::acks`, `source::assemble`, `setup::plan`) is separate from IO so
+//! each can be tested alone.
 
+pub mod apply;
+pub mod capture;
+pub mod check;
 pub mod config;
 pub mod event;
 pub mod hlc;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
 pub mod pgoutput;
+pub mod publish;
 pub mod residency;
+pub mod setup;
+pub mod source;

@@ -1,1 +1,480 @@
-fn main(){}
+//! `pgrelay`: command-line parsing, logging, and dispatch to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+use pgrelay::check::{self, Severity};
+use pgrelay::config::{self, Config, TableClass};
+use pgrelay::http::{self, Readiness};
+use pgrelay::metrics::Metrics;
+use pgrelay::source::catalog::{self, Catalog};
+use pgrelay::{apply, capture, kafka, residency, setup};
+
+#[derive(Parser)]
+#[command(name = "pgrelay", version, about = "Multi-region Postgres replication through Kafka, with data-residency rules")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar for one region.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        /// Which side to run (default: both).
+        #[arg(long, value_enum, default_value_t = Role::All)]
+        role: Role,
+    },
+    /// Validate the config and each database and Kafka cluster; print the residency matrix.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        /// Check only this region (default: every region).
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// Create the publication, slot, metadata schema, triggers and topics (idempotent).
+    Setup {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+    },
+    /// Inspect or replay the dead-letter topic of a region.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Show what is parked and why.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Re-apply parked records (resumable, idempotent).
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        /// Try each record and roll back: report what would happen.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    All,
+    Capture,
+    Apply,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGRELAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run {
+                config,
+                region,
+                role,
+            } => run(&config, &region, role).await,
+            Command::Check { config, region } => check(&config, region.as_deref()).await,
+            Command::Setup { config, region } => setup(&config, &region).await,
+            Command::Dlq { action } => dlq(action).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &PathBuf) -> Result<Arc<Config>> {
+    Ok(Arc::new(config::load(path)?))
+}
+
+async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
+    let config = load(path)?;
+    let region_cfg = config.region(region)?;
+    let mut client = catalog::connect(&region_cfg.dsn, region).await?;
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    let findings = check::database(&config, region, &cat, false).await?;
+    let blocking: Vec<_> = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Blocking)
+        .collect();
+    if !blocking.is_empty() {
+        for f in &blocking {
+            eprintln!("{f}");
+        }
+        bail!("region {region}: fix the errors above, then run pgrelay setup again");
+    }
+    let keys = cat.keys(&config).await?;
+    let statements = setup::plan(&config, region, &|t| keys.get(t).cloned().unwrap_or_default());
+    let tx = client.transaction().await.context("starting the setup transaction")?;
+    for sql in &statements {
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("region {region}: setup statement failed: {sql}"))?;
+    }
+    tx.commit().await.context("committing setup")?;
+    client
+        .batch_execute(&setup::slot_sql(&config, region))
+        .await
+        .with_context(|| format!("region {region}: creating replication slot {}", config.slot_name(region)))?;
+    println!(
+        "region {region}: database ready (schema pgrelay, {} replicated tables, publication {}, slot {})",
+        config
+            .tables
+            .iter()
+            .filter(|t| !matches!(t.class, TableClass::Local))
+            .count(),
+        config.publication_name(),
+        config.slot_name(region)
+    );
+    let timeout = Duration::from_secs(15);
+    for dest in config.regions.keys().filter(|d| *d != region) {
+        let topic = config.topic(region, dest);
+        let created = kafka::create_topics(
+            config.kafka_for(dest),
+            std::slice::from_ref(&topic),
+            config.topics.partitions,
+            config.topics.replication_factor,
+            timeout,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        println!(
+            "region {region}: topic {topic} {}",
+            if created.is_empty() { "exists" } else { "created" }
+        );
+    }
+    let dlq = config.dlq_topic(region);
+    let created = kafka::create_topics(
+        config.kafka_for(region),
+        std::slice::from_ref(&dlq),
+        1,
+        config.topics.replication_factor,
+        timeout,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    println!(
+        "region {region}: topic {dlq} {}",
+        if created.is_empty() { "exists" } else { "created" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check(path: &PathBuf, only: Option<&str>) -> Result<ExitCode> {
+    let config = load(path)?;
+    println!("config {}: ok ({} regions, {} tables)", path.display(), config.regions.len(), config.tables.len());
+    let regions: Vec<String> = match only {
+        Some(r) => {
+            config.region(r)?;
+            vec![r.to_string()]
+        }
+        None => config.regions.keys().cloned().collect(),
+    };
+    let mut problems = 0;
+    for region in &regions {
+        let dsn = &config.regions[region].dsn;
+        match catalog::connect(dsn, region).await {
+            Err(e) => {
+                println!("error: {e}");
+                problems += 1;
+            }
+            Ok(client) => {
+                let cat = Catalog {
+                    client: &client,
+                    region,
+                };
+                let findings = check::database(&config, region, &cat, true).await?;
+                if findings.is_empty() {
+                    println!("region {region}: database ok ({})", catalog::describe_target(dsn));
+                }
+                for f in &findings {
+                    println!("{f}");
+                    if f.severity != Severity::Warning {
+                        problems += 1;
+                    }
+                }
+                let slot = config.slot_name(region);
+                if let Some(s) = cat.slot(&slot).await? {
+                    println!(
+                        "region {region}: slot {slot} {} confirmed {} (WAL retained {} bytes)",
+                        if s.active { "active," } else { "inactive," },
+                        s.confirmed_flush,
+                        s.retained_bytes
+                    );
+                }
+            }
+        }
+        let mut topics: Vec<(String, &config::KafkaCluster)> = config
+            .regions
+            .keys()
+            .filter(|d| *d != region)
+            .map(|d| (config.topic(region, d), config.kafka_for(d)))
+            .collect();
+        topics.push((config.dlq_topic(region), config.kafka_for(region)));
+        for (topic, cluster) in topics {
+            match kafka::check_topics(cluster, std::slice::from_ref(&topic), Duration::from_secs(10)).await {
+                Ok(()) => println!("region {region}: topic {topic} ok"),
+                Err(e) => {
+                    println!("error: region {region}: {e}");
+                    problems += 1;
+                }
+            }
+        }
+    }
+    println!();
+    print!("{}", residency::matrix(&config));
+    if problems > 0 {
+        println!("\n{problems} problem(s) found");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(path: &PathBuf, region: &str, role: Role) -> Result<ExitCode> {
+    let config = load(path)?;
+    config.region(region)?;
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    let (with_capture, with_apply) = match role {
+        Role::All => (true, true),
+        Role::Capture => (true, false),
+        Role::Apply => (false, true),
+    };
+    readiness.wants_capture.store(with_capture, Ordering::Relaxed);
+    readiness.wants_apply.store(with_apply, Ordering::Relaxed);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    if let Some(addr) = &config.http.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (http.listen)"))?;
+        tokio::spawn(http::serve(listener, metrics.clone(), readiness.clone(), shutdown.clone()));
+    }
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested, draining");
+        let _ = shutdown_tx.send(true);
+    });
+
+    if with_capture {
+        capture::preflight(&config, region).await?;
+    }
+    if with_apply {
+        apply::preflight(&config, region).await?;
+    }
+    let mut sides = tokio::task::JoinSet::new();
+    if with_capture {
+        sides.spawn(supervise(
+            Side::Capture,
+            config.clone(),
+            region.to_string(),
+            metrics.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if with_apply {
+        sides.spawn(supervise(
+            Side::Apply,
+            config.clone(),
+            region.to_string(),
+            metrics.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let mut result = Ok(());
+    while let Some(joined) = sides.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+                sides.abort_all();
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => bail!("a side of the sidecar panicked: {e}"),
+        }
+    }
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq(action: DlqAction) -> Result<ExitCode> {
+    match action {
+        DlqAction::List {
+            config,
+            region,
+            limit,
+        } => {
+            let config = load(&config)?;
+            config.region(&region)?;
+            let letters = apply::dlq::read(
+                &config,
+                &region,
+                &Default::default(),
+                limit,
+                Duration::from_secs(2),
+            )?;
+            println!("{} parked record(s) in {}", letters.len(), config.dlq_topic(&region));
+            for (p, o, d) in letters {
+                println!(
+                    "{p}:{o}  {}  attempts={}  sqlstate={}  from {}[{}]@{}  {}",
+                    d.class,
+                    d.attempts,
+                    if d.sqlstate.is_empty() { "-" } else { &d.sqlstate },
+                    d.topic,
+                    d.partition,
+                    d.offset,
+                    d.message
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqAction::Replay {
+            config,
+            region,
+            dry_run,
+            limit,
+        } => {
+            let config = load(&config)?;
+            config.region(&region)?;
+            let results = apply::replay::replay(&config, &region, dry_run, limit).await?;
+            let failed = results.iter().filter(|r| r.failure.is_some()).count();
+            for r in &results {
+                match &r.failure {
+                    None => println!("{}:{}  {}", r.partition, r.offset, if dry_run { "would apply" } else { "applied" }),
+                    Some(f) => println!("{}:{}  {} {f}", r.partition, r.offset, if dry_run { "would fail:" } else { "parked again:" }),
+                }
+            }
+            println!(
+                "{} record(s) {}, {failed} {}",
+                results.len() - failed,
+                if dry_run { "would apply" } else { "applied" },
+                if dry_run { "would fail" } else { "parked again" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Capture,
+    Apply,
+}
+
+/// Runs one side, restarting it with backoff after transient failures.
+async fn supervise(
+    side: Side,
+    config: Arc<Config>,
+    region: String,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    let (name, flag) = match side {
+        Side::Capture => ("capture", &readiness.capture),
+        Side::Apply => ("apply", &readiness.apply),
+    };
+    loop {
+        let started = Instant::now();
+        flag.store(true, Ordering::Relaxed);
+        let result: Result<(), (bool, String)> = match side {
+            Side::Capture => capture::run(config.clone(), region.clone(), metrics.clone(), shutdown.clone())
+                .await
+                .map_err(|e| (e.is_transient(), e.to_string())),
+            Side::Apply => apply::run(config.clone(), region.clone(), metrics.clone(), shutdown.clone())
+                .await
+                .map_err(|e| (e.is_transient(), e.to_string())),
+        };
+        flag.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => return Ok(()),
+            Err((true, e)) => {
+                metrics.add(
+                    "pgrelay_restarts_total",
+                    "Runs of a side ended by a transient failure",
+                    &[("region", &region), ("side", name)],
+                    1,
+                );
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(500);
+                }
+                tracing::warn!(region = %region, side = name, error = %e, retry_in = ?backoff, "side failed, restarting");
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err((false, e)) => bail!("{e}"),
+        }
+    }
+}

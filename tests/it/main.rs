@@ -1,1 +1,6 @@
+//! Integration tests against real PostgreSQL 15 clusters and a real
+//! Kafka-protocol broker, driving the real `pgrelay` binary.
 
+mod capture;
+mod errors;
+mod support;

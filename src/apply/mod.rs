@@ -1,0 +1,655 @@
+//! The apply side: other regions' records -> the local primary.
+//!
+//! ```text
+//!  {prefix}.{source}.{self} ──assign at stored offsets──▶ batch (count / time)
+//!      ──▶ record::parse (reject: dead-letter) ──▶ sql::plan ──▶ one target transaction:
+//!            rows (conditional on HLC stamps) + offsets + watermark + clock
+//!      ──▶ dead letters produced and acknowledged before the commit
+//! ```
+//!
+//! One independent pipeline per source region: its own consumer (explicit
+//! partition assignment, no consumer group) and its own database session,
+//! which runs under the replication origin `pgrelay_{source}` and
+//! `session_replication_role = replica`, so the local capture side skips
+//! what it writes and user triggers do not fire twice.
+//!
+//! Exactly-once in effect: the offsets to resume from are stored in the
+//! same transaction as the rows, and read back on every start; stamps make
+//! re-applying harmless anyway.
+//!
+//! Error policy: transient failures (connection loss, serialization failure,
+//! deadlock, shutdown of the target) are retried with backoff, never
+//! skipped. A definite failure (constraint, type, missing column) re-runs
+//! the batch change by change under savepoints; only the changes that fail
+//! again go to the dead-letter topic, with their reason, and the rest of the
+//! batch commits.
+
+pub mod dlq;
+pub mod record;
+pub mod replay;
+pub mod sql;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::config::{Config, TableClass};
+use crate::hlc;
+use crate::metrics::Metrics;
+use crate::source::assemble::ORIGIN_PREFIX;
+use crate::source::catalog::{self, Catalog};
+
+use self::dlq::{DeadLetter, DlqProducer};
+use self::record::{Incoming, TargetTable, Targets};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Cannot run until someone fixes something.
+    #[error("{0}")]
+    Setup(String),
+    /// Broke; restart with backoff.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl ApplyError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ApplyError::Transient(_))
+    }
+}
+
+/// One consumed Kafka record, owned.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Whether a database error is worth retrying as is.
+pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true, // connection closed, io, timeouts
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08")
+                || c.starts_with("53")
+                || c.starts_with("57P")
+                || c.starts_with("58")
+                || c == "40001"
+                || c == "40P01"
+                || c == "55P03"
+                || c == "55006"
+        }
+    }
+}
+
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+/// A database error as one line: message, detail, SQLSTATE.
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(d) => format!("{} ({d})", db.message()),
+            None => db.message().to_string(),
+        },
+        None => e.to_string(),
+    }
+}
+
+/// The declared, non-local tables as they exist in the target database.
+pub async fn load_targets(
+    config: &Config,
+    region: &str,
+    client: &Client,
+) -> Result<Targets, ApplyError> {
+    let cat = Catalog { client, region };
+    let mut targets = Targets::new();
+    for t in &config.tables {
+        if matches!(t.class, TableClass::Local) {
+            continue;
+        }
+        let state = cat
+            .table(&t.name)
+            .await
+            .map_err(|e| ApplyError::Transient(e.to_string()))?;
+        if !state.exists {
+            return Err(ApplyError::Setup(format!(
+                "region {region}: declared table {} does not exist; create it, then run pgrelay setup",
+                t.name
+            )));
+        }
+        if state.primary_key.is_empty() {
+            return Err(ApplyError::Setup(format!(
+                "region {region}: table {} has no primary key",
+                t.name
+            )));
+        }
+        if !state.has_stamp_column {
+            return Err(ApplyError::Setup(format!(
+                "region {region}: table {} lacks pgrelay's stamp column; run pgrelay setup",
+                t.name
+            )));
+        }
+        targets.insert(
+            t.name.to_string(),
+            TargetTable {
+                name: t.name.clone(),
+                key: state.primary_key,
+                columns: state.columns,
+            },
+        );
+    }
+    Ok(targets)
+}
+
+/// Opens the apply session for one source: replica role, origin.
+pub async fn session(config: &Config, region: &str, source: &str) -> Result<Client, ApplyError> {
+    let dsn = &config
+        .region(region)
+        .map_err(|e| ApplyError::Setup(e.to_string()))?
+        .dsn;
+    let client = catalog::connect(dsn, region)
+        .await
+        .map_err(|e| ApplyError::Transient(e.to_string()))?;
+    client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .map_err(|e| {
+            if sqlstate(&e) == "42501" {
+                ApplyError::Setup(format!(
+                    "region {region}: the apply role must be allowed to SET session_replication_role (superuser): {}",
+                    db_message(&e)
+                ))
+            } else {
+                ApplyError::Transient(format!("region {region}: {}", db_message(&e)))
+            }
+        })?;
+    let origin = format!("{ORIGIN_PREFIX}{source}");
+    client
+        .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+        .await
+        .map_err(|e| {
+            let msg = db_message(&e);
+            if is_transient_db(&e) {
+                ApplyError::Transient(format!("region {region}: replication origin {origin}: {msg}"))
+            } else {
+                ApplyError::Setup(format!(
+                    "region {region}: replication origin {origin}: {msg}; run pgrelay setup"
+                ))
+            }
+        })?;
+    Ok(client)
+}
+
+/// Stored next offsets of a topic: partition -> offset.
+pub async fn stored_offsets(client: &Client, topic: &str) -> Result<BTreeMap<i32, i64>, ApplyError> {
+    let rows = client
+        .query(
+            "SELECT kafka_partition, next_offset FROM pgrelay.offsets WHERE topic = $1",
+            &[&topic],
+        )
+        .await
+        .map_err(|e| ApplyError::Transient(format!("reading stored offsets: {}", db_message(&e))))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+        .collect())
+}
+
+pub fn consumer(config: &Config, region: &str, group: &str) -> Result<StreamConsumer, ApplyError> {
+    let cluster = config.kafka_for(region);
+    let mut cfg = rdkafka::ClientConfig::new();
+    cfg.set("bootstrap.servers", &cluster.brokers);
+    for (k, v) in &cluster.properties {
+        cfg.set(k, v);
+    }
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
+    cfg.create()
+        .map_err(|e| ApplyError::Setup(format!("kafka consumer for region {region}: {e}")))
+}
+
+/// Assigns every partition of `topic`, each at its stored offset.
+pub async fn assign(
+    consumer: &StreamConsumer,
+    topic: &str,
+    stored: &BTreeMap<i32, i64>,
+) -> Result<usize, ApplyError> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| ApplyError::Transient(format!("kafka metadata for {topic}: {e}")))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(ApplyError::Setup(format!(
+            "topic {topic} does not exist; run pgrelay setup in the source region"
+        )));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        let offset = match stored.get(p) {
+            Some(o) => Offset::Offset(*o),
+            None => Offset::Beginning,
+        };
+        tpl.add_partition_offset(topic, *p, offset)
+            .map_err(|e| ApplyError::Transient(e.to_string()))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| ApplyError::Transient(format!("assigning {topic}: {e}")))?;
+    Ok(partitions.len())
+}
+
+/// Everything checked before consuming: the target tables, the apply
+/// session (role, origins), the Kafka cluster and topics.
+pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> {
+    let dsn = &config
+        .region(region)
+        .map_err(|e| ApplyError::Setup(e.to_string()))?
+        .dsn;
+    let client = catalog::connect(dsn, region)
+        .await
+        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+    load_targets(config, region, &client)
+        .await
+        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+    let cluster = config
+        .kafka_for(region)
+        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+    let mut topics: Vec<String> = config
+        .regions
+        .keys()
+        .filter(|r| *r != region)
+        .map(|s| config.topic(s, region))
+        .collect();
+    topics.push(config.dlq_topic(region));
+    crate::kafka::check_topics(cluster, &topics, Duration::from_secs(10))
+        .await
+        .map_err(|e| ApplyError::Setup(format!("region {region}: {e}")))?;
+    for source in config.regions.keys().filter(|r| *r != region) {
+        session(config, region, source)
+            .await
+            .map_err(|e| ApplyError::Setup(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Runs the apply side of `region` until shutdown: one pipeline per source.
+pub async fn run(
+    config: Arc<Config>,
+    region: String,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ApplyError> {
+    let dsn = &config
+        .region(&region)
+        .map_err(|e| ApplyError::Setup(e.to_string()))?
+        .dsn;
+    let client = catalog::connect(dsn, &region)
+        .await
+        .map_err(|e| ApplyError::Transient(e.to_string()))?;
+    let targets = Arc::new(load_targets(&config, &region, &client).await?);
+    drop(client);
+    let dlq = Arc::new(DlqProducer::new(&config, &region)?);
+    let mut tasks = tokio::task::JoinSet::new();
+    for source in config.regions.keys().filter(|r| **r != region) {
+        let pipeline = Pipeline {
+            config: config.clone(),
+            region: region.clone(),
+            source: source.clone(),
+            topic: config.topic(source, &region),
+            targets: targets.clone(),
+            metrics: metrics.clone(),
+            dlq: dlq.clone(),
+        };
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { pipeline.run(shutdown).await });
+    }
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let r = joined.unwrap_or_else(|e| Err(ApplyError::Transient(format!("apply task: {e}"))));
+        if let Err(e) = r {
+            if result.is_ok() {
+                result = Err(e);
+            }
+            tasks.abort_all();
+        }
+    }
+    result
+}
+
+struct Pipeline {
+    config: Arc<Config>,
+    region: String,
+    source: String,
+    topic: String,
+    targets: Arc<Targets>,
+    metrics: Arc<Metrics>,
+    dlq: Arc<DlqProducer>,
+}
+
+/// What applying one batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub won: u64,
+    pub lost: u64,
+    pub dead: Vec<DeadLetter>,
+}
+
+impl Pipeline {
+    async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
+        let mut client = session(&self.config, &self.region, &self.source).await?;
+        let stored = stored_offsets(&client, &self.topic).await?;
+        let consumer = consumer(
+            &self.config,
+            &self.region,
+            &format!("pgrelay-apply-{}", self.region),
+        )?;
+        assign(&consumer, &self.topic, &stored).await?;
+        tracing::info!(region = %self.region, source = %self.source, topic = %self.topic, "apply consuming");
+        let max_records = self.config.apply.batch_max_records.max(1);
+        let max_wait = self.config.apply.batch_max_wait;
+        loop {
+            let mut batch: Vec<Consumed> = Vec::new();
+            let deadline = tokio::time::sleep(max_wait);
+            tokio::pin!(deadline);
+            let mut stop = false;
+            while batch.len() < max_records {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => { stop = true; break; }
+                    m = consumer.recv() => {
+                        let m = m.map_err(|e| ApplyError::Transient(format!("consuming {}: {e}", self.topic)))?;
+                        if batch.is_empty() {
+                            deadline.as_mut().reset(tokio::time::Instant::now() + max_wait);
+                        }
+                        batch.push(Consumed {
+                            topic: m.topic().to_string(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(|k| k.to_vec()),
+                            value: m.payload().map(|v| v.to_vec()),
+                        });
+                    }
+                    _ = &mut deadline, if !batch.is_empty() => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.apply_with_retry(&mut client, &batch).await?;
+            }
+            if stop || *shutdown.borrow() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn apply_with_retry(&self, client: &mut Client, batch: &[Consumed]) -> Result<(), ApplyError> {
+        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            match apply_batch(client, &self.source, &self.targets, batch, &self.dlq, attempt, &[], true).await {
+                Ok(outcome) => {
+                    self.record(batch, &outcome, started.elapsed());
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.metrics.add(
+                        "pgrelay_apply_retries_total",
+                        "Batches retried after a transient failure",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1,
+                    );
+                    tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    if client.is_closed() || attempt % 3 == 0 {
+                        match session(&self.config, &self.region, &self.source).await {
+                            Ok(c) => *client = c,
+                            Err(ApplyError::Setup(e)) => return Err(ApplyError::Setup(e)),
+                            Err(e) => tracing::warn!(error = %e, "reconnect failed"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(&self, batch: &[Consumed], outcome: &Outcome, took: Duration) {
+        let labels = [("region", self.region.as_str()), ("source", self.source.as_str())];
+        self.metrics.add(
+            "pgrelay_apply_records_total",
+            "Records consumed and applied (or found redundant)",
+            &labels,
+            batch.len() as u64,
+        );
+        self.metrics.add(
+            "pgrelay_apply_conflicts_won_total",
+            "Incoming changes that won last-writer-wins",
+            &labels,
+            outcome.won,
+        );
+        self.metrics.add(
+            "pgrelay_apply_conflicts_lost_total",
+            "Incoming changes older than the target row or tombstone",
+            &labels,
+            outcome.lost,
+        );
+        self.metrics.add(
+            "pgrelay_apply_dead_lettered_total",
+            "Records sent to the dead-letter topic",
+            &labels,
+            outcome.dead.len() as u64,
+        );
+        self.metrics.set(
+            "pgrelay_apply_last_batch_seconds",
+            "Duration of the last applied batch",
+            &labels,
+            took.as_secs_f64(),
+        );
+        self.metrics.set(
+            "pgrelay_apply_last_batch_size",
+            "Records in the last applied batch",
+            &labels,
+            batch.len() as f64,
+        );
+        let now_ms = now_ms();
+        let skew = self.config.max_clock_skew.as_millis() as i64;
+        let mut ahead = 0;
+        for c in batch {
+            if let Some(v) = &c.value {
+                if let Some(stamp) = quick_hlc(v) {
+                    if hlc::ahead_ms(stamp, now_ms) > skew {
+                        ahead += 1;
+                    }
+                }
+            }
+        }
+        if ahead > 0 {
+            self.metrics.add(
+                "pgrelay_apply_clock_skew_total",
+                "Records stamped further ahead of the local clock than relay.max_clock_skew",
+                &labels,
+                ahead,
+            );
+            tracing::warn!(region = %self.region, source = %self.source, records = ahead, "stamps ahead of the local clock by more than max_clock_skew");
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn quick_hlc(value: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        hlc: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Env {
+        pgrelay: Meta,
+    }
+    serde_json::from_slice::<Env>(value).ok().map(|e| e.pgrelay.hlc)
+}
+
+/// Applies one batch in one transaction. Returns `Err` for transient
+/// failures (the caller retries the whole batch).
+pub async fn apply_batch(
+    client: &mut Client,
+    source: &str,
+    targets: &Targets,
+    batch: &[Consumed],
+    dlq: &DlqProducer,
+    attempt: u32,
+    extra_offsets: &[(String, i32, i64)],
+    commit: bool,
+) -> Result<Outcome, String> {
+    let mut outcome = Outcome::default();
+    let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
+    let mut positions: Vec<usize> = Vec::with_capacity(batch.len());
+    for (i, c) in batch.iter().enumerate() {
+        match record::parse(c.value.as_deref(), targets) {
+            Ok(inc) => {
+                changes.push(inc);
+                positions.push(i);
+            }
+            Err(rej) => outcome.dead.push(DeadLetter::rejected(c, &rej, attempt)),
+        }
+    }
+    let statements = sql::plan(&changes, targets);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| format!("begin: {}", db_message(&e)))?;
+    for s in &statements {
+        tx.execute("SAVEPOINT stmt", &[])
+            .await
+            .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+        let result = if s.rows.is_empty() {
+            tx.execute(s.sql.as_str(), &[]).await
+        } else {
+            tx.execute(s.sql.as_str(), &[&s.rows]).await
+        };
+        match result {
+            Ok(n) => {
+                outcome.won += n;
+                outcome.lost += (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
+            }
+            Err(e) if is_transient_db(&e) => return Err(format!("{}: {}", s.table, db_message(&e))),
+            Err(_) => {
+                tx.execute("ROLLBACK TO SAVEPOINT stmt", &[])
+                    .await
+                    .map_err(|e| format!("rollback to savepoint: {}", db_message(&e)))?;
+                // one by one: only what fails again is dead-lettered
+                outcome.lost += s.superseded.len() as u64;
+                for &m in &s.members {
+                    let single = sql::plan(std::slice::from_ref(&changes[m]), targets);
+                    for one in &single {
+                        tx.execute("SAVEPOINT one", &[])
+                            .await
+                            .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+                        let r = if one.rows.is_empty() {
+                            tx.execute(one.sql.as_str(), &[]).await
+                        } else {
+                            tx.execute(one.sql.as_str(), &[&one.rows]).await
+                        };
+                        match r {
+                            Ok(n) => {
+                                outcome.won += n;
+                                outcome.lost += 1u64.saturating_sub(n);
+                            }
+                            Err(e) if is_transient_db(&e) => {
+                                return Err(format!("{}: {}", s.table, db_message(&e)))
+                            }
+                            Err(e) => {
+                                tx.execute("ROLLBACK TO SAVEPOINT one", &[])
+                                    .await
+                                    .map_err(|e| format!("rollback: {}", db_message(&e)))?;
+                                outcome.dead.push(DeadLetter::failed(
+                                    &batch[positions[m]],
+                                    &e,
+                                    attempt + 1,
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // offsets, watermark, clock
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for c in batch {
+        let e = next.entry((c.topic.clone(), c.partition)).or_insert(0);
+        *e = (*e).max(c.offset + 1);
+    }
+    for (topic, partition, offset) in extra_offsets {
+        let e = next.entry((topic.clone(), *partition)).or_insert(0);
+        *e = (*e).max(*offset);
+    }
+    let offsets = serde_json::Value::Array(
+        next.iter()
+            .map(|((t, p), o)| serde_json::json!({"topic": t, "kafka_partition": p, "next_offset": o}))
+            .collect(),
+    )
+    .to_string();
+    tx.execute(sql::OFFSETS_SQL, &[&offsets])
+        .await
+        .map_err(|e| format!("storing offsets: {}", db_message(&e)))?;
+    if let Some(newest) = changes.iter().max_by_key(|c| c.hlc) {
+        let commit_ts = changes.iter().map(|c| c.commit_ts_ms).max().unwrap_or(0);
+        tx.execute(
+            sql::WATERMARK_SQL,
+            &[
+                &source,
+                &newest.hlc.to_string(),
+                &newest.commit_lsn,
+                &commit_ts.to_string(),
+            ],
+        )
+        .await
+        .map_err(|e| format!("storing watermark: {}", db_message(&e)))?;
+        tx.execute(sql::CLOCK_SQL, &[&hlc::logical(newest.hlc).to_string()])
+            .await
+            .map_err(|e| format!("advancing the clock: {}", db_message(&e)))?;
+    }
+    if !commit {
+        tx.rollback()
+            .await
+            .map_err(|e| format!("rollback: {}", db_message(&e)))?;
+        return Ok(outcome);
+    }
+    // dead letters must be in Kafka before the offsets that skip them commit
+    if !outcome.dead.is_empty() {
+        dlq.send_all(&outcome.dead).await?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| format!("commit: {}", db_message(&e)))?;
+    Ok(outcome)
+}

@@ -1,0 +1,100 @@
+//! `pgrelay dlq replay`: re-apply parked records after their cause is fixed.
+//!
+//! Reads the dead-letter topic from the stored progress, then applies each
+//! record alone, in one transaction with its progress, under the replication
+//! origin of the region it came from. A record that fails again is parked
+//! again (appended to the topic with the new reason and one more attempt);
+//! either way the progress moves past it, so a replay can be interrupted and
+//! run again without applying anything twice.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::apply::dlq::{self, DeadLetter, DlqProducer};
+use crate::apply::{apply_batch, load_targets, session, stored_offsets, ApplyError, Consumed};
+use crate::config::Config;
+use crate::source::catalog;
+
+/// One replayed record's fate.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub partition: i32,
+    pub offset: i64,
+    pub letter: DeadLetter,
+    /// `None` when applied (or found redundant), else the new reason.
+    pub failure: Option<String>,
+}
+
+/// The source region of an apply topic `{prefix}.{source}.{region}`.
+fn source_of(config: &Config, topic: &str, region: &str) -> Option<String> {
+    let rest = topic.strip_prefix(&format!("{}.", config.prefix))?;
+    let source = rest.strip_suffix(&format!(".{region}"))?;
+    config.regions.contains_key(source).then(|| source.to_string())
+}
+
+pub async fn replay(
+    config: &Config,
+    region: &str,
+    dry_run: bool,
+    limit: Option<usize>,
+) -> Result<Vec<Replayed>, ApplyError> {
+    let dsn = &config
+        .region(region)
+        .map_err(|e| ApplyError::Setup(e.to_string()))?
+        .dsn;
+    let client = catalog::connect(dsn, region)
+        .await
+        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+    let targets = load_targets(config, region, &client).await?;
+    let dlq_topic = config.dlq_topic(region);
+    let start = stored_offsets(&client, &dlq_topic).await?;
+    let letters = dlq::read(config, region, &start, limit, Duration::from_secs(2))?;
+    let producer = DlqProducer::new(config, region)?;
+    let fallback = config
+        .regions
+        .keys()
+        .find(|r| *r != region)
+        .cloned()
+        .unwrap_or_default();
+    let mut sessions: HashMap<String, Client> = HashMap::new();
+    let mut out = Vec::new();
+    for (partition, offset, letter) in letters {
+        let source = source_of(config, &letter.topic, region).unwrap_or_else(|| fallback.clone());
+        if !sessions.contains_key(&source) {
+            sessions.insert(source.clone(), session(config, region, &source).await?);
+        }
+        let client = sessions.get_mut(&source).expect("inserted above");
+        let consumed = Consumed {
+            topic: letter.topic.clone(),
+            partition: letter.partition,
+            offset: letter.offset,
+            key: letter.key.clone(),
+            value: letter.value.clone(),
+        };
+        let progress = [(dlq_topic.clone(), partition, offset + 1)];
+        let outcome = apply_batch(
+            client,
+            &source,
+            &targets,
+            std::slice::from_ref(&consumed),
+            &producer,
+            letter.attempts + 1,
+            &progress,
+            !dry_run,
+        )
+        .await
+        .map_err(ApplyError::Transient)?;
+        out.push(Replayed {
+            partition,
+            offset,
+            failure: outcome
+                .dead
+                .first()
+                .map(|d| format!("{}: {}", d.class, d.message)),
+            letter,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,423 @@
+//! The capture side: one region's primary -> residency-filtered Kafka records.
+//!
+//! ```text
+//!  replication slot ──XLogData──▶ pgoutput::decode ──▶ Assembler ──▶ Policy::route (per destination)
+//!        ▲                                                                │
+//!        │ standby status (confirmed LSN)                                 ▼
+//!   AckTracker ◀──────── delivery reports ◀──────── Publisher (idempotent, acks=all)
+//! ```
+//!
+//! One task, one `select!` with explicit priorities: shutdown, then delivery
+//! reports (they free capacity and move the confirmed LSN), then the status
+//! timer, then the next frame from the server — read only while fewer than
+//! `max_in_flight` records await acknowledgement, so a slow Kafka stops
+//! reading and the replication slot, not memory, holds the backlog.
+//!
+//! Error policy: anything that breaks the stream or the producer is
+//! transient — the run ends with an error, the caller restarts it with
+//! backoff from the slot's confirmed LSN and unacknowledged records are sent
+//! again (at-least-once). Problems a restart cannot fix (configuration,
+//! wal_level, missing tables or slot, unreachable services at start) are
+//! reported by [`preflight`] before streaming begins.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::check::{self, Severity};
+use crate::config::{Config, TableClass};
+use crate::event::{Change, Lsn};
+use crate::metrics::Metrics;
+use crate::pgoutput::{self, encode_status_update, Frame};
+use crate::publish::acks::AckTracker;
+use crate::publish::envelope::{self, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
+use crate::publish::producer::{producer_config, Delivery, Publisher, SendError};
+use crate::residency::{Policy, Verdict};
+use crate::source::assemble::{Assembler, Output};
+use crate::source::catalog::{self, Catalog};
+use crate::source::conn::{ConnParams, ReplConnection, ReplReader, ReplWriter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Cannot start until someone fixes something; restarting will not help.
+    #[error("{0}")]
+    Setup(String),
+    /// The run broke; restart from the last confirmed LSN.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl CaptureError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CaptureError::Transient(_))
+    }
+}
+
+fn transient(context: &str) -> impl Fn(&dyn std::fmt::Display) -> CaptureError + '_ {
+    move |e| CaptureError::Transient(format!("{context}: {e}"))
+}
+
+/// Everything checked before streaming: the database (settings, tables,
+/// slot, publication) and every Kafka cluster the region publishes to
+/// (reachable, topics present).
+pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError> {
+    let dsn = &config
+        .region(region)
+        .map_err(|e| CaptureError::Setup(e.to_string()))?
+        .dsn;
+    let client = catalog::connect(dsn, region)
+        .await
+        .map_err(|e| CaptureError::Setup(e.to_string()))?;
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    let findings = check::database(config, region, &cat, true)
+        .await
+        .map_err(|e| CaptureError::Setup(e.to_string()))?;
+    let blocking: Vec<String> = findings
+        .iter()
+        .filter(|f| f.severity != Severity::Warning)
+        .map(|f| f.to_string())
+        .collect();
+    for f in findings.iter().filter(|f| f.severity == Severity::Warning) {
+        tracing::warn!(region, "{}", f.message);
+    }
+    if !blocking.is_empty() {
+        return Err(CaptureError::Setup(blocking.join("\n")));
+    }
+    for dest in config.regions.keys().filter(|r| *r != region) {
+        let topic = config.topic(region, dest);
+        crate::kafka::check_topics(config.kafka_for(dest), &[topic], Duration::from_secs(10))
+            .await
+            .map_err(|e| CaptureError::Setup(format!("destination {dest}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Streams until `shutdown` turns true (then drains and returns `Ok`) or
+/// something breaks.
+pub async fn run(
+    config: Arc<Config>,
+    region: String,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), CaptureError> {
+    let region_cfg = config
+        .region(&region)
+        .map_err(|e| CaptureError::Setup(e.to_string()))?
+        .clone();
+    let client = catalog::connect(&region_cfg.dsn, &region)
+        .await
+        .map_err(|e| transient("source database")(&e))?;
+    let cat = Catalog {
+        client: &client,
+        region: &region,
+    };
+    let keys = cat.keys(&config).await.map_err(|e| transient("catalog")(&e))?;
+    let db = cat
+        .database_name()
+        .await
+        .map_err(|e| transient("catalog")(&e))?;
+    let slot_name = config.slot_name(&region);
+    let slot = cat
+        .slot(&slot_name)
+        .await
+        .map_err(|e| transient("catalog")(&e))?
+        .ok_or_else(|| {
+            CaptureError::Setup(format!(
+                "replication slot {slot_name} does not exist in region {region}; run pgrelay setup"
+            ))
+        })?;
+    drop(client);
+
+    let policy = Policy::compile(&config, &region).map_err(|e| CaptureError::Setup(e.to_string()))?;
+    let destinations: Vec<String> = policy.destinations().to_vec();
+    let topics: Vec<String> = destinations
+        .iter()
+        .map(|d| config.topic(&region, d))
+        .collect();
+
+    // one producer per distinct cluster
+    let (delivery_tx, mut deliveries) = mpsc::unbounded_channel();
+    let max_in_flight = config.capture.max_in_flight.max(1);
+    let mut publishers: Vec<(String, Publisher)> = Vec::new();
+    let mut dest_publisher = Vec::with_capacity(destinations.len());
+    for dest in &destinations {
+        let cluster = config.kafka_for(dest);
+        let idx = match publishers.iter().position(|(b, _)| *b == cluster.brokers) {
+            Some(i) => i,
+            None => {
+                let cfg = producer_config(&cluster.brokers, &cluster.properties, max_in_flight);
+                let p = Publisher::new(&cfg, delivery_tx.clone())
+                    .map_err(|e| CaptureError::Setup(format!("kafka producer for {dest}: {e}")))?;
+                publishers.push((cluster.brokers.clone(), p));
+                publishers.len() - 1
+            }
+        };
+        dest_publisher.push(idx);
+    }
+
+    let declared: HashSet<_> = config
+        .tables
+        .iter()
+        .filter(|t| !matches!(t.class, TableClass::Local))
+        .map(|t| t.name.clone())
+        .collect();
+    let mut assembler = Assembler::new(declared, keys, region_cfg.id);
+    let mut tracker = AckTracker::new(slot.confirmed_flush);
+    let source = Source {
+        prefix: config.prefix.clone(),
+        region: region.clone(),
+        db,
+    };
+
+    let params = ConnParams::from_dsn(&region_cfg.dsn, &format!("pgrelay_{region}"))
+        .map_err(|e| CaptureError::Setup(format!("region {region} dsn: {e}")))?;
+    let conn = ReplConnection::connect(&params)
+        .await
+        .map_err(|e| transient("replication connection")(&e))?;
+    let command = format!(
+        "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})",
+        crate::event::quote_ident(&slot_name),
+        crate::event::quote_literal(&crate::event::quote_ident(&config.publication_name())),
+    );
+    let (mut reader, mut writer) = conn.start_replication(&command).await.map_err(|e| {
+        if e.sqlstate() == Some("55006") {
+            CaptureError::Transient(format!(
+                "replication slot {slot_name} is in use by another process: {e}"
+            ))
+        } else {
+            transient("START_REPLICATION")(&e)
+        }
+    })?;
+    tracing::info!(region = %region, slot = %slot_name, from = %slot.confirmed_flush, "capture streaming");
+
+    let mut ctx = Loop {
+        config: &config,
+        region: &region,
+        policy: &policy,
+        destinations: &destinations,
+        topics: &topics,
+        publishers: &publishers,
+        dest_publisher: &dest_publisher,
+        source: &source,
+        metrics: &metrics,
+        tracker: &mut tracker,
+        assembler: &mut assembler,
+        max_in_flight,
+        last_reported: Lsn::ZERO,
+    };
+    let result = ctx
+        .stream(&mut reader, &mut writer, &mut deliveries, &mut shutdown)
+        .await;
+
+    // drain: whatever Kafka has acknowledged gets confirmed before we leave
+    if result.is_ok() {
+        for (_, p) in &publishers {
+            let _ = tokio::task::block_in_place(|| p.flush(Duration::from_secs(10)));
+        }
+        while let Ok(d) = deliveries.try_recv() {
+            if let Delivery::Acked(seq) = d {
+                ctx.tracker.ack(seq);
+            }
+        }
+        let _ = ctx.send_status(&mut writer, false).await;
+        writer.close().await;
+        tracing::info!(region = %region, confirmed = %ctx.tracker.confirmed(), "capture stopped");
+    }
+    result
+}
+
+struct Loop<'a> {
+    config: &'a Config,
+    region: &'a str,
+    policy: &'a Policy,
+    destinations: &'a [String],
+    topics: &'a [String],
+    publishers: &'a [(String, Publisher)],
+    dest_publisher: &'a [usize],
+    source: &'a Source,
+    metrics: &'a Metrics,
+    tracker: &'a mut AckTracker,
+    assembler: &'a mut Assembler,
+    max_in_flight: usize,
+    last_reported: Lsn,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+impl Loop<'_> {
+    async fn stream(
+        &mut self,
+        reader: &mut ReplReader,
+        writer: &mut ReplWriter,
+        deliveries: &mut mpsc::UnboundedReceiver<Delivery>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), CaptureError> {
+        let mut status = tokio::time::interval(self.config.capture.status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                Some(d) = deliveries.recv() => self.delivered(d)?,
+                _ = status.tick() => self.send_status(writer, false).await?,
+                frame = reader.next_copy_data(), if self.tracker.in_flight() < self.max_in_flight => {
+                    match frame.map_err(|e| transient("replication stream")(&e))? {
+                        Some(data) => self.frame(data, writer, deliveries).await?,
+                        None => return Err(CaptureError::Transient("the server ended the replication stream".into())),
+                    }
+                }
+            }
+        }
+    }
+
+    fn delivered(&mut self, d: Delivery) -> Result<(), CaptureError> {
+        match d {
+            Delivery::Acked(seq) => {
+                self.tracker.ack(seq);
+                Ok(())
+            }
+            Delivery::Failed { seq, error } => Err(CaptureError::Transient(format!(
+                "kafka did not accept record {seq}: {error}"
+            ))),
+            Delivery::Fatal(error) => Err(CaptureError::Transient(format!(
+                "fatal kafka producer error: {error}"
+            ))),
+        }
+    }
+
+    async fn send_status(&mut self, writer: &mut ReplWriter, reply: bool) -> Result<(), CaptureError> {
+        let lsn = self.tracker.confirmed();
+        let msg = encode_status_update(lsn, lsn, lsn, now_us(), reply);
+        writer
+            .send_copy_data(&msg)
+            .await
+            .map_err(|e| transient("standby status update")(&e))?;
+        if lsn != self.last_reported {
+            self.last_reported = lsn;
+            self.metrics.set(
+                "pgrelay_capture_confirmed_lsn",
+                "Highest LSN confirmed to PostgreSQL (everything below it is in Kafka)",
+                &[("region", self.region)],
+                lsn.0 as f64,
+            );
+        }
+        Ok(())
+    }
+
+    async fn frame(
+        &mut self,
+        data: bytes::Bytes,
+        writer: &mut ReplWriter,
+        deliveries: &mut mpsc::UnboundedReceiver<Delivery>,
+    ) -> Result<(), CaptureError> {
+        match pgoutput::parse_frame(data).map_err(|e| transient("replication frame")(&e))? {
+            Frame::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                if !self.assembler.in_transaction() {
+                    self.tracker.advance_idle(wal_end);
+                }
+                if reply_requested {
+                    self.send_status(writer, false).await?;
+                }
+            }
+            Frame::XLogData { payload, .. } => {
+                let msg = pgoutput::decode(payload).map_err(|e| transient("pgoutput")(&e))?;
+                match self
+                    .assembler
+                    .push(msg)
+                    .map_err(|e| transient("replication stream")(&e))?
+                {
+                    None => {}
+                    Some(Output::Change(change)) => self.publish(&change, deliveries).await?,
+                    Some(Output::Truncate(changes)) => {
+                        for change in &changes {
+                            self.publish(change, deliveries).await?;
+                        }
+                    }
+                    Some(Output::Commit { end_lsn }) => self.tracker.commit(end_lsn),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &mut self,
+        change: &Change,
+        deliveries: &mut mpsc::UnboundedReceiver<Delivery>,
+    ) -> Result<(), CaptureError> {
+        for (i, dest) in self.destinations.iter().enumerate() {
+            let routed = match self.policy.route(change, i) {
+                Verdict::Publish(r) => r,
+                Verdict::Drop(reason) => {
+                    let table = change.schema.table.to_string();
+                    self.metrics.add(
+                        "pgrelay_capture_dropped_total",
+                        "Row changes not published to a destination, by reason",
+                        &[
+                            ("table", &table),
+                            ("destination", dest),
+                            ("reason", reason.as_str()),
+                        ],
+                        1,
+                    );
+                    continue;
+                }
+            };
+            let record = envelope::encode(self.source, change, &routed);
+            let hlc = change.hlc.to_string();
+            let headers = [
+                (HEADER_ORIGIN, self.region),
+                (HEADER_HLC, hlc.as_str()),
+                (HEADER_TABLE, record.table.as_str()),
+                (HEADER_OP, routed.op.code()),
+            ];
+            let publisher = &self.publishers[self.dest_publisher[i]].1;
+            let seq = self.tracker.issue();
+            loop {
+                match publisher.send(&self.topics[i], &record.key, &record.value, headers, seq) {
+                    Ok(()) => break,
+                    Err(SendError::QueueFull) => {
+                        // wait for deliveries to free room, then retry
+                        match tokio::time::timeout(Duration::from_millis(100), deliveries.recv()).await {
+                            Ok(Some(d)) => self.delivered(d)?,
+                            Ok(None) => {
+                                return Err(CaptureError::Transient("producer stopped".into()))
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    Err(SendError::Other(e)) => {
+                        return Err(CaptureError::Transient(format!(
+                            "cannot queue record for {}: {e}",
+                            self.topics[i]
+                        )))
+                    }
+                }
+            }
+            self.metrics.add(
+                "pgrelay_capture_published_total",
+                "Records handed to Kafka, by destination",
+                &[("destination", dest)],
+                1,
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,167 @@
+//! What a region's database lacks for pgrelay, as a list of findings that
+//! each name the thing to fix. `pgrelay check` prints them all; the capture
+//! side refuses to start while any blocking one remains.
+
+use std::fmt;
+
+use crate::config::{Config, TableClass};
+use crate::source::catalog::{Catalog, CatalogError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Replication cannot run until this is fixed.
+    Blocking,
+    /// `pgrelay setup` fixes this.
+    NeedsSetup,
+    Warning,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self.severity {
+            Severity::Blocking => "error",
+            Severity::NeedsSetup => "setup needed",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{tag}: {}", self.message)
+    }
+}
+
+fn finding(severity: Severity, message: String) -> Finding {
+    Finding { severity, message }
+}
+
+/// Checks the server settings and every declared table. `after_setup`
+/// also checks the objects `pgrelay setup` creates.
+pub async fn database(
+    config: &Config,
+    region: &str,
+    catalog: &Catalog<'_>,
+    after_setup: bool,
+) -> Result<Vec<Finding>, CatalogError> {
+    let mut out = Vec::new();
+    let wal_level = catalog.setting("wal_level").await?;
+    if wal_level != "logical" {
+        out.push(finding(
+            Severity::Blocking,
+            format!(
+                "region {region}: wal_level is '{wal_level}'; set wal_level = logical in postgresql.conf and restart PostgreSQL"
+            ),
+        ));
+    }
+    if catalog.setting("track_commit_timestamp").await? != "on" {
+        out.push(finding(
+            Severity::Warning,
+            format!("region {region}: track_commit_timestamp is off; turn it on to let applications read write times of replicated rows"),
+        ));
+    }
+    if !catalog.can_replicate().await? {
+        out.push(finding(
+            Severity::Blocking,
+            format!("region {region}: the connecting role lacks the REPLICATION attribute (ALTER ROLE ... REPLICATION)"),
+        ));
+    }
+    for (name, class, state) in catalog.tables(config).await? {
+        if !state.exists {
+            out.push(finding(
+                Severity::Blocking,
+                format!("region {region}: declared table {name} does not exist; create it or remove it from [[tables]]"),
+            ));
+            continue;
+        }
+        if matches!(class, TableClass::Local) {
+            continue;
+        }
+        if state.primary_key.is_empty() {
+            out.push(finding(
+                Severity::Blocking,
+                format!("region {region}: table {name} has no primary key; pgrelay needs one to key records and resolve conflicts (ALTER TABLE {name} ADD PRIMARY KEY (...))"),
+            ));
+        }
+        if let Some(t) = config.table(&name) {
+            for rule in &t.columns {
+                if !state.columns.contains(&rule.column) {
+                    out.push(finding(
+                        Severity::Warning,
+                        format!("region {region}: table {name} has no column {:?} named in a column rule", rule.column),
+                    ));
+                }
+                if state.primary_key.contains(&rule.column) {
+                    out.push(finding(
+                        Severity::Blocking,
+                        format!("region {region}: table {name}: column rule on primary key column {:?}; a key cannot be dropped, hashed or masked", rule.column),
+                    ));
+                }
+            }
+            if let TableClass::Partitioned { home_column, .. } = &t.class {
+                if !state.columns.contains(home_column) {
+                    out.push(finding(
+                        Severity::Blocking,
+                        format!("region {region}: table {name} has no home column {home_column:?}"),
+                    ));
+                }
+            }
+        }
+        if after_setup {
+            if state.replica_identity != 'f' {
+                out.push(finding(
+                    Severity::NeedsSetup,
+                    format!("region {region}: table {name} needs REPLICA IDENTITY FULL; run pgrelay setup"),
+                ));
+            }
+            if !state.has_stamp_column
+                || !state.triggers.iter().any(|t| t == "pgrelay_stamp")
+                || !state.triggers.iter().any(|t| t == "pgrelay_tombstone")
+            {
+                out.push(finding(
+                    Severity::NeedsSetup,
+                    format!("region {region}: table {name} lacks pgrelay's stamp column or triggers; run pgrelay setup"),
+                ));
+            }
+        }
+    }
+    if after_setup {
+        let slot = config.slot_name(region);
+        match catalog.slot(&slot).await? {
+            None => out.push(finding(
+                Severity::NeedsSetup,
+                format!("region {region}: replication slot {slot} does not exist; run pgrelay setup"),
+            )),
+            Some(s) if s.plugin != "pgoutput" => out.push(finding(
+                Severity::Blocking,
+                format!("region {region}: replication slot {slot} uses plugin {}; drop it and run pgrelay setup", s.plugin),
+            )),
+            Some(_) => {}
+        }
+        let publication = config.publication_name();
+        match catalog.publication_tables(&publication).await? {
+            None => out.push(finding(
+                Severity::NeedsSetup,
+                format!("region {region}: publication {publication} does not exist; run pgrelay setup"),
+            )),
+            Some(tables) => {
+                for t in &config.tables {
+                    let listed = tables.contains(&t.name);
+                    let local = matches!(t.class, TableClass::Local);
+                    if listed == local {
+                        out.push(finding(
+                            Severity::NeedsSetup,
+                            format!(
+                                "region {region}: publication {publication} {} table {}; run pgrelay setup",
+                                if local { "includes local" } else { "lacks" },
+                                t.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}

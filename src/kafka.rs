@@ -1,0 +1,108 @@
+//! Kafka administration shared by `setup`, `check` and the preflight:
+//! reachability, topic existence, explicit topic creation (pgrelay never
+//! relies on broker-side auto-creation).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::metadata::Metadata;
+
+use crate::config::KafkaCluster;
+
+fn client_config(cluster: &KafkaCluster) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &cluster.brokers);
+    for (k, v) in &cluster.properties {
+        cfg.set(k, v);
+    }
+    cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Emerg);
+    cfg
+}
+
+/// Every topic's metadata, or an error naming the brokers that could not be
+/// reached.
+pub async fn metadata(cluster: &KafkaCluster, timeout: Duration) -> Result<Metadata, String> {
+    let cfg = client_config(cluster);
+    let brokers = cluster.brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let admin: AdminClient<DefaultClientContext> = cfg
+            .create()
+            .map_err(|e| format!("invalid kafka settings for {brokers}: {e}"))?;
+        admin
+            .inner()
+            .fetch_metadata(None, timeout)
+            .map_err(|e| format!("cannot reach kafka brokers {brokers} within {timeout:?}: {e}"))
+    })
+    .await
+    .map_err(|e| format!("metadata task failed: {e}"))?
+}
+
+/// Fails unless every topic exists.
+pub async fn check_topics(
+    cluster: &KafkaCluster,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<(), String> {
+    let md = metadata(cluster, timeout).await?;
+    let missing: Vec<&str> = topics
+        .iter()
+        .filter(|t| !md.topics().iter().any(|m| m.name() == t.as_str() && m.error().is_none()))
+        .map(|t| t.as_str())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "topics missing on kafka {}: {}; run pgrelay setup",
+            cluster.brokers,
+            missing.join(", ")
+        ))
+    }
+}
+
+/// Creates the topics that do not exist yet.
+pub async fn create_topics(
+    cluster: &KafkaCluster,
+    topics: &[String],
+    partitions: i32,
+    replication_factor: i32,
+    timeout: Duration,
+) -> Result<Vec<String>, String> {
+    let md = metadata(cluster, timeout).await?;
+    let missing: Vec<&String> = topics
+        .iter()
+        .filter(|t| !md.topics().iter().any(|m| m.name() == t.as_str() && m.error().is_none()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(vec![]);
+    }
+    let admin: AdminClient<DefaultClientContext> = client_config(cluster)
+        .create()
+        .map_err(|e| format!("invalid kafka settings for {}: {e}", cluster.brokers))?;
+    let new: Vec<NewTopic> = missing
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication_factor)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(|e| format!("creating topics on {}: {e}", cluster.brokers))?;
+    let mut created = Vec::new();
+    for r in results {
+        match r {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(format!(
+                    "cannot create topic {name} on {}: {code}",
+                    cluster.brokers
+                ))
+            }
+        }
+    }
+    Ok(created)
+}

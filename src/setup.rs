@@ -1,0 +1,166 @@
+//! `pgrelay setup`: the objects a region's database needs, built as SQL
+//! (pure, testable) and then executed in one transaction (idempotent).
+//!
+//! In the `pgrelay` schema: the HLC sequence and `next_hlc()` function, the
+//! `tombstones` table, the trigger functions, and the apply side's offset and
+//! watermark tables. On every declared, non-`local` table: the
+//! `_pgrelay_hlc` stamp column, `REPLICA IDENTITY FULL` (so updates carry
+//! the old row: residency moves and unchanged TOAST values need it), a stamp
+//! trigger, a tombstone trigger, and on `owned` tables outside the owner
+//! region a guard that refuses local writes. Then the publication (declared
+//! non-local tables plus `pgrelay.tombstones`), the replication slot, and one
+//! replication origin per other region.
+
+use crate::config::{Config, TableClass};
+use crate::event::{quote_ident, quote_literal, TableName};
+use crate::hlc;
+use crate::source::assemble::{HLC_COLUMN, ORIGIN_PREFIX};
+
+/// Primary key columns of a table, as read from the catalog.
+pub type KeyColumns = Vec<String>;
+
+/// The SQL statements that bring a region's database up to date. `keys`
+/// gives each declared table's primary key (the caller reads the catalog and
+/// reports tables without one before calling this).
+pub fn plan(
+    config: &Config,
+    region: &str,
+    keys: &dyn Fn(&TableName) -> KeyColumns,
+) -> Vec<String> {
+    let region_id = config.regions[region].id;
+    let mut sql = vec![
+        "CREATE SCHEMA IF NOT EXISTS pgrelay".to_string(),
+        "CREATE SEQUENCE IF NOT EXISTS pgrelay.hlc_logical".to_string(),
+        hlc::sql_next_hlc_function(region_id),
+        "CREATE TABLE IF NOT EXISTS pgrelay.tombstones (\
+            table_name text NOT NULL, pk jsonb NOT NULL, hlc bigint NOT NULL, \
+            deleted_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (table_name, pk))"
+            .to_string(),
+        "CREATE TABLE IF NOT EXISTS pgrelay.offsets (\
+            topic text NOT NULL, kafka_partition int NOT NULL, next_offset bigint NOT NULL, \
+            updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (topic, kafka_partition))"
+            .to_string(),
+        "CREATE TABLE IF NOT EXISTS pgrelay.watermarks (\
+            source_region text PRIMARY KEY, hlc bigint NOT NULL, commit_lsn pg_lsn, \
+            commit_time timestamptz, applied_at timestamptz NOT NULL DEFAULT now())"
+            .to_string(),
+        format!(
+            "CREATE OR REPLACE FUNCTION pgrelay.stamp_row() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        NEW.{col} := pgrelay.next_hlc(0);
+    ELSE
+        NEW.{col} := pgrelay.next_hlc(OLD.{col});
+    END IF;
+    RETURN NEW;
+END
+$fn$",
+            col = HLC_COLUMN
+        ),
+        format!(
+            "CREATE OR REPLACE FUNCTION pgrelay.record_delete() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    pk jsonb := '{{}}'::jsonb;
+    k text;
+    v text;
+BEGIN
+    FOREACH k IN ARRAY TG_ARGV LOOP
+        EXECUTE format('SELECT ($1).%I::text', k) INTO v USING OLD;
+        pk := pk || jsonb_build_object(k, v);
+    END LOOP;
+    INSERT INTO pgrelay.tombstones (table_name, pk, hlc)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, pk, pgrelay.next_hlc(OLD.{col}))
+    ON CONFLICT (table_name, pk) DO UPDATE SET hlc = excluded.hlc, deleted_at = now();
+    RETURN OLD;
+END
+$fn$",
+            col = HLC_COLUMN
+        ),
+        "CREATE OR REPLACE FUNCTION pgrelay.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'table %.% is owned by region %: write it there, it replicates here',
+        TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[0]
+        USING ERRCODE = 'insufficient_privilege';
+END
+$fn$"
+        .to_string(),
+    ];
+
+    let mut published = Vec::new();
+    for table in &config.tables {
+        if matches!(table.class, TableClass::Local) {
+            continue;
+        }
+        let t = table.name.quoted();
+        published.push(t.clone());
+        sql.push(format!(
+            "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} bigint",
+            quote_ident(HLC_COLUMN)
+        ));
+        sql.push(format!("ALTER TABLE {t} REPLICA IDENTITY FULL"));
+        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_stamp ON {t}"));
+        sql.push(format!(
+            "CREATE TRIGGER pgrelay_stamp BEFORE INSERT OR UPDATE ON {t} \
+             FOR EACH ROW EXECUTE FUNCTION pgrelay.stamp_row()"
+        ));
+        let args = keys(&table.name)
+            .iter()
+            .map(|k| quote_literal(k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_tombstone ON {t}"));
+        sql.push(format!(
+            "CREATE TRIGGER pgrelay_tombstone BEFORE DELETE ON {t} \
+             FOR EACH ROW EXECUTE FUNCTION pgrelay.record_delete({args})"
+        ));
+        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_owned_guard ON {t}"));
+        sql.push(format!(
+            "DROP TRIGGER IF EXISTS pgrelay_owned_guard_truncate ON {t}"
+        ));
+        if let TableClass::Owned { owner } = &table.class {
+            if owner != region {
+                let owner = quote_literal(owner);
+                sql.push(format!(
+                    "CREATE TRIGGER pgrelay_owned_guard BEFORE INSERT OR UPDATE OR DELETE ON {t} \
+                     FOR EACH ROW EXECUTE FUNCTION pgrelay.refuse_write({owner})"
+                ));
+                sql.push(format!(
+                    "CREATE TRIGGER pgrelay_owned_guard_truncate BEFORE TRUNCATE ON {t} \
+                     FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.refuse_write({owner})"
+                ));
+            }
+        }
+    }
+    published.push("pgrelay.tombstones".to_string());
+    let publication = quote_ident(&config.publication_name());
+    let list = published.join(", ");
+    sql.push(format!(
+        "DO $do$ BEGIN
+    IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {name}) THEN
+        ALTER PUBLICATION {publication} SET TABLE {list};
+    ELSE
+        CREATE PUBLICATION {publication} FOR TABLE {list};
+    END IF;
+END $do$",
+        name = quote_literal(&config.publication_name()),
+    ));
+    for other in config.regions.keys().filter(|r| *r != region) {
+        let origin = quote_literal(&format!("{ORIGIN_PREFIX}{other}"));
+        sql.push(format!(
+            "SELECT pg_replication_origin_create({origin}) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {origin})"
+        ));
+    }
+    sql
+}
+
+/// SQL creating the region's logical replication slot if it is missing.
+/// Run outside the setup transaction (a slot cannot be created in a
+/// transaction that has written).
+pub fn slot_sql(config: &Config, region: &str) -> String {
+    let slot = quote_literal(&config.slot_name(region));
+    format!(
+        "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput') \
+         WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot})"
+    )
+}

@@ -1,0 +1,397 @@
+//! Protocol messages -> row changes of declared tables.
+//!
+//! Keeps the relation cache, tracks the open transaction, skips whole
+//! transactions that pgrelay's apply side wrote (they carry a replication
+//! origin named `pgrelay_*`), attaches each row's HLC stamp and strips the
+//! relay-managed stamp column. Pure: no IO, one message in, at most one
+//! output out, nothing buffered beyond the current message.
+//!
+//! Stamps: inserts and updates carry theirs in the `_pgrelay_hlc` column
+//! (set by the row trigger `pgrelay setup` installs). A delete's stamp is in
+//! the `pgrelay.tombstones` row that the BEFORE DELETE trigger writes just
+//! before the delete itself, so the tombstone insert is remembered per table
+//! until the table's next delete. Rows written before `setup` (no stamp)
+//! get one from the capture's own clock, above the row's previous stamp.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::event::{Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema, TxMeta};
+use crate::hlc;
+use crate::pgoutput::{Message, RelColumn, Tuple, TupleValue};
+
+/// The relay-managed stamp column on every replicated table.
+pub const HLC_COLUMN: &str = "_pgrelay_hlc";
+/// The schema of pgrelay's own objects in each database.
+pub const META_SCHEMA: &str = "pgrelay";
+/// The table the delete trigger writes stamps (and tombstones) to.
+pub const TOMBSTONES_TABLE: &str = "tombstones";
+/// Replication origins of pgrelay's apply side are named with this prefix.
+pub const ORIGIN_PREFIX: &str = "pgrelay_";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AssembleError {
+    #[error("{what} for relation oid {oid} that the stream never described")]
+    UnknownRelation { oid: u32, what: &'static str },
+    #[error("table {table} has no primary key known to pgrelay (add one and restart)")]
+    NoPrimaryKey { table: TableName },
+    #[error("{what} outside a transaction")]
+    NoTransaction { what: &'static str },
+    #[error("table {table}: binary tuple data is not supported")]
+    Binary { table: TableName },
+    #[error("table {table}: tuple has {got} columns, relation has {want}")]
+    Arity {
+        table: TableName,
+        got: usize,
+        want: usize,
+    },
+}
+
+/// What one message turned into.
+#[derive(Debug)]
+pub enum Output {
+    /// A row change (or truncate) of a declared table, to be routed.
+    Change(Change),
+    /// A TRUNCATE of one or more declared tables (one change per table).
+    Truncate(Vec<Change>),
+    /// The end of a transaction: everything before `end_lsn` has been seen.
+    Commit { end_lsn: Lsn },
+}
+
+#[derive(Debug)]
+enum RelKind {
+    Declared {
+        schema: Arc<TableSchema>,
+        /// Index of `_pgrelay_hlc` in the stream's tuples.
+        hlc_index: Option<usize>,
+    },
+    Tombstones {
+        table_index: usize,
+        hlc_index: usize,
+    },
+    Ignored,
+}
+
+#[derive(Debug)]
+struct OpenTx {
+    meta: Arc<TxMeta>,
+    skip: bool,
+    seq: u64,
+}
+
+pub struct Assembler {
+    declared: HashSet<TableName>,
+    keys: HashMap<TableName, Vec<String>>,
+    relations: HashMap<u32, (TableName, RelKind)>,
+    tx: Option<OpenTx>,
+    pending_stamps: HashMap<String, u64>,
+    clock: hlc::Clock,
+    skipped_transactions: u64,
+}
+
+impl Assembler {
+    /// `declared`: tables to publish (not `local`); `keys`: their primary
+    /// key columns, read from the catalog by the caller.
+    pub fn new(
+        declared: HashSet<TableName>,
+        keys: HashMap<TableName, Vec<String>>,
+        region_id: u8,
+    ) -> Self {
+        Assembler {
+            declared,
+            keys,
+            relations: HashMap::new(),
+            tx: None,
+            pending_stamps: HashMap::new(),
+            clock: hlc::Clock::new(region_id),
+            skipped_transactions: 0,
+        }
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Transactions skipped because pgrelay itself wrote them.
+    pub fn skipped_transactions(&self) -> u64 {
+        self.skipped_transactions
+    }
+
+    pub fn push(&mut self, msg: Message) -> Result<Option<Output>, AssembleError> {
+        match msg {
+            Message::Begin {
+                final_lsn,
+                commit_ts_us,
+                xid,
+            } => {
+                self.pending_stamps.clear();
+                self.tx = Some(OpenTx {
+                    meta: Arc::new(TxMeta {
+                        xid,
+                        commit_lsn: final_lsn,
+                        commit_ts_us,
+                    }),
+                    skip: false,
+                    seq: 0,
+                });
+                Ok(None)
+            }
+            Message::Origin { name, .. } => {
+                let tx = self.open_tx("Origin")?;
+                if name.starts_with(ORIGIN_PREFIX) {
+                    tx.skip = true;
+                }
+                Ok(None)
+            }
+            Message::Commit { end_lsn, .. } => {
+                let tx = self.tx.take().ok_or(AssembleError::NoTransaction { what: "Commit" })?;
+                if tx.skip {
+                    self.skipped_transactions += 1;
+                }
+                self.pending_stamps.clear();
+                Ok(Some(Output::Commit { end_lsn }))
+            }
+            Message::Relation {
+                oid,
+                schema,
+                name,
+                columns,
+                ..
+            } => {
+                let table = TableName::new(schema, name);
+                let kind = self.describe(oid, &table, &columns)?;
+                self.relations.insert(oid, (table, kind));
+                Ok(None)
+            }
+            Message::Type { .. } | Message::LogicalMessage { .. } => Ok(None),
+            Message::Insert { rel, new } => self.row(rel, Op::Insert, None, Some(new)),
+            Message::Update { rel, old, new } => {
+                self.row(rel, Op::Update, old.map(|(_, t)| t), Some(new))
+            }
+            Message::Delete { rel, old } => {
+                let (_kind, tuple) = old;
+                self.row(rel, Op::Delete, Some(tuple), None)
+            }
+            Message::Truncate { rels, .. } => self.truncate(rels),
+        }
+    }
+
+    fn open_tx(&mut self, what: &'static str) -> Result<&mut OpenTx, AssembleError> {
+        self.tx.as_mut().ok_or(AssembleError::NoTransaction { what })
+    }
+
+    fn describe(
+        &self,
+        oid: u32,
+        table: &TableName,
+        columns: &[RelColumn],
+    ) -> Result<RelKind, AssembleError> {
+        let position = |name: &str| columns.iter().position(|c| c.name == name);
+        if table.schema == META_SCHEMA && table.name == TOMBSTONES_TABLE {
+            if let (Some(table_index), Some(hlc_index)) = (position("table_name"), position("hlc"))
+            {
+                return Ok(RelKind::Tombstones {
+                    table_index,
+                    hlc_index,
+                });
+            }
+            return Ok(RelKind::Ignored);
+        }
+        if !self.declared.contains(table) {
+            return Ok(RelKind::Ignored);
+        }
+        let keys = self
+            .keys
+            .get(table)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| AssembleError::NoPrimaryKey {
+                table: table.clone(),
+            })?;
+        let schema = TableSchema {
+            oid,
+            table: table.clone(),
+            columns: columns
+                .iter()
+                .filter(|c| c.name != HLC_COLUMN)
+                .map(|c| ColumnDesc {
+                    name: c.name.clone(),
+                    type_oid: c.type_oid,
+                    is_key: keys.iter().any(|k| *k == c.name),
+                })
+                .collect(),
+        };
+        Ok(RelKind::Declared {
+            schema: Arc::new(schema),
+            hlc_index: position(HLC_COLUMN),
+        })
+    }
+
+    fn row(
+        &mut self,
+        rel: u32,
+        op: Op,
+        old: Option<Tuple>,
+        new: Option<Tuple>,
+    ) -> Result<Option<Output>, AssembleError> {
+        let what = match op {
+            Op::Insert => "Insert",
+            Op::Update => "Update",
+            _ => "Delete",
+        };
+        let (table, kind) = self
+            .relations
+            .get(&rel)
+            .ok_or(AssembleError::UnknownRelation { oid: rel, what })?;
+        let tx = self.tx.as_mut().ok_or(AssembleError::NoTransaction { what })?;
+        if tx.skip {
+            return Ok(None);
+        }
+        match kind {
+            RelKind::Ignored => Ok(None),
+            RelKind::Tombstones {
+                table_index,
+                hlc_index,
+            } => {
+                if let Some(new) = new {
+                    let name = text_at(&new, *table_index);
+                    let stamp = text_at(&new, *hlc_index).and_then(|s| s.parse::<u64>().ok());
+                    if let (Some(name), Some(stamp)) = (name, stamp) {
+                        self.pending_stamps.insert(name, stamp);
+                    }
+                }
+                Ok(None)
+            }
+            RelKind::Declared { schema, hlc_index } => {
+                let schema = schema.clone();
+                let hlc_index = *hlc_index;
+                let width = schema.columns.len() + usize::from(hlc_index.is_some());
+                let convert = |t: Tuple| -> Result<(Vec<Datum>, Option<u64>), AssembleError> {
+                    if t.0.len() != width {
+                        return Err(AssembleError::Arity {
+                            table: table.clone(),
+                            got: t.0.len(),
+                            want: width,
+                        });
+                    }
+                    strip(t, hlc_index, table)
+                };
+                let (before, old_stamp) = match old {
+                    Some(t) => {
+                        let (row, stamp) = convert(t)?;
+                        (Some(row), stamp)
+                    }
+                    None => (None, None),
+                };
+                let (mut after, new_stamp) = match new {
+                    Some(t) => {
+                        let (row, stamp) = convert(t)?;
+                        (Some(row), stamp)
+                    }
+                    None => (None, None),
+                };
+                // unchanged TOAST: take the value from the old tuple when it has one
+                if let (Some(after), Some(before)) = (after.as_mut(), before.as_ref()) {
+                    for (a, b) in after.iter_mut().zip(before) {
+                        if *a == Datum::Unchanged && *b != Datum::Unchanged {
+                            *a = b.clone();
+                        }
+                    }
+                }
+                let commit_ms = (tx.meta.commit_ts_us.max(0) / 1000) as u64;
+                let stamp = match op {
+                    Op::Delete => match self.pending_stamps.remove(&table.to_string()) {
+                        Some(s) => s,
+                        None => self.clock.tick(commit_ms, old_stamp.unwrap_or(0)),
+                    },
+                    _ => match new_stamp {
+                        Some(s) => s,
+                        None => self.clock.tick(commit_ms, old_stamp.unwrap_or(0)),
+                    },
+                };
+                self.clock.observe(stamp);
+                let seq = tx.seq;
+                tx.seq += 1;
+                Ok(Some(Output::Change(Change {
+                    schema,
+                    op,
+                    before,
+                    after,
+                    hlc: stamp,
+                    tx: tx.meta.clone(),
+                    seq,
+                })))
+            }
+        }
+    }
+
+    fn truncate(&mut self, rels: Vec<u32>) -> Result<Option<Output>, AssembleError> {
+        let tx = self.tx.as_mut().ok_or(AssembleError::NoTransaction { what: "Truncate" })?;
+        if tx.skip {
+            return Ok(None);
+        }
+        let declared: Vec<Arc<TableSchema>> = rels
+            .iter()
+            .filter_map(|oid| match self.relations.get(oid) {
+                Some((_, RelKind::Declared { schema, .. })) => Some(schema.clone()),
+                _ => None,
+            })
+            .collect();
+        if declared.is_empty() {
+            return Ok(None);
+        }
+        let commit_ms = (tx.meta.commit_ts_us.max(0) / 1000) as u64;
+        let mut changes = Vec::with_capacity(declared.len());
+        for schema in declared {
+            let stamp = self.clock.tick(commit_ms, 0);
+            changes.push(Change {
+                schema,
+                op: Op::Truncate,
+                before: None,
+                after: None,
+                hlc: stamp,
+                tx: tx.meta.clone(),
+                seq: tx.seq,
+            });
+            tx.seq += 1;
+        }
+        Ok(Some(Output::Truncate(changes)))
+    }
+}
+
+fn text_at(t: &Tuple, i: usize) -> Option<String> {
+    match t.0.get(i) {
+        Some(TupleValue::Text(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    }
+}
+
+/// Converts a stream tuple, removing the stamp column and returning its value.
+fn strip(
+    t: Tuple,
+    hlc_index: Option<usize>,
+    table: &TableName,
+) -> Result<(Vec<Datum>, Option<u64>), AssembleError> {
+    let mut row = Vec::with_capacity(t.0.len());
+    let mut stamp = None;
+    for (i, v) in t.0.into_iter().enumerate() {
+        let datum = match v {
+            TupleValue::Null => Datum::Null,
+            TupleValue::Unchanged => Datum::Unchanged,
+            TupleValue::Text(b) => Datum::Text(match String::from_utf8(b.to_vec()) {
+                Ok(s) => s,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            }),
+            TupleValue::Binary(_) => {
+                return Err(AssembleError::Binary {
+                    table: table.clone(),
+                })
+            }
+        };
+        if Some(i) == hlc_index {
+            stamp = datum.as_text().and_then(|s| s.parse::<u64>().ok());
+            continue;
+        }
+        row.push(datum);
+    }
+    Ok((row, stamp))
+}

@@ -1,0 +1,296 @@
+//! What a region's database looks like: ordinary SQL connections and the
+//! catalog queries that `setup`, `check` and the capture preflight share.
+
+use std::collections::HashMap;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{Config, TableClass};
+use crate::event::{Lsn, TableName};
+use crate::source::assemble::HLC_COLUMN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot connect to the {region} database ({target}): {source}")]
+    Connect {
+        region: String,
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("{region} database: {context}: {source}")]
+    Query {
+        region: String,
+        context: String,
+        source: tokio_postgres::Error,
+    },
+}
+
+/// Connects with tokio-postgres (no TLS) and drives the connection in a task.
+pub async fn connect(dsn: &str, region: &str) -> Result<Client, CatalogError> {
+    let target = describe_target(dsn);
+    let mut config: tokio_postgres::Config =
+        dsn.parse().map_err(|source| CatalogError::Connect {
+            region: region.to_string(),
+            target: target.clone(),
+            source,
+        })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    config.application_name("pgrelay");
+    let (client, connection) =
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|source| CatalogError::Connect {
+                region: region.to_string(),
+                target,
+                source,
+            })?;
+    let region = region.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(region = %region, error = %e, "database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// `host:port/db` of a DSN, without credentials, for messages.
+pub fn describe_target(dsn: &str) -> String {
+    match dsn.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = match c.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                None => "localhost".into(),
+            };
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!("{host}:{port}/{}", c.get_dbname().unwrap_or(""))
+        }
+        Err(_) => "unparseable DSN".into(),
+    }
+}
+
+/// A declared table as found in the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableState {
+    pub exists: bool,
+    pub primary_key: Vec<String>,
+    /// `d`efault, `f`ull, `i`ndex or `n`othing.
+    pub replica_identity: char,
+    pub has_stamp_column: bool,
+    pub triggers: Vec<String>,
+    pub columns: Vec<String>,
+}
+
+pub struct Catalog<'a> {
+    pub client: &'a Client,
+    pub region: &'a str,
+}
+
+impl Catalog<'_> {
+    fn err(&self, context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
+        let region = self.region.to_string();
+        let context = context.into();
+        move |source| CatalogError::Query {
+            region,
+            context,
+            source,
+        }
+    }
+
+    pub async fn setting(&self, name: &str) -> Result<String, CatalogError> {
+        let row = self
+            .client
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await
+            .map_err(self.err(format!("reading setting {name}")))?;
+        Ok(row.get(0))
+    }
+
+    pub async fn database_name(&self) -> Result<String, CatalogError> {
+        let row = self
+            .client
+            .query_one("SELECT current_database()", &[])
+            .await
+            .map_err(self.err("reading the database name"))?;
+        Ok(row.get(0))
+    }
+
+    pub async fn table(&self, table: &TableName) -> Result<TableState, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c.oid, c.relreplident::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(self.err(format!("looking up table {table}")))?;
+        let Some(row) = rows.first() else {
+            return Ok(TableState {
+                exists: false,
+                primary_key: vec![],
+                replica_identity: 'd',
+                has_stamp_column: false,
+                triggers: vec![],
+                columns: vec![],
+            });
+        };
+        let oid: u32 = row.get(0);
+        let ident: String = row.get(1);
+        let pk = self
+            .client
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+                &[&oid],
+            )
+            .await
+            .map_err(self.err(format!("reading the primary key of {table}")))?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let columns: Vec<String> = self
+            .client
+            .query(
+                "SELECT attname::text FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                &[&oid],
+            )
+            .await
+            .map_err(self.err(format!("reading the columns of {table}")))?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let triggers = self
+            .client
+            .query(
+                "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1 AND tgname LIKE 'pgrelay%' ORDER BY 1",
+                &[&oid],
+            )
+            .await
+            .map_err(self.err(format!("reading the triggers of {table}")))?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        Ok(TableState {
+            exists: true,
+            primary_key: pk,
+            replica_identity: ident.chars().next().unwrap_or('d'),
+            has_stamp_column: columns.iter().any(|c| c == HLC_COLUMN),
+            triggers,
+            columns,
+        })
+    }
+
+    /// Every declared table's state, keyed by name.
+    pub async fn tables(
+        &self,
+        config: &Config,
+    ) -> Result<Vec<(TableName, TableClass, TableState)>, CatalogError> {
+        let mut out = Vec::new();
+        for t in &config.tables {
+            out.push((t.name.clone(), t.class.clone(), self.table(&t.name).await?));
+        }
+        Ok(out)
+    }
+
+    pub async fn slot(&self, slot: &str) -> Result<Option<SlotState>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT plugin::text, active, confirmed_flush_lsn::text, \
+                 pg_current_wal_lsn()::text, \
+                 pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(self.err(format!("reading replication slot {slot}")))?;
+        Ok(rows.first().map(|r| SlotState {
+            plugin: r.get(0),
+            active: r.get(1),
+            confirmed_flush: r
+                .get::<_, Option<String>>(2)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_default(),
+            current_wal: r
+                .get::<_, Option<String>>(3)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_default(),
+            retained_bytes: r.get::<_, Option<i64>>(4).unwrap_or(0),
+        }))
+    }
+
+    pub async fn publication_tables(
+        &self,
+        publication: &str,
+    ) -> Result<Option<Vec<TableName>>, CatalogError> {
+        let exists = self
+            .client
+            .query(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(self.err(format!("reading publication {publication}")))?;
+        if exists.is_empty() {
+            return Ok(None);
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(self.err(format!("reading publication {publication}")))?;
+        Ok(Some(
+            rows.iter()
+                .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect(),
+        ))
+    }
+
+    /// Whether the connected role may replicate (superuser or REPLICATION).
+    pub async fn can_replicate(&self) -> Result<bool, CatalogError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(self.err("reading the role's privileges"))?;
+        Ok(row.get(0))
+    }
+
+    /// Primary keys of the declared, non-local tables.
+    pub async fn keys(
+        &self,
+        config: &Config,
+    ) -> Result<HashMap<TableName, Vec<String>>, CatalogError> {
+        let mut keys = HashMap::new();
+        for t in &config.tables {
+            if matches!(t.class, TableClass::Local) {
+                continue;
+            }
+            keys.insert(t.name.clone(), self.table(&t.name).await?.primary_key);
+        }
+        Ok(keys)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotState {
+    pub plugin: String,
+    pub active: bool,
+    pub confirmed_flush: Lsn,
+    pub current_wal: Lsn,
+    pub retained_bytes: i64,
+}

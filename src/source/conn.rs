@@ -1,0 +1,509 @@
+//! A minimal PostgreSQL wire-protocol client for replication connections.
+//!
+//! tokio-postgres cannot open a `replication=database` session, so this
+//! module speaks the protocol itself on top of postgres-protocol's frontend
+//! encoders and SCRAM implementation: startup, authentication (trust,
+//! cleartext, md5, SCRAM-SHA-256), simple queries, and the CopyBoth
+//! sub-protocol that `START_REPLICATION` switches to.
+//!
+//! After `start_replication` the connection is split into a [`ReplReader`]
+//! (cancel-safe frame reads, so it can sit in a `select!`) and a
+//! [`ReplWriter`] (standby status updates), so that feedback never waits
+//! behind a read.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Errors of the replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("connection to {target} timed out after {timeout:?}")]
+    Timeout { target: String, timeout: Duration },
+    #[error("invalid connection string: {0}")]
+    Dsn(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("server error {code}: {message}")]
+    Server { code: String, message: String },
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("io error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ConnError {
+    /// The SQLSTATE of a server error, if this is one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ConnError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Where and how to connect, parsed from a libpq-style DSN.
+#[derive(Clone)]
+pub struct ConnParams {
+    pub host: Host,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Vec<u8>>,
+    pub dbname: String,
+    pub application_name: String,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub enum Host {
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+impl fmt::Debug for ConnParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnParams")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("dbname", &self.dbname)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnParams {
+    /// Parses a DSN (`host=... port=... user=...` or a `postgres://` URL)
+    /// with tokio-postgres' parser, keeping the first host.
+    pub fn from_dsn(dsn: &str, application_name: &str) -> Result<Self, ConnError> {
+        let config: tokio_postgres::Config =
+            dsn.parse().map_err(|e| ConnError::Dsn(format!("{e}")))?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => Host::Tcp(h.clone()),
+            Some(tokio_postgres::config::Host::Unix(p)) => Host::Unix(p.clone()),
+            None => Host::Tcp("localhost".to_string()),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config
+            .get_user()
+            .ok_or_else(|| ConnError::Dsn("the DSN names no user (add user=...)".into()))?
+            .to_string();
+        let dbname = config.get_dbname().unwrap_or(&user).to_string();
+        Ok(ConnParams {
+            host,
+            port,
+            user,
+            password: config.get_password().map(|p| p.to_vec()),
+            dbname,
+            application_name: application_name.to_string(),
+            connect_timeout: config
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(Duration::from_secs(10)),
+        })
+    }
+
+    pub fn target(&self) -> String {
+        match &self.host {
+            Host::Tcp(h) => format!("{h}:{}", self.port),
+            Host::Unix(p) => format!("{}/.s.PGSQL.{}", p.display(), self.port),
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A connection in the simple-query phase, before `START_REPLICATION`.
+pub struct ReplConnection {
+    reader: FrameReader<tokio::io::ReadHalf<Box<dyn Stream>>>,
+    writer: tokio::io::WriteHalf<Box<dyn Stream>>,
+}
+
+/// One result row of a simple query: text values.
+pub type Row = Vec<Option<String>>;
+
+impl ReplConnection {
+    /// Connects with `replication=database` and authenticates.
+    pub async fn connect(params: &ConnParams) -> Result<Self, ConnError> {
+        let target = params.target();
+        let stream: Box<dyn Stream> = tokio::time::timeout(params.connect_timeout, async {
+            match &params.host {
+                Host::Tcp(h) => TcpStream::connect((h.as_str(), params.port))
+                    .await
+                    .map(|s| {
+                        let _ = s.set_nodelay(true);
+                        Box::new(s) as Box<dyn Stream>
+                    }),
+                Host::Unix(dir) => {
+                    let path = dir.join(format!(".s.PGSQL.{}", params.port));
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(|s| Box::new(s) as Box<dyn Stream>)
+                }
+            }
+        })
+        .await
+        .map_err(|_| ConnError::Timeout {
+            target: target.clone(),
+            timeout: params.connect_timeout,
+        })?
+        .map_err(|source| ConnError::Connect {
+            target: target.clone(),
+            source,
+        })?;
+        let (read, writer) = tokio::io::split(stream);
+        let mut conn = ReplConnection {
+            reader: FrameReader::new(read),
+            writer,
+        };
+        conn.startup(params).await?;
+        Ok(conn)
+    }
+
+    async fn send(&mut self, buf: &BytesMut) -> Result<(), ConnError> {
+        self.writer.write_all(buf).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    async fn startup(&mut self, params: &ConnParams) -> Result<(), ConnError> {
+        let mut buf = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", params.user.as_str()),
+                ("database", params.dbname.as_str()),
+                ("replication", "database"),
+                ("application_name", params.application_name.as_str()),
+                ("client_encoding", "UTF8"),
+            ],
+            &mut buf,
+        )?;
+        self.send(&buf).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, mut body) = self.reader.next().await?;
+            match tag {
+                b'R' => {
+                    if body.len() < 4 {
+                        return Err(ConnError::Protocol("short authentication message".into()));
+                    }
+                    let code = body.get_i32();
+                    let password = || {
+                        params.password.clone().ok_or_else(|| {
+                            ConnError::Auth(format!(
+                                "the server asks user {:?} for a password and the DSN has none",
+                                params.user
+                            ))
+                        })
+                    };
+                    let mut out = BytesMut::new();
+                    match code {
+                        0 => continue,
+                        3 => {
+                            let pw = password()?;
+                            frontend::password_message(&pw, &mut out)?;
+                        }
+                        5 => {
+                            if body.len() < 4 {
+                                return Err(ConnError::Protocol("short md5 salt".into()));
+                            }
+                            let mut salt = [0u8; 4];
+                            body.copy_to_slice(&mut salt);
+                            let pw = password()?;
+                            let hash = md5_hash(params.user.as_bytes(), &pw, salt);
+                            frontend::password_message(hash.as_bytes(), &mut out)?;
+                        }
+                        10 => {
+                            let mechanisms = body.split(|b| *b == 0).collect::<Vec<_>>();
+                            if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) {
+                                return Err(ConnError::Auth(
+                                    "the server offers no supported SASL mechanism".into(),
+                                ));
+                            }
+                            let pw = password()?;
+                            let s = ScramSha256::new(&pw, ChannelBinding::unsupported());
+                            frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                ConnError::Protocol("SASL continue without SASL start".into())
+                            })?;
+                            s.update(&body)
+                                .map_err(|e| ConnError::Auth(format!("SCRAM: {e}")))?;
+                            frontend::sasl_response(s.message(), &mut out)?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                ConnError::Protocol("SASL final without SASL start".into())
+                            })?;
+                            s.finish(&body)
+                                .map_err(|e| ConnError::Auth(format!("SCRAM: {e}")))?;
+                            continue;
+                        }
+                        other => {
+                            return Err(ConnError::Auth(format!(
+                                "unsupported authentication method (code {other})"
+                            )))
+                        }
+                    }
+                    self.send(&out).await?;
+                }
+                b'E' => return Err(server_error(&body)),
+                b'Z' => return Ok(()),
+                // ParameterStatus, BackendKeyData, notices
+                _ => continue,
+            }
+        }
+    }
+
+    /// Runs one simple query and returns its rows (text format).
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Row>, ConnError> {
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf)?;
+        self.send(&buf).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let (tag, body) = self.reader.next().await?;
+            match tag {
+                b'D' => rows.push(parse_data_row(body)?),
+                b'E' => error = Some(server_error(&body)),
+                b'Z' => break,
+                _ => continue,
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// Sends `START_REPLICATION` and switches to CopyBoth mode.
+    pub async fn start_replication(
+        mut self,
+        command: &str,
+    ) -> Result<(ReplReader, ReplWriter), ConnError> {
+        let mut buf = BytesMut::new();
+        frontend::query(command, &mut buf)?;
+        self.send(&buf).await?;
+        loop {
+            let (tag, body) = self.reader.next().await?;
+            match tag {
+                b'W' => break,
+                b'E' => {
+                    let err = server_error(&body);
+                    return Err(err);
+                }
+                _ => continue,
+            }
+        }
+        Ok((
+            ReplReader {
+                reader: self.reader,
+            },
+            ReplWriter {
+                writer: self.writer,
+            },
+        ))
+    }
+}
+
+/// The read half of a streaming replication connection.
+pub struct ReplReader {
+    reader: FrameReader<tokio::io::ReadHalf<Box<dyn Stream>>>,
+}
+
+impl ReplReader {
+    /// The next CopyData payload; `None` when the server ended the stream.
+    /// Cancel-safe: partial frames stay buffered.
+    pub async fn next_copy_data(&mut self) -> Result<Option<Bytes>, ConnError> {
+        loop {
+            let (tag, body) = self.reader.next().await?;
+            match tag {
+                b'd' => return Ok(Some(body)),
+                b'c' => return Ok(None),
+                b'E' => return Err(server_error(&body)),
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// The write half of a streaming replication connection.
+pub struct ReplWriter {
+    writer: tokio::io::WriteHalf<Box<dyn Stream>>,
+}
+
+impl ReplWriter {
+    pub async fn send_copy_data(&mut self, payload: &[u8]) -> Result<(), ConnError> {
+        let mut buf = BytesMut::with_capacity(payload.len() + 5);
+        buf.extend_from_slice(b"d");
+        buf.extend_from_slice(&((payload.len() + 4) as i32).to_be_bytes());
+        buf.extend_from_slice(payload);
+        self.writer.write_all(&buf).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// Ends the copy stream and the session politely.
+    pub async fn close(mut self) {
+        let mut buf = BytesMut::new();
+        frontend::copy_done(&mut buf);
+        frontend::terminate(&mut buf);
+        let _ = self.writer.write_all(&buf).await;
+        let _ = self.writer.shutdown().await;
+    }
+}
+
+/// Reads whole backend messages (tag + body) from a byte stream.
+struct FrameReader<R> {
+    read: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    fn new(read: R) -> Self {
+        FrameReader {
+            read,
+            buf: BytesMut::with_capacity(256 * 1024),
+        }
+    }
+
+    /// Next message. Cancel-safe: bytes read so far stay in `buf`.
+    async fn next(&mut self) -> Result<(u8, Bytes), ConnError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                if len < 4 {
+                    return Err(ConnError::Protocol(format!("invalid message length {len}")));
+                }
+                let total = len as usize + 1;
+                if self.buf.len() >= total {
+                    let mut frame = self.buf.split_to(total).freeze();
+                    let tag = frame[0];
+                    frame.advance(5);
+                    return Ok((tag, frame));
+                }
+                self.buf.reserve(total - self.buf.len());
+            } else {
+                self.buf.reserve(64 * 1024);
+            }
+            let n = self.read.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(ConnError::Closed);
+            }
+        }
+    }
+}
+
+fn parse_data_row(mut body: Bytes) -> Result<Row, ConnError> {
+    let short = || ConnError::Protocol("truncated DataRow".into());
+    if body.len() < 2 {
+        return Err(short());
+    }
+    let n = body.get_i16();
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if body.len() < 4 {
+            return Err(short());
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            row.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if body.len() < len {
+            return Err(short());
+        }
+        let value = body.split_to(len);
+        row.push(Some(String::from_utf8_lossy(&value).into_owned()));
+    }
+    Ok(row)
+}
+
+/// Builds a [`ConnError::Server`] from an ErrorResponse body.
+fn server_error(body: &[u8]) -> ConnError {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut detail = String::new();
+    let mut hint = String::new();
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match field {
+            b'C' => code = value,
+            b'M' => message = value,
+            b'D' => detail = value,
+            b'H' => hint = value,
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    if !detail.is_empty() {
+        message = format!("{message} ({detail})");
+    }
+    if !hint.is_empty() {
+        message = format!("{message}; hint: {hint}");
+    }
+    ConnError::Server { code, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_error_fields() {
+        let body = b"SERROR\0C42704\0Mreplication slot \"x\" does not exist\0\0";
+        match server_error(body) {
+            ConnError::Server { code, message } => {
+                assert_eq!(code, "42704");
+                assert_eq!(message, "replication slot \"x\" does not exist");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_row_nulls_and_values() {
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        b.extend_from_slice(&3i32.to_be_bytes());
+        b.extend_from_slice(b"abc");
+        let row = parse_data_row(b.freeze()).unwrap();
+        assert_eq!(row, vec![None, Some("abc".to_string())]);
+        assert!(parse_data_row(Bytes::from_static(&[0, 1, 0, 0, 0, 9])).is_err());
+    }
+
+    #[test]
+    fn dsn_parsing_keeps_password_out_of_debug() {
+        let p = ConnParams::from_dsn(
+            "host=127.0.0.1 port=5999 user=relay password=s3cret dbname=app",
+            "pgrelay",
+        )
+        .unwrap();
+        assert_eq!(p.port, 5999);
+        assert_eq!(p.dbname, "app");
+        assert!(!format!("{p:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,6 @@
+//! The source database: replication connection, catalog queries, and the
+//! assembly of protocol messages into row changes.
+
+pub mod assemble;
+pub mod catalog;
+pub mod conn;

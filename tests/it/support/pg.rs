@@ -1,0 +1,181 @@
+//! A throwaway PostgreSQL 15 cluster: `initdb` + `pg_ctl start` as the
+//! unprivileged `postgres` user on a free port, SCRAM over TCP, removed on
+//! drop.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use tokio_postgres::{Client, NoTls};
+
+use super::{free_port, TempDir};
+
+pub const PASSWORD: &str = "relay-secret";
+
+pub struct Pg {
+    pub port: u16,
+    dir: TempDir,
+    bin: PathBuf,
+}
+
+fn pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("PGRELAY_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+
+/// Runs a command as the `postgres` user when we are root.
+fn as_postgres(program: &std::path::Path) -> Command {
+    let is_root = unsafe_geteuid_is_root();
+    if is_root {
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg("postgres").arg("--").arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn unsafe_geteuid_is_root() -> bool {
+    // `id -u` avoids a libc dependency in tests
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+#[derive(Clone, Default)]
+pub struct PgOptions {
+    pub wal_level: Option<&'static str>,
+    pub extra: Vec<(String, String)>,
+}
+
+impl Pg {
+    pub fn start() -> Pg {
+        Pg::start_with(PgOptions::default())
+    }
+
+    pub fn start_with(opts: PgOptions) -> Pg {
+        let dir = TempDir::new("pgrelay-pg");
+        let bin = pg_bin();
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown of the test cluster dir failed");
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, PASSWORD).unwrap();
+        let _ = Command::new("chown").arg("postgres").arg(&pwfile).status();
+        let data = dir.path().join("data");
+        let out = as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["--no-sync", "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut conf = String::new();
+        conf.push_str(&format!(
+            "wal_level = {}\nmax_wal_senders = 20\nmax_replication_slots = 20\n",
+            opts.wal_level.unwrap_or("logical")
+        ));
+        conf.push_str("track_commit_timestamp = on\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
+        conf.push_str("listen_addresses = '127.0.0.1'\nshared_buffers = 64MB\nmax_connections = 100\n");
+        conf.push_str(&format!("unix_socket_directories = '{}'\n", dir.path().display()));
+        conf.push_str("wal_sender_timeout = 60s\nlog_min_messages = warning\n");
+        for (k, v) in &opts.extra {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            std::fs::write(
+                data.join("postgresql.auto.conf"),
+                format!("{conf}port = {port}\n"),
+            )
+            .unwrap();
+            let out = as_postgres(&bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("log"))
+                .args(["-w", "-t", "30", "start"])
+                .stdout(Stdio::null())
+                .output()
+                .expect("run pg_ctl");
+            if out.status.success() {
+                return Pg { port, dir, bin };
+            }
+            last_err = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+        }
+        panic!("postgres did not start: {last_err}");
+    }
+
+    pub fn dsn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=postgres connect_timeout=5",
+            self.port
+        )
+    }
+
+    pub async fn client(&self) -> Client {
+        let (client, conn) = tokio_postgres::connect(&self.dsn(), NoTls)
+            .await
+            .expect("connect to test cluster");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Runs SQL through `psql` (for setup scripts with many statements).
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At"])
+            .arg("-h")
+            .arg(self.dir.path())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", "postgres", "-d", "postgres", "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql failed: {}\n{sql}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn stop(&self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    pub fn restart(&self) {
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-m", "fast", "-w", "restart"])
+            .stdout(Stdio::null())
+            .output()
+            .expect("pg_ctl restart");
+        assert!(out.status.success(), "restart failed");
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

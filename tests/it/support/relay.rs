@@ -1,0 +1,106 @@
+//! Running the real `pgrelay` binary against test clusters.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::TempDir;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pgrelay"))
+}
+
+/// A config file in its own temp dir.
+pub struct ConfigFile {
+    pub dir: TempDir,
+    pub path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(text: &str) -> ConfigFile {
+        let dir = TempDir::new("pgrelay-cfg");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, text).unwrap();
+        ConfigFile { dir, path }
+    }
+}
+
+/// Runs a pgrelay command to completion.
+pub fn cmd(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("PGRELAY_LOG", "warn")
+        .output()
+        .expect("run pgrelay")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let out = cmd(args);
+    assert!(
+        out.status.success(),
+        "pgrelay {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running sidecar process; killed (SIGKILL) on drop.
+pub struct Relay {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    pub fn spawn(config: &ConfigFile, region: &str, role: &str) -> Relay {
+        let log = config
+            .dir
+            .path()
+            .join(format!("relay-{region}-{role}-{}.log", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&config.path)
+            .args(["--region", region, "--role", role])
+            .env("PGRELAY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn pgrelay");
+        Relay { child, log }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit status code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
