@@ -47,7 +47,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error(
-        "{origin}:{line}: environment variable {var} is not set (or not valid UTF-8); \
+        "{origin}, line {line}: environment variable {var} is not set (or not valid UTF-8); \
          export it, or write $${{ for a literal \"${{\""
     )]
     MissingEnv {
@@ -55,7 +55,7 @@ pub enum ConfigError {
         line: usize,
         var: String,
     },
-    #[error("{origin}:{line}: {message}")]
+    #[error("{origin}, line {line}: {message}")]
     Interpolation {
         origin: String,
         line: usize,
@@ -96,9 +96,9 @@ fn render_located(
 ) -> String {
     let mut out = origin.to_string();
     if let Some(line) = line {
-        out.push_str(&format!(":{line}"));
+        out.push_str(&format!(", line {line}"));
         if let Some(column) = column {
-            out.push_str(&format!(":{column}"));
+            out.push_str(&format!(", column {column}"));
         }
     }
     out.push_str(": ");
@@ -407,9 +407,17 @@ impl Config {
             })
     }
 
-    /// The Kafka cluster holding the topics destined to `region`.
-    pub fn kafka_for(&self, region: &str) -> Result<&KafkaCluster, ConfigError> {
-        Ok(&self.region(region)?.kafka)
+    /// The Kafka cluster holding the topics destined to `region` (and its
+    /// dead-letter topic).
+    ///
+    /// # Panics
+    /// If `region` is not declared: callers pass region names that came
+    /// from this config or were checked with [`Config::region`].
+    pub fn kafka_for(&self, region: &str) -> &KafkaCluster {
+        match self.region(region) {
+            Ok(region) => &region.kafka,
+            Err(e) => panic!("kafka_for: {e}"),
+        }
     }
 
     /// The topic carrying changes from `source` to `destination`.
@@ -1552,13 +1560,14 @@ dsn = "host=cn dbname=app"
         assert_eq!(c.slot_name("eu"), "pgrelay_eu");
         assert_eq!(c.publication_name(), "pgrelay");
         assert_eq!(c.region("us").unwrap().id, 1);
-        assert_eq!(c.kafka_for("cn").unwrap().brokers, "localhost:9092");
+        assert_eq!(c.kafka_for("cn").brokers, "localhost:9092");
         let e = c.region("xx").unwrap_err().to_string();
         assert_eq!(
             e,
             "region \"xx\" is not declared in relay.toml; declared regions: cn, eu, us"
         );
-        assert!(c.kafka_for("xx").is_err());
+        let panic = std::panic::catch_unwind(|| c.kafka_for("xx").brokers.clone());
+        assert!(panic.is_err());
     }
 
     #[test]
@@ -1608,7 +1617,10 @@ listen = "0.0.0.0:9187"
         let line = text.lines().count();
         assert_err(
             &text,
-            &[&format!("relay.toml:{line}:"), "invalid duration \"soon\""],
+            &[
+                &format!("relay.toml, line {line}:"),
+                "invalid duration \"soon\"",
+            ],
         );
         assert_err(
             &format!("{BASE}\n[relay.apply]\nbatch_max_wait = 100\n"),
@@ -1625,13 +1637,32 @@ listen = "0.0.0.0:9187"
         let text = BASE.replace("id = 2", "id = 2\nregion_id = 2");
         let line = text.lines().position(|l| l == "region_id = 2").unwrap() + 1;
         let e = err(&text);
-        assert!(e.starts_with(&format!("relay.toml:{line}:1: ")), "{e}");
+        assert!(
+            e.starts_with(&format!("relay.toml, line {line}, column 1: ")),
+            "{e}"
+        );
         assert!(e.contains("unknown field `region_id`"), "{e}");
         assert!(e.contains(&format!("{line} | region_id = 2")), "{e}");
 
         let e = err(&format!("{BASE}\n[relay.capture]\nslots = \"x\"\n"));
         assert!(e.contains("unknown field `slots`"), "{e}");
         assert!(e.contains("expected one of"), "{e}");
+    }
+
+    #[test]
+    fn malformed_toml_names_the_line() {
+        let text = BASE.replace("prefix = \"pgrelay\"", "prefix = \"pgrelay\nbroken");
+        let line = text
+            .lines()
+            .position(|l| l == "prefix = \"pgrelay")
+            .unwrap()
+            + 1;
+        let e = err(&text);
+        assert!(e.starts_with(&format!("relay.toml, line {line}")), "{e}");
+        assert!(
+            e.contains(&format!("\n  {line} | prefix = \"pgrelay")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1686,13 +1717,14 @@ listen = "0.0.0.0:9187"
             "x = \"\"\"\nit's\"\"\""
         );
         assert_eq!(run("x = '''${Q}'''").unwrap(), "x = '''it's'''");
-        assert_eq!(run("x = \"\\${N}\"").unwrap(), "x = \"\\$42\"");
+        // an escaped backslash does not hide the ${ that follows
+        assert_eq!(run("x = \"\\\\${N}\"").unwrap(), "x = \"\\\\42\"");
         assert_eq!(run("# ${MISSING}\nx = 1").unwrap(), "# ${MISSING}\nx = 1");
         assert_eq!(run("x = \"a#b${N}\"").unwrap(), "x = \"a#b42\"");
         assert_eq!(run("x = \"$5 $${N}\"").unwrap(), "x = \"$5 ${N}\"");
         let e = run("x = 1\ny = '${Q}'").unwrap_err().to_string();
         assert!(
-            e.starts_with("f.toml:2: the value of environment variable Q"),
+            e.starts_with("f.toml, line 2: the value of environment variable Q"),
             "{e}"
         );
         assert!(!e.contains("it's"), "{e}");
@@ -1715,7 +1747,7 @@ listen = "0.0.0.0:9187"
         let e = err(&text);
         assert!(
             e.starts_with(&format!(
-                "relay.toml:{line}: environment variable PG_US_PASSWORD is not set"
+                "relay.toml, line {line}: environment variable PG_US_PASSWORD is not set"
             )),
             "{e}"
         );
@@ -1754,7 +1786,7 @@ listen = "0.0.0.0:9187"
             "brokers = \"localhost:9092\"",
             "brokers = \"localhost:9092\"\n[kafka.properties]\n\"sasl.password\" = \"kpw\"\n\"linger.ms\" = 5\n\"enable.ssl.certificate.verification\" = false",
         ));
-        let kafka = c.kafka_for("eu").unwrap();
+        let kafka = c.kafka_for("eu");
         assert_eq!(kafka.properties["linger.ms"], "5");
         assert_eq!(
             kafka.properties["enable.ssl.certificate.verification"],
@@ -1771,9 +1803,9 @@ listen = "0.0.0.0:9187"
             "dsn = \"host=cn dbname=app\"",
             "dsn = \"host=cn dbname=app\"\n[regions.cn.kafka]\nbrokers = \"kafka.cn:9092\"\n[regions.cn.kafka.properties]\n\"acks\" = \"all\"",
         ));
-        assert_eq!(c.kafka_for("cn").unwrap().brokers, "kafka.cn:9092");
-        assert_eq!(c.kafka_for("cn").unwrap().properties.len(), 1);
-        assert_eq!(c.kafka_for("us").unwrap().brokers, "localhost:9092");
+        assert_eq!(c.kafka_for("cn").brokers, "kafka.cn:9092");
+        assert_eq!(c.kafka_for("cn").properties.len(), 1);
+        assert_eq!(c.kafka_for("us").brokers, "localhost:9092");
     }
 
     #[test]
@@ -2025,7 +2057,7 @@ mask = "****"
         assert_err(
             &text,
             &[&format!(
-                "relay.toml:{second}: table public.t is declared twice (first on line {first})"
+                "relay.toml, line {second}: table public.t is declared twice (first on line {first})"
             )],
         );
     }
@@ -2089,7 +2121,7 @@ mask = "****"
         let line = text.lines().position(|l| l == "name = \"t\"").unwrap() + 1;
         assert_err(
             &text,
-            &[&format!("relay.toml:{line}: table public.t: column a: action = \"hash\" needs relay.hash_salt")],
+            &[&format!("relay.toml, line {line}: table public.t: column a: action = \"hash\" needs relay.hash_salt")],
         );
     }
 }

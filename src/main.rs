@@ -131,6 +131,9 @@ fn main() -> ExitCode {
     }
 }
 
+const TOPIC_PARTITIONS: i32 = 6;
+const TOPIC_REPLICATION: i32 = -1;
+
 fn load(path: &PathBuf) -> Result<Arc<Config>> {
     Ok(Arc::new(config::load(path)?))
 }
@@ -183,8 +186,8 @@ async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
         let created = kafka::create_topics(
             config.kafka_for(dest),
             std::slice::from_ref(&topic),
-            config.topics.partitions,
-            config.topics.replication_factor,
+            TOPIC_PARTITIONS,
+            TOPIC_REPLICATION,
             timeout,
         )
         .await
@@ -199,7 +202,7 @@ async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
         config.kafka_for(region),
         std::slice::from_ref(&dlq),
         1,
-        config.topics.replication_factor,
+        TOPIC_REPLICATION,
         timeout,
     )
     .await

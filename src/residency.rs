@@ -341,7 +341,10 @@ impl Policy {
             return Verdict::Drop(DropReason::UnknownHome);
         };
         let bit = 1u64 << dest_index;
-        let home_value = |row: Option<&[Datum]>| row.and_then(|r| r.get(home));
+        fn at(row: Option<&[Datum]>, index: usize) -> Option<&Datum> {
+            row.and_then(|r| r.get(index))
+        }
+        let home_value = |row| at(row, home);
         match change.op {
             Op::Insert => match partition.allowed_for(home_value(after)) {
                 None => Verdict::Drop(DropReason::UnknownHome),
@@ -438,10 +441,12 @@ impl Policy {
             // compile() refuses hash rules without a salt
             unreachable!("hash rule without a salt");
         };
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = salted.clone().chain_update(value.as_bytes()).finalize();
-        let mut out = String::with_capacity(64);
+        let mut out = String::with_capacity(2 * digest.len());
         for byte in digest {
-            let _ = write!(out, "{byte:02x}");
+            out.push(HEX[usize::from(byte >> 4)] as char);
+            out.push(HEX[usize::from(byte & 0xf)] as char);
         }
         out
     }

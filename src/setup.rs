@@ -60,16 +60,16 @@ $fn$",
         format!(
             "CREATE OR REPLACE FUNCTION pgrelay.record_delete() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
-    pk jsonb := '{{}}'::jsonb;
+    key_json jsonb := '{{}}'::jsonb;
     k text;
     v text;
 BEGIN
     FOREACH k IN ARRAY TG_ARGV LOOP
         EXECUTE format('SELECT ($1).%I::text', k) INTO v USING OLD;
-        pk := pk || jsonb_build_object(k, v);
+        key_json := key_json || jsonb_build_object(k, v);
     END LOOP;
     INSERT INTO pgrelay.tombstones (table_name, pk, hlc)
-    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, pk, pgrelay.next_hlc(OLD.{col}))
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, key_json, pgrelay.next_hlc(OLD.{col}))
     ON CONFLICT (table_name, pk) DO UPDATE SET hlc = excluded.hlc, deleted_at = now();
     RETURN OLD;
 END

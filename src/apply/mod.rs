@@ -273,9 +273,7 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
     load_targets(config, region, &client)
         .await
         .map_err(|e| ApplyError::Setup(e.to_string()))?;
-    let cluster = config
-        .kafka_for(region)
-        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+    let cluster = config.kafka_for(region);
     let mut topics: Vec<String> = config
         .regions
         .keys()
