@@ -1618,7 +1618,7 @@ listen = "0.0.0.0:9187"
         assert_err(
             &text,
             &[
-                &format!("relay.toml, line {line}:"),
+                &format!("relay.toml, line {line}, column 18: "),
                 "invalid duration \"soon\"",
             ],
         );

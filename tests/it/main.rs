@@ -1,6 +1,7 @@
 //! Integration tests against real PostgreSQL 15 clusters and a real
 //! Kafka-protocol broker, driving the real `pgrelay` binary.
 
+mod apply;
 mod capture;
 mod errors;
 mod support;

@@ -17,7 +17,8 @@ pub struct Rec {
     pub headers: BTreeMap<String, String>,
 }
 
-/// Reads `topic` from the beginning until no record arrives for `idle`.
+/// Reads `topic` from the beginning until no record arrives for `idle`
+/// (waiting up to 15 s for the first one: fetches are slow under load).
 pub fn read_all(brokers: &str, topic: &str, idle: Duration) -> Vec<Rec> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -39,7 +40,12 @@ pub fn read_all(brokers: &str, topic: &str, idle: Duration) -> Vec<Rec> {
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
     let mut last = Instant::now();
-    while last.elapsed() < idle {
+    let first_wait = idle.max(Duration::from_secs(15));
+    loop {
+        let limit = if out.is_empty() { first_wait } else { idle };
+        if last.elapsed() >= limit {
+            break;
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 last = Instant::now();
@@ -85,4 +91,34 @@ pub fn topics(brokers: &str) -> Vec<String> {
         .fetch_metadata(None, Duration::from_secs(10))
         .expect("metadata");
     md.topics().iter().map(|t| t.name().to_string()).collect()
+}
+
+/// Produces raw records (key, value) to `topic`, waiting for each ack.
+pub fn produce(brokers: &str, topic: &str, records: &[(Option<Vec<u8>>, Option<Vec<u8>>)]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    for (k, v) in records {
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(k) = k {
+            rec = rec.key(k.as_slice());
+        }
+        if let Some(v) = v {
+            rec = rec.payload(v.as_slice());
+        }
+        let mut rec = rec;
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    producer.poll(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
 }

@@ -1,0 +1,318 @@
+//! The apply side end to end: two regions, each a real PostgreSQL cluster,
+//! one broker, real sidecars.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::support::broker::Broker;
+use crate::support::eventually;
+use crate::support::kafka::{produce, read_all};
+use crate::support::pg::Pg;
+use crate::support::relay::{self, ConfigFile, Relay};
+
+pub const SCHEMA: &str = "
+CREATE TABLE products (id int PRIMARY KEY, name text, price numeric, doc text);
+CREATE TABLE users (id int PRIMARY KEY, email text);
+";
+
+pub struct Pair {
+    pub us: Pg,
+    pub eu: Pg,
+    pub broker: Broker,
+    pub cfg: ConfigFile,
+}
+
+pub fn config(us: &str, eu: &str, brokers: &str) -> String {
+    format!(
+        r#"
+[relay]
+prefix = "pgrelay"
+max_clock_skew = "2s"
+
+[relay.capture]
+status_interval = "200ms"
+
+[relay.apply]
+batch_max_records = 2000
+batch_max_wait = "50ms"
+
+[kafka]
+brokers = "{brokers}"
+
+[regions.us]
+id = 1
+dsn = "{us}"
+
+[regions.eu]
+id = 2
+dsn = "{eu}"
+
+[[tables]]
+name = "public.products"
+class = "global"
+
+[[tables]]
+name = "public.users"
+class = "local"
+"#
+    )
+}
+
+pub fn pair(schema: &str) -> Pair {
+    let us = Pg::start();
+    let eu = Pg::start();
+    us.psql(schema);
+    eu.psql(schema);
+    let broker = Broker::start();
+    let cfg = ConfigFile::new(&config(&us.dsn(), &eu.dsn(), &broker.brokers()));
+    for r in ["us", "eu"] {
+        relay::ok(&["setup", "--config", cfg.path.to_str().unwrap(), "--region", r]);
+    }
+    Pair { us, eu, broker, cfg }
+}
+
+/// `id -> (price, stamp)` of every row.
+pub async fn dump(pg: &Pg) -> BTreeMap<i32, (Option<String>, Option<String>, i64)> {
+    let c = pg.client().await;
+    c.query(
+        "SELECT id, price::text, name, _pgrelay_hlc FROM products ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get::<_, Option<i64>>(3).unwrap_or(0))))
+    .collect()
+}
+
+/// Waits until both regions hold the same rows.
+pub async fn converged(a: &Pg, b: &Pg, timeout: Duration) -> BTreeMap<i32, (Option<String>, Option<String>, i64)> {
+    eventually(timeout, "both regions to hold the same rows", || async {
+        let x = dump(a).await;
+        let y = dump(b).await;
+        (x == y).then_some(x)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_conflicting_updates_converge_on_the_highest_stamp() {
+    let p = pair(SCHEMA);
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    p.us.psql("INSERT INTO products (id, name, price) SELECT g, 'p' || g, 0 FROM generate_series(1, 50) g");
+    converged(&p.us, &p.eu, Duration::from_secs(60)).await;
+
+    // writers in both regions hammer the same 50 rows; every write logs its stamp
+    let mut writers = Vec::new();
+    for (region, dsn) in [("us", p.us.dsn()), ("eu", p.eu.dsn())] {
+        writers.push(tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let mut log = Vec::new();
+            for i in 0..1500i32 {
+                let id = (i * 7 + if region == "us" { 0 } else { 3 }) % 50 + 1;
+                let value = format!("{region}-{i}");
+                let row = c
+                    .query_one(
+                        "UPDATE products SET name = $1, price = price + 1 WHERE id = $2 RETURNING _pgrelay_hlc",
+                        &[&value, &id],
+                    )
+                    .await
+                    .unwrap();
+                log.push((id, value, row.get::<_, i64>(0)));
+            }
+            log
+        }));
+    }
+    let mut log = Vec::new();
+    for w in writers {
+        log.extend(w.await.unwrap());
+    }
+    let state = converged(&p.us, &p.eu, Duration::from_secs(120)).await;
+    // every row holds its highest-stamped write
+    let mut expected: BTreeMap<i32, (String, i64)> = BTreeMap::new();
+    for (id, value, stamp) in log {
+        let e = expected.entry(id).or_insert((String::new(), i64::MIN));
+        if stamp > e.1 {
+            *e = (value, stamp);
+        }
+    }
+    for (id, (value, stamp)) in expected {
+        let (_, name, row_stamp) = &state[&id];
+        assert_eq!(name.as_deref(), Some(value.as_str()), "row {id}");
+        assert_eq!(*row_stamp, stamp, "row {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_and_reordered_records_change_nothing() {
+    let p = pair(SCHEMA);
+    let mut us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    p.us.psql(
+        "INSERT INTO products (id, name, price) SELECT g, 'p' || g, g FROM generate_series(1, 300) g;
+         UPDATE products SET price = price * 2 WHERE id % 3 = 0;
+         DELETE FROM products WHERE id % 10 = 0;
+         UPDATE products SET name = 'late' WHERE id % 7 = 0;",
+    );
+    let before = converged(&p.us, &p.eu, Duration::from_secs(60)).await;
+    assert_eq!(before.len(), 270);
+    us.terminate(Duration::from_secs(20));
+    // every record again, twice, newest first
+    let recs = read_all(&p.broker.brokers(), "pgrelay.us.eu", Duration::from_secs(2));
+    assert!(recs.len() >= 300 + 100 + 30 + 43);
+    let mut again: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = recs
+        .iter()
+        .rev()
+        .map(|r| (Some(r.key.to_string().into_bytes()), Some(r.value.to_string().into_bytes())))
+        .collect();
+    again.extend(again.clone());
+    produce(&p.broker.brokers(), "pgrelay.us.eu", &again);
+    let total = (recs.len() + again.len()) as i64;
+    let eu = p.eu.client().await;
+    eventually(Duration::from_secs(60), "the applier to consume the re-deliveries", || async {
+        let row = eu
+            .query_one("SELECT coalesce(sum(next_offset), 0)::bigint FROM pgrelay.offsets WHERE topic = 'pgrelay.us.eu'", &[])
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0) >= total).then_some(())
+    })
+    .await;
+    assert_eq!(dump(&p.eu).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applier_killed_repeatedly_mid_stream_ends_identical() {
+    let p = pair(SCHEMA);
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let mut eu = Relay::spawn(&p.cfg, "eu", "apply");
+    let dsn = p.us.dsn();
+    let writer = tokio::spawn(async move {
+        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        for b in 0..100i32 {
+            c.batch_execute(&format!(
+                "INSERT INTO products (id, name, price) SELECT g, 'p' || g, 1 FROM generate_series({}, {}) g",
+                b * 1000 + 1,
+                b * 1000 + 1000
+            ))
+            .await
+            .unwrap();
+        }
+    });
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        eu.kill9();
+        eu = Relay::spawn(&p.cfg, "eu", "apply");
+    }
+    writer.await.unwrap();
+    let state = converged(&p.us, &p.eu, Duration::from_secs(240)).await;
+    assert_eq!(state.len(), 100_000);
+    let eu_client = p.eu.client().await;
+    let stored: i64 = eu_client
+        .query_one("SELECT count(*) FROM pgrelay.offsets WHERE topic = 'pgrelay.us.eu'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored > 0, "offsets are stored in the target database");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_against_concurrent_update_converges_and_never_resurrects() {
+    let p = pair(SCHEMA);
+    // both sides capture, nobody applies yet: the writes are concurrent
+    let mut us_cap = Relay::spawn(&p.cfg, "us", "capture");
+    let mut eu_cap = Relay::spawn(&p.cfg, "eu", "capture");
+    p.us.psql("INSERT INTO products VALUES (1, 'a', 1), (2, 'b', 2)");
+    p.eu.psql("INSERT INTO products VALUES (1, 'a', 1), (2, 'b', 2)");
+    // row 1: eu updates first (older), us deletes later (newer): delete wins
+    p.eu.psql("UPDATE products SET name = 'eu-update' WHERE id = 1");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    p.us.psql("DELETE FROM products WHERE id = 1");
+    // row 2: us deletes first (older), eu updates later (newer): update wins
+    p.us.psql("DELETE FROM products WHERE id = 2");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    p.eu.psql("UPDATE products SET name = 'eu-late' WHERE id = 2");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    us_cap.terminate(Duration::from_secs(20));
+    eu_cap.terminate(Duration::from_secs(20));
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    let state = converged(&p.us, &p.eu, Duration::from_secs(60)).await;
+    assert!(!state.contains_key(&1), "the newer delete wins in both regions: {state:?}");
+    assert_eq!(state.get(&2).and_then(|r| r.1.clone()).as_deref(), Some("eu-late"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraint_violation_is_parked_then_replayed_once() {
+    let p = pair(SCHEMA);
+    p.eu.psql("ALTER TABLE products ADD CONSTRAINT cheap CHECK (price < 100)");
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    p.us.psql("INSERT INTO products VALUES (1, 'ok', 5), (2, 'pricey', 500), (3, 'fine', 7)");
+    let eu = p.eu.client().await;
+    eventually(Duration::from_secs(60), "the valid rows to apply", || async {
+        let n: i64 = eu.query_one("SELECT count(*) FROM products", &[]).await.unwrap().get(0);
+        (n == 2).then_some(())
+    })
+    .await;
+    let cfg = p.cfg.path.to_str().unwrap();
+    let listed = eventually(Duration::from_secs(30), "the dead letter", || async {
+        let out = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);
+        out.contains("constraint_violation").then_some(out)
+    })
+    .await;
+    assert!(listed.contains("23514"), "{listed}");
+    assert!(listed.contains("pgrelay.us.eu"), "{listed}");
+    let dry = relay::ok(&["dlq", "replay", "--config", cfg, "--region", "eu", "--dry-run"]);
+    assert!(dry.contains("would fail"), "{dry}");
+    eu.batch_execute("ALTER TABLE products DROP CONSTRAINT cheap").await.unwrap();
+    let first = relay::ok(&["dlq", "replay", "--config", cfg, "--region", "eu"]);
+    assert!(first.contains("1 record(s) applied"), "{first}");
+    let row: String = eu.query_one("SELECT name FROM products WHERE id = 2", &[]).await.unwrap().get(0);
+    assert_eq!(row, "pricey");
+    let before = dump(&p.eu).await;
+    let second = relay::ok(&["dlq", "replay", "--config", cfg, "--region", "eu"]);
+    assert!(second.contains("0 record(s) applied"), "{second}");
+    assert_eq!(dump(&p.eu).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_injection_records_are_parked_never_executed() {
+    let p = pair(SCHEMA);
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    p.eu.psql("INSERT INTO users VALUES (1, 'stays@example.com')");
+    let env = |schema: &str, table: &str, after: &str| -> Vec<u8> {
+        serde_json::json!({
+            "before": null, "after": serde_json::from_str::<serde_json::Value>(after).unwrap(), "op": "c", "ts_ms": 1,
+            "source": {"connector":"pgrelay","version":"0","name":"pgrelay","region":"us","db":"postgres",
+                       "schema": schema, "table": table, "txId": 1, "lsn": 1, "ts_ms": 1},
+            "pgrelay": {"hlc": 1u64 << 30, "origin":"us","commit_lsn":"0/1","xid":1,"seq":0,"unchanged":[]}
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let records = vec![
+        (None, Some(b"\x00\xffnot json at all".to_vec())),
+        (None, Some(env("public", "products\"; DROP TABLE users; --", r#"{"id":"1"}"#))),
+        (None, Some(env("public", "users", r#"{"id":"9","email":"x"}"#))), // local: not writable
+        (None, Some(env("public", "products", r#"{"id":"5","name\"; DROP TABLE users; --":"x"}"#))),
+        (None, Some(env("public", "products", r#"{"id":"7","name":"valid","price":"3"}"#))),
+    ];
+    produce(&p.broker.brokers(), "pgrelay.us.eu", &records);
+    let eu = p.eu.client().await;
+    eventually(Duration::from_secs(60), "the valid record after the bad ones", || async {
+        let n: i64 = eu.query_one("SELECT count(*) FROM products WHERE id = 7", &[]).await.unwrap().get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    let users: i64 = eu.query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
+    assert_eq!(users, 1, "users untouched");
+    let cfg = p.cfg.path.to_str().unwrap();
+    let listed = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);
+    assert!(listed.contains("4 parked record(s)"), "{listed}");
+    assert!(listed.contains("poison"), "{listed}");
+    assert_eq!(listed.matches("undeclared_table").count(), 2, "{listed}");
+    assert!(listed.contains("unknown_column"), "{listed}");
+}
