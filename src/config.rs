@@ -145,6 +145,10 @@ pub struct CaptureSettings {
     pub status_interval: Duration,
     /// Bound on records handed to Kafka and not yet acknowledged.
     pub max_in_flight: usize,
+    /// Partitions of the topics `setup` creates (a row's history stays in one).
+    pub topic_partitions: usize,
+    /// Replication factor of the topics `setup` creates; -1: the broker's default.
+    pub topic_replication_factor: i32,
 }
 
 /// Apply side (`[relay.apply]`).
@@ -179,6 +183,12 @@ pub const fn default_status_interval() -> Duration {
 pub const fn default_max_in_flight() -> usize {
     100_000
 }
+pub const fn default_topic_partitions() -> usize {
+    6
+}
+pub const fn default_topic_replication_factor() -> i32 {
+    -1
+}
 pub const fn default_batch_max_records() -> usize {
     5_000
 }
@@ -199,6 +209,8 @@ impl Default for CaptureSettings {
             publication: DEFAULT_PUBLICATION.to_string(),
             status_interval: default_status_interval(),
             max_in_flight: default_max_in_flight(),
+            topic_partitions: default_topic_partitions(),
+            topic_replication_factor: default_topic_replication_factor(),
         }
     }
 }
@@ -934,6 +946,8 @@ struct RawCapture {
     publication: Option<String>,
     status_interval: Option<HumanDuration>,
     max_in_flight: Option<i64>,
+    topic_partitions: Option<i64>,
+    topic_replication_factor: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1147,6 +1161,22 @@ impl Validator<'_> {
                 default_max_in_flight(),
                 1,
             )?,
+            topic_partitions: self.count(
+                "relay.capture.topic_partitions",
+                raw.topic_partitions,
+                default_topic_partitions(),
+                1,
+            )?,
+            topic_replication_factor: match raw.topic_replication_factor {
+                None => default_topic_replication_factor(),
+                Some(v) if v == -1 || (1..=32).contains(&v) => v as i32,
+                Some(v) => {
+                    return Err(self.invalid(
+                        None,
+                        format!("relay.capture.topic_replication_factor = {v}: use -1 (broker default) or 1..=32"),
+                    ))
+                }
+            },
         })
     }
 
@@ -1254,6 +1284,15 @@ impl Validator<'_> {
                     format!(
                         "region name {name:?} is reserved (dead-letter topics are \
                          {{prefix}}.dlq.{{region}}); pick another name"
+                    ),
+                ));
+            }
+            if name == "replay" {
+                return Err(self.invalid(
+                    None,
+                    format!(
+                        "region name {name:?} is reserved (`pgrelay dlq replay` writes under \
+                         the replication origin pgrelay_replay); pick another name"
                     ),
                 ));
             }

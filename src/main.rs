@@ -131,9 +131,6 @@ fn main() -> ExitCode {
     }
 }
 
-const TOPIC_PARTITIONS: i32 = 6;
-const TOPIC_REPLICATION: i32 = -1;
-
 fn load(path: &PathBuf) -> Result<Arc<Config>> {
     Ok(Arc::new(config::load(path)?))
 }
@@ -186,8 +183,8 @@ async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
         let created = kafka::create_topics(
             config.kafka_for(dest),
             std::slice::from_ref(&topic),
-            TOPIC_PARTITIONS,
-            TOPIC_REPLICATION,
+            config.capture.topic_partitions as i32,
+            config.capture.topic_replication_factor,
             timeout,
         )
         .await
@@ -202,7 +199,7 @@ async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
         config.kafka_for(region),
         std::slice::from_ref(&dlq),
         1,
-        TOPIC_REPLICATION,
+        config.capture.topic_replication_factor,
         timeout,
     )
     .await

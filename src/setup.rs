@@ -144,8 +144,14 @@ $fn$"
 END $do$",
         name = quote_literal(&config.publication_name()),
     ));
-    for other in config.regions.keys().filter(|r| *r != region) {
-        let origin = quote_literal(&format!("{ORIGIN_PREFIX}{other}"));
+    let origins = config
+        .regions
+        .keys()
+        .filter(|r| *r != region)
+        .map(|r| format!("{ORIGIN_PREFIX}{r}"))
+        .chain(std::iter::once(crate::apply::REPLAY_ORIGIN.to_string()));
+    for origin in origins {
+        let origin = quote_literal(&origin);
         sql.push(format!(
             "SELECT pg_replication_origin_create({origin}) \
              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {origin})"

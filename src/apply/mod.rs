@@ -153,8 +153,26 @@ pub async fn load_targets(
     Ok(targets)
 }
 
+/// The replication origin `pgrelay dlq replay` writes under (the sidecar's
+/// apply side holds the per-source origins while it runs).
+pub const REPLAY_ORIGIN: &str = "pgrelay_replay";
+
+/// The replication origin the apply side writes under for `source`.
+pub fn origin_name(source: &str) -> String {
+    format!("{ORIGIN_PREFIX}{source}")
+}
+
 /// Opens the apply session for one source: replica role, origin.
 pub async fn session(config: &Config, region: &str, source: &str) -> Result<Client, ApplyError> {
+    session_with_origin(config, region, &origin_name(source)).await
+}
+
+/// Opens an apply session writing under `origin`.
+pub async fn session_with_origin(
+    config: &Config,
+    region: &str,
+    origin: &str,
+) -> Result<Client, ApplyError> {
     let dsn = &config
         .region(region)
         .map_err(|e| ApplyError::Setup(e.to_string()))?
@@ -175,13 +193,12 @@ pub async fn session(config: &Config, region: &str, source: &str) -> Result<Clie
                 ApplyError::Transient(format!("region {region}: {}", db_message(&e)))
             }
         })?;
-    let origin = format!("{ORIGIN_PREFIX}{source}");
     client
         .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
         .await
         .map_err(|e| {
             let msg = db_message(&e);
-            if is_transient_db(&e) {
+            if is_transient_db(&e) || sqlstate(&e) == "55000" {
                 ApplyError::Transient(format!("region {region}: replication origin {origin}: {msg}"))
             } else {
                 ApplyError::Setup(format!(
@@ -367,7 +384,12 @@ impl Pipeline {
         tracing::info!(region = %self.region, source = %self.source, topic = %self.topic, "apply consuming");
         let max_records = self.config.apply.batch_max_records.max(1);
         let max_wait = self.config.apply.batch_max_wait;
+        let mut last_purge = Instant::now();
         loop {
+            if last_purge.elapsed() > Duration::from_secs(60) {
+                last_purge = Instant::now();
+                self.purge_tombstones(&client).await;
+            }
             let mut batch: Vec<Consumed> = Vec::new();
             let deadline = tokio::time::sleep(max_wait);
             tokio::pin!(deadline);
@@ -401,13 +423,29 @@ impl Pipeline {
         }
     }
 
+    /// Removes tombstones older than `relay.apply.tombstone_horizon`.
+    async fn purge_tombstones(&self, client: &Client) {
+        let horizon = format!("{} seconds", self.config.apply.tombstone_horizon.as_secs());
+        match client
+            .execute(
+                "DELETE FROM pgrelay.tombstones WHERE deleted_at < now() - $1::text::interval",
+                &[&horizon],
+            )
+            .await
+        {
+            Ok(n) if n > 0 => tracing::info!(region = %self.region, purged = n, "tombstones purged"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(region = %self.region, error = %db_message(&e), "tombstone purge failed"),
+        }
+    }
+
     async fn apply_with_retry(&self, client: &mut Client, batch: &[Consumed]) -> Result<(), ApplyError> {
         let mut backoff = Duration::from_millis(200);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             let started = Instant::now();
-            match apply_batch(client, &self.source, &self.targets, batch, &self.dlq, attempt, &[], true).await {
+            match apply_batch(client, &self.source, &self.targets, batch, &self.dlq, attempt, &[], true, self.config.apply.max_retries.max(1)).await {
                 Ok(outcome) => {
                     self.record(batch, &outcome, started.elapsed());
                     return Ok(());
@@ -526,6 +564,7 @@ pub async fn apply_batch(
     attempt: u32,
     extra_offsets: &[(String, i32, i64)],
     commit: bool,
+    max_tries: u32,
 ) -> Result<Outcome, String> {
     let mut outcome = Outcome::default();
     let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
@@ -568,31 +607,39 @@ pub async fn apply_batch(
                 for &m in &s.members {
                     let single = sql::plan(std::slice::from_ref(&changes[m]), targets);
                     for one in &single {
-                        tx.execute("SAVEPOINT one", &[])
-                            .await
-                            .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
-                        let r = if one.rows.is_empty() {
-                            tx.execute(one.sql.as_str(), &[]).await
-                        } else {
-                            tx.execute(one.sql.as_str(), &[&one.rows]).await
-                        };
-                        match r {
-                            Ok(n) => {
-                                outcome.won += n;
-                                outcome.lost += 1u64.saturating_sub(n);
-                            }
-                            Err(e) if is_transient_db(&e) => {
-                                return Err(format!("{}: {}", s.table, db_message(&e)))
-                            }
-                            Err(e) => {
-                                tx.execute("ROLLBACK TO SAVEPOINT one", &[])
-                                    .await
-                                    .map_err(|e| format!("rollback: {}", db_message(&e)))?;
-                                outcome.dead.push(DeadLetter::failed(
-                                    &batch[positions[m]],
-                                    &e,
-                                    attempt + 1,
-                                ));
+                        let mut tries = 0;
+                        loop {
+                            tries += 1;
+                            tx.execute("SAVEPOINT one", &[])
+                                .await
+                                .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+                            let r = if one.rows.is_empty() {
+                                tx.execute(one.sql.as_str(), &[]).await
+                            } else {
+                                tx.execute(one.sql.as_str(), &[&one.rows]).await
+                            };
+                            match r {
+                                Ok(n) => {
+                                    outcome.won += n;
+                                    outcome.lost += 1u64.saturating_sub(n);
+                                    break;
+                                }
+                                Err(e) if is_transient_db(&e) => {
+                                    return Err(format!("{}: {}", s.table, db_message(&e)))
+                                }
+                                Err(e) => {
+                                    tx.execute("ROLLBACK TO SAVEPOINT one", &[])
+                                        .await
+                                        .map_err(|e| format!("rollback: {}", db_message(&e)))?;
+                                    if tries >= max_tries {
+                                        outcome.dead.push(DeadLetter::failed(
+                                            &batch[positions[m]],
+                                            &e,
+                                            attempt + tries,
+                                        ));
+                                        break;
+                                    }
+                                }
                             }
                         }
                     }

@@ -2,18 +2,19 @@
 //!
 //! Reads the dead-letter topic from the stored progress, then applies each
 //! record alone, in one transaction with its progress, under the replication
-//! origin of the region it came from. A record that fails again is parked
+//! origin `pgrelay_replay` (so the local capture side skips it, like any
+//! applied write). A record that fails again is parked
 //! again (appended to the topic with the new reason and one more attempt);
 //! either way the progress moves past it, so a replay can be interrupted and
 //! run again without applying anything twice.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use tokio_postgres::Client;
-
 use crate::apply::dlq::{self, DeadLetter, DlqProducer};
-use crate::apply::{apply_batch, load_targets, session, stored_offsets, ApplyError, Consumed};
+use crate::apply::{
+    apply_batch, load_targets, session_with_origin, stored_offsets, ApplyError, Consumed,
+    REPLAY_ORIGIN,
+};
 use crate::config::Config;
 use crate::source::catalog;
 
@@ -58,14 +59,20 @@ pub async fn replay(
         .find(|r| *r != region)
         .cloned()
         .unwrap_or_default();
-    let mut sessions: HashMap<String, Client> = HashMap::new();
+    if letters.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut client = session_with_origin(config, region, REPLAY_ORIGIN)
+        .await
+        .map_err(|e| match e {
+            ApplyError::Transient(m) if m.contains("already active") => ApplyError::Setup(format!(
+                "another pgrelay dlq replay is running for region {region}: {m}"
+            )),
+            other => other,
+        })?;
     let mut out = Vec::new();
     for (partition, offset, letter) in letters {
         let source = source_of(config, &letter.topic, region).unwrap_or_else(|| fallback.clone());
-        if !sessions.contains_key(&source) {
-            sessions.insert(source.clone(), session(config, region, &source).await?);
-        }
-        let client = sessions.get_mut(&source).expect("inserted above");
         let consumed = Consumed {
             topic: letter.topic.clone(),
             partition: letter.partition,
@@ -75,7 +82,7 @@ pub async fn replay(
         };
         let progress = [(dlq_topic.clone(), partition, offset + 1)];
         let outcome = apply_batch(
-            client,
+            &mut client,
             &source,
             &targets,
             std::slice::from_ref(&consumed),
@@ -83,6 +90,7 @@ pub async fn replay(
             letter.attempts + 1,
             &progress,
             !dry_run,
+            1,
         )
         .await
         .map_err(ApplyError::Transient)?;

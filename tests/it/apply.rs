@@ -161,7 +161,7 @@ async fn redelivered_and_reordered_records_change_nothing() {
     us.terminate(Duration::from_secs(20));
     // every record again, twice, newest first
     let recs = read_all(&p.broker.brokers(), "pgrelay.us.eu", Duration::from_secs(2));
-    assert!(recs.len() >= 300 + 100 + 30 + 43);
+    assert!(recs.len() >= 300 + 100 + 30 + 38, "{} records", recs.len());
     let mut again: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = recs
         .iter()
         .rev()
