@@ -116,7 +116,10 @@ pub async fn run(
         client: &client,
         region: &region,
     };
-    let keys = cat.keys(&config).await.map_err(|e| transient("catalog")(&e))?;
+    let keys = cat
+        .keys(&config)
+        .await
+        .map_err(|e| transient("catalog")(&e))?;
     let db = cat
         .database_name()
         .await
@@ -133,7 +136,8 @@ pub async fn run(
         })?;
     drop(client);
 
-    let policy = Policy::compile(&config, &region).map_err(|e| CaptureError::Setup(e.to_string()))?;
+    let policy =
+        Policy::compile(&config, &region).map_err(|e| CaptureError::Setup(e.to_string()))?;
     let destinations: Vec<String> = policy.destinations().to_vec();
     let topics: Vec<String> = destinations
         .iter()
@@ -182,7 +186,7 @@ pub async fn run(
     let command = format!(
         "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})",
         crate::event::quote_ident(&slot_name),
-        crate::event::quote_literal(&crate::event::quote_ident(&config.publication_name())),
+        crate::event::quote_literal(&crate::event::quote_ident(config.publication_name())),
     );
     let (mut reader, mut writer) = conn.start_replication(&command).await.map_err(|e| {
         if e.sqlstate() == Some("55006") {
@@ -298,7 +302,11 @@ impl Loop<'_> {
         }
     }
 
-    async fn send_status(&mut self, writer: &mut ReplWriter, reply: bool) -> Result<(), CaptureError> {
+    async fn send_status(
+        &mut self,
+        writer: &mut ReplWriter,
+        reply: bool,
+    ) -> Result<(), CaptureError> {
         let lsn = self.tracker.confirmed();
         let msg = encode_status_update(lsn, lsn, lsn, now_us(), reply);
         writer
@@ -395,7 +403,9 @@ impl Loop<'_> {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => {
                         // wait for deliveries to free room, then retry
-                        match tokio::time::timeout(Duration::from_millis(100), deliveries.recv()).await {
+                        match tokio::time::timeout(Duration::from_millis(100), deliveries.recv())
+                            .await
+                        {
                             Ok(Some(d)) => self.delivered(d)?,
                             Ok(None) => {
                                 return Err(CaptureError::Transient("producer stopped".into()))

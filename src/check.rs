@@ -140,10 +140,12 @@ pub async fn database(
             Some(_) => {}
         }
         let publication = config.publication_name();
-        match catalog.publication_tables(&publication).await? {
+        match catalog.publication_tables(publication).await? {
             None => out.push(finding(
                 Severity::NeedsSetup,
-                format!("region {region}: publication {publication} does not exist; run pgrelay setup"),
+                format!(
+                    "region {region}: publication {publication} does not exist; run pgrelay setup"
+                ),
             )),
             Some(tables) => {
                 for t in &config.tables {

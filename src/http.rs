@@ -79,16 +79,20 @@ pub async fn serve(
     }
 }
 
-fn route(path: &str, metrics: &Metrics, readiness: &Readiness) -> (&'static str, &'static str, String) {
+fn route(
+    path: &str,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> (&'static str, &'static str, String) {
     match path {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            metrics.render(),
-        ),
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
         "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
         "/readyz" if readiness.ready() => ("200 OK", "text/plain", "ready\n".into()),
-        "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".into()),
+        "/readyz" => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready\n".into(),
+        ),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     }
 }

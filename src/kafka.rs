@@ -49,7 +49,11 @@ pub async fn check_topics(
     let md = metadata(cluster, timeout).await?;
     let missing: Vec<&str> = topics
         .iter()
-        .filter(|t| !md.topics().iter().any(|m| m.name() == t.as_str() && m.error().is_none()))
+        .filter(|t| {
+            !md.topics()
+                .iter()
+                .any(|m| m.name() == t.as_str() && m.error().is_none())
+        })
         .map(|t| t.as_str())
         .collect();
     if missing.is_empty() {
@@ -74,7 +78,11 @@ pub async fn create_topics(
     let md = metadata(cluster, timeout).await?;
     let missing: Vec<&String> = topics
         .iter()
-        .filter(|t| !md.topics().iter().any(|m| m.name() == t.as_str() && m.error().is_none()))
+        .filter(|t| {
+            !md.topics()
+                .iter()
+                .any(|m| m.name() == t.as_str() && m.error().is_none())
+        })
         .collect();
     if missing.is_empty() {
         return Ok(vec![]);

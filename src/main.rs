@@ -1,6 +1,6 @@
 //! `pgrelay`: command-line parsing, logging, and dispatch to the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,7 +18,11 @@ use pgrelay::source::catalog::{self, Catalog};
 use pgrelay::{apply, capture, kafka, residency, setup};
 
 #[derive(Parser)]
-#[command(name = "pgrelay", version, about = "Multi-region Postgres replication through Kafka, with data-residency rules")]
+#[command(
+    name = "pgrelay",
+    version,
+    about = "Multi-region Postgres replication through Kafka, with data-residency rules"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -131,11 +135,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Arc<Config>> {
+fn load(path: &Path) -> Result<Arc<Config>> {
     Ok(Arc::new(config::load(path)?))
 }
 
-async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
+async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
     let config = load(path)?;
     let region_cfg = config.region(region)?;
     let mut client = catalog::connect(&region_cfg.dsn, region).await?;
@@ -155,8 +159,13 @@ async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
         bail!("region {region}: fix the errors above, then run pgrelay setup again");
     }
     let keys = cat.keys(&config).await?;
-    let statements = setup::plan(&config, region, &|t| keys.get(t).cloned().unwrap_or_default());
-    let tx = client.transaction().await.context("starting the setup transaction")?;
+    let statements = setup::plan(&config, region, &|t| {
+        keys.get(t).cloned().unwrap_or_default()
+    });
+    let tx = client
+        .transaction()
+        .await
+        .context("starting the setup transaction")?;
     for sql in &statements {
         tx.batch_execute(sql)
             .await
@@ -166,7 +175,12 @@ async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
     client
         .batch_execute(&setup::slot_sql(&config, region))
         .await
-        .with_context(|| format!("region {region}: creating replication slot {}", config.slot_name(region)))?;
+        .with_context(|| {
+            format!(
+                "region {region}: creating replication slot {}",
+                config.slot_name(region)
+            )
+        })?;
     println!(
         "region {region}: database ready (schema pgrelay, {} replicated tables, publication {}, slot {})",
         config
@@ -191,7 +205,11 @@ async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
         .map_err(anyhow::Error::msg)?;
         println!(
             "region {region}: topic {topic} {}",
-            if created.is_empty() { "exists" } else { "created" }
+            if created.is_empty() {
+                "exists"
+            } else {
+                "created"
+            }
         );
     }
     let dlq = config.dlq_topic(region);
@@ -206,14 +224,23 @@ async fn setup(path: &PathBuf, region: &str) -> Result<ExitCode> {
     .map_err(anyhow::Error::msg)?;
     println!(
         "region {region}: topic {dlq} {}",
-        if created.is_empty() { "exists" } else { "created" }
+        if created.is_empty() {
+            "exists"
+        } else {
+            "created"
+        }
     );
     Ok(ExitCode::SUCCESS)
 }
 
-async fn check(path: &PathBuf, only: Option<&str>) -> Result<ExitCode> {
+async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
     let config = load(path)?;
-    println!("config {}: ok ({} regions, {} tables)", path.display(), config.regions.len(), config.tables.len());
+    println!(
+        "config {}: ok ({} regions, {} tables)",
+        path.display(),
+        config.regions.len(),
+        config.tables.len()
+    );
     let regions: Vec<String> = match only {
         Some(r) => {
             config.region(r)?;
@@ -236,7 +263,10 @@ async fn check(path: &PathBuf, only: Option<&str>) -> Result<ExitCode> {
                 };
                 let findings = check::database(&config, region, &cat, true).await?;
                 if findings.is_empty() {
-                    println!("region {region}: database ok ({})", catalog::describe_target(dsn));
+                    println!(
+                        "region {region}: database ok ({})",
+                        catalog::describe_target(dsn)
+                    );
                 }
                 for f in &findings {
                     println!("{f}");
@@ -263,7 +293,13 @@ async fn check(path: &PathBuf, only: Option<&str>) -> Result<ExitCode> {
             .collect();
         topics.push((config.dlq_topic(region), config.kafka_for(region)));
         for (topic, cluster) in topics {
-            match kafka::check_topics(cluster, std::slice::from_ref(&topic), Duration::from_secs(10)).await {
+            match kafka::check_topics(
+                cluster,
+                std::slice::from_ref(&topic),
+                Duration::from_secs(10),
+            )
+            .await
+            {
                 Ok(()) => println!("region {region}: topic {topic} ok"),
                 Err(e) => {
                     println!("error: region {region}: {e}");
@@ -281,7 +317,7 @@ async fn check(path: &PathBuf, only: Option<&str>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(path: &PathBuf, region: &str, role: Role) -> Result<ExitCode> {
+async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
     let config = load(path)?;
     config.region(region)?;
     let metrics = Arc::new(Metrics::new());
@@ -291,14 +327,21 @@ async fn run(path: &PathBuf, region: &str, role: Role) -> Result<ExitCode> {
         Role::Capture => (true, false),
         Role::Apply => (false, true),
     };
-    readiness.wants_capture.store(with_capture, Ordering::Relaxed);
+    readiness
+        .wants_capture
+        .store(with_capture, Ordering::Relaxed);
     readiness.wants_apply.store(with_apply, Ordering::Relaxed);
     let (shutdown_tx, shutdown) = watch::channel(false);
     if let Some(addr) = &config.http.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (http.listen)"))?;
-        tokio::spawn(http::serve(listener, metrics.clone(), readiness.clone(), shutdown.clone()));
+        tokio::spawn(http::serve(
+            listener,
+            metrics.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
     }
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -367,13 +410,21 @@ async fn dlq(action: DlqAction) -> Result<ExitCode> {
                 limit,
                 Duration::from_secs(2),
             )?;
-            println!("{} parked record(s) in {}", letters.len(), config.dlq_topic(&region));
+            println!(
+                "{} parked record(s) in {}",
+                letters.len(),
+                config.dlq_topic(&region)
+            );
             for (p, o, d) in letters {
                 println!(
                     "{p}:{o}  {}  attempts={}  sqlstate={}  from {}[{}]@{}  {}",
                     d.class,
                     d.attempts,
-                    if d.sqlstate.is_empty() { "-" } else { &d.sqlstate },
+                    if d.sqlstate.is_empty() {
+                        "-"
+                    } else {
+                        &d.sqlstate
+                    },
                     d.topic,
                     d.partition,
                     d.offset,
@@ -394,15 +445,33 @@ async fn dlq(action: DlqAction) -> Result<ExitCode> {
             let failed = results.iter().filter(|r| r.failure.is_some()).count();
             for r in &results {
                 match &r.failure {
-                    None => println!("{}:{}  {}", r.partition, r.offset, if dry_run { "would apply" } else { "applied" }),
-                    Some(f) => println!("{}:{}  {} {f}", r.partition, r.offset, if dry_run { "would fail:" } else { "parked again:" }),
+                    None => println!(
+                        "{}:{}  {}",
+                        r.partition,
+                        r.offset,
+                        if dry_run { "would apply" } else { "applied" }
+                    ),
+                    Some(f) => println!(
+                        "{}:{}  {} {f}",
+                        r.partition,
+                        r.offset,
+                        if dry_run {
+                            "would fail:"
+                        } else {
+                            "parked again:"
+                        }
+                    ),
                 }
             }
             println!(
                 "{} record(s) {}, {failed} {}",
                 results.len() - failed,
                 if dry_run { "would apply" } else { "applied" },
-                if dry_run { "would fail" } else { "parked again" }
+                if dry_run {
+                    "would fail"
+                } else {
+                    "parked again"
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -447,12 +516,22 @@ async fn supervise(
         let started = Instant::now();
         flag.store(true, Ordering::Relaxed);
         let result: Result<(), (bool, String)> = match side {
-            Side::Capture => capture::run(config.clone(), region.clone(), metrics.clone(), shutdown.clone())
-                .await
-                .map_err(|e| (e.is_transient(), e.to_string())),
-            Side::Apply => apply::run(config.clone(), region.clone(), metrics.clone(), shutdown.clone())
-                .await
-                .map_err(|e| (e.is_transient(), e.to_string())),
+            Side::Capture => capture::run(
+                config.clone(),
+                region.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| (e.is_transient(), e.to_string())),
+            Side::Apply => apply::run(
+                config.clone(),
+                region.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| (e.is_transient(), e.to_string())),
         };
         flag.store(false, Ordering::Relaxed);
         match result {

@@ -94,7 +94,10 @@ impl Metrics {
                         if i > 0 {
                             out.push(',');
                         }
-                        let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                        let v = v
+                            .replace('\\', "\\\\")
+                            .replace('"', "\\\"")
+                            .replace('\n', "\\n");
                         let _ = write!(out, "{k}=\"{v}\"");
                     }
                     out.push('}');
@@ -116,7 +119,11 @@ mod tests {
         m.add(
             "pgrelay_dropped_total",
             "rows not published",
-            &[("table", "public.users"), ("destination", "eu"), ("reason", "local")],
+            &[
+                ("table", "public.users"),
+                ("destination", "eu"),
+                ("reason", "local"),
+            ],
             2,
         );
         m.set("pgrelay_confirmed_lsn", "confirmed", &[], 5.0);
@@ -128,7 +135,11 @@ mod tests {
         assert_eq!(
             m.get(
                 "pgrelay_dropped_total",
-                &[("table", "public.users"), ("destination", "eu"), ("reason", "local")]
+                &[
+                    ("table", "public.users"),
+                    ("destination", "eu"),
+                    ("reason", "local")
+                ]
             ),
             Some(2.0)
         );

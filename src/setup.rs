@@ -22,11 +22,7 @@ pub type KeyColumns = Vec<String>;
 /// The SQL statements that bring a region's database up to date. `keys`
 /// gives each declared table's primary key (the caller reads the catalog and
 /// reports tables without one before calling this).
-pub fn plan(
-    config: &Config,
-    region: &str,
-    keys: &dyn Fn(&TableName) -> KeyColumns,
-) -> Vec<String> {
+pub fn plan(config: &Config, region: &str, keys: &dyn Fn(&TableName) -> KeyColumns) -> Vec<String> {
     let region_id = config.regions[region].id;
     let mut sql = vec![
         "CREATE SCHEMA IF NOT EXISTS pgrelay".to_string(),
@@ -132,7 +128,7 @@ $fn$"
         }
     }
     published.push("pgrelay.tombstones".to_string());
-    let publication = quote_ident(&config.publication_name());
+    let publication = quote_ident(config.publication_name());
     let list = published.join(", ");
     sql.push(format!(
         "DO $do$ BEGIN
@@ -142,7 +138,7 @@ $fn$"
         CREATE PUBLICATION {publication} FOR TABLE {list};
     END IF;
 END $do$",
-        name = quote_literal(&config.publication_name()),
+        name = quote_literal(config.publication_name()),
     ));
     let origins = config
         .regions

@@ -101,7 +101,10 @@ impl DeadLetter {
         }
         let mut h = OwnedHeaders::new_with_capacity(pairs.len());
         for (k, v) in pairs {
-            h = h.insert(Header { key: k, value: Some(v) });
+            h = h.insert(Header {
+                key: k,
+                value: Some(v),
+            });
         }
         h
     }
@@ -152,9 +155,9 @@ impl DlqProducer {
             .set("acks", "all")
             .set("message.timeout.ms", "30000");
         cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
-        let producer = cfg
-            .create()
-            .map_err(|e| ApplyError::Setup(format!("dead-letter producer for region {region}: {e}")))?;
+        let producer = cfg.create().map_err(|e| {
+            ApplyError::Setup(format!("dead-letter producer for region {region}: {e}"))
+        })?;
         Ok(DlqProducer {
             producer,
             topic: config.dlq_topic(region),
@@ -211,9 +214,16 @@ pub fn read(
         .fetch_metadata(Some(&topic), Duration::from_secs(10))
         .map_err(|e| ApplyError::Setup(format!("cannot read dead-letter topic {topic}: {e}")))?;
     let mut tpl = TopicPartitionList::new();
-    for t in md.topics().iter().filter(|t| t.name() == topic && t.error().is_none()) {
+    for t in md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+    {
         for p in t.partitions() {
-            let off = start.get(&p.id()).map(|o| Offset::Offset(*o)).unwrap_or(Offset::Beginning);
+            let off = start
+                .get(&p.id())
+                .map(|o| Offset::Offset(*o))
+                .unwrap_or(Offset::Beginning);
             tpl.add_partition_offset(&topic, p.id(), off)
                 .map_err(|e| ApplyError::Transient(e.to_string()))?;
         }

@@ -199,7 +199,9 @@ pub async fn session_with_origin(
         .map_err(|e| {
             let msg = db_message(&e);
             if is_transient_db(&e) || sqlstate(&e) == "55000" {
-                ApplyError::Transient(format!("region {region}: replication origin {origin}: {msg}"))
+                ApplyError::Transient(format!(
+                    "region {region}: replication origin {origin}: {msg}"
+                ))
             } else {
                 ApplyError::Setup(format!(
                     "region {region}: replication origin {origin}: {msg}; run pgrelay setup"
@@ -210,14 +212,19 @@ pub async fn session_with_origin(
 }
 
 /// Stored next offsets of a topic: partition -> offset.
-pub async fn stored_offsets(client: &Client, topic: &str) -> Result<BTreeMap<i32, i64>, ApplyError> {
+pub async fn stored_offsets(
+    client: &Client,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, ApplyError> {
     let rows = client
         .query(
             "SELECT kafka_partition, next_offset FROM pgrelay.offsets WHERE topic = $1",
             &[&topic],
         )
         .await
-        .map_err(|e| ApplyError::Transient(format!("reading stored offsets: {}", db_message(&e))))?;
+        .map_err(|e| {
+            ApplyError::Transient(format!("reading stored offsets: {}", db_message(&e)))
+        })?;
     Ok(rows
         .iter()
         .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
@@ -433,19 +440,41 @@ impl Pipeline {
             )
             .await
         {
-            Ok(n) if n > 0 => tracing::info!(region = %self.region, purged = n, "tombstones purged"),
+            Ok(n) if n > 0 => {
+                tracing::info!(region = %self.region, purged = n, "tombstones purged")
+            }
             Ok(_) => {}
-            Err(e) => tracing::warn!(region = %self.region, error = %db_message(&e), "tombstone purge failed"),
+            Err(e) => {
+                tracing::warn!(region = %self.region, error = %db_message(&e), "tombstone purge failed")
+            }
         }
     }
 
-    async fn apply_with_retry(&self, client: &mut Client, batch: &[Consumed]) -> Result<(), ApplyError> {
+    async fn apply_with_retry(
+        &self,
+        client: &mut Client,
+        batch: &[Consumed],
+    ) -> Result<(), ApplyError> {
         let mut backoff = Duration::from_millis(200);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             let started = Instant::now();
-            match apply_batch(client, &self.source, &self.targets, batch, &self.dlq, attempt, &[], true, self.config.apply.max_retries.max(1)).await {
+            match apply_batch(
+                client,
+                &self.source,
+                &self.targets,
+                batch,
+                &self.dlq,
+                BatchOptions {
+                    attempt,
+                    extra_offsets: &[],
+                    commit: true,
+                    max_tries: self.config.apply.max_retries.max(1),
+                },
+            )
+            .await
+            {
                 Ok(outcome) => {
                     self.record(batch, &outcome, started.elapsed());
                     return Ok(());
@@ -473,7 +502,10 @@ impl Pipeline {
     }
 
     fn record(&self, batch: &[Consumed], outcome: &Outcome, took: Duration) {
-        let labels = [("region", self.region.as_str()), ("source", self.source.as_str())];
+        let labels = [
+            ("region", self.region.as_str()),
+            ("source", self.source.as_str()),
+        ];
         self.metrics.add(
             "pgrelay_apply_records_total",
             "Records consumed and applied (or found redundant)",
@@ -550,7 +582,21 @@ fn quick_hlc(value: &[u8]) -> Option<u64> {
     struct Env {
         pgrelay: Meta,
     }
-    serde_json::from_slice::<Env>(value).ok().map(|e| e.pgrelay.hlc)
+    serde_json::from_slice::<Env>(value)
+        .ok()
+        .map(|e| e.pgrelay.hlc)
+}
+
+/// How to apply a batch.
+pub struct BatchOptions<'a> {
+    /// How many times this batch was tried before (for dead-letter headers).
+    pub attempt: u32,
+    /// Further progress to store in the same transaction (replay).
+    pub extra_offsets: &'a [(String, i32, i64)],
+    /// `false`: roll back at the end and send nothing (dry run).
+    pub commit: bool,
+    /// Attempts on a record with a definite error before it is parked.
+    pub max_tries: u32,
 }
 
 /// Applies one batch in one transaction. Returns `Err` for transient
@@ -561,11 +607,14 @@ pub async fn apply_batch(
     targets: &Targets,
     batch: &[Consumed],
     dlq: &DlqProducer,
-    attempt: u32,
-    extra_offsets: &[(String, i32, i64)],
-    commit: bool,
-    max_tries: u32,
+    opts: BatchOptions<'_>,
 ) -> Result<Outcome, String> {
+    let BatchOptions {
+        attempt,
+        extra_offsets,
+        commit,
+        max_tries,
+    } = opts;
     let mut outcome = Outcome::default();
     let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
     let mut positions: Vec<usize> = Vec::with_capacity(batch.len());
@@ -595,9 +644,12 @@ pub async fn apply_batch(
         match result {
             Ok(n) => {
                 outcome.won += n;
-                outcome.lost += (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
+                outcome.lost +=
+                    (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
             }
-            Err(e) if is_transient_db(&e) => return Err(format!("{}: {}", s.table, db_message(&e))),
+            Err(e) if is_transient_db(&e) => {
+                return Err(format!("{}: {}", s.table, db_message(&e)))
+            }
             Err(_) => {
                 tx.execute("ROLLBACK TO SAVEPOINT stmt", &[])
                     .await

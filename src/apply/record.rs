@@ -107,7 +107,10 @@ pub fn parse(value: Option<&[u8]>, targets: &Targets) -> Result<Incoming, Reject
             key.push(text(v));
         }
     } else if op != Op::Truncate {
-        return Err(Rejection::Poison(format!("{} record without a row", env.op)));
+        return Err(Rejection::Poison(format!(
+            "{} record without a row",
+            env.op
+        )));
     }
     for col in &env.pgrelay.unchanged {
         if !target.columns.iter().any(|c| c == col) {
@@ -155,7 +158,11 @@ mod tests {
 
     #[test]
     fn accepts_a_declared_row() {
-        let r = parse(Some(&envelope("\"products\"", r#"{"id":"1","name":"tea"}"#)), &targets()).unwrap();
+        let r = parse(
+            Some(&envelope("\"products\"", r#"{"id":"1","name":"tea"}"#)),
+            &targets(),
+        )
+        .unwrap();
         assert_eq!(r.key, vec![Some("1".to_string())]);
         assert_eq!(r.values["name"], Some("tea".to_string()));
         assert_eq!(r.hlc, 77);
@@ -165,16 +172,25 @@ mod tests {
     fn rejects_injection_attempts_and_garbage() {
         let t = targets();
         let bad_table = parse(
-            Some(&envelope("\"products\\\"; DROP TABLE products; --\"", r#"{"id":"1"}"#)),
+            Some(&envelope(
+                "\"products\\\"; DROP TABLE products; --\"",
+                r#"{"id":"1"}"#,
+            )),
             &t,
         );
         assert_eq!(bad_table.unwrap_err().class(), "undeclared_table");
         let bad_col = parse(
-            Some(&envelope("\"products\"", r#"{"id":"1","name\"; DROP TABLE x; --":"a"}"#)),
+            Some(&envelope(
+                "\"products\"",
+                r#"{"id":"1","name\"; DROP TABLE x; --":"a"}"#,
+            )),
             &t,
         );
         assert_eq!(bad_col.unwrap_err().class(), "unknown_column");
-        assert_eq!(parse(Some(b"\xff\x00garbage"), &t).unwrap_err().class(), "poison");
+        assert_eq!(
+            parse(Some(b"\xff\x00garbage"), &t).unwrap_err().class(),
+            "poison"
+        );
         assert_eq!(parse(None, &t).unwrap_err().class(), "poison");
         let no_key = parse(Some(&envelope("\"products\"", r#"{"name":"a"}"#)), &t);
         assert_eq!(no_key.unwrap_err().class(), "missing_key");

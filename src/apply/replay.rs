@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use crate::apply::dlq::{self, DeadLetter, DlqProducer};
 use crate::apply::{
-    apply_batch, load_targets, session_with_origin, stored_offsets, ApplyError, Consumed,
-    REPLAY_ORIGIN,
+    apply_batch, load_targets, session_with_origin, stored_offsets, ApplyError, BatchOptions,
+    Consumed, REPLAY_ORIGIN,
 };
 use crate::config::Config;
 use crate::source::catalog;
@@ -32,7 +32,10 @@ pub struct Replayed {
 fn source_of(config: &Config, topic: &str, region: &str) -> Option<String> {
     let rest = topic.strip_prefix(&format!("{}.", config.prefix))?;
     let source = rest.strip_suffix(&format!(".{region}"))?;
-    config.regions.contains_key(source).then(|| source.to_string())
+    config
+        .regions
+        .contains_key(source)
+        .then(|| source.to_string())
 }
 
 pub async fn replay(
@@ -87,10 +90,12 @@ pub async fn replay(
             &targets,
             std::slice::from_ref(&consumed),
             &producer,
-            letter.attempts + 1,
-            &progress,
-            !dry_run,
-            1,
+            BatchOptions {
+                attempt: letter.attempts + 1,
+                extra_offsets: &progress,
+                commit: !dry_run,
+                max_tries: 1,
+            },
         )
         .await
         .map_err(ApplyError::Transient)?;

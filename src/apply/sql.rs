@@ -120,7 +120,11 @@ fn plan_segment(
             upsert_sql(target, &cols)
         };
         out.push(Statement {
-            kind: if is_delete { Kind::Delete } else { Kind::Upsert },
+            kind: if is_delete {
+                Kind::Delete
+            } else {
+                Kind::Upsert
+            },
             table,
             sql,
             rows,
@@ -135,7 +139,12 @@ fn plan_segment(
     }
 }
 
-fn rows_json(batch: &[Incoming], members: &[usize], target: &TargetTable, is_delete: bool) -> String {
+fn rows_json(
+    batch: &[Incoming],
+    members: &[usize],
+    target: &TargetTable,
+    is_delete: bool,
+) -> String {
     let rows: Vec<Value> = members
         .iter()
         .map(|&i| {
@@ -143,11 +152,17 @@ fn rows_json(batch: &[Incoming], members: &[usize], target: &TargetTable, is_del
             let mut obj = Map::new();
             if is_delete {
                 for (k, v) in target.key.iter().zip(&c.key) {
-                    obj.insert(k.clone(), v.clone().map(Value::String).unwrap_or(Value::Null));
+                    obj.insert(
+                        k.clone(),
+                        v.clone().map(Value::String).unwrap_or(Value::Null),
+                    );
                 }
             } else {
                 for (k, v) in &c.values {
-                    obj.insert(k.clone(), v.clone().map(Value::String).unwrap_or(Value::Null));
+                    obj.insert(
+                        k.clone(),
+                        v.clone().map(Value::String).unwrap_or(Value::Null),
+                    );
                 }
             }
             obj.insert(HLC_COLUMN.to_string(), Value::from(c.hlc));
@@ -171,7 +186,10 @@ pub fn upsert_sql(target: &TargetTable, cols: &[String]) -> String {
     let t = target.name.quoted();
     let hlc = quote_ident(HLC_COLUMN);
     let col_list: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
-    let select_list: Vec<String> = cols.iter().map(|c| format!("r.{}", quote_ident(c))).collect();
+    let select_list: Vec<String> = cols
+        .iter()
+        .map(|c| format!("r.{}", quote_ident(c)))
+        .collect();
     let updates: Vec<String> = cols
         .iter()
         .filter(|c| !target.key.contains(c))
@@ -199,7 +217,11 @@ pub fn upsert_sql(target: &TargetTable, cols: &[String]) -> String {
 pub fn delete_sql(target: &TargetTable) -> String {
     let t = target.name.quoted();
     let hlc = quote_ident(HLC_COLUMN);
-    let key_cols: Vec<String> = target.key.iter().map(|k| format!("r.{}", quote_ident(k))).collect();
+    let key_cols: Vec<String> = target
+        .key
+        .iter()
+        .map(|k| format!("r.{}", quote_ident(k)))
+        .collect();
     let join: Vec<String> = target
         .key
         .iter()
@@ -301,7 +323,12 @@ mod tests {
     fn unchanged_columns_get_their_own_statement_and_are_not_written() {
         let batch = vec![
             change(Op::Update, "1", 10, &[("id", "1"), ("v", "a")]),
-            change(Op::Update, "2", 10, &[("id", "2"), ("v", "b"), ("doc", "d")]),
+            change(
+                Op::Update,
+                "2",
+                10,
+                &[("id", "2"), ("v", "b"), ("doc", "d")],
+            ),
         ];
         let plan = plan(&batch, &targets());
         assert_eq!(plan.len(), 2);

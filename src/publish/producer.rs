@@ -56,7 +56,9 @@ impl ClientContext for ReportingContext {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(facility = fac, "librdkafka: {log_message}"),
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(facility = fac, "librdkafka: {log_message}")
+            }
             RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {log_message}"),
             _ => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
         }
@@ -112,7 +114,10 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn new(config: &ClientConfig, tx: mpsc::UnboundedSender<Delivery>) -> Result<Self, KafkaError> {
+    pub fn new(
+        config: &ClientConfig,
+        tx: mpsc::UnboundedSender<Delivery>,
+    ) -> Result<Self, KafkaError> {
         let producer = config.create_with_context(ReportingContext { tx })?;
         Ok(Publisher { producer })
     }

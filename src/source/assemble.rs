@@ -144,7 +144,10 @@ impl Assembler {
                 Ok(None)
             }
             Message::Commit { end_lsn, .. } => {
-                let tx = self.tx.take().ok_or(AssembleError::NoTransaction { what: "Commit" })?;
+                let tx = self
+                    .tx
+                    .take()
+                    .ok_or(AssembleError::NoTransaction { what: "Commit" })?;
                 if tx.skip {
                     self.skipped_transactions += 1;
                 }
@@ -177,7 +180,9 @@ impl Assembler {
     }
 
     fn open_tx(&mut self, what: &'static str) -> Result<&mut OpenTx, AssembleError> {
-        self.tx.as_mut().ok_or(AssembleError::NoTransaction { what })
+        self.tx
+            .as_mut()
+            .ok_or(AssembleError::NoTransaction { what })
     }
 
     fn describe(
@@ -216,7 +221,7 @@ impl Assembler {
                 .map(|c| ColumnDesc {
                     name: c.name.clone(),
                     type_oid: c.type_oid,
-                    is_key: keys.iter().any(|k| *k == c.name),
+                    is_key: keys.contains(&c.name),
                 })
                 .collect(),
         };
@@ -242,7 +247,10 @@ impl Assembler {
             .relations
             .get(&rel)
             .ok_or(AssembleError::UnknownRelation { oid: rel, what })?;
-        let tx = self.tx.as_mut().ok_or(AssembleError::NoTransaction { what })?;
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or(AssembleError::NoTransaction { what })?;
         if tx.skip {
             return Ok(None);
         }
@@ -325,7 +333,10 @@ impl Assembler {
     }
 
     fn truncate(&mut self, rels: Vec<u32>) -> Result<Option<Output>, AssembleError> {
-        let tx = self.tx.as_mut().ok_or(AssembleError::NoTransaction { what: "Truncate" })?;
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or(AssembleError::NoTransaction { what: "Truncate" })?;
         if tx.skip {
             return Ok(None);
         }

@@ -90,7 +90,10 @@ pub struct Catalog<'a> {
 }
 
 impl Catalog<'_> {
-    fn err(&self, context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
+    fn err(
+        &self,
+        context: impl Into<String>,
+    ) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
         let region = self.region.to_string();
         let context = context.into();
         move |source| CatalogError::Query {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::support::broker::Broker;
 use crate::support::eventually;
-use crate::support::kafka::{produce, read_all};
+use crate::support::kafka::{produce, read_all, RawRecord};
 use crate::support::pg::Pg;
 use crate::support::relay::{self, ConfigFile, Relay};
 
@@ -66,9 +66,20 @@ pub fn pair(schema: &str) -> Pair {
     let broker = Broker::start();
     let cfg = ConfigFile::new(&config(&us.dsn(), &eu.dsn(), &broker.brokers()));
     for r in ["us", "eu"] {
-        relay::ok(&["setup", "--config", cfg.path.to_str().unwrap(), "--region", r]);
+        relay::ok(&[
+            "setup",
+            "--config",
+            cfg.path.to_str().unwrap(),
+            "--region",
+            r,
+        ]);
     }
-    Pair { us, eu, broker, cfg }
+    Pair {
+        us,
+        eu,
+        broker,
+        cfg,
+    }
 }
 
 /// `id -> (price, stamp)` of every row.
@@ -81,12 +92,21 @@ pub async fn dump(pg: &Pg) -> BTreeMap<i32, (Option<String>, Option<String>, i64
     .await
     .unwrap()
     .iter()
-    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get::<_, Option<i64>>(3).unwrap_or(0))))
+    .map(|r| {
+        (
+            r.get(0),
+            (r.get(1), r.get(2), r.get::<_, Option<i64>>(3).unwrap_or(0)),
+        )
+    })
     .collect()
 }
 
 /// Waits until both regions hold the same rows.
-pub async fn converged(a: &Pg, b: &Pg, timeout: Duration) -> BTreeMap<i32, (Option<String>, Option<String>, i64)> {
+pub async fn converged(
+    a: &Pg,
+    b: &Pg,
+    timeout: Duration,
+) -> BTreeMap<i32, (Option<String>, Option<String>, i64)> {
     eventually(timeout, "both regions to hold the same rows", || async {
         let x = dump(a).await;
         let y = dump(b).await;
@@ -162,10 +182,15 @@ async fn redelivered_and_reordered_records_change_nothing() {
     // every record again, twice, newest first
     let recs = read_all(&p.broker.brokers(), "pgrelay.us.eu", Duration::from_secs(2));
     assert!(recs.len() >= 300 + 100 + 30 + 38, "{} records", recs.len());
-    let mut again: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = recs
+    let mut again: Vec<RawRecord> = recs
         .iter()
         .rev()
-        .map(|r| (Some(r.key.to_string().into_bytes()), Some(r.value.to_string().into_bytes())))
+        .map(|r| {
+            (
+                Some(r.key.to_string().into_bytes()),
+                Some(r.value.to_string().into_bytes()),
+            )
+        })
         .collect();
     again.extend(again.clone());
     produce(&p.broker.brokers(), "pgrelay.us.eu", &again);
@@ -189,7 +214,9 @@ async fn applier_killed_repeatedly_mid_stream_ends_identical() {
     let mut eu = Relay::spawn(&p.cfg, "eu", "apply");
     let dsn = p.us.dsn();
     let writer = tokio::spawn(async move {
-        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
+        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         for b in 0..100i32 {
             c.batch_execute(&format!(
@@ -211,7 +238,10 @@ async fn applier_killed_repeatedly_mid_stream_ends_identical() {
     assert_eq!(state.len(), 100_000);
     let eu_client = p.eu.client().await;
     let stored: i64 = eu_client
-        .query_one("SELECT count(*) FROM pgrelay.offsets WHERE topic = 'pgrelay.us.eu'", &[])
+        .query_one(
+            "SELECT count(*) FROM pgrelay.offsets WHERE topic = 'pgrelay.us.eu'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -240,8 +270,14 @@ async fn delete_against_concurrent_update_converges_and_never_resurrects() {
     let _us = Relay::spawn(&p.cfg, "us", "all");
     let _eu = Relay::spawn(&p.cfg, "eu", "all");
     let state = converged(&p.us, &p.eu, Duration::from_secs(60)).await;
-    assert!(!state.contains_key(&1), "the newer delete wins in both regions: {state:?}");
-    assert_eq!(state.get(&2).and_then(|r| r.1.clone()).as_deref(), Some("eu-late"));
+    assert!(
+        !state.contains_key(&1),
+        "the newer delete wins in both regions: {state:?}"
+    );
+    assert_eq!(
+        state.get(&2).and_then(|r| r.1.clone()).as_deref(),
+        Some("eu-late")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,10 +288,18 @@ async fn constraint_violation_is_parked_then_replayed_once() {
     let _eu = Relay::spawn(&p.cfg, "eu", "apply");
     p.us.psql("INSERT INTO products VALUES (1, 'ok', 5), (2, 'pricey', 500), (3, 'fine', 7)");
     let eu = p.eu.client().await;
-    eventually(Duration::from_secs(60), "the valid rows to apply", || async {
-        let n: i64 = eu.query_one("SELECT count(*) FROM products", &[]).await.unwrap().get(0);
-        (n == 2).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the valid rows to apply",
+        || async {
+            let n: i64 = eu
+                .query_one("SELECT count(*) FROM products", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (n == 2).then_some(())
+        },
+    )
     .await;
     let cfg = p.cfg.path.to_str().unwrap();
     let listed = eventually(Duration::from_secs(30), "the dead letter", || async {
@@ -265,12 +309,26 @@ async fn constraint_violation_is_parked_then_replayed_once() {
     .await;
     assert!(listed.contains("23514"), "{listed}");
     assert!(listed.contains("pgrelay.us.eu"), "{listed}");
-    let dry = relay::ok(&["dlq", "replay", "--config", cfg, "--region", "eu", "--dry-run"]);
+    let dry = relay::ok(&[
+        "dlq",
+        "replay",
+        "--config",
+        cfg,
+        "--region",
+        "eu",
+        "--dry-run",
+    ]);
     assert!(dry.contains("would fail"), "{dry}");
-    eu.batch_execute("ALTER TABLE products DROP CONSTRAINT cheap").await.unwrap();
+    eu.batch_execute("ALTER TABLE products DROP CONSTRAINT cheap")
+        .await
+        .unwrap();
     let first = relay::ok(&["dlq", "replay", "--config", cfg, "--region", "eu"]);
     assert!(first.contains("1 record(s) applied"), "{first}");
-    let row: String = eu.query_one("SELECT name FROM products WHERE id = 2", &[]).await.unwrap().get(0);
+    let row: String = eu
+        .query_one("SELECT name FROM products WHERE id = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(row, "pricey");
     let before = dump(&p.eu).await;
     let second = relay::ok(&["dlq", "replay", "--config", cfg, "--region", "eu"]);
@@ -295,19 +353,55 @@ async fn poison_and_injection_records_are_parked_never_executed() {
     };
     let records = vec![
         (None, Some(b"\x00\xffnot json at all".to_vec())),
-        (None, Some(env("public", "products\"; DROP TABLE users; --", r#"{"id":"1"}"#))),
-        (None, Some(env("public", "users", r#"{"id":"9","email":"x"}"#))), // local: not writable
-        (None, Some(env("public", "products", r#"{"id":"5","name\"; DROP TABLE users; --":"x"}"#))),
-        (None, Some(env("public", "products", r#"{"id":"7","name":"valid","price":"3"}"#))),
+        (
+            None,
+            Some(env(
+                "public",
+                "products\"; DROP TABLE users; --",
+                r#"{"id":"1"}"#,
+            )),
+        ),
+        (
+            None,
+            Some(env("public", "users", r#"{"id":"9","email":"x"}"#)),
+        ), // local: not writable
+        (
+            None,
+            Some(env(
+                "public",
+                "products",
+                r#"{"id":"5","name\"; DROP TABLE users; --":"x"}"#,
+            )),
+        ),
+        (
+            None,
+            Some(env(
+                "public",
+                "products",
+                r#"{"id":"7","name":"valid","price":"3"}"#,
+            )),
+        ),
     ];
     produce(&p.broker.brokers(), "pgrelay.us.eu", &records);
     let eu = p.eu.client().await;
-    eventually(Duration::from_secs(60), "the valid record after the bad ones", || async {
-        let n: i64 = eu.query_one("SELECT count(*) FROM products WHERE id = 7", &[]).await.unwrap().get(0);
-        (n == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the valid record after the bad ones",
+        || async {
+            let n: i64 = eu
+                .query_one("SELECT count(*) FROM products WHERE id = 7", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
     .await;
-    let users: i64 = eu.query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
+    let users: i64 = eu
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(users, 1, "users untouched");
     let cfg = p.cfg.path.to_str().unwrap();
     let listed = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);

@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use crate::support::broker::Broker;
+use crate::support::eventually;
 use crate::support::kafka::{read_all, Rec};
 use crate::support::pg::Pg;
 use crate::support::relay::{self, ConfigFile, Relay};
-use crate::support::eventually;
 
 pub const SCHEMA: &str = "
 CREATE TABLE users (id int PRIMARY KEY, email text, country text);
@@ -90,7 +90,13 @@ pub fn fixture(schema: &str) -> Fixture {
     pg.psql(schema);
     let broker = Broker::start();
     let cfg = ConfigFile::new(&config(&pg.dsn(), &broker.brokers()));
-    relay::ok(&["setup", "--config", cfg.path.to_str().unwrap(), "--region", "us"]);
+    relay::ok(&[
+        "setup",
+        "--config",
+        cfg.path.to_str().unwrap(),
+        "--region",
+        "us",
+    ]);
     Fixture { pg, broker, cfg }
 }
 
@@ -118,9 +124,11 @@ pub async fn current_lsn(pg: &Pg) -> u64 {
 /// Waits until the slot has confirmed everything written so far.
 pub async fn caught_up(pg: &Pg, timeout: Duration) {
     let target = current_lsn(pg).await;
-    eventually(timeout, "the slot to confirm the current WAL position", || async {
-        (confirmed_lsn(pg).await >= target).then_some(())
-    })
+    eventually(
+        timeout,
+        "the slot to confirm the current WAL position",
+        || async { (confirmed_lsn(pg).await >= target).then_some(()) },
+    )
     .await;
 }
 
@@ -151,11 +159,17 @@ async fn publishes_declared_tables_with_residency_rules() {
     c.execute("INSERT INTO products VALUES (3, 'book', 20, $1)", &[&big])
         .await
         .unwrap();
-    c.batch_execute("UPDATE products SET price = 21 WHERE id = 3").await.unwrap();
+    c.batch_execute("UPDATE products SET price = 21 WHERE id = 3")
+        .await
+        .unwrap();
     // order 10 moves home US -> DE: it must leave cn (allowed for US rows only)
-    c.batch_execute("UPDATE orders SET country = 'DE' WHERE id = 10").await.unwrap();
+    c.batch_execute("UPDATE orders SET country = 'DE' WHERE id = 10")
+        .await
+        .unwrap();
     // order 11 moves DE -> US: it arrives whole in cn
-    c.batch_execute("UPDATE orders SET country = 'US' WHERE id = 11").await.unwrap();
+    c.batch_execute("UPDATE orders SET country = 'US' WHERE id = 11")
+        .await
+        .unwrap();
     // a transaction applied by pgrelay (replication origin): never published
     c.batch_execute(
         "BEGIN;
@@ -172,7 +186,11 @@ async fn publishes_declared_tables_with_residency_rules() {
     let brokers = f.broker.brokers();
     let eu = read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(2));
     let cn = read_all(&brokers, "pgrelay.us.cn", Duration::from_secs(1));
-    assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0), "clean exit on SIGTERM");
+    assert_eq!(
+        relay.terminate(Duration::from_secs(20)),
+        Some(0),
+        "clean exit on SIGTERM"
+    );
 
     for (dest, recs) in [("eu", &eu), ("cn", &cn)] {
         for r in recs.iter() {
@@ -191,7 +209,10 @@ async fn publishes_declared_tables_with_residency_rules() {
                 "local row leaked"
             );
             for card in ["4111111111111111", "5500000000000004", "340000000000009"] {
-                assert!(!r.value.to_string().contains(card), "{dest}: card number leaked");
+                assert!(
+                    !r.value.to_string().contains(card),
+                    "{dest}: card number leaked"
+                );
             }
             assert!(r.value["after"].get("_pgrelay_hlc").is_none());
         }
@@ -199,13 +220,24 @@ async fn publishes_declared_tables_with_residency_rules() {
 
     // products: c, c, u, d, c(book), u(book) in order per key, to both
     for recs in [&eu, &cn] {
-        let products: Vec<&Rec> = recs.iter().filter(|r| table_of(r) == "public.products").collect();
+        let products: Vec<&Rec> = recs
+            .iter()
+            .filter(|r| table_of(r) == "public.products")
+            .collect();
         let ops: Vec<(String, String)> = products
             .iter()
-            .map(|r| (r.key["key"]["id"].as_str().unwrap().to_string(), r.value["op"].as_str().unwrap().to_string()))
+            .map(|r| {
+                (
+                    r.key["key"]["id"].as_str().unwrap().to_string(),
+                    r.value["op"].as_str().unwrap().to_string(),
+                )
+            })
             .collect();
         let per_key = |id: &str| -> Vec<String> {
-            ops.iter().filter(|(k, _)| k == id).map(|(_, o)| o.clone()).collect()
+            ops.iter()
+                .filter(|(k, _)| k == id)
+                .map(|(_, o)| o.clone())
+                .collect()
         };
         assert_eq!(per_key("1"), vec!["c", "u"]);
         assert_eq!(per_key("2"), vec!["c", "d"]);
@@ -228,7 +260,10 @@ async fn publishes_declared_tables_with_residency_rules() {
             .iter()
             .find(|r| r.key["key"]["id"] == "3" && r.value["op"] == "u")
             .unwrap();
-        assert_eq!(book.value["after"]["doc"].as_str().map(|s| s.len()), Some(100_000));
+        assert_eq!(
+            book.value["after"]["doc"].as_str().map(|s| s.len()),
+            Some(100_000)
+        );
         let currencies: Vec<&str> = recs
             .iter()
             .filter(|r| table_of(r) == "public.currencies")
@@ -249,16 +284,32 @@ async fn publishes_declared_tables_with_residency_rules() {
     };
     let eu_orders = orders(&eu);
     let cn_orders = orders(&cn);
-    assert_eq!(eu_orders.get("10"), Some(&vec!["c".to_string(), "u".to_string()]));
-    assert_eq!(eu_orders.get("11"), Some(&vec!["c".to_string(), "u".to_string()]));
+    assert_eq!(
+        eu_orders.get("10"),
+        Some(&vec!["c".to_string(), "u".to_string()])
+    );
+    assert_eq!(
+        eu_orders.get("11"),
+        Some(&vec!["c".to_string(), "u".to_string()])
+    );
     assert_eq!(eu_orders.get("12"), None, "CN-homed order reached eu");
-    assert_eq!(cn_orders.get("10"), Some(&vec!["c".to_string(), "d".to_string()]), "order that left US must be deleted in cn");
-    assert_eq!(cn_orders.get("11"), Some(&vec!["c".to_string()]), "order that became US-homed arrives whole in cn");
+    assert_eq!(
+        cn_orders.get("10"),
+        Some(&vec!["c".to_string(), "d".to_string()]),
+        "order that left US must be deleted in cn"
+    );
+    assert_eq!(
+        cn_orders.get("11"),
+        Some(&vec!["c".to_string()]),
+        "order that became US-homed arrives whole in cn"
+    );
     assert_eq!(cn_orders.get("12"), Some(&vec!["c".to_string()]));
     // email hashed for cn only, card masked everywhere
     let order = |recs: &Vec<Rec>, id: &str, op: &str| -> serde_json::Value {
         recs.iter()
-            .find(|r| table_of(r) == "public.orders" && r.key["key"]["id"] == id && r.value["op"] == op)
+            .find(|r| {
+                table_of(r) == "public.orders" && r.key["key"]["id"] == id && r.value["op"] == op
+            })
             .unwrap()
             .value
             .clone()
@@ -284,7 +335,9 @@ async fn slot_advances_with_only_undeclared_traffic() {
     let _relay = Relay::spawn(&f.cfg, "us", "capture");
     let c = f.pg.client().await;
     // let the capture start streaming
-    c.batch_execute("INSERT INTO products VALUES (1, 'tea', 1, NULL)").await.unwrap();
+    c.batch_execute("INSERT INTO products VALUES (1, 'tea', 1, NULL)")
+        .await
+        .unwrap();
     caught_up(&f.pg, Duration::from_secs(30)).await;
     let before = confirmed_lsn(&f.pg).await;
     for i in 0..20 {
@@ -296,9 +349,11 @@ async fn slot_advances_with_only_undeclared_traffic() {
     }
     let target = current_lsn(&f.pg).await;
     assert!(target > before);
-    eventually(Duration::from_secs(30), "confirmed_flush_lsn to pass the undeclared traffic", || async {
-        (confirmed_lsn(&f.pg).await >= target).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "confirmed_flush_lsn to pass the undeclared traffic",
+        || async { (confirmed_lsn(&f.pg).await >= target).then_some(()) },
+    )
     .await;
 }
 
@@ -309,7 +364,9 @@ async fn kill9_mid_workload_loses_nothing() {
     let dsn = f.pg.dsn();
     // 50k inserts then 50k updates, 500 rows per transaction
     let writer = tokio::spawn(async move {
-        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
+        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         for b in 0..100i64 {
             c.batch_execute(&format!(
@@ -358,6 +415,10 @@ async fn kill9_mid_workload_loses_nothing() {
         assert!(first_one.is_some(), "key {id}: insert missing");
         assert!(first_two.is_some(), "key {id}: update missing");
         assert!(first_one < first_two, "key {id}: update before insert");
-        assert_eq!(prices.last().map(String::as_str), Some("2"), "key {id}: {prices:?}");
+        assert_eq!(
+            prices.last().map(String::as_str),
+            Some("2"),
+            "key {id}: {prices:?}"
+        );
     }
 }

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use crate::capture::{caught_up, config, fixture, SCHEMA};
 use crate::support::broker::Broker;
+use crate::support::free_port;
 use crate::support::kafka::read_all;
 use crate::support::pg::{Pg, PgOptions};
 use crate::support::relay::{self, ConfigFile, Relay};
-use crate::support::free_port;
 
 fn fails(args: &[&str]) -> String {
     let out = relay::cmd(args);
@@ -23,10 +23,8 @@ fn check_fails(toml: &str) -> String {
 
 #[test]
 fn malformed_toml_names_the_line() {
-    let text = config("host=127.0.0.1 user=x", "127.0.0.1:1").replace(
-        "prefix = \"pgrelay\"",
-        "prefix = \"pgrelay\nbroken",
-    );
+    let text = config("host=127.0.0.1 user=x", "127.0.0.1:1")
+        .replace("prefix = \"pgrelay\"", "prefix = \"pgrelay\nbroken");
     let err = check_fails(&text);
     assert!(err.contains("relay.toml"), "{err}");
     assert!(err.contains("line"), "{err}");
@@ -34,8 +32,10 @@ fn malformed_toml_names_the_line() {
 
 #[test]
 fn unknown_key_is_rejected_with_its_line() {
-    let text = config("host=127.0.0.1 user=x", "127.0.0.1:1")
-        .replace("hash_salt = \"pepper\"", "hash_salt = \"pepper\"\nbatch_szie = 10");
+    let text = config("host=127.0.0.1 user=x", "127.0.0.1:1").replace(
+        "hash_salt = \"pepper\"",
+        "hash_salt = \"pepper\"\nbatch_szie = 10",
+    );
     let err = check_fails(&text);
     assert!(err.contains("batch_szie"), "{err}");
     assert!(err.contains("line 5"), "{err}");
@@ -43,7 +43,8 @@ fn unknown_key_is_rejected_with_its_line() {
 
 #[test]
 fn undeclared_region_in_a_rule_is_named() {
-    let text = config("host=127.0.0.1 user=x", "127.0.0.1:1").replace("to = [\"cn\"]", "to = [\"mars\"]");
+    let text =
+        config("host=127.0.0.1 user=x", "127.0.0.1:1").replace("to = [\"cn\"]", "to = [\"mars\"]");
     let err = check_fails(&text);
     assert!(err.contains("mars"), "{err}");
     assert!(err.contains("public.orders"), "{err}");
@@ -51,7 +52,10 @@ fn undeclared_region_in_a_rule_is_named() {
 
 #[test]
 fn missing_env_var_is_named() {
-    let text = config("host=127.0.0.1 user=x password=${PGRELAY_TEST_UNSET_SECRET}", "127.0.0.1:1");
+    let text = config(
+        "host=127.0.0.1 user=x password=${PGRELAY_TEST_UNSET_SECRET}",
+        "127.0.0.1:1",
+    );
     let err = check_fails(&text);
     assert!(err.contains("PGRELAY_TEST_UNSET_SECRET"), "{err}");
 }
@@ -64,11 +68,21 @@ fn table_without_primary_key_fails_setup() {
         "CREATE TABLE products (id int,",
     ));
     let cfg = ConfigFile::new(&config(&pg.dsn(), "127.0.0.1:1"));
-    let err = fails(&["setup", "--config", cfg.path.to_str().unwrap(), "--region", "us"]);
+    let err = fails(&[
+        "setup",
+        "--config",
+        cfg.path.to_str().unwrap(),
+        "--region",
+        "us",
+    ]);
     assert!(err.contains("public.products"), "{err}");
     assert!(err.contains("primary key"), "{err}");
     // nothing was installed half-way
-    assert_eq!(pg.psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgrelay'").trim(), "0");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgrelay'")
+            .trim(),
+        "0"
+    );
 }
 
 #[test]
@@ -79,7 +93,15 @@ fn wal_level_not_logical_is_reported() {
     });
     pg.psql(SCHEMA);
     let cfg = ConfigFile::new(&config(&pg.dsn(), "127.0.0.1:1"));
-    let err = fails(&["run", "--config", cfg.path.to_str().unwrap(), "--region", "us", "--role", "capture"]);
+    let err = fails(&[
+        "run",
+        "--config",
+        cfg.path.to_str().unwrap(),
+        "--region",
+        "us",
+        "--role",
+        "capture",
+    ]);
     assert!(err.contains("wal_level"), "{err}");
     assert!(err.contains("logical"), "{err}");
 }
@@ -89,7 +111,15 @@ fn unreachable_database_is_named() {
     let port = free_port();
     let dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
     let cfg = ConfigFile::new(&config(&dsn, "127.0.0.1:1"));
-    let err = fails(&["run", "--config", cfg.path.to_str().unwrap(), "--region", "us", "--role", "capture"]);
+    let err = fails(&[
+        "run",
+        "--config",
+        cfg.path.to_str().unwrap(),
+        "--region",
+        "us",
+        "--role",
+        "capture",
+    ]);
     assert!(err.contains("us database"), "{err}");
     assert!(err.contains(&port.to_string()), "{err}");
 }
@@ -98,10 +128,20 @@ fn unreachable_database_is_named() {
 async fn unreachable_broker_fails_start_and_loses_nothing() {
     let f = fixture(SCHEMA);
     let c = f.pg.client().await;
-    c.batch_execute("INSERT INTO products VALUES (1, 'kept', 1, NULL)").await.unwrap();
+    c.batch_execute("INSERT INTO products VALUES (1, 'kept', 1, NULL)")
+        .await
+        .unwrap();
     let dead = format!("127.0.0.1:{}", free_port());
     let bad = ConfigFile::new(&config(&f.pg.dsn(), &dead));
-    let err = fails(&["run", "--config", bad.path.to_str().unwrap(), "--region", "us", "--role", "capture"]);
+    let err = fails(&[
+        "run",
+        "--config",
+        bad.path.to_str().unwrap(),
+        "--region",
+        "us",
+        "--role",
+        "capture",
+    ]);
     assert!(err.contains(&dead), "{err}");
     assert!(err.contains("kafka"), "{err}");
     // the committed row is still delivered once the broker is reachable

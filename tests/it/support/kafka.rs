@@ -93,8 +93,11 @@ pub fn topics(brokers: &str) -> Vec<String> {
     md.topics().iter().map(|t| t.name().to_string()).collect()
 }
 
+/// A raw record: key and value bytes.
+pub type RawRecord = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Produces raw records (key, value) to `topic`, waiting for each ack.
-pub fn produce(brokers: &str, topic: &str, records: &[(Option<Vec<u8>>, Option<Vec<u8>>)]) {
+pub fn produce(brokers: &str, topic: &str, records: &[RawRecord]) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)

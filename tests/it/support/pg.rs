@@ -72,19 +72,34 @@ impl Pg {
         let out = as_postgres(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["--no-sync", "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .args([
+                "--no-sync",
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut conf = String::new();
         conf.push_str(&format!(
             "wal_level = {}\nmax_wal_senders = 20\nmax_replication_slots = 20\n",
             opts.wal_level.unwrap_or("logical")
         ));
         conf.push_str("track_commit_timestamp = on\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
-        conf.push_str("listen_addresses = '127.0.0.1'\nshared_buffers = 64MB\nmax_connections = 100\n");
-        conf.push_str(&format!("unix_socket_directories = '{}'\n", dir.path().display()));
+        conf.push_str(
+            "listen_addresses = '127.0.0.1'\nshared_buffers = 64MB\nmax_connections = 100\n",
+        );
+        conf.push_str(&format!(
+            "unix_socket_directories = '{}'\n",
+            dir.path().display()
+        ));
         conf.push_str("wal_sender_timeout = 60s\nlog_min_messages = warning\n");
         for (k, v) in &opts.extra {
             conf.push_str(&format!("{k} = {v}\n"));
