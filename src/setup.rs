@@ -6,7 +6,8 @@
 //! watermark tables. On every declared, non-`local` table: the
 //! `_pgrelay_hlc` stamp column, `REPLICA IDENTITY FULL` (so updates carry
 //! the old row: residency moves and unchanged TOAST values need it), a stamp
-//! trigger, a tombstone trigger, and on `owned` tables outside the owner
+//! trigger, tombstone triggers for deletes and truncates (a truncate leaves a
+//! table-wide tombstone, key `{}`), and on `owned` tables outside the owner
 //! region a guard that refuses local writes. Then the publication (declared
 //! non-local tables plus `pgrelay.tombstones`), the replication slot, and one
 //! replication origin per other region.
@@ -72,6 +73,15 @@ END
 $fn$",
             col = HLC_COLUMN
         ),
+        "CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    INSERT INTO pgrelay.tombstones (table_name, pk, hlc)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, '{}'::jsonb, pgrelay.next_hlc(0))
+    ON CONFLICT (table_name, pk) DO UPDATE SET hlc = excluded.hlc, deleted_at = now();
+    RETURN NULL;
+END
+$fn$"
+        .to_string(),
         "CREATE OR REPLACE FUNCTION pgrelay.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     RAISE EXCEPTION 'table %.% is owned by region %: write it there, it replicates here',
@@ -108,6 +118,11 @@ $fn$"
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone BEFORE DELETE ON {t} \
              FOR EACH ROW EXECUTE FUNCTION pgrelay.record_delete({args})"
+        ));
+        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_truncate ON {t}"));
+        sql.push(format!(
+            "CREATE TRIGGER pgrelay_truncate BEFORE TRUNCATE ON {t} \
+             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.record_truncate()"
         ));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_owned_guard ON {t}"));
         sql.push(format!(

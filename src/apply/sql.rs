@@ -9,9 +9,10 @@
 //! value with the target column's own input function.
 //!
 //! Every statement is conditional on stamps: an upsert wins only over a row
-//! with a lower stamp (or none) and only if no tombstone of that key has an
-//! equal or higher stamp; a delete removes only a lower-stamped row and
-//! leaves (or raises) a tombstone. Re-applying a batch therefore changes
+//! with a lower stamp (or none) and only if no tombstone of that key (or of
+//! the whole table, left by a truncate) has an equal or higher stamp; a
+//! delete removes only a lower-stamped row and leaves (or raises) a
+//! tombstone; a truncate removes the rows older than itself. Re-applying a batch therefore changes
 //! nothing. Identifiers come from the target catalog and are quoted.
 
 use std::collections::{BTreeMap, HashMap};
@@ -54,8 +55,8 @@ pub fn plan(batch: &[Incoming], targets: &Targets) -> Vec<Statement> {
                 out.push(Statement {
                     kind: Kind::Truncate,
                     table: t.name.to_string(),
-                    sql: format!("TRUNCATE {}", t.name.quoted()),
-                    rows: String::new(),
+                    sql: truncate_sql(t),
+                    rows: serde_json::json!([{ HLC_COLUMN: change.hlc }]).to_string(),
                     members: vec![i],
                     superseded: vec![],
                 });
@@ -201,7 +202,7 @@ pub fn upsert_sql(target: &TargetTable, cols: &[String]) -> String {
         "INSERT INTO {t} AS cur ({cols}, {hlc}) \
          SELECT {sel}, r.{hlc} FROM json_populate_recordset(NULL::{t}, $1::text::json) AS r \
          WHERE NOT EXISTS (SELECT 1 FROM pgrelay.tombstones ts \
-         WHERE ts.table_name = {tname} AND ts.pk = {pk} AND ts.hlc >= r.{hlc}) \
+         WHERE ts.table_name = {tname} AND ts.pk IN ({pk}, '{{}}'::jsonb) AND ts.hlc >= r.{hlc}) \
          ON CONFLICT ({keys}) DO UPDATE SET {updates} \
          WHERE cur.{hlc} IS NULL OR cur.{hlc} < EXCLUDED.{hlc}",
         cols = col_list.join(", "),
@@ -237,6 +238,24 @@ pub fn delete_sql(target: &TargetTable) -> String {
         tname = quote_literal(&target.name.to_string()),
         pk = key_json(target, "d"),
         join = join.join(" AND "),
+    )
+}
+
+/// A truncate, as last-writer-wins sees it: remove every row older than
+/// the truncate's stamp and leave a table-wide tombstone (key `{}`), so a
+/// late change written before the truncate cannot bring a row back while
+/// changes written after it still apply. `$1` is `[{"_pgrelay_hlc": stamp}]`.
+pub fn truncate_sql(target: &TargetTable) -> String {
+    let t = target.name.quoted();
+    let hlc = quote_ident(HLC_COLUMN);
+    format!(
+        "WITH d AS (SELECT (x->>{hlc_lit})::bigint AS stamp FROM json_array_elements($1::text::json) AS x), \
+         ts AS (INSERT INTO pgrelay.tombstones AS old (table_name, pk, hlc) \
+         SELECT {tname}, '{{}}'::jsonb, d.stamp FROM d \
+         ON CONFLICT (table_name, pk) DO UPDATE SET hlc = greatest(old.hlc, EXCLUDED.hlc), deleted_at = now()) \
+         DELETE FROM {t} AS cur USING d WHERE cur.{hlc} IS NULL OR cur.{hlc} < d.stamp",
+        hlc_lit = quote_literal(HLC_COLUMN),
+        tname = quote_literal(&target.name.to_string()),
     )
 }
 

@@ -10,7 +10,8 @@
 //! (set by the row trigger `pgrelay setup` installs). A delete's stamp is in
 //! the `pgrelay.tombstones` row that the BEFORE DELETE trigger writes just
 //! before the delete itself, so the tombstone insert is remembered per table
-//! until the table's next delete. Rows written before `setup` (no stamp)
+//! until the table's next delete (a TRUNCATE's stamp arrives the same way,
+//! from a statement trigger). Rows written before `setup` (no stamp)
 //! get one from the capture's own clock, above the row's previous stamp.
 
 use std::collections::{HashMap, HashSet};
@@ -353,7 +354,11 @@ impl Assembler {
         let commit_ms = (tx.meta.commit_ts_us.max(0) / 1000) as u64;
         let mut changes = Vec::with_capacity(declared.len());
         for schema in declared {
-            let stamp = self.clock.tick(commit_ms, 0);
+            let stamp = match self.pending_stamps.remove(&schema.table.to_string()) {
+                Some(s) => s,
+                None => self.clock.tick(commit_ms, 0),
+            };
+            self.clock.observe(stamp);
             changes.push(Change {
                 schema,
                 op: Op::Truncate,

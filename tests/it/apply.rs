@@ -410,3 +410,34 @@ async fn poison_and_injection_records_are_parked_never_executed() {
     assert_eq!(listed.matches("undeclared_table").count(), 2, "{listed}");
     assert!(listed.contains("unknown_column"), "{listed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_replicates_and_late_older_rows_stay_out() {
+    let p = pair(SCHEMA);
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    p.us.psql(
+        "INSERT INTO products (id, name, price) SELECT g, 'old', 1 FROM generate_series(1, 200) g",
+    );
+    converged(&p.us, &p.eu, Duration::from_secs(60)).await;
+    p.us.psql("TRUNCATE products");
+    p.us.psql("INSERT INTO products (id, name, price) SELECT g, 'new', 2 FROM generate_series(150, 160) g");
+    let state = converged(&p.us, &p.eu, Duration::from_secs(60)).await;
+    assert_eq!(state.len(), 11);
+    assert!(state.values().all(|r| r.1.as_deref() == Some("new")));
+    // a change stamped before the truncate, arriving late, stays out
+    let old = read_all(&p.broker.brokers(), "pgrelay.us.eu", Duration::from_secs(2))
+        .into_iter()
+        .find(|r| r.value["op"] == "c" && r.value["after"]["name"] == "old")
+        .unwrap();
+    produce(
+        &p.broker.brokers(),
+        "pgrelay.us.eu",
+        &[(
+            Some(old.key.to_string().into_bytes()),
+            Some(old.value.to_string().into_bytes()),
+        )],
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(dump(&p.eu).await.len(), 11);
+}
