@@ -127,6 +127,7 @@ pub struct Config {
     pub hash_salt: Option<String>,
     pub capture: CaptureSettings,
     pub apply: ApplySettings,
+    pub status: StatusSettings,
     pub http: HttpSettings,
     /// Every region, by name.
     pub regions: BTreeMap<String, Region>,
@@ -162,6 +163,32 @@ pub struct ApplySettings {
     pub max_retries: u32,
     /// Tombstones older than this may be purged.
     pub tombstone_horizon: Duration,
+}
+
+/// `[relay.status]`: when `pgrelay status` and the metrics call a region
+/// pair lagging.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusSettings {
+    /// A pair is `lagging` past this many seconds behind...
+    pub lagging_after: Duration,
+    /// ...or this many bytes of WAL not yet confirmed by the capture side.
+    pub lagging_bytes: u64,
+}
+
+pub const fn default_lagging_after() -> Duration {
+    Duration::from_secs(30)
+}
+pub const fn default_lagging_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+impl Default for StatusSettings {
+    fn default() -> Self {
+        StatusSettings {
+            lagging_after: default_lagging_after(),
+            lagging_bytes: default_lagging_bytes(),
+        }
+    }
 }
 
 /// `[http]`.
@@ -937,6 +964,15 @@ struct RawRelay {
     capture: RawCapture,
     #[serde(default)]
     apply: RawApply,
+    #[serde(default)]
+    status: RawStatus,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStatus {
+    lagging_after: Option<HumanDuration>,
+    lagging_bytes: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1072,6 +1108,19 @@ impl Validator<'_> {
         }
         let capture = self.capture(raw.relay.capture)?;
         let apply = self.apply(raw.relay.apply)?;
+        let status = StatusSettings {
+            lagging_after: self.positive(
+                "relay.status.lagging_after",
+                raw.relay.status.lagging_after,
+                default_lagging_after(),
+            )?,
+            lagging_bytes: self.count(
+                "relay.status.lagging_bytes",
+                raw.relay.status.lagging_bytes,
+                default_lagging_bytes() as usize,
+                1,
+            )? as u64,
+        };
         let listen = match raw.http.listen {
             None => None,
             Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
@@ -1105,6 +1154,7 @@ impl Validator<'_> {
             hash_salt,
             capture,
             apply,
+            status,
             http: HttpSettings { listen },
             regions,
             tables,

@@ -114,3 +114,31 @@ pub async fn create_topics(
     }
     Ok(created)
 }
+
+/// The sum of the high watermarks of every partition of `topic` (the number
+/// of records ever written, for a topic that is never compacted or trimmed).
+pub async fn topic_end(cluster: &KafkaCluster, topic: &str, timeout: Duration) -> Result<i64, String> {
+    let cfg = client_config(cluster);
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = cfg
+            .create()
+            .map_err(|e| format!("invalid kafka settings: {e}"))?;
+        let md = consumer
+            .fetch_metadata(Some(&topic), timeout)
+            .map_err(|e| format!("kafka metadata for {topic}: {e}"))?;
+        let mut total = 0;
+        for t in md.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p.id(), timeout)
+                    .map_err(|e| format!("watermarks of {topic}[{}]: {e}", p.id()))?;
+                total += high;
+            }
+        }
+        Ok(total)
+    })
+    .await
+    .map_err(|e| format!("watermark task failed: {e}"))?
+}

@@ -25,3 +25,4 @@ pub mod publish;
 pub mod residency;
 pub mod setup;
 pub mod source;
+pub mod status;

@@ -55,6 +55,14 @@ enum Command {
         #[arg(long)]
         region: String,
     },
+    /// Per region pair: source and confirmed LSN, lag, apply watermark, dead letters, state.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect or replay the dead-letter topic of a region.
     Dlq {
         #[command(subcommand)]
@@ -124,6 +132,7 @@ fn main() -> ExitCode {
             Command::Check { config, region } => check(&config, region.as_deref()).await,
             Command::Setup { config, region } => setup(&config, &region).await,
             Command::Dlq { action } => dlq(action).await,
+            Command::Status { config, json } => status(&config, json).await,
         }
     });
     match result {
@@ -391,6 +400,20 @@ async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
         }
     }
     result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(path: &Path, json: bool) -> Result<ExitCode> {
+    let config = load(path)?;
+    let rows = pgrelay::status::collect(&config).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", pgrelay::status::render(&rows));
+    }
+    if rows.iter().any(|r| r.state == "failed") {
+        return Ok(ExitCode::from(2));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
