@@ -361,6 +361,19 @@ async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
     if with_capture {
         capture::preflight(&config, region).await?;
     }
+    {
+        let (config, region, metrics, mut shutdown) =
+            (config.clone(), region.to_string(), metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                pgrelay::status::export_local(&config, &region, &metrics).await;
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
+    }
     if with_apply {
         apply::preflight(&config, region).await?;
     }

@@ -8,10 +8,13 @@
 //! - destination side: the per-source watermark (`pgrelay.watermarks`) and
 //!   the dead-letter depth (records past the replay progress).
 //!
-//! `lag_seconds` is 0 when the source's slot has confirmed everything up to
-//! the current WAL position (less than 16 MiB behind: unrelated WAL traffic
-//! is always in flight); otherwise it is the age of the newest change the
-//! destination applied from that source. State: `failed` when a database is
+//! `backlog` is the number of records in the pair's topic that the
+//! destination has not applied yet (topic end minus the offsets stored in
+//! the destination). `lag_seconds` is 0 when the source's slot has confirmed
+//! everything up to the current WAL position (less than 16 MiB behind:
+//! unrelated WAL traffic is always in flight) and the backlog is empty;
+//! otherwise it is the age of the newest change the destination applied from
+//! that source. State: `failed` when a database is
 //! unreachable or no sidecar streams from the slot, `lagging` past the
 //! `[relay.status]` thresholds, else `active`.
 
@@ -38,6 +41,8 @@ pub struct PairStatus {
     pub retained_wal_bytes: Option<i64>,
     pub watermark_hlc: Option<i64>,
     pub watermark_commit_time: Option<String>,
+    /// Records in the pair's topic not yet applied at the destination.
+    pub backlog_records: Option<i64>,
     pub dead_letters: Option<i64>,
     pub state: &'static str,
     pub problems: Vec<String>,
@@ -55,6 +60,8 @@ struct SourceSide {
 struct DestSide {
     /// source -> (hlc, commit time text, age of the commit in seconds)
     watermarks: BTreeMap<String, (i64, Option<String>, Option<f64>)>,
+    /// source -> records in the source's topic not yet applied here
+    backlog: BTreeMap<String, i64>,
     dead_letters: Option<i64>,
     problem: Option<String>,
 }
@@ -124,21 +131,125 @@ async fn dest_side(config: &Config, region: &str) -> DestSide {
         }
         Err(e) => out.problem = Some(format!("{region} database: reading watermarks: {e}")),
     }
+    let consumed = |topic: String| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT coalesce(sum(next_offset), 0)::bigint FROM pgrelay.offsets WHERE topic = $1",
+                    &[&topic],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(0)
+        }
+    };
+    let cluster = config.kafka_for(region);
+    let timeout = Duration::from_secs(5);
     let dlq_topic = config.dlq_topic(region);
-    let replayed: i64 = client
-        .query_one(
-            "SELECT coalesce(sum(next_offset), 0)::bigint FROM pgrelay.offsets WHERE topic = $1",
-            &[&dlq_topic],
-        )
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(0);
-    if let Ok(total) =
-        crate::kafka::topic_end(config.kafka_for(region), &dlq_topic, Duration::from_secs(5)).await
-    {
-        out.dead_letters = Some((total - replayed).max(0));
+    let replayed = consumed(dlq_topic.clone()).await;
+    match crate::kafka::topic_end(cluster, &dlq_topic, timeout).await {
+        Ok(total) => out.dead_letters = Some((total - replayed).max(0)),
+        Err(e) => {
+            out.problem.get_or_insert(format!("region {region}: {e}"));
+            return out;
+        }
+    }
+    for source in config.regions.keys().filter(|s| *s != region) {
+        let topic = config.topic(source, region);
+        let applied = consumed(topic.clone()).await;
+        match crate::kafka::topic_end(cluster, &topic, timeout).await {
+            Ok(end) => {
+                out.backlog.insert(source.clone(), (end - applied).max(0));
+            }
+            Err(e) => {
+                out.problem.get_or_insert(format!("region {region}: {e}"));
+            }
+        }
     }
     out
+}
+
+/// 0 active, 1 lagging, 2 failed (for the `pgrelay_pair_state` gauge).
+pub fn state_code(state: &str) -> f64 {
+    match state {
+        "active" => 0.0,
+        "lagging" => 1.0,
+        _ => 2.0,
+    }
+}
+
+/// Sets the gauges of the pairs that touch `region` (what its sidecar can
+/// see: its own database and its Kafka cluster).
+pub async fn export_local(config: &Config, region: &str, metrics: &crate::metrics::Metrics) {
+    let src = source_side(config, region).await;
+    let dst = dest_side(config, region).await;
+    let labels = [("region", region)];
+    if let (Some(c), Some(f)) = (src.current, src.confirmed) {
+        metrics.set(
+            "pgrelay_capture_lag_bytes",
+            "WAL bytes the capture side has not confirmed yet",
+            &labels,
+            c.0.saturating_sub(f.0) as f64,
+        );
+    }
+    if let Some(r) = src.retained {
+        metrics.set(
+            "pgrelay_slot_retained_wal_bytes",
+            "WAL retained by the replication slot",
+            &labels,
+            r as f64,
+        );
+    }
+    if let Some(n) = dst.dead_letters {
+        metrics.set(
+            "pgrelay_dead_letters",
+            "Records parked in the dead-letter topic and not yet replayed",
+            &labels,
+            n as f64,
+        );
+    }
+    for source in config.regions.keys().filter(|s| *s != region) {
+        let pair = [("source", source.as_str()), ("destination", region)];
+        let backlog = dst.backlog.get(source).copied();
+        let age = dst.watermarks.get(source).and_then(|w| w.2);
+        let state = if dst.problem.is_some() || backlog.is_none() {
+            "failed"
+        } else if backlog.unwrap_or(0) > 0
+            && age.unwrap_or(f64::MAX) > config.status.lagging_after.as_secs_f64()
+        {
+            "lagging"
+        } else {
+            "active"
+        };
+        metrics.set(
+            "pgrelay_pair_state",
+            "State of an incoming region pair as this sidecar sees it: 0 active, 1 lagging, 2 failed",
+            &pair,
+            state_code(state),
+        );
+        if let Some(b) = backlog {
+            metrics.set(
+                "pgrelay_apply_backlog_records",
+                "Records in the source's topic not yet applied",
+                &pair,
+                b as f64,
+            );
+        }
+        if let Some((_, _, Some(age))) = dst.watermarks.get(source) {
+            let lag = if dst.backlog.get(source).copied().unwrap_or(0) == 0 {
+                0.0
+            } else {
+                *age
+            };
+            metrics.set(
+                "pgrelay_apply_lag_seconds",
+                "Age of the newest applied change while records wait (0 when caught up)",
+                &pair,
+                lag,
+            );
+        }
+    }
 }
 
 /// Collects every pair's status.
@@ -159,8 +270,10 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 _ => None,
             };
             let wm = dst.watermarks.get(s);
-            let lag_seconds = match lag_bytes {
-                Some(b) if b < IDLE_BYTES => Some(0.0),
+            let backlog = dst.backlog.get(s).copied();
+            let lag_seconds = match (lag_bytes, backlog) {
+                (Some(b), Some(0)) if b < IDLE_BYTES => Some(0.0),
+                (Some(b), None) if b < IDLE_BYTES => Some(0.0),
                 _ => wm.and_then(|w| w.2),
             };
             let mut problems = Vec::new();
@@ -185,6 +298,7 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 retained_wal_bytes: src.retained,
                 watermark_hlc: wm.map(|w| w.0),
                 watermark_commit_time: wm.and_then(|w| w.1.clone()),
+                backlog_records: backlog,
                 dead_letters: dst.dead_letters,
                 state,
                 problems,
@@ -200,17 +314,25 @@ pub fn render(rows: &[PairStatus]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<12} {:<14} {:<14} {:>12} {:>9} {:<32} {:>5}  state",
-        "pair", "source_lsn", "confirmed_lsn", "lag_bytes", "lag_s", "watermark (commit time)", "dlq"
+        "{:<12} {:<14} {:<14} {:>12} {:>9} {:>9} {:<32} {:>5}  state",
+        "pair",
+        "source_lsn",
+        "confirmed_lsn",
+        "lag_bytes",
+        "backlog",
+        "lag_s",
+        "watermark (commit time)",
+        "dlq"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<12} {:<14} {:<14} {:>12} {:>9} {:<32} {:>5}  {}",
+            "{:<12} {:<14} {:<14} {:>12} {:>9} {:>9} {:<32} {:>5}  {}",
             format!("{}->{}", r.source, r.destination),
             r.source_lsn.clone().unwrap_or_else(dash),
             r.confirmed_lsn.clone().unwrap_or_else(dash),
             r.lag_bytes.map(|b| b.to_string()).unwrap_or_else(dash),
+            r.backlog_records.map(|b| b.to_string()).unwrap_or_else(dash),
             r.lag_seconds.map(|s| format!("{s:.1}")).unwrap_or_else(dash),
             r.watermark_commit_time.clone().unwrap_or_else(dash),
             r.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash),

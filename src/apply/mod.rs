@@ -530,16 +530,18 @@ impl Pipeline {
             &labels,
             outcome.dead.len() as u64,
         );
-        self.metrics.set(
-            "pgrelay_apply_last_batch_seconds",
-            "Duration of the last applied batch",
+        self.metrics.observe(
+            "pgrelay_apply_batch_seconds",
+            "Time to apply one batch (one target transaction)",
             &labels,
+            crate::metrics::LATENCY_BUCKETS,
             took.as_secs_f64(),
         );
-        self.metrics.set(
-            "pgrelay_apply_last_batch_size",
-            "Records in the last applied batch",
+        self.metrics.observe(
+            "pgrelay_apply_batch_records",
+            "Records per applied batch",
             &labels,
+            crate::metrics::SIZE_BUCKETS,
             batch.len() as f64,
         );
         let now_ms = now_ms();

@@ -1,17 +1,23 @@
-//! A Kafka-protocol broker (Tansu, in-memory storage) on a free port.
-//! `scripts/install-deps.sh` puts the binary in `.tools/bin/tansu`;
-//! `PGRELAY_TANSU` overrides the path.
+//! A Kafka-protocol broker (Tansu) on a free port.
+//!
+//! `scripts/install-deps.sh` puts the in-memory build in `.tools/bin/tansu`
+//! and, for durable storage (restart tests), a build with the libsql engine
+//! in `.tools/tansu-libsql/bin/tansu`. `PGRELAY_TANSU` and
+//! `PGRELAY_TANSU_DURABLE` override the paths.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::proxy::Proxy;
 use super::{free_port, repo_root, TempDir};
 
 pub struct Broker {
     pub port: u16,
-    child: Child,
-    _dir: TempDir,
+    advertised: u16,
+    durable: bool,
+    child: Option<Child>,
+    dir: TempDir,
 }
 
 pub fn tansu_bin() -> PathBuf {
@@ -27,50 +33,105 @@ pub fn tansu_bin() -> PathBuf {
     p
 }
 
+pub fn durable_tansu_bin() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("PGRELAY_TANSU_DURABLE") {
+        return Some(PathBuf::from(p));
+    }
+    let p = repo_root().join(".tools/tansu-libsql/bin/tansu");
+    p.exists().then_some(p)
+}
+
 impl Broker {
+    /// An in-memory broker.
     pub fn start() -> Broker {
-        let dir = TempDir::new("pgrelay-broker");
-        for _ in 0..5 {
-            let port = free_port();
-            let url = format!("tcp://127.0.0.1:{port}");
-            let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
-            let mut child = Command::new(tansu_bin())
-                .arg("broker")
-                .args(["--listener-url", &url, "--advertised-listener-url", &url])
-                .args(["--storage-engine", "memory://tansu/"])
-                .current_dir(dir.path())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("start tansu");
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Broker {
-                        port,
-                        child,
-                        _dir: dir,
-                    };
-                }
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("broker did not start");
+        let port = free_port();
+        Broker::launch(port, port, false)
     }
 
+    /// A broker whose clients all go through a proxy (it advertises the
+    /// proxy's address), so the proxy can cut or slow its links.
+    pub fn behind_proxy(durable: bool) -> (Broker, Proxy) {
+        let port = free_port();
+        let proxy = Proxy::start(port);
+        let broker = Broker::launch(port, proxy.port, durable);
+        (broker, proxy)
+    }
+
+    fn launch(port: u16, advertised: u16, durable: bool) -> Broker {
+        let mut b = Broker {
+            port,
+            advertised,
+            durable,
+            child: None,
+            dir: TempDir::new("pgrelay-broker"),
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let bin = if self.durable {
+            durable_tansu_bin().expect("durable broker build missing: run scripts/install-deps.sh")
+        } else {
+            tansu_bin()
+        };
+        let listen = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
+        let storage = if self.durable {
+            "sqlite://broker.db".to_string()
+        } else {
+            "memory://tansu/".to_string()
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("broker.log"))
+            .unwrap();
+        let mut child = Command::new(bin)
+            .arg("broker")
+            .args(["--listener-url", &listen, "--advertised-listener-url", &advertised])
+            .args(["--storage-engine", &storage])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                self.child = Some(child);
+                return;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("broker exited at start: {st}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        panic!("broker did not listen on {} within 15 s", self.port);
+    }
+
+    /// The address clients use.
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// kill -9 and start again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

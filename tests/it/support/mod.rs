@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod kafka;
 pub mod pg;
+pub mod proxy;
 pub mod relay;
 
 use std::net::TcpListener;

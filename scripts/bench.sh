@@ -1,0 +1,478 @@
+#!/usr/bin/env bash
+# pgrelay against PostgreSQL's native logical replication, same machine, same
+# workloads, same PostgreSQL settings. Two PostgreSQL 15 clusters ("us" is
+# the source, "eu" the target), all on loopback, started and removed by this
+# script; a fresh pair (and, for pgrelay, a fresh Tansu broker) per run.
+#
+#   native   publication on us, subscription on eu (copy_data = false)
+#   pgrelay  regions us and eu, tables declared global, `pgrelay run` in each
+#            region: us -> Kafka topic pgrelay.us.eu -> eu
+#
+# Workloads
+#   bulk   BULK_INSERTS inserts, then BULK_UPDATES updates, on an 8-column
+#          table with a primary key, in transactions of BULK_TX_ROWS rows.
+#   small  pgbench, TPC-B-like custom script (3 updates + 1 insert per
+#          transaction) from SMALL_CLIENTS clients for SMALL_SECONDS.
+#   lag    a fixed write rate (LAG_RATE rows/s, LAG_ROWS_PER_TX rows per
+#          transaction) for LAG_SECONDS while replication runs; per row the
+#          end-to-end lag: clock_timestamp() at insert in us -> the moment the
+#          row is written in eu (an ENABLE ALWAYS trigger stamps it).
+#
+# Throughput (bulk, small) is measured from a backlog: replication is paused
+# (pgrelay not running in us / subscription disabled) while the workload
+# runs, then resumed; the clock runs from the moment the source's slot
+# becomes active until the target has applied everything:
+#   native   the subscription slot's confirmed_flush_lsn >= the source's WAL end
+#   pgrelay  sum(pgrelay.offsets.next_offset) for pgrelay.us.eu in eu = the
+#            number of row changes written (one record per change; offsets are
+#            committed in the same transaction as the rows)
+# and the tables are compared afterwards. Each workload is repeated
+# PGRELAY_BENCH_REPEAT times; the median is printed with the ratio
+# pgrelay/native.
+#
+#   bash scripts/bench.sh                                # everything
+#   PGRELAY_BENCH_ONLY=bulk,small PGRELAY_BENCH_REPEAT=1 bash scripts/bench.sh
+#
+# Environment (defaults in brackets):
+#   PGRELAY_BENCH_ONLY       workloads: bulk,small,lag [all three]
+#   PGRELAY_BENCH_SYSTEMS    native,pgrelay [both]
+#   PGRELAY_BENCH_REPEAT     repetitions of bulk and small [3]
+#   BULK_INSERTS [1000000]  BULK_UPDATES [500000]  BULK_TX_ROWS [10000]
+#   SMALL_SECONDS [30]  SMALL_CLIENTS [8]  SMALL_SCALE [4] (100k accounts each)
+#   LAG_SECONDS [60]  LAG_RATE [5000]  LAG_ROWS_PER_TX [10]
+#   PGRELAY_BIN              use this binary instead of building target/release/pgrelay
+#   PGRELAY_BENCH_TIMEOUT    seconds to wait for a catch-up [900]
+#   PGRELAY_BENCH_KEEP=1     keep the work directory (logs)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+ONLY="${PGRELAY_BENCH_ONLY:-bulk,small,lag}"
+SYSTEMS="${PGRELAY_BENCH_SYSTEMS:-native,pgrelay}"
+REPEAT="${PGRELAY_BENCH_REPEAT:-3}"
+BULK_INSERTS="${BULK_INSERTS:-1000000}"
+BULK_UPDATES="${BULK_UPDATES:-500000}"
+BULK_TX_ROWS="${BULK_TX_ROWS:-10000}"
+SMALL_SECONDS="${SMALL_SECONDS:-30}"
+SMALL_CLIENTS="${SMALL_CLIENTS:-8}"
+SMALL_SCALE="${SMALL_SCALE:-4}"
+LAG_SECONDS="${LAG_SECONDS:-60}"
+LAG_RATE="${LAG_RATE:-5000}"
+LAG_ROWS_PER_TX="${LAG_ROWS_PER_TX:-10}"
+TIMEOUT="${PGRELAY_BENCH_TIMEOUT:-900}"
+PGBIN="${PGRELAY_PG_BIN:-/usr/lib/postgresql/15/bin}"
+TANSU="${PGRELAY_TANSU:-$ROOT/.tools/bin/tansu}"
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+has() { [[ ",$1," == *",$2,"* ]]; }
+
+if [ ! -x "$PGBIN/initdb" ] || [ ! -x "$TANSU" ] || ! command -v pgbench >/dev/null; then
+    bash scripts/install-deps.sh
+fi
+if [ -n "${PGRELAY_BIN:-}" ]; then
+    BIN="$PGRELAY_BIN"
+else
+    log "building pgrelay (release)..."
+    cargo build --release --locked --quiet
+    BIN="$ROOT/target/release/pgrelay"
+fi
+
+WORK="$(mktemp -d /tmp/pgrelay-bench.XXXXXX)"
+chmod 755 "$WORK"
+chown postgres "$WORK"
+PASSWORD="bench-$(date +%s)-$RANDOM"
+echo "$PASSWORD" > "$WORK/pw"; chown postgres "$WORK/pw"
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+declare -A PORT=()
+declare -A RELAY_PID=()
+BROKER_PID=""
+BROKER_PORT=""
+
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+sql() { psql -X -q -At -v ON_ERROR_STOP=1 -h "$WORK" -p "${PORT[$1]}" -U postgres -d postgres -c "$2"; }
+now() { date +%s.%N; }
+calc() { python3 -c "print($1)"; }
+
+stop_pid() { # pid: TERM, wait up to 15 s, then KILL
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 150); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+stop_all() {
+    local r
+    for r in "${!RELAY_PID[@]}"; do stop_pid "${RELAY_PID[$r]}"; done
+    RELAY_PID=()
+    if [ -n "$BROKER_PID" ]; then stop_pid "$BROKER_PID"; BROKER_PID=""; fi
+    for r in "${!PORT[@]}"; do
+        as_pg "$PGBIN/pg_ctl" -D "$WORK/$r" -m immediate -w stop >/dev/null 2>&1 || true
+        rm -rf "${WORK:?}/$r"
+    done
+    PORT=()
+}
+
+cleanup() {
+    set +e
+    stop_all
+    if [ -n "${PGRELAY_BENCH_KEEP:-}" ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+start_pg() { # region
+    local r="$1" port
+    as_pg "$PGBIN/initdb" -D "$WORK/$r" --no-sync -U postgres --auth-local=trust \
+        --auth-host=scram-sha-256 --pwfile="$WORK/pw" >/dev/null
+    port="$(free_port)"
+    # identical settings for both systems; durability off on both (loopback benchmark)
+    cat >> "$WORK/$r/postgresql.auto.conf" <<CONF
+port = $port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+wal_level = logical
+track_commit_timestamp = on
+max_replication_slots = 10
+max_wal_senders = 10
+max_worker_processes = 16
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 256MB
+max_wal_size = 8GB
+checkpoint_timeout = 30min
+wal_sender_timeout = 300s
+wal_receiver_timeout = 300s
+max_connections = 100
+CONF
+    as_pg "$PGBIN/pg_ctl" -D "$WORK/$r" -l "$WORK/$r.log" -w start >/dev/null
+    PORT[$r]="$port"
+}
+
+start_broker() {
+    local port
+    port="$(free_port)"
+    mkdir -p "$WORK/broker"
+    (cd "$WORK/broker" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine memory://tansu/ \
+        >>"$WORK/broker.log" 2>&1) &
+    BROKER_PID=$!
+    for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
+    BROKER_PORT="$port"
+}
+
+# --- schemas and workloads ---------------------------------------------------
+
+TABLES_bulk="bulk_items"
+TABLES_small="bench_branches bench_tellers bench_accounts bench_history"
+TABLES_lag="lag_probe"
+
+schema() { # region workload role(source|target)
+    local r="$1" w="$2" role="$3"
+    case "$w" in
+        bulk) sql "$r" "CREATE TABLE bulk_items (id bigint PRIMARY KEY, name text, email text,
+                price numeric(12,2), active boolean, created_at timestamptz, doc jsonb, qty int)" ;;
+        small)
+            sql "$r" "CREATE TABLE bench_branches (bid int PRIMARY KEY, bbalance int, filler char(88));
+                CREATE TABLE bench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84));
+                CREATE TABLE bench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler char(84));
+                CREATE TABLE bench_history (hid bigserial PRIMARY KEY, tid int, bid int, aid int,
+                    delta int, mtime timestamp, filler char(22))"
+            # the same initial data on both sides (not replicated, not timed)
+            sql "$r" "INSERT INTO bench_branches SELECT b, 0, '' FROM generate_series(1, $SMALL_SCALE) b;
+                INSERT INTO bench_tellers SELECT t, (t - 1) / 10 + 1, 0, '' FROM generate_series(1, 10 * $SMALL_SCALE) t;
+                INSERT INTO bench_accounts SELECT a, (a - 1) / 100000 + 1, 0, '' FROM generate_series(1, 100000 * $SMALL_SCALE) a;
+                VACUUM ANALYZE" ;;
+        lag)
+            sql "$r" "CREATE TABLE lag_probe (id bigint PRIMARY KEY, src_ts timestamptz NOT NULL, payload text)"
+            if [ "$role" = target ]; then
+                # first-seen time in the target: a trigger that fires for replicated rows too
+                sql "$r" "ALTER TABLE lag_probe ADD COLUMN seen_at timestamptz;
+                    CREATE FUNCTION lag_seen() RETURNS trigger LANGUAGE plpgsql AS
+                        \$\$BEGIN NEW.seen_at := clock_timestamp(); RETURN NEW; END\$\$;
+                    CREATE TRIGGER zz_lag_seen BEFORE INSERT ON lag_probe FOR EACH ROW EXECUTE FUNCTION lag_seen();
+                    ALTER TABLE lag_probe ENABLE ALWAYS TRIGGER zz_lag_seen"
+            fi ;;
+    esac
+}
+
+# Runs the bulk workload on us; prints the number of row changes.
+workload_bulk() {
+    local tx=$BULK_TX_ROWS
+    sql us "DO \$\$ DECLARE lo bigint; BEGIN
+        FOR i IN 0 .. ceil($BULK_INSERTS::numeric / $tx) - 1 LOOP
+            lo := i::bigint * $tx + 1;
+            INSERT INTO bulk_items
+            SELECT g, 'item ' || g, 'user' || g || '@example.com', (g % 100000) / 100.0,
+                   g % 2 = 0, now(), jsonb_build_object('n', g, 'tag', 'bench'), (g % 1000)::int
+            FROM generate_series(lo, least(lo + $tx - 1, $BULK_INSERTS)) AS g;
+            COMMIT;
+        END LOOP;
+        FOR i IN 0 .. ceil($BULK_UPDATES::numeric / $tx) - 1 LOOP
+            lo := i::bigint * $tx + 1;
+            UPDATE bulk_items SET qty = qty + 1, name = name || ' v2'
+            WHERE id BETWEEN lo AND least(lo + $tx - 1, $BULK_UPDATES);
+            COMMIT;
+        END LOOP; END \$\$" >&2
+    echo $((BULK_INSERTS + BULK_UPDATES))
+}
+
+# Runs pgbench on us; prints the number of row changes (4 per transaction).
+workload_small() {
+    cat > "$WORK/tpcb.sql" <<'SQL'
+\set aid random(1, 100000 * :scale)
+\set bid random(1, 1 * :scale)
+\set tid random(1, 10 * :scale)
+\set delta random(-5000, 5000)
+BEGIN;
+UPDATE bench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM bench_accounts WHERE aid = :aid;
+UPDATE bench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE bench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO bench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+SQL
+    pgbench -n -h "$WORK" -p "${PORT[us]}" -U postgres -c "$SMALL_CLIENTS" -j 2 \
+        -T "$SMALL_SECONDS" -D scale="$SMALL_SCALE" -f "$WORK/tpcb.sql" postgres > "$WORK/pgbench.out" 2>&1 \
+        || { cat "$WORK/pgbench.out" >&2; return 1; }
+    local tx tps
+    tx="$(awk -F': ' '/number of transactions actually processed/ { split($2, a, "/"); print a[1] }' "$WORK/pgbench.out")"
+    tps="$(awk '/^tps/ { print $3; exit }' "$WORK/pgbench.out")"
+    log "pgbench: $tx transactions ($tps tps on the source)"
+    echo $((tx * 4))
+}
+
+# A fixed write rate on us for LAG_SECONDS (pgbench --rate).
+workload_lag() {
+    local tps=$((LAG_RATE / LAG_ROWS_PER_TX))
+    cat > "$WORK/lag.sql" <<SQL
+INSERT INTO lag_probe SELECT nextval('lag_ids'), clock_timestamp(), 'probe payload 0123456789'
+FROM generate_series(1, $LAG_ROWS_PER_TX);
+SQL
+    sql us "CREATE SEQUENCE IF NOT EXISTS lag_ids"
+    pgbench -n -h "$WORK" -p "${PORT[us]}" -U postgres -c 4 -j 2 -R "$tps" -T "$LAG_SECONDS" \
+        -f "$WORK/lag.sql" postgres > "$WORK/pgbench-lag.out" 2>&1 \
+        || { cat "$WORK/pgbench-lag.out" >&2; return 1; }
+    log "pgbench (rate $tps tx/s x $LAG_ROWS_PER_TX rows): $(grep -E '^tps|processed' "$WORK/pgbench-lag.out" | tr '\n' ' ')"
+}
+
+# Compares the replicated tables of us and eu (user columns only).
+verify() { # workload
+    local q a b
+    case "$1" in
+        bulk) q="SELECT count(*), sum(qty), sum(length(name)), sum(price) FROM bulk_items" ;;
+        small) q="SELECT (SELECT sum(abalance) FROM bench_accounts), (SELECT sum(tbalance) FROM bench_tellers),
+                         (SELECT sum(bbalance) FROM bench_branches), (SELECT count(*) || '/' || sum(delta) FROM bench_history)" ;;
+        lag) q="SELECT count(*), max(id) FROM lag_probe" ;;
+    esac
+    a="$(sql us "$q")"; b="$(sql eu "$q")"
+    if [ "$a" = "$b" ]; then echo "match"; else log "MISMATCH us=[$a] eu=[$b]"; echo "MISMATCH"; fi
+}
+
+wait_active() { # slot; prints the time it became active
+    for _ in $(seq 3000); do
+        [ "$(sql us "SELECT active FROM pg_replication_slots WHERE slot_name = '$1'")" = t ] && break
+        sleep 0.02
+    done
+    now
+}
+
+# --- native logical replication ----------------------------------------------
+
+native_pair() { # workload
+    start_pg us; start_pg eu
+    schema us "$1" source; schema eu "$1" target
+    local tables="TABLES_$1"
+    sql us "CREATE PUBLICATION bench_pub FOR TABLE $(echo "${!tables}" | sed 's/ /, /g')"
+    sql eu "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=${PORT[us]} user=postgres password=$PASSWORD dbname=postgres'
+        PUBLICATION bench_pub WITH (copy_data = false, enabled = false)"
+}
+
+native_throughput() { # workload
+    local w="$1" changes end t0 ta t1
+    native_pair "$w"
+    log "native $w: workload (subscription disabled)"
+    local w0; w0="$(now)"
+    changes="$(workload_"$w")"
+    local w1; w1="$(now)"
+    end="$(sql us "SELECT pg_current_wal_lsn()")"
+    t0="$(now)"
+    sql eu "ALTER SUBSCRIPTION bench_sub ENABLE"
+    ta="$(wait_active bench_sub)"
+    local deadline=$(( $(date +%s) + TIMEOUT ))
+    until [ "$(sql us "SELECT confirmed_flush_lsn >= '$end' FROM pg_replication_slots WHERE slot_name = 'bench_sub'")" = t ]; do
+        [ "$(date +%s)" -lt "$deadline" ] || { log "native $w: timed out"; return 1; }
+        sleep 0.1
+    done
+    t1="$(now)"
+    record native "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")"
+    stop_all
+}
+
+# --- pgrelay -----------------------------------------------------------------
+
+relay_config() { # workload
+    local tables="TABLES_$1" t
+    cat > "$WORK/relay.toml" <<TOML
+[relay]
+prefix = "pgrelay"
+
+[kafka]
+brokers = "127.0.0.1:$BROKER_PORT"
+
+[regions.us]
+id = 1
+dsn = "host=127.0.0.1 port=${PORT[us]} user=postgres password=$PASSWORD dbname=postgres"
+
+[regions.eu]
+id = 2
+dsn = "host=127.0.0.1 port=${PORT[eu]} user=postgres password=$PASSWORD dbname=postgres"
+TOML
+    for t in ${!tables}; do
+        printf '\n[[tables]]\nname = "public.%s"\nclass = "global"\n' "$t" >> "$WORK/relay.toml"
+    done
+}
+
+start_relay() { # region
+    PGRELAY_LOG=info "$BIN" run --config "$WORK/relay.toml" --region "$1" \
+        >>"$WORK/relay-$1.log" 2>&1 &
+    RELAY_PID[$1]=$!
+}
+
+relay_pair() { # workload
+    start_pg us; start_pg eu
+    schema us "$1" source; schema eu "$1" target
+    start_broker
+    relay_config "$1"
+    local r
+    for r in us eu; do
+        PGRELAY_LOG=warn "$BIN" setup --config "$WORK/relay.toml" --region "$r" >"$WORK/setup-$r.log" 2>&1 \
+            || { cat "$WORK/setup-$r.log" >&2; return 1; }
+    done
+}
+
+applied() { sql eu "SELECT coalesce(sum(next_offset), 0) FROM pgrelay.offsets WHERE topic = 'pgrelay.us.eu'"; }
+
+relay_throughput() { # workload
+    local w="$1" changes t0 ta t1
+    relay_pair "$w"
+    start_relay eu   # idle until us publishes; its startup is not timed
+    log "pgrelay $w: workload (us sidecar not running)"
+    local w0; w0="$(now)"
+    changes="$(workload_"$w")"
+    local w1; w1="$(now)"
+    t0="$(now)"
+    start_relay us
+    ta="$(wait_active pgrelay_us)"
+    local deadline=$(( $(date +%s) + TIMEOUT ))
+    until [ "$(applied)" -ge "$changes" ]; do
+        [ "$(date +%s)" -lt "$deadline" ] || { log "pgrelay $w: timed out at $(applied)/$changes"; tail -n 20 "$WORK"/relay-*.log >&2; return 1; }
+        kill -0 "${RELAY_PID[us]}" 2>/dev/null || { log "pgrelay us exited"; tail -n 20 "$WORK/relay-us.log" >&2; return 1; }
+        sleep 0.1
+    done
+    t1="$(now)"
+    record pgrelay "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")"
+    stop_all
+}
+
+# system workload changes w0 w1 t0 t_active t_done verdict
+record() {
+    local line
+    line="$(python3 - "$@" <<'PY'
+import sys
+system, w, changes, w0, w1, t0, ta, t1, verdict = sys.argv[1:]
+changes = int(changes); w0, w1, t0, ta, t1 = map(float, (w0, w1, t0, ta, t1))
+rate = changes / max(t1 - ta, 1e-3)
+print(f"{system}\t{w}\t{changes}\t{w1 - w0:.2f}\t{ta - t0:.2f}\t{t1 - ta:.2f}\t{rate:.0f}\t{verdict}")
+PY
+)"
+    echo "$line" >> "$RESULTS"
+    IFS=$'\t' read -r s wl ch ws st cs rt v <<<"$line"
+    log "$s $wl: $ch row changes; source workload ${ws}s; startup ${st}s; catch-up ${cs}s = $rt changes/s; tables $v"
+}
+
+# --- lag ---------------------------------------------------------------------
+
+lag_run() { # system
+    local s="$1"
+    if [ "$s" = native ]; then
+        native_pair lag
+        sql eu "ALTER SUBSCRIPTION bench_sub ENABLE"
+        wait_active bench_sub >/dev/null
+    else
+        relay_pair lag
+        start_relay eu; start_relay us
+        wait_active pgrelay_us >/dev/null
+        sleep 2   # both sides streaming/consuming
+    fi
+    log "$s lag: $LAG_RATE rows/s for ${LAG_SECONDS}s"
+    workload_lag
+    local total deadline=$(( $(date +%s) + TIMEOUT ))
+    total="$(sql us "SELECT count(*) FROM lag_probe")"
+    until [ "$(sql eu "SELECT count(*) FROM lag_probe")" -ge "$total" ]; do
+        [ "$(date +%s)" -lt "$deadline" ] || { log "$s lag: timed out"; return 1; }
+        sleep 0.5
+    done
+    local stats
+    stats="$(sql eu "SELECT count(*),
+            round((1000 * percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM seen_at - src_ts)))::numeric, 1),
+            round((1000 * percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM seen_at - src_ts)))::numeric, 1),
+            round((1000 * max(extract(epoch FROM seen_at - src_ts)))::numeric, 1)
+        FROM lag_probe" | tr '|' '\t')"
+    printf '%s\tlag\t%s\t%s\n' "$s" "$stats" "$(verify lag)" >> "$RESULTS"
+    log "$s lag (ms): rows p50 p99 max = $(echo "$stats" | tr '\t' ' ')"
+    stop_all
+}
+
+# --- main ----------------------------------------------------------------------
+
+log "work directory $WORK; results in $RESULTS"
+for w in bulk small; do
+    has "$ONLY" "$w" || continue
+    for i in $(seq "$REPEAT"); do
+        for s in native pgrelay; do
+            has "$SYSTEMS" "$s" || continue
+            log "== $w, run $i/$REPEAT, $s =="
+            if [ "$s" = native ]; then native_throughput "$w"; else relay_throughput "$w"; fi
+        done
+    done
+done
+if has "$ONLY" lag; then
+    for s in native pgrelay; do
+        has "$SYSTEMS" "$s" || continue
+        lag_run "$s"
+    done
+fi
+
+echo
+python3 - "$RESULTS" "$REPEAT" <<'PY'
+import sys, statistics
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+print("pgrelay vs native logical replication (PostgreSQL 15, loopback, same settings)")
+for w in ("bulk", "small"):
+    runs = {s: [r for r in rows if r[0] == s and r[1] == w] for s in ("native", "pgrelay")}
+    if not any(runs.values()):
+        continue
+    print(f"\n{w}: row changes replicated per second, catch-up from a backlog (median of runs)")
+    med = {}
+    for s, rs in runs.items():
+        if not rs:
+            continue
+        rates = [int(r[6]) for r in rs]
+        med[s] = statistics.median(rates)
+        catch = statistics.median(float(r[5]) for r in rs)
+        src = statistics.median(float(r[3]) for r in rs)
+        bad = [r[7] for r in rs if r[7] != "match"]
+        print(f"  {s:8s} {med[s]:>10,.0f} changes/s   (runs: {', '.join(f'{x:,}' for x in rates)}; "
+              f"{rs[0][2]} changes; catch-up {catch:.1f}s; source workload {src:.1f}s)"
+              + (f"  TABLE MISMATCH in {len(bad)} run(s)" if bad else ""))
+    if "native" in med and "pgrelay" in med:
+        print(f"  ratio pgrelay/native: {med['pgrelay'] / med['native']:.2f}")
+lag = [r for r in rows if r[1] == "lag"]
+if lag:
+    print("\nlag: end-to-end, commit in us -> row written in eu (ms)")
+    for r in lag:
+        print(f"  {r[0]:8s} rows {r[2]:>8}  p50 {r[3]:>8}  p99 {r[4]:>8}  max {r[5]:>8}  ({r[6]})")
+PY
