@@ -69,7 +69,11 @@ fn capture(c: &mut Criterion) {
     for n in [8usize, 20] {
         let cases = [
             ("insert", common::insert(n, true, 1_234_567), b'd'),
-            ("update_full", common::update(n, true, 1_234_567, true), b'f'),
+            (
+                "update_full",
+                common::update(n, true, 1_234_567, true),
+                b'f',
+            ),
         ];
         for (what, msg, ri) in cases {
             let bytes = frame(&msg);

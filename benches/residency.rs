@@ -37,7 +37,10 @@ fn route(c: &mut Criterion) {
         let change = common::change(&schema, op, 42);
         let verdict = policy.route(&change, dest);
         if what != "local" {
-            assert!(matches!(verdict, Verdict::Publish(_)), "{what}: {verdict:?}");
+            assert!(
+                matches!(verdict, Verdict::Publish(_)),
+                "{what}: {verdict:?}"
+            );
         }
         let id = format!("{}_{n}col_to_{}", op.code(), dests[dest]);
         g.bench_with_input(BenchmarkId::new(what, id), &change, |b, ch| {

@@ -168,9 +168,9 @@ stop_pid() { # $1 pid
     wait "$1" 2>/dev/null || true
 }
 
-published() { # records pgrelay handed to Kafka and saw acknowledged? (metric)
-    curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null \
-        | awk '/^pgrelay_capture_published_total/ { s += $2 } END { printf "%d", s }' || echo "?"
+published() { # records pgrelay handed to the producer (its metric)
+    curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics" > "$WORK/metrics-$1.txt" 2>/dev/null || true
+    awk '/^pgrelay_capture_published_total/ { s += $NF } END { printf "%d", s }' "$WORK/metrics-$1.txt"
 }
 
 RESULTS=()
@@ -204,13 +204,15 @@ for size in "${SIZE_LIST[@]}"; do
     SAMPLER=$!
 
     t0="$(now)"
-    # two -c: the LSN is read after the INSERT's own transaction committed
+    # two -c: the LSN is read after the INSERT's own transaction committed;
+    # the insert position (pg_current_wal_lsn is the *write* position, which
+    # lags behind an asynchronous commit)
     end_lsn="$(psql -X -q -At -v ON_ERROR_STOP=1 -h "$WORK" -p "$PG_PORT" -U postgres -d postgres \
         -c "INSERT INTO bench_items
             SELECT g, 'item ' || g, 'user' || g || '@example.com', (g % 100000) / 100.0,
                    g % 2 = 0, now(), jsonb_build_object('n', g, 'tag', 'bench'), 'US'
             FROM generate_series($NEXT_ID, $((NEXT_ID + rows - 1))) AS g" \
-        -c "SELECT pg_current_wal_lsn()")"
+        -c "SELECT pg_current_wal_insert_lsn()")"
     t1="$(now)"
     NEXT_ID=$((NEXT_ID + rows))
     ok=""
@@ -226,7 +228,7 @@ for size in "${SIZE_LIST[@]}"; do
     hwm="$(kb_field VmHWM "$RELAY_PID")"
     kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
     max_rss="$(sort -n "$WORK/rss.samples" | tail -n1)"
-    pub="$(published)"
+    pub="$(published "$size")"
     stop_pid "$RELAY_PID"; RELAY_PID=""
     stop_pid "$BROKER_PID"; BROKER_PID=""
     [ -n "$ok" ] || { log "confirmed_flush_lsn did not reach $end_lsn"; tail -n 20 "$WORK/relay.log" >&2; exit 1; }

@@ -297,7 +297,7 @@ native_throughput() { # workload
     local w0; w0="$(now)"
     changes="$(workload_"$w")"
     local w1; w1="$(now)"
-    end="$(sql us "SELECT pg_current_wal_lsn()")"
+    end="$(sql us "SELECT pg_current_wal_insert_lsn()")"
     t0="$(now)"
     sql eu "ALTER SUBSCRIPTION bench_sub ENABLE"
     ta="$(wait_active bench_sub)"

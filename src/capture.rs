@@ -308,11 +308,40 @@ impl Loop<'_> {
         }
     }
 
+    fn flush_counters(&mut self) {
+        for (i, n) in self.published.iter_mut().enumerate() {
+            if *n > 0 {
+                self.metrics.add(
+                    "pgrelay_capture_published_total",
+                    "Records handed to Kafka, by destination",
+                    &[
+                        ("source", self.region),
+                        ("destination", &self.destinations[i]),
+                    ],
+                    std::mem::take(n),
+                );
+            }
+        }
+        for ((table, dest, reason), n) in self.dropped.drain() {
+            self.metrics.add(
+                "pgrelay_capture_dropped_total",
+                "Row changes not published to a destination, by reason",
+                &[
+                    ("table", &table),
+                    ("destination", &self.destinations[dest]),
+                    ("reason", reason),
+                ],
+                n,
+            );
+        }
+    }
+
     async fn send_status(
         &mut self,
         writer: &mut ReplWriter,
         reply: bool,
     ) -> Result<(), CaptureError> {
+        self.flush_counters();
         let lsn = self.tracker.confirmed();
         let msg = encode_status_update(lsn, lsn, lsn, now_us(), reply);
         writer

@@ -117,7 +117,11 @@ pub async fn create_topics(
 
 /// The sum of the high watermarks of every partition of `topic` (the number
 /// of records ever written, for a topic that is never compacted or trimmed).
-pub async fn topic_end(cluster: &KafkaCluster, topic: &str, timeout: Duration) -> Result<i64, String> {
+pub async fn topic_end(
+    cluster: &KafkaCluster,
+    topic: &str,
+    timeout: Duration,
+) -> Result<i64, String> {
     let cfg = client_config(cluster);
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {

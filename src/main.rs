@@ -200,7 +200,7 @@ async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
         config.publication_name(),
         config.slot_name(region)
     );
-    let timeout = Duration::from_secs(15);
+    let timeout = Duration::from_secs(30);
     for dest in config.regions.keys().filter(|d| *d != region) {
         let topic = config.topic(region, dest);
         let created = kafka::create_topics(
@@ -362,8 +362,12 @@ async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
         capture::preflight(&config, region).await?;
     }
     {
-        let (config, region, metrics, mut shutdown) =
-            (config.clone(), region.to_string(), metrics.clone(), shutdown.clone());
+        let (config, region, metrics, mut shutdown) = (
+            config.clone(),
+            region.to_string(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 pgrelay::status::export_local(&config, &region, &metrics).await;

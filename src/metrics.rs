@@ -35,7 +35,9 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 /// Bounds for batch-size histograms, in records.
-pub const SIZE_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+pub const SIZE_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -167,7 +169,10 @@ fn write_labels(out: &mut String, labels: &Labels, le: Option<&str>) {
             out.push(',');
         }
         first = false;
-        let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let v = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
         let _ = write!(out, "{k}=\"{v}\"");
     }
     if let Some(le) = le {
@@ -202,7 +207,13 @@ mod tests {
             "pgrelay_dropped_total{table=\"public.users\",destination=\"eu\",reason=\"local\"} 2"
         ));
         assert!(text.contains("# TYPE pgrelay_confirmed_lsn gauge"));
-        m.observe("pgrelay_batch_seconds", "latency", &[("region", "eu")], LATENCY_BUCKETS, 0.03);
+        m.observe(
+            "pgrelay_batch_seconds",
+            "latency",
+            &[("region", "eu")],
+            LATENCY_BUCKETS,
+            0.03,
+        );
         let text = m.render();
         assert!(text.contains("pgrelay_batch_seconds_bucket{region=\"eu\",le=\"0.05\"} 1"));
         assert!(text.contains("pgrelay_batch_seconds_bucket{region=\"eu\",le=\"0.025\"} 0"));

@@ -87,7 +87,10 @@ async fn source_side(config: &Config, region: &str) -> SourceSide {
             confirmed: Some(s.confirmed_flush),
             retained: Some(s.retained_bytes),
             problem: (!s.active).then(|| {
-                format!("no sidecar is streaming from slot {}", config.slot_name(region))
+                format!(
+                    "no sidecar is streaming from slot {}",
+                    config.slot_name(region)
+                )
             }),
         },
         Ok(None) => SourceSide {
@@ -126,7 +129,8 @@ async fn dest_side(config: &Config, region: &str) -> DestSide {
     {
         Ok(rows) => {
             for r in rows {
-                out.watermarks.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
+                out.watermarks
+                    .insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
             }
         }
         Err(e) => out.problem = Some(format!("{region} database: reading watermarks: {e}")),
@@ -332,8 +336,12 @@ pub fn render(rows: &[PairStatus]) -> String {
             r.source_lsn.clone().unwrap_or_else(dash),
             r.confirmed_lsn.clone().unwrap_or_else(dash),
             r.lag_bytes.map(|b| b.to_string()).unwrap_or_else(dash),
-            r.backlog_records.map(|b| b.to_string()).unwrap_or_else(dash),
-            r.lag_seconds.map(|s| format!("{s:.1}")).unwrap_or_else(dash),
+            r.backlog_records
+                .map(|b| b.to_string())
+                .unwrap_or_else(dash),
+            r.lag_seconds
+                .map(|s| format!("{s:.1}"))
+                .unwrap_or_else(dash),
             r.watermark_commit_time.clone().unwrap_or_else(dash),
             r.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash),
             r.state

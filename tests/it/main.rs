@@ -4,4 +4,5 @@
 mod apply;
 mod capture;
 mod errors;
+mod sidecar;
 mod support;

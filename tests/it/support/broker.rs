@@ -89,7 +89,12 @@ impl Broker {
             .unwrap();
         let mut child = Command::new(bin)
             .arg("broker")
-            .args(["--listener-url", &listen, "--advertised-listener-url", &advertised])
+            .args([
+                "--listener-url",
+                &listen,
+                "--advertised-listener-url",
+                &advertised,
+            ])
             .args(["--storage-engine", &storage])
             .current_dir(self.dir.path())
             .stdout(Stdio::null())

@@ -26,15 +26,15 @@ impl Proxy {
             .enable_all()
             .build()
             .unwrap();
-        let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("bind proxy");
-        let port = listener.local_addr().unwrap().port();
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        std_listener.set_nonblocking(true).unwrap();
+        let port = std_listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(AtomicU64::new(0));
         let (cut, cut_rx) = watch::channel(0u64);
         let (d, l) = (down.clone(), delay_ms.clone());
         runtime.spawn(async move {
+            let listener = TcpListener::from_std(std_listener).expect("proxy listener");
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
                     continue;

@@ -1,0 +1,488 @@
+//! Three regions end to end: us, eu, cn — each its own PostgreSQL cluster,
+//! its own broker (reached through a proxy that can cut or slow the link)
+//! and its own sidecar running both sides.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::support::broker::Broker;
+use crate::support::kafka::read_all;
+use crate::support::pg::Pg;
+use crate::support::proxy::Proxy;
+use crate::support::relay::{self, ConfigFile, Relay};
+use crate::support::{eventually, free_port, repo_root};
+
+pub const REGIONS: [&str; 3] = ["us", "eu", "cn"];
+
+pub struct World {
+    pub pg: BTreeMap<&'static str, Pg>,
+    pub brokers: BTreeMap<&'static str, (Broker, Proxy)>,
+    pub cfg: BTreeMap<&'static str, ConfigFile>,
+    pub http: BTreeMap<&'static str, u16>,
+}
+
+impl World {
+    pub fn start(durable_brokers: bool) -> World {
+        let schema = std::fs::read_to_string(repo_root().join("demo/schema.sql")).unwrap();
+        let mut pg = BTreeMap::new();
+        let mut brokers = BTreeMap::new();
+        for r in REGIONS {
+            let p = Pg::start();
+            p.psql(&schema);
+            pg.insert(r, p);
+            brokers.insert(r, Broker::behind_proxy(durable_brokers));
+        }
+        let mut cfg = BTreeMap::new();
+        let mut http = BTreeMap::new();
+        for r in REGIONS {
+            let port = free_port();
+            http.insert(r, port);
+            cfg.insert(r, ConfigFile::new(&config(&pg, &brokers, port)));
+        }
+        let w = World {
+            pg,
+            brokers,
+            cfg,
+            http,
+        };
+        for r in REGIONS {
+            relay::ok(&["setup", "--config", w.cfg_path(r), "--region", r]);
+        }
+        w
+    }
+
+    pub fn cfg_path(&self, region: &str) -> &str {
+        self.cfg[region].path.to_str().unwrap()
+    }
+
+    pub fn sidecar(&self, region: &str) -> Relay {
+        Relay::spawn(&self.cfg[region], region, "all")
+    }
+
+    pub fn metrics(&self, region: &str) -> String {
+        let port = self.http[region];
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return String::new();
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// Sum of a metric's series whose label set contains `filter`.
+    pub fn metric_sum(&self, region: &str, name: &str, filter: &str) -> f64 {
+        self.metrics(region)
+            .lines()
+            .filter(|l| {
+                l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(filter)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+pub fn config(
+    pg: &BTreeMap<&'static str, Pg>,
+    brokers: &BTreeMap<&'static str, (Broker, Proxy)>,
+    http_port: u16,
+) -> String {
+    let mut regions = String::new();
+    for (i, r) in REGIONS.iter().enumerate() {
+        regions.push_str(&format!(
+            "[regions.{r}]\nid = {}\ndsn = \"{}\"\n[regions.{r}.kafka]\nbrokers = \"{}\"\n\n",
+            i + 1,
+            pg[r].dsn(),
+            brokers[r].0.brokers()
+        ));
+    }
+    format!(
+        r#"
+[relay]
+prefix = "pgrelay"
+hash_salt = "test-salt"
+
+[relay.capture]
+status_interval = "200ms"
+topic_partitions = 3
+
+[relay.apply]
+batch_max_wait = "20ms"
+
+[relay.status]
+lagging_after = "3s"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+
+{regions}
+[[tables]]
+name = "public.users"
+class = "local"
+
+[[tables]]
+name = "public.products"
+class = "global"
+
+[[tables]]
+name = "public.currencies"
+class = "owned"
+owner = "us"
+
+[[tables]]
+name = "public.orders"
+class = "partitioned"
+home_column = "country"
+aliases = {{ US = "us", CA = "us", DE = "eu", FR = "eu", CN = "cn" }}
+[tables.allow]
+us = ["eu", "cn"]
+eu = []
+cn = []
+[[tables.columns]]
+name = "email"
+action = "hash"
+to = ["cn"]
+[[tables.columns]]
+name = "card"
+action = "mask"
+mask = "****"
+"#
+    )
+}
+
+pub fn home(country: &str) -> &'static str {
+    match country {
+        "US" | "CA" => "us",
+        "DE" | "FR" => "eu",
+        _ => "cn",
+    }
+}
+
+/// Regions an order homed in `h` may reach.
+pub fn allowed(h: &str) -> BTreeSet<&'static str> {
+    match h {
+        "us" => ["us", "eu", "cn"].into_iter().collect(),
+        "eu" => ["eu"].into_iter().collect(),
+        _ => ["cn"].into_iter().collect(),
+    }
+}
+
+/// What one region's writer did (for the assertions).
+#[derive(Default, Debug)]
+pub struct WriteLog {
+    /// products: (id, name, stamp)
+    pub products: Vec<(i64, String, i64)>,
+    /// orders: id -> final country
+    pub orders: BTreeMap<i64, String>,
+    pub users: BTreeSet<i64>,
+}
+
+/// A mixed workload in one region: `n` rounds over every data class.
+pub async fn workload(region: &'static str, dsn: String, n: i64) -> WriteLog {
+    let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let base = match region {
+        "us" => 1_000_000,
+        "eu" => 2_000_000,
+        _ => 3_000_000,
+    };
+    let countries = ["US", "DE", "FR", "CN", "CA"];
+    let mut log = WriteLog::default();
+    for i in 0..n {
+        let id = (i * 13 + base / 1_000_000) % 40 + 1;
+        let name = format!("{region}-{i}");
+        let row = c
+            .query_one(
+                "INSERT INTO products VALUES ($1, $2, 1) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, price = products.price + 1 RETURNING _pgrelay_hlc",
+                &[&id, &name],
+            )
+            .await
+            .unwrap();
+        log.products.push((id, name, row.get(0)));
+        let oid = base + i;
+        let country = countries[(i as usize + region.len()) % countries.len()];
+        c.execute(
+            "INSERT INTO orders VALUES ($1, $2, $3, '4111111111111111', $4::text::numeric)",
+            &[
+                &oid,
+                &country,
+                &format!("buyer{oid}@example.com"),
+                &rust_decimal_free(i),
+            ],
+        )
+        .await
+        .unwrap();
+        log.orders.insert(oid, country.to_string());
+        if i % 5 == 4 {
+            // move an earlier order to another home
+            let moved = base + i - 3;
+            let to = countries[(i as usize / 5) % countries.len()];
+            c.execute(
+                "UPDATE orders SET country = $2 WHERE id = $1",
+                &[&moved, &to],
+            )
+            .await
+            .unwrap();
+            log.orders.insert(moved, to.to_string());
+        }
+        c.execute(
+            "INSERT INTO users VALUES ($1, $2, 'XX')",
+            &[&oid, &format!("{region}{i}@example.com")],
+        )
+        .await
+        .unwrap();
+        log.users.insert(oid);
+        if region == "us" && i % 10 == 0 {
+            c.execute(
+                "INSERT INTO currencies VALUES ($1, $2::text::numeric) ON CONFLICT (code) DO UPDATE SET rate = EXCLUDED.rate",
+                &[&format!("C{}", i % 7), &format!("{}.5", i)],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    log
+}
+
+/// The amount column as text (numeric parameter without a decimal crate).
+fn rust_decimal_free(i: i64) -> String {
+    format!("{}.25", i % 100)
+}
+
+pub async fn rows(pg: &Pg, sql: &str) -> Vec<Vec<Option<String>>> {
+    let c = pg.client().await;
+    c.simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until `sql` returns the same rows in every region.
+pub async fn identical(w: &World, sql: &str, timeout: Duration) -> Vec<Vec<Option<String>>> {
+    eventually(
+        timeout,
+        &format!("identical results of {sql:?} in every region"),
+        || async {
+            let us = rows(&w.pg["us"], sql).await;
+            let eu = rows(&w.pg["eu"], sql).await;
+            let cn = rows(&w.pg["cn"], sql).await;
+            (us == eu && eu == cn).then_some(us)
+        },
+    )
+    .await
+}
+
+/// Every residency rule, in every database and every topic.
+pub async fn assert_residency(w: &World, logs: &BTreeMap<&'static str, WriteLog>) {
+    for r in REGIONS {
+        // local users never leave
+        let users: BTreeSet<i64> = rows(&w.pg[r], "SELECT id FROM users")
+            .await
+            .iter()
+            .map(|x| x[0].as_ref().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(users, logs[r].users, "{r}: users table holds foreign rows");
+        // orders: exactly the rows whose home allows this region, with the
+        // column rules applied to foreign ones
+        let orders = rows(&w.pg[r], "SELECT id, country, email, card FROM orders").await;
+        let mut seen = BTreeSet::new();
+        for o in &orders {
+            let id: i64 = o[0].as_ref().unwrap().parse().unwrap();
+            seen.insert(id);
+            let writer = REGIONS
+                .iter()
+                .find(|x| logs[**x].orders.contains_key(&id))
+                .unwrap();
+            if *writer == r {
+                continue;
+            }
+            let country = o[1].as_deref().unwrap();
+            assert!(
+                allowed(home(country)).contains(r),
+                "{r}: order {id} homed {country} must not be here"
+            );
+            assert_eq!(o[3].as_deref(), Some("****"), "{r}: card not masked");
+            let email = o[2].as_deref().unwrap();
+            if r == "cn" {
+                assert!(
+                    !email.contains('@') && email.len() == 64,
+                    "{r}: email not hashed"
+                );
+            } else {
+                assert!(email.starts_with("buyer"), "{r}: email changed");
+            }
+        }
+        for (writer, log) in logs {
+            if *writer == r {
+                continue;
+            }
+            for (id, country) in &log.orders {
+                assert_eq!(
+                    seen.contains(id),
+                    allowed(home(country)).contains(r),
+                    "{r}: order {id} (written in {writer}, homed {country})"
+                );
+            }
+        }
+    }
+    // topics: no local table, no order outside its allowed set
+    for s in REGIONS {
+        for d in REGIONS.iter().filter(|d| **d != s) {
+            let topic = format!("pgrelay.{s}.{d}");
+            for rec in read_all(&w.brokers[d].0.brokers(), &topic, Duration::from_secs(1)) {
+                let table = rec.key["table"].as_str().unwrap_or_default();
+                assert_ne!(table, "public.users", "{topic}: local table leaked");
+                if table == "public.orders" && rec.value["op"] != "d" {
+                    let country = rec.value["after"]["country"].as_str().unwrap();
+                    assert!(
+                        allowed(home(country)).contains(d),
+                        "{topic}: order homed {country}"
+                    );
+                    assert_eq!(rec.value["after"]["card"], "****", "{topic}: card leaked");
+                }
+            }
+        }
+    }
+}
+
+/// Global data converged on the highest stamp written anywhere.
+pub async fn assert_global(w: &World, logs: &BTreeMap<&'static str, WriteLog>) {
+    let state = identical(
+        w,
+        "SELECT id, name, _pgrelay_hlc FROM products ORDER BY id",
+        Duration::from_secs(120),
+    )
+    .await;
+    let mut best: BTreeMap<i64, (String, i64)> = BTreeMap::new();
+    for log in logs.values() {
+        for (id, name, stamp) in &log.products {
+            let e = best.entry(*id).or_insert((String::new(), i64::MIN));
+            if *stamp > e.1 {
+                *e = (name.clone(), *stamp);
+            }
+        }
+    }
+    for row in &state {
+        let id: i64 = row[0].as_ref().unwrap().parse().unwrap();
+        let (name, stamp) = &best[&id];
+        assert_eq!(row[1].as_deref(), Some(name.as_str()), "product {id}");
+        assert_eq!(
+            row[2].as_ref().unwrap().parse::<i64>().unwrap(),
+            *stamp,
+            "product {id}"
+        );
+    }
+    identical(
+        w,
+        "SELECT code, rate FROM currencies ORDER BY code",
+        Duration::from_secs(60),
+    )
+    .await;
+}
+
+/// Waits until a region pair's published-record counters stop moving, then
+/// checks they stay flat: applied changes are never captured again.
+pub async fn assert_no_loops(w: &World) {
+    let total = |w: &World| -> f64 {
+        REGIONS
+            .iter()
+            .map(|r| w.metric_sum(r, "pgrelay_capture_published_total", "destination"))
+            .sum()
+    };
+    let mut last = total(w);
+    let start = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = total(w);
+        if now == last && now > 0.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "published counters never settled: {now}\n{}",
+            w.metrics("us")
+                .lines()
+                .filter(|l| l.contains("capture"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        last = now;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        total(w),
+        last,
+        "records keep being published after writes stopped: a loop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_regions_mixed_workload_converge_with_residency_and_no_loops() {
+    let w = World::start(false);
+    let _sidecars: Vec<Relay> = REGIONS.iter().map(|r| w.sidecar(r)).collect();
+    let mut tasks = Vec::new();
+    for r in REGIONS {
+        tasks.push((r, tokio::spawn(workload(r, w.pg[r].dsn(), 150))));
+    }
+    let mut logs = BTreeMap::new();
+    for (r, t) in tasks {
+        logs.insert(r, t.await.unwrap());
+    }
+    assert_global(&w, &logs).await;
+    // partitioned rows settle too
+    eventually(Duration::from_secs(60), "orders to settle", || async {
+        let mut ok = true;
+        for r in REGIONS {
+            let n = rows(&w.pg[r], "SELECT count(*) FROM orders").await[0][0]
+                .clone()
+                .unwrap();
+            let expected: usize = logs
+                .iter()
+                .map(|(writer, log)| {
+                    log.orders
+                        .values()
+                        .filter(|c| *writer == r || allowed(home(c)).contains(r))
+                        .count()
+                })
+                .sum();
+            ok &= n == expected.to_string();
+        }
+        ok.then_some(())
+    })
+    .await;
+    assert_residency(&w, &logs).await;
+    assert_no_loops(&w).await;
+    // intentional drops are counted by table, destination and reason
+    assert!(
+        w.metric_sum("us", "pgrelay_capture_dropped_total", "destination=\"cn\",reason=\"home_not_allowed\"") > 0.0,
+        "{}",
+        w.metrics("us")
+    );
+    // owned: refused outside the owner
+    let eu = w.pg["eu"].client().await;
+    let err = eu
+        .execute("INSERT INTO currencies VALUES ('ZZZ', 1)", &[])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("owned by region us")
+            || format!("{err:?}").contains("owned by region us")
+    );
+    // status: every pair active
+    let out = relay::ok(&["status", "--config", w.cfg_path("us"), "--json"]);
+    let pairs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(pairs.as_array().unwrap().len(), 6);
+    for p in pairs.as_array().unwrap() {
+        assert_eq!(p["state"], "active", "{p}");
+    }
+}
