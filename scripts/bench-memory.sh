@@ -87,6 +87,50 @@ to_rows() {
         *) echo "$1" ;;
     esac
 }
+# CPU accounting, independent of what else the machine runs: `cpu_snap FILE
+# GROUP=PID...` writes "group pid ticks" for each PID and all its descendants
+# (a cluster's postmaster covers its walsenders, apply workers and backends);
+# `cpu_used START END` prints "group seconds" summed over the processes alive
+# at END (minus their ticks at START), so short-lived helpers (our polling
+# psql sessions) are not counted.
+cpu_snap() {
+    local out="$1"; shift
+    python3 - "$@" > "$out" <<'PY'
+import os, sys
+stat = {}
+for d in os.listdir("/proc"):
+    if d.isdigit():
+        try:
+            f = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        rest = f[f.rindex(")") + 2:].split()
+        stat[int(d)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+children = {}
+for pid, (ppid, _) in stat.items():
+    children.setdefault(ppid, []).append(pid)
+for arg in sys.argv[1:]:
+    group, root = arg.split("=")
+    todo = [int(root)] if root.isdigit() and int(root) in stat else []
+    while todo:
+        pid = todo.pop()
+        print(group, pid, stat[pid][1])
+        todo.extend(children.get(pid, []))
+PY
+}
+cpu_used() {
+    python3 - "$1" "$2" <<'PY'
+import os, sys
+hz = os.sysconf("SC_CLK_TCK")
+start = {}
+for line in open(sys.argv[1]):
+    g, pid, t = line.split(); start[(g, pid)] = int(t)
+used = {}
+for line in open(sys.argv[2]):
+    g, pid, t = line.split(); used[g] = used.get(g, 0) + int(t) - start.get((g, pid), 0)
+print(" ".join(f"{g}={v / hz:.2f}" for g, v in sorted(used.items())))
+PY
+}
 kb_field() { awk -v f="$1:" '$1 == f { print $2 }' "/proc/$2/status" 2>/dev/null || true; }
 
 # --- PostgreSQL 15 -----------------------------------------------------------
@@ -203,6 +247,7 @@ for size in "${SIZE_LIST[@]}"; do
       done ) &
     SAMPLER=$!
 
+    cpu_snap "$WORK/cpu0" pgrelay="$RELAY_PID" postgres="$(head -n1 "$WORK/pg/postmaster.pid")" broker="$BROKER_PID"
     t0="$(now)"
     # two -c: the LSN is read after the INSERT's own transaction committed;
     # the insert position (pg_current_wal_lsn is the *write* position, which
@@ -214,6 +259,7 @@ for size in "${SIZE_LIST[@]}"; do
             FROM generate_series($NEXT_ID, $((NEXT_ID + rows - 1))) AS g" \
         -c "SELECT pg_current_wal_insert_lsn()")"
     t1="$(now)"
+    cpu_snap "$WORK/cpu1" pgrelay="$RELAY_PID" postgres="$(head -n1 "$WORK/pg/postmaster.pid")" broker="$BROKER_PID"
     NEXT_ID=$((NEXT_ID + rows))
     ok=""
     deadline=$(( $(date +%s) + TIMEOUT ))
@@ -225,6 +271,7 @@ for size in "${SIZE_LIST[@]}"; do
         sleep 0.1
     done
     t2="$(now)"
+    cpu_snap "$WORK/cpu2" pgrelay="$RELAY_PID" postgres="$(head -n1 "$WORK/pg/postmaster.pid")" broker="$BROKER_PID"
     hwm="$(kb_field VmHWM "$RELAY_PID")"
     kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
     max_rss="$(sort -n "$WORK/rss.samples" | tail -n1)"
@@ -239,6 +286,12 @@ for size in "${SIZE_LIST[@]}"; do
     line="$(printf '%-6s rows=%-8s baseline_rss=%5.1f MB  peak_rss(VmHWM)=%6.1f MB  max_polled_rss=%6.1f MB  insert=%7.2fs  commit->confirmed=%7.2fs (%s rows/s)  total=%7.2fs  published=%s' \
         "$size" "$rows" "$(python3 -c "print(${base_rss:-0}/1024)")" "$(python3 -c "print(${hwm:-0}/1024)")" \
         "$(python3 -c "print(${max_rss:-0}/1024)")" "$insert_s" "$catchup_s" "$rate" "$total_s" "$pub")"
+    # CPU during the catch-up (commit -> confirmed): pgrelay, the cluster (its
+    # walsender decoding the transaction), the broker
+    cpu="$(cpu_used "$WORK/cpu1" "$WORK/cpu2")"
+    pg_cpu="$(sed -n 's/.*pgrelay=\([0-9.]*\).*/\1/p' <<<"$cpu")"
+    line="$line
+         catch-up CPU seconds: $cpu; pgrelay $(python3 -c "print(f'{1e6 * ${pg_cpu:-0} / $rows:.2f}')") CPU us/row = $(python3 -c "print(f'{$rows / max(${pg_cpu:-0}, 1e-3):,.0f}')") rows per pgrelay CPU-second"
     log "$line"
     RESULTS+=("$line")
 done

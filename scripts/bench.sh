@@ -91,9 +91,55 @@ BROKER_PORT=""
 
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-sql() { psql -X -q -At -v ON_ERROR_STOP=1 -h "$WORK" -p "${PORT[$1]}" -U postgres -d postgres -c "$2"; }
+sql() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -At -v ON_ERROR_STOP=1 -h "$WORK" -p "${PORT[$1]}" -U postgres -d postgres -c "$2"; }
 now() { date +%s.%N; }
 calc() { python3 -c "print($1)"; }
+
+# CPU accounting, independent of what else the machine runs: `cpu_snap FILE
+# GROUP=PID...` writes "group pid ticks" for each PID and all its descendants
+# (a cluster's postmaster covers its walsenders, apply workers and backends);
+# `cpu_used START END` prints "group seconds" summed over the processes alive
+# at END (minus their ticks at START), so short-lived helpers (our polling
+# psql sessions) are not counted.
+cpu_snap() {
+    local out="$1"; shift
+    python3 - "$@" > "$out" <<'PY'
+import os, sys
+stat = {}
+for d in os.listdir("/proc"):
+    if d.isdigit():
+        try:
+            f = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        rest = f[f.rindex(")") + 2:].split()
+        stat[int(d)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+children = {}
+for pid, (ppid, _) in stat.items():
+    children.setdefault(ppid, []).append(pid)
+for arg in sys.argv[1:]:
+    group, root = arg.split("=")
+    todo = [int(root)] if root.isdigit() and int(root) in stat else []
+    while todo:
+        pid = todo.pop()
+        print(group, pid, stat[pid][1])
+        todo.extend(children.get(pid, []))
+PY
+}
+cpu_used() {
+    python3 - "$1" "$2" <<'PY'
+import os, sys
+hz = os.sysconf("SC_CLK_TCK")
+start = {}
+for line in open(sys.argv[1]):
+    g, pid, t = line.split(); start[(g, pid)] = int(t)
+used = {}
+for line in open(sys.argv[2]):
+    g, pid, t = line.split(); used[g] = used.get(g, 0) + int(t) - start.get((g, pid), 0)
+print(" ".join(f"{g}={v / hz:.2f}" for g, v in sorted(used.items())))
+PY
+}
+postmaster() { head -n1 "$WORK/$1/postmaster.pid"; }
 
 stop_pid() { # pid: TERM, wait up to 15 s, then KILL
     kill -TERM "$1" 2>/dev/null || true
@@ -127,7 +173,7 @@ start_pg() { # region
     as_pg "$PGBIN/initdb" -D "$WORK/$r" --no-sync -U postgres --auth-local=trust \
         --auth-host=scram-sha-256 --pwfile="$WORK/pw" >/dev/null
     port="$(free_port)"
-    # identical settings for both systems; durability off on both (loopback benchmark)
+    # identical settings for both systems: fsync off (loopback benchmark), synchronous_commit on
     cat >> "$WORK/$r/postgresql.auto.conf" <<CONF
 port = $port
 listen_addresses = '127.0.0.1'
@@ -138,7 +184,7 @@ max_replication_slots = 10
 max_wal_senders = 10
 max_worker_processes = 16
 fsync = off
-synchronous_commit = off
+synchronous_commit = on
 full_page_writes = off
 shared_buffers = 256MB
 max_wal_size = 8GB
@@ -183,8 +229,8 @@ schema() { # region workload role(source|target)
             # the same initial data on both sides (not replicated, not timed)
             sql "$r" "INSERT INTO bench_branches SELECT b, 0, '' FROM generate_series(1, $SMALL_SCALE) b;
                 INSERT INTO bench_tellers SELECT t, (t - 1) / 10 + 1, 0, '' FROM generate_series(1, 10 * $SMALL_SCALE) t;
-                INSERT INTO bench_accounts SELECT a, (a - 1) / 100000 + 1, 0, '' FROM generate_series(1, 100000 * $SMALL_SCALE) a;
-                VACUUM ANALYZE" ;;
+                INSERT INTO bench_accounts SELECT a, (a - 1) / 100000 + 1, 0, '' FROM generate_series(1, 100000 * $SMALL_SCALE) a"
+            sql "$r" "VACUUM ANALYZE" ;;
         lag)
             sql "$r" "CREATE TABLE lag_probe (id bigint PRIMARY KEY, src_ts timestamptz NOT NULL, payload text)"
             if [ "$role" = target ]; then
@@ -298,6 +344,7 @@ native_throughput() { # workload
     changes="$(workload_"$w")"
     local w1; w1="$(now)"
     end="$(sql us "SELECT pg_current_wal_insert_lsn()")"
+    cpu_snap "$WORK/cpu0" us="$(postmaster us)" eu="$(postmaster eu)"
     t0="$(now)"
     sql eu "ALTER SUBSCRIPTION bench_sub ENABLE"
     ta="$(wait_active bench_sub)"
@@ -307,7 +354,9 @@ native_throughput() { # workload
         sleep 0.1
     done
     t1="$(now)"
-    record native "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")"
+    cpu_snap "$WORK/cpu1" us="$(postmaster us)" eu="$(postmaster eu)"
+    record native "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
+        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1")"
     stop_all
 }
 
@@ -353,6 +402,11 @@ relay_pair() { # workload
     done
 }
 
+relay_cpu_snap() { # file
+    cpu_snap "$1" us="$(postmaster us)" eu="$(postmaster eu)" broker="$BROKER_PID" \
+        relay_us="${RELAY_PID[us]:-none}" relay_eu="${RELAY_PID[eu]:-none}"
+}
+
 applied() { sql eu "SELECT coalesce(sum(next_offset), 0) FROM pgrelay.offsets WHERE topic = 'pgrelay.us.eu'"; }
 
 relay_throughput() { # workload
@@ -363,6 +417,7 @@ relay_throughput() { # workload
     local w0; w0="$(now)"
     changes="$(workload_"$w")"
     local w1; w1="$(now)"
+    relay_cpu_snap "$WORK/cpu0"
     t0="$(now)"
     start_relay us
     ta="$(wait_active pgrelay_us)"
@@ -373,24 +428,29 @@ relay_throughput() { # workload
         sleep 0.1
     done
     t1="$(now)"
-    record pgrelay "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")"
+    relay_cpu_snap "$WORK/cpu1"
+    record pgrelay "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
+        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1")"
     stop_all
 }
 
-# system workload changes w0 w1 t0 t_active t_done verdict
+# system workload changes w0 w1 t0 t_active t_done verdict cpu
 record() {
     local line
     line="$(python3 - "$@" <<'PY'
 import sys
-system, w, changes, w0, w1, t0, ta, t1, verdict = sys.argv[1:]
+system, w, changes, w0, w1, t0, ta, t1, verdict, cpu = sys.argv[1:]
 changes = int(changes); w0, w1, t0, ta, t1 = map(float, (w0, w1, t0, ta, t1))
 rate = changes / max(t1 - ta, 1e-3)
-print(f"{system}\t{w}\t{changes}\t{w1 - w0:.2f}\t{ta - t0:.2f}\t{t1 - ta:.2f}\t{rate:.0f}\t{verdict}")
+total = sum(float(x.split("=")[1]) for x in cpu.split())
+print(f"{system}\t{w}\t{changes}\t{w1 - w0:.2f}\t{ta - t0:.2f}\t{t1 - ta:.2f}\t{rate:.0f}\t{verdict}"
+      f"\t{total:.2f}\t{1e6 * total / changes:.1f}\t{cpu}")
 PY
 )"
     echo "$line" >> "$RESULTS"
-    IFS=$'\t' read -r s wl ch ws st cs rt v <<<"$line"
+    IFS=$'\t' read -r s wl ch ws st cs rt v cpu us_per cpus <<<"$line"
     log "$s $wl: $ch row changes; source workload ${ws}s; startup ${st}s; catch-up ${cs}s = $rt changes/s; tables $v"
+    log "$s $wl: CPU ${cpu}s = ${us_per} us per change ($cpus)"
 }
 
 # --- lag ---------------------------------------------------------------------
@@ -456,7 +516,7 @@ for w in ("bulk", "small"):
     if not any(runs.values()):
         continue
     print(f"\n{w}: row changes replicated per second, catch-up from a backlog (median of runs)")
-    med = {}
+    med, med_cpu = {}, {}
     for s, rs in runs.items():
         if not rs:
             continue
@@ -465,11 +525,16 @@ for w in ("bulk", "small"):
         catch = statistics.median(float(r[5]) for r in rs)
         src = statistics.median(float(r[3]) for r in rs)
         bad = [r[7] for r in rs if r[7] != "match"]
+        cpu = statistics.median(float(r[9]) for r in rs)
+        med_cpu[s] = cpu
         print(f"  {s:8s} {med[s]:>10,.0f} changes/s   (runs: {', '.join(f'{x:,}' for x in rates)}; "
               f"{rs[0][2]} changes; catch-up {catch:.1f}s; source workload {src:.1f}s)"
               + (f"  TABLE MISMATCH in {len(bad)} run(s)" if bad else ""))
+        print(f"  {'':8s} {cpu:>10.1f} CPU us per change, all processes involved "
+              f"(last run: {rs[-1][10]})")
     if "native" in med and "pgrelay" in med:
-        print(f"  ratio pgrelay/native: {med['pgrelay'] / med['native']:.2f}")
+        print(f"  ratio pgrelay/native: throughput {med['pgrelay'] / med['native']:.2f}, "
+              f"CPU per change {med_cpu['pgrelay'] / med_cpu['native']:.2f}")
 lag = [r for r in rows if r[1] == "lag"]
 if lag:
     print("\nlag: end-to-end, commit in us -> row written in eu (ms)")

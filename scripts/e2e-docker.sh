@@ -20,7 +20,7 @@
 #                               --locked` from the host; PGRELAY_E2E_BUILD=source
 #                               builds with the Dockerfile's cargo stage instead
 #                               (Rust from Debian's rustc-web/cargo-web packages,
-#                               crates from crates.io: slower)
+#                               crates vendored on the host: slower)
 #  2. docker/compose.yml + docker/compose.tansu.yml up (Tansu for Kafka);
 #  3. a mixed workload in every region, then convergence and residency checks
 #     (global and owned tables identical everywhere, stamps included; every
@@ -38,6 +38,7 @@
 #   PGRELAY_E2E_MIRROR=URL             Debian mirror (http://deb.debian.org/debian)
 #   PGRELAY_E2E_APT_IN_CONTAINERS=0|1  skip the probe: can containers reach the
 #                                      mirror? (0: install PostgreSQL with chroot)
+#   PGRELAY_E2E_CUT_SECONDS=25         how long pgrelay-cn stays cut off
 #   PGRELAY_E2E_KEEP=1                 leave the stack running at the end
 set -euo pipefail
 
@@ -88,9 +89,8 @@ fail() {
     exit 1
 }
 
-compose() {
-    "${COMPOSE[@]}" -p "$PROJECT" -f "$ROOT/docker/compose.yml" -f "$ROOT/docker/compose.tansu.yml" "$@"
-}
+COMPOSE_CMD=("${COMPOSE[@]}" -p "$PROJECT" -f "$ROOT/docker/compose.yml" -f "$ROOT/docker/compose.tansu.yml")
+compose() { "${COMPOSE_CMD[@]}" "$@"; }
 
 cleanup() {
     local rc=$?
@@ -102,7 +102,7 @@ cleanup() {
             log "logs of every service: $LOGS/"
             for svc in kafka postgres-us postgres-eu postgres-cn pgrelay-us-setup pgrelay-eu-setup \
                 pgrelay-cn-setup pgrelay-us pgrelay-eu pgrelay-cn; do
-                timeout 60 compose logs --no-color "$svc" >"$LOGS/$svc.log" 2>&1
+                timeout 60 "${COMPOSE_CMD[@]}" logs --no-color "$svc" >"$LOGS/$svc.log" 2>&1
             done
             for svc in pgrelay-us pgrelay-eu pgrelay-cn; do
                 echo "---- last lines of $svc ----" >&2
@@ -114,7 +114,7 @@ cleanup() {
             log "  ${COMPOSE[*]} -p $PROJECT -f docker/compose.yml -f docker/compose.tansu.yml down -v"
         else
             log "tearing down (compose down -v)"
-            timeout 180 compose down -v --remove-orphans --timeout 5 >"$LOGS/down.log" 2>&1 ||
+            timeout 180 "${COMPOSE_CMD[@]}" down -v --remove-orphans --timeout 5 >"$LOGS/down.log" 2>&1 ||
                 log "compose down failed: see $LOGS/down.log"
         fi
     fi
@@ -314,12 +314,23 @@ build_relay() {
                 --label pgrelay.e2e.key="$key" -t "$RUST_IMAGE" docker/local >"$LOGS/build-rust.log" 2>&1 ||
                 { tail -n 30 "$LOGS/build-rust.log" >&2; fail "building $RUST_IMAGE failed"; }
         fi
+        # crates: vendored on the host (containers here cannot fetch from
+        # crates.io over HTTPS), baked into a builder image on top
+        local vctx="$WORK/ctx-vendor"
+        rm -rf "$vctx"
+        mkdir -p "$vctx"
+        cargo vendor --locked --versioned-dirs -q "$vctx/vendor" >/dev/null 2>"$LOGS/vendor.log" ||
+            { cat "$LOGS/vendor.log" >&2; fail "cargo vendor failed"; }
+        docker build -q -f docker/local/rust-vendored.Dockerfile --build-arg RUST_IMAGE="$RUST_IMAGE" \
+            -t "$RUST_IMAGE-vendored" "$vctx" >"$LOGS/build-rust-vendored.log" 2>&1 ||
+            { tail -n 30 "$LOGS/build-rust-vendored.log" >&2; fail "building $RUST_IMAGE-vendored failed"; }
+        rm -rf "$vctx"
         cp -pr Cargo.toml Cargo.lock src tests benches "$ctx/"
         # the classic builder builds every stage before the target, `prebuilt`
         # included: give it a placeholder (the runtime stage copies from `build`)
         : >"$ctx/target/release/pgrelay"
-        log "building pgrelay in docker: docker/Dockerfile (cargo stage on $RUST_IMAGE)"
-        docker build -f docker/Dockerfile --build-arg RUST_IMAGE="$RUST_IMAGE" \
+        log "building pgrelay in docker: docker/Dockerfile (cargo stage on $RUST_IMAGE-vendored)"
+        docker build -f docker/Dockerfile --build-arg RUST_IMAGE="$RUST_IMAGE-vendored" \
             --build-arg RUNTIME_IMAGE="$BASE_IMAGE" -t "$RELAY_IMAGE" "$ctx" >"$LOGS/build-relay.log" 2>&1 ||
             { tail -n 40 "$LOGS/build-relay.log" >&2; fail "building $RELAY_IMAGE failed"; }
     fi
@@ -551,7 +562,7 @@ export PGRELAY_LOG=info
 
 log "compose up (postgres x3 + broker -> setup x3 -> sidecars x3)"
 STACK_UP=1
-timeout 300 compose up -d --no-build >"$LOGS/up.log" 2>&1 ||
+timeout 300 "${COMPOSE_CMD[@]}" up -d --no-build >"$LOGS/up.log" 2>&1 ||
     { tail -n 30 "$LOGS/up.log" >&2; fail "docker compose up failed (or took over 300s)"; }
 for svc in postgres-us postgres-eu postgres-cn kafka pgrelay-us pgrelay-eu pgrelay-cn; do
     CID[$svc]="$(compose ps -q "$svc")"
@@ -624,7 +635,11 @@ n="$(count_in eu "SELECT count(*) FROM products WHERE id = $us_marker")"
 [ "$n" = 1 ] || fail "during the cut, eu did not receive us's writes: us -> eu must not depend on cn"
 n="$(count_in cn "SELECT count(*) FROM products WHERE id = $us_marker")"
 [ "$n" = 0 ] || fail "cn received us's writes while its sidecar was cut off: the cut did not work"
+cn_marker=$(($(lo cn) + 200001))
+n="$(count_in us "SELECT count(*) FROM products WHERE id = $cn_marker")"
+[ "$n" = 0 ] || fail "us received cn's writes while pgrelay-cn was cut off: the cut did not work"
 wait_writers
+while [ $((SECONDS - CUT_AT)) -lt "${PGRELAY_E2E_CUT_SECONDS:-25}" ]; do sleep 1; done
 docker network connect "$WAN" "${CID[pgrelay-cn]}"
 log "pgrelay-cn reconnected after $((SECONDS - CUT_AT))s (us and eu kept replicating meanwhile)"
 wait_converged 240 "the network cut of pgrelay-cn"
@@ -644,6 +659,7 @@ for r in "${REGIONS[@]}"; do
 done
 
 FAILED=0
+rm -rf "$LOGS"
 echo
 echo "e2e-docker: PASSED"
 echo "  total run time: ${SECONDS}s (images ${BUILD_DONE}s, scenario $((SECONDS - BUILD_DONE))s)"

@@ -44,6 +44,9 @@ pub enum CaptureError {
     /// Cannot start until someone fixes something; restarting will not help.
     #[error("{0}")]
     Setup(String),
+    /// A database or Kafka cluster cannot be reached at start.
+    #[error("{0}")]
+    Unreachable(String),
     /// The run broke; restart from the last confirmed LSN.
     #[error("{0}")]
     Transient(String),
@@ -69,7 +72,7 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError
         .dsn;
     let client = catalog::connect(dsn, region)
         .await
-        .map_err(|e| CaptureError::Setup(e.to_string()))?;
+        .map_err(|e| CaptureError::Unreachable(e.to_string()))?;
     let cat = Catalog {
         client: &client,
         region,
@@ -88,11 +91,26 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError
     if !blocking.is_empty() {
         return Err(CaptureError::Setup(blocking.join("\n")));
     }
+    let home_cluster = &config.kafka_for(region).brokers;
     for dest in config.regions.keys().filter(|r| *r != region) {
         let topic = config.topic(region, dest);
-        crate::kafka::check_topics(config.kafka_for(dest), &[topic], Duration::from_secs(10))
-            .await
-            .map_err(|e| CaptureError::Setup(format!("destination {dest}: {e}")))?;
+        let cluster = config.kafka_for(dest);
+        match crate::kafka::check_topics(cluster, &[topic], Duration::from_secs(10)).await {
+            Ok(()) => {}
+            // another region's cluster being down must not keep this
+            // sidecar from starting: the capture side waits for it
+            Err(e) if e.is_unreachable() && cluster.brokers != *home_cluster => {
+                tracing::warn!(region, destination = %dest, error = %e, "destination cluster unreachable; capture will wait for it");
+            }
+            Err(e) => {
+                let msg = format!("destination {dest}: {e}");
+                return Err(if e.is_unreachable() {
+                    CaptureError::Unreachable(msg)
+                } else {
+                    CaptureError::Setup(msg)
+                });
+            }
+        }
     }
     Ok(())
 }

@@ -123,6 +123,9 @@ pub struct Config {
     pub prefix: String,
     /// Stamps further ahead of the local clock than this are flagged.
     pub max_clock_skew: Duration,
+    /// How long `pgrelay run` keeps retrying an unreachable database or
+    /// Kafka cluster at start before it gives up with an error.
+    pub startup_timeout: Duration,
     /// Secret salt of hashed columns; set whenever a column rule hashes.
     pub hash_salt: Option<String>,
     pub capture: CaptureSettings,
@@ -201,6 +204,9 @@ pub struct HttpSettings {
 pub const DEFAULT_PREFIX: &str = "pgrelay";
 pub const DEFAULT_PUBLICATION: &str = "pgrelay";
 
+pub const fn default_startup_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 pub const fn default_max_clock_skew() -> Duration {
     Duration::from_millis(500)
 }
@@ -959,6 +965,7 @@ struct RawConfig {
 struct RawRelay {
     prefix: Option<String>,
     max_clock_skew: Option<HumanDuration>,
+    startup_timeout: Option<HumanDuration>,
     hash_salt: Option<String>,
     #[serde(default)]
     capture: RawCapture,
@@ -1151,6 +1158,10 @@ impl Validator<'_> {
             origin: self.origin.to_string(),
             prefix,
             max_clock_skew,
+            startup_timeout: raw
+                .relay
+                .startup_timeout
+                .map_or(default_startup_timeout(), |d| d.0),
             hash_salt,
             capture,
             apply,

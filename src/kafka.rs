@@ -12,6 +12,22 @@ use rdkafka::metadata::Metadata;
 
 use crate::config::KafkaCluster;
 
+/// A Kafka administration failure: the cluster cannot be reached (worth
+/// retrying), or it answered and something is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl AdminError {
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, AdminError::Unreachable(_))
+    }
+}
+
 fn client_config(cluster: &KafkaCluster) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &cluster.brokers);
@@ -24,20 +40,21 @@ fn client_config(cluster: &KafkaCluster) -> ClientConfig {
 
 /// Every topic's metadata, or an error naming the brokers that could not be
 /// reached.
-pub async fn metadata(cluster: &KafkaCluster, timeout: Duration) -> Result<Metadata, String> {
+pub async fn metadata(cluster: &KafkaCluster, timeout: Duration) -> Result<Metadata, AdminError> {
     let cfg = client_config(cluster);
     let brokers = cluster.brokers.clone();
     tokio::task::spawn_blocking(move || {
-        let admin: AdminClient<DefaultClientContext> = cfg
-            .create()
-            .map_err(|e| format!("invalid kafka settings for {brokers}: {e}"))?;
-        admin
-            .inner()
-            .fetch_metadata(None, timeout)
-            .map_err(|e| format!("cannot reach kafka brokers {brokers} within {timeout:?}: {e}"))
+        let admin: AdminClient<DefaultClientContext> = cfg.create().map_err(|e| {
+            AdminError::Failed(format!("invalid kafka settings for {brokers}: {e}"))
+        })?;
+        admin.inner().fetch_metadata(None, timeout).map_err(|e| {
+            AdminError::Unreachable(format!(
+                "cannot reach kafka brokers {brokers} within {timeout:?}: {e}"
+            ))
+        })
     })
     .await
-    .map_err(|e| format!("metadata task failed: {e}"))?
+    .map_err(|e| AdminError::Failed(format!("metadata task failed: {e}")))?
 }
 
 /// Fails unless every topic exists.
@@ -45,7 +62,7 @@ pub async fn check_topics(
     cluster: &KafkaCluster,
     topics: &[String],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), AdminError> {
     let md = metadata(cluster, timeout).await?;
     let missing: Vec<&str> = topics
         .iter()
@@ -59,11 +76,11 @@ pub async fn check_topics(
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(format!(
+        Err(AdminError::Failed(format!(
             "topics missing on kafka {}: {}; run pgrelay setup",
             cluster.brokers,
             missing.join(", ")
-        ))
+        )))
     }
 }
 
@@ -74,7 +91,7 @@ pub async fn create_topics(
     partitions: i32,
     replication_factor: i32,
     timeout: Duration,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, AdminError> {
     let md = metadata(cluster, timeout).await?;
     let missing: Vec<&String> = topics
         .iter()
@@ -87,9 +104,13 @@ pub async fn create_topics(
     if missing.is_empty() {
         return Ok(vec![]);
     }
-    let admin: AdminClient<DefaultClientContext> = client_config(cluster)
-        .create()
-        .map_err(|e| format!("invalid kafka settings for {}: {e}", cluster.brokers))?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(cluster).create().map_err(|e| {
+            AdminError::Failed(format!(
+                "invalid kafka settings for {}: {e}",
+                cluster.brokers
+            ))
+        })?;
     let new: Vec<NewTopic> = missing
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication_factor)))
@@ -98,17 +119,17 @@ pub async fn create_topics(
     let results = admin
         .create_topics(new.iter(), &opts)
         .await
-        .map_err(|e| format!("creating topics on {}: {e}", cluster.brokers))?;
+        .map_err(|e| AdminError::Failed(format!("creating topics on {}: {e}", cluster.brokers)))?;
     let mut created = Vec::new();
     for r in results {
         match r {
             Ok(name) => created.push(name),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(format!(
+                return Err(AdminError::Failed(format!(
                     "cannot create topic {name} on {}: {code}",
                     cluster.brokers
-                ))
+                )))
             }
         }
     }

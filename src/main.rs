@@ -358,9 +358,6 @@ async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
         let _ = shutdown_tx.send(true);
     });
 
-    if with_capture {
-        capture::preflight(&config, region).await?;
-    }
     {
         let (config, region, metrics, mut shutdown) = (
             config.clone(),
@@ -378,8 +375,40 @@ async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
             }
         });
     }
-    if with_apply {
-        apply::preflight(&config, region).await?;
+    let deadline = Instant::now() + config.startup_timeout;
+    loop {
+        let result: Result<(), (bool, String)> = async {
+            if with_capture {
+                capture::preflight(&config, region).await.map_err(|e| {
+                    (
+                        matches!(e, capture::CaptureError::Unreachable(_)),
+                        e.to_string(),
+                    )
+                })?;
+            }
+            if with_apply {
+                apply::preflight(&config, region).await.map_err(|e| {
+                    (
+                        matches!(e, apply::ApplyError::Unreachable(_)),
+                        e.to_string(),
+                    )
+                })?;
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => break,
+            Err((true, e)) if Instant::now() < deadline => {
+                tracing::warn!(region, error = %e, "not reachable yet, retrying (relay.startup_timeout)");
+                let mut shutdown = shutdown.clone();
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(ExitCode::SUCCESS),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err((_, e)) => bail!("{e}"),
+        }
     }
     let mut sides = tokio::task::JoinSet::new();
     if with_capture {

@@ -53,6 +53,9 @@ pub enum ApplyError {
     /// Cannot run until someone fixes something.
     #[error("{0}")]
     Setup(String),
+    /// A database or Kafka cluster cannot be reached at start.
+    #[error("{0}")]
+    Unreachable(String),
     /// Broke; restart with backoff.
     #[error("{0}")]
     Transient(String),
@@ -265,8 +268,10 @@ pub async fn assign(
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(ApplyError::Setup(format!(
-            "topic {topic} does not exist; run pgrelay setup in the source region"
+        // preflight checked it exists: a broker that is restarting may
+        // answer without it for a moment
+        return Err(ApplyError::Transient(format!(
+            "topic {topic} not found; if it persists, run pgrelay setup in the source region"
         )));
     }
     let mut tpl = TopicPartitionList::new();
@@ -293,10 +298,13 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
         .dsn;
     let client = catalog::connect(dsn, region)
         .await
-        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+        .map_err(|e| ApplyError::Unreachable(e.to_string()))?;
     load_targets(config, region, &client)
         .await
-        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+        .map_err(|e| match e {
+            ApplyError::Transient(m) => ApplyError::Unreachable(m),
+            other => other,
+        })?;
     let cluster = config.kafka_for(region);
     let mut topics: Vec<String> = config
         .regions
@@ -307,11 +315,24 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
     topics.push(config.dlq_topic(region));
     crate::kafka::check_topics(cluster, &topics, Duration::from_secs(10))
         .await
-        .map_err(|e| ApplyError::Setup(format!("region {region}: {e}")))?;
+        .map_err(|e| {
+            let msg = format!("region {region}: {e}");
+            if e.is_unreachable() {
+                ApplyError::Unreachable(msg)
+            } else {
+                ApplyError::Setup(msg)
+            }
+        })?;
     for source in config.regions.keys().filter(|r| *r != region) {
-        session(config, region, source)
-            .await
-            .map_err(|e| ApplyError::Setup(e.to_string()))?;
+        match session(config, region, source).await {
+            Ok(_) => {}
+            // an origin still held by a previous process's session, or a
+            // database that is restarting: the supervisor retries
+            Err(ApplyError::Transient(m)) => {
+                tracing::warn!(region, source = %source, "apply session not ready yet: {m}");
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

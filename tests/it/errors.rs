@@ -16,6 +16,11 @@ fn fails(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
 }
 
+/// A config that gives up on unreachable services after one second.
+fn quick_start(toml: &str) -> String {
+    toml.replacen("[relay]\n", "[relay]\nstartup_timeout = \"1s\"\n", 1)
+}
+
 fn check_fails(toml: &str) -> String {
     let cfg = ConfigFile::new(toml);
     fails(&["check", "--config", cfg.path.to_str().unwrap()])
@@ -110,7 +115,8 @@ fn wal_level_not_logical_is_reported() {
 fn unreachable_database_is_named() {
     let port = free_port();
     let dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
-    let cfg = ConfigFile::new(&config(&dsn, "127.0.0.1:1"));
+    let cfg = ConfigFile::new(&quick_start(&config(&dsn, "127.0.0.1:1")));
+    let started = std::time::Instant::now();
     let err = fails(&[
         "run",
         "--config",
@@ -120,6 +126,10 @@ fn unreachable_database_is_named() {
         "--role",
         "capture",
     ]);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "retried for relay.startup_timeout"
+    );
     assert!(err.contains("us database"), "{err}");
     assert!(err.contains(&port.to_string()), "{err}");
 }
@@ -132,7 +142,7 @@ async fn unreachable_broker_fails_start_and_loses_nothing() {
         .await
         .unwrap();
     let dead = format!("127.0.0.1:{}", free_port());
-    let bad = ConfigFile::new(&config(&f.pg.dsn(), &dead));
+    let bad = ConfigFile::new(&quick_start(&config(&f.pg.dsn(), &dead)));
     let err = fails(&[
         "run",
         "--config",

@@ -4,5 +4,6 @@
 mod apply;
 mod capture;
 mod errors;
+mod faults;
 mod sidecar;
 mod support;

@@ -178,12 +178,12 @@ pub struct WriteLog {
     pub users: BTreeSet<i64>,
 }
 
-/// A mixed workload in one region: `n` rounds over every data class.
+/// A mixed workload in one region: `n` rounds over every data class, one
+/// transaction per round. A round whose connection breaks (the region's
+/// database restarting) is retried on a new connection; every statement is
+/// idempotent, so a round that committed before the break is harmless to
+/// repeat.
 pub async fn workload(region: &'static str, dsn: String, n: i64) -> WriteLog {
-    let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
     let base = match region {
         "us" => 1_000_000,
         "eu" => 2_000_000,
@@ -191,60 +191,85 @@ pub async fn workload(region: &'static str, dsn: String, n: i64) -> WriteLog {
     };
     let countries = ["US", "DE", "FR", "CN", "CA"];
     let mut log = WriteLog::default();
+    let mut client = connect_retry(&dsn).await;
     for i in 0..n {
         let id = (i * 13 + base / 1_000_000) % 40 + 1;
         let name = format!("{region}-{i}");
-        let row = c
-            .query_one(
-                "INSERT INTO products VALUES ($1, $2, 1) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, price = products.price + 1 RETURNING _pgrelay_hlc",
-                &[&id, &name],
-            )
-            .await
-            .unwrap();
-        log.products.push((id, name, row.get(0)));
         let oid = base + i;
         let country = countries[(i as usize + region.len()) % countries.len()];
-        c.execute(
-            "INSERT INTO orders VALUES ($1, $2, $3, '4111111111111111', $4::text::numeric)",
-            &[
-                &oid,
-                &country,
-                &format!("buyer{oid}@example.com"),
-                &rust_decimal_free(i),
-            ],
-        )
-        .await
-        .unwrap();
+        let moved =
+            (i % 5 == 4).then(|| (base + i - 3, countries[(i as usize / 5) % countries.len()]));
+        let stamp = loop {
+            let attempt = async {
+                let tx = client.transaction().await?;
+                let row = tx
+                    .query_one(
+                        "INSERT INTO products VALUES ($1, $2, 1) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, price = products.price + 1 RETURNING _pgrelay_hlc",
+                        &[&id, &name],
+                    )
+                    .await?;
+                tx.execute(
+                    "INSERT INTO orders VALUES ($1, $2, $3, '4111111111111111', $4::text::numeric) ON CONFLICT (id) DO NOTHING",
+                    &[&oid, &country, &format!("buyer{oid}@example.com"), &rust_decimal_free(i)],
+                )
+                .await?;
+                if let Some((m, to)) = moved {
+                    tx.execute("UPDATE orders SET country = $2 WHERE id = $1", &[&m, &to])
+                        .await?;
+                }
+                tx.execute(
+                    "INSERT INTO users VALUES ($1, $2, 'XX') ON CONFLICT (id) DO NOTHING",
+                    &[&oid, &format!("{region}{i}@example.com")],
+                )
+                .await?;
+                if region == "us" && i % 10 == 0 {
+                    tx.execute(
+                        "INSERT INTO currencies VALUES ($1, $2::text::numeric) ON CONFLICT (code) DO UPDATE SET rate = EXCLUDED.rate",
+                        &[&format!("C{}", i % 7), &format!("{}.5", i)],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok::<i64, tokio_postgres::Error>(row.get(0))
+            };
+            match attempt.await {
+                Ok(stamp) => break stamp,
+                Err(e) => {
+                    let transient = e.is_closed()
+                        || e.code().is_none_or(|c| {
+                            c.code().starts_with("57P") || c.code().starts_with("08")
+                        });
+                    assert!(transient, "{region} workload: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    client = connect_retry(&dsn).await;
+                }
+            }
+        };
+        log.products.push((id, name, stamp));
         log.orders.insert(oid, country.to_string());
-        if i % 5 == 4 {
-            // move an earlier order to another home
-            let moved = base + i - 3;
-            let to = countries[(i as usize / 5) % countries.len()];
-            c.execute(
-                "UPDATE orders SET country = $2 WHERE id = $1",
-                &[&moved, &to],
-            )
-            .await
-            .unwrap();
-            log.orders.insert(moved, to.to_string());
+        if let Some((m, to)) = moved {
+            log.orders.insert(m, to.to_string());
         }
-        c.execute(
-            "INSERT INTO users VALUES ($1, $2, 'XX')",
-            &[&oid, &format!("{region}{i}@example.com")],
-        )
-        .await
-        .unwrap();
         log.users.insert(oid);
-        if region == "us" && i % 10 == 0 {
-            c.execute(
-                "INSERT INTO currencies VALUES ($1, $2::text::numeric) ON CONFLICT (code) DO UPDATE SET rate = EXCLUDED.rate",
-                &[&format!("C{}", i % 7), &format!("{}.5", i)],
-            )
-            .await
-            .unwrap();
-        }
     }
     log
+}
+
+async fn connect_retry(dsn: &str) -> tokio_postgres::Client {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio_postgres::connect(dsn, tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                return c;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cannot reconnect: {e}"),
+        }
+    }
 }
 
 /// The amount column as text (numeric parameter without a decimal crate).
@@ -464,7 +489,11 @@ async fn three_regions_mixed_workload_converge_with_residency_and_no_loops() {
     assert_no_loops(&w).await;
     // intentional drops are counted by table, destination and reason
     assert!(
-        w.metric_sum("us", "pgrelay_capture_dropped_total", "destination=\"cn\",reason=\"home_not_allowed\"") > 0.0,
+        w.metric_sum(
+            "us",
+            "pgrelay_capture_dropped_total",
+            "destination=\"cn\",reason=\"home_not_allowed\""
+        ) > 0.0,
         "{}",
         w.metrics("us")
     );

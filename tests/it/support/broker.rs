@@ -108,11 +108,14 @@ impl Broker {
                 return;
             }
             if let Ok(Some(st)) = child.try_wait() {
-                panic!("broker exited at start: {st}");
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default();
+                panic!("broker exited at start: {st}\n{log}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("broker did not listen on {} within 15 s", self.port);
     }
 
