@@ -40,6 +40,7 @@
 #   BULK_INSERTS [1000000]  BULK_UPDATES [500000]  BULK_TX_ROWS [10000]
 #   SMALL_SECONDS [30]  SMALL_CLIENTS [8]  SMALL_SCALE [4] (100k accounts each)
 #   LAG_SECONDS [60]  LAG_RATE [5000]  LAG_ROWS_PER_TX [10]
+#   PGRELAY_BENCH_EXTRA_TOML appended to pgrelay's config (tuning experiments)
 #   PGRELAY_BIN              use this binary instead of building target/release/pgrelay
 #   PGRELAY_BENCH_TIMEOUT    seconds to wait for a catch-up [900]
 #   PGRELAY_BENCH_KEEP=1     keep the work directory (logs)
@@ -382,6 +383,10 @@ TOML
     for t in ${!tables}; do
         printf '\n[[tables]]\nname = "public.%s"\nclass = "global"\n' "$t" >> "$WORK/relay.toml"
     done
+    # e.g. PGRELAY_BENCH_EXTRA_TOML=$'[relay.apply]\nbatch_max_wait = "10ms"'
+    if [ -n "${PGRELAY_BENCH_EXTRA_TOML:-}" ]; then
+        printf '\n%s\n' "$PGRELAY_BENCH_EXTRA_TOML" >> "$WORK/relay.toml"
+    fi
 }
 
 start_relay() { # region
@@ -417,17 +422,35 @@ relay_throughput() { # workload
     local w0; w0="$(now)"
     changes="$(workload_"$w")"
     local w1; w1="$(now)"
+    local end n=0 done_applied=0 captured=""
+    end="$(sql us "SELECT pg_current_wal_insert_lsn()")"
     relay_cpu_snap "$WORK/cpu0"
     t0="$(now)"
     start_relay us
     ta="$(wait_active pgrelay_us)"
+    # progress once a second: which side is behind (capture = the slot's
+    # confirmed LSN vs the WAL end; apply = records applied in eu)
+    local timeline="$WORK/timeline-pgrelay-$w-$(date +%s).tsv"
+    echo -e "seconds\tcapture_bytes_behind\tapplied" > "$timeline"
     local deadline=$(( $(date +%s) + TIMEOUT ))
-    until [ "$(applied)" -ge "$changes" ]; do
-        [ "$(date +%s)" -lt "$deadline" ] || { log "pgrelay $w: timed out at $(applied)/$changes"; tail -n 20 "$WORK"/relay-*.log >&2; return 1; }
+    while :; do
+        done_applied="$(applied)"
+        [ "$done_applied" -ge "$changes" ] && break
+        [ "$(date +%s)" -lt "$deadline" ] || { log "pgrelay $w: timed out at $done_applied/$changes"; tail -n 20 "$WORK"/relay-*.log >&2; return 1; }
         kill -0 "${RELAY_PID[us]}" 2>/dev/null || { log "pgrelay us exited"; tail -n 20 "$WORK/relay-us.log" >&2; return 1; }
+        if [ $((n % 10)) -eq 0 ] || [ -z "$captured" ]; then
+            local behind
+            behind="$(sql us "SELECT greatest(pg_wal_lsn_diff('$end', confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 'pgrelay_us'")"
+            [ $((n % 10)) -eq 0 ] && echo -e "$(calc "round($(now) - $ta, 1)")\t$behind\t$done_applied" >> "$timeline"
+            if [ -z "$captured" ] && [ "$behind" = 0 ]; then
+                captured="$(calc "round($(now) - $ta, 2)")"
+            fi
+        fi
+        n=$((n + 1))
         sleep 0.1
     done
     t1="$(now)"
+    log "pgrelay $w: capture side confirmed everything after ${captured:-?}s, apply side done after $(calc "round($t1 - $ta, 2)")s (timeline: $timeline)"
     relay_cpu_snap "$WORK/cpu1"
     record pgrelay "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
         "$(cpu_used "$WORK/cpu0" "$WORK/cpu1")"

@@ -237,16 +237,19 @@ pub async fn stored_offsets(
 pub fn consumer(config: &Config, region: &str, group: &str) -> Result<StreamConsumer, ApplyError> {
     let cluster = config.kafka_for(region);
     let mut cfg = rdkafka::ClientConfig::new();
-    cfg.set("bootstrap.servers", &cluster.brokers);
+    cfg.set("bootstrap.servers", &cluster.brokers)
+        // tuning defaults, overridable from the config
+        .set("fetch.wait.max.ms", "50")
+        .set("isolation.level", "read_committed");
     for (k, v) in &cluster.properties {
         cfg.set(k, v);
     }
+    // what exactly-once apply relies on: offsets live in the target database
     cfg.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed");
+        .set("auto.offset.reset", "earliest");
     cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
     cfg.create()
         .map_err(|e| ApplyError::Setup(format!("kafka consumer for region {region}: {e}")))

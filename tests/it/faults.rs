@@ -192,16 +192,21 @@ async fn distance_between_regions_still_converges_and_lag_is_measured() {
             .unwrap();
         tokio::spawn(conn);
         let start = Instant::now();
+        let mut written = Vec::new();
         for i in 0..probes {
             let due = start + Duration::from_millis(20 * i as u64);
             tokio::time::sleep_until(due.into()).await;
-            c.execute(
-                "INSERT INTO products VALUES ($1, $2, 0)",
-                &[&(100_000 + i), &format!("probe-{}", now_us())],
-            )
-            .await
-            .unwrap();
+            let name = format!("probe-{}", now_us());
+            let row = c
+                .query_one(
+                    "INSERT INTO products VALUES ($1, $2, 0) RETURNING _pgrelay_hlc",
+                    &[&(100_000 + i), &name],
+                )
+                .await
+                .unwrap();
+            written.push((100_000 + i, name, row.get::<_, i64>(0)));
         }
+        written
     });
     let poller = tokio::spawn(async move {
         let (c, conn) = tokio_postgres::connect(&eu_dsn, tokio_postgres::NoTls)
@@ -234,13 +239,22 @@ async fn distance_between_regions_still_converges_and_lag_is_measured() {
     for r in REGIONS {
         tasks.push((r, tokio::spawn(workload(r, w.pg[r].dsn(), 100))));
     }
-    writer.await.unwrap();
+    let probe_log = writer.await.unwrap();
     let mut lags = poller.await.unwrap();
-    assert_eq!(lags.len(), probes as usize, "every probe row arrived");
+    if lags.len() != probes as usize {
+        let recs = crate::support::kafka::read_all(&w.brokers["eu"].0.brokers(), "pgrelay.us.eu", Duration::from_secs(3));
+        let probes_in_kafka = recs.iter().filter(|r| r.value["after"]["name"].as_str().is_some_and(|n| n.starts_with("probe"))).count();
+        let offsets = rows(&w.pg["eu"], "SELECT topic, kafka_partition, next_offset FROM pgrelay.offsets").await;
+        let per_part: Vec<(i32, usize)> = (0..3).map(|p| (p, recs.iter().filter(|r| r.partition == p).count())).collect();
+        let us_conf = rows(&w.pg["us"], "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text FROM pg_replication_slots").await;
+        panic!("probes arrived: {} of {probes}; in kafka: {probes_in_kafka}; per partition {per_part:?}; eu offsets {offsets:?}; us slot {us_conf:?}\n{}", lags.len(),
+            _sidecars[1].log_text().lines().rev().take(15).collect::<Vec<_>>().join("\n"));
+    }
     let mut logs = BTreeMap::new();
     for (r, t) in tasks {
         logs.insert(r, t.await.unwrap());
     }
+    logs.get_mut("us").unwrap().products.extend(probe_log);
     assert_global(&w, &logs).await;
     orders_settled(&w, &logs).await;
     assert_residency(&w, &logs).await;
