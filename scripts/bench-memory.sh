@@ -114,7 +114,12 @@ for arg in sys.argv[1:]:
     todo = [int(root)] if root.isdigit() and int(root) in stat else []
     while todo:
         pid = todo.pop()
-        print(group, pid, stat[pid][1])
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip()
+        except OSError:
+            cmd = "?"
+        cmd = cmd.removeprefix("postgres: ").split(" 127.0.0.1")[0].replace(" ", "_")[:40] or "?"
+        print(group, pid, stat[pid][1], cmd)
         todo.extend(children.get(pid, []))
 PY
 }
@@ -124,11 +129,19 @@ import os, sys
 hz = os.sysconf("SC_CLK_TCK")
 start = {}
 for line in open(sys.argv[1]):
-    g, pid, t = line.split(); start[(g, pid)] = int(t)
-used = {}
+    g, pid, t, _ = line.split(); start[(g, pid)] = int(t)
+used, procs = {}, {}
 for line in open(sys.argv[2]):
-    g, pid, t = line.split(); used[g] = used.get(g, 0) + int(t) - start.get((g, pid), 0)
+    g, pid, t, cmd = line.split()
+    d = int(t) - start.get((g, pid), 0)
+    used[g] = used.get(g, 0) + d
+    procs[(g, cmd)] = procs.get((g, cmd), 0) + d
 print(" ".join(f"{g}={v / hz:.2f}" for g, v in sorted(used.items())))
+if len(sys.argv) > 3:  # per process, for the record
+    with open(sys.argv[3], "w") as f:
+        for (g, cmd), v in sorted(procs.items(), key=lambda x: -x[1]):
+            if v:
+                f.write(f"{v / hz:8.2f}s  {g:9s} {cmd}\n")
 PY
 }
 kb_field() { awk -v f="$1:" '$1 == f { print $2 }' "/proc/$2/status" 2>/dev/null || true; }

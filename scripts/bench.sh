@@ -123,7 +123,12 @@ for arg in sys.argv[1:]:
     todo = [int(root)] if root.isdigit() and int(root) in stat else []
     while todo:
         pid = todo.pop()
-        print(group, pid, stat[pid][1])
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip()
+        except OSError:
+            cmd = "?"
+        cmd = cmd.removeprefix("postgres: ").split(" 127.0.0.1")[0].replace(" ", "_")[:40] or "?"
+        print(group, pid, stat[pid][1], cmd)
         todo.extend(children.get(pid, []))
 PY
 }
@@ -133,11 +138,19 @@ import os, sys
 hz = os.sysconf("SC_CLK_TCK")
 start = {}
 for line in open(sys.argv[1]):
-    g, pid, t = line.split(); start[(g, pid)] = int(t)
-used = {}
+    g, pid, t, _ = line.split(); start[(g, pid)] = int(t)
+used, procs = {}, {}
 for line in open(sys.argv[2]):
-    g, pid, t = line.split(); used[g] = used.get(g, 0) + int(t) - start.get((g, pid), 0)
+    g, pid, t, cmd = line.split()
+    d = int(t) - start.get((g, pid), 0)
+    used[g] = used.get(g, 0) + d
+    procs[(g, cmd)] = procs.get((g, cmd), 0) + d
 print(" ".join(f"{g}={v / hz:.2f}" for g, v in sorted(used.items())))
+if len(sys.argv) > 3:  # per process, for the record
+    with open(sys.argv[3], "w") as f:
+        for (g, cmd), v in sorted(procs.items(), key=lambda x: -x[1]):
+            if v:
+                f.write(f"{v / hz:8.2f}s  {g:9s} {cmd}\n")
 PY
 }
 postmaster() { head -n1 "$WORK/$1/postmaster.pid"; }
@@ -357,7 +370,7 @@ native_throughput() { # workload
     t1="$(now)"
     cpu_snap "$WORK/cpu1" us="$(postmaster us)" eu="$(postmaster eu)"
     record native "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
-        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1")"
+        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1" "$WORK/cpu-$s-$w-$(date +%s).txt")"
     stop_all
 }
 
@@ -453,7 +466,7 @@ relay_throughput() { # workload
     log "pgrelay $w: capture side confirmed everything after ${captured:-?}s, apply side done after $(calc "round($t1 - $ta, 2)")s (timeline: $timeline)"
     relay_cpu_snap "$WORK/cpu1"
     record pgrelay "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
-        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1")"
+        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1" "$WORK/cpu-$s-$w-$(date +%s).txt")"
     stop_all
 }
 

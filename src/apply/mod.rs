@@ -369,7 +369,7 @@ pub async fn run(
             dlq: dlq.clone(),
         };
         let shutdown = shutdown.clone();
-        tasks.spawn(async move { pipeline.run(shutdown).await });
+        tasks.spawn(async move { pipeline.supervise(shutdown).await });
     }
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
@@ -403,6 +403,36 @@ pub struct Outcome {
 }
 
 impl Pipeline {
+    /// Runs the pipeline, restarting it with backoff after transient
+    /// failures; the other sources' pipelines are not disturbed.
+    async fn supervise(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let started = Instant::now();
+            match self.run(shutdown.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(ApplyError::Transient(e)) => {
+                    self.metrics.add(
+                        "pgrelay_apply_restarts_total",
+                        "Apply pipelines restarted after a transient failure",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1,
+                    );
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_millis(250);
+                    }
+                    tracing::warn!(region = %self.region, source = %self.source, error = %e, retry_in = ?backoff, "apply pipeline failed, restarting");
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
         let mut client = session(&self.config, &self.region, &self.source).await?;
         let stored = stored_offsets(&client, &self.topic).await?;

@@ -242,13 +242,30 @@ async fn distance_between_regions_still_converges_and_lag_is_measured() {
     let probe_log = writer.await.unwrap();
     let mut lags = poller.await.unwrap();
     if lags.len() != probes as usize {
-        let recs = crate::support::kafka::read_all(&w.brokers["eu"].0.brokers(), "pgrelay.us.eu", Duration::from_secs(3));
-        let probes_in_kafka = recs.iter().filter(|r| r.value["after"]["name"].as_str().is_some_and(|n| n.starts_with("probe"))).count();
-        let offsets = rows(&w.pg["eu"], "SELECT topic, kafka_partition, next_offset FROM pgrelay.offsets").await;
-        let per_part: Vec<(i32, usize)> = (0..3).map(|p| (p, recs.iter().filter(|r| r.partition == p).count())).collect();
+        let recs = crate::support::kafka::read_all(
+            &w.brokers["eu"].0.brokers(),
+            "pgrelay.us.eu",
+            Duration::from_secs(3),
+        );
+        let probes_in_kafka = recs
+            .iter()
+            .filter(|r| {
+                r.value["after"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("probe"))
+            })
+            .count();
+        let offsets = rows(
+            &w.pg["eu"],
+            "SELECT topic, kafka_partition, next_offset FROM pgrelay.offsets",
+        )
+        .await;
+        let per_part: Vec<(i32, usize)> = (0..3)
+            .map(|p| (p, recs.iter().filter(|r| r.partition == p).count()))
+            .collect();
         let us_conf = rows(&w.pg["us"], "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text FROM pg_replication_slots").await;
         panic!("probes arrived: {} of {probes}; in kafka: {probes_in_kafka}; per partition {per_part:?}; eu offsets {offsets:?}; us slot {us_conf:?}\n{}", lags.len(),
-            _sidecars[1].log_text().lines().rev().take(15).collect::<Vec<_>>().join("\n"));
+            _sidecars[1].log_text().lines().filter(|l| l.contains("WARN")).take(15).collect::<Vec<_>>().join("\n"));
     }
     let mut logs = BTreeMap::new();
     for (r, t) in tasks {
