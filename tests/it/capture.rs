@@ -427,3 +427,20 @@ async fn kill9_mid_workload_loses_nothing() {
         );
     }
 }
+
+#[test]
+fn check_reports_the_database_and_prints_the_residency_matrix() {
+    let f = fixture(SCHEMA);
+    let cfg = f.cfg.path.to_str().unwrap();
+    let out = relay::ok(&["check", "--config", cfg, "--region", "us"]);
+    assert!(out.contains("region us: database ok"), "{out}");
+    assert!(out.contains("topic pgrelay.us.eu ok"), "{out}");
+    assert!(out.contains("public.orders"), "{out}");
+    assert!(out.contains("public.users"), "{out}");
+    // what setup installs is checked: remove a trigger and check names it
+    f.pg.psql("DROP TRIGGER pgrelay_stamp ON products");
+    let out = relay::cmd(&["check", "--config", cfg, "--region", "us"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("public.products") && text.contains("run pgrelay setup"), "{text}");
+}
