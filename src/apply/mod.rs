@@ -400,6 +400,8 @@ pub struct Outcome {
     pub won: u64,
     pub lost: u64,
     pub dead: Vec<DeadLetter>,
+    /// Changes stamped further ahead of the local clock than allowed.
+    pub ahead: u64,
 }
 
 impl Pipeline {
@@ -525,6 +527,7 @@ impl Pipeline {
                     extra_offsets: &[],
                     commit: true,
                     max_tries: self.config.apply.max_retries.max(1),
+                    max_skew: self.config.max_clock_skew,
                 },
             )
             .await
@@ -598,18 +601,7 @@ impl Pipeline {
             crate::metrics::SIZE_BUCKETS,
             batch.len() as f64,
         );
-        let now_ms = now_ms();
-        let skew = self.config.max_clock_skew.as_millis() as i64;
-        let mut ahead = 0;
-        for c in batch {
-            if let Some(v) = &c.value {
-                if let Some(stamp) = quick_hlc(v) {
-                    if hlc::ahead_ms(stamp, now_ms) > skew {
-                        ahead += 1;
-                    }
-                }
-            }
-        }
+        let ahead = outcome.ahead;
         if ahead > 0 {
             self.metrics.add(
                 "pgrelay_apply_clock_skew_total",
@@ -629,20 +621,6 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn quick_hlc(value: &[u8]) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Meta {
-        hlc: u64,
-    }
-    #[derive(serde::Deserialize)]
-    struct Env {
-        pgrelay: Meta,
-    }
-    serde_json::from_slice::<Env>(value)
-        .ok()
-        .map(|e| e.pgrelay.hlc)
-}
-
 /// How to apply a batch.
 pub struct BatchOptions<'a> {
     /// How many times this batch was tried before (for dead-letter headers).
@@ -653,6 +631,8 @@ pub struct BatchOptions<'a> {
     pub commit: bool,
     /// Attempts on a record with a definite error before it is parked.
     pub max_tries: u32,
+    /// Stamps more than this far ahead of the local clock are counted.
+    pub max_skew: Duration,
 }
 
 /// Applies one batch in one transaction. Returns `Err` for transient
@@ -670,6 +650,7 @@ pub async fn apply_batch(
         extra_offsets,
         commit,
         max_tries,
+        max_skew,
     } = opts;
     let mut outcome = Outcome::default();
     let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
@@ -683,6 +664,12 @@ pub async fn apply_batch(
             Err(rej) => outcome.dead.push(DeadLetter::rejected(c, &rej, attempt)),
         }
     }
+    let now = now_ms();
+    let skew = max_skew.as_millis() as i64;
+    outcome.ahead = changes
+        .iter()
+        .filter(|c| hlc::ahead_ms(c.hlc, now) > skew)
+        .count() as u64;
     let statements = sql::plan(&changes, targets);
     let tx = client
         .transaction()

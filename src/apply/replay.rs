@@ -95,6 +95,7 @@ pub async fn replay(
                 extra_offsets: &progress,
                 commit: !dry_run,
                 max_tries: 1,
+                max_skew: config.max_clock_skew,
             },
         )
         .await

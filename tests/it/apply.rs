@@ -341,16 +341,19 @@ async fn poison_and_injection_records_are_parked_never_executed() {
     let p = pair(SCHEMA);
     let _eu = Relay::spawn(&p.cfg, "eu", "apply");
     p.eu.psql("INSERT INTO users VALUES (1, 'stays@example.com')");
-    let env = |schema: &str, table: &str, after: &str| -> Vec<u8> {
+    let env_at = |schema: &str, table: &str, after: &str, hlc: u64| -> Vec<u8> {
         serde_json::json!({
             "before": null, "after": serde_json::from_str::<serde_json::Value>(after).unwrap(), "op": "c", "ts_ms": 1,
             "source": {"connector":"pgrelay","version":"0","name":"pgrelay","region":"us","db":"postgres",
                        "schema": schema, "table": table, "txId": 1, "lsn": 1, "ts_ms": 1},
-            "pgrelay": {"hlc": 1u64 << 30, "origin":"us","commit_lsn":"0/1","xid":1,"seq":0,"unchanged":[]}
+            "pgrelay": {"hlc": hlc, "origin":"us","commit_lsn":"0/1","xid":1,"seq":0,"unchanged":[]}
         })
         .to_string()
         .into_bytes()
     };
+    let env = |schema: &str, table: &str, after: &str| env_at(schema, table, after, 1u64 << 30);
+    // a stamp an hour ahead of the local clock
+    let future = pgrelay::hlc::compose(pgrelay::apply::now_ms() + 3_600_000, 0, 1);
     let records = vec![
         (None, Some(b"\x00\xffnot json at all".to_vec())),
         (
@@ -379,6 +382,15 @@ async fn poison_and_injection_records_are_parked_never_executed() {
                 "public",
                 "products",
                 r#"{"id":"7","name":"valid","price":"3"}"#,
+            )),
+        ),
+        (
+            None,
+            Some(env_at(
+                "public",
+                "products",
+                r#"{"id":"8","name":"future","price":"3"}"#,
+                future,
             )),
         ),
     ];

@@ -442,5 +442,8 @@ fn check_reports_the_database_and_prints_the_residency_matrix() {
     let out = relay::cmd(&["check", "--config", cfg, "--region", "us"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("public.products") && text.contains("run pgrelay setup"), "{text}");
+    assert!(
+        text.contains("public.products") && text.contains("run pgrelay setup"),
+        "{text}"
+    );
 }
