@@ -40,6 +40,7 @@
 #   BULK_INSERTS [1000000]  BULK_UPDATES [500000]  BULK_TX_ROWS [10000]
 #   SMALL_SECONDS [30]  SMALL_CLIENTS [8]  SMALL_SCALE [4] (100k accounts each)
 #   LAG_SECONDS [60]  LAG_RATE [5000]  LAG_ROWS_PER_TX [10]
+#   PGRELAY_BENCH_NICE       e.g. -10: run at that niceness (shared machines)
 #   PGRELAY_BENCH_EXTRA_TOML appended to pgrelay's config (tuning experiments)
 #   PGRELAY_BIN              use this binary instead of building target/release/pgrelay
 #   PGRELAY_BENCH_TIMEOUT    seconds to wait for a catch-up [900]
@@ -47,6 +48,11 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# PGRELAY_BENCH_NICE=-10: run everything (servers included) at that niceness,
+# to be less disturbed by other work on a shared machine
+if [ -n "${PGRELAY_BENCH_NICE:-}" ] && [ -z "${_PGRELAY_BENCH_NICED:-}" ]; then
+    exec env _PGRELAY_BENCH_NICED=1 nice -n "$PGRELAY_BENCH_NICE" bash "${BASH_SOURCE[0]}" "$@"
+fi
 
 ONLY="${PGRELAY_BENCH_ONLY:-bulk,small,lag}"
 SYSTEMS="${PGRELAY_BENCH_SYSTEMS:-native,pgrelay}"
@@ -133,7 +139,7 @@ for arg in sys.argv[1:]:
 PY
 }
 cpu_used() {
-    python3 - "$1" "$2" <<'PY'
+    python3 - "$@" <<'PY'
 import os, sys
 hz = os.sysconf("SC_CLK_TCK")
 start = {}
