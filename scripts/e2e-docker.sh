@@ -84,6 +84,11 @@ CHROOT_PROC=""
 mkdir -p "$WORK" "$LOGS"
 case "$BUILD_MODE" in host | source) ;; *) echo "PGRELAY_E2E_BUILD must be host or source" >&2; exit 2 ;; esac
 
+PASSES=0
+pass() {
+    PASSES=$((PASSES + 1))
+    log "PASS: $*"
+}
 fail() {
     log "FAIL: $*"
     exit 1
@@ -120,7 +125,11 @@ cleanup() {
     fi
     if [ "$FAILED" = 1 ] || [ "$rc" != 0 ]; then
         log "e2e-docker: FAILED after ${SECONDS}s"
+        echo "e2e-docker: $PASSES passed, 1 failed"
         [ "$rc" = 0 ] && rc=1
+    else
+        rm -rf "$LOGS"
+        echo "e2e-docker: $PASSES passed, 0 failed"
     fi
     exit "$rc"
 }
@@ -260,7 +269,7 @@ build_postgres() {
         import_rootfs "$r" "$base"
         rm -rf "$r"
     fi
-    docker build -q -f docker/local/postgres.Dockerfile --build-arg BASE_IMAGE="$base" \
+    docker build --force-rm -q -f docker/local/postgres.Dockerfile --build-arg BASE_IMAGE="$base" \
         --label pgrelay.e2e.key="$key" -t "$PG_IMAGE" docker/local >"$LOGS/build-postgres.log" 2>&1 ||
         { tail -n 30 "$LOGS/build-postgres.log" >&2; fail "building $PG_IMAGE failed"; }
     log "postgres image $PG_IMAGE: built in $((SECONDS - t0))s ($(image_mb "$PG_IMAGE") MB)"
@@ -277,7 +286,7 @@ build_tansu() {
     rm -rf "$ctx"
     mkdir -p "$ctx"
     cp "$tansu" "$ctx/tansu"
-    docker build -q -f docker/local/tansu.Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE" \
+    docker build --force-rm -q -f docker/local/tansu.Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE" \
         -t "$TANSU_IMAGE" "$ctx" >"$LOGS/build-tansu.log" 2>&1 ||
         { tail -n 30 "$LOGS/build-tansu.log" >&2; fail "building $TANSU_IMAGE failed"; }
     rm -rf "$ctx"
@@ -286,7 +295,8 @@ build_tansu() {
 
 # ----------------------------------------------------------------- pgrelay image
 build_relay() {
-    local ctx="$WORK/ctx-relay" t0=$SECONDS
+    local ctx="$WORK/ctx-relay" t0=$SECONDS previous=""
+    image_exists "$RELAY_IMAGE" && previous="$(image_id "$RELAY_IMAGE")"
     rm -rf "$ctx"
     mkdir -p "$ctx/target/release" "$ctx/docker"
     cp -p docker/pgrelay-healthcheck "$ctx/docker/"
@@ -302,7 +312,7 @@ build_relay() {
             cp "$bin" "$ctx/target/release/pgrelay"
         fi
         log "host binary built in $((SECONDS - t0))s; image from docker/Dockerfile --target prebuilt"
-        docker build -f docker/Dockerfile --target prebuilt --build-arg RUNTIME_IMAGE="$BASE_IMAGE" \
+        docker build --force-rm -f docker/Dockerfile --target prebuilt --build-arg RUNTIME_IMAGE="$BASE_IMAGE" \
             -t "$RELAY_IMAGE" "$ctx" >"$LOGS/build-relay.log" 2>&1 ||
             { tail -n 40 "$LOGS/build-relay.log" >&2; fail "building $RELAY_IMAGE failed"; }
     else
@@ -310,7 +320,7 @@ build_relay() {
         key="$(inputs_key docker/local/rust.Dockerfile)-$(image_id "$BASE_IMAGE" | cut -c8-19)"
         if [ "$(image_label "$RUST_IMAGE" pgrelay.e2e.key)" != "$key" ] || [ -n "${PGRELAY_E2E_REBUILD:-}" ]; then
             log "building $RUST_IMAGE (Debian's rustc-web and cargo-web)"
-            docker build -q -f docker/local/rust.Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE" \
+            docker build --force-rm -q -f docker/local/rust.Dockerfile --build-arg BASE_IMAGE="$BASE_IMAGE" \
                 --label pgrelay.e2e.key="$key" -t "$RUST_IMAGE" docker/local >"$LOGS/build-rust.log" 2>&1 ||
                 { tail -n 30 "$LOGS/build-rust.log" >&2; fail "building $RUST_IMAGE failed"; }
         fi
@@ -321,7 +331,7 @@ build_relay() {
         mkdir -p "$vctx"
         cargo vendor --locked --versioned-dirs -q "$vctx/vendor" >/dev/null 2>"$LOGS/vendor.log" ||
             { cat "$LOGS/vendor.log" >&2; fail "cargo vendor failed"; }
-        docker build -q -f docker/local/rust-vendored.Dockerfile --build-arg RUST_IMAGE="$RUST_IMAGE" \
+        docker build --force-rm -q -f docker/local/rust-vendored.Dockerfile --build-arg RUST_IMAGE="$RUST_IMAGE" \
             -t "$RUST_IMAGE-vendored" "$vctx" >"$LOGS/build-rust-vendored.log" 2>&1 ||
             { tail -n 30 "$LOGS/build-rust-vendored.log" >&2; fail "building $RUST_IMAGE-vendored failed"; }
         rm -rf "$vctx"
@@ -330,11 +340,14 @@ build_relay() {
         # included: give it a placeholder (the runtime stage copies from `build`)
         : >"$ctx/target/release/pgrelay"
         log "building pgrelay in docker: docker/Dockerfile (cargo stage on $RUST_IMAGE-vendored)"
-        docker build -f docker/Dockerfile --build-arg RUST_IMAGE="$RUST_IMAGE-vendored" \
+        docker build --force-rm -f docker/Dockerfile --build-arg RUST_IMAGE="$RUST_IMAGE-vendored" \
             --build-arg RUNTIME_IMAGE="$BASE_IMAGE" -t "$RELAY_IMAGE" "$ctx" >"$LOGS/build-relay.log" 2>&1 ||
             { tail -n 40 "$LOGS/build-relay.log" >&2; fail "building $RELAY_IMAGE failed"; }
     fi
     rm -rf "$ctx"
+    if [ -n "$previous" ] && [ "$previous" != "$(image_id "$RELAY_IMAGE")" ]; then
+        docker rmi "$previous" >/dev/null 2>&1 || true # the image this one replaces
+    fi
     local version user
     version="$(docker run --rm "$RELAY_IMAGE" --version)" || fail "$RELAY_IMAGE does not run"
     user="$(docker run --rm --entrypoint id "$RELAY_IMAGE" -u)"
@@ -446,9 +459,34 @@ wait_converged() { # TIMEOUT WHAT
     if ! wait_for "$1" converged; then
         echo "regions did not converge within $1s after $2:" >&2
         converged verbose >&2 || true
+        dump_tables
         fail "no convergence after $2"
     fi
-    log "converged after $2 in $((SECONDS - t0))s"
+    pass "converged after $2 in $((SECONDS - t0))s (products, currencies identical; orders exactly per policy)"
+}
+
+# On failure: every region's replicated tables and pgrelay's bookkeeping, to
+# $LOGS/dump-REGION.txt, and the products rows that differ.
+dump_tables() {
+    local r
+    for r in "${REGIONS[@]}"; do
+        psql_in "$r" -P pager=off >"$LOGS/dump-$r.txt" 2>&1 <<'EOF'
+SELECT 'products', id, name, price, _pgrelay_hlc FROM products ORDER BY id;
+SELECT 'currencies', code, rate, _pgrelay_hlc FROM currencies ORDER BY code;
+SELECT 'orders', id, country, email, card, amount, _pgrelay_hlc FROM orders ORDER BY id;
+SELECT 'tombstones', table_name, pk, hlc, deleted_at FROM pgrelay.tombstones ORDER BY table_name, pk::text;
+SELECT 'watermarks', * FROM pgrelay.watermarks ORDER BY source_region;
+SELECT 'offsets', * FROM pgrelay.offsets ORDER BY topic, kafka_partition;
+EOF
+    done
+    echo "products rows that differ between regions (region|products|id|name|price|stamp):" >&2
+    for r in "${REGIONS[@]}"; do
+        grep '^products|' "$LOGS/dump-$r.txt" | sed "s/^/$r|/"
+    done | sort -t'|' -k3,3n -k1,1 | awk -F'|' '
+        { key = $3; rows[key] = rows[key] "\n  " $0; vals[key, $1] = $4 "|" $5 "|" $6; seen[key]++ }
+        END { for (k in seen) if (seen[k] != 3 || vals[k, "us"] != vals[k, "eu"] || vals[k, "us"] != vals[k, "cn"]) print "id " k ":" rows[k] }
+    ' | head -n 60 >&2
+    echo "(full dumps: $LOGS/dump-*.txt)" >&2
 }
 
 # Explicit residency assertions, each with its own message.
@@ -468,7 +506,7 @@ assert_residency() {
     [ "$n" = 0 ] || fail "RESIDENCY: cn holds $n e-mail addresses of other regions' orders that are not hashes"
     n="$(psql_in cn -c "SELECT count(*) FROM orders WHERE id NOT BETWEEN $(lo cn) AND $(hi cn)")"
     [ "$n" -gt 0 ] || fail "cn received no order at all from the other regions"
-    log "residency: users local, EU-homed orders never in cn, no order where its home forbids it, emails hashed in cn, cards masked outside their home"
+    pass "residency: users local, EU-homed orders never in cn, no order where its home forbids it, emails hashed in cn, cards masked outside their home"
 }
 
 # ---------------------------------------------------------------------- workload
@@ -543,6 +581,7 @@ wait_writers() {
 }
 
 count_in() { psql_in "$1" -c "$2"; }
+has_product() { [ "$(count_in "$1" "SELECT count(*) FROM products WHERE id = $2")" = 1 ]; }
 
 # ====================================================================== main
 log "e2e-docker: compose ${COMPOSE[*]}, project $PROJECT, build mode $BUILD_MODE"
@@ -571,12 +610,12 @@ done
 for r in "${REGIONS[@]}"; do
     wait_for 120 ready "$r" || fail "pgrelay-$r is not ready (/readyz) after 120s"
 done
-log "stack up: every sidecar ready (/readyz)"
+pass "stack up in order (databases and broker healthy, setup done in every region), every sidecar ready (/readyz)"
 for r in "${REGIONS[@]}"; do
     docker exec "${CID[pgrelay-$r]}" pgrelay check --config /etc/pgrelay/relay.toml --region "$r" \
         >"$LOGS/check-$r.log" 2>&1 || { cat "$LOGS/check-$r.log" >&2; fail "pgrelay check --region $r failed inside pgrelay-$r"; }
 done
-log "pgrelay check passes inside every sidecar"
+pass "pgrelay check passes inside every sidecar"
 
 # ---- phase 1: mixed workload everywhere at once
 log "phase 1: mixed workload in us, eu and cn at the same time"
@@ -589,7 +628,7 @@ for pid in "${pids[@]}"; do wait "$pid" || fail "phase 1 workload failed: see $L
 if psql_in eu -c "INSERT INTO currencies VALUES ('JPY', 0.0067)" >"$LOGS/owned-refused.log" 2>&1; then
     fail "eu could write currencies, a table owned by us"
 fi
-log "eu was refused a write to currencies (owned by us): $(grep -m1 -o 'ERROR:.*' "$LOGS/owned-refused.log" | cut -c1-100)"
+pass "eu was refused a write to currencies (owned by us): $(grep -m1 -o 'ERROR:.*' "$LOGS/owned-refused.log" | cut -c1-100)"
 wait_converged 120 "phase 1"
 assert_residency
 [ "$(count_in eu "SELECT count(*) FROM currencies")" = 3 ] || fail "currencies (owned by us) did not reach eu whole"
@@ -608,7 +647,7 @@ eu_rows="$(count_in eu "SELECT count(*) FROM products WHERE id > $(lo eu) + 1000
 us_rows="$(count_in us "SELECT count(*) FROM products WHERE id > $(lo eu) + 100000 AND id <= $(hi eu)")"
 [ "$us_rows" -lt "$eu_rows" ] || fail "with pgrelay-eu killed, us already holds all $eu_rows stream rows of eu"
 docker start "${CID[pgrelay-eu]}" >/dev/null
-log "pgrelay-eu down for $((SECONDS - KILLED_AT))s (eu had $eu_rows stream rows, us $us_rows of them); restarted"
+pass "pgrelay-eu killed for $((SECONDS - KILLED_AT))s: eu's writes stayed queued (eu had $eu_rows stream rows, us $us_rows of them); restarted"
 wait_writers
 wait_for 120 ready eu || fail "pgrelay-eu not ready after its restart"
 wait_converged 180 "the kill and restart of pgrelay-eu"
@@ -618,7 +657,7 @@ n="$(count_in cn "SELECT count(*) FROM products WHERE id BETWEEN $(lo eu) + 1000
 n="$(count_in us "SELECT count(*) FROM orders WHERE id BETWEEN $(lo eu) + 100001 AND $(lo eu) + 100200")"
 m="$(count_in eu "SELECT count(*) FROM orders WHERE id BETWEEN $(lo eu) + 100001 AND $(lo eu) + 100200 AND country IN ('US','CA')")"
 [ "$n" = "$m" ] && [ "$n" -gt 0 ] || fail "us holds $n of the $m US-homed orders eu wrote around the kill"
-log "nothing lost: every row written during the outage is in every region allowed to hold it"
+pass "nothing lost: every row written during the outage is in every region allowed to hold it"
 
 # ---- phase 3: a sidecar cut off the shared network
 WAN="$(docker network ls -q --filter "label=com.docker.compose.project=$PROJECT" --filter label=com.docker.compose.network=wan)"
@@ -628,20 +667,23 @@ log "phase 3: pgrelay-cn disconnected from the shared network while every region
 docker network disconnect "$WAN" "${CID[pgrelay-cn]}"
 CUT_AT=$SECONDS
 start_writers 200000 200
-sleep 8
 us_marker=$(($(lo us) + 200001))
-n="$(count_in eu "SELECT count(*) FROM products WHERE id = $us_marker")"
-[ "$n" = 1 ] || { sleep 5; n="$(count_in eu "SELECT count(*) FROM products WHERE id = $us_marker")"; }
-[ "$n" = 1 ] || fail "during the cut, eu did not receive us's writes: us -> eu must not depend on cn"
+cn_marker=$(($(lo cn) + 200001))
+wait_for 60 has_product eu "$us_marker" ||
+    fail "during the cut, eu did not receive us's writes within 60s: us -> eu must not depend on cn"
+wait_for 60 has_product cn "$cn_marker" || fail "cn's writer did not start"
 n="$(count_in cn "SELECT count(*) FROM products WHERE id = $us_marker")"
 [ "$n" = 0 ] || fail "cn received us's writes while its sidecar was cut off: the cut did not work"
-cn_marker=$(($(lo cn) + 200001))
 n="$(count_in us "SELECT count(*) FROM products WHERE id = $cn_marker")"
 [ "$n" = 0 ] || fail "us received cn's writes while pgrelay-cn was cut off: the cut did not work"
 wait_writers
 while [ $((SECONDS - CUT_AT)) -lt "${PGRELAY_E2E_CUT_SECONDS:-25}" ]; do sleep 1; done
+n="$(count_in cn "SELECT count(*) FROM products WHERE id BETWEEN $(lo us) + 200001 AND $(lo eu) + 200200 AND id % 1000000 > 200000")"
+[ "$n" = 0 ] || fail "cn received $n products of us/eu while its sidecar was cut off"
+n="$(count_in us "SELECT count(*) FROM products WHERE id BETWEEN $(lo cn) + 200001 AND $(lo cn) + 200200")"
+[ "$n" = 0 ] || fail "us received $n products of cn while pgrelay-cn was cut off"
 docker network connect "$WAN" "${CID[pgrelay-cn]}"
-log "pgrelay-cn reconnected after $((SECONDS - CUT_AT))s (us and eu kept replicating meanwhile)"
+pass "pgrelay-cn cut off for $((SECONDS - CUT_AT))s: us and eu kept replicating, nothing crossed to or from cn; reconnected"
 wait_converged 240 "the network cut of pgrelay-cn"
 assert_residency
 running "${CID[pgrelay-cn]}" || fail "pgrelay-cn exited during the cut"
@@ -654,12 +696,12 @@ status_rc=$?
 set -e
 sed 's/^/  /' "$LOGS/status.log" >&2
 [ "$status_rc" = 0 ] || fail "pgrelay status exited with $status_rc (2: a region pair is failed)"
+pass "image HEALTHCHECK healthy; pgrelay status: no failed region pair"
 for r in "${REGIONS[@]}"; do
     running "${CID[pgrelay-$r]}" || fail "pgrelay-$r is not running at the end"
 done
 
 FAILED=0
-rm -rf "$LOGS"
 echo
 echo "e2e-docker: PASSED"
 echo "  total run time: ${SECONDS}s (images ${BUILD_DONE}s, scenario $((SECONDS - BUILD_DONE))s)"

@@ -166,6 +166,9 @@ pub struct ApplySettings {
     pub max_retries: u32,
     /// Tombstones older than this may be purged.
     pub tombstone_horizon: Duration,
+    /// Database sessions applying one source region's records in parallel,
+    /// each for its share of the topic's partitions.
+    pub sessions_per_source: usize,
 }
 
 /// `[relay.status]`: when `pgrelay status` and the metrics call a region
@@ -231,6 +234,9 @@ pub const fn default_batch_max_wait() -> Duration {
 pub const fn default_max_retries() -> u32 {
     5
 }
+pub const fn default_sessions_per_source() -> usize {
+    2
+}
 pub const fn default_tombstone_horizon() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
@@ -255,6 +261,7 @@ impl Default for ApplySettings {
             batch_max_wait: default_batch_max_wait(),
             max_retries: default_max_retries(),
             tombstone_horizon: default_tombstone_horizon(),
+            sessions_per_source: default_sessions_per_source(),
         }
     }
 }
@@ -1000,6 +1007,7 @@ struct RawApply {
     batch_max_wait: Option<HumanDuration>,
     max_retries: Option<i64>,
     tombstone_horizon: Option<HumanDuration>,
+    sessions_per_source: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1264,6 +1272,20 @@ impl Validator<'_> {
                 raw.tombstone_horizon,
                 default_tombstone_horizon(),
             )?,
+            sessions_per_source: match self.count(
+                "relay.apply.sessions_per_source",
+                raw.sessions_per_source,
+                default_sessions_per_source(),
+                1,
+            )? {
+                n if n <= 16 => n,
+                n => {
+                    return Err(self.invalid(
+                        None,
+                        format!("relay.apply.sessions_per_source = {n}: use 1 to 16"),
+                    ))
+                }
+            },
         })
     }
 

@@ -15,7 +15,7 @@
 use crate::config::{Config, TableClass};
 use crate::event::{quote_ident, quote_literal, TableName};
 use crate::hlc;
-use crate::source::assemble::{HLC_COLUMN, ORIGIN_PREFIX};
+use crate::source::assemble::HLC_COLUMN;
 
 /// Primary key columns of a table, as read from the catalog.
 pub type KeyColumns = Vec<String>;
@@ -159,7 +159,10 @@ END $do$",
         .regions
         .keys()
         .filter(|r| *r != region)
-        .map(|r| format!("{ORIGIN_PREFIX}{r}"))
+        .flat_map(|r| {
+            (0..config.apply.sessions_per_source.max(1))
+                .map(move |g| crate::apply::origin_name(r, g))
+        })
         .chain(std::iter::once(crate::apply::REPLAY_ORIGIN.to_string()));
     for origin in origins {
         let origin = quote_literal(&origin);

@@ -1,14 +1,15 @@
 # A Rust build image for machines that cannot pull rust:1-bookworm: Debian
-# bookworm's own Rust 1.9x toolchain (the `rustc-web` and `cargo-web` packages,
-# which bookworm keeps current for its browsers) plus what the bundled
-# librdkafka needs (gcc, g++ for its configure, make, zlib). Debian's `rustc` package (1.63) is older
-# than pgrelay's rust-version, which is why the -web packages are used.
+# bookworm's own current Rust toolchain (the `rustc-web` and `cargo-web`
+# packages, which bookworm keeps up to date for its browsers; its `rustc`
+# package, 1.63, is older than pgrelay's rust-version) plus what the bundled
+# librdkafka needs (gcc, g++ for its configure script, make, zlib).
 #
 #   docker build -f docker/local/rust.Dockerfile --build-arg BASE_IMAGE=pgrelay-base:bookworm \
 #       -t pgrelay-rust:bookworm docker/local
 #
-# Only `scripts/e2e-docker.sh` with PGRELAY_E2E_BUILD=source uses it, to build
-# pgrelay with docker/Dockerfile's cargo stage (RUST_IMAGE=pgrelay-rust:bookworm).
+# scripts/e2e-docker.sh with PGRELAY_E2E_BUILD=source puts the vendored crates
+# on top (rust-vendored.Dockerfile) and builds docker/Dockerfile's cargo stage
+# on the result (RUST_IMAGE=pgrelay-rust:bookworm-vendored).
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 RUN set -eux; \

@@ -77,6 +77,9 @@ pub struct Consumed {
     pub value: Option<Vec<u8>>,
 }
 
+/// A batch closes when no record arrived for this long.
+const IDLE_GAP: Duration = Duration::from_millis(2);
+
 /// Whether a database error is worth retrying as is.
 pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
     match e.code() {
@@ -160,14 +163,25 @@ pub async fn load_targets(
 /// apply side holds the per-source origins while it runs).
 pub const REPLAY_ORIGIN: &str = "pgrelay_replay";
 
-/// The replication origin the apply side writes under for `source`.
-pub fn origin_name(source: &str) -> String {
-    format!("{ORIGIN_PREFIX}{source}")
+/// The replication origin of apply session `group` for `source`:
+/// `pgrelay_{source}` for the first, `pgrelay_{source}.{group}` for the
+/// others (region names have no dots, so these never collide).
+pub fn origin_name(source: &str, group: usize) -> String {
+    if group == 0 {
+        format!("{ORIGIN_PREFIX}{source}")
+    } else {
+        format!("{ORIGIN_PREFIX}{source}.{group}")
+    }
 }
 
-/// Opens the apply session for one source: replica role, origin.
-pub async fn session(config: &Config, region: &str, source: &str) -> Result<Client, ApplyError> {
-    session_with_origin(config, region, &origin_name(source)).await
+/// Opens apply session `group` for one source: replica role, origin.
+pub async fn session(
+    config: &Config,
+    region: &str,
+    source: &str,
+    group: usize,
+) -> Result<Client, ApplyError> {
+    session_with_origin(config, region, &origin_name(source, group)).await
 }
 
 /// Opens an apply session writing under `origin`.
@@ -255,11 +269,14 @@ pub fn consumer(config: &Config, region: &str, group: &str) -> Result<StreamCons
         .map_err(|e| ApplyError::Setup(format!("kafka consumer for region {region}: {e}")))
 }
 
-/// Assigns every partition of `topic`, each at its stored offset.
+/// Assigns the partitions `p` of `topic` with `p % groups == group`, each
+/// at its stored offset; returns how many.
 pub async fn assign(
     consumer: &StreamConsumer,
     topic: &str,
     stored: &BTreeMap<i32, i64>,
+    group: usize,
+    groups: usize,
 ) -> Result<usize, ApplyError> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
@@ -277,8 +294,15 @@ pub async fn assign(
             "topic {topic} not found; if it persists, run pgrelay setup in the source region"
         )));
     }
+    let mine: Vec<i32> = partitions
+        .into_iter()
+        .filter(|p| (*p as usize) % groups.max(1) == group)
+        .collect();
+    if mine.is_empty() {
+        return Ok(0);
+    }
     let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
+    for p in &mine {
         let offset = match stored.get(p) {
             Some(o) => Offset::Offset(*o),
             None => Offset::Beginning,
@@ -289,7 +313,7 @@ pub async fn assign(
     consumer
         .assign(&tpl)
         .map_err(|e| ApplyError::Transient(format!("assigning {topic}: {e}")))?;
-    Ok(partitions.len())
+    Ok(mine.len())
 }
 
 /// Everything checked before consuming: the target tables, the apply
@@ -326,8 +350,15 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
                 ApplyError::Setup(msg)
             }
         })?;
-    for source in config.regions.keys().filter(|r| *r != region) {
-        match session(config, region, source).await {
+    let groups = (0..config.apply.sessions_per_source).flat_map(|g| {
+        config
+            .regions
+            .keys()
+            .filter(|r| *r != region)
+            .map(move |s| (s, g))
+    });
+    for (source, group) in groups {
+        match session(config, region, source, group).await {
             Ok(_) => {}
             // an origin still held by a previous process's session, or a
             // database that is restarting: the supervisor retries
@@ -358,18 +389,23 @@ pub async fn run(
     drop(client);
     let dlq = Arc::new(DlqProducer::new(&config, &region)?);
     let mut tasks = tokio::task::JoinSet::new();
+    let groups = config.apply.sessions_per_source.max(1);
     for source in config.regions.keys().filter(|r| **r != region) {
-        let pipeline = Pipeline {
-            config: config.clone(),
-            region: region.clone(),
-            source: source.clone(),
-            topic: config.topic(source, &region),
-            targets: targets.clone(),
-            metrics: metrics.clone(),
-            dlq: dlq.clone(),
-        };
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move { pipeline.supervise(shutdown).await });
+        for group in 0..groups {
+            let pipeline = Pipeline {
+                config: config.clone(),
+                region: region.clone(),
+                source: source.clone(),
+                topic: config.topic(source, &region),
+                group,
+                groups,
+                targets: targets.clone(),
+                metrics: metrics.clone(),
+                dlq: dlq.clone(),
+            };
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { pipeline.supervise(shutdown).await });
+        }
     }
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
@@ -389,6 +425,9 @@ struct Pipeline {
     region: String,
     source: String,
     topic: String,
+    /// This pipeline applies the partitions `p` with `p % groups == group`.
+    group: usize,
+    groups: usize,
     targets: Arc<Targets>,
     metrics: Arc<Metrics>,
     dlq: Arc<DlqProducer>,
@@ -436,15 +475,20 @@ impl Pipeline {
     }
 
     async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
-        let mut client = session(&self.config, &self.region, &self.source).await?;
+        let mut client = session(&self.config, &self.region, &self.source, self.group).await?;
         let stored = stored_offsets(&client, &self.topic).await?;
         let consumer = consumer(
             &self.config,
             &self.region,
             &format!("pgrelay-apply-{}", self.region),
         )?;
-        assign(&consumer, &self.topic, &stored).await?;
-        tracing::info!(region = %self.region, source = %self.source, topic = %self.topic, "apply consuming");
+        let n = assign(&consumer, &self.topic, &stored, self.group, self.groups).await?;
+        if n == 0 {
+            // more sessions than partitions: nothing for this one to do
+            let _ = shutdown.changed().await;
+            return Ok(());
+        }
+        tracing::info!(region = %self.region, source = %self.source, topic = %self.topic, group = self.group, partitions = n, "apply consuming");
         let max_records = self.config.apply.batch_max_records.max(1);
         let max_wait = self.config.apply.batch_max_wait;
         let mut last_purge = Instant::now();
@@ -454,8 +498,13 @@ impl Pipeline {
                 self.purge_tombstones(&client).await;
             }
             let mut batch: Vec<Consumed> = Vec::new();
+            // a batch closes at max_records, max_wait after its first record,
+            // or as soon as the consumer has had nothing for IDLE_GAP: large
+            // batches under load, prompt apply when traffic is light
             let deadline = tokio::time::sleep(max_wait);
             tokio::pin!(deadline);
+            let gap = tokio::time::sleep(IDLE_GAP);
+            tokio::pin!(gap);
             let mut stop = false;
             while batch.len() < max_records {
                 tokio::select! {
@@ -463,9 +512,11 @@ impl Pipeline {
                     _ = shutdown.changed() => { stop = true; break; }
                     m = consumer.recv() => {
                         let m = m.map_err(|e| ApplyError::Transient(format!("consuming {}: {e}", self.topic)))?;
+                        let now = tokio::time::Instant::now();
                         if batch.is_empty() {
-                            deadline.as_mut().reset(tokio::time::Instant::now() + max_wait);
+                            deadline.as_mut().reset(now + max_wait);
                         }
+                        gap.as_mut().reset(now + IDLE_GAP);
                         batch.push(Consumed {
                             topic: m.topic().to_string(),
                             partition: m.partition(),
@@ -475,6 +526,7 @@ impl Pipeline {
                         });
                     }
                     _ = &mut deadline, if !batch.is_empty() => break,
+                    _ = &mut gap, if !batch.is_empty() => break,
                 }
             }
             if !batch.is_empty() {
@@ -547,7 +599,7 @@ impl Pipeline {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     if client.is_closed() || attempt % 3 == 0 {
-                        match session(&self.config, &self.region, &self.source).await {
+                        match session(&self.config, &self.region, &self.source, self.group).await {
                             Ok(c) => *client = c,
                             Err(ApplyError::Setup(e)) => return Err(ApplyError::Setup(e)),
                             Err(e) => tracing::warn!(error = %e, "reconnect failed"),

@@ -82,6 +82,10 @@ impl ProducerContext for ReportingContext {
 
 /// The producer settings pgrelay insists on, then the user's pass-through
 /// properties (which may override tuning but not the safety settings).
+///
+/// The local queue is bounded in bytes (64 MiB) as well as in records, so
+/// wide rows cannot make memory grow with the in-flight count: a full queue
+/// makes the capture loop wait for acknowledgements.
 pub fn producer_config(
     brokers: &str,
     properties: &BTreeMap<String, String>,
@@ -97,7 +101,7 @@ pub fn producer_config(
             "queue.buffering.max.messages",
             (max_in_flight + 1000).to_string(),
         )
-        .set("queue.buffering.max.kbytes", "1048576");
+        .set("queue.buffering.max.kbytes", "65536");
     for (k, v) in properties {
         cfg.set(k, v);
     }
