@@ -4,9 +4,12 @@
 //! only ever passed as JSON parameters, never spliced into SQL.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use serde::de::{Deserializer, Visitor};
+use serde::Deserialize;
 
 use crate::event::{Op, TableName};
-use crate::publish::envelope::Envelope;
 
 /// A change ready to apply. Values are PostgreSQL text (or NULL).
 #[derive(Debug, Clone, PartialEq)]
@@ -63,48 +66,106 @@ pub struct TargetTable {
 /// The declared, non-local tables of the target, by `schema.table`.
 pub type Targets = HashMap<String, TargetTable>;
 
-fn text(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
+/// A column value as text: JSON strings as they are, numbers and booleans
+/// (written by other producers) in their JSON spelling.
+struct TextValue(String);
+
+impl<'de> Deserialize<'de> for TextValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TextValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<TextValue, E> {
+                Ok(TextValue(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<TextValue, E> {
+                Ok(TextValue(v))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<TextValue, E> {
+                Ok(TextValue(v.to_string()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<TextValue, E> {
+                Ok(TextValue(v.to_string()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<TextValue, E> {
+                Ok(TextValue(v.to_string()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<TextValue, E> {
+                Ok(TextValue(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
     }
+}
+
+type Row = BTreeMap<String, Option<TextValue>>;
+
+/// The parts of the envelope the apply side reads, decoded straight into
+/// text values (no intermediate JSON tree).
+#[derive(Deserialize)]
+struct ApplyEnvelope {
+    before: Option<Row>,
+    after: Option<Row>,
+    op: String,
+    ts_ms: i64,
+    source: ApplySource,
+    pgrelay: ApplyMeta,
+}
+
+#[derive(Deserialize)]
+struct ApplySource {
+    schema: String,
+    table: String,
+}
+
+#[derive(Deserialize)]
+struct ApplyMeta {
+    hlc: u64,
+    origin: String,
+    commit_lsn: String,
+    #[serde(default)]
+    unchanged: Vec<String>,
 }
 
 /// Parses and validates one record value.
 pub fn parse(value: Option<&[u8]>, targets: &Targets) -> Result<Incoming, Rejection> {
     let value = value.ok_or_else(|| Rejection::Poison("empty record".into()))?;
-    let env = Envelope::decode(value).map_err(|e| Rejection::Poison(e.to_string()))?;
+    let env: ApplyEnvelope =
+        serde_json::from_slice(value).map_err(|e| Rejection::Poison(e.to_string()))?;
     let table_name = format!("{}.{}", env.source.schema, env.source.table);
     let target = targets
         .get(&table_name)
         .ok_or_else(|| Rejection::UndeclaredTable(table_name.clone()))?;
     let op = Op::from_code(&env.op).ok_or_else(|| Rejection::UnknownOp(env.op.clone()))?;
     let row = match op {
-        Op::Delete => env.before.as_ref(),
+        Op::Delete => env.before,
         Op::Truncate => None,
-        _ => env.after.as_ref(),
+        _ => env.after,
     };
     let mut values = BTreeMap::new();
     let mut key = Vec::with_capacity(target.key.len());
     if let Some(row) = row {
-        for (col, v) in row {
-            if !target.columns.iter().any(|c| c == col) {
-                return Err(Rejection::UnknownColumn {
-                    table: table_name.clone(),
-                    column: col.clone(),
-                });
-            }
-            if op != Op::Delete {
-                values.insert(col.clone(), text(v));
-            }
+        if let Some(col) = row.keys().find(|col| !target.columns.contains(col)) {
+            return Err(Rejection::UnknownColumn {
+                table: table_name.clone(),
+                column: col.clone(),
+            });
         }
         for k in &target.key {
             let v = row.get(k).ok_or_else(|| Rejection::MissingKey {
                 table: table_name.clone(),
                 column: k.clone(),
             })?;
-            key.push(text(v));
+            key.push(v.as_ref().map(|t| t.0.clone()));
+        }
+        if op != Op::Delete {
+            values = row
+                .into_iter()
+                .map(|(col, v)| (col, v.map(|t| t.0)))
+                .collect();
         }
     } else if op != Op::Truncate {
         return Err(Rejection::Poison(format!(

@@ -17,8 +17,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::{Map, Value};
-
 use crate::apply::record::{Incoming, TargetTable, Targets};
 use crate::event::{quote_ident, quote_literal, Op};
 use crate::source::assemble::HLC_COLUMN;
@@ -146,31 +144,46 @@ fn rows_json(
     target: &TargetTable,
     is_delete: bool,
 ) -> String {
-    let rows: Vec<Value> = members
-        .iter()
-        .map(|&i| {
-            let c = &batch[i];
-            let mut obj = Map::new();
-            if is_delete {
-                for (k, v) in target.key.iter().zip(&c.key) {
-                    obj.insert(
-                        k.clone(),
-                        v.clone().map(Value::String).unwrap_or(Value::Null),
-                    );
-                }
-            } else {
-                for (k, v) in &c.values {
-                    obj.insert(
-                        k.clone(),
-                        v.clone().map(Value::String).unwrap_or(Value::Null),
-                    );
-                }
+    // written straight into one buffer: no JSON tree per row
+    let mut out: Vec<u8> = Vec::with_capacity(members.len() * 128);
+    let write_str = |out: &mut Vec<u8>, s: &str| {
+        let _ = serde_json::to_writer(&mut *out, s);
+    };
+    let write_value = |out: &mut Vec<u8>, v: &Option<String>| match v {
+        Some(v) => {
+            let _ = serde_json::to_writer(&mut *out, v.as_str());
+        }
+        None => out.extend_from_slice(b"null"),
+    };
+    out.push(b'[');
+    for (n, &i) in members.iter().enumerate() {
+        let c = &batch[i];
+        if n > 0 {
+            out.push(b',');
+        }
+        out.push(b'{');
+        if is_delete {
+            for (k, v) in target.key.iter().zip(&c.key) {
+                write_str(&mut out, k);
+                out.push(b':');
+                write_value(&mut out, v);
+                out.push(b',');
             }
-            obj.insert(HLC_COLUMN.to_string(), Value::from(c.hlc));
-            Value::Object(obj)
-        })
-        .collect();
-    Value::Array(rows).to_string()
+        } else {
+            for (k, v) in &c.values {
+                write_str(&mut out, k);
+                out.push(b':');
+                write_value(&mut out, v);
+                out.push(b',');
+            }
+        }
+        write_str(&mut out, HLC_COLUMN);
+        out.push(b':');
+        out.extend_from_slice(c.hlc.to_string().as_bytes());
+        out.push(b'}');
+    }
+    out.push(b']');
+    String::from_utf8(out).expect("JSON written from UTF-8 strings")
 }
 
 fn key_json(target: &TargetTable, alias: &str) -> String {
