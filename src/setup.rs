@@ -37,9 +37,17 @@ pub fn plan(config: &Config, region: &str, keys: &dyn Fn(&TableName) -> KeyColum
             topic text NOT NULL, kafka_partition int NOT NULL, next_offset bigint NOT NULL, \
             updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (topic, kafka_partition))"
             .to_string(),
-        "CREATE TABLE IF NOT EXISTS pgrelay.watermarks (\
-            source_region text PRIMARY KEY, hlc bigint NOT NULL, commit_lsn pg_lsn, \
-            commit_time timestamptz, applied_at timestamptz NOT NULL DEFAULT now())"
+        "CREATE TABLE IF NOT EXISTS pgrelay.watermark_parts (\
+            source_region text NOT NULL, session int NOT NULL, hlc bigint NOT NULL, \
+            commit_lsn pg_lsn, commit_time timestamptz, \
+            applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (source_region, session))"
+            .to_string(),
+        // per source: what every apply session has reached (the least of
+        // them), and when anything was last applied
+        "CREATE OR REPLACE VIEW pgrelay.watermarks AS \
+            SELECT source_region, min(hlc) AS hlc, min(commit_lsn) AS commit_lsn, \
+            min(commit_time) AS commit_time, max(applied_at) AS applied_at \
+            FROM pgrelay.watermark_parts GROUP BY source_region"
             .to_string(),
         format!(
             "CREATE OR REPLACE FUNCTION pgrelay.stamp_row() RETURNS trigger LANGUAGE plpgsql AS $fn$

@@ -563,7 +563,9 @@ impl Pipeline {
         client: &mut Client,
         batch: &[Consumed],
     ) -> Result<(), ApplyError> {
-        let mut backoff = Duration::from_millis(200);
+        // short first waits: most failures here are serialization conflicts
+        // with another session, gone on the next attempt
+        let mut backoff = Duration::from_millis(10 + (self.group as u64) * 7);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -571,6 +573,7 @@ impl Pipeline {
             match apply_batch(
                 client,
                 &self.source,
+                Some(self.group),
                 &self.targets,
                 batch,
                 &self.dlq,
@@ -595,7 +598,11 @@ impl Pipeline {
                         &[("region", &self.region), ("source", &self.source)],
                         1,
                     );
-                    tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
+                    if e.contains("could not serialize") || e.contains("deadlock") {
+                        tracing::debug!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch conflicted with another session, retrying");
+                    } else {
+                        tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     if client.is_closed() || attempt % 3 == 0 {
@@ -692,6 +699,7 @@ pub struct BatchOptions<'a> {
 pub async fn apply_batch(
     client: &mut Client,
     source: &str,
+    session_no: Option<usize>,
     targets: &Targets,
     batch: &[Consumed],
     dlq: &DlqProducer,
@@ -723,8 +731,15 @@ pub async fn apply_batch(
         .filter(|c| hlc::ahead_ms(c.hlc, now) > skew)
         .count() as u64;
     let statements = sql::plan(&changes, targets);
+    // REPEATABLE READ: a change racing with another session's change of the
+    // same row (another source region, or another partition group) fails
+    // with a serialization error instead of acting on a stale view — e.g.
+    // re-inserting a row whose newer tombstone it could not see — and the
+    // batch is retried on a fresh snapshot
     let tx = client
-        .transaction()
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
         .await
         .map_err(|e| format!("begin: {}", db_message(&e)))?;
     for s in &statements {
@@ -815,17 +830,20 @@ pub async fn apply_batch(
         .map_err(|e| format!("storing offsets: {}", db_message(&e)))?;
     if let Some(newest) = changes.iter().max_by_key(|c| c.hlc) {
         let commit_ts = changes.iter().map(|c| c.commit_ts_ms).max().unwrap_or(0);
-        tx.execute(
-            sql::WATERMARK_SQL,
-            &[
-                &source,
-                &newest.hlc.to_string(),
-                &newest.commit_lsn,
-                &commit_ts.to_string(),
-            ],
-        )
-        .await
-        .map_err(|e| format!("storing watermark: {}", db_message(&e)))?;
+        if let Some(session_no) = session_no {
+            tx.execute(
+                sql::WATERMARK_SQL,
+                &[
+                    &source,
+                    &session_no.to_string(),
+                    &newest.hlc.to_string(),
+                    &newest.commit_lsn,
+                    &commit_ts.to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| format!("storing watermark: {}", db_message(&e)))?;
+        }
         tx.execute(sql::CLOCK_SQL, &[&hlc::logical(newest.hlc).to_string()])
             .await
             .map_err(|e| format!("advancing the clock: {}", db_message(&e)))?;

@@ -87,6 +87,7 @@ pub async fn replay(
         let outcome = apply_batch(
             &mut client,
             &source,
+            None,
             &targets,
             std::slice::from_ref(&consumed),
             &producer,

@@ -280,11 +280,14 @@ pub const OFFSETS_SQL: &str = "INSERT INTO pgrelay.offsets AS o (topic, kafka_pa
     ON CONFLICT (topic, kafka_partition) DO UPDATE \
     SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()";
 
-/// Raises the per-source watermark: `$1` region, `$2` stamp (text),
-/// `$3` commit LSN (text), `$4` commit time (ms since epoch, text).
-pub const WATERMARK_SQL: &str = "INSERT INTO pgrelay.watermarks AS w (source_region, hlc, commit_lsn, commit_time, applied_at) \
-    VALUES ($1, $2::text::bigint, $3::text::pg_lsn, to_timestamp($4::text::bigint / 1000.0), now()) \
-    ON CONFLICT (source_region) DO UPDATE SET \
+/// Raises this session's part of the per-source watermark: `$1` region,
+/// `$2` session (text), `$3` stamp (text), `$4` commit LSN (text), `$5`
+/// commit time (ms since epoch, text). One row per session, so parallel
+/// sessions never contend on it; `pgrelay.watermarks` combines them.
+pub const WATERMARK_SQL: &str = "INSERT INTO pgrelay.watermark_parts AS w \
+    (source_region, session, hlc, commit_lsn, commit_time, applied_at) \
+    VALUES ($1, $2::text::int, $3::text::bigint, $4::text::pg_lsn, to_timestamp($5::text::bigint / 1000.0), now()) \
+    ON CONFLICT (source_region, session) DO UPDATE SET \
     hlc = greatest(w.hlc, EXCLUDED.hlc), \
     commit_lsn = greatest(w.commit_lsn, EXCLUDED.commit_lsn), \
     commit_time = greatest(w.commit_time, EXCLUDED.commit_time), \

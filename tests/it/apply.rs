@@ -127,20 +127,38 @@ async fn concurrent_conflicting_updates_converge_on_the_highest_stamp() {
     let mut writers = Vec::new();
     for (region, dsn) in [("us", p.us.dsn()), ("eu", p.eu.dsn())] {
         writers.push(tokio::spawn(async move {
-            let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
+            let (mut c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
             tokio::spawn(conn);
             let mut log = Vec::new();
             for i in 0..1500i32 {
                 let id = (i * 7 + if region == "us" { 0 } else { 3 }) % 50 + 1;
                 let value = format!("{region}-{i}");
+                if i % 10 == 9 {
+                    // a delete: its stamp is the tombstone's
+                    let tx = c.transaction().await.unwrap();
+                    let n = tx.execute("DELETE FROM products WHERE id = $1", &[&id]).await.unwrap();
+                    if n == 1 {
+                        let row = tx
+                            .query_one(
+                                "SELECT hlc FROM pgrelay.tombstones WHERE table_name = 'public.products' AND pk = jsonb_build_object('id', $1::int::text)",
+                                &[&id],
+                            )
+                            .await
+                            .unwrap();
+                        log.push((id, None, row.get::<_, i64>(0)));
+                    }
+                    tx.commit().await.unwrap();
+                    continue;
+                }
                 let row = c
                     .query_one(
-                        "UPDATE products SET name = $1, price = price + 1 WHERE id = $2 RETURNING _pgrelay_hlc",
+                        "INSERT INTO products (id, name, price) VALUES ($2, $1, 1) \
+                         ON CONFLICT (id) DO UPDATE SET name = $1, price = products.price + 1 RETURNING _pgrelay_hlc",
                         &[&value, &id],
                     )
                     .await
                     .unwrap();
-                log.push((id, value, row.get::<_, i64>(0)));
+                log.push((id, Some(value), row.get::<_, i64>(0)));
             }
             log
         }));
@@ -150,19 +168,33 @@ async fn concurrent_conflicting_updates_converge_on_the_highest_stamp() {
         log.extend(w.await.unwrap());
     }
     let state = converged(&p.us, &p.eu, Duration::from_secs(120)).await;
-    // every row holds its highest-stamped write
-    let mut expected: BTreeMap<i32, (String, i64)> = BTreeMap::new();
+    // every row holds its highest-stamped write; a row whose highest stamp
+    // is a delete is gone everywhere
+    let mut expected: BTreeMap<i32, (Option<String>, i64)> = BTreeMap::new();
     for (id, value, stamp) in log {
-        let e = expected.entry(id).or_insert((String::new(), i64::MIN));
+        let e = expected.entry(id).or_insert((None, i64::MIN));
         if stamp > e.1 {
             *e = (value, stamp);
         }
     }
+    let mut deleted = 0;
     for (id, (value, stamp)) in expected {
-        let (_, name, row_stamp) = &state[&id];
-        assert_eq!(name.as_deref(), Some(value.as_str()), "row {id}");
-        assert_eq!(*row_stamp, stamp, "row {id}");
+        match value {
+            None => {
+                deleted += 1;
+                assert!(
+                    !state.contains_key(&id),
+                    "row {id}: deleted last, yet present"
+                );
+            }
+            Some(value) => {
+                let (_, name, row_stamp) = &state[&id];
+                assert_eq!(name.as_deref(), Some(value.as_str()), "row {id}");
+                assert_eq!(*row_stamp, stamp, "row {id}");
+            }
+        }
     }
+    eprintln!("{deleted} rows ended deleted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
