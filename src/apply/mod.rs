@@ -731,17 +731,22 @@ pub async fn apply_batch(
         .filter(|c| hlc::ahead_ms(c.hlc, now) > skew)
         .count() as u64;
     let statements = sql::plan(&changes, targets);
-    // REPEATABLE READ: a change racing with another session's change of the
-    // same row (another source region, or another partition group) fails
-    // with a serialization error instead of acting on a stale view — e.g.
-    // re-inserting a row whose newer tombstone it could not see — and the
-    // batch is retried on a fresh snapshot
+    let buckets = sql::key_buckets(&changes);
     let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
+        .transaction()
         .await
         .map_err(|e| format!("begin: {}", db_message(&e)))?;
+    // Sessions applying changes of the same rows (other source regions,
+    // other partition groups) take turns: each first locks the key buckets
+    // of its batch, in ascending order. Without this, an upsert could
+    // check for a tombstone, miss the one a concurrent delete is writing,
+    // and bring back a row the newer delete removed. READ COMMITTED: the
+    // statements after the lock see what the previous holder committed.
+    if !buckets.is_empty() {
+        tx.execute(sql::LOCK_BUCKETS_SQL, &[&sql::buckets_param(&buckets)])
+            .await
+            .map_err(|e| format!("locking key buckets: {}", db_message(&e)))?;
+    }
     for s in &statements {
         tx.execute("SAVEPOINT stmt", &[])
             .await

@@ -272,6 +272,57 @@ pub fn truncate_sql(target: &TargetTable) -> String {
     )
 }
 
+/// Key buckets: every change of a row maps to one of these, and an apply
+/// transaction holds the advisory locks of its buckets, so two sessions
+/// never apply changes of the same row at once.
+pub const KEY_BUCKETS: u32 = 256;
+
+/// The sorted, distinct key buckets a batch touches; a truncate touches
+/// them all.
+pub fn key_buckets(batch: &[Incoming]) -> Vec<u32> {
+    if batch.iter().any(|c| c.op == Op::Truncate) {
+        return (0..KEY_BUCKETS).collect();
+    }
+    let mut out: Vec<u32> = batch
+        .iter()
+        .map(|c| {
+            // FNV-1a over table and key: stable across processes and versions
+            let mut h: u32 = 0x811c_9dc5;
+            let mut eat = |bytes: &[u8]| {
+                for b in bytes {
+                    h ^= *b as u32;
+                    h = h.wrapping_mul(0x0100_0193);
+                }
+            };
+            eat(c.table.schema.as_bytes());
+            eat(b".");
+            eat(c.table.name.as_bytes());
+            for k in &c.key {
+                eat(b"\0");
+                if let Some(k) = k {
+                    eat(k.as_bytes());
+                }
+            }
+            h % KEY_BUCKETS
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The `$1` of [`LOCK_BUCKETS_SQL`]: a PostgreSQL array literal.
+pub fn buckets_param(buckets: &[u32]) -> String {
+    let items: Vec<String> = buckets.iter().map(u32::to_string).collect();
+    format!("{{{}}}", items.join(","))
+}
+
+/// Takes the advisory locks of the buckets in `$1`, in array order
+/// (ascending: no two sessions wait on each other in a cycle), in lock
+/// class 1885828709 (`pgre` in ASCII).
+pub const LOCK_BUCKETS_SQL: &str = "SELECT count(pg_advisory_xact_lock(1885828709, b)) \
+    FROM unnest($1::text::int[]) WITH ORDINALITY AS t(b, n)";
+
 /// Stores the next offsets to consume; `$1` is a JSON array of
 /// `{topic, kafka_partition, next_offset}`.
 pub const OFFSETS_SQL: &str = "INSERT INTO pgrelay.offsets AS o (topic, kafka_partition, next_offset) \
@@ -384,6 +435,27 @@ mod tests {
         ];
         let kinds: Vec<Kind> = plan(&batch, &targets()).iter().map(|s| s.kind).collect();
         assert_eq!(kinds, vec![Kind::Upsert, Kind::Truncate, Kind::Upsert]);
+    }
+
+    #[test]
+    fn key_buckets_are_stable_sorted_and_cover_truncates() {
+        let a = change(Op::Update, "1", 10, &[("id", "1")]);
+        let b = change(Op::Update, "1", 20, &[("id", "1")]);
+        let c = change(Op::Insert, "2", 5, &[("id", "2")]);
+        assert_eq!(
+            key_buckets(std::slice::from_ref(&a)),
+            key_buckets(std::slice::from_ref(&b))
+        );
+        let both = key_buckets(&[c.clone(), a.clone(), b]);
+        assert!(both.windows(2).all(|w| w[0] < w[1]));
+        assert!(both.len() <= 2);
+        let t = Incoming {
+            op: Op::Truncate,
+            key: vec![],
+            ..c
+        };
+        assert_eq!(key_buckets(&[a, t]).len(), KEY_BUCKETS as usize);
+        assert_eq!(buckets_param(&[3, 7]), "{3,7}");
     }
 
     #[test]
