@@ -213,23 +213,27 @@ async fn distance_between_regions_still_converges_and_lag_is_measured() {
             .await
             .unwrap();
         tokio::spawn(conn);
+        // rows of different keys travel in different partitions and may
+        // appear in any order: note the first time each id is visible
+        let mut seen = std::collections::HashSet::new();
         let mut lags = Vec::new();
-        let mut last = 99_999i64;
         let deadline = Instant::now() + Duration::from_secs(180);
         while lags.len() < probes as usize && Instant::now() < deadline {
             for r in c
                 .query(
-                    "SELECT id::bigint, name FROM products WHERE id > $1 ORDER BY id",
-                    &[&last],
+                    "SELECT id::bigint, name FROM products WHERE id >= 100000",
+                    &[],
                 )
                 .await
                 .unwrap()
             {
                 let id: i64 = r.get(0);
+                if !seen.insert(id) {
+                    continue;
+                }
                 let name: String = r.get(1);
                 let written: i64 = name.trim_start_matches("probe-").parse().unwrap();
                 lags.push((now_us() - written) as f64 / 1000.0);
-                last = last.max(id);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -263,7 +267,16 @@ async fn distance_between_regions_still_converges_and_lag_is_measured() {
         let per_part: Vec<(i32, usize)> = (0..3)
             .map(|p| (p, recs.iter().filter(|r| r.partition == p).count()))
             .collect();
-        let us_conf = rows(&w.pg["us"], "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text FROM pg_replication_slots").await;
+        let us_conf = rows(&w.pg["eu"], "SELECT (SELECT count(*) FROM products WHERE id >= 100000), (SELECT count(*) FROM pgrelay.tombstones), (SELECT string_agg(pk::text || '=' || hlc, ' ') FROM pgrelay.tombstones WHERE pk = '{}'::jsonb OR pk->>'id' >= '100000')").await;
+        let dlq = relay::cmd(&[
+            "dlq",
+            "list",
+            "--config",
+            w.cfg_path("eu"),
+            "--region",
+            "eu",
+        ]);
+        eprintln!("dlq: {}", String::from_utf8_lossy(&dlq.stdout));
         panic!("probes arrived: {} of {probes}; in kafka: {probes_in_kafka}; per partition {per_part:?}; eu offsets {offsets:?}; us slot {us_conf:?}\n{}", lags.len(),
             _sidecars[1].log_text().lines().filter(|l| l.contains("WARN")).take(15).collect::<Vec<_>>().join("\n"));
     }
