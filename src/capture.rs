@@ -423,6 +423,7 @@ impl Loop<'_> {
         change: &Change,
         deliveries: &mut mpsc::UnboundedReceiver<Delivery>,
     ) -> Result<(), CaptureError> {
+        let hlc = change.hlc.to_string();
         for i in 0..self.destinations.len() {
             let routed = match self.policy.route(change, i) {
                 Verdict::Publish(r) => r,
@@ -435,7 +436,6 @@ impl Loop<'_> {
                 }
             };
             let record = envelope::encode(self.source, change, &routed);
-            let hlc = change.hlc.to_string();
             let headers = [
                 (HEADER_ORIGIN, self.region),
                 (HEADER_HLC, hlc.as_str()),

@@ -120,15 +120,6 @@ $fn$"#,
     )
 }
 
-/// SQL that advances the region's clock past an applied stamp (used by the
-/// apply side after each batch).
-pub fn sql_observe(max_stamp: u64) -> String {
-    format!(
-        "SELECT setval('pgrelay.hlc_logical', greatest((SELECT last_value FROM pgrelay.hlc_logical), {}))",
-        logical(max_stamp)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

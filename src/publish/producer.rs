@@ -161,10 +161,6 @@ impl Publisher {
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
     }
-
-    pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
-    }
 }
 
 #[derive(Debug)]

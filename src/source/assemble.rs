@@ -87,7 +87,6 @@ pub struct Assembler {
     tx: Option<OpenTx>,
     pending_stamps: HashMap<String, u64>,
     clock: hlc::Clock,
-    skipped_transactions: u64,
 }
 
 impl Assembler {
@@ -105,17 +104,11 @@ impl Assembler {
             tx: None,
             pending_stamps: HashMap::new(),
             clock: hlc::Clock::new(region_id),
-            skipped_transactions: 0,
         }
     }
 
     pub fn in_transaction(&self) -> bool {
         self.tx.is_some()
-    }
-
-    /// Transactions skipped because pgrelay itself wrote them.
-    pub fn skipped_transactions(&self) -> u64 {
-        self.skipped_transactions
     }
 
     pub fn push(&mut self, msg: Message) -> Result<Option<Output>, AssembleError> {
@@ -145,13 +138,9 @@ impl Assembler {
                 Ok(None)
             }
             Message::Commit { end_lsn, .. } => {
-                let tx = self
-                    .tx
+                self.tx
                     .take()
                     .ok_or(AssembleError::NoTransaction { what: "Commit" })?;
-                if tx.skip {
-                    self.skipped_transactions += 1;
-                }
                 self.pending_stamps.clear();
                 Ok(Some(Output::Commit { end_lsn }))
             }
