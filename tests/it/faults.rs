@@ -6,40 +6,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::sidecar::{
-    assert_global, assert_no_loops, assert_residency, rows, workload, World, REGIONS,
+    assert_global, assert_no_loops, assert_residency, orders_settled, rows, workload, World,
+    REGIONS,
 };
 use crate::support::eventually;
 use crate::support::relay::{self, Relay};
-
-pub async fn orders_settled(w: &World, logs: &BTreeMap<&'static str, crate::sidecar::WriteLog>) {
-    eventually(
-        Duration::from_secs(120),
-        "orders to settle everywhere",
-        || async {
-            let mut ok = true;
-            for r in REGIONS {
-                let n = rows(&w.pg[r], "SELECT count(*) FROM orders").await[0][0]
-                    .clone()
-                    .unwrap();
-                let expected: usize = logs
-                    .iter()
-                    .map(|(writer, log)| {
-                        log.orders
-                            .values()
-                            .filter(|c| {
-                                *writer == r
-                                    || crate::sidecar::allowed(crate::sidecar::home(c)).contains(r)
-                            })
-                            .count()
-                    })
-                    .sum();
-                ok &= n == expected.to_string();
-            }
-            ok.then_some(())
-        },
-    )
-    .await;
-}
 
 fn status_states(w: &World) -> BTreeMap<String, String> {
     let out = relay::cmd(&["status", "--config", w.cfg_path("us"), "--json"]);

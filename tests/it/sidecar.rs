@@ -380,6 +380,34 @@ pub async fn assert_residency(w: &World, logs: &BTreeMap<&'static str, WriteLog>
     }
 }
 
+/// Every region holds exactly the orders the policy lets it hold.
+pub async fn orders_settled(w: &World, logs: &BTreeMap<&'static str, WriteLog>) {
+    eventually(
+        Duration::from_secs(120),
+        "orders to settle everywhere",
+        || async {
+            let mut ok = true;
+            for r in REGIONS {
+                let n = rows(&w.pg[r], "SELECT count(*) FROM orders").await[0][0]
+                    .clone()
+                    .unwrap();
+                let expected: usize = logs
+                    .iter()
+                    .map(|(writer, log)| {
+                        log.orders
+                            .values()
+                            .filter(|c| *writer == r || allowed(home(c)).contains(r))
+                            .count()
+                    })
+                    .sum();
+                ok &= n == expected.to_string();
+            }
+            ok.then_some(())
+        },
+    )
+    .await;
+}
+
 /// Global data converged on the highest stamp written anywhere.
 pub async fn assert_global(w: &World, logs: &BTreeMap<&'static str, WriteLog>) {
     let state = identical(
@@ -465,26 +493,7 @@ async fn three_regions_mixed_workload_converge_with_residency_and_no_loops() {
     }
     assert_global(&w, &logs).await;
     // partitioned rows settle too
-    eventually(Duration::from_secs(60), "orders to settle", || async {
-        let mut ok = true;
-        for r in REGIONS {
-            let n = rows(&w.pg[r], "SELECT count(*) FROM orders").await[0][0]
-                .clone()
-                .unwrap();
-            let expected: usize = logs
-                .iter()
-                .map(|(writer, log)| {
-                    log.orders
-                        .values()
-                        .filter(|c| *writer == r || allowed(home(c)).contains(r))
-                        .count()
-                })
-                .sum();
-            ok &= n == expected.to_string();
-        }
-        ok.then_some(())
-    })
-    .await;
+    orders_settled(&w, &logs).await;
     assert_residency(&w, &logs).await;
     assert_no_loops(&w).await;
     // intentional drops are counted by table, destination and reason
