@@ -41,8 +41,8 @@ fn envelope(c: &mut Criterion) {
             );
             g.bench_with_input(
                 BenchmarkId::new(op.code(), format!("{n}col")),
-                &(change, routed),
-                |b, (ch, r)| b.iter(|| encode(black_box(&source), black_box(ch), black_box(r))),
+                &routed,
+                |b, r| b.iter(|| encode(black_box(&source), black_box(&change), black_box(r))),
             );
         }
     }
@@ -189,7 +189,7 @@ mod proto {
         }
 
         pub fn encode(&self, change: &Change, routed: &Routed) -> Record {
-            let size = |r: &Option<Vec<Datum>>| -> usize {
+            let size = |r: &Option<std::borrow::Cow<'_, [Datum]>>| -> usize {
                 r.as_deref().map_or(4, |r| {
                     r.iter()
                         .map(|d| d.as_text().map_or(4, |s| s.len() + 3))
@@ -246,6 +246,12 @@ mod proto {
                 Op::Delete => routed.before.as_deref(),
                 _ => routed.after.as_deref().or(routed.before.as_deref()),
             };
+            let key_hash = pgrelay::event::row_hash(
+                &change.schema.table,
+                self.key_cols
+                    .iter()
+                    .map(|&i| (routed.columns[i].as_str(), row.and_then(|r| r[i].as_text()))),
+            );
             if let Some(row) = row {
                 for (n, &i) in self.key_cols.iter().enumerate() {
                     if n > 0 {
@@ -263,6 +269,7 @@ mod proto {
                 key,
                 value: out,
                 table: self.table.clone(),
+                key_hash,
             }
         }
     }
@@ -285,8 +292,8 @@ fn prototype(c: &mut Criterion) {
             assert_eq!(prefix.encode(&change, &routed), want, "prototype differs");
             g.bench_with_input(
                 BenchmarkId::new(op.code(), format!("{n}col")),
-                &(change, routed),
-                |b, (ch, r)| b.iter(|| prefix.encode(black_box(ch), black_box(r))),
+                &routed,
+                |b, r| b.iter(|| prefix.encode(black_box(&change), black_box(r))),
             );
         }
     }

@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::check::{self, Severity};
 use crate::config::{Config, TableClass};
@@ -163,7 +163,6 @@ pub async fn run(
         .collect();
 
     // one producer per distinct cluster
-    let (delivery_tx, mut deliveries) = mpsc::unbounded_channel();
     let max_in_flight = config.capture.max_in_flight.max(1);
     let mut publishers: Vec<(String, Publisher)> = Vec::new();
     let mut dest_publisher = Vec::with_capacity(destinations.len());
@@ -173,13 +172,24 @@ pub async fn run(
             Some(i) => i,
             None => {
                 let cfg = producer_config(&cluster.brokers, &cluster.properties, max_in_flight);
-                let p = Publisher::new(&cfg, delivery_tx.clone())
+                let p = Publisher::new(&cfg)
                     .map_err(|e| CaptureError::Setup(format!("kafka producer for {dest}: {e}")))?;
                 publishers.push((cluster.brokers.clone(), p));
                 publishers.len() - 1
             }
         };
         dest_publisher.push(idx);
+    }
+    // records are partitioned by the hash of their key (see
+    // `event::row_hash`), which the apply side's lock buckets share
+    let mut partitions = Vec::with_capacity(topics.len());
+    for (topic, &p) in topics.iter().zip(&dest_publisher) {
+        let publisher = &publishers[p].1;
+        let n = tokio::task::block_in_place(|| {
+            publisher.partition_count(topic, Duration::from_secs(10))
+        })
+        .map_err(CaptureError::Transient)?;
+        partitions.push(n as u32);
     }
 
     let declared: HashSet<_> = config
@@ -223,6 +233,7 @@ pub async fn run(
         policy: &policy,
         destinations: &destinations,
         topics: &topics,
+        partitions: &partitions,
         publishers: &publishers,
         dest_publisher: &dest_publisher,
         source: &source,
@@ -232,22 +243,18 @@ pub async fn run(
         max_in_flight,
         last_reported: Lsn::ZERO,
         published: vec![0; destinations.len()],
+        reports: Vec::new(),
         dropped: std::collections::HashMap::new(),
     };
-    let result = ctx
-        .stream(&mut reader, &mut writer, &mut deliveries, &mut shutdown)
-        .await;
+    let result = ctx.stream(&mut reader, &mut writer, &mut shutdown).await;
 
     // drain: whatever Kafka has acknowledged gets confirmed before we leave
     if result.is_ok() {
         for (_, p) in &publishers {
             let _ = tokio::task::block_in_place(|| p.flush(Duration::from_secs(10)));
         }
-        while let Ok(d) = deliveries.try_recv() {
-            if let Delivery::Acked(seq) = d {
-                ctx.tracker.ack(seq);
-            }
-        }
+        // a failure here only keeps its record unconfirmed
+        let _ = ctx.poll_deliveries();
         let _ = ctx.send_status(&mut writer, false).await;
         writer.close().await;
         tracing::info!(region = %region, confirmed = %ctx.tracker.confirmed(), "capture stopped");
@@ -261,6 +268,8 @@ struct Loop<'a> {
     policy: &'a Policy,
     destinations: &'a [String],
     topics: &'a [String],
+    /// Partition count of each topic, as `topics`.
+    partitions: &'a [u32],
     publishers: &'a [(String, Publisher)],
     dest_publisher: &'a [usize],
     source: &'a Source,
@@ -272,8 +281,18 @@ struct Loop<'a> {
     /// Counters kept locally on the hot path, flushed to `metrics` with
     /// each status update.
     published: Vec<u64>,
+    /// Delivery reports being handled (kept to reuse the allocation).
+    reports: Vec<Delivery>,
     dropped: std::collections::HashMap<(String, usize, &'static str), u64>,
 }
+
+/// How often delivery reports are collected while records are in flight
+/// and nothing else wakes the capture loop.
+const ACK_POLL: Duration = Duration::from_millis(5);
+
+/// Replication messages handled per wake-up, at most, before the loop
+/// looks at its timers again.
+const BURST: usize = 1024;
 
 fn now_us() -> i64 {
     SystemTime::now()
@@ -287,11 +306,13 @@ impl Loop<'_> {
         &mut self,
         reader: &mut ReplReader,
         writer: &mut ReplWriter,
-        deliveries: &mut mpsc::UnboundedReceiver<Delivery>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), CaptureError> {
         let mut status = tokio::time::interval(self.config.capture.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // how often delivery reports are collected while records are in flight
+        let mut acks = tokio::time::interval(ACK_POLL);
+        acks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -299,16 +320,49 @@ impl Loop<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
-                Some(d) = deliveries.recv() => self.delivered(d)?,
-                _ = status.tick() => self.send_status(writer, false).await?,
+                _ = status.tick() => {
+                    self.poll_deliveries()?;
+                    self.send_status(writer, false).await?
+                }
+                _ = acks.tick(), if self.tracker.in_flight() > 0 => self.poll_deliveries()?,
                 frame = reader.next_copy_data(), if self.tracker.in_flight() < self.max_in_flight => {
                     match frame.map_err(|e| transient("replication stream")(&e))? {
-                        Some(data) => self.frame(data, writer, deliveries).await?,
+                        Some(data) => self.frame(data, writer).await?,
                         None => return Err(CaptureError::Transient("the server ended the replication stream".into())),
                     }
+                    // what has already arrived is handled without going
+                    // back through the select
+                    for _ in 0..BURST {
+                        if self.tracker.in_flight() >= self.max_in_flight {
+                            break;
+                        }
+                        match reader.buffered_copy_data().map_err(|e| transient("replication stream")(&e))? {
+                            Some(data) => self.frame(data, writer).await?,
+                            None => break,
+                        }
+                    }
+                    self.poll_deliveries()?;
                 }
             }
         }
+    }
+
+    /// Collects the producers' delivery reports: every acknowledgement is
+    /// counted; the first failure, if any, is returned.
+    fn poll_deliveries(&mut self) -> Result<(), CaptureError> {
+        let mut reports = std::mem::take(&mut self.reports);
+        for (_, p) in self.publishers {
+            p.poll(&mut reports);
+        }
+        let mut result = Ok(());
+        for d in reports.drain(..) {
+            let r = self.delivered(d);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        self.reports = reports;
+        result
     }
 
     fn delivered(&mut self, d: Delivery) -> Result<(), CaptureError> {
@@ -382,7 +436,6 @@ impl Loop<'_> {
         &mut self,
         data: bytes::Bytes,
         writer: &mut ReplWriter,
-        deliveries: &mut mpsc::UnboundedReceiver<Delivery>,
     ) -> Result<(), CaptureError> {
         match pgoutput::parse_frame(data).map_err(|e| transient("replication frame")(&e))? {
             Frame::Keepalive {
@@ -398,6 +451,11 @@ impl Loop<'_> {
                 }
             }
             Frame::XLogData { payload, .. } => {
+                // rows of a transaction pgrelay applied are skipped unread
+                if self.assembler.skipping() && matches!(payload.first(), Some(b'I' | b'U' | b'D'))
+                {
+                    return Ok(());
+                }
                 let msg = pgoutput::decode(payload).map_err(|e| transient("pgoutput")(&e))?;
                 match self
                     .assembler
@@ -405,10 +463,10 @@ impl Loop<'_> {
                     .map_err(|e| transient("replication stream")(&e))?
                 {
                     None => {}
-                    Some(Output::Change(change)) => self.publish(&change, deliveries).await?,
-                    Some(Output::Truncate(changes)) => {
+                    Some(Output::Change(change)) => self.publish(&change).await?,
+                    Some(Output::Changes(changes)) => {
                         for change in &changes {
-                            self.publish(change, deliveries).await?;
+                            self.publish(change).await?;
                         }
                     }
                     Some(Output::Commit { end_lsn }) => self.tracker.commit(end_lsn),
@@ -418,11 +476,7 @@ impl Loop<'_> {
         Ok(())
     }
 
-    async fn publish(
-        &mut self,
-        change: &Change,
-        deliveries: &mut mpsc::UnboundedReceiver<Delivery>,
-    ) -> Result<(), CaptureError> {
+    async fn publish(&mut self, change: &Change) -> Result<(), CaptureError> {
         let hlc = change.hlc.to_string();
         for i in 0..self.destinations.len() {
             let routed = match self.policy.route(change, i) {
@@ -445,19 +499,20 @@ impl Loop<'_> {
             let publisher = &self.publishers[self.dest_publisher[i]].1;
             let seq = self.tracker.issue();
             loop {
-                match publisher.send(&self.topics[i], &record.key, &record.value, headers, seq) {
+                let partition = (record.key_hash % self.partitions[i]) as i32;
+                match publisher.send(
+                    &self.topics[i],
+                    partition,
+                    &record.key,
+                    &record.value,
+                    headers,
+                    seq,
+                ) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => {
-                        // wait for deliveries to free room, then retry
-                        match tokio::time::timeout(Duration::from_millis(100), deliveries.recv())
-                            .await
-                        {
-                            Ok(Some(d)) => self.delivered(d)?,
-                            Ok(None) => {
-                                return Err(CaptureError::Transient("producer stopped".into()))
-                            }
-                            Err(_) => {}
-                        }
+                        // let deliveries free room, then retry
+                        tokio::time::sleep(ACK_POLL).await;
+                        self.poll_deliveries()?;
                     }
                     Err(SendError::Other(e)) => {
                         return Err(CaptureError::Transient(format!(

@@ -109,10 +109,35 @@ pub async fn database(
             }
         }
         if after_setup {
-            if state.replica_identity != 'f' {
+            let full = config.needs_full_identity(&class);
+            if full && state.replica_identity != 'f' {
                 out.push(finding(
                     Severity::NeedsSetup,
                     format!("region {region}: table {name} needs REPLICA IDENTITY FULL; run pgrelay setup"),
+                ));
+            } else if !full && state.replica_identity == 'f' {
+                // works (updates just carry the whole old row): not a reason
+                // to stop a sidecar that was set up before
+                out.push(finding(
+                    Severity::Warning,
+                    format!(
+                        "region {region}: table {name} has REPLICA IDENTITY FULL, which \
+                         relay.capture.before_image = \"key\" does not need; run pgrelay setup \
+                         to return it to DEFAULT (less WAL and decoding per update)"
+                    ),
+                ));
+            } else if !full && state.replica_identity != 'd' {
+                out.push(finding(
+                    Severity::NeedsSetup,
+                    format!(
+                        "region {region}: table {name} has REPLICA IDENTITY {}; pgrelay needs \
+                         DEFAULT (the primary key) so deletes carry the key; run pgrelay setup",
+                        match state.replica_identity {
+                            'n' => "NOTHING",
+                            'i' => "USING INDEX",
+                            _ => "unknown",
+                        }
+                    ),
                 ));
             }
             if !state.has_stamp_column

@@ -153,6 +153,20 @@ pub struct CaptureSettings {
     pub topic_partitions: usize,
     /// Replication factor of the topics `setup` creates; -1: the broker's default.
     pub topic_replication_factor: i32,
+    /// What `before` carries for `global` and `owned` tables.
+    pub before_image: BeforeImage,
+}
+
+/// What the `before` of an update or delete carries (`relay.capture.before_image`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BeforeImage {
+    /// The primary key only (deletes; updates that change the key): the
+    /// tables keep `REPLICA IDENTITY DEFAULT`, so updates and deletes write
+    /// no extra WAL and decode about half as much.
+    #[default]
+    Key,
+    /// The whole old row: `REPLICA IDENTITY FULL`.
+    Full,
 }
 
 /// Apply side (`[relay.apply]`).
@@ -250,6 +264,7 @@ impl Default for CaptureSettings {
             max_in_flight: default_max_in_flight(),
             topic_partitions: default_topic_partitions(),
             topic_replication_factor: default_topic_replication_factor(),
+            before_image: BeforeImage::default(),
         }
     }
 }
@@ -457,6 +472,14 @@ impl Config {
                 region: name.to_string(),
                 declared: self.declared_regions(),
             })
+    }
+
+    /// Whether a table of `class` needs `REPLICA IDENTITY FULL`: `partitioned` tables
+    /// always (a row's old home decides where an update goes), the others
+    /// when `relay.capture.before_image = "full"`.
+    pub fn needs_full_identity(&self, class: &TableClass) -> bool {
+        matches!(class, TableClass::Partitioned { .. })
+            || self.capture.before_image == BeforeImage::Full
     }
 
     /// The Kafka cluster holding the topics destined to `region` (and its
@@ -998,6 +1021,7 @@ struct RawCapture {
     max_in_flight: Option<i64>,
     topic_partitions: Option<i64>,
     topic_replication_factor: Option<i64>,
+    before_image: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1243,6 +1267,16 @@ impl Validator<'_> {
                     return Err(self.invalid(
                         None,
                         format!("relay.capture.topic_replication_factor = {v}: use -1 (broker default) or 1..=32"),
+                    ))
+                }
+            },
+            before_image: match raw.before_image.as_deref() {
+                None | Some("key") => BeforeImage::Key,
+                Some("full") => BeforeImage::Full,
+                Some(other) => {
+                    return Err(self.invalid(
+                        None,
+                        format!("relay.capture.before_image = {other:?}: use \"key\" or \"full\""),
                     ))
                 }
             },
@@ -1693,6 +1727,21 @@ dsn = "host=cn dbname=app"
     }
 
     #[test]
+    fn before_image_defaults_to_key_and_names_bad_values() {
+        let c = ok(BASE);
+        assert_eq!(c.capture.before_image, BeforeImage::Key);
+        assert!(!c.needs_full_identity(&TableClass::Global));
+        let err = parse(
+            &format!("{BASE}\n[relay.capture]\nbefore_image = \"old\"\n"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("relay.capture.before_image"), "{err}");
+        assert!(err.contains("\"key\" or \"full\""), "{err}");
+    }
+
+    #[test]
     fn full_settings() {
         let c = ok(&format!(
             r#"{BASE}
@@ -1701,6 +1750,7 @@ slot = "my_slot"
 publication = "my_pub"
 status_interval = "250ms"
 max_in_flight = 10
+before_image = "full"
 
 [relay.apply]
 batch_max_records = 7
@@ -1716,6 +1766,8 @@ listen = "0.0.0.0:9187"
         assert_eq!(c.publication_name(), "my_pub");
         assert_eq!(c.capture.status_interval, Duration::from_millis(250));
         assert_eq!(c.capture.max_in_flight, 10);
+        assert_eq!(c.capture.before_image, BeforeImage::Full);
+        assert!(c.needs_full_identity(&TableClass::Global));
         assert_eq!(c.apply.batch_max_records, 7);
         assert_eq!(c.apply.batch_max_wait, Duration::ZERO);
         assert_eq!(c.apply.max_retries, 0);

@@ -11,6 +11,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 use pgrelay::check::{self, Severity};
+
+/// mimalloc: the capture and apply paths allocate and free small buffers
+/// per row, often on different threads (librdkafka's), where it is
+/// markedly cheaper than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use pgrelay::config::{self, Config, TableClass};
 use pgrelay::http::{self, Readiness};
 use pgrelay::metrics::Metrics;

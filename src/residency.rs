@@ -22,6 +22,7 @@
 //!
 //! Nothing here logs or returns row values.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
@@ -33,8 +34,8 @@ use crate::event::{Change, Datum, Op, TableName, TableSchema};
 
 /// What to do with one change for one destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Publish(Routed),
+pub enum Verdict<'a> {
+    Publish(Routed<'a>),
     Drop(DropReason),
 }
 
@@ -42,13 +43,14 @@ pub enum Verdict {
 /// for a partitioned row whose home moved, possibly turned into an insert or
 /// a delete.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Routed {
+pub struct Routed<'a> {
     pub op: Op,
     /// Column names, after dropped columns are removed; tuples are indexed
     /// like this.
     pub columns: Arc<[String]>,
-    pub before: Option<Vec<Datum>>,
-    pub after: Option<Vec<Datum>>,
+    /// The change's own tuples when no rule alters them (no copy).
+    pub before: Option<Cow<'a, [Datum]>>,
+    pub after: Option<Cow<'a, [Datum]>>,
 }
 
 /// Why a change does not go to a destination (a metric label).
@@ -313,7 +315,7 @@ impl Policy {
     }
 
     /// What `change` becomes for destination `destinations()[dest_index]`.
-    pub fn route(&self, change: &Change, dest_index: usize) -> Verdict {
+    pub fn route<'c>(&self, change: &'c Change, dest_index: usize) -> Verdict<'c> {
         debug_assert!(dest_index < self.destinations.len());
         let plan = self.plan(&change.schema);
         let (rules, home_index, dest) = match &plan.body {
@@ -389,14 +391,14 @@ impl Policy {
         }
     }
 
-    fn publish(
+    fn publish<'c>(
         &self,
         dest: &DestPlan,
         op: Op,
-        before: Option<&[Datum]>,
-        after: Option<&[Datum]>,
+        before: Option<&'c [Datum]>,
+        after: Option<&'c [Datum]>,
         fill_from: Option<&[Datum]>,
-    ) -> Verdict {
+    ) -> Verdict<'c> {
         Verdict::Publish(Routed {
             op,
             columns: dest.columns.clone(),
@@ -407,7 +409,12 @@ impl Policy {
 
     /// Applies the destination's column rules to one tuple; `Unchanged`
     /// values are taken from `fill_from` when it has the value.
-    fn project(&self, dest: &DestPlan, row: &[Datum], fill_from: Option<&[Datum]>) -> Vec<Datum> {
+    fn project<'c>(
+        &self,
+        dest: &DestPlan,
+        row: &'c [Datum],
+        fill_from: Option<&[Datum]>,
+    ) -> Cow<'c, [Datum]> {
         let value = |i: usize, v: &Datum| -> Datum {
             match (v, fill_from.and_then(|f| f.get(i))) {
                 (Datum::Unchanged, Some(filled @ (Datum::Text(_) | Datum::Null))) => filled.clone(),
@@ -415,7 +422,11 @@ impl Policy {
             }
         };
         let Some(ops) = &dest.ops else {
-            return row.iter().enumerate().map(|(i, v)| value(i, v)).collect();
+            let fills = fill_from.is_some() && row.contains(&Datum::Unchanged);
+            if !fills {
+                return Cow::Borrowed(row);
+            }
+            return Cow::Owned(row.iter().enumerate().map(|(i, v)| value(i, v)).collect());
         };
         let mut out = Vec::with_capacity(dest.columns.len());
         for (i, v) in row.iter().enumerate() {
@@ -432,7 +443,7 @@ impl Policy {
                 }),
             }
         }
-        out
+        Cow::Owned(out)
     }
 
     /// Lowercase hex of SHA-256(salt || 0x00 || value).
@@ -809,7 +820,7 @@ action = "drop"
     }
 
     /// Routes to the named destination.
-    fn route(p: &Policy, c: &Change, dest: &str) -> Verdict {
+    fn route<'c>(p: &Policy, c: &'c Change, dest: &str) -> Verdict<'c> {
         let i = p.destinations().iter().position(|d| d == dest).unwrap();
         p.route(c, i)
     }
@@ -879,8 +890,8 @@ action = "drop"
                 let r = published(p.route(&c, i));
                 assert_eq!(r.op, Op::Update);
                 assert_eq!(&*r.columns, ["id", "name"]);
-                assert_eq!(r.before, Some(row(&["1", "a"])));
-                assert_eq!(r.after, Some(row(&["1", "UNCHANGED"])));
+                assert_eq!(r.before.as_deref(), Some(&row(&["1", "a"])[..]));
+                assert_eq!(r.after.as_deref(), Some(&row(&["1", "UNCHANGED"])[..]));
             }
         }
     }
@@ -890,7 +901,10 @@ action = "drop"
         let currencies = schema(4, "currencies", &["code"]);
         let c = change(&currencies, Op::Insert, None, Some(row(&["EUR"])));
         let us = policy("us");
-        assert_eq!(published(route(&us, &c, "eu")).after, Some(row(&["EUR"])));
+        assert_eq!(
+            published(route(&us, &c, "eu")).after.as_deref(),
+            Some(&row(&["EUR"])[..])
+        );
         assert!(matches!(route(&us, &c, "cn"), Verdict::Publish(_)));
         let eu = policy("eu");
         for dest in ["us", "cn"] {
@@ -950,7 +964,8 @@ action = "drop"
                 None,
             )
         };
-        let r = published(route(&p, &del("US"), "cn"));
+        let d = del("US");
+        let r = published(route(&p, &d, "cn"));
         assert_eq!(r.op, Op::Delete);
         assert_eq!(r.before.unwrap()[1], t("US"));
         assert_eq!(
@@ -980,8 +995,14 @@ action = "drop"
         let r = published(route(&p, &c, "eu"));
         assert_eq!(r.op, Op::Update);
         assert_eq!(&*r.columns, ["id", "country", "card", "doc"]);
-        assert_eq!(r.before, Some(row(&["1", "US", "****", "d"])));
-        assert_eq!(r.after, Some(row(&["1", "us", "****", "UNCHANGED"])));
+        assert_eq!(
+            r.before.as_deref(),
+            Some(&row(&["1", "US", "****", "d"])[..])
+        );
+        assert_eq!(
+            r.after.as_deref(),
+            Some(&row(&["1", "us", "****", "UNCHANGED"])[..])
+        );
         // no old tuple: the home is assumed unchanged
         let c = change(
             &o,
@@ -1047,8 +1068,8 @@ action = "drop"
         assert_eq!(r.after, None);
         assert_eq!(&*r.columns, ["id", "country", "email", "card", "doc"]);
         assert_eq!(
-            r.before,
-            Some(vec![t("1"), t("US"), t(&hash("a@b")), t("****"), t("doc")])
+            r.before.as_deref(),
+            Some(&vec![t("1"), t("US"), t(&hash("a@b")), t("****"), t("doc")][..])
         );
         // eu is allowed both before and after: a plain update
         assert_eq!(published(route(&p, &c, "eu")).op, Op::Update);
@@ -1078,14 +1099,16 @@ action = "drop"
         assert_eq!(r.op, Op::Insert);
         assert_eq!(r.before, None);
         assert_eq!(
-            r.after,
-            Some(vec![
-                t("1"),
-                t("US"),
-                t(&hash("a@b")),
-                Datum::Null,
-                t("big document")
-            ])
+            r.after.as_deref(),
+            Some(
+                &vec![
+                    t("1"),
+                    t("US"),
+                    t(&hash("a@b")),
+                    Datum::Null,
+                    t("big document")
+                ][..]
+            )
         );
         // us is the new home: also an insert there
         let r = published(route(&p, &c, "us"));
@@ -1130,20 +1153,17 @@ action = "drop"
         let r = published(route(&p, &c, "cn"));
         assert_eq!(&*r.columns, ["id", "country", "email", "card", "doc"]);
         assert_eq!(
-            r.after,
-            Some(vec![
-                t("1"),
-                t("US"),
-                t(&hash("a@b")),
-                t("****"),
-                Datum::Null
-            ])
+            r.after.as_deref(),
+            Some(&vec![t("1"), t("US"), t(&hash("a@b")), t("****"), Datum::Null][..])
         );
         assert_eq!(hash("a@b").len(), 64, "lowercase hex of SHA-256");
         // eu: email dropped, card masked
         let r = published(route(&p, &c, "eu"));
         assert_eq!(&*r.columns, ["id", "country", "card", "doc"]);
-        assert_eq!(r.after, Some(vec![t("1"), t("US"), t("****"), Datum::Null]));
+        assert_eq!(
+            r.after.as_deref(),
+            Some(&vec![t("1"), t("US"), t("****"), Datum::Null][..])
+        );
         // NULL and unchanged stay as they are under hash and mask
         let c = change(
             &o,
@@ -1159,18 +1179,20 @@ action = "drop"
         );
         let r = published(route(&p, &c, "cn"));
         assert_eq!(
-            r.before,
-            Some(vec![t("1"), t("US"), Datum::Null, Datum::Null, Datum::Null])
+            r.before.as_deref(),
+            Some(&vec![t("1"), t("US"), Datum::Null, Datum::Null, Datum::Null][..])
         );
         assert_eq!(
-            r.after,
-            Some(vec![
-                t("1"),
-                t("US"),
-                Datum::Unchanged,
-                Datum::Unchanged,
-                Datum::Null
-            ])
+            r.after.as_deref(),
+            Some(
+                &vec![
+                    t("1"),
+                    t("US"),
+                    Datum::Unchanged,
+                    Datum::Unchanged,
+                    Datum::Null
+                ][..]
+            )
         );
     }
 
@@ -1197,7 +1219,7 @@ action = "drop"
         let c = change(&v2, Op::Insert, None, Some(row(&["1", "a@b", "US", "n"])));
         let r = published(route(&p, &c, "eu"));
         assert_eq!(&*r.columns, ["id", "country", "note"]);
-        assert_eq!(r.after, Some(row(&["1", "US", "n"])));
+        assert_eq!(r.after.as_deref(), Some(&row(&["1", "US", "n"])[..]));
         // an equal schema in a fresh Arc hits the cache
         let v2b = schema(40, "orders", &["id", "email", "country", "note"]);
         let c = change(&v2b, Op::Insert, None, Some(row(&["1", "a@b", "DE", "n"])));

@@ -4,8 +4,10 @@
 //! In the `pgrelay` schema: the HLC sequence and `next_hlc()` function, the
 //! `tombstones` table, the trigger functions, and the apply side's offset and
 //! watermark tables. On every declared, non-`local` table: the
-//! `_pgrelay_hlc` stamp column, `REPLICA IDENTITY FULL` (so updates carry
-//! the old row: residency moves and unchanged TOAST values need it), a stamp
+//! `_pgrelay_hlc` stamp column, the replica identity (`FULL` on
+//! `partitioned` tables, whose routing needs the old row, and on every
+//! table with `relay.capture.before_image = "full"`; `DEFAULT` otherwise,
+//! so updates and deletes cost no extra WAL), a stamp
 //! trigger, tombstone triggers for deletes and truncates (a truncate leaves a
 //! table-wide tombstone, key `{}`), and on `owned` tables outside the owner
 //! region a guard that refuses local writes. Then the publication (declared
@@ -63,7 +65,7 @@ $fn$",
             col = HLC_COLUMN
         ),
         format!(
-            "CREATE OR REPLACE FUNCTION pgrelay.record_delete() RETURNS trigger LANGUAGE plpgsql AS $fn$
+            "CREATE OR REPLACE FUNCTION pgrelay.record_delete() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
 DECLARE
     key_json jsonb := '{{}}'::jsonb;
     k text;
@@ -79,7 +81,10 @@ BEGIN
     RETURN OLD;
 END
 $fn$",
-            col = HLC_COLUMN
+            col = HLC_COLUMN,
+            // the key's text as the apply side spells it, whatever the
+            // deleting session's settings (restored when the function returns)
+            settings = crate::event::canonical_text_sets(" ")
         ),
         "CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
@@ -111,7 +116,12 @@ $fn$"
             "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} bigint",
             quote_ident(HLC_COLUMN)
         ));
-        sql.push(format!("ALTER TABLE {t} REPLICA IDENTITY FULL"));
+        let identity = if config.needs_full_identity(&table.class) {
+            "FULL"
+        } else {
+            "DEFAULT"
+        };
+        sql.push(format!("ALTER TABLE {t} REPLICA IDENTITY {identity}"));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_stamp ON {t}"));
         sql.push(format!(
             "CREATE TRIGGER pgrelay_stamp BEFORE INSERT OR UPDATE ON {t} \
@@ -191,4 +201,54 @@ pub fn slot_sql(config: &Config, region: &str) -> String {
         "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput') \
          WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot})"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        crate::config::parse(
+            &format!(
+                r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+[regions.us]
+id = 1
+dsn = "host=a"
+[regions.eu]
+id = 2
+dsn = "host=b"
+[[tables]]
+name = "public.products"
+class = "global"
+[[tables]]
+name = "public.orders"
+class = "partitioned"
+home_column = "country"
+{extra}
+"#
+            ),
+            "t.toml",
+        )
+        .unwrap()
+    }
+
+    fn identity(plan: &[String], table: &str) -> String {
+        plan.iter()
+            .find(|s| s.starts_with(&format!("ALTER TABLE {table} REPLICA IDENTITY")))
+            .unwrap_or_else(|| panic!("no replica identity for {table}"))
+            .clone()
+    }
+
+    #[test]
+    fn replica_identity_follows_the_class_and_before_image() {
+        let keys = |_: &TableName| vec!["id".to_string()];
+        let plan = plan(&config(""), "us", &keys);
+        assert!(identity(&plan, r#""public"."products""#).ends_with("DEFAULT"));
+        assert!(identity(&plan, r#""public"."orders""#).ends_with("FULL"));
+        let full = config("[relay.capture]\nbefore_image = \"full\"");
+        let plan = super::plan(&full, "us", &keys);
+        assert!(identity(&plan, r#""public"."products""#).ends_with("FULL"));
+    }
 }

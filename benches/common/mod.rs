@@ -7,7 +7,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -344,21 +344,16 @@ pub fn targets() -> Targets {
             name,
             key: vec!["id".into()],
             columns,
+            json_columns: vec![("doc".into(), "jsonb".into())],
         },
     );
     t
 }
 
-/// Parsed changes for `sql::plan`.
-pub fn incoming(count: usize, op: Op, dup: usize) -> Vec<Incoming> {
-    let targets = targets();
-    records(count, op, dup)
+/// Parsed changes for `sql::plan`, borrowing from `records`.
+pub fn incoming<'a>(records: &'a [Vec<u8>], targets: &'a Targets) -> Vec<Incoming<'a>> {
+    records
         .iter()
-        .map(|v| pgrelay::apply::record::parse(Some(v), &targets).expect("valid record"))
+        .map(|v| pgrelay::apply::record::parse(Some(v), targets).expect("valid record"))
         .collect()
-}
-
-/// Column name -> value of one row (handy for assertions).
-pub fn values(inc: &Incoming) -> &BTreeMap<String, Option<String>> {
-    &inc.values
 }

@@ -29,10 +29,11 @@ pub mod record;
 pub mod replay;
 pub mod sql;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::SinkExt as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
@@ -153,6 +154,7 @@ pub async fn load_targets(
                 name: t.name.clone(),
                 key: state.primary_key,
                 columns: state.columns,
+                json_columns: state.json_columns,
             },
         );
     }
@@ -198,7 +200,10 @@ pub async fn session_with_origin(
         .await
         .map_err(|e| ApplyError::Transient(e.to_string()))?;
     client
-        .batch_execute("SET session_replication_role = replica")
+        .batch_execute(&format!(
+            "SET session_replication_role = replica; SET client_min_messages = warning; {}",
+            crate::event::canonical_text_sets("; ")
+        ))
         .await
         .map_err(|e| {
             if sqlstate(&e) == "42501" {
@@ -680,6 +685,32 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs one planned statement; an upsert first copies its rows into its
+/// staging table.
+async fn execute(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &sql::Statement,
+    staged: &mut HashSet<String>,
+) -> Result<u64, tokio_postgres::Error> {
+    let Some(stage) = &s.stage else {
+        return if s.rows.is_empty() {
+            tx.execute(s.sql.as_str(), &[]).await
+        } else {
+            tx.execute(s.sql.as_str(), &[&s.rows]).await
+        };
+    };
+    tx.batch_execute(&stage.create).await?;
+    if !staged.insert(stage.name.clone()) {
+        tx.batch_execute(&stage.clear).await?;
+    }
+    let sink = tx.copy_in(stage.copy.as_str()).await?;
+    let mut sink = std::pin::pin!(sink);
+    sink.send(bytes::Bytes::copy_from_slice(s.rows.as_bytes()))
+        .await?;
+    sink.as_mut().finish().await?;
+    tx.execute(s.sql.as_str(), &[]).await
+}
+
 /// How to apply a batch.
 pub struct BatchOptions<'a> {
     /// How many times this batch was tried before (for dead-letter headers).
@@ -730,7 +761,7 @@ pub async fn apply_batch(
         .iter()
         .filter(|c| hlc::ahead_ms(c.hlc, now) > skew)
         .count() as u64;
-    let statements = sql::plan(&changes, targets);
+    let statements = sql::plan(&changes);
     let buckets = sql::key_buckets(&changes);
     let tx = client
         .transaction()
@@ -747,15 +778,14 @@ pub async fn apply_batch(
             .await
             .map_err(|e| format!("locking key buckets: {}", db_message(&e)))?;
     }
+    // staging tables filled in this transaction (one filled twice is
+    // emptied first)
+    let mut staged = HashSet::new();
     for s in &statements {
         tx.execute("SAVEPOINT stmt", &[])
             .await
             .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
-        let result = if s.rows.is_empty() {
-            tx.execute(s.sql.as_str(), &[]).await
-        } else {
-            tx.execute(s.sql.as_str(), &[&s.rows]).await
-        };
+        let result = execute(&tx, s, &mut staged).await;
         match result {
             Ok(n) => {
                 outcome.won += n;
@@ -772,7 +802,7 @@ pub async fn apply_batch(
                 // one by one: only what fails again is dead-lettered
                 outcome.lost += s.superseded.len() as u64;
                 for &m in &s.members {
-                    let single = sql::plan(std::slice::from_ref(&changes[m]), targets);
+                    let single = sql::plan(std::slice::from_ref(&changes[m]));
                     for one in &single {
                         let mut tries = 0;
                         loop {
@@ -780,11 +810,7 @@ pub async fn apply_batch(
                             tx.execute("SAVEPOINT one", &[])
                                 .await
                                 .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
-                            let r = if one.rows.is_empty() {
-                                tx.execute(one.sql.as_str(), &[]).await
-                            } else {
-                                tx.execute(one.sql.as_str(), &[&one.rows]).await
-                            };
+                            let r = execute(&tx, one, &mut staged).await;
                             match r {
                                 Ok(n) => {
                                     outcome.won += n;
@@ -842,7 +868,7 @@ pub async fn apply_batch(
                     &source,
                     &session_no.to_string(),
                     &newest.hlc.to_string(),
-                    &newest.commit_lsn,
+                    &newest.commit_lsn.as_ref(),
                     &commit_ts.to_string(),
                 ],
             )

@@ -2,29 +2,47 @@
 //! not. Trusts nothing in the record: the table must be declared (and not
 //! `local`), every column must exist in the target table, and values are
 //! only ever passed as JSON parameters, never spliced into SQL.
+//!
+//! Parsing borrows from the record: a value is copied only when its JSON
+//! spelling had escapes, and only the row the operation needs is parsed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 
-use serde::de::{Deserializer, Visitor};
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::event::{Op, TableName};
+use crate::source::assemble::HLC_COLUMN;
+
+/// Text borrowed from the record unless its JSON spelling had escapes.
+pub type Text<'a> = Cow<'a, str>;
 
 /// A change ready to apply. Values are PostgreSQL text (or NULL).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Incoming {
-    pub table: TableName,
+#[derive(Debug, Clone)]
+pub struct Incoming<'a> {
+    pub table: &'a TargetTable,
     pub op: Op,
     pub hlc: u64,
-    pub origin: String,
-    pub commit_lsn: String,
+    pub commit_lsn: Text<'a>,
     pub commit_ts_ms: i64,
     /// Primary key values (text), in key-column order.
-    pub key: Vec<Option<String>>,
-    /// Column values to write (inserts/updates): name -> text or NULL.
+    pub key: Vec<Option<Text<'a>>>,
+    /// Inserts and updates: the names of the columns to write, sorted.
     /// Columns the stream marked unchanged are absent.
-    pub values: BTreeMap<String, Option<String>>,
+    pub columns: Vec<Text<'a>>,
+    /// Inserts and updates: the values of `columns` (`None`: NULL).
+    pub values: Vec<Option<Text<'a>>>,
+}
+
+impl Incoming<'_> {
+    /// The value of column `name` in the row (`None`: absent or NULL).
+    pub fn value(&self, name: &str) -> Option<&str> {
+        let i = self.columns.iter().position(|c| c == name)?;
+        self.values[i].as_deref()
+    }
 }
 
 /// Why a record cannot be applied at all (it goes to the dead-letter topic).
@@ -61,111 +79,168 @@ pub struct TargetTable {
     pub name: TableName,
     pub key: Vec<String>,
     pub columns: Vec<String>,
+    /// Columns of type json or jsonb (or a domain over one), with their
+    /// type as SQL (from the catalog): their text arrives as a JSON string
+    /// and must be read back as a document, not kept as a string scalar.
+    pub json_columns: Vec<(String, String)>,
 }
 
 /// The declared, non-local tables of the target, by `schema.table`.
 pub type Targets = HashMap<String, TargetTable>;
 
-/// A column value as text: JSON strings as they are, numbers and booleans
-/// (written by other producers) in their JSON spelling.
-struct TextValue(String);
+/// A column name or value as text: JSON strings as they are, numbers and
+/// booleans (written by other producers) in their JSON spelling.
+struct Value<'a>(Text<'a>);
 
-impl<'de> Deserialize<'de> for TextValue {
+impl<'de: 'a, 'a> Deserialize<'de> for Value<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
-        impl Visitor<'_> for V {
-            type Value = TextValue;
+        impl<'de> Visitor<'de> for V {
+            type Value = Value<'de>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a string, number or boolean")
             }
-            fn visit_str<E>(self, v: &str) -> Result<TextValue, E> {
-                Ok(TextValue(v.to_owned()))
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Value<'de>, E> {
+                Ok(Value(Cow::Borrowed(v)))
             }
-            fn visit_string<E>(self, v: String) -> Result<TextValue, E> {
-                Ok(TextValue(v))
+            fn visit_str<E>(self, v: &str) -> Result<Value<'de>, E> {
+                Ok(Value(Cow::Owned(v.to_owned())))
             }
-            fn visit_bool<E>(self, v: bool) -> Result<TextValue, E> {
-                Ok(TextValue(v.to_string()))
+            fn visit_string<E>(self, v: String) -> Result<Value<'de>, E> {
+                Ok(Value(Cow::Owned(v)))
             }
-            fn visit_i64<E>(self, v: i64) -> Result<TextValue, E> {
-                Ok(TextValue(v.to_string()))
+            fn visit_bool<E>(self, v: bool) -> Result<Value<'de>, E> {
+                Ok(Value(Cow::Owned(v.to_string())))
             }
-            fn visit_u64<E>(self, v: u64) -> Result<TextValue, E> {
-                Ok(TextValue(v.to_string()))
+            fn visit_i64<E>(self, v: i64) -> Result<Value<'de>, E> {
+                Ok(Value(Cow::Owned(v.to_string())))
             }
-            fn visit_f64<E>(self, v: f64) -> Result<TextValue, E> {
-                Ok(TextValue(v.to_string()))
+            fn visit_u64<E>(self, v: u64) -> Result<Value<'de>, E> {
+                Ok(Value(Cow::Owned(v.to_string())))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Value<'de>, E> {
+                Ok(Value(Cow::Owned(v.to_string())))
             }
         }
         d.deserialize_any(V)
     }
 }
 
-type Row = BTreeMap<String, Option<TextValue>>;
+/// A row: (column, value) pairs in record order.
+struct Row<'a>(Vec<(Value<'a>, Option<Value<'a>>)>);
 
-/// The parts of the envelope the apply side reads, decoded straight into
-/// text values (no intermediate JSON tree).
+impl<'de: 'a, 'a> Deserialize<'de> for Row<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Row<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a row object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Row<'de>, A::Error> {
+                let mut v = Vec::with_capacity(m.size_hint().unwrap_or(16));
+                while let Some(e) = m.next_entry()? {
+                    v.push(e);
+                }
+                Ok(Row(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The parts of the envelope the apply side reads. `before` and `after`
+/// stay unparsed until the operation says which one is needed.
 #[derive(Deserialize)]
-struct ApplyEnvelope {
-    before: Option<Row>,
-    after: Option<Row>,
-    op: String,
+struct ApplyEnvelope<'a> {
+    #[serde(borrow)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow)]
+    after: Option<&'a RawValue>,
+    #[serde(borrow)]
+    op: Cow<'a, str>,
     ts_ms: i64,
-    source: ApplySource,
-    pgrelay: ApplyMeta,
+    #[serde(borrow)]
+    source: ApplySource<'a>,
+    #[serde(borrow)]
+    pgrelay: ApplyMeta<'a>,
 }
 
 #[derive(Deserialize)]
-struct ApplySource {
-    schema: String,
-    table: String,
+struct ApplySource<'a> {
+    #[serde(borrow)]
+    schema: Cow<'a, str>,
+    #[serde(borrow)]
+    table: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
-struct ApplyMeta {
+struct ApplyMeta<'a> {
     hlc: u64,
-    origin: String,
-    commit_lsn: String,
-    #[serde(default)]
-    unchanged: Vec<String>,
+    #[serde(borrow)]
+    commit_lsn: Cow<'a, str>,
+    #[serde(default, borrow)]
+    unchanged: Vec<Value<'a>>,
 }
 
 /// Parses and validates one record value.
-pub fn parse(value: Option<&[u8]>, targets: &Targets) -> Result<Incoming, Rejection> {
+pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incoming<'a>, Rejection> {
     let value = value.ok_or_else(|| Rejection::Poison("empty record".into()))?;
-    let env: ApplyEnvelope =
+    let env: ApplyEnvelope<'a> =
         serde_json::from_slice(value).map_err(|e| Rejection::Poison(e.to_string()))?;
     let table_name = format!("{}.{}", env.source.schema, env.source.table);
-    let target = targets
-        .get(&table_name)
-        .ok_or_else(|| Rejection::UndeclaredTable(table_name.clone()))?;
-    let op = Op::from_code(&env.op).ok_or_else(|| Rejection::UnknownOp(env.op.clone()))?;
-    let row = match op {
+    let Some(target) = targets.get(&table_name) else {
+        return Err(Rejection::UndeclaredTable(table_name));
+    };
+    let op = Op::from_code(&env.op).ok_or_else(|| Rejection::UnknownOp(env.op.to_string()))?;
+    let raw = match op {
         Op::Delete => env.before,
         Op::Truncate => None,
         _ => env.after,
     };
-    let mut values = BTreeMap::new();
+    let unknown = |column: &str| Rejection::UnknownColumn {
+        table: table_name.clone(),
+        column: column.to_string(),
+    };
     let mut key = Vec::with_capacity(target.key.len());
-    if let Some(row) = row {
-        if let Some(col) = row.keys().find(|col| !target.columns.contains(col)) {
-            return Err(Rejection::UnknownColumn {
-                table: table_name.clone(),
-                column: col.clone(),
-            });
+    let mut columns = Vec::new();
+    let mut values = Vec::new();
+    if let Some(raw) = raw {
+        let row: Row<'a> = serde_json::from_str(raw.get())
+            .map_err(|e| Rejection::Poison(format!("{} record row: {e}", env.op)))?;
+        if let Some((name, _)) = row
+            .0
+            .iter()
+            .find(|(n, _)| !has_column(&target.columns, &n.0))
+        {
+            return Err(unknown(&name.0));
         }
         for k in &target.key {
-            let v = row.get(k).ok_or_else(|| Rejection::MissingKey {
-                table: table_name.clone(),
-                column: k.clone(),
-            })?;
-            key.push(v.as_ref().map(|t| t.0.clone()));
+            let (_, v) =
+                row.0
+                    .iter()
+                    .find(|(n, _)| n.0 == *k)
+                    .ok_or_else(|| Rejection::MissingKey {
+                        table: table_name.clone(),
+                        column: k.clone(),
+                    })?;
+            key.push(v.as_ref().map(|v| v.0.clone()));
         }
         if op != Op::Delete {
-            values = row
-                .into_iter()
-                .map(|(col, v)| (col, v.map(|t| t.0)))
-                .collect();
+            let mut row = row.0;
+            row.sort_unstable_by(|a, b| a.0 .0.cmp(&b.0 .0));
+            (columns, values) = row.into_iter().map(|(n, v)| (n.0, v.map(|v| v.0))).unzip();
+            if let Some(w) = columns.windows(2).find(|w| w[0] == w[1]) {
+                return Err(Rejection::Poison(format!(
+                    "column {:?} appears twice in the row",
+                    w[0]
+                )));
+            }
+            if columns.iter().any(|c| c == HLC_COLUMN) {
+                return Err(Rejection::Poison(format!(
+                    "the row carries pgrelay's stamp column {HLC_COLUMN:?}"
+                )));
+            }
         }
     } else if op != Op::Truncate {
         return Err(Rejection::Poison(format!(
@@ -173,24 +248,28 @@ pub fn parse(value: Option<&[u8]>, targets: &Targets) -> Result<Incoming, Reject
             env.op
         )));
     }
-    for col in &env.pgrelay.unchanged {
-        if !target.columns.iter().any(|c| c == col) {
-            return Err(Rejection::UnknownColumn {
-                table: table_name.clone(),
-                column: col.clone(),
-            });
-        }
+    if let Some(col) = env
+        .pgrelay
+        .unchanged
+        .iter()
+        .find(|c| !has_column(&target.columns, &c.0))
+    {
+        return Err(unknown(&col.0));
     }
     Ok(Incoming {
-        table: target.name.clone(),
+        table: target,
         op,
         hlc: env.pgrelay.hlc,
-        origin: env.pgrelay.origin,
         commit_lsn: env.pgrelay.commit_lsn,
         commit_ts_ms: env.ts_ms,
         key,
+        columns,
         values,
     })
+}
+
+fn has_column(columns: &[String], name: &str) -> bool {
+    columns.iter().any(|c| c == name)
 }
 
 #[cfg(test)]
@@ -205,6 +284,7 @@ mod tests {
                 name: TableName::new("public", "products"),
                 key: vec!["id".into()],
                 columns: vec!["id".into(), "name".into(), "_pgrelay_hlc".into()],
+                json_columns: vec![],
             },
         );
         t
@@ -219,41 +299,55 @@ mod tests {
 
     #[test]
     fn accepts_a_declared_row() {
-        let r = parse(
-            Some(&envelope("\"products\"", r#"{"id":"1","name":"tea"}"#)),
-            &targets(),
-        )
-        .unwrap();
-        assert_eq!(r.key, vec![Some("1".to_string())]);
-        assert_eq!(r.values["name"], Some("tea".to_string()));
+        let t = targets();
+        let rec = envelope("\"products\"", r#"{"name":"t\"ea","id":"1"}"#);
+        let r = parse(Some(&rec), &t).unwrap();
+        assert_eq!(r.key, vec![Some(Cow::Borrowed("1"))]);
+        assert!(matches!(r.key[0], Some(Cow::Borrowed(_))), "not copied");
+        assert_eq!(r.value("name"), Some("t\"ea"));
+        assert_eq!(r.columns, vec!["id", "name"]);
+        assert_eq!(r.values, vec![Some("1".into()), Some("t\"ea".into())]);
         assert_eq!(r.hlc, 77);
+        assert_eq!(r.commit_lsn, "0/1");
+    }
+
+    #[test]
+    fn numbers_and_booleans_of_other_producers_are_text() {
+        let t = targets();
+        let rec = envelope("\"products\"", r#"{"id":12,"name":true}"#);
+        let r = parse(Some(&rec), &t).unwrap();
+        assert_eq!(r.key, vec![Some(Cow::Owned("12".to_string()))]);
     }
 
     #[test]
     fn rejects_injection_attempts_and_garbage() {
         let t = targets();
-        let bad_table = parse(
-            Some(&envelope(
-                "\"products\\\"; DROP TABLE products; --\"",
-                r#"{"id":"1"}"#,
-            )),
-            &t,
+        let rec = envelope("\"products\\\"; DROP TABLE products; --\"", r#"{"id":"1"}"#);
+        assert_eq!(
+            parse(Some(&rec), &t).unwrap_err().class(),
+            "undeclared_table"
         );
-        assert_eq!(bad_table.unwrap_err().class(), "undeclared_table");
-        let bad_col = parse(
-            Some(&envelope(
-                "\"products\"",
-                r#"{"id":"1","name\"; DROP TABLE x; --":"a"}"#,
-            )),
-            &t,
+        let rec = envelope(
+            "\"products\"",
+            r#"{"id":"1","name\"; DROP TABLE x; --":"a"}"#,
         );
-        assert_eq!(bad_col.unwrap_err().class(), "unknown_column");
+        assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "unknown_column");
         assert_eq!(
             parse(Some(b"\xff\x00garbage"), &t).unwrap_err().class(),
             "poison"
         );
         assert_eq!(parse(None, &t).unwrap_err().class(), "poison");
-        let no_key = parse(Some(&envelope("\"products\"", r#"{"name":"a"}"#)), &t);
-        assert_eq!(no_key.unwrap_err().class(), "missing_key");
+        let rec = envelope("\"products\"", r#"{"name":"a"}"#);
+        assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "missing_key");
+        let rec = envelope("\"products\"", r#"{"id":"1","id":"2"}"#);
+        assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "poison");
+        let rec = envelope("\"products\"", r#"{"id":"1","_pgrelay_hlc":"9"}"#);
+        assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "poison");
+        let rec = envelope("\"products\"", r#"{"id":"1","name":{"nested":1}}"#);
+        assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "poison");
+        let rec = envelope("\"products\"", r#"["id","1"]"#);
+        assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "poison");
+        let rec = envelope("\"products\"", "null");
+        assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "poison");
     }
 }

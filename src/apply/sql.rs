@@ -3,10 +3,11 @@
 //! Within a batch only the highest-stamped change of each row matters
 //! (last writer wins), so the batch is first reduced to one change per key
 //! (between truncates, which cut the batch into segments). The survivors are
-//! grouped by table, kind and column set; each group becomes one statement
-//! whose rows travel as one JSON parameter, turned into typed rows by
-//! `json_populate_recordset(NULL::table, ...)` — PostgreSQL casts each text
-//! value with the target column's own input function.
+//! grouped by table, kind and column set; each group becomes one statement.
+//! Upserts stream their rows with `COPY` (text format, each value through
+//! its column type's input function) into a session-local staging table,
+//! then one `INSERT … SELECT … ON CONFLICT` moves them; deletes and
+//! truncates carry their keys as one JSON parameter.
 //!
 //! Every statement is conditional on stamps: an upsert wins only over a row
 //! with a lower stamp (or none) and only if no tombstone of that key (or of
@@ -16,9 +17,10 @@
 //! nothing. Identifiers come from the target catalog and are quoted.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 
-use crate::apply::record::{Incoming, TargetTable, Targets};
-use crate::event::{quote_ident, quote_literal, Op};
+use crate::apply::record::{Incoming, TargetTable, Text};
+use crate::event::{quote_ident, quote_literal, row_hash, Op, TableName};
 use crate::source::assemble::HLC_COLUMN;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,11 +30,14 @@ pub enum Kind {
     Truncate,
 }
 
-/// One statement and the batch positions it covers. `$1` is `rows`.
+/// One statement and the batch positions it covers. With a `stage`, `rows`
+/// is `COPY` text for the staging table and `sql` has no parameter;
+/// otherwise `$1` is `rows` (JSON).
 #[derive(Debug, Clone)]
 pub struct Statement {
     pub kind: Kind,
     pub table: String,
+    pub stage: Option<Stage>,
     pub sql: String,
     pub rows: String,
     /// Indices into the batch of the changes this statement applies.
@@ -41,44 +46,91 @@ pub struct Statement {
     pub superseded: Vec<usize>,
 }
 
-/// Plans a batch. Changes for tables missing from `targets` must have been
-/// rejected before (see `record::parse`); they are skipped here.
-pub fn plan(batch: &[Incoming], targets: &Targets) -> Vec<Statement> {
+/// A fast, non-keyed hasher for the batch's own keys (no untrusted party
+/// can choose them to collide on purpose: they come from a few thousand
+/// records of one batch, and a collision costs time, not correctness).
+type FastHash = std::hash::BuildHasherDefault<FxHasher>;
+
+/// The multiply-rotate hash of rustc's `FxHasher`, 8 bytes at a time.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(K);
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(i as u64);
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(K);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The session-local table an upsert's rows are copied into first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    /// Its name (unquoted; one per target table and column set).
+    pub name: String,
+    /// Creates it unless it exists (emptied at every commit).
+    pub create: String,
+    /// `COPY … FROM STDIN` into it.
+    pub copy: String,
+    /// Empties it (when one transaction stages it twice).
+    pub clear: String,
+}
+
+/// Plans a batch of parsed changes (see `record::parse`).
+pub fn plan(batch: &[Incoming<'_>]) -> Vec<Statement> {
     let mut out = Vec::new();
     let mut start = 0;
     for (i, change) in batch.iter().enumerate() {
         if change.op == Op::Truncate {
-            plan_segment(batch, start, i, targets, &mut out);
-            if let Some(t) = targets.get(&change.table.to_string()) {
-                out.push(Statement {
-                    kind: Kind::Truncate,
-                    table: t.name.to_string(),
-                    sql: truncate_sql(t),
-                    rows: serde_json::json!([{ HLC_COLUMN: change.hlc }]).to_string(),
-                    members: vec![i],
-                    superseded: vec![],
-                });
-            }
+            plan_segment(batch, start, i, &mut out);
+            let t = change.table;
+            out.push(Statement {
+                kind: Kind::Truncate,
+                table: t.name.to_string(),
+                stage: None,
+                sql: truncate_sql(t),
+                rows: format!("[{{\"{HLC_COLUMN}\":{}}}]", change.hlc),
+                members: vec![i],
+                superseded: vec![],
+            });
             start = i + 1;
         }
     }
-    plan_segment(batch, start, batch.len(), targets, &mut out);
+    plan_segment(batch, start, batch.len(), &mut out);
     out
 }
 
-fn plan_segment(
-    batch: &[Incoming],
-    from: usize,
-    to: usize,
-    targets: &Targets,
-    out: &mut Vec<Statement>,
-) {
+fn plan_segment(batch: &[Incoming<'_>], from: usize, to: usize, out: &mut Vec<Statement>) {
     // newest change per (table, key)
-    let mut newest: HashMap<(String, &[Option<String>]), usize> = HashMap::new();
+    let mut newest: HashMap<(&TableName, &[Option<Text<'_>>]), usize, FastHash> =
+        HashMap::with_capacity_and_hasher(to - from, FastHash::default());
     let mut superseded: Vec<usize> = Vec::new();
     for i in from..to {
         let c = &batch[i];
-        let k = (c.table.to_string(), c.key.as_slice());
+        let k = (&c.table.name, c.key.as_slice());
         match newest.get(&k) {
             Some(&j) if batch[j].hlc >= c.hlc => superseded.push(i),
             Some(&j) => {
@@ -91,40 +143,33 @@ fn plan_segment(
         }
     }
     // group: (table, kind, column set) -> members, in batch order
-    let mut groups: BTreeMap<(String, bool, Vec<String>), Vec<usize>> = BTreeMap::new();
+    type Group<'b> = (&'b TableName, bool, &'b [Text<'b>]);
+    let mut groups: BTreeMap<Group<'_>, (&TargetTable, Vec<usize>)> = BTreeMap::new();
     let mut winners: Vec<usize> = newest.into_values().collect();
     winners.sort_unstable();
     for i in winners {
         let c = &batch[i];
         let is_delete = c.op == Op::Delete;
-        let cols: Vec<String> = if is_delete {
-            vec![]
-        } else {
-            c.values.keys().cloned().collect()
-        };
+        let cols: &[Text<'_>] = if is_delete { &[] } else { &c.columns };
         groups
-            .entry((c.table.to_string(), is_delete, cols))
-            .or_default()
+            .entry((&c.table.name, is_delete, cols))
+            .or_insert_with(|| (c.table, Vec::new()))
+            .1
             .push(i);
     }
     let mut first = true;
-    for ((table, is_delete, cols), members) in groups {
-        let Some(target) = targets.get(&table) else {
-            continue;
-        };
-        let rows = rows_json(batch, &members, target, is_delete);
-        let sql = if is_delete {
-            delete_sql(target)
+    for ((_, is_delete, cols), (target, members)) in groups {
+        let (kind, stage, sql, rows) = if is_delete {
+            let rows = delete_rows(batch, &members);
+            (Kind::Delete, None, delete_sql(target), rows)
         } else {
-            upsert_sql(target, &cols)
+            let (stage, sql) = upsert_sql(target, cols);
+            (Kind::Upsert, Some(stage), sql, copy_rows(batch, &members))
         };
         out.push(Statement {
-            kind: if is_delete {
-                Kind::Delete
-            } else {
-                Kind::Upsert
-            },
-            table,
+            kind,
+            table: target.name.to_string(),
+            stage,
             sql,
             rows,
             members,
@@ -138,23 +183,57 @@ fn plan_segment(
     }
 }
 
-fn rows_json(
-    batch: &[Incoming],
-    members: &[usize],
-    target: &TargetTable,
-    is_delete: bool,
-) -> String {
-    // written straight into one buffer: no JSON tree per row
-    let mut out: Vec<u8> = Vec::with_capacity(members.len() * 128);
-    let write_str = |out: &mut Vec<u8>, s: &str| {
-        let _ = serde_json::to_writer(&mut *out, s);
-    };
-    let write_value = |out: &mut Vec<u8>, v: &Option<String>| match v {
-        Some(v) => {
-            let _ = serde_json::to_writer(&mut *out, v.as_str());
+/// The upserts' rows in `COPY` text format: the group's columns (each
+/// member has exactly these), then the stamp.
+fn copy_rows(batch: &[Incoming<'_>], members: &[usize]) -> String {
+    let size: usize = members
+        .iter()
+        .map(|&i| {
+            let c = &batch[i];
+            c.values
+                .iter()
+                .map(|v| v.as_ref().map_or(3, |v| v.len() + 1))
+                .sum::<usize>()
+                + 21
+        })
+        .sum();
+    let mut out = String::with_capacity(size);
+    for &i in members {
+        let c = &batch[i];
+        for v in &c.values {
+            match v {
+                Some(v) => copy_escape(&mut out, v),
+                None => out.push_str("\\N"),
+            }
+            out.push('\t');
         }
-        None => out.extend_from_slice(b"null"),
-    };
+        let _ = write!(out, "{}", c.hlc);
+        out.push('\n');
+    }
+    out
+}
+
+/// Appends `v` escaped for `COPY`'s text format.
+fn copy_escape(out: &mut String, v: &str) {
+    let special = |b: u8| matches!(b, b'\\' | b'\t' | b'\n' | b'\r');
+    if !v.bytes().any(special) {
+        out.push_str(v);
+        return;
+    }
+    for ch in v.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// The deletes' `$1`: key columns and stamp of each member.
+fn delete_rows(batch: &[Incoming<'_>], members: &[usize]) -> String {
+    let mut out: Vec<u8> = Vec::with_capacity(members.len() * 64);
     out.push(b'[');
     for (n, &i) in members.iter().enumerate() {
         let c = &batch[i];
@@ -162,28 +241,21 @@ fn rows_json(
             out.push(b',');
         }
         out.push(b'{');
-        if is_delete {
-            for (k, v) in target.key.iter().zip(&c.key) {
-                write_str(&mut out, k);
-                out.push(b':');
-                write_value(&mut out, v);
-                out.push(b',');
+        for (k, v) in c.table.key.iter().zip(&c.key) {
+            let _ = serde_json::to_writer(&mut out, k);
+            out.push(b':');
+            match v {
+                Some(v) => {
+                    let _ = serde_json::to_writer(&mut out, v.as_ref());
+                }
+                None => out.extend_from_slice(b"null"),
             }
-        } else {
-            for (k, v) in &c.values {
-                write_str(&mut out, k);
-                out.push(b':');
-                write_value(&mut out, v);
-                out.push(b',');
-            }
+            out.push(b',');
         }
-        write_str(&mut out, HLC_COLUMN);
-        out.push(b':');
-        out.extend_from_slice(c.hlc.to_string().as_bytes());
-        out.push(b'}');
+        let _ = std::io::Write::write_fmt(&mut out, format_args!("\"{HLC_COLUMN}\":{}}}", c.hlc));
     }
     out.push(b']');
-    String::from_utf8(out).expect("JSON written from UTF-8 strings")
+    String::from_utf8(out).expect("JSON assembled from UTF-8 strings")
 }
 
 fn key_json(target: &TargetTable, alias: &str) -> String {
@@ -195,46 +267,84 @@ fn key_json(target: &TargetTable, alias: &str) -> String {
     format!("jsonb_build_object({})", parts.join(", "))
 }
 
-/// Conditional multi-row upsert.
-pub fn upsert_sql(target: &TargetTable, cols: &[String]) -> String {
+/// Conditional multi-row upsert of the rows staged by `COPY`: the staging
+/// table and the statement that moves its rows into the target.
+pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, String) {
     let t = target.name.quoted();
     let hlc = quote_ident(HLC_COLUMN);
+    let cols: Vec<&str> = cols.iter().map(AsRef::as_ref).collect();
     let col_list: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+    let col_list = col_list.join(", ");
+    let with_hlc = if cols.is_empty() {
+        hlc.clone()
+    } else {
+        format!("{col_list}, {hlc}")
+    };
+    // one staging table per target table and column set, typed like the
+    // target's columns (CREATE … AS keeps no constraints)
+    // (64-bit FNV-1a: two column sets sharing a staging table would make
+    // the COPY fail)
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in target.name.to_string().bytes().chain(
+        cols.iter()
+            .flat_map(|c| std::iter::once(0).chain(c.bytes())),
+    ) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let name = format!("pgrelay_stage_{h:016x}");
+    let stage = Stage {
+        create: format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {q} ON COMMIT DELETE ROWS AS \
+             SELECT {with_hlc} FROM {t} WITH NO DATA",
+            q = quote_ident(&name)
+        ),
+        copy: format!("COPY {} ({with_hlc}) FROM STDIN", quote_ident(&name)),
+        clear: format!("TRUNCATE {}", quote_ident(&name)),
+        name,
+    };
     let select_list: Vec<String> = cols
         .iter()
         .map(|c| format!("r.{}", quote_ident(c)))
+        .chain(std::iter::once(format!("r.{hlc}")))
         .collect();
     let updates: Vec<String> = cols
         .iter()
-        .filter(|c| !target.key.contains(c))
+        .filter(|c| !target.key.iter().any(|k| k == *c))
         .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
         .chain(std::iter::once(format!("{hlc} = EXCLUDED.{hlc}")))
         .collect();
     let keys: Vec<String> = target.key.iter().map(|k| quote_ident(k)).collect();
-    format!(
-        "INSERT INTO {t} AS cur ({cols}, {hlc}) \
-         SELECT {sel}, r.{hlc} FROM json_populate_recordset(NULL::{t}, $1::text::json) AS r \
+    let sql = format!(
+        "INSERT INTO {t} AS cur ({with_hlc}) \
+         SELECT {sel} FROM {stage} AS r \
          WHERE NOT EXISTS (SELECT 1 FROM pgrelay.tombstones ts \
          WHERE ts.table_name = {tname} AND ts.pk IN ({pk}, '{{}}'::jsonb) AND ts.hlc >= r.{hlc}) \
          ON CONFLICT ({keys}) DO UPDATE SET {updates} \
          WHERE cur.{hlc} IS NULL OR cur.{hlc} < EXCLUDED.{hlc}",
-        cols = col_list.join(", "),
         sel = select_list.join(", "),
+        stage = quote_ident(&stage.name),
         tname = quote_literal(&target.name.to_string()),
         pk = key_json(target, "r"),
         keys = keys.join(", "),
         updates = updates.join(", "),
-    )
+    );
+    (stage, sql)
 }
 
 /// Conditional multi-row delete that leaves tombstones.
 pub fn delete_sql(target: &TargetTable) -> String {
     let t = target.name.quoted();
     let hlc = quote_ident(HLC_COLUMN);
+    // json_populate_recordset keeps a JSON string as a string scalar for a
+    // json/jsonb column: read the document's text back (`#>> '{}'`)
     let key_cols: Vec<String> = target
         .key
         .iter()
-        .map(|k| format!("r.{}", quote_ident(k)))
+        .map(|k| match target.json_columns.iter().find(|(j, _)| j == k) {
+            Some((_, ty)) => format!("(r.{0} #>> '{{}}')::{ty} AS {0}", quote_ident(k)),
+            None => format!("r.{}", quote_ident(k)),
+        })
         .collect();
     let join: Vec<String> = target
         .key
@@ -278,32 +388,24 @@ pub fn truncate_sql(target: &TargetTable) -> String {
 pub const KEY_BUCKETS: u32 = 256;
 
 /// The sorted, distinct key buckets a batch touches; a truncate touches
-/// them all.
-pub fn key_buckets(batch: &[Incoming]) -> Vec<u32> {
+/// them all. A row's bucket is its [`row_hash`] modulo [`KEY_BUCKETS`]; the
+/// capture side partitions by the same hash, so with a partition count and
+/// a session count that divide 256 the sessions of one source lock disjoint
+/// buckets and only sessions of different sources ever wait for each other.
+pub fn key_buckets(batch: &[Incoming<'_>]) -> Vec<u32> {
     if batch.iter().any(|c| c.op == Op::Truncate) {
         return (0..KEY_BUCKETS).collect();
     }
     let mut out: Vec<u32> = batch
         .iter()
         .map(|c| {
-            // FNV-1a over table and key: stable across processes and versions
-            let mut h: u32 = 0x811c_9dc5;
-            let mut eat = |bytes: &[u8]| {
-                for b in bytes {
-                    h ^= *b as u32;
-                    h = h.wrapping_mul(0x0100_0193);
-                }
-            };
-            eat(c.table.schema.as_bytes());
-            eat(b".");
-            eat(c.table.name.as_bytes());
-            for k in &c.key {
-                eat(b"\0");
-                if let Some(k) = k {
-                    eat(k.as_bytes());
-                }
-            }
-            h % KEY_BUCKETS
+            let key = c
+                .table
+                .key
+                .iter()
+                .zip(&c.key)
+                .map(|(k, v)| (k.as_str(), v.as_deref()));
+            row_hash(&c.table.name, key) % KEY_BUCKETS
         })
         .collect();
     out.sort_unstable();
@@ -352,8 +454,7 @@ pub const CLOCK_SQL: &str = "SELECT setval('pgrelay.hlc_logical', \
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::TableName;
-    use std::collections::BTreeMap;
+    use crate::apply::record::{parse, Targets};
 
     fn targets() -> Targets {
         let mut t = Targets::new();
@@ -363,98 +464,138 @@ mod tests {
                 name: TableName::new("public", "p"),
                 key: vec!["id".into()],
                 columns: vec!["id".into(), "v".into(), "doc".into()],
+                json_columns: vec![("doc".into(), "jsonb".into())],
             },
         );
         t
     }
 
-    fn change(op: Op, id: &str, hlc: u64, cols: &[(&str, &str)]) -> Incoming {
-        Incoming {
-            table: TableName::new("public", "p"),
-            op,
-            hlc,
-            origin: "us".into(),
-            commit_lsn: "0/1".into(),
-            commit_ts_ms: 0,
-            key: vec![Some(id.to_string())],
-            values: cols
-                .iter()
-                .map(|(k, v)| (k.to_string(), Some(v.to_string())))
-                .collect::<BTreeMap<_, _>>(),
-        }
+    /// An envelope as the capture side writes it.
+    fn record(op: Op, id: &str, hlc: u64, cols: &[(&str, &str)]) -> Vec<u8> {
+        let row: serde_json::Map<String, serde_json::Value> = cols
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        let key = serde_json::json!({ "id": id });
+        let (before, after) = match op {
+            Op::Delete => (key, serde_json::Value::Null),
+            Op::Truncate => (serde_json::Value::Null, serde_json::Value::Null),
+            _ => (serde_json::Value::Null, serde_json::Value::Object(row)),
+        };
+        serde_json::json!({
+            "before": before, "after": after, "op": op.code(), "ts_ms": 1,
+            "source": {"schema": "public", "table": "p"},
+            "pgrelay": {"hlc": hlc, "origin": "us", "commit_lsn": "0/1"}
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    fn parsed<'a>(records: &'a [Vec<u8>], targets: &'a Targets) -> Vec<Incoming<'a>> {
+        records
+            .iter()
+            .map(|r| parse(Some(r), targets).expect("valid record"))
+            .collect()
     }
 
     #[test]
     fn newest_change_per_key_wins_within_a_batch() {
-        let batch = vec![
-            change(Op::Insert, "1", 10, &[("id", "1"), ("v", "a")]),
-            change(Op::Update, "1", 30, &[("id", "1"), ("v", "c")]),
-            change(Op::Update, "1", 20, &[("id", "1"), ("v", "b")]),
-            change(Op::Insert, "2", 5, &[("id", "2"), ("v", "x")]),
-            change(Op::Delete, "2", 6, &[]),
+        let t = targets();
+        let records = vec![
+            record(Op::Insert, "1", 10, &[("id", "1"), ("v", "a")]),
+            record(Op::Update, "1", 30, &[("id", "1"), ("v", "c")]),
+            record(Op::Update, "1", 20, &[("id", "1"), ("v", "b")]),
+            record(Op::Insert, "2", 5, &[("id", "2"), ("v", "x")]),
+            record(Op::Delete, "2", 6, &[]),
         ];
-        let plan = plan(&batch, &targets());
+        let plan = plan(&parsed(&records, &t));
         assert_eq!(plan.len(), 2);
         let upsert = plan.iter().find(|s| s.kind == Kind::Upsert).unwrap();
         assert_eq!(upsert.members, vec![1]);
-        assert!(upsert.rows.contains("\"c\""));
+        // columns in name order, then the stamp
+        assert_eq!(upsert.rows, "1\tc\t30\n");
+        assert!(upsert
+            .stage
+            .as_ref()
+            .unwrap()
+            .copy
+            .ends_with(r#"("id", "v", "_pgrelay_hlc") FROM STDIN"#));
         let delete = plan.iter().find(|s| s.kind == Kind::Delete).unwrap();
         assert_eq!(delete.members, vec![4]);
+        let rows: serde_json::Value = serde_json::from_str(&delete.rows).unwrap();
+        assert_eq!(rows, serde_json::json!([{"id": "2", "_pgrelay_hlc": 6}]));
         let mut sup: Vec<usize> = plan.iter().flat_map(|s| s.superseded.clone()).collect();
         sup.sort();
         assert_eq!(sup, vec![0, 2, 3]);
     }
 
     #[test]
+    fn rows_keep_escapes_and_nulls_exactly() {
+        let t = targets();
+        let rec = br#"{"before":null,"after":{"id":"1","v":"a\"b\\c\u00e9\n","doc":null},"op":"c","ts_ms":1,"source":{"schema":"public","table":"p"},"pgrelay":{"hlc":9,"commit_lsn":"0/1"}}"#;
+        let records = vec![rec.to_vec()];
+        let plan = plan(&parsed(&records, &t));
+        // COPY text: doc (NULL), id, v — backslash, newline escaped; the rest as is
+        assert_eq!(plan[0].rows, "\\N\t1\ta\"b\\\\c\u{e9}\\n\t9\n");
+    }
+
+    #[test]
     fn unchanged_columns_get_their_own_statement_and_are_not_written() {
-        let batch = vec![
-            change(Op::Update, "1", 10, &[("id", "1"), ("v", "a")]),
-            change(
+        let t = targets();
+        let records = vec![
+            record(Op::Update, "1", 10, &[("id", "1"), ("v", "a")]),
+            record(
                 Op::Update,
                 "2",
                 10,
                 &[("id", "2"), ("v", "b"), ("doc", "d")],
             ),
+            record(Op::Update, "3", 10, &[("v", "c"), ("id", "3")]),
         ];
-        let plan = plan(&batch, &targets());
+        let plan = plan(&parsed(&records, &t));
         assert_eq!(plan.len(), 2);
-        let narrow = plan.iter().find(|s| s.members == vec![0]).unwrap();
+        let narrow = plan.iter().find(|s| s.members == vec![0, 2]).unwrap();
         assert!(!narrow.sql.contains("\"doc\""));
+        let wide = plan.iter().find(|s| s.members == vec![1]).unwrap();
+        assert_ne!(narrow.stage, wide.stage, "one staging table per column set");
+        assert!(wide.stage.as_ref().unwrap().copy.contains(r#""doc""#));
     }
 
     #[test]
     fn truncate_cuts_the_batch() {
-        let batch = vec![
-            change(Op::Insert, "1", 10, &[("id", "1")]),
-            Incoming {
-                op: Op::Truncate,
-                key: vec![],
-                ..change(Op::Truncate, "", 11, &[])
-            },
-            change(Op::Insert, "1", 12, &[("id", "1")]),
+        let t = targets();
+        let records = vec![
+            record(Op::Insert, "1", 10, &[("id", "1")]),
+            record(Op::Truncate, "", 11, &[]),
+            record(Op::Insert, "1", 12, &[("id", "1")]),
         ];
-        let kinds: Vec<Kind> = plan(&batch, &targets()).iter().map(|s| s.kind).collect();
+        let plan = plan(&parsed(&records, &t));
+        let kinds: Vec<Kind> = plan.iter().map(|s| s.kind).collect();
         assert_eq!(kinds, vec![Kind::Upsert, Kind::Truncate, Kind::Upsert]);
+        assert_eq!(plan[1].rows, r#"[{"_pgrelay_hlc":11}]"#);
     }
 
     #[test]
     fn key_buckets_are_stable_sorted_and_cover_truncates() {
-        let a = change(Op::Update, "1", 10, &[("id", "1")]);
-        let b = change(Op::Update, "1", 20, &[("id", "1")]);
-        let c = change(Op::Insert, "2", 5, &[("id", "2")]);
-        assert_eq!(
-            key_buckets(std::slice::from_ref(&a)),
-            key_buckets(std::slice::from_ref(&b))
-        );
-        let both = key_buckets(&[c.clone(), a.clone(), b]);
+        let t = targets();
+        let records = vec![
+            record(Op::Update, "1", 10, &[("id", "1")]),
+            record(Op::Update, "1", 20, &[("id", "1")]),
+            record(Op::Insert, "2", 5, &[("id", "2")]),
+            record(Op::Truncate, "", 30, &[]),
+        ];
+        let p = parsed(&records, &t);
+        assert_eq!(key_buckets(&p[0..1]), key_buckets(&p[1..2]));
+        let both = key_buckets(&[p[2].clone(), p[0].clone(), p[1].clone()]);
         assert!(both.windows(2).all(|w| w[0] < w[1]));
         assert!(both.len() <= 2);
-        let t = Incoming {
-            op: Op::Truncate,
-            key: vec![],
-            ..c
-        };
-        assert_eq!(key_buckets(&[a, t]).len(), KEY_BUCKETS as usize);
+        assert_eq!(
+            key_buckets(&[p[0].clone(), p[3].clone()]).len(),
+            KEY_BUCKETS as usize
+        );
+        // the bucket is the capture side's partition hash
+        let h = row_hash(&TableName::new("public", "p"), [("id", Some("2"))]);
+        assert_eq!(key_buckets(&p[2..3]), vec![h % KEY_BUCKETS]);
         assert_eq!(buckets_param(&[3, 7]), "{3,7}");
     }
 
@@ -463,8 +604,10 @@ mod tests {
         let mut t = targets();
         let tt = t.get_mut("public.p").unwrap();
         tt.name = TableName::new("public", "we\"ird");
-        let sql = upsert_sql(tt, &["id".into(), "a\"b".into()]);
+        let (stage, sql) = upsert_sql(tt, &["id", "a\"b"]);
         assert!(sql.contains("\"public\".\"we\"\"ird\""));
         assert!(sql.contains("\"a\"\"b\""));
+        assert!(stage.create.contains("FROM \"public\".\"we\"\"ird\""));
+        assert!(stage.copy.contains("\"a\"\"b\""));
     }
 }

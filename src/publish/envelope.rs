@@ -20,7 +20,7 @@
 
 use serde::Serialize;
 
-use crate::event::{Change, Datum, Op};
+use crate::event::{Change, Datum, Op, RowHasher};
 use crate::residency::Routed;
 
 /// Header names carried by every record.
@@ -43,13 +43,17 @@ pub struct Record {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub table: String,
+    /// [`row_hash`](crate::event::row_hash) of the key: picks the Kafka partition, so one row's
+    /// history stays in one partition and the apply side's sessions of a
+    /// source never touch the same rows.
+    pub key_hash: u32,
 }
 
 /// Encodes one routed change. `buf` is reused between calls to avoid
 /// allocating per record.
 pub fn encode(source: &Source, change: &Change, routed: &Routed) -> Record {
     let table = change.schema.table.to_string();
-    let key = encode_key(&table, change, routed);
+    let (key, key_hash) = encode_key(&table, change, routed);
     let mut out = Vec::with_capacity(256);
     let commit_ms = change.tx.commit_ts_us.div_euclid(1000);
     out.extend_from_slice(b"{\"before\":");
@@ -106,10 +110,11 @@ pub fn encode(source: &Source, change: &Change, routed: &Routed) -> Record {
         key,
         value: out,
         table,
+        key_hash,
     }
 }
 
-fn encode_key(table: &str, change: &Change, routed: &Routed) -> Vec<u8> {
+fn encode_key(table: &str, change: &Change, routed: &Routed) -> (Vec<u8>, u32) {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(b"{\"table\":");
     write_str(&mut out, table);
@@ -118,6 +123,7 @@ fn encode_key(table: &str, change: &Change, routed: &Routed) -> Vec<u8> {
         Op::Delete => routed.before.as_deref(),
         _ => routed.after.as_deref().or(routed.before.as_deref()),
     };
+    let mut hash = RowHasher::new(&change.schema.table);
     if let Some(row) = row {
         let mut first = true;
         for col in change.schema.columns.iter().filter(|c| c.is_key) {
@@ -131,10 +137,11 @@ fn encode_key(table: &str, change: &Change, routed: &Routed) -> Vec<u8> {
             write_str(&mut out, &col.name);
             out.push(b':');
             write_value(&mut out, &row[i]);
+            hash.add(&col.name, row[i].as_text());
         }
     }
     out.extend_from_slice(b"}}");
-    out
+    (out, hash.finish())
 }
 
 fn write_row(out: &mut Vec<u8>, columns: &[String], row: Option<&[Datum]>, keep_unchanged: bool) {
@@ -219,7 +226,7 @@ mod tests {
     use crate::event::{ColumnDesc, Lsn, TableName, TableSchema, TxMeta};
     use std::sync::Arc;
 
-    fn change(op: Op) -> (Change, Routed) {
+    fn change(op: Op) -> (Change, Routed<'static>) {
         let schema = Arc::new(TableSchema {
             oid: 1,
             table: TableName::new("public", "orders"),
@@ -263,7 +270,7 @@ mod tests {
             op,
             columns: Arc::from(vec!["id".to_string(), "note".into(), "doc".into()]),
             before: None,
-            after: Some(after),
+            after: Some(after.into()),
         };
         (change, routed)
     }

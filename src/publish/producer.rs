@@ -1,12 +1,14 @@
 //! The Kafka producer of the capture side.
 //!
-//! One idempotent producer (`acks=all`) per Kafka cluster. Delivery reports
-//! come back on librdkafka's polling thread and are forwarded, with the
-//! record's sequence number, to the capture loop, which feeds them to the
-//! [`AckTracker`](super::acks::AckTracker). The channel is unbounded but
-//! its length is bounded by the number of records in flight, which the
-//! capture loop caps (`max_in_flight`): backpressure reaches the replication
-//! stream, never memory.
+//! One idempotent producer (`acks=all`) per Kafka cluster. The capture loop
+//! polls it itself ([`Publisher::poll`]): delivery reports, with each
+//! record's sequence number, are collected on the capture task's own thread
+//! and fed to the [`AckTracker`](super::acks::AckTracker) — no polling
+//! thread, no channel, no wake-up per report, and librdkafka's message
+//! buffers are freed on the thread that allocated them. The reports pending
+//! are bounded by the records in flight, which the capture loop caps
+//! (`max_in_flight`): backpressure reaches the replication stream, never
+//! memory.
 //!
 //! A delivery failure (after librdkafka's own retries) or a fatal producer
 //! error ends the capture run with a transient error: the supervisor builds
@@ -14,14 +16,14 @@
 //! was not acknowledged (at-least-once; duplicates are harmless downstream).
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use tokio::sync::mpsc;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
 /// What the producer reports back to the capture loop.
 #[derive(Debug)]
@@ -31,8 +33,19 @@ pub enum Delivery {
     Fatal(String),
 }
 
+/// Collects what librdkafka reports until the capture loop takes it.
+#[derive(Default)]
 pub struct ReportingContext {
-    tx: mpsc::UnboundedSender<Delivery>,
+    reports: Mutex<Vec<Delivery>>,
+}
+
+impl ReportingContext {
+    fn report(&self, d: Delivery) {
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(d);
+    }
 }
 
 impl ClientContext for ReportingContext {
@@ -45,7 +58,7 @@ impl ClientContext for ReportingContext {
                 | Some(RDKafkaErrorCode::InvalidProducerEpoch)
         );
         if fatal {
-            let _ = self.tx.send(Delivery::Fatal(format!("{error}: {reason}")));
+            self.report(Delivery::Fatal(format!("{error}: {reason}")));
         } else {
             tracing::warn!(error = %error, reason, "kafka client error");
         }
@@ -76,7 +89,7 @@ impl ProducerContext for ReportingContext {
                 error: e.to_string(),
             },
         };
-        let _ = self.tx.send(report);
+        self.report(report);
     }
 }
 
@@ -114,24 +127,62 @@ pub fn producer_config(
 }
 
 pub struct Publisher {
-    producer: ThreadedProducer<ReportingContext>,
+    producer: BaseProducer<ReportingContext>,
 }
 
 impl Publisher {
-    pub fn new(
-        config: &ClientConfig,
-        tx: mpsc::UnboundedSender<Delivery>,
-    ) -> Result<Self, KafkaError> {
-        let producer = config.create_with_context(ReportingContext { tx })?;
+    pub fn new(config: &ClientConfig) -> Result<Self, KafkaError> {
+        let producer = config.create_with_context(ReportingContext::default())?;
         Ok(Publisher { producer })
     }
 
-    /// Hands one record to librdkafka. On a full local queue, returns
-    /// `Err(true)` so the caller can wait for acks and retry; other errors
-    /// are returned as text.
+    /// Serves librdkafka's events without waiting and appends the delivery
+    /// reports (and fatal errors) they carried to `out`.
+    pub fn poll(&self, out: &mut Vec<Delivery>) {
+        // one event per call; a delivery event reports a whole batch
+        for _ in 0..64 {
+            self.producer.poll(Duration::ZERO);
+            let mut reports = self
+                .producer
+                .context()
+                .reports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if reports.is_empty() {
+                break;
+            }
+            out.append(&mut reports);
+        }
+    }
+
+    /// How many partitions `topic` has (blocking: a metadata request).
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<i32, String> {
+        let md = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| format!("kafka metadata for {topic}: {e}"))?;
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| format!("topic {topic} not in the broker's metadata"))?;
+        if let Some(e) = t.error() {
+            return Err(format!("topic {topic}: {e:?}"));
+        }
+        match t.partitions().len() {
+            0 => Err(format!("topic {topic} has no partitions")),
+            n => Ok(n as i32),
+        }
+    }
+
+    /// Hands one record to librdkafka, for `partition`. On a full local
+    /// queue, returns [`SendError::QueueFull`] so the caller can wait for
+    /// acks and retry; other errors are returned as text.
     pub fn send(
         &self,
         topic: &str,
+        partition: i32,
         key: &[u8],
         value: &[u8],
         headers: [(&str, &str); 4],
@@ -145,6 +196,7 @@ impl Publisher {
             });
         }
         let record = BaseRecord::with_opaque_to(topic, seq as usize)
+            .partition(partition)
             .key(key)
             .payload(value)
             .headers(owned);
@@ -157,7 +209,8 @@ impl Publisher {
         }
     }
 
-    /// Waits up to `timeout` for every queued record to be delivered.
+    /// Waits up to `timeout` for every queued record to be delivered
+    /// (blocking); the reports land in the next [`Publisher::poll`].
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
     }

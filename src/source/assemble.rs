@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::event::{Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema, TxMeta};
 use crate::hlc;
-use crate::pgoutput::{Message, RelColumn, Tuple, TupleValue};
+use crate::pgoutput::{Message, OldKind, RelColumn, Tuple, TupleValue};
 
 /// The relay-managed stamp column on every replicated table.
 pub const HLC_COLUMN: &str = "_pgrelay_hlc";
@@ -53,8 +53,10 @@ pub enum AssembleError {
 pub enum Output {
     /// A row change (or truncate) of a declared table, to be routed.
     Change(Change),
-    /// A TRUNCATE of one or more declared tables (one change per table).
-    Truncate(Vec<Change>),
+    /// Several changes from one message: a TRUNCATE of declared tables (one
+    /// change per table), or an update that changed the primary key (a
+    /// delete of the old key, then an insert of the new).
+    Changes(Vec<Change>),
     /// The end of a transaction: everything before `end_lsn` has been seen.
     Commit { end_lsn: Lsn },
 }
@@ -111,6 +113,12 @@ impl Assembler {
         self.tx.is_some()
     }
 
+    /// Whether the open transaction is one pgrelay applied (its row
+    /// messages can be dropped without decoding them).
+    pub fn skipping(&self) -> bool {
+        self.tx.as_ref().is_some_and(|t| t.skip)
+    }
+
     pub fn push(&mut self, msg: Message) -> Result<Option<Output>, AssembleError> {
         match msg {
             Message::Begin {
@@ -158,13 +166,8 @@ impl Assembler {
             }
             Message::Type { .. } | Message::LogicalMessage { .. } => Ok(None),
             Message::Insert { rel, new } => self.row(rel, Op::Insert, None, Some(new)),
-            Message::Update { rel, old, new } => {
-                self.row(rel, Op::Update, old.map(|(_, t)| t), Some(new))
-            }
-            Message::Delete { rel, old } => {
-                let (_kind, tuple) = old;
-                self.row(rel, Op::Delete, Some(tuple), None)
-            }
+            Message::Update { rel, old, new } => self.row(rel, Op::Update, old, Some(new)),
+            Message::Delete { rel, old } => self.row(rel, Op::Delete, Some(old), None),
             Message::Truncate { rels, .. } => self.truncate(rels),
         }
     }
@@ -225,7 +228,7 @@ impl Assembler {
         &mut self,
         rel: u32,
         op: Op,
-        old: Option<Tuple>,
+        old: Option<(OldKind, Tuple)>,
         new: Option<Tuple>,
     ) -> Result<Option<Output>, AssembleError> {
         let what = match op {
@@ -274,8 +277,17 @@ impl Assembler {
                     strip(t, hlc_index, table)
                 };
                 let (before, old_stamp) = match old {
-                    Some(t) => {
-                        let (row, stamp) = convert(t)?;
+                    Some((kind, t)) => {
+                        let (mut row, stamp) = convert(t)?;
+                        if kind == OldKind::Key {
+                            // only the key was sent: the other columns are
+                            // not known, not NULL
+                            for (d, c) in row.iter_mut().zip(&schema.columns) {
+                                if !c.is_key {
+                                    *d = Datum::Unchanged;
+                                }
+                            }
+                        }
                         (Some(row), stamp)
                     }
                     None => (None, None),
@@ -309,15 +321,39 @@ impl Assembler {
                 self.clock.observe(stamp);
                 let seq = tx.seq;
                 tx.seq += 1;
-                Ok(Some(Output::Change(Change {
-                    schema,
+                let meta = tx.meta.clone();
+                let change = |op, before, after, seq| Change {
+                    schema: schema.clone(),
                     op,
                     before,
                     after,
                     hlc: stamp,
-                    tx: tx.meta.clone(),
+                    tx: meta.clone(),
                     seq,
-                })))
+                };
+                // an update that changes the primary key moves the row: the
+                // old key is deleted and the new one inserted, at one stamp
+                if let (Op::Update, Some(b), Some(a)) = (op, before.as_ref(), after.as_ref()) {
+                    let moved =
+                        schema
+                            .columns
+                            .iter()
+                            .zip(b.iter().zip(a))
+                            .any(|(c, (old, new))| {
+                                c.is_key
+                                    && *old != Datum::Unchanged
+                                    && *new != Datum::Unchanged
+                                    && old != new
+                            });
+                    if moved {
+                        tx.seq += 1;
+                        return Ok(Some(Output::Changes(vec![
+                            change(Op::Delete, before, None, seq),
+                            change(Op::Insert, None, after, seq + 1),
+                        ])));
+                    }
+                }
+                Ok(Some(Output::Change(change(op, before, after, seq))))
             }
         }
     }
@@ -359,7 +395,7 @@ impl Assembler {
             });
             tx.seq += 1;
         }
-        Ok(Some(Output::Truncate(changes)))
+        Ok(Some(Output::Changes(changes)))
     }
 }
 

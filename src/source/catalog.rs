@@ -82,6 +82,9 @@ pub struct TableState {
     pub has_stamp_column: bool,
     pub triggers: Vec<String>,
     pub columns: Vec<String>,
+    /// Columns of type json or jsonb (or a domain over one), with their
+    /// type as SQL.
+    pub json_columns: Vec<(String, String)>,
 }
 
 pub struct Catalog<'a> {
@@ -140,6 +143,7 @@ impl Catalog<'_> {
                 has_stamp_column: false,
                 triggers: vec![],
                 columns: vec![],
+                json_columns: vec![],
             });
         };
         let oid: u32 = row.get(0);
@@ -158,17 +162,25 @@ impl Catalog<'_> {
             .iter()
             .map(|r| r.get::<_, String>(0))
             .collect();
-        let columns: Vec<String> = self
+        // a column is "json" when its type, or the type its domain is
+        // over, is json or jsonb
+        let column_rows = self
             .client
             .query(
-                "SELECT attname::text FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                "SELECT a.attname::text, \
+                 coalesce(nullif(t.typbasetype, 0), t.oid) IN ('json'::regtype, 'jsonb'::regtype), \
+                 format_type(a.atttypid, NULL) \
+                 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
                 &[&oid],
             )
             .await
-            .map_err(self.err(format!("reading the columns of {table}")))?
+            .map_err(self.err(format!("reading the columns of {table}")))?;
+        let columns: Vec<String> = column_rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        let json_columns: Vec<(String, String)> = column_rows
             .iter()
-            .map(|r| r.get::<_, String>(0))
+            .filter(|r| r.get::<_, bool>(1))
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(2)))
             .collect();
         let triggers = self
             .client
@@ -188,6 +200,7 @@ impl Catalog<'_> {
             has_stamp_column: columns.iter().any(|c| c == HLC_COLUMN),
             triggers,
             columns,
+            json_columns,
         })
     }
 

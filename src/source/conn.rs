@@ -181,14 +181,18 @@ impl ReplConnection {
 
     async fn startup(&mut self, params: &ConnParams) -> Result<(), ConnError> {
         let mut buf = BytesMut::new();
+        // the walsender prints values with this session's settings: the
+        // canonical ones make every region spell a value the same way
+        let base = [
+            ("user", params.user.as_str()),
+            ("database", params.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", params.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+        ];
         frontend::startup_message(
-            [
-                ("user", params.user.as_str()),
-                ("database", params.dbname.as_str()),
-                ("replication", "database"),
-                ("application_name", params.application_name.as_str()),
-                ("client_encoding", "UTF8"),
-            ],
+            base.into_iter()
+                .chain(crate::event::CANONICAL_TEXT_SETTINGS),
             &mut buf,
         )?;
         self.send(&buf).await?;
@@ -328,6 +332,21 @@ pub struct ReplReader {
 }
 
 impl ReplReader {
+    /// The next CopyData payload if it has already been received whole;
+    /// `None` when nothing complete is buffered or the next message is not
+    /// CopyData (left for [`ReplReader::next_copy_data`]). Never waits.
+    pub fn buffered_copy_data(&mut self) -> Result<Option<Bytes>, ConnError> {
+        loop {
+            match self.reader.buffered_tag()? {
+                Some(b'd') => return Ok(self.reader.take_buffered().map(|(_, body)| body)),
+                Some(b'c' | b'E') | None => return Ok(None),
+                Some(_) => {
+                    self.reader.take_buffered();
+                }
+            }
+        }
+    }
+
     /// The next CopyData payload; `None` when the server ended the stream.
     /// Cancel-safe: partial frames stay buffered.
     pub async fn next_copy_data(&mut self) -> Result<Option<Bytes>, ConnError> {
@@ -381,6 +400,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             read,
             buf: BytesMut::with_capacity(256 * 1024),
         }
+    }
+
+    /// The tag of the next message if it is buffered whole.
+    fn buffered_tag(&self) -> Result<Option<u8>, ConnError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        if len < 4 {
+            return Err(ConnError::Protocol(format!("invalid message length {len}")));
+        }
+        Ok((self.buf.len() > len as usize).then_some(self.buf[0]))
+    }
+
+    /// Takes the next message if it is buffered whole.
+    fn take_buffered(&mut self) -> Option<(u8, Bytes)> {
+        self.buffered_tag().ok()??;
+        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        let mut frame = self.buf.split_to(len as usize + 1).freeze();
+        let tag = frame[0];
+        frame.advance(5);
+        Some((tag, frame))
     }
 
     /// Next message. Cancel-safe: bytes read so far stay in `buf`.
@@ -470,6 +511,34 @@ fn server_error(body: &[u8]) -> ConnError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn buffered_messages_are_taken_whole_and_only_whole() {
+        let mut bytes = message(b'd', b"one");
+        bytes.extend(message(b'd', b"two"));
+        let third = message(b'c', b"");
+        bytes.extend(&third[..3]);
+        let mut r = FrameReader::new(&[][..]);
+        r.buf.extend_from_slice(&bytes);
+        assert_eq!(r.buffered_tag().unwrap(), Some(b'd'));
+        assert_eq!(r.take_buffered().unwrap().1.as_ref(), b"one");
+        assert_eq!(r.take_buffered().unwrap().1.as_ref(), b"two");
+        // a partial message stays buffered
+        assert_eq!(r.buffered_tag().unwrap(), None);
+        assert!(r.take_buffered().is_none());
+        r.buf.extend_from_slice(&third[3..]);
+        assert_eq!(r.buffered_tag().unwrap(), Some(b'c'));
+        r.buf.clear();
+        r.buf.extend_from_slice(&[b'd', 0, 0, 0, 1]);
+        assert!(r.buffered_tag().is_err(), "length below 4 is rejected");
+    }
 
     #[test]
     fn server_error_fields() {

@@ -485,3 +485,124 @@ async fn truncate_replicates_and_late_older_rows_stay_out() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(dump(&p.eu).await.len(), 11);
 }
+
+/// json and jsonb values (and domains over them) arrive as the same
+/// documents, not as JSON strings holding their text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_documents_replicate_as_documents() {
+    let p = pair(
+        "CREATE DOMAIN doc_t AS jsonb CHECK (VALUE IS NOT NULL);
+         CREATE TABLE products (id int PRIMARY KEY, name text, price numeric, doc text,
+             attrs jsonb, raw json, extra doc_t);
+         CREATE TABLE users (id int PRIMARY KEY, email text);",
+    );
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    p.us.psql(
+        r#"INSERT INTO products (id, name, doc, attrs, raw, extra) VALUES
+           (1, 'a', '{"k": 1}', '{"k": 1, "tags": ["x", "y"]}', '{"z":  1, "a": [true, null]}', '"just a string"'),
+           (2, 'b', NULL, 'null', NULL, '[1, 2.50]')"#,
+    );
+    p.us.psql(r#"UPDATE products SET attrs = attrs || '{"more": {"n": 2}}' WHERE id = 1"#);
+    let want = json_rows(&p.us).await;
+    assert_eq!(want[0][3].as_deref(), Some("object"));
+    assert_eq!(
+        want[0][4].as_deref(),
+        Some(r#"{"z":  1, "a": [true, null]}"#)
+    );
+    assert_eq!(want[1][3].as_deref(), Some("null"));
+    assert_eq!(want[1][6].as_deref(), Some("array"));
+    let got = eventually(
+        Duration::from_secs(60),
+        "eu to hold the documents",
+        || async {
+            let got = json_rows(&p.eu).await;
+            (got == want).then_some(got)
+        },
+    )
+    .await;
+    assert_eq!(got[0][1].as_deref(), Some(r#"{"k": 1}"#), "text stays text");
+}
+
+async fn json_rows(pg: &Pg) -> Vec<Vec<Option<String>>> {
+    pg.client()
+        .await
+        .query(
+            "SELECT id, doc, attrs::text, jsonb_typeof(attrs), raw::text, extra::text, \
+             jsonb_typeof(extra) FROM products ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let id: i32 = r.get(0);
+            let mut v = vec![Some(id.to_string())];
+            v.extend((1..7).map(|i| r.get::<_, Option<String>>(i)));
+            v
+        })
+        .collect()
+}
+
+/// A value is spelled the same way in every region and session: the
+/// capture side prints timestamps in UTC whatever the writer's time zone,
+/// and a local delete's tombstone keys the row as the apply side does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_and_tombstone_keys_have_one_spelling() {
+    let p = pair(
+        "CREATE TABLE products (at timestamptz PRIMARY KEY, name text);
+         CREATE TABLE users (id int PRIMARY KEY, email text);",
+    );
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    p.us.psql(
+        "SET TimeZone = 'Asia/Tokyo';
+         INSERT INTO products VALUES ('2024-01-01 12:00:00+02', 'a')",
+    );
+    let rec = eventually(Duration::from_secs(60), "the insert in Kafka", || async {
+        read_all(&p.broker.brokers(), "pgrelay.us.eu", Duration::from_secs(1))
+            .into_iter()
+            .find(|r| r.value["op"] == "c")
+    })
+    .await;
+    assert_eq!(rec.value["after"]["at"], "2024-01-01 10:00:00+00");
+    let eu = p.eu.client().await;
+    eventually(Duration::from_secs(60), "the row in eu", || async {
+        let n: i64 = eu
+            .query_one(
+                "SELECT count(*) FROM products WHERE at = '2024-01-01 10:00:00+00'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    eu.batch_execute("SET TimeZone = 'America/New_York'; DELETE FROM products")
+        .await
+        .unwrap();
+    let key: String = eu
+        .query_one(
+            "SELECT pk->>'at' FROM pgrelay.tombstones WHERE table_name = 'public.products'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key, "2024-01-01 10:00:00+00");
+    // the deleting session keeps its own setting
+    let tz: String = eu.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+    assert_eq!(tz, "America/New_York");
+    // and the delete reaches us
+    let us = p.us.client().await;
+    eventually(Duration::from_secs(60), "the delete in us", || async {
+        let n: i64 = us
+            .query_one("SELECT count(*) FROM products", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == 0).then_some(())
+    })
+    .await;
+}
