@@ -216,7 +216,7 @@ build_base() {
     local r="$WORK/rootfs" t0=$SECONDS
     rm -rf "$r"
     log "debootstrap: Debian bookworm (minbase) from $MIRROR"
-    debootstrap --variant=minbase --components=main bookworm "$r" "$MIRROR" >"$LOGS/debootstrap.log" 2>&1 ||
+    timeout 1200 debootstrap --variant=minbase --components=main bookworm "$r" "$MIRROR" >"$LOGS/debootstrap.log" 2>&1 ||
         fail "debootstrap failed: see $LOGS/debootstrap.log"
     trim_rootfs "$r"
     import_rootfs "$r" "$BASE_IMAGE"
@@ -373,7 +373,7 @@ wait_for() { # TIMEOUT CMD...
     done
 }
 
-ready() { docker exec "${CID[pgrelay-$1]}" pgrelay-healthcheck /readyz; }
+ready() { timeout 20 docker exec "${CID[pgrelay-$1]}" pgrelay-healthcheck /readyz; }
 healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "${CID[pgrelay-$1]}")" = healthy ]; }
 running() { [ "$(docker inspect -f '{{.State.Running}}' "$1")" = true ]; }
 
@@ -612,7 +612,7 @@ for r in "${REGIONS[@]}"; do
 done
 pass "stack up in order (databases and broker healthy, setup done in every region), every sidecar ready (/readyz)"
 for r in "${REGIONS[@]}"; do
-    docker exec "${CID[pgrelay-$r]}" pgrelay check --config /etc/pgrelay/relay.toml --region "$r" \
+    timeout 120 docker exec "${CID[pgrelay-$r]}" pgrelay check --config /etc/pgrelay/relay.toml --region "$r" \
         >"$LOGS/check-$r.log" 2>&1 || { cat "$LOGS/check-$r.log" >&2; fail "pgrelay check --region $r failed inside pgrelay-$r"; }
 done
 pass "pgrelay check passes inside every sidecar"
@@ -637,7 +637,7 @@ assert_residency
 log "phase 2: streams of small transactions in every region; docker kill pgrelay-eu mid-stream"
 start_writers 100000 200
 sleep 2
-docker kill "${CID[pgrelay-eu]}" >/dev/null
+timeout 60 docker kill "${CID[pgrelay-eu]}" >/dev/null
 KILLED_AT=$SECONDS
 sleep 1
 if running "${CID[pgrelay-eu]}"; then fail "pgrelay-eu is running again right after docker kill"; fi
@@ -646,7 +646,7 @@ sleep 4
 eu_rows="$(count_in eu "SELECT count(*) FROM products WHERE id > $(lo eu) + 100000 AND id <= $(hi eu)")"
 us_rows="$(count_in us "SELECT count(*) FROM products WHERE id > $(lo eu) + 100000 AND id <= $(hi eu)")"
 [ "$us_rows" -lt "$eu_rows" ] || fail "with pgrelay-eu killed, us already holds all $eu_rows stream rows of eu"
-docker start "${CID[pgrelay-eu]}" >/dev/null
+timeout 60 docker start "${CID[pgrelay-eu]}" >/dev/null
 pass "pgrelay-eu killed for $((SECONDS - KILLED_AT))s: eu's writes stayed queued (eu had $eu_rows stream rows, us $us_rows of them); restarted"
 wait_writers
 wait_for 120 ready eu || fail "pgrelay-eu not ready after its restart"
@@ -664,7 +664,7 @@ WAN="$(docker network ls -q --filter "label=com.docker.compose.project=$PROJECT"
 [ -n "$WAN" ] || WAN="$(docker network ls -q --filter "name=${PROJECT}_wan")"
 [ -n "$WAN" ] || fail "cannot find the wan network of $PROJECT"
 log "phase 3: pgrelay-cn disconnected from the shared network while every region writes"
-docker network disconnect "$WAN" "${CID[pgrelay-cn]}"
+timeout 60 docker network disconnect "$WAN" "${CID[pgrelay-cn]}"
 CUT_AT=$SECONDS
 start_writers 200000 200
 us_marker=$(($(lo us) + 200001))
@@ -682,7 +682,7 @@ n="$(count_in cn "SELECT count(*) FROM products WHERE id BETWEEN $(lo us) + 2000
 [ "$n" = 0 ] || fail "cn received $n products of us/eu while its sidecar was cut off"
 n="$(count_in us "SELECT count(*) FROM products WHERE id BETWEEN $(lo cn) + 200001 AND $(lo cn) + 200200")"
 [ "$n" = 0 ] || fail "us received $n products of cn while pgrelay-cn was cut off"
-docker network connect "$WAN" "${CID[pgrelay-cn]}"
+timeout 60 docker network connect "$WAN" "${CID[pgrelay-cn]}"
 pass "pgrelay-cn cut off for $((SECONDS - CUT_AT))s: us and eu kept replicating, nothing crossed to or from cn; reconnected"
 wait_converged 240 "the network cut of pgrelay-cn"
 assert_residency
@@ -691,7 +691,7 @@ running "${CID[pgrelay-cn]}" || fail "pgrelay-cn exited during the cut"
 # ---- the tools inside the containers
 wait_for 60 healthy us || fail "pgrelay-us is not healthy (image HEALTHCHECK on /healthz)"
 set +e
-docker exec "${CID[pgrelay-us]}" pgrelay status --config /etc/pgrelay/relay.toml >"$LOGS/status.log" 2>&1
+timeout 120 docker exec "${CID[pgrelay-us]}" pgrelay status --config /etc/pgrelay/relay.toml >"$LOGS/status.log" 2>&1
 status_rc=$?
 set -e
 sed 's/^/  /' "$LOGS/status.log" >&2
