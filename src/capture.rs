@@ -13,6 +13,10 @@
 //! `max_in_flight` records await acknowledgement, so a slow Kafka stops
 //! reading and the replication slot, not memory, holds the backlog.
 //!
+//! A row moved to a new primary key may arrive without the TOASTed columns
+//! the update left untouched; they are read back from the source before the
+//! insert is published (`source::fill`).
+//!
 //! Error policy: anything that breaks the stream or the producer is
 //! transient — the run ends with an error, the caller restarts it with
 //! backoff from the slot's confirmed LSN and unacknowledged records are sent
@@ -38,6 +42,7 @@ use crate::residency::{Policy, Verdict};
 use crate::source::assemble::{Assembler, Output};
 use crate::source::catalog::{self, Catalog};
 use crate::source::conn::{ConnParams, ReplConnection, ReplReader, ReplWriter};
+use crate::source::fill::{self, Filler};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -245,6 +250,7 @@ pub async fn run(
         published: vec![0; destinations.len()],
         reports: Vec::new(),
         dropped: std::collections::HashMap::new(),
+        filler: Filler::new(&region_cfg.dsn, &region),
     };
     let result = ctx.stream(&mut reader, &mut writer, &mut shutdown).await;
 
@@ -284,6 +290,8 @@ struct Loop<'a> {
     /// Delivery reports being handled (kept to reuse the allocation).
     reports: Vec<Delivery>,
     dropped: std::collections::HashMap<(String, usize, &'static str), u64>,
+    /// Reads back what a row moved to a new key left out of the stream.
+    filler: Filler,
 }
 
 /// How often delivery reports are collected while records are in flight
@@ -464,8 +472,14 @@ impl Loop<'_> {
                 {
                     None => {}
                     Some(Output::Change(change)) => self.publish(&change).await?,
-                    Some(Output::Changes(changes)) => {
-                        for change in &changes {
+                    Some(Output::Changes(mut changes)) => {
+                        for change in &mut changes {
+                            if !fill::missing_columns(change).is_empty() {
+                                self.filler
+                                    .fill(change)
+                                    .await
+                                    .map_err(|e| transient("source database")(&e))?;
+                            }
                             self.publish(change).await?;
                         }
                     }

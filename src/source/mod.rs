@@ -4,3 +4,4 @@
 pub mod assemble;
 pub mod catalog;
 pub mod conn;
+pub mod fill;

@@ -169,6 +169,11 @@ async fn publishes_declared_tables_with_residency_rules() {
     c.batch_execute("UPDATE products SET id = 4 WHERE id = 1")
         .await
         .unwrap();
+    // a move that leaves the TOASTed value untouched: the stream carries it
+    // in neither tuple (key-only before image), so it is read back
+    c.batch_execute("UPDATE products SET id = 5 WHERE id = 3")
+        .await
+        .unwrap();
     // order 10 moves home US -> DE: it must leave cn (allowed for US rows only)
     c.batch_execute("UPDATE orders SET country = 'DE' WHERE id = 10")
         .await
@@ -249,7 +254,8 @@ async fn publishes_declared_tables_with_residency_rules() {
         assert_eq!(per_key("1"), vec!["c", "u", "d"]);
         assert_eq!(per_key("4"), vec!["c"]);
         assert_eq!(per_key("2"), vec!["c", "d"]);
-        assert_eq!(per_key("3"), vec!["c", "u"]);
+        assert_eq!(per_key("3"), vec!["c", "u", "d"]);
+        assert_eq!(per_key("5"), vec!["c"]);
         let upd = products
             .iter()
             .find(|r| r.key["key"]["id"] == "1" && r.value["op"] == "u")
@@ -285,6 +291,17 @@ async fn publishes_declared_tables_with_residency_rules() {
             serde_json::json!(["doc"])
         );
         assert_eq!(book.value["after"]["price"], "21");
+        let moved_book = products.iter().find(|r| r.key["key"]["id"] == "5").unwrap();
+        let doc = moved_book.value["after"]["doc"]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(doc.len(), 4000 * 32, "the moved row lost its TOASTed value");
+        assert!(doc.starts_with("c4ca4238a0b923820dcc509a6f75849b"));
+        assert_eq!(
+            moved_book.value["pgrelay"]["unchanged"],
+            serde_json::json!([])
+        );
+        assert_eq!(moved_book.value["after"]["price"], "21");
         // a truncate is keyed by table only, so it may land in another
         // partition than the rows: its stamp orders it after them
         let currency = |op: &str| -> u64 {
