@@ -180,6 +180,9 @@ pub struct ApplySettings {
     pub max_retries: u32,
     /// Tombstones older than this may be purged.
     pub tombstone_horizon: Duration,
+    /// How long records naming a column the target does not have (yet)
+    /// wait for it before they are dead-lettered.
+    pub schema_wait: Duration,
     /// Database sessions applying one source region's records in parallel,
     /// each for its share of the topic's partitions.
     pub sessions_per_source: usize,
@@ -254,6 +257,9 @@ pub const fn default_sessions_per_source() -> usize {
 pub const fn default_tombstone_horizon() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
+pub const fn default_schema_wait() -> Duration {
+    Duration::from_secs(600)
+}
 
 impl Default for CaptureSettings {
     fn default() -> Self {
@@ -276,6 +282,7 @@ impl Default for ApplySettings {
             batch_max_wait: default_batch_max_wait(),
             max_retries: default_max_retries(),
             tombstone_horizon: default_tombstone_horizon(),
+            schema_wait: default_schema_wait(),
             sessions_per_source: default_sessions_per_source(),
         }
     }
@@ -1031,6 +1038,7 @@ struct RawApply {
     batch_max_wait: Option<HumanDuration>,
     max_retries: Option<i64>,
     tombstone_horizon: Option<HumanDuration>,
+    schema_wait: Option<HumanDuration>,
     sessions_per_source: Option<i64>,
 }
 
@@ -1306,6 +1314,7 @@ impl Validator<'_> {
                 raw.tombstone_horizon,
                 default_tombstone_horizon(),
             )?,
+            schema_wait: raw.schema_wait.map_or(default_schema_wait(), |d| d.0),
             sessions_per_source: match self.count(
                 "relay.apply.sessions_per_source",
                 raw.sessions_per_source,
@@ -1710,6 +1719,7 @@ dsn = "host=cn dbname=app"
         assert_eq!(c.capture, CaptureSettings::default());
         assert_eq!(c.apply, ApplySettings::default());
         assert_eq!(c.apply.tombstone_horizon, Duration::from_secs(604_800));
+        assert_eq!(c.apply.schema_wait, Duration::from_secs(600));
         assert_eq!(c.http.listen, None);
         assert_eq!(c.topic("us", "eu"), "pgrelay.us.eu");
         assert_eq!(c.dlq_topic("eu"), "pgrelay.dlq.eu");
@@ -1757,6 +1767,7 @@ batch_max_records = 7
 batch_max_wait = "0ms"
 max_retries = 0
 tombstone_horizon = "2h"
+schema_wait = "0s"
 
 [http]
 listen = "0.0.0.0:9187"
@@ -1772,6 +1783,7 @@ listen = "0.0.0.0:9187"
         assert_eq!(c.apply.batch_max_wait, Duration::ZERO);
         assert_eq!(c.apply.max_retries, 0);
         assert_eq!(c.apply.tombstone_horizon, Duration::from_secs(7200));
+        assert_eq!(c.apply.schema_wait, Duration::ZERO);
         assert_eq!(c.http.listen, Some("0.0.0.0:9187".parse().unwrap()));
     }
 

@@ -344,6 +344,7 @@ pub fn targets() -> Targets {
             name,
             key: vec!["id".into()],
             columns,
+            column_types: vec![],
             json_columns: vec![("doc".into(), "jsonb".into())],
         },
     );

@@ -154,6 +154,7 @@ pub async fn load_targets(
                 name: t.name.clone(),
                 key: state.primary_key,
                 columns: state.columns,
+                column_types: state.column_types,
                 json_columns: state.json_columns,
             },
         );
@@ -404,7 +405,7 @@ pub async fn run(
                 topic: config.topic(source, &region),
                 group,
                 groups,
-                targets: targets.clone(),
+                targets: std::sync::Mutex::new(targets.clone()),
                 metrics: metrics.clone(),
                 dlq: dlq.clone(),
             };
@@ -433,7 +434,9 @@ struct Pipeline {
     /// This pipeline applies the partitions `p` with `p % groups == group`.
     group: usize,
     groups: usize,
-    targets: Arc<Targets>,
+    /// The target's table definitions as last read (re-read when a batch
+    /// does not fit them).
+    targets: std::sync::Mutex<Arc<Targets>>,
     metrics: Arc<Metrics>,
     dlq: Arc<DlqProducer>,
 }
@@ -572,6 +575,10 @@ impl Pipeline {
         // with another session, gone on the next attempt
         let mut backoff = Duration::from_millis(10 + (self.group as u64) * 7);
         let mut attempt = 0u32;
+        let mut targets = self.targets();
+        let mut targets_checked = false;
+        // since when records of this batch have waited for a column
+        let mut waiting_since: Option<Instant> = None;
         loop {
             attempt += 1;
             let started = Instant::now();
@@ -579,7 +586,7 @@ impl Pipeline {
                 client,
                 &self.source,
                 Some(self.group),
-                &self.targets,
+                &targets,
                 batch,
                 &self.dlq,
                 BatchOptions {
@@ -588,6 +595,7 @@ impl Pipeline {
                     commit: true,
                     max_tries: self.config.apply.max_retries.max(1),
                     max_skew: self.config.max_clock_skew,
+                    targets_checked,
                 },
             )
             .await
@@ -596,7 +604,48 @@ impl Pipeline {
                     self.record(batch, &outcome, started.elapsed());
                     return Ok(());
                 }
-                Err(e) => {
+                Err(BatchError::Recheck { unknown_column }) => {
+                    match load_targets(&self.config, &self.region, client).await {
+                        Ok(fresh) if fresh != *targets => {
+                            tracing::info!(region = %self.region, source = %self.source, "target table definitions changed: re-read");
+                            targets = Arc::new(fresh);
+                            *self.targets.lock().unwrap_or_else(|e| e.into_inner()) =
+                                targets.clone();
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(ApplyError::Setup(e)) => return Err(ApplyError::Setup(e)),
+                        Err(e) => {
+                            tracing::warn!(region = %self.region, source = %self.source, error = %e, "re-reading the target's table definitions failed, retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                            continue;
+                        }
+                    }
+                    let Some(column) = unknown_column else {
+                        // the definitions are current: what fails now is
+                        // the record's own doing
+                        targets_checked = true;
+                        continue;
+                    };
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.apply.schema_wait {
+                        tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "the target still lacks a column records carry: dead-lettering them (relay.apply.schema_wait)");
+                        targets_checked = true;
+                        continue;
+                    }
+                    self.metrics.add(
+                        "pgrelay_apply_schema_waits_total",
+                        "Batches held because records carry a column the target table lacks",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1,
+                    );
+                    tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "records carry a column the target table lacks: waiting for it (add it here, or see relay.apply.schema_wait)");
+                    tokio::time::sleep(backoff).await;
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(5));
+                }
+                Err(BatchError::Transient(e)) => {
                     self.metrics.add(
                         "pgrelay_apply_retries_total",
                         "Batches retried after a transient failure",
@@ -620,6 +669,13 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    fn targets(&self) -> Arc<Targets> {
+        self.targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn record(&self, batch: &[Consumed], outcome: &Outcome, took: Duration) {
@@ -723,6 +779,42 @@ pub struct BatchOptions<'a> {
     pub max_tries: u32,
     /// Stamps more than this far ahead of the local clock are counted.
     pub max_skew: Duration,
+    /// `targets` were just read from the target: a record that does not fit
+    /// them may be dead-lettered. `false`: the batch is given up instead
+    /// ([`BatchError::Recheck`]), so that a table changed since it was last
+    /// read is never the reason for a dead letter.
+    pub targets_checked: bool,
+}
+
+/// Why a batch was not applied (nothing of it was committed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchError {
+    /// A lost connection, a conflict with another session: retry it.
+    Transient(String),
+    /// Something would have been dead-lettered under table definitions not
+    /// read since: read them again, then retry. `unknown_column` names the
+    /// first `table.column` a record has and the definitions lack.
+    Recheck { unknown_column: Option<String> },
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchError::Transient(e) => f.write_str(e),
+            BatchError::Recheck {
+                unknown_column: Some(c),
+            } => write!(f, "records have column {c}, which the target table lacks"),
+            BatchError::Recheck { .. } => {
+                f.write_str("a statement failed: the target's table definitions are re-read")
+            }
+        }
+    }
+}
+
+impl From<String> for BatchError {
+    fn from(e: String) -> Self {
+        BatchError::Transient(e)
+    }
 }
 
 /// Applies one batch in one transaction. Returns `Err` for transient
@@ -735,13 +827,14 @@ pub async fn apply_batch(
     batch: &[Consumed],
     dlq: &DlqProducer,
     opts: BatchOptions<'_>,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, BatchError> {
     let BatchOptions {
         attempt,
         extra_offsets,
         commit,
         max_tries,
         max_skew,
+        targets_checked,
     } = opts;
     let mut outcome = Outcome::default();
     let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
@@ -751,6 +844,14 @@ pub async fn apply_batch(
             Ok(inc) => {
                 changes.push(inc);
                 positions.push(i);
+            }
+            Err(rej @ record::Rejection::UnknownColumn { .. }) if !targets_checked => {
+                let record::Rejection::UnknownColumn { table, column } = rej else {
+                    unreachable!()
+                };
+                return Err(BatchError::Recheck {
+                    unknown_column: Some(format!("{table}.{column}")),
+                });
             }
             Err(rej) => outcome.dead.push(DeadLetter::rejected(c, &rej, attempt)),
         }
@@ -793,7 +894,13 @@ pub async fn apply_batch(
                     (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
             }
             Err(e) if is_transient_db(&e) => {
-                return Err(format!("{}: {}", s.table, db_message(&e)))
+                return Err(format!("{}: {}", s.table, db_message(&e)).into())
+            }
+            // the transaction is dropped, so rolled back
+            Err(_) if !targets_checked => {
+                return Err(BatchError::Recheck {
+                    unknown_column: None,
+                })
             }
             Err(_) => {
                 tx.execute("ROLLBACK TO SAVEPOINT stmt", &[])
@@ -818,7 +925,7 @@ pub async fn apply_batch(
                                     break;
                                 }
                                 Err(e) if is_transient_db(&e) => {
-                                    return Err(format!("{}: {}", s.table, db_message(&e)))
+                                    return Err(format!("{}: {}", s.table, db_message(&e)).into())
                                 }
                                 Err(e) => {
                                     tx.execute("ROLLBACK TO SAVEPOINT one", &[])

@@ -74,11 +74,14 @@ impl Rejection {
 }
 
 /// What the apply side knows of one target table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetTable {
     pub name: TableName,
     pub key: Vec<String>,
     pub columns: Vec<String>,
+    /// The type of each of `columns` as the catalog prints it, modifier
+    /// included (empty: not known).
+    pub column_types: Vec<String>,
     /// Columns of type json or jsonb (or a domain over one), with their
     /// type as SQL (from the catalog): their text arrives as a JSON string
     /// and must be read back as a document, not kept as a string scalar.
@@ -284,6 +287,7 @@ mod tests {
                 name: TableName::new("public", "products"),
                 key: vec!["id".into()],
                 columns: vec!["id".into(), "name".into(), "_pgrelay_hlc".into()],
+                column_types: vec![],
                 json_columns: vec![],
             },
         );

@@ -97,10 +97,12 @@ pub async fn replay(
                 commit: !dry_run,
                 max_tries: 1,
                 max_skew: config.max_clock_skew,
+                // loaded at the start of the replay
+                targets_checked: true,
             },
         )
         .await
-        .map_err(ApplyError::Transient)?;
+        .map_err(|e| ApplyError::Transient(e.to_string()))?;
         out.push(Replayed {
             partition,
             offset,

@@ -280,15 +280,31 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
     } else {
         format!("{col_list}, {hlc}")
     };
-    // one staging table per target table and column set, typed like the
-    // target's columns (CREATE … AS keeps no constraints)
-    // (64-bit FNV-1a: two column sets sharing a staging table would make
-    // the COPY fail)
+    // one staging table per target table, column set and column types,
+    // typed like the target's columns (CREATE … AS keeps no constraints):
+    // after the target's columns change type, the next batch stages into a
+    // new table (64-bit FNV-1a: two column sets sharing a staging table
+    // would make the COPY fail)
+    let type_of = |c: &str| {
+        target
+            .columns
+            .iter()
+            .position(|n| n == c)
+            .and_then(|i| target.column_types.get(i))
+            .map_or("", String::as_str)
+    };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in target.name.to_string().bytes().chain(
-        cols.iter()
-            .flat_map(|c| std::iter::once(0).chain(c.bytes())),
-    ) {
+    for b in target
+        .name
+        .to_string()
+        .bytes()
+        .chain(cols.iter().flat_map(|c| {
+            std::iter::once(0)
+                .chain(c.bytes())
+                .chain(std::iter::once(1))
+                .chain(type_of(c).bytes())
+        }))
+    {
         h ^= b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -464,6 +480,7 @@ mod tests {
                 name: TableName::new("public", "p"),
                 key: vec!["id".into()],
                 columns: vec!["id".into(), "v".into(), "doc".into()],
+                column_types: vec!["integer".into(), "text".into(), "jsonb".into()],
                 json_columns: vec![("doc".into(), "jsonb".into())],
             },
         );
@@ -597,6 +614,20 @@ mod tests {
         let h = row_hash(&TableName::new("public", "p"), [("id", Some("2"))]);
         assert_eq!(key_buckets(&p[2..3]), vec![h % KEY_BUCKETS]);
         assert_eq!(buckets_param(&[3, 7]), "{3,7}");
+    }
+
+    #[test]
+    fn a_column_type_change_stages_into_a_new_table() {
+        let mut t = targets();
+        let tt = t.get_mut("public.p").unwrap();
+        let (before, _) = upsert_sql(tt, &["id", "v"]);
+        assert_eq!(before, upsert_sql(tt, &["id", "v"]).0, "stable name");
+        tt.column_types[1] = "character varying(20)".into();
+        let (after, _) = upsert_sql(tt, &["id", "v"]);
+        assert_ne!(before.name, after.name);
+        // a type of a column that is not staged changes nothing
+        tt.column_types[2] = "json".into();
+        assert_eq!(after, upsert_sql(tt, &["id", "v"]).0);
     }
 
     #[test]

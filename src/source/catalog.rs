@@ -82,6 +82,9 @@ pub struct TableState {
     pub has_stamp_column: bool,
     pub triggers: Vec<String>,
     pub columns: Vec<String>,
+    /// The type of each of `columns`, with its modifier
+    /// (`character varying(20)`).
+    pub column_types: Vec<String>,
     /// Columns of type json or jsonb (or a domain over one), with their
     /// type as SQL.
     pub json_columns: Vec<(String, String)>,
@@ -143,6 +146,7 @@ impl Catalog<'_> {
                 has_stamp_column: false,
                 triggers: vec![],
                 columns: vec![],
+                column_types: vec![],
                 json_columns: vec![],
             });
         };
@@ -169,7 +173,7 @@ impl Catalog<'_> {
             .query(
                 "SELECT a.attname::text, \
                  coalesce(nullif(t.typbasetype, 0), t.oid) IN ('json'::regtype, 'jsonb'::regtype), \
-                 format_type(a.atttypid, NULL) \
+                 format_type(a.atttypid, NULL), format_type(a.atttypid, a.atttypmod) \
                  FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
                 &[&oid],
@@ -177,6 +181,7 @@ impl Catalog<'_> {
             .await
             .map_err(self.err(format!("reading the columns of {table}")))?;
         let columns: Vec<String> = column_rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        let column_types: Vec<String> = column_rows.iter().map(|r| r.get::<_, String>(3)).collect();
         let json_columns: Vec<(String, String)> = column_rows
             .iter()
             .filter(|r| r.get::<_, bool>(1))
@@ -200,6 +205,7 @@ impl Catalog<'_> {
             has_stamp_column: columns.iter().any(|c| c == HLC_COLUMN),
             triggers,
             columns,
+            column_types,
             json_columns,
         })
     }

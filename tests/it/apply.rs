@@ -59,12 +59,21 @@ class = "local"
 }
 
 pub fn pair(schema: &str) -> Pair {
+    pair_with(schema, "")
+}
+
+/// [`pair`] with more `[relay.apply]` settings.
+pub fn pair_with(schema: &str, apply_settings: &str) -> Pair {
     let us = Pg::start();
     let eu = Pg::start();
     us.psql(schema);
     eu.psql(schema);
     let broker = Broker::start();
-    let cfg = ConfigFile::new(&config(&us.dsn(), &eu.dsn(), &broker.brokers()));
+    let text = config(&us.dsn(), &eu.dsn(), &broker.brokers()).replace(
+        "batch_max_wait = \"50ms\"\n",
+        &format!("batch_max_wait = \"50ms\"\n{apply_settings}\n"),
+    );
+    let cfg = ConfigFile::new(&text);
     for r in ["us", "eu"] {
         relay::ok(&[
             "setup",
@@ -370,7 +379,8 @@ async fn constraint_violation_is_parked_then_replayed_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_and_injection_records_are_parked_never_executed() {
-    let p = pair(SCHEMA);
+    // a column the target lacks is parked at once, not waited for
+    let p = pair_with(SCHEMA, "schema_wait = \"0s\"");
     let _eu = Relay::spawn(&p.cfg, "eu", "apply");
     p.eu.psql("INSERT INTO users VALUES (1, 'stays@example.com')");
     let env_at = |schema: &str, table: &str, after: &str, hlc: u64| -> Vec<u8> {
@@ -605,4 +615,82 @@ async fn values_and_tombstone_keys_have_one_spelling() {
         (n == 0).then_some(())
     })
     .await;
+}
+
+/// Columns added, and widened, in each region at a different time: records
+/// that reach a region before its own change wait for it instead of being
+/// dead-lettered, and the apply side picks up new definitions without a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_reach_the_target_without_dead_letters() {
+    let p = pair(
+        "CREATE TABLE products (id int PRIMARY KEY, name varchar(5));
+         CREATE TABLE users (id int PRIMARY KEY, email text);",
+    );
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    let eu = p.eu.client().await;
+    let row = |id: i32| {
+        let eu = &eu;
+        async move {
+            eu.query_opt(
+                "SELECT (to_jsonb(p) - '_pgrelay_hlc')::text FROM products p WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .map(|r| serde_json::from_str::<serde_json::Value>(r.get(0)).unwrap())
+        }
+    };
+    p.us.psql("INSERT INTO products VALUES (1, 'a'), (2, 'b')");
+    eventually(Duration::from_secs(60), "the first rows in eu", || async {
+        row(2).await
+    })
+    .await;
+
+    // a column added in us first: its records wait in eu...
+    p.us.psql(
+        "ALTER TABLE products ADD COLUMN sku text;
+         INSERT INTO products (id, name, sku) VALUES (3, 'c', 'S-3');
+         UPDATE products SET sku = 'S-1' WHERE id = 1;",
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(row(3).await, None, "applied before eu has the column?");
+    // ...until eu adds it too: then they apply, with no restart
+    p.eu.psql("ALTER TABLE products ADD COLUMN sku text");
+    let got = eventually(Duration::from_secs(60), "row 3 in eu", || async {
+        row(3).await
+    })
+    .await;
+    assert_eq!(got, serde_json::json!({"id": 3, "name": "c", "sku": "S-3"}));
+    eventually(Duration::from_secs(30), "row 1's sku in eu", || async {
+        (row(1).await? == serde_json::json!({"id": 1, "name": "a", "sku": "S-1"})).then_some(())
+    })
+    .await;
+
+    // a column widened in eu, then in us: a value only the new type holds
+    // applies (the batches staged before were typed varchar(5))
+    p.eu.psql("ALTER TABLE products ALTER COLUMN name TYPE varchar(20)");
+    p.us.psql(
+        "ALTER TABLE products ALTER COLUMN name TYPE varchar(20);
+         INSERT INTO products (id, name, sku) VALUES (4, 'a longer name', 'S-4');",
+    );
+    let got = eventually(Duration::from_secs(60), "row 4 in eu", || async {
+        row(4).await
+    })
+    .await;
+    assert_eq!(
+        got,
+        serde_json::json!({"id": 4, "name": "a longer name", "sku": "S-4"})
+    );
+    let parked = read_all(
+        &p.broker.brokers(),
+        "pgrelay.dlq.eu",
+        Duration::from_secs(2),
+    );
+    assert!(
+        parked.is_empty(),
+        "dead-lettered: {:?}",
+        parked.iter().map(|r| &r.headers).collect::<Vec<_>>()
+    );
 }
