@@ -37,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::pgoutput::{self, encode_status_update, Frame};
 use crate::publish::acks::AckTracker;
 use crate::publish::envelope::{self, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
-use crate::publish::producer::{producer_config, Delivery, Publisher, SendError};
+use crate::publish::producer::{Delivery, Outlets, SendError};
 use crate::residency::{Policy, Verdict};
 use crate::source::assemble::{Assembler, Output};
 use crate::source::catalog::{self, Catalog};
@@ -167,35 +167,9 @@ pub async fn run(
         .map(|d| config.topic(&region, d))
         .collect();
 
-    // one producer per distinct cluster
     let max_in_flight = config.capture.max_in_flight.max(1);
-    let mut publishers: Vec<(String, Publisher)> = Vec::new();
-    let mut dest_publisher = Vec::with_capacity(destinations.len());
-    for dest in &destinations {
-        let cluster = config.kafka_for(dest);
-        let idx = match publishers.iter().position(|(b, _)| *b == cluster.brokers) {
-            Some(i) => i,
-            None => {
-                let cfg = producer_config(&cluster.brokers, &cluster.properties, max_in_flight);
-                let p = Publisher::new(&cfg)
-                    .map_err(|e| CaptureError::Setup(format!("kafka producer for {dest}: {e}")))?;
-                publishers.push((cluster.brokers.clone(), p));
-                publishers.len() - 1
-            }
-        };
-        dest_publisher.push(idx);
-    }
-    // records are partitioned by the hash of their key (see
-    // `event::row_hash`), which the apply side's lock buckets share
-    let mut partitions = Vec::with_capacity(topics.len());
-    for (topic, &p) in topics.iter().zip(&dest_publisher) {
-        let publisher = &publishers[p].1;
-        let n = tokio::task::block_in_place(|| {
-            publisher.partition_count(topic, Duration::from_secs(10))
-        })
+    let outlets = tokio::task::block_in_place(|| Outlets::open(&config, &destinations, &topics))
         .map_err(CaptureError::Transient)?;
-        partitions.push(n as u32);
-    }
 
     let declared: HashSet<_> = config
         .tables
@@ -237,10 +211,7 @@ pub async fn run(
         region: &region,
         policy: &policy,
         destinations: &destinations,
-        topics: &topics,
-        partitions: &partitions,
-        publishers: &publishers,
-        dest_publisher: &dest_publisher,
+        outlets: &outlets,
         source: &source,
         metrics: &metrics,
         tracker: &mut tracker,
@@ -256,9 +227,7 @@ pub async fn run(
 
     // drain: whatever Kafka has acknowledged gets confirmed before we leave
     if result.is_ok() {
-        for (_, p) in &publishers {
-            let _ = tokio::task::block_in_place(|| p.flush(Duration::from_secs(10)));
-        }
+        tokio::task::block_in_place(|| outlets.flush(Duration::from_secs(10)));
         // a failure here only keeps its record unconfirmed
         let _ = ctx.poll_deliveries();
         let _ = ctx.send_status(&mut writer, false).await;
@@ -273,11 +242,7 @@ struct Loop<'a> {
     region: &'a str,
     policy: &'a Policy,
     destinations: &'a [String],
-    topics: &'a [String],
-    /// Partition count of each topic, as `topics`.
-    partitions: &'a [u32],
-    publishers: &'a [(String, Publisher)],
-    dest_publisher: &'a [usize],
+    outlets: &'a Outlets,
     source: &'a Source,
     metrics: &'a Metrics,
     tracker: &'a mut AckTracker,
@@ -359,9 +324,7 @@ impl Loop<'_> {
     /// counted; the first failure, if any, is returned.
     fn poll_deliveries(&mut self) -> Result<(), CaptureError> {
         let mut reports = std::mem::take(&mut self.reports);
-        for (_, p) in self.publishers {
-            p.poll(&mut reports);
-        }
+        self.outlets.poll(&mut reports);
         let mut result = Ok(());
         for d in reports.drain(..) {
             let r = self.delivered(d);
@@ -510,18 +473,9 @@ impl Loop<'_> {
                 (HEADER_TABLE, record.table.as_str()),
                 (HEADER_OP, routed.op.code()),
             ];
-            let publisher = &self.publishers[self.dest_publisher[i]].1;
             let seq = self.tracker.issue();
             loop {
-                let partition = (record.key_hash % self.partitions[i]) as i32;
-                match publisher.send(
-                    &self.topics[i],
-                    partition,
-                    &record.key,
-                    &record.value,
-                    headers,
-                    seq,
-                ) {
+                match self.outlets.send(i, &record, headers, seq) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => {
                         // let deliveries free room, then retry
@@ -531,7 +485,7 @@ impl Loop<'_> {
                     Err(SendError::Other(e)) => {
                         return Err(CaptureError::Transient(format!(
                             "cannot queue record for {}: {e}",
-                            self.topics[i]
+                            self.outlets.topics[i]
                         )))
                     }
                 }

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod pgoutput;
 pub mod publish;
 pub mod residency;
+pub mod resync;
 pub mod setup;
 pub mod source;
 pub mod status;

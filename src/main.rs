@@ -11,17 +11,18 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 use pgrelay::check::{self, Severity};
+use pgrelay::config::{self, Config, TableClass};
+use pgrelay::event::TableName;
+use pgrelay::http::{self, Readiness};
+use pgrelay::metrics::Metrics;
+use pgrelay::source::catalog::{self, Catalog};
+use pgrelay::{apply, capture, kafka, residency, setup};
 
 /// mimalloc: the capture and apply paths allocate and free small buffers
 /// per row, often on different threads (librdkafka's), where it is
 /// markedly cheaper than the system allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use pgrelay::config::{self, Config, TableClass};
-use pgrelay::http::{self, Readiness};
-use pgrelay::metrics::Metrics;
-use pgrelay::source::catalog::{self, Catalog};
-use pgrelay::{apply, capture, kafka, residency, setup};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +69,25 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Send a region's current rows (and tombstones) again, with their own
+    /// stamps: rows that predate setup, a new region, a lost slot. Safe
+    /// while the sidecars run; idempotent.
+    Resync {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        /// Only to these destination regions (repeatable; default: all).
+        #[arg(long)]
+        to: Vec<String>,
+        /// Only these tables, `schema.table` (repeatable; default: every
+        /// replicated table).
+        #[arg(long)]
+        table: Vec<String>,
+        /// Read and route everything, send nothing: print what would go.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Inspect or replay the dead-letter topic of a region.
     Dlq {
@@ -142,6 +162,13 @@ fn main() -> ExitCode {
             Command::Check { config, region } => check(&config, region.as_deref()).await,
             Command::Setup { config, region } => setup(&config, &region).await,
             Command::Dlq { action } => dlq(action).await,
+            Command::Resync {
+                config,
+                region,
+                to,
+                table,
+                dry_run,
+            } => resync(&config, &region, to, &table, dry_run).await,
             Command::Status { config, json } => status(&config, json).await,
         }
     });
@@ -470,6 +497,36 @@ async fn status(path: &Path, json: bool) -> Result<ExitCode> {
     if rows.iter().any(|r| r.state == "failed") {
         return Ok(ExitCode::from(2));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn resync(
+    path: &Path,
+    region: &str,
+    to: Vec<String>,
+    tables: &[String],
+    dry_run: bool,
+) -> Result<ExitCode> {
+    let config = load(path)?;
+    let tables = tables
+        .iter()
+        .map(|t| TableName::parse(t).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = pgrelay::resync::Options {
+        to,
+        tables,
+        dry_run,
+    };
+    let summary = pgrelay::resync::run(&config, region, &opts).await?;
+    print!("{}", pgrelay::resync::render(&summary));
+    println!(
+        "region {region}: {} (every record carries its row's own stamp: newer rows at the destinations stay)",
+        if dry_run {
+            "dry run, nothing sent"
+        } else {
+            "resync sent and acknowledged by Kafka"
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -25,6 +25,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
+use super::envelope::Record;
+use crate::config::Config;
+
 /// What the producer reports back to the capture loop.
 #[derive(Debug)]
 pub enum Delivery {
@@ -213,6 +216,92 @@ impl Publisher {
     /// (blocking); the reports land in the next [`Publisher::poll`].
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
+    }
+}
+
+/// Where one source region's records go: a producer per distinct Kafka
+/// cluster, and for each destination its topic, partition count and
+/// producer. Records are partitioned by the hash of their key (see
+/// `event::row_hash`), which the apply side's lock buckets share.
+pub struct Outlets {
+    pub topics: Vec<String>,
+    pub partitions: Vec<u32>,
+    publishers: Vec<(String, Publisher)>,
+    dest_publisher: Vec<usize>,
+}
+
+impl Outlets {
+    /// Creates the producers and reads each topic's partition count
+    /// (blocking: metadata requests).
+    pub fn open(
+        config: &Config,
+        destinations: &[String],
+        topics: &[String],
+    ) -> Result<Outlets, String> {
+        let max_in_flight = config.capture.max_in_flight.max(1);
+        let mut publishers: Vec<(String, Publisher)> = Vec::new();
+        let mut dest_publisher = Vec::with_capacity(destinations.len());
+        for dest in destinations {
+            let cluster = config.kafka_for(dest);
+            let idx = match publishers.iter().position(|(b, _)| *b == cluster.brokers) {
+                Some(i) => i,
+                None => {
+                    let cfg = producer_config(&cluster.brokers, &cluster.properties, max_in_flight);
+                    let p = Publisher::new(&cfg)
+                        .map_err(|e| format!("kafka producer for {dest}: {e}"))?;
+                    publishers.push((cluster.brokers.clone(), p));
+                    publishers.len() - 1
+                }
+            };
+            dest_publisher.push(idx);
+        }
+        let mut partitions = Vec::with_capacity(topics.len());
+        for (topic, &p) in topics.iter().zip(&dest_publisher) {
+            let n = publishers[p]
+                .1
+                .partition_count(topic, Duration::from_secs(10))?;
+            partitions.push(n as u32);
+        }
+        Ok(Outlets {
+            topics: topics.to_vec(),
+            partitions,
+            publishers,
+            dest_publisher,
+        })
+    }
+
+    /// Hands `record` to the producer of destination `dest`, for the
+    /// partition of its key.
+    pub fn send(
+        &self,
+        dest: usize,
+        record: &Record,
+        headers: [(&str, &str); 4],
+        seq: u64,
+    ) -> Result<(), SendError> {
+        let partition = (record.key_hash % self.partitions[dest]) as i32;
+        self.publishers[self.dest_publisher[dest]].1.send(
+            &self.topics[dest],
+            partition,
+            &record.key,
+            &record.value,
+            headers,
+            seq,
+        )
+    }
+
+    /// [`Publisher::poll`] of every producer.
+    pub fn poll(&self, out: &mut Vec<Delivery>) {
+        for (_, p) in &self.publishers {
+            p.poll(out);
+        }
+    }
+
+    /// [`Publisher::flush`] of every producer (blocking).
+    pub fn flush(&self, timeout: Duration) {
+        for (_, p) in &self.publishers {
+            let _ = p.flush(timeout);
+        }
     }
 }
 

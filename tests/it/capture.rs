@@ -503,3 +503,124 @@ fn check_reports_the_database_and_prints_the_residency_matrix() {
         "{text}"
     );
 }
+
+/// `pgrelay resync` sends the rows as they are — those that predate setup
+/// included — and the tombstones, each with its stamp, through the same
+/// residency rules as captured changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_sends_existing_rows_within_residency_rules() {
+    let f = fixture(&format!(
+        "{SCHEMA}
+         INSERT INTO users VALUES (1, 'pii@example.com', 'US');
+         INSERT INTO products VALUES (1, 'tea', 3.50, NULL), (2, 'cup', 9.99, NULL);
+         INSERT INTO currencies VALUES ('EUR', 1.08);
+         INSERT INTO orders VALUES (10, 'US', 'a@x.org', '4111111111111111', 5),
+                                   (11, 'DE', 'b@x.org', '5500000000000004', 6);"
+    ));
+    let c = f.pg.client().await;
+    c.batch_execute(
+        "INSERT INTO products VALUES (3, 'pot', 20, NULL);
+         DELETE FROM products WHERE id = 2;",
+    )
+    .await
+    .unwrap();
+    let stamp = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) as u64 }
+    };
+    let pot = stamp("SELECT _pgrelay_hlc FROM products WHERE id = 3").await;
+    let buried = stamp("SELECT hlc FROM pgrelay.tombstones WHERE pk = '{\"id\": \"2\"}'").await;
+    let cfg = f.cfg.path.to_str().unwrap();
+    let brokers = f.broker.brokers();
+
+    let dry = relay::ok(&["resync", "--config", cfg, "--region", "us", "--dry-run"]);
+    assert!(dry.contains("dry run, nothing sent"), "{dry}");
+    assert!(
+        read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(1)).is_empty(),
+        "a dry run sent records"
+    );
+    let out = relay::ok(&["resync", "--config", cfg, "--region", "us"]);
+    assert!(out.contains("public.orders"), "{out}");
+
+    let eu = read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(2));
+    let cn = read_all(&brokers, "pgrelay.us.cn", Duration::from_secs(1));
+    let summary = |recs: &[Rec]| -> BTreeMap<(String, String, String), (u64, String)> {
+        recs.iter()
+            .map(|r| {
+                let key = r.key["key"].as_object().unwrap();
+                let id = key.values().next().unwrap().as_str().unwrap().to_string();
+                let row = if r.value["op"] == "d" {
+                    &r.value["before"]
+                } else {
+                    &r.value["after"]
+                };
+                (
+                    (table_of(r), id, r.value["op"].as_str().unwrap().to_string()),
+                    (r.value["pgrelay"]["hlc"].as_u64().unwrap(), row.to_string()),
+                )
+            })
+            .collect()
+    };
+    let (eu, cn) = (summary(&eu), summary(&cn));
+    let key = |t: &str, id: &str, op: &str| (format!("public.{t}"), id.to_string(), op.to_string());
+    for (dest, recs) in [("eu", &eu), ("cn", &cn)] {
+        // rows from before setup carry stamp 0: older than any write
+        assert_eq!(recs[&key("products", "1", "c")].0, 0, "{dest}");
+        assert_eq!(recs[&key("products", "3", "c")].0, pot, "{dest}");
+        assert_eq!(recs[&key("products", "2", "d")].0, buried, "{dest}");
+        assert_eq!(
+            recs[&key("products", "2", "d")].1,
+            r#"{"id":"2"}"#,
+            "{dest}"
+        );
+        assert!(recs.contains_key(&key("currencies", "EUR", "c")), "{dest}");
+        assert!(
+            !recs.keys().any(|k| k.0 == "public.users"),
+            "{dest}: local rows sent"
+        );
+        let order = &recs[&key("orders", "10", "c")].1;
+        assert!(order.contains(r#""card":"****""#), "{dest}: {order}");
+    }
+    assert_eq!(eu.len(), 6, "{eu:?}");
+    // DE-homed order 11 stays out of cn; cn gets the email hashed
+    assert!(eu.contains_key(&key("orders", "11", "c")));
+    assert_eq!(cn.len(), 5, "{cn:?}");
+    assert!(!cn[&key("orders", "10", "c")].1.contains("a@x.org"));
+    assert!(eu[&key("orders", "10", "c")].1.contains("a@x.org"));
+
+    // one destination, one table
+    let out = relay::ok(&[
+        "resync",
+        "--config",
+        cfg,
+        "--region",
+        "us",
+        "--to",
+        "cn",
+        "--table",
+        "public.currencies",
+    ]);
+    assert!(!out.contains("public.products"), "{out}");
+    let cn_again = read_all(&brokers, "pgrelay.us.cn", Duration::from_secs(1));
+    assert_eq!(cn_again.len(), 6);
+    assert_eq!(
+        read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(1)).len(),
+        6
+    );
+    // a destination or table that is not one is named
+    let bad = relay::fails(&["resync", "--config", cfg, "--region", "us", "--to", "us"]);
+    assert!(
+        bad.contains("--to us: not a destination of region us"),
+        "{bad}"
+    );
+    let bad = relay::fails(&[
+        "resync",
+        "--config",
+        cfg,
+        "--region",
+        "us",
+        "--table",
+        "public.users",
+    ]);
+    assert!(bad.contains("--table public.users"), "{bad}");
+}

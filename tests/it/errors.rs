@@ -8,13 +8,7 @@ use crate::support::broker::Broker;
 use crate::support::free_port;
 use crate::support::kafka::read_all;
 use crate::support::pg::{Pg, PgOptions};
-use crate::support::relay::{self, ConfigFile, Relay};
-
-fn fails(args: &[&str]) -> String {
-    let out = relay::cmd(args);
-    assert!(!out.status.success(), "pgrelay {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
-}
+use crate::support::relay::{fails, ConfigFile, Relay};
 
 /// A config that gives up on unreachable services after one second.
 fn quick_start(toml: &str) -> String {

@@ -45,6 +45,13 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a pgrelay command that must fail; returns stderr then stdout.
+pub fn fails(args: &[&str]) -> String {
+    let out = cmd(args);
+    assert!(!out.status.success(), "pgrelay {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
+}
+
 /// A running sidecar process; killed (SIGKILL) on drop.
 pub struct Relay {
     pub child: Child,

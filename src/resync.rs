@@ -1,0 +1,509 @@
+//! `pgrelay resync`: a region's rows, as they are now, sent again.
+//!
+//! ```text
+//!  declared tables (one REPEATABLE READ snapshot) ──rows──▶ Change (insert, the row's own stamp)
+//!  pgrelay.tombstones ─────────────────────────────keys──▶ Change (delete / truncate, its stamp)
+//!        ──▶ Policy::route (per destination) ──▶ envelope ──▶ the capture side's topics
+//! ```
+//!
+//! Every record is what the capture side would publish for that row, with
+//! the stamp the row carries, so the apply side treats it like any other:
+//! the newest stamp wins, an equal one changes nothing. Resending is
+//! therefore safe at any time, sidecars running — a row changed meanwhile
+//! is captured with a higher stamp, which wins wherever it lands first —
+//! and running it twice is harmless. It fills what the replication stream
+//! cannot: rows that existed before pgrelay was set up, a region that
+//! joins later, and what was written while a slot was lost.
+//!
+//! Residency holds as for captured changes: the same routing and column
+//! rules decide what may go where. Rows without a stamp (written before
+//! `setup` added the column) go with stamp 0, older than any write. A
+//! tombstone of a partitioned table has no home (it keeps only the key) and
+//! is not sent.
+//!
+//! Error policy: anything that fails ends the run with an error naming it;
+//! records already delivered stay (resending is idempotent), so the fix is
+//! to run it again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{pin_mut, TryStreamExt};
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::config::{Config, TableClass};
+use crate::event::{
+    canonical_text_sets, quote_ident, Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema,
+    TxMeta,
+};
+use crate::publish::envelope::{self, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
+use crate::publish::producer::{Delivery, Outlets, SendError};
+use crate::residency::{Policy, Verdict};
+use crate::source::assemble::HLC_COLUMN;
+use crate::source::catalog::{self, Catalog};
+
+/// What to send again.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Only these destinations (default: every destination).
+    pub to: Vec<String>,
+    /// Only these tables (default: every declared, non-local table).
+    pub tables: Vec<TableName>,
+    /// Read and route everything, send nothing.
+    pub dry_run: bool,
+}
+
+/// Records sent and withheld, by table and destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub counts: BTreeMap<(String, String), Counts>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Rows (inserts) sent.
+    pub rows: u64,
+    /// Tombstones (deletes, truncates) sent.
+    pub tombstones: u64,
+    /// Withheld by the residency policy.
+    pub withheld: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Catalog(#[from] catalog::CatalogError),
+    #[error("region {region}: reading {what}: {source}")]
+    Read {
+        region: String,
+        what: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("{0}")]
+    Kafka(String),
+}
+
+/// The statement reading a table's rows: every column in the table's
+/// order, the stamp last. Simple-query protocol: values come as the types'
+/// text output, as the replication stream carries them.
+pub fn select_sql(table: &TableName, columns: &[String]) -> String {
+    let list: Vec<String> = columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .chain(std::iter::once(quote_ident(HLC_COLUMN)))
+        .collect();
+    format!("SELECT {} FROM {}", list.join(", "), table.quoted())
+}
+
+/// The change for one tombstone: a delete of the key it holds (other
+/// columns unknown), or a truncate for the table-wide one (`{}`).
+pub fn tombstone_change(
+    schema: &Arc<TableSchema>,
+    pk: &serde_json::Map<String, serde_json::Value>,
+    hlc: u64,
+    tx: &Arc<TxMeta>,
+) -> Option<Change> {
+    if pk.is_empty() {
+        return Some(Change {
+            schema: schema.clone(),
+            op: Op::Truncate,
+            before: None,
+            after: None,
+            hlc,
+            tx: tx.clone(),
+            seq: 0,
+        });
+    }
+    let mut before = Vec::with_capacity(schema.columns.len());
+    for c in &schema.columns {
+        if !c.is_key {
+            before.push(Datum::Unchanged);
+            continue;
+        }
+        before.push(match pk.get(&c.name)? {
+            serde_json::Value::String(s) => Datum::Text(s.clone()),
+            serde_json::Value::Null => Datum::Null,
+            _ => return None,
+        });
+    }
+    Some(Change {
+        schema: schema.clone(),
+        op: Op::Delete,
+        before: Some(before),
+        after: None,
+        hlc,
+        tx: tx.clone(),
+        seq: 0,
+    })
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Sends `region`'s rows and tombstones again; see the module docs.
+pub async fn run(config: &Config, region: &str, opts: &Options) -> Result<Summary, ResyncError> {
+    let region_cfg = config
+        .region(region)
+        .map_err(|e| ResyncError::Setup(e.to_string()))?;
+    let policy = Policy::compile(config, region).map_err(|e| ResyncError::Setup(e.to_string()))?;
+    for d in &opts.to {
+        if !policy.destinations().contains(d) {
+            return Err(ResyncError::Setup(format!(
+                "--to {d}: not a destination of region {region} (destinations: {})",
+                policy.destinations().join(", ")
+            )));
+        }
+    }
+    let mut tables = Vec::new();
+    for t in config
+        .tables
+        .iter()
+        .filter(|t| !matches!(t.class, TableClass::Local))
+    {
+        if opts.tables.is_empty() || opts.tables.contains(&t.name) {
+            tables.push(t.name.clone());
+        }
+    }
+    for t in &opts.tables {
+        if !tables.contains(t) {
+            return Err(ResyncError::Setup(format!(
+                "--table {t}: not a declared, replicated table"
+            )));
+        }
+    }
+    let wanted: Vec<usize> = (0..policy.destinations().len())
+        .filter(|&i| opts.to.is_empty() || opts.to.contains(&policy.destinations()[i]))
+        .collect();
+
+    let client = catalog::connect(&region_cfg.dsn, region).await?;
+    let read_err = |what: &str| {
+        let region = region.to_string();
+        let what = what.to_string();
+        move |source| ResyncError::Read {
+            region,
+            what,
+            source,
+        }
+    };
+    client
+        .batch_execute(&canonical_text_sets("; "))
+        .await
+        .map_err(read_err("session settings"))?;
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    let db = cat.database_name().await?;
+    let mut schemas = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        let state = cat.table(t).await?;
+        if !state.exists || !state.has_stamp_column {
+            return Err(ResyncError::Setup(format!(
+                "region {region}: table {t} is missing or lacks pgrelay's stamp column; run pgrelay setup"
+            )));
+        }
+        let columns = state
+            .columns
+            .iter()
+            .filter(|c| *c != HLC_COLUMN)
+            .map(|c| ColumnDesc {
+                name: c.clone(),
+                type_oid: 0,
+                is_key: state.primary_key.contains(c),
+            })
+            .collect();
+        schemas.push(Arc::new(TableSchema {
+            oid: i as u32 + 1,
+            table: t.clone(),
+            columns,
+        }));
+    }
+
+    let topics: Vec<String> = policy
+        .destinations()
+        .iter()
+        .map(|d| config.topic(region, d))
+        .collect();
+    let outlets = if opts.dry_run {
+        None
+    } else {
+        Some(
+            tokio::task::block_in_place(|| Outlets::open(config, policy.destinations(), &topics))
+                .map_err(ResyncError::Kafka)?,
+        )
+    };
+    let mut out = Sender {
+        region,
+        source: Source {
+            prefix: config.prefix.clone(),
+            region: region.to_string(),
+            db,
+        },
+        policy: &policy,
+        wanted: &wanted,
+        outlets: outlets.as_ref(),
+        max_in_flight: config.capture.max_in_flight.max(1),
+        sent: 0,
+        acked: 0,
+        reports: Vec::new(),
+        summary: Summary::default(),
+    };
+
+    // one snapshot for every table and the tombstones
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(read_err("a snapshot"))?;
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(read_err("the current LSN"))?
+        .get(0);
+    let tx = Arc::new(TxMeta {
+        xid: 0,
+        commit_lsn: lsn.parse::<Lsn>().unwrap_or_default(),
+        commit_ts_us: now_us(),
+    });
+    for schema in &schemas {
+        let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        let what = format!("table {}", schema.table);
+        let stream = client
+            .simple_query_raw(&select_sql(&schema.table, &names))
+            .await
+            .map_err(read_err(&what))?;
+        pin_mut!(stream);
+        while let Some(msg) = stream.try_next().await.map_err(read_err(&what))? {
+            let SimpleQueryMessage::Row(row) = msg else {
+                continue;
+            };
+            let n = names.len();
+            let after: Vec<Datum> = (0..n)
+                .map(|i| match row.get(i) {
+                    Some(v) => Datum::Text(v.to_string()),
+                    None => Datum::Null,
+                })
+                .collect();
+            let hlc = row.get(n).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let change = Change {
+                schema: schema.clone(),
+                op: Op::Insert,
+                before: None,
+                after: Some(after),
+                hlc,
+                tx: tx.clone(),
+                seq: 0,
+            };
+            out.send(&change).await?;
+        }
+        let rows = client
+            .query(
+                "SELECT pk::text, hlc FROM pgrelay.tombstones WHERE table_name = $1",
+                &[&schema.table.to_string()],
+            )
+            .await
+            .map_err(read_err(&format!("the tombstones of {}", schema.table)))?;
+        for r in rows {
+            let pk: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(r.get::<_, &str>(0)).unwrap_or_default();
+            let hlc: i64 = r.get(1);
+            match tombstone_change(schema, &pk, hlc.max(0) as u64, &tx) {
+                Some(change) => out.send(&change).await?,
+                None => {
+                    tracing::warn!(table = %schema.table, "tombstone without the table's key columns: not sent")
+                }
+            }
+        }
+    }
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(read_err("the end of the snapshot"))?;
+    out.finish().await?;
+    Ok(out.summary)
+}
+
+/// Routes, encodes and sends changes, keeping at most `max_in_flight`
+/// unacknowledged.
+struct Sender<'a> {
+    region: &'a str,
+    source: Source,
+    policy: &'a Policy,
+    wanted: &'a [usize],
+    outlets: Option<&'a Outlets>,
+    max_in_flight: usize,
+    sent: u64,
+    acked: u64,
+    reports: Vec<Delivery>,
+    summary: Summary,
+}
+
+impl Sender<'_> {
+    async fn send(&mut self, change: &Change) -> Result<(), ResyncError> {
+        let hlc = change.hlc.to_string();
+        for &i in self.wanted {
+            let dest = &self.policy.destinations()[i];
+            let counts = self
+                .summary
+                .counts
+                .entry((change.schema.table.to_string(), dest.clone()))
+                .or_default();
+            let routed = match self.policy.route(change, i) {
+                Verdict::Publish(r) => r,
+                Verdict::Drop(_) => {
+                    counts.withheld += 1;
+                    continue;
+                }
+            };
+            match change.op {
+                Op::Insert => counts.rows += 1,
+                _ => counts.tombstones += 1,
+            }
+            let Some(outlets) = self.outlets else {
+                continue;
+            };
+            let record = envelope::encode(&self.source, change, &routed);
+            let headers = [
+                (HEADER_ORIGIN, self.region),
+                (HEADER_HLC, hlc.as_str()),
+                (HEADER_TABLE, record.table.as_str()),
+                (HEADER_OP, routed.op.code()),
+            ];
+            while self.sent - self.acked >= self.max_in_flight as u64 {
+                self.wait().await?;
+            }
+            loop {
+                match outlets.send(i, &record, headers, self.sent) {
+                    Ok(()) => break,
+                    Err(SendError::QueueFull) => self.wait().await?,
+                    Err(SendError::Other(e)) => {
+                        return Err(ResyncError::Kafka(format!(
+                            "cannot queue a record for {}: {e}",
+                            outlets.topics[i]
+                        )))
+                    }
+                }
+            }
+            self.sent += 1;
+        }
+        Ok(())
+    }
+
+    /// Collects delivery reports; the first failure ends the run.
+    fn collect(&mut self) -> Result<(), ResyncError> {
+        let Some(outlets) = self.outlets else {
+            return Ok(());
+        };
+        outlets.poll(&mut self.reports);
+        for d in self.reports.drain(..) {
+            match d {
+                Delivery::Acked(_) => self.acked += 1,
+                Delivery::Failed { error, .. } | Delivery::Fatal(error) => {
+                    return Err(ResyncError::Kafka(format!(
+                        "kafka did not accept a record: {error}; run resync again"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> Result<(), ResyncError> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.collect()
+    }
+
+    async fn finish(&mut self) -> Result<(), ResyncError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.acked < self.sent {
+            if tokio::time::Instant::now() > deadline {
+                return Err(ResyncError::Kafka(format!(
+                    "{} of {} records not acknowledged by Kafka within 60s; run resync again",
+                    self.sent - self.acked,
+                    self.sent
+                )));
+            }
+            self.wait().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Prints a summary as a table.
+pub fn render(summary: &Summary) -> String {
+    let mut out = format!(
+        "{:<32} {:<12} {:>12} {:>12} {:>12}\n",
+        "table", "destination", "rows", "tombstones", "withheld"
+    );
+    for ((table, dest), c) in &summary.counts {
+        out.push_str(&format!(
+            "{table:<32} {dest:<12} {:>12} {:>12} {:>12}\n",
+            c.rows, c.tombstones, c.withheld
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema() -> Arc<TableSchema> {
+        let col = |name: &str, is_key| ColumnDesc {
+            name: name.into(),
+            type_oid: 0,
+            is_key,
+        };
+        Arc::new(TableSchema {
+            oid: 1,
+            table: TableName::new("public", "Orders"),
+            columns: vec![col("region", true), col("id", true), col("note", false)],
+        })
+    }
+
+    fn tx() -> Arc<TxMeta> {
+        Arc::new(TxMeta {
+            xid: 0,
+            commit_lsn: Lsn(1),
+            commit_ts_us: 0,
+        })
+    }
+
+    #[test]
+    fn reads_every_column_then_the_stamp() {
+        assert_eq!(
+            select_sql(
+                &TableName::new("public", "Orders"),
+                &["id".into(), "a\"b".into()]
+            ),
+            r#"SELECT "id", "a""b", "_pgrelay_hlc" FROM "public"."Orders""#
+        );
+    }
+
+    #[test]
+    fn tombstones_become_key_deletes_or_truncates() {
+        let pk = serde_json::json!({"id": "7", "region": "eu"});
+        let c = tombstone_change(&schema(), pk.as_object().unwrap(), 42, &tx()).unwrap();
+        assert_eq!(c.op, Op::Delete);
+        assert_eq!(c.hlc, 42);
+        assert_eq!(
+            c.before.unwrap(),
+            vec![
+                Datum::Text("eu".into()),
+                Datum::Text("7".into()),
+                Datum::Unchanged
+            ]
+        );
+        let all = tombstone_change(&schema(), &serde_json::Map::new(), 9, &tx()).unwrap();
+        assert_eq!(all.op, Op::Truncate);
+        // a key that is not the table's (changed since): not sent
+        let other = serde_json::json!({"id": "7"});
+        assert!(tombstone_change(&schema(), other.as_object().unwrap(), 1, &tx()).is_none());
+    }
+}
