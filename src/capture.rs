@@ -157,6 +157,11 @@ pub async fn run(
                 "replication slot {slot_name} does not exist in region {region}; run pgrelay setup"
             ))
         })?;
+    if slot.is_lost() {
+        return Err(CaptureError::Setup(catalog::lost_slot_message(
+            &region, &slot_name,
+        )));
+    }
     drop(client);
 
     let policy =

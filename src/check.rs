@@ -158,6 +158,10 @@ pub async fn database(
                 Severity::NeedsSetup,
                 format!("region {region}: replication slot {slot} does not exist; run pgrelay setup"),
             )),
+            Some(s) if s.is_lost() => out.push(finding(
+                Severity::NeedsSetup,
+                crate::source::catalog::lost_slot_message(region, &slot),
+            )),
             Some(s) if s.plugin != "pgoutput" => out.push(finding(
                 Severity::Blocking,
                 format!("region {region}: replication slot {slot} uses plugin {}; drop it and run pgrelay setup", s.plugin),

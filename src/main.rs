@@ -218,6 +218,19 @@ async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
             .with_context(|| format!("region {region}: setup statement failed: {sql}"))?;
     }
     tx.commit().await.context("committing setup")?;
+    let slot = config.slot_name(region);
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    let lost = cat.slot(&slot).await?.is_some_and(|s| s.is_lost());
+    if lost {
+        // an invalidated slot can never stream again: replace it
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .with_context(|| format!("region {region}: dropping the lost slot {slot}"))?;
+    }
     client
         .batch_execute(&setup::slot_sql(&config, region))
         .await
@@ -237,6 +250,14 @@ async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
         config.publication_name(),
         config.slot_name(region)
     );
+    if lost {
+        println!(
+            "region {region}: slot {slot} had been invalidated by PostgreSQL (wal_status lost) and was \
+             created anew; what was written while it was lost has not reached the other regions: \
+             run pgrelay resync --config {} --region {region}",
+            path.display()
+        );
+    }
     let timeout = Duration::from_secs(30);
     for dest in config.regions.keys().filter(|d| *d != region) {
         let topic = config.topic(region, dest);

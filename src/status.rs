@@ -86,12 +86,19 @@ async fn source_side(config: &Config, region: &str) -> SourceSide {
             current: Some(s.current_wal),
             confirmed: Some(s.confirmed_flush),
             retained: Some(s.retained_bytes),
-            problem: (!s.active).then(|| {
-                format!(
-                    "no sidecar is streaming from slot {}",
-                    config.slot_name(region)
-                )
-            }),
+            problem: if s.is_lost() {
+                Some(catalog::lost_slot_message(
+                    region,
+                    &config.slot_name(region),
+                ))
+            } else {
+                (!s.active).then(|| {
+                    format!(
+                        "no sidecar is streaming from slot {}",
+                        config.slot_name(region)
+                    )
+                })
+            },
         },
         Ok(None) => SourceSide {
             problem: Some(format!(

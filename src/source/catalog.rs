@@ -228,7 +228,8 @@ impl Catalog<'_> {
             .query(
                 "SELECT plugin::text, active, confirmed_flush_lsn::text, \
                  pg_current_wal_lsn()::text, \
-                 pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+                 pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
+                 coalesce(wal_status, '') \
                  FROM pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
             )
@@ -246,6 +247,7 @@ impl Catalog<'_> {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or_default(),
             retained_bytes: r.get::<_, Option<i64>>(4).unwrap_or(0),
+            wal_status: r.get(5),
         }))
     }
 
@@ -315,4 +317,24 @@ pub struct SlotState {
     pub confirmed_flush: Lsn,
     pub current_wal: Lsn,
     pub retained_bytes: i64,
+    /// `reserved`, `extended`, `unreserved`, or `lost`: PostgreSQL
+    /// invalidated the slot (it fell more than `max_slot_wal_keep_size`
+    /// behind) and the WAL it needed is gone.
+    pub wal_status: String,
+}
+
+impl SlotState {
+    pub fn is_lost(&self) -> bool {
+        self.wal_status == "lost"
+    }
+}
+
+/// What to do about a slot PostgreSQL invalidated.
+pub fn lost_slot_message(region: &str, slot: &str) -> String {
+    format!(
+        "region {region}: replication slot {slot} was invalidated by PostgreSQL (wal_status lost: \
+         it fell more than max_slot_wal_keep_size behind, and the WAL it needed is gone); \
+         run pgrelay setup --region {region} to create it anew, then \
+         pgrelay resync --region {region} to send what was written meanwhile"
+    )
 }

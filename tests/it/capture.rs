@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::support::broker::Broker;
 use crate::support::eventually;
 use crate::support::kafka::{read_all, Rec};
-use crate::support::pg::Pg;
+use crate::support::pg::{Pg, PgOptions};
 use crate::support::relay::{self, ConfigFile, Relay};
 
 pub const SCHEMA: &str = "
@@ -623,4 +623,107 @@ async fn resync_sends_existing_rows_within_residency_rules() {
         "public.users",
     ]);
     assert!(bad.contains("--table public.users"), "{bad}");
+}
+
+/// A slot PostgreSQL invalidated (it fell more than max_slot_wal_keep_size
+/// behind while no sidecar ran) is named with what to do; `setup` creates
+/// it anew and `resync` sends what was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slot_is_named_then_setup_and_resync_recover() {
+    let pg = Pg::start_with(PgOptions {
+        extra: vec![("max_slot_wal_keep_size".into(), "'1MB'".into())],
+        ..Default::default()
+    });
+    pg.psql(SCHEMA);
+    let broker = Broker::start();
+    let cfg = ConfigFile::new(&config(&pg.dsn(), &broker.brokers()));
+    let path = cfg.path.to_str().unwrap();
+    relay::ok(&["setup", "--config", path, "--region", "us"]);
+    let c = pg.client().await;
+    // written while no sidecar runs, then enough WAL to pass the limit
+    c.batch_execute("INSERT INTO products VALUES (1, 'gap', 1, NULL)")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        c.batch_execute(
+            "INSERT INTO scratch (note) SELECT repeat('x', 1000) FROM generate_series(1, 2000);
+             SELECT pg_switch_wal();",
+        )
+        .await
+        .unwrap();
+    }
+    c.batch_execute("CHECKPOINT").await.unwrap();
+    let status: String = c
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pgrelay_us'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "lost", "the test did not invalidate the slot");
+
+    // the sidecar stops with the reason and the fix, as do check and status
+    let mut capture = Relay::spawn(&cfg, "us", "capture");
+    let start = std::time::Instant::now();
+    let code = loop {
+        if let Some(st) = capture.child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the sidecar kept running on a lost slot:\n{}",
+            capture.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_ne!(code, Some(0));
+    let log = capture.log_text();
+    assert!(
+        log.contains("invalidated by PostgreSQL") && log.contains("pgrelay resync --region us"),
+        "{log}"
+    );
+    let checked = relay::fails(&["check", "--config", path, "--region", "us"]);
+    assert!(checked.contains("invalidated by PostgreSQL"), "{checked}");
+
+    // setup replaces the slot and says what is left to do
+    let out = relay::ok(&["setup", "--config", path, "--region", "us"]);
+    assert!(out.contains("created anew"), "{out}");
+    assert!(out.contains("pgrelay resync"), "{out}");
+    let status: String = c
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pgrelay_us'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(status, "lost");
+    // the capture side streams again; resync sends the row of the gap
+    let _capture = Relay::spawn(&cfg, "us", "capture");
+    c.batch_execute("INSERT INTO products VALUES (2, 'after', 2, NULL)")
+        .await
+        .unwrap();
+    let brokers = broker.brokers();
+    eventually(Duration::from_secs(60), "the new row in Kafka", || async {
+        read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(1))
+            .iter()
+            .any(|r| r.value["after"]["name"] == "after")
+            .then_some(())
+    })
+    .await;
+    relay::ok(&[
+        "resync",
+        "--config",
+        path,
+        "--region",
+        "us",
+        "--table",
+        "public.products",
+    ]);
+    let recs = read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(1));
+    assert!(
+        recs.iter().any(|r| r.value["after"]["name"] == "gap"),
+        "the row written while the slot was lost was not sent"
+    );
 }
