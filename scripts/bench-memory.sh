@@ -14,6 +14,12 @@
 # (CPU us per row: independent of what else runs on the machine). Target:
 # peak RSS under 150 MB and flat across sizes.
 #
+# Then the apply side: `pgrelay run --role apply` for region eu (a second
+# database of the same cluster) starts with all of those records waiting in
+# the topic, and its peak RSS and the time until every row is in eu's table
+# are printed: the consumer's prefetch and the batches must keep it bounded
+# too.
+#
 #   bash scripts/bench-memory.sh                      # 100k and 1M rows
 #   bash scripts/bench-memory.sh --sizes 100k,1M,5M   # or PGRELAY_BENCH_SIZES=...
 #
@@ -41,7 +47,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --sizes) SIZES="$2"; shift 2 ;;
         --sizes=*) SIZES="${1#--sizes=}"; shift ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -177,9 +183,12 @@ wal_sender_timeout = 300s
 CONF
 as_pg "$PGBIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w start >/dev/null
 sql "CREATE DATABASE eu" >/dev/null
-sql "CREATE TABLE bench_items (
+TABLE_SQL="CREATE TABLE bench_items (
         id bigint PRIMARY KEY, name text, email text, price numeric(12,2),
         active boolean, created_at timestamptz, doc jsonb, country text)"
+sql "$TABLE_SQL"
+sql_eu() { psql -X -q -At -v ON_ERROR_STOP=1 -h "$WORK" -p "$PG_PORT" -U postgres -d eu -c "$1"; }
+sql_eu "$TABLE_SQL"
 log "PostgreSQL 15 on 127.0.0.1:$PG_PORT"
 
 # --- one size ----------------------------------------------------------------
@@ -239,6 +248,7 @@ published() { # records pgrelay handed to the producer (its metric)
 }
 
 RESULTS=()
+APPLY_RESULTS=()
 NEXT_ID=1
 IFS=',' read -r -a SIZE_LIST <<<"$SIZES"
 for size in "${SIZE_LIST[@]}"; do
@@ -298,8 +308,43 @@ for size in "${SIZE_LIST[@]}"; do
     max_rss="$(sort -n "$WORK/rss.samples" | tail -n1)"
     pub="$(published "$size")"
     stop_pid "$RELAY_PID"; RELAY_PID=""
-    stop_pid "$BROKER_PID"; BROKER_PID=""
     [ -n "$ok" ] || { log "confirmed_flush_lsn did not reach $end_lsn"; tail -n 20 "$WORK/relay.log" >&2; exit 1; }
+
+    # the apply side catching up the whole backlog: region eu consumes the
+    # records now in the topic (a fresh target table each size)
+    sql_eu "TRUNCATE bench_items" >/dev/null 2>&1 || true
+    sql_eu "DELETE FROM pgrelay.tombstones; DELETE FROM pgrelay.offsets" >/dev/null 2>&1 || true
+    PGRELAY_LOG=warn "$BIN" setup --config "$CONFIG" --region eu >"$WORK/setup-eu.log" 2>&1 \
+        || { cat "$WORK/setup-eu.log" >&2; exit 1; }
+    PGRELAY_LOG=info "$BIN" run --config "$CONFIG" --region eu --role apply \
+        >>"$WORK/relay-eu.log" 2>&1 &
+    RELAY_PID=$!
+    : > "$WORK/rss-apply.samples"
+    ( while kill -0 "$RELAY_PID" 2>/dev/null; do
+          kb_field VmRSS "$RELAY_PID" >> "$WORK/rss-apply.samples"; sleep 0.1
+      done ) &
+    SAMPLER=$!
+    a0="$(now)"
+    applied=""
+    deadline=$(( $(date +%s) + TIMEOUT ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        [ "$(sql_eu "SELECT count(*) FROM bench_items")" = "$rows" ] && { applied=1; break; }
+        kill -0 "$RELAY_PID" 2>/dev/null || break
+        sleep 0.5
+    done
+    a1="$(now)"
+    apply_hwm="$(kb_field VmHWM "$RELAY_PID")"
+    kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
+    stop_pid "$RELAY_PID"; RELAY_PID=""
+    stop_pid "$BROKER_PID"; BROKER_PID=""
+    [ -n "$applied" ] || { log "region eu did not apply the $rows rows"; tail -n 20 "$WORK/relay-eu.log" >&2; exit 1; }
+    apply_s="$(elapsed "$a0" "$a1")"
+    apply_line="$(printf '%-6s rows=%-8s apply catch-up: peak_rss(VmHWM)=%6.1f MB  max_polled_rss=%6.1f MB  start->all applied=%7.2fs (%s rows/s)' \
+        "$size" "$rows" "$(python3 -c "print(${apply_hwm:-0}/1024)")" \
+        "$(python3 -c "print($(sort -n "$WORK/rss-apply.samples" | tail -n1)/1024)")" "$apply_s" \
+        "$(python3 -c "print(f'{$rows / max($apply_s, 0.01):,.0f}')")")"
+    log "$apply_line"
+    APPLY_RESULTS+=("$apply_line")
     insert_s="$(elapsed "$t0" "$t1")"
     catchup_s="$(elapsed "$t1" "$t2")"
     total_s="$(elapsed "$t0" "$t2")"
@@ -320,3 +365,5 @@ done
 echo
 echo "pgrelay capture side, one transaction per size (target: peak RSS < 150 MB, flat):"
 for r in "${RESULTS[@]}"; do echo "  $r"; done
+echo "pgrelay apply side, the same records as one backlog (a sidecar started after they were all in Kafka):"
+for r in "${APPLY_RESULTS[@]}"; do echo "  $r"; done
