@@ -27,6 +27,9 @@
 #   PGRELAY_BENCH_SIZES        sizes (k/M suffixes), default 100k,1M
 #   PGRELAY_BIN                use this binary instead of building target/release/pgrelay
 #   PGRELAY_BENCH_MAX_IN_FLIGHT  relay.capture.max_in_flight (default: pgrelay's default)
+#   PGRELAY_BENCH_KAFKA_PROPERTIES  lines for [kafka.properties], e.g.
+#                              '"queued.min.messages" = "20000"' (keys quoted)
+
 #   PGRELAY_BENCH_TIMEOUT      seconds to wait for one size to be confirmed (default 1800)
 #   PGRELAY_BENCH_KEEP=1       keep the work directory (logs) after the run
 #   PGRELAY_BENCH_NICE         e.g. -10: run at that niceness (shared machines)
@@ -47,7 +50,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --sizes) SIZES="$2"; shift 2 ;;
         --sizes=*) SIZES="${1#--sizes=}"; shift ;;
-        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -208,6 +211,8 @@ listen = "127.0.0.1:$2"
 
 [kafka]
 brokers = "127.0.0.1:$1"
+${PGRELAY_BENCH_KAFKA_PROPERTIES:+[kafka.properties]
+$PGRELAY_BENCH_KAFKA_PROPERTIES}
 
 [regions.us]
 id = 1
