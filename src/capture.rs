@@ -13,9 +13,10 @@
 //! `max_in_flight` records await acknowledgement, so a slow Kafka stops
 //! reading and the replication slot, not memory, holds the backlog.
 //!
-//! A row moved to a new primary key may arrive without the TOASTed columns
-//! the update left untouched; they are read back from the source before the
-//! insert is published (`source::fill`).
+//! An insert or update may arrive without the TOASTed columns it left
+//! untouched (an update that kept a large value, a row moved to a new key);
+//! they are read back from the source before the change is published
+//! (`source::fill`), so every published insert and update is a whole row.
 //!
 //! Error policy: anything that breaks the stream or the producer is
 //! transient — the run ends with an error, the caller restarts it with
@@ -439,15 +440,13 @@ impl Loop<'_> {
                     .map_err(|e| transient("replication stream")(&e))?
                 {
                     None => {}
-                    Some(Output::Change(change)) => self.publish(&change).await?,
+                    Some(Output::Change(mut change)) => {
+                        self.complete(&mut change).await?;
+                        self.publish(&change).await?;
+                    }
                     Some(Output::Changes(mut changes)) => {
                         for change in &mut changes {
-                            if !fill::missing_columns(change).is_empty() {
-                                self.filler
-                                    .fill(change)
-                                    .await
-                                    .map_err(|e| transient("source database")(&e))?;
-                            }
+                            self.complete(change).await?;
                             self.publish(change).await?;
                         }
                     }
@@ -455,6 +454,19 @@ impl Loop<'_> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Reads back the columns the stream left out of an insert or update
+    /// (`source::fill`): a change that wins elsewhere carries the whole row.
+    async fn complete(&mut self, change: &mut Change) -> Result<(), CaptureError> {
+        if fill::missing_columns(change).is_empty() {
+            return Ok(());
+        }
+        self.filler
+            .fill(change)
+            .await
+            .map_err(|e| transient("source database")(&e))?;
         Ok(())
     }
 

@@ -121,8 +121,12 @@ pub struct Config {
     /// Topic prefix: topics are `{prefix}.{source}.{destination}`, dead
     /// letters go to `{prefix}.dlq.{region}`.
     pub prefix: String,
-    /// Stamps further ahead of the local clock than this are flagged.
+    /// An incoming change stamped further ahead of the local clock than
+    /// this waits until the clock has come within this distance of it.
     pub max_clock_skew: Duration,
+    /// An incoming change stamped further ahead of the local clock than
+    /// this is dead-lettered: the region's clock never follows it.
+    pub max_stamp_ahead: Duration,
     /// How long `pgrelay run` keeps retrying an unreachable database or
     /// Kafka cluster at start before it gives up with an error.
     pub startup_timeout: Duration,
@@ -229,6 +233,9 @@ pub const fn default_startup_timeout() -> Duration {
 }
 pub const fn default_max_clock_skew() -> Duration {
     Duration::from_millis(500)
+}
+pub const fn default_max_stamp_ahead() -> Duration {
+    Duration::from_secs(300)
 }
 pub const fn default_status_interval() -> Duration {
     Duration::from_secs(1)
@@ -355,6 +362,7 @@ impl fmt::Debug for Config {
             .field("origin", &self.origin)
             .field("prefix", &self.prefix)
             .field("max_clock_skew", &self.max_clock_skew)
+            .field("max_stamp_ahead", &self.max_stamp_ahead)
             .field("hash_salt", &self.hash_salt.as_ref().map(|_| "***"))
             .field("capture", &self.capture)
             .field("apply", &self.apply)
@@ -1002,6 +1010,7 @@ struct RawConfig {
 struct RawRelay {
     prefix: Option<String>,
     max_clock_skew: Option<HumanDuration>,
+    max_stamp_ahead: Option<HumanDuration>,
     startup_timeout: Option<HumanDuration>,
     hash_salt: Option<String>,
     #[serde(default)]
@@ -1144,6 +1153,21 @@ impl Validator<'_> {
             raw.relay.max_clock_skew,
             default_max_clock_skew(),
         )?;
+        let max_stamp_ahead = self.positive(
+            "relay.max_stamp_ahead",
+            raw.relay.max_stamp_ahead,
+            default_max_stamp_ahead(),
+        )?;
+        if max_stamp_ahead < max_clock_skew {
+            return Err(self.invalid(
+                None,
+                format!(
+                    "relay.max_stamp_ahead ({max_stamp_ahead:?}) is below relay.max_clock_skew \
+                     ({max_clock_skew:?}): changes that far ahead are dead-lettered, so it must be \
+                     at least the skew they are allowed to wait out"
+                ),
+            ));
+        }
         let regions = self.regions(raw.regions, raw.kafka)?;
         let hash_salt = raw.relay.hash_salt;
         if hash_salt.as_deref() == Some("") {
@@ -1198,6 +1222,7 @@ impl Validator<'_> {
             origin: self.origin.to_string(),
             prefix,
             max_clock_skew,
+            max_stamp_ahead,
             startup_timeout: raw
                 .relay
                 .startup_timeout

@@ -447,8 +447,6 @@ pub struct Outcome {
     pub won: u64,
     pub lost: u64,
     pub dead: Vec<DeadLetter>,
-    /// Changes stamped further ahead of the local clock than allowed.
-    pub ahead: u64,
 }
 
 impl Pipeline {
@@ -579,6 +577,8 @@ impl Pipeline {
         let mut targets_checked = false;
         // since when records of this batch have waited for a column
         let mut waiting_since: Option<Instant> = None;
+        // whether the batch waited for the local clock
+        let mut waiting_clock = false;
         loop {
             attempt += 1;
             let started = Instant::now();
@@ -595,6 +595,7 @@ impl Pipeline {
                     commit: true,
                     max_tries: self.config.apply.max_retries.max(1),
                     max_skew: self.config.max_clock_skew,
+                    max_ahead: self.config.max_stamp_ahead,
                     targets_checked,
                 },
             )
@@ -602,6 +603,14 @@ impl Pipeline {
             {
                 Ok(outcome) => {
                     self.record(batch, &outcome, started.elapsed());
+                    if waiting_clock {
+                        self.metrics.set(
+                            "pgrelay_apply_clock_wait_seconds",
+                            "How long the pair's next batch waits for the local clock to catch up with its stamps",
+                            &[("region", &self.region), ("source", &self.source)],
+                            0.0,
+                        );
+                    }
                     return Ok(());
                 }
                 Err(BatchError::Recheck { unknown_column }) => {
@@ -657,15 +666,35 @@ impl Pipeline {
                     } else {
                         tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
                     }
+                    if client.is_closed() || attempt % 3 == 0 {
+                        // a new session means starting again from the offsets
+                        // stored in the target: a target that lost its last
+                        // commits (asynchronous commit, failover to a standby
+                        // behind it) lost the offsets with them, and those
+                        // records must be consumed again
+                        return Err(ApplyError::Transient(format!(
+                            "{e} (resuming from the offsets stored in the target)"
+                        )));
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
-                    if client.is_closed() || attempt % 3 == 0 {
-                        match session(&self.config, &self.region, &self.source, self.group).await {
-                            Ok(c) => *client = c,
-                            Err(ApplyError::Setup(e)) => return Err(ApplyError::Setup(e)),
-                            Err(e) => tracing::warn!(error = %e, "reconnect failed"),
-                        }
-                    }
+                }
+                Err(BatchError::Ahead { wait }) => {
+                    waiting_clock = true;
+                    self.metrics.add(
+                        "pgrelay_apply_clock_skew_total",
+                        "Batches held back because a change is stamped further ahead of the local clock than relay.max_clock_skew",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1,
+                    );
+                    self.metrics.set(
+                        "pgrelay_apply_clock_wait_seconds",
+                        "How long the pair's next batch waits for the local clock to catch up with its stamps",
+                        &[("region", &self.region), ("source", &self.source)],
+                        wait.as_secs_f64(),
+                    );
+                    tracing::warn!(region = %self.region, source = %self.source, wait = ?wait, "changes are stamped ahead of this region's clock by more than relay.max_clock_skew: waiting for the clock");
+                    tokio::time::sleep(wait.min(Duration::from_secs(5))).await;
                 }
             }
         }
@@ -721,16 +750,6 @@ impl Pipeline {
             crate::metrics::SIZE_BUCKETS,
             batch.len() as f64,
         );
-        let ahead = outcome.ahead;
-        if ahead > 0 {
-            self.metrics.add(
-                "pgrelay_apply_clock_skew_total",
-                "Records stamped further ahead of the local clock than relay.max_clock_skew",
-                &labels,
-                ahead,
-            );
-            tracing::warn!(region = %self.region, source = %self.source, records = ahead, "stamps ahead of the local clock by more than max_clock_skew");
-        }
     }
 }
 
@@ -764,7 +783,12 @@ async fn execute(
     sink.send(bytes::Bytes::copy_from_slice(s.rows.as_bytes()))
         .await?;
     sink.as_mut().finish().await?;
-    tx.execute(s.sql.as_str(), &[]).await
+    let written = tx.execute(s.sql.as_str(), &[]).await?;
+    // a local delete that committed while the upsert waited for its row
+    // lock left a tombstone the upsert's snapshot could not see: take back
+    // what it brought back (a new snapshot sees that tombstone now)
+    let taken_back = tx.execute(stage.recheck.as_str(), &[]).await?;
+    Ok(written.saturating_sub(taken_back))
 }
 
 /// How to apply a batch.
@@ -777,8 +801,11 @@ pub struct BatchOptions<'a> {
     pub commit: bool,
     /// Attempts on a record with a definite error before it is parked.
     pub max_tries: u32,
-    /// Stamps more than this far ahead of the local clock are counted.
+    /// A change stamped more than this far ahead of the local clock holds
+    /// the batch back ([`BatchError::Ahead`]) until the clock catches up.
     pub max_skew: Duration,
+    /// A change stamped more than this far ahead is dead-lettered.
+    pub max_ahead: Duration,
     /// `targets` were just read from the target: a record that does not fit
     /// them may be dead-lettered. `false`: the batch is given up instead
     /// ([`BatchError::Recheck`]), so that a table changed since it was last
@@ -795,6 +822,9 @@ pub enum BatchError {
     /// read since: read them again, then retry. `unknown_column` names the
     /// first `table.column` a record has and the definitions lack.
     Recheck { unknown_column: Option<String> },
+    /// A change is stamped further ahead of the local clock than
+    /// `max_clock_skew`: retry once the clock has come this much closer.
+    Ahead { wait: Duration },
 }
 
 impl std::fmt::Display for BatchError {
@@ -807,6 +837,11 @@ impl std::fmt::Display for BatchError {
             BatchError::Recheck { .. } => {
                 f.write_str("a statement failed: the target's table definitions are re-read")
             }
+            BatchError::Ahead { wait } => write!(
+                f,
+                "a change is stamped ahead of this region's clock by more than \
+                 relay.max_clock_skew: waiting {wait:?} for the clock to catch up"
+            ),
         }
     }
 }
@@ -834,14 +869,32 @@ pub async fn apply_batch(
         commit,
         max_tries,
         max_skew,
+        max_ahead,
         targets_checked,
     } = opts;
     let mut outcome = Outcome::default();
     let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
     let mut positions: Vec<usize> = Vec::with_capacity(batch.len());
+    let now = now_ms();
+    let skew = max_skew.as_millis() as i64;
+    let limit = max_ahead.as_millis() as i64;
+    // how far the furthest change within the hard limit is ahead
+    let mut furthest = i64::MIN;
     for (i, c) in batch.iter().enumerate() {
         match record::parse(c.value.as_deref(), targets) {
             Ok(inc) => {
+                let ahead = hlc::ahead_ms(inc.hlc, now);
+                if ahead > limit {
+                    // never applied, so the clock never follows it
+                    let why = record::Rejection::StampAhead {
+                        stamp: inc.hlc,
+                        ahead_ms: ahead,
+                        limit_ms: limit as u64,
+                    };
+                    outcome.dead.push(DeadLetter::rejected(c, &why, attempt));
+                    continue;
+                }
+                furthest = furthest.max(ahead);
                 changes.push(inc);
                 positions.push(i);
             }
@@ -856,12 +909,14 @@ pub async fn apply_batch(
             Err(rej) => outcome.dead.push(DeadLetter::rejected(c, &rej, attempt)),
         }
     }
-    let now = now_ms();
-    let skew = max_skew.as_millis() as i64;
-    outcome.ahead = changes
-        .iter()
-        .filter(|c| hlc::ahead_ms(c.hlc, now) > skew)
-        .count() as u64;
+    if furthest > skew {
+        // applying it would drag this region's clock ahead of the others':
+        // wait until the local clock has come within max_clock_skew of it
+        return Err(BatchError::Ahead {
+            wait: Duration::from_millis((furthest - skew) as u64),
+        });
+    }
+    sql::fill_from_earlier(&mut changes);
     let statements = sql::plan(&changes);
     let buckets = sql::key_buckets(&changes);
     let tx = client

@@ -58,6 +58,17 @@ pub enum Rejection {
     MissingKey { table: String, column: String },
     #[error("unknown operation {0:?}")]
     UnknownOp(String),
+    #[error("field {field} is out of range: {reason}")]
+    OutOfRange { field: &'static str, reason: String },
+    #[error(
+        "stamp {stamp} is {ahead_ms} ms ahead of this region's clock (relay.max_stamp_ahead \
+         is {limit_ms} ms): not applied, so the region's clock does not follow it"
+    )]
+    StampAhead {
+        stamp: u64,
+        ahead_ms: i64,
+        limit_ms: u64,
+    },
 }
 
 impl Rejection {
@@ -69,6 +80,8 @@ impl Rejection {
             Rejection::UnknownColumn { .. } => "unknown_column",
             Rejection::MissingKey { .. } => "missing_key",
             Rejection::UnknownOp(_) => "unknown_op",
+            Rejection::OutOfRange { .. } => "out_of_range",
+            Rejection::StampAhead { .. } => "stamp_ahead",
         }
     }
 }
@@ -196,6 +209,7 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
         return Err(Rejection::UndeclaredTable(table_name));
     };
     let op = Op::from_code(&env.op).ok_or_else(|| Rejection::UnknownOp(env.op.to_string()))?;
+    check_meta(&env)?;
     let raw = match op {
         Op::Delete => env.before,
         Op::Truncate => None,
@@ -269,6 +283,46 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
         columns,
         values,
     })
+}
+
+/// The highest wall-clock time a stamp can hold (47 bits of milliseconds).
+const MAX_WALL_MS: i64 = (1 << 47) - 1;
+
+/// The fields the apply side stores or compares, checked before anything
+/// is applied: a stamp is a positive `bigint`, a commit LSN is `X/Y` in
+/// hex, a commit time is a time a stamp can hold.
+fn check_meta(env: &ApplyEnvelope<'_>) -> Result<(), Rejection> {
+    let hlc = env.pgrelay.hlc;
+    if hlc == 0 || hlc > i64::MAX as u64 {
+        return Err(Rejection::OutOfRange {
+            field: "pgrelay.hlc",
+            reason: format!("{hlc} is not a stamp (1 to 2^63-1)"),
+        });
+    }
+    let lsn = &env.pgrelay.commit_lsn;
+    if !lsn.bytes().all(|b| b.is_ascii_hexdigit() || b == b'/')
+        || lsn.parse::<crate::event::Lsn>().is_err()
+    {
+        return Err(Rejection::OutOfRange {
+            field: "pgrelay.commit_lsn",
+            reason: format!("{:?} is not an LSN (X/Y in hex)", truncated(&env.pgrelay.commit_lsn)),
+        });
+    }
+    if !(0..=MAX_WALL_MS).contains(&env.ts_ms) {
+        return Err(Rejection::OutOfRange {
+            field: "ts_ms",
+            reason: format!("{} is not a commit time in milliseconds", env.ts_ms),
+        });
+    }
+    Ok(())
+}
+
+/// At most 64 characters of a field, for messages.
+fn truncated(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
 }
 
 fn has_column(columns: &[String], name: &str) -> bool {

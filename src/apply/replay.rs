@@ -97,6 +97,7 @@ pub async fn replay(
                 commit: !dry_run,
                 max_tries: 1,
                 max_skew: config.max_clock_skew,
+                max_ahead: config.max_stamp_ahead,
                 // loaded at the start of the replay
                 targets_checked: true,
             },

@@ -97,6 +97,64 @@ pub struct Stage {
     pub copy: String,
     /// Empties it (when one transaction stages it twice).
     pub clear: String,
+    /// Run after the upsert: removes the rows it wrote that a tombstone
+    /// committed meanwhile covers (see `apply::execute`).
+    pub recheck: String,
+}
+
+/// Gives each insert or update the columns it lacks from the same row's
+/// previous insert or update in the batch.
+///
+/// A record may lack a column the source's stream left out (a TOASTed value
+/// the update did not touch). Applied alone, such an update keeps the
+/// target's value; but [`plan`] keeps only the newest change of each row, so
+/// the value an earlier change of the batch carried would be lost with it.
+/// The changes of one row arrive in the order the source made them (one
+/// partition per row), so the previous change holds the value the source
+/// kept. A delete or truncate in between starts the row afresh.
+pub fn fill_from_earlier(batch: &mut [Incoming<'_>]) {
+    let mut last: HashMap<(TableName, Vec<Option<String>>), usize, FastHash> =
+        HashMap::with_hasher(FastHash::default());
+    for i in 0..batch.len() {
+        let c = &batch[i];
+        match c.op {
+            Op::Truncate => {
+                last.retain(|(t, _), _| *t != c.table.name);
+                continue;
+            }
+            Op::Delete => {
+                last.remove(&row_id(c));
+                continue;
+            }
+            _ => {}
+        }
+        let id = row_id(c);
+        if let Some(&p) = last.get(&id) {
+            if batch[p].hlc < batch[i].hlc && batch[p].columns.len() > batch[i].columns.len() {
+                let (earlier, later) = batch.split_at_mut(i);
+                merge_missing(&earlier[p], &mut later[0]);
+            }
+        }
+        last.insert(id, i);
+    }
+}
+
+fn row_id(c: &Incoming<'_>) -> (TableName, Vec<Option<String>>) {
+    (
+        c.table.name.clone(),
+        c.key.iter().map(|k| k.as_deref().map(str::to_string)).collect(),
+    )
+}
+
+/// Adds to `later` the columns (and values) of `earlier` it lacks, keeping
+/// its columns sorted.
+fn merge_missing<'a>(earlier: &Incoming<'a>, later: &mut Incoming<'a>) {
+    for (name, value) in earlier.columns.iter().zip(&earlier.values) {
+        if let Err(at) = later.columns.binary_search(name) {
+            later.columns.insert(at, name.clone());
+            later.values.insert(at, value.clone());
+        }
+    }
 }
 
 /// Plans a batch of parsed changes (see `record::parse`).
@@ -317,6 +375,20 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
         ),
         copy: format!("COPY {} ({with_hlc}) FROM STDIN", quote_ident(&name)),
         clear: format!("TRUNCATE {}", quote_ident(&name)),
+        recheck: format!(
+            "DELETE FROM {t} AS cur USING {stage} AS r WHERE {join} AND cur.{hlc} = r.{hlc} \
+             AND EXISTS (SELECT 1 FROM pgrelay.tombstones ts WHERE ts.table_name = {tname} \
+             AND ts.pk IN ({pk}, '{{}}'::jsonb) AND ts.hlc >= cur.{hlc})",
+            stage = quote_ident(&name),
+            join = target
+                .key
+                .iter()
+                .map(|k| format!("cur.{0} = r.{0}", quote_ident(k)))
+                .collect::<Vec<_>>()
+                .join(" AND "),
+            tname = quote_literal(&target.name.to_string()),
+            pk = key_json(target, "cur"),
+        ),
         name,
     };
     let select_list: Vec<String> = cols
@@ -544,6 +616,31 @@ mod tests {
         let mut sup: Vec<usize> = plan.iter().flat_map(|s| s.superseded.clone()).collect();
         sup.sort();
         assert_eq!(sup, vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn an_update_in_the_batch_keeps_the_columns_an_earlier_change_carried() {
+        let t = targets();
+        let records = vec![
+            // insert with a large value, then an update that left it out
+            record(Op::Insert, "1", 10, &[("id", "1"), ("v", "a"), ("doc", "big")]),
+            record(Op::Update, "1", 11, &[("id", "1"), ("v", "b")]),
+            record(Op::Update, "1", 12, &[("id", "1"), ("v", "c")]),
+            // a delete in between: the re-insert stands alone
+            record(Op::Insert, "2", 10, &[("id", "2"), ("v", "a"), ("doc", "old")]),
+            record(Op::Delete, "2", 11, &[]),
+            record(Op::Insert, "2", 12, &[("id", "2"), ("v", "x")]),
+        ];
+        let mut changes = parsed(&records, &t);
+        fill_from_earlier(&mut changes);
+        assert_eq!(changes[2].value("doc"), Some("big"));
+        assert_eq!(changes[2].value("v"), Some("c"));
+        assert_eq!(changes[2].columns, vec!["doc", "id", "v"]);
+        assert_eq!(changes[5].value("doc"), None);
+        assert_eq!(changes[5].columns, vec!["id", "v"]);
+        let plan = plan(&changes);
+        let upsert = plan.iter().find(|s| s.members == vec![2]).unwrap();
+        assert_eq!(upsert.rows, "big\t1\tc\t12\n");
     }
 
     #[test]

@@ -1,21 +1,33 @@
-//! Values the stream did not carry for a row that moved to a new key.
+//! Values the stream did not carry, read back from the source.
 //!
-//! An update that changes a primary key reaches the other regions as a
-//! delete of the old key and an insert of the new one. PostgreSQL leaves a
-//! TOASTed column the update did not touch out of the new tuple, and with
-//! REPLICA IDENTITY DEFAULT (`before_image = "key"`) the old tuple holds only
-//! the key, so neither has the value: the insert would create the row
-//! without it. Those columns are read back from the source by the new key.
+//! PostgreSQL leaves a TOASTed column that an update did not touch out of
+//! the new tuple, and with REPLICA IDENTITY DEFAULT (`before_image = "key"`)
+//! the old tuple holds only the key, so the change does not have the value.
+//! Last-writer-wins works on whole rows: a change that wins in another
+//! region must carry every column, or two regions would hold different
+//! values under the same stamp (the destination would keep whatever it had
+//! in that column). So every insert or update with a left-out column — an
+//! update that kept a large value, or a row moved to a new key, which
+//! arrives as a delete and an insert — gets those columns read back from the
+//! source by its (new) key before it is published.
 //!
 //! The read happens after the commit, so it may see a later value of the
 //! column; every later change of the row follows with a higher stamp, so the
 //! regions still end where the source is. A row that no longer exists under
 //! that key (deleted or moved again since) is left as it is: its delete or
 //! its next move follows.
+//!
+//! Key values are passed as parameters (text, cast to the key column's type
+//! by the server), never spliced into the statement; values come back
+//! through each type's output function (`format('%s', …)`), the spelling
+//! the replication stream uses.
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use std::collections::HashMap;
 
-use crate::event::{canonical_text_sets, quote_ident, quote_literal, Change, Datum, Op};
+use tokio_postgres::types::Type;
+use tokio_postgres::Client;
+
+use crate::event::{canonical_text_sets, quote_ident, Change, Datum, Op};
 
 use super::catalog::{self, CatalogError};
 
@@ -25,17 +37,15 @@ use super::catalog::{self, CatalogError};
 pub enum FillError {
     #[error(transparent)]
     Connect(#[from] CatalogError),
-    #[error("reading the untouched columns of a moved row of {table}: {source}")]
-    Query {
-        table: String,
-        source: tokio_postgres::Error,
-    },
+    #[error("reading the left-out columns of a row of {table}: {message}")]
+    Query { table: String, message: String },
 }
 
-/// The columns of an insert that the stream left out (`Datum::Unchanged`).
+/// The columns of an insert or update that the stream left out
+/// (`Datum::Unchanged`).
 pub fn missing_columns(change: &Change) -> Vec<usize> {
     match (&change.op, &change.after) {
-        (Op::Insert, Some(after)) => after
+        (Op::Insert | Op::Update, Some(after)) => after
             .iter()
             .enumerate()
             .filter(|(_, d)| **d == Datum::Unchanged)
@@ -45,19 +55,27 @@ pub fn missing_columns(change: &Change) -> Vec<usize> {
     }
 }
 
-/// `SELECT missing… FROM table WHERE key = …` for the insert's new row,
-/// with the key values as untyped literals (each takes its column's type).
-/// `None` when there is nothing to read or a key value is not known.
-pub fn fill_query(change: &Change, missing: &[usize]) -> Option<String> {
+/// `SELECT missing… FROM table WHERE key = $n::text::type …` for the row's
+/// key, and the key values in parameter order. `type_name` gives the SQL
+/// name of a column type (by oid). `None` when there is nothing to read or
+/// a key value is not known.
+pub fn fill_query(
+    change: &Change,
+    missing: &[usize],
+    type_name: impl Fn(u32) -> Option<String>,
+) -> Option<(String, Vec<String>)> {
     let columns = &change.schema.columns;
     let row = change.after.as_deref()?;
     let mut conditions = Vec::new();
+    let mut params = Vec::new();
     for (c, value) in columns.iter().zip(row).filter(|(c, _)| c.is_key) {
         let text = value.as_text()?;
+        params.push(text.to_string());
         conditions.push(format!(
-            "{} = {}",
+            "{} = ${}::text::{}",
             quote_ident(&c.name),
-            quote_literal(text)
+            params.len(),
+            type_name(c.type_oid)?
         ));
     }
     if conditions.is_empty() || missing.is_empty() {
@@ -65,22 +83,32 @@ pub fn fill_query(change: &Change, missing: &[usize]) -> Option<String> {
     }
     let selected: Vec<String> = missing
         .iter()
-        .map(|&i| quote_ident(&columns[i].name))
+        .map(|&i| {
+            let c = quote_ident(&columns[i].name);
+            format!("CASE WHEN {c} IS NULL THEN NULL ELSE format('%s', {c}) END")
+        })
         .collect();
-    Some(format!(
-        "SELECT {} FROM {} WHERE {}",
-        selected.join(", "),
-        change.schema.table.quoted(),
-        conditions.join(" AND ")
+    Some((
+        format!(
+            "SELECT {} FROM {} WHERE {}",
+            selected.join(", "),
+            change.schema.table.quoted(),
+            conditions.join(" AND ")
+        ),
+        params,
     ))
 }
 
-/// A session on the source database, opened when a moved row first needs
+/// A session on the source database, opened when a change first needs
 /// one, for [`fill_query`].
 pub struct Filler {
     dsn: String,
     region: String,
     client: Option<Client>,
+    /// SQL names of key column types, by oid.
+    type_names: HashMap<u32, String>,
+    /// Prepared reads, by SQL text (dropped with the session).
+    statements: HashMap<String, tokio_postgres::Statement>,
 }
 
 impl Filler {
@@ -89,49 +117,75 @@ impl Filler {
             dsn: dsn.to_string(),
             region: region.to_string(),
             client: None,
+            type_names: HashMap::new(),
+            statements: HashMap::new(),
         }
     }
 
-    /// Fills the insert's left-out columns from the source; returns how
+    /// Fills the change's left-out columns from the source; returns how
     /// many were filled (0 when the row is no longer under that key).
     pub async fn fill(&mut self, change: &mut Change) -> Result<usize, FillError> {
         let missing = missing_columns(change);
-        let Some(sql) = fill_query(change, &missing) else {
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let table = change.schema.table.to_string();
+        let query_error = |e: tokio_postgres::Error| FillError::Query {
+            table: table.clone(),
+            message: crate::apply::db_message(&e),
+        };
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let c = catalog::connect(&self.dsn, &self.region).await?;
+            // values in the same spelling as the replication stream's
+            c.batch_execute(&canonical_text_sets("; "))
+                .await
+                .map_err(query_error)?;
+            self.client = Some(c);
+            self.statements.clear();
+        }
+        let client = self.client.as_ref().expect("connected above");
+        for c in change.schema.columns.iter().filter(|c| c.is_key) {
+            if !self.type_names.contains_key(&c.type_oid) {
+                let row = client
+                    .query_one("SELECT format_type($1::oid, NULL)", &[&c.type_oid])
+                    .await
+                    .map_err(query_error)?;
+                self.type_names.insert(c.type_oid, row.get(0));
+            }
+        }
+        let Some((sql, params)) =
+            fill_query(change, &missing, |oid| self.type_names.get(&oid).cloned())
+        else {
             return Ok(0);
         };
-        let client = match &self.client {
-            Some(c) if !c.is_closed() => c,
-            _ => {
-                let c = catalog::connect(&self.dsn, &self.region).await?;
-                // values in the same spelling as the replication stream's
-                c.batch_execute(&canonical_text_sets("; "))
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let statement = match self.statements.get(&sql) {
+            Some(s) => s.clone(),
+            None => {
+                let s = client
+                    .prepare_typed(&sql, &vec![Type::TEXT; params.len()])
                     .await
-                    .map_err(|source| FillError::Query {
-                        table: change.schema.table.to_string(),
-                        source,
-                    })?;
-                self.client.insert(c)
+                    .map_err(query_error)?;
+                self.statements.insert(sql, s.clone());
+                s
             }
         };
-        let rows = client
-            .simple_query(&sql)
+        let Some(row) = client
+            .query_opt(&statement, &params)
             .await
-            .map_err(|source| FillError::Query {
-                table: change.schema.table.to_string(),
-                source,
-            })?;
-        let Some(row) = rows.iter().find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r),
-            _ => None,
-        }) else {
+            .map_err(query_error)?
+        else {
             return Ok(0);
         };
         let Some(after) = change.after.as_mut() else {
             return Ok(0);
         };
         for (n, &i) in missing.iter().enumerate() {
-            after[i] = match row.get(n) {
-                Some(text) => Datum::Text(text.to_string()),
+            after[i] = match row.get::<_, Option<String>>(n) {
+                Some(text) => Datum::Text(text),
                 None => Datum::Null,
             };
         }
@@ -170,22 +224,39 @@ mod tests {
         }
     }
 
+    fn types(oid: u32) -> Option<String> {
+        (oid == 25).then(|| "text".to_string())
+    }
+
     #[test]
-    fn reads_the_left_out_columns_by_the_new_key() {
+    fn reads_the_left_out_columns_by_the_key_with_parameters() {
         let c = change(
             Op::Insert,
             vec![
-                Datum::Text("o'neil".into()),
+                Datum::Text("o'neil; DROP TABLE x".into()),
                 Datum::Text("7".into()),
                 Datum::Unchanged,
             ],
         );
         let missing = missing_columns(&c);
         assert_eq!(missing, vec![2]);
+        let (sql, params) = fill_query(&c, &missing, types).unwrap();
         assert_eq!(
-            fill_query(&c, &missing).unwrap(),
-            r#"SELECT "body" FROM "public"."Docs" WHERE "tenant" = 'o''neil' AND "id" = '7'"#
+            sql,
+            r#"SELECT CASE WHEN "body" IS NULL THEN NULL ELSE format('%s', "body") END FROM "public"."Docs" WHERE "tenant" = $1::text::text AND "id" = $2::text::text"#
         );
+        // values travel as parameters, never in the statement
+        assert_eq!(params, vec!["o'neil; DROP TABLE x".to_string(), "7".into()]);
+        // an update that kept a TOASTed value is completed the same way
+        let update = change(
+            Op::Update,
+            vec![
+                Datum::Text("a".into()),
+                Datum::Text("1".into()),
+                Datum::Unchanged,
+            ],
+        );
+        assert_eq!(missing_columns(&update), vec![2]);
     }
 
     #[test]
@@ -199,21 +270,22 @@ mod tests {
             ],
         );
         assert!(missing_columns(&whole).is_empty());
-        assert!(fill_query(&whole, &[]).is_none());
-        // an update keeps the target's value: nothing to read
-        let update = change(
-            Op::Update,
+        assert!(fill_query(&whole, &[], types).is_none());
+        let delete = change(
+            Op::Delete,
             vec![
                 Datum::Text("a".into()),
                 Datum::Text("1".into()),
                 Datum::Unchanged,
             ],
         );
-        assert!(missing_columns(&update).is_empty());
+        assert!(missing_columns(&delete).is_empty());
         let no_key = change(
             Op::Insert,
             vec![Datum::Null, Datum::Text("1".into()), Datum::Unchanged],
         );
-        assert!(fill_query(&no_key, &[2]).is_none());
+        assert!(fill_query(&no_key, &[2], types).is_none());
+        // a key type that cannot be named: nothing is guessed
+        assert!(fill_query(&no_key, &[2], |_| None).is_none());
     }
 }
