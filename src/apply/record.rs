@@ -305,7 +305,10 @@ fn check_meta(env: &ApplyEnvelope<'_>) -> Result<(), Rejection> {
     {
         return Err(Rejection::OutOfRange {
             field: "pgrelay.commit_lsn",
-            reason: format!("{:?} is not an LSN (X/Y in hex)", truncated(&env.pgrelay.commit_lsn)),
+            reason: format!(
+                "{:?} is not an LSN (X/Y in hex)",
+                truncated(&env.pgrelay.commit_lsn)
+            ),
         });
     }
     if !(0..=MAX_WALL_MS).contains(&env.ts_ms) {

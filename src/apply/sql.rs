@@ -142,7 +142,10 @@ pub fn fill_from_earlier(batch: &mut [Incoming<'_>]) {
 fn row_id(c: &Incoming<'_>) -> (TableName, Vec<Option<String>>) {
     (
         c.table.name.clone(),
-        c.key.iter().map(|k| k.as_deref().map(str::to_string)).collect(),
+        c.key
+            .iter()
+            .map(|k| k.as_deref().map(str::to_string))
+            .collect(),
     )
 }
 
@@ -623,11 +626,21 @@ mod tests {
         let t = targets();
         let records = vec![
             // insert with a large value, then an update that left it out
-            record(Op::Insert, "1", 10, &[("id", "1"), ("v", "a"), ("doc", "big")]),
+            record(
+                Op::Insert,
+                "1",
+                10,
+                &[("id", "1"), ("v", "a"), ("doc", "big")],
+            ),
             record(Op::Update, "1", 11, &[("id", "1"), ("v", "b")]),
             record(Op::Update, "1", 12, &[("id", "1"), ("v", "c")]),
             // a delete in between: the re-insert stands alone
-            record(Op::Insert, "2", 10, &[("id", "2"), ("v", "a"), ("doc", "old")]),
+            record(
+                Op::Insert,
+                "2",
+                10,
+                &[("id", "2"), ("v", "a"), ("doc", "old")],
+            ),
             record(Op::Delete, "2", 11, &[]),
             record(Op::Insert, "2", 12, &[("id", "2"), ("v", "x")]),
         ];

@@ -3,6 +3,7 @@
 
 mod apply;
 mod capture;
+mod checker;
 mod errors;
 mod faults;
 mod sidecar;
