@@ -5,5 +5,6 @@ mod apply;
 mod capture;
 mod errors;
 mod faults;
+mod rules;
 mod sidecar;
 mod support;
