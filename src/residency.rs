@@ -17,8 +17,11 @@
 //! tables go everywhere; `owned` tables go everywhere from their owner only;
 //! a `partitioned` row goes to its home and to the regions `allow` lists for
 //! that home, and a row whose home moves is inserted where it becomes allowed
-//! and deleted where it stops being allowed. Column rules run last, on both
-//! tuples.
+//! and deleted where it stops being allowed. A truncate of a `partitioned`
+//! table has no rows, hence no homes, and stays home: elsewhere it would
+//! remove rows homed there. Column rules run last, on both tuples, and fail
+//! closed: a table whose rules name a column its relation lacks goes
+//! nowhere ([`Policy::check_relation`] lets the caller stop on it first).
 //!
 //! Nothing here logs or returns row values.
 
