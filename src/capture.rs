@@ -23,7 +23,12 @@
 //! backoff from the slot's confirmed LSN and unacknowledged records are sent
 //! again (at-least-once). Problems a restart cannot fix (configuration,
 //! wal_level, missing tables or slot, unreachable services at start) are
-//! reported by [`preflight`] before streaming begins.
+//! reported by [`preflight`] before streaming begins. One such problem can
+//! appear mid-stream: a Relation message showing a table its rules no longer
+//! fit (a column a rule names is gone, a `partitioned` table lost replica
+//! identity FULL). The capture side then stops with a setup error naming the
+//! table — before any row of that shape is routed — after confirming what
+//! Kafka acknowledged, so a restart after the fix resumes at that point.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -33,13 +38,13 @@ use tokio::sync::watch;
 
 use crate::check::{self, Severity};
 use crate::config::{Config, TableClass};
-use crate::event::{Change, Lsn};
+use crate::event::{Change, Lsn, TableName};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, encode_status_update, Frame};
 use crate::publish::acks::AckTracker;
 use crate::publish::envelope::{self, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
 use crate::publish::producer::{Delivery, Outlets, SendError};
-use crate::residency::{Policy, Verdict};
+use crate::residency::{DropReason, Policy, Verdict};
 use crate::source::assemble::{Assembler, Output};
 use crate::source::catalog::{self, Catalog};
 use crate::source::conn::{ConnParams, ReplConnection, ReplReader, ReplWriter};
@@ -227,12 +232,15 @@ pub async fn run(
         published: vec![0; destinations.len()],
         reports: Vec::new(),
         dropped: std::collections::HashMap::new(),
+        truncates_kept: HashSet::new(),
         filler: Filler::new(&region_cfg.dsn, &region),
     };
     let result = ctx.stream(&mut reader, &mut writer, &mut shutdown).await;
 
-    // drain: whatever Kafka has acknowledged gets confirmed before we leave
-    if result.is_ok() {
+    // drain: whatever Kafka has acknowledged gets confirmed before we leave,
+    // also when a table's rules stopped the stream — a restart after the
+    // fix then resumes at the transaction that stopped it, not before
+    if matches!(result, Ok(()) | Err(CaptureError::Setup(_))) {
         tokio::task::block_in_place(|| outlets.flush(Duration::from_secs(10)));
         // a failure here only keeps its record unconfirmed
         let _ = ctx.poll_deliveries();
@@ -261,6 +269,8 @@ struct Loop<'a> {
     /// Delivery reports being handled (kept to reuse the allocation).
     reports: Vec<Delivery>,
     dropped: std::collections::HashMap<(String, usize, &'static str), u64>,
+    /// `partitioned` tables whose truncate was kept home (logged once each).
+    truncates_kept: HashSet<TableName>,
     /// Reads back what a row moved to a new key left out of the stream.
     filler: Filler,
 }
@@ -434,6 +444,29 @@ impl Loop<'_> {
                     return Ok(());
                 }
                 let msg = pgoutput::decode(payload).map_err(|e| transient("pgoutput")(&e))?;
+                if let pgoutput::Message::Relation {
+                    schema,
+                    name,
+                    replica_identity,
+                    columns,
+                    ..
+                } = &msg
+                {
+                    // before any row of the new shape is read
+                    let table = TableName::new(schema.as_str(), name.as_str());
+                    self.policy
+                        .check_relation(
+                            &table,
+                            columns.iter().map(|c| c.name.as_str()),
+                            Some(*replica_identity),
+                        )
+                        .map_err(|e| {
+                            CaptureError::Setup(format!(
+                                "region {}: capture stopped: {e}",
+                                self.region
+                            ))
+                        })?;
+                }
                 match self
                     .assembler
                     .push(msg)
@@ -476,6 +509,16 @@ impl Loop<'_> {
             let routed = match self.policy.route(change, i) {
                 Verdict::Publish(r) => r,
                 Verdict::Drop(reason) => {
+                    if reason == DropReason::TruncatePartitioned
+                        && self.truncates_kept.insert(change.schema.table.clone())
+                    {
+                        tracing::warn!(
+                            region = self.region,
+                            table = %change.schema.table,
+                            "truncate of a partitioned table not replicated (other regions hold rows homed elsewhere); \
+                             remove rows everywhere with DELETE ... WHERE on the home column"
+                        );
+                    }
                     *self
                         .dropped
                         .entry((change.schema.table.to_string(), i, reason.as_str()))

@@ -67,6 +67,7 @@ pub async fn database(
             format!("region {region}: the connecting role lacks the REPLICATION attribute (ALTER ROLE ... REPLICATION)"),
         ));
     }
+    let mut partitioned_roots = Vec::new();
     for (name, class, state) in catalog.tables(config).await? {
         if !state.exists {
             out.push(finding(
@@ -78,6 +79,20 @@ pub async fn database(
         if matches!(class, TableClass::Local) {
             continue;
         }
+        if state.partitioned_root {
+            // its changes arrive under each partition's name, its triggers
+            // would record partition names: not supported, refused up front
+            out.push(finding(
+                Severity::Blocking,
+                format!(
+                    "region {region}: table {name} is declaratively partitioned (PARTITION BY); \
+                     pgrelay does not replicate partitioned tables: remove it from [[tables]] \
+                     or declare it class = \"local\" (or replicate a regular table instead)"
+                ),
+            ));
+            partitioned_roots.push(name);
+            continue;
+        }
         if state.primary_key.is_empty() {
             out.push(finding(
                 Severity::Blocking,
@@ -87,9 +102,15 @@ pub async fn database(
         if let Some(t) = config.table(&name) {
             for rule in &t.columns {
                 if !state.columns.contains(&rule.column) {
+                    // fail closed: the capture side would stop at the table's next change
                     out.push(finding(
-                        Severity::Warning,
-                        format!("region {region}: table {name} has no column {:?} named in a column rule", rule.column),
+                        Severity::Blocking,
+                        format!(
+                            "region {region}: table {name} has no column {:?}, which a column rule names \
+                             (renamed or dropped?); pgrelay publishes nothing of the table until the rule \
+                             names the column's current name or is removed",
+                            rule.column
+                        ),
                     ));
                 }
                 if state.primary_key.contains(&rule.column) {
@@ -177,7 +198,11 @@ pub async fn database(
                 ),
             )),
             Some(tables) => {
-                for t in &config.tables {
+                for t in config
+                    .tables
+                    .iter()
+                    .filter(|t| !partitioned_roots.contains(&t.name))
+                {
                     let listed = tables.contains(&t.name);
                     let local = matches!(t.class, TableClass::Local);
                     if listed == local {

@@ -17,8 +17,11 @@
 //! tables go everywhere; `owned` tables go everywhere from their owner only;
 //! a `partitioned` row goes to its home and to the regions `allow` lists for
 //! that home, and a row whose home moves is inserted where it becomes allowed
-//! and deleted where it stops being allowed. Column rules run last, on both
-//! tuples.
+//! and deleted where it stops being allowed. A truncate of a `partitioned`
+//! table has no rows, hence no homes, and stays home: elsewhere it would
+//! remove rows homed there. Column rules run last, on both tuples, and fail
+//! closed: a table whose rules name a column its relation lacks goes
+//! nowhere ([`Policy::check_relation`] lets the caller stop on it first).
 //!
 //! Nothing here logs or returns row values.
 
@@ -66,15 +69,23 @@ pub enum DropReason {
     UnknownHome,
     /// An `owned` table written outside its owner region.
     NotOwner,
+    /// A TRUNCATE of a `partitioned` table: it would empty the table of
+    /// rows homed elsewhere too, so it stays home.
+    TruncatePartitioned,
+    /// A column rule names a column the table does not have (renamed?):
+    /// the table's rows stay home (fail closed).
+    RuleColumnMissing,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Undeclared,
         DropReason::Local,
         DropReason::HomeNotAllowed,
         DropReason::UnknownHome,
         DropReason::NotOwner,
+        DropReason::TruncatePartitioned,
+        DropReason::RuleColumnMissing,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +95,8 @@ impl DropReason {
             DropReason::HomeNotAllowed => "home_not_allowed",
             DropReason::UnknownHome => "unknown_home",
             DropReason::NotOwner => "not_owner",
+            DropReason::TruncatePartitioned => "truncate_partitioned",
+            DropReason::RuleColumnMissing => "rule_column_missing",
         }
     }
 }
@@ -116,6 +129,33 @@ struct TableRules {
     rows: RowRule,
     /// Per destination index: (column, action) of the rules that apply there.
     columns: Vec<Vec<(String, ColumnAction)>>,
+    /// Every column some rule names (for any destination), in config order.
+    rule_columns: Vec<String>,
+}
+
+/// A relation whose shape the table's rules cannot be applied to safely:
+/// its changes must not be routed at all (fail closed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelationError {
+    #[error(
+        "table {table} has no column {column:?}, which a column rule in [[tables.columns]] \
+         names; its changes are not published, so a renamed column cannot leave the region \
+         unprotected. Point the rule at the column's current name (or remove the rule if the \
+         column was dropped), then restart"
+    )]
+    MissingRuleColumn { table: TableName, column: String },
+    #[error(
+        "table {table} is partitioned (each row's home read from column {home_column:?}) but \
+         its replica identity is now {identity}, not FULL: the old home of a changed row is no \
+         longer known. Run ALTER TABLE {table} REPLICA IDENTITY FULL (or pgrelay setup); the \
+         changes written meanwhile cannot be routed: recreate the slot and resync as for a lost \
+         slot (README, Resync)"
+    )]
+    PartitionedIdentity {
+        table: TableName,
+        home_column: String,
+        identity: &'static str,
+    },
 }
 
 #[derive(Debug)]
@@ -269,7 +309,20 @@ impl Policy {
                 .columns
                 .iter()
                 .any(|rule| rule.action == ColumnAction::Hash);
-            tables.insert(table.name.clone(), Arc::new(TableRules { rows, columns }));
+            let mut rule_columns: Vec<String> = Vec::new();
+            for rule in &table.columns {
+                if !rule_columns.contains(&rule.column) {
+                    rule_columns.push(rule.column.clone());
+                }
+            }
+            tables.insert(
+                table.name.clone(),
+                Arc::new(TableRules {
+                    rows,
+                    columns,
+                    rule_columns,
+                }),
+            );
         }
         let salted = match (&config.hash_salt, any_hash) {
             (Some(salt), _) => {
@@ -314,6 +367,49 @@ impl Policy {
             .is_some_and(|t| !matches!(t.rows, RowRule::Never(DropReason::Local)))
     }
 
+    /// Whether the table's rules can be applied to a relation of this shape:
+    /// every column a rule names must exist (a renamed column must not
+    /// slip past its rule), and a `partitioned` table must still have
+    /// replica identity FULL (`replica_identity` as pgoutput sends it:
+    /// `d`, `n`, `f` or `i`; `None` when not known, e.g. for whole rows
+    /// read by resync). Undeclared and `local` tables always pass.
+    pub fn check_relation<'n>(
+        &self,
+        table: &TableName,
+        columns: impl IntoIterator<Item = &'n str> + Clone,
+        replica_identity: Option<u8>,
+    ) -> Result<(), RelationError> {
+        let Some(rules) = self.tables.get(table) else {
+            return Ok(());
+        };
+        if matches!(rules.rows, RowRule::Never(_)) {
+            return Ok(());
+        }
+        for rule_column in &rules.rule_columns {
+            if !columns.clone().into_iter().any(|c| c == rule_column) {
+                return Err(RelationError::MissingRuleColumn {
+                    table: table.clone(),
+                    column: rule_column.clone(),
+                });
+            }
+        }
+        if let (RowRule::Partitioned(p), Some(identity)) = (&rules.rows, replica_identity) {
+            if identity != b'f' {
+                return Err(RelationError::PartitionedIdentity {
+                    table: table.clone(),
+                    home_column: p.home_column.clone(),
+                    identity: match identity {
+                        b'd' => "DEFAULT",
+                        b'n' => "NOTHING",
+                        b'i' => "USING INDEX",
+                        _ => "unknown",
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// What `change` becomes for destination `destinations()[dest_index]`.
     pub fn route<'c>(&self, change: &'c Change, dest_index: usize) -> Verdict<'c> {
         debug_assert!(dest_index < self.destinations.len());
@@ -337,7 +433,9 @@ impl Policy {
             return self.publish(dest, change.op, before, after, None);
         };
         if change.op == Op::Truncate {
-            return self.publish(dest, Op::Truncate, None, None, None);
+            // a truncate has no rows, hence no homes: at a destination it
+            // would remove rows homed there too, which never came from here
+            return Verdict::Drop(DropReason::TruncatePartitioned);
         }
         let Some(home) = home_index else {
             return Verdict::Drop(DropReason::UnknownHome);
@@ -481,6 +579,15 @@ impl Policy {
             None => PlanBody::Never(DropReason::Undeclared),
             Some(rules) => match &rules.rows {
                 RowRule::Never(reason) => PlanBody::Never(*reason),
+                // fail closed: a rule that matches no column (renamed?)
+                // stops the table, it never lets the column through
+                _ if rules
+                    .rule_columns
+                    .iter()
+                    .any(|c| schema.column_index(c).is_none()) =>
+                {
+                    PlanBody::Never(DropReason::RuleColumnMissing)
+                }
                 rows => {
                     let home_index = match rows {
                         RowRule::Partitioned(p) => {
@@ -750,9 +857,6 @@ name = "card"
 action = "mask"
 mask = "****"
 
-[[tables.columns]]
-name = "not_a_column"
-action = "drop"
 "#;
 
     fn config() -> Config {
@@ -976,9 +1080,12 @@ action = "drop"
             route(&p, &del("NULL"), "cn"),
             Verdict::Drop(DropReason::UnknownHome)
         );
-        // truncate goes everywhere
+        // a truncate has no homes: it stays in its region
         let tr = change(&o, Op::Truncate, None, None);
-        assert_eq!(published(route(&p, &tr, "us")).op, Op::Truncate);
+        assert_eq!(
+            route(&p, &tr, "us"),
+            Verdict::Drop(DropReason::TruncatePartitioned)
+        );
     }
 
     #[test]
@@ -1211,26 +1318,103 @@ action = "drop"
     #[test]
     fn schema_changes_rebuild_the_plan() {
         let p = policy("us");
-        let v1 = schema(40, "orders", &["id", "country", "email"]);
-        let c = change(&v1, Op::Insert, None, Some(row(&["1", "US", "a@b"])));
-        assert_eq!(&*published(route(&p, &c, "eu")).columns, ["id", "country"]);
+        let v1 = schema(40, "orders", &["id", "country", "email", "card"]);
+        let c = change(&v1, Op::Insert, None, Some(row(&["1", "US", "a@b", "c"])));
+        assert_eq!(
+            &*published(route(&p, &c, "eu")).columns,
+            ["id", "country", "card"]
+        );
         // same oid, new columns (an ALTER TABLE): the cached plan must not be reused
-        let v2 = schema(40, "orders", &["id", "email", "country", "note"]);
-        let c = change(&v2, Op::Insert, None, Some(row(&["1", "a@b", "US", "n"])));
+        let v2 = schema(40, "orders", &["id", "email", "country", "note", "card"]);
+        let c = change(
+            &v2,
+            Op::Insert,
+            None,
+            Some(row(&["1", "a@b", "US", "n", "c"])),
+        );
         let r = published(route(&p, &c, "eu"));
-        assert_eq!(&*r.columns, ["id", "country", "note"]);
-        assert_eq!(r.after.as_deref(), Some(&row(&["1", "US", "n"])[..]));
+        assert_eq!(&*r.columns, ["id", "country", "note", "card"]);
+        assert_eq!(
+            r.after.as_deref(),
+            Some(&row(&["1", "US", "n", "****"])[..])
+        );
         // an equal schema in a fresh Arc hits the cache
-        let v2b = schema(40, "orders", &["id", "email", "country", "note"]);
-        let c = change(&v2b, Op::Insert, None, Some(row(&["1", "a@b", "DE", "n"])));
+        let v2b = schema(40, "orders", &["id", "email", "country", "note", "card"]);
+        let c = change(
+            &v2b,
+            Op::Insert,
+            None,
+            Some(row(&["1", "a@b", "DE", "n", "c"])),
+        );
         assert_eq!(
             route(&p, &c, "cn"),
             Verdict::Drop(DropReason::HomeNotAllowed)
         );
         // without the home column, rows stay home
-        let v3 = schema(40, "orders", &["id", "email"]);
-        let c = change(&v3, Op::Insert, None, Some(row(&["1", "a@b"])));
+        let v3 = schema(40, "orders", &["id", "email", "card"]);
+        let c = change(&v3, Op::Insert, None, Some(row(&["1", "a@b", "c"])));
         assert_eq!(route(&p, &c, "eu"), Verdict::Drop(DropReason::UnknownHome));
+        // a rule column renamed away: nothing of the table leaves, whatever the op
+        let v4 = schema(40, "orders", &["id", "country", "email", "cardnum"]);
+        for op in [Op::Insert, Op::Update, Op::Delete, Op::Truncate] {
+            let r = Some(row(&["1", "US", "a@b", "4111"]));
+            let (before, after) = match op {
+                Op::Insert => (None, r),
+                Op::Update => (r.clone(), r),
+                Op::Delete => (r, None),
+                Op::Truncate => (None, None),
+            };
+            let c = change(&v4, op, before, after);
+            for dest in ["eu", "cn"] {
+                assert_eq!(
+                    route(&p, &c, dest),
+                    Verdict::Drop(DropReason::RuleColumnMissing),
+                    "{op:?} to {dest}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn relations_the_rules_cannot_cover_are_refused() {
+        let p = policy("us");
+        let orders = TableName::new("public", "orders");
+        let full = ["id", "country", "email", "card", "doc"];
+        assert_eq!(p.check_relation(&orders, full, Some(b'f')), Ok(()));
+        assert_eq!(p.check_relation(&orders, full, None), Ok(()));
+        let renamed = ["id", "country", "mail", "card"];
+        let err = p.check_relation(&orders, renamed, Some(b'f')).unwrap_err();
+        assert_eq!(
+            err,
+            RelationError::MissingRuleColumn {
+                table: orders.clone(),
+                column: "email".into()
+            }
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("public.orders") && msg.contains("\"email\""),
+            "{msg}"
+        );
+        let err = p.check_relation(&orders, full, Some(b'd')).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RelationError::PartitionedIdentity {
+                    identity: "DEFAULT",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // other classes need no particular identity; local and undeclared
+        // tables are never routed
+        let products = TableName::new("public", "products");
+        assert_eq!(p.check_relation(&products, ["id"], Some(b'd')), Ok(()));
+        let users = TableName::new("public", "users");
+        assert_eq!(p.check_relation(&users, ["id"], Some(b'd')), Ok(()));
+        let other = TableName::new("public", "other");
+        assert_eq!(p.check_relation(&other, ["id"], Some(b'n')), Ok(()));
     }
 
     #[test]
@@ -1243,7 +1427,9 @@ action = "drop"
                 "local",
                 "home_not_allowed",
                 "unknown_home",
-                "not_owner"
+                "not_owner",
+                "truncate_partitioned",
+                "rule_column_missing"
             ]
         );
     }
@@ -1289,12 +1475,12 @@ action = "drop"
         );
         let expected = [
             "FROM TO ROWS COLUMNS",
-            "cn eu rows homed in eu, us other columns as they are; email dropped, card masked as \"****\", not_a_column dropped",
-            "cn us rows homed in us other columns as they are; card masked as \"****\", not_a_column dropped",
-            "eu cn rows homed in cn, us other columns as they are; email hashed, card masked as \"****\", not_a_column dropped",
-            "eu us rows homed in us other columns as they are; card masked as \"****\", not_a_column dropped",
-            "us cn rows homed in cn, us other columns as they are; email hashed, card masked as \"****\", not_a_column dropped",
-            "us eu rows homed in eu, us other columns as they are; email dropped, card masked as \"****\", not_a_column dropped",
+            "cn eu rows homed in eu, us other columns as they are; email dropped, card masked as \"****\"",
+            "cn us rows homed in us other columns as they are; card masked as \"****\"",
+            "eu cn rows homed in cn, us other columns as they are; email hashed, card masked as \"****\"",
+            "eu us rows homed in us other columns as they are; card masked as \"****\"",
+            "us cn rows homed in cn, us other columns as they are; email hashed, card masked as \"****\"",
+            "us eu rows homed in eu, us other columns as they are; email dropped, card masked as \"****\"",
         ];
         assert_eq!(orders[1..], expected, "{m}");
         // stable

@@ -19,7 +19,9 @@
 //! rules decide what may go where. Rows without a stamp (written before
 //! `setup` added the column) go with stamp 0, older than any write. A
 //! tombstone of a partitioned table has no home (it keeps only the key) and
-//! is not sent.
+//! is not sent; nor is its table-wide one (a truncate), as the capture side
+//! keeps a partitioned table's truncate home. A table whose column rules
+//! name a column it lacks is refused before anything is sent.
 //!
 //! Error policy: anything that fails ends the run with an error naming it;
 //! records already delivered stay (resending is idempotent), so the fix is
@@ -209,6 +211,9 @@ pub async fn run(config: &Config, region: &str, opts: &Options) -> Result<Summar
                 "region {region}: table {t} is missing or lacks pgrelay's stamp column; run pgrelay setup"
             )));
         }
+        policy
+            .check_relation(t, state.columns.iter().map(String::as_str), None)
+            .map_err(|e| ResyncError::Setup(format!("region {region}: {e}")))?;
         let columns = state
             .columns
             .iter()

@@ -79,6 +79,8 @@ pub struct TableState {
     pub primary_key: Vec<String>,
     /// `d`efault, `f`ull, `i`ndex or `n`othing.
     pub replica_identity: char,
+    /// A declaratively partitioned table (`PARTITION BY`, relkind `p`).
+    pub partitioned_root: bool,
     pub has_stamp_column: bool,
     pub triggers: Vec<String>,
     pub columns: Vec<String>,
@@ -131,7 +133,7 @@ impl Catalog<'_> {
         let rows = self
             .client
             .query(
-                "SELECT c.oid, c.relreplident::text FROM pg_class c \
+                "SELECT c.oid, c.relreplident::text, c.relkind = 'p' FROM pg_class c \
                  JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
                 &[&table.schema, &table.name],
@@ -143,6 +145,7 @@ impl Catalog<'_> {
                 exists: false,
                 primary_key: vec![],
                 replica_identity: 'd',
+                partitioned_root: false,
                 has_stamp_column: false,
                 triggers: vec![],
                 columns: vec![],
@@ -152,6 +155,7 @@ impl Catalog<'_> {
         };
         let oid: u32 = row.get(0);
         let ident: String = row.get(1);
+        let partitioned_root: bool = row.get(2);
         let pk = self
             .client
             .query(
@@ -202,6 +206,7 @@ impl Catalog<'_> {
             exists: true,
             primary_key: pk,
             replica_identity: ident.chars().next().unwrap_or('d'),
+            partitioned_root,
             has_stamp_column: columns.iter().any(|c| c == HLC_COLUMN),
             triggers,
             columns,

@@ -6,5 +6,6 @@ mod capture;
 mod checker;
 mod errors;
 mod faults;
+mod rules;
 mod sidecar;
 mod support;
