@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::broker::{durable_tansu_bin, Broker};
-use crate::support::kafka::read_all;
+use crate::support::kafka::{read_all, read_to_markers};
 use crate::support::pg::Pg;
 use crate::support::proxy::Proxy;
 use crate::support::relay::{self, ConfigFile, Relay};
@@ -389,6 +389,9 @@ pub struct Writer {
     pub rng: Rng,
     pub keys: i32,
     pub truncates: bool,
+    /// Up to this many ms between transactions (spreads the history over
+    /// the faults).
+    pub pace_ms: u64,
 }
 
 fn transient(e: &tokio_postgres::Error) -> bool {
@@ -429,13 +432,17 @@ impl Writer {
             self.rng = rng;
             match result {
                 Ok((writes, truncates, refused)) => {
-                    let mut h = history.lock().unwrap();
-                    h.writes.extend(writes);
-                    h.truncates
-                        .extend(truncates.into_iter().map(|t| (self.region, t)));
-                    h.ops += batch.len();
-                    h.refused += refused;
+                    {
+                        let mut h = history.lock().unwrap();
+                        h.writes.extend(writes);
+                        h.truncates
+                            .extend(truncates.into_iter().map(|t| (self.region, t)));
+                        h.ops += batch.len();
+                        h.refused += refused;
+                    }
                     done += 1;
+                    tokio::time::sleep(Duration::from_millis(self.rng.below(self.pace_ms + 1)))
+                        .await;
                 }
                 // a duplicate key, a moved row's new key taken: nothing committed
                 Err(e) if e.code().is_some_and(|c| c.code() == "23505") => done += 1,
@@ -800,6 +807,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             rng: Rng::new(seed.wrapping_mul(31).wrapping_add(i as u64)),
             keys,
             truncates: rng.chance(50),
+            pace_ms: 40,
         };
         writers.push(tokio::spawn(writer.run(ops_per_region, history.clone())));
     }
@@ -942,7 +950,7 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
             }
         }
         let dlq = format!("pgrelay.dlq.{src}");
-        let parked = read_all(&w.brokers[src].0.brokers(), &dlq, Duration::from_secs(1));
+        let parked = read_to_markers(&w.brokers[src].0.brokers(), &dlq);
         assert!(
             parked.is_empty(),
             "seed {seed}: {} records dead-lettered in {src}: {:?}",

@@ -4,6 +4,7 @@
 mod apply;
 mod capture;
 mod checker;
+mod convergence;
 mod errors;
 mod faults;
 mod rules;

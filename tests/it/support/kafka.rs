@@ -125,3 +125,95 @@ pub fn produce(brokers: &str, topic: &str, records: &[RawRecord]) {
     }
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
+
+/// Reads every record of `topic` that was there before this call: first
+/// writes a marker into each partition, then reads until every marker is
+/// back — a positive sign that nothing before them was left unread, however
+/// quiet the topic is. Only for topics nobody consumes (dead letters): the
+/// markers stay. Returns the records other than the markers.
+pub fn read_to_markers(brokers: &str, topic: &str) -> Vec<Rec> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "pgrelay-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    assert!(!partitions.is_empty(), "topic {topic} has no partitions");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    let marker = format!(
+        "{{\"read_marker\":{}}}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    for p in &partitions {
+        let rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+            .partition(*p)
+            .payload(marker.as_bytes());
+        producer.send(rec).map_err(|(e, _)| e).expect("send marker");
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("flush markers");
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < partitions.len() {
+        assert!(
+            Instant::now() < deadline,
+            "markers of {topic} not read back within 60 s"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if m.payload() == Some(marker.as_bytes()) {
+                    seen.insert(m.partition());
+                    continue;
+                }
+                let value = m
+                    .payload()
+                    .and_then(|v| serde_json::from_slice(v).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                let mut headers = BTreeMap::new();
+                if let Some(h) = m.headers() {
+                    for hd in h.iter() {
+                        headers.insert(
+                            hd.key.to_string(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                out.push(Rec {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: serde_json::Value::Null,
+                    value,
+                    headers,
+                });
+            }
+            Some(Err(e)) => panic!("kafka read error on {topic}: {e}"),
+            None => {}
+        }
+    }
+    out.retain(|r| r.value.get("read_marker").is_none());
+    out
+}

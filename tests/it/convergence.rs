@@ -1,0 +1,320 @@
+//! Regressions of convergence defects, each on its own: two regions, real
+//! PostgreSQL clusters, one broker, real sidecars. The random checker
+//! (`checker.rs`) covers the same ground with random histories.
+
+use std::time::Duration;
+
+use crate::apply::{pair, SCHEMA};
+use crate::support::eventually;
+use crate::support::kafka::{produce, read_to_markers};
+use crate::support::pg::Pg;
+use crate::support::relay::Relay;
+
+/// `id -> (price, md5(doc), stamp)`.
+async fn rows(pg: &Pg) -> Vec<(i32, Option<String>, Option<String>, i64)> {
+    let c = pg.client().await;
+    c.query(
+        "SELECT id, price::text, md5(doc), _pgrelay_hlc FROM products ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+async fn same_rows(a: &Pg, b: &Pg, what: &str) -> Vec<(i32, Option<String>, Option<String>, i64)> {
+    eventually(Duration::from_secs(60), what, || async {
+        let x = rows(a).await;
+        let y = rows(b).await;
+        (x == y && !x.is_empty()).then_some(x)
+    })
+    .await
+}
+
+/// SQL for a poorly compressible text of about `kb` kB (TOASTed out of line).
+fn big(kb: usize) -> String {
+    format!(
+        "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, {}))",
+        kb * 1024 / 32
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_and_update_in_one_batch_keep_the_large_value() {
+    let p = pair(SCHEMA);
+    // both written before capture starts: the insert and the update that
+    // leaves the large value untouched reach eu in one batch
+    p.us.psql(&format!(
+        "INSERT INTO products SELECT i, 'n', 0, {} FROM generate_series(1, 50) i",
+        big(10)
+    ));
+    p.us.psql("UPDATE products SET price = 1");
+    p.us.psql("UPDATE products SET name = 'twice'");
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    let state = same_rows(&p.us, &p.eu, "eu to hold us's rows").await;
+    assert_eq!(state.len(), 50);
+    assert!(
+        state.iter().all(|r| r.2.is_some()),
+        "no large value lost: {state:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_partial_updates_leave_one_row_per_stamp() {
+    let p = pair(SCHEMA);
+    p.us.psql(&format!(
+        "INSERT INTO products SELECT i, 'n', 0, {} FROM generate_series(1, 20) i",
+        big(10)
+    ));
+    {
+        let _us = Relay::spawn(&p.cfg, "us", "capture");
+        let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+        same_rows(&p.us, &p.eu, "the rows in both regions").await;
+    }
+    // nobody replicates: us rewrites the large column, then eu (later,
+    // newer stamp) updates another column and leaves the large one alone
+    p.us.psql(&format!("UPDATE products SET doc = {}", big(10)));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    p.eu.psql("UPDATE products SET price = 7");
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    // eu's change is the newest of every row: both regions end on eu's row,
+    // large value included
+    let state = eventually(
+        Duration::from_secs(60),
+        "both regions on eu's rows",
+        || async {
+            let x = rows(&p.us).await;
+            let y = rows(&p.eu).await;
+            (x.iter().all(|r| r.1.as_deref() == Some("7")) && x == y).then_some((x, y))
+        },
+    )
+    .await;
+    let eu_docs: Vec<Option<String>> = rows(&p.eu).await.into_iter().map(|r| r.2).collect();
+    assert_eq!(
+        state.0.iter().map(|r| r.2.clone()).collect::<Vec<_>>(),
+        eu_docs
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_delete_racing_an_older_apply_does_not_bring_the_row_back() {
+    let p = pair(SCHEMA);
+    p.us.psql("INSERT INTO products VALUES (1, 'a', 1)");
+    {
+        let _us = Relay::spawn(&p.cfg, "us", "capture");
+        let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+        same_rows(&p.us, &p.eu, "the row in both regions").await;
+    }
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    // an older update in us...
+    p.us.psql("UPDATE products SET price = 2 WHERE id = 1");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // ...and a newer delete in eu, not yet committed when eu applies it
+    let eu = p.eu.client().await;
+    eu.batch_execute("BEGIN; DELETE FROM products WHERE id = 1")
+        .await
+        .unwrap();
+    let _eu_apply = Relay::spawn(&p.cfg, "eu", "apply");
+    let watch = p.eu.client().await;
+    eventually(
+        Duration::from_secs(60),
+        "the apply session to wait for the delete's row lock",
+        || async {
+            let n: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgrelay' \
+                     AND wait_event_type = 'Lock' AND query ILIKE 'INSERT INTO%products%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n > 0).then_some(())
+        },
+    )
+    .await;
+    eu.batch_execute("COMMIT").await.unwrap();
+    // positive sign: the update's offset is stored in eu
+    eventually(Duration::from_secs(60), "eu to store the update's offset", || async {
+        let n: i64 = watch
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM pgrelay.offsets WHERE topic = 'pgrelay.us.eu'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n >= 2).then_some(())
+    })
+    .await;
+    let left = rows(&p.eu).await;
+    assert!(
+        left.is_empty(),
+        "the newer local delete wins in eu: {left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_loses_its_last_commits_gets_them_again() {
+    let p = pair(SCHEMA);
+    // eu keeps commits in memory for up to 10 s (asynchronous commit)
+    p.eu.psql("ALTER SYSTEM SET wal_writer_delay = '10s'");
+    p.eu.psql("SELECT pg_reload_conf()");
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    let us = p.us.client().await;
+    for i in 1..=200 {
+        us.execute("INSERT INTO products VALUES ($1, 'x', 1)", &[&i])
+            .await
+            .unwrap();
+    }
+    let eu_rows = |pg: &Pg| {
+        let dsn = pg.dsn();
+        async move {
+            let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM products", &[])
+                .await
+                .ok()?
+                .get(0);
+            Some(n)
+        }
+    };
+    eventually(Duration::from_secs(60), "eu to apply the rows", || async {
+        (eu_rows(&p.eu).await? == 200).then_some(())
+    })
+    .await;
+    // eu crashes: what it committed in the last seconds is gone, offsets too
+    p.eu.stop();
+    p.eu.restart();
+    let after_crash = eu_rows(&p.eu).await.unwrap_or(0);
+    eprintln!("eu holds {after_crash} of 200 rows after the crash");
+    assert!(
+        after_crash < 200,
+        "the crash lost no commit, so this test shows nothing: raise wal_writer_delay"
+    );
+    eventually(
+        Duration::from_secs(60),
+        "eu to get the lost rows again",
+        || async { (eu_rows(&p.eu).await? == 200).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_records_cannot_bend_the_region_clock() {
+    let p = pair(SCHEMA);
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    let now = pgrelay::apply::now_ms();
+    let env = |id: i32, hlc: u64, lsn: &str, ts_ms: i64| -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let v = serde_json::json!({
+            "before": null, "after": {"id": id.to_string(), "name": "forged", "price": "1"},
+            "op": "c", "ts_ms": ts_ms,
+            "source": {"connector":"pgrelay","version":"0","name":"pgrelay","region":"us","db":"postgres",
+                       "schema": "public", "table": "products", "txId": 1, "lsn": 1, "ts_ms": 1},
+            "pgrelay": {"hlc": hlc, "origin":"us","commit_lsn": lsn,"xid":1,"seq":0,"unchanged":[]}
+        });
+        (None, Some(v.to_string().into_bytes()))
+    };
+    let stamp = |ms: u64| pgrelay::hlc::compose(ms, 0, 1);
+    let records = vec![
+        // near the top of the range
+        env(1, i64::MAX as u64 - 5, "0/1", 1),
+        // beyond the range of a bigint
+        env(2, u64::MAX - 1, "0/1", 1),
+        // ten minutes ahead: past relay.max_stamp_ahead (5 min)
+        env(3, stamp(now + 600_000), "0/1", 1),
+        // a bad commit LSN, a bad commit time
+        env(4, stamp(now), "not-an-lsn", 1),
+        env(5, stamp(now), "0/1", -5),
+        // three seconds ahead (max_clock_skew is 2 s here): waits, then applies
+        env(6, stamp(now + 3_000), "0/1", 1),
+    ];
+    produce(&p.broker.brokers(), "pgrelay.us.eu", &records);
+    let eu = p.eu.client().await;
+    eventually(
+        Duration::from_secs(60),
+        "the record a few seconds ahead",
+        || async {
+            let n: i64 = eu
+                .query_one("SELECT count(*) FROM products WHERE id = 6", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        pgrelay::apply::now_ms() + 1_000 >= now + 3_000,
+        "the record ahead was applied before the clock came within max_clock_skew of it"
+    );
+    let parked = read_to_markers(&p.broker.brokers(), "pgrelay.dlq.eu");
+    let mut classes: Vec<String> = parked
+        .iter()
+        .map(|r| {
+            r.headers
+                .get("pgrelay.dlq.class")
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    classes.sort();
+    assert_eq!(
+        classes,
+        [
+            "out_of_range",
+            "out_of_range",
+            "out_of_range",
+            "stamp_ahead",
+            "stamp_ahead"
+        ],
+        "{:?}",
+        parked.iter().map(|r| &r.headers).collect::<Vec<_>>()
+    );
+    let applied: Vec<i32> = eu
+        .query("SELECT id FROM products ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(applied, vec![6]);
+    // the clock is where wall time says; local writes still win everywhere
+    let row = eu
+        .query_one(
+            "INSERT INTO products VALUES (6, 'local', 9) ON CONFLICT (id) DO UPDATE SET name = 'local' RETURNING _pgrelay_hlc",
+            &[],
+        )
+        .await
+        .unwrap();
+    let local: i64 = row.get(0);
+    assert!(local > 0);
+    let ahead = pgrelay::hlc::ahead_ms(local as u64, pgrelay::apply::now_ms());
+    assert!(ahead < 5_000, "eu's clock was dragged {ahead} ms ahead");
+    let us = p.us.client().await;
+    eventually(
+        Duration::from_secs(60),
+        "eu's local write in us",
+        || async {
+            let n: i64 = us
+                .query_one(
+                    "SELECT count(*) FROM products WHERE id = 6 AND name = 'local'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+}
