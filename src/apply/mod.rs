@@ -498,6 +498,10 @@ impl Pipeline {
         let max_records = self.config.apply.batch_max_records.max(1);
         let max_wait = self.config.apply.batch_max_wait;
         let mut last_purge = Instant::now();
+        // an idle pipeline still notices a target that went away: the
+        // offsets stored there are where to resume (see apply_with_retry)
+        let mut liveness = tokio::time::interval(Duration::from_millis(500));
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = Instant::now();
@@ -533,6 +537,14 @@ impl Pipeline {
                     }
                     _ = &mut deadline, if !batch.is_empty() => break,
                     _ = &mut gap, if !batch.is_empty() => break,
+                    _ = liveness.tick(), if batch.is_empty() => {
+                        if client.is_closed() {
+                            return Err(ApplyError::Transient(format!(
+                                "region {}: the connection to the target database was lost (resuming from the offsets stored there)",
+                                self.region
+                            )));
+                        }
+                    }
                 }
             }
             if !batch.is_empty() {
