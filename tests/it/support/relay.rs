@@ -6,8 +6,13 @@ use std::time::{Duration, Instant};
 
 use super::TempDir;
 
+/// The binary under test: this build's, or `PGRELAY_TEST_BIN` (to run the
+/// tests against another build, e.g. to see a regression test fail).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_pgrelay"))
+    match std::env::var_os("PGRELAY_TEST_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_pgrelay")),
+    }
 }
 
 /// A config file in its own temp dir.
