@@ -25,7 +25,10 @@ use super::catalog::{self, CatalogError};
 pub enum FillError {
     #[error(transparent)]
     Connect(#[from] CatalogError),
-    #[error("reading the untouched columns of a moved row of {table}: {source}")]
+    #[error(
+        "reading the untouched columns of a moved row of {table}: {}",
+        crate::source::pg_error::reason(.source)
+    )]
     Query {
         table: String,
         source: tokio_postgres::Error,
