@@ -9,6 +9,7 @@ use tokio_postgres::{Client, Connection, NoTls};
 use crate::config::{Config, TableClass};
 use crate::event::{Lsn, TableName};
 use crate::source::assemble::HLC_COLUMN;
+use crate::source::conn::{ConnError, ConnParams, ReplConnection};
 use crate::source::dsn::{Dsn, SslMode, TlsOptions};
 use crate::source::pg_error;
 use crate::source::tls::{self, AuthGuard, InsecureAuth};
@@ -156,6 +157,48 @@ where
             None => pg_error::reason(&e),
         }),
     }
+}
+
+/// The TLS version of this session as the server sees it, `None` when it
+/// is not encrypted.
+pub async fn session_tls(client: &Client, region: &str) -> Result<Option<String>, CatalogError> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(|source| CatalogError::Query {
+            region: region.to_string(),
+            context: "reading pg_stat_ssl".into(),
+            source,
+        })?;
+    Ok(row.get(0))
+}
+
+/// Opens a replication connection the way the capture side does and returns
+/// the session's TLS version as the server sees it (`None`: not
+/// encrypted), or the reason it cannot connect.
+pub async fn probe_replication(dsn: &str, region: &str) -> Result<Option<String>, String> {
+    let params = ConnParams::from_dsn(dsn, &format!("pgrelay_check_{region}"))
+        .map_err(|e| format!("region {region}: replication connection: {e}"))?;
+    let fail = |e: ConnError| {
+        format!(
+            "region {region}: replication connection to {}: {e}",
+            params.target()
+        )
+    };
+    let mut conn = ReplConnection::connect(&params).await.map_err(fail)?;
+    let rows = conn
+        .simple_query(
+            "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .await
+        .map_err(fail)?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten()))
 }
 
 /// `host:port/db` of a DSN, without credentials, for messages.

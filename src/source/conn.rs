@@ -57,6 +57,11 @@ pub enum ConnError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     InsecureAuth(#[from] InsecureAuth),
+    #[error("without TLS: {plain}; with TLS: {tls}")]
+    Allow {
+        plain: Box<ConnError>,
+        tls: Box<ConnError>,
+    },
 }
 
 impl ConnError {
@@ -222,7 +227,12 @@ impl ReplConnection {
                 Err(e @ (ConnError::Connect { .. } | ConnError::Timeout { .. })) => Err(e),
                 // refused in plaintext (by the server or the password
                 // guard): try again with TLS
-                Err(_) => Self::connect_with(params, Negotiation::Required).await,
+                Err(plain) => Self::connect_with(params, Negotiation::Required)
+                    .await
+                    .map_err(|tls| ConnError::Allow {
+                        plain: Box::new(plain),
+                        tls: Box::new(tls),
+                    }),
             },
             SslMode::Prefer => Self::connect_with(params, Negotiation::Preferred).await,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {

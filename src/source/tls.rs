@@ -35,7 +35,7 @@ pub enum TlsError {
     Setup(#[from] openssl::error::ErrorStack),
     #[error("TLS handshake failed: {0}")]
     Handshake(String),
-    #[error("the server does not support SSL, and sslmode={mode} requires it")]
+    #[error("the server does not support TLS (ssl = off), and sslmode={mode} requires it")]
     NotSupported { mode: &'static str },
 }
 

@@ -7,3 +7,4 @@ mod errors;
 mod faults;
 mod sidecar;
 mod support;
+mod tls;
