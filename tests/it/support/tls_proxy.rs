@@ -48,6 +48,7 @@ impl TlsProxy {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("socat did not listen on {port} within 10 s");
     }
 
