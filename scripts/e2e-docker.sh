@@ -201,7 +201,9 @@ import_rootfs() { # DIR IMAGE
 }
 
 build_base() {
-    if image_exists "$BASE_IMAGE" && [ -z "${PGRELAY_E2E_REBUILD:-}" ]; then
+    # pgrelay links libssl3: a base made before it did lacks it
+    if image_exists "$BASE_IMAGE" && [ -z "${PGRELAY_E2E_REBUILD:-}" ] &&
+        docker run --rm "$BASE_IMAGE" dpkg -s libssl3 ca-certificates >/dev/null 2>&1; then
         log "base image $BASE_IMAGE: present, reused"
         return
     fi
@@ -216,7 +218,7 @@ build_base() {
     local r="$WORK/rootfs" t0=$SECONDS
     rm -rf "$r"
     log "debootstrap: Debian bookworm (minbase) from $MIRROR"
-    timeout 1200 debootstrap --variant=minbase --components=main bookworm "$r" "$MIRROR" >"$LOGS/debootstrap.log" 2>&1 ||
+    timeout 1200 debootstrap --variant=minbase --components=main --include=libssl3,ca-certificates bookworm "$r" "$MIRROR" >"$LOGS/debootstrap.log" 2>&1 ||
         fail "debootstrap failed: see $LOGS/debootstrap.log"
     trim_rootfs "$r"
     import_rootfs "$r" "$BASE_IMAGE"

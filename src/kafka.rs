@@ -5,10 +5,13 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::error::RDKafkaErrorCode;
+use std::sync::Mutex;
+
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 
 use crate::config::KafkaCluster;
 
@@ -28,13 +31,85 @@ impl AdminError {
     }
 }
 
+/// Keeps the last error librdkafka reported about a broker connection
+/// (a TLS handshake or SASL failure, say), which a timed-out request does
+/// not carry.
+#[derive(Default)]
+pub struct LastBrokerError(Mutex<Vec<String>>);
+
+impl LastBrokerError {
+    /// `; last broker error: ...` when one was reported, for messages:
+    /// the distinct reasons, the generic "brokers are down" only when there
+    /// is nothing better.
+    pub fn suffix(&self) -> String {
+        let Ok(seen) = self.0.lock() else {
+            return String::new();
+        };
+        let specific: Vec<&str> = seen
+            .iter()
+            .filter(|m| !m.contains("brokers are down"))
+            .map(String::as_str)
+            .collect();
+        let shown = if specific.is_empty() {
+            seen.last().map(|m| vec![m.as_str()]).unwrap_or_default()
+        } else {
+            specific
+        };
+        if shown.is_empty() {
+            String::new()
+        } else {
+            format!("; last broker error: {}", shown.join("; "))
+        }
+    }
+
+    fn keep(&self, reason: String) {
+        if let Ok(mut seen) = self.0.lock() {
+            // the same failure repeats on every reconnection
+            let reason = reason
+                .split(" (after ")
+                .next()
+                .unwrap_or(&reason)
+                .to_string();
+            if !seen.contains(&reason) && seen.len() < 3 {
+                seen.push(reason);
+            }
+        }
+    }
+}
+
+impl ProducerContext for LastBrokerError {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+impl ClientContext for LastBrokerError {
+    // librdkafka reports a failed broker connection (TLS, SASL) as an error
+    // log line from its own threads; the error event needs a poll that
+    // admin requests do not make
+    fn log(&self, level: RDKafkaLogLevel, _fac: &str, message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Error as i32) {
+            self.keep(message.to_string());
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.keep(if reason.is_empty() {
+            error.to_string()
+        } else {
+            reason.to_string()
+        });
+    }
+}
+
 fn client_config(cluster: &KafkaCluster) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &cluster.brokers);
     for (k, v) in &cluster.properties {
         cfg.set(k, v);
     }
-    cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Emerg);
+    // errors reach LastBrokerError (the default context drops them)
+    cfg.set_log_level(RDKafkaLogLevel::Error);
     cfg
 }
 
@@ -44,12 +119,20 @@ pub async fn metadata(cluster: &KafkaCluster, timeout: Duration) -> Result<Metad
     let cfg = client_config(cluster);
     let brokers = cluster.brokers.clone();
     tokio::task::spawn_blocking(move || {
-        let admin: AdminClient<DefaultClientContext> = cfg.create().map_err(|e| {
-            AdminError::Failed(format!("invalid kafka settings for {brokers}: {e}"))
-        })?;
-        admin.inner().fetch_metadata(None, timeout).map_err(|e| {
+        // a producer, because polling it serves the main queue where
+        // librdkafka puts broker errors and logs
+        let probe: BaseProducer<LastBrokerError> = cfg
+            .create_with_context(LastBrokerError::default())
+            .map_err(|e| {
+                AdminError::Failed(format!("invalid kafka settings for {brokers}: {e}"))
+            })?;
+        probe.client().fetch_metadata(None, timeout).map_err(|e| {
+            for _ in 0..100 {
+                probe.poll(Duration::ZERO);
+            }
             AdminError::Unreachable(format!(
-                "cannot reach kafka brokers {brokers} within {timeout:?}: {e}"
+                "cannot reach kafka brokers {brokers} within {timeout:?}: {e}{}",
+                probe.context().suffix()
             ))
         })
     })

@@ -324,6 +324,12 @@ async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
                 problems += 1;
             }
             Ok(client) => {
+                match catalog::session_tls(&client, region).await? {
+                    Some(version) => {
+                        println!("region {region}: database connection encrypted ({version})")
+                    }
+                    None => println!("region {region}: database connection NOT encrypted"),
+                }
                 let cat = Catalog {
                     client: &client,
                     region,
@@ -350,6 +356,16 @@ async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
                         s.retained_bytes
                     );
                 }
+            }
+        }
+        match catalog::probe_replication(dsn, region).await {
+            Ok(Some(version)) => {
+                println!("region {region}: replication connection encrypted ({version})")
+            }
+            Ok(None) => println!("region {region}: replication connection NOT encrypted"),
+            Err(e) => {
+                println!("error: {e}");
+                problems += 1;
             }
         }
         let mut topics: Vec<(String, &config::KafkaCluster)> = config

@@ -78,7 +78,7 @@ pub enum ResyncError {
     Setup(String),
     #[error(transparent)]
     Catalog(#[from] catalog::CatalogError),
-    #[error("region {region}: reading {what}: {source}")]
+    #[error("region {region}: reading {what}: {}", crate::source::pg_error::reason(.source))]
     Read {
         region: String,
         what: String,

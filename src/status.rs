@@ -140,7 +140,12 @@ async fn dest_side(config: &Config, region: &str) -> DestSide {
                     .insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
             }
         }
-        Err(e) => out.problem = Some(format!("{region} database: reading watermarks: {e}")),
+        Err(e) => {
+            out.problem = Some(format!(
+                "{region} database: reading watermarks: {}",
+                crate::source::pg_error::reason(&e)
+            ))
+        }
     }
     let consumed = |topic: String| {
         let client = &client;

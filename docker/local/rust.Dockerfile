@@ -2,7 +2,8 @@
 # bookworm's own current Rust toolchain (the `rustc-web` and `cargo-web`
 # packages, which bookworm keeps up to date for its browsers; its `rustc`
 # package, 1.63, is older than pgrelay's rust-version) plus what the bundled
-# librdkafka needs (gcc, g++ for its configure script, make, zlib).
+# librdkafka needs (gcc, g++ for its configure script, make, zlib) and
+# OpenSSL's headers (libssl-dev: pgrelay's TLS, librdkafka's ssl/SASL).
 #
 #   docker build -f docker/local/rust.Dockerfile --build-arg BASE_IMAGE=pgrelay-base:bookworm \
 #       -t pgrelay-rust:bookworm docker/local
@@ -15,7 +16,7 @@ FROM ${BASE_IMAGE}
 RUN set -eux; \
     apt-get update; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        rustc-web cargo-web gcc g++ libc6-dev make pkg-config zlib1g-dev ca-certificates; \
+        rustc-web cargo-web gcc g++ libc6-dev make pkg-config zlib1g-dev libssl-dev ca-certificates; \
     rm -rf /var/lib/apt/lists/*; \
     cargo --version; rustc --version
 ENV CARGO_HOME=/usr/local/cargo

@@ -110,7 +110,7 @@ pub fn db_message(e: &tokio_postgres::Error) -> String {
             Some(d) => format!("{} ({d})", db.message()),
             None => db.message().to_string(),
         },
-        None => e.to_string(),
+        None => crate::source::pg_error::reason(e),
     }
 }
 

@@ -3,21 +3,26 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::config::{Host, SslMode as PgSslMode};
+use tokio_postgres::{Client, Connection, NoTls};
 
 use crate::config::{Config, TableClass};
 use crate::event::{Lsn, TableName};
 use crate::source::assemble::HLC_COLUMN;
+use crate::source::conn::{ConnError, ConnParams, ReplConnection};
+use crate::source::dsn::{Dsn, SslMode, TlsOptions};
+use crate::source::pg_error;
+use crate::source::tls::{self, AuthGuard, InsecureAuth};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("cannot connect to the {region} database ({target}): {source}")]
+    #[error("cannot connect to the {region} database ({target}): {reason}")]
     Connect {
         region: String,
         target: String,
-        source: tokio_postgres::Error,
+        reason: String,
     },
-    #[error("{region} database: {context}: {source}")]
+    #[error("{region} database: {context}: {}", pg_error::reason(.source))]
     Query {
         region: String,
         context: String,
@@ -25,41 +30,181 @@ pub enum CatalogError {
     },
 }
 
-/// Connects with tokio-postgres (no TLS) and drives the connection in a task.
+/// Connects with tokio-postgres, TLS as the DSN's `sslmode` asks (libpq's
+/// semantics, see [`crate::source::dsn::SslMode`]), and drives the
+/// connection in a task.
 pub async fn connect(dsn: &str, region: &str) -> Result<Client, CatalogError> {
     let target = describe_target(dsn);
-    let mut config: tokio_postgres::Config =
-        dsn.parse().map_err(|source| CatalogError::Connect {
-            region: region.to_string(),
-            target: target.clone(),
-            source,
-        })?;
+    let fail = |reason: String| CatalogError::Connect {
+        region: region.to_string(),
+        target: target.clone(),
+        reason,
+    };
+    let Dsn { mut config, tls } = Dsn::parse(dsn).map_err(|e| fail(e.to_string()))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
     config.application_name("pgrelay");
-    let (client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| CatalogError::Connect {
-                region: region.to_string(),
-                target,
-                source,
-            })?;
-    let region = region.to_string();
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(region = %region, error = %e, "database connection ended");
+    let unix = matches!(config.get_hosts().first(), Some(Host::Unix(_)));
+    let result = if unix || tls.mode == SslMode::Disable {
+        // no TLS over a local socket, as in libpq
+        config.ssl_mode(PgSslMode::Disable);
+        spawn(config.connect(NoTls).await, region)
+    } else if tls.mode >= SslMode::Require {
+        connect_tls(&mut config, &tls, region).await
+    } else if tls.mode == SslMode::Prefer {
+        connect_guarded(&config, &tls, true, region).await
+    } else {
+        // allow: plaintext first, TLS when the server (or the password
+        // guard) refuses it
+        match connect_guarded(&config, &tls, false, region).await {
+            Ok(client) => Ok(client),
+            Err(plain) => connect_tls(&mut config, &tls, region)
+                .await
+                .map_err(|tls_err| format!("without TLS: {plain}; with TLS: {tls_err}")),
         }
-    });
-    Ok(client)
+    };
+    result.map_err(fail)
+}
+
+/// A TLS connection or an error: sslmode require, verify-ca, verify-full.
+async fn connect_tls(
+    config: &mut tokio_postgres::Config,
+    tls: &TlsOptions,
+    region: &str,
+) -> Result<Client, String> {
+    let make = tls::make_connector(tls).map_err(|e| e.to_string())?;
+    config.ssl_mode(PgSslMode::Require);
+    spawn(config.connect(make).await, region)
+}
+
+/// A connection on our own socket, watched by [`AuthGuard`] while it is in
+/// plaintext; `try_tls` sends an SSLRequest first (sslmode=prefer).
+async fn connect_guarded(
+    config: &tokio_postgres::Config,
+    tls: &TlsOptions,
+    try_tls: bool,
+    region: &str,
+) -> Result<Client, String> {
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let timeout = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(std::time::Duration::from_secs(10));
+    let socket = match config.get_hostaddrs().first() {
+        Some(addr) => {
+            tokio::time::timeout(timeout, tokio::net::TcpStream::connect((*addr, port))).await
+        }
+        None => {
+            tokio::time::timeout(
+                timeout,
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+        }
+    }
+    .map_err(|_| format!("timed out after {timeout:?}"))?
+    .map_err(|e| e.to_string())?;
+    let _ = socket.set_nodelay(true);
+    let mut config = config.clone();
+    if try_tls {
+        let connector = tls::connector(tls).map_err(|e| e.to_string())?;
+        let session = tls::configure(&connector, tls).map_err(|e| e.to_string())?;
+        config.ssl_mode(PgSslMode::Prefer);
+        let tls_connect = postgres_openssl::TlsConnector::new(session, &host);
+        spawn(
+            config
+                .connect_raw(AuthGuard::new(socket, true), tls_connect)
+                .await,
+            region,
+        )
+    } else {
+        config.ssl_mode(PgSslMode::Disable);
+        spawn(
+            config
+                .connect_raw(AuthGuard::new(socket, false), NoTls)
+                .await,
+            region,
+        )
+    }
+}
+
+/// Drives a fresh connection in a task; the error as one line with its cause.
+fn spawn<S, T>(
+    connected: Result<(Client, Connection<S, T>), tokio_postgres::Error>,
+    region: &str,
+) -> Result<Client, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match connected {
+        Ok((client, connection)) => {
+            let region = region.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(region = %region, error = %pg_error::reason(&e), "database connection ended");
+                }
+            });
+            Ok(client)
+        }
+        Err(e) => Err(match InsecureAuth::find(&e) {
+            Some(refusal) => refusal.to_string(),
+            None => pg_error::reason(&e),
+        }),
+    }
+}
+
+/// The TLS version of this session as the server sees it, `None` when it
+/// is not encrypted.
+pub async fn session_tls(client: &Client, region: &str) -> Result<Option<String>, CatalogError> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(|source| CatalogError::Query {
+            region: region.to_string(),
+            context: "reading pg_stat_ssl".into(),
+            source,
+        })?;
+    Ok(row.get(0))
+}
+
+/// Opens a replication connection the way the capture side does and returns
+/// the session's TLS version as the server sees it (`None`: not
+/// encrypted), or the reason it cannot connect.
+pub async fn probe_replication(dsn: &str, region: &str) -> Result<Option<String>, String> {
+    let params = ConnParams::from_dsn(dsn, &format!("pgrelay_check_{region}"))
+        .map_err(|e| format!("region {region}: replication connection: {e}"))?;
+    let fail = |e: ConnError| {
+        format!(
+            "region {region}: replication connection to {}: {e}",
+            params.target()
+        )
+    };
+    let mut conn = ReplConnection::connect(&params).await.map_err(fail)?;
+    let rows = conn
+        .simple_query(
+            "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .await
+        .map_err(fail)?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten()))
 }
 
 /// `host:port/db` of a DSN, without credentials, for messages.
 pub fn describe_target(dsn: &str) -> String {
-    match dsn.parse::<tokio_postgres::Config>() {
-        Ok(c) => {
+    match Dsn::parse(dsn) {
+        Ok(Dsn { config: c, .. }) => {
             let host = match c.get_hosts().first() {
                 Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
                 Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),

@@ -2,9 +2,13 @@
 //!
 //! tokio-postgres cannot open a `replication=database` session, so this
 //! module speaks the protocol itself on top of postgres-protocol's frontend
-//! encoders and SCRAM implementation: startup, authentication (trust,
-//! cleartext, md5, SCRAM-SHA-256), simple queries, and the CopyBoth
-//! sub-protocol that `START_REPLICATION` switches to.
+//! encoders and SCRAM implementation: TLS negotiation with libpq's
+//! `sslmode` semantics (see [`super::dsn::SslMode`]), startup,
+//! authentication (trust, cleartext and md5 — never over an unencrypted
+//! connection unless `sslmode=disable` —, SCRAM-SHA-256 and, over TLS,
+//! SCRAM-SHA-256-PLUS with tls-server-end-point channel binding), simple
+//! queries, and the CopyBoth sub-protocol that `START_REPLICATION` switches
+//! to.
 //!
 //! After `start_replication` the connection is split into a [`ReplReader`]
 //! (cancel-safe frame reads, so it can sit in a `select!`) and a
@@ -16,10 +20,16 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_postgres::config::ChannelBinding as ChannelBindingMode;
+
+use super::dsn::{Dsn, SslMode, TlsOptions};
+use super::tls::{self, InsecureAuth, TlsError};
 
 /// Errors of the replication connection.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +53,15 @@ pub enum ConnError {
     Protocol(String),
     #[error("io error: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    InsecureAuth(#[from] InsecureAuth),
+    #[error("without TLS: {plain}; with TLS: {tls}")]
+    Allow {
+        plain: Box<ConnError>,
+        tls: Box<ConnError>,
+    },
 }
 
 impl ConnError {
@@ -65,6 +84,8 @@ pub struct ConnParams {
     pub dbname: String,
     pub application_name: String,
     pub connect_timeout: Duration,
+    pub tls: TlsOptions,
+    pub channel_binding: ChannelBindingMode,
 }
 
 #[derive(Clone, Debug)]
@@ -80,16 +101,17 @@ impl fmt::Debug for ConnParams {
             .field("port", &self.port)
             .field("user", &self.user)
             .field("dbname", &self.dbname)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
 
 impl ConnParams {
     /// Parses a DSN (`host=... port=... user=...` or a `postgres://` URL)
-    /// with tokio-postgres' parser, keeping the first host.
+    /// with tokio-postgres' parser (TLS options apart), keeping the first
+    /// host.
     pub fn from_dsn(dsn: &str, application_name: &str) -> Result<Self, ConnError> {
-        let config: tokio_postgres::Config =
-            dsn.parse().map_err(|e| ConnError::Dsn(format!("{e}")))?;
+        let Dsn { config, tls } = Dsn::parse(dsn).map_err(|e| ConnError::Dsn(e.0))?;
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => Host::Tcp(h.clone()),
             Some(tokio_postgres::config::Host::Unix(p)) => Host::Unix(p.clone()),
@@ -112,6 +134,8 @@ impl ConnParams {
                 .get_connect_timeout()
                 .copied()
                 .unwrap_or(Duration::from_secs(10)),
+            tls,
+            channel_binding: config.get_channel_binding(),
         })
     }
 
@@ -130,16 +154,99 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 pub struct ReplConnection {
     reader: FrameReader<tokio::io::ReadHalf<Box<dyn Stream>>>,
     writer: tokio::io::WriteHalf<Box<dyn Stream>>,
+    encrypted: bool,
+}
+
+/// How a connection attempt treats TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Negotiation {
+    /// No SSLRequest.
+    Plain,
+    /// SSLRequest; plaintext if the server declines.
+    Preferred,
+    /// SSLRequest; an error if the server declines.
+    Required,
+}
+
+enum Negotiated {
+    /// Encrypted, with the channel binding data if the certificate allows.
+    Tls(Box<dyn Stream>, Option<Vec<u8>>),
+    Declined(Box<dyn Stream>),
+}
+
+/// Sends an SSLRequest and, if the server accepts, runs the handshake.
+async fn negotiate_tls(
+    mut stream: Box<dyn Stream>,
+    params: &ConnParams,
+    negotiation: Negotiation,
+) -> Result<Negotiated, ConnError> {
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    stream.write_all(&buf).await?;
+    stream.flush().await?;
+    let answer = stream.read_u8().await?;
+    match answer {
+        b'S' => {}
+        b'N' if negotiation == Negotiation::Preferred => return Ok(Negotiated::Declined(stream)),
+        b'N' => {
+            return Err(TlsError::NotSupported {
+                mode: params.tls.mode.as_str(),
+            }
+            .into())
+        }
+        other => {
+            return Err(ConnError::Protocol(format!(
+                "unexpected answer {other:#04x} to the SSL request"
+            )))
+        }
+    }
+    let connector = tls::connector(&params.tls)?;
+    let host = match &params.host {
+        Host::Tcp(h) => h.clone(),
+        Host::Unix(_) => "localhost".to_string(),
+    };
+    let tls_stream = tls::handshake(&connector, &params.tls, &host, stream).await?;
+    let binding = tls::tls_server_end_point(tls_stream.ssl());
+    Ok(Negotiated::Tls(Box::new(tls_stream), binding))
 }
 
 /// One result row of a simple query: text values.
 pub type Row = Vec<Option<String>>;
 
 impl ReplConnection {
-    /// Connects with `replication=database` and authenticates.
+    /// Connects with `replication=database`, negotiates TLS as `sslmode`
+    /// asks, and authenticates.
     pub async fn connect(params: &ConnParams) -> Result<Self, ConnError> {
+        let local = matches!(params.host, Host::Unix(_));
+        match params.tls.mode {
+            // no TLS over a local socket, as in libpq
+            _ if local => Self::connect_with(params, Negotiation::Plain).await,
+            SslMode::Disable => Self::connect_with(params, Negotiation::Plain).await,
+            SslMode::Allow => match Self::connect_with(params, Negotiation::Plain).await {
+                Ok(conn) => Ok(conn),
+                Err(e @ (ConnError::Connect { .. } | ConnError::Timeout { .. })) => Err(e),
+                // refused in plaintext (by the server or the password
+                // guard): try again with TLS
+                Err(plain) => Self::connect_with(params, Negotiation::Required)
+                    .await
+                    .map_err(|tls| ConnError::Allow {
+                        plain: Box::new(plain),
+                        tls: Box::new(tls),
+                    }),
+            },
+            SslMode::Prefer => Self::connect_with(params, Negotiation::Preferred).await,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                Self::connect_with(params, Negotiation::Required).await
+            }
+        }
+    }
+
+    async fn connect_with(
+        params: &ConnParams,
+        negotiation: Negotiation,
+    ) -> Result<Self, ConnError> {
         let target = params.target();
-        let stream: Box<dyn Stream> = tokio::time::timeout(params.connect_timeout, async {
+        let plain: Box<dyn Stream> = tokio::time::timeout(params.connect_timeout, async {
             match &params.host {
                 Host::Tcp(h) => TcpStream::connect((h.as_str(), params.port))
                     .await
@@ -164,13 +271,29 @@ impl ReplConnection {
             target: target.clone(),
             source,
         })?;
+        let (stream, binding) = match negotiation {
+            Negotiation::Plain => (plain, None),
+            Negotiation::Preferred | Negotiation::Required => {
+                match negotiate_tls(plain, params, negotiation).await? {
+                    Negotiated::Tls(stream, binding) => (stream, Some(binding)),
+                    Negotiated::Declined(stream) => (stream, None),
+                }
+            }
+        };
+        let encrypted = binding.is_some();
         let (read, writer) = tokio::io::split(stream);
         let mut conn = ReplConnection {
             reader: FrameReader::new(read),
             writer,
+            encrypted,
         };
-        conn.startup(params).await?;
+        conn.startup(params, binding.flatten()).await?;
         Ok(conn)
+    }
+
+    /// Whether the session is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.encrypted
     }
 
     async fn send(&mut self, buf: &BytesMut) -> Result<(), ConnError> {
@@ -179,7 +302,12 @@ impl ReplConnection {
         Ok(())
     }
 
-    async fn startup(&mut self, params: &ConnParams) -> Result<(), ConnError> {
+    /// `binding`: the tls-server-end-point data of an encrypted session.
+    async fn startup(
+        &mut self,
+        params: &ConnParams,
+        binding: Option<Vec<u8>>,
+    ) -> Result<(), ConnError> {
         let mut buf = BytesMut::new();
         // the walsender prints values with this session's settings: the
         // canonical ones make every region spell a value the same way
@@ -214,6 +342,13 @@ impl ReplConnection {
                         })
                     };
                     let mut out = BytesMut::new();
+                    if !self.encrypted && params.tls.mode != SslMode::Disable {
+                        if let Some(refusal) = InsecureAuth::for_code(code) {
+                            if !matches!(params.host, Host::Unix(_)) {
+                                return Err(refusal.into());
+                            }
+                        }
+                    }
                     match code {
                         0 => continue,
                         3 => {
@@ -232,14 +367,40 @@ impl ReplConnection {
                         }
                         10 => {
                             let mechanisms = body.split(|b| *b == 0).collect::<Vec<_>>();
-                            if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) {
-                                return Err(ConnError::Auth(
-                                    "the server offers no supported SASL mechanism".into(),
-                                ));
-                            }
+                            let plus = mechanisms.contains(&SCRAM_SHA_256_PLUS.as_bytes());
+                            let (mechanism, channel) = match &binding {
+                                Some(hash)
+                                    if plus
+                                        && params.channel_binding
+                                            != ChannelBindingMode::Disable =>
+                                {
+                                    (
+                                        SCRAM_SHA_256_PLUS,
+                                        ChannelBinding::tls_server_end_point(hash.clone()),
+                                    )
+                                }
+                                _ if params.channel_binding == ChannelBindingMode::Require => {
+                                    return Err(ConnError::Auth(
+                                        "channel_binding=require, and the server offers no \
+                                         SCRAM-SHA-256-PLUS over TLS"
+                                            .into(),
+                                    ))
+                                }
+                                _ if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) => {
+                                    return Err(ConnError::Auth(
+                                        "the server offers no supported SASL mechanism".into(),
+                                    ))
+                                }
+                                _ if self.encrypted
+                                    && params.channel_binding != ChannelBindingMode::Disable =>
+                                {
+                                    (SCRAM_SHA_256, ChannelBinding::unrequested())
+                                }
+                                _ => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                            };
                             let pw = password()?;
-                            let s = ScramSha256::new(&pw, ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                            let s = ScramSha256::new(&pw, channel);
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
                             scram = Some(s);
                         }
                         11 => {

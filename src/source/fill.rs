@@ -145,12 +145,13 @@ impl Filler {
         }
         let client = self.client.as_ref().expect("connected above");
         for c in change.schema.columns.iter().filter(|c| c.is_key) {
-            if !self.type_names.contains_key(&c.type_oid) {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.type_names.entry(c.type_oid)
+            {
                 let row = client
                     .query_one("SELECT format_type($1::oid, NULL)", &[&c.type_oid])
                     .await
                     .map_err(query_error)?;
-                self.type_names.insert(c.type_oid, row.get(0));
+                e.insert(row.get(0));
             }
         }
         let Some((sql, params)) =

@@ -4,4 +4,7 @@
 pub mod assemble;
 pub mod catalog;
 pub mod conn;
+pub mod dsn;
 pub mod fill;
+pub mod pg_error;
+pub mod tls;

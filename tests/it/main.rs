@@ -10,3 +10,4 @@ mod faults;
 mod rules;
 mod sidecar;
 mod support;
+mod tls;

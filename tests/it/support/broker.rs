@@ -58,6 +58,12 @@ impl Broker {
         (broker, proxy)
     }
 
+    /// A broker that tells clients to use `advertised` (a TLS proxy in
+    /// front of it, say).
+    pub fn advertising(advertised: u16) -> Broker {
+        Broker::launch(free_port(), advertised, false)
+    }
+
     fn launch(port: u16, advertised: u16, durable: bool) -> Broker {
         let mut b = Broker {
             port,

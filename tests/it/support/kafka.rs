@@ -20,13 +20,25 @@ pub struct Rec {
 /// Reads `topic` from the beginning until no record arrives for `idle`
 /// (waiting up to 15 s for the first one: fetches are slow under load).
 pub fn read_all(brokers: &str, topic: &str, idle: Duration) -> Vec<Rec> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    read_all_with(brokers, &[], topic, idle)
+}
+
+/// [`read_all`] with extra client properties (TLS settings, say).
+pub fn read_all_with(
+    brokers: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    idle: Duration,
+) -> Vec<Rec> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
         .set("group.id", "pgrelay-test-reader")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .expect("consumer");
+        .set("enable.partition.eof", "false");
+    for (k, v) in properties {
+        cfg.set(*k, *v);
+    }
+    let consumer: BaseConsumer = cfg.create().expect("consumer");
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("metadata");

@@ -4,10 +4,12 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod certs;
 pub mod kafka;
 pub mod pg;
 pub mod proxy;
 pub mod relay;
+pub mod tls_proxy;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -49,6 +49,8 @@ fn unsafe_geteuid_is_root() -> bool {
 pub struct PgOptions {
     pub wal_level: Option<&'static str>,
     pub extra: Vec<(String, String)>,
+    /// Replaces pg_hba.conf's TCP lines (local connections stay `trust`).
+    pub hba: Option<String>,
 }
 
 impl Pg {
@@ -87,6 +89,10 @@ impl Pg {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(hba) = &opts.hba {
+            let text = format!("local all all trust\nlocal replication all trust\n{hba}\n");
+            std::fs::write(data.join("pg_hba.conf"), text).unwrap();
+        }
         let mut conf = String::new();
         conf.push_str(&format!(
             "wal_level = {}\nmax_wal_senders = 20\nmax_replication_slots = 20\n",

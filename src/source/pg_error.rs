@@ -1,0 +1,38 @@
+//! A tokio-postgres error as one line that keeps its cause.
+//!
+//! `tokio_postgres::Error`'s own `Display` is only its kind ("db error",
+//! "error performing TLS handshake"); the server's message, the TLS
+//! library's reason or the I/O error sit in its source chain.
+
+/// The server's message (with detail, hint and SQLSTATE) for a database
+/// error; otherwise the error's kind followed by every cause in its chain.
+pub fn reason(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut out = db.message().to_string();
+        if let Some(detail) = db.detail() {
+            out.push_str(&format!(" ({detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            out.push_str(&format!("; hint: {hint}"));
+        }
+        out.push_str(&format!(" [SQLSTATE {}]", db.code().code()));
+        return out;
+    }
+    chain(e)
+}
+
+/// An error followed by each of its sources, skipping a source whose text
+/// its parent already shows.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
