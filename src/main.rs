@@ -449,6 +449,11 @@ async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
             }
         });
     }
+    tokio::spawn(apply::horizon::keep(
+        config.clone(),
+        region.to_string(),
+        shutdown.clone(),
+    ));
     let deadline = Instant::now() + config.startup_timeout;
     loop {
         let result: Result<(), (bool, String)> = async {

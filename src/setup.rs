@@ -35,6 +35,11 @@ pub fn plan(config: &Config, region: &str, keys: &dyn Fn(&TableName) -> KeyColum
             table_name text NOT NULL, pk jsonb NOT NULL, hlc bigint NOT NULL, \
             deleted_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (table_name, pk))"
             .to_string(),
+        // the stamp below which tombstones are gone (see apply::horizon)
+        "CREATE TABLE IF NOT EXISTS pgrelay.horizon (\
+            id boolean PRIMARY KEY DEFAULT true CHECK (id), hlc bigint NOT NULL, \
+            raised_at timestamptz NOT NULL DEFAULT now())"
+            .to_string(),
         "CREATE TABLE IF NOT EXISTS pgrelay.offsets (\
             topic text NOT NULL, kafka_partition int NOT NULL, next_offset bigint NOT NULL, \
             updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (topic, kafka_partition))"
@@ -84,6 +89,26 @@ $fn$",
             col = HLC_COLUMN,
             // the key's text as the apply side spells it, whatever the
             // deleting session's settings (restored when the function returns)
+            settings = crate::event::canonical_text_sets(" ")
+        ),
+        format!(
+            "CREATE OR REPLACE FUNCTION pgrelay.record_key_move() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
+DECLARE
+    key_json jsonb := '{{}}'::jsonb;
+    k text;
+    v text;
+BEGIN
+    FOREACH k IN ARRAY TG_ARGV LOOP
+        EXECUTE format('SELECT ($1).%I::text', k) INTO v USING OLD;
+        key_json := key_json || jsonb_build_object(k, v);
+    END LOOP;
+    INSERT INTO pgrelay.tombstones AS ts (table_name, pk, hlc)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, key_json, NEW.{col})
+    ON CONFLICT (table_name, pk) DO UPDATE SET hlc = greatest(ts.hlc, excluded.hlc), deleted_at = now();
+    RETURN NEW;
+END
+$fn$",
+            col = HLC_COLUMN,
             settings = crate::event::canonical_text_sets(" ")
         ),
         "CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql AS $fn$
@@ -136,6 +161,27 @@ $fn$"
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone BEFORE DELETE ON {t} \
              FOR EACH ROW EXECUTE FUNCTION pgrelay.record_delete({args})"
+        ));
+        // a row moved to a new key leaves its old key a tombstone under the
+        // move's stamp, as the other regions record it from the delete the
+        // move is published as (fires after pgrelay_stamp: triggers of one
+        // event fire in name order)
+        let key_list = keys(&table.name)
+            .iter()
+            .map(|k| quote_ident(k))
+            .collect::<Vec<_>>();
+        let moved = key_list
+            .iter()
+            .map(|k| format!("OLD.{k} IS DISTINCT FROM NEW.{k}"))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        sql.push(format!(
+            "DROP TRIGGER IF EXISTS pgrelay_tombstone_key ON {t}"
+        ));
+        sql.push(format!(
+            "CREATE TRIGGER pgrelay_tombstone_key BEFORE UPDATE OF {cols} ON {t} \
+             FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.record_key_move({args})",
+            cols = key_list.join(", ")
         ));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_truncate ON {t}"));
         sql.push(format!(

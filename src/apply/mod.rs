@@ -25,6 +25,7 @@
 //! batch commits.
 
 pub mod dlq;
+pub mod horizon;
 pub mod record;
 pub mod replay;
 pub mod sql;
@@ -497,16 +498,11 @@ impl Pipeline {
         tracing::info!(region = %self.region, source = %self.source, topic = %self.topic, group = self.group, partitions = n, "apply consuming");
         let max_records = self.config.apply.batch_max_records.max(1);
         let max_wait = self.config.apply.batch_max_wait;
-        let mut last_purge = Instant::now();
         // an idle pipeline still notices a target that went away: the
         // offsets stored there are where to resume (see apply_with_retry)
         let mut liveness = tokio::time::interval(Duration::from_millis(500));
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if last_purge.elapsed() > Duration::from_secs(60) {
-                last_purge = Instant::now();
-                self.purge_tombstones(&client).await;
-            }
             let mut batch: Vec<Consumed> = Vec::new();
             // a batch closes at max_records, max_wait after its first record,
             // or as soon as the consumer has had nothing for IDLE_GAP: large
@@ -552,26 +548,6 @@ impl Pipeline {
             }
             if stop || *shutdown.borrow() {
                 return Ok(());
-            }
-        }
-    }
-
-    /// Removes tombstones older than `relay.apply.tombstone_horizon`.
-    async fn purge_tombstones(&self, client: &Client) {
-        let horizon = format!("{} seconds", self.config.apply.tombstone_horizon.as_secs());
-        match client
-            .execute(
-                "DELETE FROM pgrelay.tombstones WHERE deleted_at < now() - $1::text::interval",
-                &[&horizon],
-            )
-            .await
-        {
-            Ok(n) if n > 0 => {
-                tracing::info!(region = %self.region, purged = n, "tombstones purged")
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(region = %self.region, error = %db_message(&e), "tombstone purge failed")
             }
         }
     }
@@ -928,8 +904,6 @@ pub async fn apply_batch(
             wait: Duration::from_millis((furthest - skew) as u64),
         });
     }
-    sql::fill_from_earlier(&mut changes);
-    let statements = sql::plan(&changes);
     let buckets = sql::key_buckets(&changes);
     let tx = client
         .transaction()
@@ -946,6 +920,46 @@ pub async fn apply_batch(
             .await
             .map_err(|e| format!("locking key buckets: {}", db_message(&e)))?;
     }
+    // changes below the tombstone horizon apply only to rows that exist
+    if !changes.is_empty() {
+        let horizon: i64 = tx
+            .query_one(horizon::HORIZON_SQL, &[])
+            .await
+            .map_err(|e| format!("reading the tombstone horizon: {}", db_message(&e)))?
+            .get(0);
+        let horizon = horizon.max(0) as u64;
+        let mut i = 0;
+        while i < changes.len() {
+            if horizon::below(&changes[i], horizon) {
+                let c = &changes[i];
+                let keys: Vec<Option<&str>> = c.key.iter().map(|k| k.as_deref()).collect();
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
+                    .iter()
+                    .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                let exists: bool = tx
+                    .query_one(horizon::exists_sql(c.table).as_str(), &params)
+                    .await
+                    .map_err(|e| format!("{}: {}", c.table.name, db_message(&e)))?
+                    .get(0);
+                if !exists {
+                    let why = record::Rejection::BeyondHorizon {
+                        stamp: c.hlc,
+                        horizon,
+                    };
+                    outcome
+                        .dead
+                        .push(DeadLetter::rejected(&batch[positions[i]], &why, attempt));
+                    changes.remove(i);
+                    positions.remove(i);
+                    continue;
+                }
+            }
+            i += 1;
+        }
+    }
+    sql::fill_from_earlier(&mut changes);
+    let statements = sql::plan(&changes);
     // staging tables filled in this transaction (one filled twice is
     // emptied first)
     let mut staged = HashSet::new();

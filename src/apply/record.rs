@@ -69,6 +69,12 @@ pub enum Rejection {
         ahead_ms: i64,
         limit_ms: u64,
     },
+    #[error(
+        "stamp {stamp} is below the tombstone horizon {horizon} and the row does not exist here: \
+         it may have been deleted by a tombstone already purged (relay.apply.tombstone_horizon), \
+         so it is not brought back"
+    )]
+    BeyondHorizon { stamp: u64, horizon: u64 },
 }
 
 impl Rejection {
@@ -82,6 +88,7 @@ impl Rejection {
             Rejection::UnknownOp(_) => "unknown_op",
             Rejection::OutOfRange { .. } => "out_of_range",
             Rejection::StampAhead { .. } => "stamp_ahead",
+            Rejection::BeyondHorizon { .. } => "beyond_horizon",
         }
     }
 }

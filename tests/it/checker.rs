@@ -456,7 +456,7 @@ impl Writer {
                         client = connect(&self.dsn).await;
                     }
                 }
-                Err(e) => panic!("{} writer: {e}", self.region),
+                Err(e) => panic!("{} writer: {e:?}", self.region),
             }
         }
     }

@@ -318,3 +318,111 @@ async fn forged_records_cannot_bend_the_region_clock() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_moved_to_a_new_key_stays_gone_under_its_old_key() {
+    let p = pair(SCHEMA);
+    p.us.psql("INSERT INTO products VALUES (1, 'a', 1)");
+    {
+        let _us = Relay::spawn(&p.cfg, "us", "capture");
+        let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+        same_rows(&p.us, &p.eu, "the row in both regions").await;
+    }
+    // nobody replicates: eu updates row 1 (older), then us moves it to key
+    // 2 (newer): the move deletes key 1 in every region
+    p.eu.psql("UPDATE products SET price = 5 WHERE id = 1");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    p.us.psql("UPDATE products SET id = 2 WHERE id = 1");
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    let state = eventually(Duration::from_secs(60), "both regions to agree", || async {
+        let x = rows(&p.us).await;
+        let y = rows(&p.eu).await;
+        // positive sign: eu's update was applied or refused in us (us's
+        // watermark of eu is set), and the regions agree
+        let us = p.us.client().await;
+        let seen: i64 = us
+            .query_one(
+                "SELECT count(*) FROM pgrelay.watermarks WHERE source_region = 'eu'",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (seen > 0 && x == y).then_some(x)
+    })
+    .await;
+    let ids: Vec<i32> = state.iter().map(|r| r.0).collect();
+    assert_eq!(ids, vec![2], "{state:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_older_than_a_purged_tombstone_is_parked_not_resurrected() {
+    let p = crate::apply::pair_with(SCHEMA, "tombstone_horizon = \"2s\"");
+    p.us.psql("INSERT INTO products VALUES (1, 'a', 1)");
+    {
+        let _us = Relay::spawn(&p.cfg, "us", "capture");
+        let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+        same_rows(&p.us, &p.eu, "the row in both regions").await;
+    }
+    // eu updates the row (older), us deletes it (newer); eu's update reaches
+    // us only after us has purged the delete's tombstone
+    p.eu.psql("UPDATE products SET price = 5 WHERE id = 1");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    p.us.psql("DELETE FROM products WHERE id = 1");
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let us = p.us.client().await;
+    eventually(
+        Duration::from_secs(60),
+        "us to purge the tombstone",
+        || async {
+            let n: i64 = us
+                .query_one("SELECT count(*) FROM pgrelay.tombstones", &[])
+                .await
+                .ok()?
+                .get(0);
+            let h: i64 = us
+                .query_one("SELECT coalesce((SELECT hlc FROM pgrelay.horizon), 0)", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == 0 && h > 0).then_some(())
+        },
+    )
+    .await;
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    // positive sign: eu's update is parked in us, with its reason
+    let parked = eventually(
+        Duration::from_secs(60),
+        "eu's update parked in us",
+        || async {
+            let parked = read_to_markers(&p.broker.brokers(), "pgrelay.dlq.us");
+            (!parked.is_empty()).then_some(parked)
+        },
+    )
+    .await;
+    assert_eq!(
+        parked[0]
+            .headers
+            .get("pgrelay.dlq.class")
+            .map(String::as_str),
+        Some("beyond_horizon"),
+        "{:?}",
+        parked[0].headers
+    );
+    let state = same_rows_or_empty(&p.us, &p.eu).await;
+    assert!(
+        state.is_empty(),
+        "the deleted row stays deleted everywhere: {state:?}"
+    );
+}
+
+/// Waits until both regions agree (possibly on no rows at all).
+async fn same_rows_or_empty(a: &Pg, b: &Pg) -> Vec<(i32, Option<String>, Option<String>, i64)> {
+    eventually(Duration::from_secs(60), "both regions to agree", || async {
+        let x = rows(a).await;
+        let y = rows(b).await;
+        (x == y).then_some(x)
+    })
+    .await
+}

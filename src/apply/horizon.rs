@@ -1,0 +1,174 @@
+//! Tombstones, and the horizon below which they are gone.
+//!
+//! A tombstone keeps a late, older change from bringing a deleted row back.
+//! Tombstones cannot be kept forever, so they are purged once older than
+//! `relay.apply.tombstone_horizon` — but never above the lowest stamp every
+//! source region has delivered here (a region that is behind may still send
+//! changes older than that). The purge raises `pgrelay.horizon`, and from
+//! then on the apply side treats any insert or update stamped below it for
+//! a row that does not exist as undecidable: the row may have been deleted
+//! by a tombstone that is gone. Such a change is dead-lettered, never
+//! applied (DLQ replay, resync, a region cut off longer than the horizon, a
+//! replay from the topic's start after `pgrelay.offsets` was lost all end
+//! there). A change below the horizon for a row that exists is compared
+//! with the row as usual: a row that exists has outlived every tombstone
+//! older than it.
+//!
+//! The purge holds every key bucket's lock (as an apply batch holds its
+//! own), so no batch is between its tombstone check and its commit while
+//! the horizon moves; a batch reads the horizon after taking its locks.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::apply::record::{Incoming, TargetTable};
+use crate::apply::sql::{buckets_param, KEY_BUCKETS, LOCK_BUCKETS_SQL};
+use crate::event::{quote_ident, Op};
+use crate::hlc;
+
+/// The current horizon (0: nothing purged yet).
+pub const HORIZON_SQL: &str = "SELECT coalesce((SELECT hlc FROM pgrelay.horizon), 0)";
+
+/// The stamp below which tombstones may go: `horizon` ago, and not above
+/// the lowest stamp delivered from any source (`lowest_delivered`).
+pub fn cutoff(now_ms: u64, horizon: Duration, lowest_delivered: Option<u64>) -> u64 {
+    let by_age = hlc::compose(now_ms.saturating_sub(horizon.as_millis() as u64), 0, 0);
+    lowest_delivered.map_or(by_age, |w| w.min(by_age))
+}
+
+/// Purges the tombstones below the cutoff and raises the horizon; returns
+/// how many were purged.
+pub async fn purge(
+    client: &mut Client,
+    horizon: Duration,
+    now_ms: u64,
+) -> Result<u64, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let all: Vec<u32> = (0..KEY_BUCKETS).collect();
+    tx.execute(LOCK_BUCKETS_SQL, &[&buckets_param(&all)])
+        .await?;
+    let lowest: Option<i64> = tx
+        .query_one("SELECT min(hlc) FROM pgrelay.watermarks", &[])
+        .await?
+        .get(0);
+    let cut = cutoff(now_ms, horizon, lowest.map(|w| w.max(0) as u64)) as i64;
+    tx.execute(
+        "INSERT INTO pgrelay.horizon AS h (id, hlc) VALUES (true, $1) \
+         ON CONFLICT (id) DO UPDATE SET hlc = greatest(h.hlc, EXCLUDED.hlc), raised_at = now()",
+        &[&cut],
+    )
+    .await?;
+    let n = tx
+        .execute(
+            "DELETE FROM pgrelay.tombstones WHERE hlc < (SELECT hlc FROM pgrelay.horizon)",
+            &[],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// How often the horizon moves: a quarter of it, between 1 s and a minute.
+pub fn purge_interval(horizon: Duration) -> Duration {
+    (horizon / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Purges tombstones of `region` until shutdown (every sidecar process
+/// does, whatever its role: tombstones grow nowhere without bound).
+pub async fn keep(
+    config: std::sync::Arc<crate::config::Config>,
+    region: String,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let horizon = config.apply.tombstone_horizon;
+    let mut client: Option<Client> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(purge_interval(horizon)) => {}
+        }
+        if client.as_ref().is_none_or(Client::is_closed) {
+            let Ok(region_cfg) = config.region(&region) else {
+                return;
+            };
+            match crate::source::catalog::connect(&region_cfg.dsn, &region).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::warn!(region = %region, error = %e, "tombstone purge: cannot connect");
+                    continue;
+                }
+            }
+        }
+        let c = client.as_mut().expect("connected above");
+        match purge(c, horizon, crate::apply::now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(region = %region, purged = n, "tombstones purged"),
+            Err(e) => {
+                tracing::warn!(region = %region, error = %crate::apply::db_message(&e), "tombstone purge failed")
+            }
+        }
+    }
+}
+
+/// Whether `change` is an insert or update stamped below `horizon`: the
+/// caller must then check that its row exists before applying it.
+pub fn below(change: &Incoming<'_>, horizon: u64) -> bool {
+    horizon > 0 && change.hlc < horizon && !matches!(change.op, Op::Delete | Op::Truncate)
+}
+
+/// `SELECT EXISTS (… WHERE key = $n::text::type …)` for a row of `target`.
+pub fn exists_sql(target: &TargetTable) -> String {
+    let conditions: Vec<String> = target
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let ty = target
+                .columns
+                .iter()
+                .position(|c| c == k)
+                .and_then(|p| target.column_types.get(p))
+                .filter(|t| !t.is_empty())
+                .map_or("text", String::as_str);
+            format!("{} = ${}::text::{ty}", quote_ident(k), i + 1)
+        })
+        .collect();
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE {})",
+        target.name.quoted(),
+        conditions.join(" AND ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TableName;
+
+    #[test]
+    fn the_cutoff_never_passes_what_a_source_has_not_delivered() {
+        let day = Duration::from_secs(86_400);
+        let now = 10 * 86_400_000;
+        let by_age = hlc::compose(9 * 86_400_000, 0, 0);
+        assert_eq!(cutoff(now, day, None), by_age);
+        assert_eq!(cutoff(now, day, Some(by_age + 5)), by_age);
+        assert_eq!(cutoff(now, day, Some(17)), 17);
+        assert_eq!(cutoff(5, day, None), 0);
+    }
+
+    #[test]
+    fn the_existence_check_casts_each_key_to_its_type() {
+        let t = TargetTable {
+            name: TableName::new("public", "we\"ird"),
+            key: vec!["tenant".into(), "id".into()],
+            columns: vec!["id".into(), "tenant".into(), "v".into()],
+            column_types: vec!["integer".into(), "text".into(), "text".into()],
+            json_columns: vec![],
+        };
+        assert_eq!(
+            exists_sql(&t),
+            r#"SELECT EXISTS (SELECT 1 FROM "public"."we""ird" WHERE "tenant" = $1::text::text AND "id" = $2::text::integer)"#
+        );
+    }
+}
