@@ -296,14 +296,15 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
 const MAX_WALL_MS: i64 = (1 << 47) - 1;
 
 /// The fields the apply side stores or compares, checked before anything
-/// is applied: a stamp is a positive `bigint`, a commit LSN is `X/Y` in
+/// is applied: a stamp is a non-negative `bigint`, a commit LSN is `X/Y` in
 /// hex, a commit time is a time a stamp can hold.
 fn check_meta(env: &ApplyEnvelope<'_>) -> Result<(), Rejection> {
     let hlc = env.pgrelay.hlc;
-    if hlc == 0 || hlc > i64::MAX as u64 {
+    // 0 is the stamp of a row written before setup (resync sends it so)
+    if hlc > i64::MAX as u64 {
         return Err(Rejection::OutOfRange {
             field: "pgrelay.hlc",
-            reason: format!("{hlc} is not a stamp (1 to 2^63-1)"),
+            reason: format!("{hlc} is not a stamp (0 to 2^63-1)"),
         });
     }
     let lsn = &env.pgrelay.commit_lsn;
