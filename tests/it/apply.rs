@@ -486,16 +486,36 @@ async fn truncate_replicates_and_late_older_rows_stay_out() {
         .into_iter()
         .find(|r| r.value["op"] == "c" && r.value["after"]["name"] == "old")
         .unwrap();
+    // then, in the same partition, a newer marker: once it is applied, the
+    // late record before it was processed
+    let mut marker = old.value.clone();
+    marker["after"]["id"] = serde_json::json!("999");
+    marker["after"]["name"] = serde_json::json!("marker");
+    marker["pgrelay"]["hlc"] =
+        serde_json::json!(pgrelay::hlc::compose(pgrelay::apply::now_ms(), 0, 1));
     produce(
         &p.broker.brokers(),
         "pgrelay.us.eu",
-        &[(
-            Some(old.key.to_string().into_bytes()),
-            Some(old.value.to_string().into_bytes()),
-        )],
+        &[
+            (
+                Some(old.key.to_string().into_bytes()),
+                Some(old.value.to_string().into_bytes()),
+            ),
+            (
+                Some(old.key.to_string().into_bytes()),
+                Some(marker.to_string().into_bytes()),
+            ),
+        ],
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(dump(&p.eu).await.len(), 11);
+    eventually(
+        Duration::from_secs(60),
+        "the marker after the late record",
+        || async { dump(&p.eu).await.contains_key(&999).then_some(()) },
+    )
+    .await;
+    let state = dump(&p.eu).await;
+    assert_eq!(state.len(), 12, "{state:?}");
+    assert!(state.values().all(|r| r.1.as_deref() != Some("old")));
 }
 
 /// json and jsonb values (and domains over them) arrive as the same
@@ -656,7 +676,17 @@ async fn schema_changes_reach_the_target_without_dead_letters() {
          INSERT INTO products (id, name, sku) VALUES (3, 'c', 'S-3');
          UPDATE products SET sku = 'S-1' WHERE id = 1;",
     );
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // positive sign: eu consumed them and holds them for the column
+    eventually(
+        Duration::from_secs(60),
+        "eu to hold the records for the column",
+        || async {
+            _eu.log_text()
+                .contains("records carry a column the target table lacks")
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(row(3).await, None, "applied before eu has the column?");
     // ...until eu adds it too: then they apply, with no restart
     p.eu.psql("ALTER TABLE products ADD COLUMN sku text");
@@ -739,10 +769,32 @@ async fn resync_brings_regions_with_existing_rows_in_line() {
     })
     .await;
     let settled = converged(&p.us, &p.eu, Duration::from_secs(60)).await;
-    // a second round is a no-op
-    relay::ok(&["resync", "--config", cfg, "--region", "us"]);
-    relay::ok(&["resync", "--config", cfg, "--region", "eu"]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // a second round is a no-op: once every record it sent is consumed
+    // (the offsets stored in each target have moved past them), nothing
+    // changed
+    let before = (
+        consumed(&p.eu, "pgrelay.us.eu").await,
+        consumed(&p.us, "pgrelay.eu.us").await,
+    );
+    let to_eu = sent_to(
+        &relay::ok(&["resync", "--config", cfg, "--region", "us"]),
+        "eu",
+    );
+    let to_us = sent_to(
+        &relay::ok(&["resync", "--config", cfg, "--region", "eu"]),
+        "us",
+    );
+    assert!(to_eu > 0 && to_us > 0);
+    eventually(
+        Duration::from_secs(60),
+        "the second round consumed",
+        || async {
+            (consumed(&p.eu, "pgrelay.us.eu").await >= before.0 + to_eu
+                && consumed(&p.us, "pgrelay.eu.us").await >= before.1 + to_us)
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         converged(&p.us, &p.eu, Duration::from_secs(60)).await,
         settled
@@ -759,4 +811,30 @@ async fn names(pg: &Pg) -> Vec<(i32, String)> {
         .iter()
         .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1)))
         .collect()
+}
+
+/// Records of `topic` consumed into `pg` (the sum of its stored offsets).
+async fn consumed(pg: &Pg, topic: &str) -> i64 {
+    pg.client()
+        .await
+        .query_one(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM pgrelay.offsets WHERE topic = $1",
+            &[&topic],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Records `pgrelay resync` says it sent to `destination` (rows and
+/// tombstones of every table).
+fn sent_to(output: &str, destination: &str) -> i64 {
+    output
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 5 && f[1] == destination)
+                .then(|| f[2].parse::<i64>().unwrap_or(0) + f[3].parse::<i64>().unwrap_or(0))
+        })
+        .sum()
 }

@@ -471,10 +471,51 @@ pub async fn assert_no_loops(w: &World) {
         );
         last = now;
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // positive sign before the negative check: a marker written in each
+    // region is applied everywhere, and every capture side has read its WAL
+    // past those applies (a loop would publish them again)
+    for (i, r) in REGIONS.iter().enumerate() {
+        w.pg[r].psql(&format!(
+            "INSERT INTO products (id, name, price) VALUES ({}, 'marker-{r}', 1)",
+            900_000 + i
+        ));
+    }
+    for r in REGIONS {
+        eventually(
+            Duration::from_secs(60),
+            "the markers in every region",
+            || async {
+                let n = rows(&w.pg[r], "SELECT count(*) FROM products WHERE id >= 900000").await;
+                (n[0][0].as_deref() == Some("3")).then_some(())
+            },
+        )
+        .await;
+    }
+    for r in REGIONS {
+        let target = rows(&w.pg[r], "SELECT pg_current_wal_lsn()::text").await[0][0].clone();
+        let slot = format!("pgrelay_{r}");
+        eventually(Duration::from_secs(60), "each slot past the markers' applies", || async {
+            let ok = rows(
+                &w.pg[r],
+                &format!(
+                    "SELECT confirmed_flush_lsn >= '{}'::pg_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'",
+                    target.as_deref().unwrap_or("0/0")
+                ),
+            )
+            .await;
+            (ok.first().and_then(|r| r[0].as_deref()) == Some("t")).then_some(())
+        })
+        .await;
+    }
+    // each marker goes to the two other regions, and nothing else moves
+    let want = last + 6.0;
+    eventually(Duration::from_secs(30), "the markers counted", || async {
+        (total(w) >= want).then_some(())
+    })
+    .await;
     assert_eq!(
         total(w),
-        last,
+        want,
         "records keep being published after writes stopped: a loop"
     );
 }
