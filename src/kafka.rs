@@ -250,3 +250,35 @@ pub async fn topic_end(
     .await
     .map_err(|e| format!("watermark task failed: {e}"))?
 }
+
+/// The first offset still held of each partition of `topic` (records below
+/// it were deleted by retention).
+pub async fn partition_starts(
+    cluster: &KafkaCluster,
+    topic: &str,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<i32, i64>, String> {
+    let cfg = client_config(cluster);
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = cfg
+            .create()
+            .map_err(|e| format!("invalid kafka settings: {e}"))?;
+        let md = consumer
+            .fetch_metadata(Some(&topic), timeout)
+            .map_err(|e| format!("kafka metadata for {topic}: {e}"))?;
+        let mut out = std::collections::BTreeMap::new();
+        for t in md.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                let (low, _) = consumer
+                    .fetch_watermarks(&topic, p.id(), timeout)
+                    .map_err(|e| format!("watermarks of {topic}[{}]: {e}", p.id()))?;
+                out.insert(p.id(), low);
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| format!("watermark task failed: {e}"))?
+}

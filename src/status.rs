@@ -182,8 +182,50 @@ async fn dest_side(config: &Config, region: &str) -> DestSide {
                 out.problem.get_or_insert(format!("region {region}: {e}"));
             }
         }
+        if let Some(lost) = records_lost(&client, cluster, &topic, timeout).await {
+            out.problem.get_or_insert(format!(
+                "region {region}: {lost}: those changes are lost here; run pgrelay resync --region {source} --to {region}"
+            ));
+        }
     }
     out
+}
+
+/// Names the partitions of `topic` whose next record to apply was deleted by
+/// Kafka's retention before it was applied (stored offset below the
+/// partition's first offset).
+async fn records_lost(
+    client: &tokio_postgres::Client,
+    cluster: &crate::config::KafkaCluster,
+    topic: &str,
+    timeout: Duration,
+) -> Option<String> {
+    let starts = crate::kafka::partition_starts(cluster, topic, timeout)
+        .await
+        .ok()?;
+    let stored: BTreeMap<i32, i64> = client
+        .query(
+            "SELECT kafka_partition, next_offset FROM pgrelay.offsets WHERE topic = $1",
+            &[&topic],
+        )
+        .await
+        .ok()?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let lost: Vec<String> = starts
+        .iter()
+        .filter_map(|(p, start)| {
+            let next = stored.get(p).copied().unwrap_or(0);
+            (next < *start).then(|| format!("{topic}[{p}] offsets {next}..{start}"))
+        })
+        .collect();
+    (!lost.is_empty()).then(|| {
+        format!(
+            "records deleted by Kafka retention before they were applied ({})",
+            lost.join(", ")
+        )
+    })
 }
 
 /// 0 active, 1 lagging, 2 failed (for the `pgrelay_pair_state` gauge).

@@ -61,6 +61,10 @@ pub enum ApplyError {
     /// Broke; restart with backoff.
     #[error("{0}")]
     Transient(String),
+    /// Records to apply were deleted by Kafka's retention first: they are
+    /// lost here until someone resyncs the pair.
+    #[error("{0}")]
+    RecordsLost(String),
 }
 
 impl ApplyError {
@@ -270,7 +274,9 @@ pub fn consumer(config: &Config, region: &str, group: &str) -> Result<StreamCons
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "earliest");
+        // a stored offset Kafka no longer holds means records deleted
+        // before they were applied: an error, never a silent jump
+        .set("auto.offset.reset", "error");
     cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
     cfg.create()
         .map_err(|e| ApplyError::Setup(format!("kafka consumer for region {region}: {e}")))
@@ -310,10 +316,9 @@ pub async fn assign(
     }
     let mut tpl = TopicPartitionList::new();
     for p in &mine {
-        let offset = match stored.get(p) {
-            Some(o) => Offset::Offset(*o),
-            None => Offset::Beginning,
-        };
+        // from the very first record: a partition whose start was already
+        // deleted is reported, not skipped
+        let offset = Offset::Offset(stored.get(p).copied().unwrap_or(0));
         tpl.add_partition_offset(topic, *p, offset)
             .map_err(|e| ApplyError::Transient(e.to_string()))?;
     }
@@ -476,6 +481,21 @@ impl Pipeline {
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
+                Err(ApplyError::RecordsLost(e)) => {
+                    self.metrics.set(
+                        "pgrelay_apply_records_lost",
+                        "1 while records of the pair were deleted by Kafka retention before they were applied (run pgrelay resync)",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1.0,
+                    );
+                    tracing::error!(region = %self.region, source = %self.source, "{e}");
+                    // the pair stays stopped; an operator's fix is picked
+                    // up on the next look
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -517,7 +537,22 @@ impl Pipeline {
                     biased;
                     _ = shutdown.changed() => { stop = true; break; }
                     m = consumer.recv() => {
-                        let m = m.map_err(|e| ApplyError::Transient(format!("consuming {}: {e}", self.topic)))?;
+                        let m = match m {
+                            Ok(m) => m,
+                            Err(rdkafka::error::KafkaError::MessageConsumption(
+                                code @ (rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
+                                | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange),
+                            )) => {
+                                return Err(ApplyError::RecordsLost(format!(
+                                    "region {}: the cluster no longer holds the records of {} this region is to apply next \
+                                     (deleted by retention before they were applied, or lost by the cluster: {code}): \
+                                     those changes are lost in {}. Run `pgrelay resync --region {} --to {}`, then \
+                                     `DELETE FROM pgrelay.offsets WHERE topic = '{}'` in {} to resume from the oldest record Kafka holds",
+                                    self.region, self.topic, self.region, self.source, self.region, self.topic, self.region
+                                )))
+                            }
+                            Err(e) => return Err(ApplyError::Transient(format!("consuming {}: {e}", self.topic))),
+                        };
                         let now = tokio::time::Instant::now();
                         if batch.is_empty() {
                             deadline.as_mut().reset(now + max_wait);
@@ -700,6 +735,12 @@ impl Pipeline {
             ("region", self.region.as_str()),
             ("source", self.source.as_str()),
         ];
+        self.metrics.set(
+            "pgrelay_apply_records_lost",
+            "1 while records of the pair were deleted by Kafka retention before they were applied (run pgrelay resync)",
+            &labels,
+            0.0,
+        );
         self.metrics.add(
             "pgrelay_apply_records_total",
             "Records consumed and applied (or found redundant)",

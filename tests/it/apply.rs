@@ -64,11 +64,15 @@ pub fn pair(schema: &str) -> Pair {
 
 /// [`pair`] with more `[relay.apply]` settings.
 pub fn pair_with(schema: &str, apply_settings: &str) -> Pair {
+    pair_on(schema, apply_settings, Broker::start())
+}
+
+/// [`pair_with`] on a given broker.
+pub fn pair_on(schema: &str, apply_settings: &str, broker: Broker) -> Pair {
     let us = Pg::start();
     let eu = Pg::start();
     us.psql(schema);
     eu.psql(schema);
-    let broker = Broker::start();
     let text = config(&us.dsn(), &eu.dsn(), &broker.brokers()).replace(
         "batch_max_wait = \"50ms\"\n",
         &format!("batch_max_wait = \"50ms\"\n{apply_settings}\n"),
