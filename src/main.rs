@@ -588,14 +588,40 @@ async fn dlq(action: DlqAction) -> Result<ExitCode> {
                 limit,
                 Duration::from_secs(2),
             )?;
+            // `dlq replay` stores how far it got, per partition, in the
+            // region's database: what is below that was replayed
+            let dlq_topic = config.dlq_topic(&region);
+            let replayed_below = match pgrelay::source::catalog::connect(
+                &config.regions[&region].dsn,
+                &region,
+            )
+            .await
+            {
+                Ok(client) => apply::stored_offsets(&client, &dlq_topic).await.ok(),
+                Err(_) => None,
+            };
+            let state = |p: i32, o: i64| match &replayed_below {
+                Some(done) if o < done.get(&p).copied().unwrap_or(0) => "replayed",
+                Some(_) => "waiting",
+                None => "replay state unknown",
+            };
+            let waiting = letters
+                .iter()
+                .filter(|(p, o, _)| state(*p, *o) == "waiting")
+                .count();
             println!(
-                "{} parked record(s) in {}",
+                "{} parked record(s) in {dlq_topic}, {waiting} waiting for replay{}",
                 letters.len(),
-                config.dlq_topic(&region)
+                if replayed_below.is_none() {
+                    " (the database is unreachable: replay state unknown)"
+                } else {
+                    ""
+                }
             );
             for (p, o, d) in letters {
                 println!(
-                    "{p}:{o}  {}  attempts={}  sqlstate={}  from {}[{}]@{}  {}",
+                    "{p}:{o}  {}  {}  attempts={}  sqlstate={}  from {}[{}]@{}  {}",
+                    state(p, o),
                     d.class,
                     d.attempts,
                     if d.sqlstate.is_empty() {

@@ -346,6 +346,7 @@ pub fn targets() -> Targets {
             columns,
             column_types: vec![],
             json_columns: vec![("doc".into(), "jsonb".into())],
+            admit: Default::default(),
         },
     );
     t

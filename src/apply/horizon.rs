@@ -165,6 +165,7 @@ mod tests {
             columns: vec!["id".into(), "tenant".into(), "v".into()],
             column_types: vec!["integer".into(), "text".into(), "text".into()],
             json_columns: vec![],
+            admit: Default::default(),
         };
         assert_eq!(
             exists_sql(&t),

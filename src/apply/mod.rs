@@ -161,10 +161,44 @@ pub async fn load_targets(
                 columns: state.columns,
                 column_types: state.column_types,
                 json_columns: state.json_columns,
+                admit: admission(config, region, &t.class),
             },
         );
     }
     Ok(targets)
+}
+
+/// What `region` accepts of a table of class `class` (see [`record::Admit`]).
+fn admission(config: &Config, region: &str, class: &TableClass) -> record::Admit {
+    match class {
+        TableClass::Owned { owner } => record::Admit::Owner(owner.clone()),
+        TableClass::Partitioned {
+            home_column,
+            aliases,
+            allow,
+        } => {
+            let mut homes: std::collections::HashMap<String, String> = config
+                .regions
+                .keys()
+                .map(|r| (r.clone(), r.clone()))
+                .collect();
+            homes.extend(aliases.iter().map(|(v, r)| (v.clone(), r.clone())));
+            let allowed = config
+                .regions
+                .keys()
+                .filter(|home| {
+                    *home == region || allow.get(*home).is_some_and(|a| a.contains(region))
+                })
+                .cloned()
+                .collect();
+            record::Admit::Homes {
+                column: home_column.clone(),
+                homes,
+                allowed,
+            }
+        }
+        _ => record::Admit::Any,
+    }
 }
 
 /// The replication origin `pgrelay dlq replay` writes under (the sidecar's
@@ -613,7 +647,7 @@ impl Pipeline {
                 batch,
                 &self.dlq,
                 BatchOptions {
-                    attempt,
+                    attempt: 0,
                     extra_offsets: &[],
                     commit: true,
                     max_tries: self.config.apply.max_retries.max(1),
@@ -822,7 +856,9 @@ async fn execute(
 
 /// How to apply a batch.
 pub struct BatchOptions<'a> {
-    /// How many times this batch was tried before (for dead-letter headers).
+    /// How many times its records were tried before this batch (0; a
+    /// parked record being replayed: its attempts so far). Dead letters
+    /// carry this plus the tries of this batch.
     pub attempt: u32,
     /// Further progress to store in the same transaction (replay).
     pub extra_offsets: &'a [(String, i32, i64)],
@@ -920,7 +956,16 @@ pub async fn apply_batch(
                         ahead_ms: ahead,
                         limit_ms: limit as u64,
                     };
-                    outcome.dead.push(DeadLetter::rejected(c, &why, attempt));
+                    outcome
+                        .dead
+                        .push(DeadLetter::rejected(c, &why, attempt + 1));
+                    continue;
+                }
+                if let Err(why) = inc.table.admit.check(source, &inc) {
+                    let why = record::Rejection::NotAdmitted(why);
+                    outcome
+                        .dead
+                        .push(DeadLetter::rejected(c, &why, attempt + 1));
                     continue;
                 }
                 furthest = furthest.max(ahead);
@@ -935,7 +980,9 @@ pub async fn apply_batch(
                     unknown_column: Some(format!("{table}.{column}")),
                 });
             }
-            Err(rej) => outcome.dead.push(DeadLetter::rejected(c, &rej, attempt)),
+            Err(rej) => outcome
+                .dead
+                .push(DeadLetter::rejected(c, &rej, attempt + 1)),
         }
     }
     if furthest > skew {
@@ -988,9 +1035,11 @@ pub async fn apply_batch(
                         stamp: c.hlc,
                         horizon,
                     };
-                    outcome
-                        .dead
-                        .push(DeadLetter::rejected(&batch[positions[i]], &why, attempt));
+                    outcome.dead.push(DeadLetter::rejected(
+                        &batch[positions[i]],
+                        &why,
+                        attempt + 1,
+                    ));
                     changes.remove(i);
                     positions.remove(i);
                     continue;
@@ -1054,6 +1103,7 @@ pub async fn apply_batch(
                                         .await
                                         .map_err(|e| format!("rollback: {}", db_message(&e)))?;
                                     if tries >= max_tries {
+                                        // the change alone was tried `tries` times
                                         outcome.dead.push(DeadLetter::failed(
                                             &batch[positions[m]],
                                             &e,

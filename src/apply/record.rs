@@ -58,6 +58,8 @@ pub enum Rejection {
     MissingKey { table: String, column: String },
     #[error("unknown operation {0:?}")]
     UnknownOp(String),
+    #[error("not accepted by this region's residency policy: {0}")]
+    NotAdmitted(String),
     #[error("field {field} is out of range: {reason}")]
     OutOfRange { field: &'static str, reason: String },
     #[error(
@@ -86,6 +88,7 @@ impl Rejection {
             Rejection::UnknownColumn { .. } => "unknown_column",
             Rejection::MissingKey { .. } => "missing_key",
             Rejection::UnknownOp(_) => "unknown_op",
+            Rejection::NotAdmitted(_) => "not_admitted",
             Rejection::OutOfRange { .. } => "out_of_range",
             Rejection::StampAhead { .. } => "stamp_ahead",
             Rejection::BeyondHorizon { .. } => "beyond_horizon",
@@ -106,6 +109,66 @@ pub struct TargetTable {
     /// type as SQL (from the catalog): their text arrives as a JSON string
     /// and must be read back as a document, not kept as a string scalar.
     pub json_columns: Vec<(String, String)>,
+    /// Which changes this region accepts for the table, whatever a record
+    /// claims (the residency policy, checked again on arrival).
+    pub admit: Admit,
+}
+
+/// The apply side's own residency check of a table's incoming changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Admit {
+    /// `global`: from any region.
+    #[default]
+    Any,
+    /// `owned`: only from the owner.
+    Owner(String),
+    /// `partitioned`: inserts and updates only of rows whose home lets this
+    /// region hold them (deletes always: removing a row leaks nothing).
+    Homes {
+        column: String,
+        /// Column value -> home region.
+        homes: HashMap<String, String>,
+        /// Home regions whose rows this region may hold.
+        allowed: std::collections::BTreeSet<String>,
+    },
+}
+
+impl Admit {
+    /// `Err` names why a change from `source` may not be applied here.
+    pub fn check(&self, source: &str, change: &Incoming<'_>) -> Result<(), String> {
+        match self {
+            Admit::Any => Ok(()),
+            Admit::Owner(owner) if owner == source => Ok(()),
+            Admit::Owner(owner) => Err(format!(
+                "table {} is owned by region {owner}: a change from {source} is not accepted",
+                change.table.name
+            )),
+            Admit::Homes { .. } if matches!(change.op, Op::Delete | Op::Truncate) => Ok(()),
+            Admit::Homes {
+                column,
+                homes,
+                allowed,
+            } => {
+                let Some(value) = change.value(column) else {
+                    return Err(format!(
+                        "table {}: the row has no home ({column} is absent or NULL)",
+                        change.table.name
+                    ));
+                };
+                match homes.get(value) {
+                    Some(home) if allowed.contains(home) => Ok(()),
+                    Some(home) => Err(format!(
+                        "table {}: a row homed in {home} may not be held in this region",
+                        change.table.name
+                    )),
+                    None => Err(format!(
+                        "table {}: {column} names no declared home",
+                        change.table.name
+                    )),
+                }
+            }
+        }
+    }
 }
 
 /// The declared, non-local tables of the target, by `schema.table`.
@@ -354,6 +417,7 @@ mod tests {
                 columns: vec!["id".into(), "name".into(), "_pgrelay_hlc".into()],
                 column_types: vec![],
                 json_columns: vec![],
+                admit: Admit::Any,
             },
         );
         t

@@ -92,7 +92,7 @@ pub async fn replay(
             std::slice::from_ref(&consumed),
             &producer,
             BatchOptions {
-                attempt: letter.attempts + 1,
+                attempt: letter.attempts,
                 extra_offsets: &progress,
                 commit: !dry_run,
                 max_tries: 1,

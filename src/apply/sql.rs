@@ -557,6 +557,7 @@ mod tests {
                 columns: vec!["id".into(), "v".into(), "doc".into()],
                 column_types: vec!["integer".into(), "text".into(), "jsonb".into()],
                 json_columns: vec![("doc".into(), "jsonb".into())],
+                admit: Default::default(),
             },
         );
         t

@@ -354,6 +354,12 @@ async fn constraint_violation_is_parked_then_replayed_once() {
     .await;
     assert!(listed.contains("23514"), "{listed}");
     assert!(listed.contains("pgrelay.us.eu"), "{listed}");
+    // tried relay.apply.max_retries times (the default, 5), then parked
+    assert!(
+        listed.contains("waiting  constraint_violation  attempts=5"),
+        "{listed}"
+    );
+    assert!(listed.contains("1 waiting for replay"), "{listed}");
     let dry = relay::ok(&[
         "dlq",
         "replay",
@@ -379,6 +385,12 @@ async fn constraint_violation_is_parked_then_replayed_once() {
     let second = relay::ok(&["dlq", "replay", "--config", cfg, "--region", "eu"]);
     assert!(second.contains("0 record(s) applied"), "{second}");
     assert_eq!(dump(&p.eu).await, before);
+    let listed = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);
+    assert!(
+        listed.contains("replayed  constraint_violation"),
+        "{listed}"
+    );
+    assert!(listed.contains("0 waiting for replay"), "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

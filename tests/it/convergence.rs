@@ -426,3 +426,101 @@ async fn same_rows_or_empty(a: &Pg, b: &Pg) -> Vec<(i32, Option<String>, Option<
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_residency_policy_would_not_send_are_parked() {
+    use crate::support::broker::Broker;
+    use crate::support::relay::{self, ConfigFile};
+    let schema = "CREATE TABLE o (id int PRIMARY KEY, n int);
+                  CREATE TABLE p (id int PRIMARY KEY, home text NOT NULL, n int);";
+    let (us, eu) = (Pg::start(), Pg::start());
+    us.psql(schema);
+    eu.psql(schema);
+    let broker = Broker::start();
+    let cfg = ConfigFile::new(&format!(
+        r#"
+[kafka]
+brokers = "{}"
+
+[regions.us]
+id = 1
+dsn = "{}"
+
+[regions.eu]
+id = 2
+dsn = "{}"
+
+[[tables]]
+name = "public.o"
+class = "owned"
+owner = "eu"
+
+[[tables]]
+name = "public.p"
+class = "partitioned"
+home_column = "home"
+aliases = {{ US = "us", DE = "eu" }}
+[tables.allow]
+us = []
+eu = ["us"]
+"#,
+        broker.brokers(),
+        us.dsn(),
+        eu.dsn()
+    ));
+    let path = cfg.path.to_str().unwrap();
+    for r in ["us", "eu"] {
+        relay::ok(&["setup", "--config", path, "--region", r]);
+    }
+    let _eu = Relay::spawn(&cfg, "eu", "apply");
+    let stamp = pgrelay::hlc::compose(pgrelay::apply::now_ms(), 0, 1);
+    let env = |table: &str, after: serde_json::Value| -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let v = serde_json::json!({
+            "before": null, "after": after, "op": "c", "ts_ms": 1,
+            "source": {"schema": "public", "table": table},
+            "pgrelay": {"hlc": stamp, "origin": "us", "commit_lsn": "0/1"}
+        });
+        // one key: one partition, so the marker last is processed last
+        (Some(b"k".to_vec()), Some(v.to_string().into_bytes()))
+    };
+    produce(
+        &broker.brokers(),
+        "pgrelay.us.eu",
+        &[
+            // eu owns o: us may not write it
+            env("o", serde_json::json!({"id": "1", "n": "1"})),
+            // a row homed in us may not live in eu, by name or by alias
+            env("p", serde_json::json!({"id": "1", "home": "us", "n": "1"})),
+            env("p", serde_json::json!({"id": "2", "home": "US", "n": "1"})),
+            // no declared home at all
+            env("p", serde_json::json!({"id": "3", "home": "XX", "n": "1"})),
+            // the marker: homed in eu, welcome
+            env("p", serde_json::json!({"id": "4", "home": "DE", "n": "1"})),
+        ],
+    );
+    let c = eu.client().await;
+    eventually(Duration::from_secs(60), "the marker row in eu", || async {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM p WHERE id = 4", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    let held: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM o) + (SELECT count(*) FROM p)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 1, "only the marker was applied");
+    let parked = read_to_markers(&broker.brokers(), "pgrelay.dlq.eu");
+    let classes: Vec<&str> = parked
+        .iter()
+        .map(|r| r.headers["pgrelay.dlq.class"].as_str())
+        .collect();
+    assert_eq!(classes, ["not_admitted"; 4], "{parked:?}");
+}
