@@ -154,6 +154,9 @@ pub enum Op {
         to: i32,
     },
     TruncateG,
+    /// A truncate of `p`: stays in its region (homes decide where rows go,
+    /// and a truncate has none).
+    TruncateP,
     UpsertO {
         id: i32,
         n: i32,
@@ -241,6 +244,7 @@ pub fn draw(rng: &mut Rng, region: &'static str, keys: i32, truncates: bool) -> 
             len: 9_000 + rng.below(3_000) as usize,
         },
         88..=93 => Op::MoveHomeP { id, home },
+        94 if truncates && rng.chance(30) => Op::TruncateP,
         _ => Op::DeleteP { id },
     }
 }
@@ -269,8 +273,8 @@ pub struct Write {
 #[derive(Default)]
 pub struct History {
     pub writes: Vec<Write>,
-    /// Stamps of `g`'s table-wide tombstones (truncates).
-    pub truncates: Vec<(&'static str, i64)>,
+    /// Truncates: region, table, the stamp of the table-wide tombstone.
+    pub truncates: Vec<(&'static str, &'static str, i64)>,
     pub ops: usize,
     pub refused: usize,
 }
@@ -310,8 +314,16 @@ impl Model<'_> {
                 }
             }
         }
-        if table == "g" {
-            if let Some(t) = self.0.truncates.iter().map(|(_, s)| *s).max() {
+        // a truncate of g reaches every region; one of p stays where it ran
+        let truncated = self
+            .0
+            .truncates
+            .iter()
+            .filter(|(r, t, _)| *t == table && (table == "g" || *r == region))
+            .map(|(_, _, s)| *s)
+            .max();
+        {
+            if let Some(t) = truncated {
                 for v in best.values_mut() {
                     if v.stamp < t {
                         *v = Version {
@@ -340,9 +352,9 @@ impl Model<'_> {
                 w.region, w.op, w.version.stamp, w.homes, w.version.cols
             );
         }
-        for (r, t) in &self.0.truncates {
-            if table == "g" {
-                let _ = writeln!(out, "    {r} TRUNCATE g stamp {t}");
+        for (r, t, stamp) in &self.0.truncates {
+            if *t == table {
+                let _ = writeln!(out, "    {r} TRUNCATE {t} stamp {stamp}");
             }
         }
         out
@@ -421,7 +433,7 @@ impl Writer {
                 for op in &batch {
                     match self.run_op(&tx, op, &mut rng, &mut writes).await? {
                         Outcome::Done => {}
-                        Outcome::Truncated(t) => truncates.push(t),
+                        Outcome::Truncated(table, t) => truncates.push((table, t)),
                         Outcome::Refused => refused += 1,
                     }
                 }
@@ -435,8 +447,11 @@ impl Writer {
                     {
                         let mut h = history.lock().unwrap();
                         h.writes.extend(writes);
-                        h.truncates
-                            .extend(truncates.into_iter().map(|t| (self.region, t)));
+                        h.truncates.extend(
+                            truncates
+                                .into_iter()
+                                .map(|(table, t)| (self.region, table, t)),
+                        );
                         h.ops += batch.len();
                         h.refused += refused;
                     }
@@ -623,9 +638,9 @@ impl Writer {
                 }
                 return Ok(Outcome::Done);
             }
-            Op::TruncateG => {
-                tx.execute("TRUNCATE g", &[]).await?;
-                return Ok(Outcome::Truncated(tombstone(tx, "g", "").await?));
+            Op::TruncateG | Op::TruncateP => {
+                tx.execute(&format!("TRUNCATE {table}"), &[]).await?;
+                return Ok(Outcome::Truncated(table, tombstone(tx, table, "").await?));
             }
             Op::ForbiddenO { id } => {
                 tx.execute("SAVEPOINT forbidden", &[]).await?;
@@ -651,7 +666,7 @@ impl Writer {
 
 enum Outcome {
     Done,
-    Truncated(i64),
+    Truncated(&'static str, i64),
     Refused,
 }
 
