@@ -111,6 +111,11 @@ BEGIN
         PERFORM setval('pgrelay.hlc_logical', target);
         l := target;
     END IF;
+    -- past the last logical time a stamp can hold: refuse rather than wrap
+    IF l >= (1::bigint << (63 - {rb})) THEN
+        RAISE EXCEPTION 'pgrelay: the region clock is exhausted (logical time %)', l
+            USING ERRCODE = 'data_exception';
+    END IF;
     RETURN (l << {rb}) | {rid};
 END
 $fn$"#,

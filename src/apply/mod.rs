@@ -61,6 +61,10 @@ pub enum ApplyError {
     /// Broke; restart with backoff.
     #[error("{0}")]
     Transient(String),
+    /// The replication origin is held by another session (SQLSTATE 55000:
+    /// a previous process's session not gone yet, or a second process).
+    #[error("{0}")]
+    OriginBusy(String),
     /// Records to apply were deleted by Kafka's retention first: they are
     /// lost here until someone resyncs the pair.
     #[error("{0}")]
@@ -69,7 +73,7 @@ pub enum ApplyError {
 
 impl ApplyError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, ApplyError::Transient(_))
+        matches!(self, ApplyError::Transient(_) | ApplyError::OriginBusy(_))
     }
 }
 
@@ -260,7 +264,11 @@ pub async fn session_with_origin(
         .await
         .map_err(|e| {
             let msg = db_message(&e);
-            if is_transient_db(&e) || sqlstate(&e) == "55000" {
+            if sqlstate(&e) == "55000" {
+                ApplyError::OriginBusy(format!(
+                    "region {region}: replication origin {origin}: {msg}"
+                ))
+            } else if is_transient_db(&e) {
                 ApplyError::Transient(format!(
                     "region {region}: replication origin {origin}: {msg}"
                 ))
@@ -408,7 +416,7 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
             Ok(_) => {}
             // an origin still held by a previous process's session, or a
             // database that is restarting: the supervisor retries
-            Err(ApplyError::Transient(m)) => {
+            Err(ApplyError::Transient(m) | ApplyError::OriginBusy(m)) => {
                 tracing::warn!(region, source = %source, "apply session not ready yet: {m}");
             }
             Err(e) => return Err(e),
@@ -498,7 +506,7 @@ impl Pipeline {
             let started = Instant::now();
             match self.run(shutdown.clone()).await {
                 Ok(()) => return Ok(()),
-                Err(ApplyError::Transient(e)) => {
+                Err(ApplyError::Transient(e) | ApplyError::OriginBusy(e)) => {
                     self.metrics.add(
                         "pgrelay_apply_restarts_total",
                         "Apply pipelines restarted after a transient failure",
@@ -711,6 +719,17 @@ impl Pipeline {
                     backoff =
                         (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(5));
                 }
+                Err(BatchError::Conflict(e)) => {
+                    self.metrics.add(
+                        "pgrelay_apply_retries_total",
+                        "Batches retried after a transient failure",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1,
+                    );
+                    tracing::debug!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch conflicted with another session, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
                 Err(BatchError::Transient(e)) => {
                     self.metrics.add(
                         "pgrelay_apply_retries_total",
@@ -718,11 +737,7 @@ impl Pipeline {
                         &[("region", &self.region), ("source", &self.source)],
                         1,
                     );
-                    if e.contains("could not serialize") || e.contains("deadlock") {
-                        tracing::debug!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch conflicted with another session, retrying");
-                    } else {
-                        tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
-                    }
+                    tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
                     if client.is_closed() || attempt % 3 == 0 {
                         // a new session means starting again from the offsets
                         // stored in the target: a target that lost its last
@@ -881,8 +896,11 @@ pub struct BatchOptions<'a> {
 /// Why a batch was not applied (nothing of it was committed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchError {
-    /// A lost connection, a conflict with another session: retry it.
+    /// A lost connection, a shutdown of the target: retry it.
     Transient(String),
+    /// A serialization failure or deadlock with another session (SQLSTATE
+    /// 40001, 40P01): retry it at once.
+    Conflict(String),
     /// Something would have been dead-lettered under table definitions not
     /// read since: read them again, then retry. `unknown_column` names the
     /// first `table.column` a record has and the definitions lack.
@@ -895,7 +913,7 @@ pub enum BatchError {
 impl std::fmt::Display for BatchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BatchError::Transient(e) => f.write_str(e),
+            BatchError::Transient(e) | BatchError::Conflict(e) => f.write_str(e),
             BatchError::Recheck {
                 unknown_column: Some(c),
             } => write!(f, "records have column {c}, which the target table lacks"),
@@ -908,6 +926,15 @@ impl std::fmt::Display for BatchError {
                  relay.max_clock_skew: waiting {wait:?} for the clock to catch up"
             ),
         }
+    }
+}
+
+/// A retryable database error, classified by its SQLSTATE.
+fn retryable(e: &tokio_postgres::Error, table: &str) -> BatchError {
+    let message = format!("{table}: {}", db_message(e));
+    match sqlstate(e).as_str() {
+        "40001" | "40P01" => BatchError::Conflict(message),
+        _ => BatchError::Transient(message),
     }
 }
 
@@ -1064,9 +1091,7 @@ pub async fn apply_batch(
                 outcome.lost +=
                     (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
             }
-            Err(e) if is_transient_db(&e) => {
-                return Err(format!("{}: {}", s.table, db_message(&e)).into())
-            }
+            Err(e) if is_transient_db(&e) => return Err(retryable(&e, &s.table)),
             // the transaction is dropped, so rolled back
             Err(_) if !targets_checked => {
                 return Err(BatchError::Recheck {
@@ -1096,7 +1121,7 @@ pub async fn apply_batch(
                                     break;
                                 }
                                 Err(e) if is_transient_db(&e) => {
-                                    return Err(format!("{}: {}", s.table, db_message(&e)).into())
+                                    return Err(retryable(&e, &s.table))
                                 }
                                 Err(e) => {
                                     tx.execute("ROLLBACK TO SAVEPOINT one", &[])

@@ -68,7 +68,7 @@ pub async fn replay(
     let mut client = session_with_origin(config, region, REPLAY_ORIGIN)
         .await
         .map_err(|e| match e {
-            ApplyError::Transient(m) if m.contains("already active") => ApplyError::Setup(format!(
+            ApplyError::OriginBusy(m) => ApplyError::Setup(format!(
                 "another pgrelay dlq replay is running for region {region}: {m}"
             )),
             other => other,

@@ -524,3 +524,31 @@ eu = ["us"]
         .collect();
     assert_eq!(classes, ["not_admitted"; 4], "{parked:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_clock_refuses_writes_instead_of_wrapping() {
+    let p = pair(SCHEMA);
+    let us = p.us.client().await;
+    us.batch_execute("SELECT setval('pgrelay.hlc_logical', (1::bigint << 57) - 2)")
+        .await
+        .unwrap();
+    // the last logical time a stamp holds is still given out...
+    let last: i64 = us
+        .query_one(
+            "INSERT INTO products VALUES (1, 'a', 1) RETURNING _pgrelay_hlc",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(last > 0 && pgrelay::hlc::logical(last as u64) == (1 << 57) - 1);
+    // ...then the clock refuses, never a negative stamp
+    let err = us
+        .execute("INSERT INTO products VALUES (2, 'b', 1)", &[])
+        .await
+        .expect_err("a write past the clock's range");
+    assert!(
+        format!("{err:?}").contains("region clock is exhausted"),
+        "{err:?}"
+    );
+}
