@@ -219,36 +219,17 @@ pub async fn create_topics(
     Ok(created)
 }
 
-/// The sum of the high watermarks of every partition of `topic` (the number
-/// of records ever written, for a topic that is never compacted or trimmed).
+/// The sum of the partitions' end offsets of `topic` (records ever written).
 pub async fn topic_end(
     cluster: &KafkaCluster,
     topic: &str,
     timeout: Duration,
 ) -> Result<i64, String> {
-    let cfg = client_config(cluster);
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = cfg
-            .create()
-            .map_err(|e| format!("invalid kafka settings: {e}"))?;
-        let md = consumer
-            .fetch_metadata(Some(&topic), timeout)
-            .map_err(|e| format!("kafka metadata for {topic}: {e}"))?;
-        let mut total = 0;
-        for t in md.topics().iter().filter(|t| t.name() == topic) {
-            for p in t.partitions() {
-                let (_, high) = consumer
-                    .fetch_watermarks(&topic, p.id(), timeout)
-                    .map_err(|e| format!("watermarks of {topic}[{}]: {e}", p.id()))?;
-                total += high;
-            }
-        }
-        Ok(total)
-    })
-    .await
-    .map_err(|e| format!("watermark task failed: {e}"))?
+    Ok(watermarks(cluster, topic, timeout)
+        .await?
+        .values()
+        .map(|(_, high)| high)
+        .sum())
 }
 
 /// The first offset still held of each partition of `topic` (records below
@@ -258,6 +239,19 @@ pub async fn partition_starts(
     topic: &str,
     timeout: Duration,
 ) -> Result<std::collections::BTreeMap<i32, i64>, String> {
+    Ok(watermarks(cluster, topic, timeout)
+        .await?
+        .into_iter()
+        .map(|(p, (low, _))| (p, low))
+        .collect())
+}
+
+/// Each partition's (first held, next) offsets.
+async fn watermarks(
+    cluster: &KafkaCluster,
+    topic: &str,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<i32, (i64, i64)>, String> {
     let cfg = client_config(cluster);
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
@@ -271,10 +265,10 @@ pub async fn partition_starts(
         let mut out = std::collections::BTreeMap::new();
         for t in md.topics().iter().filter(|t| t.name() == topic) {
             for p in t.partitions() {
-                let (low, _) = consumer
+                let marks = consumer
                     .fetch_watermarks(&topic, p.id(), timeout)
                     .map_err(|e| format!("watermarks of {topic}[{}]: {e}", p.id()))?;
-                out.insert(p.id(), low);
+                out.insert(p.id(), marks);
             }
         }
         Ok(out)

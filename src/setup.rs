@@ -22,6 +22,33 @@ use crate::source::assemble::HLC_COLUMN;
 /// Primary key columns of a table, as read from the catalog.
 pub type KeyColumns = Vec<String>;
 
+/// A row trigger function `pgrelay.{name}(key columns…)` that leaves a
+/// tombstone for the OLD row's key stamped `stamp` (raising one already
+/// there), then returns `returns`. Key values are spelled as the apply side
+/// spells them, whatever the writing session's settings (set on the
+/// function, restored when it returns).
+fn tombstone_function(name: &str, stamp: &str, returns: &str) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION pgrelay.{name}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
+DECLARE
+    key_json jsonb := '{{}}'::jsonb;
+    k text;
+    v text;
+BEGIN
+    FOREACH k IN ARRAY TG_ARGV LOOP
+        EXECUTE format('SELECT ($1).%I::text', k) INTO v USING OLD;
+        key_json := key_json || jsonb_build_object(k, v);
+    END LOOP;
+    INSERT INTO pgrelay.tombstones AS ts (table_name, pk, hlc)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, key_json, {stamp})
+    ON CONFLICT (table_name, pk) DO UPDATE SET hlc = greatest(ts.hlc, excluded.hlc), deleted_at = now();
+    RETURN {returns};
+END
+$fn$",
+        settings = crate::event::canonical_text_sets(" ")
+    )
+}
+
 /// The SQL statements that bring a region's database up to date. `keys`
 /// gives each declared table's primary key (the caller reads the catalog and
 /// reports tables without one before calling this).
@@ -69,48 +96,14 @@ END
 $fn$",
             col = HLC_COLUMN
         ),
-        format!(
-            "CREATE OR REPLACE FUNCTION pgrelay.record_delete() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
-DECLARE
-    key_json jsonb := '{{}}'::jsonb;
-    k text;
-    v text;
-BEGIN
-    FOREACH k IN ARRAY TG_ARGV LOOP
-        EXECUTE format('SELECT ($1).%I::text', k) INTO v USING OLD;
-        key_json := key_json || jsonb_build_object(k, v);
-    END LOOP;
-    INSERT INTO pgrelay.tombstones (table_name, pk, hlc)
-    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, key_json, pgrelay.next_hlc(OLD.{col}))
-    ON CONFLICT (table_name, pk) DO UPDATE SET hlc = excluded.hlc, deleted_at = now();
-    RETURN OLD;
-END
-$fn$",
-            col = HLC_COLUMN,
-            // the key's text as the apply side spells it, whatever the
-            // deleting session's settings (restored when the function returns)
-            settings = crate::event::canonical_text_sets(" ")
+        // a deleted row's key keeps the delete's stamp
+        tombstone_function(
+            "record_delete",
+            &format!("pgrelay.next_hlc(OLD.{HLC_COLUMN})"),
+            "OLD",
         ),
-        format!(
-            "CREATE OR REPLACE FUNCTION pgrelay.record_key_move() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
-DECLARE
-    key_json jsonb := '{{}}'::jsonb;
-    k text;
-    v text;
-BEGIN
-    FOREACH k IN ARRAY TG_ARGV LOOP
-        EXECUTE format('SELECT ($1).%I::text', k) INTO v USING OLD;
-        key_json := key_json || jsonb_build_object(k, v);
-    END LOOP;
-    INSERT INTO pgrelay.tombstones AS ts (table_name, pk, hlc)
-    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, key_json, NEW.{col})
-    ON CONFLICT (table_name, pk) DO UPDATE SET hlc = greatest(ts.hlc, excluded.hlc), deleted_at = now();
-    RETURN NEW;
-END
-$fn$",
-            col = HLC_COLUMN,
-            settings = crate::event::canonical_text_sets(" ")
-        ),
+        // a row moved to a new key: its old key keeps the move's stamp
+        tombstone_function("record_key_move", &format!("NEW.{HLC_COLUMN}"), "NEW"),
         "CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     INSERT INTO pgrelay.tombstones (table_name, pk, hlc)

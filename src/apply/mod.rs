@@ -719,24 +719,19 @@ impl Pipeline {
                     backoff =
                         (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(5));
                 }
-                Err(BatchError::Conflict(e)) => {
+                Err(e @ (BatchError::Conflict(_) | BatchError::Transient(_))) => {
                     self.metrics.add(
                         "pgrelay_apply_retries_total",
                         "Batches retried after a transient failure",
                         &[("region", &self.region), ("source", &self.source)],
                         1,
                     );
-                    tracing::debug!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch conflicted with another session, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-                Err(BatchError::Transient(e)) => {
-                    self.metrics.add(
-                        "pgrelay_apply_retries_total",
-                        "Batches retried after a transient failure",
-                        &[("region", &self.region), ("source", &self.source)],
-                        1,
-                    );
+                    if let BatchError::Conflict(e) = &e {
+                        tracing::debug!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch conflicted with another session, retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
                     tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
                     if client.is_closed() || attempt % 3 == 0 {
                         // a new session means starting again from the offsets

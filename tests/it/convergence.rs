@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use crate::apply::{pair, SCHEMA};
-use crate::support::eventually;
 use crate::support::kafka::{produce, read_to_markers};
 use crate::support::pg::Pg;
 use crate::support::relay::Relay;
+use crate::support::{eventually, until_count};
 
 /// `id -> (price, md5(doc), stamp)`.
 async fn rows(pg: &Pg) -> Vec<(i32, Option<String>, Option<String>, i64)> {
@@ -240,17 +240,11 @@ async fn forged_records_cannot_bend_the_region_clock() {
     ];
     produce(&p.broker.brokers(), "pgrelay.us.eu", &records);
     let eu = p.eu.client().await;
-    eventually(
-        Duration::from_secs(60),
+    until_count(
+        &eu,
+        "SELECT count(*) FROM products WHERE id = 6",
+        1,
         "the record a few seconds ahead",
-        || async {
-            let n: i64 = eu
-                .query_one("SELECT count(*) FROM products WHERE id = 6", &[])
-                .await
-                .unwrap()
-                .get(0);
-            (n == 1).then_some(())
-        },
     )
     .await;
     assert!(
@@ -301,20 +295,11 @@ async fn forged_records_cannot_bend_the_region_clock() {
     let ahead = pgrelay::hlc::ahead_ms(local as u64, pgrelay::apply::now_ms());
     assert!(ahead < 5_000, "eu's clock was dragged {ahead} ms ahead");
     let us = p.us.client().await;
-    eventually(
-        Duration::from_secs(60),
+    until_count(
+        &us,
+        "SELECT count(*) FROM products WHERE id = 6 AND name = 'local'",
+        1,
         "eu's local write in us",
-        || async {
-            let n: i64 = us
-                .query_one(
-                    "SELECT count(*) FROM products WHERE id = 6 AND name = 'local'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n == 1).then_some(())
-        },
     )
     .await;
 }
@@ -499,14 +484,12 @@ eu = ["us"]
         ],
     );
     let c = eu.client().await;
-    eventually(Duration::from_secs(60), "the marker row in eu", || async {
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM p WHERE id = 4", &[])
-            .await
-            .unwrap()
-            .get(0);
-        (n == 1).then_some(())
-    })
+    until_count(
+        &c,
+        "SELECT count(*) FROM p WHERE id = 4",
+        1,
+        "the marker row in eu",
+    )
     .await;
     let held: i64 = c
         .query_one(

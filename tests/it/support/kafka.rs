@@ -69,15 +69,7 @@ pub fn read_all_with(
                     .payload()
                     .map(|v| serde_json::from_slice(v).expect("json value"))
                     .unwrap_or(serde_json::Value::Null);
-                let mut headers = BTreeMap::new();
-                if let Some(h) = m.headers() {
-                    for hd in h.iter() {
-                        headers.insert(
-                            hd.key.to_string(),
-                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
-                        );
-                    }
-                }
+                let headers = headers_of(&m);
                 out.push(Rec {
                     partition: m.partition(),
                     offset: m.offset(),
@@ -205,15 +197,7 @@ pub fn read_to_markers(brokers: &str, topic: &str) -> Vec<Rec> {
                     .payload()
                     .and_then(|v| serde_json::from_slice(v).ok())
                     .unwrap_or(serde_json::Value::Null);
-                let mut headers = BTreeMap::new();
-                if let Some(h) = m.headers() {
-                    for hd in h.iter() {
-                        headers.insert(
-                            hd.key.to_string(),
-                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
-                        );
-                    }
-                }
+                let headers = headers_of(&m);
                 out.push(Rec {
                     partition: m.partition(),
                     offset: m.offset(),
@@ -228,4 +212,18 @@ pub fn read_to_markers(brokers: &str, topic: &str) -> Vec<Rec> {
     }
     out.retain(|r| r.value.get("read_marker").is_none());
     out
+}
+
+/// A record's headers as text.
+fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> BTreeMap<String, String> {
+    let mut headers = BTreeMap::new();
+    if let Some(h) = m.headers() {
+        for hd in h.iter() {
+            headers.insert(
+                hd.key.to_string(),
+                String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+            );
+        }
+    }
+    headers
 }

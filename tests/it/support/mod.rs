@@ -73,3 +73,12 @@ where
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Waits until `sql` (one bigint, e.g. a count) returns `want` on `client`.
+pub async fn until_count(client: &tokio_postgres::Client, sql: &str, want: i64, what: &str) {
+    eventually(Duration::from_secs(60), what, || async {
+        let n: i64 = client.query_one(sql, &[]).await.ok()?.get(0);
+        (n == want).then_some(())
+    })
+    .await
+}
