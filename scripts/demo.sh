@@ -9,7 +9,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-bash scripts/install-deps.sh
+# the demo runs the in-memory broker: the durable one (a long build, for
+# the broker-restart tests) is left to the test command
+PGRELAY_SKIP_DURABLE_BROKER=1 bash scripts/install-deps.sh
 echo "building pgrelay (release)..."
 cargo build --release --locked --quiet
 BIN="$ROOT/target/release/pgrelay"
