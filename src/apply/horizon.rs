@@ -16,7 +16,9 @@
 //!
 //! The purge holds every key bucket's lock (as an apply batch holds its
 //! own), so no batch is between its tombstone check and its commit while
-//! the horizon moves; a batch reads the horizon after taking its locks.
+//! the horizon moves; a batch reads the horizon after taking its locks —
+//! only when one of its changes is older than half the horizon, since the
+//! horizon never passes `tombstone_horizon` ago.
 
 use std::time::Duration;
 

@@ -661,6 +661,7 @@ impl Pipeline {
                     max_tries: self.config.apply.max_retries.max(1),
                     max_skew: self.config.max_clock_skew,
                     max_ahead: self.config.max_stamp_ahead,
+                    tombstone_horizon: self.config.apply.tombstone_horizon,
                     targets_checked,
                 },
             )
@@ -881,6 +882,9 @@ pub struct BatchOptions<'a> {
     pub max_skew: Duration,
     /// A change stamped more than this far ahead is dead-lettered.
     pub max_ahead: Duration,
+    /// `relay.apply.tombstone_horizon`: only changes older than about this
+    /// can be below the horizon, so only then is it read.
+    pub tombstone_horizon: Duration,
     /// `targets` were just read from the target: a record that does not fit
     /// them may be dead-lettered. `false`: the batch is given up instead
     /// ([`BatchError::Recheck`]), so that a table changed since it was last
@@ -957,6 +961,7 @@ pub async fn apply_batch(
         max_tries,
         max_skew,
         max_ahead,
+        tombstone_horizon,
         targets_checked,
     } = opts;
     let mut outcome = Outcome::default();
@@ -1031,7 +1036,10 @@ pub async fn apply_batch(
             .map_err(|e| format!("locking key buckets: {}", db_message(&e)))?;
     }
     // changes below the tombstone horizon apply only to rows that exist
-    if !changes.is_empty() {
+    // the horizon never passes `tombstone_horizon` ago (horizon::cutoff);
+    // half of it again covers clocks of other hosts that purge
+    let recent = now.saturating_sub((tombstone_horizon / 2).as_millis() as u64);
+    if changes.iter().any(|c| hlc::wall_ms(c.hlc) < recent) {
         let horizon: i64 = tx
             .query_one(horizon::HORIZON_SQL, &[])
             .await

@@ -98,6 +98,7 @@ pub async fn replay(
                 max_tries: 1,
                 max_skew: config.max_clock_skew,
                 max_ahead: config.max_stamp_ahead,
+                tombstone_horizon: config.apply.tombstone_horizon,
                 // loaded at the start of the replay
                 targets_checked: true,
             },
