@@ -350,9 +350,19 @@ async fn grant_run_role(
             continue;
         }
         let sql = need.grant(&missing, role);
-        match client.batch_execute(&sql).await {
-            Ok(()) => granted += 1,
-            Err(e) => refused.push(format!("{sql} ({})", pgrelay::source::pg_error::reason(&e))),
+        if let Err(e) = client.batch_execute(&sql).await {
+            refused.push(format!("{sql} ({})", pgrelay::source::pg_error::reason(&e)));
+            continue;
+        }
+        // without the grant option PostgreSQL may only warn and grant nothing
+        let still = cat.missing_privileges(&need, role).await?;
+        if still.is_empty() {
+            granted += 1;
+        } else {
+            refused.push(format!(
+                "{} (the setup role lacks the grant option)",
+                need.grant(&still, role)
+            ));
         }
     }
     println!(
