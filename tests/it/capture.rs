@@ -124,7 +124,13 @@ pub async fn confirmed_lsn(pg: &Pg) -> u64 {
 pub async fn current_lsn(pg: &Pg) -> u64 {
     let c = pg.client().await;
     let row = c
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
+        // the insert position: pg_current_wal_lsn() is the write position,
+        // which lags behind a commit still in the WAL buffers
+        // (synchronous_commit = off)
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint",
+            &[],
+        )
         .await
         .unwrap();
     row.get::<_, i64>(0) as u64
