@@ -11,8 +11,13 @@
 //! Error policy: every failure is one [`ConfigError`] naming the file, the
 //! line when known, the key, table or region concerned and what to write
 //! instead. Messages never quote values that came from the environment (they
-//! are secrets) and `Debug` output never shows passwords or the hash salt,
-//! because configs end up in logs.
+//! are secrets) and `Debug` output never shows passwords, hash keys or the
+//! HTTP token, because configs end up in logs.
+//!
+//! Secrets are per region: an unset `${VAR}` inside a region's `dsn`,
+//! `setup_dsn` or `hash_key`, a Kafka setting or `http.token` is kept as
+//! written and only fails the commands that need that value
+//! ([`Config::require`]); anywhere else it fails at once.
 //!
 //! No IO here except [`load`], which reads the file and calls [`parse`].
 
