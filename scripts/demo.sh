@@ -19,7 +19,9 @@ PGBIN=/usr/lib/postgresql/15/bin
 WORK="$(mktemp -d /tmp/pgrelay-demo.XXXXXX)"
 chown postgres "$WORK"
 export PGRELAY_DEMO_PASSWORD="demo-$(date +%s)"
-export PGRELAY_HASH_SALT="demo-salt"
+export PGRELAY_US_HASH_KEY="us-demo-hash-key-$(date +%s)-0123456789"
+export PGRELAY_EU_HASH_KEY="eu-demo-hash-key-$(date +%s)-0123456789"
+export PGRELAY_CN_HASH_KEY="cn-demo-hash-key-$(date +%s)-0123456789"
 REGIONS=(us eu cn)
 PIDS=()
 declare -A PORT

@@ -413,7 +413,14 @@ snapshot_sql() {
     for d in "${REGIONS[@]}"; do
         [ "$d" = "$r" ] && continue
         email=email
-        [ "$d" = cn ] && email="CASE WHEN email IS NULL THEN NULL ELSE encode(sha256(convert_to('$PGRELAY_HASH_SALT', 'UTF8') || '\\x00'::bytea || convert_to(email, 'UTF8')), 'hex') END"
+        if [ "$d" = cn ]; then
+            # k1: and HMAC-SHA-256 (RFC 2104) keyed by the sending region's key, in SQL
+            local key_var="PGRELAY_${r^^}_HASH_KEY"
+            local k="decode(rpad(encode(convert_to('${!key_var}', 'UTF8'), 'hex'), 128, '0'), 'hex')"
+            local ipad="substring(varbit_send(('x' || encode($k, 'hex'))::bit(512) # ('x' || repeat('36', 64))::bit(512)) from 5)"
+            local opad="substring(varbit_send(('x' || encode($k, 'hex'))::bit(512) # ('x' || repeat('5c', 64))::bit(512)) from 5)"
+            email="CASE WHEN email IS NULL THEN NULL ELSE 'k1:' || encode(sha256($opad || sha256($ipad || convert_to(email, 'UTF8'))), 'hex') END"
+        fi
         echo "SELECT 'orders.for.$d=' || count(*) || ' ' || coalesce(md5(string_agg(concat_ws('|', id, country, amount, coalesce($email, '<null>'), coalesce(CASE WHEN card IS NULL THEN NULL ELSE '****' END, '<null>')), ',' ORDER BY id)), '-') FROM orders WHERE id BETWEEN $(lo "$r") AND $(hi "$r") AND country IN ($(allowed_countries "$d"));"
     done
 }
@@ -598,7 +605,9 @@ BUILD_DONE=$SECONDS
 
 export PGRELAY_IMAGE="$RELAY_IMAGE" POSTGRES_IMAGE="$PG_IMAGE" KAFKA_IMAGE="$TANSU_IMAGE"
 export PG_US_PASSWORD="us-$RANDOM$RANDOM" PG_EU_PASSWORD="eu-$RANDOM$RANDOM" PG_CN_PASSWORD="cn-$RANDOM$RANDOM"
-export PGRELAY_HASH_SALT="salt$RANDOM$RANDOM"
+export PGRELAY_US_HASH_KEY="us-key-$RANDOM$RANDOM-0123456789abcdef0123"
+export PGRELAY_EU_HASH_KEY="eu-key-$RANDOM$RANDOM-0123456789abcdef0123"
+export PGRELAY_CN_HASH_KEY="cn-key-$RANDOM$RANDOM-0123456789abcdef0123"
 export PGRELAY_LOG=info
 
 log "compose up (postgres x3 + broker -> setup x3 -> sidecars x3)"

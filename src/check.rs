@@ -62,9 +62,14 @@ pub async fn database(
         ));
     }
     if !catalog.can_replicate().await? {
+        let (role, _) = catalog.current_role().await?;
         out.push(finding(
             Severity::Blocking,
-            format!("region {region}: the connecting role lacks the REPLICATION attribute (ALTER ROLE ... REPLICATION)"),
+            format!(
+                "region {region}: role {role} lacks the REPLICATION attribute; a superuser \
+                 runs: ALTER ROLE {} REPLICATION",
+                crate::event::quote_ident(&role)
+            ),
         ));
     }
     let mut partitioned_roots = Vec::new();
@@ -173,6 +178,7 @@ pub async fn database(
         }
     }
     if after_setup {
+        out.extend(privileges(config, region, catalog).await?);
         let slot = config.slot_name(region);
         match catalog.slot(&slot).await? {
             None => out.push(finding(
@@ -218,6 +224,44 @@ pub async fn database(
                 }
             }
         }
+    }
+    Ok(out)
+}
+
+/// What the connected role (the sidecar's run role) lacks, each finding
+/// with the `GRANT` that fixes it; a warning when it is a superuser.
+async fn privileges(
+    config: &Config,
+    region: &str,
+    catalog: &Catalog<'_>,
+) -> Result<Vec<Finding>, CatalogError> {
+    let (role, superuser) = catalog.current_role().await?;
+    if superuser {
+        return Ok(vec![finding(
+            Severity::Warning,
+            format!(
+                "region {region}: the sidecar connects as superuser {role}; give regions.{region}.dsn \
+                 a role with only what it needs (README, Security: least privilege)"
+            ),
+        )]);
+    }
+    let mut out = Vec::new();
+    let parameters = catalog.has_parameter_privileges().await?;
+    for need in crate::privileges::needs(config, parameters) {
+        let missing = catalog.missing_privileges(&need, &role).await?;
+        if missing.is_empty() {
+            continue;
+        }
+        out.push(finding(
+            Severity::Blocking,
+            format!(
+                "region {region}: role {role} lacks {} on {}; run: {} (pgrelay setup grants it \
+                 when regions.{region}.setup_dsn is set)",
+                missing.join(", "),
+                need.describe(),
+                need.grant(&missing, &role)
+            ),
+        ));
     }
     Ok(out)
 }

@@ -11,8 +11,13 @@
 //! Error policy: every failure is one [`ConfigError`] naming the file, the
 //! line when known, the key, table or region concerned and what to write
 //! instead. Messages never quote values that came from the environment (they
-//! are secrets) and `Debug` output never shows passwords or the hash salt,
-//! because configs end up in logs.
+//! are secrets) and `Debug` output never shows passwords, hash keys or the
+//! HTTP token, because configs end up in logs.
+//!
+//! Secrets are per region: an unset `${VAR}` inside a region's `dsn`,
+//! `setup_dsn` or `hash_key`, a Kafka setting or `http.token` is kept as
+//! written and only fails the commands that need that value
+//! ([`Config::require`]); anywhere else it fails at once.
 //!
 //! No IO here except [`load`], which reads the file and calls [`parse`].
 
@@ -54,6 +59,17 @@ pub enum ConfigError {
         origin: String,
         line: usize,
         var: String,
+    },
+    /// A value this command needs holds a variable that is not set.
+    #[error(
+        "{origin}, line {line}: environment variable {var} is not set (or not valid UTF-8), \
+         and {key} needs it for this command; export it"
+    )]
+    UnsetSecret {
+        origin: String,
+        line: usize,
+        var: String,
+        key: String,
     },
     #[error("{origin}, line {line}: {message}")]
     Interpolation {
@@ -130,8 +146,12 @@ pub struct Config {
     /// How long `pgrelay run` keeps retrying an unreachable database or
     /// Kafka cluster at start before it gives up with an error.
     pub startup_timeout: Duration,
-    /// Secret salt of hashed columns; set whenever a column rule hashes.
-    pub hash_salt: Option<String>,
+    /// Environment variables that were not set, by name (with the line of
+    /// their first use). They may only occur in region-scoped secrets (a
+    /// region's DSNs and hash key, Kafka settings, the HTTP token): a
+    /// command fails on one only when it needs that value (see
+    /// [`Config::require`]), so a sidecar holds only its own secrets.
+    pub unset: BTreeMap<String, usize>,
     pub capture: CaptureSettings,
     pub apply: ApplySettings,
     pub status: StatusSettings,
@@ -219,11 +239,30 @@ impl Default for StatusSettings {
 }
 
 /// `[http]`.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct HttpSettings {
     /// Address of `/metrics`, `/healthz`, `/readyz`; `None`: no HTTP server.
+    /// A bare port (`"9187"`) binds the loopback address only.
     pub listen: Option<SocketAddr>,
+    /// Bearer token `/metrics` requires (`Authorization: Bearer ...`);
+    /// `None`: `/metrics` is open to whoever reaches the address.
+    pub token: Option<String>,
 }
+
+impl fmt::Debug for HttpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSettings")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// The loopback address a bare `http.listen` port binds.
+pub const DEFAULT_HTTP_HOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// Shortest `hash_key` accepted, in bytes (HMAC-SHA-256's output size).
+pub const MIN_HASH_KEY_LEN: usize = 32;
 
 pub const DEFAULT_PREFIX: &str = "pgrelay";
 pub const DEFAULT_PUBLICATION: &str = "pgrelay";
@@ -302,11 +341,66 @@ pub struct Region {
     /// 1..=63, unique, stable forever (the tie-break of HLC stamps).
     pub id: u8,
     /// libpq connection string of the region's primary (may hold a password:
-    /// `Debug` redacts it; use [`redact_dsn`] to log it).
+    /// `Debug` redacts it; use [`redact_dsn`] to log it). The sidecar's own
+    /// role: `run`, `check`, `status`, `resync` and `dlq` connect with it.
     pub dsn: String,
+    /// Connection string `pgrelay setup` uses (a role that may create the
+    /// schema, triggers, publication and slot); `None`: `dsn`.
+    pub setup_dsn: Option<String>,
+    /// The role `pgrelay setup` grants the sidecar's privileges to:
+    /// `run_role`, else the user of `dsn` when `setup_dsn` is set.
+    pub run_role: Option<String>,
+    /// Key of this region's hashed columns (HMAC-SHA-256), at least
+    /// [`MIN_HASH_KEY_LEN`] bytes; only this region's sidecar needs it.
+    pub hash_key: Option<String>,
+    /// Names the key in every hashed value (`{id}:{hex}`), so keys can rotate.
+    pub hash_key_id: String,
     /// The cluster holding the topics destined to this region (the region's
     /// own `kafka` table, else the default `[kafka]`).
     pub kafka: KafkaCluster,
+}
+
+impl Region {
+    /// The connection string `pgrelay setup` uses.
+    pub fn setup_dsn(&self) -> &str {
+        self.setup_dsn.as_deref().unwrap_or(&self.dsn)
+    }
+
+    /// The role `pgrelay setup` grants the sidecar's privileges to, if any:
+    /// `run_role`, else (with a separate `setup_dsn`) the user of `dsn`.
+    pub fn grantee(&self) -> Option<String> {
+        if let Some(role) = &self.run_role {
+            return Some(role.clone());
+        }
+        self.setup_dsn.as_ref()?;
+        dsn_user(&self.dsn)
+    }
+}
+
+/// The `user` of a libpq connection string (key/value or URL form).
+pub fn dsn_user(dsn: &str) -> Option<String> {
+    let trimmed = dsn.trim_start();
+    if let Some(rest) = trimmed
+        .strip_prefix("postgres://")
+        .or_else(|| trimmed.strip_prefix("postgresql://"))
+    {
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if let Some(at) = authority.rfind('@') {
+            let user = authority[..at].split(':').next().unwrap_or("");
+            if !user.is_empty() {
+                return Some(user.to_string());
+            }
+        }
+        let query = rest.split_once('?').map_or("", |(_, q)| q);
+        return query
+            .split('&')
+            .find_map(|p| p.strip_prefix("user="))
+            .map(str::to_string);
+    }
+    trimmed.split_whitespace().find_map(|part| {
+        let (k, v) = part.split_once('=')?;
+        (k.trim() == "user").then(|| v.trim_matches('\'').to_string())
+    })
 }
 
 impl fmt::Debug for Region {
@@ -315,6 +409,10 @@ impl fmt::Debug for Region {
             .field("name", &self.name)
             .field("id", &self.id)
             .field("dsn", &redact_dsn(&self.dsn))
+            .field("setup_dsn", &self.setup_dsn.as_deref().map(redact_dsn))
+            .field("run_role", &self.run_role)
+            .field("hash_key", &self.hash_key.as_ref().map(|_| "***"))
+            .field("hash_key_id", &self.hash_key_id)
             .field("kafka", &self.kafka)
             .finish()
     }
@@ -413,7 +511,7 @@ impl fmt::Debug for Config {
             .field("prefix", &self.prefix)
             .field("max_clock_skew", &self.max_clock_skew)
             .field("max_stamp_ahead", &self.max_stamp_ahead)
-            .field("hash_salt", &self.hash_salt.as_ref().map(|_| "***"))
+            .field("unset", &self.unset)
             .field("capture", &self.capture)
             .field("apply", &self.apply)
             .field("http", &self.http)
@@ -485,7 +583,8 @@ impl ColumnRule {
 pub enum ColumnAction {
     /// Remove the column.
     Drop,
-    /// Replace the value by hex(SHA-256(salt || 0x00 || value)).
+    /// Replace the value by `{key_id}:` + hex(HMAC-SHA-256(source region's
+    /// hash_key, value)).
     Hash,
     /// Replace a non-NULL value by this text.
     Mask(String),
@@ -586,6 +685,117 @@ impl Config {
     pub fn declared_regions(&self) -> String {
         join_names(self.regions.keys())
     }
+
+    /// The first unset variable `value` holds, if any.
+    pub fn unresolved(&self, value: &str) -> Option<(&str, usize)> {
+        if self.unset.is_empty() || !value.contains("${") {
+            return None;
+        }
+        self.unset
+            .iter()
+            .find(|(var, _)| value.contains(&format!("${{{var}}}")))
+            .map(|(var, line)| (var.as_str(), *line))
+    }
+
+    /// Fails with the variable to export when a value a command needs
+    /// holds an environment variable that is not set.
+    pub fn require(&self, needs: &[Need<'_>]) -> Result<(), ConfigError> {
+        for need in needs {
+            for (key, value) in self.needed_values(need)? {
+                if let Some((var, line)) = self.unresolved(value) {
+                    return Err(ConfigError::UnsetSecret {
+                        origin: self.origin.clone(),
+                        line,
+                        var: var.to_string(),
+                        key,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn needed_values<'a>(&'a self, need: &Need<'_>) -> Result<Vec<(String, &'a str)>, ConfigError> {
+        Ok(match need {
+            Need::Database(r) => vec![(format!("regions.{r}.dsn"), self.region(r)?.dsn.as_str())],
+            Need::SetupDatabase(r) => {
+                let region = self.region(r)?;
+                match &region.setup_dsn {
+                    Some(dsn) => vec![(format!("regions.{r}.setup_dsn"), dsn.as_str())],
+                    None => vec![(format!("regions.{r}.dsn"), region.dsn.as_str())],
+                }
+            }
+            Need::HashKey(r) => self
+                .region(r)?
+                .hash_key
+                .iter()
+                .map(|k| (format!("regions.{r}.hash_key"), k.as_str()))
+                .collect(),
+            Need::Kafka(r) => {
+                let cluster = &self.region(r)?.kafka;
+                let key = format!("the Kafka cluster of region {r}");
+                std::iter::once((format!("{key} (brokers)"), cluster.brokers.as_str()))
+                    .chain(
+                        cluster
+                            .properties
+                            .iter()
+                            .map(|(k, v)| (format!("{key} (property {k})"), v.as_str())),
+                    )
+                    .collect()
+            }
+            Need::HttpToken => self
+                .http
+                .token
+                .iter()
+                .map(|t| ("http.token".to_string(), t.as_str()))
+                .collect(),
+        })
+    }
+
+    /// Needs of `pgrelay run --region` for the sides it runs: its own
+    /// database, its hash key (capture), the clusters of its outgoing
+    /// topics (capture) and of its incoming and dead-letter topics (apply).
+    pub fn run_needs<'a>(&'a self, region: &'a str, capture: bool, apply: bool) -> Vec<Need<'a>> {
+        let mut needs = vec![Need::Database(region)];
+        if capture {
+            needs.push(Need::HashKey(region));
+            needs.extend(
+                self.regions
+                    .keys()
+                    .filter(|d| *d != region)
+                    .map(|d| Need::Kafka(d)),
+            );
+        }
+        if apply {
+            needs.push(Need::Kafka(region));
+        }
+        if self.http.listen.is_some() {
+            needs.push(Need::HttpToken);
+        }
+        needs
+    }
+
+    /// The hash key of `region`'s hashed columns; an error names the unset
+    /// variable it is read from.
+    pub fn hash_key(&self, region: &str) -> Result<Option<&str>, ConfigError> {
+        self.require(&[Need::HashKey(region)])?;
+        Ok(self.region(region)?.hash_key.as_deref())
+    }
+}
+
+/// A value a command needs (see [`Config::require`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need<'a> {
+    /// `regions.X.dsn`.
+    Database(&'a str),
+    /// `regions.X.setup_dsn` (else its `dsn`).
+    SetupDatabase(&'a str),
+    /// `regions.X.hash_key`.
+    HashKey(&'a str),
+    /// The Kafka cluster holding the topics destined to region X.
+    Kafka(&'a str),
+    /// `http.token`.
+    HttpToken,
 }
 
 fn join_names<'a>(names: impl IntoIterator<Item = &'a String>) -> String {
@@ -729,14 +939,47 @@ pub fn parse_with_env(
     origin: &str,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let interpolated = interpolate(text, origin, &env)?;
-    let raw: RawConfig =
-        toml::from_str(&interpolated).map_err(|e| syntax_error(e, origin, text, &interpolated))?;
-    Validator {
+    let mut unset = Vec::new();
+    let interpolated = interpolate(text, origin, &env, &mut unset)?;
+    // an unset variable may be what made the text invalid: name it first
+    let first_unset = || {
+        unset.first().map(|(var, line)| ConfigError::MissingEnv {
+            origin: origin.to_string(),
+            line: *line,
+            var: var.clone(),
+        })
+    };
+    let raw: RawConfig = toml::from_str(&interpolated).map_err(|e| {
+        first_unset().unwrap_or_else(|| syntax_error(e, origin, text, &interpolated))
+    })?;
+    let mut first_lines: BTreeMap<String, usize> = BTreeMap::new();
+    let mut uses: BTreeMap<&str, usize> = BTreeMap::new();
+    for (var, line) in &unset {
+        first_lines.entry(var.clone()).or_insert(*line);
+        *uses.entry(var.as_str()).or_default() += 1;
+    }
+    // every use of an unset variable must be in a region-scoped secret
+    let scoped = raw.scoped_values();
+    for (var, count) in &uses {
+        let marker = format!("${{{var}}}");
+        let in_scope: usize = scoped.iter().map(|v| v.matches(&marker).count()).sum();
+        if in_scope < *count {
+            return Err(ConfigError::MissingEnv {
+                origin: origin.to_string(),
+                line: first_lines[*var],
+                var: var.to_string(),
+            });
+        }
+    }
+    let mut config = Validator {
         origin,
         text: &interpolated,
+        unset: &first_lines,
     }
     .validate(raw)
+    .map_err(|e| first_unset().unwrap_or(e))?;
+    config.unset = first_lines;
+    Ok(config)
 }
 
 fn syntax_error(e: toml::de::Error, origin: &str, raw: &str, interpolated: &str) -> ConfigError {
@@ -795,6 +1038,10 @@ enum Lexical {
 
 /// Replaces `${VAR}` by the variable's value and `$${` by `${`.
 ///
+/// A variable that is not set is left as written inside a string (and
+/// listed in `unset`, with its line): the caller decides whether the value
+/// holding it is needed. Outside strings it is an error at once.
+///
 /// A tiny TOML lexer tracks strings and comments so that a value is escaped
 /// for the string it lands in (a password may hold `"` or `\`) and comments
 /// are left alone (they may mention `${VAR}` freely). Values never contain a
@@ -803,6 +1050,7 @@ fn interpolate(
     text: &str,
     origin: &str,
     env: &dyn Fn(&str) -> Option<String>,
+    unset: &mut Vec<(String, usize)>,
 ) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut state = Lexical::Bare;
@@ -838,11 +1086,22 @@ fn interpolate(
                     ),
                 });
             }
-            let value = env(name).ok_or_else(|| ConfigError::MissingEnv {
-                origin: origin.to_string(),
-                line,
-                var: name.to_string(),
-            })?;
+            let value = match env(name) {
+                Some(value) => value,
+                None if matches!(state, Lexical::Bare | Lexical::Comment) => {
+                    return Err(ConfigError::MissingEnv {
+                        origin: origin.to_string(),
+                        line,
+                        var: name.to_string(),
+                    })
+                }
+                None => {
+                    unset.push((name.to_string(), line));
+                    out.push_str(&rest[..=end]);
+                    i += end + 1;
+                    continue;
+                }
+            };
             insert_value(&mut out, &value, state).map_err(|why| ConfigError::Interpolation {
                 origin: origin.to_string(),
                 line,
@@ -956,6 +1215,17 @@ fn insert_value(out: &mut String, value: &str, state: Lexical) -> Result<(), &'s
     Ok(())
 }
 
+/// `http.listen`: `"9187"` or `":9187"` (the loopback address), or an IP
+/// address and port.
+fn parse_listen(text: &str) -> Option<SocketAddr> {
+    let text = text.trim();
+    let port = text.strip_prefix(':').unwrap_or(text);
+    if let Ok(port) = port.parse::<u16>() {
+        return Some(SocketAddr::new(DEFAULT_HTTP_HOST, port));
+    }
+    text.parse().ok()
+}
+
 // ---------------------------------------------------------------------------
 // durations
 
@@ -1062,7 +1332,8 @@ struct RawRelay {
     max_clock_skew: Option<HumanDuration>,
     max_stamp_ahead: Option<HumanDuration>,
     startup_timeout: Option<HumanDuration>,
-    hash_salt: Option<String>,
+    /// Replaced by per-region `hash_key`: refused with a pointer to it.
+    hash_salt: Option<toml::Value>,
     #[serde(default)]
     capture: RawCapture,
     #[serde(default)]
@@ -1105,6 +1376,7 @@ struct RawApply {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: Option<String>,
+    token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1120,7 +1392,39 @@ struct RawKafka {
 struct RawRegion {
     id: i64,
     dsn: String,
+    setup_dsn: Option<String>,
+    run_role: Option<String>,
+    hash_key: Option<String>,
+    hash_key_id: Option<String>,
     kafka: Option<RawKafka>,
+}
+
+impl RawKafka {
+    fn values(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.brokers.as_str()).chain(self.properties.values().map(|v| v.0.as_str()))
+    }
+}
+
+impl RawConfig {
+    /// The values that may hold unset variables: each region's DSNs and
+    /// hash key, the Kafka settings, the HTTP token. Commands check the
+    /// ones they use ([`Config::require`]).
+    fn scoped_values(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for region in self.regions.values() {
+            out.push(&region.dsn);
+            out.extend(region.setup_dsn.as_deref());
+            out.extend(region.hash_key.as_deref());
+            if let Some(kafka) = &region.kafka {
+                out.extend(kafka.values());
+            }
+        }
+        if let Some(kafka) = &self.kafka {
+            out.extend(kafka.values());
+        }
+        out.extend(self.http.token.as_deref());
+        out
+    }
 }
 
 #[derive(Deserialize)]
@@ -1169,9 +1473,19 @@ struct Validator<'a> {
     origin: &'a str,
     /// The interpolated text, to turn spans into line numbers.
     text: &'a str,
+    /// Variables that were not set (values holding them are not checked).
+    unset: &'a BTreeMap<String, usize>,
 }
 
 impl Validator<'_> {
+    fn is_unresolved(&self, value: &str) -> bool {
+        value.contains("${")
+            && self
+                .unset
+                .keys()
+                .any(|var| value.contains(&format!("${{{var}}}")))
+    }
+
     fn invalid(&self, line: Option<usize>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             origin: self.origin.to_string(),
@@ -1218,15 +1532,17 @@ impl Validator<'_> {
                 ),
             ));
         }
-        let regions = self.regions(raw.regions, raw.kafka)?;
-        let hash_salt = raw.relay.hash_salt;
-        if hash_salt.as_deref() == Some("") {
+        if raw.relay.hash_salt.is_some() {
             return Err(self.invalid(
                 None,
-                "relay.hash_salt is empty: set a long random secret (or remove the key if no \
-                 column rule uses action = \"hash\")",
+                "relay.hash_salt is no longer used: hashed columns are keyed per source \
+                 region now (HMAC-SHA-256). Set hash_key (at least 32 bytes, e.g. \
+                 hash_key = \"${PGRELAY_US_HASH_KEY}\") and hash_key_id (e.g. \"k1\") under \
+                 each [regions.NAME] whose tables hash columns, then remove relay.hash_salt; \
+                 README \"Keyed pseudonyms\" explains the migration",
             ));
         }
+        let regions = self.regions(raw.regions, raw.kafka)?;
         let capture = self.capture(raw.relay.capture)?;
         let apply = self.apply(raw.relay.apply)?;
         let status = StatusSettings {
@@ -1244,18 +1560,30 @@ impl Validator<'_> {
         };
         let listen = match raw.http.listen {
             None => None,
-            Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
+            Some(addr) => Some(parse_listen(&addr).ok_or_else(|| {
                 self.invalid(
                     None,
-                    format!("http.listen = {addr:?}: expected an IP address and port such as \"127.0.0.1:9187\""),
+                    format!(
+                        "http.listen = {addr:?}: expected a port (\"9187\", bound to 127.0.0.1) \
+                         or an IP address and port such as \"127.0.0.1:9187\""
+                    ),
                 )
             })?),
         };
+        if let Some(token) = &raw.http.token {
+            if !self.is_unresolved(token) && token.trim().len() < 16 {
+                return Err(self.invalid(
+                    None,
+                    "http.token is shorter than 16 characters: use a long random secret \
+                     (e.g. token = \"${METRICS_TOKEN}\"), or remove it to leave /metrics open",
+                ));
+            }
+        }
         let mut tables: Vec<TableConfig> = Vec::with_capacity(raw.tables.len());
         let mut lines: Vec<usize> = Vec::with_capacity(raw.tables.len());
         for raw_table in raw.tables {
             let line = line_column(self.text, raw_table.name.span().start).0;
-            let table = self.table(raw_table, line, &regions, hash_salt.is_some())?;
+            let table = self.table(raw_table, line, &regions)?;
             if let Some(i) = tables.iter().position(|t| t.name == table.name) {
                 return Err(self.invalid(
                     Some(line),
@@ -1268,6 +1596,7 @@ impl Validator<'_> {
             tables.push(table);
             lines.push(line);
         }
+        self.hash_keys_declared(&tables, &lines, &regions)?;
         Ok(Config {
             origin: self.origin.to_string(),
             prefix,
@@ -1277,11 +1606,14 @@ impl Validator<'_> {
                 .relay
                 .startup_timeout
                 .map_or(default_startup_timeout(), |d| d.0),
-            hash_salt,
+            unset: BTreeMap::new(),
             capture,
             apply,
             status,
-            http: HttpSettings { listen },
+            http: HttpSettings {
+                listen,
+                token: raw.http.token,
+            },
             regions,
             tables,
         })
@@ -1543,12 +1875,67 @@ impl Validator<'_> {
                     ))
                 }
             };
+            if region
+                .setup_dsn
+                .as_deref()
+                .is_some_and(|d| d.trim().is_empty())
+            {
+                return Err(self.invalid(
+                    None,
+                    format!("regions.{name}.setup_dsn is empty: give the connection string of the setup role, or remove it to set up with dsn"),
+                ));
+            }
+            if let Some(role) = &region.run_role {
+                let valid = !role.is_empty()
+                    && role.len() <= 63
+                    && role
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if !valid {
+                    return Err(self.invalid(
+                        None,
+                        format!("regions.{name}.run_role = {role:?}: use the name of an existing role (1 to 63 letters, digits, '_' or '-')"),
+                    ));
+                }
+            }
+            if let Some(key) = &region.hash_key {
+                if !self.is_unresolved(key) && key.len() < MIN_HASH_KEY_LEN {
+                    return Err(self.invalid(
+                        None,
+                        format!(
+                            "regions.{name}.hash_key is {} bytes: a hash key needs at least \
+                             {MIN_HASH_KEY_LEN} random bytes (e.g. the 64 hex digits of \
+                             `openssl rand -hex 32`)",
+                            key.len()
+                        ),
+                    ));
+                }
+            }
+            let hash_key_id = region.hash_key_id.unwrap_or_else(|| "k1".to_string());
+            let valid_id = !hash_key_id.is_empty()
+                && hash_key_id.len() <= 16
+                && hash_key_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid_id {
+                return Err(self.invalid(
+                    None,
+                    format!(
+                        "regions.{name}.hash_key_id = {hash_key_id:?}: use 1 to 16 letters, \
+                         digits, '_' or '-' (it prefixes every hashed value, e.g. \"k2\")"
+                    ),
+                ));
+            }
             regions.insert(
                 name.clone(),
                 Region {
                     name,
                     id: region.id as u8,
                     dsn: region.dsn,
+                    setup_dsn: region.setup_dsn,
+                    run_role: region.run_role,
+                    hash_key: region.hash_key,
+                    hash_key_id,
                     kafka,
                 },
             );
@@ -1556,12 +1943,51 @@ impl Validator<'_> {
         Ok(regions)
     }
 
+    /// Every region that may send a hashed column declares its hash key:
+    /// the owner of an `owned` table, every region for the other classes.
+    fn hash_keys_declared(
+        &self,
+        tables: &[TableConfig],
+        lines: &[usize],
+        regions: &BTreeMap<String, Region>,
+    ) -> Result<(), ConfigError> {
+        for (table, line) in tables.iter().zip(lines) {
+            let Some(rule) = table
+                .columns
+                .iter()
+                .find(|r| r.action == ColumnAction::Hash)
+            else {
+                continue;
+            };
+            let sources: Vec<&String> = match &table.class {
+                TableClass::Owned { owner } => vec![owner],
+                _ => regions.keys().collect(),
+            };
+            for source in sources {
+                if regions[source].hash_key.is_none() {
+                    return Err(self.invalid(
+                        Some(*line),
+                        format!(
+                            "table {}: column {}: action = \"hash\" needs the hash key of \
+                             every region that sends the table: set hash_key (at least \
+                             {MIN_HASH_KEY_LEN} bytes, e.g. hash_key = \"${{PGRELAY_{}_HASH_KEY}}\") \
+                             and hash_key_id under [regions.{source}]",
+                            table.name,
+                            rule.column,
+                            source.to_ascii_uppercase()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn table(
         &self,
         raw: RawTable,
         line: usize,
         regions: &BTreeMap<String, Region>,
-        has_salt: bool,
     ) -> Result<TableConfig, ConfigError> {
         let line = Some(line);
         let name = TableName::parse(raw.name.get_ref()).map_err(|e| self.invalid(line, e))?;
@@ -1677,12 +2103,6 @@ impl Validator<'_> {
                 (RawAction::Drop, None) => ColumnAction::Drop,
                 (RawAction::Hash, None) => ColumnAction::Hash,
             };
-            if action == ColumnAction::Hash && !has_salt {
-                return Err(err(format!(
-                    "column {column}: action = \"hash\" needs relay.hash_salt (a secret, e.g. \
-                     hash_salt = \"${{PGRELAY_HASH_SALT}}\" under [relay])"
-                )));
-            }
             let to = match rule.to {
                 None => None,
                 Some(to) if to.is_empty() => {
@@ -1728,7 +2148,6 @@ mod tests {
     const BASE: &str = r#"
 [relay]
 prefix = "pgrelay"
-hash_salt = "pepper"
 
 [kafka]
 brokers = "localhost:9092"
@@ -1736,14 +2155,17 @@ brokers = "localhost:9092"
 [regions.us]
 id = 1
 dsn = "host=us port=5432 user=pgrelay password=s3cret dbname=app"
+hash_key = "pepper-pepper-pepper-pepper-pepper"
 
 [regions.eu]
 id = 2
 dsn = "host=eu dbname=app"
+hash_key = "eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu"
 
 [regions.cn]
 id = 3
 dsn = "host=cn dbname=app"
+hash_key = "cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn"
 "#;
 
     fn no_env(_: &str) -> Option<String> {
@@ -1780,7 +2202,7 @@ dsn = "host=cn dbname=app"
     fn example_file_parses() {
         let text = include_str!("../relay.toml.example");
         let config = parse_with_env(text, "relay.toml.example", |name| {
-            Some(format!("value-of-{name}"))
+            Some(format!("value-of-{name}-0123456789abcdef"))
         })
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
@@ -1788,7 +2210,7 @@ dsn = "host=cn dbname=app"
             ["cn", "eu", "us"]
         );
         assert!(config.tables.len() >= 4);
-        assert!(config.hash_salt.is_some());
+        assert!(config.regions["us"].hash_key.is_some());
     }
 
     #[test]
@@ -1946,7 +2368,7 @@ listen = "0.0.0.0:9187"
     fn env_interpolation() {
         let text = BASE
             .replace("s3cret", "${PG_US_PASSWORD}")
-            .replace("\"pepper\"", "\"${SALT}\"")
+            .replace("\"pepper-pepper-pepper-pepper-pepper\"", "\"${SALT}\"")
             .replace(
                 "[kafka]",
                 "# brokers can come from ${ANYTHING} too\n[kafka]",
@@ -1954,7 +2376,7 @@ listen = "0.0.0.0:9187"
             .replace("\"localhost:9092\"", "\"$${literal}\"");
         let c = parse_with_env(&text, "relay.toml", |name| match name {
             "PG_US_PASSWORD" => Some("pa\"ss\\word".into()),
-            "SALT" => Some("salty".into()),
+            "SALT" => Some("salty-salty-salty-salty-salty-salty".into()),
             _ => None,
         })
         .unwrap_or_else(|e| panic!("{e}"));
@@ -1962,7 +2384,10 @@ listen = "0.0.0.0:9187"
             c.regions["us"].dsn,
             "host=us port=5432 user=pgrelay password=pa\"ss\\word dbname=app"
         );
-        assert_eq!(c.hash_salt.as_deref(), Some("salty"));
+        assert_eq!(
+            c.regions["us"].hash_key.as_deref(),
+            Some("salty-salty-salty-salty-salty-salty")
+        );
         assert_eq!(c.regions["us"].kafka.brokers, "${literal}");
     }
 
@@ -1974,7 +2399,7 @@ listen = "0.0.0.0:9187"
             "NL" => Some("a\nb".to_string()),
             _ => None,
         };
-        let run = |t: &str| interpolate(t, "f.toml", &env);
+        let run = |t: &str| interpolate(t, "f.toml", &env, &mut Vec::new());
         assert_eq!(run("x = ${N}\n").unwrap(), "x = 42\n");
         assert_eq!(run("x = '${N}'").unwrap(), "x = '42'");
         assert_eq!(run("x = \"${NL}\"").unwrap(), "x = \"a\\nb\"");
@@ -2004,19 +2429,139 @@ listen = "0.0.0.0:9187"
 
     #[test]
     fn missing_env_var_names_variable_and_line() {
+        // outside a region's secrets: an error at once
+        let text = BASE.replace("\"pgrelay\"", "\"${PREFIX}\"");
+        let line = text.lines().position(|l| l.contains("PREFIX")).unwrap() + 1;
+        let e = err(&text);
+        assert!(
+            e.starts_with(&format!(
+                "relay.toml, line {line}: environment variable PREFIX is not set"
+            )),
+            "{e}"
+        );
+        // in a region's DSN: an error for the commands that need it only
         let text = BASE.replace("s3cret", "${PG_US_PASSWORD}");
         let line = text
             .lines()
             .position(|l| l.contains("PG_US_PASSWORD"))
             .unwrap()
             + 1;
-        let e = err(&text);
+        let c = ok(&text);
+        assert!(c.require(&c.run_needs("eu", true, true)).is_ok());
+        assert!(c
+            .require(&[Need::Database("cn"), Need::Kafka("us")])
+            .is_ok());
+        let e = c.require(&[Need::Database("us")]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "relay.toml, line {line}: environment variable PG_US_PASSWORD is not set \
+                 (or not valid UTF-8), and regions.us.dsn needs it for this command; export it"
+            )
+        );
+        let e = c.require(&c.run_needs("us", false, true)).unwrap_err();
+        assert!(e.to_string().contains("PG_US_PASSWORD"), "{e}");
+        // a hash key: only its own region's capture side needs it
+        let text = BASE.replace(
+            "\"eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu\"",
+            "\"${EU_HASH_KEY}\"",
+        );
+        let c = ok(&text);
+        assert!(c.require(&c.run_needs("us", true, true)).is_ok());
+        assert!(c.require(&c.run_needs("eu", false, true)).is_ok());
+        let e = c.hash_key("eu").unwrap_err().to_string();
         assert!(
-            e.starts_with(&format!(
-                "relay.toml, line {line}: environment variable PG_US_PASSWORD is not set"
-            )),
+            e.contains("EU_HASH_KEY") && e.contains("regions.eu.hash_key"),
             "{e}"
         );
+        // unset in a string that also breaks validation: the variable is named
+        let text = BASE.replace("\"localhost:9092\"", "\"${BROKERS}\"");
+        let c = ok(&text);
+        let e = c.require(&[Need::Kafka("cn")]).unwrap_err().to_string();
+        assert!(
+            e.contains("BROKERS") && e.contains("Kafka cluster of region cn"),
+            "{e}"
+        );
+        // used in a region's DSN and elsewhere: the other use fails at once
+        let text = BASE
+            .replace("s3cret", "${PW}")
+            .replace("\"pgrelay\"", "\"${PW}\"");
+        assert!(err(&text).contains("environment variable PW is not set"));
+    }
+
+    #[test]
+    fn hash_keys_are_per_region_and_long() {
+        let short = BASE.replace("pepper-pepper-pepper-pepper-pepper", "short");
+        assert_err(
+            &short,
+            &["regions.us.hash_key is 5 bytes: a hash key needs at least 32"],
+        );
+        let c = ok(&BASE.replace(
+            "hash_key = \"pepper-pepper-pepper-pepper-pepper\"",
+            "hash_key = \"pepper-pepper-pepper-pepper-pepper\"\nhash_key_id = \"k2\"",
+        ));
+        assert_eq!(c.regions["us"].hash_key_id, "k2");
+        assert_eq!(c.regions["eu"].hash_key_id, "k1");
+        assert_err(
+            &BASE.replace("[regions.eu]", "[regions.eu]\nhash_key_id = \"k 2\""),
+            &["regions.eu.hash_key_id = \"k 2\""],
+        );
+        assert_err(
+            &BASE.replace("[relay]\nprefix", "[relay]\nhash_salt = \"x\"\nprefix"),
+            &["relay.hash_salt is no longer used", "hash_key"],
+        );
+        let debug = format!("{:?}", ok(BASE));
+        assert!(!debug.contains("pepper"), "{debug}");
+    }
+
+    #[test]
+    fn setup_dsn_and_grantee() {
+        let c = ok(BASE);
+        assert_eq!(c.regions["us"].setup_dsn(), c.regions["us"].dsn);
+        assert_eq!(c.regions["us"].grantee(), None);
+        let c = ok(&BASE.replace(
+            "[regions.eu]",
+            "[regions.eu]\nsetup_dsn = \"host=eu user=admin password=a\"",
+        ));
+        assert_eq!(c.regions["eu"].setup_dsn(), "host=eu user=admin password=a");
+        // the user of dsn, when it has one (eu's dsn names none)
+        assert_eq!(c.regions["eu"].grantee(), None);
+        let c = ok(&BASE.replace(
+            "[regions.us]",
+            "[regions.us]\nsetup_dsn = \"host=us user=admin\"",
+        ));
+        assert_eq!(c.regions["us"].grantee().as_deref(), Some("pgrelay"));
+        let c = ok(&BASE.replace("[regions.cn]", "[regions.cn]\nrun_role = \"relay_cn\""));
+        assert_eq!(c.regions["cn"].grantee().as_deref(), Some("relay_cn"));
+        assert_eq!(dsn_user("postgres://u:p@h/db").as_deref(), Some("u"));
+        assert_eq!(dsn_user("postgresql://h/db?user=v").as_deref(), Some("v"));
+        assert_eq!(dsn_user("host=a user='w' dbname=b").as_deref(), Some("w"));
+    }
+
+    #[test]
+    fn http_listen_and_token() {
+        let c = ok(&format!("{BASE}\n[http]\nlisten = \"9187\"\n"));
+        assert_eq!(c.http.listen, Some("127.0.0.1:9187".parse().unwrap()));
+        let c = ok(&format!("{BASE}\n[http]\nlisten = \":9188\"\n"));
+        assert_eq!(c.http.listen, Some("127.0.0.1:9188".parse().unwrap()));
+        let c = ok(&format!("{BASE}\n[http]\nlisten = \"0.0.0.0:9189\"\n"));
+        assert_eq!(c.http.listen, Some("0.0.0.0:9189".parse().unwrap()));
+        assert_err(
+            &format!("{BASE}\n[http]\ntoken = \"short\"\n"),
+            &["http.token is shorter than 16 characters"],
+        );
+        let c = ok(&format!(
+            "{BASE}\n[http]\nlisten = \"9187\"\ntoken = \"${{METRICS_TOKEN}}\"\n"
+        ));
+        let e = c
+            .require(&c.run_needs("us", true, true))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("METRICS_TOKEN") && e.contains("http.token"),
+            "{e}"
+        );
+        assert!(!format!("{:?}", c.http).contains("METRICS"));
     }
 
     #[test]
@@ -2092,8 +2637,8 @@ listen = "0.0.0.0:9187"
     #[test]
     fn per_region_kafka_replaces_the_default() {
         let c = ok(&BASE.replace(
-            "dsn = \"host=cn dbname=app\"",
-            "dsn = \"host=cn dbname=app\"\n[regions.cn.kafka]\nbrokers = \"kafka.cn:9092\"\n[regions.cn.kafka.properties]\n\"acks\" = \"all\"",
+            "hash_key = \"cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn\"",
+            "hash_key = \"cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn\"\n[regions.cn.kafka]\nbrokers = \"kafka.cn:9092\"\n[regions.cn.kafka.properties]\n\"acks\" = \"all\"",
         ));
         assert_eq!(c.kafka_for("cn").brokers, "kafka.cn:9092");
         assert_eq!(c.kafka_for("cn").properties.len(), 1);
@@ -2154,10 +2699,6 @@ listen = "0.0.0.0:9187"
         assert_err(
             &BASE.replace("prefix = \"pgrelay\"", "prefix = \"a b\""),
             &["relay.prefix = \"a b\""],
-        );
-        assert_err(
-            &BASE.replace("\"pepper\"", "\"\""),
-            &["relay.hash_salt is empty"],
         );
         assert_err(
             &format!("{BASE}\n[relay.capture]\nslot = \"Bad-Slot\"\n"),
@@ -2404,16 +2945,23 @@ mask = "****"
             ),
             &["column a has two rules for destination eu"],
         );
-        // hash needs the salt
+        // hash needs the key of every region that sends the table
         let text = with_tables(&rule(
             "class = \"global\"",
             "name = \"a\"\naction = \"hash\"",
         ))
-        .replace("hash_salt = \"pepper\"\n", "");
+        .replace("hash_key = \"cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn\"\n", "");
         let line = text.lines().position(|l| l == "name = \"t\"").unwrap() + 1;
         assert_err(
             &text,
-            &[&format!("relay.toml, line {line}: table public.t: column a: action = \"hash\" needs relay.hash_salt")],
+            &[&format!("relay.toml, line {line}: table public.t: column a: action = \"hash\" needs the hash key of every region that sends the table"), "[regions.cn]"],
         );
+        // an owned table: its owner's key only
+        let text = with_tables(&rule(
+            "class = \"owned\"\nowner = \"us\"",
+            "name = \"a\"\naction = \"hash\"",
+        ))
+        .replace("hash_key = \"cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn\"\n", "");
+        ok(&text);
     }
 }

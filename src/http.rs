@@ -2,14 +2,21 @@
 //! (the process is serving), `/readyz` (every side it runs is streaming).
 //!
 //! A deliberately tiny HTTP/1.1 responder: three GET routes, one response
-//! per connection, no request bodies.
+//! per connection, no request bodies. It is built to face an untrusted
+//! network without help: the request head must arrive within
+//! [`Limits::request_timeout`] (a slow client is cut off, never waited on),
+//! at most [`Limits::max_connections`] connections are served at once (the
+//! others wait in the listen backlog), and with a token `/metrics` answers
+//! 401 unless the request carries `Authorization: Bearer TOKEN`. `/healthz`
+//! and `/readyz` stay open: probes carry no secrets and reveal nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::Metrics;
 
@@ -29,70 +36,291 @@ impl Readiness {
     }
 }
 
+/// Bounds on what one client can hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// Time for the whole request head to arrive, and again for the
+    /// response to be written.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The largest request head read; a longer one is answered 431.
+const MAX_HEAD: usize = 4096;
+
+/// What the routes serve.
+pub struct State {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    /// Bearer token `/metrics` requires, if any.
+    pub token: Option<String>,
+}
+
 /// Serves until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
+    state: State,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let state = Arc::new(state);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
-        let (mut stream, _) = tokio::select! {
+        let permit = tokio::select! {
+            _ = shutdown.changed() => return,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let stream = tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
-                Ok(s) => s,
+                Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept failed");
+                    // e.g. out of file descriptors: do not spin
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
-        let metrics = metrics.clone();
-        let readiness = readiness.clone();
+        let state = state.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let mut len = 0;
-            while len < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut buf[len..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => len += n,
-                }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let request = String::from_utf8_lossy(&buf[..len]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, content_type, body) = route(path, &metrics, &readiness);
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            respond(stream, &state, limits.request_timeout).await;
+            drop(permit);
         });
     }
 }
 
-fn route(
-    path: &str,
-    metrics: &Metrics,
-    readiness: &Readiness,
-) -> (&'static str, &'static str, String) {
+async fn respond(mut stream: TcpStream, state: &State, timeout: Duration) {
+    let head = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(Oversized)) => {
+            let response = render("431 Request Header Fields Too Large", "too large\n", &[]);
+            let _ = tokio::time::timeout(timeout, async {
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+                // read what the client still sends, so that closing does
+                // not reset the connection before it reads the answer
+                let mut sink = [0u8; 1024];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            return;
+        }
+        // too slow: drop the connection without a word
+        Err(_) => return,
+    };
+    let request = String::from_utf8_lossy(&head);
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let path = path.split('?').next().unwrap_or(path);
+    let authorized = match &state.token {
+        None => true,
+        Some(token) => bearer(&request).is_some_and(|t| same(t.as_bytes(), token.as_bytes())),
+    };
+    let response = route(path, state, authorized);
+    let _ = tokio::time::timeout(timeout, async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+struct Oversized;
+
+/// Reads until the blank line ending the request head (or EOF).
+async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, Oversized> {
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            return Err(Oversized);
+        }
+        match stream.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header.
+fn bearer(request: &str) -> Option<&str> {
+    request.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("authorization") {
+            return None;
+        }
+        let value = value.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then_some(token.trim())
+    })
+}
+
+/// Compares without an early exit on the first differing byte.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn route(path: &str, state: &State, authorized: bool) -> String {
     match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-        "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
-        "/readyz" if readiness.ready() => ("200 OK", "text/plain", "ready\n".into()),
-        "/readyz" => (
-            "503 Service Unavailable",
-            "text/plain",
-            "not ready\n".into(),
+        "/metrics" if !authorized => render(
+            "401 Unauthorized",
+            "a bearer token is required\n",
+            &["WWW-Authenticate: Bearer realm=\"pgrelay\""],
         ),
-        _ => ("404 Not Found", "text/plain", "not found\n".into()),
+        "/metrics" => {
+            let body = state.metrics.render();
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        }
+        "/healthz" => render("200 OK", "ok\n", &[]),
+        "/readyz" if state.readiness.ready() => render("200 OK", "ready\n", &[]),
+        "/readyz" => render("503 Service Unavailable", "not ready\n", &[]),
+        _ => render("404 Not Found", "not found\n", &[]),
+    }
+}
+
+fn render(status: &str, body: &str, headers: &[&str]) -> String {
+    let mut extra = String::new();
+    for h in headers {
+        extra.push_str(h);
+        extra.push_str("\r\n");
+    }
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn start(
+        token: Option<&str>,
+        limits: Limits,
+    ) -> (std::net::SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let state = State {
+            metrics: Arc::new(Metrics::new()),
+            readiness: Arc::new(Readiness::default()),
+            token: token.map(str::to_string),
+        };
+        tokio::spawn(serve(listener, state, limits, rx));
+        (addr, tx)
+    }
+
+    async fn get(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn metrics_need_the_bearer_token_when_one_is_set() {
+        let (addr, _stop) = start(Some("0123456789abcdef-token"), Limits::default()).await;
+        let r = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
+        assert!(r.contains("WWW-Authenticate: Bearer"), "{r}");
+        let r = get(
+            addr,
+            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer wrong-token-0123456\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
+        let r = get(
+            addr,
+            "GET /metrics HTTP/1.1\r\nauthorization: bearer 0123456789abcdef-token\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        assert!(r.contains("version=0.0.4"), "{r}");
+        // probes stay open
+        let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        let r = get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    }
+
+    #[tokio::test]
+    async fn without_a_token_metrics_are_open() {
+        let (addr, _stop) = start(None, Limits::default()).await;
+        let r = get(addr, "GET /metrics?x=1 HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        let r = get(addr, "GET /nope HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_is_cut_off_and_does_not_block_others() {
+        let limits = Limits {
+            max_connections: 2,
+            request_timeout: Duration::from_millis(300),
+        };
+        let (addr, _stop) = start(None, limits).await;
+        // two idle clients take every slot...
+        let mut idle1 = TcpStream::connect(addr).await.unwrap();
+        let mut idle2 = TcpStream::connect(addr).await.unwrap();
+        idle1.write_all(b"GET /hea").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...so a third waits, and is served once the deadline frees a slot
+        let started = std::time::Instant::now();
+        let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "served before a slot was free: {:?}",
+            started.elapsed()
+        );
+        // the slow ones were closed without an answer
+        let mut out = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(2), idle1.read_to_end(&mut out))
+            .await
+            .expect("closed by the server")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        let n = tokio::time::timeout(Duration::from_secs(2), idle2.read_to_end(&mut out))
+            .await
+            .expect("closed by the server")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_head_is_refused() {
+        let (addr, _stop) = start(None, Limits::default()).await;
+        let request = format!(
+            "GET /healthz HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(request.as_bytes()).await;
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+        assert!(out.starts_with("HTTP/1.1 431 "), "{out}");
     }
 }

@@ -21,6 +21,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod pgoutput;
+pub mod privileges;
 pub mod publish;
 pub mod residency;
 pub mod resync;

@@ -11,12 +11,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 use pgrelay::check::{self, Severity};
-use pgrelay::config::{self, Config, TableClass};
+use pgrelay::config::{self, Config, Need, TableClass};
 use pgrelay::event::TableName;
 use pgrelay::http::{self, Readiness};
 use pgrelay::metrics::Metrics;
 use pgrelay::source::catalog::{self, Catalog};
-use pgrelay::{apply, capture, kafka, residency, setup};
+use pgrelay::{apply, capture, kafka, privileges, residency, setup};
 
 /// mimalloc: the capture and apply paths allocate and free small buffers
 /// per row, often on different threads (librdkafka's), where it is
@@ -185,10 +185,19 @@ fn load(path: &Path) -> Result<Arc<Config>> {
     Ok(Arc::new(config::load(path)?))
 }
 
+/// Every Kafka cluster: the one serving `region` and those of the regions
+/// it sends to.
+fn all_clusters(config: &Config) -> Vec<Need<'_>> {
+    config.regions.keys().map(|r| Need::Kafka(r)).collect()
+}
+
 async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
     let config = load(path)?;
     let region_cfg = config.region(region)?;
-    let mut client = catalog::connect(&region_cfg.dsn, region).await?;
+    let mut needs = vec![Need::SetupDatabase(region)];
+    needs.extend(all_clusters(&config));
+    config.require(&needs)?;
+    let mut client = catalog::connect(region_cfg.setup_dsn(), region).await?;
     let cat = Catalog {
         client: &client,
         region,
@@ -218,6 +227,9 @@ async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
             .with_context(|| format!("region {region}: setup statement failed: {sql}"))?;
     }
     tx.commit().await.context("committing setup")?;
+    if let Some(role) = region_cfg.grantee() {
+        grant_run_role(&config, region, &client, &role).await?;
+    }
     let slot = config.slot_name(region);
     let cat = Catalog {
         client: &client,
@@ -300,6 +312,74 @@ async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Grants the sidecar's run role what it lacks of what it needs
+/// ([`privileges::needs`]). A grant the setup role may not give (the
+/// replication-origin function, the parameter) is printed for a superuser.
+async fn grant_run_role(
+    config: &Config,
+    region: &str,
+    client: &tokio_postgres::Client,
+    role: &str,
+) -> Result<()> {
+    let cat = Catalog { client, region };
+    let quoted = pgrelay::event::quote_ident(role);
+    match cat.role(role).await? {
+        None => bail!(
+            "region {region}: role {role} (the sidecar's run role) does not exist; create it \
+             first: CREATE ROLE {quoted} LOGIN REPLICATION PASSWORD '...'"
+        ),
+        Some((true, _)) => {
+            println!(
+                "region {region}: run role {role} is a superuser: nothing to grant (give the \
+                 sidecar a role of its own: README, Security)"
+            );
+            return Ok(());
+        }
+        Some((false, false)) => eprintln!(
+            "warning: region {region}: run role {role} lacks the REPLICATION attribute; a \
+             superuser runs: ALTER ROLE {quoted} REPLICATION"
+        ),
+        Some((false, true)) => {}
+    }
+    let parameters = cat.has_parameter_privileges().await?;
+    let mut granted = 0;
+    let mut refused = Vec::new();
+    for need in privileges::needs(config, parameters) {
+        let missing = cat.missing_privileges(&need, role).await?;
+        if missing.is_empty() {
+            continue;
+        }
+        let sql = need.grant(&missing, role);
+        if let Err(e) = client.batch_execute(&sql).await {
+            refused.push(format!("{sql} ({})", pgrelay::source::pg_error::reason(&e)));
+            continue;
+        }
+        // without the grant option PostgreSQL may only warn and grant nothing
+        let still = cat.missing_privileges(&need, role).await?;
+        if still.is_empty() {
+            granted += 1;
+        } else {
+            refused.push(format!(
+                "{} (the setup role lacks the grant option)",
+                need.grant(&still, role)
+            ));
+        }
+    }
+    println!(
+        "region {region}: run role {role}: {granted} grant(s) given, everything else held already"
+    );
+    if !refused.is_empty() {
+        for r in &refused {
+            eprintln!("error: region {region}: the setup role may not grant: {r}");
+        }
+        bail!(
+            "region {region}: a superuser runs the GRANT statements above once, then run pgrelay \
+             setup again"
+        );
+    }
+    Ok(())
+}
+
 async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
     let config = load(path)?;
     println!(
@@ -315,6 +395,9 @@ async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
         }
         None => config.regions.keys().cloned().collect(),
     };
+    let mut needs: Vec<Need> = regions.iter().map(|r| Need::Database(r)).collect();
+    needs.extend(all_clusters(&config));
+    config.require(&needs)?;
     let mut problems = 0;
     for region in &regions {
         let dsn = &config.regions[region].dsn;
@@ -403,13 +486,15 @@ async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
 async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
     let config = load(path)?;
     config.region(region)?;
-    let metrics = Arc::new(Metrics::new());
-    let readiness = Arc::new(Readiness::default());
     let (with_capture, with_apply) = match role {
         Role::All => (true, true),
         Role::Capture => (true, false),
         Role::Apply => (false, true),
     };
+    // only this region's secrets (and the clusters it uses) must be set
+    config.require(&config.run_needs(region, with_capture, with_apply))?;
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
     readiness
         .wants_capture
         .store(with_capture, Ordering::Relaxed);
@@ -419,10 +504,15 @@ async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (http.listen)"))?;
+        let state = http::State {
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            token: config.http.token.clone(),
+        };
         tokio::spawn(http::serve(
             listener,
-            metrics.clone(),
-            readiness.clone(),
+            state,
+            http::Limits::default(),
             shutdown.clone(),
         ));
     }
@@ -530,6 +620,9 @@ async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
 
 async fn status(path: &Path, json: bool) -> Result<ExitCode> {
     let config = load(path)?;
+    let mut needs: Vec<Need> = config.regions.keys().map(|r| Need::Database(r)).collect();
+    needs.extend(all_clusters(&config));
+    config.require(&needs)?;
     let rows = pgrelay::status::collect(&config).await;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -550,6 +643,10 @@ async fn resync(
     dry_run: bool,
 ) -> Result<ExitCode> {
     let config = load(path)?;
+    config.region(region)?;
+    let mut needs = vec![Need::Database(region), Need::HashKey(region)];
+    needs.extend(all_clusters(&config));
+    config.require(&needs)?;
     let tables = tables
         .iter()
         .map(|t| TableName::parse(t).map_err(anyhow::Error::msg))
@@ -581,6 +678,7 @@ async fn dlq(action: DlqAction) -> Result<ExitCode> {
         } => {
             let config = load(&config)?;
             config.region(&region)?;
+            config.require(&[Need::Kafka(&region)])?;
             let letters = apply::dlq::read(
                 &config,
                 &region,
@@ -645,6 +743,7 @@ async fn dlq(action: DlqAction) -> Result<ExitCode> {
         } => {
             let config = load(&config)?;
             config.region(&region)?;
+            config.require(&[Need::Database(&region), Need::Kafka(&region)])?;
             let results = apply::replay::replay(&config, &region, dry_run, limit).await?;
             let failed = results.iter().filter(|r| r.failure.is_some()).count();
             for r in &results {

@@ -30,7 +30,8 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
-use sha2::{Digest, Sha256};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::config::{ColumnAction, Config, ConfigError, TableClass, TableConfig};
 use crate::event::{Change, Datum, Op, TableName, TableSchema};
@@ -107,8 +108,9 @@ pub struct Policy {
     /// Every other region, sorted; `dest_index` indexes this.
     destinations: Vec<String>,
     tables: HashMap<TableName, Arc<TableRules>>,
-    /// SHA-256 state after `salt || 0x00`, cloned per hashed value.
-    salted: Option<Sha256>,
+    /// HMAC-SHA-256 keyed with the source region's hash key, cloned per
+    /// hashed value, and the key's id that prefixes the output.
+    keyed: Option<(Hmac<Sha256>, String)>,
     /// Resolved plans by relation oid (see [`SchemaPlan`]).
     plans: Mutex<HashMap<u32, Arc<SchemaPlan>>>,
 }
@@ -324,19 +326,24 @@ impl Policy {
                 }),
             );
         }
-        let salted = match (&config.hash_salt, any_hash) {
-            (Some(salt), _) => {
-                let mut hasher = Sha256::new();
-                hasher.update(salt.as_bytes());
-                hasher.update([0u8]);
-                Some(hasher)
+        let keyed = match (config.hash_key(source)?, any_hash) {
+            (Some(key), _) => {
+                let mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes()).map_err(|_| {
+                    ConfigError::Invalid {
+                        origin: config.origin.clone(),
+                        line: None,
+                        message: format!("regions.{source}.hash_key cannot key HMAC-SHA-256"),
+                    }
+                })?;
+                Some((mac, config.regions[source].hash_key_id.clone()))
             }
             (None, true) => {
                 return Err(ConfigError::Invalid {
                     origin: config.origin.clone(),
                     line: None,
-                    message: "a column rule uses action = \"hash\" but relay.hash_salt is not set"
-                        .to_string(),
+                    message: format!(
+                    "a column rule uses action = \"hash\" but regions.{source}.hash_key is not set"
+                ),
                 })
             }
             (None, false) => None,
@@ -345,7 +352,7 @@ impl Policy {
             source: source.to_string(),
             destinations,
             tables,
-            salted,
+            keyed,
             plans: Mutex::new(HashMap::new()),
         })
     }
@@ -544,15 +551,21 @@ impl Policy {
         Cow::Owned(out)
     }
 
-    /// Lowercase hex of SHA-256(salt || 0x00 || value).
+    /// `{key_id}:` and the lowercase hex of HMAC-SHA-256(hash_key, value).
     fn hash(&self, value: &str) -> String {
-        let Some(salted) = &self.salted else {
-            // compile() refuses hash rules without a salt
-            unreachable!("hash rule without a salt");
+        let Some((mac, key_id)) = &self.keyed else {
+            // compile() refuses hash rules without a key
+            unreachable!("hash rule without a key");
         };
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let digest = salted.clone().chain_update(value.as_bytes()).finalize();
-        let mut out = String::with_capacity(2 * digest.len());
+        let digest = mac
+            .clone()
+            .chain_update(value.as_bytes())
+            .finalize()
+            .into_bytes();
+        let mut out = String::with_capacity(key_id.len() + 1 + 2 * digest.len());
+        out.push_str(key_id);
+        out.push(':');
         for byte in digest {
             out.push(HEX[usize::from(byte >> 4)] as char);
             out.push(HEX[usize::from(byte & 0xf)] as char);
@@ -804,21 +817,22 @@ mod tests {
     use crate::event::{ColumnDesc, Lsn, TxMeta};
 
     const CONFIG: &str = r#"
-[relay]
-hash_salt = "pepper"
-
 [kafka]
 brokers = "k:9092"
 
 [regions.us]
 id = 1
 dsn = "host=us"
+hash_key = "us-key-0123456789abcdef0123456789"
+hash_key_id = "k7"
 [regions.eu]
 id = 2
 dsn = "host=eu"
+hash_key = "eu-key-0123456789abcdef0123456789"
 [regions.cn]
 id = 3
 dsn = "host=cn"
+hash_key = "cn-key-0123456789abcdef0123456789"
 
 [[tables]]
 name = "users"
@@ -936,12 +950,27 @@ mask = "****"
         }
     }
 
+    /// What region us (key id k7) sends for `value`.
     fn hash(value: &str) -> String {
-        let digest = Sha256::new()
-            .chain_update(b"pepper\0")
+        hmac_sha256_hex(b"us-key-0123456789abcdef0123456789", "k7", value)
+    }
+
+    fn hmac_sha256_hex(key: &[u8], key_id: &str, value: &str) -> String {
+        // RFC 2104 HMAC built on plain SHA-256, independently of the policy code
+        use sha2::Digest;
+        let mut block = [0u8; 64];
+        block[..key.len()].copy_from_slice(key);
+        let pad = |b: u8| block.iter().map(|k| k ^ b).collect::<Vec<u8>>();
+        let inner = Sha256::new()
+            .chain_update(pad(0x36))
             .chain_update(value.as_bytes())
             .finalize();
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        let outer = Sha256::new()
+            .chain_update(pad(0x5c))
+            .chain_update(inner)
+            .finalize();
+        let hex: String = outer.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{key_id}:{hex}")
     }
 
     #[test]
@@ -1211,7 +1240,11 @@ mask = "****"
                 &vec![
                     t("1"),
                     t("US"),
-                    t(&hash("a@b")),
+                    t(&hmac_sha256_hex(
+                        b"eu-key-0123456789abcdef0123456789",
+                        "k1",
+                        "a@b"
+                    )),
                     Datum::Null,
                     t("big document")
                 ][..]
@@ -1263,7 +1296,11 @@ mask = "****"
             r.after.as_deref(),
             Some(&vec![t("1"), t("US"), t(&hash("a@b")), t("****"), Datum::Null][..])
         );
-        assert_eq!(hash("a@b").len(), 64, "lowercase hex of SHA-256");
+        assert_eq!(
+            hash("a@b").len(),
+            3 + 64,
+            "key id and lowercase hex of HMAC-SHA-256"
+        );
         // eu: email dropped, card masked
         let r = published(route(&p, &c, "eu"));
         assert_eq!(&*r.columns, ["id", "country", "card", "doc"]);
@@ -1306,13 +1343,19 @@ mask = "****"
     #[test]
     fn hash_matches_the_documented_formula() {
         let p = policy("us");
-        // sha256("pepper\0a@b"), computed independently of the policy code
+        // k7:hex(HMAC-SHA-256(us's key, "a@b")), computed independently
         assert_eq!(p.hash("a@b"), hash("a@b"));
         assert_ne!(p.hash("a@b"), p.hash("a@c"));
-        assert!(p
-            .hash("x")
+        let hashed = p.hash("x");
+        let hex = hashed.strip_prefix("k7:").expect("key id prefix");
+        assert_eq!(hex.len(), 64);
+        assert!(hex
             .chars()
             .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
+        // each source region hashes with its own key
+        let eu = policy("eu").hash("a@b");
+        assert!(eu.starts_with("k1:"), "{eu}");
+        assert_ne!(eu[3..], p.hash("a@b")[3..]);
     }
 
     #[test]

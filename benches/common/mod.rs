@@ -173,7 +173,6 @@ pub fn config_text() -> String {
     r#"
 [relay]
 prefix = "pgrelay"
-hash_salt = "bench-salt"
 
 [kafka]
 brokers = "127.0.0.1:9092"
@@ -181,14 +180,17 @@ brokers = "127.0.0.1:9092"
 [regions.us]
 id = 1
 dsn = "host=127.0.0.1 port=5432 user=postgres dbname=app"
+hash_key = "bench-us-key-0123456789abcdef0123456789"
 
 [regions.eu]
 id = 2
 dsn = "host=127.0.0.1 port=5433 user=postgres dbname=app"
+hash_key = "bench-eu-key-0123456789abcdef0123456789"
 
 [regions.cn]
 id = 3
 dsn = "host=127.0.0.1 port=5434 user=postgres dbname=app"
+hash_key = "bench-cn-key-0123456789abcdef0123456789"
 
 [[tables]]
 name = "public.bench_8"

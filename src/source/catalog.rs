@@ -444,6 +444,62 @@ impl Catalog<'_> {
         Ok(row.get(0))
     }
 
+    /// The connected role's name and whether it is a superuser.
+    pub async fn current_role(&self) -> Result<(String, bool), CatalogError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(self.err("reading the connected role"))?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Whether `role` exists, and whether it may replicate.
+    pub async fn role(&self, role: &str) -> Result<Option<(bool, bool)>, CatalogError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = $1",
+                &[&role],
+            )
+            .await
+            .map_err(self.err(format!("reading role {role}")))?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Whether the server knows parameter privileges (PostgreSQL 15+).
+    pub async fn has_parameter_privileges(&self) -> Result<bool, CatalogError> {
+        let version: i32 = self
+            .setting("server_version_num")
+            .await?
+            .parse()
+            .unwrap_or(0);
+        Ok(version >= 150_000)
+    }
+
+    /// The privileges of `need` that `role` lacks (empty when the object
+    /// does not exist).
+    pub async fn missing_privileges(
+        &self,
+        need: &crate::privileges::Need,
+        role: &str,
+    ) -> Result<Vec<String>, CatalogError> {
+        let (sql, name) = need.missing_sql();
+        let privileges: Vec<&str> = need.privileges.to_vec();
+        let row = self
+            .client
+            .query_one(sql, &[&privileges, &name, &role])
+            .await
+            .map_err(self.err(format!(
+                "reading the privileges of {role} on {}",
+                need.describe()
+            )))?;
+        Ok(row.get(0))
+    }
+
     /// Primary keys of the declared, non-local tables.
     pub async fn keys(
         &self,

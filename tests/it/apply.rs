@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::support::broker::Broker;
 use crate::support::eventually;
 use crate::support::kafka::{produce, read_all, RawRecord};
-use crate::support::pg::Pg;
+use crate::support::pg::{region_dsns, Pg};
 use crate::support::relay::{self, ConfigFile, Relay};
 
 pub const SCHEMA: &str = "
@@ -23,6 +23,7 @@ pub struct Pair {
 }
 
 pub fn config(us: &str, eu: &str, brokers: &str) -> String {
+    let (us, eu) = (region_dsns(us), region_dsns(eu));
     format!(
         r#"
 [relay]
@@ -41,11 +42,11 @@ brokers = "{brokers}"
 
 [regions.us]
 id = 1
-dsn = "{us}"
+{us}
 
 [regions.eu]
 id = 2
-dsn = "{eu}"
+{eu}
 
 [[tables]]
 name = "public.products"

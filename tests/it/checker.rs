@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::broker::{durable_tansu_bin, Broker};
 use crate::support::kafka::{read_all, read_to_markers};
-use crate::support::pg::Pg;
+use crate::support::pg::{region_dsns, Pg};
 use crate::support::proxy::Proxy;
 use crate::support::relay::{self, ConfigFile, Relay};
 
@@ -53,9 +53,9 @@ fn config(pg: &BTreeMap<&str, Pg>, brokers: &BTreeMap<&str, (Broker, Proxy)>) ->
     for (i, r) in REGIONS.iter().enumerate() {
         let _ = write!(
             regions,
-            "[regions.{r}]\nid = {}\ndsn = \"{}\"\n[regions.{r}.kafka]\nbrokers = \"{}\"\n\n",
+            "[regions.{r}]\nid = {}\n{}\n[regions.{r}.kafka]\nbrokers = \"{}\"\n\n",
             i + 1,
-            pg[r].dsn(),
+            region_dsns(&pg[r].dsn()),
             brokers[r].0.brokers()
         );
     }

@@ -32,8 +32,8 @@ fn malformed_toml_names_the_line() {
 #[test]
 fn unknown_key_is_rejected_with_its_line() {
     let text = config("host=127.0.0.1 user=x", "127.0.0.1:1").replace(
-        "hash_salt = \"pepper\"",
-        "hash_salt = \"pepper\"\nbatch_szie = 10",
+        "max_stamp_ahead = \"5m\"",
+        "max_stamp_ahead = \"5m\"\nbatch_szie = 10",
     );
     let err = check_fails(&text);
     assert!(err.contains("batch_szie"), "{err}");

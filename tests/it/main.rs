@@ -8,6 +8,7 @@ mod convergence;
 mod errors;
 mod faults;
 mod rules;
+mod security;
 mod sidecar;
 mod support;
 mod tls;

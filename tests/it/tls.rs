@@ -9,7 +9,7 @@ use crate::capture::{config, SCHEMA};
 use crate::support::broker::Broker;
 use crate::support::certs::{Ca, Issued};
 use crate::support::kafka::read_all_with;
-use crate::support::pg::{Pg, PgOptions, PASSWORD};
+use crate::support::pg::{Pg, PgOptions, PASSWORD, RUN_ROLE};
 use crate::support::relay::{self, ConfigFile, Relay};
 use crate::support::tls_proxy::TlsProxy;
 use crate::support::{eventually, free_port};
@@ -79,6 +79,8 @@ async fn verify_full_with_client_certificate_encrypts_sql_and_replication_sessio
     let ca = Ca::new("pgrelay test CA");
     let server = ca.server("server", &["localhost"], &["127.0.0.1"]);
     let client = ca.client("client", "postgres");
+    // clientcert=verify-full: the sidecar's run role needs its own certificate
+    let run_client = ca.client("run-client", RUN_ROLE);
     // TLS only, a client certificate and the password both required
     let pg = tls_pg(
         &ca,
@@ -100,7 +102,19 @@ async fn verify_full_with_client_certificate_encrypts_sql_and_replication_sessio
             client.key.display()
         ),
     );
-    let cfg = ConfigFile::new(&config(&dsn, &broker.brokers()));
+    // the run role's dsn comes first: give it the run role's certificate
+    let text = config(&dsn, &broker.brokers())
+        .replacen(
+            &client.cert.display().to_string(),
+            &run_client.cert.display().to_string(),
+            1,
+        )
+        .replacen(
+            &client.key.display().to_string(),
+            &run_client.key.display().to_string(),
+            1,
+        );
+    let cfg = ConfigFile::new(&text);
     setup(&cfg);
     let (ok, out) = check(&cfg);
     assert!(ok, "{out}");
@@ -126,7 +140,7 @@ async fn verify_full_with_client_certificate_encrypts_sql_and_replication_sessio
     .await;
     for s in &sessions {
         assert!(
-            s.contains(":true:") && s.ends_with("CN=postgres"),
+            s.contains(":true:") && s.ends_with(&format!("CN={RUN_ROLE}")),
             "a pgrelay session is not encrypted with the client certificate: {sessions:?}"
         );
     }
@@ -247,7 +261,8 @@ fn plaintext_password_server(method: &str) -> Pg {
     pg.psql(SCHEMA);
     if method == "md5" {
         pg.psql(&format!(
-            "SET password_encryption = 'md5'; ALTER ROLE postgres PASSWORD '{PASSWORD}'"
+            "SET password_encryption = 'md5'; ALTER ROLE postgres PASSWORD '{PASSWORD}'; \
+             ALTER ROLE {RUN_ROLE} PASSWORD '{PASSWORD}'"
         ));
     }
     pg
@@ -298,8 +313,10 @@ fn wrong_password_names_the_server_reason() {
     let (ok, out) = check(&cfg);
     assert!(!ok, "{out}");
     assert_eq!(
-        out.matches("password authentication failed for user \"postgres\"")
-            .count(),
+        out.matches(&format!(
+            "password authentication failed for user \"{RUN_ROLE}\""
+        ))
+        .count(),
         2,
         "{out}"
     );

@@ -11,6 +11,22 @@ use super::{free_port, TempDir};
 
 pub const PASSWORD: &str = "relay-secret";
 
+/// The sidecar's own role, created in every test cluster: `LOGIN
+/// REPLICATION`, the same password as the superuser, nothing else until
+/// `pgrelay setup` grants it what it needs.
+pub const RUN_ROLE: &str = "pgrelay_run";
+
+/// `dsn` (the superuser's) for the sidecar's run role instead.
+pub fn run_dsn(dsn: &str) -> String {
+    dsn.replacen("user=postgres ", &format!("user={RUN_ROLE} "), 1)
+}
+
+/// A region's connection lines for a config: `dsn` for the run role,
+/// `setup_dsn` for the superuser `dsn` names.
+pub fn region_dsns(dsn: &str) -> String {
+    format!("dsn = \"{}\"\nsetup_dsn = \"{dsn}\"", run_dsn(dsn))
+}
+
 pub struct Pg {
     pub port: u16,
     dir: TempDir,
@@ -128,13 +144,18 @@ impl Pg {
                 .output()
                 .expect("run pg_ctl");
             if out.status.success() {
-                return Pg { port, dir, bin };
+                let pg = Pg { port, dir, bin };
+                pg.psql(&format!(
+                    "CREATE ROLE {RUN_ROLE} LOGIN REPLICATION PASSWORD '{PASSWORD}'"
+                ));
+                return pg;
             }
             last_err = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
         }
         panic!("postgres did not start: {last_err}");
     }
 
+    /// The superuser's connection string (tests' own queries, `setup`).
     pub fn dsn(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=postgres connect_timeout=5",

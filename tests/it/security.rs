@@ -1,0 +1,328 @@
+//! Least privilege and per-region secrets against a real PostgreSQL 15
+//! cluster and broker: the sidecar's run role is no superuser and `check`
+//! names each GRANT it lacks; a sidecar runs with only its own region's
+//! secrets; keyed pseudonyms carry their key id; `/metrics` wants its token.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use crate::capture::{config, HASH_KEY_US, SCHEMA};
+use crate::support::broker::Broker;
+use crate::support::kafka::read_all;
+use crate::support::pg::{Pg, RUN_ROLE};
+use crate::support::relay::{self, ConfigFile, Relay};
+use crate::support::{eventually, free_port};
+
+fn check(cfg: &ConfigFile, region: Option<&str>) -> (bool, String) {
+    let mut args = vec!["check", "--config", cfg.path.to_str().unwrap()];
+    if let Some(r) = region {
+        args.extend(["--region", r]);
+    }
+    let out = relay::cmd(&args);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn setup(cfg: &ConfigFile, region: &str) -> (bool, String) {
+    let out = relay::cmd(&[
+        "setup",
+        "--config",
+        cfg.path.to_str().unwrap(),
+        "--region",
+        region,
+    ]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn setup_grants_the_run_role_and_check_names_each_missing_grant() {
+    let pg = Pg::start();
+    pg.psql(SCHEMA);
+    let broker = Broker::start();
+    let cfg = ConfigFile::new(&config(&pg.dsn(), &broker.brokers()));
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = '{RUN_ROLE}'"
+        ))
+        .trim(),
+        "f|t"
+    );
+
+    // before setup the run role may touch nothing of pgrelay's
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(!ok, "{out}");
+
+    let (ok, out) = setup(&cfg, "us");
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("run role {RUN_ROLE}")), "{out}");
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(ok, "{out}");
+    assert!(!out.contains("superuser"), "{out}");
+    assert!(out.contains("region us: database ok"), "{out}");
+
+    // take privileges away: check names each GRANT
+    pg.psql(&format!(
+        "REVOKE INSERT, DELETE ON products FROM {RUN_ROLE};
+         REVOKE SET ON PARAMETER session_replication_role FROM {RUN_ROLE};
+         REVOKE EXECUTE ON FUNCTION pg_replication_origin_session_setup(text) FROM {RUN_ROLE};
+         REVOKE UPDATE ON SEQUENCE pgrelay.hlc_logical FROM {RUN_ROLE};"
+    ));
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(!ok, "{out}");
+    for grant in [
+        format!(r#"GRANT INSERT, DELETE ON TABLE "public"."products" TO "{RUN_ROLE}""#),
+        format!(r#"GRANT SET ON PARAMETER session_replication_role TO "{RUN_ROLE}""#),
+        format!(
+            r#"GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_setup(text) TO "{RUN_ROLE}""#
+        ),
+        format!(r#"GRANT UPDATE ON SEQUENCE "pgrelay"."hlc_logical" TO "{RUN_ROLE}""#),
+    ] {
+        assert!(out.contains(&grant), "missing {grant}:\n{out}");
+    }
+    // the sidecar refuses to start on them too
+    let mut relay = Relay::spawn(&cfg, "us", "capture");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the sidecar did not stop: {}",
+            relay.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    assert!(
+        relay.log_text().contains("GRANT INSERT, DELETE ON TABLE"),
+        "{}",
+        relay.log_text()
+    );
+
+    // REPLICATION too
+    pg.psql(&format!("ALTER ROLE {RUN_ROLE} NOREPLICATION"));
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("ALTER ROLE \"{RUN_ROLE}\" REPLICATION")),
+        "{out}"
+    );
+    pg.psql(&format!("ALTER ROLE {RUN_ROLE} REPLICATION"));
+
+    // setup gives back exactly what was missing
+    let (ok, out) = setup(&cfg, "us");
+    assert!(ok, "{out}");
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(ok, "{out}");
+
+    // a sidecar connecting as superuser is told so
+    let text = config(&pg.dsn(), &broker.brokers())
+        .replace(&format!("user={RUN_ROLE} "), "user=postgres ");
+    let su = ConfigFile::new(&text);
+    let (ok, out) = check(&su, Some("us"));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: region us: the sidecar connects as superuser postgres"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_setup_role_that_may_not_grant_names_the_statements_for_a_superuser() {
+    let pg = Pg::start();
+    pg.psql(SCHEMA);
+    // a setup role owning the tables, allowed to create the schema and the
+    // slot, but holding no grant option on the origin function or parameter
+    pg.psql(
+        "CREATE ROLE relay_setup LOGIN REPLICATION PASSWORD 'relay-secret';
+         GRANT CREATE ON DATABASE postgres TO relay_setup;
+         ALTER TABLE users OWNER TO relay_setup;
+         ALTER TABLE products OWNER TO relay_setup;
+         ALTER TABLE currencies OWNER TO relay_setup;
+         ALTER TABLE orders OWNER TO relay_setup;
+         GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text) TO relay_setup;",
+    );
+    let broker = Broker::start();
+    let text = config(&pg.dsn(), &broker.brokers());
+    let setup_line = text
+        .lines()
+        .find(|l| l.starts_with("setup_dsn"))
+        .unwrap()
+        .to_string();
+    let text = text.replace(
+        &setup_line,
+        &format!(
+            "run_role = \"{RUN_ROLE}\"\n{}",
+            setup_line.replace("user=postgres ", "user=relay_setup ")
+        ),
+    );
+    let cfg = ConfigFile::new(&text);
+    let (ok, out) = setup(&cfg, "us");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            r#"GRANT SET ON PARAMETER session_replication_role TO "{RUN_ROLE}""#
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("a superuser runs the GRANT statements above once"),
+        "{out}"
+    );
+    // the table grants went through: the superuser's part is all that is left
+    pg.psql(&format!(
+        "GRANT SET ON PARAMETER session_replication_role TO {RUN_ROLE};
+         GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text) TO {RUN_ROLE};"
+    ));
+    let (ok, out) = setup(&cfg, "us");
+    assert!(ok, "{out}");
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(ok, "{out}");
+}
+
+/// The us sidecar's config: eu's password and hash key come from variables
+/// nobody set here; an HTTP endpoint on a bare port with a token.
+fn config_without_eu_secrets(pg: &Pg, brokers: &str, http_port: u16) -> String {
+    config(&pg.dsn(), brokers)
+        .replace(
+            "dsn = \"host=127.0.0.1 port=1 user=postgres dbname=postgres\"\nhash_key = \"eu-test-hash-key-0123456789abcdef\"",
+            "dsn = \"host=127.0.0.1 port=1 user=postgres password=${PGRELAY_IT_UNSET_EU_PASSWORD} dbname=postgres\"\n\
+             hash_key = \"${PGRELAY_IT_UNSET_EU_HASH_KEY}\"",
+        )
+        .replace(
+            "[kafka]\n",
+            &format!("[http]\nlisten = \"{http_port}\"\ntoken = \"metrics-token-0123456789\"\n\n[kafka]\n"),
+        )
+}
+
+fn get(port: u16, request: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.write_all(request.as_bytes());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_runs_with_its_own_secrets_only() {
+    for var in [
+        "PGRELAY_IT_UNSET_EU_PASSWORD",
+        "PGRELAY_IT_UNSET_EU_HASH_KEY",
+    ] {
+        assert!(std::env::var_os(var).is_none(), "{var} must be unset");
+    }
+    let pg = Pg::start();
+    pg.psql(SCHEMA);
+    let broker = Broker::start();
+    let http_port = free_port();
+    let text = config_without_eu_secrets(&pg, &broker.brokers(), http_port);
+    assert!(text.contains("${PGRELAY_IT_UNSET_EU_PASSWORD}"));
+    let cfg = ConfigFile::new(&text);
+
+    // us: setup, check and run need none of eu's secrets
+    let (ok, out) = setup(&cfg, "us");
+    assert!(ok, "{out}");
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(ok, "{out}");
+
+    // whatever touches eu's database names the variable and its line
+    let line = text
+        .lines()
+        .position(|l| l.contains("PGRELAY_IT_UNSET_EU_PASSWORD"))
+        .unwrap()
+        + 1;
+    for args in [
+        vec!["check", "--region", "eu"],
+        vec!["check"],
+        vec!["setup", "--region", "eu"],
+        vec!["status"],
+        vec!["run", "--region", "eu", "--role", "apply"],
+    ] {
+        let mut full = vec![args[0], "--config", cfg.path.to_str().unwrap()];
+        full.extend(&args[1..]);
+        let err = relay::fails(&full);
+        assert!(
+            err.contains(&format!(
+                "line {line}: environment variable PGRELAY_IT_UNSET_EU_PASSWORD is not set"
+            )) && err.contains("regions.eu.dsn needs it"),
+            "{args:?}: {err}"
+        );
+    }
+
+    let relay = Relay::spawn(&cfg, "us", "capture");
+    pg.psql("INSERT INTO orders VALUES (1, 'US', 'a@x.org', '4111', 5)");
+    let records = eventually(
+        Duration::from_secs(30),
+        "the order on pgrelay.us.cn",
+        || {
+            let brokers = broker.brokers();
+            async move {
+                let recs = read_all(&brokers, "pgrelay.us.cn", Duration::from_millis(500));
+                (!recs.is_empty()).then_some(recs)
+            }
+        },
+    )
+    .await;
+    // keyed pseudonym: key id, then HMAC-SHA-256 with us's key
+    let email = records
+        .iter()
+        .find_map(|r| r.value["after"]["email"].as_str())
+        .unwrap_or_else(|| panic!("no email in {records:?}"))
+        .to_string();
+    let expected = hmac_hex(HASH_KEY_US.as_bytes(), b"a@x.org");
+    assert_eq!(email, format!("k1:{expected}"), "{}", relay.log_text());
+
+    // the HTTP endpoint: loopback by default, /metrics behind the token
+    let metrics = eventually(Duration::from_secs(10), "the http endpoint", || async {
+        let r = get(http_port, "GET /healthz HTTP/1.1\r\n\r\n");
+        (!r.is_empty()).then_some(())
+    });
+    metrics.await;
+    let r = get(http_port, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
+    let r = get(
+        http_port,
+        "GET /metrics HTTP/1.1\r\nAuthorization: Bearer metrics-token-0123456789\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    assert!(r.contains("pgrelay_"), "{r}");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], http_port));
+    let listening = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    // 0100007F is 127.0.0.1 in /proc/net/tcp's byte order
+    let port_hex = format!(":{:04X}", addr.port());
+    assert!(
+        listening
+            .lines()
+            .any(|l| l.contains(&format!("0100007F{port_hex}"))),
+        "not bound to 127.0.0.1"
+    );
+    assert!(
+        !listening
+            .lines()
+            .any(|l| l.contains(&format!("00000000{port_hex}"))),
+        "bound to every address"
+    );
+}
+
+/// HMAC-SHA-256 (RFC 2104) from the `sha2` crate alone, in hex.
+fn hmac_hex(key: &[u8], message: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    block[..key.len()].copy_from_slice(key);
+    let pad = |b: u8| block.iter().map(|k| k ^ b).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    let outer = Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize();
+    outer.iter().map(|b| format!("{b:02x}")).collect()
+}
