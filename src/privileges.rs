@@ -114,7 +114,7 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         object: Object::Schema("pgrelay".into()),
         privileges: &["USAGE"],
     }];
-    for table in ["tombstones", "offsets", "watermark_parts"] {
+    for table in ["tombstones", "offsets", "watermark_parts", "horizon"] {
         out.push(Need {
             object: Object::Table(pgrelay(table)),
             privileges: DML,

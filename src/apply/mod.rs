@@ -252,7 +252,9 @@ pub async fn session_with_origin(
         .map_err(|e| {
             if sqlstate(&e) == "42501" {
                 ApplyError::Setup(format!(
-                    "region {region}: the apply role must be allowed to SET session_replication_role (superuser): {}",
+                    "region {region}: the apply role must be allowed to SET session_replication_role \
+                     (GRANT SET ON PARAMETER session_replication_role TO the role; pgrelay setup grants it \
+                     with a setup_dsn): {}",
                     db_message(&e)
                 ))
             } else {
