@@ -64,9 +64,10 @@ pub fn plan(config: &Config, region: &str, keys: &dyn Fn(&TableName) -> KeyColum
             .to_string(),
         // the stamp below which tombstones are gone (see apply::horizon)
         "CREATE TABLE IF NOT EXISTS pgrelay.horizon (\
-            id boolean PRIMARY KEY DEFAULT true CHECK (id), hlc bigint NOT NULL, \
+            table_name text PRIMARY KEY, hlc bigint NOT NULL, \
             raised_at timestamptz NOT NULL DEFAULT now())"
             .to_string(),
+        "CREATE INDEX IF NOT EXISTS tombstones_hlc ON pgrelay.tombstones (hlc)".to_string(),
         "CREATE TABLE IF NOT EXISTS pgrelay.offsets (\
             topic text NOT NULL, kafka_partition int NOT NULL, next_offset bigint NOT NULL, \
             updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (topic, kafka_partition))"

@@ -216,7 +216,8 @@ async fn records_lost(
     let lost: Vec<String> = starts
         .iter()
         .filter_map(|(p, start)| {
-            let next = stored.get(p).copied().unwrap_or(0);
+            // a partition with nothing stored starts at the oldest record held
+            let next = *stored.get(p)?;
             (next < *start).then(|| format!("{topic}[{p}] offsets {next}..{start}"))
         })
         .collect();

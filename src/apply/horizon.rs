@@ -1,24 +1,27 @@
-//! Tombstones, and the horizon below which they are gone.
+//! Tombstones, and the horizons below which they are gone.
 //!
 //! A tombstone keeps a late, older change from bringing a deleted row back.
 //! Tombstones cannot be kept forever, so they are purged once older than
-//! `relay.apply.tombstone_horizon` — but never above the lowest stamp every
-//! source region has delivered here (a region that is behind may still send
-//! changes older than that). The purge raises `pgrelay.horizon`, and from
-//! then on the apply side treats any insert or update stamped below it for
-//! a row that does not exist as undecidable: the row may have been deleted
-//! by a tombstone that is gone. Such a change is dead-lettered, never
-//! applied (DLQ replay, resync, a region cut off longer than the horizon, a
-//! replay from the topic's start after `pgrelay.offsets` was lost all end
-//! there). A change below the horizon for a row that exists is compared
-//! with the row as usual: a row that exists has outlived every tombstone
-//! older than it.
+//! `relay.apply.tombstone_horizon`, and never above the lowest stamp the
+//! apply sessions have reached (`pgrelay.watermarks`: a source that is
+//! behind may still send changes older than that). Before a table's
+//! tombstones go, its horizon in `pgrelay.horizon` is raised to just above
+//! the newest of them, and from then on the apply side treats an insert or
+//! update stamped below it for a row that does not exist as undecidable:
+//! the row may have been deleted by a tombstone that is gone. Such a change
+//! is dead-lettered, never applied (DLQ replay, resync, a region cut off
+//! longer than the horizon, a replay from the topic's start after
+//! `pgrelay.offsets` was lost all end there). A change below the horizon
+//! for a row that exists is compared with the row as usual: a row that
+//! exists has outlived every tombstone older than it. A table none of whose
+//! tombstones was ever purged has no horizon.
 //!
-//! The purge holds every key bucket's lock (as an apply batch holds its
-//! own), so no batch is between its tombstone check and its commit while
-//! the horizon moves; a batch reads the horizon after taking its locks —
-//! only when one of its changes is older than half the horizon, since the
-//! horizon never passes `tombstone_horizon` ago.
+//! Raising the horizons holds every key bucket's lock (as an apply batch
+//! holds its own), so no batch is between its tombstone check and its
+//! commit while they move; a batch reads the horizons after taking its
+//! locks — only when one of its changes is older than half the horizon,
+//! since a horizon never passes `tombstone_horizon` ago. The tombstones
+//! below the horizons are then deleted in chunks, without the locks.
 
 use std::time::Duration;
 
@@ -29,8 +32,11 @@ use crate::apply::sql::{buckets_param, KEY_BUCKETS, LOCK_BUCKETS_SQL};
 use crate::event::{quote_ident, Op};
 use crate::hlc;
 
-/// The current horizon (0: nothing purged yet).
-pub const HORIZON_SQL: &str = "SELECT coalesce((SELECT hlc FROM pgrelay.horizon), 0)";
+/// Every table's horizon (a table without one has had nothing purged).
+pub const HORIZONS_SQL: &str = "SELECT table_name, hlc FROM pgrelay.horizon";
+
+/// Tombstones deleted per statement of a purge.
+const PURGE_CHUNK: i64 = 10_000;
 
 /// The stamp below which tombstones may go: `horizon` ago, and not above
 /// the lowest stamp delivered from any source (`lowest_delivered`).
@@ -39,8 +45,8 @@ pub fn cutoff(now_ms: u64, horizon: Duration, lowest_delivered: Option<u64>) -> 
     lowest_delivered.map_or(by_age, |w| w.min(by_age))
 }
 
-/// Purges the tombstones below the cutoff and raises the horizon; returns
-/// how many were purged.
+/// Raises the horizons to cover the tombstones below the cutoff, then
+/// deletes those; returns how many were deleted.
 pub async fn purge(
     client: &mut Client,
     horizon: Duration,
@@ -55,20 +61,37 @@ pub async fn purge(
         .await?
         .get(0);
     let cut = cutoff(now_ms, horizon, lowest.map(|w| w.max(0) as u64)) as i64;
-    tx.execute(
-        "INSERT INTO pgrelay.horizon AS h (id, hlc) VALUES (true, $1) \
-         ON CONFLICT (id) DO UPDATE SET hlc = greatest(h.hlc, EXCLUDED.hlc), raised_at = now()",
-        &[&cut],
-    )
-    .await?;
-    let n = tx
+    let raised = tx
         .execute(
-            "DELETE FROM pgrelay.tombstones WHERE hlc < (SELECT hlc FROM pgrelay.horizon)",
-            &[],
+            "INSERT INTO pgrelay.horizon AS h (table_name, hlc) \
+             SELECT table_name, max(hlc) + 1 FROM pgrelay.tombstones WHERE hlc < $1 \
+             GROUP BY table_name \
+             ON CONFLICT (table_name) DO UPDATE SET hlc = greatest(h.hlc, EXCLUDED.hlc), \
+             raised_at = now()",
+            &[&cut],
         )
         .await?;
     tx.commit().await?;
-    Ok(n)
+    if raised == 0 {
+        return Ok(0);
+    }
+    // every batch from now on reads the raised horizons: what they cover
+    // can go without holding up the apply sessions
+    let mut total = 0;
+    loop {
+        let n = client
+            .execute(
+                "DELETE FROM pgrelay.tombstones WHERE ctid = ANY (ARRAY(\
+                 SELECT t.ctid FROM pgrelay.tombstones t JOIN pgrelay.horizon h \
+                 USING (table_name) WHERE t.hlc < h.hlc LIMIT $1))",
+                &[&PURGE_CHUNK],
+            )
+            .await?;
+        total += n;
+        if (n as i64) < PURGE_CHUNK {
+            return Ok(total);
+        }
+    }
 }
 
 /// How often the horizon moves: a quarter of it, between 1 s and a minute.

@@ -30,7 +30,7 @@ pub mod record;
 pub mod replay;
 pub mod sql;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -61,7 +61,7 @@ pub enum ApplyError {
     /// Broke; restart with backoff.
     #[error("{0}")]
     Transient(String),
-    /// The replication origin is held by another session (SQLSTATE 55000:
+    /// The replication origin is held by another session (SQLSTATE 55006:
     /// a previous process's session not gone yet, or a second process).
     #[error("{0}")]
     OriginBusy(String),
@@ -266,7 +266,7 @@ pub async fn session_with_origin(
         .await
         .map_err(|e| {
             let msg = db_message(&e);
-            if sqlstate(&e) == "55000" {
+            if sqlstate(&e) == "55006" {
                 ApplyError::OriginBusy(format!(
                     "region {region}: replication origin {origin}: {msg}"
                 ))
@@ -360,9 +360,13 @@ pub async fn assign(
     }
     let mut tpl = TopicPartitionList::new();
     for p in &mine {
-        // from the very first record: a partition whose start was already
-        // deleted is reported, not skipped
-        let offset = Offset::Offset(stored.get(p).copied().unwrap_or(0));
+        // nothing stored: from the oldest record the cluster holds (a new
+        // pair, or stored offsets removed after a resync); a stored offset
+        // the cluster no longer holds is an error (auto.offset.reset)
+        let offset = match stored.get(p) {
+            Some(o) => Offset::Offset(*o),
+            None => Offset::Beginning,
+        };
         tpl.add_partition_offset(topic, *p, offset)
             .map_err(|e| ApplyError::Transient(e.to_string()))?;
     }
@@ -623,7 +627,8 @@ impl Pipeline {
                 }
             }
             if !batch.is_empty() {
-                self.apply_with_retry(&mut client, &batch).await?;
+                self.apply_with_retry(&mut client, &batch, &mut shutdown)
+                    .await?;
             }
             if stop || *shutdown.borrow() {
                 return Ok(());
@@ -631,10 +636,14 @@ impl Pipeline {
         }
     }
 
+    /// Applies `batch`, retrying what is worth retrying. Returns early,
+    /// without applying it, on shutdown while it waits for the local clock
+    /// (nothing of it is committed: it is consumed again after a restart).
     async fn apply_with_retry(
         &self,
         client: &mut Client,
         batch: &[Consumed],
+        shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ApplyError> {
         // short first waits: most failures here are serialization conflicts
         // with another session, gone on the next attempt
@@ -764,7 +773,10 @@ impl Pipeline {
                         wait.as_secs_f64(),
                     );
                     tracing::warn!(region = %self.region, source = %self.source, wait = ?wait, "changes are stamped ahead of this region's clock by more than relay.max_clock_skew: waiting for the clock");
-                    tokio::time::sleep(wait.min(Duration::from_secs(5))).await;
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(wait.min(Duration::from_secs(5))) => {}
+                    }
                 }
             }
         }
@@ -860,6 +872,9 @@ async fn execute(
         .await?;
     sink.as_mut().finish().await?;
     let written = tx.execute(s.sql.as_str(), &[]).await?;
+    if written == 0 {
+        return Ok(0);
+    }
     // a local delete that committed while the upsert waited for its row
     // lock left a tombstone the upsert's snapshot could not see: take back
     // what it brought back (a new snapshot sees that tombstone now)
@@ -900,7 +915,7 @@ pub enum BatchError {
     /// A lost connection, a shutdown of the target: retry it.
     Transient(String),
     /// A serialization failure or deadlock with another session (SQLSTATE
-    /// 40001, 40P01): retry it at once.
+    /// 40001, 40P01): retry it after a short wait, quietly.
     Conflict(String),
     /// Something would have been dead-lettered under table definitions not
     /// read since: read them again, then retry. `unknown_column` names the
@@ -1037,47 +1052,70 @@ pub async fn apply_batch(
             .await
             .map_err(|e| format!("locking key buckets: {}", db_message(&e)))?;
     }
-    // changes below the tombstone horizon apply only to rows that exist
-    // the horizon never passes `tombstone_horizon` ago (horizon::cutoff);
-    // half of it again covers clocks of other hosts that purge
+    // changes below their table's tombstone horizon apply only to rows
+    // that exist; the horizon never passes `tombstone_horizon` ago
+    // (horizon::cutoff), and half of it again covers the clocks of other
+    // hosts that purge
     let recent = now.saturating_sub((tombstone_horizon / 2).as_millis() as u64);
     if changes.iter().any(|c| hlc::wall_ms(c.hlc) < recent) {
-        let horizon: i64 = tx
-            .query_one(horizon::HORIZON_SQL, &[])
+        let horizons: HashMap<String, u64> = tx
+            .query(horizon::HORIZONS_SQL, &[])
             .await
-            .map_err(|e| format!("reading the tombstone horizon: {}", db_message(&e)))?
-            .get(0);
-        let horizon = horizon.max(0) as u64;
+            .map_err(|e| format!("reading the tombstone horizons: {}", db_message(&e)))?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+            .collect();
         let mut i = 0;
         while i < changes.len() {
-            if horizon::below(&changes[i], horizon) {
-                let c = &changes[i];
-                let keys: Vec<Option<&str>> = c.key.iter().map(|k| k.as_deref()).collect();
-                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
-                    .iter()
-                    .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect();
-                let exists: bool = tx
-                    .query_one(horizon::exists_sql(c.table).as_str(), &params)
-                    .await
-                    .map_err(|e| format!("{}: {}", c.table.name, db_message(&e)))?
-                    .get(0);
-                if !exists {
-                    let why = record::Rejection::BeyondHorizon {
+            let c = &changes[i];
+            let horizon = horizons
+                .get(&c.table.name.to_string())
+                .copied()
+                .unwrap_or(0);
+            if !horizon::below(c, horizon) {
+                i += 1;
+                continue;
+            }
+            let keys: Vec<Option<&str>> = c.key.iter().map(|k| k.as_deref()).collect();
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
+                .iter()
+                .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            tx.execute("SAVEPOINT horizon", &[])
+                .await
+                .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+            let dead = match tx
+                .query_one(horizon::exists_sql(c.table).as_str(), &params)
+                .await
+            {
+                Ok(row) if row.get::<_, bool>(0) => None,
+                Ok(_) => Some(DeadLetter::rejected(
+                    &batch[positions[i]],
+                    &record::Rejection::BeyondHorizon {
                         stamp: c.hlc,
                         horizon,
-                    };
-                    outcome.dead.push(DeadLetter::rejected(
-                        &batch[positions[i]],
-                        &why,
-                        attempt + 1,
-                    ));
+                    },
+                    attempt + 1,
+                )),
+                Err(e) if is_transient_db(&e) => {
+                    return Err(retryable(&e, &c.table.name.to_string()))
+                }
+                // a key the table cannot hold: the record's own doing
+                Err(e) => {
+                    tx.execute("ROLLBACK TO SAVEPOINT horizon", &[])
+                        .await
+                        .map_err(|e| format!("rollback to savepoint: {}", db_message(&e)))?;
+                    Some(DeadLetter::failed(&batch[positions[i]], &e, attempt + 1))
+                }
+            };
+            match dead {
+                None => i += 1,
+                Some(letter) => {
+                    outcome.dead.push(letter);
                     changes.remove(i);
                     positions.remove(i);
-                    continue;
                 }
             }
-            i += 1;
         }
     }
     sql::fill_from_earlier(&mut changes);
@@ -1085,6 +1123,9 @@ pub async fn apply_batch(
     // staging tables filled in this transaction (one filled twice is
     // emptied first)
     let mut staged = HashSet::new();
+    // changes dead-lettered one by one: neither the clock nor the
+    // watermark moves for them
+    let mut parked: HashSet<usize> = HashSet::new();
     for s in &statements {
         tx.execute("SAVEPOINT stmt", &[])
             .await
@@ -1139,6 +1180,7 @@ pub async fn apply_batch(
                                             &e,
                                             attempt + tries,
                                         ));
+                                        parked.insert(m);
                                         break;
                                     }
                                 }
@@ -1168,8 +1210,15 @@ pub async fn apply_batch(
     tx.execute(sql::OFFSETS_SQL, &[&offsets])
         .await
         .map_err(|e| format!("storing offsets: {}", db_message(&e)))?;
-    if let Some(newest) = changes.iter().max_by_key(|c| c.hlc) {
-        let commit_ts = changes.iter().map(|c| c.commit_ts_ms).max().unwrap_or(0);
+    let applied = || {
+        changes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !parked.contains(i))
+            .map(|(_, c)| c)
+    };
+    if let Some(newest) = applied().max_by_key(|c| c.hlc) {
+        let commit_ts = applied().map(|c| c.commit_ts_ms).max().unwrap_or(0);
         if let Some(session_no) = session_no {
             tx.execute(
                 sql::WATERMARK_SQL,

@@ -143,7 +143,13 @@ impl Admit {
                 "table {} is owned by region {owner}: a change from {source} is not accepted",
                 change.table.name
             )),
-            Admit::Homes { .. } if matches!(change.op, Op::Delete | Op::Truncate) => Ok(()),
+            // a truncate has no home: it would empty rows of every home
+            // (capture never sends one for such a table)
+            Admit::Homes { .. } if change.op == Op::Truncate => Err(format!(
+                "table {}: a truncate of a partitioned table is not replicated",
+                change.table.name
+            )),
+            Admit::Homes { .. } if change.op == Op::Delete => Ok(()),
             Admit::Homes {
                 column,
                 homes,

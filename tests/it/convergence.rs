@@ -367,7 +367,7 @@ async fn a_change_older_than_a_purged_tombstone_is_parked_not_resurrected() {
                 .ok()?
                 .get(0);
             let h: i64 = us
-                .query_one("SELECT coalesce((SELECT hlc FROM pgrelay.horizon), 0)", &[])
+                .query_one("SELECT coalesce(max(hlc), 0) FROM pgrelay.horizon", &[])
                 .await
                 .ok()?
                 .get(0);
