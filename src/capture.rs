@@ -90,7 +90,14 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError
     };
     let findings = check::database(config, region, &cat, true)
         .await
-        .map_err(|e| CaptureError::Setup(e.to_string()))?;
+        .map_err(|e| {
+            // a database restarting under the check is retried, not fatal
+            if e.is_unreachable() {
+                CaptureError::Unreachable(e.to_string())
+            } else {
+                CaptureError::Setup(e.to_string())
+            }
+        })?;
     let blocking: Vec<String> = findings
         .iter()
         .filter(|f| f.severity != Severity::Warning)

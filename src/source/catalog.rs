@@ -30,6 +30,23 @@ pub enum CatalogError {
     },
 }
 
+impl CatalogError {
+    /// The database could not be reached or went away (connection lost,
+    /// server shutting down or starting up): worth retrying as is.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            CatalogError::Connect { .. } => true,
+            CatalogError::Query { source, .. } => {
+                source.is_closed()
+                    || source.code().is_none_or(|c| {
+                        let c = c.code();
+                        c.starts_with("08") || c.starts_with("57P")
+                    })
+            }
+        }
+    }
+}
+
 /// Connects with tokio-postgres, TLS as the DSN's `sslmode` asks (libpq's
 /// semantics, see [`crate::source::dsn::SslMode`]), and drives the
 /// connection in a task.

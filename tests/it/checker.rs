@@ -922,12 +922,19 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     if !last_diff.is_empty() {
         for ((r, role), sidecar) in &w.sidecars {
             let log = sidecar.log_text();
-            let tail: Vec<&str> = log
-                .lines()
+            let lines: Vec<&str> = log.lines().collect();
+            let warnings: Vec<&str> = lines
+                .iter()
                 .filter(|l| l.contains("WARN") || l.contains("ERROR"))
                 .take(30)
+                .copied()
                 .collect();
-            eprintln!("--- {r} {role} warnings:\n{}", tail.join("\n"));
+            let last = &lines[lines.len().saturating_sub(15)..];
+            eprintln!(
+                "--- {r} {role}: first warnings:\n{}\n--- {r} {role}: last lines:\n{}",
+                warnings.join("\n"),
+                last.join("\n")
+            );
         }
         panic!(
             "seed {seed}: regions differ from last-writer-wins after {} ops, {} writes, faults {faults:?} \

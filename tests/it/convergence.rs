@@ -429,11 +429,11 @@ brokers = "{}"
 
 [regions.us]
 id = 1
-dsn = "{}"
+{}
 
 [regions.eu]
 id = 2
-dsn = "{}"
+{}
 
 [[tables]]
 name = "public.o"
@@ -450,8 +450,8 @@ us = []
 eu = ["us"]
 "#,
         broker.brokers(),
-        us.dsn(),
-        eu.dsn()
+        crate::support::pg::region_dsns(&us.dsn()),
+        crate::support::pg::region_dsns(&eu.dsn())
     ));
     let path = cfg.path.to_str().unwrap();
     for r in ["us", "eu"] {
