@@ -43,8 +43,10 @@ trap 'rm -f "$log"' EXIT
 while [ "$SECONDS" -lt "$end" ]; do
     if ! PGRELAY_CHECK_SEEDS="$seed" PGRELAY_CHECK_OPS="$OPS" \
         cargo nextest run --locked --test it checker:: --no-capture >"$log" 2>&1; then
+        mkdir -p target
+        cp "$log" "target/soak-failure-$seed.log"
         tail -n 120 "$log"
-        echo "soak: history with seed $seed FAILED after $histories histories passed" >&2
+        echo "soak: history with seed $seed FAILED after $histories histories passed (whole log: target/soak-failure-$seed.log)" >&2
         exit 1
     fi
     line="$(grep '^CHECKED seed' "$log" | tail -n 1)"

@@ -77,6 +77,8 @@ pub fn plan(config: &Config, region: &str, keys: &dyn Fn(&TableName) -> KeyColum
             commit_lsn pg_lsn, commit_time timestamptz, \
             applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (source_region, session))"
             .to_string(),
+        // why a session holds its records back (NULL: it does not)
+        "ALTER TABLE pgrelay.watermark_parts ADD COLUMN IF NOT EXISTS held_reason text".to_string(),
         // per source: what every apply session has reached (the least of
         // them), and when anything was last applied
         "CREATE OR REPLACE VIEW pgrelay.watermarks AS \

@@ -46,6 +46,9 @@ pub struct PairStatus {
     pub dead_letters: Option<i64>,
     pub state: &'static str,
     pub problems: Vec<String>,
+    /// Why the destination holds the pair's records back, if it does
+    /// (the pair is `lagging` then).
+    pub held: Option<String>,
 }
 
 #[derive(Default)]
@@ -63,6 +66,8 @@ struct DestSide {
     /// source -> records in the source's topic not yet applied here
     backlog: BTreeMap<String, i64>,
     dead_letters: Option<i64>,
+    /// source -> why its records are held back
+    held: BTreeMap<String, String>,
     problem: Option<String>,
 }
 
@@ -146,6 +151,16 @@ async fn dest_side(config: &Config, region: &str) -> DestSide {
                 crate::source::pg_error::reason(&e)
             ))
         }
+    }
+    if let Ok(rows) = client
+        .query(
+            "SELECT source_region, string_agg(held_reason, '; ') FROM pgrelay.watermark_parts \
+             WHERE held_reason IS NOT NULL GROUP BY source_region",
+            &[],
+        )
+        .await
+    {
+        out.held = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     }
     let consumed = |topic: String| {
         let client = &client;
@@ -274,8 +289,9 @@ pub async fn export_local(config: &Config, region: &str, metrics: &crate::metric
         let age = dst.watermarks.get(source).and_then(|w| w.2);
         let state = if dst.problem.is_some() || backlog.is_none() {
             "failed"
-        } else if backlog.unwrap_or(0) > 0
-            && age.unwrap_or(f64::MAX) > config.status.lagging_after.as_secs_f64()
+        } else if dst.held.contains_key(source)
+            || backlog.unwrap_or(0) > 0
+                && age.unwrap_or(f64::MAX) > config.status.lagging_after.as_secs_f64()
         {
             "lagging"
         } else {
@@ -338,9 +354,11 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
             let mut problems = Vec::new();
             problems.extend(src.problem.clone());
             problems.extend(dst.problem.clone());
+            let held = dst.held.get(s).cloned();
             let state = if !problems.is_empty() {
                 "failed"
-            } else if lag_bytes.unwrap_or(0) > config.status.lagging_bytes
+            } else if held.is_some()
+                || lag_bytes.unwrap_or(0) > config.status.lagging_bytes
                 || lag_seconds.unwrap_or(0.0) > config.status.lagging_after.as_secs_f64()
             {
                 "lagging"
@@ -361,6 +379,7 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 dead_letters: dst.dead_letters,
                 state,
                 problems,
+                held,
             });
         }
     }
@@ -401,7 +420,7 @@ pub fn render(rows: &[PairStatus]) -> String {
             r.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash),
             r.state
         );
-        for p in &r.problems {
+        for p in r.problems.iter().chain(&r.held) {
             let _ = writeln!(out, "    {p}");
         }
     }

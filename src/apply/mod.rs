@@ -773,6 +773,18 @@ impl Pipeline {
                         wait.as_secs_f64(),
                     );
                     tracing::warn!(region = %self.region, source = %self.source, wait = ?wait, "changes are stamped ahead of this region's clock by more than relay.max_clock_skew: waiting for the clock");
+                    let reason = format!(
+                        "changes stamped ahead of this region's clock by more than relay.max_clock_skew: held for {wait:?}"
+                    );
+                    if let Err(e) = client
+                        .execute(
+                            sql::HELD_SQL,
+                            &[&self.source, &self.group.to_string(), &reason],
+                        )
+                        .await
+                    {
+                        tracing::debug!(error = %db_message(&e), "recording the hold failed");
+                    }
                     tokio::select! {
                         _ = shutdown.changed() => return Ok(()),
                         _ = tokio::time::sleep(wait.min(Duration::from_secs(5))) => {}

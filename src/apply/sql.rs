@@ -535,7 +535,13 @@ pub const WATERMARK_SQL: &str = "INSERT INTO pgrelay.watermark_parts AS w \
     hlc = greatest(w.hlc, EXCLUDED.hlc), \
     commit_lsn = greatest(w.commit_lsn, EXCLUDED.commit_lsn), \
     commit_time = greatest(w.commit_time, EXCLUDED.commit_time), \
-    applied_at = now()";
+    applied_at = now(), held_reason = NULL";
+
+/// Records why session `$2` (text) of source `$1` holds its records back
+/// (`$3`; NULL: it does not), for `pgrelay status`.
+pub const HELD_SQL: &str = "INSERT INTO pgrelay.watermark_parts AS w \
+    (source_region, session, hlc, held_reason) VALUES ($1, $2::text::int, 0, $3) \
+    ON CONFLICT (source_region, session) DO UPDATE SET held_reason = EXCLUDED.held_reason";
 
 /// Advances the region's HLC past the highest applied stamp (`$1`, text:
 /// the logical part).

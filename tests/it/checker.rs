@@ -899,8 +899,10 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         clients.insert(r, connect(&w.pg[r].dsn()).await);
     }
     let mut last_diff;
+    let mut missing: Vec<Missing>;
     loop {
         last_diff = String::new();
+        missing = Vec::new();
         for table in ["g", "o", "p"] {
             for r in REGIONS {
                 let c = &clients[r];
@@ -910,7 +912,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
                 let want = model.expected(table, r);
                 let got = actual(&clients[r], table).await;
                 if want != got {
-                    describe_diff(&mut last_diff, &model, table, r, &want, &got);
+                    describe_diff(&mut last_diff, &mut missing, &model, table, r, &want, &got);
                 }
             }
         }
@@ -936,6 +938,29 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
                 last.join("\n")
             );
         }
+        // where the missing versions got to: in the destination's topics
+        // (then the apply side lost them) or not (capture or the broker did)
+        for (table, region, stamp) in &missing {
+            let mut seen = Vec::new();
+            for src in REGIONS.iter().filter(|s| *s != region) {
+                let topic = format!("pgrelay.{src}.{region}");
+                for rec in read_all(
+                    &w.brokers[region].0.brokers(),
+                    &topic,
+                    Duration::from_secs(1),
+                ) {
+                    if rec.value["source"]["table"] == *table
+                        && rec.value["pgrelay"]["hlc"].as_i64() == Some(*stamp)
+                    {
+                        seen.push(format!("{topic}[{}]@{}", rec.partition, rec.offset));
+                    }
+                }
+            }
+            let stored = actual_offsets(&clients[region]).await;
+            eprintln!(
+                "missing {table} stamp {stamp} in {region}: records {seen:?}; stored offsets there {stored:?}"
+            );
+        }
         panic!(
             "seed {seed}: regions differ from last-writer-wins after {} ops, {} writes, faults {faults:?} \
              (rerun: PGRELAY_CHECK_SEEDS={seed} cargo nextest run --test it checker --no-capture)\n{last_diff}",
@@ -953,11 +978,29 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     }
 }
 
+/// A version a region should hold and does not: (table, region, stamp).
+type Missing = (&'static str, &'static str, i64);
+
+async fn actual_offsets(c: &tokio_postgres::Client) -> Vec<(String, i32, i64)> {
+    c.query(
+        "SELECT topic, kafka_partition, next_offset FROM pgrelay.offsets ORDER BY 1, 2",
+        &[],
+    )
+    .await
+    .map(|rows| {
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 fn describe_diff(
     out: &mut String,
+    missing: &mut Vec<Missing>,
     model: &Model<'_>,
-    table: &str,
-    region: &str,
+    table: &'static str,
+    region: &'static str,
     want: &BTreeMap<i32, Version>,
     got: &BTreeMap<i32, Version>,
 ) {
@@ -966,6 +1009,9 @@ fn describe_diff(
     for k in keys {
         if want.get(&k) == got.get(&k) {
             continue;
+        }
+        if let Some(v) = want.get(&k) {
+            missing.push((table, region, v.stamp));
         }
         shown += 1;
         if shown > 5 {

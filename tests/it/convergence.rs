@@ -239,6 +239,19 @@ async fn forged_records_cannot_bend_the_region_clock() {
         env(6, stamp(now + 6_000), "0/1", 1),
     ];
     produce(&p.broker.brokers(), "pgrelay.us.eu", &records);
+    // while the record ahead waits, the pair is lagging, with the reason
+    let cfg = p.cfg.path.to_str().unwrap();
+    let held = eventually(
+        Duration::from_secs(30),
+        "status to show the hold",
+        || async {
+            let out = crate::support::relay::cmd(&["status", "--config", cfg]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (text.contains("held for") && text.contains("lagging")).then_some(text)
+        },
+    )
+    .await;
+    assert!(held.contains("max_clock_skew"), "{held}");
     let eu = p.eu.client().await;
     until_count(
         &eu,
