@@ -33,6 +33,14 @@ async fn same_rows(a: &Pg, b: &Pg, what: &str) -> Vec<(i32, Option<String>, Opti
     .await
 }
 
+/// Runs us's capture and eu's apply until eu holds us's rows, then stops
+/// both (what follows is written while nobody replicates).
+async fn replicate_us_to_eu(p: &crate::apply::Pair, what: &str) {
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    same_rows(&p.us, &p.eu, what).await;
+}
+
 /// SQL for a poorly compressible text of about `kb` kB (TOASTed out of line).
 fn big(kb: usize) -> String {
     format!(
@@ -69,11 +77,7 @@ async fn concurrent_partial_updates_leave_one_row_per_stamp() {
         "INSERT INTO products SELECT i, 'n', 0, {} FROM generate_series(1, 20) i",
         big(10)
     ));
-    {
-        let _us = Relay::spawn(&p.cfg, "us", "capture");
-        let _eu = Relay::spawn(&p.cfg, "eu", "apply");
-        same_rows(&p.us, &p.eu, "the rows in both regions").await;
-    }
+    replicate_us_to_eu(&p, "the rows in both regions").await;
     // nobody replicates: us rewrites the large column, then eu (later,
     // newer stamp) updates another column and leaves the large one alone
     p.us.psql(&format!("UPDATE products SET doc = {}", big(10)));
@@ -104,11 +108,7 @@ async fn concurrent_partial_updates_leave_one_row_per_stamp() {
 async fn a_local_delete_racing_an_older_apply_does_not_bring_the_row_back() {
     let p = pair(SCHEMA);
     p.us.psql("INSERT INTO products VALUES (1, 'a', 1)");
-    {
-        let _us = Relay::spawn(&p.cfg, "us", "capture");
-        let _eu = Relay::spawn(&p.cfg, "eu", "apply");
-        same_rows(&p.us, &p.eu, "the row in both regions").await;
-    }
+    replicate_us_to_eu(&p, "the row in both regions").await;
     let _us = Relay::spawn(&p.cfg, "us", "capture");
     // an older update in us...
     p.us.psql("UPDATE products SET price = 2 WHERE id = 1");
@@ -321,11 +321,7 @@ async fn forged_records_cannot_bend_the_region_clock() {
 async fn a_row_moved_to_a_new_key_stays_gone_under_its_old_key() {
     let p = pair(SCHEMA);
     p.us.psql("INSERT INTO products VALUES (1, 'a', 1)");
-    {
-        let _us = Relay::spawn(&p.cfg, "us", "capture");
-        let _eu = Relay::spawn(&p.cfg, "eu", "apply");
-        same_rows(&p.us, &p.eu, "the row in both regions").await;
-    }
+    replicate_us_to_eu(&p, "the row in both regions").await;
     // nobody replicates: eu updates row 1 (older), then us moves it to key
     // 2 (newer): the move deletes key 1 in every region
     p.eu.psql("UPDATE products SET price = 5 WHERE id = 1");
@@ -358,11 +354,7 @@ async fn a_row_moved_to_a_new_key_stays_gone_under_its_old_key() {
 async fn a_change_older_than_a_purged_tombstone_is_parked_not_resurrected() {
     let p = crate::apply::pair_with(SCHEMA, "tombstone_horizon = \"2s\"");
     p.us.psql("INSERT INTO products VALUES (1, 'a', 1)");
-    {
-        let _us = Relay::spawn(&p.cfg, "us", "capture");
-        let _eu = Relay::spawn(&p.cfg, "eu", "apply");
-        same_rows(&p.us, &p.eu, "the row in both regions").await;
-    }
+    replicate_us_to_eu(&p, "the row in both regions").await;
     // eu updates the row (older), us deletes it (newer); eu's update reaches
     // us only after us has purged the delete's tombstone
     p.eu.psql("UPDATE products SET price = 5 WHERE id = 1");
