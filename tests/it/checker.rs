@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::broker::{durable_tansu_bin, Broker};
 use crate::support::kafka::{read_all, read_to_markers};
-use crate::support::pg::{region_dsns, Pg};
+use crate::support::pg::Pg;
 use crate::support::proxy::Proxy;
 use crate::support::relay::{self, ConfigFile, Relay};
 
@@ -48,17 +48,11 @@ pub fn allowed(home: &str, region: &str) -> bool {
     home == region || (home == "us" && region == "eu")
 }
 
-fn config(pg: &BTreeMap<&str, Pg>, brokers: &BTreeMap<&str, (Broker, Proxy)>) -> String {
-    let mut regions = String::new();
-    for (i, r) in REGIONS.iter().enumerate() {
-        let _ = write!(
-            regions,
-            "[regions.{r}]\nid = {}\n{}\n[regions.{r}.kafka]\nbrokers = \"{}\"\n\n",
-            i + 1,
-            region_dsns(&pg[r].dsn()),
-            brokers[r].0.brokers()
-        );
-    }
+fn config(
+    pg: &BTreeMap<&'static str, Pg>,
+    brokers: &BTreeMap<&'static str, (Broker, Proxy)>,
+) -> String {
+    let regions = crate::sidecar::region_blocks(pg, brokers, |_| String::new());
     format!(
         r#"
 [relay]

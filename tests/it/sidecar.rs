@@ -83,20 +83,34 @@ impl World {
     }
 }
 
+/// The `[regions.X]` tables of a three-region config: id, the run role's
+/// and the setup role's DSNs, `extra(region)` lines, the region's broker.
+pub fn region_blocks(
+    pg: &BTreeMap<&'static str, Pg>,
+    brokers: &BTreeMap<&'static str, (Broker, Proxy)>,
+    extra: impl Fn(&str) -> String,
+) -> String {
+    let mut regions = String::new();
+    for (i, r) in REGIONS.iter().enumerate() {
+        regions.push_str(&format!(
+            "[regions.{r}]\nid = {}\n{}\n{}[regions.{r}.kafka]\nbrokers = \"{}\"\n\n",
+            i + 1,
+            region_dsns(&pg[r].dsn()),
+            extra(r),
+            brokers[r].0.brokers()
+        ));
+    }
+    regions
+}
+
 pub fn config(
     pg: &BTreeMap<&'static str, Pg>,
     brokers: &BTreeMap<&'static str, (Broker, Proxy)>,
     http_port: u16,
 ) -> String {
-    let mut regions = String::new();
-    for (i, r) in REGIONS.iter().enumerate() {
-        regions.push_str(&format!(
-            "[regions.{r}]\nid = {}\n{}\nhash_key = \"{r}-sidecar-hash-key-0123456789abcdef\"\n[regions.{r}.kafka]\nbrokers = \"{}\"\n\n",
-            i + 1,
-            region_dsns(&pg[r].dsn()),
-            brokers[r].0.brokers()
-        ));
-    }
+    let regions = region_blocks(pg, brokers, |r| {
+        format!("hash_key = \"{r}-sidecar-hash-key-0123456789abcdef\"\n")
+    });
     format!(
         r#"
 [relay]
