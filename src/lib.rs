@@ -14,6 +14,7 @@
 pub mod apply;
 pub mod capture;
 pub mod check;
+pub mod commands;
 pub mod config;
 pub mod event;
 pub mod hlc;
@@ -26,5 +27,6 @@ pub mod publish;
 pub mod residency;
 pub mod resync;
 pub mod setup;
+pub mod sidecar;
 pub mod source;
 pub mod status;

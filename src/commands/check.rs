@@ -1,0 +1,117 @@
+//! `pgrelay check`: the config, each database and Kafka cluster, and the
+//! residency matrix.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::{all_clusters, load};
+use crate::check::{self, Severity};
+use crate::config::{self, Need};
+use crate::source::catalog::{self, Catalog};
+use crate::{kafka, residency};
+
+pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
+    let config = load(path)?;
+    println!(
+        "config {}: ok ({} regions, {} tables)",
+        path.display(),
+        config.regions.len(),
+        config.tables.len()
+    );
+    let regions: Vec<String> = match only {
+        Some(r) => {
+            config.region(r)?;
+            vec![r.to_string()]
+        }
+        None => config.regions.keys().cloned().collect(),
+    };
+    let mut needs: Vec<Need> = regions.iter().map(|r| Need::Database(r)).collect();
+    needs.extend(all_clusters(&config));
+    config.require(&needs)?;
+    let mut problems = 0;
+    for region in &regions {
+        let dsn = &config.regions[region].dsn;
+        match catalog::connect(dsn, region).await {
+            Err(e) => {
+                println!("error: {e}");
+                problems += 1;
+            }
+            Ok(client) => {
+                match catalog::session_tls(&client, region).await? {
+                    Some(version) => {
+                        println!("region {region}: database connection encrypted ({version})")
+                    }
+                    None => println!("region {region}: database connection NOT encrypted"),
+                }
+                let cat = Catalog {
+                    client: &client,
+                    region,
+                };
+                let findings = check::database(&config, region, &cat, true).await?;
+                if findings.is_empty() {
+                    println!(
+                        "region {region}: database ok ({})",
+                        catalog::describe_target(dsn)
+                    );
+                }
+                for f in &findings {
+                    println!("{f}");
+                    if f.severity != Severity::Warning {
+                        problems += 1;
+                    }
+                }
+                let slot = config.slot_name(region);
+                if let Some(s) = cat.slot(&slot).await? {
+                    println!(
+                        "region {region}: slot {slot} {} confirmed {} (WAL retained {} bytes)",
+                        if s.active { "active," } else { "inactive," },
+                        s.confirmed_flush,
+                        s.retained_bytes
+                    );
+                }
+            }
+        }
+        match catalog::probe_replication(dsn, region).await {
+            Ok(Some(version)) => {
+                println!("region {region}: replication connection encrypted ({version})")
+            }
+            Ok(None) => println!("region {region}: replication connection NOT encrypted"),
+            Err(e) => {
+                println!("error: {e}");
+                problems += 1;
+            }
+        }
+        let mut topics: Vec<(String, &config::KafkaCluster)> = config
+            .regions
+            .keys()
+            .filter(|d| *d != region)
+            .map(|d| (config.topic(region, d), config.kafka_for(d)))
+            .collect();
+        topics.push((config.dlq_topic(region), config.kafka_for(region)));
+        for (topic, cluster) in topics {
+            match kafka::check_topics(
+                cluster,
+                std::slice::from_ref(&topic),
+                Duration::from_secs(10),
+            )
+            .await
+            {
+                Ok(()) => println!("region {region}: topic {topic} ok"),
+                Err(e) => {
+                    println!("error: region {region}: {e}");
+                    problems += 1;
+                }
+            }
+        }
+    }
+    println!();
+    print!("{}", residency::matrix(&config));
+    if problems > 0 {
+        println!("\n{problems} problem(s) found");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

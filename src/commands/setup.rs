@@ -1,0 +1,203 @@
+//! `pgrelay setup`: metadata schema, triggers, publication, slot, topics and
+//! the run role's grants, idempotently.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::{all_clusters, load};
+use crate::check::{self, Severity};
+use crate::config::{Config, Need, TableClass};
+use crate::source::catalog::{self, Catalog};
+use crate::{kafka, privileges, setup};
+
+pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
+    let config = load(path)?;
+    let region_cfg = config.region(region)?;
+    let mut needs = vec![Need::SetupDatabase(region)];
+    needs.extend(all_clusters(&config));
+    config.require(&needs)?;
+    let mut client = catalog::connect(region_cfg.setup_dsn(), region).await?;
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    let findings = check::database(&config, region, &cat, false).await?;
+    let blocking: Vec<_> = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Blocking)
+        .collect();
+    if !blocking.is_empty() {
+        for f in &blocking {
+            eprintln!("{f}");
+        }
+        bail!("region {region}: fix the errors above, then run pgrelay setup again");
+    }
+    let keys = cat.keys(&config).await?;
+    let statements = setup::plan(&config, region, &|t| {
+        keys.get(t).cloned().unwrap_or_default()
+    });
+    let tx = client
+        .transaction()
+        .await
+        .context("starting the setup transaction")?;
+    for sql in &statements {
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("region {region}: setup statement failed: {sql}"))?;
+    }
+    tx.commit().await.context("committing setup")?;
+    if let Some(role) = region_cfg.grantee() {
+        grant_run_role(&config, region, &client, &role).await?;
+    }
+    let slot = config.slot_name(region);
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    let lost = cat.slot(&slot).await?.is_some_and(|s| s.is_lost());
+    if lost {
+        // an invalidated slot can never stream again: replace it
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .with_context(|| format!("region {region}: dropping the lost slot {slot}"))?;
+    }
+    client
+        .batch_execute(&setup::slot_sql(&config, region))
+        .await
+        .with_context(|| {
+            format!(
+                "region {region}: creating replication slot {}",
+                config.slot_name(region)
+            )
+        })?;
+    println!(
+        "region {region}: database ready (schema pgrelay, {} replicated tables, publication {}, slot {})",
+        config
+            .tables
+            .iter()
+            .filter(|t| !matches!(t.class, TableClass::Local))
+            .count(),
+        config.publication_name(),
+        config.slot_name(region)
+    );
+    if lost {
+        println!(
+            "region {region}: slot {slot} had been invalidated by PostgreSQL (wal_status lost) and was \
+             created anew; what was written while it was lost has not reached the other regions: \
+             run pgrelay resync --config {} --region {region}",
+            path.display()
+        );
+    }
+    let timeout = Duration::from_secs(30);
+    for dest in config.regions.keys().filter(|d| *d != region) {
+        let topic = config.topic(region, dest);
+        let created = kafka::create_topics(
+            config.kafka_for(dest),
+            std::slice::from_ref(&topic),
+            config.capture.topic_partitions as i32,
+            config.capture.topic_replication_factor,
+            timeout,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        println!(
+            "region {region}: topic {topic} {}",
+            if created.is_empty() {
+                "exists"
+            } else {
+                "created"
+            }
+        );
+    }
+    let dlq = config.dlq_topic(region);
+    let created = kafka::create_topics(
+        config.kafka_for(region),
+        std::slice::from_ref(&dlq),
+        1,
+        config.capture.topic_replication_factor,
+        timeout,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    println!(
+        "region {region}: topic {dlq} {}",
+        if created.is_empty() {
+            "exists"
+        } else {
+            "created"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Grants the sidecar's run role what it lacks of what it needs
+/// ([`privileges::needs`]). A grant the setup role may not give (the
+/// replication-origin function, the parameter) is printed for a superuser.
+pub async fn grant_run_role(
+    config: &Config,
+    region: &str,
+    client: &tokio_postgres::Client,
+    role: &str,
+) -> Result<()> {
+    let cat = Catalog { client, region };
+    let quoted = crate::event::quote_ident(role);
+    match cat.role(role).await? {
+        None => bail!(
+            "region {region}: role {role} (the sidecar's run role) does not exist; create it \
+             first: CREATE ROLE {quoted} LOGIN REPLICATION PASSWORD '...'"
+        ),
+        Some((true, _)) => {
+            println!(
+                "region {region}: run role {role} is a superuser: nothing to grant (give the \
+                 sidecar a role of its own: README, Security)"
+            );
+            return Ok(());
+        }
+        Some((false, false)) => eprintln!(
+            "warning: region {region}: run role {role} lacks the REPLICATION attribute; a \
+             superuser runs: ALTER ROLE {quoted} REPLICATION"
+        ),
+        Some((false, true)) => {}
+    }
+    let parameters = cat.has_parameter_privileges().await?;
+    let mut granted = 0;
+    let mut refused = Vec::new();
+    for need in privileges::needs(config, parameters) {
+        let missing = cat.missing_privileges(&need, role).await?;
+        if missing.is_empty() {
+            continue;
+        }
+        let sql = need.grant(&missing, role);
+        if let Err(e) = client.batch_execute(&sql).await {
+            refused.push(format!("{sql} ({})", crate::source::pg_error::reason(&e)));
+            continue;
+        }
+        // without the grant option PostgreSQL may only warn and grant nothing
+        let still = cat.missing_privileges(&need, role).await?;
+        if still.is_empty() {
+            granted += 1;
+        } else {
+            refused.push(format!(
+                "{} (the setup role lacks the grant option)",
+                need.grant(&still, role)
+            ));
+        }
+    }
+    println!(
+        "region {region}: run role {role}: {granted} grant(s) given, everything else held already"
+    );
+    if !refused.is_empty() {
+        for r in &refused {
+            eprintln!("error: region {region}: the setup role may not grant: {r}");
+        }
+        bail!(
+            "region {region}: a superuser runs the GRANT statements above once, then run pgrelay \
+             setup again"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Reading and parsing: file → interpolated text → raw structs → [`Config`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::env::interpolate;
+use super::raw::RawConfig;
+use super::validate::Validator;
+use super::{Config, ConfigError};
+
+// ---------------------------------------------------------------------------
+// entry points
+
+/// Reads `path` and parses it with [`parse`].
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates a config; `${VAR}` reads the process environment.
+/// `origin` (the file name) prefixes every message.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    parse_with_env(text, origin, |name| std::env::var(name).ok())
+}
+
+/// [`parse`] with an explicit environment (tests, tools).
+pub fn parse_with_env(
+    text: &str,
+    origin: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut unset = Vec::new();
+    let interpolated = interpolate(text, origin, &env, &mut unset)?;
+    // an unset variable may be what made the text invalid: name it first
+    let first_unset = || {
+        unset.first().map(|(var, line)| ConfigError::MissingEnv {
+            origin: origin.to_string(),
+            line: *line,
+            var: var.clone(),
+        })
+    };
+    let raw: RawConfig = toml::from_str(&interpolated).map_err(|e| {
+        first_unset().unwrap_or_else(|| syntax_error(e, origin, text, &interpolated))
+    })?;
+    let mut first_lines: BTreeMap<String, usize> = BTreeMap::new();
+    let mut uses: BTreeMap<&str, usize> = BTreeMap::new();
+    for (var, line) in &unset {
+        first_lines.entry(var.clone()).or_insert(*line);
+        *uses.entry(var.as_str()).or_default() += 1;
+    }
+    // every use of an unset variable must be in a region-scoped secret
+    let scoped = raw.scoped_values();
+    for (var, count) in &uses {
+        let marker = format!("${{{var}}}");
+        let in_scope: usize = scoped.iter().map(|v| v.matches(&marker).count()).sum();
+        if in_scope < *count {
+            return Err(ConfigError::MissingEnv {
+                origin: origin.to_string(),
+                line: first_lines[*var],
+                var: var.to_string(),
+            });
+        }
+    }
+    let mut config = Validator {
+        origin,
+        text: &interpolated,
+        unset: &first_lines,
+    }
+    .validate(raw)
+    .map_err(|e| first_unset().unwrap_or(e))?;
+    config.unset = first_lines;
+    Ok(config)
+}
+
+pub(super) fn syntax_error(
+    e: toml::de::Error,
+    origin: &str,
+    raw: &str,
+    interpolated: &str,
+) -> ConfigError {
+    let Some(span) = e.span() else {
+        return ConfigError::Syntax {
+            origin: origin.to_string(),
+            line: None,
+            column: None,
+            message: e.message().to_string(),
+            excerpt: None,
+        };
+    };
+    let (line, column) = line_column(interpolated, span.start);
+    // Interpolation keeps line numbers, so the raw line is the same line;
+    // show it (not the interpolated one, which may hold secrets), and the
+    // column only when interpolation did not change that line.
+    let raw_line = raw.lines().nth(line - 1).unwrap_or("");
+    let new_line = interpolated.lines().nth(line - 1).unwrap_or("");
+    ConfigError::Syntax {
+        origin: origin.to_string(),
+        line: Some(line),
+        column: (raw_line == new_line).then_some(column),
+        message: e.message().to_string(),
+        excerpt: Some(raw_line.to_string()),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}

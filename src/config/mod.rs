@@ -1,0 +1,300 @@
+//! The relay's configuration: one TOML file shared by every region.
+//!
+//! ```text
+//!  text ─▶ interpolate ${ENV} ─▶ toml ─▶ Raw* structs ─▶ validate ─▶ Config
+//!          (secrets)              (unknown keys rejected   (regions, tables,
+//!                                  with their line)         column rules)
+//! ```
+//!
+//! `relay.toml.example` at the repository root documents every key.
+//!
+//! Files: `raw` (serde's view of the file), `env` (`${ENV}` interpolation),
+//! `load` (file → text → raw → validated), `validate` (raw → [`Config`]),
+//! `settings`, `region`, `table` (the validated types), `values`
+//! (durations, Kafka properties), `redact` (DSNs in messages), `error`.
+//!
+//! Error policy: every failure is one [`ConfigError`] naming the file, the
+//! line when known, the key, table or region concerned and what to write
+//! instead. Messages never quote values that came from the environment (they
+//! are secrets) and `Debug` output never shows passwords, hash keys or the
+//! HTTP token, because configs end up in logs.
+//!
+//! Secrets are per region: an unset `${VAR}` inside a region's `dsn`,
+//! `setup_dsn` or `hash_key`, a Kafka setting or `http.token` is kept as
+//! written and only fails the commands that need that value
+//! ([`Config::require`]); anywhere else it fails at once.
+//!
+//! No IO here except [`load`], which reads the file and calls [`parse`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::event::TableName;
+
+mod env;
+mod error;
+mod load;
+mod raw;
+mod redact;
+mod region;
+mod settings;
+mod table;
+#[cfg(test)]
+mod tests;
+mod validate;
+mod values;
+
+pub use error::ConfigError;
+pub use load::{load, parse, parse_with_env};
+pub use redact::redact_dsn;
+pub use region::*;
+pub use settings::*;
+pub use table::*;
+pub use values::parse_duration;
+
+/// Region names go into topic, slot and origin names: keep them short.
+pub const MAX_REGION_NAME_LEN: usize = 40;
+/// Region ids are the tie-break of HLC stamps (6 bits, 0 reserved).
+pub const REGION_IDS: std::ops::RangeInclusive<i64> = 1..=63;
+/// A region name that would make `{prefix}.dlq.{region}` ambiguous.
+pub(super) const RESERVED_REGION: &str = "dlq";
+
+// ---------------------------------------------------------------------------
+// the validated configuration
+
+/// The validated configuration. Built by [`parse`] / [`load`]; every region
+/// named anywhere in it is declared in `regions`.
+#[derive(Clone)]
+pub struct Config {
+    /// Where the config came from (file name), for messages.
+    pub origin: String,
+    /// Topic prefix: topics are `{prefix}.{source}.{destination}`, dead
+    /// letters go to `{prefix}.dlq.{region}`.
+    pub prefix: String,
+    /// An incoming change stamped further ahead of the local clock than
+    /// this waits until the clock has come within this distance of it.
+    pub max_clock_skew: Duration,
+    /// An incoming change stamped further ahead of the local clock than
+    /// this is dead-lettered: the region's clock never follows it.
+    pub max_stamp_ahead: Duration,
+    /// How long `pgrelay run` keeps retrying an unreachable database or
+    /// Kafka cluster at start before it gives up with an error.
+    pub startup_timeout: Duration,
+    /// Environment variables that were not set, by name (with the line of
+    /// their first use). They may only occur in region-scoped secrets (a
+    /// region's DSNs and hash key, Kafka settings, the HTTP token): a
+    /// command fails on one only when it needs that value (see
+    /// [`Config::require`]), so a sidecar holds only its own secrets.
+    pub unset: BTreeMap<String, usize>,
+    pub capture: CaptureSettings,
+    pub apply: ApplySettings,
+    pub status: StatusSettings,
+    pub http: HttpSettings,
+    /// Every region, by name.
+    pub regions: BTreeMap<String, Region>,
+    /// Declared tables, in file order; names are unique.
+    pub tables: Vec<TableConfig>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("origin", &self.origin)
+            .field("prefix", &self.prefix)
+            .field("max_clock_skew", &self.max_clock_skew)
+            .field("max_stamp_ahead", &self.max_stamp_ahead)
+            .field("unset", &self.unset)
+            .field("capture", &self.capture)
+            .field("apply", &self.apply)
+            .field("http", &self.http)
+            .field("regions", &self.regions)
+            .field("tables", &self.tables)
+            .finish()
+    }
+}
+
+impl Config {
+    /// The declared table of that name, if any.
+    pub fn table(&self, name: &TableName) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| t.name == *name)
+    }
+
+    /// The region of that name; the error lists the declared ones.
+    pub fn region(&self, name: &str) -> Result<&Region, ConfigError> {
+        self.regions
+            .get(name)
+            .ok_or_else(|| ConfigError::UnknownRegion {
+                origin: self.origin.clone(),
+                region: name.to_string(),
+                declared: self.declared_regions(),
+            })
+    }
+
+    /// Whether a table of `class` needs `REPLICA IDENTITY FULL`: `partitioned` tables
+    /// always (a row's old home decides where an update goes), the others
+    /// when `relay.capture.before_image = "full"`.
+    pub fn needs_full_identity(&self, class: &TableClass) -> bool {
+        matches!(class, TableClass::Partitioned { .. })
+            || self.capture.before_image == BeforeImage::Full
+    }
+
+    /// The Kafka cluster holding the topics destined to `region` (and its
+    /// dead-letter topic).
+    ///
+    /// # Panics
+    /// If `region` is not declared: callers pass region names that came
+    /// from this config or were checked with [`Config::region`].
+    pub fn kafka_for(&self, region: &str) -> &KafkaCluster {
+        match self.region(region) {
+            Ok(region) => &region.kafka,
+            Err(e) => panic!("kafka_for: {e}"),
+        }
+    }
+
+    /// The topic carrying changes from `source` to `destination`.
+    pub fn topic(&self, source: &str, destination: &str) -> String {
+        format!("{}.{}.{}", self.prefix, source, destination)
+    }
+
+    /// The dead-letter topic of `region`'s apply side.
+    pub fn dlq_topic(&self, region: &str) -> String {
+        format!("{}.{}.{}", self.prefix, RESERVED_REGION, region)
+    }
+
+    /// The replication slot on `region`'s primary.
+    pub fn slot_name(&self, region: &str) -> String {
+        match &self.capture.slot {
+            Some(slot) => slot.clone(),
+            None => format!("pgrelay_{region}"),
+        }
+    }
+
+    pub fn publication_name(&self) -> &str {
+        &self.capture.publication
+    }
+
+    /// `cn, eu, us`: for messages.
+    pub fn declared_regions(&self) -> String {
+        join_names(self.regions.keys())
+    }
+
+    /// The first unset variable `value` holds, if any.
+    pub fn unresolved(&self, value: &str) -> Option<(&str, usize)> {
+        if self.unset.is_empty() || !value.contains("${") {
+            return None;
+        }
+        self.unset
+            .iter()
+            .find(|(var, _)| value.contains(&format!("${{{var}}}")))
+            .map(|(var, line)| (var.as_str(), *line))
+    }
+
+    /// Fails with the variable to export when a value a command needs
+    /// holds an environment variable that is not set.
+    pub fn require(&self, needs: &[Need<'_>]) -> Result<(), ConfigError> {
+        for need in needs {
+            for (key, value) in self.needed_values(need)? {
+                if let Some((var, line)) = self.unresolved(value) {
+                    return Err(ConfigError::UnsetSecret {
+                        origin: self.origin.clone(),
+                        line,
+                        var: var.to_string(),
+                        key,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn needed_values<'a>(&'a self, need: &Need<'_>) -> Result<Vec<(String, &'a str)>, ConfigError> {
+        Ok(match need {
+            Need::Database(r) => vec![(format!("regions.{r}.dsn"), self.region(r)?.dsn.as_str())],
+            Need::SetupDatabase(r) => {
+                let region = self.region(r)?;
+                match &region.setup_dsn {
+                    Some(dsn) => vec![(format!("regions.{r}.setup_dsn"), dsn.as_str())],
+                    None => vec![(format!("regions.{r}.dsn"), region.dsn.as_str())],
+                }
+            }
+            Need::HashKey(r) => self
+                .region(r)?
+                .hash_key
+                .iter()
+                .map(|k| (format!("regions.{r}.hash_key"), k.as_str()))
+                .collect(),
+            Need::Kafka(r) => {
+                let cluster = &self.region(r)?.kafka;
+                let key = format!("the Kafka cluster of region {r}");
+                std::iter::once((format!("{key} (brokers)"), cluster.brokers.as_str()))
+                    .chain(
+                        cluster
+                            .properties
+                            .iter()
+                            .map(|(k, v)| (format!("{key} (property {k})"), v.as_str())),
+                    )
+                    .collect()
+            }
+            Need::HttpToken => self
+                .http
+                .token
+                .iter()
+                .map(|t| ("http.token".to_string(), t.as_str()))
+                .collect(),
+        })
+    }
+
+    /// Needs of `pgrelay run --region` for the sides it runs: its own
+    /// database, its hash key (capture), the clusters of its outgoing
+    /// topics (capture) and of its incoming and dead-letter topics (apply).
+    pub fn run_needs<'a>(&'a self, region: &'a str, capture: bool, apply: bool) -> Vec<Need<'a>> {
+        let mut needs = vec![Need::Database(region)];
+        if capture {
+            needs.push(Need::HashKey(region));
+            needs.extend(
+                self.regions
+                    .keys()
+                    .filter(|d| *d != region)
+                    .map(|d| Need::Kafka(d)),
+            );
+        }
+        if apply {
+            needs.push(Need::Kafka(region));
+        }
+        if self.http.listen.is_some() {
+            needs.push(Need::HttpToken);
+        }
+        needs
+    }
+
+    /// The hash key of `region`'s hashed columns; an error names the unset
+    /// variable it is read from.
+    pub fn hash_key(&self, region: &str) -> Result<Option<&str>, ConfigError> {
+        self.require(&[Need::HashKey(region)])?;
+        Ok(self.region(region)?.hash_key.as_deref())
+    }
+}
+
+/// A value a command needs (see [`Config::require`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need<'a> {
+    /// `regions.X.dsn`.
+    Database(&'a str),
+    /// `regions.X.setup_dsn` (else its `dsn`).
+    SetupDatabase(&'a str),
+    /// `regions.X.hash_key`.
+    HashKey(&'a str),
+    /// The Kafka cluster holding the topics destined to region X.
+    Kafka(&'a str),
+    /// `http.token`.
+    HttpToken,
+}
+
+pub(super) fn join_names<'a>(names: impl IntoIterator<Item = &'a String>) -> String {
+    names
+        .into_iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

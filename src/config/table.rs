@@ -1,0 +1,105 @@
+//! Declared tables, their residency class and column rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::event::TableName;
+
+/// One declared table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableConfig {
+    pub name: TableName,
+    pub class: TableClass,
+    /// Column rules, applied before a row leaves the region. At most one
+    /// rule per column and destination.
+    pub columns: Vec<ColumnRule>,
+}
+
+/// The data class of a table (brief §3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableClass {
+    /// Never leaves its region.
+    Local,
+    /// Goes everywhere; any region writes; HLC last-writer-wins.
+    Global,
+    /// Goes everywhere; only `owner` writes.
+    Owned { owner: String },
+    /// Each row has a home region, read from `home_column`.
+    Partitioned {
+        home_column: String,
+        /// Column value -> home region. A value equal to a region name is
+        /// that region without an alias.
+        aliases: BTreeMap<String, String>,
+        /// Home region -> extra destinations allowed for rows homed there
+        /// (the home region itself is always allowed).
+        allow: BTreeMap<String, BTreeSet<String>>,
+    },
+}
+
+impl TableClass {
+    /// The name used in the file (`local`, `global`, ...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TableClass::Local => "local",
+            TableClass::Global => "global",
+            TableClass::Owned { .. } => "owned",
+            TableClass::Partitioned { .. } => "partitioned",
+        }
+    }
+}
+
+/// What happens to one column before it leaves the region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnRule {
+    pub column: String,
+    pub action: ColumnAction,
+    /// Destinations the rule applies to; `None`: every destination.
+    pub to: Option<BTreeSet<String>>,
+}
+
+impl ColumnRule {
+    pub fn applies_to(&self, destination: &str) -> bool {
+        self.to.as_ref().is_none_or(|to| to.contains(destination))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ColumnAction {
+    /// Remove the column.
+    Drop,
+    /// Replace the value by `{key_id}:` + hex(HMAC-SHA-256(source region's
+    /// hash_key, value)).
+    Hash,
+    /// Replace a non-NULL value by this text.
+    Mask(String),
+}
+
+impl ColumnAction {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ColumnAction::Drop => "drop",
+            ColumnAction::Hash => "hash",
+            ColumnAction::Mask(_) => "mask",
+        }
+    }
+}
+
+impl TableConfig {
+    /// Columns the config names for this table (home column, rule columns)
+    /// that are not in `columns` (the table's actual columns). Rules on a
+    /// missing column are ignored when routing, so `check` reports these.
+    pub fn missing_columns<'a>(&'a self, columns: &[&str]) -> Vec<&'a str> {
+        let mut missing = Vec::new();
+        if let TableClass::Partitioned { home_column, .. } = &self.class {
+            if !columns.contains(&home_column.as_str()) {
+                missing.push(home_column.as_str());
+            }
+        }
+        for rule in &self.columns {
+            let name = rule.column.as_str();
+            if !columns.contains(&name) && !missing.contains(&name) {
+                missing.push(name);
+            }
+        }
+        missing
+    }
+}

@@ -1,0 +1,702 @@
+//! Raw structs → [`Config`]: every cross-reference and limit checked, with
+//! the line of the offending key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::event::TableName;
+
+use super::load::line_column;
+use super::raw::*;
+use super::region::kafka_security;
+use super::settings::*;
+use super::table::*;
+use super::values::HumanDuration;
+use super::*;
+
+/// `http.listen`: `"9187"` or `":9187"` (the loopback address), or an IP
+/// address and port.
+pub(super) fn parse_listen(text: &str) -> Option<SocketAddr> {
+    let text = text.trim();
+    let port = text.strip_prefix(':').unwrap_or(text);
+    if let Ok(port) = port.parse::<u16>() {
+        return Some(SocketAddr::new(DEFAULT_HTTP_HOST, port));
+    }
+    text.parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// validation: raw -> Config
+
+pub(super) struct Validator<'a> {
+    pub(super) origin: &'a str,
+    /// The interpolated text, to turn spans into line numbers.
+    pub(super) text: &'a str,
+    /// Variables that were not set (values holding them are not checked).
+    pub(super) unset: &'a BTreeMap<String, usize>,
+}
+
+impl Validator<'_> {
+    fn is_unresolved(&self, value: &str) -> bool {
+        value.contains("${")
+            && self
+                .unset
+                .keys()
+                .any(|var| value.contains(&format!("${{{var}}}")))
+    }
+
+    fn invalid(&self, line: Option<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            line,
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let prefix = raw
+            .relay
+            .prefix
+            .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(self.invalid(
+                None,
+                format!(
+                    "relay.prefix = {prefix:?}: a topic prefix needs letters, digits, '.', '_' \
+                     or '-' only (Kafka topic characters)"
+                ),
+            ));
+        }
+        let max_clock_skew = self.positive(
+            "relay.max_clock_skew",
+            raw.relay.max_clock_skew,
+            default_max_clock_skew(),
+        )?;
+        let max_stamp_ahead = self.positive(
+            "relay.max_stamp_ahead",
+            raw.relay.max_stamp_ahead,
+            default_max_stamp_ahead(),
+        )?;
+        if max_stamp_ahead < max_clock_skew {
+            return Err(self.invalid(
+                None,
+                format!(
+                    "relay.max_stamp_ahead ({max_stamp_ahead:?}) is below relay.max_clock_skew \
+                     ({max_clock_skew:?}): changes that far ahead are dead-lettered, so it must be \
+                     at least the skew they are allowed to wait out"
+                ),
+            ));
+        }
+        if raw.relay.hash_salt.is_some() {
+            return Err(self.invalid(
+                None,
+                "relay.hash_salt is no longer used: hashed columns are keyed per source \
+                 region now (HMAC-SHA-256). Set hash_key (at least 32 bytes, e.g. \
+                 hash_key = \"${PGRELAY_US_HASH_KEY}\") and hash_key_id (e.g. \"k1\") under \
+                 each [regions.NAME] whose tables hash columns, then remove relay.hash_salt; \
+                 README \"Keyed pseudonyms\" explains the migration",
+            ));
+        }
+        let regions = self.regions(raw.regions, raw.kafka)?;
+        let capture = self.capture(raw.relay.capture)?;
+        let apply = self.apply(raw.relay.apply)?;
+        let status = StatusSettings {
+            lagging_after: self.positive(
+                "relay.status.lagging_after",
+                raw.relay.status.lagging_after,
+                default_lagging_after(),
+            )?,
+            lagging_bytes: self.count(
+                "relay.status.lagging_bytes",
+                raw.relay.status.lagging_bytes,
+                default_lagging_bytes() as usize,
+                1,
+            )? as u64,
+        };
+        let listen = match raw.http.listen {
+            None => None,
+            Some(addr) => Some(parse_listen(&addr).ok_or_else(|| {
+                self.invalid(
+                    None,
+                    format!(
+                        "http.listen = {addr:?}: expected a port (\"9187\", bound to 127.0.0.1) \
+                         or an IP address and port such as \"127.0.0.1:9187\""
+                    ),
+                )
+            })?),
+        };
+        if let Some(token) = &raw.http.token {
+            if !self.is_unresolved(token) && token.trim().len() < 16 {
+                return Err(self.invalid(
+                    None,
+                    "http.token is shorter than 16 characters: use a long random secret \
+                     (e.g. token = \"${METRICS_TOKEN}\"), or remove it to leave /metrics open",
+                ));
+            }
+        }
+        let mut tables: Vec<TableConfig> = Vec::with_capacity(raw.tables.len());
+        let mut lines: Vec<usize> = Vec::with_capacity(raw.tables.len());
+        for raw_table in raw.tables {
+            let line = line_column(self.text, raw_table.name.span().start).0;
+            let table = self.table(raw_table, line, &regions)?;
+            if let Some(i) = tables.iter().position(|t| t.name == table.name) {
+                return Err(self.invalid(
+                    Some(line),
+                    format!(
+                        "table {} is declared twice (first on line {}); merge the two entries",
+                        table.name, lines[i]
+                    ),
+                ));
+            }
+            tables.push(table);
+            lines.push(line);
+        }
+        self.hash_keys_declared(&tables, &lines, &regions)?;
+        Ok(Config {
+            origin: self.origin.to_string(),
+            prefix,
+            max_clock_skew,
+            max_stamp_ahead,
+            startup_timeout: raw
+                .relay
+                .startup_timeout
+                .map_or(default_startup_timeout(), |d| d.0),
+            unset: BTreeMap::new(),
+            capture,
+            apply,
+            status,
+            http: HttpSettings {
+                listen,
+                token: raw.http.token,
+            },
+            regions,
+            tables,
+        })
+    }
+
+    fn positive(
+        &self,
+        key: &str,
+        value: Option<HumanDuration>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let value = value.map_or(default, |d| d.0);
+        if value.is_zero() {
+            return Err(self.invalid(None, format!("{key} must be greater than zero")));
+        }
+        Ok(value)
+    }
+
+    fn count(
+        &self,
+        key: &str,
+        value: Option<i64>,
+        default: usize,
+        min: i64,
+    ) -> Result<usize, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) if v >= min => usize::try_from(v)
+                .map_err(|_| self.invalid(None, format!("{key} = {v} is too large"))),
+            Some(v) => Err(self.invalid(None, format!("{key} = {v}: must be at least {min}"))),
+        }
+    }
+
+    fn capture(&self, raw: RawCapture) -> Result<CaptureSettings, ConfigError> {
+        if let Some(slot) = &raw.slot {
+            self.pg_name("relay.capture.slot", slot)?;
+        }
+        let publication = raw
+            .publication
+            .unwrap_or_else(|| DEFAULT_PUBLICATION.to_string());
+        self.pg_name("relay.capture.publication", &publication)?;
+        Ok(CaptureSettings {
+            slot: raw.slot,
+            publication,
+            status_interval: self.positive(
+                "relay.capture.status_interval",
+                raw.status_interval,
+                default_status_interval(),
+            )?,
+            max_in_flight: self.count(
+                "relay.capture.max_in_flight",
+                raw.max_in_flight,
+                default_max_in_flight(),
+                1,
+            )?,
+            topic_partitions: self.count(
+                "relay.capture.topic_partitions",
+                raw.topic_partitions,
+                default_topic_partitions(),
+                1,
+            )?,
+            topic_replication_factor: match raw.topic_replication_factor {
+                None => default_topic_replication_factor(),
+                Some(v) if v == -1 || (1..=32).contains(&v) => v as i32,
+                Some(v) => {
+                    return Err(self.invalid(
+                        None,
+                        format!("relay.capture.topic_replication_factor = {v}: use -1 (broker default) or 1..=32"),
+                    ))
+                }
+            },
+            before_image: match raw.before_image.as_deref() {
+                None | Some("key") => BeforeImage::Key,
+                Some("full") => BeforeImage::Full,
+                Some(other) => {
+                    return Err(self.invalid(
+                        None,
+                        format!("relay.capture.before_image = {other:?}: use \"key\" or \"full\""),
+                    ))
+                }
+            },
+        })
+    }
+
+    fn apply(&self, raw: RawApply) -> Result<ApplySettings, ConfigError> {
+        let max_retries = self.count(
+            "relay.apply.max_retries",
+            raw.max_retries,
+            default_max_retries() as usize,
+            0,
+        )?;
+        Ok(ApplySettings {
+            batch_max_records: self.count(
+                "relay.apply.batch_max_records",
+                raw.batch_max_records,
+                default_batch_max_records(),
+                1,
+            )?,
+            batch_max_wait: raw.batch_max_wait.map_or(default_batch_max_wait(), |d| d.0),
+            max_retries: u32::try_from(max_retries).map_err(|_| {
+                self.invalid(None, "relay.apply.max_retries is too large".to_string())
+            })?,
+            tombstone_horizon: self.positive(
+                "relay.apply.tombstone_horizon",
+                raw.tombstone_horizon,
+                default_tombstone_horizon(),
+            )?,
+            schema_wait: raw.schema_wait.map_or(default_schema_wait(), |d| d.0),
+            sessions_per_source: match self.count(
+                "relay.apply.sessions_per_source",
+                raw.sessions_per_source,
+                default_sessions_per_source(),
+                1,
+            )? {
+                n if n <= 16 => n,
+                n => {
+                    return Err(self.invalid(
+                        None,
+                        format!("relay.apply.sessions_per_source = {n}: use 1 to 16"),
+                    ))
+                }
+            },
+        })
+    }
+
+    /// Slot and publication names: plain lowercase identifiers.
+    fn pg_name(&self, key: &str, name: &str) -> Result<(), ConfigError> {
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if ok {
+            return Ok(());
+        }
+        Err(self.invalid(
+            None,
+            format!(
+                "{key} = {name:?}: use 1 to 63 lowercase letters, digits and '_', \
+                 not starting with a digit"
+            ),
+        ))
+    }
+
+    fn kafka(&self, key: &str, raw: RawKafka) -> Result<KafkaCluster, ConfigError> {
+        if raw.brokers.trim().is_empty() {
+            return Err(self.invalid(
+                None,
+                format!(
+                    "{key}.brokers is empty: list bootstrap brokers as \"host:port,host:port\""
+                ),
+            ));
+        }
+        let properties: BTreeMap<String, String> =
+            raw.properties.into_iter().map(|(k, v)| (k, v.0)).collect();
+        if let Err(problem) = kafka_security(&properties) {
+            return Err(self.invalid(None, format!("{key}.properties: {problem}")));
+        }
+        Ok(KafkaCluster {
+            brokers: raw.brokers,
+            properties,
+        })
+    }
+
+    fn regions(
+        &self,
+        raw: BTreeMap<String, RawRegion>,
+        default_kafka: Option<RawKafka>,
+    ) -> Result<BTreeMap<String, Region>, ConfigError> {
+        if raw.len() < 2 {
+            let have = if raw.is_empty() {
+                "none".to_string()
+            } else {
+                join_names(raw.keys())
+            };
+            return Err(self.invalid(
+                None,
+                format!(
+                    "at least 2 regions are needed (declared: {have}); add a [regions.NAME] \
+                     table with id and dsn for each region"
+                ),
+            ));
+        }
+        let default_kafka = default_kafka.map(|k| self.kafka("kafka", k)).transpose()?;
+        let mut ids: BTreeMap<u8, &str> = BTreeMap::new();
+        let mut regions = BTreeMap::new();
+        for (name, region) in &raw {
+            let valid_name = !name.is_empty()
+                && name.len() <= MAX_REGION_NAME_LEN
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !valid_name {
+                return Err(self.invalid(
+                    None,
+                    format!(
+                        "region name {name:?}: use 1 to {MAX_REGION_NAME_LEN} characters among \
+                         a-z, 0-9 and '_' (it goes into topic and slot names)"
+                    ),
+                ));
+            }
+            if name == RESERVED_REGION {
+                return Err(self.invalid(
+                    None,
+                    format!(
+                        "region name {name:?} is reserved (dead-letter topics are \
+                         {{prefix}}.dlq.{{region}}); pick another name"
+                    ),
+                ));
+            }
+            if name == "replay" {
+                return Err(self.invalid(
+                    None,
+                    format!(
+                        "region name {name:?} is reserved (`pgrelay dlq replay` writes under \
+                         the replication origin pgrelay_replay); pick another name"
+                    ),
+                ));
+            }
+            if !REGION_IDS.contains(&region.id) {
+                return Err(self.invalid(
+                    None,
+                    format!(
+                        "regions.{name}.id = {}: must be between 1 and 63 (it is the tie-break \
+                         of HLC stamps)",
+                        region.id
+                    ),
+                ));
+            }
+            let id = region.id as u8;
+            if let Some(other) = ids.insert(id, name) {
+                return Err(self.invalid(
+                    None,
+                    format!(
+                        "regions.{name}.id = {id} is already the id of region {other}; ids must \
+                         be unique and never change"
+                    ),
+                ));
+            }
+            if region.dsn.trim().is_empty() {
+                return Err(self.invalid(
+                    None,
+                    format!("regions.{name}.dsn is empty: give the libpq connection string of the region's primary"),
+                ));
+            }
+        }
+        for (name, region) in raw {
+            let kafka = match (region.kafka, &default_kafka) {
+                (Some(own), _) => self.kafka(&format!("regions.{name}.kafka"), own)?,
+                (None, Some(default)) => default.clone(),
+                (None, None) => {
+                    return Err(self.invalid(
+                        None,
+                        format!(
+                            "region {name} has no Kafka cluster: add [regions.{name}.kafka] with \
+                             brokers, or a default [kafka] table for every region"
+                        ),
+                    ))
+                }
+            };
+            if region
+                .setup_dsn
+                .as_deref()
+                .is_some_and(|d| d.trim().is_empty())
+            {
+                return Err(self.invalid(
+                    None,
+                    format!("regions.{name}.setup_dsn is empty: give the connection string of the setup role, or remove it to set up with dsn"),
+                ));
+            }
+            if let Some(role) = &region.run_role {
+                let valid = !role.is_empty()
+                    && role.len() <= 63
+                    && role
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if !valid {
+                    return Err(self.invalid(
+                        None,
+                        format!("regions.{name}.run_role = {role:?}: use the name of an existing role (1 to 63 letters, digits, '_' or '-')"),
+                    ));
+                }
+            }
+            if let Some(key) = &region.hash_key {
+                if !self.is_unresolved(key) && key.len() < MIN_HASH_KEY_LEN {
+                    return Err(self.invalid(
+                        None,
+                        format!(
+                            "regions.{name}.hash_key is {} bytes: a hash key needs at least \
+                             {MIN_HASH_KEY_LEN} random bytes (e.g. the 64 hex digits of \
+                             `openssl rand -hex 32`)",
+                            key.len()
+                        ),
+                    ));
+                }
+            }
+            let hash_key_id = region.hash_key_id.unwrap_or_else(|| "k1".to_string());
+            let valid_id = !hash_key_id.is_empty()
+                && hash_key_id.len() <= 16
+                && hash_key_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid_id {
+                return Err(self.invalid(
+                    None,
+                    format!(
+                        "regions.{name}.hash_key_id = {hash_key_id:?}: use 1 to 16 letters, \
+                         digits, '_' or '-' (it prefixes every hashed value, e.g. \"k2\")"
+                    ),
+                ));
+            }
+            regions.insert(
+                name.clone(),
+                Region {
+                    name,
+                    id: region.id as u8,
+                    dsn: region.dsn,
+                    setup_dsn: region.setup_dsn,
+                    run_role: region.run_role,
+                    hash_key: region.hash_key,
+                    hash_key_id,
+                    kafka,
+                },
+            );
+        }
+        Ok(regions)
+    }
+
+    /// Every region that may send a hashed column declares its hash key:
+    /// the owner of an `owned` table, every region for the other classes.
+    fn hash_keys_declared(
+        &self,
+        tables: &[TableConfig],
+        lines: &[usize],
+        regions: &BTreeMap<String, Region>,
+    ) -> Result<(), ConfigError> {
+        for (table, line) in tables.iter().zip(lines) {
+            let Some(rule) = table
+                .columns
+                .iter()
+                .find(|r| r.action == ColumnAction::Hash)
+            else {
+                continue;
+            };
+            let sources: Vec<&String> = match &table.class {
+                TableClass::Owned { owner } => vec![owner],
+                _ => regions.keys().collect(),
+            };
+            for source in sources {
+                if regions[source].hash_key.is_none() {
+                    return Err(self.invalid(
+                        Some(*line),
+                        format!(
+                            "table {}: column {}: action = \"hash\" needs the hash key of \
+                             every region that sends the table: set hash_key (at least \
+                             {MIN_HASH_KEY_LEN} bytes, e.g. hash_key = \"${{PGRELAY_{}_HASH_KEY}}\") \
+                             and hash_key_id under [regions.{source}]",
+                            table.name,
+                            rule.column,
+                            source.to_ascii_uppercase()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn table(
+        &self,
+        raw: RawTable,
+        line: usize,
+        regions: &BTreeMap<String, Region>,
+    ) -> Result<TableConfig, ConfigError> {
+        let line = Some(line);
+        let name = TableName::parse(raw.name.get_ref()).map_err(|e| self.invalid(line, e))?;
+        let err = |message: String| self.invalid(line, format!("table {name}: {message}"));
+        let declared = || join_names(regions.keys());
+        let check_region = |what: String, region: &str| {
+            if regions.contains_key(region) {
+                Ok(())
+            } else {
+                Err(err(format!(
+                    "{what} names an undeclared region; declared regions: {}",
+                    declared()
+                )))
+            }
+        };
+        let class_name = match raw.class {
+            RawClass::Local => "local",
+            RawClass::Global => "global",
+            RawClass::Owned => "owned",
+            RawClass::Partitioned => "partitioned",
+        };
+        if raw.class != RawClass::Owned && raw.owner.is_some() {
+            return Err(err(format!(
+                "owner is only for class = \"owned\" (this table is {class_name}); remove it"
+            )));
+        }
+        if raw.class != RawClass::Partitioned {
+            for (key, present) in [
+                ("home_column", raw.home_column.is_some()),
+                ("aliases", raw.aliases.is_some()),
+                ("allow", raw.allow.is_some()),
+            ] {
+                if present {
+                    return Err(err(format!(
+                        "{key} is only for class = \"partitioned\" (this table is {class_name}); remove it"
+                    )));
+                }
+            }
+        }
+        let class = match raw.class {
+            RawClass::Local => TableClass::Local,
+            RawClass::Global => TableClass::Global,
+            RawClass::Owned => {
+                let owner = raw.owner.ok_or_else(|| {
+                    err(format!(
+                        "class = \"owned\" needs owner = \"REGION\" (the only region that writes it; one of {})",
+                        declared()
+                    ))
+                })?;
+                check_region(format!("owner {owner:?}"), &owner)?;
+                TableClass::Owned { owner }
+            }
+            RawClass::Partitioned => {
+                let home_column = raw.home_column.filter(|c| !c.is_empty()).ok_or_else(|| {
+                    err(
+                        "class = \"partitioned\" needs home_column = \"COLUMN\" (the column \
+                         whose value names the row's home region)"
+                            .to_string(),
+                    )
+                })?;
+                let aliases = raw.aliases.unwrap_or_default();
+                for (value, region) in &aliases {
+                    check_region(format!("alias {value} -> {region:?}"), region)?;
+                }
+                let mut allow = BTreeMap::new();
+                for (home, destinations) in raw.allow.unwrap_or_default() {
+                    check_region(format!("allow key {home:?}"), &home)?;
+                    for destination in &destinations {
+                        check_region(format!("allow.{home} entry {destination:?}"), destination)?;
+                    }
+                    allow.insert(home, destinations.into_iter().collect());
+                }
+                TableClass::Partitioned {
+                    home_column,
+                    aliases,
+                    allow,
+                }
+            }
+        };
+        let mut columns: Vec<ColumnRule> = Vec::with_capacity(raw.columns.len());
+        for rule in raw.columns {
+            let column = rule.name;
+            if column.is_empty() {
+                return Err(err("a column rule has an empty name".to_string()));
+            }
+            if class == TableClass::Local {
+                return Err(err(format!(
+                    "column rule on {column}: a local table never leaves its region, so column \
+                     rules have no effect; remove them"
+                )));
+            }
+            if let TableClass::Partitioned { home_column, .. } = &class {
+                if *home_column == column {
+                    return Err(err(format!(
+                        "column {column} is the home column: it cannot be dropped, hashed or \
+                         masked (destinations need it to place the row)"
+                    )));
+                }
+            }
+            let action = match (rule.action, rule.mask) {
+                (RawAction::Mask, Some(mask)) => ColumnAction::Mask(mask),
+                (RawAction::Mask, None) => {
+                    return Err(err(format!(
+                        "column {column}: action = \"mask\" needs mask = \"...\" (the text that \
+                         replaces the value)"
+                    )))
+                }
+                (_, Some(_)) => {
+                    return Err(err(format!(
+                        "column {column}: mask is only for action = \"mask\"; remove it"
+                    )))
+                }
+                (RawAction::Drop, None) => ColumnAction::Drop,
+                (RawAction::Hash, None) => ColumnAction::Hash,
+            };
+            let to = match rule.to {
+                None => None,
+                Some(to) if to.is_empty() => {
+                    return Err(err(format!(
+                        "column {column}: to = [] matches no destination; name regions, or \
+                         remove `to` to apply the rule everywhere"
+                    )))
+                }
+                Some(to) => {
+                    for region in &to {
+                        check_region(format!("column {column}: to entry {region:?}"), region)?;
+                    }
+                    Some(to.into_iter().collect::<BTreeSet<_>>())
+                }
+            };
+            let rule = ColumnRule { column, action, to };
+            for region in regions.keys() {
+                let clash = columns.iter().any(|r| {
+                    r.column == rule.column && r.applies_to(region) && rule.applies_to(region)
+                });
+                if clash {
+                    return Err(err(format!(
+                        "column {} has two rules for destination {region}; give each \
+                         destination at most one rule (use `to` to split them)",
+                        rule.column
+                    )));
+                }
+            }
+            columns.push(rule);
+        }
+        Ok(TableConfig {
+            name,
+            class,
+            columns,
+        })
+    }
+}

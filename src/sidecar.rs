@@ -1,0 +1,240 @@
+//! `pgrelay run`: the sidecar. Starts the HTTP endpoint and both sides,
+//! restarts a side after a transient failure, drains on SIGTERM.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::watch;
+
+use crate::commands::load;
+use crate::config::Config;
+use crate::http::{self, Readiness};
+use crate::metrics::Metrics;
+use crate::{apply, capture};
+
+/// Which sides `pgrelay run` starts.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    All,
+    Capture,
+    Apply,
+}
+
+pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
+    let config = load(path)?;
+    config.region(region)?;
+    let (with_capture, with_apply) = match role {
+        Role::All => (true, true),
+        Role::Capture => (true, false),
+        Role::Apply => (false, true),
+    };
+    // only this region's secrets (and the clusters it uses) must be set
+    config.require(&config.run_needs(region, with_capture, with_apply))?;
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    readiness
+        .wants_capture
+        .store(with_capture, Ordering::Relaxed);
+    readiness.wants_apply.store(with_apply, Ordering::Relaxed);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    if let Some(addr) = &config.http.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (http.listen)"))?;
+        let state = http::State {
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            token: config.http.token.clone(),
+        };
+        tokio::spawn(http::serve(
+            listener,
+            state,
+            http::Limits::default(),
+            shutdown.clone(),
+        ));
+    }
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested, draining");
+        let _ = shutdown_tx.send(true);
+    });
+
+    {
+        let (config, region, metrics, mut shutdown) = (
+            config.clone(),
+            region.to_string(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                crate::status::export_local(&config, &region, &metrics).await;
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
+    }
+    tokio::spawn(apply::horizon::keep(
+        config.clone(),
+        region.to_string(),
+        shutdown.clone(),
+    ));
+    let deadline = Instant::now() + config.startup_timeout;
+    loop {
+        let result: Result<(), (bool, String)> = async {
+            if with_capture {
+                capture::preflight(&config, region).await.map_err(|e| {
+                    (
+                        matches!(e, capture::CaptureError::Unreachable(_)),
+                        e.to_string(),
+                    )
+                })?;
+            }
+            if with_apply {
+                apply::preflight(&config, region).await.map_err(|e| {
+                    (
+                        matches!(e, apply::ApplyError::Unreachable(_)),
+                        e.to_string(),
+                    )
+                })?;
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => break,
+            Err((true, e)) if Instant::now() < deadline => {
+                tracing::warn!(region, error = %e, "not reachable yet, retrying (relay.startup_timeout)");
+                let mut shutdown = shutdown.clone();
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(ExitCode::SUCCESS),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err((_, e)) => bail!("{e}"),
+        }
+    }
+    let mut sides = tokio::task::JoinSet::new();
+    if with_capture {
+        sides.spawn(supervise(
+            Side::Capture,
+            config.clone(),
+            region.to_string(),
+            metrics.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if with_apply {
+        sides.spawn(supervise(
+            Side::Apply,
+            config.clone(),
+            region.to_string(),
+            metrics.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let mut result = Ok(());
+    while let Some(joined) = sides.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+                sides.abort_all();
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => bail!("a side of the sidecar panicked: {e}"),
+        }
+    }
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Capture,
+    Apply,
+}
+
+/// Runs one side, restarting it with backoff after transient failures.
+async fn supervise(
+    side: Side,
+    config: Arc<Config>,
+    region: String,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    let (name, flag) = match side {
+        Side::Capture => ("capture", &readiness.capture),
+        Side::Apply => ("apply", &readiness.apply),
+    };
+    loop {
+        let started = Instant::now();
+        flag.store(true, Ordering::Relaxed);
+        let result: Result<(), (bool, String)> = match side {
+            Side::Capture => capture::run(
+                config.clone(),
+                region.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| (e.is_transient(), e.to_string())),
+            Side::Apply => apply::run(
+                config.clone(),
+                region.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| (e.is_transient(), e.to_string())),
+        };
+        flag.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => return Ok(()),
+            Err((true, e)) => {
+                metrics.add(
+                    "pgrelay_restarts_total",
+                    "Runs of a side ended by a transient failure",
+                    &[("region", &region), ("side", name)],
+                    1,
+                );
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(500);
+                }
+                tracing::warn!(region = %region, side = name, error = %e, retry_in = ?backoff, "side failed, restarting");
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err((false, e)) => bail!("{e}"),
+        }
+    }
+}
