@@ -21,6 +21,7 @@ pub mod hlc;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod names;
 pub mod pgoutput;
 pub mod privileges;
 pub mod publish;

@@ -39,10 +39,10 @@ use crate::event::{
     canonical_text_sets, quote_ident, Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema,
     TxMeta,
 };
+use crate::names::HLC_COLUMN;
 use crate::publish::envelope::{self, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
 use crate::publish::producer::{Delivery, Outlets, SendError};
 use crate::residency::{Policy, Verdict};
-use crate::source::assemble::HLC_COLUMN;
 use crate::source::catalog::{self, Catalog};
 
 /// What to send again.

@@ -17,7 +17,7 @@
 use crate::config::{Config, TableClass};
 use crate::event::{quote_ident, quote_literal, TableName};
 use crate::hlc;
-use crate::source::assemble::HLC_COLUMN;
+use crate::names::HLC_COLUMN;
 
 /// Primary key columns of a table, as read from the catalog.
 pub type KeyColumns = Vec<String>;
@@ -221,9 +221,9 @@ END $do$",
         .filter(|r| *r != region)
         .flat_map(|r| {
             (0..config.apply.sessions_per_source.max(1))
-                .map(move |g| crate::apply::origin_name(r, g))
+                .map(move |g| crate::names::origin_name(r, g))
         })
-        .chain(std::iter::once(crate::apply::REPLAY_ORIGIN.to_string()));
+        .chain(std::iter::once(crate::names::REPLAY_ORIGIN.to_string()));
     for origin in origins {
         let origin = quote_literal(&origin);
         sql.push(format!(

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::event::{Op, TableName};
-use crate::source::assemble::HLC_COLUMN;
+use crate::names::HLC_COLUMN;
 
 /// Text borrowed from the record unless its JSON spelling had escapes.
 pub type Text<'a> = Cow<'a, str>;

@@ -13,9 +13,10 @@ use std::time::Duration;
 use crate::apply::dlq::{self, DeadLetter, DlqProducer};
 use crate::apply::{
     apply_batch, load_targets, session_with_origin, stored_offsets, ApplyError, BatchOptions,
-    Consumed, REPLAY_ORIGIN,
+    Consumed,
 };
 use crate::config::Config;
+use crate::names::REPLAY_ORIGIN;
 use crate::source::catalog;
 
 /// One replayed record's fate.

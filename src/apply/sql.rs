@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 
 use crate::apply::record::{Incoming, TargetTable, Text};
 use crate::event::{quote_ident, quote_literal, row_hash, Op, TableName};
-use crate::source::assemble::HLC_COLUMN;
+use crate::names::HLC_COLUMN;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -21,14 +21,7 @@ use crate::event::{Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema, T
 use crate::hlc;
 use crate::pgoutput::{Message, OldKind, RelColumn, Tuple, TupleValue};
 
-/// The relay-managed stamp column on every replicated table.
-pub const HLC_COLUMN: &str = "_pgrelay_hlc";
-/// The schema of pgrelay's own objects in each database.
-pub const META_SCHEMA: &str = "pgrelay";
-/// The table the delete trigger writes stamps (and tombstones) to.
-pub const TOMBSTONES_TABLE: &str = "tombstones";
-/// Replication origins of pgrelay's apply side are named with this prefix.
-pub const ORIGIN_PREFIX: &str = "pgrelay_";
+use crate::names::{HLC_COLUMN, META_SCHEMA, ORIGIN_PREFIX, TOMBSTONES_TABLE};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AssembleError {

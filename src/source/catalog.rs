@@ -8,7 +8,7 @@ use tokio_postgres::{Client, Connection, NoTls};
 
 use crate::config::{Config, TableClass};
 use crate::event::{Lsn, TableName};
-use crate::source::assemble::HLC_COLUMN;
+use crate::names::HLC_COLUMN;
 use crate::source::conn::{ConnError, ConnParams, ReplConnection};
 use crate::source::dsn::{Dsn, SslMode, TlsOptions};
 use crate::source::pg_error;

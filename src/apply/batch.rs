@@ -1,0 +1,385 @@
+//! One batch in one transaction: parse, plan, execute, store offsets, park
+//! what fails definitely.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::SinkExt as _;
+use tokio_postgres::Client;
+
+use crate::hlc;
+
+use super::dlq::{DeadLetter, DlqProducer};
+use super::error::{db_message, is_transient_db, retryable, BatchError};
+use super::record::{Incoming, Targets};
+use super::sql;
+use super::{horizon, record, Consumed};
+
+/// What applying one batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub won: u64,
+    pub lost: u64,
+    pub dead: Vec<DeadLetter>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs one planned statement; an upsert first copies its rows into its
+/// staging table.
+async fn execute(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &sql::Statement,
+    staged: &mut HashSet<String>,
+) -> Result<u64, tokio_postgres::Error> {
+    let Some(stage) = &s.stage else {
+        return if s.rows.is_empty() {
+            tx.execute(s.sql.as_str(), &[]).await
+        } else {
+            tx.execute(s.sql.as_str(), &[&s.rows]).await
+        };
+    };
+    tx.batch_execute(&stage.create).await?;
+    if !staged.insert(stage.name.clone()) {
+        tx.batch_execute(&stage.clear).await?;
+    }
+    let sink = tx.copy_in(stage.copy.as_str()).await?;
+    let mut sink = std::pin::pin!(sink);
+    sink.send(bytes::Bytes::copy_from_slice(s.rows.as_bytes()))
+        .await?;
+    sink.as_mut().finish().await?;
+    let written = tx.execute(s.sql.as_str(), &[]).await?;
+    if written == 0 {
+        return Ok(0);
+    }
+    // a local delete that committed while the upsert waited for its row
+    // lock left a tombstone the upsert's snapshot could not see: take back
+    // what it brought back (a new snapshot sees that tombstone now)
+    let taken_back = tx.execute(stage.recheck.as_str(), &[]).await?;
+    Ok(written.saturating_sub(taken_back))
+}
+
+/// How to apply a batch.
+pub struct BatchOptions<'a> {
+    /// How many times its records were tried before this batch (0; a
+    /// parked record being replayed: its attempts so far). Dead letters
+    /// carry this plus the tries of this batch.
+    pub attempt: u32,
+    /// Further progress to store in the same transaction (replay).
+    pub extra_offsets: &'a [(String, i32, i64)],
+    /// `false`: roll back at the end and send nothing (dry run).
+    pub commit: bool,
+    /// Attempts on a record with a definite error before it is parked.
+    pub max_tries: u32,
+    /// A change stamped more than this far ahead of the local clock holds
+    /// the batch back ([`BatchError::Ahead`]) until the clock catches up.
+    pub max_skew: Duration,
+    /// A change stamped more than this far ahead is dead-lettered.
+    pub max_ahead: Duration,
+    /// `relay.apply.tombstone_horizon`: only changes older than about this
+    /// can be below the horizon, so only then is it read.
+    pub tombstone_horizon: Duration,
+    /// `targets` were just read from the target: a record that does not fit
+    /// them may be dead-lettered. `false`: the batch is given up instead
+    /// ([`BatchError::Recheck`]), so that a table changed since it was last
+    /// read is never the reason for a dead letter.
+    pub targets_checked: bool,
+}
+
+/// Applies one batch in one transaction. Returns `Err` for transient
+/// failures (the caller retries the whole batch).
+pub async fn apply_batch(
+    client: &mut Client,
+    source: &str,
+    session_no: Option<usize>,
+    targets: &Targets,
+    batch: &[Consumed],
+    dlq: &DlqProducer,
+    opts: BatchOptions<'_>,
+) -> Result<Outcome, BatchError> {
+    let BatchOptions {
+        attempt,
+        extra_offsets,
+        commit,
+        max_tries,
+        max_skew,
+        max_ahead,
+        tombstone_horizon,
+        targets_checked,
+    } = opts;
+    let mut outcome = Outcome::default();
+    let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
+    let mut positions: Vec<usize> = Vec::with_capacity(batch.len());
+    let now = now_ms();
+    let skew = max_skew.as_millis() as i64;
+    let limit = max_ahead.as_millis() as i64;
+    // how far the furthest change within the hard limit is ahead
+    let mut furthest = i64::MIN;
+    for (i, c) in batch.iter().enumerate() {
+        match record::parse(c.value.as_deref(), targets) {
+            Ok(inc) => {
+                let ahead = hlc::ahead_ms(inc.hlc, now);
+                if ahead > limit {
+                    // never applied, so the clock never follows it
+                    let why = record::Rejection::StampAhead {
+                        stamp: inc.hlc,
+                        ahead_ms: ahead,
+                        limit_ms: limit as u64,
+                    };
+                    outcome
+                        .dead
+                        .push(DeadLetter::rejected(c, &why, attempt + 1));
+                    continue;
+                }
+                if let Err(why) = inc.table.admit.check(source, &inc) {
+                    let why = record::Rejection::NotAdmitted(why);
+                    outcome
+                        .dead
+                        .push(DeadLetter::rejected(c, &why, attempt + 1));
+                    continue;
+                }
+                furthest = furthest.max(ahead);
+                changes.push(inc);
+                positions.push(i);
+            }
+            Err(rej @ record::Rejection::UnknownColumn { .. }) if !targets_checked => {
+                let record::Rejection::UnknownColumn { table, column } = rej else {
+                    unreachable!()
+                };
+                return Err(BatchError::Recheck {
+                    unknown_column: Some(format!("{table}.{column}")),
+                });
+            }
+            Err(rej) => outcome
+                .dead
+                .push(DeadLetter::rejected(c, &rej, attempt + 1)),
+        }
+    }
+    if furthest > skew {
+        // applying it would drag this region's clock ahead of the others':
+        // wait until the local clock has come within max_clock_skew of it
+        return Err(BatchError::Ahead {
+            wait: Duration::from_millis((furthest - skew) as u64),
+        });
+    }
+    let buckets = sql::key_buckets(&changes);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| format!("begin: {}", db_message(&e)))?;
+    // Sessions applying changes of the same rows (other source regions,
+    // other partition groups) take turns: each first locks the key buckets
+    // of its batch, in ascending order. Without this, an upsert could
+    // check for a tombstone, miss the one a concurrent delete is writing,
+    // and bring back a row the newer delete removed. READ COMMITTED: the
+    // statements after the lock see what the previous holder committed.
+    if !buckets.is_empty() {
+        tx.execute(sql::LOCK_BUCKETS_SQL, &[&sql::buckets_param(&buckets)])
+            .await
+            .map_err(|e| format!("locking key buckets: {}", db_message(&e)))?;
+    }
+    // changes below their table's tombstone horizon apply only to rows
+    // that exist; the horizon never passes `tombstone_horizon` ago
+    // (horizon::cutoff), and half of it again covers the clocks of other
+    // hosts that purge
+    let recent = now.saturating_sub((tombstone_horizon / 2).as_millis() as u64);
+    if changes.iter().any(|c| hlc::wall_ms(c.hlc) < recent) {
+        let horizons: HashMap<String, u64> = tx
+            .query(horizon::HORIZONS_SQL, &[])
+            .await
+            .map_err(|e| format!("reading the tombstone horizons: {}", db_message(&e)))?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+            .collect();
+        let mut i = 0;
+        while i < changes.len() {
+            let c = &changes[i];
+            let horizon = horizons
+                .get(&c.table.name.to_string())
+                .copied()
+                .unwrap_or(0);
+            if !horizon::below(c, horizon) {
+                i += 1;
+                continue;
+            }
+            let keys: Vec<Option<&str>> = c.key.iter().map(|k| k.as_deref()).collect();
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
+                .iter()
+                .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            tx.execute("SAVEPOINT horizon", &[])
+                .await
+                .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+            let dead = match tx
+                .query_one(horizon::exists_sql(c.table).as_str(), &params)
+                .await
+            {
+                Ok(row) if row.get::<_, bool>(0) => None,
+                Ok(_) => Some(DeadLetter::rejected(
+                    &batch[positions[i]],
+                    &record::Rejection::BeyondHorizon {
+                        stamp: c.hlc,
+                        horizon,
+                    },
+                    attempt + 1,
+                )),
+                Err(e) if is_transient_db(&e) => {
+                    return Err(retryable(&e, &c.table.name.to_string()))
+                }
+                // a key the table cannot hold: the record's own doing
+                Err(e) => {
+                    tx.execute("ROLLBACK TO SAVEPOINT horizon", &[])
+                        .await
+                        .map_err(|e| format!("rollback to savepoint: {}", db_message(&e)))?;
+                    Some(DeadLetter::failed(&batch[positions[i]], &e, attempt + 1))
+                }
+            };
+            match dead {
+                None => i += 1,
+                Some(letter) => {
+                    outcome.dead.push(letter);
+                    changes.remove(i);
+                    positions.remove(i);
+                }
+            }
+        }
+    }
+    sql::fill_from_earlier(&mut changes);
+    let statements = sql::plan(&changes);
+    // staging tables filled in this transaction (one filled twice is
+    // emptied first)
+    let mut staged = HashSet::new();
+    // changes dead-lettered one by one: neither the clock nor the
+    // watermark moves for them
+    let mut parked: HashSet<usize> = HashSet::new();
+    for s in &statements {
+        tx.execute("SAVEPOINT stmt", &[])
+            .await
+            .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+        let result = execute(&tx, s, &mut staged).await;
+        match result {
+            Ok(n) => {
+                outcome.won += n;
+                outcome.lost +=
+                    (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
+            }
+            Err(e) if is_transient_db(&e) => return Err(retryable(&e, &s.table)),
+            // the transaction is dropped, so rolled back
+            Err(_) if !targets_checked => {
+                return Err(BatchError::Recheck {
+                    unknown_column: None,
+                })
+            }
+            Err(_) => {
+                tx.execute("ROLLBACK TO SAVEPOINT stmt", &[])
+                    .await
+                    .map_err(|e| format!("rollback to savepoint: {}", db_message(&e)))?;
+                // one by one: only what fails again is dead-lettered
+                outcome.lost += s.superseded.len() as u64;
+                for &m in &s.members {
+                    let single = sql::plan(std::slice::from_ref(&changes[m]));
+                    for one in &single {
+                        let mut tries = 0;
+                        loop {
+                            tries += 1;
+                            tx.execute("SAVEPOINT one", &[])
+                                .await
+                                .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+                            let r = execute(&tx, one, &mut staged).await;
+                            match r {
+                                Ok(n) => {
+                                    outcome.won += n;
+                                    outcome.lost += 1u64.saturating_sub(n);
+                                    break;
+                                }
+                                Err(e) if is_transient_db(&e) => {
+                                    return Err(retryable(&e, &s.table))
+                                }
+                                Err(e) => {
+                                    tx.execute("ROLLBACK TO SAVEPOINT one", &[])
+                                        .await
+                                        .map_err(|e| format!("rollback: {}", db_message(&e)))?;
+                                    if tries >= max_tries {
+                                        // the change alone was tried `tries` times
+                                        outcome.dead.push(DeadLetter::failed(
+                                            &batch[positions[m]],
+                                            &e,
+                                            attempt + tries,
+                                        ));
+                                        parked.insert(m);
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // offsets, watermark, clock
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for c in batch {
+        let e = next.entry((c.topic.clone(), c.partition)).or_insert(0);
+        *e = (*e).max(c.offset + 1);
+    }
+    for (topic, partition, offset) in extra_offsets {
+        let e = next.entry((topic.clone(), *partition)).or_insert(0);
+        *e = (*e).max(*offset);
+    }
+    let offsets = serde_json::Value::Array(
+        next.iter()
+            .map(|((t, p), o)| serde_json::json!({"topic": t, "kafka_partition": p, "next_offset": o}))
+            .collect(),
+    )
+    .to_string();
+    tx.execute(sql::OFFSETS_SQL, &[&offsets])
+        .await
+        .map_err(|e| format!("storing offsets: {}", db_message(&e)))?;
+    let applied = || {
+        changes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !parked.contains(i))
+            .map(|(_, c)| c)
+    };
+    if let Some(newest) = applied().max_by_key(|c| c.hlc) {
+        let commit_ts = applied().map(|c| c.commit_ts_ms).max().unwrap_or(0);
+        if let Some(session_no) = session_no {
+            tx.execute(
+                sql::WATERMARK_SQL,
+                &[
+                    &source,
+                    &session_no.to_string(),
+                    &newest.hlc.to_string(),
+                    &newest.commit_lsn.as_ref(),
+                    &commit_ts.to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| format!("storing watermark: {}", db_message(&e)))?;
+        }
+        tx.execute(sql::CLOCK_SQL, &[&hlc::logical(newest.hlc).to_string()])
+            .await
+            .map_err(|e| format!("advancing the clock: {}", db_message(&e)))?;
+    }
+    if !commit {
+        tx.rollback()
+            .await
+            .map_err(|e| format!("rollback: {}", db_message(&e)))?;
+        return Ok(outcome);
+    }
+    // dead letters must be in Kafka before the offsets that skip them commit
+    if !outcome.dead.is_empty() {
+        dlq.send_all(&outcome.dead).await?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| format!("commit: {}", db_message(&e)))?;
+    Ok(outcome)
+}

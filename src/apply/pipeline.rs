@@ -1,0 +1,439 @@
+//! One pipeline per source region and partition group: collect a batch,
+//! apply it, retry or wait as its error says, restart after failures.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::Message as _;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::source::catalog::{self};
+
+use super::batch::{apply_batch, BatchOptions, Outcome};
+use super::consume::{assign, consumer, Consumed};
+use super::dlq::DlqProducer;
+use super::error::{db_message, ApplyError, BatchError};
+use super::record::Targets;
+use super::session::{session, stored_offsets};
+use super::sql;
+use super::target::load_targets;
+
+/// A batch closes when no record arrived for this long.
+const IDLE_GAP: Duration = Duration::from_millis(2);
+
+/// Runs the apply side of `region` until shutdown: one pipeline per source.
+pub async fn run(
+    config: Arc<Config>,
+    region: String,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ApplyError> {
+    let dsn = &config
+        .region(&region)
+        .map_err(|e| ApplyError::Setup(e.to_string()))?
+        .dsn;
+    let client = catalog::connect(dsn, &region)
+        .await
+        .map_err(|e| ApplyError::Transient(e.to_string()))?;
+    let targets = Arc::new(load_targets(&config, &region, &client).await?);
+    drop(client);
+    let dlq = Arc::new(DlqProducer::new(&config, &region)?);
+    let mut tasks = tokio::task::JoinSet::new();
+    let groups = config.apply.sessions_per_source.max(1);
+    for source in config.regions.keys().filter(|r| **r != region) {
+        for group in 0..groups {
+            let pipeline = Pipeline {
+                config: config.clone(),
+                region: region.clone(),
+                source: source.clone(),
+                topic: config.topic(source, &region),
+                group,
+                groups,
+                targets: std::sync::Mutex::new(targets.clone()),
+                metrics: metrics.clone(),
+                dlq: dlq.clone(),
+            };
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { pipeline.supervise(shutdown).await });
+        }
+    }
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let r = joined.unwrap_or_else(|e| Err(ApplyError::Transient(format!("apply task: {e}"))));
+        if let Err(e) = r {
+            if result.is_ok() {
+                result = Err(e);
+            }
+            tasks.abort_all();
+        }
+    }
+    result
+}
+
+struct Pipeline {
+    config: Arc<Config>,
+    region: String,
+    source: String,
+    topic: String,
+    /// This pipeline applies the partitions `p` with `p % groups == group`.
+    group: usize,
+    groups: usize,
+    /// The target's table definitions as last read (re-read when a batch
+    /// does not fit them).
+    targets: std::sync::Mutex<Arc<Targets>>,
+    metrics: Arc<Metrics>,
+    dlq: Arc<DlqProducer>,
+}
+
+impl Pipeline {
+    /// Runs the pipeline, restarting it with backoff after transient
+    /// failures; the other sources' pipelines are not disturbed.
+    async fn supervise(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let started = Instant::now();
+            match self.run(shutdown.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(ApplyError::Transient(e) | ApplyError::OriginBusy(e)) => {
+                    self.metrics.add(
+                        "pgrelay_apply_restarts_total",
+                        "Apply pipelines restarted after a transient failure",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1,
+                    );
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_millis(250);
+                    }
+                    tracing::warn!(region = %self.region, source = %self.source, error = %e, retry_in = ?backoff, "apply pipeline failed, restarting");
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(ApplyError::RecordsLost(e)) => {
+                    self.metrics.set(
+                        "pgrelay_apply_records_lost",
+                        "1 while records of the pair were deleted by Kafka retention before they were applied (run pgrelay resync)",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1.0,
+                    );
+                    tracing::error!(region = %self.region, source = %self.source, "{e}");
+                    // the pair stays stopped; an operator's fix is picked
+                    // up on the next look
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
+        let mut client = session(&self.config, &self.region, &self.source, self.group).await?;
+        let stored = stored_offsets(&client, &self.topic).await?;
+        let consumer = consumer(
+            &self.config,
+            &self.region,
+            &format!("pgrelay-apply-{}", self.region),
+        )?;
+        let n = assign(&consumer, &self.topic, &stored, self.group, self.groups).await?;
+        if n == 0 {
+            // more sessions than partitions: nothing for this one to do
+            let _ = shutdown.changed().await;
+            return Ok(());
+        }
+        tracing::info!(region = %self.region, source = %self.source, topic = %self.topic, group = self.group, partitions = n, "apply consuming");
+        let max_records = self.config.apply.batch_max_records.max(1);
+        let max_wait = self.config.apply.batch_max_wait;
+        // an idle pipeline still notices a target that went away: the
+        // offsets stored there are where to resume (see apply_with_retry)
+        let mut liveness = tokio::time::interval(Duration::from_millis(500));
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut batch: Vec<Consumed> = Vec::new();
+            // a batch closes at max_records, max_wait after its first record,
+            // or as soon as the consumer has had nothing for IDLE_GAP: large
+            // batches under load, prompt apply when traffic is light
+            let deadline = tokio::time::sleep(max_wait);
+            tokio::pin!(deadline);
+            let gap = tokio::time::sleep(IDLE_GAP);
+            tokio::pin!(gap);
+            let mut stop = false;
+            while batch.len() < max_records {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => { stop = true; break; }
+                    m = consumer.recv() => {
+                        let m = match m {
+                            Ok(m) => m,
+                            Err(rdkafka::error::KafkaError::MessageConsumption(
+                                code @ (rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
+                                | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange),
+                            )) => {
+                                return Err(ApplyError::RecordsLost(format!(
+                                    "region {}: the cluster no longer holds the records of {} this region is to apply next \
+                                     (deleted by retention before they were applied, or lost by the cluster: {code}): \
+                                     those changes are lost in {}. Run `pgrelay resync --region {} --to {}`, then \
+                                     `DELETE FROM pgrelay.offsets WHERE topic = '{}'` in {} to resume from the oldest record Kafka holds",
+                                    self.region, self.topic, self.region, self.source, self.region, self.topic, self.region
+                                )))
+                            }
+                            Err(e) => return Err(ApplyError::Transient(format!("consuming {}: {e}", self.topic))),
+                        };
+                        let now = tokio::time::Instant::now();
+                        if batch.is_empty() {
+                            deadline.as_mut().reset(now + max_wait);
+                        }
+                        gap.as_mut().reset(now + IDLE_GAP);
+                        batch.push(Consumed {
+                            topic: m.topic().to_string(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(|k| k.to_vec()),
+                            value: m.payload().map(|v| v.to_vec()),
+                        });
+                    }
+                    _ = &mut deadline, if !batch.is_empty() => break,
+                    _ = &mut gap, if !batch.is_empty() => break,
+                    _ = liveness.tick(), if batch.is_empty() => {
+                        if client.is_closed() {
+                            return Err(ApplyError::Transient(format!(
+                                "region {}: the connection to the target database was lost (resuming from the offsets stored there)",
+                                self.region
+                            )));
+                        }
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.apply_with_retry(&mut client, &batch, &mut shutdown)
+                    .await?;
+            }
+            if stop || *shutdown.borrow() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies `batch`, retrying what is worth retrying. Returns early,
+    /// without applying it, on shutdown while it waits for the local clock
+    /// (nothing of it is committed: it is consumed again after a restart).
+    async fn apply_with_retry(
+        &self,
+        client: &mut Client,
+        batch: &[Consumed],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ApplyError> {
+        // short first waits: most failures here are serialization conflicts
+        // with another session, gone on the next attempt
+        let mut backoff = Duration::from_millis(10 + (self.group as u64) * 7);
+        let mut attempt = 0u32;
+        let mut targets = self.targets();
+        let mut targets_checked = false;
+        // since when records of this batch have waited for a column
+        let mut waiting_since: Option<Instant> = None;
+        // whether the batch waited for the local clock
+        let mut waiting_clock = false;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            match apply_batch(
+                client,
+                &self.source,
+                Some(self.group),
+                &targets,
+                batch,
+                &self.dlq,
+                BatchOptions {
+                    attempt: 0,
+                    extra_offsets: &[],
+                    commit: true,
+                    max_tries: self.config.apply.max_retries.max(1),
+                    max_skew: self.config.max_clock_skew,
+                    max_ahead: self.config.max_stamp_ahead,
+                    tombstone_horizon: self.config.apply.tombstone_horizon,
+                    targets_checked,
+                },
+            )
+            .await
+            {
+                Ok(outcome) => {
+                    self.record(batch, &outcome, started.elapsed());
+                    if waiting_clock {
+                        self.metrics.set(
+                            "pgrelay_apply_clock_wait_seconds",
+                            "How long the pair's next batch waits for the local clock to catch up with its stamps",
+                            &[("region", &self.region), ("source", &self.source)],
+                            0.0,
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(BatchError::Recheck { unknown_column }) => {
+                    match load_targets(&self.config, &self.region, client).await {
+                        Ok(fresh) if fresh != *targets => {
+                            tracing::info!(region = %self.region, source = %self.source, "target table definitions changed: re-read");
+                            targets = Arc::new(fresh);
+                            *self.targets.lock().unwrap_or_else(|e| e.into_inner()) =
+                                targets.clone();
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(ApplyError::Setup(e)) => return Err(ApplyError::Setup(e)),
+                        Err(e) => {
+                            tracing::warn!(region = %self.region, source = %self.source, error = %e, "re-reading the target's table definitions failed, retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                            continue;
+                        }
+                    }
+                    let Some(column) = unknown_column else {
+                        // the definitions are current: what fails now is
+                        // the record's own doing
+                        targets_checked = true;
+                        continue;
+                    };
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.apply.schema_wait {
+                        tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "the target still lacks a column records carry: dead-lettering them (relay.apply.schema_wait)");
+                        targets_checked = true;
+                        continue;
+                    }
+                    self.metrics.add(
+                        "pgrelay_apply_schema_waits_total",
+                        "Batches held because records carry a column the target table lacks",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1,
+                    );
+                    tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "records carry a column the target table lacks: waiting for it (add it here, or see relay.apply.schema_wait)");
+                    tokio::time::sleep(backoff).await;
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(5));
+                }
+                Err(e @ (BatchError::Conflict(_) | BatchError::Transient(_))) => {
+                    self.metrics.add(
+                        "pgrelay_apply_retries_total",
+                        "Batches retried after a transient failure",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1,
+                    );
+                    if let BatchError::Conflict(e) = &e {
+                        tracing::debug!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch conflicted with another session, retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                    tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
+                    if client.is_closed() || attempt % 3 == 0 {
+                        // a new session means starting again from the offsets
+                        // stored in the target: a target that lost its last
+                        // commits (asynchronous commit, failover to a standby
+                        // behind it) lost the offsets with them, and those
+                        // records must be consumed again
+                        return Err(ApplyError::Transient(format!(
+                            "{e} (resuming from the offsets stored in the target)"
+                        )));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(BatchError::Ahead { wait }) => {
+                    waiting_clock = true;
+                    self.metrics.add(
+                        "pgrelay_apply_clock_skew_total",
+                        "Batches held back because a change is stamped further ahead of the local clock than relay.max_clock_skew",
+                        &[("region", &self.region), ("source", &self.source)],
+                        1,
+                    );
+                    self.metrics.set(
+                        "pgrelay_apply_clock_wait_seconds",
+                        "How long the pair's next batch waits for the local clock to catch up with its stamps",
+                        &[("region", &self.region), ("source", &self.source)],
+                        wait.as_secs_f64(),
+                    );
+                    tracing::warn!(region = %self.region, source = %self.source, wait = ?wait, "changes are stamped ahead of this region's clock by more than relay.max_clock_skew: waiting for the clock");
+                    let reason = format!(
+                        "changes stamped ahead of this region's clock by more than relay.max_clock_skew: held for {wait:?}"
+                    );
+                    if let Err(e) = client
+                        .execute(
+                            sql::HELD_SQL,
+                            &[&self.source, &self.group.to_string(), &reason],
+                        )
+                        .await
+                    {
+                        tracing::debug!(error = %db_message(&e), "recording the hold failed");
+                    }
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(wait.min(Duration::from_secs(5))) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn targets(&self) -> Arc<Targets> {
+        self.targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn record(&self, batch: &[Consumed], outcome: &Outcome, took: Duration) {
+        let labels = [
+            ("region", self.region.as_str()),
+            ("source", self.source.as_str()),
+        ];
+        self.metrics.set(
+            "pgrelay_apply_records_lost",
+            "1 while records of the pair were deleted by Kafka retention before they were applied (run pgrelay resync)",
+            &labels,
+            0.0,
+        );
+        self.metrics.add(
+            "pgrelay_apply_records_total",
+            "Records consumed and applied (or found redundant)",
+            &labels,
+            batch.len() as u64,
+        );
+        self.metrics.add(
+            "pgrelay_apply_conflicts_won_total",
+            "Incoming changes that won last-writer-wins",
+            &labels,
+            outcome.won,
+        );
+        self.metrics.add(
+            "pgrelay_apply_conflicts_lost_total",
+            "Incoming changes older than the target row or tombstone",
+            &labels,
+            outcome.lost,
+        );
+        self.metrics.add(
+            "pgrelay_apply_dead_lettered_total",
+            "Records sent to the dead-letter topic",
+            &labels,
+            outcome.dead.len() as u64,
+        );
+        self.metrics.observe(
+            "pgrelay_apply_batch_seconds",
+            "Time to apply one batch (one target transaction)",
+            &labels,
+            crate::metrics::LATENCY_BUCKETS,
+            took.as_secs_f64(),
+        );
+        self.metrics.observe(
+            "pgrelay_apply_batch_records",
+            "Records per applied batch",
+            &labels,
+            crate::metrics::SIZE_BUCKETS,
+            batch.len() as f64,
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! Names both sides and `setup` share: the stamp column, pgrelay's schema
+//! and tables, replication origin names. One home, so that the capture side,
+//! the apply side and the installer cannot drift apart.
+
+/// The relay-managed stamp column on every replicated table.
+pub const HLC_COLUMN: &str = "_pgrelay_hlc";
+/// The schema of pgrelay's own objects in each database.
+pub const META_SCHEMA: &str = "pgrelay";
+/// The table the delete trigger writes stamps (and tombstones) to.
+pub const TOMBSTONES_TABLE: &str = "tombstones";
+/// Replication origins of pgrelay's apply side are named with this prefix.
+pub const ORIGIN_PREFIX: &str = "pgrelay_";
+
+/// The replication origin `pgrelay dlq replay` writes under (the sidecar's
+/// apply side holds the per-source origins while it runs).
+pub const REPLAY_ORIGIN: &str = "pgrelay_replay";
+
+/// The replication origin of apply session `group` for `source`:
+/// `pgrelay_{source}` for the first, `pgrelay_{source}.{group}` for the
+/// others (region names have no dots, so these never collide).
+pub fn origin_name(source: &str, group: usize) -> String {
+    if group == 0 {
+        format!("{ORIGIN_PREFIX}{source}")
+    } else {
+        format!("{ORIGIN_PREFIX}{source}.{group}")
+    }
+}
