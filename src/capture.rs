@@ -42,8 +42,9 @@ use crate::event::{Change, Lsn, TableName};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, encode_status_update, Frame};
 use crate::publish::acks::AckTracker;
-use crate::publish::envelope::{self, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
+use crate::publish::envelope::Source;
 use crate::publish::producer::{Delivery, Outlets, SendError};
+use crate::publish::sink::Outgoing;
 use crate::residency::{DropReason, Policy, Verdict};
 use crate::source::assemble::{Assembler, Output};
 use crate::source::catalog::{self, Catalog};
@@ -536,28 +537,17 @@ impl Loop<'_> {
                     continue;
                 }
             };
-            let record = envelope::encode(self.source, change, &routed);
-            let headers = [
-                (HEADER_ORIGIN, self.region),
-                (HEADER_HLC, hlc.as_str()),
-                (HEADER_TABLE, record.table.as_str()),
-                (HEADER_OP, routed.op.code()),
-            ];
+            let out = Outgoing::new(self.region, self.source, change, &routed, &hlc);
             let seq = self.tracker.issue();
             loop {
-                match self.outlets.send(i, &record, headers, seq) {
+                match out.queue(&self.outlets, i, seq) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => {
                         // let deliveries free room, then retry
                         tokio::time::sleep(ACK_POLL).await;
                         self.poll_deliveries()?;
                     }
-                    Err(SendError::Other(e)) => {
-                        return Err(CaptureError::Transient(format!(
-                            "cannot queue record for {}: {e}",
-                            self.outlets.topics[i]
-                        )))
-                    }
+                    Err(SendError::Other(e)) => return Err(CaptureError::Transient(e)),
                 }
             }
             self.published[i] += 1;

@@ -40,8 +40,9 @@ use crate::event::{
     TxMeta,
 };
 use crate::names::HLC_COLUMN;
-use crate::publish::envelope::{self, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
+use crate::publish::envelope::Source;
 use crate::publish::producer::{Delivery, Outlets, SendError};
+use crate::publish::sink::Outgoing;
 use crate::residency::{Policy, Verdict};
 use crate::source::catalog::{self, Catalog};
 
@@ -373,26 +374,15 @@ impl Sender<'_> {
             let Some(outlets) = self.outlets else {
                 continue;
             };
-            let record = envelope::encode(&self.source, change, &routed);
-            let headers = [
-                (HEADER_ORIGIN, self.region),
-                (HEADER_HLC, hlc.as_str()),
-                (HEADER_TABLE, record.table.as_str()),
-                (HEADER_OP, routed.op.code()),
-            ];
+            let out = Outgoing::new(self.region, &self.source, change, &routed, &hlc);
             while self.sent - self.acked >= self.max_in_flight as u64 {
                 self.wait().await?;
             }
             loop {
-                match outlets.send(i, &record, headers, self.sent) {
+                match out.queue(outlets, i, self.sent) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => self.wait().await?,
-                    Err(SendError::Other(e)) => {
-                        return Err(ResyncError::Kafka(format!(
-                            "cannot queue a record for {}: {e}",
-                            outlets.topics[i]
-                        )))
-                    }
+                    Err(SendError::Other(e)) => return Err(ResyncError::Kafka(e)),
                 }
             }
             self.sent += 1;

@@ -5,3 +5,4 @@
 pub mod acks;
 pub mod envelope;
 pub mod producer;
+pub mod sink;
