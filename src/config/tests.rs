@@ -1,3 +1,6 @@
+//! Parsing and validation cases, one test per rule (a file of their own:
+//! they outweigh the code they test).
+
 use super::env::interpolate;
 use super::*;
 

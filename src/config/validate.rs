@@ -1,5 +1,9 @@
 //! Raw structs → [`Config`]: every cross-reference and limit checked, with
 //! the line of the offending key.
+//!
+//! Over 600 lines on purpose: one validator walks the whole file, so every
+//! cross-reference (regions, tables, columns, clusters) is checked in one pass
+//! with the line of the key that breaks it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
