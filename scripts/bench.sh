@@ -13,7 +13,19 @@
 #          table with a primary key, in transactions of BULK_TX_ROWS rows.
 #   small  pgbench, TPC-B-like custom script (3 updates + 1 insert per
 #          transaction) from SMALL_CLIENTS clients for SMALL_SECONDS.
-#   lag    a fixed write rate (LAG_RATE rows/s, LAG_ROWS_PER_TX rows per
+#   write  the cost to the source primary: pgbench (the TPC-B-like script of
+#          `small`, and an insert-only script) against us for WRITE_SECONDS in
+#          three states, each on fresh clusters: (a) no replication, (b) a
+#          native publication with a streaming subscriber in eu, (c) pgrelay
+#          set up in us and eu with both sidecars streaming. Prints tps and the
+#          ratios b/a and c/a (target: c/a >= 0.95 and >= b/a - 0.03).
+#          PGRELAY_BENCH_PIN=0:1 pins the source cluster and pgbench to CPU 0
+#          and everything else (target, broker, sidecars) to CPU 1, as on
+#          separate hosts: the source pays only for what runs in it (its
+#          walsender's decoding, the stamp triggers).
+#   lag    (with PGRELAY_BENCH_RTT_MS: across that round trip, through
+#          delay lines, see start_broker and native_pair)
+#          a fixed write rate (LAG_RATE rows/s, LAG_ROWS_PER_TX rows per
 #          transaction) for LAG_SECONDS while replication runs; per row the
 #          end-to-end lag: clock_timestamp() at insert in us -> the moment the
 #          row is written in eu (an ENABLE ALWAYS trigger stamps it).
@@ -40,6 +52,8 @@
 #   BULK_INSERTS [1000000]  BULK_UPDATES [500000]  BULK_TX_ROWS [10000]
 #   SMALL_SECONDS [30]  SMALL_CLIENTS [8]  SMALL_SCALE [4] (100k accounts each)
 #   LAG_SECONDS [60]  LAG_RATE [5000]  LAG_ROWS_PER_TX [10]
+#   PGRELAY_BENCH_RTT_MS     distance between us and eu for `lag`, e.g. 120 [0]
+#   WRITE_SECONDS [20]  WRITE_CLIENTS [4]  PGRELAY_BENCH_PIN (e.g. 0:1) [no pinning]
 #   PGRELAY_BENCH_NICE       e.g. -10: run at that niceness (shared machines)
 #   PGRELAY_BENCH_EXTRA_TOML appended to pgrelay's config (tuning experiments)
 #   PGRELAY_BIN              use this binary instead of building target/release/pgrelay
@@ -54,7 +68,7 @@ if [ -n "${PGRELAY_BENCH_NICE:-}" ] && [ -z "${_PGRELAY_BENCH_NICED:-}" ]; then
     exec env _PGRELAY_BENCH_NICED=1 nice -n "$PGRELAY_BENCH_NICE" bash "${BASH_SOURCE[0]}" "$@"
 fi
 
-ONLY="${PGRELAY_BENCH_ONLY:-bulk,small,lag}"
+ONLY="${PGRELAY_BENCH_ONLY:-bulk,small,lag,write}"
 SYSTEMS="${PGRELAY_BENCH_SYSTEMS:-native,pgrelay}"
 REPEAT="${PGRELAY_BENCH_REPEAT:-3}"
 BULK_INSERTS="${BULK_INSERTS:-1000000}"
@@ -67,6 +81,10 @@ LAG_SECONDS="${LAG_SECONDS:-60}"
 LAG_RATE="${LAG_RATE:-5000}"
 LAG_ROWS_PER_TX="${LAG_ROWS_PER_TX:-10}"
 TIMEOUT="${PGRELAY_BENCH_TIMEOUT:-900}"
+WRITE_SECONDS="${WRITE_SECONDS:-20}"
+WRITE_CLIENTS="${WRITE_CLIENTS:-4}"
+PIN="${PGRELAY_BENCH_PIN:-}"
+RTT_MS="${PGRELAY_BENCH_RTT_MS:-0}"
 PGBIN="${PGRELAY_PG_BIN:-/usr/lib/postgresql/15/bin}"
 TANSU="${PGRELAY_TANSU:-$ROOT/.tools/bin/tansu}"
 
@@ -95,9 +113,17 @@ declare -A PORT=()
 declare -A RELAY_PID=()
 BROKER_PID=""
 BROKER_PORT=""
+PROXY_PIDS=()
 
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# `pinned source|rest CMD...`: runs CMD on the CPUs PGRELAY_BENCH_PIN gives
+# that group (source = us's cluster and the load generator), or unpinned.
+pinned() {
+    local group="$1"; shift
+    if [ -z "$PIN" ]; then "$@"; return; fi
+    if [ "$group" = source ]; then taskset -c "${PIN%%:*}" "$@"; else taskset -c "${PIN##*:}" "$@"; fi
+}
 sql() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -At -v ON_ERROR_STOP=1 -h "$WORK" -p "${PORT[$1]}" -U postgres -d postgres -c "$2"; }
 now() { date +%s.%N; }
 calc() { python3 -c "print($1)"; }
@@ -173,6 +199,8 @@ stop_all() {
     for r in "${!RELAY_PID[@]}"; do stop_pid "${RELAY_PID[$r]}"; done
     RELAY_PID=()
     if [ -n "$BROKER_PID" ]; then stop_pid "$BROKER_PID"; BROKER_PID=""; fi
+    for r in "${PROXY_PIDS[@]}"; do stop_pid "$r"; done
+    PROXY_PIDS=()
     for r in "${!PORT[@]}"; do
         as_pg "$PGBIN/pg_ctl" -D "$WORK/$r" -m immediate -w stop >/dev/null 2>&1 || true
         rm -rf "${WORK:?}/$r"
@@ -213,20 +241,42 @@ wal_sender_timeout = 300s
 wal_receiver_timeout = 300s
 max_connections = 100
 CONF
-    as_pg "$PGBIN/pg_ctl" -D "$WORK/$r" -l "$WORK/$r.log" -w start >/dev/null
+    local group=rest
+    [ "$r" = us ] && group=source
+    pinned "$group" as_pg "$PGBIN/pg_ctl" -D "$WORK/$r" -l "$WORK/$r.log" -w start >/dev/null
     PORT[$r]="$port"
 }
 
+# `delay_line ONE_WAY_MS TARGET_PORT`: starts a delay proxy to TARGET_PORT and
+# sets DELAY_PORT to its port (scripts/lib/delay_proxy.py: every chunk
+# arrives ONE_WAY_MS later, throughput unlimited).
+delay_line() {
+    DELAY_PORT="$(free_port)"
+    python3 "$ROOT/scripts/lib/delay_proxy.py" "$DELAY_PORT" "127.0.0.1:$2" "$1" >>"$WORK/proxy.log" 2>&1 &
+    PROXY_PIDS+=("$!")
+    for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$DELAY_PORT") 2>/dev/null && break; sleep 0.05; done
+}
+
+# With PGRELAY_BENCH_RTT_MS, the broker stands between the regions: every
+# client reaches it through a delay line of RTT/4 each way, so a record goes
+# us -> broker -> eu in RTT/2, as native's stream goes us -> eu through RTT/2.
 start_broker() {
-    local port
+    local port advertised
     port="$(free_port)"
+    advertised="$port"
+    if [ "$RTT_MS" -gt 0 ]; then
+        delay_line "$(calc "$RTT_MS / 4")" "$port"
+        advertised="$DELAY_PORT"
+    fi
     mkdir -p "$WORK/broker"
-    (cd "$WORK/broker" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
-        --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine memory://tansu/ \
+    local pre=()
+    [ -z "$PIN" ] || pre=(taskset -c "${PIN##*:}")
+    (cd "$WORK/broker" && exec "${pre[@]}" "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$advertised" --storage-engine memory://tansu/ \
         >>"$WORK/broker.log" 2>&1) &
     BROKER_PID=$!
     for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
-    BROKER_PORT="$port"
+    BROKER_PORT="$advertised"
 }
 
 # --- schemas and workloads ---------------------------------------------------
@@ -352,7 +402,10 @@ native_pair() { # workload
     schema us "$1" source; schema eu "$1" target
     local tables="TABLES_$1"
     sql us "CREATE PUBLICATION bench_pub FOR TABLE $(echo "${!tables}" | sed 's/ /, /g')"
-    sql eu "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=${PORT[us]} user=postgres password=$PASSWORD dbname=postgres'
+    # with PGRELAY_BENCH_RTT_MS, the subscriber reaches us through RTT/2 each way
+    local src_port="${PORT[us]}"
+    if [ "$RTT_MS" -gt 0 ]; then delay_line "$(calc "$RTT_MS / 2")" "${PORT[us]}"; src_port="$DELAY_PORT"; fi
+    sql eu "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=$src_port user=postgres password=$PASSWORD dbname=postgres'
         PUBLICATION bench_pub WITH (copy_data = false, enabled = false)"
 }
 
@@ -409,7 +462,9 @@ TOML
 }
 
 start_relay() { # region
-    PGRELAY_LOG=info "$BIN" run --config "$WORK/relay.toml" --region "$1" \
+    local pre=()
+    [ -z "$PIN" ] || pre=(taskset -c "${PIN##*:}")
+    PGRELAY_LOG=info "${pre[@]}" "$BIN" run --config "$WORK/relay.toml" --region "$1" \
         >>"$WORK/relay-$1.log" 2>&1 &
     RELAY_PID[$1]=$!
 }
@@ -528,6 +583,65 @@ lag_run() { # system
     stop_all
 }
 
+# --- write overhead on the source ------------------------------------------------
+
+# pgbench SCRIPT against us for WRITE_SECONDS; prints its tps.
+write_tps() { # script
+    pinned source pgbench -n -h "$WORK" -p "${PORT[us]}" -U postgres -c "$WRITE_CLIENTS" -j 2 \
+        -T "$WRITE_SECONDS" -D scale="$SMALL_SCALE" -f "$1" postgres > "$WORK/pgbench-write.out" 2>&1 \
+        || { cat "$WORK/pgbench-write.out" >&2; return 1; }
+    awk '/^tps/ { print $3; exit }' "$WORK/pgbench-write.out"
+}
+
+write_run() { # state: none|native|pgrelay
+    local state="$1" tpcb ins
+    case "$state" in
+        none) start_pg us; start_pg eu; schema us small source; schema eu small target ;;
+        native)
+            native_pair small
+            sql eu "ALTER SUBSCRIPTION bench_sub ENABLE"
+            wait_active bench_sub >/dev/null ;;
+        pgrelay)
+            relay_pair small
+            start_relay eu; start_relay us
+            wait_active pgrelay_us >/dev/null ;;
+    esac
+    cat > "$WORK/tpcb.sql" <<'SQL'
+\set aid random(1, 100000 * :scale)
+\set bid random(1, 1 * :scale)
+\set tid random(1, 10 * :scale)
+\set delta random(-5000, 5000)
+BEGIN;
+UPDATE bench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM bench_accounts WHERE aid = :aid;
+UPDATE bench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE bench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO bench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+SQL
+    cat > "$WORK/inserts.sql" <<'SQL'
+\set aid random(1, 100000 * :scale)
+INSERT INTO bench_history (tid, bid, aid, delta, mtime)
+SELECT 1, 1, :aid, g, CURRENT_TIMESTAMP FROM generate_series(1, 10) g;
+SQL
+    tpcb="$(write_tps "$WORK/tpcb.sql")"
+    ins="$(write_tps "$WORK/inserts.sql")"
+    local caught="n/a"
+    if [ "$state" != none ]; then
+        # replication kept up: eu ends with every row us wrote
+        local total deadline=$(( $(date +%s) + TIMEOUT ))
+        total="$(sql us "SELECT count(*) FROM bench_history")"
+        until [ "$(sql eu "SELECT count(*) FROM bench_history")" -ge "$total" ]; do
+            [ "$(date +%s)" -lt "$deadline" ] || { log "$state write: eu did not catch up"; return 1; }
+            sleep 0.5
+        done
+        caught="replicated"
+    fi
+    printf '%s\twrite\t%s\t%s\t%s\n' "$state" "$tpcb" "$ins" "$caught" >> "$RESULTS"
+    log "write, $state: tpcb $tpcb tps, inserts $ins tps (x10 rows) ($caught)"
+    stop_all
+}
+
 # --- main ----------------------------------------------------------------------
 
 log "work directory $WORK; results in $RESULTS"
@@ -541,6 +655,15 @@ for w in bulk small; do
         done
     done
 done
+if has "$ONLY" write; then
+    for i in $(seq "$REPEAT"); do
+        for s in none native pgrelay; do
+            [ "$s" = none ] || has "$SYSTEMS" "$s" || continue
+            log "== write, run $i/$REPEAT, $s =="
+            write_run "$s"
+        done
+    done
+fi
 if has "$ONLY" lag; then
     for s in native pgrelay; do
         has "$SYSTEMS" "$s" || continue
@@ -549,7 +672,7 @@ if has "$ONLY" lag; then
 fi
 
 echo
-python3 - "$RESULTS" "$REPEAT" <<'PY'
+python3 - "$RESULTS" "$REPEAT" "${WRITE_CLIENTS} clients, ${WRITE_SECONDS}s${PIN:+, pinned $PIN}" <<'PY'
 import sys, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 print("pgrelay vs native logical replication (PostgreSQL 15, loopback, same settings)")
@@ -577,9 +700,30 @@ for w in ("bulk", "small"):
     if "native" in med and "pgrelay" in med:
         print(f"  ratio pgrelay/native: throughput {med['pgrelay'] / med['native']:.2f}, "
               f"CPU per change {med_cpu['pgrelay'] / med_cpu['native']:.2f}")
+write = [r for r in rows if r[1] == "write"]
+if write:
+    print(f"\nwrite: source tps with pgbench ({sys.argv[3]}), median of runs")
+    med = {}
+    for s in ("none", "native", "pgrelay"):
+        rs = [r for r in write if r[0] == s]
+        if not rs:
+            continue
+        med[s] = (statistics.median(float(r[2]) for r in rs), statistics.median(float(r[3]) for r in rs))
+        print(f"  {s:8s} tpcb {med[s][0]:>9,.0f} tps   inserts {med[s][1]:>9,.0f} tps (10 rows each)   (runs: "
+              + ", ".join(f"{float(r[2]):,.0f}/{float(r[3]):,.0f}" for r in rs) + ")")
+    if "none" in med:
+        for i, name in ((0, "tpcb"), (1, "inserts")):
+            b = med["native"][i] / med["none"][i] if "native" in med else None
+            c = med["pgrelay"][i] / med["none"][i] if "pgrelay" in med else None
+            verdict = ""
+            if b is not None and c is not None:
+                verdict = "  target met" if c >= 0.95 and c >= b - 0.03 else "  target NOT met (c/a >= 0.95 and >= b/a - 0.03)"
+            print(f"  {name:8s} b/a (native) {b if b is None else f'{b:.3f}'}   c/a (pgrelay) {c if c is None else f'{c:.3f}'}{verdict}")
 lag = [r for r in rows if r[1] == "lag"]
 if lag:
-    print("\nlag: end-to-end, commit in us -> row written in eu (ms)")
+    rtt = int(__import__("os").environ.get("PGRELAY_BENCH_RTT_MS", "0") or 0)
+    print("\nlag: end-to-end, commit in us -> row written in eu (ms)"
+          + (f", us-eu round trip {rtt} ms (target p99 <= {rtt + 250} ms)" if rtt else ""))
     for r in lag:
         print(f"  {r[0]:8s} rows {r[2]:>8}  p50 {r[3]:>8}  p99 {r[4]:>8}  max {r[5]:>8}  ({r[6]})")
 PY

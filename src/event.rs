@@ -201,30 +201,14 @@ impl RowHasher {
 
 /// Quotes an SQL identifier, doubling embedded quotes.
 pub fn quote_ident(ident: &str) -> String {
-    let mut out = String::with_capacity(ident.len() + 2);
-    out.push('"');
-    for c in ident.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
+    postgres_protocol::escape::escape_identifier(ident)
 }
 
-/// Quotes an SQL string literal, doubling embedded quotes.
+/// Quotes an SQL string literal (postgres-protocol's escaping: quotes
+/// doubled, and a value with backslashes written as `E'...'` with them
+/// doubled, so it reads the same whatever `standard_conforming_strings` is).
 pub fn quote_literal(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('\'');
-    for c in value.chars() {
-        if c == '\'' {
-            out.push('\'');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
+    postgres_protocol::escape::escape_literal(value)
 }
 
 /// One column of a relation as described by the stream.

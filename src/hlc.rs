@@ -15,8 +15,8 @@
 //! replicated write wins over it whatever the wall clocks say.
 //!
 //! Stamps are made where the write happens, inside PostgreSQL, by the
-//! function that [`sql_next_hlc_function`] builds (called from the row
-//! triggers `pgrelay setup` installs); the apply side advances the same clock
+//! functions that [`sql_stamp_row_function`] and [`sql_next_hlc_function`]
+//! build (the row triggers `pgrelay setup` installs); the apply side advances the same clock
 //! past every stamp it applies. This module holds the arithmetic, shared by
 //! the SQL builder, the capture side and tests.
 
@@ -92,21 +92,19 @@ impl Clock {
     }
 }
 
-/// SQL for `pgrelay.next_hlc(prev bigint) returns bigint`, the region's
-/// clock inside PostgreSQL. The logical time lives in the sequence
-/// `pgrelay.hlc_logical` (non-transactional, so concurrent writers never
-/// wait on each other); the function moves it up to the wall clock and past
-/// `prev` (the row's previous stamp), then appends the region id.
-pub fn sql_next_hlc_function(region_id: u8) -> String {
+/// The PL/pgSQL statements that take the next stamp of the region's clock
+/// into `stamp`, given `floor` (an expression: the logical time the stamp
+/// must exceed, e.g. the row's previous stamp's). The logical time lives in
+/// the sequence `pgrelay.hlc_logical` (non-transactional, so concurrent
+/// writers never wait on each other); it is moved up to the wall clock and
+/// past `floor`, then the region id is appended. Declares nothing: the
+/// caller declares `l bigint` and `target bigint`.
+fn sql_clock_body(region_id: u8, floor: &str, stamp: &str) -> String {
     format!(
-        r#"CREATE OR REPLACE FUNCTION pgrelay.next_hlc(prev bigint) RETURNS bigint
-LANGUAGE plpgsql VOLATILE AS $fn$
-DECLARE
-    l bigint := nextval('pgrelay.hlc_logical');
-    target bigint := greatest(
+        r#"    l := nextval('pgrelay.hlc_logical');
+    target := greatest(
         (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << {cb},
-        coalesce(prev >> {rb}, 0) + 1);
-BEGIN
+        {floor} + 1);
     IF l < target THEN
         PERFORM setval('pgrelay.hlc_logical', target);
         l := target;
@@ -116,12 +114,58 @@ BEGIN
         RAISE EXCEPTION 'pgrelay: the region clock is exhausted (logical time %)', l
             USING ERRCODE = 'data_exception';
     END IF;
-    RETURN (l << {rb}) | {rid};
-END
-$fn$"#,
+    {stamp} := (l << {rb}) | {rid};"#,
         cb = COUNTER_BITS,
         rb = REGION_BITS,
         rid = region_id
+    )
+}
+
+/// SQL for `pgrelay.next_hlc(prev bigint) returns bigint`, the region's
+/// clock inside PostgreSQL: the next stamp above `prev` (a row's previous
+/// stamp, or 0). Used by the delete and truncate triggers.
+pub fn sql_next_hlc_function(region_id: u8) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION pgrelay.next_hlc(prev bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    l bigint;
+    target bigint;
+    stamp bigint;
+BEGIN
+{body}
+    RETURN stamp;
+END
+$fn$",
+        body = sql_clock_body(
+            region_id,
+            &format!("coalesce(prev >> {REGION_BITS}, 0)"),
+            "stamp"
+        )
+    )
+}
+
+/// SQL for the trigger function `pgrelay.stamp_row()` on every replicated
+/// table: stamps `NEW.{column}` on insert and update. The clock's body is
+/// inlined rather than calling [`sql_next_hlc_function`]'s function: one
+/// PL/pgSQL call per written row instead of two, on the path every write of
+/// the application takes.
+pub fn sql_stamp_row_function(region_id: u8, column: &str) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION pgrelay.stamp_row() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    l bigint;
+    target bigint;
+    prev bigint := 0;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        prev := coalesce(OLD.{column} >> {REGION_BITS}, 0);
+    END IF;
+{body}
+    RETURN NEW;
+END
+$fn$",
+        body = sql_clock_body(region_id, "prev", &format!("NEW.{column}"))
     )
 }
 

@@ -86,19 +86,7 @@ pub fn plan(config: &Config, region: &str, keys: &dyn Fn(&TableName) -> KeyColum
             min(commit_time) AS commit_time, max(applied_at) AS applied_at \
             FROM pgrelay.watermark_parts GROUP BY source_region"
             .to_string(),
-        format!(
-            "CREATE OR REPLACE FUNCTION pgrelay.stamp_row() RETURNS trigger LANGUAGE plpgsql AS $fn$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        NEW.{col} := pgrelay.next_hlc(0);
-    ELSE
-        NEW.{col} := pgrelay.next_hlc(OLD.{col});
-    END IF;
-    RETURN NEW;
-END
-$fn$",
-            col = HLC_COLUMN
-        ),
+        hlc::sql_stamp_row_function(region_id, HLC_COLUMN),
         // a deleted row's key keeps the delete's stamp
         tombstone_function(
             "record_delete",

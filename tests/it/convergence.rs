@@ -213,6 +213,15 @@ async fn forged_records_cannot_bend_the_region_clock() {
     let p = pair(SCHEMA);
     let _us = Relay::spawn(&p.cfg, "us", "all");
     let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    let cfg = p.cfg.path.to_str().unwrap();
+    // the stamps below are relative to now: take now once both sides stream,
+    // so a slow start cannot eat the lead of the record meant to wait
+    eventually(Duration::from_secs(60), "both pairs active", || async {
+        let out = crate::support::relay::cmd(&["status", "--config", cfg]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.matches("active").count() == 2).then_some(())
+    })
+    .await;
     let now = pgrelay::apply::now_ms();
     let env = |id: i32, hlc: u64, lsn: &str, ts_ms: i64| -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let v = serde_json::json!({
@@ -235,12 +244,11 @@ async fn forged_records_cannot_bend_the_region_clock() {
         // a bad commit LSN, a bad commit time
         env(4, stamp(now), "not-an-lsn", 1),
         env(5, stamp(now), "0/1", -5),
-        // six seconds ahead (max_clock_skew is 2 s here): waits, then applies
-        env(6, stamp(now + 6_000), "0/1", 1),
+        // twelve seconds ahead (max_clock_skew is 2 s here): waits, then applies
+        env(6, stamp(now + 12_000), "0/1", 1),
     ];
     produce(&p.broker.brokers(), "pgrelay.us.eu", &records);
     // while the record ahead waits, the pair is lagging, with the reason
-    let cfg = p.cfg.path.to_str().unwrap();
     let held = eventually(
         Duration::from_secs(30),
         "status to show the hold",
@@ -261,7 +269,7 @@ async fn forged_records_cannot_bend_the_region_clock() {
     )
     .await;
     assert!(
-        pgrelay::apply::now_ms() >= now + 4_000,
+        pgrelay::apply::now_ms() >= now + 10_000,
         "the record ahead was applied before the clock came within max_clock_skew of it"
     );
     let parked = read_to_markers(&p.broker.brokers(), "pgrelay.dlq.eu");
