@@ -540,7 +540,7 @@ impl Loop<'_> {
             let out = Outgoing::new(self.region, self.source, change, &routed, &hlc);
             let seq = self.tracker.issue();
             loop {
-                match out.queue(&self.outlets, i, seq) {
+                match out.queue(self.outlets, i, seq) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => {
                         // let deliveries free room, then retry
