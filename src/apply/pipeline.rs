@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer as _;
 use rdkafka::message::Message as _;
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -44,6 +45,7 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     let groups = config.apply.sessions_per_source.max(1);
     for source in config.regions.keys().filter(|r| **r != region) {
+        let breaker = Arc::new(super::breaker::Shared::default());
         for group in 0..groups {
             let pipeline = Pipeline {
                 config: config.clone(),
@@ -55,6 +57,7 @@ pub async fn run(
                 targets: std::sync::Mutex::new(targets.clone()),
                 metrics: metrics.clone(),
                 dlq: dlq.clone(),
+                breaker: breaker.clone(),
             };
             let shutdown = shutdown.clone();
             tasks.spawn(async move { pipeline.supervise(shutdown).await });
@@ -73,19 +76,21 @@ pub async fn run(
     result
 }
 
-struct Pipeline {
-    config: Arc<Config>,
-    region: String,
-    source: String,
-    topic: String,
+pub(super) struct Pipeline {
+    pub(super) config: Arc<Config>,
+    pub(super) region: String,
+    pub(super) source: String,
+    pub(super) topic: String,
     /// This pipeline applies the partitions `p` with `p % groups == group`.
-    group: usize,
-    groups: usize,
+    pub(super) group: usize,
+    pub(super) groups: usize,
     /// The target's table definitions as last read (re-read when a batch
     /// does not fit them).
-    targets: std::sync::Mutex<Arc<Targets>>,
-    metrics: Arc<Metrics>,
-    dlq: Arc<DlqProducer>,
+    pub(super) targets: std::sync::Mutex<Arc<Targets>>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) dlq: Arc<DlqProducer>,
+    /// The breaker of this source, shared with its other sessions.
+    pub(super) breaker: Arc<super::breaker::Shared>,
 }
 
 impl Pipeline {
@@ -136,6 +141,10 @@ impl Pipeline {
 
     async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
         let mut client = session(&self.config, &self.region, &self.source, self.group).await?;
+        let guarded = !self.config.breakers.is_empty();
+        if guarded && !self.wait_while_frozen(&client, &mut shutdown).await? {
+            return Ok(());
+        }
         let stored = stored_offsets(&client, &self.topic).await?;
         let consumer = consumer(
             &self.config,
@@ -165,54 +174,88 @@ impl Pipeline {
             let gap = tokio::time::sleep(IDLE_GAP);
             tokio::pin!(gap);
             let mut stop = false;
-            while batch.len() < max_records {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.changed() => { stop = true; break; }
-                    m = consumer.recv() => {
-                        let m = match m {
-                            Ok(m) => m,
-                            Err(rdkafka::error::KafkaError::MessageConsumption(
-                                code @ (rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
-                                | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange),
-                            )) => {
-                                return Err(ApplyError::RecordsLost(format!(
-                                    "region {}: the cluster no longer holds the records of {} this region is to apply next \
-                                     (deleted by retention before they were applied, or lost by the cluster: {code}): \
-                                     those changes are lost in {}. Run `pgrelay resync --region {} --to {}`, then \
-                                     `DELETE FROM pgrelay.offsets WHERE topic = '{}'` in {} to resume from the oldest record Kafka holds",
-                                    self.region, self.topic, self.region, self.source, self.region, self.topic, self.region
-                                )))
+            let mut idle = IDLE_GAP;
+            let mut settled = !guarded;
+            loop {
+                while batch.len() < max_records {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => { stop = true; break; }
+                        m = consumer.recv() => {
+                            let m = match m {
+                                Ok(m) => m,
+                                Err(rdkafka::error::KafkaError::MessageConsumption(
+                                    code @ (rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
+                                    | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange),
+                                )) => {
+                                    return Err(ApplyError::RecordsLost(format!(
+                                        "region {}: the cluster no longer holds the records of {} this region is to apply next \
+                                         (deleted by retention before they were applied, or lost by the cluster: {code}): \
+                                         those changes are lost in {}. Run `pgrelay resync --region {} --to {}`, then \
+                                         `DELETE FROM pgrelay.offsets WHERE topic = '{}'` in {} to resume from the oldest record Kafka holds",
+                                        self.region, self.topic, self.region, self.source, self.region, self.topic, self.region
+                                    )))
+                                }
+                                Err(e) => return Err(ApplyError::Transient(format!("consuming {}: {e}", self.topic))),
+                            };
+                            let now = tokio::time::Instant::now();
+                            if batch.is_empty() {
+                                deadline.as_mut().reset(now + max_wait);
                             }
-                            Err(e) => return Err(ApplyError::Transient(format!("consuming {}: {e}", self.topic))),
-                        };
-                        let now = tokio::time::Instant::now();
-                        if batch.is_empty() {
-                            deadline.as_mut().reset(now + max_wait);
+                            gap.as_mut().reset(now + idle);
+                            batch.push(Consumed {
+                                topic: m.topic().to_string(),
+                                partition: m.partition(),
+                                offset: m.offset(),
+                                key: m.key().map(|k| k.to_vec()),
+                                value: m.payload().map(|v| v.to_vec()),
+                            });
                         }
-                        gap.as_mut().reset(now + IDLE_GAP);
-                        batch.push(Consumed {
-                            topic: m.topic().to_string(),
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            key: m.key().map(|k| k.to_vec()),
-                            value: m.payload().map(|v| v.to_vec()),
-                        });
-                    }
-                    _ = &mut deadline, if !batch.is_empty() => break,
-                    _ = &mut gap, if !batch.is_empty() => break,
-                    _ = liveness.tick(), if batch.is_empty() => {
-                        if client.is_closed() {
-                            return Err(ApplyError::Transient(format!(
-                                "region {}: the connection to the target database was lost (resuming from the offsets stored there)",
-                                self.region
-                            )));
+                        _ = &mut deadline, if !batch.is_empty() => break,
+                        _ = &mut gap, if !batch.is_empty() => break,
+                        _ = liveness.tick(), if batch.is_empty() => {
+                            if client.is_closed() {
+                                return Err(ApplyError::Transient(format!(
+                                    "region {}: the connection to the target database was lost (resuming from the offsets stored there)",
+                                    self.region
+                                )));
+                            }
                         }
                     }
                 }
+                // a guarded table's deletes and updates wait a little for
+                // the rest of their transaction, so the breaker judges a
+                // storm of one transaction whole
+                if stop || settled || batch.len() >= max_records || !self.settles(&batch) {
+                    break;
+                }
+                settled = true;
+                idle = super::breaker::SETTLE;
+                let now = tokio::time::Instant::now();
+                deadline
+                    .as_mut()
+                    .reset(now + max_wait.max(super::breaker::SETTLE));
+                gap.as_mut().reset(now + idle);
             }
-            if !batch.is_empty() {
-                self.apply_with_retry(&mut client, &batch, &mut shutdown)
+            if guarded && !batch.is_empty() {
+                let held = self
+                    .apply_guarded(&mut client, &batch, &mut shutdown)
+                    .await?;
+                if matches!(held, super::breaker::Guarded::Held) {
+                    // held in Kafka until released: then go on from the
+                    // offsets stored with what was applied
+                    if !self.wait_while_frozen(&client, &mut shutdown).await? {
+                        return Ok(());
+                    }
+                    let stored = stored_offsets(&client, &self.topic).await?;
+                    consumer.unassign().map_err(|e| {
+                        ApplyError::Transient(format!("unassigning {}: {e}", self.topic))
+                    })?;
+                    assign(&consumer, &self.topic, &stored, self.group, self.groups).await?;
+                    continue;
+                }
+            } else if !batch.is_empty() {
+                self.apply_with_retry(&mut client, &batch, &[], &mut shutdown)
                     .await?;
             }
             if stop || *shutdown.borrow() {
@@ -224,10 +267,11 @@ impl Pipeline {
     /// Applies `batch`, retrying what is worth retrying. Returns early,
     /// without applying it, on shutdown while it waits for the local clock
     /// (nothing of it is committed: it is consumed again after a restart).
-    async fn apply_with_retry(
+    pub(super) async fn apply_with_retry(
         &self,
         client: &mut Client,
         batch: &[Consumed],
+        extra_offsets: &[(String, i32, i64)],
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ApplyError> {
         // short first waits: most failures here are serialization conflicts
@@ -252,7 +296,7 @@ impl Pipeline {
                 &self.dlq,
                 BatchOptions {
                     attempt: 0,
-                    extra_offsets: &[],
+                    extra_offsets,
                     commit: true,
                     max_tries: self.config.apply.max_retries.max(1),
                     max_skew: self.config.max_clock_skew,
@@ -379,7 +423,7 @@ impl Pipeline {
         }
     }
 
-    fn targets(&self) -> Arc<Targets> {
+    pub(super) fn targets(&self) -> Arc<Targets> {
         self.targets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
