@@ -469,7 +469,7 @@ pub async fn resolve(
     let row = tx
         .query_opt(
             "UPDATE pgrelay.breakers SET state = $2, resolved_at = now(), \
-                pass_until = greatest(now(), $3::text::timestamptz), \
+                pass_until = $3::text::timestamptz, \
                 discard_until = CASE WHEN $2 = 'discarded' THEN $3::text::timestamptz END \
              WHERE source_region = $1 AND state = 'frozen' \
              RETURNING reason, table_name, kind, tripped_at::text, \

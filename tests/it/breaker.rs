@@ -115,7 +115,7 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
         let text = std::fs::read_to_string(path).unwrap() + RULE;
         std::fs::write(path, text).unwrap();
     }
-    let _sidecars: Vec<Relay> = REGIONS.iter().map(|r| w.sidecar(r)).collect();
+    let mut sidecars: Vec<Relay> = REGIONS.iter().map(|r| w.sidecar(r)).collect();
     let us = w.pg["us"].client().await;
     let eu = w.pg["eu"].client().await;
     let cn = w.pg["cn"].client().await;
@@ -145,6 +145,18 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
             0
         );
     }
+    // a restart keeps it frozen: the new process reads the stored state
+    sidecars[1].kill9();
+    sidecars[1] = w.sidecar("eu");
+    eventually(
+        Duration::from_secs(30),
+        "eu's new sidecar frozen",
+        || async {
+            (w.metric_sum("eu", "pgrelay_breaker_state", "source=\"us\"") == 1.0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(count(&eu, "SELECT count(*) FROM orders").await, STORM);
     // only the pair is frozen: eu's changes still reach us and cn
     eu.execute("INSERT INTO products VALUES (901, 'from eu', 2)", &[])
         .await
@@ -255,7 +267,6 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
             0.0
         );
     }
-
     // 2. discard: the storm's deletes are parked for audit, nothing is deleted
     insert_orders(&us, 101..=100 + STORM).await;
     for c in [&eu, &cn] {
@@ -316,23 +327,35 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
             1
         );
     }
-    for r in ["eu", "cn"] {
-        // every delete of the storm is parked, each once
-        let list = relay::ok(&["dlq", "list", "--config", w.cfg_path(r), "--region", r]);
-        let parked = list
-            .lines()
-            .filter(|l| l.contains("breaker_discarded"))
-            .count();
-        assert_eq!(parked as i64, STORM, "{list}");
-        // and a replay leaves them parked
-        let out = relay::ok(&["dlq", "replay", "--config", w.cfg_path(r), "--region", r]);
-        assert!(out.contains("not replayed"), "{out}");
-        let c = w.pg[r].client().await;
-        assert_eq!(
-            count(&c, "SELECT count(*) FROM orders WHERE id > 100").await,
-            STORM
-        );
-    }
+    // every delete of the storm is parked, each once
+    let list = relay::ok(&[
+        "dlq",
+        "list",
+        "--config",
+        w.cfg_path("eu"),
+        "--region",
+        "eu",
+    ]);
+    let parked = list
+        .lines()
+        .filter(|l| l.contains("breaker_discarded"))
+        .count();
+    assert_eq!(parked as i64, STORM, "{list}");
+    // and a replay leaves them parked
+    let out = relay::ok(&[
+        "dlq",
+        "replay",
+        "--config",
+        w.cfg_path("eu"),
+        "--region",
+        "eu",
+    ]);
+    assert!(out.contains("not replayed"), "{out}");
+    let c = w.pg["eu"].client().await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM orders WHERE id > 100").await,
+        STORM
+    );
     // ordinary changes flow again
     us.execute(
         "INSERT INTO products VALUES (904, 'after the discard', 5)",

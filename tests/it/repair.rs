@@ -53,14 +53,17 @@ async fn a_corruption_spread_everywhere_is_repaired_from_a_backup_keeping_newer_
         .get(0);
 
     // the corruption, in us: every price zeroed, a row deleted
-    us.batch_execute("UPDATE products SET price = 0; DELETE FROM products WHERE id = 20")
-        .await
-        .unwrap();
+    us.batch_execute(
+        "UPDATE products SET price = 0; DELETE FROM products WHERE id = 20; \
+         INSERT INTO products VALUES (21, 'bogus', 0)",
+    )
+    .await
+    .unwrap();
     for c in [&eu, &cn] {
         until_count(
             c,
             "SELECT count(*) FROM products WHERE price = 0",
-            19,
+            20,
             "the corruption spread",
         )
         .await;
@@ -108,7 +111,7 @@ async fn a_corruption_spread_everywhere_is_repaired_from_a_backup_keeping_newer_
     };
     let out = relay::ok(&args(true));
     assert!(
-        out.contains("1 would be restored, 17 would be rewritten, 0 would be removed")
+        out.contains("1 would be restored, 17 would be rewritten, 1 would be removed")
             && out.contains("2 left")
             && out.contains("dry run, nothing written"),
         "{out}"
@@ -118,11 +121,11 @@ async fn a_corruption_spread_everywhere_is_repaired_from_a_backup_keeping_newer_
             .await
             .unwrap()
             .get::<_, i64>(0),
-        17
+        18
     );
     let out = relay::ok(&args(false));
     assert!(
-        out.contains("public.products: 1 restored, 17 rewritten, 0 removed")
+        out.contains("public.products: 1 restored, 17 rewritten, 1 removed")
             && out.contains("written by eu")
             && out.contains("written by cn"),
         "{out}"
