@@ -174,68 +174,70 @@ impl Pipeline {
             let gap = tokio::time::sleep(IDLE_GAP);
             tokio::pin!(gap);
             let mut stop = false;
-            let mut idle = IDLE_GAP;
+            // whether the batch may close without waiting for more (see
+            // breaker::SETTLE)
             let mut settled = !guarded;
-            loop {
-                while batch.len() < max_records {
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.changed() => { stop = true; break; }
-                        m = consumer.recv() => {
-                            let m = match m {
-                                Ok(m) => m,
-                                Err(rdkafka::error::KafkaError::MessageConsumption(
-                                    code @ (rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
-                                    | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange),
-                                )) => {
-                                    return Err(ApplyError::RecordsLost(format!(
-                                        "region {}: the cluster no longer holds the records of {} this region is to apply next \
-                                         (deleted by retention before they were applied, or lost by the cluster: {code}): \
-                                         those changes are lost in {}. Run `pgrelay resync --region {} --to {}`, then \
-                                         `DELETE FROM pgrelay.offsets WHERE topic = '{}'` in {} to resume from the oldest record Kafka holds",
-                                        self.region, self.topic, self.region, self.source, self.region, self.topic, self.region
-                                    )))
-                                }
-                                Err(e) => return Err(ApplyError::Transient(format!("consuming {}: {e}", self.topic))),
-                            };
-                            let now = tokio::time::Instant::now();
-                            if batch.is_empty() {
-                                deadline.as_mut().reset(now + max_wait);
+            let mut idle = IDLE_GAP;
+            while batch.len() < max_records {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => { stop = true; break; }
+                    m = consumer.recv() => {
+                        let m = match m {
+                            Ok(m) => m,
+                            Err(rdkafka::error::KafkaError::MessageConsumption(
+                                code @ (rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
+                                | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange),
+                            )) => {
+                                return Err(ApplyError::RecordsLost(format!(
+                                    "region {}: the cluster no longer holds the records of {} this region is to apply next \
+                                     (deleted by retention before they were applied, or lost by the cluster: {code}): \
+                                     those changes are lost in {}. Run `pgrelay resync --region {} --to {}`, then \
+                                     `DELETE FROM pgrelay.offsets WHERE topic = '{}'` in {} to resume from the oldest record Kafka holds",
+                                    self.region, self.topic, self.region, self.source, self.region, self.topic, self.region
+                                )))
                             }
-                            gap.as_mut().reset(now + idle);
-                            batch.push(Consumed {
-                                topic: m.topic().to_string(),
-                                partition: m.partition(),
-                                offset: m.offset(),
-                                key: m.key().map(|k| k.to_vec()),
-                                value: m.payload().map(|v| v.to_vec()),
-                            });
+                            Err(e) => return Err(ApplyError::Transient(format!("consuming {}: {e}", self.topic))),
+                        };
+                        let now = tokio::time::Instant::now();
+                        if batch.is_empty() {
+                            deadline.as_mut().reset(now + max_wait);
                         }
-                        _ = &mut deadline, if !batch.is_empty() => break,
-                        _ = &mut gap, if !batch.is_empty() => break,
-                        _ = liveness.tick(), if batch.is_empty() => {
-                            if client.is_closed() {
-                                return Err(ApplyError::Transient(format!(
-                                    "region {}: the connection to the target database was lost (resuming from the offsets stored there)",
-                                    self.region
-                                )));
-                            }
+                        gap.as_mut().reset(now + idle);
+                        batch.push(Consumed {
+                            topic: m.topic().to_string(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(|k| k.to_vec()),
+                            value: m.payload().map(|v| v.to_vec()),
+                        });
+                    }
+                    // a guarded table's deletes and updates wait a little for
+                    // the rest of their transaction, so that the breaker
+                    // judges a storm of one transaction whole
+                    _ = &mut deadline, if !batch.is_empty() => {
+                        if settled || !self.settles(&batch) { break; }
+                        settled = true;
+                        idle = super::breaker::SETTLE;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                        gap.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
+                    _ = &mut gap, if !batch.is_empty() => {
+                        if settled || !self.settles(&batch) { break; }
+                        settled = true;
+                        idle = super::breaker::SETTLE;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                        gap.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
+                    _ = liveness.tick(), if batch.is_empty() => {
+                        if client.is_closed() {
+                            return Err(ApplyError::Transient(format!(
+                                "region {}: the connection to the target database was lost (resuming from the offsets stored there)",
+                                self.region
+                            )));
                         }
                     }
                 }
-                // a guarded table's deletes and updates wait a little for
-                // the rest of their transaction, so the breaker judges a
-                // storm of one transaction whole
-                if stop || settled || batch.len() >= max_records || !self.settles(&batch) {
-                    break;
-                }
-                settled = true;
-                idle = super::breaker::SETTLE;
-                let now = tokio::time::Instant::now();
-                deadline
-                    .as_mut()
-                    .reset(now + max_wait.max(super::breaker::SETTLE));
-                gap.as_mut().reset(now + idle);
             }
             if guarded && !batch.is_empty() {
                 let held = self
