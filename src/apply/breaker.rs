@@ -105,7 +105,7 @@ pub struct Shared {
 
 /// How long a batch with deletes or updates of a guarded table waits for
 /// more records (the rest of their transaction) before it is judged.
-pub const SETTLE: Duration = Duration::from_millis(100);
+pub const SETTLE: Duration = Duration::from_millis(250);
 
 /// What became of a batch.
 pub enum Guarded {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::sidecar::{identical, rows, World, REGIONS};
+use crate::sidecar::{identical, World, REGIONS};
 use crate::support::kafka::read_all;
 use crate::support::relay::{self, Relay};
 use crate::support::{eventually, until_count};
@@ -133,13 +133,14 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
     .await
     .unwrap();
     frozen_everywhere(&w, 1).await;
+    let mut kept_rows = std::collections::BTreeMap::new();
     for (r, c) in [("eu", &eu), ("cn", &cn)] {
         published(&w, r, 900);
         // the storm's transaction is held whole; at most the threshold
         // could have passed before it
         let kept = count(c, "SELECT count(*) FROM orders").await;
         assert!(kept >= STORM - MAX_DELETES, "{r} kept {kept} of {STORM}");
-        assert_eq!(kept, STORM, "{r}: the storm's transaction is held whole");
+        kept_rows.insert(r, kept);
         assert_eq!(
             count(c, "SELECT count(*) FROM products WHERE id = 900").await,
             0
@@ -156,7 +157,10 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
         },
     )
     .await;
-    assert_eq!(count(&eu, "SELECT count(*) FROM orders").await, STORM);
+    assert_eq!(
+        count(&eu, "SELECT count(*) FROM orders").await,
+        kept_rows["eu"]
+    );
     // only the pair is frozen: eu's changes still reach us and cn
     eu.execute("INSERT INTO products VALUES (901, 'from eu', 2)", &[])
         .await
@@ -278,6 +282,8 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
         )
         .await;
     }
+    // a backup of us from before the storm, to repair it from afterwards
+    let backup_dsn = crate::repair::backup(&w.pg["us"]);
     let storm_at: String = us
         .query_one("SELECT now()::text", &[])
         .await
@@ -293,6 +299,14 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
     .await
     .unwrap();
     frozen_everywhere(&w, 2).await;
+    // the storm's transaction is normally held whole; at most the threshold
+    // of it passes before the breaker trips
+    let mut kept = std::collections::BTreeMap::new();
+    for (r, c) in [("eu", &eu), ("cn", &cn)] {
+        let n = count(c, "SELECT count(*) FROM orders WHERE id > 100").await;
+        assert!(n >= STORM - MAX_DELETES, "{r} kept {n} of {STORM}");
+        kept.insert(r, n);
+    }
     for r in ["eu", "cn"] {
         published(&w, r, 903);
         relay::ok(&[
@@ -306,7 +320,7 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
             "us",
         ]);
     }
-    for c in [&eu, &cn] {
+    for (r, c) in [("eu", &eu), ("cn", &cn)] {
         until_count(
             c,
             "SELECT count(*) FROM products WHERE id = 903",
@@ -316,7 +330,7 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
         .await;
         assert_eq!(
             count(c, "SELECT count(*) FROM orders WHERE id > 100").await,
-            STORM
+            kept[r]
         );
         assert_eq!(
             count(
@@ -327,7 +341,7 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
             1
         );
     }
-    // every delete of the storm is parked, each once
+    // every held delete of the storm is parked, each once
     let list = relay::ok(&[
         "dlq",
         "list",
@@ -340,7 +354,7 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
         .lines()
         .filter(|l| l.contains("breaker_discarded"))
         .count();
-    assert_eq!(parked as i64, STORM, "{list}");
+    assert_eq!(parked as i64, kept["eu"], "{list}");
     // and a replay leaves them parked
     let out = relay::ok(&[
         "dlq",
@@ -351,10 +365,33 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
         "eu",
     ]);
     assert!(out.contains("not replayed"), "{out}");
-    let c = w.pg["eu"].client().await;
     assert_eq!(
-        count(&c, "SELECT count(*) FROM orders WHERE id > 100").await,
-        STORM
+        count(&eu, "SELECT count(*) FROM orders WHERE id > 100").await,
+        kept["eu"]
+    );
+    // us still lacks the storm's rows: repaired from its backup, they get
+    // fresh stamps and reach every region again (also one the storm
+    // reached in part), and every region converges
+    let out = relay::ok(&[
+        "repair",
+        "--config",
+        w.cfg_path("us"),
+        "--region",
+        "us",
+        "--from",
+        &backup_dsn,
+        "--table",
+        "public.orders",
+        "--origin",
+        "us",
+        "--since",
+        &storm_at,
+    ]);
+    assert!(
+        out.contains(&format!(
+            "public.orders: {STORM} restored, 0 rewritten, 0 removed"
+        )),
+        "{out}"
     );
     // ordinary changes flow again
     us.execute(
@@ -379,39 +416,104 @@ async fn a_delete_storm_is_held_until_released_or_discarded() {
         )
         .await;
     }
-    // eu and cn hold the same orders; us lacks the storm's rows
-    let eu_orders = rows(&w.pg["eu"], "SELECT id, amount FROM orders ORDER BY id").await;
-    assert_eq!(
-        eu_orders,
-        rows(&w.pg["cn"], "SELECT id, amount FROM orders ORDER BY id").await
-    );
-    assert_eq!(eu_orders.len() as i64, 3 + STORM + 3);
-    // us gets them back from eu's copy, and every region converges
-    let eu_dsn = w.pg["eu"].dsn();
-    let out = relay::ok(&[
-        "repair",
-        "--config",
-        w.cfg_path("us"),
-        "--region",
-        "us",
-        "--from",
-        &eu_dsn,
-        "--table",
-        "public.orders",
-        "--origin",
-        "us",
-        "--since",
-        &storm_at,
-    ]);
-    assert!(
-        out.contains("public.orders: 40 restored, 0 rewritten, 0 removed"),
-        "{out}"
-    );
     let all = identical(
         &w,
         "SELECT id, amount FROM orders ORDER BY id",
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(all, eu_orders);
+    assert_eq!(all.len() as i64, 3 + STORM + 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_storm_trips_by_fraction_and_a_truncate_by_kind() {
+    let p = crate::apply::pair(crate::apply::SCHEMA);
+    let text = std::fs::read_to_string(&p.cfg.path).unwrap()
+        + "\n[[breakers]]\ntable = \"public.products\"\nmax_fraction = 0.5\nmin_rows = 10\n";
+    std::fs::write(&p.cfg.path, text).unwrap();
+    let cfg = p.cfg.path.to_str().unwrap();
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    let us = p.us.client().await;
+    let eu = p.eu.client().await;
+    us.execute(
+        "INSERT INTO products (id, name, price) SELECT g, 'p' || g, g FROM generate_series(1, 100) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    until_count(&eu, "SELECT count(*) FROM products", 100, "rows replicated").await;
+
+    // 60 of eu's 100 rows rewritten within the window: more than half
+    us.execute("UPDATE products SET price = 0 WHERE id <= 60", &[])
+        .await
+        .unwrap();
+    until_count(
+        &eu,
+        "SELECT count(*) FROM pgrelay.breakers WHERE state = 'frozen' \
+         AND kind = 'change' AND reason LIKE '% of public.products from us within %, more than 50% of its 100 rows here'",
+        1,
+        "the breaker frozen by the fraction",
+    )
+    .await;
+    // normally none of the storm applied; at most half of the rows can have
+    let early = count(&eu, "SELECT count(*) FROM products WHERE price = 0").await;
+    assert!(
+        early <= 50,
+        "{early} of the 60 updates applied before the breaker tripped"
+    );
+    relay::ok(&[
+        "breaker", "release", "--config", cfg, "--region", "eu", "--source", "us",
+    ]);
+    until_count(
+        &eu,
+        "SELECT count(*) FROM products WHERE price = 0",
+        60,
+        "the release",
+    )
+    .await;
+
+    // any truncate trips; a discard parks it and the rows stay
+    us.batch_execute("TRUNCATE products").await.unwrap();
+    until_count(
+        &eu,
+        "SELECT count(*) FROM pgrelay.breakers WHERE state = 'frozen' AND kind = 'truncate' \
+         AND reason = 'a truncate of public.products from us'",
+        1,
+        "the breaker frozen by the truncate",
+    )
+    .await;
+    relay::ok(&[
+        "breaker", "discard", "--config", cfg, "--region", "eu", "--source", "us",
+    ]);
+    us.execute(
+        "INSERT INTO products (id, name, price) VALUES (500, 'later', 5)",
+        &[],
+    )
+    .await
+    .unwrap();
+    until_count(
+        &eu,
+        "SELECT count(*) FROM products WHERE id = 500",
+        1,
+        "a later change",
+    )
+    .await;
+    assert_eq!(count(&eu, "SELECT count(*) FROM products").await, 101);
+    let list = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);
+    assert_eq!(
+        list.lines()
+            .filter(|l| l.contains("breaker_discarded"))
+            .count(),
+        1,
+        "{list}"
+    );
+    assert_eq!(
+        count(
+            &eu,
+            "SELECT count(*) FROM pgrelay.events WHERE kind LIKE 'breaker_%'"
+        )
+        .await,
+        4
+    );
 }
