@@ -365,9 +365,10 @@ impl Pipeline {
         if !parked.is_empty() {
             // in Kafka before the offsets that skip them are stored
             self.dlq
-                .send_all(&parked)
+                .send_quietly(&parked)
                 .await
                 .map_err(ApplyError::Transient)?;
+            tracing::info!(region = %self.region, source = %self.source, parked = parked.len(), "discarded changes parked in the dead-letter topic");
             self.metrics.add(
                 "pgrelay_breaker_discarded_total",
                 "Changes parked by pgrelay breaker discard",
