@@ -12,6 +12,7 @@
 //! each can be tested alone.
 
 pub mod apply;
+pub mod breaker;
 pub mod capture;
 pub mod check;
 pub mod commands;
@@ -25,6 +26,7 @@ pub mod names;
 pub mod pgoutput;
 pub mod privileges;
 pub mod publish;
+pub mod repair;
 pub mod residency;
 pub mod resync;
 pub mod setup;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use pgrelay::commands::{check, dlq, resync, setup, status};
+use pgrelay::commands::{breaker, check, dlq, repair, resync, setup, status};
 use pgrelay::sidecar::{self, Role};
 
 /// mimalloc: the capture and apply paths allocate and free small buffers
@@ -83,6 +83,71 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
+    },
+    /// Write a restored backup's version of the rows a bug changed since a
+    /// time, freshly stamped so it wins in every region; rows changed since
+    /// by other regions are listed and left alone.
+    Repair {
+        #[arg(long)]
+        config: PathBuf,
+        /// The region to write the repair in (it replicates from there).
+        #[arg(long)]
+        region: String,
+        /// Connection string of the restored backup (a copy of the region's
+        /// database from before the corruption).
+        #[arg(long = "from")]
+        backup: String,
+        /// Only these tables, `schema.table` (repeatable; default: every
+        /// replicated table).
+        #[arg(long)]
+        table: Vec<String>,
+        /// Rows whose current version was written at or after this time
+        /// (PostgreSQL's timestamptz syntax; default: every stamped row).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only versions this region wrote; others are listed and left.
+        #[arg(long)]
+        origin: Option<String>,
+        /// Repair versions other regions wrote since, too.
+        #[arg(long)]
+        include_others: bool,
+        /// Compare and report, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Apply or park what the blast-radius breaker holds.
+    Breaker {
+        #[command(subcommand)]
+        action: BreakerAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BreakerAction {
+    /// Apply the held changes: what the source committed until now passes
+    /// uncounted, then counting starts again.
+    Release {
+        #[arg(long)]
+        config: PathBuf,
+        /// The destination region whose breaker tripped.
+        #[arg(long)]
+        region: String,
+        /// The source region whose changes it holds.
+        #[arg(long)]
+        source: String,
+    },
+    /// Park the storm's changes (the tripped table and kind of change,
+    /// committed up to --until) in the dead-letter topic; apply the rest.
+    Discard {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        source: String,
+        /// A time PostgreSQL reads (`2026-12-04 16:40:00+00`; default: now).
+        #[arg(long)]
+        until: Option<String>,
     },
 }
 
@@ -165,6 +230,44 @@ fn main() -> ExitCode {
                 dry_run,
             } => resync::resync(&config, &region, to, &table, dry_run).await,
             Command::Status { config, json } => status::status(&config, json).await,
+            Command::Repair {
+                config,
+                region,
+                backup,
+                table,
+                since,
+                origin,
+                include_others,
+                dry_run,
+            } => {
+                repair::repair(
+                    &config,
+                    &region,
+                    &backup,
+                    &table,
+                    since,
+                    origin,
+                    include_others,
+                    dry_run,
+                )
+                .await
+            }
+            Command::Breaker { action } => match action {
+                BreakerAction::Release {
+                    config,
+                    region,
+                    source,
+                } => breaker::breaker(&config, &region, &source, None).await,
+                BreakerAction::Discard {
+                    config,
+                    region,
+                    source,
+                    until,
+                } => {
+                    let until = until.unwrap_or_else(|| "now".into());
+                    breaker::breaker(&config, &region, &source, Some(&until)).await
+                }
+            },
         }
     });
     match result {

@@ -114,7 +114,14 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         object: Object::Schema("pgrelay".into()),
         privileges: &["USAGE"],
     }];
-    for table in ["tombstones", "offsets", "watermark_parts", "horizon"] {
+    for table in [
+        "tombstones",
+        "offsets",
+        "watermark_parts",
+        "horizon",
+        "breakers",
+        "events",
+    ] {
         out.push(Need {
             object: Object::Table(pgrelay(table)),
             privileges: DML,

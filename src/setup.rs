@@ -79,6 +79,9 @@ pub fn plan(config: &Config, region: &str, keys: &dyn Fn(&TableName) -> KeyColum
             .to_string(),
         // why a session holds its records back (NULL: it does not)
         "ALTER TABLE pgrelay.watermark_parts ADD COLUMN IF NOT EXISTS held_reason text".to_string(),
+        // the blast-radius breaker's state per source, and the region's events
+        crate::apply::breaker::SETUP_SQL[0].to_string(),
+        crate::apply::breaker::SETUP_SQL[1].to_string(),
         // per source: what every apply session has reached (the least of
         // them), and when anything was last applied
         "CREATE OR REPLACE VIEW pgrelay.watermarks AS \

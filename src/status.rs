@@ -49,6 +49,9 @@ pub struct PairStatus {
     /// Why the destination holds the pair's records back, if it does
     /// (the pair is `lagging` then).
     pub held: Option<String>,
+    /// Why the blast-radius breaker holds the pair's changes, if it does
+    /// (the pair is `frozen` then).
+    pub frozen: Option<String>,
 }
 
 #[derive(Default)]
@@ -68,6 +71,8 @@ struct DestSide {
     dead_letters: Option<i64>,
     /// source -> why its records are held back
     held: BTreeMap<String, String>,
+    /// source -> why the breaker holds its changes
+    frozen: BTreeMap<String, String>,
     problem: Option<String>,
 }
 
@@ -162,6 +167,17 @@ async fn dest_side(config: &Config, region: &str) -> DestSide {
     {
         out.held = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     }
+    // absent before setup created it: then nothing is frozen
+    if let Ok(rows) = client
+        .query(
+            "SELECT source_region, reason || ' (tripped ' || tripped_at::text || ')' \
+             FROM pgrelay.breakers WHERE state = 'frozen'",
+            &[],
+        )
+        .await
+    {
+        out.frozen = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    }
     let consumed = |topic: String| {
         let client = &client;
         async move {
@@ -244,11 +260,13 @@ async fn records_lost(
     })
 }
 
-/// 0 active, 1 lagging, 2 failed (for the `pgrelay_pair_state` gauge).
+/// 0 active, 1 lagging, 2 failed, 3 frozen (for the `pgrelay_pair_state`
+/// gauge).
 pub fn state_code(state: &str) -> f64 {
     match state {
         "active" => 0.0,
         "lagging" => 1.0,
+        "frozen" => 3.0,
         _ => 2.0,
     }
 }
@@ -289,6 +307,8 @@ pub async fn export_local(config: &Config, region: &str, metrics: &crate::metric
         let age = dst.watermarks.get(source).and_then(|w| w.2);
         let state = if dst.problem.is_some() || backlog.is_none() {
             "failed"
+        } else if dst.frozen.contains_key(source) {
+            "frozen"
         } else if dst.held.contains_key(source)
             || backlog.unwrap_or(0) > 0
                 && age.unwrap_or(f64::MAX) > config.status.lagging_after.as_secs_f64()
@@ -299,7 +319,7 @@ pub async fn export_local(config: &Config, region: &str, metrics: &crate::metric
         };
         metrics.set(
             "pgrelay_pair_state",
-            "State of an incoming region pair as this sidecar sees it: 0 active, 1 lagging, 2 failed",
+            "State of an incoming region pair as this sidecar sees it: 0 active, 1 lagging, 2 failed, 3 frozen by the breaker",
             &pair,
             state_code(state),
         );
@@ -355,8 +375,15 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
             problems.extend(src.problem.clone());
             problems.extend(dst.problem.clone());
             let held = dst.held.get(s).cloned();
+            let frozen = dst.frozen.get(s).map(|reason| {
+                format!(
+                    "breaker: {reason}; pgrelay breaker release|discard --region {d} --source {s}"
+                )
+            });
             let state = if !problems.is_empty() {
                 "failed"
+            } else if frozen.is_some() {
+                "frozen"
             } else if held.is_some()
                 || lag_bytes.unwrap_or(0) > config.status.lagging_bytes
                 || lag_seconds.unwrap_or(0.0) > config.status.lagging_after.as_secs_f64()
@@ -380,6 +407,7 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 state,
                 problems,
                 held,
+                frozen,
             });
         }
     }
@@ -420,7 +448,7 @@ pub fn render(rows: &[PairStatus]) -> String {
             r.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash),
             r.state
         );
-        for p in r.problems.iter().chain(&r.held) {
+        for p in r.problems.iter().chain(&r.held).chain(&r.frozen) {
             let _ = writeln!(out, "    {p}");
         }
     }

@@ -165,6 +165,16 @@ impl DlqProducer {
     }
 
     pub async fn send_all(&self, dead: &[DeadLetter]) -> Result<(), String> {
+        self.send(dead, true).await
+    }
+
+    /// [`send_all`](Self::send_all) without a warning per record (a
+    /// discarded storm: the caller logs once per batch).
+    pub async fn send_quietly(&self, dead: &[DeadLetter]) -> Result<(), String> {
+        self.send(dead, false).await
+    }
+
+    async fn send(&self, dead: &[DeadLetter], warn_each: bool) -> Result<(), String> {
         for d in dead {
             let mut rec: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.topic).headers(d.headers());
@@ -178,10 +188,12 @@ impl DlqProducer {
                 .send(rec, Duration::from_secs(30))
                 .await
                 .map_err(|(e, _)| format!("dead-letter topic {}: {e}", self.topic))?;
-            tracing::warn!(
-                topic = %d.topic, partition = d.partition, offset = d.offset,
-                class = %d.class, sqlstate = %d.sqlstate, "record dead-lettered"
-            );
+            if warn_each {
+                tracing::warn!(
+                    topic = %d.topic, partition = d.partition, offset = d.offset,
+                    class = %d.class, sqlstate = %d.sqlstate, "record dead-lettered"
+                );
+            }
         }
         Ok(())
     }

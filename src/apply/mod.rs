@@ -29,9 +29,11 @@
 //! transaction), `session` (origin sessions, stored offsets), `target` (the
 //! target's table definitions), `error` (classification by SQLSTATE), `sql`
 //! (statements, pure), `record` (parsing and admission, pure), `horizon`
-//! (tombstone horizons), `dlq` and `replay` (dead letters).
+//! (tombstone horizons), `dlq` and `replay` (dead letters), `breaker` (the
+//! blast-radius breaker's hold, release and discard).
 
 mod batch;
+pub mod breaker;
 mod consume;
 pub mod dlq;
 mod error;

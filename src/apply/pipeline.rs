@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer as _;
 use rdkafka::message::Message as _;
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -44,6 +45,7 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     let groups = config.apply.sessions_per_source.max(1);
     for source in config.regions.keys().filter(|r| **r != region) {
+        let breaker = Arc::new(super::breaker::Shared::default());
         for group in 0..groups {
             let pipeline = Pipeline {
                 config: config.clone(),
@@ -55,6 +57,7 @@ pub async fn run(
                 targets: std::sync::Mutex::new(targets.clone()),
                 metrics: metrics.clone(),
                 dlq: dlq.clone(),
+                breaker: breaker.clone(),
             };
             let shutdown = shutdown.clone();
             tasks.spawn(async move { pipeline.supervise(shutdown).await });
@@ -73,19 +76,21 @@ pub async fn run(
     result
 }
 
-struct Pipeline {
-    config: Arc<Config>,
-    region: String,
-    source: String,
-    topic: String,
+pub(super) struct Pipeline {
+    pub(super) config: Arc<Config>,
+    pub(super) region: String,
+    pub(super) source: String,
+    pub(super) topic: String,
     /// This pipeline applies the partitions `p` with `p % groups == group`.
-    group: usize,
-    groups: usize,
+    pub(super) group: usize,
+    pub(super) groups: usize,
     /// The target's table definitions as last read (re-read when a batch
     /// does not fit them).
-    targets: std::sync::Mutex<Arc<Targets>>,
-    metrics: Arc<Metrics>,
-    dlq: Arc<DlqProducer>,
+    pub(super) targets: std::sync::Mutex<Arc<Targets>>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) dlq: Arc<DlqProducer>,
+    /// The breaker of this source, shared with its other sessions.
+    pub(super) breaker: Arc<super::breaker::Shared>,
 }
 
 impl Pipeline {
@@ -136,6 +141,10 @@ impl Pipeline {
 
     async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
         let mut client = session(&self.config, &self.region, &self.source, self.group).await?;
+        let guarded = !self.config.breakers.is_empty();
+        if guarded && !self.wait_while_frozen(&client, &mut shutdown).await? {
+            return Ok(());
+        }
         let stored = stored_offsets(&client, &self.topic).await?;
         let consumer = consumer(
             &self.config,
@@ -165,6 +174,10 @@ impl Pipeline {
             let gap = tokio::time::sleep(IDLE_GAP);
             tokio::pin!(gap);
             let mut stop = false;
+            // whether the batch may close without waiting for more (see
+            // breaker::SETTLE)
+            let mut settled = !guarded;
+            let mut idle = IDLE_GAP;
             while batch.len() < max_records {
                 tokio::select! {
                     biased;
@@ -190,7 +203,7 @@ impl Pipeline {
                         if batch.is_empty() {
                             deadline.as_mut().reset(now + max_wait);
                         }
-                        gap.as_mut().reset(now + IDLE_GAP);
+                        gap.as_mut().reset(now + idle);
                         batch.push(Consumed {
                             topic: m.topic().to_string(),
                             partition: m.partition(),
@@ -199,8 +212,23 @@ impl Pipeline {
                             value: m.payload().map(|v| v.to_vec()),
                         });
                     }
-                    _ = &mut deadline, if !batch.is_empty() => break,
-                    _ = &mut gap, if !batch.is_empty() => break,
+                    // a guarded table's deletes and updates wait a little for
+                    // the rest of their transaction, so that the breaker
+                    // judges a storm of one transaction whole
+                    _ = &mut deadline, if !batch.is_empty() => {
+                        if settled || !self.settles(&batch) { break; }
+                        settled = true;
+                        idle = super::breaker::SETTLE;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                        gap.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
+                    _ = &mut gap, if !batch.is_empty() => {
+                        if settled || !self.settles(&batch) { break; }
+                        settled = true;
+                        idle = super::breaker::SETTLE;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                        gap.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
                     _ = liveness.tick(), if batch.is_empty() => {
                         if client.is_closed() {
                             return Err(ApplyError::Transient(format!(
@@ -211,8 +239,25 @@ impl Pipeline {
                     }
                 }
             }
-            if !batch.is_empty() {
-                self.apply_with_retry(&mut client, &batch, &mut shutdown)
+            if guarded && !batch.is_empty() {
+                let held = self
+                    .apply_guarded(&mut client, &batch, &mut shutdown)
+                    .await?;
+                if matches!(held, super::breaker::Guarded::Held) {
+                    // held in Kafka until released: then go on from the
+                    // offsets stored with what was applied
+                    if !self.wait_while_frozen(&client, &mut shutdown).await? {
+                        return Ok(());
+                    }
+                    let stored = stored_offsets(&client, &self.topic).await?;
+                    consumer.unassign().map_err(|e| {
+                        ApplyError::Transient(format!("unassigning {}: {e}", self.topic))
+                    })?;
+                    assign(&consumer, &self.topic, &stored, self.group, self.groups).await?;
+                    continue;
+                }
+            } else if !batch.is_empty() {
+                self.apply_with_retry(&mut client, &batch, &[], &mut shutdown)
                     .await?;
             }
             if stop || *shutdown.borrow() {
@@ -224,10 +269,11 @@ impl Pipeline {
     /// Applies `batch`, retrying what is worth retrying. Returns early,
     /// without applying it, on shutdown while it waits for the local clock
     /// (nothing of it is committed: it is consumed again after a restart).
-    async fn apply_with_retry(
+    pub(super) async fn apply_with_retry(
         &self,
         client: &mut Client,
         batch: &[Consumed],
+        extra_offsets: &[(String, i32, i64)],
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ApplyError> {
         // short first waits: most failures here are serialization conflicts
@@ -252,7 +298,7 @@ impl Pipeline {
                 &self.dlq,
                 BatchOptions {
                     attempt: 0,
-                    extra_offsets: &[],
+                    extra_offsets,
                     commit: true,
                     max_tries: self.config.apply.max_retries.max(1),
                     max_skew: self.config.max_clock_skew,
@@ -379,7 +425,7 @@ impl Pipeline {
         }
     }
 
-    fn targets(&self) -> Arc<Targets> {
+    pub(super) fn targets(&self) -> Arc<Targets> {
         self.targets
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -85,12 +85,18 @@ pub async fn replay(
             value: letter.value.clone(),
         };
         let progress = [(dlq_topic.clone(), partition, offset + 1)];
+        // a storm an operator discarded stays parked: it is there for audit
+        let discarded = letter.class == crate::apply::breaker::CLASS_DISCARDED;
         let outcome = apply_batch(
             &mut client,
             &source,
             None,
             &targets,
-            std::slice::from_ref(&consumed),
+            if discarded {
+                &[]
+            } else {
+                std::slice::from_ref(&consumed)
+            },
             &producer,
             BatchOptions {
                 attempt: letter.attempts,
@@ -109,10 +115,17 @@ pub async fn replay(
         out.push(Replayed {
             partition,
             offset,
-            failure: outcome
-                .dead
-                .first()
-                .map(|d| format!("{}: {}", d.class, d.message)),
+            failure: if discarded {
+                Some(format!(
+                    "{}: not replayed (discarded by pgrelay breaker discard)",
+                    letter.class
+                ))
+            } else {
+                outcome
+                    .dead
+                    .first()
+                    .map(|d| format!("{}: {}", d.class, d.message))
+            },
             letter,
         });
     }

@@ -79,9 +79,16 @@ pub async fn replay(
     config.region(region)?;
     config.require(&[Need::Database(region), Need::Kafka(region)])?;
     let results = apply::replay::replay(&config, region, dry_run, limit).await?;
-    let failed = results.iter().filter(|r| r.failure.is_some()).count();
+    // a storm an operator discarded stays where it is, for audit
+    let is_kept = |r: &apply::replay::Replayed| r.letter.class == apply::breaker::CLASS_DISCARDED;
+    let kept = results.iter().filter(|r| is_kept(r)).count();
+    let failed = results.iter().filter(|r| r.failure.is_some()).count() - kept;
     for r in &results {
         match &r.failure {
+            Some(_) if is_kept(r) => println!(
+                "{}:{}  kept for audit: {} (discarded by pgrelay breaker discard), not replayed",
+                r.partition, r.offset, r.letter.class
+            ),
             None => println!(
                 "{}:{}  {}",
                 r.partition,
@@ -101,8 +108,8 @@ pub async fn replay(
         }
     }
     println!(
-        "{} record(s) {}, {failed} {}",
-        results.len() - failed,
+        "{} record(s) {}, {failed} {}, {kept} discarded by the breaker kept for audit",
+        results.len() - failed - kept,
         if dry_run { "would apply" } else { "applied" },
         if dry_run {
             "would fail"

@@ -9,8 +9,10 @@ use anyhow::Result;
 
 use crate::config::{self, Config, Need};
 
+pub mod breaker;
 pub mod check;
 pub mod dlq;
+pub mod repair;
 pub mod resync;
 pub mod setup;
 pub mod status;

@@ -95,6 +95,8 @@ pub struct Config {
     pub regions: BTreeMap<String, Region>,
     /// Declared tables, in file order; names are unique.
     pub tables: Vec<TableConfig>,
+    /// `[[breakers]]`: blast-radius thresholds (see [`crate::breaker`]).
+    pub breakers: Vec<crate::breaker::Rule>,
 }
 
 impl fmt::Debug for Config {

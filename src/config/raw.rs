@@ -22,6 +22,8 @@ pub(super) struct RawConfig {
     pub(super) regions: BTreeMap<String, RawRegion>,
     #[serde(default)]
     pub(super) tables: Vec<RawTable>,
+    #[serde(default)]
+    pub(super) breakers: Vec<crate::breaker::RawRule>,
 }
 
 #[derive(Deserialize, Default)]

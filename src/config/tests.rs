@@ -823,3 +823,37 @@ fn column_rules() {
     .replace("hash_key = \"cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn-cn\"\n", "");
     ok(&text);
 }
+
+#[test]
+fn breakers() {
+    let tables = "[[tables]]\nname = \"public.orders\"\nclass = \"global\"\n\
+                  [[tables]]\nname = \"public.users\"\nclass = \"local\"\n";
+    let c = ok(&with_tables(&format!(
+        "{tables}[[breakers]]\nmax_deletes = 100\n\
+         [[breakers]]\nsource = \"us\"\ntable = \"public.orders\"\nmax_fraction = 0.25\nwindow = \"30s\"\n"
+    )));
+    assert_eq!(c.breakers.len(), 2);
+    assert_eq!(c.breakers[1].window, Duration::from_secs(30));
+    assert!(c.breakers[0].truncate, "truncates trip by default");
+    assert!(ok(&with_tables(tables)).breakers.is_empty());
+    assert_err(
+        &with_tables(&format!(
+            "{tables}[[breakers]]\ntable = \"public.users\"\nmax_deletes = 1\n"
+        )),
+        &[
+            "relay.toml",
+            "breakers[0].table",
+            "not a declared, replicated table",
+        ],
+    );
+    assert_err(
+        &with_tables(&format!("{tables}[[breakers]]\nsource = \"mars\"\n")),
+        &["breakers[0].source = \"mars\"", "declared: cn, eu, us"],
+    );
+    assert_err(
+        &with_tables(&format!(
+            "{tables}[[breakers]]\nmax_deletes = 1\nmax_delete = 2\n"
+        )),
+        &["max_delete"],
+    );
+}

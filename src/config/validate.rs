@@ -161,6 +161,7 @@ impl Validator<'_> {
             lines.push(line);
         }
         self.hash_keys_declared(&tables, &lines, &regions)?;
+        let breakers = self.breakers(raw.breakers, &regions, &tables)?;
         Ok(Config {
             origin: self.origin.to_string(),
             prefix,
@@ -180,7 +181,30 @@ impl Validator<'_> {
             },
             regions,
             tables,
+            breakers,
         })
+    }
+
+    fn breakers(
+        &self,
+        raw: Vec<crate::breaker::RawRule>,
+        regions: &BTreeMap<String, Region>,
+        tables: &[TableConfig],
+    ) -> Result<Vec<crate::breaker::Rule>, ConfigError> {
+        let names: Vec<&str> = regions.keys().map(String::as_str).collect();
+        let replicated: Vec<&TableName> = tables
+            .iter()
+            .filter(|t| !matches!(t.class, TableClass::Local))
+            .map(|t| &t.name)
+            .collect();
+        let rules = raw
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| crate::breaker::Rule::from_raw(r, i, &names, &replicated))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.invalid(None, e))?;
+        crate::breaker::check_unique(&rules).map_err(|e| self.invalid(None, e))?;
+        Ok(rules)
     }
 
     fn positive(

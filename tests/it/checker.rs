@@ -18,6 +18,15 @@
 //! failure prints the seed, the key, the expected and found versions and
 //! the operations that touched the key.
 //!
+//! The blast-radius breaker: a `global` table `b` is guarded (more than 3
+//! deletes from one source within a minute trip it). Its only deletes are
+//! storms ([`Op::StormB`], `DELETE FROM b`), which trip the breaker in the
+//! other regions; once the writers are done, each frozen pair is released or
+//! discarded (drawn from the seed) while the check waits. The model:
+//! released changes apply exactly once (plain last-writer-wins); discarded
+//! ones — exactly the records the destination parked with class
+//! `breaker_discarded`, read from its dead-letter topic — never apply there.
+//!
 //! Growing it: a new feature adds its operations to [`Op`] (and
 //! [`Writer::run_op`]), and its rules to [`Model::expected`].
 //!
@@ -41,7 +50,11 @@ const SCHEMA: &str = "
 CREATE TABLE g (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, s text, big text);
 CREATE TABLE o (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
 CREATE TABLE p (id int PRIMARY KEY, home text NOT NULL, n int NOT NULL DEFAULT 0, big text);
+CREATE TABLE b (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
 ";
+
+/// The tables the check compares.
+const TABLES: [&str; 4] = ["g", "o", "p", "b"];
 
 /// Which regions may hold a `p` row homed in `home`.
 pub fn allowed(home: &str, region: &str) -> bool {
@@ -83,6 +96,16 @@ home_column = "home"
 us = ["eu"]
 eu = []
 cn = []
+
+[[tables]]
+name = "public.b"
+class = "global"
+
+[[breakers]]
+table = "public.b"
+max_deletes = 3
+window = "1m"
+truncate = false
 "#
     )
 }
@@ -182,6 +205,14 @@ pub enum Op {
     DeleteP {
         id: i32,
     },
+    /// Insert or overwrite `b` row `id`.
+    UpsertB {
+        id: i32,
+        n: i32,
+    },
+    /// `DELETE FROM b`: the only deletes of `b`, a storm when more than 3
+    /// rows go.
+    StormB,
 }
 
 impl Op {
@@ -194,6 +225,7 @@ impl Op {
             | Op::MoveG { .. }
             | Op::TruncateG => "g",
             Op::UpsertO { .. } | Op::DeleteO { .. } | Op::ForbiddenO { .. } => "o",
+            Op::UpsertB { .. } | Op::StormB => "b",
             _ => "p",
         }
     }
@@ -239,6 +271,8 @@ pub fn draw(rng: &mut Rng, region: &'static str, keys: i32, truncates: bool) -> 
         },
         88..=93 => Op::MoveHomeP { id, home },
         94 if truncates && rng.chance(30) => Op::TruncateP,
+        94..=96 => Op::UpsertB { id, n },
+        97 if rng.chance(50) => Op::StormB,
         _ => Op::DeleteP { id },
     }
 }
@@ -271,6 +305,9 @@ pub struct History {
     pub truncates: Vec<(&'static str, &'static str, i64)>,
     pub ops: usize,
     pub refused: usize,
+    /// Changes a destination parked with `pgrelay breaker discard`:
+    /// (destination, table, key, stamp). They never apply there.
+    pub discarded: BTreeSet<(&'static str, String, i32, i64)>,
 }
 
 pub struct Model<'h>(pub &'h History);
@@ -280,6 +317,14 @@ impl Model<'_> {
     pub fn expected(&self, table: &str, region: &str) -> BTreeMap<i32, Version> {
         let mut best: BTreeMap<i32, Version> = BTreeMap::new();
         for w in self.0.writes.iter().filter(|w| w.table == table) {
+            if self.0.discarded.contains(&(
+                region_name(region),
+                table.to_string(),
+                w.key,
+                w.version.stamp,
+            )) {
+                continue;
+            }
             let seen = match table {
                 "p" if w.region != region => {
                     let before = w.homes.0.as_deref().is_some_and(|h| allowed(h, region));
@@ -355,11 +400,18 @@ impl Model<'_> {
     }
 }
 
+fn region_name(region: &str) -> &'static str {
+    REGIONS
+        .into_iter()
+        .find(|r| *r == region)
+        .expect("a region of the checker")
+}
+
 /// SELECT list giving a [`Version`]'s columns, then the stamp.
 fn select_list(table: &str) -> &'static str {
     match table {
         "g" => "id, n::text, s, md5(big), _pgrelay_hlc",
-        "o" => "id, n::text, _pgrelay_hlc",
+        "o" | "b" => "id, n::text, _pgrelay_hlc",
         _ => "id, home, n::text, md5(big), _pgrelay_hlc",
     }
 }
@@ -516,15 +568,24 @@ impl Writer {
                 )
                 .await?
             }
-            Op::UpsertO { id, n } => {
+            Op::UpsertO { id, n } | Op::UpsertB { id, n } => {
                 tx.query(
                     &format!(
-                        "INSERT INTO o (id, n) VALUES ($1, $2) \
+                        "INSERT INTO {table} (id, n) VALUES ($1, $2) \
                          ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n RETURNING {sel}"
                     ),
                     &[id, n],
                 )
                 .await?
+            }
+            Op::StormB => {
+                let gone = tx.query("DELETE FROM b RETURNING id", &[]).await?;
+                for r in &gone {
+                    let id: i32 = r.get(0);
+                    let stamp = tombstone(tx, table, &id.to_string()).await?;
+                    push(out, id, Version { stamp, cols: None }, (None, None));
+                }
+                return Ok(Outcome::Done);
             }
             Op::SetPN { id, n } => {
                 let home = p_home(tx, *id).await?;
@@ -838,6 +899,8 @@ pub struct Checked {
     pub writes: usize,
     pub faults: usize,
     pub records: usize,
+    /// Breaker trips released or discarded.
+    pub trips: usize,
 }
 
 /// Runs one seeded history with faults and checks it. Panics with a
@@ -883,12 +946,11 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     for t in writers {
         t.await.expect("writer");
     }
-    let history = Arc::try_unwrap(history)
+    let mut history = Arc::try_unwrap(history)
         .ok()
         .expect("writers done")
         .into_inner()
         .unwrap();
-    let model = Model(&history);
     // wait for every region to hold what the model says (the positive
     // sign that every change was processed), then report any difference
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -898,10 +960,19 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     }
     let mut last_diff;
     let mut missing: Vec<Missing>;
+    let mut resolved = Vec::new();
     loop {
+        // storms trip breakers: release or discard each frozen pair
+        // (a discard parks the storm within a second or so: read again
+        // until the regions match)
+        resolve_breakers(&w, &clients, &mut rng, &mut resolved).await;
+        if resolved.iter().any(|(_, _, action)| *action == "discard") {
+            history.discarded = discarded(&w, &resolved);
+        }
+        let model = Model(&history);
         last_diff = String::new();
         missing = Vec::new();
-        for table in ["g", "o", "p"] {
+        for table in TABLES {
             for r in REGIONS {
                 let c = &clients[r];
                 if c.is_closed() {
@@ -920,6 +991,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     if !last_diff.is_empty() {
+        eprintln!("breakers resolved: {resolved:?}");
         for ((r, role), sidecar) in &w.sidecars {
             let log = sidecar.log_text();
             let lines: Vec<&str> = log.lines().collect();
@@ -967,13 +1039,81 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         );
     }
     let records = residency_of_every_record(&w, seed);
+    eprintln!("seed {seed}: breaker trips resolved: {resolved:?}");
     // owned writes outside the owner were refused, and none of them exists
     Checked {
         ops: history.ops,
         writes: history.writes.len(),
         faults: faults.len(),
         records,
+        trips: resolved.len(),
     }
+}
+
+/// Releases or discards (drawn from `rng`) every pair a breaker holds.
+async fn resolve_breakers(
+    w: &World,
+    clients: &BTreeMap<&'static str, tokio_postgres::Client>,
+    rng: &mut Rng,
+    resolved: &mut Vec<(&'static str, String, &'static str)>,
+) {
+    for r in REGIONS {
+        let Ok(rows) = clients[r]
+            .query(
+                "SELECT source_region FROM pgrelay.breakers WHERE state = 'frozen'",
+                &[],
+            )
+            .await
+        else {
+            continue;
+        };
+        for row in rows {
+            let source: String = row.get(0);
+            let action = if rng.chance(50) { "release" } else { "discard" };
+            relay::ok(&[
+                "breaker",
+                action,
+                "--config",
+                w.cfg.path.to_str().unwrap(),
+                "--region",
+                r,
+                "--source",
+                &source,
+            ]);
+            resolved.push((r, source, action));
+        }
+    }
+}
+
+/// What the destinations that discarded a storm parked: (destination,
+/// table, key, stamp), from their dead-letter topics.
+fn discarded(
+    w: &World,
+    resolved: &[(&'static str, String, &'static str)],
+) -> BTreeSet<(&'static str, String, i32, i64)> {
+    let mut out = BTreeSet::new();
+    for r in REGIONS {
+        if !resolved.iter().any(|(d, _, a)| *d == r && *a == "discard") {
+            continue;
+        }
+        for rec in read_to_markers(&w.brokers[r].0.brokers(), &format!("pgrelay.dlq.{r}")) {
+            if rec.headers.get("pgrelay.dlq.class").map(String::as_str) != Some("breaker_discarded")
+            {
+                continue;
+            }
+            let v = &rec.value;
+            let key = v["before"]["id"].as_str().and_then(|k| k.parse().ok());
+            let (Some(table), Some(key), Some(stamp)) = (
+                v["source"]["table"].as_str(),
+                key,
+                v["pgrelay"]["hlc"].as_i64(),
+            ) else {
+                continue;
+            };
+            out.insert((r, table.to_string(), key, stamp));
+        }
+    }
+    out
 }
 
 /// A version a region should hold and does not: (table, region, stamp).
@@ -1053,7 +1193,20 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
             }
         }
         let dlq = format!("pgrelay.dlq.{src}");
-        let parked = read_to_markers(&w.brokers[src].0.brokers(), &dlq);
+        let mut parked = read_to_markers(&w.brokers[src].0.brokers(), &dlq);
+        // a discarded storm is parked for audit: deletes of b only
+        parked.retain(|rec| {
+            let discarded = rec.headers.get("pgrelay.dlq.class").map(String::as_str)
+                == Some("breaker_discarded");
+            if discarded {
+                assert!(
+                    rec.value["source"]["table"] == "b" && rec.value["op"] == "d",
+                    "seed {seed}: a discard parked more than the storm's deletes: {:?}",
+                    rec.value
+                );
+            }
+            !discarded
+        });
         assert!(
             parked.is_empty(),
             "seed {seed}: {} records dead-lettered in {src}: {:?}",
@@ -1091,9 +1244,11 @@ async fn random_histories_with_faults_converge_to_last_writer_wins() {
         total.writes += c.writes;
         total.faults += c.faults;
         total.records += c.records;
+        total.trips += c.trips;
     }
     eprintln!(
         "CHECKED total: {} ops, {} row writes, {} faults, {} records read",
         total.ops, total.writes, total.faults, total.records
     );
+    eprintln!("CHECKED breaker trips resolved: {}", total.trips);
 }

@@ -2,11 +2,13 @@
 //! Kafka-protocol broker, driving the real `pgrelay` binary.
 
 mod apply;
+mod breaker;
 mod capture;
 mod checker;
 mod convergence;
 mod errors;
 mod faults;
+mod repair;
 mod rules;
 mod security;
 mod sidecar;

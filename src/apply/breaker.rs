@@ -1,0 +1,523 @@
+//! The blast-radius breaker on the apply side (thresholds and judgement:
+//! [`crate::breaker`]).
+//!
+//! ```text
+//!  batch ──judge each record──▶ prefix before the first record past a threshold: applied
+//!                              └▶ that record and all after it: held in Kafka (offsets not stored)
+//!  trip: pgrelay.breakers row `frozen` + pgrelay.events row ──▶ pipeline waits, polling the row
+//!  release / discard (CLI, in the destination's database) ──▶ pipeline resumes at the stored offsets
+//! ```
+//!
+//! Each destination protects itself: a source region keeps writing and
+//! publishing; what it sends waits in the pair's topic until an operator
+//! decides. The frozen state lives in the destination's database, so a
+//! restart keeps it. A release lets every change the source committed up
+//! to the release pass uncounted (the held storm applies), then counting
+//! starts again; a discard parks the storm's changes (the tripped table and
+//! kind of change, committed up to `--until`) in the dead-letter topic with
+//! class `breaker_discarded` — `pgrelay dlq replay` leaves them there — and
+//! applies the rest. Counts live in memory: a restart of the pipeline in
+//! the middle of a storm starts them again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use super::pipeline::Pipeline;
+use crate::apply::dlq::DeadLetter;
+use crate::apply::{db_message, record, ApplyError, Consumed};
+use crate::breaker::{Counter, Seen, Trip, Verdict};
+use crate::config::Config;
+use crate::event::{Op, TableName};
+
+/// The class of dead letters a discard parks; `dlq replay` skips them.
+pub const CLASS_DISCARDED: &str = "breaker_discarded";
+
+/// What `setup` creates for the breaker and the region's event log.
+pub const SETUP_SQL: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS pgrelay.breakers (\
+        source_region text PRIMARY KEY, state text NOT NULL, reason text NOT NULL, \
+        table_name text NOT NULL, kind text NOT NULL, tripped_at timestamptz NOT NULL, \
+        resolved_at timestamptz, pass_until timestamptz, discard_until timestamptz)",
+    "CREATE TABLE IF NOT EXISTS pgrelay.events (\
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+        at timestamptz NOT NULL DEFAULT now(), region text NOT NULL, kind text NOT NULL, \
+        detail jsonb NOT NULL DEFAULT '{}')",
+];
+
+const TRIP_SQL: &str = "WITH b AS (INSERT INTO pgrelay.breakers AS b \
+        (source_region, state, reason, table_name, kind, tripped_at) \
+        VALUES ($1, 'frozen', $2, $3, $4, now()) \
+        ON CONFLICT (source_region) DO UPDATE SET state = 'frozen', reason = EXCLUDED.reason, \
+        table_name = EXCLUDED.table_name, kind = EXCLUDED.kind, tripped_at = now(), \
+        resolved_at = NULL WHERE b.state <> 'frozen' RETURNING 1) \
+    INSERT INTO pgrelay.events (region, kind, detail) \
+    SELECT $5, 'breaker_trip', jsonb_build_object('source', $1::text, 'reason', $2::text, \
+        'table', $3::text, 'kind', $4::text) FROM b";
+
+const STATE_SQL: &str = "SELECT state, reason, table_name, kind, \
+    coalesce((extract(epoch FROM pass_until) * 1000)::bigint, 0), \
+    coalesce((extract(epoch FROM discard_until) * 1000)::bigint, 0) \
+    FROM pgrelay.breakers WHERE source_region = $1";
+
+/// A source's breaker as stored in the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub state: String,
+    pub reason: String,
+    pub table: String,
+    pub kind: String,
+    pub pass_until_ms: i64,
+    pub discard_until_ms: i64,
+}
+
+pub async fn load(client: &Client, source: &str) -> Result<Option<Stored>, ApplyError> {
+    let row = client.query_opt(STATE_SQL, &[&source]).await.map_err(|e| {
+        let msg = format!("reading pgrelay.breakers: {}", db_message(&e));
+        if crate::apply::sqlstate(&e) == "42P01" {
+            ApplyError::Setup(format!(
+                "{msg}; run pgrelay setup (it creates the breaker's table)"
+            ))
+        } else {
+            ApplyError::Transient(msg)
+        }
+    })?;
+    Ok(row.map(|r| Stored {
+        state: r.get(0),
+        reason: r.get(1),
+        table: r.get(2),
+        kind: r.get(3),
+        pass_until_ms: r.get(4),
+        discard_until_ms: r.get(5),
+    }))
+}
+
+/// The breaker of one source region, shared by its apply sessions.
+#[derive(Default)]
+pub struct Shared {
+    pub counter: Mutex<Counter>,
+    /// Row counts of tables here, for `max_fraction`: (when read, rows).
+    rows: Mutex<HashMap<TableName, (Instant, u64)>>,
+}
+
+/// How long a batch with deletes or updates of a guarded table waits for
+/// more records (the rest of their transaction) before it is judged.
+pub const SETTLE: Duration = Duration::from_millis(250);
+
+/// What became of a batch.
+pub enum Guarded {
+    Applied,
+    /// The breaker holds the source: nothing from the held record on was
+    /// applied; go on from the stored offsets once it is released.
+    Held,
+}
+
+impl Pipeline {
+    fn breaker_labels(&self) -> [(&'static str, &str); 2] {
+        [
+            ("region", self.region.as_str()),
+            ("source", self.source.as_str()),
+        ]
+    }
+
+    fn set_breaker_metric(&self, frozen: bool) {
+        self.metrics.set(
+            "pgrelay_breaker_state",
+            "1 while the blast-radius breaker holds the source's changes (pgrelay breaker release|discard)",
+            &self.breaker_labels(),
+            if frozen { 1.0 } else { 0.0 },
+        );
+    }
+
+    /// Reads the stored breaker; while it is frozen, waits (polling it) for
+    /// a release or a discard. Returns `false` on shutdown.
+    pub(super) async fn wait_while_frozen(
+        &self,
+        client: &Client,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<bool, ApplyError> {
+        let mut warned = false;
+        loop {
+            let stored = load(client, &self.source).await?;
+            let Some(stored) = stored else {
+                self.set_breaker_metric(false);
+                return Ok(true);
+            };
+            if stored.state != "frozen" {
+                let discard = (stored.state == "discarded").then(|| {
+                    (
+                        TableName::parse(&stored.table).unwrap_or_else(|_| TableName::new("", "")),
+                        stored.kind.clone(),
+                        stored.discard_until_ms,
+                    )
+                });
+                self.breaker
+                    .counter
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .resume(stored.pass_until_ms, discard);
+                self.set_breaker_metric(false);
+                if warned {
+                    tracing::warn!(region = %self.region, source = %self.source, state = %stored.state, "breaker resolved: applying again");
+                }
+                return Ok(true);
+            }
+            self.breaker
+                .counter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .frozen = Some(stored.reason.clone());
+            self.set_breaker_metric(true);
+            if !warned {
+                tracing::warn!(region = %self.region, source = %self.source, reason = %stored.reason, "breaker frozen: changes from this source are held in Kafka until `pgrelay breaker release` or `discard`");
+                warned = true;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(false),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Whether `batch` holds a change a breaker rule counts (a delete,
+    /// update or truncate of a table a rule covers).
+    pub(super) fn settles(&self, batch: &[Consumed]) -> bool {
+        let targets = self.targets();
+        batch.iter().any(|c| {
+            record::parse(c.value.as_deref(), &targets).is_ok_and(|inc| {
+                matches!(inc.op, Op::Delete | Op::Update | Op::Truncate)
+                    && crate::breaker::rule_for(
+                        &self.config.breakers,
+                        &self.source,
+                        &inc.table.name,
+                    )
+                    .is_some()
+            })
+        })
+    }
+
+    /// Row counts of the tables whose rule has a fraction, read at most
+    /// once per window.
+    async fn row_counts(
+        &self,
+        client: &Client,
+        tables: impl Iterator<Item = &TableName>,
+    ) -> Result<HashMap<TableName, u64>, ApplyError> {
+        let mut out = HashMap::new();
+        for t in tables {
+            let Some(rule) = crate::breaker::rule_for(&self.config.breakers, &self.source, t)
+            else {
+                continue;
+            };
+            if rule.max_fraction.is_none() || out.contains_key(t) {
+                continue;
+            }
+            let cached = self
+                .breaker
+                .rows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(t)
+                .filter(|(at, _)| at.elapsed() < rule.window)
+                .map(|(_, n)| *n);
+            let n = match cached {
+                Some(n) => n,
+                None => {
+                    // the planner's estimate, or a count when there is none yet
+                    let sql = format!(
+                        "SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint \
+                         ELSE (SELECT count(*) FROM {}) END FROM pg_class c WHERE c.oid = $1::text::regclass",
+                        t.quoted()
+                    );
+                    let n: i64 = client
+                        .query_one(sql.as_str(), &[&t.quoted()])
+                        .await
+                        .map_err(|e| {
+                            ApplyError::Transient(format!(
+                                "counting rows of {t}: {}",
+                                db_message(&e)
+                            ))
+                        })?
+                        .get(0);
+                    let n = n.max(0) as u64;
+                    self.breaker
+                        .rows
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(t.clone(), (Instant::now(), n));
+                    n
+                }
+            };
+            out.insert(t.clone(), n);
+        }
+        Ok(out)
+    }
+
+    /// Applies what the breaker lets through of `batch`: parks what a
+    /// discard covers, stops at the first record past a threshold.
+    pub(super) async fn apply_guarded(
+        &self,
+        client: &mut Client,
+        batch: &[Consumed],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Guarded, ApplyError> {
+        let targets = self.targets();
+        // (table, op, commit time, commit LSN) of each record; records that
+        // do not parse are left to apply_batch, which parks them
+        let seen: Vec<Option<(TableName, Op, i64, String)>> = batch
+            .iter()
+            .map(|c| {
+                record::parse(c.value.as_deref(), &targets).ok().map(|inc| {
+                    (
+                        inc.table.name.clone(),
+                        inc.op,
+                        inc.commit_ts_ms,
+                        inc.commit_lsn.to_string(),
+                    )
+                })
+            })
+            .collect();
+        let rows = self
+            .row_counts(
+                client,
+                seen.iter()
+                    .flatten()
+                    .filter(|s| matches!(s.1, Op::Delete | Op::Update))
+                    .map(|s| &s.0),
+            )
+            .await?;
+        let mut verdicts = Vec::with_capacity(batch.len());
+        {
+            let mut counter = self
+                .breaker
+                .counter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for s in &seen {
+                let v = match s {
+                    None => Verdict::Pass,
+                    Some((table, op, ts, _)) => counter.judge(
+                        &self.config.breakers,
+                        &self.source,
+                        &Seen {
+                            table,
+                            op: *op,
+                            commit_ts_ms: *ts,
+                        },
+                        &mut |t| rows.get(t).copied(),
+                    ),
+                };
+                let stop = matches!(v, Verdict::Hold(_));
+                verdicts.push(v);
+                if stop {
+                    break;
+                }
+            }
+        }
+        let trip = match verdicts.last() {
+            Some(Verdict::Hold(t)) => Some(t.clone()),
+            _ => None,
+        };
+        if let Some(Some(trip)) = &trip {
+            // stored before anything of the batch is applied: a crash in
+            // between holds more, never less
+            self.store_trip(client, trip).await?;
+        }
+        // the source transaction of the record that tripped is held whole,
+        // as far as this batch holds it
+        let cut = match verdicts.len().checked_sub(1) {
+            Some(last) if matches!(verdicts[last], Verdict::Hold(_)) => {
+                let lsn = seen[last].as_ref().map(|s| &s.3);
+                seen[..last]
+                    .iter()
+                    .position(|s| lsn.is_some() && s.as_ref().map(|s| &s.3) == lsn)
+                    .unwrap_or(last)
+            }
+            _ => batch.len(),
+        };
+        let mut keep = Vec::with_capacity(cut);
+        let mut parked = Vec::new();
+        let mut extra: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for (c, v) in batch[..cut].iter().zip(&verdicts) {
+            if *v == Verdict::Discard {
+                parked.push(DeadLetter {
+                    class: CLASS_DISCARDED.to_string(),
+                    message: "discarded by pgrelay breaker discard: part of the storm that tripped the breaker"
+                        .to_string(),
+                    sqlstate: String::new(),
+                    attempts: 0,
+                    replay_run: None,
+                    key: c.key.clone(),
+                    value: c.value.clone(),
+                    topic: c.topic.clone(),
+                    partition: c.partition,
+                    offset: c.offset,
+                });
+                let e = extra.entry((c.topic.clone(), c.partition)).or_insert(0);
+                *e = (*e).max(c.offset + 1);
+            } else {
+                keep.push(c.clone());
+            }
+        }
+        if !parked.is_empty() {
+            // in Kafka before the offsets that skip them are stored
+            self.dlq
+                .send_quietly(&parked)
+                .await
+                .map_err(ApplyError::Transient)?;
+            tracing::info!(region = %self.region, source = %self.source, parked = parked.len(), "discarded changes parked in the dead-letter topic");
+            self.metrics.add(
+                "pgrelay_breaker_discarded_total",
+                "Changes parked by pgrelay breaker discard",
+                &self.breaker_labels(),
+                parked.len() as u64,
+            );
+        }
+        if !keep.is_empty() || !parked.is_empty() {
+            let extra: Vec<(String, i32, i64)> =
+                extra.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+            self.apply_with_retry(client, &keep, &extra, shutdown)
+                .await?;
+        }
+        match trip {
+            None => Ok(Guarded::Applied),
+            Some(_) => Ok(Guarded::Held),
+        }
+    }
+
+    async fn store_trip(&self, client: &Client, trip: &Trip) -> Result<(), ApplyError> {
+        client
+            .execute(
+                TRIP_SQL,
+                &[
+                    &self.source,
+                    &trip.reason,
+                    &trip.table.to_string(),
+                    &trip.kind,
+                    &self.region,
+                ],
+            )
+            .await
+            .map_err(|e| {
+                ApplyError::Transient(format!("storing the breaker trip: {}", db_message(&e)))
+            })?;
+        // the source's other sessions hold from now on
+        self.breaker
+            .counter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .frozen = Some(trip.reason.clone());
+        self.set_breaker_metric(true);
+        self.metrics.add(
+            "pgrelay_breaker_trips_total",
+            "Times the blast-radius breaker stopped a source",
+            &[
+                ("region", self.region.as_str()),
+                ("source", self.source.as_str()),
+                ("table", &trip.table.to_string()),
+                ("kind", trip.kind),
+            ],
+            1,
+        );
+        tracing::warn!(region = %self.region, source = %self.source, table = %trip.table, kind = trip.kind, reason = %trip.reason, "breaker tripped: changes from this source are held in Kafka until `pgrelay breaker release` or `discard`");
+        Ok(())
+    }
+}
+
+/// What `pgrelay breaker release|discard` did.
+#[derive(Debug, Clone)]
+pub struct Resolution {
+    pub reason: String,
+    pub table: String,
+    pub kind: String,
+    pub tripped_at: String,
+    pub until: String,
+}
+
+/// `pgrelay breaker release` (`discard_until: None`) or `discard`: resolves
+/// the frozen breaker of `source` in `region`'s database and records it in
+/// the region's events. The sidecar picks it up within a second.
+pub async fn resolve(
+    config: &Config,
+    region: &str,
+    source: &str,
+    discard_until: Option<&str>,
+) -> Result<Resolution, ApplyError> {
+    let r = config
+        .region(region)
+        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+    if region == source || !config.regions.contains_key(source) {
+        return Err(ApplyError::Setup(format!(
+            "--source {source}: name another declared region whose changes {region} applies (declared: {})",
+            config.declared_regions()
+        )));
+    }
+    let mut client = crate::source::catalog::connect(&r.dsn, region)
+        .await
+        .map_err(|e| ApplyError::Unreachable(e.to_string()))?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| ApplyError::Transient(db_message(&e)))?;
+    let (state, kind) = match discard_until {
+        None => ("released", "breaker_release"),
+        Some(_) => ("discarded", "breaker_discard"),
+    };
+    let until = discard_until.unwrap_or("now");
+    let row = tx
+        .query_opt(
+            "UPDATE pgrelay.breakers SET state = $2, resolved_at = now(), \
+                pass_until = $3::text::timestamptz, \
+                discard_until = CASE WHEN $2 = 'discarded' THEN $3::text::timestamptz END \
+             WHERE source_region = $1 AND state = 'frozen' \
+             RETURNING reason, table_name, kind, tripped_at::text, \
+                coalesce(discard_until, pass_until)::text",
+            &[&source, &state, &until],
+        )
+        .await
+        .map_err(|e| {
+            let msg = db_message(&e);
+            if crate::apply::sqlstate(&e).starts_with("22") {
+                ApplyError::Setup(format!(
+                    "--until {until:?}: not a time PostgreSQL reads ({msg}); e.g. '2026-12-04 16:40:00+00' or now"
+                ))
+            } else {
+                ApplyError::Setup(format!("region {region}: pgrelay.breakers: {msg}; run pgrelay setup"))
+            }
+        })?;
+    let Some(row) = row else {
+        return Err(ApplyError::Setup(format!(
+            "no breaker holds the changes from {source} in {region} (pgrelay status shows frozen pairs)"
+        )));
+    };
+    let out = Resolution {
+        reason: row.get(0),
+        table: row.get(1),
+        kind: row.get(2),
+        tripped_at: row.get(3),
+        until: row.get(4),
+    };
+    tx.execute(
+        "INSERT INTO pgrelay.events (region, kind, detail) VALUES ($1, $2, \
+         jsonb_build_object('source', $3::text, 'reason', $4::text, 'table', $5::text, \
+         'kind', $6::text, 'until', $7::text))",
+        &[
+            &region,
+            &kind,
+            &source,
+            &out.reason,
+            &out.table,
+            &out.kind,
+            &out.until,
+        ],
+    )
+    .await
+    .map_err(|e| ApplyError::Setup(format!("recording the event: {}", db_message(&e))))?;
+    tx.commit()
+        .await
+        .map_err(|e| ApplyError::Transient(db_message(&e)))?;
+    Ok(out)
+}
