@@ -42,7 +42,7 @@ use crate::event::{Change, Lsn, TableName};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, encode_status_update, Frame};
 use crate::publish::acks::AckTracker;
-use crate::publish::envelope::Source;
+use crate::publish::envelope::{self, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
 use crate::publish::producer::{Delivery, Outlets, SendError};
 use crate::publish::sink::Outgoing;
 use crate::residency::{DropReason, Policy, Verdict};
@@ -245,6 +245,21 @@ pub async fn run(
         dropped: std::collections::HashMap::new(),
         truncates_kept: HashSet::new(),
         filler: Filler::new(&region_cfg.dsn, &region),
+        progress_sent: Lsn::ZERO,
+        progress_rounds: PROGRESS_ROUNDS,
+        counters: config
+            .tables
+            .iter()
+            .filter_map(|t| {
+                let c: Vec<String> = t
+                    .merge
+                    .iter()
+                    .filter(|m| m.kind == crate::config::MergeKind::Counter)
+                    .map(|m| m.column.clone())
+                    .collect();
+                (!c.is_empty()).then(|| (t.name.clone(), c))
+            })
+            .collect(),
     };
     let result = ctx.stream(&mut reader, &mut writer, &mut shutdown).await;
 
@@ -284,7 +299,17 @@ struct Loop<'a> {
     truncates_kept: HashSet<TableName>,
     /// Reads back what a row moved to a new key left out of the stream.
     filler: Filler,
+    /// The LSN of the last progress records sent, and how many more status
+    /// ticks may send them (see [`Loop::send_progress`]).
+    progress_sent: Lsn,
+    progress_rounds: u8,
+    /// The `counter` merge columns of each table that has some.
+    counters: std::collections::HashMap<TableName, Vec<String>>,
 }
+
+/// Status ticks after the last published change (and after a start) that
+/// send progress records when the confirmed LSN has moved.
+const PROGRESS_ROUNDS: u8 = 3;
 
 /// How often delivery reports are collected while records are in flight
 /// and nothing else wakes the capture loop.
@@ -322,7 +347,8 @@ impl Loop<'_> {
                 _ = shutdown.changed() => return Ok(()),
                 _ = status.tick() => {
                     self.poll_deliveries()?;
-                    self.send_status(writer, false).await?
+                    self.send_status(writer, false).await?;
+                    self.send_progress().await?
                 }
                 _ = acks.tick(), if self.tracker.in_flight() > 0 => self.poll_deliveries()?,
                 frame = reader.next_copy_data(), if self.tracker.in_flight() < self.max_in_flight => {
@@ -426,6 +452,55 @@ impl Loop<'_> {
                 &[("region", self.region)],
                 lsn.0 as f64,
             );
+        }
+        Ok(())
+    }
+
+    /// Sends a progress record (`envelope::progress`) to every partition of
+    /// every destination's topic, stamped with the confirmed LSN: everything
+    /// committed before it is in Kafka, so in each partition it follows every
+    /// change it covers. The apply side stores it and `pgrelay.wait_for`
+    /// reads it, so a partition no change went to still shows that nothing
+    /// is missing there. Sent for a few status ticks after the last
+    /// published change (and after a start), and only when the confirmed
+    /// LSN moved: an idle source sends none.
+    async fn send_progress(&mut self) -> Result<(), CaptureError> {
+        let lsn = self.tracker.confirmed();
+        if self.progress_rounds == 0 || lsn <= self.progress_sent {
+            return Ok(());
+        }
+        self.progress_rounds -= 1;
+        self.progress_sent = lsn;
+        let ts_ms = (now_us() / 1000).max(0) as u64;
+        let (key, value) = envelope::progress(self.region, lsn, ts_ms);
+        let headers = [
+            (HEADER_ORIGIN, self.region),
+            (HEADER_HLC, "0"),
+            (HEADER_TABLE, ""),
+            (HEADER_OP, envelope::PROGRESS_OP),
+        ];
+        for dest in 0..self.destinations.len() {
+            for partition in 0..self.outlets.partitions[dest] {
+                let seq = self.tracker.issue();
+                loop {
+                    match self
+                        .outlets
+                        .send_to(dest, partition as i32, &key, &value, headers, seq)
+                    {
+                        Ok(()) => break,
+                        Err(SendError::QueueFull) => {
+                            tokio::time::sleep(ACK_POLL).await;
+                            self.poll_deliveries()?;
+                        }
+                        Err(SendError::Other(e)) => {
+                            return Err(CaptureError::Transient(format!(
+                                "cannot queue a progress record for {}: {e}",
+                                self.outlets.topics[dest]
+                            )))
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -537,7 +612,11 @@ impl Loop<'_> {
                     continue;
                 }
             };
-            let out = Outgoing::new(self.region, self.source, change, &routed, &hlc);
+            let counters = self
+                .counters
+                .get(&change.schema.table)
+                .map_or(&[][..], Vec::as_slice);
+            let out = Outgoing::merging(self.region, self.source, change, &routed, &hlc, counters);
             let seq = self.tracker.issue();
             loop {
                 match out.queue(self.outlets, i, seq) {
@@ -551,6 +630,7 @@ impl Loop<'_> {
                 }
             }
             self.published[i] += 1;
+            self.progress_rounds = PROGRESS_ROUNDS;
         }
         Ok(())
     }

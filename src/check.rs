@@ -125,6 +125,14 @@ pub async fn database(
                     ));
                 }
             }
+            for m in &t.merge {
+                if let Some(problem) = merge_problem(m, &state) {
+                    out.push(finding(
+                        Severity::Blocking,
+                        format!("region {region}: table {name}: {problem}"),
+                    ));
+                }
+            }
             if let TableClass::Partitioned { home_column, .. } = &t.class {
                 if !state.columns.contains(home_column) {
                     out.push(finding(
@@ -135,7 +143,10 @@ pub async fn database(
             }
         }
         if after_setup {
-            let full = config.needs_full_identity(&class);
+            let full = match config.table(&name) {
+                Some(t) => config.table_needs_full_identity(t),
+                None => config.needs_full_identity(&class),
+            };
             if full && state.replica_identity != 'f' {
                 out.push(finding(
                     Severity::NeedsSetup,
@@ -264,4 +275,100 @@ async fn privileges(
         ));
     }
     Ok(out)
+}
+
+/// What makes merge column `m` impossible on a table of this shape: a key
+/// column, a `counter` that is not a number, a `union` that is not an
+/// array, a column the table lacks.
+pub fn merge_problem(
+    m: &crate::config::MergeColumn,
+    state: &crate::source::catalog::TableState,
+) -> Option<String> {
+    use crate::config::MergeKind;
+    let column = &m.column;
+    let Some(i) = state.columns.iter().position(|c| c == column) else {
+        return Some(format!(
+            "no column {column:?}, which merge = \"{}\" names (renamed or dropped?)",
+            m.kind.as_str()
+        ));
+    };
+    if state.primary_key.contains(column) {
+        return Some(format!(
+            "column {column:?} is part of the primary key: a key cannot be merged; remove its \
+             merge setting"
+        ));
+    }
+    let ty = state.column_types.get(i).map_or("", String::as_str);
+    match m.kind {
+        MergeKind::Counter if !is_numeric_type(ty) => Some(format!(
+            "column {column:?} has type {ty}; merge = \"counter\" needs a number (smallint, \
+             integer, bigint, numeric, real, double precision)"
+        )),
+        MergeKind::Union if !ty.ends_with("[]") => Some(format!(
+            "column {column:?} has type {ty}; merge = \"union\" needs an array (text[], \
+             integer[], ...)"
+        )),
+        _ => None,
+    }
+}
+
+fn is_numeric_type(ty: &str) -> bool {
+    let base = ty.split('(').next().unwrap_or("").trim();
+    matches!(
+        base,
+        "smallint" | "integer" | "bigint" | "numeric" | "real" | "double precision"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MergeColumn, MergeKind};
+    use crate::source::catalog::TableState;
+
+    fn state() -> TableState {
+        TableState {
+            exists: true,
+            primary_key: vec!["id".into()],
+            replica_identity: 'f',
+            partitioned_root: false,
+            has_stamp_column: true,
+            triggers: vec![],
+            columns: vec!["id".into(), "n".into(), "label".into(), "tags".into()],
+            column_types: vec![
+                "integer".into(),
+                "numeric(12,2)".into(),
+                "text".into(),
+                "text[]".into(),
+            ],
+            json_columns: vec![],
+        }
+    }
+
+    fn problem(column: &str, kind: MergeKind) -> Option<String> {
+        merge_problem(
+            &MergeColumn {
+                column: column.into(),
+                kind,
+            },
+            &state(),
+        )
+    }
+
+    #[test]
+    fn merge_columns_must_fit_the_table() {
+        assert_eq!(problem("n", MergeKind::Counter), None);
+        assert_eq!(problem("tags", MergeKind::Union), None);
+        let key = problem("id", MergeKind::Counter).unwrap();
+        assert!(key.contains("primary key"), "{key}");
+        let text = problem("label", MergeKind::Counter).unwrap();
+        assert!(
+            text.contains("type text") && text.contains("needs a number"),
+            "{text}"
+        );
+        let scalar = problem("n", MergeKind::Union).unwrap();
+        assert!(scalar.contains("needs an array"), "{scalar}");
+        let gone = problem("stock", MergeKind::Counter).unwrap();
+        assert!(gone.contains("no column \"stock\""), "{gone}");
+    }
 }

@@ -17,6 +17,7 @@ pub mod capture;
 pub mod check;
 pub mod commands;
 pub mod config;
+pub mod conflicts;
 pub mod event;
 pub mod hlc;
 pub mod http;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use pgrelay::commands::{breaker, check, dlq, repair, resync, setup, status};
+use pgrelay::commands::{breaker, check, conflicts, dlq, repair, resync, setup, status};
 use pgrelay::sidecar::{self, Role};
 
 /// mimalloc: the capture and apply paths allocate and free small buffers
@@ -119,6 +119,30 @@ enum Command {
     Breaker {
         #[command(subcommand)]
         action: BreakerAction,
+    },
+    /// The region's conflict log: incoming changes that lost to a newer version.
+    Conflicts {
+        #[command(subcommand)]
+        action: ConflictsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConflictsAction {
+    /// Print the conflict log, oldest first.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        /// Only this table (`schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only entries recorded since: a duration back (`2h`) or a timestamp.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
     },
 }
 
@@ -251,6 +275,23 @@ fn main() -> ExitCode {
                     dry_run,
                 )
                 .await
+            }
+            Command::Conflicts {
+                action:
+                    ConflictsAction::List {
+                        config,
+                        region,
+                        table,
+                        since,
+                        limit,
+                    },
+            } => {
+                let filter = pgrelay::conflicts::Filter {
+                    table,
+                    since,
+                    limit,
+                };
+                conflicts::list(&config, &region, &filter).await
             }
             Command::Breaker { action } => match action {
                 BreakerAction::Release {

@@ -121,6 +121,8 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         "horizon",
         "breakers",
         "events",
+        "conflicts",
+        "merged",
     ] {
         out.push(Need {
             object: Object::Table(pgrelay(table)),

@@ -49,6 +49,61 @@ $fn$",
     )
 }
 
+/// `pgrelay.wait_for(source, lsn, timeout)`: read your writes across
+/// regions. Returns true once this region has applied every change `source`
+/// committed before `lsn` (a position in the source's WAL, such as
+/// `pg_current_wal_insert_lsn()` read there after the write committed),
+/// false when `timeout` passes first. Each partition of the source's topic
+/// stores how far its changes are applied (`pgrelay.offsets.source_lsn`,
+/// moved by changes and by the progress records the source's capture side
+/// sends to every partition), so the answer is true when every partition
+/// has reached `lsn`. Polls every 10 ms; each poll sees what has committed
+/// (call it outside a `REPEATABLE READ` transaction). `SECURITY DEFINER`:
+/// callers need no privilege on `pgrelay.offsets`.
+fn wait_for_function(config: &Config, region: &str) -> String {
+    let sources: Vec<String> = config
+        .regions
+        .keys()
+        .filter(|r| r.as_str() != region)
+        .map(|r| quote_literal(r))
+        .collect();
+    let prefix = quote_literal(&format!("{}.", config.prefix));
+    let suffix = quote_literal(&format!(".{region}"));
+    format!(
+        "CREATE OR REPLACE FUNCTION pgrelay.wait_for(source text, lsn pg_lsn, timeout interval DEFAULT '10s') \
+         RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    deadline timestamptz := clock_timestamp() + timeout;
+    reached int;
+    known int;
+BEGIN
+    IF source = {here} THEN
+        RETURN true;
+    END IF;
+    IF source IS NULL OR source <> ALL (ARRAY[{sources}]::text[]) THEN
+        RAISE EXCEPTION 'pgrelay.wait_for: % is not a region this region applies changes from (one of: %)',
+            source, array_to_string(ARRAY[{sources}]::text[], ', ')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    LOOP
+        SELECT count(*) FILTER (WHERE o.source_lsn >= lsn), count(*) INTO reached, known
+            FROM pgrelay.offsets o WHERE o.topic = {prefix} || source || {suffix};
+        IF reached >= greatest(known, {partitions}) THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() >= deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
+END
+$fn$",
+        here = quote_literal(region),
+        sources = sources.join(", "),
+        partitions = config.capture.topic_partitions,
+    )
+}
+
 /// The SQL statements that bring a region's database up to date. `keys`
 /// gives each declared table's primary key (the caller reads the catalog and
 /// reports tables without one before calling this).
@@ -77,6 +132,27 @@ pub fn plan(config: &Config, region: &str, keys: &dyn Fn(&TableName) -> KeyColum
             commit_lsn pg_lsn, commit_time timestamptz, \
             applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (source_region, session))"
             .to_string(),
+        // incoming changes that lost to a newer version (see
+        // apply::sql::conflicts_sql); one entry per table, key and stamp
+        "CREATE TABLE IF NOT EXISTS pgrelay.conflicts (\
+            table_name text NOT NULL, pk jsonb NOT NULL, op text NOT NULL, \
+            winner_hlc bigint NOT NULL, winner_origin text, \
+            loser_hlc bigint NOT NULL, loser_origin text, loser_version jsonb, \
+            recorded_at timestamptz NOT NULL DEFAULT now(), \
+            PRIMARY KEY (table_name, pk, loser_hlc))"
+            .to_string(),
+        "CREATE INDEX IF NOT EXISTS conflicts_recorded_at ON pgrelay.conflicts (recorded_at)"
+            .to_string(),
+        // per row of a table with counter columns and per source region:
+        // the highest stamp whose delta was added (apply::sql::counter_sql)
+        "CREATE TABLE IF NOT EXISTS pgrelay.merged (\
+            table_name text NOT NULL, pk jsonb NOT NULL, origin int NOT NULL, hlc bigint NOT NULL, \
+            PRIMARY KEY (table_name, pk, origin))"
+            .to_string(),
+        // per partition: every change the source committed before this LSN
+        // is applied (see wait_for_function)
+        "ALTER TABLE pgrelay.offsets ADD COLUMN IF NOT EXISTS source_lsn pg_lsn".to_string(),
+        wait_for_function(config, region),
         // why a session holds its records back (NULL: it does not)
         "ALTER TABLE pgrelay.watermark_parts ADD COLUMN IF NOT EXISTS held_reason text".to_string(),
         // the blast-radius breaker's state per source, and the region's events
@@ -128,7 +204,7 @@ $fn$"
             "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} bigint",
             quote_ident(HLC_COLUMN)
         ));
-        let identity = if config.needs_full_identity(&table.class) {
+        let identity = if config.table_needs_full_identity(table) {
             "FULL"
         } else {
             "DEFAULT"

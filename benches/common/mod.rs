@@ -349,6 +349,7 @@ pub fn targets() -> Targets {
             column_types: vec![],
             json_columns: vec![("doc".into(), "jsonb".into())],
             admit: Default::default(),
+            merge: vec![],
         },
     );
     t

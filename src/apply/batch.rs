@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::SinkExt as _;
 use tokio_postgres::Client;
 
+use crate::config::Config;
 use crate::hlc;
 
 use super::dlq::{DeadLetter, DlqProducer};
@@ -21,6 +22,17 @@ pub struct Outcome {
     pub won: u64,
     pub lost: u64,
     pub dead: Vec<DeadLetter>,
+    /// Per table: changes that lost to a newer version (the conflict log's
+    /// rule: duplicates and a region's own later writes do not count).
+    pub conflicts: BTreeMap<String, u64>,
+}
+
+impl Outcome {
+    fn count_conflicts(&mut self, table: &str, n: u64) {
+        if n > 0 {
+            *self.conflicts.entry(table.to_string()).or_insert(0) += n;
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -30,9 +42,64 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs one planned statement and records its losers in the conflict log
+/// (see [`sql::conflicts_sql`]): how many rows it wrote, and how many of
+/// its changes lost.
+async fn execute(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &sql::Statement,
+    staged: &mut HashSet<String>,
+    log: Option<&ConflictLog>,
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    let written = write(tx, s, staged).await?;
+    // every change written: none lost (the common case costs nothing)
+    let (Some(log), Some(conflicts)) = (log, &s.conflicts) else {
+        return Ok((written, 0));
+    };
+    if written >= s.members.len() as u64 {
+        return Ok((written, 0));
+    }
+    let row = if s.stage.is_some() {
+        tx.query_one(conflicts.as_str(), &[&log.sample, &log.regions])
+            .await?
+    } else {
+        tx.query_one(conflicts.as_str(), &[&log.sample, &log.regions, &s.rows])
+            .await?
+    };
+    Ok((written, row.get::<_, i64>(0).max(0) as u64))
+}
+
+/// The conflict log's settings, as the apply statements take them.
+#[derive(Debug, Clone)]
+pub struct ConflictLog {
+    /// The fraction of losers recorded (text, `0..=1`).
+    pub sample: String,
+    /// Region id -> name (a JSON object, text).
+    pub regions: String,
+}
+
+impl ConflictLog {
+    /// `None` when `relay.apply.conflict_log = "off"`.
+    pub fn from_config(config: &Config) -> Option<ConflictLog> {
+        let percent = config.apply.conflict_log_percent;
+        if percent == 0 {
+            return None;
+        }
+        let regions: serde_json::Map<String, serde_json::Value> = config
+            .regions
+            .values()
+            .map(|r| (r.id.to_string(), serde_json::Value::from(r.name.as_str())))
+            .collect();
+        Some(ConflictLog {
+            sample: (f64::from(percent) / 100.0).to_string(),
+            regions: serde_json::Value::Object(regions).to_string(),
+        })
+    }
+}
+
 /// Runs one planned statement; an upsert first copies its rows into its
 /// staging table.
-async fn execute(
+async fn write(
     tx: &tokio_postgres::Transaction<'_>,
     s: &sql::Statement,
     staged: &mut HashSet<String>,
@@ -89,6 +156,8 @@ pub struct BatchOptions<'a> {
     /// ([`BatchError::Recheck`]), so that a table changed since it was last
     /// read is never the reason for a dead letter.
     pub targets_checked: bool,
+    /// Where losing changes are recorded; `None`: nowhere.
+    pub conflict_log: Option<&'a ConflictLog>,
 }
 
 /// Applies one batch in one transaction. Returns `Err` for transient
@@ -111,6 +180,7 @@ pub async fn apply_batch(
         max_ahead,
         tombstone_horizon,
         targets_checked,
+        conflict_log,
     } = opts;
     let mut outcome = Outcome::default();
     let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
@@ -120,9 +190,29 @@ pub async fn apply_batch(
     let limit = max_ahead.as_millis() as i64;
     // how far the furthest change within the hard limit is ahead
     let mut furthest = i64::MIN;
+    // per partition: every change committed before this LSN is in this
+    // batch or applied before it (see `pgrelay.wait_for`)
+    let mut source_lsn: HashMap<(&str, i32), crate::event::Lsn> = HashMap::new();
     for (i, c) in batch.iter().enumerate() {
+        let mut reached = |lsn: crate::event::Lsn| {
+            let e = source_lsn
+                .entry((c.topic.as_str(), c.partition))
+                .or_default();
+            *e = (*e).max(lsn);
+        };
+        if let Some(lsn) = c
+            .value
+            .as_deref()
+            .and_then(crate::publish::envelope::progress_lsn)
+        {
+            reached(lsn);
+            continue;
+        }
         match record::parse(c.value.as_deref(), targets) {
             Ok(inc) => {
+                if let Ok(lsn) = inc.commit_lsn.parse() {
+                    reached(lsn);
+                }
                 let ahead = hlc::ahead_ms(inc.hlc, now);
                 if ahead > limit {
                     // never applied, so the clock never follows it
@@ -261,9 +351,11 @@ pub async fn apply_batch(
         tx.execute("SAVEPOINT stmt", &[])
             .await
             .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
-        let result = execute(&tx, s, &mut staged).await;
+        let result = execute(&tx, s, &mut staged, conflict_log).await;
         match result {
-            Ok(n) => {
+            Ok(_) if s.kind == sql::Kind::Merge => {}
+            Ok((n, lost)) => {
+                outcome.count_conflicts(&s.table, lost);
                 outcome.won += n;
                 outcome.lost +=
                     (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
@@ -283,16 +375,24 @@ pub async fn apply_batch(
                 outcome.lost += s.superseded.len() as u64;
                 for &m in &s.members {
                     let single = sql::plan(std::slice::from_ref(&changes[m]));
-                    for one in &single {
+                    // a change's merge runs with its table's merge statement,
+                    // its upsert or delete with theirs: never twice
+                    let merging = s.kind == sql::Kind::Merge;
+                    for one in single
+                        .iter()
+                        .filter(|o| (o.kind == sql::Kind::Merge) == merging)
+                    {
                         let mut tries = 0;
                         loop {
                             tries += 1;
                             tx.execute("SAVEPOINT one", &[])
                                 .await
                                 .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
-                            let r = execute(&tx, one, &mut staged).await;
+                            let r = execute(&tx, one, &mut staged, conflict_log).await;
                             match r {
-                                Ok(n) => {
+                                Ok(_) if one.kind == sql::Kind::Merge => break,
+                                Ok((n, lost)) => {
+                                    outcome.count_conflicts(&s.table, lost);
                                     outcome.won += n;
                                     outcome.lost += 1u64.saturating_sub(n);
                                     break;
@@ -334,7 +434,10 @@ pub async fn apply_batch(
     }
     let offsets = serde_json::Value::Array(
         next.iter()
-            .map(|((t, p), o)| serde_json::json!({"topic": t, "kafka_partition": p, "next_offset": o}))
+            .map(|((t, p), o)| {
+                let lsn = source_lsn.get(&(t.as_str(), *p)).map(|l| l.to_string());
+                serde_json::json!({"topic": t, "kafka_partition": p, "next_offset": o, "source_lsn": lsn})
+            })
             .collect(),
     )
     .to_string();

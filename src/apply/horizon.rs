@@ -99,7 +99,12 @@ pub fn purge_interval(horizon: Duration) -> Duration {
     (horizon / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// Purges tombstones of `region` until shutdown (every sidecar process
+/// Removes conflict log entries older than `$1` ms (text): the
+/// `relay.apply.conflict_retention`.
+pub const PURGE_CONFLICTS_SQL: &str = "DELETE FROM pgrelay.conflicts \
+    WHERE recorded_at < now() - make_interval(secs => $1::text::bigint / 1000.0)";
+
+/// Purges tombstones and old conflict log entries of `region` until shutdown (every sidecar process
 /// does, whatever its role: tombstones grow nowhere without bound).
 pub async fn keep(
     config: std::sync::Arc<crate::config::Config>,
@@ -131,6 +136,14 @@ pub async fn keep(
             Ok(n) => tracing::info!(region = %region, purged = n, "tombstones purged"),
             Err(e) => {
                 tracing::warn!(region = %region, error = %crate::apply::db_message(&e), "tombstone purge failed")
+            }
+        }
+        let retention = config.apply.conflict_retention.as_millis().to_string();
+        match c.execute(PURGE_CONFLICTS_SQL, &[&retention]).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(region = %region, purged = n, "conflict log entries purged"),
+            Err(e) => {
+                tracing::warn!(region = %region, error = %crate::apply::db_message(&e), "conflict log purge failed")
             }
         }
     }
@@ -191,6 +204,7 @@ mod tests {
             column_types: vec!["integer".into(), "text".into(), "text".into()],
             json_columns: vec![],
             admit: Default::default(),
+            merge: vec![],
         };
         assert_eq!(
             exists_sql(&t),

@@ -45,7 +45,7 @@ mod session;
 pub mod sql;
 mod target;
 
-pub use batch::{apply_batch, now_ms, BatchOptions, Outcome};
+pub use batch::{apply_batch, now_ms, BatchOptions, ConflictLog, Outcome};
 pub use consume::{assign, consumer, preflight, Consumed};
 pub use error::{db_message, is_transient_db, sqlstate, ApplyError, BatchError};
 pub use pipeline::run;

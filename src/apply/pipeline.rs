@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::source::catalog::{self};
 
-use super::batch::{apply_batch, BatchOptions, Outcome};
+use super::batch::{apply_batch, BatchOptions, ConflictLog, Outcome};
 use super::consume::{assign, consumer, Consumed};
 use super::dlq::DlqProducer;
 use super::error::{db_message, ApplyError, BatchError};
@@ -58,6 +58,7 @@ pub async fn run(
                 metrics: metrics.clone(),
                 dlq: dlq.clone(),
                 breaker: breaker.clone(),
+                conflict_log: ConflictLog::from_config(&config),
             };
             let shutdown = shutdown.clone();
             tasks.spawn(async move { pipeline.supervise(shutdown).await });
@@ -91,6 +92,7 @@ pub(super) struct Pipeline {
     pub(super) dlq: Arc<DlqProducer>,
     /// The breaker of this source, shared with its other sessions.
     pub(super) breaker: Arc<super::breaker::Shared>,
+    pub(super) conflict_log: Option<ConflictLog>,
 }
 
 impl Pipeline {
@@ -305,6 +307,7 @@ impl Pipeline {
                     max_ahead: self.config.max_stamp_ahead,
                     tombstone_horizon: self.config.apply.tombstone_horizon,
                     targets_checked,
+                    conflict_log: self.conflict_log.as_ref(),
                 },
             )
             .await
@@ -461,6 +464,18 @@ impl Pipeline {
             &labels,
             outcome.lost,
         );
+        for (table, n) in &outcome.conflicts {
+            self.metrics.add(
+                "pgrelay_apply_conflicts_total",
+                "Incoming changes that lost to a newer version of their row (the conflict log)",
+                &[
+                    ("region", self.region.as_str()),
+                    ("source", self.source.as_str()),
+                    ("table", table.as_str()),
+                ],
+                *n,
+            );
+        }
         self.metrics.add(
             "pgrelay_apply_dead_lettered_total",
             "Records sent to the dead-letter topic",

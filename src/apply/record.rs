@@ -35,6 +35,11 @@ pub struct Incoming<'a> {
     pub columns: Vec<Text<'a>>,
     /// Inserts and updates: the values of `columns` (`None`: NULL).
     pub values: Vec<Option<Text<'a>>>,
+    /// Inserts and updates of a table with `counter` merge columns, as the
+    /// stream captured them: each counter's value before the change (`None`:
+    /// NULL or an insert, i.e. from zero). `None` for a record that carries
+    /// no delta (a resync).
+    pub merge_from: Option<Vec<(Text<'a>, Option<Text<'a>>)>>,
 }
 
 impl Incoming<'_> {
@@ -112,6 +117,15 @@ pub struct TargetTable {
     /// Which changes this region accepts for the table, whatever a record
     /// claims (the residency policy, checked again on arrival).
     pub admit: Admit,
+    /// Columns merged instead of overwritten (`merge` in the config).
+    pub merge: Vec<(String, crate::config::MergeKind)>,
+}
+
+impl TargetTable {
+    /// How column `name` is merged, if it is a merge column.
+    pub fn merge_kind(&self, name: &str) -> Option<crate::config::MergeKind> {
+        self.merge.iter().find(|(c, _)| c == name).map(|(_, k)| *k)
+    }
 }
 
 /// The apply side's own residency check of a table's incoming changes.
@@ -273,6 +287,8 @@ struct ApplyMeta<'a> {
     commit_lsn: Cow<'a, str>,
     #[serde(default, borrow)]
     unchanged: Vec<Value<'a>>,
+    #[serde(default, borrow)]
+    merge_from: Option<Row<'a>>,
 }
 
 /// Parses and validates one record value.
@@ -349,6 +365,16 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
     {
         return Err(unknown(&col.0));
     }
+    let merge_from = match env.pgrelay.merge_from {
+        Some(from) if matches!(op, Op::Insert | Op::Update) => Some(
+            from.0
+                .into_iter()
+                .filter(|(n, _)| target.merge_kind(&n.0) == Some(crate::config::MergeKind::Counter))
+                .map(|(n, v)| (n.0, v.map(|v| v.0)))
+                .collect(),
+        ),
+        _ => None,
+    };
     Ok(Incoming {
         table: target,
         op,
@@ -358,6 +384,7 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
         key,
         columns,
         values,
+        merge_from,
     })
 }
 
@@ -424,6 +451,7 @@ mod tests {
                 column_types: vec![],
                 json_columns: vec![],
                 admit: Admit::Any,
+                merge: vec![],
             },
         );
         t

@@ -57,6 +57,7 @@ pub async fn replay(
     let start = stored_offsets(&client, &dlq_topic).await?;
     let letters = dlq::read(config, region, &start, limit, Duration::from_secs(2))?;
     let producer = DlqProducer::new(config, region)?;
+    let conflict_log = crate::apply::ConflictLog::from_config(config);
     let fallback = config
         .regions
         .keys()
@@ -108,6 +109,7 @@ pub async fn replay(
                 tombstone_horizon: config.apply.tombstone_horizon,
                 // loaded at the start of the replay
                 targets_checked: true,
+                conflict_log: conflict_log.as_ref(),
             },
         )
         .await

@@ -28,6 +28,9 @@ pub enum Kind {
     Upsert,
     Delete,
     Truncate,
+    /// Adds counters' deltas or unions arrays into existing rows (see
+    /// [`merge_statements`]); changes no stamp.
+    Merge,
 }
 
 /// One statement and the batch positions it covers. With a `stage`, `rows`
@@ -44,6 +47,9 @@ pub struct Statement {
     pub members: Vec<usize>,
     /// Indices of changes made redundant by a newer change of the same row.
     pub superseded: Vec<usize>,
+    /// Records this statement's losers in `pgrelay.conflicts` (see
+    /// [`conflicts_sql`]); `None` for truncates.
+    pub conflicts: Option<String>,
 }
 
 /// A fast, non-keyed hasher for the batch's own keys (no untrusted party
@@ -176,6 +182,7 @@ pub fn plan(batch: &[Incoming<'_>]) -> Vec<Statement> {
                 rows: format!("[{{\"{HLC_COLUMN}\":{}}}]", change.hlc),
                 members: vec![i],
                 superseded: vec![],
+                conflicts: None,
             });
             start = i + 1;
         }
@@ -227,6 +234,7 @@ fn plan_segment(batch: &[Incoming<'_>], from: usize, to: usize, out: &mut Vec<St
             let (stage, sql) = upsert_sql(target, cols);
             (Kind::Upsert, Some(stage), sql, copy_rows(batch, &members))
         };
+        let conflicts = Some(conflicts_sql(target, stage.as_ref()));
         out.push(Statement {
             kind,
             table: target.name.to_string(),
@@ -239,9 +247,263 @@ fn plan_segment(batch: &[Incoming<'_>], from: usize, to: usize, out: &mut Vec<St
             } else {
                 vec![]
             },
+            conflicts,
         });
         first = false;
     }
+    out.extend(merge_statements(batch, from, to));
+}
+
+/// The merge statements of changes `from..to` of the batch: for each table
+/// with merge columns, one statement adding the `counter` columns' deltas
+/// (the sum over the segment's changes of new - old, each change counted:
+/// the upsert keeps only the newest) and one per `union` column adding the
+/// items of every change. Run after the segment's upserts (which insert a
+/// missing row with its counters at zero) so they apply to the rows that
+/// exist now, whatever the stamps: concurrent increments all count. A
+/// delete of the row in the segment discards what came before it.
+pub fn merge_statements(batch: &[Incoming<'_>], from: usize, to: usize) -> Vec<Statement> {
+    use crate::config::MergeKind;
+    // per table: per row, the changes since its last delete, in order
+    type Rows<'b> = Vec<(&'b [Option<Text<'b>>], Vec<usize>)>;
+    let mut tables: BTreeMap<&TableName, (&TargetTable, Rows<'_>)> = BTreeMap::new();
+    for (i, c) in batch.iter().enumerate().take(to).skip(from) {
+        if c.table.merge.is_empty() {
+            continue;
+        }
+        let (_, rows) = tables
+            .entry(&c.table.name)
+            .or_insert_with(|| (c.table, Vec::new()));
+        let key = c.key.as_slice();
+        let pos = rows.iter().position(|(k, _)| *k == key);
+        match (c.op, pos) {
+            (Op::Delete, Some(p)) => rows[p].1.clear(),
+            (Op::Delete, None) => {}
+            (_, Some(p)) => rows[p].1.push(i),
+            (_, None) => rows.push((key, vec![i])),
+        }
+    }
+    let mut out = Vec::new();
+    for (target, rows) in tables.into_values() {
+        let members: Vec<usize> = rows.iter().flat_map(|(_, m)| m.iter().copied()).collect();
+        if members.is_empty() {
+            continue;
+        }
+        let counters: Vec<&str> = target
+            .merge
+            .iter()
+            .filter(|(_, k)| *k == MergeKind::Counter)
+            .map(|(c, _)| c.as_str())
+            .collect();
+        if !counters.is_empty() {
+            let rows = counter_rows(batch, &members, target, &counters);
+            if rows != "[]" {
+                out.push(merge_statement(
+                    target,
+                    counter_sql(target, &counters),
+                    rows,
+                    &members,
+                ));
+            }
+        }
+        for (column, kind) in &target.merge {
+            if *kind != MergeKind::Union {
+                continue;
+            }
+            let rows = union_rows(batch, &members, target, column);
+            if rows != "[]" {
+                out.push(merge_statement(
+                    target,
+                    union_sql(target, column),
+                    rows,
+                    &members,
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn merge_statement(
+    target: &TargetTable,
+    sql: String,
+    rows: String,
+    members: &[usize],
+) -> Statement {
+    Statement {
+        kind: Kind::Merge,
+        table: target.name.to_string(),
+        stage: None,
+        sql,
+        rows,
+        members: members.to_vec(),
+        superseded: vec![],
+        conflicts: None,
+    }
+}
+
+/// Key columns as JSON members (`"id":"1",`).
+fn key_members(out: &mut Vec<u8>, target: &TargetTable, c: &Incoming<'_>) {
+    for (k, v) in target.key.iter().zip(&c.key) {
+        let _ = serde_json::to_writer(&mut *out, k);
+        out.push(b':');
+        match v {
+            Some(v) => {
+                let _ = serde_json::to_writer(&mut *out, v.as_ref());
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b',');
+    }
+}
+
+/// Two rows per change that carries deltas: the counters' new values
+/// under the change's stamp, their old values under the stamp negated (the
+/// stamp column, a `bigint` of the table's row type, carries both).
+fn counter_rows(
+    batch: &[Incoming<'_>],
+    members: &[usize],
+    target: &TargetTable,
+    counters: &[&str],
+) -> String {
+    let mut out: Vec<u8> = vec![b'['];
+    for &i in members {
+        let c = &batch[i];
+        let Some(from) = &c.merge_from else {
+            continue;
+        };
+        for (stamp, new) in [(c.hlc as i64, true), (-(c.hlc as i64), false)] {
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.push(b'{');
+            key_members(&mut out, target, c);
+            for counter in counters {
+                // a counter the record gives no old value for adds nothing
+                let Some((_, old)) = from.iter().find(|(n, _)| n == counter) else {
+                    continue;
+                };
+                let value = if new {
+                    c.value(counter)
+                } else {
+                    old.as_deref()
+                };
+                let _ = serde_json::to_writer(&mut out, counter);
+                out.push(b':');
+                let _ = serde_json::to_writer(&mut out, &value);
+                out.push(b',');
+            }
+            let _ = std::io::Write::write_fmt(&mut out, format_args!("\"{HLC_COLUMN}\":{stamp}}}"));
+        }
+    }
+    out.push(b']');
+    String::from_utf8(out).expect("JSON assembled from UTF-8 strings")
+}
+
+/// One row per change carrying the union column: its key and array.
+fn union_rows(
+    batch: &[Incoming<'_>],
+    members: &[usize],
+    target: &TargetTable,
+    column: &str,
+) -> String {
+    let mut out: Vec<u8> = vec![b'['];
+    for &i in members {
+        let c = &batch[i];
+        let Some(value) = c.value(column) else {
+            continue;
+        };
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        out.push(b'{');
+        key_members(&mut out, target, c);
+        let _ = serde_json::to_writer(&mut out, column);
+        out.push(b':');
+        let _ = serde_json::to_writer(&mut out, value);
+        out.push(b'}');
+    }
+    out.push(b']');
+    String::from_utf8(out).expect("JSON assembled from UTF-8 strings")
+}
+
+/// The key columns of `json_populate_recordset` rows, typed (see
+/// [`delete_sql`] for json keys).
+fn typed_keys(target: &TargetTable, alias: &str) -> Vec<String> {
+    target
+        .key
+        .iter()
+        .map(|k| match target.json_columns.iter().find(|(j, _)| j == k) {
+            Some((_, ty)) => format!("({alias}.{0} #>> '{{}}')::{ty} AS {0}", quote_ident(k)),
+            None => format!("{alias}.{}", quote_ident(k)),
+        })
+        .collect()
+}
+
+/// Adds each row's summed counter deltas; `$1` from [`counter_rows`].
+///
+/// Exactly once: a capture side that restarts publishes again what Kafka
+/// had not confirmed, so the same change can arrive twice under new
+/// offsets. One source's changes of a row arrive in order with rising
+/// stamps, so `pgrelay.merged` keeps, per row and source region, the
+/// highest stamp whose delta was added, and a change at or below it adds
+/// nothing (it commits with the rows and offsets).
+fn counter_sql(target: &TargetTable, counters: &[&str]) -> String {
+    let t = target.name.quoted();
+    let hlc = quote_ident(HLC_COLUMN);
+    let keys: Vec<String> = target.key.iter().map(|k| quote_ident(k)).collect();
+    let mask = (1u64 << crate::hlc::REGION_BITS) - 1;
+    let sums: Vec<String> = counters
+        .iter()
+        .map(|c| format!("sum(coalesce(r.{0}, 0) * r.sign) AS {0}", quote_ident(c)))
+        .collect();
+    let sets: Vec<String> = counters
+        .iter()
+        .map(|c| format!("{0} = coalesce(cur.{0}, 0) + d.{0}", quote_ident(c)))
+        .collect();
+    let join: Vec<String> = keys.iter().map(|k| format!("cur.{k} = d.{k}")).collect();
+    format!(
+        "WITH x AS (SELECT {typed}, {raw}, abs(x.{hlc}) AS stamp, sign(x.{hlc}) AS sign \
+         FROM json_populate_recordset(NULL::{t}, $1::text::json) AS x), \
+         r AS (SELECT x.*, {pk} AS pk, (x.stamp & {mask})::int AS origin FROM x), \
+         fresh AS (SELECT r.* FROM r LEFT JOIN pgrelay.merged m ON m.table_name = {tname} \
+         AND m.pk = r.pk AND m.origin = r.origin WHERE m.hlc IS NULL OR r.stamp > m.hlc), \
+         mark AS (INSERT INTO pgrelay.merged AS m (table_name, pk, origin, hlc) \
+         SELECT {tname}, pk, origin, max(stamp) FROM fresh GROUP BY pk, origin \
+         ON CONFLICT (table_name, pk, origin) DO UPDATE SET hlc = greatest(m.hlc, EXCLUDED.hlc)), \
+         d AS (SELECT {keys}, {sums} FROM fresh AS r GROUP BY {keys}) \
+         UPDATE {t} AS cur SET {sets} FROM d WHERE {join}",
+        typed = typed_keys(target, "x").join(", "),
+        raw = counters
+            .iter()
+            .map(|c| format!("x.{}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        pk = key_json(target, "x"),
+        tname = quote_literal(&target.name.to_string()),
+        keys = keys.join(", "),
+        sums = sums.join(", "),
+        sets = sets.join(", "),
+        join = join.join(" AND "),
+    )
+}
+
+/// Keeps the sorted union of a row's array and every array of `$1` (from
+/// [`union_rows`]).
+fn union_sql(target: &TargetTable, column: &str) -> String {
+    let t = target.name.quoted();
+    let c = quote_ident(column);
+    let keys: Vec<String> = target.key.iter().map(|k| quote_ident(k)).collect();
+    let join: Vec<String> = keys.iter().map(|k| format!("cur.{k} = d.{k}")).collect();
+    format!(
+        "WITH r AS (SELECT {typed}, x.{c} FROM json_populate_recordset(NULL::{t}, $1::text::json) AS x), \
+         d AS (SELECT {keys}, array_agg(DISTINCT e ORDER BY e) AS items FROM r, unnest(r.{c}) AS e GROUP BY {keys}) \
+         UPDATE {t} AS cur SET {c} = ARRAY(SELECT DISTINCT y FROM unnest(coalesce(cur.{c}, d.items[0:0]) || d.items) AS y ORDER BY y) \
+         FROM d WHERE {join}",
+        typed = typed_keys(target, "x").join(", "),
+        keys = keys.join(", "),
+        join = join.join(" AND "),
+    )
 }
 
 /// The upserts' rows in `COPY` text format: the group's columns (each
@@ -261,8 +523,15 @@ fn copy_rows(batch: &[Incoming<'_>], members: &[usize]) -> String {
     let mut out = String::with_capacity(size);
     for &i in members {
         let c = &batch[i];
-        for v in &c.values {
+        for (name, v) in c.columns.iter().zip(&c.values) {
+            // a counter that carries a delta starts at zero in a new row:
+            // the merge statement adds every delta of the batch
+            let from_zero = c
+                .merge_from
+                .as_ref()
+                .is_some_and(|from| from.iter().any(|(n, _)| n == name));
             match v {
+                _ if from_zero => out.push('0'),
                 Some(v) => copy_escape(&mut out, v),
                 None => out.push_str("\\N"),
             }
@@ -399,9 +668,10 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
         .map(|c| format!("r.{}", quote_ident(c)))
         .chain(std::iter::once(format!("r.{hlc}")))
         .collect();
+    // merge columns are the merge statements' business (after the upsert)
     let updates: Vec<String> = cols
         .iter()
-        .filter(|c| !target.key.iter().any(|k| k == *c))
+        .filter(|c| !target.key.iter().any(|k| k == *c) && target.merge_kind(c).is_none())
         .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
         .chain(std::iter::once(format!("{hlc} = EXCLUDED.{hlc}")))
         .collect();
@@ -421,6 +691,61 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
         updates = updates.join(", "),
     );
     (stage, sql)
+}
+
+/// Records the changes of one statement that lost in `pgrelay.conflicts`;
+/// run after the statement, in its transaction, so the log commits exactly
+/// with the rows and offsets. Returns one row: how many lost.
+///
+/// A change lost when the row, or a tombstone of its key or of the whole
+/// table, now carries a higher stamp. Not conflicts: an equal stamp (a
+/// redelivered duplicate of what is there) and a higher stamp made in the
+/// change's own region (its own later history, e.g. a record delivered
+/// again). `$1` is the sampled fraction (text, `0..=1`), `$2` a JSON object
+/// from region id to region name (text); deletes take their rows as `$3`
+/// (see [`delete_sql`]), upserts read them from their staging table. A
+/// change already recorded (same table, key and stamp: a resync, a replay)
+/// is not recorded twice.
+pub fn conflicts_sql(target: &TargetTable, stage: Option<&Stage>) -> String {
+    let t = target.name.quoted();
+    let hlc = quote_ident(HLC_COLUMN);
+    let tname = quote_literal(&target.name.to_string());
+    let region_mask = (1u64 << crate::hlc::REGION_BITS) - 1;
+    let (input, op, version) = match stage {
+        Some(stage) => (
+            format!("{} AS r", quote_ident(&stage.name)),
+            "upsert",
+            format!("to_jsonb(r) - {}", quote_literal(HLC_COLUMN)),
+        ),
+        None => {
+            let key_cols: Vec<String> = target
+                .key
+                .iter()
+                .map(|k| match target.json_columns.iter().find(|(j, _)| j == k) {
+                    Some((_, ty)) => format!("(x.{0} #>> '{{}}')::{ty} AS {0}", quote_ident(k)),
+                    None => format!("x.{}", quote_ident(k)),
+                })
+                .collect();
+            (
+                format!(
+                    "(SELECT {}, x.{hlc} FROM json_populate_recordset(NULL::{t}, $3::text::json) AS x) AS r",
+                    key_cols.join(", ")
+                ),
+                "delete",
+                key_json(target, "r"),
+            )
+        }
+    };
+    let join: Vec<String> = target
+        .key
+        .iter()
+        .map(|k| format!("cur.{0} = r.{0}", quote_ident(k)))
+        .collect();
+    format!(
+        "WITH lost AS (SELECT {pk} AS pk, r.{hlc} AS loser_hlc, w.hlc AS winner_hlc, {version} AS version          FROM {input} CROSS JOIN LATERAL (SELECT greatest(         (SELECT cur.{hlc} FROM {t} AS cur WHERE {join}),          (SELECT max(ts.hlc) FROM pgrelay.tombstones ts WHERE ts.table_name = {tname}          AND ts.pk IN ({pk}, '{{}}'::jsonb))) AS hlc) AS w          WHERE w.hlc > r.{hlc} AND (w.hlc & {region_mask}) <> (r.{hlc} & {region_mask})),          logged AS (INSERT INTO pgrelay.conflicts          (table_name, pk, op, winner_hlc, winner_origin, loser_hlc, loser_origin, loser_version)          SELECT {tname}, pk, '{op}', winner_hlc, $2::text::jsonb ->> (winner_hlc & {region_mask})::text,          loser_hlc, $2::text::jsonb ->> (loser_hlc & {region_mask})::text, version FROM lost          WHERE $1::text::float8 >= 1 OR random() < $1::text::float8          ON CONFLICT (table_name, pk, loser_hlc) DO NOTHING)          SELECT count(*) FROM lost",
+        pk = key_json(target, "r"),
+        join = join.join(" AND "),
+    )
 }
 
 /// Conditional multi-row delete that leaves tombstones.
@@ -517,12 +842,15 @@ pub const LOCK_BUCKETS_SQL: &str = "SELECT count(pg_advisory_xact_lock(188582870
     FROM unnest($1::text::int[]) WITH ORDINALITY AS t(b, n)";
 
 /// Stores the next offsets to consume; `$1` is a JSON array of
-/// `{topic, kafka_partition, next_offset}`.
-pub const OFFSETS_SQL: &str = "INSERT INTO pgrelay.offsets AS o (topic, kafka_partition, next_offset) \
-    SELECT x.topic, x.kafka_partition, x.next_offset \
-    FROM json_to_recordset($1::text::json) AS x(topic text, kafka_partition int, next_offset bigint) \
+/// `{topic, kafka_partition, next_offset, source_lsn}`. `source_lsn` (may be
+/// null): every change the source committed before it, in that partition,
+/// is applied — what `pgrelay.wait_for` waits for.
+pub const OFFSETS_SQL: &str = "INSERT INTO pgrelay.offsets AS o (topic, kafka_partition, next_offset, source_lsn) \
+    SELECT x.topic, x.kafka_partition, x.next_offset, x.source_lsn::pg_lsn \
+    FROM json_to_recordset($1::text::json) AS x(topic text, kafka_partition int, next_offset bigint, source_lsn text) \
     ON CONFLICT (topic, kafka_partition) DO UPDATE \
-    SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()";
+    SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset), \
+    source_lsn = greatest(o.source_lsn, EXCLUDED.source_lsn), updated_at = now()";
 
 /// Raises this session's part of the per-source watermark: `$1` region,
 /// `$2` session (text), `$3` stamp (text), `$4` commit LSN (text), `$5`

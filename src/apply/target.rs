@@ -53,6 +53,7 @@ pub async fn load_targets(
                 column_types: state.column_types,
                 json_columns: state.json_columns,
                 admit: admission(config, region, &t.class),
+                merge: t.merge.iter().map(|m| (m.column.clone(), m.kind)).collect(),
             },
         );
     }

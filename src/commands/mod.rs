@@ -11,6 +11,7 @@ use crate::config::{self, Config, Need};
 
 pub mod breaker;
 pub mod check;
+pub mod conflicts;
 pub mod dlq;
 pub mod repair;
 pub mod resync;

@@ -141,6 +141,14 @@ impl Config {
             || self.capture.before_image == BeforeImage::Full
     }
 
+    /// [`Config::needs_full_identity`] for one table: also every table with
+    /// a `counter` column (its delta is new - old, and the old value comes
+    /// from the old row).
+    pub fn table_needs_full_identity(&self, table: &TableConfig) -> bool {
+        self.needs_full_identity(&table.class)
+            || table.merge.iter().any(|m| m.kind == MergeKind::Counter)
+    }
+
     /// The Kafka cluster holding the topics destined to `region` (and its
     /// dead-letter topic).
     ///

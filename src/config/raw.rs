@@ -71,6 +71,8 @@ pub(super) struct RawApply {
     pub(super) tombstone_horizon: Option<HumanDuration>,
     pub(super) schema_wait: Option<HumanDuration>,
     pub(super) sessions_per_source: Option<i64>,
+    pub(super) conflict_log: Option<String>,
+    pub(super) conflict_retention: Option<HumanDuration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -154,9 +156,17 @@ pub(super) enum RawClass {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawColumnRule {
     pub(super) name: String,
-    pub(super) action: RawAction,
+    pub(super) action: Option<RawAction>,
     pub(super) mask: Option<String>,
     pub(super) to: Option<Vec<String>>,
+    pub(super) merge: Option<RawMerge>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawMerge {
+    Counter,
+    Union,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]

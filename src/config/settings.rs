@@ -52,6 +52,11 @@ pub struct ApplySettings {
     /// Database sessions applying one source region's records in parallel,
     /// each for its share of the topic's partitions.
     pub sessions_per_source: usize,
+    /// Percentage of losing changes recorded in `pgrelay.conflicts`
+    /// (`conflict_log`: "all" = 100, "off" = 0, or "N%").
+    pub conflict_log_percent: u8,
+    /// Entries of `pgrelay.conflicts` older than this are purged.
+    pub conflict_retention: Duration,
 }
 
 /// `[relay.status]`: when `pgrelay status` and the metrics call a region
@@ -148,6 +153,9 @@ pub const fn default_tombstone_horizon() -> Duration {
 pub const fn default_schema_wait() -> Duration {
     Duration::from_secs(600)
 }
+pub const fn default_conflict_retention() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
 
 impl Default for CaptureSettings {
     fn default() -> Self {
@@ -172,6 +180,8 @@ impl Default for ApplySettings {
             tombstone_horizon: default_tombstone_horizon(),
             schema_wait: default_schema_wait(),
             sessions_per_source: default_sessions_per_source(),
+            conflict_log_percent: 100,
+            conflict_retention: default_conflict_retention(),
         }
     }
 }

@@ -12,6 +12,33 @@ pub struct TableConfig {
     /// Column rules, applied before a row leaves the region. At most one
     /// rule per column and destination.
     pub columns: Vec<ColumnRule>,
+    /// Columns merged on arrival instead of last-writer-wins (`global`
+    /// tables only; never a key column, never under a column rule).
+    pub merge: Vec<MergeColumn>,
+}
+
+/// A column the destination merges instead of overwriting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MergeColumn {
+    pub column: String,
+    pub kind: MergeKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeKind {
+    /// A number: each change adds its delta (new - old) at the destination.
+    Counter,
+    /// An array, a grow-only set: the destination keeps the union.
+    Union,
+}
+
+impl MergeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MergeKind::Counter => "counter",
+            MergeKind::Union => "union",
+        }
+    }
 }
 
 /// The data class of a table (brief §3).
@@ -94,12 +121,21 @@ impl TableConfig {
                 missing.push(home_column.as_str());
             }
         }
-        for rule in &self.columns {
-            let name = rule.column.as_str();
+        let named = self
+            .columns
+            .iter()
+            .map(|r| r.column.as_str())
+            .chain(self.merge.iter().map(|m| m.column.as_str()));
+        for name in named {
             if !columns.contains(&name) && !missing.contains(&name) {
                 missing.push(name);
             }
         }
         missing
+    }
+
+    /// How column `name` is merged, if it is a merge column.
+    pub fn merge_kind(&self, name: &str) -> Option<MergeKind> {
+        self.merge.iter().find(|m| m.column == name).map(|m| m.kind)
     }
 }

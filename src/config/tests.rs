@@ -98,6 +98,21 @@ fn defaults_and_helpers() {
 }
 
 #[test]
+fn conflict_log_is_all_off_or_a_percentage() {
+    let c = ok(BASE);
+    assert_eq!(c.apply.conflict_log_percent, 100);
+    assert_eq!(c.apply.conflict_retention, Duration::from_secs(30 * 86_400));
+    let with = |v: &str| format!("{BASE}\n[relay.apply]\nconflict_log = \"{v}\"\n");
+    assert_eq!(ok(&with("off")).apply.conflict_log_percent, 0);
+    assert_eq!(ok(&with("25%")).apply.conflict_log_percent, 25);
+    for bad in ["some", "101%", "-1%", "0.5"] {
+        let err = parse(&with(bad), "t.toml").unwrap_err().to_string();
+        assert!(err.contains("relay.apply.conflict_log"), "{err}");
+        assert!(err.contains("\"10%\""), "{err}");
+    }
+}
+
+#[test]
 fn before_image_defaults_to_key_and_names_bad_values() {
     let c = ok(BASE);
     assert_eq!(c.capture.before_image, BeforeImage::Key);
@@ -856,4 +871,51 @@ fn breakers() {
         )),
         &["max_delete"],
     );
+}
+
+#[test]
+fn merge_columns_are_declared_per_column_on_global_tables() {
+    let c = ok(&with_tables(
+        "[[tables]]\nname = \"public.stock\"\nclass = \"global\"\n\
+         [[tables.columns]]\nname = \"n\"\nmerge = \"counter\"\n\
+         [[tables.columns]]\nname = \"tags\"\nmerge = \"union\"\n\
+         [[tables.columns]]\nname = \"secret\"\naction = \"drop\"\n",
+    ));
+    let t = &c.tables[0];
+    assert_eq!(t.merge_kind("n"), Some(MergeKind::Counter));
+    assert_eq!(t.merge_kind("tags"), Some(MergeKind::Union));
+    assert_eq!(t.merge_kind("secret"), None);
+    assert_eq!(t.columns.len(), 1, "merge columns are not column rules");
+    assert!(c.table_needs_full_identity(t), "counters need the old row");
+    assert_eq!(t.missing_columns(&["n", "secret"]), vec!["tags"]);
+    let owned = "[[tables]]\nname = \"t\"\nclass = \"owned\"\nowner = \"us\"\n\
+                 [[tables.columns]]\nname = \"n\"\nmerge = \"counter\"\n";
+    assert_err(
+        &with_tables(owned),
+        &[
+            "column n",
+            "merge = \"counter\"",
+            "class = \"global\"",
+            "owned",
+        ],
+    );
+    let with_action = "[[tables]]\nname = \"t\"\nclass = \"global\"\n\
+                       [[tables.columns]]\nname = \"n\"\nmerge = \"counter\"\naction = \"hash\"\n";
+    assert_err(&with_tables(with_action), &["column n", "remove action"]);
+    let neither =
+        "[[tables]]\nname = \"t\"\nclass = \"global\"\n[[tables.columns]]\nname = \"n\"\n";
+    assert_err(
+        &with_tables(neither),
+        &["column n", "action = ", "merge = "],
+    );
+    let twice = "[[tables]]\nname = \"t\"\nclass = \"global\"\n\
+                 [[tables.columns]]\nname = \"n\"\nmerge = \"counter\"\n\
+                 [[tables.columns]]\nname = \"n\"\naction = \"drop\"\n";
+    assert_err(
+        &with_tables(twice),
+        &["column n", "cannot also have a column rule"],
+    );
+    let bad_kind = "[[tables]]\nname = \"t\"\nclass = \"global\"\n\
+                    [[tables.columns]]\nname = \"n\"\nmerge = \"max\"\n";
+    assert_err(&with_tables(bad_kind), &["max"]);
 }

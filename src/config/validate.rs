@@ -324,6 +324,24 @@ impl Validator<'_> {
                     ))
                 }
             },
+            conflict_log_percent: match raw.conflict_log.as_deref() {
+                None | Some("all") => 100,
+                Some("off") => 0,
+                Some(v) => parse_percent(v).ok_or_else(|| {
+                    self.invalid(
+                        None,
+                        format!(
+                            "relay.apply.conflict_log = {v:?}: use \"all\", \"off\" or a \
+                             percentage of the conflicts to record, such as \"10%\""
+                        ),
+                    )
+                })?,
+            },
+            conflict_retention: self.positive(
+                "relay.apply.conflict_retention",
+                raw.conflict_retention,
+                default_conflict_retention(),
+            )?,
         })
     }
 
@@ -656,11 +674,43 @@ impl Validator<'_> {
             }
         };
         let mut columns: Vec<ColumnRule> = Vec::with_capacity(raw.columns.len());
+        let mut merge: Vec<MergeColumn> = Vec::new();
         for rule in raw.columns {
             let column = rule.name;
             if column.is_empty() {
                 return Err(err("a column rule has an empty name".to_string()));
             }
+            if let Some(kind) = rule.merge {
+                let kind = match kind {
+                    RawMerge::Counter => MergeKind::Counter,
+                    RawMerge::Union => MergeKind::Union,
+                };
+                if class != TableClass::Global {
+                    return Err(err(format!(
+                        "column {column}: merge = \"{}\" is for class = \"global\" tables \
+                         (where several regions write one row); this table is {}",
+                        kind.as_str(),
+                        class.as_str()
+                    )));
+                }
+                if rule.action.is_some() || rule.mask.is_some() || rule.to.is_some() {
+                    return Err(err(format!(
+                        "column {column}: a merge column goes to every region as it is; remove \
+                         action, mask and to from its entry"
+                    )));
+                }
+                if merge.iter().any(|m| m.column == column) {
+                    return Err(err(format!("column {column} is declared twice with merge")));
+                }
+                merge.push(MergeColumn { column, kind });
+                continue;
+            }
+            let Some(raw_action) = rule.action else {
+                return Err(err(format!(
+                    "column {column}: give action = \"drop\", \"hash\" or \"mask\", or \
+                     merge = \"counter\" or \"union\""
+                )));
+            };
             if class == TableClass::Local {
                 return Err(err(format!(
                     "column rule on {column}: a local table never leaves its region, so column \
@@ -675,7 +725,7 @@ impl Validator<'_> {
                     )));
                 }
             }
-            let action = match (rule.action, rule.mask) {
+            let action = match (raw_action, rule.mask) {
                 (RawAction::Mask, Some(mask)) => ColumnAction::Mask(mask),
                 (RawAction::Mask, None) => {
                     return Err(err(format!(
@@ -721,10 +771,27 @@ impl Validator<'_> {
             }
             columns.push(rule);
         }
+        if let Some(m) = merge
+            .iter()
+            .find(|m| columns.iter().any(|r| r.column == m.column))
+        {
+            return Err(err(format!(
+                "column {}: a merge column cannot also have a column rule (it goes to every \
+                 region as it is)",
+                m.column
+            )));
+        }
         Ok(TableConfig {
             name,
             class,
             columns,
+            merge,
         })
     }
+}
+
+/// `"N%"` with N a whole number from 0 to 100.
+fn parse_percent(v: &str) -> Option<u8> {
+    let n: u8 = v.strip_suffix('%')?.trim().parse().ok()?;
+    (n <= 100).then_some(n)
 }

@@ -29,6 +29,45 @@ pub const HEADER_HLC: &str = "pgrelay.hlc";
 pub const HEADER_TABLE: &str = "pgrelay.table";
 pub const HEADER_OP: &str = "pgrelay.op";
 
+/// The `op` of a progress record (see [`progress`]).
+pub const PROGRESS_OP: &str = "p";
+
+/// A progress record: sent to every partition of a destination's topic
+/// after the source's changes up to `lsn` are all in Kafka, it promises that
+/// every change committed before `lsn` precedes it in its partition. The
+/// apply side stores it per partition (`pgrelay.offsets.source_lsn`), which
+/// is what `pgrelay.wait_for` waits for. Key and value:
+///
+/// ```json
+/// {"progress":"us"}
+/// {"op":"p","ts_ms":1700000000000,"pgrelay":{"origin":"us","lsn":"0/16B3748"}}
+/// ```
+pub fn progress(region: &str, lsn: crate::event::Lsn, ts_ms: u64) -> (Vec<u8>, Vec<u8>) {
+    let key = serde_json::json!({ "progress": region }).to_string();
+    let value = format!(
+        "{{\"op\":\"{PROGRESS_OP}\",\"ts_ms\":{ts_ms},\"pgrelay\":{{\"origin\":{},\"lsn\":\"{lsn}\"}}}}",
+        serde_json::Value::from(region)
+    );
+    (key.into_bytes(), value.into_bytes())
+}
+
+/// The LSN of a progress record; `None` for any other record.
+pub fn progress_lsn(value: &[u8]) -> Option<crate::event::Lsn> {
+    if !value.starts_with(b"{\"op\":\"p\"") {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Progress {
+        pgrelay: Inner,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        lsn: String,
+    }
+    let p: Progress = serde_json::from_slice(value).ok()?;
+    p.pgrelay.lsn.parse().ok()
+}
+
 /// What every record of one capture process shares.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -52,6 +91,20 @@ pub struct Record {
 /// Encodes one routed change. `buf` is reused between calls to avoid
 /// allocating per record.
 pub fn encode(source: &Source, change: &Change, routed: &Routed) -> Record {
+    encode_merging(source, change, routed, &[])
+}
+
+/// [`encode`] for a table with `counter` merge columns: an insert or update
+/// also carries, in `pgrelay.merge_from`, each counter's value before the
+/// change (null for an insert: from zero), so the destination adds the
+/// change's delta instead of overwriting. A record without it (a resync)
+/// carries no delta.
+pub fn encode_merging(
+    source: &Source,
+    change: &Change,
+    routed: &Routed,
+    counters: &[String],
+) -> Record {
     let table = change.schema.table.to_string();
     let (key, key_hash) = encode_key(&table, change, routed);
     let mut out = Vec::with_capacity(256);
@@ -105,7 +158,11 @@ pub fn encode(source: &Source, change: &Change, routed: &Routed) -> Record {
             }
         }
     }
-    out.extend_from_slice(b"]}}");
+    out.push(b']');
+    if !counters.is_empty() && matches!(routed.op, Op::Insert | Op::Update) {
+        write_merge_from(&mut out, routed, counters);
+    }
+    out.extend_from_slice(b"}}");
     Record {
         key,
         value: out,
@@ -162,6 +219,34 @@ fn write_row(out: &mut Vec<u8>, columns: &[String], row: Option<&[Datum]>, keep_
         write_str(out, name);
         out.push(b':');
         write_value(out, value);
+    }
+    out.push(b'}');
+}
+
+/// `,"merge_from":{"counter":"old value"|null,...}`; left out of an update
+/// without the old row (replica identity not `FULL`: no delta is known).
+fn write_merge_from(out: &mut Vec<u8>, routed: &Routed, counters: &[String]) {
+    let before = match (routed.op, routed.before.as_deref()) {
+        (Op::Insert, _) => None,
+        (_, Some(before)) => Some(before),
+        (_, None) => return,
+    };
+    out.extend_from_slice(b",\"merge_from\":{");
+    let mut first = true;
+    for counter in counters {
+        let Some(i) = routed.columns.iter().position(|c| c == counter) else {
+            continue;
+        };
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_str(out, counter);
+        out.push(b':');
+        match before {
+            None => out.extend_from_slice(b"null"),
+            Some(row) => write_value(out, &row[i]),
+        }
     }
     out.push(b'}');
 }
@@ -223,6 +308,19 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_records_round_trip_and_are_told_apart() {
+        let (key, value) = progress("us", crate::event::Lsn(0x1_0000_0010), 5);
+        assert_eq!(key, br#"{"progress":"us"}"#);
+        assert_eq!(
+            String::from_utf8(value.clone()).unwrap(),
+            r#"{"op":"p","ts_ms":5,"pgrelay":{"origin":"us","lsn":"1/10"}}"#
+        );
+        assert_eq!(progress_lsn(&value), Some(crate::event::Lsn(0x1_0000_0010)));
+        assert_eq!(progress_lsn(br#"{"before":null,"op":"p"}"#), None);
+        assert_eq!(progress_lsn(br#"{"op":"p","pgrelay":{"lsn":"bad"}}"#), None);
+    }
     use crate::event::{ColumnDesc, Lsn, TableName, TableSchema, TxMeta};
     use std::sync::Arc;
 

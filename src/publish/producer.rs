@@ -290,6 +290,27 @@ impl Outlets {
         )
     }
 
+    /// Hands a record to the producer of destination `dest`, for an
+    /// explicit `partition` (progress records go to every partition).
+    pub fn send_to(
+        &self,
+        dest: usize,
+        partition: i32,
+        key: &[u8],
+        value: &[u8],
+        headers: [(&str, &str); 4],
+        seq: u64,
+    ) -> Result<(), SendError> {
+        self.publishers[self.dest_publisher[dest]].1.send(
+            &self.topics[dest],
+            partition,
+            key,
+            value,
+            headers,
+            seq,
+        )
+    }
+
     /// [`Publisher::poll`] of every producer.
     pub fn poll(&self, out: &mut Vec<Delivery>) {
         for (_, p) in &self.publishers {

@@ -30,8 +30,21 @@ impl<'a> Outgoing<'a> {
         routed: &Routed,
         hlc: &'a str,
     ) -> Outgoing<'a> {
+        Outgoing::merging(origin, source, change, routed, hlc, &[])
+    }
+
+    /// [`Outgoing::new`] for a table with `counter` merge columns (see
+    /// `envelope::encode_merging`).
+    pub fn merging(
+        origin: &'a str,
+        source: &Source,
+        change: &Change,
+        routed: &Routed,
+        hlc: &'a str,
+        counters: &[String],
+    ) -> Outgoing<'a> {
         Outgoing {
-            record: envelope::encode(source, change, routed),
+            record: envelope::encode_merging(source, change, routed, counters),
             origin,
             hlc,
             op: routed.op.code(),

@@ -42,6 +42,25 @@ pub fn matrix(config: &Config) -> String {
         if table.class == TableClass::Local {
             continue;
         }
+        if !table.merge.is_empty() {
+            let merged: Vec<String> = table
+                .merge
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} ({})",
+                        m.column,
+                        match m.kind {
+                            crate::config::MergeKind::Counter =>
+                                "counter: each region's increments add up",
+                            crate::config::MergeKind::Union =>
+                                "union: items from every region kept",
+                        }
+                    )
+                })
+                .collect();
+            let _ = writeln!(out, "  merged, not last-writer-wins: {}", merged.join(", "));
+        }
         let mut rows = vec![[
             "FROM".to_string(),
             "TO".to_string(),

@@ -715,3 +715,23 @@ fn matrix_reads_like_the_policy() {
     // stable
     assert_eq!(m, matrix(&config()));
 }
+
+#[test]
+fn matrix_names_merge_columns() {
+    let text = format!(
+        "{CONFIG}\n[[tables]]\nname = \"public.stock\"\nclass = \"global\"\n\
+         [[tables.columns]]\nname = \"n\"\nmerge = \"counter\"\n\
+         [[tables.columns]]\nname = \"tags\"\nmerge = \"union\"\n"
+    );
+    let c = parse_with_env(&text, "relay.toml", |_| None).unwrap_or_else(|e| panic!("{e}"));
+    let m = matrix(&c);
+    assert!(
+        m.contains(
+            "public.stock  (global: every region writes, every region receives)\n  merged, not \
+             last-writer-wins: n (counter: each region's increments add up), tags (union: items \
+             from every region kept)\n"
+        ),
+        "{m}"
+    );
+    assert!(!matrix(&config()).contains("merged"));
+}

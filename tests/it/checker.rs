@@ -51,10 +51,11 @@ CREATE TABLE g (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, s text, big text);
 CREATE TABLE o (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
 CREATE TABLE p (id int PRIMARY KEY, home text NOT NULL, n int NOT NULL DEFAULT 0, big text);
 CREATE TABLE b (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+CREATE TABLE m (id int PRIMARY KEY, c bigint NOT NULL DEFAULT 0, items text[] NOT NULL DEFAULT '{}', s text);
 ";
 
 /// The tables the check compares.
-const TABLES: [&str; 4] = ["g", "o", "p", "b"];
+const TABLES: [&str; 5] = ["g", "o", "p", "b", "m"];
 
 /// Which regions may hold a `p` row homed in `home`.
 pub fn allowed(home: &str, region: &str) -> bool {
@@ -87,6 +88,16 @@ class = "global"
 name = "public.o"
 class = "owned"
 owner = "us"
+
+[[tables]]
+name = "public.m"
+class = "global"
+[[tables.columns]]
+name = "c"
+merge = "counter"
+[[tables.columns]]
+name = "items"
+merge = "union"
 
 [[tables]]
 name = "public.p"
@@ -151,6 +162,21 @@ pub enum Op {
         n: i32,
         s: String,
         big: usize,
+    },
+    /// Add `k` to the counter `m.c` (a new row starts from zero).
+    IncM {
+        id: i32,
+        k: i64,
+    },
+    /// Add `item` (unique in the history) to the set `m.items`.
+    AddM {
+        id: i32,
+        item: String,
+    },
+    /// Set `m.s`, a column that stays last-writer-wins.
+    SetMS {
+        id: i32,
+        s: String,
     },
     /// Update `g.n` only (a TOASTed `big` stays untouched).
     SetGN {
@@ -226,6 +252,7 @@ impl Op {
             | Op::TruncateG => "g",
             Op::UpsertO { .. } | Op::DeleteO { .. } | Op::ForbiddenO { .. } => "o",
             Op::UpsertB { .. } | Op::StormB => "b",
+            Op::IncM { .. } | Op::AddM { .. } | Op::SetMS { .. } => "m",
             _ => "p",
         }
     }
@@ -241,6 +268,29 @@ pub fn draw(rng: &mut Rng, region: &'static str, keys: i32, truncates: bool) -> 
     } else {
         0
     };
+    // the merged table: no deletes there (a delete racing increments
+    // elsewhere is last-writer-wins for the row, not a merge)
+    match rng.below(100) {
+        0..=5 => {
+            return Op::IncM {
+                id,
+                k: n as i64 % 10 - 3,
+            }
+        }
+        6..=9 => {
+            return Op::AddM {
+                id,
+                item: format!("{region}-{}", rng.next()),
+            }
+        }
+        10..=11 => {
+            return Op::SetMS {
+                id,
+                s: format!("{region}-{n}"),
+            }
+        }
+        _ => {}
+    }
     match rng.below(100) {
         0..=14 => Op::UpsertG {
             id,
@@ -295,6 +345,9 @@ pub struct Write {
     /// `p`: the row's home before and after the write (`None`: no row).
     pub homes: (Option<String>, Option<String>),
     pub op: String,
+    /// `m`: what the write added to the counter, and to the set.
+    pub delta: i64,
+    pub item: Option<String>,
 }
 
 /// Everything the writers committed.
@@ -315,6 +368,9 @@ pub struct Model<'h>(pub &'h History);
 impl Model<'_> {
     /// What `region` must hold of `table`: key -> version.
     pub fn expected(&self, table: &str, region: &str) -> BTreeMap<i32, Version> {
+        if table == "m" {
+            return self.merged();
+        }
         let mut best: BTreeMap<i32, Version> = BTreeMap::new();
         for w in self.0.writes.iter().filter(|w| w.table == table) {
             if self.0.discarded.contains(&(
@@ -376,6 +432,44 @@ impl Model<'_> {
         best.into_iter().filter(|(_, v)| v.cols.is_some()).collect()
     }
 
+    /// What every region must hold of `m`: per row, the counter is the sum
+    /// of every region's increments, the set holds every item added, and
+    /// the rest (the stamp, `s`) is the newest write's.
+    fn merged(&self) -> BTreeMap<i32, Version> {
+        let mut rows: BTreeMap<i32, (i64, BTreeSet<String>, Version)> = BTreeMap::new();
+        for w in self.0.writes.iter().filter(|w| w.table == "m") {
+            let e = rows.entry(w.key).or_insert_with(|| {
+                (
+                    0,
+                    BTreeSet::new(),
+                    Version {
+                        stamp: i64::MIN,
+                        cols: None,
+                    },
+                )
+            });
+            e.0 += w.delta;
+            e.1.extend(w.item.clone());
+            if w.version.stamp > e.2.stamp {
+                e.2 = w.version.clone();
+            }
+        }
+        rows.into_iter()
+            .map(|(k, (sum, items, newest))| {
+                let s = newest.cols.and_then(|c| c.get(2).cloned().flatten());
+                let items: Vec<String> = items.into_iter().collect();
+                let cols = vec![Some(sum.to_string()), Some(items.join(",")), s];
+                (
+                    k,
+                    Version {
+                        stamp: newest.stamp,
+                        cols: Some(cols),
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// The writes that touched `key` of `table`, for failure reports.
     pub fn trail(&self, table: &str, key: i32) -> String {
         let mut out = String::new();
@@ -412,6 +506,7 @@ fn select_list(table: &str) -> &'static str {
     match table {
         "g" => "id, n::text, s, md5(big), _pgrelay_hlc",
         "o" | "b" => "id, n::text, _pgrelay_hlc",
+        "m" => "id, c::text, array_to_string(ARRAY(SELECT x FROM unnest(items) AS x ORDER BY x COLLATE \"C\"), ','), s, _pgrelay_hlc",
         _ => "id, home, n::text, md5(big), _pgrelay_hlc",
     }
 }
@@ -539,6 +634,14 @@ impl Writer {
                 version,
                 homes,
                 op: format!("{op:?}"),
+                delta: match op {
+                    Op::IncM { k, .. } => *k,
+                    _ => 0,
+                },
+                item: match op {
+                    Op::AddM { item, .. } => Some(item.clone()),
+                    _ => None,
+                },
             })
         };
         let rows = match op {
@@ -550,6 +653,36 @@ impl Writer {
                          ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n, s = EXCLUDED.s RETURNING {sel}"
                     ),
                     &[id, n, s, &big],
+                )
+                .await?
+            }
+            Op::IncM { id, k } => {
+                tx.query(
+                    &format!(
+                        "INSERT INTO m (id, c) VALUES ($1, $2) \
+                         ON CONFLICT (id) DO UPDATE SET c = m.c + EXCLUDED.c RETURNING {sel}"
+                    ),
+                    &[id, k],
+                )
+                .await?
+            }
+            Op::AddM { id, item } => {
+                tx.query(
+                    &format!(
+                        "INSERT INTO m (id, items) VALUES ($1, ARRAY[$2]) \
+                         ON CONFLICT (id) DO UPDATE SET items = array_append(m.items, $2) RETURNING {sel}"
+                    ),
+                    &[id, item],
+                )
+                .await?
+            }
+            Op::SetMS { id, s } => {
+                tx.query(
+                    &format!(
+                        "INSERT INTO m (id, s) VALUES ($1, $2) \
+                         ON CONFLICT (id) DO UPDATE SET s = EXCLUDED.s RETURNING {sel}"
+                    ),
+                    &[id, s],
                 )
                 .await?
             }
@@ -1038,6 +1171,13 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             history.writes.len()
         );
     }
+    for r in REGIONS {
+        if clients[r].is_closed() {
+            clients.insert(r, connect(&w.pg[r].dsn()).await);
+        }
+    }
+    let conflicts = conflict_log_matches(&history, &clients, seed).await;
+    eprintln!("seed {seed}: {conflicts} conflict log entries, each a write of the history");
     let records = residency_of_every_record(&w, seed);
     eprintln!("seed {seed}: breaker trips resolved: {resolved:?}");
     // owned writes outside the owner were refused, and none of them exists
@@ -1114,6 +1254,65 @@ fn discarded(
         }
     }
     out
+}
+
+/// Checks every region's conflict log against the history: each entry's
+/// losing version is a write the writers made (same table, key, stamp and
+/// region), which lost to a newer stamp of another region; no entry twice.
+/// Returns how many entries there are.
+async fn conflict_log_matches(
+    history: &History,
+    clients: &BTreeMap<&'static str, tokio_postgres::Client>,
+    seed: u64,
+) -> usize {
+    let writes: BTreeSet<(&str, String, i64, &str)> = history
+        .writes
+        .iter()
+        .map(|w| (w.table, w.key.to_string(), w.version.stamp, w.region))
+        .collect();
+    let mut total = 0;
+    for (region, c) in clients {
+        let rows = c
+            .query(
+                "SELECT table_name, pk ->> 'id', op, winner_hlc, winner_origin, loser_hlc, loser_origin \
+                 FROM pgrelay.conflicts",
+                &[],
+            )
+            .await
+            .expect("reading pgrelay.conflicts");
+        let mut seen = BTreeSet::new();
+        for r in &rows {
+            let table: String = r.get(0);
+            let key: Option<String> = r.get(1);
+            let op: String = r.get(2);
+            let (winner, winner_origin): (i64, Option<String>) = (r.get(3), r.get(4));
+            let (loser, loser_origin): (i64, Option<String>) = (r.get(5), r.get(6));
+            let short = table.trim_start_matches("public.");
+            let key = key.unwrap_or_default();
+            let entry = format!(
+                "seed {seed}: {region} logged {table} id {key} {op} {loser}@{loser_origin:?} \
+                 lost to {winner}@{winner_origin:?}"
+            );
+            let loser_origin = loser_origin.unwrap_or_default();
+            assert!(
+                writes.contains(&(short, key.clone(), loser, loser_origin.as_str())),
+                "{entry}: no such write in the history"
+            );
+            assert!(winner > loser, "{entry}: the winner is not newer");
+            assert_ne!(
+                winner_origin.as_deref(),
+                Some(loser_origin.as_str()),
+                "{entry}: a region's own later write is not a conflict"
+            );
+            assert_ne!(
+                loser_origin, *region,
+                "{entry}: a local write never arrives"
+            );
+            assert!(seen.insert((table, key, loser)), "{entry}: logged twice");
+        }
+        total += rows.len();
+    }
+    total
 }
 
 /// A version a region should hold and does not: (table, region, stamp).

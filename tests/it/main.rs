@@ -8,6 +8,7 @@ mod checker;
 mod convergence;
 mod errors;
 mod faults;
+mod merge;
 mod repair;
 mod rules;
 mod security;

@@ -12,6 +12,7 @@ fn targets() -> Targets {
             column_types: vec!["integer".into(), "text".into(), "jsonb".into()],
             json_columns: vec![("doc".into(), "jsonb".into())],
             admit: Default::default(),
+            merge: vec![],
         },
     );
     t
@@ -141,6 +142,146 @@ fn unchanged_columns_get_their_own_statement_and_are_not_written() {
     let wide = plan.iter().find(|s| s.members == vec![1]).unwrap();
     assert_ne!(narrow.stage, wide.stage, "one staging table per column set");
     assert!(wide.stage.as_ref().unwrap().copy.contains(r#""doc""#));
+}
+
+#[test]
+fn upserts_and_deletes_carry_their_conflict_statement() {
+    let t = targets();
+    let records = vec![
+        record(Op::Update, "1", 10, &[("id", "1"), ("v", "a")]),
+        record(Op::Delete, "2", 11, &[]),
+        record(Op::Truncate, "", 12, &[]),
+    ];
+    let plan = plan(&parsed(&records, &t));
+    let upsert = plan.iter().find(|s| s.kind == Kind::Upsert).unwrap();
+    let sql = upsert.conflicts.as_deref().unwrap();
+    // reads the losers from the staging table the upsert used
+    let stage = &upsert.stage.as_ref().unwrap().name;
+    assert!(sql.contains(&format!("FROM \"{stage}\" AS r")), "{sql}");
+    assert!(!sql.contains("$3"), "{sql}");
+    let delete = plan.iter().find(|s| s.kind == Kind::Delete).unwrap();
+    let sql = delete.conflicts.as_deref().unwrap();
+    assert!(sql.contains("$3::text::json"), "{sql}");
+    for s in [upsert, delete] {
+        let sql = s.conflicts.as_deref().unwrap();
+        // strictly newer, from another region; recorded once
+        assert!(
+            sql.contains(
+                "WHERE w.hlc > r.\"_pgrelay_hlc\" AND (w.hlc & 63) <> (r.\"_pgrelay_hlc\" & 63)"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("ON CONFLICT (table_name, pk, loser_hlc) DO NOTHING"),
+            "{sql}"
+        );
+    }
+    let truncate = plan.iter().find(|s| s.kind == Kind::Truncate).unwrap();
+    assert!(truncate.conflicts.is_none());
+}
+
+fn merge_targets() -> Targets {
+    let mut t = Targets::new();
+    t.insert(
+        "public.s".into(),
+        TargetTable {
+            name: TableName::new("public", "s"),
+            key: vec!["id".into()],
+            columns: vec!["id".into(), "n".into(), "tags".into()],
+            column_types: vec!["integer".into(), "bigint".into(), "text[]".into()],
+            json_columns: vec![],
+            admit: Default::default(),
+            merge: vec![
+                ("n".into(), crate::config::MergeKind::Counter),
+                ("tags".into(), crate::config::MergeKind::Union),
+            ],
+        },
+    );
+    t
+}
+
+fn merge_record(op: &str, id: &str, hlc: u64, n: &str, from: Option<&str>) -> Vec<u8> {
+    let after = serde_json::json!({"id": id, "n": n, "tags": format!("{{t{hlc}}}")});
+    let mut meta = serde_json::json!({"hlc": hlc, "origin": "us", "commit_lsn": "0/1"});
+    if let Some(from) = from {
+        meta["merge_from"] = serde_json::json!({ "n": from });
+    }
+    let (before, after) = if op == "d" {
+        (serde_json::json!({ "id": id }), serde_json::Value::Null)
+    } else {
+        (serde_json::Value::Null, after)
+    };
+    serde_json::json!({
+        "before": before, "after": after, "op": op, "ts_ms": 1,
+        "source": {"schema": "public", "table": "s"}, "pgrelay": meta
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn merge_statements_count_every_change_once_after_the_last_delete() {
+    let t = merge_targets();
+    let records = [
+        merge_record("c", "1", 10, "5", Some("")),
+        merge_record("u", "1", 11, "7", Some("5")),
+        merge_record("u", "2", 12, "3", Some("1")),
+        merge_record("d", "2", 13, "", None),
+        merge_record("c", "2", 14, "4", Some("")),
+        // a resync: no delta, only its items
+        merge_record("c", "3", 15, "9", None),
+    ];
+    let mut records_json: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| serde_json::from_slice(r).unwrap())
+        .collect();
+    // an insert carries null: from zero
+    records_json[0]["pgrelay"]["merge_from"]["n"] = serde_json::Value::Null;
+    records_json[4]["pgrelay"]["merge_from"]["n"] = serde_json::Value::Null;
+    let records: Vec<Vec<u8>> = records_json
+        .iter()
+        .map(|v| v.to_string().into_bytes())
+        .collect();
+    let plan = plan(&parsed(&records, &t));
+    let merges: Vec<&Statement> = plan.iter().filter(|s| s.kind == Kind::Merge).collect();
+    assert_eq!(
+        merges.len(),
+        2,
+        "one for the counters, one per union column"
+    );
+    let counter = merges
+        .iter()
+        .find(|s| s.sql.contains("pgrelay.merged"))
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&counter.rows).unwrap();
+    // row 1: +5 (insert from zero) and +2; row 2: only the re-insert
+    // after its delete (+4); row 3: a resync carries no delta
+    assert_eq!(
+        rows,
+        serde_json::json!([
+            {"id": "1", "n": "5", "_pgrelay_hlc": 10}, {"id": "1", "n": null, "_pgrelay_hlc": -10},
+            {"id": "1", "n": "7", "_pgrelay_hlc": 11}, {"id": "1", "n": "5", "_pgrelay_hlc": -11},
+            {"id": "2", "n": "4", "_pgrelay_hlc": 14}, {"id": "2", "n": null, "_pgrelay_hlc": -14},
+        ])
+        .as_array()
+        .unwrap()
+        .clone()
+    );
+    let union = merges.iter().find(|s| s.sql.contains("array_agg")).unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&union.rows).unwrap();
+    let items: Vec<&str> = rows.iter().map(|r| r["tags"].as_str().unwrap()).collect();
+    assert_eq!(items, vec!["{t10}", "{t11}", "{t14}", "{t15}"]);
+    // the upserts write a new row's counter as zero (the merge adds the
+    // deltas) unless the change carries none (the resync keeps 9), and
+    // never overwrite a merge column of an existing row
+    let upserts: Vec<&Statement> = plan.iter().filter(|s| s.kind == Kind::Upsert).collect();
+    let copied: String = upserts.iter().map(|s| s.rows.as_str()).collect();
+    assert!(copied.contains("1\t0\t{t11}\t11\n"), "{copied}");
+    assert!(copied.contains("3\t9\t{t15}\t15\n"), "{copied}");
+    for u in &upserts {
+        assert!(!u.sql.contains("\"n\" = EXCLUDED"), "{}", u.sql);
+        assert!(!u.sql.contains("\"tags\" = EXCLUDED"), "{}", u.sql);
+    }
 }
 
 #[test]

@@ -30,6 +30,25 @@ pub fn read_all_with(
     topic: &str,
     idle: Duration,
 ) -> Vec<Rec> {
+    read_records(brokers, properties, topic, idle)
+        .into_iter()
+        .filter(|r| !is_progress(r))
+        .collect()
+}
+
+/// Whether `r` is a progress record (see `publish::envelope::progress`):
+/// no row change, so [`read_all`] leaves them out.
+pub fn is_progress(r: &Rec) -> bool {
+    r.headers.get("pgrelay.op").map(String::as_str) == Some("p")
+}
+
+/// Every record of `topic`, progress records included.
+pub fn read_records(
+    brokers: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    idle: Duration,
+) -> Vec<Rec> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("group.id", "pgrelay-test-reader")
