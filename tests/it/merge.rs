@@ -463,6 +463,31 @@ async fn concurrent_increments_in_three_regions_add_up_exactly_through_a_kill() 
         &total.to_string(),
     )
     .await;
+
+    // every increment us sent to eu delivered again (as a restarted capture
+    // side would): eu consumes them all and adds nothing
+    let brokers = w.brokers["eu"].0.brokers();
+    let again: Vec<_> = read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(1))
+        .into_iter()
+        .filter(|r| r.value["pgrelay"]["merge_from"].is_object())
+        .map(|r| {
+            (
+                Some(serde_json::to_vec(&r.key).unwrap()),
+                Some(serde_json::to_vec(&r.value).unwrap()),
+            )
+        })
+        .collect();
+    assert!(again.len() >= N as usize, "{} records", again.len());
+    produce(&brokers, "pgrelay.us.eu", &again);
+    consumed_all(&w.pg["eu"], &brokers, "pgrelay.us.eu").await;
+    let n: i64 = w.pg["eu"]
+        .client()
+        .await
+        .query_one("SELECT n FROM stock WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, total, "redelivered increments were added again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
