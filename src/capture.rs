@@ -552,6 +552,17 @@ impl Loop<'_> {
                                 self.region
                             ))
                         })?;
+                    // a counter's delta needs the old row: without it an
+                    // update's increment would be lost everywhere else
+                    if *replica_identity != b'f' && self.counters.contains_key(&table) {
+                        return Err(CaptureError::Setup(format!(
+                            "region {}: capture stopped: table {table} has counter merge columns \
+                             but its replica identity is no longer FULL, so updates carry no old \
+                             value to take the delta from; run pgrelay setup (it restores FULL), \
+                             then restart the sidecar",
+                            self.region
+                        )));
+                    }
                 }
                 match self
                     .assembler

@@ -464,6 +464,14 @@ async fn concurrent_increments_in_three_regions_add_up_exactly_through_a_kill() 
     )
     .await;
 
+    // concurrent writes of one row: its other columns lost somewhere, and
+    // the metric counts them by table and pair
+    let conflicts: f64 = ["us", "cn"]
+        .iter()
+        .map(|r| w.metric_sum(r, "pgrelay_apply_conflicts_total", "table=\"public.stock\""))
+        .sum();
+    assert!(conflicts > 0.0, "no conflict counted");
+
     // every increment us sent to eu delivered again (as a restarted capture
     // side would): eu consumes them all and adds nothing
     let brokers = w.brokers["eu"].0.brokers();
@@ -533,4 +541,45 @@ async fn items_added_concurrently_in_three_regions_are_all_kept() {
         &want,
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_table_without_full_identity_stops_capture() {
+    let w = merge_world();
+    let mut relay = Relay::spawn(&w.cfg["us"], "us", "capture");
+    let c = w.pg["us"].client().await;
+    c.batch_execute("INSERT INTO stock VALUES (1, 1, 'a')")
+        .await
+        .unwrap();
+    let brokers = w.brokers["eu"].0.brokers();
+    let stock_ops = || {
+        read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(1))
+            .into_iter()
+            .filter(|r| r.value["source"]["table"] == "stock")
+            .map(|r| r.value["op"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(30), "the insert published", || {
+        let ops = stock_ops();
+        async move { (!ops.is_empty()).then_some(()) }
+    })
+    .await;
+    // without the old row an update carries no delta: stop, never lose it
+    c.batch_execute(
+        "ALTER TABLE stock REPLICA IDENTITY DEFAULT;
+         UPDATE stock SET n = n + 1 WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(60), "the capture side to stop", || {
+        let done = matches!(relay.child.try_wait(), Ok(Some(_)));
+        async move { done.then_some(()) }
+    })
+    .await;
+    let log = relay.log_text();
+    assert!(
+        log.contains("public.stock") && log.contains("counter merge columns"),
+        "{log}"
+    );
+    assert_eq!(stock_ops(), ["c"], "only the insert before the change");
 }
