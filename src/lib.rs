@@ -23,6 +23,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod names;
+pub mod overview;
 pub mod pgoutput;
 pub mod privileges;
 pub mod publish;

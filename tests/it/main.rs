@@ -12,5 +12,6 @@ mod repair;
 mod rules;
 mod security;
 mod sidecar;
+mod status_page;
 mod support;
 mod tls;
