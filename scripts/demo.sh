@@ -10,8 +10,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # the demo runs the in-memory broker: the durable one (a long build, for
-# the broker-restart tests) is left to the test command
-PGRELAY_SKIP_DURABLE_BROKER=1 bash scripts/install-deps.sh
+# the broker-restart tests) is left to the test command, and so are the
+# test tools (chromium, cargo-nextest)
+PGRELAY_SKIP_DURABLE_BROKER=1 PGRELAY_SKIP_TEST_TOOLS=1 bash scripts/install-deps.sh
 echo "building pgrelay (release)..."
 cargo build --release --locked --quiet
 BIN="$ROOT/target/release/pgrelay"
@@ -24,7 +25,7 @@ export PGRELAY_EU_HASH_KEY="eu-demo-hash-key-$(date +%s)-0123456789"
 export PGRELAY_CN_HASH_KEY="cn-demo-hash-key-$(date +%s)-0123456789"
 REGIONS=(us eu cn)
 PIDS=()
-declare -A PORT
+declare -A PORT HTTP
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -71,8 +72,9 @@ for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$BROKER_PORT) 2>/dev/null && b
 echo "broker on 127.0.0.1:$BROKER_PORT"
 
 for r in "${REGIONS[@]}"; do
+    HTTP[$r]="$(free_port)"
     sed -e "s/@PORT_us@/${PORT[us]}/; s/@PORT_eu@/${PORT[eu]}/; s/@PORT_cn@/${PORT[cn]}/" \
-        -e "s/@BROKERS@/127.0.0.1:$BROKER_PORT/" -e "s/@HTTP_PORT@/$(free_port)/" \
+        -e "s/@BROKERS@/127.0.0.1:$BROKER_PORT/" -e "s/@HTTP_PORT@/${HTTP[$r]}/" \
         demo/relay.toml.in > "$WORK/relay-$r.toml"
     "$BIN" setup --config "$WORK/relay-$r.toml" --region "$r" | sed "s/^/  /"
 done
@@ -117,6 +119,11 @@ for r in "${REGIONS[@]}"; do
 done
 echo
 "$BIN" status --config "$WORK/relay-us.toml" 2>/dev/null || true
+
+echo
+for r in "${REGIONS[@]}"; do
+    echo "status page of $r's sidecar: http://127.0.0.1:${HTTP[$r]}/"
+done
 
 if [ -n "${PGRELAY_DEMO_KEEP:-}" ]; then
     echo

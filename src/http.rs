@@ -76,9 +76,9 @@ pub struct State {
     pub overview: watch::Receiver<String>,
 }
 
-const PAGE: &str = include_str!("../assets/status.html");
-const PAGE_CSS: &str = include_str!("../assets/status.css");
-const PAGE_JS: &str = include_str!("../assets/status.js");
+const PAGE: &str = include_str!("assets/status.html");
+const PAGE_CSS: &str = include_str!("assets/status.css");
+const PAGE_JS: &str = include_str!("assets/status.js");
 
 /// Headers of the page's files: nothing but themselves and `/status.json`.
 const PAGE_HEADERS: &[&str] = &[
