@@ -220,6 +220,9 @@ async fn dest_side(config: &Config, region: &str) -> DestSide {
             }
             Err(e) => {
                 out.problem.get_or_insert(format!("region {region}: {e}"));
+                // the cluster is unreachable: every further call would
+                // wait out its timeout too
+                break;
             }
         }
         if let Some(lost) = records_lost(&client, cluster, &topic, timeout).await {

@@ -6,6 +6,7 @@ mod breaker;
 mod capture;
 mod checker;
 mod convergence;
+mod dashboard;
 mod errors;
 mod faults;
 mod repair;

@@ -1,7 +1,8 @@
 //! The status page in a real headless browser (Debian's `chromium`,
 //! installed by `scripts/install-deps.sh`), against three running regions:
 //! the graph's nodes and edges, a cut link's colour, egress bytes equal to
-//! what the topic holds. Screenshots go to `target/test-artifacts/`.
+//! what the topic holds, and every metric the Grafana dashboard queries
+//! served. Screenshots go to `target/test-artifacts/`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -230,6 +231,8 @@ async fn status_page_draws_the_region_graph_and_colours_a_cut_link() {
         in_topic as f64
     );
     eprintln!("egress us->cn: {egress}");
+    // every metric the Grafana dashboard charts is served
+    crate::dashboard::assert_served(&w.metrics("cn"));
 
     let url = format!("http://127.0.0.1:{}/", w.http["cn"]);
     let dom = dump_dom(&url, "status-page.png");
