@@ -26,6 +26,7 @@ pub mod names;
 pub mod overview;
 pub mod pgoutput;
 pub mod privileges;
+pub mod progress;
 pub mod publish;
 pub mod repair;
 pub mod residency;

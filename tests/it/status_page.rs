@@ -234,6 +234,31 @@ async fn status_page_draws_the_region_graph_and_colours_a_cut_link() {
     // every metric the Grafana dashboard charts is served
     crate::dashboard::assert_served(&w.metrics("cn"));
 
+    // status --watch prints table after table until stopped
+    let mut watch = Command::new(crate::support::relay::bin())
+        .args(["status", "--config", w.cfg_path("us"), "--watch", "1"])
+        .env("PGRELAY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pgrelay status --watch");
+    let mut stdout = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut tables = 0;
+    let mut line = String::new();
+    let mut seen = String::new();
+    while tables < 3 {
+        line.clear();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        tables += usize::from(line.starts_with("-- unix time"));
+        seen.push_str(&line);
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(tables, 3, "status --watch printed:\n{seen}");
+    assert!(seen.contains("us->cn"), "{seen}");
+
     let url = format!("http://127.0.0.1:{}/", w.http["cn"]);
     let dom = dump_dom(&url, "status-page.png");
     for r in REGIONS {
