@@ -567,7 +567,7 @@ impl Loop<'_> {
                 }
             }
             self.published[i] += 1;
-            self.published_bytes[i] += envelope::wire_size(&record, &headers);
+            self.published_bytes[i] += out.wire_size();
         }
         Ok(())
     }
