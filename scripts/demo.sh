@@ -15,7 +15,7 @@ cd "$ROOT"
 PGRELAY_SKIP_DURABLE_BROKER=1 PGRELAY_SKIP_TEST_TOOLS=1 bash scripts/install-deps.sh
 echo "building pgrelay (release)..."
 cargo build --release --locked --quiet
-BIN="$ROOT/target/release/pgrelay"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/pgrelay"
 PGBIN=/usr/lib/postgresql/15/bin
 WORK="$(mktemp -d /tmp/pgrelay-demo.XXXXXX)"
 chown postgres "$WORK"
