@@ -94,6 +94,14 @@ done
 sleep 2
 
 sql() { psql -X -q -At -h "$WORK" -p "${PORT[$1]}" -U postgres -c "$2"; }
+# waits (up to 60 s) until a count query in region $1 returns $3
+wait_for() {
+    for _ in $(seq 600); do
+        [ "$(sql "$1" "$2" 2>/dev/null)" = "$3" ] && return 0
+        sleep 0.1
+    done
+    echo "  (region $1: still waiting for: $2 = $3)"
+}
 
 echo
 echo "workload:"
@@ -102,7 +110,6 @@ sql eu "INSERT INTO users VALUES (2, 'bernd@example.de', 'DE')"
 sql cn "INSERT INTO users VALUES (3, 'li@example.cn', 'CN')"
 sql us "INSERT INTO products VALUES (1, 'tea', 3.50), (2, 'cup', 9.90)"
 sql eu "INSERT INTO products VALUES (3, 'teapot', 25.00)"
-sql cn "UPDATE products SET price = 3.75 WHERE id = 1" || true
 sql us "INSERT INTO currencies VALUES ('EUR', 1.08), ('CNY', 0.14)"
 sql us "INSERT INTO orders VALUES (100, 'US', 'alice@example.com', '4111111111111111', 12.00)"
 sql eu "INSERT INTO orders VALUES (200, 'DE', 'bernd@example.de', '5500000000000004', 30.00)"
@@ -113,10 +120,14 @@ if sql eu "INSERT INTO currencies VALUES ('GBP', 1.27)" 2>"$WORK/refused"; then
 else
     echo "  eu was refused a write to currencies: $(sed -n 's/^ERROR: *//p' "$WORK/refused" | head -n1)"
 fi
-sleep 3
-# the update written in cn may have been applied before the insert from us arrived
-sql cn "UPDATE products SET price = 3.75 WHERE id = 1" >/dev/null
-sleep 3
+# cn updates a row us wrote, once it has arrived; then every region gets the update
+wait_for cn "SELECT count(*) FROM products WHERE id = 1" 1
+sql cn "UPDATE products SET price = 3.75 WHERE id = 1"
+for r in "${REGIONS[@]}"; do
+    wait_for "$r" "SELECT count(*) FROM products WHERE price = 3.75 OR id = 3" 2
+    wait_for "$r" "SELECT count(*) FROM currencies" 2
+    wait_for "$r" "SELECT count(*) FROM orders WHERE id = 100" 1
+done
 
 for r in "${REGIONS[@]}"; do
     echo
