@@ -22,6 +22,8 @@ pub struct Progress {
     what: String,
     unit: &'static str,
     total: Option<u64>,
+    /// The total is an estimate (shown as `~N`).
+    estimated: bool,
     done: u64,
     label: String,
     started: Instant,
@@ -61,6 +63,7 @@ impl Progress {
             what: what.to_string(),
             unit,
             total,
+            estimated: false,
             done: 0,
             label: String::new(),
             started: Instant::now(),
@@ -68,9 +71,10 @@ impl Progress {
         }
     }
 
-    /// The (estimated) amount of work, once known.
+    /// An estimate of the amount of work, once known.
     pub fn set_total(&mut self, total: u64) {
         self.total = Some(total);
+        self.estimated = true;
         if let Output::Bar(bar) = &self.output {
             style(bar, true, self.unit);
             bar.set_length(total);
@@ -92,13 +96,14 @@ impl Progress {
             Output::Plain { every, last } => {
                 if last.elapsed() >= *every {
                     *last = Instant::now();
+                    let total = self.total.map(|t| (t, self.estimated));
                     eprintln!(
                         "{}",
                         line(
                             &self.what,
                             self.unit,
                             self.done,
-                            self.total,
+                            total,
                             self.started.elapsed(),
                             &self.label
                         )
@@ -124,7 +129,7 @@ impl Progress {
                     &self.what,
                     self.unit,
                     self.done,
-                    Some(self.done),
+                    None,
                     self.started.elapsed(),
                     "done"
                 )
@@ -155,12 +160,13 @@ fn style(bar: &ProgressBar, with_total: bool, unit: &str) {
 }
 
 /// One plain progress line: `resync eu: 1200/~5000 rows (24%), 400 rows/s,
-/// ETA 9s, public.orders`.
+/// ETA 10s, 3.0s elapsed, public.orders`. `total`: the amount of work and
+/// whether it is an estimate.
 pub fn line(
     what: &str,
     unit: &str,
     done: u64,
-    total: Option<u64>,
+    total: Option<(u64, bool)>,
     elapsed: Duration,
     label: &str,
 ) -> String {
@@ -168,14 +174,15 @@ pub fn line(
     let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
     let mut out = format!("{what}: {done}");
     match total {
-        Some(total) if total > 0 => {
+        Some((total, estimated)) if total > 0 => {
             let pct = (done as f64 / total as f64 * 100.0).min(100.0);
-            out.push_str(&format!("/~{total} {unit} ({pct:.0}%)"));
+            let about = if estimated { "~" } else { "" };
+            out.push_str(&format!("/{about}{total} {unit} ({pct:.0}%)"));
         }
         _ => out.push_str(&format!(" {unit}")),
     }
     out.push_str(&format!(", {rate:.0} {unit}/s"));
-    if let Some(total) = total {
+    if let Some((total, _)) = total {
         if rate > 0.0 && total > done {
             let eta = ((total - done) as f64 / rate).ceil() as u64;
             out.push_str(&format!(", ETA {}", duration(eta)));
@@ -207,7 +214,7 @@ mod tests {
             "resync eu",
             "rows",
             1200,
-            Some(5000),
+            Some((5000, true)),
             Duration::from_secs(3),
             "public.orders",
         );
@@ -216,8 +223,27 @@ mod tests {
             "resync eu: 1200/~5000 rows (24%), 400 rows/s, ETA 10s, 3.0s elapsed, public.orders"
         );
         // past an underestimated total: no ETA, no percentage above 100
-        let l = line("r", "rows", 90, Some(60), Duration::from_secs(90), "");
+        let l = line(
+            "r",
+            "rows",
+            90,
+            Some((60, true)),
+            Duration::from_secs(90),
+            "",
+        );
         assert_eq!(l, "r: 90/~60 rows (100%), 1 rows/s, 90.0s elapsed");
+        let l = line(
+            "setup",
+            "statements",
+            3,
+            Some((4, false)),
+            Duration::from_secs(1),
+            "x",
+        );
+        assert_eq!(
+            l,
+            "setup: 3/4 statements (75%), 3 statements/s, ETA 1s, 1.0s elapsed, x"
+        );
         let l = line("setup", "steps", 3, None, Duration::ZERO, "");
         assert_eq!(l, "setup: 3 steps, 0 steps/s, 0.0s elapsed");
         assert_eq!(duration(3725), "1h02m");

@@ -567,7 +567,7 @@ async fn resync_sends_existing_rows_within_residency_rules() {
     // the 5 rows of products, currencies and orders (tombstones aside)
     let progress = String::from_utf8_lossy(&run.stderr);
     assert!(
-        progress.contains("resync us: 5/~5 rows (100%), "),
+        progress.contains("resync us: 5 rows, ") && progress.contains("elapsed, done"),
         "{progress}"
     );
     assert!(!out.contains("rows/s"), "progress on stdout: {out}");
