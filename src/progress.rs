@@ -35,7 +35,7 @@ impl Progress {
     pub fn start(what: &str, unit: &'static str, total: Option<u64>) -> Progress {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
-            style(&bar, total.is_some(), unit);
+            style(&bar, total.is_some(), false, unit);
             bar.set_prefix(what.to_string());
             bar.enable_steady_tick(Duration::from_millis(200));
             Self::new(what, unit, total, Output::Bar(bar))
@@ -76,7 +76,7 @@ impl Progress {
         self.total = Some(total);
         self.estimated = true;
         if let Output::Bar(bar) = &self.output {
-            style(bar, true, self.unit);
+            style(bar, true, true, self.unit);
             bar.set_length(total);
         }
     }
@@ -148,14 +148,18 @@ impl Drop for Progress {
     }
 }
 
-fn style(bar: &ProgressBar, with_total: bool, unit: &str) {
-    let template = if with_total {
-        format!("{{prefix}} [{{bar:30}}] {{human_pos}}/~{{human_len}} {unit} {{msg}} ({{per_sec}}, ETA {{eta}})")
+fn style(bar: &ProgressBar, with_total: bool, estimated: bool, unit: &str) {
+    if let Ok(style) = ProgressStyle::with_template(&template(with_total, estimated, unit)) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+}
+
+fn template(with_total: bool, estimated: bool, unit: &str) -> String {
+    let about = if estimated { "~" } else { "" };
+    if with_total {
+        format!("{{prefix}} [{{bar:30}}] {{human_pos}}/{about}{{human_len}} {unit} {{msg}} ({{per_sec}}, ETA {{eta}})")
     } else {
         format!("{{prefix}} {{spinner}} {{human_pos}} {unit} {{msg}} ({{per_sec}})")
-    };
-    if let Ok(style) = ProgressStyle::with_template(&template) {
-        bar.set_style(style.progress_chars("=> "));
     }
 }
 
@@ -248,6 +252,16 @@ mod tests {
         assert_eq!(l, "setup: 3 steps, 0 steps/s, 0.0s elapsed");
         assert_eq!(duration(3725), "1h02m");
         assert_eq!(duration(61), "1m01s");
+    }
+
+    #[test]
+    fn the_bar_templates_parse() {
+        for with_total in [true, false] {
+            for estimated in [true, false] {
+                let t = template(with_total, estimated, "rows");
+                assert!(ProgressStyle::with_template(&t).is_ok(), "{t}");
+            }
+        }
     }
 
     #[test]
