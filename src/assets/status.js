@@ -161,7 +161,8 @@ function drawTable(view) {
     cell(tr, p.egress && p.egress.bytes_per_second !== null ? bytes(p.egress.bytes_per_second) + "/s" : "-");
     cell(tr, cost(p));
     body.appendChild(tr);
-    for (const msg of (p.problems || []).concat(p.held ? [p.held] : [])) {
+    const notes = (p.problems || []).concat(p.held ? [p.held] : [], p.frozen ? [p.frozen] : []);
+    for (const msg of notes) {
       const li = document.createElement("li");
       li.textContent = p.source + "->" + p.destination + ": " + msg;
       problems.appendChild(li);

@@ -80,6 +80,7 @@ fn the_dashboard_charts_what_operators_watch() {
         "pgrelay_apply_conflicts_won_total",
         "pgrelay_slot_retained_wal_bytes",
         "pgrelay_pair_state",
+        "pgrelay_breaker_state",
     ] {
         assert!(queried.contains(wanted), "no panel queries {wanted}");
     }
