@@ -10,11 +10,21 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # the demo runs the in-memory broker: the durable one (a long build, for
-# the broker-restart tests) is left to the test command
-PGRELAY_SKIP_DURABLE_BROKER=1 bash scripts/install-deps.sh
-echo "building pgrelay (release)..."
-cargo build --release --locked --quiet
-BIN="$ROOT/target/release/pgrelay"
+# the broker-restart tests) is left to the test command, and so are the
+# test tools (chromium, cargo-nextest)
+PGRELAY_SKIP_DURABLE_BROKER=1 PGRELAY_SKIP_TEST_TOOLS=1 bash scripts/install-deps.sh
+# a debug build: it compiles in about half the time of an optimised one,
+# is fast enough for the demo's few rows, and its dependencies are the ones
+# the test suite builds next. PGRELAY_DEMO_RELEASE=1 builds optimised.
+if [ -n "${PGRELAY_DEMO_RELEASE:-}" ]; then
+    echo "building pgrelay (release)..."
+    cargo build --release --locked --quiet
+    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/pgrelay"
+else
+    echo "building pgrelay (debug)..."
+    cargo build --locked --quiet
+    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/pgrelay"
+fi
 PGBIN=/usr/lib/postgresql/15/bin
 WORK="$(mktemp -d /tmp/pgrelay-demo.XXXXXX)"
 chown postgres "$WORK"
@@ -24,7 +34,7 @@ export PGRELAY_EU_HASH_KEY="eu-demo-hash-key-$(date +%s)-0123456789"
 export PGRELAY_CN_HASH_KEY="cn-demo-hash-key-$(date +%s)-0123456789"
 REGIONS=(us eu cn)
 PIDS=()
-declare -A PORT
+declare -A PORT HTTP
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -71,8 +81,9 @@ for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$BROKER_PORT) 2>/dev/null && b
 echo "broker on 127.0.0.1:$BROKER_PORT"
 
 for r in "${REGIONS[@]}"; do
+    HTTP[$r]="$(free_port)"
     sed -e "s/@PORT_us@/${PORT[us]}/; s/@PORT_eu@/${PORT[eu]}/; s/@PORT_cn@/${PORT[cn]}/" \
-        -e "s/@BROKERS@/127.0.0.1:$BROKER_PORT/" -e "s/@HTTP_PORT@/$(free_port)/" \
+        -e "s/@BROKERS@/127.0.0.1:$BROKER_PORT/" -e "s/@HTTP_PORT@/${HTTP[$r]}/" \
         demo/relay.toml.in > "$WORK/relay-$r.toml"
     "$BIN" setup --config "$WORK/relay-$r.toml" --region "$r" | sed "s/^/  /"
 done
@@ -83,6 +94,14 @@ done
 sleep 2
 
 sql() { psql -X -q -At -h "$WORK" -p "${PORT[$1]}" -U postgres -c "$2"; }
+# waits (up to 60 s) until a count query in region $1 returns $3
+wait_for() {
+    for _ in $(seq 600); do
+        [ "$(sql "$1" "$2" 2>/dev/null)" = "$3" ] && return 0
+        sleep 0.1
+    done
+    echo "  (region $1: still waiting for: $2 = $3)"
+}
 
 echo
 echo "workload:"
@@ -91,7 +110,6 @@ sql eu "INSERT INTO users VALUES (2, 'bernd@example.de', 'DE')"
 sql cn "INSERT INTO users VALUES (3, 'li@example.cn', 'CN')"
 sql us "INSERT INTO products VALUES (1, 'tea', 3.50), (2, 'cup', 9.90)"
 sql eu "INSERT INTO products VALUES (3, 'teapot', 25.00)"
-sql cn "UPDATE products SET price = 3.75 WHERE id = 1" || true
 sql us "INSERT INTO currencies VALUES ('EUR', 1.08), ('CNY', 0.14)"
 sql us "INSERT INTO orders VALUES (100, 'US', 'alice@example.com', '4111111111111111', 12.00)"
 sql eu "INSERT INTO orders VALUES (200, 'DE', 'bernd@example.de', '5500000000000004', 30.00)"
@@ -102,10 +120,14 @@ if sql eu "INSERT INTO currencies VALUES ('GBP', 1.27)" 2>"$WORK/refused"; then
 else
     echo "  eu was refused a write to currencies: $(sed -n 's/^ERROR: *//p' "$WORK/refused" | head -n1)"
 fi
-sleep 3
-# the update written in cn may have been applied before the insert from us arrived
-sql cn "UPDATE products SET price = 3.75 WHERE id = 1" >/dev/null
-sleep 3
+# cn updates a row us wrote, once it has arrived; then every region gets the update
+wait_for cn "SELECT count(*) FROM products WHERE id = 1" 1
+sql cn "UPDATE products SET price = 3.75 WHERE id = 1"
+for r in "${REGIONS[@]}"; do
+    wait_for "$r" "SELECT count(*) FROM products WHERE price = 3.75 OR id = 3" 2
+    wait_for "$r" "SELECT count(*) FROM currencies" 2
+    wait_for "$r" "SELECT count(*) FROM orders WHERE id = 100" 1
+done
 
 for r in "${REGIONS[@]}"; do
     echo
@@ -120,6 +142,9 @@ echo
 
 if [ -n "${PGRELAY_DEMO_KEEP:-}" ]; then
     echo
+    for r in "${REGIONS[@]}"; do
+        echo "status page of $r's sidecar: http://127.0.0.1:${HTTP[$r]}/"
+    done
     echo "running; Ctrl-C to stop (configs and logs in $WORK)"
     wait
 fi

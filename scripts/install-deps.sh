@@ -12,6 +12,11 @@
 #   - Tansu built from crates.io with its libsql storage engine (durable, for
 #     the broker-restart test), into $PGRELAY_TOOLS/tansu-libsql/bin/tansu
 #     (about 11 minutes on 2 cores, once per machine)
+#   - for the tests only: Debian's chromium (the status page's test drives it
+#     headless) and cargo-nextest
+#
+# PGRELAY_SKIP_DURABLE_BROKER=1 skips the durable broker, PGRELAY_SKIP_TEST_TOOLS=1
+# chromium and cargo-nextest: scripts/demo.sh sets both, it needs neither.
 #
 # PGRELAY_TOOLS defaults to /opt/pgrelay-tools, outside the work tree, so
 # fresh clones on the same machine reuse the builds; the work tree reaches it
@@ -40,6 +45,10 @@ command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 command -v stunnel4 >/dev/null 2>&1 || need_apt+=(stunnel4)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-pip)
+if [ -z "${PGRELAY_SKIP_TEST_TOOLS:-}" ]; then
+    # the status page's test loads the page in a headless browser
+    command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+fi
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
     log "installing Debian packages: ${need_apt[*]}"
@@ -87,7 +96,8 @@ if [ ! -x "$TOOLS/tansu-libsql/bin/tansu" ] && [ -z "${PGRELAY_SKIP_DURABLE_BROK
     rm -rf "$TOOLS/tansu-build"
 fi
 
-if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+if [ -z "${PGRELAY_SKIP_TEST_TOOLS:-}" ] \
+    && ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install --locked cargo-nextest
 fi

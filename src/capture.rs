@@ -241,6 +241,7 @@ pub async fn run(
         max_in_flight,
         last_reported: Lsn::ZERO,
         published: vec![0; destinations.len()],
+        published_bytes: vec![0; destinations.len()],
         reports: Vec::new(),
         dropped: std::collections::HashMap::new(),
         truncates_kept: HashSet::new(),
@@ -292,6 +293,8 @@ struct Loop<'a> {
     /// Counters kept locally on the hot path, flushed to `metrics` with
     /// each status update.
     published: Vec<u64>,
+    /// Bytes of those records (key, value, headers), by destination.
+    published_bytes: Vec<u64>,
     /// Delivery reports being handled (kept to reuse the allocation).
     reports: Vec<Delivery>,
     dropped: std::collections::HashMap<(String, usize, &'static str), u64>,
@@ -410,6 +413,19 @@ impl Loop<'_> {
                 self.metrics.add(
                     "pgrelay_capture_published_total",
                     "Records handed to Kafka, by destination",
+                    &[
+                        ("source", self.region),
+                        ("destination", &self.destinations[i]),
+                    ],
+                    std::mem::take(n),
+                );
+            }
+        }
+        for (i, n) in self.published_bytes.iter_mut().enumerate() {
+            if *n > 0 {
+                self.metrics.add(
+                    crate::overview::EGRESS_METRIC,
+                    "Bytes of records handed to Kafka (key, value, headers), by destination",
                     &[
                         ("source", self.region),
                         ("destination", &self.destinations[i]),
@@ -642,6 +658,7 @@ impl Loop<'_> {
             }
             self.published[i] += 1;
             self.progress_rounds = PROGRESS_ROUNDS;
+            self.published_bytes[i] += out.wire_size();
         }
         Ok(())
     }

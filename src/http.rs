@@ -1,14 +1,21 @@
 //! The sidecar's HTTP endpoint: `/metrics` (Prometheus), `/healthz`
-//! (the process is serving), `/readyz` (every side it runs is streaming).
+//! (the process is serving), `/readyz` (every side it runs is streaming),
+//! and a status page for people: `/` with its `/status.css` and
+//! `/status.js` (embedded in the binary: no CDN, works offline), which draw
+//! `/status.json` ([`crate::overview::Overview`]).
 //!
-//! A deliberately tiny HTTP/1.1 responder: three GET routes, one response
+//! A deliberately tiny HTTP/1.1 responder: a few GET routes, one response
 //! per connection, no request bodies. It is built to face an untrusted
 //! network without help: the request head must arrive within
 //! [`Limits::request_timeout`] (a slow client is cut off, never waited on),
 //! at most [`Limits::max_connections`] connections are served at once (the
 //! others wait in the listen backlog), and with a token `/metrics` answers
-//! 401 unless the request carries `Authorization: Bearer TOKEN`. `/healthz`
-//! and `/readyz` stay open: probes carry no secrets and reveal nothing.
+//! 401 unless the request carries `Authorization: Bearer TOKEN`, and so does
+//! `/status.json` (the page sends the token it finds in its URL's fragment,
+//! `/#token=...`, which browsers never send to the server). `/healthz`,
+//! `/readyz` and the page's static files stay open: they carry no secrets
+//! and reveal nothing. The page's files are served with a content security
+//! policy that lets them load only themselves and `/status.json`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,9 +69,25 @@ const MAX_HEAD: usize = 4096;
 pub struct State {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
-    /// Bearer token `/metrics` requires, if any.
+    /// Bearer token `/metrics` and `/status.json` require, if any.
     pub token: Option<String>,
+    /// The latest [`crate::overview::Overview`] as JSON; empty until the
+    /// first collection.
+    pub overview: watch::Receiver<String>,
 }
+
+const PAGE: &str = include_str!("assets/status.html");
+const PAGE_CSS: &str = include_str!("assets/status.css");
+const PAGE_JS: &str = include_str!("assets/status.js");
+
+/// Headers of the page's files: nothing but themselves and `/status.json`.
+const PAGE_HEADERS: &[&str] = &[
+    "Content-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options: nosniff",
+    "Referrer-Policy: no-referrer",
+    "Cache-Control: no-cache",
+];
 
 /// Serves until `shutdown` turns true.
 pub async fn serve(
@@ -181,7 +204,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 fn route(path: &str, state: &State, authorized: bool) -> String {
     match path {
-        "/metrics" if !authorized => render(
+        "/metrics" | "/status.json" if !authorized => render(
             "401 Unauthorized",
             "a bearer token is required\n",
             &["WWW-Authenticate: Bearer realm=\"pgrelay\""],
@@ -193,6 +216,26 @@ fn route(path: &str, state: &State, authorized: bool) -> String {
                 body.len()
             )
         }
+        "/status.json" => {
+            let body = state.overview.borrow().clone();
+            if body.is_empty() {
+                return render("503 Service Unavailable", "not collected yet\n", &[]);
+            }
+            render_as(
+                "200 OK",
+                "application/json",
+                &body,
+                &["Cache-Control: no-store", "X-Content-Type-Options: nosniff"],
+            )
+        }
+        "/" => render_as("200 OK", "text/html; charset=utf-8", PAGE, PAGE_HEADERS),
+        "/status.css" => render_as("200 OK", "text/css; charset=utf-8", PAGE_CSS, PAGE_HEADERS),
+        "/status.js" => render_as(
+            "200 OK",
+            "text/javascript; charset=utf-8",
+            PAGE_JS,
+            PAGE_HEADERS,
+        ),
         "/healthz" => render("200 OK", "ok\n", &[]),
         "/readyz" if state.readiness.ready() => render("200 OK", "ready\n", &[]),
         "/readyz" => render("503 Service Unavailable", "not ready\n", &[]),
@@ -201,13 +244,17 @@ fn route(path: &str, state: &State, authorized: bool) -> String {
 }
 
 fn render(status: &str, body: &str, headers: &[&str]) -> String {
+    render_as(status, "text/plain", body, headers)
+}
+
+fn render_as(status: &str, content_type: &str, body: &str, headers: &[&str]) -> String {
     let mut extra = String::new();
     for h in headers {
         extra.push_str(h);
         extra.push_str("\r\n");
     }
     format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
         body.len()
     )
 }
@@ -223,12 +270,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
+        let (overview_tx, overview) = watch::channel(String::new());
         let state = State {
             metrics: Arc::new(Metrics::new()),
             readiness: Arc::new(Readiness::default()),
             token: token.map(str::to_string),
+            overview,
         };
         tokio::spawn(serve(listener, state, limits, rx));
+        // a collected view, as the sidecar's status loop publishes it; the
+        // receiver keeps the last value once the sender is gone
+        overview_tx.send_replace("{\"region\":\"eu\"}".to_string());
         (addr, tx)
     }
 
@@ -264,6 +316,41 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
         let r = get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    }
+
+    #[tokio::test]
+    async fn the_page_is_open_and_its_data_needs_the_token() {
+        let (addr, _stop) = start(Some("0123456789abcdef-token"), Limits::default()).await;
+        for (path, kind) in [
+            ("/", "text/html"),
+            ("/status.css", "text/css"),
+            ("/status.js", "text/javascript"),
+        ] {
+            let r = get(addr, &format!("GET {path} HTTP/1.1\r\n\r\n")).await;
+            assert!(r.starts_with("HTTP/1.1 200 "), "{path}: {r}");
+            assert!(r.contains(&format!("Content-Type: {kind}")), "{path}: {r}");
+            assert!(
+                r.contains("Content-Security-Policy: default-src 'none'"),
+                "{r}"
+            );
+            // nothing is loaded from elsewhere (the SVG namespace is a name)
+            let body = r.split("\r\n\r\n").nth(1).unwrap();
+            let body = body.replace("\"http://www.w3.org/2000/svg\"", "");
+            assert!(
+                !body.contains("http://") && !body.contains("https://"),
+                "{path}"
+            );
+        }
+        let r = get(addr, "GET /status.json HTTP/1.1\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
+        let r = get(
+            addr,
+            "GET /status.json HTTP/1.1\r\nAuthorization: Bearer 0123456789abcdef-token\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        assert!(r.contains("Content-Type: application/json"), "{r}");
+        assert!(r.ends_with("{\"region\":\"eu\"}"), "{r}");
     }
 
     #[tokio::test]

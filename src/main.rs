@@ -59,6 +59,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Refresh every SECONDS (default 2) until interrupted: in place on
+        /// a terminal, one table after another otherwise.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
     },
     /// Send a region's current rows (and tombstones) again, with their own
     /// stamps: rows that predate setup, a new region, a lost slot. Safe
@@ -253,7 +257,11 @@ fn main() -> ExitCode {
                 table,
                 dry_run,
             } => resync::resync(&config, &region, to, &table, dry_run).await,
-            Command::Status { config, json } => status::status(&config, json).await,
+            Command::Status {
+                config,
+                json,
+                watch,
+            } => status::status(&config, json, watch).await,
             Command::Repair {
                 config,
                 region,

@@ -151,7 +151,12 @@ fn now_us() -> i64 {
 }
 
 /// Sends `region`'s rows and tombstones again; see the module docs.
-pub async fn run(config: &Config, region: &str, opts: &Options) -> Result<Summary, ResyncError> {
+pub async fn run(
+    config: &Config,
+    region: &str,
+    opts: &Options,
+    progress: &mut crate::progress::Progress,
+) -> Result<Summary, ResyncError> {
     let region_cfg = config
         .region(region)
         .map_err(|e| ResyncError::Setup(e.to_string()))?;
@@ -272,6 +277,21 @@ pub async fn run(config: &Config, region: &str, opts: &Options) -> Result<Summar
         .await
         .map_err(read_err("the current LSN"))?
         .get(0);
+    // the planner's row estimates: enough for a rate and an ETA
+    let mut estimate = 0u64;
+    for schema in &schemas {
+        let rows: i64 = client
+            .query_one(
+                "SELECT coalesce(max(greatest(c.reltuples, 0)), 0)::bigint FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema.table.schema, &schema.table.name],
+            )
+            .await
+            .map_err(read_err("row estimates"))?
+            .get(0);
+        estimate += rows.max(0) as u64;
+    }
+    progress.set_total(estimate);
     let tx = Arc::new(TxMeta {
         xid: 0,
         commit_lsn: lsn.parse::<Lsn>().unwrap_or_default(),
@@ -280,6 +300,7 @@ pub async fn run(config: &Config, region: &str, opts: &Options) -> Result<Summar
     for schema in &schemas {
         let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
         let what = format!("table {}", schema.table);
+        progress.set_label(&schema.table.to_string());
         let stream = client
             .simple_query_raw(&select_sql(&schema.table, &names))
             .await
@@ -307,6 +328,7 @@ pub async fn run(config: &Config, region: &str, opts: &Options) -> Result<Summar
                 seq: 0,
             };
             out.send(&change).await?;
+            progress.inc(1);
         }
         let rows = client
             .query(
@@ -332,6 +354,7 @@ pub async fn run(config: &Config, region: &str, opts: &Options) -> Result<Summar
         .await
         .map_err(read_err("the end of the snapshot"))?;
     out.finish().await?;
+    progress.finish();
     Ok(out.summary)
 }
 

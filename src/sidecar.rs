@@ -41,6 +41,7 @@ pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
         .store(with_capture, Ordering::Relaxed);
     readiness.wants_apply.store(with_apply, Ordering::Relaxed);
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let (overview_tx, overview) = watch::channel(String::new());
     if let Some(addr) = &config.http.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -49,6 +50,7 @@ pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             token: config.http.token.clone(),
+            overview,
         };
         tokio::spawn(http::serve(
             listener,
@@ -71,8 +73,13 @@ pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
             shutdown.clone(),
         );
         tokio::spawn(async move {
+            let mut collector = crate::overview::Collector::new();
             loop {
-                crate::status::export_local(&config, &region, &metrics).await;
+                let pairs = crate::status::export_local(&config, &region, &metrics).await;
+                let view = collector.build(&config, &region, pairs, &metrics, Instant::now());
+                if let Ok(json) = serde_json::to_string(&view) {
+                    overview_tx.send_replace(json);
+                }
                 tokio::select! {
                     _ = shutdown.changed() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}

@@ -52,6 +52,15 @@ pub struct PairStatus {
     /// Why the blast-radius breaker holds the pair's changes, if it does
     /// (the pair is `frozen` then).
     pub frozen: Option<String>,
+    /// Which side's numbers a sidecar's own view holds (`"source"` or
+    /// `"destination"`); absent when both sides were read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_from: Option<&'static str>,
+    /// Bytes the source's capture side published to the destination (key,
+    /// value and headers of each record) since the sidecar started, and
+    /// their rate over the last minute; in a sidecar's view only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<crate::overview::Egress>,
 }
 
 #[derive(Default)]
@@ -211,6 +220,9 @@ async fn dest_side(config: &Config, region: &str) -> DestSide {
             }
             Err(e) => {
                 out.problem.get_or_insert(format!("region {region}: {e}"));
+                // the cluster is unreachable: every further call would
+                // wait out its timeout too
+                break;
             }
         }
         if let Some(lost) = records_lost(&client, cluster, &topic, timeout).await {
@@ -272,8 +284,14 @@ pub fn state_code(state: &str) -> f64 {
 }
 
 /// Sets the gauges of the pairs that touch `region` (what its sidecar can
-/// see: its own database and its Kafka cluster).
-pub async fn export_local(config: &Config, region: &str, metrics: &crate::metrics::Metrics) {
+/// see: its own database and its Kafka cluster) and returns those pairs:
+/// outgoing ones with the source side's numbers, incoming ones with the
+/// destination side's.
+pub async fn export_local(
+    config: &Config,
+    region: &str,
+    metrics: &crate::metrics::Metrics,
+) -> Vec<PairStatus> {
     let src = source_side(config, region).await;
     let dst = dest_side(config, region).await;
     let labels = [("region", region)];
@@ -300,6 +318,39 @@ pub async fn export_local(config: &Config, region: &str, metrics: &crate::metric
             &labels,
             n as f64,
         );
+    }
+    let mut pairs = Vec::new();
+    let lag_bytes = match (src.current, src.confirmed) {
+        (Some(c), Some(f)) => Some(c.0.saturating_sub(f.0)),
+        _ => None,
+    };
+    for destination in config.regions.keys().filter(|d| *d != region) {
+        let state = if src.problem.is_some() || lag_bytes.is_none() {
+            "failed"
+        } else if lag_bytes.unwrap_or(0) > config.status.lagging_bytes {
+            "lagging"
+        } else {
+            "active"
+        };
+        pairs.push(PairStatus {
+            source: region.to_string(),
+            destination: destination.clone(),
+            source_lsn: src.current.map(|l| l.to_string()),
+            confirmed_lsn: src.confirmed.map(|l| l.to_string()),
+            lag_bytes,
+            lag_seconds: None,
+            retained_wal_bytes: src.retained,
+            watermark_hlc: None,
+            watermark_commit_time: None,
+            backlog_records: None,
+            dead_letters: None,
+            state,
+            problems: src.problem.clone().into_iter().collect(),
+            held: None,
+            frozen: None,
+            seen_from: Some("source"),
+            egress: None,
+        });
     }
     for source in config.regions.keys().filter(|s| *s != region) {
         let pair = [("source", source.as_str()), ("destination", region)];
@@ -331,12 +382,16 @@ pub async fn export_local(config: &Config, region: &str, metrics: &crate::metric
                 b as f64,
             );
         }
-        if let Some((_, _, Some(age))) = dst.watermarks.get(source) {
+        let wm = dst.watermarks.get(source);
+        let mut lag_seconds = None;
+        if let Some((_, _, Some(age))) = wm {
             let lag = if dst.backlog.get(source).copied().unwrap_or(0) == 0 {
                 0.0
             } else {
                 *age
             };
+            // unknown while the backlog cannot be read
+            lag_seconds = backlog.is_some().then_some(lag);
             metrics.set(
                 "pgrelay_apply_lag_seconds",
                 "Age of the newest applied change while records wait (0 when caught up)",
@@ -344,7 +399,31 @@ pub async fn export_local(config: &Config, region: &str, metrics: &crate::metric
                 lag,
             );
         }
+        pairs.push(PairStatus {
+            source: source.clone(),
+            destination: region.to_string(),
+            source_lsn: None,
+            confirmed_lsn: None,
+            lag_bytes: None,
+            lag_seconds,
+            retained_wal_bytes: None,
+            watermark_hlc: wm.map(|w| w.0),
+            watermark_commit_time: wm.and_then(|w| w.1.clone()),
+            backlog_records: backlog,
+            dead_letters: dst.dead_letters,
+            state,
+            problems: dst.problem.clone().into_iter().collect(),
+            held: dst.held.get(source).cloned(),
+            frozen: dst.frozen.get(source).map(|reason| {
+                format!(
+                    "breaker: {reason}; pgrelay breaker release|discard --region {region} --source {source}"
+                )
+            }),
+            seen_from: Some("destination"),
+            egress: None,
+        });
     }
+    pairs
 }
 
 /// Collects every pair's status.
@@ -408,6 +487,8 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 problems,
                 held,
                 frozen,
+                seen_from: None,
+                egress: None,
             });
         }
     }

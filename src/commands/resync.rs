@@ -30,7 +30,8 @@ pub async fn resync(
         tables,
         dry_run,
     };
-    let summary = crate::resync::run(&config, region, &opts).await?;
+    let mut progress = crate::progress::Progress::start(&format!("resync {region}"), "rows", None);
+    let summary = crate::resync::run(&config, region, &opts, &mut progress).await?;
     print!("{}", crate::resync::render(&summary));
     println!(
         "region {region}: {} (every record carries its row's own stamp: newer rows at the destinations stay)",

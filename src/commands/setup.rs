@@ -43,12 +43,20 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
         .transaction()
         .await
         .context("starting the setup transaction")?;
+    let mut progress = crate::progress::Progress::start(
+        &format!("setup {region}"),
+        "statements",
+        Some(statements.len() as u64),
+    );
     for sql in &statements {
+        progress.set_label(&statement_label(sql));
         tx.batch_execute(sql)
             .await
             .with_context(|| format!("region {region}: setup statement failed: {sql}"))?;
+        progress.inc(1);
     }
     tx.commit().await.context("committing setup")?;
+    progress.finish();
     if let Some(role) = region_cfg.grantee() {
         grant_run_role(&config, region, &client, &role).await?;
     }
@@ -200,4 +208,13 @@ pub async fn grant_run_role(
         );
     }
     Ok(())
+}
+
+/// The head of a DDL statement, for the progress line.
+fn statement_label(sql: &str) -> String {
+    let head: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    match head.char_indices().nth(60) {
+        Some((i, _)) => format!("{}...", &head[..i]),
+        None => head,
+    }
 }

@@ -48,6 +48,7 @@ pub(super) struct RawRelay {
 pub(super) struct RawStatus {
     pub(super) lagging_after: Option<HumanDuration>,
     pub(super) lagging_bytes: Option<i64>,
+    pub(super) egress_price_per_gb: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]

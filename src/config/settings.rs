@@ -61,12 +61,15 @@ pub struct ApplySettings {
 
 /// `[relay.status]`: when `pgrelay status` and the metrics call a region
 /// pair lagging.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct StatusSettings {
     /// A pair is `lagging` past this many seconds behind...
     pub lagging_after: Duration,
     /// ...or this many bytes of WAL not yet confirmed by the capture side.
     pub lagging_bytes: u64,
+    /// Price of one GB (2^30 bytes) of cross-region transfer, for the
+    /// monthly egress estimate; `None`: no estimate.
+    pub egress_price_per_gb: Option<f64>,
 }
 
 pub const fn default_lagging_after() -> Duration {
@@ -81,6 +84,7 @@ impl Default for StatusSettings {
         StatusSettings {
             lagging_after: default_lagging_after(),
             lagging_bytes: default_lagging_bytes(),
+            egress_price_per_gb: None,
         }
     }
 }

@@ -121,6 +121,17 @@ impl Validator<'_> {
                 default_lagging_bytes() as usize,
                 1,
             )? as u64,
+            egress_price_per_gb: match raw.relay.status.egress_price_per_gb {
+                Some(p) if !(p.is_finite() && p >= 0.0) => {
+                    return Err(self.invalid(
+                        None,
+                        format!(
+                            "relay.status.egress_price_per_gb = {p}: must be a price of zero or more (e.g. 0.02)"
+                        ),
+                    ))
+                }
+                p => p,
+            },
         };
         let listen = match raw.http.listen {
             None => None,

@@ -88,6 +88,14 @@ pub struct Record {
     pub key_hash: u32,
 }
 
+/// Bytes a record puts on the wire to its destination's cluster, before
+/// Kafka's own framing and compression: key, value, header names and values.
+/// What egress accounting counts.
+pub fn wire_size(record: &Record, headers: &[(&str, &str)]) -> u64 {
+    let headers: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (record.key.len() + record.value.len() + headers) as u64
+}
+
 /// Encodes one routed change. `buf` is reused between calls to avoid
 /// allocating per record.
 pub fn encode(source: &Source, change: &Change, routed: &Routed) -> Record {

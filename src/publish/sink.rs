@@ -55,18 +55,26 @@ impl<'a> Outgoing<'a> {
     /// [`SendError::QueueFull`]: make room and call again; any other error
     /// names the topic.
     pub fn queue(&self, outlets: &Outlets, dest: usize, seq: u64) -> Result<(), SendError> {
-        let headers = [
-            (HEADER_ORIGIN, self.origin),
-            (HEADER_HLC, self.hlc),
-            (HEADER_TABLE, self.record.table.as_str()),
-            (HEADER_OP, self.op),
-        ];
-        match outlets.send(dest, &self.record, headers, seq) {
+        match outlets.send(dest, &self.record, self.headers(), seq) {
             Err(SendError::Other(e)) => Err(SendError::Other(format!(
                 "cannot queue a record for {}: {e}",
                 outlets.topics[dest]
             ))),
             other => other,
         }
+    }
+
+    /// Bytes this record puts on the wire (egress accounting).
+    pub fn wire_size(&self) -> u64 {
+        envelope::wire_size(&self.record, &self.headers())
+    }
+
+    fn headers(&self) -> [(&'static str, &str); 4] {
+        [
+            (HEADER_ORIGIN, self.origin),
+            (HEADER_HLC, self.hlc),
+            (HEADER_TABLE, self.record.table.as_str()),
+            (HEADER_OP, self.op),
+        ]
     }
 }

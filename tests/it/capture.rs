@@ -559,8 +559,18 @@ async fn resync_sends_existing_rows_within_residency_rules() {
         read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(1)).is_empty(),
         "a dry run sent records"
     );
-    let out = relay::ok(&["resync", "--config", cfg, "--region", "us"]);
+    let run = relay::cmd(&["resync", "--config", cfg, "--region", "us"]);
+    assert!(run.status.success(), "{run:?}");
+    let out = String::from_utf8_lossy(&run.stdout);
     assert!(out.contains("public.orders"), "{out}");
+    // progress goes to stderr, as plain lines when it is not a terminal:
+    // the 5 rows of products, currencies and orders (tombstones aside)
+    let progress = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        progress.contains("resync us: 5 rows, ") && progress.contains("elapsed, done"),
+        "{progress}"
+    );
+    assert!(!out.contains("rows/s"), "progress on stdout: {out}");
 
     let eu = read_all(&brokers, "pgrelay.us.eu", Duration::from_secs(2));
     let cn = read_all(&brokers, "pgrelay.us.cn", Duration::from_secs(1));

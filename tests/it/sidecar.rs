@@ -125,6 +125,7 @@ batch_max_wait = "20ms"
 
 [relay.status]
 lagging_after = "3s"
+egress_price_per_gb = 0.02
 
 [http]
 listen = "127.0.0.1:{http_port}"

@@ -15,6 +15,8 @@ pub struct Rec {
     pub key: serde_json::Value,
     pub value: serde_json::Value,
     pub headers: BTreeMap<String, String>,
+    /// Key, value, header names and values, in bytes as stored.
+    pub bytes: u64,
 }
 
 /// Reads `topic` from the beginning until no record arrives for `idle`
@@ -89,12 +91,14 @@ pub fn read_records(
                     .map(|v| serde_json::from_slice(v).expect("json value"))
                     .unwrap_or(serde_json::Value::Null);
                 let headers = headers_of(&m);
+                let bytes = wire_size(&m);
                 out.push(Rec {
                     partition: m.partition(),
                     offset: m.offset(),
                     key,
                     value,
                     headers,
+                    bytes,
                 });
             }
             Some(Err(e)) => panic!("kafka read error on {topic}: {e}"),
@@ -217,12 +221,14 @@ pub fn read_to_markers(brokers: &str, topic: &str) -> Vec<Rec> {
                     .and_then(|v| serde_json::from_slice(v).ok())
                     .unwrap_or(serde_json::Value::Null);
                 let headers = headers_of(&m);
+                let bytes = wire_size(&m);
                 out.push(Rec {
                     partition: m.partition(),
                     offset: m.offset(),
                     key: serde_json::Value::Null,
                     value,
                     headers,
+                    bytes,
                 });
             }
             Some(Err(e)) => panic!("kafka read error on {topic}: {e}"),
@@ -234,6 +240,18 @@ pub fn read_to_markers(brokers: &str, topic: &str) -> Vec<Rec> {
 }
 
 /// A record's headers as text.
+fn wire_size(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
+    let headers: usize = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|hd| hd.key.len() + hd.value.map_or(0, <[u8]>::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    (m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len) + headers) as u64
+}
+
 fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> BTreeMap<String, String> {
     let mut headers = BTreeMap::new();
     if let Some(h) = m.headers() {
