@@ -176,7 +176,6 @@ pub async fn run(
             &region, &slot_name,
         )));
     }
-    drop(client);
 
     let policy =
         Policy::compile(&config, &region).map_err(|e| CaptureError::Setup(e.to_string()))?;
@@ -206,12 +205,22 @@ pub async fn run(
 
     let params = ConnParams::from_dsn(&region_cfg.dsn, &format!("pgrelay_{region}"))
         .map_err(|e| CaptureError::Setup(format!("region {region} dsn: {e}")))?;
-    let conn = ReplConnection::connect(&params).await.map_err(|e| {
+    let mut conn = ReplConnection::connect(&params).await.map_err(|e| {
         CaptureError::Transient(format!(
             "region {region}: replication connection to {}: {e}",
             params.target()
         ))
     })?;
+    let mut client = client;
+    watch_primary(
+        &mut conn,
+        &mut client,
+        &region,
+        slot.confirmed_flush,
+        &metrics,
+    )
+    .await?;
+    drop(client);
     let command = format!(
         "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})",
         crate::event::quote_ident(&slot_name),
@@ -276,6 +285,71 @@ pub async fn run(
         tracing::info!(region = %region, confirmed = %ctx.tracker.confirmed(), "capture stopped");
     }
     result
+}
+
+/// Who the primary is (`IDENTIFY_SYSTEM`), compared with the one streamed
+/// from before: a failover is recorded in the region's `pgrelay.events`,
+/// counted and logged (see [`crate::failover`]).
+async fn watch_primary(
+    conn: &mut ReplConnection,
+    client: &mut tokio_postgres::Client,
+    region: &str,
+    confirmed: Lsn,
+    metrics: &Metrics,
+) -> Result<(), CaptureError> {
+    let rows = conn
+        .simple_query("IDENTIFY_SYSTEM")
+        .await
+        .map_err(|e| transient("IDENTIFY_SYSTEM")(&e))?;
+    let (identity, wal_end) = rows
+        .first()
+        .ok_or_else(|| CaptureError::Transient("IDENTIFY_SYSTEM returned no row".into()))
+        .and_then(|r| crate::failover::parse_identify(r).map_err(CaptureError::Transient))?;
+    // the old primary's WAL end as this process last heard it
+    let old_wal_end = metrics
+        .get(SERVER_WAL_END, &[("region", region)])
+        .map(|v| Lsn(v as u64));
+    let event = crate::failover::observe(client, region, &identity, confirmed, old_wal_end)
+        .await
+        .map_err(|e| transient("recording the primary's identity")(&e))?;
+    metrics.set(
+        "pgrelay_source_timeline",
+        "Timeline of the primary the capture side streams from",
+        &[("region", region)],
+        identity.timeline as f64,
+    );
+    metrics.add(
+        "pgrelay_failovers_total",
+        "Failovers seen by the capture side (a new primary behind the region)",
+        &[("region", region)],
+        u64::from(event.is_some()),
+    );
+    if let Some(e) = &event {
+        tracing::warn!(
+            region,
+            old_system = %e.previous.system_id,
+            old_timeline = e.previous.timeline,
+            new_system = %e.current.system_id,
+            new_timeline = e.current.timeline,
+            confirmed = %e.confirmed,
+            old_wal_end = ?e.old_wal_end.map(|l| l.to_string()),
+            "failover: a new primary behind the region (recorded in pgrelay.events)"
+        );
+    }
+    set_server_wal_end(metrics, region, wal_end);
+    Ok(())
+}
+
+/// The server's WAL end as last reported (keepalives, `IDENTIFY_SYSTEM`).
+const SERVER_WAL_END: &str = "pgrelay_capture_server_wal_end";
+
+fn set_server_wal_end(metrics: &Metrics, region: &str, lsn: Lsn) {
+    metrics.set(
+        SERVER_WAL_END,
+        "The source server's WAL end as it last reported it",
+        &[("region", region)],
+        lsn.0 as f64,
+    );
 }
 
 struct Loop<'a> {
@@ -535,6 +609,7 @@ impl Loop<'_> {
                 if !self.assembler.in_transaction() {
                     self.tracker.advance_idle(wal_end);
                 }
+                set_server_wal_end(self.metrics, self.region, wal_end);
                 if reply_requested {
                     self.send_status(writer, false).await?;
                 }

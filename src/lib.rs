@@ -19,6 +19,8 @@ pub mod commands;
 pub mod config;
 pub mod conflicts;
 pub mod event;
+pub mod failover;
+pub mod fence;
 pub mod hlc;
 pub mod http;
 pub mod kafka;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use pgrelay::commands::{breaker, check, conflicts, dlq, repair, resync, setup, status};
+use pgrelay::commands::{breaker, check, conflicts, dlq, fence, repair, resync, setup, status};
 use pgrelay::sidecar::{self, Role};
 
 /// mimalloc: the capture and apply paths allocate and free small buffers
@@ -82,6 +82,30 @@ enum Command {
         /// Read and route everything, send nothing: print what would go.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Refuse local writes to every replicated table of a region (split
+    /// brain: an old primary that came back); applied changes still land.
+    Fence {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        /// Connect here instead of the region's setup_dsn (e.g. the old
+        /// primary, which the region's DSN no longer reaches).
+        #[arg(long)]
+        dsn: Option<String>,
+        /// Why, recorded with the fence and shown in errors and status.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift `pgrelay fence`.
+    Unfence {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        dsn: Option<String>,
     },
     /// Inspect or replay the dead-letter topic of a region.
     Dlq {
@@ -317,6 +341,17 @@ fn main() -> ExitCode {
                     breaker::breaker(&config, &region, &source, Some(&until)).await
                 }
             },
+            Command::Fence {
+                config,
+                region,
+                dsn,
+                reason,
+            } => fence::fence(&config, &region, dsn, Some(reason)).await,
+            Command::Unfence {
+                config,
+                region,
+                dsn,
+            } => fence::fence(&config, &region, dsn, None).await,
         }
     });
     match result {

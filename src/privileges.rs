@@ -123,16 +123,19 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         "events",
         "conflicts",
         "merged",
+        "primary_identity",
     ] {
         out.push(Need {
             object: Object::Table(pgrelay(table)),
             privileges: DML,
         });
     }
-    out.push(Need {
-        object: Object::Table(pgrelay("watermarks")),
-        privileges: &["SELECT"],
-    });
+    for view in ["watermarks", "fence"] {
+        out.push(Need {
+            object: Object::Table(pgrelay(view)),
+            privileges: &["SELECT"],
+        });
+    }
     out.push(Need {
         object: Object::Sequence(pgrelay("hlc_logical")),
         privileges: &["USAGE", "SELECT", "UPDATE"],

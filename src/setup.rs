@@ -183,6 +183,36 @@ BEGIN
 END
 $fn$"
         .to_string(),
+        // the primary the capture side last streamed from (see `events`)
+        "CREATE TABLE IF NOT EXISTS pgrelay.primary_identity (\
+            region text PRIMARY KEY, system_id text NOT NULL, timeline int NOT NULL, \
+            seen_at timestamptz NOT NULL DEFAULT now())"
+            .to_string(),
+        // a row here fences the region: local writes to replicated tables
+        // are refused (`pgrelay fence`), applied changes still land
+        "CREATE TABLE IF NOT EXISTS pgrelay.fence (\
+            region text PRIMARY KEY, fenced_at timestamptz NOT NULL DEFAULT now(), \
+            reason text)"
+            .to_string(),
+        // statement-level, so an unfenced region pays one lookup per
+        // statement; security definer, so writers need no grant on pgrelay
+        "CREATE OR REPLACE FUNCTION pgrelay.fence_guard() RETURNS trigger LANGUAGE plpgsql \
+         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    f record;
+BEGIN
+    SELECT region, fenced_at, reason INTO f FROM pgrelay.fence LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'region % is fenced (since %): local writes to %.% are refused',
+            f.region, f.fenced_at, TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = 'read_only_sql_transaction',
+                  HINT = coalesce('reason: ' || f.reason || '; ', '')
+                      || 'lift it with pgrelay unfence --region ' || f.region;
+    END IF;
+    RETURN NULL;
+END
+$fn$"
+        .to_string(),
         "CREATE OR REPLACE FUNCTION pgrelay.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     RAISE EXCEPTION 'table %.% is owned by region %: write it there, it replicates here',
@@ -250,6 +280,13 @@ $fn$"
         sql.push(format!(
             "CREATE TRIGGER pgrelay_truncate BEFORE TRUNCATE ON {t} \
              FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.record_truncate()"
+        ));
+        // fires in local sessions only: apply runs as session_replication_role
+        // = replica, so a fenced region still receives the others' changes
+        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_fence ON {t}"));
+        sql.push(format!(
+            "CREATE TRIGGER pgrelay_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {t} \
+             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.fence_guard()"
         ));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_owned_guard ON {t}"));
         sql.push(format!(

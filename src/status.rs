@@ -61,6 +61,10 @@ pub struct PairStatus {
     /// their rate over the last minute; in a sidecar's view only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress: Option<crate::overview::Egress>,
+    /// The source region is fenced (`pgrelay fence`): since when, and why.
+    pub source_fenced: Option<String>,
+    /// The source region's last recorded failover (`pgrelay.events`).
+    pub source_last_failover: Option<String>,
 }
 
 #[derive(Default)]
@@ -69,6 +73,8 @@ struct SourceSide {
     confirmed: Option<Lsn>,
     retained: Option<i64>,
     problem: Option<String>,
+    fenced: Option<String>,
+    last_failover: Option<String>,
 }
 
 #[derive(Default)]
@@ -100,11 +106,30 @@ async fn source_side(config: &Config, region: &str) -> SourceSide {
         client: &client,
         region,
     };
+    let fenced = match crate::fence::current(&client).await {
+        Ok(f) => f.map(|(since, reason)| match reason {
+            Some(r) => format!("since {since}: {r}"),
+            None => format!("since {since}"),
+        }),
+        Err(e) => Some(format!("unknown ({})", crate::source::pg_error::reason(&e))),
+    };
+    let last_failover = crate::failover::last_event(&client).await.ok().flatten();
+    let side = slot_side(config, region, &cat).await;
+    SourceSide {
+        fenced,
+        last_failover,
+        ..side
+    }
+}
+
+async fn slot_side(config: &Config, region: &str, cat: &Catalog<'_>) -> SourceSide {
     match cat.slot(&config.slot_name(region)).await {
         Ok(Some(s)) => SourceSide {
             current: Some(s.current_wal),
             confirmed: Some(s.confirmed_flush),
             retained: Some(s.retained_bytes),
+            fenced: None,
+            last_failover: None,
             problem: if s.is_lost() {
                 Some(catalog::lost_slot_message(
                     region,
@@ -350,6 +375,8 @@ pub async fn export_local(
             frozen: None,
             seen_from: Some("source"),
             egress: None,
+            source_fenced: src.fenced.clone(),
+            source_last_failover: src.last_failover.clone(),
         });
     }
     for source in config.regions.keys().filter(|s| *s != region) {
@@ -421,6 +448,8 @@ pub async fn export_local(
             }),
             seen_from: Some("destination"),
             egress: None,
+            source_fenced: None,
+            source_last_failover: None,
         });
     }
     pairs
@@ -489,6 +518,8 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 frozen,
                 seen_from: None,
                 egress: None,
+                source_fenced: src.fenced.clone(),
+                source_last_failover: src.last_failover.clone(),
             });
         }
     }
@@ -531,6 +562,20 @@ pub fn render(rows: &[PairStatus]) -> String {
         );
         for p in r.problems.iter().chain(&r.held).chain(&r.frozen) {
             let _ = writeln!(out, "    {p}");
+        }
+    }
+    // per source region, once
+    let mut seen = Vec::new();
+    for r in rows {
+        if seen.contains(&&r.source) {
+            continue;
+        }
+        seen.push(&r.source);
+        if let Some(f) = &r.source_fenced {
+            let _ = writeln!(out, "region {}: FENCED {f}", r.source);
+        }
+        if let Some(f) = &r.source_last_failover {
+            let _ = writeln!(out, "region {}: last failover {f}", r.source);
         }
     }
     out

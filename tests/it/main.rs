@@ -8,6 +8,7 @@ mod checker;
 mod convergence;
 mod dashboard;
 mod errors;
+mod failover;
 mod faults;
 mod merge;
 mod repair;

@@ -1,0 +1,266 @@
+//! Failovers, as the capture side sees them: a new primary behind the same
+//! region.
+//!
+//! Each time the capture side connects it asks the server who it is
+//! (`IDENTIFY_SYSTEM`: system identifier and timeline) and compares with
+//! the primary it streamed from before, kept in `pgrelay.primary_identity`
+//! of the region's own database (a physical standby carries that row, so a
+//! promoted standby shows the same system and a higher timeline; a primary
+//! rebuilt from scratch shows a new system). A change is recorded once, in
+//! `pgrelay.events` (kind `failover`) of the region, counted in
+//! `pgrelay_failovers_total` and shown by `status`.
+//!
+//! The event names the WAL the old primary had written past the slot's
+//! confirmed position when the sidecar last heard from it (`old_wal_end`,
+//! known when the same process streamed from the old primary): what lies
+//! in between was not yet in Kafka, and whatever of it the standby had not
+//! received is lost with the old primary.
+
+use tokio_postgres::Client;
+
+use crate::event::Lsn;
+
+/// Who a server is, from `IDENTIFY_SYSTEM`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub system_id: String,
+    pub timeline: i32,
+}
+
+/// How the current primary relates to the one seen before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing seen before (first start after setup).
+    First,
+    Same,
+    /// A promoted standby (same system, new timeline) or a new system.
+    Failover {
+        previous: Identity,
+    },
+}
+
+/// Pure comparison of the recorded identity with the current one.
+pub fn compare(previous: Option<&Identity>, current: &Identity) -> Change {
+    match previous {
+        None => Change::First,
+        Some(p) if p == current => Change::Same,
+        Some(p) => Change::Failover {
+            previous: p.clone(),
+        },
+    }
+}
+
+/// Parses an `IDENTIFY_SYSTEM` row: systemid, timeline, xlogpos, dbname.
+pub fn parse_identify(row: &[Option<String>]) -> Result<(Identity, Lsn), String> {
+    let field = |i: usize, name: &str| {
+        row.get(i)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| format!("IDENTIFY_SYSTEM returned no {name}"))
+    };
+    let system_id = field(0, "systemid")?;
+    let timeline = field(1, "timeline")?
+        .parse()
+        .map_err(|e| format!("IDENTIFY_SYSTEM timeline: {e}"))?;
+    let xlogpos = field(2, "xlogpos")?;
+    let lsn = xlogpos
+        .parse::<Lsn>()
+        .map_err(|e| format!("IDENTIFY_SYSTEM xlogpos {xlogpos}: {e}"))?;
+    Ok((
+        Identity {
+            system_id,
+            timeline,
+        },
+        lsn,
+    ))
+}
+
+/// A recorded failover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub previous: Identity,
+    pub current: Identity,
+    pub confirmed: Lsn,
+    pub old_wal_end: Option<Lsn>,
+}
+
+impl Event {
+    /// Bytes of WAL the old primary had past the confirmed position, when
+    /// known: the upper bound of what may be lost.
+    pub fn unconfirmed_bytes(&self) -> Option<u64> {
+        self.old_wal_end
+            .map(|end| end.0.saturating_sub(self.confirmed.0))
+    }
+}
+
+/// Compares `current` with the identity recorded in the region's database,
+/// records it, and on a change writes the `failover` event. One
+/// transaction; a concurrent sidecar start records the event once.
+pub async fn observe(
+    client: &mut Client,
+    region: &str,
+    current: &Identity,
+    confirmed: Lsn,
+    old_wal_end: Option<Lsn>,
+) -> Result<Option<Event>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let previous = tx
+        .query_opt(
+            "SELECT system_id, timeline FROM pgrelay.primary_identity WHERE region = $1 FOR UPDATE",
+            &[&region],
+        )
+        .await?
+        .map(|r| Identity {
+            system_id: r.get(0),
+            timeline: r.get(1),
+        });
+    let change = compare(previous.as_ref(), current);
+    if change == Change::Same {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    tx.execute(
+        "INSERT INTO pgrelay.primary_identity (region, system_id, timeline) VALUES ($1, $2, $3) \
+         ON CONFLICT (region) DO UPDATE SET system_id = excluded.system_id, \
+         timeline = excluded.timeline, seen_at = now()",
+        &[&region, &current.system_id, &current.timeline],
+    )
+    .await?;
+    let event = match change {
+        Change::Failover { previous } => Some(Event {
+            previous,
+            current: current.clone(),
+            confirmed,
+            old_wal_end,
+        }),
+        _ => None,
+    };
+    if let Some(e) = &event {
+        let old_end = e.old_wal_end.map(|l| l.to_string());
+        let unconfirmed = e.unconfirmed_bytes().map(|b| b as i64);
+        tx.execute(
+            "INSERT INTO pgrelay.events (region, kind, detail) VALUES ($1, 'failover', \
+             jsonb_strip_nulls(jsonb_build_object(\
+                'old_system_id', $2::text, 'old_timeline', $3::int, \
+                'new_system_id', $4::text, 'new_timeline', $5::int, \
+                'confirmed_lsn', $6::text, 'old_wal_end', $7::text, \
+                'unconfirmed_wal_bytes', $8::bigint)))",
+            &[
+                &region,
+                &e.previous.system_id,
+                &e.previous.timeline,
+                &e.current.system_id,
+                &e.current.timeline,
+                &e.confirmed.to_string(),
+                &old_end,
+                &unconfirmed,
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(event)
+}
+
+/// The region's last recorded failover, as one line for `status`.
+pub async fn last_event(client: &Client) -> Result<Option<String>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('pgrelay.events') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT at::text, detail->>'old_timeline', detail->>'new_timeline', \
+             detail->>'old_system_id' IS DISTINCT FROM detail->>'new_system_id', \
+             detail->>'unconfirmed_wal_bytes' \
+             FROM pgrelay.events WHERE kind = 'failover' ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let at: String = r.get(0);
+        let old_tl: Option<String> = r.get(1);
+        let new_tl: Option<String> = r.get(2);
+        let new_system: bool = r.get(3);
+        let unconfirmed: Option<String> = r.get(4);
+        let mut line = format!(
+            "at {at}: timeline {} -> {}",
+            old_tl.unwrap_or_default(),
+            new_tl.unwrap_or_default()
+        );
+        if new_system {
+            line.push_str(" (new system identifier)");
+        }
+        match unconfirmed {
+            Some(b) => line.push_str(&format!(
+                ", {b} bytes of WAL past the confirmed LSN on the old primary"
+            )),
+            None => line.push_str(", old primary's WAL end unknown"),
+        }
+        line
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str, tl: i32) -> Identity {
+        Identity {
+            system_id: s.into(),
+            timeline: tl,
+        }
+    }
+
+    #[test]
+    fn a_new_timeline_or_system_is_a_failover() {
+        assert_eq!(compare(None, &id("1", 1)), Change::First);
+        assert_eq!(compare(Some(&id("1", 1)), &id("1", 1)), Change::Same);
+        assert_eq!(
+            compare(Some(&id("1", 1)), &id("1", 2)),
+            Change::Failover {
+                previous: id("1", 1)
+            }
+        );
+        assert_eq!(
+            compare(Some(&id("1", 1)), &id("2", 1)),
+            Change::Failover {
+                previous: id("1", 1)
+            }
+        );
+    }
+
+    #[test]
+    fn identify_system_rows_parse_or_name_the_field() {
+        let row = vec![
+            Some("7300000000000000001".to_string()),
+            Some("2".to_string()),
+            Some("0/3000148".to_string()),
+            Some("postgres".to_string()),
+        ];
+        let (ident, lsn) = parse_identify(&row).unwrap();
+        assert_eq!(ident, id("7300000000000000001", 2));
+        assert_eq!(lsn, "0/3000148".parse().unwrap());
+        let err = parse_identify(&row[..1]).unwrap_err();
+        assert!(err.contains("timeline"), "{err}");
+    }
+
+    #[test]
+    fn unconfirmed_wal_is_the_gap_when_the_end_is_known() {
+        let e = Event {
+            previous: id("1", 1),
+            current: id("1", 2),
+            confirmed: Lsn(100),
+            old_wal_end: Some(Lsn(350)),
+        };
+        assert_eq!(e.unconfirmed_bytes(), Some(250));
+        let unknown = Event {
+            old_wal_end: None,
+            ..e
+        };
+        assert_eq!(unknown.unconfirmed_bytes(), None);
+    }
+}
