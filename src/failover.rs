@@ -204,6 +204,69 @@ pub async fn last_event(client: &Client) -> Result<Option<String>, tokio_postgre
     }))
 }
 
+/// What `check` says about the server's major and failover readiness:
+/// which loop prevention runs, whether the slot is a failover slot, and
+/// whether the DSN's standbys hold a synced copy of it.
+pub async fn check_lines(
+    cat: &crate::source::catalog::Catalog<'_>,
+    dsn: &str,
+    region: &str,
+    slot: &str,
+) -> Result<Vec<String>, crate::source::catalog::CatalogError> {
+    use crate::source::server;
+    let version = cat.server_version_num().await?;
+    let mut out = vec![format!(
+        "region {region}: PostgreSQL {}: loop prevention reads each transaction's Origin message \
+         and skips pgrelay's own; failover slots {}",
+        server::display(version),
+        if server::failover_slots(version) {
+            "available (17+)"
+        } else {
+            "not available before 17: after a failover run pgrelay setup and pgrelay resync (README, Failover)"
+        }
+    )];
+    if !server::failover_slots(version) {
+        return Ok(out);
+    }
+    match cat.slot_failover(slot).await? {
+        Some(true) => out.push(format!("region {region}: slot {slot} is a failover slot")),
+        Some(false) => out.push(format!(
+            "region {region}: slot {slot} is NOT a failover slot (made before PostgreSQL 17 or by \
+             hand): a promoted standby will not carry it; drop it while the sidecar is stopped \
+             (SELECT pg_drop_replication_slot('{slot}')), run pgrelay setup, then pgrelay resync"
+        )),
+        None => {}
+    }
+    let standbys = crate::source::catalog::standby_slots(dsn, region, slot).await;
+    if standbys.is_empty() {
+        out.push(format!(
+            "region {region}: no standby among the hosts of regions.{region}.dsn: list the \
+             standby too (host=primary,standby target_session_attrs=read-write) so the sidecar \
+             follows a promotion and check can see the synced slot"
+        ));
+    }
+    for (host, synced) in standbys {
+        out.push(match synced {
+            Ok(Some((lsn, false))) => {
+                format!("region {region}: slot {slot} synced to standby {host} (confirmed {lsn})")
+            }
+            Ok(Some((_, true))) => format!(
+                "region {region}: slot {slot} NOT yet synced to standby {host}: its copy waits \
+                 for the primary's slot to pass the standby's position (it does once the sidecar \
+                 streams and confirms); a promotion now would drop it"
+            ),
+            Ok(None) => format!(
+                "region {region}: slot {slot} NOT synced to standby {host}: on the standby set \
+                 sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name and a \
+                 dbname in primary_conninfo; on the primary list that slot in \
+                 synchronized_standby_slots"
+            ),
+            Err(e) => format!("region {region}: standby {host}: cannot read its slots: {e}"),
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -340,11 +340,19 @@ END $do$",
 
 /// SQL creating the region's logical replication slot if it is missing.
 /// Run outside the setup transaction (a slot cannot be created in a
-/// transaction that has written).
-pub fn slot_sql(config: &Config, region: &str) -> String {
+/// transaction that has written). On PostgreSQL 17+ (`server_version_num`)
+/// it is a failover slot: standbys with `sync_replication_slots` keep a
+/// copy, so a promoted standby carries it.
+pub fn slot_sql(config: &Config, region: &str, server_version_num: i32) -> String {
     let slot = quote_literal(&config.slot_name(region));
+    let args = if crate::source::server::failover_slots(server_version_num) {
+        // temporary => false, twophase => false, failover => true
+        format!("{slot}, 'pgoutput', false, false, true")
+    } else {
+        format!("{slot}, 'pgoutput'")
+    };
     format!(
-        "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput') \
+        "SELECT pg_create_logical_replication_slot({args}) \
          WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot})"
     )
 }
@@ -385,6 +393,14 @@ home_column = "country"
             .find(|s| s.starts_with(&format!("ALTER TABLE {table} REPLICA IDENTITY")))
             .unwrap_or_else(|| panic!("no replica identity for {table}"))
             .clone()
+    }
+
+    #[test]
+    fn the_slot_is_a_failover_slot_from_postgresql_17() {
+        let c = config("");
+        assert!(!slot_sql(&c, "us", 160_004).contains("true"));
+        assert!(slot_sql(&c, "us", 170_000).contains("'pgoutput', false, false, true"));
+        assert!(slot_sql(&c, "us", 180_006).contains("'pgoutput', false, false, true"));
     }
 
     #[test]

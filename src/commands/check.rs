@@ -72,6 +72,9 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
                         s.retained_bytes
                     );
                 }
+                for line in crate::failover::check_lines(&cat, dsn, region, &slot).await? {
+                    println!("{line}");
+                }
             }
         }
         match catalog::probe_replication(dsn, region).await {

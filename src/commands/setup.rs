@@ -73,8 +73,9 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
             .await
             .with_context(|| format!("region {region}: dropping the lost slot {slot}"))?;
     }
+    let version = cat.server_version_num().await?;
     client
-        .batch_execute(&setup::slot_sql(&config, region))
+        .batch_execute(&setup::slot_sql(&config, region, version))
         .await
         .with_context(|| {
             format!(

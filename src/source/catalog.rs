@@ -57,7 +57,35 @@ pub async fn connect(dsn: &str, region: &str) -> Result<Client, CatalogError> {
         target: target.clone(),
         reason,
     };
-    let Dsn { mut config, tls } = Dsn::parse(dsn).map_err(|e| fail(e.to_string()))?;
+    let parsed = Dsn::parse(dsn).map_err(|e| fail(e.to_string()))?;
+    let hosts = parsed.each_host().map_err(|e| fail(e.to_string()))?;
+    if hosts.len() == 1 && !parsed.wants_read_write() {
+        return connect_one(parsed, region).await.map_err(fail);
+    }
+    // several hosts (or a primary wanted): each in turn, as libpq does
+    let mut reasons = Vec::new();
+    for one in hosts {
+        let host = describe_config(&one.config);
+        match connect_one(one, region).await {
+            Ok(client) if !parsed.wants_read_write() => return Ok(client),
+            Ok(client) => match client.query_one("SHOW transaction_read_only", &[]).await {
+                Ok(row) if row.get::<_, String>(0) == "off" => return Ok(client),
+                Ok(_) => reasons.push(format!("{host}: read-only (a standby)")),
+                Err(e) => reasons.push(format!("{host}: {}", pg_error::reason(&e))),
+            },
+            Err(reason) => reasons.push(format!("{host}: {reason}")),
+        }
+    }
+    Err(fail(if parsed.wants_read_write() {
+        format!("no host is a writable primary ({})", reasons.join("; "))
+    } else {
+        reasons.join("; ")
+    }))
+}
+
+/// [`connect`] to the one host of `dsn`.
+async fn connect_one(dsn: Dsn, region: &str) -> Result<Client, String> {
+    let Dsn { mut config, tls } = dsn;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
@@ -81,7 +109,7 @@ pub async fn connect(dsn: &str, region: &str) -> Result<Client, CatalogError> {
                 .map_err(|tls_err| format!("without TLS: {plain}; with TLS: {tls_err}")),
         }
     };
-    result.map_err(fail)
+    result
 }
 
 /// A TLS connection or an error: sslmode require, verify-ca, verify-full.
@@ -218,20 +246,74 @@ pub async fn probe_replication(dsn: &str, region: &str) -> Result<Option<String>
         .and_then(|r| r.into_iter().next().flatten()))
 }
 
-/// `host:port/db` of a DSN, without credentials, for messages.
-pub fn describe_target(dsn: &str) -> String {
-    match Dsn::parse(dsn) {
-        Ok(Dsn { config: c, .. }) => {
-            let host = match c.get_hosts().first() {
-                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-                None => "localhost".into(),
-            };
-            let port = c.get_ports().first().copied().unwrap_or(5432);
-            format!("{host}:{port}/{}", c.get_dbname().unwrap_or(""))
+/// Where a multi-host DSN's standbys stand with `slot`: for each host in
+/// recovery, `host:port` and whether it holds a synced copy of the slot
+/// (with the copy's confirmed LSN and whether it is still temporary, i.e.
+/// not yet usable after a promotion), or why it could not be read. Hosts
+/// that cannot be reached or are primaries are left out.
+pub async fn standby_slots(
+    dsn: &str,
+    region: &str,
+    slot: &str,
+) -> Vec<(String, Result<Option<(String, bool)>, String>)> {
+    let Ok(hosts) = Dsn::parse(dsn).and_then(|d| d.each_host()) else {
+        return Vec::new();
+    };
+    if hosts.len() < 2 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for mut one in hosts {
+        let target = describe_config(&one.config);
+        one.config
+            .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any);
+        let Ok(client) = connect_one(one, region).await else {
+            continue;
+        };
+        let in_recovery = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false);
+        if !in_recovery {
+            continue;
         }
+        let synced = client
+            .query_opt(
+                "SELECT coalesce(confirmed_flush_lsn::text, '-'), temporary \
+                 FROM pg_replication_slots WHERE slot_name = $1 AND synced",
+                &[&slot],
+            )
+            .await
+            .map(|row| row.map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1))))
+            .map_err(|e| pg_error::reason(&e));
+        out.push((target, synced));
+    }
+    out
+}
+
+/// `host:port/db` of a DSN (every host of a multi-host one, comma
+/// separated), without credentials, for messages.
+pub fn describe_target(dsn: &str) -> String {
+    match Dsn::parse(dsn).and_then(|d| d.each_host()) {
+        Ok(hosts) => hosts
+            .iter()
+            .map(|d| describe_config(&d.config))
+            .collect::<Vec<_>>()
+            .join(","),
         Err(_) => "unparseable DSN".into(),
     }
+}
+
+/// `host:port/db` of a (single-host) config.
+fn describe_config(c: &tokio_postgres::Config) -> String {
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", c.get_dbname().unwrap_or(""))
 }
 
 /// A declared table as found in the database.
@@ -489,12 +571,32 @@ impl Catalog<'_> {
 
     /// Whether the server knows parameter privileges (PostgreSQL 15+).
     pub async fn has_parameter_privileges(&self) -> Result<bool, CatalogError> {
-        let version: i32 = self
+        Ok(self.server_version_num().await? >= 150_000)
+    }
+
+    /// `server_version_num` (e.g. 180006 for 18.6).
+    pub async fn server_version_num(&self) -> Result<i32, CatalogError> {
+        Ok(self
             .setting("server_version_num")
             .await?
             .parse()
-            .unwrap_or(0);
-        Ok(version >= 150_000)
+            .unwrap_or(0))
+    }
+
+    /// Whether `slot` is a failover slot (PostgreSQL 17+; `None` before).
+    pub async fn slot_failover(&self, slot: &str) -> Result<Option<bool>, CatalogError> {
+        if !crate::source::server::failover_slots(self.server_version_num().await?) {
+            return Ok(None);
+        }
+        let row = self
+            .client
+            .query_opt(
+                "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(self.err(format!("reading replication slot {slot}")))?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// The privileges of `need` that `role` lacks (empty when the object

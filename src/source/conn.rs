@@ -61,6 +61,8 @@ pub enum ConnError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     InsecureAuth(#[from] InsecureAuth),
+    #[error("no usable host: {0}")]
+    NoHost(String),
     #[error("without TLS: {plain}; with TLS: {tls}")]
     Allow {
         plain: Box<ConnError>,
@@ -90,6 +92,10 @@ pub struct ConnParams {
     pub connect_timeout: Duration,
     pub tls: TlsOptions,
     pub channel_binding: ChannelBindingMode,
+    /// The other hosts of a multi-host DSN, tried in order after `host`.
+    pub fallbacks: Vec<(Host, u16)>,
+    /// `target_session_attrs=read-write`: skip hosts in recovery.
+    pub read_write: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -112,16 +118,28 @@ impl fmt::Debug for ConnParams {
 
 impl ConnParams {
     /// Parses a DSN (`host=... port=... user=...` or a `postgres://` URL)
-    /// with tokio-postgres' parser (TLS options apart), keeping the first
-    /// host.
+    /// with tokio-postgres' parser (TLS options apart). Several hosts are
+    /// tried in order, as libpq does (`fallbacks`).
     pub fn from_dsn(dsn: &str, application_name: &str) -> Result<Self, ConnError> {
-        let Dsn { config, tls } = Dsn::parse(dsn).map_err(|e| ConnError::Dsn(e.0))?;
-        let host = match config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => Host::Tcp(h.clone()),
-            Some(tokio_postgres::config::Host::Unix(p)) => Host::Unix(p.clone()),
-            None => Host::Tcp("localhost".to_string()),
-        };
-        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let parsed = Dsn::parse(dsn).map_err(|e| ConnError::Dsn(e.0))?;
+        let read_write = parsed.wants_read_write();
+        let mut hosts = parsed
+            .each_host()
+            .map_err(|e| ConnError::Dsn(e.0))?
+            .into_iter()
+            .map(|d| {
+                let host = match d.config.get_hosts().first() {
+                    Some(tokio_postgres::config::Host::Tcp(h)) => Host::Tcp(h.clone()),
+                    Some(tokio_postgres::config::Host::Unix(p)) => Host::Unix(p.clone()),
+                    None => Host::Tcp("localhost".to_string()),
+                };
+                (host, d.config.get_ports().first().copied().unwrap_or(5432))
+            });
+        let (host, port) = hosts
+            .next()
+            .unwrap_or((Host::Tcp("localhost".to_string()), 5432));
+        let fallbacks = hosts.collect();
+        let Dsn { config, tls } = parsed;
         let user = config
             .get_user()
             .ok_or_else(|| ConnError::Dsn("the DSN names no user (add user=...)".into()))?
@@ -140,14 +158,35 @@ impl ConnParams {
                 .unwrap_or(Duration::from_secs(10)),
             tls,
             channel_binding: config.get_channel_binding(),
+            fallbacks,
+            read_write,
         })
     }
 
+    /// Where this connects (every host of a multi-host DSN).
     pub fn target(&self) -> String {
-        match &self.host {
-            Host::Tcp(h) => format!("{h}:{}", self.port),
-            Host::Unix(p) => format!("{}/.s.PGSQL.{}", p.display(), self.port),
+        std::iter::once((&self.host, self.port))
+            .chain(self.fallbacks.iter().map(|(h, p)| (h, *p)))
+            .map(|(h, p)| host_target(h, p))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// These parameters for one of the hosts.
+    fn for_host(&self, host: &Host, port: u16) -> ConnParams {
+        ConnParams {
+            host: host.clone(),
+            port,
+            fallbacks: Vec::new(),
+            ..self.clone()
         }
+    }
+}
+
+fn host_target(host: &Host, port: u16) -> String {
+    match host {
+        Host::Tcp(h) => format!("{h}:{port}"),
+        Host::Unix(p) => format!("{}/.s.PGSQL.{port}", p.display()),
     }
 }
 
@@ -219,8 +258,42 @@ pub type Row = Vec<Option<String>>;
 
 impl ReplConnection {
     /// Connects with `replication=database`, negotiates TLS as `sslmode`
-    /// asks, and authenticates.
+    /// asks, and authenticates. Of several hosts, the first that accepts
+    /// (and, with `target_session_attrs=read-write`, is not in recovery).
     pub async fn connect(params: &ConnParams) -> Result<Self, ConnError> {
+        if params.fallbacks.is_empty() && !params.read_write {
+            return Self::connect_host(params).await;
+        }
+        let mut reasons = Vec::new();
+        let hosts = std::iter::once((&params.host, params.port))
+            .chain(params.fallbacks.iter().map(|(h, p)| (h, *p)));
+        for (host, port) in hosts {
+            let one = params.for_host(host, port);
+            match Self::connect_host(&one).await {
+                Ok(mut conn) if params.read_write => {
+                    match conn.simple_query("SHOW transaction_read_only").await {
+                        Ok(rows)
+                            if rows
+                                .first()
+                                .and_then(|r| r.first().cloned().flatten())
+                                .as_deref()
+                                == Some("off") =>
+                        {
+                            return Ok(conn)
+                        }
+                        Ok(_) => reasons.push(format!("{}: read-only (a standby)", one.target())),
+                        Err(e) => reasons.push(format!("{}: {e}", one.target())),
+                    }
+                    drop(conn);
+                }
+                Ok(conn) => return Ok(conn),
+                Err(e) => reasons.push(format!("{}: {e}", one.target())),
+            }
+        }
+        Err(ConnError::NoHost(reasons.join("; ")))
+    }
+
+    async fn connect_host(params: &ConnParams) -> Result<Self, ConnError> {
         let local = matches!(params.host, Host::Unix(_));
         match params.tls.mode {
             // no TLS over a local socket, as in libpq

@@ -150,6 +150,84 @@ impl Dsn {
         }
         Ok(Dsn { config, tls })
     }
+
+    /// One DSN per host of a multi-host DSN (`host=a,b port=5432,5433`), in
+    /// order, each with its own port (and `hostaddr`): callers try them in
+    /// turn, as libpq does. A single-host DSN gives itself.
+    pub fn each_host(&self) -> Result<Vec<Dsn>, DsnError> {
+        let c = &self.config;
+        let hosts = c.get_hosts();
+        if hosts.len() <= 1 {
+            return Ok(vec![self.clone()]);
+        }
+        let ports = c.get_ports();
+        if ports.len() > 1 && ports.len() != hosts.len() {
+            return Err(DsnError(format!(
+                "{} hosts but {} ports: give one port for all hosts or one per host",
+                hosts.len(),
+                ports.len()
+            )));
+        }
+        let addrs = c.get_hostaddrs();
+        Ok(hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let mut one = tokio_postgres::Config::new();
+                match host {
+                    tokio_postgres::config::Host::Tcp(h) => one.host(h),
+                    tokio_postgres::config::Host::Unix(p) => one.host_path(p),
+                };
+                if let Some(addr) = addrs.get(i) {
+                    one.hostaddr(*addr);
+                }
+                if let Some(port) = ports.get(i).or(ports.first()) {
+                    one.port(*port);
+                }
+                if let Some(u) = c.get_user() {
+                    one.user(u);
+                }
+                if let Some(p) = c.get_password() {
+                    one.password(p);
+                }
+                if let Some(d) = c.get_dbname() {
+                    one.dbname(d);
+                }
+                if let Some(o) = c.get_options() {
+                    one.options(o);
+                }
+                if let Some(a) = c.get_application_name() {
+                    one.application_name(a);
+                }
+                if let Some(t) = c.get_connect_timeout() {
+                    one.connect_timeout(*t);
+                }
+                if let Some(t) = c.get_tcp_user_timeout() {
+                    one.tcp_user_timeout(*t);
+                }
+                one.keepalives(c.get_keepalives());
+                one.keepalives_idle(c.get_keepalives_idle());
+                if let Some(i) = c.get_keepalives_interval() {
+                    one.keepalives_interval(i);
+                }
+                if let Some(r) = c.get_keepalives_retries() {
+                    one.keepalives_retries(r);
+                }
+                one.target_session_attrs(c.get_target_session_attrs());
+                one.channel_binding(c.get_channel_binding());
+                Dsn {
+                    config: one,
+                    tls: self.tls.clone(),
+                }
+            })
+            .collect())
+    }
+
+    /// Whether the DSN asks for a primary (`target_session_attrs=read-write`).
+    pub fn wants_read_write(&self) -> bool {
+        self.config.get_target_session_attrs()
+            == tokio_postgres::config::TargetSessionAttrs::ReadWrite
+    }
 }
 
 fn url_parts(dsn: &str) -> Option<(&str, Option<&str>)> {
@@ -267,6 +345,50 @@ fn split_key_values(dsn: &str) -> Result<Split, DsnError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multi_host_dsns_split_into_one_per_host() {
+        let dsn = Dsn::parse(
+            "host=a,b port=5432,5433 user=u password=p dbname=d connect_timeout=3 \
+             target_session_attrs=read-write sslmode=disable",
+        )
+        .unwrap();
+        assert!(dsn.wants_read_write());
+        let each = dsn.each_host().unwrap();
+        assert_eq!(each.len(), 2);
+        for (one, (host, port)) in each.iter().zip([("a", 5432), ("b", 5433)]) {
+            assert_eq!(
+                one.config.get_hosts(),
+                [tokio_postgres::config::Host::Tcp(host.into())]
+            );
+            assert_eq!(one.config.get_ports(), [port]);
+            assert_eq!(one.config.get_user(), Some("u"));
+            assert_eq!(one.config.get_password(), Some(&b"p"[..]));
+            assert_eq!(one.config.get_dbname(), Some("d"));
+            assert_eq!(
+                one.config.get_connect_timeout(),
+                Some(&std::time::Duration::from_secs(3))
+            );
+            assert_eq!(one.tls.mode, SslMode::Disable);
+        }
+        // one port for every host
+        let each = Dsn::parse("host=a,b port=6000 user=u")
+            .unwrap()
+            .each_host()
+            .unwrap();
+        assert_eq!(each[1].config.get_ports(), [6000]);
+        // URL form
+        let each = Dsn::parse("postgres://u@a:1,b:2/d?target_session_attrs=read-write")
+            .unwrap()
+            .each_host()
+            .unwrap();
+        assert_eq!(each[1].config.get_ports(), [2]);
+        let err = Dsn::parse("host=a,b,c port=1,2 user=u")
+            .unwrap()
+            .each_host()
+            .unwrap_err();
+        assert!(err.0.contains("3 hosts but 2 ports"), "{err}");
+    }
 
     #[test]
     fn key_value_tls_options_are_split_off() {

@@ -7,4 +7,5 @@ pub mod conn;
 pub mod dsn;
 pub mod fill;
 pub mod pg_error;
+pub mod server;
 pub mod tls;

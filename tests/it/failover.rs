@@ -1,9 +1,13 @@
 //! Split brain and failover: `pgrelay fence|unfence`, failovers recorded
 //! in `pgrelay.events`.
 
+use std::time::Duration;
+
 use crate::apply::{pair, SCHEMA};
-use crate::support::relay::{self, Relay};
-use crate::support::until_count;
+use crate::support::broker::Broker;
+use crate::support::pg::{self, Pg};
+use crate::support::relay::{self, ConfigFile, Relay};
+use crate::support::{eventually, until_count};
 
 /// The error a local statement gets, or `None` if it succeeded.
 async fn refused(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
@@ -124,4 +128,210 @@ async fn a_fenced_region_refuses_local_writes_and_still_applies() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(kinds, ["fence:old primary came back", "unfence:"]);
+}
+
+/// Ids of `products` in `pg`.
+async fn ids(client: &tokio_postgres::Client) -> std::collections::BTreeSet<i32> {
+    client
+        .query("SELECT id FROM products", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
+    if pg::major() < 17 {
+        eprintln!(
+            "SKIP a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost: \
+             failover slots need PostgreSQL 17+ (this run: {})",
+            pg::major()
+        );
+        return;
+    }
+    let primary = Pg::start();
+    let eu = Pg::start();
+    primary.psql(SCHEMA);
+    eu.psql(SCHEMA);
+    // the logical walsender sends nothing the standby has not received
+    primary.psql("ALTER SYSTEM SET synchronized_standby_slots = 'us_standby'");
+    primary.psql("SELECT pg_reload_conf()");
+    let standby = primary.standby(
+        "us_standby",
+        &[
+            ("sync_replication_slots", "on"),
+            ("hot_standby_feedback", "on"),
+        ],
+    );
+    let both = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres password={} dbname=postgres \
+         connect_timeout=3 target_session_attrs=read-write",
+        primary.port,
+        standby.port,
+        pg::PASSWORD
+    );
+    let broker = Broker::start();
+    let cfg = ConfigFile::new(&crate::apply::config(&both, &eu.dsn(), &broker.brokers()));
+    let path = cfg.path.to_str().unwrap();
+    for r in ["us", "eu"] {
+        relay::ok(&["setup", "--config", path, "--region", r]);
+    }
+    let us_relay = Relay::spawn(&cfg, "us", "all");
+    let _eu_relay = Relay::spawn(&cfg, "eu", "all");
+    let eu_client = eu.client().await;
+
+    // a steady write load on the primary, one row per transaction
+    let dsn = primary.dsn();
+    let writer = tokio::spawn(async move {
+        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut committed = 0;
+        for id in 1..100_000i32 {
+            let ok = c
+                .execute(
+                    "INSERT INTO products (id, name, price) VALUES ($1, 'before', 1)",
+                    &[&id],
+                )
+                .await
+                .is_ok();
+            if !ok {
+                break;
+            }
+            committed = id;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        committed
+    });
+    // changes flow before the primary dies
+    eventually(Duration::from_secs(60), "rows reaching eu", || async {
+        (ids(&eu_client).await.len() >= 200).then_some(())
+    })
+    .await;
+    // the standby's copy of the slot becomes usable once the primary's slot
+    // passes the standby's position; a standby snapshot in the primary's
+    // WAL (every 15 s on its own) lets it move now
+    let sb = standby.client().await;
+    let pc = primary.client().await;
+    eventually(
+        Duration::from_secs(60),
+        "the slot synced to the standby",
+        || async {
+            pc.batch_execute("SELECT pg_log_standby_snapshot()")
+                .await
+                .unwrap();
+            let n: i64 = sb
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots \
+                     WHERE slot_name = 'pgrelay_us' AND synced AND NOT temporary",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    let check = relay::ok(&["check", "--config", path, "--region", "us"]);
+    assert!(
+        check.contains("region us: PostgreSQL 18.")
+            && check.contains("slot pgrelay_us is a failover slot")
+            && check.contains(&format!(
+                "slot pgrelay_us synced to standby 127.0.0.1:{}/postgres",
+                standby.port
+            )),
+        "{check}"
+    );
+    // more changes flow past the synced copy's position before the kill
+    let seen = ids(&eu_client).await.len();
+    eventually(Duration::from_secs(60), "more rows reaching eu", || async {
+        (ids(&eu_client).await.len() >= seen + 100).then_some(())
+    })
+    .await;
+    primary.stop();
+    let committed = writer.await.unwrap();
+    assert!(committed >= 200, "the writer committed {committed} rows");
+    standby.promote();
+    // the new primary has no standby of its own yet: its copy of the old
+    // primary's setting would hold every logical walsender back
+    standby.psql("ALTER SYSTEM RESET synchronized_standby_slots");
+    standby.psql("SELECT pg_reload_conf()");
+
+    // what the standby had is what the region now has: all of it reaches eu
+    let survived = ids(&sb).await;
+    assert!(
+        survived.len() >= 200,
+        "{} rows on the standby",
+        survived.len()
+    );
+    sb.batch_execute("INSERT INTO products (id, name, price) VALUES (-1, 'after failover', 2)")
+        .await
+        .unwrap();
+    let mut want = survived.clone();
+    want.insert(-1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let got = loop {
+        let got = ids(&eu_client).await;
+        if got.contains(&-1) {
+            break got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "eu never got the new primary's row; us sidecar log:\n{}",
+            us_relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // nothing the standby lacks (the primary waited for it) and nothing lost
+    assert_eq!(
+        got.difference(&want).collect::<Vec<_>>(),
+        Vec::<&i32>::new(),
+        "rows in eu the new primary never had"
+    );
+    assert_eq!(
+        want.difference(&got).collect::<Vec<_>>(),
+        Vec::<&i32>::new(),
+        "rows of the new primary missing in eu"
+    );
+    // eu's writes reach the new primary too
+    eu_client
+        .batch_execute("INSERT INTO products (id, name, price) VALUES (-2, 'from eu', 3)")
+        .await
+        .unwrap();
+    until_count(
+        &sb,
+        "SELECT count(*) FROM products WHERE id = -2",
+        1,
+        "eu's row on the new primary",
+    )
+    .await;
+
+    // recorded once: same system, next timeline
+    let events = sb
+        .query(
+            "SELECT detail->>'old_system_id' = detail->>'new_system_id', \
+             (detail->>'old_timeline')::int, (detail->>'new_timeline')::int, \
+             detail ? 'confirmed_lsn', detail ? 'old_wal_end' \
+             FROM pgrelay.events WHERE region = 'us' AND kind = 'failover'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1, "one failover event");
+    let e = &events[0];
+    assert!(e.get::<_, bool>(0), "same system identifier");
+    assert_eq!((e.get::<_, i32>(1), e.get::<_, i32>(2)), (1, 2));
+    assert!(
+        e.get::<_, bool>(3) && e.get::<_, bool>(4),
+        "positions recorded"
+    );
+    let status = relay::ok(&["status", "--config", path]);
+    assert!(
+        status.contains("region us: last failover at") && status.contains("timeline 1 -> 2"),
+        "{status}"
+    );
 }

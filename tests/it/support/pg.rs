@@ -246,6 +246,107 @@ impl Pg {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A physical standby of this cluster: `pg_basebackup -R` through the
+    /// physical slot `slot` (created here), streaming, hot, with `extra`
+    /// settings (e.g. `sync_replication_slots`).
+    pub fn standby(&self, slot: &str, extra: &[(&str, &str)]) -> Pg {
+        self.psql(&format!(
+            "SELECT pg_create_physical_replication_slot('{slot}') \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
+        ));
+        let dir = TempDir::new("pgrelay-pg-standby");
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown of the standby dir failed");
+        let data = dir.path().join("data");
+        let out = as_postgres(&self.bin.join("pg_basebackup"))
+            .arg("-d")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=postgres",
+                self.port
+            ))
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "--no-sync", "-S", slot])
+            .output()
+            .expect("run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // the copy carries the primary's port and socket directory
+        let auto = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
+        let mut conf: String = auto
+            .lines()
+            .filter(|l| !l.starts_with("port") && !l.starts_with("unix_socket_directories"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        conf.push_str(&format!(
+            "unix_socket_directories = '{}'\n",
+            dir.path().display()
+        ));
+        for (k, v) in extra {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            std::fs::write(
+                data.join("postgresql.auto.conf"),
+                format!("{conf}port = {port}\n"),
+            )
+            .unwrap();
+            let out = as_postgres(&self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("log"))
+                .args(["-w", "-t", "60", "start"])
+                .stdout(Stdio::null())
+                .output()
+                .expect("run pg_ctl");
+            if out.status.success() {
+                return Pg {
+                    port,
+                    dir,
+                    bin: self.bin.clone(),
+                };
+            }
+            last_err = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+        }
+        panic!("the standby did not start: {last_err}");
+    }
+
+    /// Promotes a standby (waits until it accepts writes).
+    pub fn promote(&self) {
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-w", "-t", "60", "promote"])
+            .stdout(Stdio::null())
+            .output()
+            .expect("pg_ctl promote");
+        assert!(
+            out.status.success(),
+            "promote failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn stop(&self) {
         let _ = as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
