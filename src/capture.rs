@@ -211,6 +211,10 @@ pub async fn run(
             params.target()
         ))
     })?;
+    let version = cat
+        .server_version_num()
+        .await
+        .map_err(|e| transient("catalog")(&e))?;
     let mut client = client;
     watch_primary(
         &mut conn,
@@ -221,10 +225,10 @@ pub async fn run(
     )
     .await?;
     drop(client);
-    let command = format!(
-        "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {})",
-        crate::event::quote_ident(&slot_name),
-        crate::event::quote_literal(&crate::event::quote_ident(config.publication_name())),
+    let command = start_replication_command(
+        &slot_name,
+        config.publication_name(),
+        server_filters_origins(&config, version),
     );
     let (mut reader, mut writer) = conn.start_replication(&command).await.map_err(|e| {
         if e.sqlstate() == Some("55006") {
@@ -285,6 +289,25 @@ pub async fn run(
         tracing::info!(region = %region, confirmed = %ctx.tracker.confirmed(), "capture stopped");
     }
     result
+}
+
+/// Whether the walsender drops changes that carry a replication origin
+/// (`relay.capture.origin_filter = "server"` on PostgreSQL 16+). Otherwise
+/// the assembler skips pgrelay's own transactions by their Origin message.
+pub fn server_filters_origins(config: &Config, server_version_num: i32) -> bool {
+    config.capture.origin_filter == crate::config::OriginFilter::Server
+        && crate::source::server::origin_filter(server_version_num)
+}
+
+/// `START_REPLICATION` for pgoutput (protocol 1; `origin 'none'` when the
+/// server is to drop changes that carry a replication origin).
+pub fn start_replication_command(slot: &str, publication: &str, origin_none: bool) -> String {
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}{})",
+        crate::event::quote_ident(slot),
+        crate::event::quote_literal(&crate::event::quote_ident(publication)),
+        if origin_none { ", origin 'none'" } else { "" },
+    )
 }
 
 /// Who the primary is (`IDENTIFY_SYSTEM`), compared with the one streamed

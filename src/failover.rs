@@ -208,16 +208,34 @@ pub async fn last_event(client: &Client) -> Result<Option<String>, tokio_postgre
 /// which loop prevention runs, whether the slot is a failover slot, and
 /// whether the DSN's standbys hold a synced copy of it.
 pub async fn check_lines(
+    config: &crate::config::Config,
     cat: &crate::source::catalog::Catalog<'_>,
     dsn: &str,
     region: &str,
     slot: &str,
 ) -> Result<Vec<String>, crate::source::catalog::CatalogError> {
+    use crate::config::OriginFilter;
     use crate::source::server;
     let version = cat.server_version_num().await?;
+    let loops = match config.capture.origin_filter {
+        OriginFilter::Server if server::origin_filter(version) => {
+            "the walsender drops every change that carries a replication origin \
+             (origin_filter = \"server\")"
+        }
+        OriginFilter::Server => {
+            "origin_filter = \"server\" needs 16+: the capture side reads each transaction's \
+             Origin message and skips pgrelay's own"
+        }
+        OriginFilter::Message if server::origin_filter(version) => {
+            "the capture side reads each transaction's Origin message and skips pgrelay's own \
+             (origin_filter = \"server\" would let the walsender drop them, see README)"
+        }
+        OriginFilter::Message => {
+            "the capture side reads each transaction's Origin message and skips pgrelay's own"
+        }
+    };
     let mut out = vec![format!(
-        "region {region}: PostgreSQL {}: loop prevention reads each transaction's Origin message \
-         and skips pgrelay's own; failover slots {}",
+        "region {region}: PostgreSQL {}: loop prevention: {loops}; failover slots {}",
         server::display(version),
         if server::failover_slots(version) {
             "available (17+)"
@@ -225,6 +243,17 @@ pub async fn check_lines(
             "not available before 17: after a failover run pgrelay setup and pgrelay resync (README, Failover)"
         }
     )];
+    if config.capture.origin_filter == OriginFilter::Server && server::origin_filter(version) {
+        let foreign = cat.foreign_origins().await?;
+        if !foreign.is_empty() {
+            out.push(format!(
+                "region {region}: warning: replication origins {} write here (native \
+                 subscriptions?): with origin_filter = \"server\" their changes are not \
+                 replicated; use \"message\" if they should be",
+                foreign.join(", ")
+            ));
+        }
+    }
     if !server::failover_slots(version) {
         return Ok(out);
     }

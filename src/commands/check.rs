@@ -72,7 +72,7 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
                         s.retained_bytes
                     );
                 }
-                for line in crate::failover::check_lines(&cat, dsn, region, &slot).await? {
+                for line in crate::failover::check_lines(&config, &cat, dsn, region, &slot).await? {
                     println!("{line}");
                 }
             }

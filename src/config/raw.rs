@@ -61,6 +61,7 @@ pub(super) struct RawCapture {
     pub(super) topic_partitions: Option<i64>,
     pub(super) topic_replication_factor: Option<i64>,
     pub(super) before_image: Option<String>,
+    pub(super) origin_filter: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -21,6 +21,24 @@ pub struct CaptureSettings {
     pub topic_replication_factor: i32,
     /// What `before` carries for `global` and `owned` tables.
     pub before_image: BeforeImage,
+    /// Where the changes pgrelay applied are dropped (loop prevention).
+    pub origin_filter: OriginFilter,
+}
+
+/// Where the capture side's loop prevention happens
+/// (`relay.capture.origin_filter`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OriginFilter {
+    /// The walsender decodes and sends every change; the capture side reads
+    /// each transaction's Origin message and skips pgrelay's own. Changes of
+    /// other replication origins (a native subscription) are replicated.
+    #[default]
+    Message,
+    /// PostgreSQL 16+: the walsender drops every change that carries a
+    /// replication origin before decoding it (pgoutput `origin 'none'`):
+    /// less work per applied change, but changes written under any other
+    /// origin are not replicated either. On 15 it falls back to `Message`.
+    Server,
 }
 
 /// What the `before` of an update or delete carries (`relay.capture.before_image`).
@@ -171,6 +189,7 @@ impl Default for CaptureSettings {
             topic_partitions: default_topic_partitions(),
             topic_replication_factor: default_topic_replication_factor(),
             before_image: BeforeImage::default(),
+            origin_filter: OriginFilter::default(),
         }
     }
 }

@@ -113,6 +113,25 @@ fn conflict_log_is_all_off_or_a_percentage() {
 }
 
 #[test]
+fn origin_filter_defaults_to_message_and_names_bad_values() {
+    assert_eq!(ok(BASE).capture.origin_filter, OriginFilter::Message);
+    let c = ok(&format!(
+        "{BASE}\n[relay.capture]\norigin_filter = \"server\"\n"
+    ));
+    assert_eq!(c.capture.origin_filter, OriginFilter::Server);
+    let err = parse(
+        &format!("{BASE}\n[relay.capture]\norigin_filter = \"none\"\n"),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("relay.capture.origin_filter = \"none\""),
+        "{err}"
+    );
+}
+
+#[test]
 fn before_image_defaults_to_key_and_names_bad_values() {
     let c = ok(BASE);
     assert_eq!(c.capture.before_image, BeforeImage::Key);

@@ -294,6 +294,19 @@ impl Validator<'_> {
                     ))
                 }
             },
+            origin_filter: match raw.origin_filter.as_deref() {
+                None | Some("message") => OriginFilter::Message,
+                Some("server") => OriginFilter::Server,
+                Some(other) => {
+                    return Err(self.invalid(
+                        None,
+                        format!(
+                            "relay.capture.origin_filter = {other:?}: use \"message\" (default) \
+                             or \"server\" (PostgreSQL 16+; drops changes of every replication origin)"
+                        ),
+                    ))
+                }
+            },
         })
     }
 

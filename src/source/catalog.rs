@@ -583,6 +583,21 @@ impl Catalog<'_> {
             .unwrap_or(0))
     }
 
+    /// Replication origins that are not pgrelay's (native subscriptions,
+    /// other tools).
+    pub async fn foreign_origins(&self) -> Result<Vec<String>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT roname FROM pg_replication_origin \
+                 WHERE roname NOT LIKE 'pgrelay\\_%' ORDER BY roname",
+                &[],
+            )
+            .await
+            .map_err(self.err("reading replication origins".to_string()))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Whether `slot` is a failover slot (PostgreSQL 17+; `None` before).
     pub async fn slot_failover(&self, slot: &str) -> Result<Option<bool>, CatalogError> {
         if !crate::source::server::failover_slots(self.server_version_num().await?) {

@@ -1,4 +1,5 @@
-//! Integration tests against real PostgreSQL 15 clusters and a real
+//! Integration tests against real PostgreSQL clusters (15, or 18 with
+//! `PGRELAY_PG_MAJOR=18`) and a real
 //! Kafka-protocol broker, driving the real `pgrelay` binary.
 
 mod apply;
@@ -11,6 +12,7 @@ mod errors;
 mod failover;
 mod faults;
 mod merge;
+mod origin;
 mod repair;
 mod rules;
 mod security;

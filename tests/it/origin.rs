@@ -1,0 +1,105 @@
+//! Loop prevention where the server filters: `relay.capture.origin_filter`.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::apply::{pair_on, SCHEMA};
+use crate::support::broker::Broker;
+use crate::support::kafka::read_all;
+use crate::support::pg;
+use crate::support::relay::{self, Relay};
+use crate::support::until_count;
+
+/// Ids of `products` published on `topic`.
+fn published_ids(brokers: &str, topic: &str) -> BTreeSet<String> {
+    read_all(brokers, topic, Duration::from_secs(2))
+        .iter()
+        .filter(|r| r.key["table"] == "public.products")
+        .filter_map(|r| r.key["key"]["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// With `message` the walsender sends pgrelay's applied changes and the
+/// capture side skips them, while a change another replication origin wrote
+/// (a native subscription) is replicated; with `server` (16+) the walsender
+/// drops both before decoding. Neither loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_origin_filter_drops_applied_and_foreign_origin_changes() {
+    if pg::major() < 16 {
+        eprintln!(
+            "SKIP server_origin_filter_drops_applied_and_foreign_origin_changes: pgoutput's \
+             origin option needs PostgreSQL 16+ (this run: {})",
+            pg::major()
+        );
+        return;
+    }
+    for (mode, foreign_replicated) in [("message", true), ("server", false)] {
+        let broker = Broker::start();
+        let brokers = broker.brokers();
+        let p = pair_on(SCHEMA, "", broker);
+        let text = std::fs::read_to_string(&p.cfg.path).unwrap().replace(
+            "status_interval = \"200ms\"\n",
+            &format!("status_interval = \"200ms\"\norigin_filter = \"{mode}\"\n"),
+        );
+        std::fs::write(&p.cfg.path, text).unwrap();
+        let _us = Relay::spawn(&p.cfg, "us", "all");
+        let _eu = Relay::spawn(&p.cfg, "eu", "all");
+        let us = p.us.client().await;
+        let eu = p.eu.client().await;
+        // us's rows are applied in eu (under pgrelay's origin)
+        us.batch_execute(
+            "INSERT INTO products (id, name, price) SELECT g, 'us', 1 FROM generate_series(1, 50) g",
+        )
+        .await
+        .unwrap();
+        until_count(&eu, "SELECT count(*) FROM products", 50, "us's rows in eu").await;
+        // a write under another replication origin, then a plain one
+        eu.batch_execute(
+            "SELECT pg_replication_origin_create('native_sub'); \
+             SELECT pg_replication_origin_session_setup('native_sub'); \
+             INSERT INTO products (id, name, price) VALUES (100, 'foreign origin', 1); \
+             SELECT pg_replication_origin_session_reset(); \
+             INSERT INTO products (id, name, price) VALUES (101, 'marker', 1)",
+        )
+        .await
+        .unwrap();
+        until_count(
+            &us,
+            "SELECT count(*) FROM products WHERE id = 101",
+            1,
+            "eu's marker in us",
+        )
+        .await;
+        let ids = published_ids(&brokers, "pgrelay.eu.us");
+        let mut want: BTreeSet<String> = ["101".to_string()].into();
+        if foreign_replicated {
+            want.insert("100".into());
+        }
+        assert_eq!(ids, want, "origin_filter = {mode}: what eu published");
+        let n: i64 = us
+            .query_one("SELECT count(*) FROM products WHERE id = 100", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, i64::from(foreign_replicated), "origin_filter = {mode}");
+        // check names the handling, and the origins "server" leaves behind
+        let out = relay::cmd(&[
+            "check",
+            "--config",
+            p.cfg.path.to_str().unwrap(),
+            "--region",
+            "eu",
+        ]);
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let warned = out.contains("warning: replication origins native_sub write here");
+        assert_eq!(warned, !foreign_replicated, "{out}");
+        assert!(
+            out.contains(if foreign_replicated {
+                "loop prevention: the capture side reads each transaction's Origin message"
+            } else {
+                "loop prevention: the walsender drops every change that carries a replication origin"
+            }),
+            "{out}"
+        );
+    }
+}
