@@ -335,3 +335,110 @@ async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
         "{status}"
     );
 }
+
+/// PostgreSQL 15/16, no failover slots: the promoted standby has no slot;
+/// `setup` makes a new one, the sidecar records the failover, and `resync`
+/// sends what the old slot had not delivered. Runs on any major (the
+/// procedure also works where failover slots exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_failover_slots_setup_and_resync_recover_a_promoted_standby() {
+    let primary = Pg::start();
+    let eu = Pg::start();
+    primary.psql(SCHEMA);
+    eu.psql(SCHEMA);
+    let standby = primary.standby("us_standby", &[("hot_standby_feedback", "on")]);
+    let both = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres password={} dbname=postgres \
+         connect_timeout=3 target_session_attrs=read-write",
+        primary.port,
+        standby.port,
+        pg::PASSWORD
+    );
+    let broker = Broker::start();
+    let cfg = ConfigFile::new(&crate::apply::config(&both, &eu.dsn(), &broker.brokers()));
+    let path = cfg.path.to_str().unwrap();
+    for r in ["us", "eu"] {
+        relay::ok(&["setup", "--config", path, "--region", r]);
+    }
+    let mut us_relay = Relay::spawn(&cfg, "us", "all");
+    let _eu_relay = Relay::spawn(&cfg, "eu", "all");
+    let eu_client = eu.client().await;
+    let dsn = primary.dsn();
+    let writer = tokio::spawn(async move {
+        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for id in 1..100_000i32 {
+            let sql = "INSERT INTO products (id, name, price) VALUES ($1, 'before', 1)";
+            if c.execute(sql, &[&id]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    eventually(Duration::from_secs(60), "rows reaching eu", || async {
+        (ids(&eu_client).await.len() >= 300).then_some(())
+    })
+    .await;
+    // the sidecar is down while the primary dies: the window it missed is
+    // what resync must bring
+    us_relay.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    primary.stop();
+    writer.await.unwrap();
+    standby.promote();
+    let sb = standby.client().await;
+    let survived = ids(&sb).await;
+    let slots: i64 = sb
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgrelay_us'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if pg::major() < 17 {
+        assert_eq!(slots, 0, "no failover slots: the standby has no copy");
+    }
+    if slots == 0 {
+        let err = relay::fails(&["check", "--config", path, "--region", "us"]);
+        assert!(err.contains("slot pgrelay_us does not exist"), "{err}");
+        relay::ok(&["setup", "--config", path, "--region", "us"]);
+    }
+    let _us_relay = Relay::spawn(&cfg, "us", "all");
+    relay::ok(&["resync", "--config", path, "--region", "us", "--to", "eu"]);
+    sb.batch_execute("INSERT INTO products (id, name, price) VALUES (-1, 'after failover', 2)")
+        .await
+        .unwrap();
+    let got = eventually(
+        Duration::from_secs(90),
+        "eu to hold the new primary's rows",
+        || async {
+            let got = ids(&eu_client).await;
+            (got.contains(&-1) && survived.is_subset(&got)).then_some(got)
+        },
+    )
+    .await;
+    // what eu has beyond the new primary came from the old one after the
+    // standby's last position: the writes the failover lost
+    let newest = survived.iter().max().copied().unwrap_or(0);
+    let extra: Vec<&i32> = got
+        .iter()
+        .filter(|id| **id != -1 && !survived.contains(id))
+        .collect();
+    assert!(
+        extra.iter().all(|id| **id > newest),
+        "rows in eu the new primary lacks, older than its newest: {extra:?}"
+    );
+    let failovers: i64 = sb
+        .query_one(
+            "SELECT count(*) FROM pgrelay.events WHERE region = 'us' AND kind = 'failover' \
+             AND (detail->>'new_timeline')::int = (detail->>'old_timeline')::int + 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(failovers, 1, "the failover recorded");
+}

@@ -103,3 +103,118 @@ async fn server_origin_filter_drops_applied_and_foreign_origin_changes() {
         );
     }
 }
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // fields after the command name, which is in parentheses
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Target-side CPU per applied change: what the region receiving changes
+/// spends in its walsender and its capture side on the rows pgrelay applied
+/// into it (which it must not send back). `PGRELAY_PG_MAJOR=15|18`, and
+/// `PGRELAY_BENCH_CHANGES` (default 20000):
+/// `cargo nextest run --test it --run-ignored only bench_ --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_target_cpu_per_applied_change() {
+    let changes: i32 = std::env::var("PGRELAY_BENCH_CHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let modes: &[&str] = if pg::major() >= 16 {
+        &["message", "server"]
+    } else {
+        &["message"]
+    };
+    for mode in modes {
+        let p = pair_on(SCHEMA, "", Broker::start());
+        let text = std::fs::read_to_string(&p.cfg.path).unwrap().replace(
+            "status_interval = \"200ms\"\n",
+            &format!("status_interval = \"200ms\"\norigin_filter = \"{mode}\"\n"),
+        );
+        std::fs::write(&p.cfg.path, text).unwrap();
+        let _us = Relay::spawn(&p.cfg, "us", "capture");
+        let eu_capture = Relay::spawn(&p.cfg, "eu", "capture");
+        let _eu_apply = Relay::spawn(&p.cfg, "eu", "apply");
+        let eu = p.eu.client().await;
+        let walsender: i32 = crate::support::eventually(
+            Duration::from_secs(60),
+            "eu's capture side streaming",
+            || async {
+                eu.query_one(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pgrelay_eu'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get::<_, Option<i32>>(0)
+            },
+        )
+        .await;
+        let before = (
+            cpu_seconds(walsender as u32),
+            cpu_seconds(eu_capture.child.id()),
+        );
+        // 100 rows per transaction, as an application writing in small batches
+        p.us.psql(&format!(
+            "DO $$ BEGIN FOR i IN 0..{} LOOP \
+             INSERT INTO products (id, name, price, doc) \
+             SELECT g, 'product ' || g, g, repeat('x', 200) FROM generate_series(i * 100 + 1, i * 100 + 100) g; \
+             COMMIT; END LOOP; END $$",
+            changes / 100 - 1
+        ));
+        until_count(
+            &eu,
+            "SELECT count(*) FROM products",
+            i64::from(changes),
+            "every change applied in eu",
+        )
+        .await;
+        // eu's capture side has read past everything applied
+        let end: String = eu
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        crate::support::eventually(
+            Duration::from_secs(120),
+            "eu's slot past the applied changes",
+            || async {
+                let done: bool = eu
+                    .query_one(
+                        "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots \
+                         WHERE slot_name = 'pgrelay_eu'",
+                        &[&end],
+                    )
+                    .await
+                    .ok()?
+                    .get(0);
+                done.then_some(())
+            },
+        )
+        .await;
+        let walsender_s = cpu_seconds(walsender as u32) - before.0;
+        let capture_s = cpu_seconds(eu_capture.child.id()) - before.1;
+        let per = |s: f64| s * 1e6 / f64::from(changes);
+        println!(
+            "BENCH PostgreSQL {} origin_filter={mode}: {changes} applied changes; target walsender \
+             {walsender_s:.2} s ({:.1} us/change), target capture side {capture_s:.2} s ({:.1} \
+             us/change), together {:.1} us/change",
+            pg::major(),
+            per(walsender_s),
+            per(capture_s),
+            per(walsender_s + capture_s)
+        );
+    }
+}
