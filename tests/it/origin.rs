@@ -162,10 +162,22 @@ async fn bench_target_cpu_per_applied_change() {
             },
         )
         .await;
+        // what the two spend idle (keepalives, status updates, timers),
+        // subtracted below
+        let idle_from = (
+            cpu_seconds(walsender as u32),
+            cpu_seconds(eu_capture.child.id()),
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
         let before = (
             cpu_seconds(walsender as u32),
             cpu_seconds(eu_capture.child.id()),
         );
+        let idle_rate = (
+            (before.0 - idle_from.0) / 10.0,
+            (before.1 - idle_from.1) / 10.0,
+        );
+        let started = std::time::Instant::now();
         // 100 rows per transaction, as an application writing in small batches
         p.us.psql(&format!(
             "DO $$ BEGIN FOR i IN 0..{} LOOP \
@@ -204,13 +216,14 @@ async fn bench_target_cpu_per_applied_change() {
             },
         )
         .await;
-        let walsender_s = cpu_seconds(walsender as u32) - before.0;
-        let capture_s = cpu_seconds(eu_capture.child.id()) - before.1;
+        let elapsed = started.elapsed().as_secs_f64();
+        let walsender_s = cpu_seconds(walsender as u32) - before.0 - idle_rate.0 * elapsed;
+        let capture_s = cpu_seconds(eu_capture.child.id()) - before.1 - idle_rate.1 * elapsed;
         let per = |s: f64| s * 1e6 / f64::from(changes);
         println!(
-            "BENCH PostgreSQL {} origin_filter={mode}: {changes} applied changes; target walsender \
-             {walsender_s:.2} s ({:.1} us/change), target capture side {capture_s:.2} s ({:.1} \
-             us/change), together {:.1} us/change",
+            "BENCH PostgreSQL {} origin_filter={mode}: {changes} applied changes in {elapsed:.0} s; \
+             beyond idle: target walsender {walsender_s:.2} s ({:.1} us/change), target capture \
+             side {capture_s:.2} s ({:.1} us/change), together {:.1} us/change",
             pg::major(),
             per(walsender_s),
             per(capture_s),
