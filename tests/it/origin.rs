@@ -195,7 +195,7 @@ async fn bench_target_cpu_per_applied_change() {
         .await;
         // eu's capture side has read past everything applied
         let end: String = eu
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .unwrap()
             .get(0);
