@@ -162,6 +162,25 @@ pub async fn observe(
     Ok(event)
 }
 
+/// Turns an existing logical slot into a failover slot (PostgreSQL 17+,
+/// `ALTER_REPLICATION_SLOT`, a replication command); fails while a sidecar
+/// streams from it.
+pub async fn make_failover_slot(dsn: &str, region: &str, slot: &str) -> Result<(), String> {
+    use crate::source::conn::{ConnParams, ReplConnection};
+    let params =
+        ConnParams::from_dsn(dsn, &format!("pgrelay_setup_{region}")).map_err(|e| e.to_string())?;
+    let mut conn = ReplConnection::connect(&params)
+        .await
+        .map_err(|e| format!("replication connection to {}: {e}", params.target()))?;
+    conn.simple_query(&format!(
+        "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
+        crate::event::quote_ident(slot)
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// The region's last recorded failover, as one line for `status`.
 pub async fn last_event(client: &Client) -> Result<Option<String>, tokio_postgres::Error> {
     let exists: bool = client

@@ -83,6 +83,19 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
                 config.slot_name(region)
             )
         })?;
+    if cat.slot_failover(&slot).await? == Some(false) {
+        // made before PostgreSQL 17 (an upgrade) or by hand
+        match crate::failover::make_failover_slot(region_cfg.setup_dsn(), region, &slot).await {
+            Ok(()) => println!(
+                "region {region}: slot {slot} is now a failover slot (standbys with \
+                 sync_replication_slots keep a copy)"
+            ),
+            Err(e) => println!(
+                "region {region}: warning: slot {slot} is not a failover slot and could not be \
+                 made one ({e}); stop the sidecar and run pgrelay setup again"
+            ),
+        }
+    }
     println!(
         "region {region}: database ready (schema pgrelay, {} replicated tables, publication {}, slot {})",
         config

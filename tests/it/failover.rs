@@ -175,9 +175,14 @@ async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
     let broker = Broker::start();
     let cfg = ConfigFile::new(&crate::apply::config(&both, &eu.dsn(), &broker.brokers()));
     let path = cfg.path.to_str().unwrap();
-    for r in ["us", "eu"] {
-        relay::ok(&["setup", "--config", path, "--region", r]);
-    }
+    // a slot from before PostgreSQL 17 (an upgrade): setup makes it a failover slot
+    primary.psql("SELECT pg_create_logical_replication_slot('pgrelay_us', 'pgoutput')");
+    let out = relay::ok(&["setup", "--config", path, "--region", "us"]);
+    assert!(
+        out.contains("slot pgrelay_us is now a failover slot"),
+        "{out}"
+    );
+    relay::ok(&["setup", "--config", path, "--region", "eu"]);
     let us_relay = Relay::spawn(&cfg, "us", "all");
     let _eu_relay = Relay::spawn(&cfg, "eu", "all");
     let eu_client = eu.client().await;
