@@ -332,9 +332,28 @@ async fn watch_primary(
     let old_wal_end = metrics
         .get(SERVER_WAL_END, &[("region", region)])
         .map(|v| Lsn(v as u64));
-    let event = crate::failover::observe(client, region, &identity, confirmed, old_wal_end)
-        .await
-        .map_err(|e| transient("recording the primary's identity")(&e))?;
+    // where the current timeline began (a promotion), to tell a carried
+    // slot from a new one
+    let switchpoint = if identity.timeline > 1 {
+        conn.simple_query(&format!("TIMELINE_HISTORY {}", identity.timeline))
+            .await
+            .ok()
+            .and_then(|rows| rows.into_iter().next())
+            .and_then(|row| row.get(1).cloned().flatten())
+            .and_then(|content| crate::failover::parse_switchpoint(&content))
+    } else {
+        None
+    };
+    let event = crate::failover::observe(
+        client,
+        region,
+        &identity,
+        confirmed,
+        old_wal_end,
+        switchpoint,
+    )
+    .await
+    .map_err(|e| transient("recording the primary's identity")(&e))?;
     metrics.set(
         "pgrelay_source_timeline",
         "Timeline of the primary the capture side streams from",

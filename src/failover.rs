@@ -75,6 +75,40 @@ pub fn parse_identify(row: &[Option<String>]) -> Result<(Identity, Lsn), String>
     ))
 }
 
+/// Whether the slot came through a failover: same system, and the slot's
+/// confirmed position lies before the new timeline's switch point (a slot
+/// created on the new primary starts after it).
+pub fn slot_carried(
+    previous: &Identity,
+    current: &Identity,
+    confirmed: Lsn,
+    switchpoint: Option<Lsn>,
+) -> bool {
+    previous.system_id == current.system_id
+        && switchpoint.is_some_and(|switch| confirmed.0 > 0 && confirmed <= switch)
+}
+
+/// The switch point of the newest timeline from a `TIMELINE_HISTORY`
+/// file's content (`parent_tli<TAB>switchpoint<TAB>reason` lines; as text
+/// or as the `\\x…` hex a bytea column reads as).
+pub fn parse_switchpoint(history: &str) -> Option<Lsn> {
+    let text = match history.strip_prefix("\\x") {
+        Some(hex) => {
+            let bytes: Option<Vec<u8>> = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect();
+            String::from_utf8(bytes?).ok()?
+        }
+        None => history.to_string(),
+    };
+    text.lines()
+        .rfind(|l| !l.trim().is_empty() && !l.starts_with('#'))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// A recorded failover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -82,6 +116,10 @@ pub struct Event {
     pub current: Identity,
     pub confirmed: Lsn,
     pub old_wal_end: Option<Lsn>,
+    /// The slot came through the failover (a synced failover slot): its
+    /// confirmed position predates the new primary. When not, the slot is
+    /// new and what the old one had not delivered needs `pgrelay resync`.
+    pub slot_carried: bool,
 }
 
 impl Event {
@@ -102,6 +140,7 @@ pub async fn observe(
     current: &Identity,
     confirmed: Lsn,
     old_wal_end: Option<Lsn>,
+    switchpoint: Option<Lsn>,
 ) -> Result<Option<Event>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let previous = tx
@@ -128,6 +167,7 @@ pub async fn observe(
     .await?;
     let event = match change {
         Change::Failover { previous } => Some(Event {
+            slot_carried: slot_carried(&previous, current, confirmed, switchpoint),
             previous,
             current: current.clone(),
             confirmed,
@@ -144,7 +184,7 @@ pub async fn observe(
                 'old_system_id', $2::text, 'old_timeline', $3::int, \
                 'new_system_id', $4::text, 'new_timeline', $5::int, \
                 'confirmed_lsn', $6::text, 'old_wal_end', $7::text, \
-                'unconfirmed_wal_bytes', $8::bigint)))",
+                'unconfirmed_wal_bytes', $8::bigint, 'slot_carried', $9::bool)))",
             &[
                 &region,
                 &e.previous.system_id,
@@ -154,6 +194,7 @@ pub async fn observe(
                 &e.confirmed.to_string(),
                 &old_end,
                 &unconfirmed,
+                &e.slot_carried,
             ],
         )
         .await?;
@@ -179,6 +220,87 @@ pub async fn make_failover_slot(dsn: &str, region: &str, slot: &str) -> Result<(
     .await
     .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Records a finished resync (`to`: comma-separated destinations, empty
+/// for all) in the region's `pgrelay.events`.
+pub async fn record_resync(
+    config: &crate::config::Config,
+    region: &str,
+    to: &str,
+) -> Result<(), crate::source::catalog::CatalogError> {
+    let client = crate::source::catalog::connect(&config.regions[region].dsn, region).await?;
+    client
+        .execute(
+            "INSERT INTO pgrelay.events (region, kind, detail) \
+             VALUES ($1, 'resync', jsonb_build_object('to', $2::text))",
+            &[&region, &to],
+        )
+        .await
+        .map_err(|source| crate::source::catalog::CatalogError::Query {
+            region: region.to_string(),
+            context: "recording the resync in pgrelay.events".into(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// After the region's last failover, if its slot did not come through
+/// (PostgreSQL 15/16, or a standby without a synced slot): when it was,
+/// and the destinations of each resync since (`""`: all).
+pub async fn unrecovered(
+    client: &Client,
+) -> Result<Option<(String, Vec<String>)>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('pgrelay.events') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT f.at::text, coalesce((f.detail->>'slot_carried')::bool, false), \
+             coalesce((SELECT array_agg(coalesce(r.detail->>'to', '')) FROM pgrelay.events r \
+                       WHERE r.kind = 'resync' AND r.id > f.id), '{}') \
+             FROM pgrelay.events f WHERE f.kind = 'failover' ORDER BY f.id DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    Ok(row.and_then(|r| {
+        let carried: bool = r.get(1);
+        (!carried).then(|| (r.get(0), r.get(2)))
+    }))
+}
+
+/// Why a pair is `rebuilding` after a failover that lost the slot: no
+/// resync to `destination` yet, or its records not yet applied.
+pub fn rebuilding(
+    source: &str,
+    destination: &str,
+    unrecovered: Option<&(String, Vec<String>)>,
+    backlog: Option<i64>,
+) -> Option<String> {
+    let (at, resyncs) = unrecovered?;
+    let covered = resyncs
+        .iter()
+        .any(|to| to.is_empty() || to.split(',').any(|d| d == destination));
+    if !covered {
+        return Some(format!(
+            "rebuilding: the failover of {source} at {at} came without its slot; run pgrelay \
+             resync --region {source} --to {destination}"
+        ));
+    }
+    match backlog {
+        Some(0) => None,
+        Some(n) => Some(format!(
+            "rebuilding: the resync after the failover of {source} at {at} is being applied \
+             ({n} records to go)"
+        )),
+        None => Some(format!(
+            "rebuilding: the resync after the failover of {source} at {at}: backlog unknown"
+        )),
+    }
 }
 
 /// The region's last recorded failover, as one line for `status`.
@@ -360,12 +482,53 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_is_carried_when_its_position_predates_the_switch() {
+        let history = "1\t0/3093FB8\tno recovery target specified\n";
+        let switch = parse_switchpoint(history);
+        assert_eq!(switch, Some("0/3093FB8".parse().unwrap()));
+        let (a1, a2) = (id("7", 1), id("7", 2));
+        assert!(slot_carried(&a1, &a2, "0/308DFF8".parse().unwrap(), switch));
+        // a slot created on the new primary starts after the switch
+        assert!(!slot_carried(
+            &a1,
+            &a2,
+            "0/3100000".parse().unwrap(),
+            switch
+        ));
+        // a new system never carries the old slot
+        assert!(!slot_carried(&a1, &id("8", 1), Lsn(1), switch));
+        assert!(!slot_carried(&a1, &a2, Lsn(1), None));
+        assert_eq!(parse_switchpoint(""), None);
+        let hex: String = history.bytes().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(parse_switchpoint(&format!("\\x{hex}")), switch);
+    }
+
+    #[test]
+    fn a_pair_rebuilds_until_a_resync_to_it_is_applied() {
+        let none: Option<&(String, Vec<String>)> = None;
+        assert_eq!(rebuilding("us", "eu", none, Some(5)), None);
+        let waiting = ("t".to_string(), vec![]);
+        let why = rebuilding("us", "eu", Some(&waiting), Some(0)).unwrap();
+        assert!(why.contains("pgrelay resync --region us --to eu"), "{why}");
+        let other = ("t".to_string(), vec!["cn".to_string()]);
+        assert!(rebuilding("us", "eu", Some(&other), Some(0)).is_some());
+        let all = ("t".to_string(), vec![String::new()]);
+        assert!(rebuilding("us", "eu", Some(&all), Some(3))
+            .unwrap()
+            .contains("3 records to go"));
+        assert_eq!(rebuilding("us", "eu", Some(&all), Some(0)), None);
+        let eu = ("t".to_string(), vec!["cn,eu".to_string()]);
+        assert_eq!(rebuilding("us", "eu", Some(&eu), Some(0)), None);
+    }
+
+    #[test]
     fn unconfirmed_wal_is_the_gap_when_the_end_is_known() {
         let e = Event {
             previous: id("1", 1),
             current: id("1", 2),
             confirmed: Lsn(100),
             old_wal_end: Some(Lsn(350)),
+            slot_carried: true,
         };
         assert_eq!(e.unconfirmed_bytes(), Some(250));
         let unknown = Event {

@@ -65,6 +65,9 @@ pub struct PairStatus {
     pub source_fenced: Option<String>,
     /// The source region's last recorded failover (`pgrelay.events`).
     pub source_last_failover: Option<String>,
+    /// Why the pair is `rebuilding` (a failover that lost the slot, until a
+    /// resync to the destination has been applied).
+    pub rebuilding: Option<String>,
 }
 
 #[derive(Default)]
@@ -75,6 +78,7 @@ struct SourceSide {
     problem: Option<String>,
     fenced: Option<String>,
     last_failover: Option<String>,
+    unrecovered: Option<(String, Vec<String>)>,
 }
 
 #[derive(Default)]
@@ -114,10 +118,12 @@ async fn source_side(config: &Config, region: &str) -> SourceSide {
         Err(e) => Some(format!("unknown ({})", crate::source::pg_error::reason(&e))),
     };
     let last_failover = crate::failover::last_event(&client).await.ok().flatten();
+    let unrecovered = crate::failover::unrecovered(&client).await.ok().flatten();
     let side = slot_side(config, region, &cat).await;
     SourceSide {
         fenced,
         last_failover,
+        unrecovered,
         ..side
     }
 }
@@ -130,6 +136,7 @@ async fn slot_side(config: &Config, region: &str, cat: &Catalog<'_>) -> SourceSi
             retained: Some(s.retained_bytes),
             fenced: None,
             last_failover: None,
+            unrecovered: None,
             problem: if s.is_lost() {
                 Some(catalog::lost_slot_message(
                     region,
@@ -377,6 +384,7 @@ pub async fn export_local(
             egress: None,
             source_fenced: src.fenced.clone(),
             source_last_failover: src.last_failover.clone(),
+            rebuilding: None,
         });
     }
     for source in config.regions.keys().filter(|s| *s != region) {
@@ -450,6 +458,7 @@ pub async fn export_local(
             egress: None,
             source_fenced: None,
             source_last_failover: None,
+            rebuilding: None,
         });
     }
     pairs
@@ -488,10 +497,13 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                     "breaker: {reason}; pgrelay breaker release|discard --region {d} --source {s}"
                 )
             });
+            let rebuilding = crate::failover::rebuilding(s, d, src.unrecovered.as_ref(), backlog);
             let state = if !problems.is_empty() {
                 "failed"
             } else if frozen.is_some() {
                 "frozen"
+            } else if rebuilding.is_some() {
+                "rebuilding"
             } else if held.is_some()
                 || lag_bytes.unwrap_or(0) > config.status.lagging_bytes
                 || lag_seconds.unwrap_or(0.0) > config.status.lagging_after.as_secs_f64()
@@ -520,6 +532,7 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 egress: None,
                 source_fenced: src.fenced.clone(),
                 source_last_failover: src.last_failover.clone(),
+                rebuilding,
             });
         }
     }
@@ -560,7 +573,13 @@ pub fn render(rows: &[PairStatus]) -> String {
             r.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash),
             r.state
         );
-        for p in r.problems.iter().chain(&r.held).chain(&r.frozen) {
+        for p in r
+            .problems
+            .iter()
+            .chain(&r.held)
+            .chain(&r.frozen)
+            .chain(&r.rebuilding)
+        {
             let _ = writeln!(out, "    {p}");
         }
     }

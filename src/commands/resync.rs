@@ -25,6 +25,7 @@ pub async fn resync(
         .iter()
         .map(|t| TableName::parse(t).map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
+    let destinations = to.join(",");
     let opts = crate::resync::Options {
         to,
         tables,
@@ -33,6 +34,13 @@ pub async fn resync(
     let mut progress = crate::progress::Progress::start(&format!("resync {region}"), "rows", None);
     let summary = crate::resync::run(&config, region, &opts, &mut progress).await?;
     print!("{}", crate::resync::render(&summary));
+    if !dry_run {
+        // ends the `rebuilding` of the pairs it covers once applied (status)
+        if let Err(e) = crate::failover::record_resync(&config, region, &destinations).await {
+            // the records are in Kafka; only status's `rebuilding` misses it
+            eprintln!("warning: {e} (run pgrelay setup --region {region} to grant it)");
+        }
+    }
     println!(
         "region {region}: {} (every record carries its row's own stamp: newer rows at the destinations stay)",
         if dry_run {

@@ -320,7 +320,8 @@ async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
         .query(
             "SELECT detail->>'old_system_id' = detail->>'new_system_id', \
              (detail->>'old_timeline')::int, (detail->>'new_timeline')::int, \
-             detail ? 'confirmed_lsn', detail ? 'old_wal_end' \
+             detail ? 'confirmed_lsn' AND detail ? 'old_wal_end' \
+             AND detail->>'slot_carried' = 'true' \
              FROM pgrelay.events WHERE region = 'us' AND kind = 'failover'",
             &[],
         )
@@ -330,13 +331,12 @@ async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
     let e = &events[0];
     assert!(e.get::<_, bool>(0), "same system identifier");
     assert_eq!((e.get::<_, i32>(1), e.get::<_, i32>(2)), (1, 2));
-    assert!(
-        e.get::<_, bool>(3) && e.get::<_, bool>(4),
-        "positions recorded"
-    );
+    assert!(e.get::<_, bool>(3), "positions recorded, the slot carried");
     let status = relay::ok(&["status", "--config", path]);
     assert!(
-        status.contains("region us: last failover at") && status.contains("timeline 1 -> 2"),
+        status.contains("region us: last failover at")
+            && status.contains("timeline 1 -> 2")
+            && !status.contains("rebuilding"),
         "{status}"
     );
 }
@@ -412,6 +412,22 @@ async fn without_failover_slots_setup_and_resync_recover_a_promoted_standby() {
         relay::ok(&["setup", "--config", path, "--region", "us"]);
     }
     let _us_relay = Relay::spawn(&cfg, "us", "all");
+    // the sidecar records the failover; the pair rebuilds until a resync
+    until_count(
+        &sb,
+        "SELECT count(*) FROM pgrelay.events WHERE region = 'us' AND kind = 'failover' \
+         AND (detail->>'new_timeline')::int = (detail->>'old_timeline')::int + 1 \
+         AND detail->>'slot_carried' = 'false'",
+        1,
+        "the failover recorded, without the slot",
+    )
+    .await;
+    let status = relay::cmd(&["status", "--config", path]);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains("rebuilding") && status.contains("run pgrelay resync --region us --to eu"),
+        "{status}"
+    );
     relay::ok(&["resync", "--config", path, "--region", "us", "--to", "eu"]);
     sb.batch_execute("INSERT INTO products (id, name, price) VALUES (-1, 'after failover', 2)")
         .await
@@ -436,14 +452,16 @@ async fn without_failover_slots_setup_and_resync_recover_a_promoted_standby() {
         extra.iter().all(|id| **id > newest),
         "rows in eu the new primary lacks, older than its newest: {extra:?}"
     );
-    let failovers: i64 = sb
-        .query_one(
-            "SELECT count(*) FROM pgrelay.events WHERE region = 'us' AND kind = 'failover' \
-             AND (detail->>'new_timeline')::int = (detail->>'old_timeline')::int + 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(failovers, 1, "the failover recorded");
+    // once the resync is applied the pair is no longer rebuilding
+    eventually(
+        Duration::from_secs(60),
+        "us->eu done rebuilding",
+        || async {
+            let out = relay::cmd(&["status", "--config", path]);
+            let out = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = out.lines().find(|l| l.starts_with("us->eu"))?.to_string();
+            (!line.ends_with("rebuilding") && !out.contains("rebuilding:")).then_some(())
+        },
+    )
+    .await;
 }
