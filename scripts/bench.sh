@@ -118,8 +118,9 @@ BROKER_PID=""
 BROKER_PORT=""
 PROXY_PIDS=()
 
-# `pinned source|rest CMD...`: runs CMD on the CPUs PGRELAY_BENCH_PIN gives
-# that group (source = us's cluster and the load generator), or unpinned.
+# `pinned source|rest PROGRAM...`: runs PROGRAM (a binary, not a shell
+# function) on the CPUs PGRELAY_BENCH_PIN gives that group (source = us's
+# cluster and the load generator), or unpinned.
 pinned() {
     local group="$1"; shift
     if [ -z "$PIN" ]; then "$@"; return; fi
@@ -178,9 +179,11 @@ wal_sender_timeout = 300s
 wal_receiver_timeout = 300s
 max_connections = 100
 CONF
-    local group=rest
-    [ "$r" = us ] && group=source
-    pinned "$group" as_pg "$PGBIN/pg_ctl" -D "$WORK/$r" -l "$WORK/$r.log" -w start >/dev/null
+    local pre=()
+    if [ -n "$PIN" ]; then
+        if [ "$r" = us ]; then pre=(taskset -c "${PIN%%:*}"); else pre=(taskset -c "${PIN##*:}"); fi
+    fi
+    as_pg "${pre[@]}" "$PGBIN/pg_ctl" -D "$WORK/$r" -l "$WORK/$r.log" -w start >/dev/null
     PORT[$r]="$port"
 }
 
@@ -561,7 +564,13 @@ SQL
 INSERT INTO bench_history (tid, bid, aid, delta, mtime)
 SELECT 1, 1, :aid, g, CURRENT_TIMESTAMP FROM generate_series(1, 10) g;
 SQL
+    # where the source's CPU goes during the TPC-B run (its postmaster's tree:
+    # backends, walsenders, background writers), per process kind
+    cpu_snap "$WORK/wcpu0" us="$(postmaster us)"
     tpcb="$(write_tps "$WORK/tpcb.sql")"
+    cpu_snap "$WORK/wcpu1" us="$(postmaster us)"
+    log "write, $state: source CPU during tpcb: $(cpu_used "$WORK/wcpu0" "$WORK/wcpu1" "$WORK/cpu-write-$state.txt")"
+    head -n 6 "$WORK/cpu-write-$state.txt" | sed 's/^/    /' >&2
     ins="$(write_tps "$WORK/inserts.sql")"
     local caught="n/a"
     if [ "$state" != none ]; then
