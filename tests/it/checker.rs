@@ -358,6 +358,9 @@ pub struct History {
     pub truncates: Vec<(&'static str, &'static str, i64)>,
     pub ops: usize,
     pub refused: usize,
+    /// Transactions a fenced region refused (nothing of them committed;
+    /// the writer tries them again after the fence is lifted).
+    pub fenced: usize,
     /// Changes a destination parked with `pgrelay breaker discard`:
     /// (destination, table, key, stamp). They never apply there.
     pub discarded: BTreeSet<(&'static str, String, i32, i64)>,
@@ -547,6 +550,11 @@ pub struct Writer {
     pub pace_ms: u64,
 }
 
+/// `pgrelay fence` refuses every local write with SQLSTATE 25006.
+fn is_fenced(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code() == "25006")
+}
+
 fn transient(e: &tokio_postgres::Error) -> bool {
     e.is_closed()
         || e.code().is_none_or(|c| {
@@ -602,6 +610,11 @@ impl Writer {
                 }
                 // a duplicate key, a moved row's new key taken: nothing committed
                 Err(e) if e.code().is_some_and(|c| c.code() == "23505") => done += 1,
+                // the region is fenced: nothing committed, try again later
+                Err(e) if is_fenced(&e) => {
+                    history.lock().unwrap().fenced += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(e) if transient(&e) => {
                     // the commit may have happened or not: a commit whose
                     // outcome is unknown is left out of the history only if
@@ -836,7 +849,7 @@ impl Writer {
                     .execute("INSERT INTO o (id, n) VALUES ($1, 1)", &[id])
                     .await;
                 let err = r.expect_err("a write to an owned table outside its owner must fail");
-                if transient(&err) {
+                if transient(&err) || is_fenced(&err) {
                     // the database went away meanwhile: the transaction is retried
                     return Err(err);
                 }
@@ -933,6 +946,9 @@ pub enum Fault {
     CutLink(usize),
     /// A region's broker killed and started again (durable storage).
     RestartBroker(usize),
+    /// `pgrelay fence` of a region for a moment, then `unfence`: its local
+    /// writes are refused meanwhile, incoming changes still apply.
+    Fence(usize),
 }
 
 /// The sidecar processes of a region, by role.
@@ -1021,6 +1037,14 @@ impl World {
             Fault::RestartBroker(i) => {
                 self.brokers.get_mut(REGIONS[i % 3]).unwrap().0.restart();
             }
+            Fault::Fence(i) => {
+                let (cfg, r) = (self.cfg.path.to_str().unwrap(), REGIONS[i % 3]);
+                relay::ok(&[
+                    "fence", "--config", cfg, "--region", r, "--reason", "checker",
+                ]);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                relay::ok(&["unfence", "--config", cfg, "--region", r]);
+            }
         }
     }
 }
@@ -1061,11 +1085,12 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     let n_faults = 2 + rng.below(3);
     for _ in 0..n_faults {
         let region = rng.below(3) as usize;
-        let fault = match rng.below(if durable { 5 } else { 4 }) {
+        let fault = match rng.below(if durable { 6 } else { 5 }) {
             0 => Fault::KillSidecar(region),
             1 => Fault::CrashDatabase(region),
             2 => Fault::CutLink(region),
             3 => Fault::KillSide(region),
+            4 => Fault::Fence(region),
             _ => Fault::RestartBroker(region),
         };
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
@@ -1180,6 +1205,10 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     eprintln!("seed {seed}: {conflicts} conflict log entries, each a write of the history");
     let records = residency_of_every_record(&w, seed);
     eprintln!("seed {seed}: breaker trips resolved: {resolved:?}");
+    eprintln!(
+        "seed {seed}: {} transaction(s) refused by a fence and retried after it",
+        history.fenced
+    );
     // owned writes outside the owner were refused, and none of them exists
     Checked {
         ops: history.ops,
