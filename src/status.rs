@@ -304,13 +304,14 @@ async fn records_lost(
     })
 }
 
-/// 0 active, 1 lagging, 2 failed, 3 frozen (for the `pgrelay_pair_state`
-/// gauge).
+/// 0 active, 1 lagging, 2 failed, 3 frozen, 4 rebuilding (for the
+/// `pgrelay_pair_state` gauge).
 pub fn state_code(state: &str) -> f64 {
     match state {
         "active" => 0.0,
         "lagging" => 1.0,
         "frozen" => 3.0,
+        "rebuilding" => 4.0,
         _ => 2.0,
     }
 }
@@ -357,8 +358,23 @@ pub async fn export_local(
         _ => None,
     };
     for destination in config.regions.keys().filter(|d| *d != region) {
+        // a failover that came without the slot, and no resync to this
+        // destination since: what it lost is not on its way yet (once the
+        // resync is sent, the destination's backlog tells the rest)
+        let rebuilding = src
+            .unrecovered
+            .as_ref()
+            .and_then(|u| crate::failover::rebuilding(region, destination, Some(u), Some(0)));
+        metrics.set(
+            "pgrelay_pair_rebuilding",
+            "1 while an outgoing pair waits for the resync a failover without its slot needs",
+            &[("source", region), ("destination", destination.as_str())],
+            if rebuilding.is_some() { 1.0 } else { 0.0 },
+        );
         let state = if src.problem.is_some() || lag_bytes.is_none() {
             "failed"
+        } else if rebuilding.is_some() {
+            "rebuilding"
         } else if lag_bytes.unwrap_or(0) > config.status.lagging_bytes {
             "lagging"
         } else {
@@ -384,7 +400,7 @@ pub async fn export_local(
             egress: None,
             source_fenced: src.fenced.clone(),
             source_last_failover: src.last_failover.clone(),
-            rebuilding: None,
+            rebuilding,
         });
     }
     for source in config.regions.keys().filter(|s| *s != region) {

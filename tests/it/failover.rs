@@ -411,7 +411,28 @@ async fn without_failover_slots_setup_and_resync_recover_a_promoted_standby() {
         assert!(err.contains("slot pgrelay_us does not exist"), "{err}");
         relay::ok(&["setup", "--config", path, "--region", "us"]);
     }
-    let _us_relay = Relay::spawn(&cfg, "us", "all");
+    // the new primary's sidecar serves metrics: the pair rebuilding shows there too
+    let http = crate::support::free_port();
+    let us_cfg = ConfigFile::new(&format!(
+        "{}\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+        crate::apply::config(&both, &eu.dsn(), &broker.brokers())
+    ));
+    let _us_relay = Relay::spawn(&us_cfg, "us", "all");
+    let rebuilding_gauge = || {
+        let mut out = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+            let _ = s.read_to_string(&mut out);
+        }
+        out.lines()
+            .find(|l| {
+                l.starts_with("pgrelay_pair_rebuilding{")
+                    && l.contains("source=\"us\"")
+                    && l.contains("destination=\"eu\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
     // the sidecar records the failover; the pair rebuilds until a resync
     until_count(
         &sb,
@@ -428,7 +449,19 @@ async fn without_failover_slots_setup_and_resync_recover_a_promoted_standby() {
         status.contains("rebuilding") && status.contains("run pgrelay resync --region us --to eu"),
         "{status}"
     );
+    eventually(
+        Duration::from_secs(60),
+        "pgrelay_pair_rebuilding{us->eu} = 1",
+        || async { (rebuilding_gauge() == Some(1.0)).then_some(()) },
+    )
+    .await;
     relay::ok(&["resync", "--config", path, "--region", "us", "--to", "eu"]);
+    eventually(
+        Duration::from_secs(60),
+        "pgrelay_pair_rebuilding{us->eu} = 0 once the resync is sent",
+        || async { (rebuilding_gauge() == Some(0.0)).then_some(()) },
+    )
+    .await;
     sb.batch_execute("INSERT INTO products (id, name, price) VALUES (-1, 'after failover', 2)")
         .await
         .unwrap();
