@@ -189,6 +189,7 @@ pub async fn run(
     region: &str,
     backup_dsn: &str,
     opts: &Options,
+    progress: &mut crate::progress::Progress,
 ) -> Result<Vec<TableReport>, String> {
     let r = config.region(region).map_err(|e| e.to_string())?;
     if let Some(o) = &opts.origin {
@@ -265,20 +266,43 @@ pub async fn run(
             ));
         }
         let sql = TableSql::new(table, &state.primary_key, &state.columns);
-        out.push(repair_table(config, &live, &backup, table, &sql, since_stamp, opts).await?);
+        progress.set_label(&table.to_string());
+        out.push(
+            repair_table(
+                config,
+                Databases {
+                    live: &live,
+                    backup: &backup,
+                },
+                table,
+                &sql,
+                since_stamp,
+                opts,
+                progress,
+            )
+            .await?,
+        );
     }
+    progress.finish();
     Ok(out)
+}
+
+/// The region's database and the restored backup.
+struct Databases<'a> {
+    live: &'a Client,
+    backup: &'a Client,
 }
 
 async fn repair_table(
     config: &Config,
-    live: &Client,
-    backup: &Client,
+    dbs: Databases<'_>,
     table: &TableName,
     sql: &TableSql,
     since_stamp: i64,
     opts: &Options,
+    progress: &mut crate::progress::Progress,
 ) -> Result<TableReport, String> {
+    let Databases { live, backup } = dbs;
     let name = table.to_string();
     let mut report = TableReport {
         table: name.clone(),
@@ -345,7 +369,10 @@ async fn repair_table(
             report.left.push((key, by, stamp));
         }
     }
+    // the keys to compare are known now: the bar's total grows by them
+    progress.set_total(progress.done() + mine.len() as u64);
     for keys in mine.chunks(CHUNK) {
+        progress.inc(keys.len() as u64);
         let current = rows_of(live, sql, keys, &format!("reading {name}")).await?;
         let before = rows_of(backup, sql, keys, &format!("reading {name} in the backup")).await?;
         let mut writes = Vec::new();

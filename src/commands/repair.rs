@@ -35,7 +35,8 @@ pub async fn repair(
         include_others,
         dry_run,
     };
-    let reports = crate::repair::run(&config, region, backup, &opts)
+    let mut progress = crate::progress::Progress::start(&format!("repair {region}"), "rows", None);
+    let reports = crate::repair::run(&config, region, backup, &opts, &mut progress)
         .await
         .map_err(anyhow::Error::msg)?;
     print!("{}", crate::repair::render(&reports, region, dry_run));
