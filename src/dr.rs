@@ -21,6 +21,19 @@ use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+/// What `pgrelay setup` creates where DR copies are used: the vault holds
+/// the newest sealed copy of each row of each home region; nothing in it is
+/// readable without the home's key. Its consumer's offsets live in
+/// `pgrelay.offsets`, like the apply side's.
+pub const SETUP_SQL: [&str; 2] = [
+    "CREATE SCHEMA IF NOT EXISTS pgrelay_dr",
+    "CREATE TABLE IF NOT EXISTS pgrelay_dr.vault (\
+        home text NOT NULL, table_hash text NOT NULL, key_hash bytea NOT NULL, \
+        stamp bigint NOT NULL, key_id text NOT NULL, nonce bytea NOT NULL, \
+        ciphertext bytea NOT NULL, stored_at timestamptz NOT NULL DEFAULT now(), \
+        PRIMARY KEY (home, key_hash))",
+];
+
 /// Length of a DR key in bytes (AES-256).
 pub const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 12;
@@ -170,6 +183,30 @@ impl Sealed {
     }
 }
 
+/// What a sealed record holds: the live topic's record key and value of the
+/// whole row change (every column, no column rule applied), so `dr restore`
+/// applies it like the apply side applies a live record.
+pub fn plaintext(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len() + value.len());
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    out
+}
+
+/// The record key and value of an opened record (see [`plaintext`]).
+pub fn split_plaintext(plain: &[u8]) -> Result<(&[u8], &[u8]), DrError> {
+    let len = plain
+        .get(..4)
+        .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or_else(|| DrError::Format("plaintext too short".into()))?;
+    let rest = &plain[4..];
+    if rest.len() < len {
+        return Err(DrError::Format("plaintext key length past its end".into()));
+    }
+    Ok(rest.split_at(len))
+}
+
 fn aad(key_id: &str, table: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(key_id.len() + table.len() + 1);
     aad.extend_from_slice(key_id.as_bytes());
@@ -261,6 +298,17 @@ mod tests {
         let back = Sealed::decode(&wire).unwrap();
         assert_eq!(back.stamp, 42);
         assert_eq!(k.open("public.users", &back).unwrap(), plain);
+    }
+
+    #[test]
+    fn plaintext_splits_back() {
+        let p = plaintext(b"{\"k\":1}", b"{\"after\":{}}");
+        assert_eq!(
+            split_plaintext(&p).unwrap(),
+            (&b"{\"k\":1}"[..], &b"{\"after\":{}}"[..])
+        );
+        assert!(split_plaintext(&p[..6]).is_err());
+        assert!(split_plaintext(b"ab").is_err());
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub mod replay;
 mod session;
 pub mod sql;
 mod target;
+pub mod vault;
 
 pub use batch::{apply_batch, now_ms, BatchOptions, ConflictLog, Outcome};
 pub use consume::{assign, consumer, preflight, Consumed};
