@@ -41,6 +41,7 @@ pub mod horizon;
 mod pipeline;
 pub mod record;
 pub mod replay;
+pub mod restore;
 mod session;
 pub mod sql;
 mod target;
