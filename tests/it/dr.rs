@@ -27,14 +27,17 @@ CREATE TABLE products (id bigint PRIMARY KEY, name text NOT NULL);
 const DR_KEY: &str = "7d1c1f0a9b6e3d2c5a4f8e7b6a5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d";
 
 /// What every EU-only value carries, in one form or another: none of these
-/// may appear in us (as text, or hex-encoded as bytea and hex fields are).
-const MARKERS: [&str; 6] = [
-    "MKR",       // name, diagnosis, the home column's value, photo
-    "4d4b52",    // "MKR" hex-encoded
-    "1911-11-1", // born
-    "4242.4242", // score
-    "7319070",   // id
-    "4d6b72",    // "Mkr" hex-encoded (the diagnosis' mixed case)
+/// may appear in us, as text or hex-encoded (bytea and the sealed records'
+/// fields are hex). Long enough that random ciphertext never spells one.
+const MARKERS: [&str; 8] = [
+    "MKR",                        // name, diagnosis, the home column, photo
+    "4d4b522d6e616d65",           // "MKR-name" in hex
+    "4d6b722d646961676e6f736973", // "Mkr-diagnosis" in hex
+    "4d4b522d70686f746f",         // "MKR-photo" in hex
+    "4d4b522d484f4d45",           // "MKR-HOME" in hex
+    "1911-1",                     // born
+    "4242.4242",                  // score
+    "73190700",                   // id
 ];
 
 fn config(eu: &Pg, us: &Pg, eu_broker: &Broker, us_broker: &Broker) -> String {
@@ -189,7 +192,7 @@ async fn pinned_rows_are_sealed_in_the_dr_region_and_restored_from_it() {
     // that leave them out of the stream, deletes, a us row
     eu.batch_execute(
         "INSERT INTO patients \
-         SELECT 73190700 + i, 'MKR-HOME-DE', 'MKR-name-' || i, repeat('Mkr-diagnosis-' || i, 400), \
+         SELECT 731907000 + i, 'MKR-HOME-DE', 'MKR-name-' || i, repeat('Mkr-diagnosis-' || i, 400), \
                 date '1911-11-11' + i, 4242.4242 + i, convert_to('MKR-photo-' || i, 'UTF8') \
          FROM generate_series(1, 40) i;
          UPDATE patients SET score = score + 1 WHERE id % 3 = 0;
@@ -266,7 +269,7 @@ async fn pinned_rows_are_sealed_in_the_dr_region_and_restored_from_it() {
     // replication resumes: eu's new writes reach the vault, us's reach eu
     let _eu_side = Relay::spawn(&cfg, "eu", "all");
     eu.execute(
-        "INSERT INTO patients VALUES (73190799, 'MKR-HOME-DE', 'MKR-new', NULL, NULL, NULL, NULL)",
+        "INSERT INTO patients VALUES (731907099, 'MKR-HOME-DE', 'MKR-new', NULL, NULL, NULL, NULL)",
         &[],
     )
     .await
