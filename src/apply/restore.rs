@@ -17,8 +17,6 @@ use crate::dr::{self, Sealed};
 use crate::names::REPLAY_ORIGIN;
 use crate::source::catalog;
 
-const BATCH: usize = 500;
-
 /// What a restore did.
 #[derive(Debug, Default)]
 pub struct Restored {
@@ -47,76 +45,80 @@ pub async fn restore(config: &Config, region: &str, from: &str) -> Result<Restor
     let vault = catalog::connect(&config.region(from).map_err(|e| setup(&e))?.dsn, from)
         .await
         .map_err(|e| ApplyError::Unreachable(e.to_string()))?;
-    let rows = vault
-        .query(
-            "SELECT key_hash, stamp, key_id, table_hash, nonce, ciphertext FROM pgrelay_dr.vault \
-             WHERE home = $1 ORDER BY key_hash",
-            &[&region],
-        )
-        .await
-        .map_err(|e| {
-            ApplyError::Setup(format!(
-                "region {from}: reading the DR vault: {}",
-                crate::apply::db_message(&e)
-            ))
-        })?;
-    let mut report = Restored {
-        copies: rows.len() as u64,
-        ..Restored::default()
-    };
-    let topic = config.dr_topic(region, from);
-    let mut opened: Vec<Consumed> = Vec::with_capacity(rows.len());
-    for (i, row) in rows.iter().enumerate() {
-        let key_hash: Vec<u8> = row.get(0);
-        let stamp: i64 = row.get(1);
-        let sealed = Sealed {
-            key_id: row.get(2),
-            table_hash: row.get(3),
-            stamp: stamp as u64,
-            nonce: row.get(4),
-            ciphertext: row.get(5),
-        };
-        let name = dr::hex_bytes::encode(&key_hash);
-        let Some(table) = tables.get(&sealed.table_hash) else {
-            report.failed.push(format!(
-                "copy {name}: its table is none this config keeps DR copies of in {from}, \
-                 or it was sealed with another key"
-            ));
-            continue;
-        };
-        let plain = match key.open(table, &sealed) {
-            Ok(p) => p,
-            Err(e) => {
-                report.failed.push(format!("copy {name} of {table}: {e}"));
-                continue;
-            }
-        };
-        let (k, v) = match dr::split_plaintext(&plain) {
-            Ok(kv) => kv,
-            Err(e) => {
-                report.failed.push(format!("copy {name} of {table}: {e}"));
-                continue;
-            }
-        };
-        *report.tables.entry(table.clone()).or_default() += 1;
-        opened.push(Consumed {
-            topic: topic.clone(),
-            partition: 0,
-            offset: i as i64,
-            key: Some(k.to_vec()),
-            value: Some(v.to_vec()),
-        });
-    }
     let mut client = session_with_origin(config, region, REPLAY_ORIGIN).await?;
     let targets = load_targets(config, region, &client).await?;
     let dlq = DlqProducer::new(config, region)?;
-    for batch in opened.chunks(BATCH) {
+    let topic = config.dr_topic(region, from);
+    let mut report = Restored::default();
+    // one page of the vault at a time, in key order: memory stays bounded
+    let mut after: Vec<u8> = Vec::new();
+    loop {
+        let rows = vault
+            .query(
+                "SELECT key_hash, stamp, key_id, table_hash, nonce, ciphertext \
+                 FROM pgrelay_dr.vault WHERE home = $1 AND key_hash > $2 \
+                 ORDER BY key_hash LIMIT 500",
+                &[&region, &after],
+            )
+            .await
+            .map_err(|e| {
+                ApplyError::Setup(format!(
+                    "region {from}: reading the DR vault: {}",
+                    crate::apply::db_message(&e)
+                ))
+            })?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = last.get(0);
+        let mut opened: Vec<Consumed> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            report.copies += 1;
+            let key_hash: Vec<u8> = row.get(0);
+            let stamp: i64 = row.get(1);
+            let sealed = Sealed {
+                key_id: row.get(2),
+                table_hash: row.get(3),
+                stamp: stamp as u64,
+                nonce: row.get(4),
+                ciphertext: row.get(5),
+            };
+            let name = dr::hex_bytes::encode(&key_hash);
+            let Some(table) = tables.get(&sealed.table_hash) else {
+                report.failed.push(format!(
+                    "copy {name}: its table is none this config keeps DR copies of in {from}, \
+                     or it was sealed with another key"
+                ));
+                continue;
+            };
+            let opened_plain = key.open(table, &sealed).and_then(|plain| {
+                dr::split_plaintext(&plain).map(|(k, v)| (k.to_vec(), v.to_vec()))
+            });
+            let (k, v) = match opened_plain {
+                Ok(kv) => kv,
+                Err(e) => {
+                    report.failed.push(format!("copy {name} of {table}: {e}"));
+                    continue;
+                }
+            };
+            *report.tables.entry(table.clone()).or_default() += 1;
+            opened.push(Consumed {
+                topic: topic.clone(),
+                partition: 0,
+                offset: report.copies as i64 - 1,
+                key: Some(k),
+                value: Some(v),
+            });
+        }
+        if opened.is_empty() {
+            continue;
+        }
         let outcome = apply_batch(
             &mut client,
             region,
             None,
             &targets,
-            batch,
+            &opened,
             &dlq,
             BatchOptions {
                 attempt: 0,
