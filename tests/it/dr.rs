@@ -208,6 +208,18 @@ async fn pinned_rows_are_sealed_in_the_dr_region_and_restored_from_it() {
         .await
         .unwrap();
     vault_caught_up(&eu, &us, 540).await;
+    // status shows the recovery point: what the vault has not stored yet
+    eventually(
+        Duration::from_secs(30),
+        "status: the vault caught up",
+        || async {
+            let out = relay::cmd(&["status", "--config", &path]);
+            String::from_utf8_lossy(&out.stdout)
+                .contains("DR copy eu -> us (encrypted): 0 records not yet in the vault")
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         one(&us, "SELECT count(*)::text FROM patients").await,
         "1",
