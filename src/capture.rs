@@ -30,7 +30,7 @@
 //! table — before any row of that shape is routed — after confirming what
 //! Kafka acknowledged, so a restart after the fix resumes at that point.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -38,13 +38,14 @@ use tokio::sync::watch;
 
 use crate::check::{self, Severity};
 use crate::config::{Config, TableClass};
+use crate::dr::DrKey;
 use crate::event::{Change, Lsn, TableName};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, encode_status_update, Frame};
 use crate::publish::acks::AckTracker;
 use crate::publish::envelope::{self, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
 use crate::publish::producer::{Delivery, Outlets, SendError};
-use crate::publish::sink::Outgoing;
+use crate::publish::sink::{self, Outgoing};
 use crate::residency::{DropReason, Policy, Verdict};
 use crate::source::assemble::{Assembler, Output};
 use crate::source::catalog::{self, Catalog};
@@ -111,8 +112,13 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError
         return Err(CaptureError::Setup(blocking.join("\n")));
     }
     let home_cluster = &config.kafka_for(region).brokers;
-    for dest in config.regions.keys().filter(|r| *r != region) {
-        let topic = config.topic(region, dest);
+    let live = config
+        .regions
+        .keys()
+        .filter(|r| *r != region)
+        .map(|d| (d.clone(), config.topic(region, d)));
+    for (dest, topic) in live.chain(config.dr_topics(region)) {
+        let dest = &dest;
         let cluster = config.kafka_for(dest);
         match crate::kafka::check_topics(cluster, &[topic], Duration::from_secs(10)).await {
             Ok(()) => {}
@@ -185,9 +191,44 @@ pub async fn run(
         .map(|d| config.topic(&region, d))
         .collect();
 
+    // DR copies: sealed to their own topics, after the live destinations
+    let dr_topics = config.dr_topics(&region);
+    let dr_key = match dr_topics.is_empty() {
+        true => None,
+        false => Some(
+            config
+                .dr_key(&region)
+                .map_err(|e| CaptureError::Setup(e.to_string()))?,
+        ),
+    };
+    let dr_outlets: HashMap<TableName, Vec<usize>> = config
+        .tables
+        .iter()
+        .map(|t| {
+            let outlets = t
+                .dr_regions(&region)
+                .filter_map(|d| dr_topics.iter().position(|(r, _)| r == d))
+                .map(|i| destinations.len() + i)
+                .collect::<Vec<_>>();
+            (t.name.clone(), outlets)
+        })
+        .filter(|(_, outlets)| !outlets.is_empty())
+        .collect();
+    let outlet_regions: Vec<String> = destinations
+        .iter()
+        .cloned()
+        .chain(dr_topics.iter().map(|(d, _)| d.clone()))
+        .collect();
+    let outlet_topics: Vec<String> = topics
+        .iter()
+        .cloned()
+        .chain(dr_topics.iter().map(|(_, t)| t.clone()))
+        .collect();
+
     let max_in_flight = config.capture.max_in_flight.max(1);
-    let outlets = tokio::task::block_in_place(|| Outlets::open(&config, &destinations, &topics))
-        .map_err(CaptureError::Transient)?;
+    let outlets =
+        tokio::task::block_in_place(|| Outlets::open(&config, &outlet_regions, &outlet_topics))
+            .map_err(CaptureError::Transient)?;
 
     let declared: HashSet<_> = config
         .tables
@@ -274,6 +315,8 @@ pub async fn run(
                 (!c.is_empty()).then(|| (t.name.clone(), c))
             })
             .collect(),
+        dr_key: dr_key.as_ref(),
+        dr_outlets: &dr_outlets,
     };
     let result = ctx.stream(&mut reader, &mut writer, &mut shutdown).await;
 
@@ -424,6 +467,10 @@ struct Loop<'a> {
     progress_rounds: u8,
     /// The `counter` merge columns of each table that has some.
     counters: std::collections::HashMap<TableName, Vec<String>>,
+    /// This region's DR key, when some table keeps DR copies.
+    dr_key: Option<&'a DrKey>,
+    /// Per table with DR copies: the outlets of its DR topics.
+    dr_outlets: &'a HashMap<TableName, Vec<usize>>,
 }
 
 /// Status ticks after the last published change (and after a start) that
@@ -776,6 +823,33 @@ impl Loop<'_> {
             self.published[i] += 1;
             self.progress_rounds = PROGRESS_ROUNDS;
             self.published_bytes[i] += out.wire_size();
+        }
+        self.publish_dr(change, &hlc).await
+    }
+
+    /// Seals `change` for the DR regions of its table, if any.
+    async fn publish_dr(&mut self, change: &Change, hlc: &str) -> Result<(), CaptureError> {
+        let (Some(key), Some(outlets)) = (self.dr_key, self.dr_outlets.get(&change.schema.table))
+        else {
+            return Ok(());
+        };
+        let Some(record) = sink::seal_for_dr(key, self.source, change)
+            .map_err(|e| CaptureError::Transient(e.to_string()))?
+        else {
+            return Ok(());
+        };
+        for &dest in outlets {
+            let seq = self.tracker.issue();
+            loop {
+                match sink::queue_dr(self.outlets, dest, &record, self.region, hlc, seq) {
+                    Ok(()) => break,
+                    Err(SendError::QueueFull) => {
+                        tokio::time::sleep(ACK_POLL).await;
+                        self.poll_deliveries()?;
+                    }
+                    Err(SendError::Other(e)) => return Err(CaptureError::Transient(e)),
+                }
+            }
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ pub mod check;
 pub mod commands;
 pub mod config;
 pub mod conflicts;
+pub mod dr;
 pub mod event;
 pub mod failover;
 pub mod fence;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use pgrelay::commands::{breaker, check, conflicts, dlq, fence, repair, resync, setup, status};
+use pgrelay::commands::{breaker, check, conflicts, dlq, dr, fence, repair, resync, setup, status};
 use pgrelay::sidecar::{self, Role};
 
 /// mimalloc: the capture and apply paths allocate and free small buffers
@@ -143,6 +143,11 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Encrypted disaster-recovery copies.
+    Dr {
+        #[command(subcommand)]
+        action: DrAction,
+    },
     /// Apply or park what the blast-radius breaker holds.
     Breaker {
         #[command(subcommand)]
@@ -171,6 +176,23 @@ enum ConflictsAction {
         since: Option<String>,
         #[arg(long)]
         limit: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DrAction {
+    /// Rebuild a region's rows from the sealed copies another region keeps
+    /// (after `setup` on the rebuilt, empty database; needs the region's
+    /// dr_key). Idempotent: run it again to resume.
+    Restore {
+        #[arg(long)]
+        config: PathBuf,
+        /// The region to restore (whose key opens the copies).
+        #[arg(long)]
+        region: String,
+        /// The region holding the copies.
+        #[arg(long)]
+        from: String,
     },
 }
 
@@ -325,6 +347,14 @@ fn main() -> ExitCode {
                 };
                 conflicts::list(&config, &region, &filter).await
             }
+            Command::Dr {
+                action:
+                    DrAction::Restore {
+                        config,
+                        region,
+                        from,
+                    },
+            } => dr::restore(&config, &region, &from).await,
             Command::Breaker { action } => match action {
                 BreakerAction::Release {
                     config,

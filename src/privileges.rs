@@ -140,6 +140,16 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         object: Object::Sequence(pgrelay("hlc_logical")),
         privileges: &["USAGE", "SELECT", "UPDATE"],
     });
+    if config.tables.iter().any(|t| !t.dr.is_empty()) {
+        out.push(Need {
+            object: Object::Schema("pgrelay_dr".into()),
+            privileges: &["USAGE"],
+        });
+        out.push(Need {
+            object: Object::Table(TableName::new("pgrelay_dr", "vault")),
+            privileges: DML,
+        });
+    }
     let replicated: Vec<&TableName> = config
         .tables
         .iter()

@@ -306,6 +306,9 @@ $fn$"
             }
         }
     }
+    if config.tables.iter().any(|t| !t.dr.is_empty()) {
+        sql.extend(crate::dr::SETUP_SQL.iter().map(|s| s.to_string()));
+    }
     published.push("pgrelay.tombstones".to_string());
     let publication = quote_ident(config.publication_name());
     let list = published.join(", ");

@@ -615,3 +615,73 @@ pub fn render(rows: &[PairStatus]) -> String {
     }
     out
 }
+
+/// One DR pair: how many sealed copies of `home`'s changes the vault in
+/// `dr` has not stored yet (the recovery point, in records), `None` when
+/// it cannot be read.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DrStatus {
+    pub home: String,
+    pub dr: String,
+    pub behind_records: Option<i64>,
+    pub problem: Option<String>,
+}
+
+/// The DR pairs of `config` and their vaults' backlog.
+pub async fn collect_dr(config: &Config) -> Vec<DrStatus> {
+    let mut out = Vec::new();
+    for home in config.regions.keys() {
+        for (dr, topic) in config.dr_topics(home) {
+            let end = crate::kafka::topic_end(
+                config.kafka_for(&dr),
+                &topic,
+                std::time::Duration::from_secs(5),
+            )
+            .await;
+            let stored = async {
+                let client = catalog::connect(&config.region(&dr).ok()?.dsn, &dr)
+                    .await
+                    .ok()?;
+                client
+                    .query_one(
+                        "SELECT coalesce(sum(next_offset), 0)::bigint FROM pgrelay.offsets \
+                         WHERE topic = $1",
+                        &[&topic],
+                    )
+                    .await
+                    .ok()
+                    .map(|r| r.get::<_, i64>(0))
+            }
+            .await;
+            let (behind_records, problem) = match (end, stored) {
+                (Ok(end), Some(stored)) => (Some((end - stored).max(0)), None),
+                (Err(e), _) => (None, Some(format!("kafka: {e}"))),
+                (_, None) => (None, Some(format!("region {dr}'s database unreachable"))),
+            };
+            out.push(DrStatus {
+                home: home.clone(),
+                dr,
+                behind_records,
+                problem,
+            });
+        }
+    }
+    out
+}
+
+/// The DR lines of `status`'s text output.
+pub fn render_dr(rows: &[DrStatus]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        let state = match (&r.behind_records, &r.problem) {
+            (Some(n), _) => format!("{n} records not yet in the vault (recovery point)"),
+            (None, Some(p)) => format!("unknown: {p}"),
+            (None, None) => "unknown".to_string(),
+        };
+        out.push_str(&format!(
+            "DR copy {} -> {} (encrypted): {state}\n",
+            r.home, r.dr
+        ));
+    }
+    out
+}

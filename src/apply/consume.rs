@@ -121,6 +121,12 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
         .map(|s| config.topic(s, region))
         .collect();
     topics.push(config.dlq_topic(region));
+    topics.extend(
+        config
+            .dr_homes(region)
+            .iter()
+            .map(|h| config.dr_topic(h, region)),
+    );
     crate::kafka::check_topics(cluster, &topics, Duration::from_secs(10))
         .await
         .map_err(|e| {

@@ -41,9 +41,11 @@ pub mod horizon;
 mod pipeline;
 pub mod record;
 pub mod replay;
+pub mod restore;
 mod session;
 pub mod sql;
 mod target;
+pub mod vault;
 
 pub use batch::{apply_batch, now_ms, BatchOptions, ConflictLog, Outcome};
 pub use consume::{assign, consumer, preflight, Consumed};

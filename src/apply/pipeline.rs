@@ -64,6 +64,15 @@ pub async fn run(
             tasks.spawn(async move { pipeline.supervise(shutdown).await });
         }
     }
+    for home in config.dr_homes(&region) {
+        tasks.spawn(super::vault::supervise(
+            config.clone(),
+            region.clone(),
+            home,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
         let r = joined.unwrap_or_else(|e| Err(ApplyError::Transient(format!("apply task: {e}"))));

@@ -13,6 +13,7 @@ pub mod breaker;
 pub mod check;
 pub mod conflicts;
 pub mod dlq;
+pub mod dr;
 pub mod fence;
 pub mod repair;
 pub mod resync;

@@ -115,8 +115,13 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
         );
     }
     let timeout = Duration::from_secs(30);
-    for dest in config.regions.keys().filter(|d| *d != region) {
-        let topic = config.topic(region, dest);
+    let live = config
+        .regions
+        .keys()
+        .filter(|d| *d != region)
+        .map(|d| (d.clone(), config.topic(region, d)));
+    for (dest, topic) in live.chain(config.dr_topics(region)) {
+        let dest = &dest;
         let created = kafka::create_topics(
             config.kafka_for(dest),
             std::slice::from_ref(&topic),

@@ -26,6 +26,9 @@ pub async fn status(path: &Path, json: bool, watch: Option<u64>) -> Result<ExitC
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", crate::status::render(&rows));
+        // DR pairs: the text output only (the JSON stays one row per pair)
+        let dr = crate::status::collect_dr(&config).await;
+        print!("{}", crate::status::render_dr(&dr));
     }
     if rows.iter().any(|r| r.state == "failed") {
         return Ok(ExitCode::from(2));

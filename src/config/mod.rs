@@ -234,6 +234,12 @@ impl Config {
                 .iter()
                 .map(|k| (format!("regions.{r}.hash_key"), k.as_str()))
                 .collect(),
+            Need::DrKey(r) => self
+                .region(r)?
+                .dr_key
+                .iter()
+                .map(|k| (format!("regions.{r}.dr_key"), k.as_str()))
+                .collect(),
             Need::Kafka(r) => {
                 let cluster = &self.region(r)?.kafka;
                 let key = format!("the Kafka cluster of region {r}");
@@ -262,6 +268,9 @@ impl Config {
         let mut needs = vec![Need::Database(region)];
         if capture {
             needs.push(Need::HashKey(region));
+            if self.sends_dr(region) {
+                needs.push(Need::DrKey(region));
+            }
             needs.extend(
                 self.regions
                     .keys()
@@ -284,6 +293,69 @@ impl Config {
         self.require(&[Need::HashKey(region)])?;
         Ok(self.region(region)?.hash_key.as_deref())
     }
+    /// Whether `region` seals DR copies of some table.
+    pub fn sends_dr(&self, region: &str) -> bool {
+        self.tables
+            .iter()
+            .any(|t| t.dr_regions(region).next().is_some())
+    }
+
+    /// The DR topics `source` publishes to, with their destinations.
+    pub fn dr_topics(&self, source: &str) -> Vec<(String, String)> {
+        let mut regions: Vec<&String> = self
+            .tables
+            .iter()
+            .flat_map(|t| t.dr_regions(source))
+            .collect();
+        regions.sort();
+        regions.dedup();
+        regions
+            .into_iter()
+            .map(|d| (d.clone(), self.dr_topic(source, d)))
+            .collect()
+    }
+
+    /// The topic of `home`'s DR copies held by `dr`.
+    pub fn dr_topic(&self, home: &str, dr: &str) -> String {
+        format!("{}.dr.{}.{}", self.prefix, home, dr)
+    }
+
+    /// The homes whose DR copies `region` holds.
+    pub fn dr_homes(&self, region: &str) -> Vec<String> {
+        self.regions
+            .keys()
+            .filter(|home| {
+                *home != region
+                    && self
+                        .tables
+                        .iter()
+                        .any(|t| t.dr_regions(home).any(|d| d == region))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// `region`'s DR key; an error names the unset variable, or says the
+    /// key is missing.
+    pub fn dr_key(&self, region: &str) -> Result<crate::dr::DrKey, ConfigError> {
+        self.require(&[Need::DrKey(region)])?;
+        let r = self.region(region)?;
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: self.origin.clone(),
+            line: None,
+            message,
+        };
+        let text = r.dr_key.as_deref().ok_or_else(|| {
+            invalid(format!(
+                "regions.{region}.dr_key is not set: DR copies are sealed with it \
+                 (32 random bytes, e.g. dr_key = \"${{PGRELAY_{}_DR_KEY}}\" holding \
+                 `openssl rand -hex 32`)",
+                region.to_ascii_uppercase()
+            ))
+        })?;
+        crate::dr::DrKey::parse(&r.dr_key_id, text)
+            .map_err(|e| invalid(format!("regions.{region}.dr_key: {e}")))
+    }
 }
 
 /// A value a command needs (see [`Config::require`]).
@@ -295,6 +367,8 @@ pub enum Need<'a> {
     SetupDatabase(&'a str),
     /// `regions.X.hash_key`.
     HashKey(&'a str),
+    /// `regions.X.dr_key`.
+    DrKey(&'a str),
     /// The Kafka cluster holding the topics destined to region X.
     Kafka(&'a str),
     /// `http.token`.

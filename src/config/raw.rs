@@ -101,6 +101,8 @@ pub(super) struct RawRegion {
     pub(super) run_role: Option<String>,
     pub(super) hash_key: Option<String>,
     pub(super) hash_key_id: Option<String>,
+    pub(super) dr_key: Option<String>,
+    pub(super) dr_key_id: Option<String>,
     pub(super) kafka: Option<RawKafka>,
 }
 
@@ -120,6 +122,7 @@ impl RawConfig {
             out.push(&region.dsn);
             out.extend(region.setup_dsn.as_deref());
             out.extend(region.hash_key.as_deref());
+            out.extend(region.dr_key.as_deref());
             if let Some(kafka) = &region.kafka {
                 out.extend(kafka.values());
             }
@@ -143,6 +146,7 @@ pub(super) struct RawTable {
     pub(super) allow: Option<BTreeMap<String, Vec<String>>>,
     #[serde(default)]
     pub(super) columns: Vec<RawColumnRule>,
+    pub(super) dr: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -26,6 +26,11 @@ pub struct Region {
     pub hash_key: Option<String>,
     /// Names the key in every hashed value (`{id}:{hex}`), so keys can rotate.
     pub hash_key_id: String,
+    /// Key sealing this region's DR copies (AES-256-GCM, 32 bytes as hex or
+    /// base64); only this region's sidecar and `dr restore` need it.
+    pub dr_key: Option<String>,
+    /// Names the DR key in every sealed record, so keys can rotate.
+    pub dr_key_id: String,
     /// The cluster holding the topics destined to this region (the region's
     /// own `kafka` table, else the default `[kafka]`).
     pub kafka: KafkaCluster,
@@ -84,6 +89,8 @@ impl fmt::Debug for Region {
             .field("run_role", &self.run_role)
             .field("hash_key", &self.hash_key.as_ref().map(|_| "***"))
             .field("hash_key_id", &self.hash_key_id)
+            .field("dr_key", &self.dr_key.as_ref().map(|_| "***"))
+            .field("dr_key_id", &self.dr_key_id)
             .field("kafka", &self.kafka)
             .finish()
     }

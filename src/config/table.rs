@@ -15,6 +15,9 @@ pub struct TableConfig {
     /// Columns merged on arrival instead of last-writer-wins (`global`
     /// tables only; never a key column, never under a column rule).
     pub merge: Vec<MergeColumn>,
+    /// Regions holding encrypted DR copies of the rows each other region
+    /// captures (`crate::dr`); empty: none.
+    pub dr: BTreeSet<String>,
 }
 
 /// A column the destination merges instead of overwriting.
@@ -38,6 +41,19 @@ impl MergeKind {
             MergeKind::Counter => "counter",
             MergeKind::Union => "union",
         }
+    }
+}
+
+impl TableConfig {
+    /// DR regions of the changes `source` captures: none when `source`
+    /// does not send the table (another region owns it), never itself.
+    pub fn dr_regions<'a>(&'a self, source: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        let sends = match &self.class {
+            TableClass::Owned { owner } => owner == source,
+            TableClass::Partitioned { .. } => true,
+            TableClass::Local | TableClass::Global => false,
+        };
+        self.dr.iter().filter(move |d| sends && *d != source)
     }
 }
 

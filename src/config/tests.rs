@@ -61,7 +61,10 @@ fn assert_err(text: &str, parts: &[&str]) {
 fn example_file_parses() {
     let text = include_str!("../../relay.toml.example");
     let config = parse_with_env(text, "relay.toml.example", |name| {
-        Some(format!("value-of-{name}-0123456789abcdef"))
+        Some(match name.ends_with("_DR_KEY") {
+            true => DR_KEY.to_string(),
+            false => format!("value-of-{name}-0123456789abcdef"),
+        })
     })
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -937,4 +940,63 @@ fn merge_columns_are_declared_per_column_on_global_tables() {
     let bad_kind = "[[tables]]\nname = \"t\"\nclass = \"global\"\n\
                     [[tables.columns]]\nname = \"n\"\nmerge = \"max\"\n";
     assert_err(&with_tables(bad_kind), &["max"]);
+}
+
+const DR_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+#[test]
+fn dr_regions_are_declared_and_not_the_home() {
+    let table = |extra: &str| {
+        with_tables(&format!(
+            "[[tables]]\nname = \"public.users\"\nclass = \"owned\"\nowner = \"eu\"\n{extra}\n"
+        ))
+    };
+    let c = ok(&table("dr = [\"us\"]"));
+    assert_eq!(c.tables[0].dr.iter().collect::<Vec<_>>(), ["us"]);
+    assert_eq!(
+        c.dr_topics("eu"),
+        [("us".to_string(), "pgrelay.dr.eu.us".to_string())]
+    );
+    assert_eq!(c.dr_homes("us"), ["eu"]);
+    assert!(c.dr_homes("cn").is_empty());
+    assert_err(
+        &table("dr = [\"mars\"]"),
+        &["dr entry \"mars\"", "undeclared region"],
+    );
+    assert_err(&table("dr = [\"eu\"]"), &["is the owner"]);
+    assert_err(&table("dr = [\"us\", \"us\"]"), &["names us twice"]);
+    assert_err(
+        &with_tables("[[tables]]\nname = \"public.t\"\nclass = \"local\"\ndr = [\"us\"]\n"),
+        &["local table is not captured"],
+    );
+    // a partitioned table: each region's own rows go to the other DR regions
+    let c = ok(&with_tables(
+        "[[tables]]\nname = \"public.t\"\nclass = \"partitioned\"\nhome_column = \"r\"\ndr = [\"us\"]\n",
+    ));
+    assert!(c.sends_dr("eu") && c.sends_dr("cn") && !c.sends_dr("us"));
+}
+
+#[test]
+fn dr_key_is_32_bytes_and_only_its_region_needs_it() {
+    let tables =
+        "[[tables]]\nname = \"public.users\"\nclass = \"owned\"\nowner = \"eu\"\ndr = [\"us\"]\n";
+    let with_key = |key: &str| {
+        with_tables(tables).replace(
+            "hash_key = \"eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu\"",
+            &format!("hash_key = \"eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu\"\ndr_key = \"{key}\"\ndr_key_id = \"k7\""),
+        )
+    };
+    let c = ok(&with_key(DR_KEY));
+    assert_eq!(c.dr_key("eu").unwrap().id(), "k7");
+    assert_err(&with_key("abcd"), &["regions.eu.dr_key", "32 bytes"]);
+    // unset: the other regions' sidecars start, eu's capture names the variable
+    let c = ok(&with_key("${EU_DR_KEY}"));
+    assert!(c.require(&c.run_needs("us", true, true)).is_ok());
+    assert!(c.require(&c.run_needs("eu", false, true)).is_ok());
+    let e = c.require(&c.run_needs("eu", true, true)).unwrap_err();
+    assert!(e.to_string().contains("EU_DR_KEY"), "{e}");
+    // not declared at all: a clear error when it is needed
+    let c = ok(&with_tables(tables));
+    let e = c.dr_key("eu").unwrap_err().to_string();
+    assert!(e.contains("regions.eu.dr_key is not set"), "{e}");
 }

@@ -541,6 +541,31 @@ impl Validator<'_> {
                     ));
                 }
             }
+            if let Some(key) = &region.dr_key {
+                if !self.is_unresolved(key) {
+                    if let Err(e) = crate::dr::DrKey::parse("k", key) {
+                        return Err(self.invalid(
+                            None,
+                            format!("regions.{name}.dr_key: {e} (e.g. `openssl rand -hex 32`)"),
+                        ));
+                    }
+                }
+            }
+            let dr_key_id = region.dr_key_id.unwrap_or_else(|| "k1".to_string());
+            if dr_key_id.is_empty()
+                || dr_key_id.len() > 16
+                || !dr_key_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(self.invalid(
+                    None,
+                    format!(
+                        "regions.{name}.dr_key_id = {dr_key_id:?}: use 1 to 16 letters, \
+                         digits, '_' or '-' (every DR record names its key with it)"
+                    ),
+                ));
+            }
             let hash_key_id = region.hash_key_id.unwrap_or_else(|| "k1".to_string());
             let valid_id = !hash_key_id.is_empty()
                 && hash_key_id.len() <= 16
@@ -566,6 +591,8 @@ impl Validator<'_> {
                     run_role: region.run_role,
                     hash_key: region.hash_key,
                     hash_key_id,
+                    dr_key: region.dr_key,
+                    dr_key_id,
                     kafka,
                 },
             );
@@ -805,11 +832,41 @@ impl Validator<'_> {
                 m.column
             )));
         }
+        let mut dr = BTreeSet::new();
+        for region in raw.dr.unwrap_or_default() {
+            check_region(format!("dr entry {region:?}"), &region)?;
+            match &class {
+                TableClass::Local => {
+                    return Err(err(
+                        "dr: a local table is not captured; declare it owned (owner = its home) \
+                         or partitioned to keep DR copies"
+                            .to_string(),
+                    ))
+                }
+                TableClass::Global => {
+                    return Err(err(
+                        "dr: a global table is already copied to every region in clear; \
+                         DR copies are for owned and partitioned tables"
+                            .to_string(),
+                    ))
+                }
+                TableClass::Owned { owner } if *owner == region => {
+                    return Err(err(format!(
+                        "dr entry {region:?} is the owner, the table's home: name another region"
+                    )))
+                }
+                _ => {}
+            }
+            if !dr.insert(region.clone()) {
+                return Err(err(format!("dr names {region} twice")));
+            }
+        }
         Ok(TableConfig {
             name,
             class,
             columns,
             merge,
+            dr,
         })
     }
 }

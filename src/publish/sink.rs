@@ -4,7 +4,10 @@
 //! wait when the producer's queue is full (capture polls its acknowledgement
 //! tracker, resync its own counters).
 
-use crate::event::Change;
+use std::borrow::Cow;
+
+use crate::dr::{self, DrError, DrKey};
+use crate::event::{Change, Op};
 use crate::residency::Routed;
 
 use super::envelope::{self, Record, Source, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
@@ -76,5 +79,71 @@ impl<'a> Outgoing<'a> {
             (HEADER_TABLE, self.record.table.as_str()),
             (HEADER_OP, self.op),
         ]
+    }
+}
+
+/// Header `pgrelay.op` of a sealed DR record.
+pub const DR_OP: &str = "dr";
+
+/// Seals `change` whole (every column, no column rule) for a DR region:
+/// the record key is the keyed hash of table and primary key, the value a
+/// [`dr::Sealed`], the table a keyed hash of its name. `None` for a
+/// truncate (no row to keep).
+pub fn seal_for_dr(
+    key: &DrKey,
+    source: &Source,
+    change: &Change,
+) -> Result<Option<Record>, DrError> {
+    if change.op == Op::Truncate {
+        return Ok(None);
+    }
+    let columns: std::sync::Arc<[String]> = change
+        .schema
+        .columns
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let whole = Routed {
+        op: change.op,
+        columns,
+        before: change.before.as_deref().map(Cow::Borrowed),
+        after: change.after.as_deref().map(Cow::Borrowed),
+    };
+    let live = envelope::encode(source, change, &whole);
+    let sealed = key.seal(
+        &live.table,
+        change.hlc,
+        &dr::plaintext(&live.key, &live.value),
+    )?;
+    let row = key.row_hash(&live.table, &live.key);
+    Ok(Some(Record {
+        key: row.to_vec(),
+        value: sealed.encode(),
+        key_hash: u32::from_be_bytes([row[0], row[1], row[2], row[3]]),
+        table: sealed.table_hash,
+    }))
+}
+
+/// Queues a sealed DR record (see [`seal_for_dr`]) to destination `dest`.
+pub fn queue_dr(
+    outlets: &Outlets,
+    dest: usize,
+    record: &Record,
+    origin: &str,
+    hlc: &str,
+    seq: u64,
+) -> Result<(), SendError> {
+    let headers = [
+        (HEADER_ORIGIN, origin),
+        (HEADER_HLC, hlc),
+        (HEADER_TABLE, record.table.as_str()),
+        (HEADER_OP, DR_OP),
+    ];
+    match outlets.send(dest, record, headers, seq) {
+        Err(SendError::Other(e)) => Err(SendError::Other(format!(
+            "cannot queue a DR record for {}: {e}",
+            outlets.topics[dest]
+        ))),
+        other => other,
     }
 }

@@ -73,11 +73,21 @@ pub fn matrix(config: &Config) -> String {
                     continue;
                 }
                 let which_rows = rows_going(&table.class, source, dest, &regions);
-                let columns = if which_rows == "none" {
+                let mut columns = if which_rows == "none" {
                     "-".to_string()
                 } else {
                     columns_going(table, dest)
                 };
+                if table.dr_regions(source).any(|d| d == dest.as_str()) {
+                    let dr = format!(
+                        "DR copy, encrypted: every row {source} captures, every column, sealed \
+                         with {source}'s dr_key ({dest} holds no key, reads nothing)"
+                    );
+                    columns = match columns.as_str() {
+                        "-" => dr,
+                        _ => format!("{columns}; and a {dr}"),
+                    };
+                }
                 rows.push([source.to_string(), dest.to_string(), which_rows, columns]);
             }
         }

@@ -735,3 +735,27 @@ fn matrix_names_merge_columns() {
     );
     assert!(!matrix(&config()).contains("merged"));
 }
+
+#[test]
+fn matrix_shows_dr_copies_as_such() {
+    let text = format!(
+        "{CONFIG}\n[[tables]]\nname = \"public.patients\"\nclass = \"owned\"\nowner = \"eu\"\n\
+         dr = [\"us\"]\n"
+    );
+    let c = parse_with_env(&text, "relay.toml", |_| None).unwrap_or_else(|e| panic!("{e}"));
+    let m = matrix(&c);
+    let dr = "DR copy, encrypted: every row eu captures, every column, sealed with eu's dr_key \
+              (us holds no key, reads nothing)";
+    let line = m
+        .lines()
+        .find(|l| l.contains("public.patients"))
+        .map(|_| ())
+        .and_then(|_| {
+            m.lines()
+                .skip_while(|l| !l.contains("public.patients"))
+                .find(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == ["eu", "us"])
+        })
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(line.contains(&format!("; and a {dr}")), "{line}");
+    assert_eq!(m.matches("DR copy").count(), 1, "{m}");
+}

@@ -8,6 +8,7 @@ mod capture;
 mod checker;
 mod convergence;
 mod dashboard;
+mod dr;
 mod errors;
 mod failover;
 mod faults;

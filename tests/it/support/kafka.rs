@@ -264,3 +264,51 @@ fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> BTreeMap<String, Str
     }
     headers
 }
+
+/// Every record of `topic` as raw bytes: key, value and each header's name
+/// and value in one buffer (for scanning what a topic holds), read from the
+/// beginning until no record arrives for `idle`.
+pub fn read_raw(brokers: &str, topic: &str, idle: Duration) -> Vec<Vec<u8>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "pgrelay-test-raw-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < idle {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                let mut bytes = m.key().unwrap_or_default().to_vec();
+                bytes.push(b'\n');
+                bytes.extend_from_slice(m.payload().unwrap_or_default());
+                if let Some(h) = m.headers() {
+                    for hd in h.iter() {
+                        bytes.push(b'\n');
+                        bytes.extend_from_slice(hd.key.as_bytes());
+                        bytes.push(b'=');
+                        bytes.extend_from_slice(hd.value.unwrap_or_default());
+                    }
+                }
+                out.push(bytes);
+            }
+            Some(Err(e)) => panic!("kafka read error on {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
