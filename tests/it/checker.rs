@@ -57,6 +57,9 @@ CREATE TABLE m (id int PRIMARY KEY, c bigint NOT NULL DEFAULT 0, items text[] NO
 /// The tables the check compares.
 const TABLES: [&str; 5] = ["g", "o", "p", "b", "m"];
 
+/// us's DR key (32 bytes, hex): the key that seals `o`'s copies in eu's vault.
+const DR_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
 /// Which regions may hold a `p` row homed in `home`.
 pub fn allowed(home: &str, region: &str) -> bool {
     home == region || (home == "us" && region == "eu")
@@ -66,7 +69,14 @@ fn config(
     pg: &BTreeMap<&'static str, Pg>,
     brokers: &BTreeMap<&'static str, (Broker, Proxy)>,
 ) -> String {
-    let regions = crate::sidecar::region_blocks(pg, brokers, |_| String::new());
+    // us seals encrypted DR copies of `o` for eu's vault: only us holds the key
+    let regions = crate::sidecar::region_blocks(pg, brokers, |r| {
+        if r == "us" {
+            format!("dr_key = \"{DR_KEY}\"\n")
+        } else {
+            String::new()
+        }
+    });
     format!(
         r#"
 [relay]
@@ -88,6 +98,7 @@ class = "global"
 name = "public.o"
 class = "owned"
 owner = "us"
+dr = ["eu"]
 
 [[tables]]
 name = "public.m"
@@ -1204,6 +1215,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     let conflicts = conflict_log_matches(&history, &clients, seed).await;
     eprintln!("seed {seed}: {conflicts} conflict log entries, each a write of the history");
     let records = residency_of_every_record(&w, seed);
+    dr_vault_holds_the_newest_copies(&w, &history, &clients, seed).await;
     eprintln!("seed {seed}: breaker trips resolved: {resolved:?}");
     eprintln!(
         "seed {seed}: {} transaction(s) refused by a fence and retried after it",
@@ -1396,6 +1408,86 @@ fn describe_diff(
 
 /// Reads every record of every topic; a `p` row (before or after image)
 /// may only travel to a region its home allows. Returns the records read.
+/// eu's vault holds one sealed copy per key of `o` that us ever wrote, at
+/// that key's newest stamp (a delete's copy carries the tombstone's stamp),
+/// and every copy on the DR topic is sealed: nothing but the key id, nonce,
+/// stamp and ciphertext in clear, none of `o`'s values.
+async fn dr_vault_holds_the_newest_copies(
+    w: &World,
+    history: &History,
+    clients: &BTreeMap<&'static str, tokio_postgres::Client>,
+    seed: u64,
+) {
+    let mut newest: BTreeMap<i32, i64> = BTreeMap::new();
+    for wr in history.writes.iter().filter(|wr| wr.table == "o") {
+        let e = newest.entry(wr.key).or_insert(wr.version.stamp);
+        *e = (*e).max(wr.version.stamp);
+    }
+    let want: Vec<i64> = {
+        let mut v: Vec<i64> = newest.values().copied().collect();
+        v.sort();
+        v
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let got = loop {
+        let got: Vec<i64> = clients["eu"]
+            .query(
+                "SELECT stamp FROM pgrelay_dr.vault WHERE home = 'us' ORDER BY stamp",
+                &[],
+            )
+            .await
+            .expect("reading eu's vault")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if got == want || std::time::Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        got, want,
+        "seed {seed}: eu's vault stamps for us's `o` (left) differ from the newest stamp of each key \
+         us wrote (right)"
+    );
+    let sealed = crate::support::kafka::read_raw(
+        &w.brokers["eu"].0.brokers(),
+        "pgrelay.dr.us.eu",
+        Duration::from_secs(2),
+    );
+    assert!(
+        sealed.len() >= newest.len(),
+        "seed {seed}: {} sealed copies on pgrelay.dr.us.eu for {} keys",
+        sealed.len(),
+        newest.len()
+    );
+    for (i, raw) in sealed.iter().enumerate() {
+        // `read_raw` gives key, value and headers in one buffer: the value
+        // is the one JSON object in it
+        let start = raw
+            .windows(2)
+            .position(|w| w == b"{\"")
+            .unwrap_or_else(|| panic!("seed {seed}: DR record {i} has no JSON value"));
+        let v: serde_json::Value = serde_json::Deserializer::from_slice(&raw[start..])
+            .into_iter()
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("seed {seed}: DR record {i}'s value is not JSON"));
+        let fields: Vec<&String> = v.as_object().expect("a JSON object").keys().collect();
+        for f in &fields {
+            assert!(
+                ["ciphertext", "key_id", "nonce", "stamp", "table_hash"].contains(&f.as_str()),
+                "seed {seed}: DR record {i} carries {f} in clear: {fields:?}"
+            );
+        }
+    }
+    eprintln!(
+        "seed {seed}: eu's vault holds the newest sealed copy of {} `o` keys ({} records on the DR topic)",
+        want.len(),
+        sealed.len()
+    );
+}
+
 fn residency_of_every_record(w: &World, seed: u64) -> usize {
     let mut total = 0;
     for src in REGIONS {
