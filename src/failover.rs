@@ -251,11 +251,7 @@ pub async fn record_resync(
 pub async fn unrecovered(
     client: &Client,
 ) -> Result<Option<(String, Vec<String>)>, tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass('pgrelay.events') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    if !exists {
+    if !crate::source::catalog::table_exists(client, "pgrelay.events").await? {
         return Ok(None);
     }
     let row = client
@@ -305,11 +301,7 @@ pub fn rebuilding(
 
 /// The region's last recorded failover, as one line for `status`.
 pub async fn last_event(client: &Client) -> Result<Option<String>, tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass('pgrelay.events') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    if !exists {
+    if !crate::source::catalog::table_exists(client, "pgrelay.events").await? {
         return Ok(None);
     }
     let row = client

@@ -138,11 +138,7 @@ async fn ensure_guarded(config: &Config, region: &str, client: &Client) -> Resul
 pub async fn current(
     client: &Client,
 ) -> Result<Option<(String, Option<String>)>, tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass('pgrelay.fence') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    if !exists {
+    if !crate::source::catalog::table_exists(client, "pgrelay.fence").await? {
         return Ok(None);
     }
     let row = client

@@ -50,6 +50,15 @@ impl CatalogError {
 /// Connects with tokio-postgres, TLS as the DSN's `sslmode` asks (libpq's
 /// semantics, see [`crate::source::dsn::SslMode`]), and drives the
 /// connection in a task.
+/// Whether `table` (a qualified name, e.g. `pgrelay.events`) exists: tables
+/// a later `setup` adds are absent until it has run.
+pub async fn table_exists(client: &Client, table: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table])
+        .await?
+        .get(0))
+}
+
 pub async fn connect(dsn: &str, region: &str) -> Result<Client, CatalogError> {
     let target = describe_target(dsn);
     let fail = |reason: String| CatalogError::Connect {
