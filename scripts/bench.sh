@@ -275,8 +275,8 @@ workload_bulk() {
     echo $((BULK_INSERTS + BULK_UPDATES))
 }
 
-# Runs pgbench on us; prints the number of row changes (4 per transaction).
-workload_small() {
+# The TPC-B-like transaction of `small` and `write`, as a pgbench script.
+write_tpcb_script() {
     cat > "$WORK/tpcb.sql" <<'SQL'
 \set aid random(1, 100000 * :scale)
 \set bid random(1, 1 * :scale)
@@ -290,6 +290,11 @@ UPDATE bench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
 INSERT INTO bench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
 END;
 SQL
+}
+
+# Runs pgbench on us; prints the number of row changes (4 per transaction).
+workload_small() {
+    write_tpcb_script
     pgbench -n -h "$WORK" -p "${PORT[us]}" -U postgres -c "$SMALL_CLIENTS" -j 2 \
         -T "$SMALL_SECONDS" -D scale="$SMALL_SCALE" -f "$WORK/tpcb.sql" postgres > "$WORK/pgbench.out" 2>&1 \
         || { cat "$WORK/pgbench.out" >&2; return 1; }
@@ -546,19 +551,7 @@ write_run() { # state: none|native|pgrelay
             start_relay eu; start_relay us
             wait_active pgrelay_us >/dev/null ;;
     esac
-    cat > "$WORK/tpcb.sql" <<'SQL'
-\set aid random(1, 100000 * :scale)
-\set bid random(1, 1 * :scale)
-\set tid random(1, 10 * :scale)
-\set delta random(-5000, 5000)
-BEGIN;
-UPDATE bench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-SELECT abalance FROM bench_accounts WHERE aid = :aid;
-UPDATE bench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE bench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO bench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-END;
-SQL
+    write_tpcb_script
     cat > "$WORK/inserts.sql" <<'SQL'
 \set aid random(1, 100000 * :scale)
 INSERT INTO bench_history (tid, bid, aid, delta, mtime)
