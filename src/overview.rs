@@ -180,6 +180,79 @@ impl Collector {
 /// The capture side's per-destination byte counter.
 pub const EGRESS_METRIC: &str = "pgrelay_capture_bytes_total";
 
+/// Where a sidecar leaves its egress figures for `pgrelay status`, which
+/// reads databases, not sidecars: per destination, the bytes published since
+/// the sidecar started and the rate over the last [`RATE_WINDOW`].
+pub const EGRESS_TABLE_SQL: &str = "CREATE TABLE IF NOT EXISTS pgrelay.egress (\
+    destination text PRIMARY KEY, bytes_total bigint NOT NULL, \
+    bytes_per_second double precision, measured_at timestamptz NOT NULL DEFAULT now())";
+
+/// Upserts one row per destination: `$1` destinations, `$2` byte totals,
+/// `$3` rates (NULL until two samples exist).
+pub const EGRESS_RECORD_SQL: &str = "INSERT INTO pgrelay.egress \
+    (destination, bytes_total, bytes_per_second, measured_at) \
+    SELECT d, b, r, now() FROM unnest($1::text[], $2::bigint[], $3::float8[]) AS u(d, b, r) \
+    ON CONFLICT (destination) DO UPDATE SET bytes_total = excluded.bytes_total, \
+    bytes_per_second = excluded.bytes_per_second, measured_at = excluded.measured_at";
+
+/// Reads the rows back with their age in seconds.
+pub const EGRESS_READ_SQL: &str = "SELECT destination, bytes_total, bytes_per_second, \
+    extract(epoch FROM now() - measured_at)::float8 FROM pgrelay.egress";
+
+/// A rate older than this was left by a sidecar that stopped: not shown.
+pub const EGRESS_STALE_AFTER: Duration = Duration::from_secs(120);
+
+/// The egress of the pairs from `region` in `view`, as [`EGRESS_RECORD_SQL`]'s
+/// parameters.
+pub fn egress_rows(view: &Overview) -> (Vec<String>, Vec<i64>, Vec<Option<f64>>) {
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for p in view.pairs.iter().filter(|p| p.source == view.region) {
+        if let Some(e) = &p.egress {
+            out.0.push(p.destination.clone());
+            out.1.push(e.bytes_total as i64);
+            out.2.push(e.bytes_per_second);
+        }
+    }
+    out
+}
+
+/// A stored row as the status output shows it: the rate only while fresh,
+/// the cost from the rate and `price_per_gb`.
+pub fn stored_egress(
+    bytes_total: i64,
+    bytes_per_second: Option<f64>,
+    age: Duration,
+    price_per_gb: Option<f64>,
+) -> Egress {
+    let rate = bytes_per_second.filter(|_| age <= EGRESS_STALE_AFTER);
+    Egress {
+        bytes_total: bytes_total as f64,
+        bytes_per_second: rate,
+        monthly_cost: rate.zip(price_per_gb).map(|(r, p)| monthly_cost(r, p)),
+    }
+}
+
+/// A byte rate for people: `812 B/s`, `3.4 KiB/s`, `1.2 MiB/s`.
+pub fn human_rate(bytes_per_second: f64) -> String {
+    human_bytes(bytes_per_second) + "/s"
+}
+
+/// A byte count for people, in binary units.
+pub fn human_bytes(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +277,25 @@ mod tests {
         w.push(t0, 5000.0);
         assert_eq!(w.push(t0 + Duration::from_secs(5), 10.0), None);
         assert_eq!(w.push(t0 + Duration::from_secs(10), 60.0), Some(10.0));
+    }
+
+    #[test]
+    fn a_stale_stored_rate_is_not_shown_nor_priced() {
+        let fresh = stored_egress(5000, Some(100.0), Duration::from_secs(10), Some(0.02));
+        assert_eq!(fresh.bytes_per_second, Some(100.0));
+        assert_eq!(fresh.monthly_cost, Some(monthly_cost(100.0, 0.02)));
+        let stale = stored_egress(5000, Some(100.0), Duration::from_secs(600), Some(0.02));
+        assert_eq!((stale.bytes_per_second, stale.monthly_cost), (None, None));
+        assert_eq!(stale.bytes_total, 5000.0);
+        let unpriced = stored_egress(5000, Some(100.0), Duration::ZERO, None);
+        assert_eq!(unpriced.monthly_cost, None);
+    }
+
+    #[test]
+    fn byte_figures_read_in_binary_units() {
+        assert_eq!(human_rate(812.0), "812 B/s");
+        assert_eq!(human_rate(3.5 * 1024.0), "3.5 KiB/s");
+        assert_eq!(human_bytes(GB * 2.0), "2.0 GiB");
     }
 
     #[test]

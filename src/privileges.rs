@@ -124,6 +124,7 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         "conflicts",
         "merged",
         "primary_identity",
+        "egress",
     ] {
         out.push(Need {
             object: Object::Table(pgrelay(table)),

@@ -1,4 +1,4 @@
-//! Progress of long commands (`resync`, `setup`): on a terminal a bar on
+//! Progress of long commands (`resync`, `setup`, `repair`, `dr restore`): on a terminal a bar on
 //! stderr (done, rate, ETA), redrawn in place; otherwise, for logs and
 //! pipes, one plain line every [`PLAIN_EVERY`] and one at the end.
 //!

@@ -183,6 +183,8 @@ BEGIN
 END
 $fn$"
         .to_string(),
+        // the sidecar's egress figures, for `pgrelay status`
+        crate::overview::EGRESS_TABLE_SQL.to_string(),
         // the primary the capture side last streamed from (see `events`)
         "CREATE TABLE IF NOT EXISTS pgrelay.primary_identity (\
             region text PRIMARY KEY, system_id text NOT NULL, timeline int NOT NULL, \

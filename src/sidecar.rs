@@ -74,9 +74,13 @@ pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
         );
         tokio::spawn(async move {
             let mut collector = crate::overview::Collector::new();
+            let mut recorder = EgressRecorder::default();
             loop {
                 let pairs = crate::status::export_local(&config, &region, &metrics).await;
                 let view = collector.build(&config, &region, pairs, &metrics, Instant::now());
+                if with_capture {
+                    recorder.record(&config, &region, &view).await;
+                }
                 if let Ok(json) = serde_json::to_string(&view) {
                     overview_tx.send_replace(json);
                 }
@@ -164,6 +168,50 @@ pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
     }
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Leaves the capture side's egress figures in `pgrelay.egress`, where
+/// `pgrelay status` reads them. Keeps one connection; a failure is logged
+/// once and retried at the next collection.
+#[derive(Default)]
+struct EgressRecorder {
+    client: Option<tokio_postgres::Client>,
+    warned: bool,
+}
+
+impl EgressRecorder {
+    async fn record(&mut self, config: &Config, region: &str, view: &crate::overview::Overview) {
+        let (destinations, totals, rates) = crate::overview::egress_rows(view);
+        if destinations.is_empty() {
+            return;
+        }
+        let result = async {
+            if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+                let dsn = &config.region(region).map_err(|e| e.to_string())?.dsn;
+                let client = crate::source::catalog::connect(dsn, region)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.client = Some(client);
+            }
+            let client = self.client.as_ref().expect("connected above");
+            client
+                .execute(
+                    crate::overview::EGRESS_RECORD_SQL,
+                    &[&destinations, &totals, &rates],
+                )
+                .await
+                .map_err(|e| crate::source::pg_error::reason(&e))
+        }
+        .await;
+        match result {
+            Ok(_) => self.warned = false,
+            Err(e) if !self.warned => {
+                self.warned = true;
+                tracing::warn!(region, error = %e, "cannot record egress in pgrelay.egress (run pgrelay setup if the table is missing); pgrelay status shows no egress until this works");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 async fn wait_for_signal() {

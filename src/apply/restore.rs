@@ -32,8 +32,14 @@ pub struct Restored {
     pub failed: Vec<String>,
 }
 
-/// Restores `region` from the vault of `from`.
-pub async fn restore(config: &Config, region: &str, from: &str) -> Result<Restored, ApplyError> {
+/// Restores `region` from the vault of `from`; `progress` counts the copies
+/// read against the vault's count of them.
+pub async fn restore(
+    config: &Config,
+    region: &str,
+    from: &str,
+    progress: &mut crate::progress::Progress,
+) -> Result<Restored, ApplyError> {
     let setup = |e: &dyn std::fmt::Display| ApplyError::Setup(e.to_string());
     let key = config.dr_key(region).map_err(|e| setup(&e))?;
     let tables: BTreeMap<String, String> = config
@@ -50,6 +56,21 @@ pub async fn restore(config: &Config, region: &str, from: &str) -> Result<Restor
     let dlq = DlqProducer::new(config, region)?;
     let topic = config.dr_topic(region, from);
     let mut report = Restored::default();
+    let vault_error = |e: tokio_postgres::Error| {
+        ApplyError::Setup(format!(
+            "region {from}: reading the DR vault: {}",
+            crate::apply::db_message(&e)
+        ))
+    };
+    let total: i64 = vault
+        .query_one(
+            "SELECT count(*) FROM pgrelay_dr.vault WHERE home = $1",
+            &[&region],
+        )
+        .await
+        .map_err(vault_error)?
+        .get(0);
+    progress.set_total(total as u64);
     // one page of the vault at a time, in key order: memory stays bounded
     let mut after: Vec<u8> = Vec::new();
     loop {
@@ -61,15 +82,11 @@ pub async fn restore(config: &Config, region: &str, from: &str) -> Result<Restor
                 &[&region, &after],
             )
             .await
-            .map_err(|e| {
-                ApplyError::Setup(format!(
-                    "region {from}: reading the DR vault: {}",
-                    crate::apply::db_message(&e)
-                ))
-            })?;
+            .map_err(vault_error)?;
         let Some(last) = rows.last() else {
             break;
         };
+        progress.inc(rows.len() as u64);
         after = last.get(0);
         let mut opened: Vec<Consumed> = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -144,5 +161,6 @@ pub async fn restore(config: &Config, region: &str, from: &str) -> Result<Restor
                 .map(|d| format!("{} (parked in {})", d.message, config.dlq_topic(region))),
         );
     }
+    progress.finish();
     Ok(report)
 }

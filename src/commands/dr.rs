@@ -26,7 +26,12 @@ pub async fn restore(path: &Path, region: &str, from: &str) -> Result<ExitCode> 
         Need::Kafka(region),
         Need::DrKey(region),
     ])?;
-    let r = run_restore(&config, region, from).await?;
+    let mut progress = crate::progress::Progress::start(
+        &format!("dr restore {region} from {from}"),
+        "copies",
+        None,
+    );
+    let r = run_restore(&config, region, from, &mut progress).await?;
     println!(
         "region {region}: {} sealed copies in {from}'s vault: {} written, {} already current, {} failed",
         r.copies,

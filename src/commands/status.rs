@@ -26,6 +26,10 @@ pub async fn status(path: &Path, json: bool, watch: Option<u64>) -> Result<ExitC
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", crate::status::render(&rows));
+        print!(
+            "{}",
+            crate::status::render_egress(&rows, config.status.egress_price_per_gb)
+        );
         // DR pairs: the text output only (the JSON stays one row per pair)
         let dr = crate::status::collect_dr(&config).await;
         print!("{}", crate::status::render_dr(&dr));
@@ -55,6 +59,7 @@ async fn watch_loop(
             serde_json::to_string(&rows)? + "\n"
         } else {
             crate::status::render(&rows)
+                + &crate::status::render_egress(&rows, config.status.egress_price_per_gb)
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

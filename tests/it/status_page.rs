@@ -245,6 +245,30 @@ async fn status_page_draws_the_region_graph_and_colours_a_cut_link() {
         in_topic as f64
     );
     eprintln!("egress us->cn: {egress}");
+    // pgrelay status reads the same figures from us's database
+    let stored = eventually(
+        Duration::from_secs(30),
+        "us's egress to cn in pgrelay status --json",
+        || async {
+            let out = Command::new(crate::support::relay::bin())
+                .args(["status", "--config", w.cfg_path("us"), "--json"])
+                .env("PGRELAY_LOG", "warn")
+                .output()
+                .ok()?;
+            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let e = rows
+                .as_array()?
+                .iter()
+                .find(|p| p["source"] == "us" && p["destination"] == "cn")?["egress"]
+                .clone();
+            (e["bytes_total"].as_f64() == Some(in_topic as f64)
+                && e["bytes_per_second"].is_number()
+                && e["monthly_cost"].is_number())
+            .then_some(e)
+        },
+    )
+    .await;
+    eprintln!("egress us->cn in pgrelay status: {stored}");
     // every metric the Grafana dashboard charts is served (gauges appear
     // with the sidecar's next collection)
     let mut missing = Vec::new();
@@ -285,6 +309,10 @@ async fn status_page_draws_the_region_graph_and_colours_a_cut_link() {
     let _ = watch.wait();
     assert_eq!(tables, 3, "status --watch printed:\n{seen}");
     assert!(seen.contains("us->cn"), "{seen}");
+    assert!(
+        seen.contains("egress (bytes published per destination):") && seen.contains("per month"),
+        "status prints egress and its cost:\n{seen}"
+    );
 
     let url = format!("http://127.0.0.1:{}/", w.http["cn"]);
     let dom = dump_dom(&url, "status-page.png");

@@ -19,7 +19,6 @@
 //! `[relay.status]` thresholds, else `active`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -27,6 +26,9 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::event::Lsn;
 use crate::source::catalog::{self, Catalog};
+
+mod render;
+pub use render::{render, render_dr, render_egress};
 
 const IDLE_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -79,6 +81,8 @@ struct SourceSide {
     fenced: Option<String>,
     last_failover: Option<String>,
     unrecovered: Option<(String, Vec<String>)>,
+    /// destination -> what the sidecar last left in `pgrelay.egress`
+    egress: BTreeMap<String, crate::overview::Egress>,
 }
 
 #[derive(Default)]
@@ -119,13 +123,38 @@ async fn source_side(config: &Config, region: &str) -> SourceSide {
     };
     let last_failover = crate::failover::last_event(&client).await.ok().flatten();
     let unrecovered = crate::failover::unrecovered(&client).await.ok().flatten();
+    let egress = stored_egress(config, &client).await;
     let side = slot_side(config, region, &cat).await;
     SourceSide {
         fenced,
         last_failover,
         unrecovered,
+        egress,
         ..side
     }
+}
+
+/// The egress figures a region's sidecar left (none before `setup` made
+/// the table, or before a sidecar ran).
+async fn stored_egress(
+    config: &Config,
+    client: &tokio_postgres::Client,
+) -> BTreeMap<String, crate::overview::Egress> {
+    let Ok(rows) = client.query(crate::overview::EGRESS_READ_SQL, &[]).await else {
+        return BTreeMap::new();
+    };
+    rows.iter()
+        .map(|r| {
+            let age = Duration::from_secs_f64(r.get::<_, f64>(3).max(0.0));
+            let egress = crate::overview::stored_egress(
+                r.get(1),
+                r.get(2),
+                age,
+                config.status.egress_price_per_gb,
+            );
+            (r.get::<_, String>(0), egress)
+        })
+        .collect()
 }
 
 async fn slot_side(config: &Config, region: &str, cat: &Catalog<'_>) -> SourceSide {
@@ -137,6 +166,7 @@ async fn slot_side(config: &Config, region: &str, cat: &Catalog<'_>) -> SourceSi
             fenced: None,
             last_failover: None,
             unrecovered: None,
+            egress: BTreeMap::new(),
             problem: if s.is_lost() {
                 Some(catalog::lost_slot_message(
                     region,
@@ -545,72 +575,11 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 held,
                 frozen,
                 seen_from: None,
-                egress: None,
+                egress: src.egress.get(d).copied(),
                 source_fenced: src.fenced.clone(),
                 source_last_failover: src.last_failover.clone(),
                 rebuilding,
             });
-        }
-    }
-    out
-}
-
-/// A plain-text table.
-pub fn render(rows: &[PairStatus]) -> String {
-    let dash = || "-".to_string();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<12} {:<14} {:<14} {:>12} {:>9} {:>9} {:<32} {:>5}  state",
-        "pair",
-        "source_lsn",
-        "confirmed_lsn",
-        "lag_bytes",
-        "backlog",
-        "lag_s",
-        "watermark (commit time)",
-        "dlq"
-    );
-    for r in rows {
-        let _ = writeln!(
-            out,
-            "{:<12} {:<14} {:<14} {:>12} {:>9} {:>9} {:<32} {:>5}  {}",
-            format!("{}->{}", r.source, r.destination),
-            r.source_lsn.clone().unwrap_or_else(dash),
-            r.confirmed_lsn.clone().unwrap_or_else(dash),
-            r.lag_bytes.map(|b| b.to_string()).unwrap_or_else(dash),
-            r.backlog_records
-                .map(|b| b.to_string())
-                .unwrap_or_else(dash),
-            r.lag_seconds
-                .map(|s| format!("{s:.1}"))
-                .unwrap_or_else(dash),
-            r.watermark_commit_time.clone().unwrap_or_else(dash),
-            r.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash),
-            r.state
-        );
-        for p in r
-            .problems
-            .iter()
-            .chain(&r.held)
-            .chain(&r.frozen)
-            .chain(&r.rebuilding)
-        {
-            let _ = writeln!(out, "    {p}");
-        }
-    }
-    // per source region, once
-    let mut seen = Vec::new();
-    for r in rows {
-        if seen.contains(&&r.source) {
-            continue;
-        }
-        seen.push(&r.source);
-        if let Some(f) = &r.source_fenced {
-            let _ = writeln!(out, "region {}: FENCED {f}", r.source);
-        }
-        if let Some(f) = &r.source_last_failover {
-            let _ = writeln!(out, "region {}: last failover {f}", r.source);
         }
     }
     out
@@ -665,23 +634,6 @@ pub async fn collect_dr(config: &Config) -> Vec<DrStatus> {
                 problem,
             });
         }
-    }
-    out
-}
-
-/// The DR lines of `status`'s text output.
-pub fn render_dr(rows: &[DrStatus]) -> String {
-    let mut out = String::new();
-    for r in rows {
-        let state = match (&r.behind_records, &r.problem) {
-            (Some(n), _) => format!("{n} records not yet in the vault (recovery point)"),
-            (None, Some(p)) => format!("unknown: {p}"),
-            (None, None) => "unknown".to_string(),
-        };
-        out.push_str(&format!(
-            "DR copy {} -> {} (encrypted): {state}\n",
-            r.home, r.dr
-        ));
     }
     out
 }

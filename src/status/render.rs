@@ -1,0 +1,190 @@
+//! `pgrelay status`'s text output: the pair table, the egress lines and the
+//! DR lines.
+
+use std::fmt::Write as _;
+
+use super::{DrStatus, PairStatus};
+use crate::overview::{human_bytes, human_rate};
+
+/// A plain-text table.
+pub fn render(rows: &[PairStatus]) -> String {
+    let dash = || "-".to_string();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12} {:<14} {:<14} {:>12} {:>9} {:>9} {:<32} {:>5}  state",
+        "pair",
+        "source_lsn",
+        "confirmed_lsn",
+        "lag_bytes",
+        "backlog",
+        "lag_s",
+        "watermark (commit time)",
+        "dlq"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<12} {:<14} {:<14} {:>12} {:>9} {:>9} {:<32} {:>5}  {}",
+            format!("{}->{}", r.source, r.destination),
+            r.source_lsn.clone().unwrap_or_else(dash),
+            r.confirmed_lsn.clone().unwrap_or_else(dash),
+            r.lag_bytes.map(|b| b.to_string()).unwrap_or_else(dash),
+            r.backlog_records
+                .map(|b| b.to_string())
+                .unwrap_or_else(dash),
+            r.lag_seconds
+                .map(|s| format!("{s:.1}"))
+                .unwrap_or_else(dash),
+            r.watermark_commit_time.clone().unwrap_or_else(dash),
+            r.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash),
+            r.state
+        );
+        for p in r
+            .problems
+            .iter()
+            .chain(&r.held)
+            .chain(&r.frozen)
+            .chain(&r.rebuilding)
+        {
+            let _ = writeln!(out, "    {p}");
+        }
+    }
+    // per source region, once
+    let mut seen = Vec::new();
+    for r in rows {
+        if seen.contains(&&r.source) {
+            continue;
+        }
+        seen.push(&r.source);
+        if let Some(f) = &r.source_fenced {
+            let _ = writeln!(out, "region {}: FENCED {f}", r.source);
+        }
+        if let Some(f) = &r.source_last_failover {
+            let _ = writeln!(out, "region {}: last failover {f}", r.source);
+        }
+    }
+    out
+}
+
+/// The egress lines: per outgoing pair whose sidecar left figures, the
+/// bytes published since it started, the rate over the last minute and, at
+/// `price_per_gb`, the estimated monthly transfer cost. Empty when no
+/// sidecar has left any.
+pub fn render_egress(rows: &[PairStatus], price_per_gb: Option<f64>) -> String {
+    let mut out = String::new();
+    let mut total_cost = 0.0;
+    let mut priced = 0;
+    for r in rows {
+        let Some(e) = &r.egress else { continue };
+        if out.is_empty() {
+            let _ = writeln!(out, "egress (bytes published per destination):");
+        }
+        let pair = format!("{}->{}", r.source, r.destination);
+        let rate = e
+            .bytes_per_second
+            .map(human_rate)
+            .unwrap_or_else(|| "rate unknown (no sidecar running)".to_string());
+        let cost = match e.monthly_cost {
+            Some(c) => {
+                total_cost += c;
+                priced += 1;
+                format!(", about {c:.2} per month")
+            }
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  {pair:<12} {rate:>12}, {} since the sidecar started{cost}",
+            human_bytes(e.bytes_total)
+        );
+    }
+    match price_per_gb {
+        Some(p) if priced > 0 => {
+            let _ = writeln!(
+                out,
+                "  all pairs: about {total_cost:.2} per month at {p} per GB (relay.status.egress_price_per_gb)"
+            );
+        }
+        None if !out.is_empty() => {
+            let _ = writeln!(
+                out,
+                "  set relay.status.egress_price_per_gb for a monthly cost estimate"
+            );
+        }
+        _ => {}
+    }
+    out
+}
+
+/// The DR lines of `status`'s text output.
+pub fn render_dr(rows: &[DrStatus]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        let state = match (&r.behind_records, &r.problem) {
+            (Some(n), _) => format!("{n} records not yet in the vault (recovery point)"),
+            (None, Some(p)) => format!("unknown: {p}"),
+            (None, None) => "unknown".to_string(),
+        };
+        out.push_str(&format!(
+            "DR copy {} -> {} (encrypted): {state}\n",
+            r.home, r.dr
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overview::{monthly_cost, Egress};
+
+    fn pair(source: &str, destination: &str, egress: Option<Egress>) -> PairStatus {
+        PairStatus {
+            source: source.into(),
+            destination: destination.into(),
+            source_lsn: None,
+            confirmed_lsn: None,
+            lag_bytes: None,
+            lag_seconds: None,
+            retained_wal_bytes: None,
+            watermark_hlc: None,
+            watermark_commit_time: None,
+            backlog_records: None,
+            dead_letters: None,
+            state: "active",
+            problems: Vec::new(),
+            held: None,
+            frozen: None,
+            seen_from: None,
+            egress,
+            source_fenced: None,
+            source_last_failover: None,
+            rebuilding: None,
+        }
+    }
+
+    #[test]
+    fn egress_lines_give_rate_total_and_cost_per_pair_and_in_all() {
+        let e = |rate: Option<f64>| Egress {
+            bytes_total: 3.0 * 1024.0 * 1024.0,
+            bytes_per_second: rate,
+            monthly_cost: rate.map(|r| monthly_cost(r, 0.02)),
+        };
+        let rows = [
+            pair("us", "eu", Some(e(Some(2048.0)))),
+            pair("us", "cn", Some(e(None))),
+            pair("eu", "us", None),
+        ];
+        let out = render_egress(&rows, Some(0.02));
+        assert!(out.contains("us->eu"), "{out}");
+        assert!(out.contains("2.0 KiB/s"), "{out}");
+        assert!(out.contains("3.0 MiB since the sidecar started"), "{out}");
+        assert!(out.contains("rate unknown"), "{out}");
+        assert!(!out.contains("eu->us"), "{out}");
+        let cost = monthly_cost(2048.0, 0.02);
+        assert!(out.contains(&format!("about {cost:.2} per month at 0.02")), "{out}");
+        assert_eq!(render_egress(&rows[2..], Some(0.02)), "");
+        assert!(render_egress(&rows[..1], None).contains("egress_price_per_gb"));
+    }
+}
