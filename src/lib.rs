@@ -12,6 +12,7 @@
 //! each can be tested alone.
 
 pub mod apply;
+pub mod backoff;
 pub mod breaker;
 pub mod capture;
 pub mod check;
