@@ -49,43 +49,26 @@ use crate::publish::sink::{self, Outgoing};
 use crate::residency::{DropReason, Policy, Verdict};
 use crate::source::assemble::{Assembler, Output};
 use crate::source::catalog::{self, Catalog};
-use crate::source::conn::{ConnParams, ReplConnection, ReplReader, ReplWriter};
+use crate::source::conn::{ConnError, ConnParams, ReplConnection, ReplReader, ReplWriter};
 use crate::source::fill::{self, Filler};
 
-#[derive(Debug, thiserror::Error)]
-pub enum CaptureError {
-    /// Cannot start until someone fixes something; restarting will not help.
-    #[error("{0}")]
-    Setup(String),
-    /// A database or Kafka cluster cannot be reached at start.
-    #[error("{0}")]
-    Unreachable(String),
-    /// The run broke; restart from the last confirmed LSN.
-    #[error("{0}")]
-    Transient(String),
-}
+mod error;
 
-impl CaptureError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, CaptureError::Transient(_))
-    }
-}
+pub use error::{CaptureError, CaptureErrorKind, Cause};
 
-fn transient(context: &str) -> impl Fn(&dyn std::fmt::Display) -> CaptureError + '_ {
-    move |e| CaptureError::Transient(format!("{context}: {e}"))
+/// A failure worth a restart while `doing` something before streaming.
+fn transient<E: Into<Cause>>(doing: &str) -> impl Fn(E) -> CaptureError + '_ {
+    move |e| CaptureError::transient(doing, e)
 }
 
 /// Everything checked before streaming: the database (settings, tables,
 /// slot, publication) and every Kafka cluster the region publishes to
 /// (reachable, topics present).
 pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError> {
-    let dsn = &config
-        .region(region)
-        .map_err(|e| CaptureError::Setup(e.to_string()))?
-        .dsn;
+    let dsn = &config.region(region)?.dsn;
     let client = catalog::connect(dsn, region)
         .await
-        .map_err(|e| CaptureError::Unreachable(e.to_string()))?;
+        .map_err(CaptureError::unreachable)?;
     let cat = Catalog {
         client: &client,
         region,
@@ -95,9 +78,9 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError
         .map_err(|e| {
             // a database restarting under the check is retried, not fatal
             if e.is_unreachable() {
-                CaptureError::Unreachable(e.to_string())
+                CaptureError::unreachable(e)
             } else {
-                CaptureError::Setup(e.to_string())
+                CaptureError::setup_from(e)
             }
         })?;
     let blocking: Vec<String> = findings
@@ -109,7 +92,7 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError
         tracing::warn!(region, "{}", f.message);
     }
     if !blocking.is_empty() {
-        return Err(CaptureError::Setup(blocking.join("\n")));
+        return Err(CaptureError::setup(blocking.join("\n")));
     }
     let home_cluster = &config.kafka_for(region).brokers;
     let live = config
@@ -128,11 +111,15 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError
                 tracing::warn!(region, destination = %dest, error = %e, "destination cluster unreachable; capture will wait for it");
             }
             Err(e) => {
-                let msg = format!("destination {dest}: {e}");
-                return Err(if e.is_unreachable() {
-                    CaptureError::Unreachable(msg)
+                let unreachable = e.is_unreachable();
+                let cause = Cause::Topics {
+                    destination: dest.clone(),
+                    source: e,
+                };
+                return Err(if unreachable {
+                    CaptureError::unreachable(cause)
                 } else {
-                    CaptureError::Setup(msg)
+                    CaptureError::setup_from(cause)
                 });
             }
         }
@@ -148,43 +135,33 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), CaptureError> {
-    let region_cfg = config
-        .region(&region)
-        .map_err(|e| CaptureError::Setup(e.to_string()))?
-        .clone();
+    let region_cfg = config.region(&region)?.clone();
     let client = catalog::connect(&region_cfg.dsn, &region)
         .await
-        .map_err(|e| transient("source database")(&e))?;
+        .map_err(transient("source database"))?;
     let cat = Catalog {
         client: &client,
         region: &region,
     };
-    let keys = cat
-        .keys(&config)
-        .await
-        .map_err(|e| transient("catalog")(&e))?;
-    let db = cat
-        .database_name()
-        .await
-        .map_err(|e| transient("catalog")(&e))?;
+    let keys = cat.keys(&config).await.map_err(transient("catalog"))?;
+    let db = cat.database_name().await.map_err(transient("catalog"))?;
     let slot_name = config.slot_name(&region);
     let slot = cat
         .slot(&slot_name)
         .await
-        .map_err(|e| transient("catalog")(&e))?
+        .map_err(transient("catalog"))?
         .ok_or_else(|| {
-            CaptureError::Setup(format!(
+            CaptureError::setup(format!(
                 "replication slot {slot_name} does not exist in region {region}; run pgrelay setup"
             ))
         })?;
     if slot.is_lost() {
-        return Err(CaptureError::Setup(catalog::lost_slot_message(
+        return Err(CaptureError::setup(catalog::lost_slot_message(
             &region, &slot_name,
         )));
     }
 
-    let policy =
-        Policy::compile(&config, &region).map_err(|e| CaptureError::Setup(e.to_string()))?;
+    let policy = Policy::compile(&config, &region)?;
     let destinations: Vec<String> = policy.destinations().to_vec();
     let topics: Vec<String> = destinations
         .iter()
@@ -195,11 +172,7 @@ pub async fn run(
     let dr_topics = config.dr_topics(&region);
     let dr_key = match dr_topics.is_empty() {
         true => None,
-        false => Some(
-            config
-                .dr_key(&region)
-                .map_err(|e| CaptureError::Setup(e.to_string()))?,
-        ),
+        false => Some(config.dr_key(&region)?),
     };
     let dr_outlets: HashMap<TableName, Vec<usize>> = config
         .tables
@@ -228,7 +201,7 @@ pub async fn run(
     let max_in_flight = config.capture.max_in_flight.max(1);
     let outlets =
         tokio::task::block_in_place(|| Outlets::open(&config, &outlet_regions, &outlet_topics))
-            .map_err(CaptureError::Transient)?;
+            .map_err(transient("kafka producers"))?;
 
     let declared: HashSet<_> = config
         .tables
@@ -244,18 +217,27 @@ pub async fn run(
         db,
     };
 
-    let params = ConnParams::from_dsn(&region_cfg.dsn, &format!("pgrelay_{region}"))
-        .map_err(|e| CaptureError::Setup(format!("region {region} dsn: {e}")))?;
+    let params =
+        ConnParams::from_dsn(&region_cfg.dsn, &format!("pgrelay_{region}")).map_err(|e| {
+            CaptureError::from(CaptureErrorKind::Setup {
+                message: format!("region {region} dsn: {e}"),
+                table: None,
+                source: Some(e.into()),
+            })
+        })?;
     let mut conn = ReplConnection::connect(&params).await.map_err(|e| {
-        CaptureError::Transient(format!(
-            "region {region}: replication connection to {}: {e}",
-            params.target()
-        ))
+        CaptureError::transient(
+            format!(
+                "region {region}: replication connection to {}",
+                params.target()
+            ),
+            e,
+        )
     })?;
     let version = cat
         .server_version_num()
         .await
-        .map_err(|e| transient("catalog")(&e))?;
+        .map_err(transient("catalog"))?;
     let mut client = client;
     watch_primary(
         &mut conn,
@@ -272,13 +254,16 @@ pub async fn run(
         server_filters_origins(&config, version),
     );
     let (mut reader, mut writer) = conn.start_replication(&command).await.map_err(|e| {
-        if e.sqlstate() == Some("55006") {
-            CaptureError::Transient(format!(
-                "replication slot {slot_name} is in use by another process: {e}"
-            ))
-        } else {
-            transient("START_REPLICATION")(&e)
-        }
+        let doing = match e.sqlstate() {
+            Some("55006") => format!("replication slot {slot_name} is in use by another process"),
+            _ => "START_REPLICATION".to_string(),
+        };
+        CaptureError::from(CaptureErrorKind::Transient {
+            doing,
+            lsn: Some(slot.confirmed_flush),
+            table: None,
+            source: e.into(),
+        })
     })?;
     tracing::info!(region = %region, slot = %slot_name, from = %slot.confirmed_flush, "capture streaming");
 
@@ -317,13 +302,14 @@ pub async fn run(
             .collect(),
         dr_key: dr_key.as_ref(),
         dr_outlets: &dr_outlets,
+        at: slot.confirmed_flush,
     };
     let result = ctx.stream(&mut reader, &mut writer, &mut shutdown).await;
 
     // drain: whatever Kafka has acknowledged gets confirmed before we leave,
     // also when a table's rules stopped the stream — a restart after the
     // fix then resumes at the transaction that stopped it, not before
-    if matches!(result, Ok(()) | Err(CaptureError::Setup(_))) {
+    if result.as_ref().err().is_none_or(CaptureError::is_setup) {
         tokio::task::block_in_place(|| outlets.flush(Duration::from_secs(10)));
         // a failure here only keeps its record unconfirmed
         let _ = ctx.poll_deliveries();
@@ -366,11 +352,12 @@ async fn watch_primary(
     let rows = conn
         .simple_query("IDENTIFY_SYSTEM")
         .await
-        .map_err(|e| transient("IDENTIFY_SYSTEM")(&e))?;
+        .map_err(transient("IDENTIFY_SYSTEM"))?;
+    let protocol = |what: String| transient("IDENTIFY_SYSTEM")(ConnError::Protocol(what));
     let (identity, wal_end) = rows
         .first()
-        .ok_or_else(|| CaptureError::Transient("IDENTIFY_SYSTEM returned no row".into()))
-        .and_then(|r| crate::failover::parse_identify(r).map_err(CaptureError::Transient))?;
+        .ok_or_else(|| protocol("no row returned".into()))
+        .and_then(|r| crate::failover::parse_identify(r).map_err(protocol))?;
     // the old primary's WAL end as this process last heard it
     let old_wal_end = metrics
         .get(SERVER_WAL_END, &[("region", region)])
@@ -396,7 +383,7 @@ async fn watch_primary(
         switchpoint,
     )
     .await
-    .map_err(|e| transient("recording the primary's identity")(&e))?;
+    .map_err(transient("recording the primary's identity"))?;
     metrics.set(
         "pgrelay_source_timeline",
         "Timeline of the primary the capture side streams from",
@@ -471,6 +458,9 @@ struct Loop<'a> {
     dr_key: Option<&'a DrKey>,
     /// Per table with DR copies: the outlets of its DR topics.
     dr_outlets: &'a HashMap<TableName, Vec<usize>>,
+    /// Where the stream is: the start of the last WAL data read (before
+    /// the first, the slot's confirmed LSN). Errors name it.
+    at: Lsn,
 }
 
 /// Status ticks after the last published change (and after a start) that
@@ -518,9 +508,9 @@ impl Loop<'_> {
                 }
                 _ = acks.tick(), if self.tracker.in_flight() > 0 => self.poll_deliveries()?,
                 frame = reader.next_copy_data(), if self.tracker.in_flight() < self.max_in_flight => {
-                    match frame.map_err(|e| transient("replication stream")(&e))? {
+                    match frame.map_err(|e| self.broke("replication stream", e))? {
                         Some(data) => self.frame(data, writer).await?,
-                        None => return Err(CaptureError::Transient("the server ended the replication stream".into())),
+                        None => return Err(CaptureError::from(CaptureErrorKind::StreamEnded { lsn: self.at })),
                     }
                     // what has already arrived is handled without going
                     // back through the select
@@ -528,7 +518,7 @@ impl Loop<'_> {
                         if self.tracker.in_flight() >= self.max_in_flight {
                             break;
                         }
-                        match reader.buffered_copy_data().map_err(|e| transient("replication stream")(&e))? {
+                        match reader.buffered_copy_data().map_err(|e| self.broke("replication stream", e))? {
                             Some(data) => self.frame(data, writer).await?,
                             None => break,
                         }
@@ -561,12 +551,16 @@ impl Loop<'_> {
                 self.tracker.ack(seq);
                 Ok(())
             }
-            Delivery::Failed { seq, error } => Err(CaptureError::Transient(format!(
-                "kafka did not accept record {seq}: {error}"
-            ))),
-            Delivery::Fatal(error) => Err(CaptureError::Transient(format!(
-                "fatal kafka producer error: {error}"
-            ))),
+            Delivery::Failed { seq, error } => {
+                Err(self.broke(format!("kafka did not accept record {seq}"), error))
+            }
+            Delivery::Fatal { error, reason } => Err(self.broke(
+                "fatal kafka producer error",
+                Cause::Fatal {
+                    source: error,
+                    reason,
+                },
+            )),
         }
     }
 
@@ -622,7 +616,7 @@ impl Loop<'_> {
         writer
             .send_copy_data(&msg)
             .await
-            .map_err(|e| transient("standby status update")(&e))?;
+            .map_err(|e| self.broke("standby status update", e))?;
         if lsn != self.last_reported {
             self.last_reported = lsn;
             self.metrics.set(
@@ -671,11 +665,19 @@ impl Loop<'_> {
                             tokio::time::sleep(ACK_POLL).await;
                             self.poll_deliveries()?;
                         }
-                        Err(SendError::Other(e)) => {
-                            return Err(CaptureError::Transient(format!(
-                                "cannot queue a progress record for {}: {e}",
-                                self.outlets.topics[dest]
-                            )))
+                        Err(SendError::Kafka {
+                            topic,
+                            partition,
+                            source,
+                            ..
+                        }) => {
+                            let e = SendError::Kafka {
+                                record: "progress record",
+                                topic,
+                                partition,
+                                source,
+                            };
+                            return Err(self.broke("sending progress records", e));
                         }
                     }
                 }
@@ -689,7 +691,7 @@ impl Loop<'_> {
         data: bytes::Bytes,
         writer: &mut ReplWriter,
     ) -> Result<(), CaptureError> {
-        match pgoutput::parse_frame(data).map_err(|e| transient("replication frame")(&e))? {
+        match pgoutput::parse_frame(data).map_err(|e| self.broke("replication frame", e))? {
             Frame::Keepalive {
                 wal_end,
                 reply_requested,
@@ -703,13 +705,16 @@ impl Loop<'_> {
                     self.send_status(writer, false).await?;
                 }
             }
-            Frame::XLogData { payload, .. } => {
+            Frame::XLogData {
+                start_lsn, payload, ..
+            } => {
+                self.at = start_lsn;
                 // rows of a transaction pgrelay applied are skipped unread
                 if self.assembler.skipping() && matches!(payload.first(), Some(b'I' | b'U' | b'D'))
                 {
                     return Ok(());
                 }
-                let msg = pgoutput::decode(payload).map_err(|e| transient("pgoutput")(&e))?;
+                let msg = pgoutput::decode(payload).map_err(|e| self.broke("pgoutput", e))?;
                 if let pgoutput::Message::Relation {
                     schema,
                     name,
@@ -726,28 +731,34 @@ impl Loop<'_> {
                             columns.iter().map(|c| c.name.as_str()),
                             Some(*replica_identity),
                         )
-                        .map_err(|e| {
-                            CaptureError::Setup(format!(
-                                "region {}: capture stopped: {e}",
-                                self.region
-                            ))
+                        .map_err(|source| {
+                            CaptureError::from(CaptureErrorKind::Relation {
+                                region: self.region.to_string(),
+                                table: table.clone(),
+                                lsn: self.at,
+                                source,
+                            })
                         })?;
                     // a counter's delta needs the old row: without it an
                     // update's increment would be lost everywhere else
                     if *replica_identity != b'f' && self.counters.contains_key(&table) {
-                        return Err(CaptureError::Setup(format!(
-                            "region {}: capture stopped: table {table} has counter merge columns \
-                             but its replica identity is no longer FULL, so updates carry no old \
-                             value to take the delta from; run pgrelay setup (it restores FULL), \
-                             then restart the sidecar",
-                            self.region
-                        )));
+                        return Err(CaptureError::from(CaptureErrorKind::Setup {
+                            message: format!(
+                                "region {}: capture stopped: table {table} has counter merge columns \
+                                 but its replica identity is no longer FULL, so updates carry no old \
+                                 value to take the delta from; run pgrelay setup (it restores FULL), \
+                                 then restart the sidecar",
+                                self.region
+                            ),
+                            table: Some(table),
+                            source: None,
+                        }));
                     }
                 }
                 match self
                     .assembler
                     .push(msg)
-                    .map_err(|e| transient("replication stream")(&e))?
+                    .map_err(|e| self.broke("replication stream", e))?
                 {
                     None => {}
                     Some(Output::Change(mut change)) => {
@@ -776,7 +787,7 @@ impl Loop<'_> {
         self.filler
             .fill(change)
             .await
-            .map_err(|e| transient("source database")(&e))?;
+            .map_err(|e| self.broke_on(&change.schema.table, "source database", e))?;
         Ok(())
     }
 
@@ -817,7 +828,7 @@ impl Loop<'_> {
                         tokio::time::sleep(ACK_POLL).await;
                         self.poll_deliveries()?;
                     }
-                    Err(SendError::Other(e)) => return Err(CaptureError::Transient(e)),
+                    Err(e) => return Err(self.broke_on(&change.schema.table, "publish", e)),
                 }
             }
             self.published[i] += 1;
@@ -834,7 +845,7 @@ impl Loop<'_> {
             return Ok(());
         };
         let Some(record) = sink::seal_for_dr(key, self.source, change)
-            .map_err(|e| CaptureError::Transient(e.to_string()))?
+            .map_err(|e| self.broke_on(&change.schema.table, "sealing a DR copy", e))?
         else {
             return Ok(());
         };
@@ -847,10 +858,32 @@ impl Loop<'_> {
                         tokio::time::sleep(ACK_POLL).await;
                         self.poll_deliveries()?;
                     }
-                    Err(SendError::Other(e)) => return Err(CaptureError::Transient(e)),
+                    Err(e) => {
+                        return Err(self.broke_on(&change.schema.table, "publishing a DR copy", e))
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// A transient failure at the stream's current position.
+    fn broke(&self, doing: impl Into<String>, source: impl Into<Cause>) -> CaptureError {
+        CaptureError::from(CaptureErrorKind::Transient {
+            doing: doing.into(),
+            lsn: Some(self.at),
+            table: None,
+            source: source.into(),
+        })
+    }
+
+    /// A transient failure at the stream's current position, on `table`.
+    fn broke_on(&self, table: &TableName, doing: &str, source: impl Into<Cause>) -> CaptureError {
+        CaptureError::from(CaptureErrorKind::Transient {
+            doing: format!("{doing} ({table})"),
+            lsn: Some(self.at),
+            table: Some(table.clone()),
+            source: source.into(),
+        })
     }
 }

@@ -387,7 +387,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // the error and its causes, each shown once
+            eprintln!("error: {}", pgrelay::source::pg_error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -247,7 +247,7 @@ pub async fn run(
     } else {
         Some(
             tokio::task::block_in_place(|| Outlets::open(config, policy.destinations(), &topics))
-                .map_err(ResyncError::Kafka)?,
+                .map_err(|e| ResyncError::Kafka(e.to_string()))?,
         )
     };
     let mut out = Sender {
@@ -405,7 +405,7 @@ impl Sender<'_> {
                 match out.queue(outlets, i, self.sent) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => self.wait().await?,
-                    Err(SendError::Other(e)) => return Err(ResyncError::Kafka(e)),
+                    Err(e) => return Err(ResyncError::Kafka(e.to_string())),
                 }
             }
             self.sent += 1;
@@ -422,9 +422,14 @@ impl Sender<'_> {
         for d in self.reports.drain(..) {
             match d {
                 Delivery::Acked(_) => self.acked += 1,
-                Delivery::Failed { error, .. } | Delivery::Fatal(error) => {
+                Delivery::Failed { error, .. } => {
                     return Err(ResyncError::Kafka(format!(
                         "kafka did not accept a record: {error}; run resync again"
+                    )))
+                }
+                Delivery::Fatal { error, reason } => {
+                    return Err(ResyncError::Kafka(format!(
+                        "kafka did not accept a record: {error}: {reason}; run resync again"
                     )))
                 }
             }

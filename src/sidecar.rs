@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::commands::load;
 use crate::config::Config;
 use crate::http::{self, Readiness};
@@ -98,29 +99,19 @@ pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
     ));
     let deadline = Instant::now() + config.startup_timeout;
     loop {
-        let result: Result<(), (bool, String)> = async {
+        let result: Result<(), SideError> = async {
             if with_capture {
-                capture::preflight(&config, region).await.map_err(|e| {
-                    (
-                        matches!(e, capture::CaptureError::Unreachable(_)),
-                        e.to_string(),
-                    )
-                })?;
+                capture::preflight(&config, region).await?;
             }
             if with_apply {
-                apply::preflight(&config, region).await.map_err(|e| {
-                    (
-                        matches!(e, apply::ApplyError::Unreachable(_)),
-                        e.to_string(),
-                    )
-                })?;
+                apply::preflight(&config, region).await?;
             }
             Ok(())
         }
         .await;
         match result {
             Ok(()) => break,
-            Err((true, e)) if Instant::now() < deadline => {
+            Err(e) if e.is_unreachable() && Instant::now() < deadline => {
                 tracing::warn!(region, error = %e, "not reachable yet, retrying (relay.startup_timeout)");
                 let mut shutdown = shutdown.clone();
                 tokio::select! {
@@ -128,7 +119,7 @@ pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
-            Err((_, e)) => bail!("{e}"),
+            Err(e) => bail!("{e}"),
         }
     }
     let mut sides = tokio::task::JoinSet::new();
@@ -234,6 +225,31 @@ enum Side {
     Apply,
 }
 
+/// Why a side stopped (or did not start), with its class.
+#[derive(Debug, thiserror::Error)]
+enum SideError {
+    #[error(transparent)]
+    Capture(#[from] capture::CaptureError),
+    #[error(transparent)]
+    Apply(#[from] apply::ApplyError),
+}
+
+impl SideError {
+    fn is_transient(&self) -> bool {
+        match self {
+            SideError::Capture(e) => e.is_transient(),
+            SideError::Apply(e) => e.is_transient(),
+        }
+    }
+
+    fn is_unreachable(&self) -> bool {
+        match self {
+            SideError::Capture(e) => e.is_unreachable(),
+            SideError::Apply(e) => e.is_unreachable(),
+        }
+    }
+}
+
 /// Runs one side, restarting it with backoff after transient failures.
 async fn supervise(
     side: Side,
@@ -243,7 +259,7 @@ async fn supervise(
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let (name, flag) = match side {
         Side::Capture => ("capture", &readiness.capture),
         Side::Apply => ("apply", &readiness.apply),
@@ -251,7 +267,7 @@ async fn supervise(
     loop {
         let started = Instant::now();
         flag.store(true, Ordering::Relaxed);
-        let result: Result<(), (bool, String)> = match side {
+        let result: Result<(), SideError> = match side {
             Side::Capture => capture::run(
                 config.clone(),
                 region.clone(),
@@ -259,7 +275,7 @@ async fn supervise(
                 shutdown.clone(),
             )
             .await
-            .map_err(|e| (e.is_transient(), e.to_string())),
+            .map_err(SideError::from),
             Side::Apply => apply::run(
                 config.clone(),
                 region.clone(),
@@ -267,12 +283,12 @@ async fn supervise(
                 shutdown.clone(),
             )
             .await
-            .map_err(|e| (e.is_transient(), e.to_string())),
+            .map_err(SideError::from),
         };
         flag.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
-            Err((true, e)) => {
+            Err(e) if e.is_transient() => {
                 metrics.add(
                     "pgrelay_restarts_total",
                     "Runs of a side ended by a transient failure",
@@ -280,16 +296,16 @@ async fn supervise(
                     1,
                 );
                 if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_millis(500);
+                    backoff.reset();
                 }
-                tracing::warn!(region = %region, side = name, error = %e, retry_in = ?backoff, "side failed, restarting");
+                let delay = backoff.next_delay();
+                tracing::warn!(region = %region, side = name, error = %e, retry_in = ?delay, "side failed, restarting");
                 tokio::select! {
                     _ = shutdown.changed() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
-            Err((false, e)) => bail!("{e}"),
+            Err(e) => bail!("{e}"),
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::hlc;
 
 use super::dlq::{DeadLetter, DlqProducer};
-use super::error::{db_message, is_transient_db, retryable, BatchError};
+use super::error::{at_step, is_transient_db, retryable, BatchError};
 use super::record::{Incoming, Targets};
 use super::sql;
 use super::{horizon, record, Consumed};
@@ -258,10 +258,7 @@ pub async fn apply_batch(
         });
     }
     let buckets = sql::key_buckets(&changes);
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| format!("begin: {}", db_message(&e)))?;
+    let tx = client.transaction().await.map_err(at_step("begin"))?;
     // Sessions applying changes of the same rows (other source regions,
     // other partition groups) take turns: each first locks the key buckets
     // of its batch, in ascending order. Without this, an upsert could
@@ -271,7 +268,7 @@ pub async fn apply_batch(
     if !buckets.is_empty() {
         tx.execute(sql::LOCK_BUCKETS_SQL, &[&sql::buckets_param(&buckets)])
             .await
-            .map_err(|e| format!("locking key buckets: {}", db_message(&e)))?;
+            .map_err(at_step("locking key buckets"))?;
     }
     // changes below their table's tombstone horizon apply only to rows
     // that exist; the horizon never passes `tombstone_horizon` ago
@@ -282,7 +279,7 @@ pub async fn apply_batch(
         let horizons: HashMap<String, u64> = tx
             .query(horizon::HORIZONS_SQL, &[])
             .await
-            .map_err(|e| format!("reading the tombstone horizons: {}", db_message(&e)))?
+            .map_err(at_step("reading the tombstone horizons"))?
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
             .collect();
@@ -304,7 +301,7 @@ pub async fn apply_batch(
                 .collect();
             tx.execute("SAVEPOINT horizon", &[])
                 .await
-                .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+                .map_err(at_step("savepoint"))?;
             let dead = match tx
                 .query_one(horizon::exists_sql(c.table).as_str(), &params)
                 .await
@@ -319,13 +316,13 @@ pub async fn apply_batch(
                     attempt + 1,
                 )),
                 Err(e) if is_transient_db(&e) => {
-                    return Err(retryable(&e, &c.table.name.to_string()))
+                    return Err(retryable(e, &c.table.name.to_string()))
                 }
                 // a key the table cannot hold: the record's own doing
                 Err(e) => {
                     tx.execute("ROLLBACK TO SAVEPOINT horizon", &[])
                         .await
-                        .map_err(|e| format!("rollback to savepoint: {}", db_message(&e)))?;
+                        .map_err(at_step("rollback to savepoint"))?;
                     Some(DeadLetter::failed(&batch[positions[i]], &e, attempt + 1))
                 }
             };
@@ -350,7 +347,7 @@ pub async fn apply_batch(
     for s in &statements {
         tx.execute("SAVEPOINT stmt", &[])
             .await
-            .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+            .map_err(at_step("savepoint"))?;
         let result = execute(&tx, s, &mut staged, conflict_log).await;
         match result {
             Ok(_) if s.kind == sql::Kind::Merge => {}
@@ -360,7 +357,7 @@ pub async fn apply_batch(
                 outcome.lost +=
                     (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
             }
-            Err(e) if is_transient_db(&e) => return Err(retryable(&e, &s.table)),
+            Err(e) if is_transient_db(&e) => return Err(retryable(e, &s.table)),
             // the transaction is dropped, so rolled back
             Err(_) if !targets_checked => {
                 return Err(BatchError::Recheck {
@@ -370,7 +367,7 @@ pub async fn apply_batch(
             Err(_) => {
                 tx.execute("ROLLBACK TO SAVEPOINT stmt", &[])
                     .await
-                    .map_err(|e| format!("rollback to savepoint: {}", db_message(&e)))?;
+                    .map_err(at_step("rollback to savepoint"))?;
                 // one by one: only what fails again is dead-lettered
                 outcome.lost += s.superseded.len() as u64;
                 for &m in &s.members {
@@ -387,7 +384,7 @@ pub async fn apply_batch(
                             tries += 1;
                             tx.execute("SAVEPOINT one", &[])
                                 .await
-                                .map_err(|e| format!("savepoint: {}", db_message(&e)))?;
+                                .map_err(at_step("savepoint"))?;
                             let r = execute(&tx, one, &mut staged, conflict_log).await;
                             match r {
                                 Ok(_) if one.kind == sql::Kind::Merge => break,
@@ -398,12 +395,12 @@ pub async fn apply_batch(
                                     break;
                                 }
                                 Err(e) if is_transient_db(&e) => {
-                                    return Err(retryable(&e, &s.table))
+                                    return Err(retryable(e, &s.table))
                                 }
                                 Err(e) => {
                                     tx.execute("ROLLBACK TO SAVEPOINT one", &[])
                                         .await
-                                        .map_err(|e| format!("rollback: {}", db_message(&e)))?;
+                                        .map_err(at_step("rollback"))?;
                                     if tries >= max_tries {
                                         // the change alone was tried `tries` times
                                         outcome.dead.push(DeadLetter::failed(
@@ -443,7 +440,7 @@ pub async fn apply_batch(
     .to_string();
     tx.execute(sql::OFFSETS_SQL, &[&offsets])
         .await
-        .map_err(|e| format!("storing offsets: {}", db_message(&e)))?;
+        .map_err(at_step("storing offsets"))?;
     let applied = || {
         changes
             .iter()
@@ -465,24 +462,22 @@ pub async fn apply_batch(
                 ],
             )
             .await
-            .map_err(|e| format!("storing watermark: {}", db_message(&e)))?;
+            .map_err(at_step("storing watermark"))?;
         }
         tx.execute(sql::CLOCK_SQL, &[&hlc::logical(newest.hlc).to_string()])
             .await
-            .map_err(|e| format!("advancing the clock: {}", db_message(&e)))?;
+            .map_err(at_step("advancing the clock"))?;
     }
     if !commit {
-        tx.rollback()
-            .await
-            .map_err(|e| format!("rollback: {}", db_message(&e)))?;
+        tx.rollback().await.map_err(at_step("rollback"))?;
         return Ok(outcome);
     }
     // dead letters must be in Kafka before the offsets that skip them commit
     if !outcome.dead.is_empty() {
-        dlq.send_all(&outcome.dead).await?;
+        dlq.send_all(&outcome.dead)
+            .await
+            .map_err(|e| BatchError::DeadLetter(Box::new(e)))?;
     }
-    tx.commit()
-        .await
-        .map_err(|e| format!("commit: {}", db_message(&e)))?;
+    tx.commit().await.map_err(at_step("commit"))?;
     Ok(outcome)
 }

@@ -76,13 +76,14 @@ pub struct Stored {
 
 pub async fn load(client: &Client, source: &str) -> Result<Option<Stored>, ApplyError> {
     let row = client.query_opt(STATE_SQL, &[&source]).await.map_err(|e| {
-        let msg = format!("reading pgrelay.breakers: {}", db_message(&e));
         if crate::apply::sqlstate(&e) == "42P01" {
-            ApplyError::Setup(format!(
-                "{msg}; run pgrelay setup (it creates the breaker's table)"
-            ))
+            let message = format!(
+                "reading pgrelay.breakers: {}; run pgrelay setup (it creates the breaker's table)",
+                db_message(&e)
+            );
+            ApplyError::setup_from(message, e)
         } else {
-            ApplyError::Transient(msg)
+            ApplyError::transient("reading pgrelay.breakers", e)
         }
     })?;
     Ok(row.map(|r| Stored {
@@ -235,12 +236,7 @@ impl Pipeline {
                     let n: i64 = client
                         .query_one(sql.as_str(), &[&t.quoted()])
                         .await
-                        .map_err(|e| {
-                            ApplyError::Transient(format!(
-                                "counting rows of {t}: {}",
-                                db_message(&e)
-                            ))
-                        })?
+                        .map_err(|e| ApplyError::transient(format!("counting rows of {t}"), e))?
                         .get(0);
                     let n = n.max(0) as u64;
                     self.breaker
@@ -367,7 +363,7 @@ impl Pipeline {
             self.dlq
                 .send_quietly(&parked)
                 .await
-                .map_err(ApplyError::Transient)?;
+                .map_err(|e| ApplyError::transient("", Box::new(e)))?;
             tracing::info!(region = %self.region, source = %self.source, parked = parked.len(), "discarded changes parked in the dead-letter topic");
             self.metrics.add(
                 "pgrelay_breaker_discarded_total",
@@ -401,9 +397,7 @@ impl Pipeline {
                 ],
             )
             .await
-            .map_err(|e| {
-                ApplyError::Transient(format!("storing the breaker trip: {}", db_message(&e)))
-            })?;
+            .map_err(|e| ApplyError::transient("storing the breaker trip", e))?;
         // the source's other sessions hold from now on
         self.breaker
             .counter
@@ -446,22 +440,20 @@ pub async fn resolve(
     source: &str,
     discard_until: Option<&str>,
 ) -> Result<Resolution, ApplyError> {
-    let r = config
-        .region(region)
-        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+    let r = config.region(region)?;
     if region == source || !config.regions.contains_key(source) {
-        return Err(ApplyError::Setup(format!(
+        return Err(ApplyError::setup(format!(
             "--source {source}: name another declared region whose changes {region} applies (declared: {})",
             config.declared_regions()
         )));
     }
     let mut client = crate::source::catalog::connect(&r.dsn, region)
         .await
-        .map_err(|e| ApplyError::Unreachable(e.to_string()))?;
+        .map_err(ApplyError::unreachable)?;
     let tx = client
         .transaction()
         .await
-        .map_err(|e| ApplyError::Transient(db_message(&e)))?;
+        .map_err(|e| ApplyError::transient(format!("region {region}"), e))?;
     let (state, kind) = match discard_until {
         None => ("released", "breaker_release"),
         Some(_) => ("discarded", "breaker_discard"),
@@ -480,16 +472,17 @@ pub async fn resolve(
         .await
         .map_err(|e| {
             let msg = db_message(&e);
-            if crate::apply::sqlstate(&e).starts_with("22") {
-                ApplyError::Setup(format!(
+            let message = if crate::apply::sqlstate(&e).starts_with("22") {
+                format!(
                     "--until {until:?}: not a time PostgreSQL reads ({msg}); e.g. '2026-12-04 16:40:00+00' or now"
-                ))
+                )
             } else {
-                ApplyError::Setup(format!("region {region}: pgrelay.breakers: {msg}; run pgrelay setup"))
-            }
+                format!("region {region}: pgrelay.breakers: {msg}; run pgrelay setup")
+            };
+            ApplyError::setup_from(message, e)
         })?;
     let Some(row) = row else {
-        return Err(ApplyError::Setup(format!(
+        return Err(ApplyError::setup(format!(
             "no breaker holds the changes from {source} in {region} (pgrelay status shows frozen pairs)"
         )));
     };
@@ -515,9 +508,12 @@ pub async fn resolve(
         ],
     )
     .await
-    .map_err(|e| ApplyError::Setup(format!("recording the event: {}", db_message(&e))))?;
+    .map_err(|e| {
+        let message = format!("recording the event: {}", db_message(&e));
+        ApplyError::setup_from(message, e)
+    })?;
     tx.commit()
         .await
-        .map_err(|e| ApplyError::Transient(db_message(&e)))?;
+        .map_err(|e| ApplyError::transient(format!("region {region}"), e))?;
     Ok(out)
 }

@@ -10,7 +10,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::Config;
 use crate::source::catalog::{self};
 
-use super::error::ApplyError;
+use super::error::{ApplyError, ApplyErrorKind};
 use super::session::session;
 use super::target::load_targets;
 
@@ -44,7 +44,7 @@ pub fn consumer(config: &Config, region: &str, group: &str) -> Result<StreamCons
         .set("auto.offset.reset", "error");
     cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
     cfg.create()
-        .map_err(|e| ApplyError::Setup(format!("kafka consumer for region {region}: {e}")))
+        .map_err(|e| ApplyError::setup_from(format!("kafka consumer for region {region}: {e}"), e))
 }
 
 /// Assigns the partitions `p` of `topic` with `p % groups == group`, each
@@ -58,7 +58,7 @@ pub async fn assign(
 ) -> Result<usize, ApplyError> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| ApplyError::Transient(format!("kafka metadata for {topic}: {e}")))?;
+        .map_err(|source| ApplyError::kafka("kafka metadata for", topic, None, source))?;
     let partitions: Vec<i32> = md
         .topics()
         .iter()
@@ -68,9 +68,10 @@ pub async fn assign(
     if partitions.is_empty() {
         // preflight checked it exists: a broker that is restarting may
         // answer without it for a moment
-        return Err(ApplyError::Transient(format!(
-            "topic {topic} not found; if it persists, run pgrelay setup in the source region"
-        )));
+        return Err(ApplyErrorKind::TopicMissing {
+            topic: topic.to_string(),
+        }
+        .into());
     }
     let mine: Vec<i32> = partitions
         .into_iter()
@@ -89,30 +90,24 @@ pub async fn assign(
             None => Offset::Beginning,
         };
         tpl.add_partition_offset(topic, *p, offset)
-            .map_err(|e| ApplyError::Transient(e.to_string()))?;
+            .map_err(|source| ApplyError::kafka("assigning", topic, Some(*p), source))?;
     }
     consumer
         .assign(&tpl)
-        .map_err(|e| ApplyError::Transient(format!("assigning {topic}: {e}")))?;
+        .map_err(|source| ApplyError::kafka("assigning", topic, None, source))?;
     Ok(mine.len())
 }
 
 /// Everything checked before consuming: the target tables, the apply
 /// session (role, origins), the Kafka cluster and topics.
 pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> {
-    let dsn = &config
-        .region(region)
-        .map_err(|e| ApplyError::Setup(e.to_string()))?
-        .dsn;
+    let dsn = &config.region(region)?.dsn;
     let client = catalog::connect(dsn, region)
         .await
-        .map_err(|e| ApplyError::Unreachable(e.to_string()))?;
+        .map_err(ApplyError::unreachable)?;
     load_targets(config, region, &client)
         .await
-        .map_err(|e| match e {
-            ApplyError::Transient(m) => ApplyError::Unreachable(m),
-            other => other,
-        })?;
+        .map_err(ApplyError::unreachable_at_start)?;
     let cluster = config.kafka_for(region);
     let mut topics: Vec<String> = config
         .regions
@@ -130,11 +125,10 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
     crate::kafka::check_topics(cluster, &topics, Duration::from_secs(10))
         .await
         .map_err(|e| {
-            let msg = format!("region {region}: {e}");
             if e.is_unreachable() {
-                ApplyError::Unreachable(msg)
+                ApplyError::transient(format!("region {region}"), e).unreachable_at_start()
             } else {
-                ApplyError::Setup(msg)
+                ApplyError::setup_from(format!("region {region}: {e}"), e)
             }
         })?;
     let groups = (0..config.apply.sessions_per_source).flat_map(|g| {
@@ -149,8 +143,8 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
             Ok(_) => {}
             // an origin still held by a previous process's session, or a
             // database that is restarting: the supervisor retries
-            Err(ApplyError::Transient(m) | ApplyError::OriginBusy(m)) => {
-                tracing::warn!(region, source = %source, "apply session not ready yet: {m}");
+            Err(e) if e.is_transient() => {
+                tracing::warn!(region, source = %source, "apply session not ready yet: {e}");
             }
             Err(e) => return Err(e),
         }

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -156,7 +157,7 @@ impl DlqProducer {
             .set("message.timeout.ms", "30000");
         cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
         let producer = cfg.create().map_err(|e| {
-            ApplyError::Setup(format!("dead-letter producer for region {region}: {e}"))
+            ApplyError::setup_from(format!("dead-letter producer for region {region}: {e}"), e)
         })?;
         Ok(DlqProducer {
             producer,
@@ -164,17 +165,17 @@ impl DlqProducer {
         })
     }
 
-    pub async fn send_all(&self, dead: &[DeadLetter]) -> Result<(), String> {
+    pub async fn send_all(&self, dead: &[DeadLetter]) -> Result<(), DlqSendError> {
         self.send(dead, true).await
     }
 
     /// [`send_all`](Self::send_all) without a warning per record (a
     /// discarded storm: the caller logs once per batch).
-    pub async fn send_quietly(&self, dead: &[DeadLetter]) -> Result<(), String> {
+    pub async fn send_quietly(&self, dead: &[DeadLetter]) -> Result<(), DlqSendError> {
         self.send(dead, false).await
     }
 
-    async fn send(&self, dead: &[DeadLetter], warn_each: bool) -> Result<(), String> {
+    async fn send(&self, dead: &[DeadLetter], warn_each: bool) -> Result<(), DlqSendError> {
         for d in dead {
             let mut rec: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.topic).headers(d.headers());
@@ -187,7 +188,13 @@ impl DlqProducer {
             self.producer
                 .send(rec, Duration::from_secs(30))
                 .await
-                .map_err(|(e, _)| format!("dead-letter topic {}: {e}", self.topic))?;
+                .map_err(|(source, _)| DlqSendError {
+                    topic: self.topic.clone(),
+                    record_topic: d.topic.clone(),
+                    partition: d.partition,
+                    offset: d.offset,
+                    source,
+                })?;
             if warn_each {
                 tracing::warn!(
                     topic = %d.topic, partition = d.partition, offset = d.offset,
@@ -197,6 +204,19 @@ impl DlqProducer {
         }
         Ok(())
     }
+}
+
+/// A dead letter Kafka did not take: the record it parks (`record_topic`,
+/// `partition`, `offset`) stays unapplied and is consumed again.
+#[derive(Debug, thiserror::Error)]
+#[error("dead-letter topic {topic}: {source}")]
+pub struct DlqSendError {
+    pub topic: String,
+    pub record_topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    #[source]
+    pub source: KafkaError,
 }
 
 /// Reads the dead-letter topic from `start` (partition -> offset) until no
@@ -221,10 +241,12 @@ pub fn read(
     cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
     let consumer: BaseConsumer = cfg
         .create()
-        .map_err(|e| ApplyError::Setup(format!("kafka consumer: {e}")))?;
+        .map_err(|e| ApplyError::setup_from(format!("kafka consumer: {e}"), e))?;
     let md = consumer
         .fetch_metadata(Some(&topic), Duration::from_secs(10))
-        .map_err(|e| ApplyError::Setup(format!("cannot read dead-letter topic {topic}: {e}")))?;
+        .map_err(|e| {
+            ApplyError::setup_from(format!("cannot read dead-letter topic {topic}: {e}"), e)
+        })?;
     let mut tpl = TopicPartitionList::new();
     for t in md
         .topics()
@@ -237,17 +259,17 @@ pub fn read(
                 .map(|o| Offset::Offset(*o))
                 .unwrap_or(Offset::Beginning);
             tpl.add_partition_offset(&topic, p.id(), off)
-                .map_err(|e| ApplyError::Transient(e.to_string()))?;
+                .map_err(|source| ApplyError::kafka("assigning", &topic, Some(p.id()), source))?;
         }
     }
     if tpl.count() == 0 {
-        return Err(ApplyError::Setup(format!(
+        return Err(ApplyError::setup(format!(
             "dead-letter topic {topic} does not exist; run pgrelay setup --region {region}"
         )));
     }
     consumer
         .assign(&tpl)
-        .map_err(|e| ApplyError::Transient(e.to_string()))?;
+        .map_err(|source| ApplyError::kafka("assigning", &topic, None, source))?;
     let mut out = Vec::new();
     let mut last = std::time::Instant::now();
     while last.elapsed() < idle && limit.is_none_or(|l| out.len() < l) {
@@ -256,7 +278,7 @@ pub fn read(
                 last = std::time::Instant::now();
                 out.push((m.partition(), m.offset(), DeadLetter::from_message(&m)));
             }
-            Some(Err(e)) => return Err(ApplyError::Transient(format!("reading {topic}: {e}"))),
+            Some(Err(source)) => return Err(ApplyError::kafka("reading", &topic, None, source)),
             None => {}
         }
     }

@@ -1,33 +1,270 @@
 //! What can go wrong on the apply side: [`ApplyError`] for a pipeline,
 //! [`BatchError`] for one batch, and database errors classified by SQLSTATE.
+//!
+//! Each error names what it concerns as fields (the topic, partition and
+//! offset of the records, the table) and keeps its cause typed as its
+//! `source`; the transient/definite split comes from the variant, which the
+//! SQLSTATE or the Kafka error kind decided, never from message text.
 
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
+
+use crate::config::ConfigError;
+use crate::event::TableName;
+use crate::kafka::AdminError;
+use crate::source::catalog::CatalogError;
+
+use super::dlq::DlqSendError;
+
+/// An apply-side failure: what happened is its [`ApplyErrorKind`] (boxed, so
+/// that results stay small on the hot path).
 #[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// Cannot run until someone fixes something.
-    #[error("{0}")]
-    Setup(String),
-    /// A database or Kafka cluster cannot be reached at start.
-    #[error("{0}")]
-    Unreachable(String),
-    /// Broke; restart with backoff.
-    #[error("{0}")]
-    Transient(String),
+#[error(transparent)]
+pub struct ApplyError(Box<ApplyErrorKind>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyErrorKind {
+    /// Cannot run until someone fixes something: `message` says what (and
+    /// shows `source`, when there is one).
+    #[error("{message}")]
+    Setup {
+        message: String,
+        table: Option<TableName>,
+        #[source]
+        source: Option<Cause>,
+    },
+    /// A database or Kafka cluster cannot be reached at start (while
+    /// `doing` something, may be empty).
+    #[error("{}{source}", prefix(.doing))]
+    Unreachable {
+        doing: String,
+        #[source]
+        source: Cause,
+    },
+    /// Broke while doing something (`doing`, may be empty); restart with
+    /// backoff.
+    #[error("{}{source}", prefix(.doing))]
+    Transient {
+        doing: String,
+        #[source]
+        source: Cause,
+    },
+    /// Kafka failed on `topic` (at `partition`, when it concerns one);
+    /// restart with backoff.
+    #[error("{doing} {topic}: {source}")]
+    Kafka {
+        doing: &'static str,
+        topic: String,
+        partition: Option<i32>,
+        #[source]
+        source: KafkaError,
+    },
+    /// A topic's partitions were not found (a restarting broker may answer
+    /// without them for a moment); restart with backoff.
+    #[error("topic {topic} not found; if it persists, run pgrelay setup in the source region")]
+    TopicMissing { topic: String },
+    /// A batch of `topic` kept failing; the pipeline restarts from the
+    /// offsets stored in the target. `partition`, `offset`: its first record
+    /// (none when the batch only stored offsets).
+    #[error("{source} (resuming from the offsets stored in the target)")]
+    Batch {
+        topic: String,
+        partition: Option<i32>,
+        offset: Option<i64>,
+        #[source]
+        source: BatchError,
+    },
+    /// The target's connection was lost while the pipeline waited for
+    /// records; restart with backoff.
+    #[error(
+        "region {region}: the connection to the target database was lost \
+         (resuming from the offsets stored there)"
+    )]
+    ConnectionLost { region: String },
     /// The replication origin is held by another session (SQLSTATE 55006:
     /// a previous process's session not gone yet, or a second process).
-    #[error("{0}")]
-    OriginBusy(String),
-    /// Records to apply were deleted by Kafka's retention first: they are
-    /// lost here until someone resyncs the pair.
-    #[error("{0}")]
-    RecordsLost(String),
+    #[error("region {region}: replication origin {origin}: {}", db_message(.source))]
+    OriginBusy {
+        region: String,
+        origin: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Records to apply were deleted by Kafka's retention first (the
+    /// consumer's `source`): they are lost in `region` until someone
+    /// resyncs the pair.
+    #[error(
+        "region {region}: the cluster no longer holds the records of {topic} this region is to \
+         apply next (deleted by retention before they were applied, or lost by the cluster: {}): \
+         those changes are lost in {region}. Run `pgrelay resync --region {from} --to {region}`, \
+         then `DELETE FROM pgrelay.offsets WHERE topic = '{topic}'` in {region} to resume from \
+         the oldest record Kafka holds",
+        kafka_code(.source)
+    )]
+    RecordsLost {
+        region: String,
+        /// The source region of the pair.
+        from: String,
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// What lies under an [`ApplyError`], typed.
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    #[error("{}", db_message(.0))]
+    Database(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error(transparent)]
+    DeadLetter(#[from] Box<DlqSendError>),
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl ApplyError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, ApplyError::Transient(_) | ApplyError::OriginBusy(_))
+    /// A setup problem `message` explains.
+    pub fn setup(message: impl Into<String>) -> Self {
+        ApplyErrorKind::Setup {
+            message: message.into(),
+            table: None,
+            source: None,
+        }
+        .into()
     }
+
+    /// A setup problem of `table`.
+    pub fn setup_table(table: &TableName, message: impl Into<String>) -> Self {
+        ApplyErrorKind::Setup {
+            message: message.into(),
+            table: Some(table.clone()),
+            source: None,
+        }
+        .into()
+    }
+
+    /// A setup problem `message` explains, caused by `source` (which the
+    /// message shows).
+    pub fn setup_from(message: impl Into<String>, source: impl Into<Cause>) -> Self {
+        ApplyErrorKind::Setup {
+            message: message.into(),
+            table: None,
+            source: Some(source.into()),
+        }
+        .into()
+    }
+
+    /// A failure worth a restart, while `doing` something.
+    pub fn transient(doing: impl Into<String>, source: impl Into<Cause>) -> Self {
+        ApplyErrorKind::Transient {
+            doing: doing.into(),
+            source: source.into(),
+        }
+        .into()
+    }
+
+    pub fn unreachable(source: impl Into<Cause>) -> Self {
+        ApplyErrorKind::Unreachable {
+            doing: String::new(),
+            source: source.into(),
+        }
+        .into()
+    }
+
+    /// Kafka failed on `topic` (at `partition`) while `doing` something.
+    pub fn kafka(
+        doing: &'static str,
+        topic: &str,
+        partition: Option<i32>,
+        source: KafkaError,
+    ) -> Self {
+        ApplyErrorKind::Kafka {
+            doing,
+            topic: topic.to_string(),
+            partition,
+            source,
+        }
+        .into()
+    }
+
+    /// What happened.
+    pub fn kind(&self) -> &ApplyErrorKind {
+        &self.0
+    }
+
+    pub fn into_kind(self) -> ApplyErrorKind {
+        *self.0
+    }
+
+    pub fn is_transient(&self) -> bool {
+        match self.kind() {
+            ApplyErrorKind::Transient { .. }
+            | ApplyErrorKind::Kafka { .. }
+            | ApplyErrorKind::TopicMissing { .. }
+            | ApplyErrorKind::Batch { .. }
+            | ApplyErrorKind::ConnectionLost { .. }
+            | ApplyErrorKind::OriginBusy { .. } => true,
+            ApplyErrorKind::Setup { .. }
+            | ApplyErrorKind::Unreachable { .. }
+            | ApplyErrorKind::RecordsLost { .. } => false,
+        }
+    }
+
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self.kind(), ApplyErrorKind::Unreachable { .. })
+    }
+
+    /// Cannot run until someone fixes something.
+    pub fn is_setup(&self) -> bool {
+        matches!(self.kind(), ApplyErrorKind::Setup { .. })
+    }
+
+    /// A transient failure at start as "cannot be reached" (the pre-flight
+    /// retries those until `relay.startup_timeout`).
+    pub fn unreachable_at_start(self) -> Self {
+        match self.into_kind() {
+            ApplyErrorKind::Transient { doing, source } => {
+                ApplyErrorKind::Unreachable { doing, source }.into()
+            }
+            other => other.into(),
+        }
+    }
+}
+
+impl From<ApplyErrorKind> for ApplyError {
+    fn from(kind: ApplyErrorKind) -> Self {
+        ApplyError(Box::new(kind))
+    }
+}
+
+/// A configuration error is a setup problem.
+impl From<ConfigError> for ApplyError {
+    fn from(e: ConfigError) -> Self {
+        ApplyError::setup_from(e.to_string(), e)
+    }
+}
+
+fn prefix(doing: &str) -> String {
+    match doing {
+        "" => String::new(),
+        d => format!("{d}: "),
+    }
+}
+
+fn kafka_code(e: &KafkaError) -> String {
+    e.rdkafka_error_code()
+        .map_or_else(|| e.to_string(), |c| c.to_string())
 }
 
 /// Whether a database error is worth retrying as is.
@@ -64,52 +301,70 @@ pub fn db_message(e: &tokio_postgres::Error) -> String {
 }
 
 /// Why a batch was not applied (nothing of it was committed).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    /// A lost connection, a shutdown of the target: retry it.
-    Transient(String),
+    /// A statement failed in a way worth retrying as is (a lost connection,
+    /// a shutdown of the target), at `step` or on `table`.
+    #[error("{}: {}", .table.as_deref().unwrap_or(.step), db_message(.source))]
+    Database {
+        step: &'static str,
+        table: Option<String>,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// A serialization failure or deadlock with another session (SQLSTATE
-    /// 40001, 40P01): retry it after a short wait, quietly.
-    Conflict(String),
+    /// 40001, 40P01) on `table`: retry it after a short wait, quietly.
+    #[error("{table}: {}", db_message(.source))]
+    Conflict {
+        table: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The batch's dead letters could not be written (so its offsets were
+    /// not stored): retry it.
+    #[error(transparent)]
+    DeadLetter(Box<DlqSendError>),
     /// Something would have been dead-lettered under table definitions not
     /// read since: read them again, then retry. `unknown_column` names the
     /// first `table.column` a record has and the definitions lack.
+    #[error("{}", recheck_message(.unknown_column))]
     Recheck { unknown_column: Option<String> },
     /// A change is stamped further ahead of the local clock than
     /// `max_clock_skew`: retry once the clock has come this much closer.
+    #[error(
+        "a change is stamped ahead of this region's clock by more than \
+         relay.max_clock_skew: waiting {wait:?} for the clock to catch up"
+    )]
     Ahead { wait: Duration },
 }
 
-impl std::fmt::Display for BatchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BatchError::Transient(e) | BatchError::Conflict(e) => f.write_str(e),
-            BatchError::Recheck {
-                unknown_column: Some(c),
-            } => write!(f, "records have column {c}, which the target table lacks"),
-            BatchError::Recheck { .. } => {
-                f.write_str("a statement failed: the target's table definitions are re-read")
-            }
-            BatchError::Ahead { wait } => write!(
-                f,
-                "a change is stamped ahead of this region's clock by more than \
-                 relay.max_clock_skew: waiting {wait:?} for the clock to catch up"
-            ),
-        }
+fn recheck_message(unknown_column: &Option<String>) -> String {
+    match unknown_column {
+        Some(c) => format!("records have column {c}, which the target table lacks"),
+        None => "a statement failed: the target's table definitions are re-read".into(),
     }
 }
 
-/// A retryable database error, classified by its SQLSTATE.
-pub(super) fn retryable(e: &tokio_postgres::Error, table: &str) -> BatchError {
-    let message = format!("{table}: {}", db_message(e));
-    match sqlstate(e).as_str() {
-        "40001" | "40P01" => BatchError::Conflict(message),
-        _ => BatchError::Transient(message),
+/// A database error at `step` of a batch: worth retrying as is.
+pub(super) fn at_step(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> BatchError {
+    move |source| BatchError::Database {
+        step,
+        table: None,
+        source,
     }
 }
 
-impl From<String> for BatchError {
-    fn from(e: String) -> Self {
-        BatchError::Transient(e)
+/// A retryable database error on `table`, classified by its SQLSTATE.
+pub(super) fn retryable(e: tokio_postgres::Error, table: &str) -> BatchError {
+    match sqlstate(&e).as_str() {
+        "40001" | "40P01" => BatchError::Conflict {
+            table: table.to_string(),
+            source: e,
+        },
+        _ => BatchError::Database {
+            step: "",
+            table: Some(table.to_string()),
+            source: e,
+        },
     }
 }

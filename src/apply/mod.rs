@@ -49,7 +49,10 @@ pub mod vault;
 
 pub use batch::{apply_batch, now_ms, BatchOptions, ConflictLog, Outcome};
 pub use consume::{assign, consumer, preflight, Consumed};
-pub use error::{db_message, is_transient_db, sqlstate, ApplyError, BatchError};
+pub use dlq::DlqSendError;
+pub use error::{
+    db_message, is_transient_db, sqlstate, ApplyError, ApplyErrorKind, BatchError, Cause,
+};
 pub use pipeline::run;
 pub use session::{session, session_with_origin, stored_offsets};
 pub use target::load_targets;

@@ -9,6 +9,7 @@ use rdkafka::message::Message as _;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::source::catalog::{self};
@@ -16,7 +17,7 @@ use crate::source::catalog::{self};
 use super::batch::{apply_batch, BatchOptions, ConflictLog, Outcome};
 use super::consume::{assign, consumer, Consumed};
 use super::dlq::DlqProducer;
-use super::error::{db_message, ApplyError, BatchError};
+use super::error::{db_message, ApplyError, ApplyErrorKind, BatchError};
 use super::record::Targets;
 use super::session::{session, stored_offsets};
 use super::sql;
@@ -32,13 +33,10 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
-    let dsn = &config
-        .region(&region)
-        .map_err(|e| ApplyError::Setup(e.to_string()))?
-        .dsn;
+    let dsn = &config.region(&region)?.dsn;
     let client = catalog::connect(dsn, &region)
         .await
-        .map_err(|e| ApplyError::Transient(e.to_string()))?;
+        .map_err(|e| ApplyError::transient("", e))?;
     let targets = Arc::new(load_targets(&config, &region, &client).await?);
     drop(client);
     let dlq = Arc::new(DlqProducer::new(&config, &region)?);
@@ -75,7 +73,7 @@ pub async fn run(
     }
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
-        let r = joined.unwrap_or_else(|e| Err(ApplyError::Transient(format!("apply task: {e}"))));
+        let r = joined.unwrap_or_else(|e| Err(ApplyError::transient("apply task", e)));
         if let Err(e) = r {
             if result.is_ok() {
                 result = Err(e);
@@ -108,12 +106,12 @@ impl Pipeline {
     /// Runs the pipeline, restarting it with backoff after transient
     /// failures; the other sources' pipelines are not disturbed.
     async fn supervise(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplyError> {
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
         loop {
             let started = Instant::now();
             match self.run(shutdown.clone()).await {
                 Ok(()) => return Ok(()),
-                Err(ApplyError::Transient(e) | ApplyError::OriginBusy(e)) => {
+                Err(e) if e.is_transient() => {
                     self.metrics.add(
                         "pgrelay_apply_restarts_total",
                         "Apply pipelines restarted after a transient failure",
@@ -121,16 +119,16 @@ impl Pipeline {
                         1,
                     );
                     if started.elapsed() > Duration::from_secs(60) {
-                        backoff = Duration::from_millis(250);
+                        backoff.reset();
                     }
-                    tracing::warn!(region = %self.region, source = %self.source, error = %e, retry_in = ?backoff, "apply pipeline failed, restarting");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(region = %self.region, source = %self.source, error = %e, retry_in = ?delay, "apply pipeline failed, restarting");
                     tokio::select! {
                         _ = shutdown.changed() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
-                Err(ApplyError::RecordsLost(e)) => {
+                Err(e) if matches!(e.kind(), ApplyErrorKind::RecordsLost { .. }) => {
                     self.metrics.set(
                         "pgrelay_apply_records_lost",
                         "1 while records of the pair were deleted by Kafka retention before they were applied (run pgrelay resync)",
@@ -196,19 +194,19 @@ impl Pipeline {
                     m = consumer.recv() => {
                         let m = match m {
                             Ok(m) => m,
-                            Err(rdkafka::error::KafkaError::MessageConsumption(
-                                code @ (rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
-                                | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange),
+                            Err(source @ rdkafka::error::KafkaError::MessageConsumption(
+                                rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
+                                | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange,
                             )) => {
-                                return Err(ApplyError::RecordsLost(format!(
-                                    "region {}: the cluster no longer holds the records of {} this region is to apply next \
-                                     (deleted by retention before they were applied, or lost by the cluster: {code}): \
-                                     those changes are lost in {}. Run `pgrelay resync --region {} --to {}`, then \
-                                     `DELETE FROM pgrelay.offsets WHERE topic = '{}'` in {} to resume from the oldest record Kafka holds",
-                                    self.region, self.topic, self.region, self.source, self.region, self.topic, self.region
-                                )))
+                                return Err(ApplyErrorKind::RecordsLost {
+                                    region: self.region.clone(),
+                                    from: self.source.clone(),
+                                    topic: self.topic.clone(),
+                                    source,
+                                }
+                                .into())
                             }
-                            Err(e) => return Err(ApplyError::Transient(format!("consuming {}: {e}", self.topic))),
+                            Err(source) => return Err(ApplyError::kafka("consuming", &self.topic, None, source)),
                         };
                         let now = tokio::time::Instant::now();
                         if batch.is_empty() {
@@ -242,10 +240,10 @@ impl Pipeline {
                     }
                     _ = liveness.tick(), if batch.is_empty() => {
                         if client.is_closed() {
-                            return Err(ApplyError::Transient(format!(
-                                "region {}: the connection to the target database was lost (resuming from the offsets stored there)",
-                                self.region
-                            )));
+                            return Err(ApplyErrorKind::ConnectionLost {
+                                region: self.region.clone(),
+                            }
+                            .into());
                         }
                     }
                 }
@@ -261,8 +259,8 @@ impl Pipeline {
                         return Ok(());
                     }
                     let stored = stored_offsets(&client, &self.topic).await?;
-                    consumer.unassign().map_err(|e| {
-                        ApplyError::Transient(format!("unassigning {}: {e}", self.topic))
+                    consumer.unassign().map_err(|source| {
+                        ApplyError::kafka("unassigning", &self.topic, None, source)
                     })?;
                     assign(&consumer, &self.topic, &stored, self.group, self.groups).await?;
                     continue;
@@ -289,7 +287,12 @@ impl Pipeline {
     ) -> Result<(), ApplyError> {
         // short first waits: most failures here are serialization conflicts
         // with another session, gone on the next attempt
-        let mut backoff = Duration::from_millis(10 + (self.group as u64) * 7);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(10 + (self.group as u64) * 7),
+            Duration::from_secs(10),
+        );
+        // waits for a column the target lacks
+        let mut schema_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
         let mut attempt = 0u32;
         let mut targets = self.targets();
         let mut targets_checked = false;
@@ -343,11 +346,10 @@ impl Pipeline {
                             continue;
                         }
                         Ok(_) => {}
-                        Err(ApplyError::Setup(e)) => return Err(ApplyError::Setup(e)),
+                        Err(e) if e.is_setup() => return Err(e),
                         Err(e) => {
                             tracing::warn!(region = %self.region, source = %self.source, error = %e, "re-reading the target's table definitions failed, retrying");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                            tokio::time::sleep(backoff.next_delay()).await;
                             continue;
                         }
                     }
@@ -370,21 +372,22 @@ impl Pipeline {
                         1,
                     );
                     tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "records carry a column the target table lacks: waiting for it (add it here, or see relay.apply.schema_wait)");
-                    tokio::time::sleep(backoff).await;
-                    backoff =
-                        (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(5));
+                    tokio::time::sleep(schema_backoff.next_delay()).await;
                 }
-                Err(e @ (BatchError::Conflict(_) | BatchError::Transient(_))) => {
+                Err(
+                    e @ (BatchError::Conflict { .. }
+                    | BatchError::Database { .. }
+                    | BatchError::DeadLetter(_)),
+                ) => {
                     self.metrics.add(
                         "pgrelay_apply_retries_total",
                         "Batches retried after a transient failure",
                         &[("region", &self.region), ("source", &self.source)],
                         1,
                     );
-                    if let BatchError::Conflict(e) = &e {
+                    if let BatchError::Conflict { .. } = &e {
                         tracing::debug!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch conflicted with another session, retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        tokio::time::sleep(backoff.next_delay()).await;
                         continue;
                     }
                     tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
@@ -394,12 +397,16 @@ impl Pipeline {
                         // commits (asynchronous commit, failover to a standby
                         // behind it) lost the offsets with them, and those
                         // records must be consumed again
-                        return Err(ApplyError::Transient(format!(
-                            "{e} (resuming from the offsets stored in the target)"
-                        )));
+                        let first = batch.first();
+                        return Err(ApplyErrorKind::Batch {
+                            topic: self.topic.clone(),
+                            partition: first.map(|c| c.partition),
+                            offset: first.map(|c| c.offset),
+                            source: e,
+                        }
+                        .into());
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Err(BatchError::Ahead { wait }) => {
                     waiting_clock = true;

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use crate::apply::dlq::{self, DeadLetter, DlqProducer};
 use crate::apply::{
-    apply_batch, load_targets, session_with_origin, stored_offsets, ApplyError, BatchOptions,
-    Consumed,
+    apply_batch, load_targets, session_with_origin, stored_offsets, ApplyError, ApplyErrorKind,
+    BatchOptions, Consumed,
 };
 use crate::config::Config;
 use crate::names::REPLAY_ORIGIN;
@@ -45,13 +45,10 @@ pub async fn replay(
     dry_run: bool,
     limit: Option<usize>,
 ) -> Result<Vec<Replayed>, ApplyError> {
-    let dsn = &config
-        .region(region)
-        .map_err(|e| ApplyError::Setup(e.to_string()))?
-        .dsn;
+    let dsn = &config.region(region)?.dsn;
     let client = catalog::connect(dsn, region)
         .await
-        .map_err(|e| ApplyError::Setup(e.to_string()))?;
+        .map_err(|e| ApplyError::setup_from(e.to_string(), e))?;
     let targets = load_targets(config, region, &client).await?;
     let dlq_topic = config.dlq_topic(region);
     let start = stored_offsets(&client, &dlq_topic).await?;
@@ -69,11 +66,14 @@ pub async fn replay(
     }
     let mut client = session_with_origin(config, region, REPLAY_ORIGIN)
         .await
-        .map_err(|e| match e {
-            ApplyError::OriginBusy(m) => ApplyError::Setup(format!(
-                "another pgrelay dlq replay is running for region {region}: {m}"
-            )),
-            other => other,
+        .map_err(|e| {
+            let message = format!("another pgrelay dlq replay is running for region {region}: {e}");
+            match e.into_kind() {
+                ApplyErrorKind::OriginBusy { source, .. } => {
+                    ApplyError::setup_from(message, source)
+                }
+                other => other.into(),
+            }
         })?;
     let mut out = Vec::new();
     for (partition, offset, letter) in letters {
@@ -113,7 +113,12 @@ pub async fn replay(
             },
         )
         .await
-        .map_err(|e| ApplyError::Transient(e.to_string()))?;
+        .map_err(|e| {
+            ApplyError::transient(
+                format!("replaying {dlq_topic} partition {partition} offset {offset}"),
+                e,
+            )
+        })?;
         out.push(Replayed {
             partition,
             offset,

@@ -40,7 +40,7 @@ pub async fn restore(
     from: &str,
     progress: &mut crate::progress::Progress,
 ) -> Result<Restored, ApplyError> {
-    let setup = |e: &dyn std::fmt::Display| ApplyError::Setup(e.to_string());
+    let setup = |e: &dyn std::fmt::Display| ApplyError::setup(e.to_string());
     let key = config.dr_key(region).map_err(|e| setup(&e))?;
     let tables: BTreeMap<String, String> = config
         .tables
@@ -50,14 +50,14 @@ pub async fn restore(
         .collect();
     let vault = catalog::connect(&config.region(from).map_err(|e| setup(&e))?.dsn, from)
         .await
-        .map_err(|e| ApplyError::Unreachable(e.to_string()))?;
+        .map_err(ApplyError::unreachable)?;
     let mut client = session_with_origin(config, region, REPLAY_ORIGIN).await?;
     let targets = load_targets(config, region, &client).await?;
     let dlq = DlqProducer::new(config, region)?;
     let topic = config.dr_topic(region, from);
     let mut report = Restored::default();
     let vault_error = |e: tokio_postgres::Error| {
-        ApplyError::Setup(format!(
+        ApplyError::setup(format!(
             "region {from}: reading the DR vault: {}",
             crate::apply::db_message(&e)
         ))
@@ -151,7 +151,7 @@ pub async fn restore(
             },
         )
         .await
-        .map_err(|e| ApplyError::Transient(format!("region {region}: restoring: {e}")))?;
+        .map_err(|e| ApplyError::transient(format!("region {region}: restoring"), e))?;
         report.written += outcome.won;
         report.current += outcome.lost;
         report.failed.extend(

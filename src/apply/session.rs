@@ -10,7 +10,7 @@ use crate::source::catalog::{self};
 
 use crate::names::origin_name;
 
-use super::error::{db_message, is_transient_db, sqlstate, ApplyError};
+use super::error::{db_message, is_transient_db, sqlstate, ApplyError, ApplyErrorKind};
 
 /// Opens apply session `group` for one source: replica role, origin.
 pub async fn session(
@@ -28,13 +28,10 @@ pub async fn session_with_origin(
     region: &str,
     origin: &str,
 ) -> Result<Client, ApplyError> {
-    let dsn = &config
-        .region(region)
-        .map_err(|e| ApplyError::Setup(e.to_string()))?
-        .dsn;
+    let dsn = &config.region(region)?.dsn;
     let client = catalog::connect(dsn, region)
         .await
-        .map_err(|e| ApplyError::Transient(e.to_string()))?;
+        .map_err(|e| ApplyError::transient("", e))?;
     client
         .batch_execute(&format!(
             "SET session_replication_role = replica; SET client_min_messages = warning; {}",
@@ -43,33 +40,36 @@ pub async fn session_with_origin(
         .await
         .map_err(|e| {
             if sqlstate(&e) == "42501" {
-                ApplyError::Setup(format!(
+                let message = format!(
                     "region {region}: the apply role must be allowed to SET session_replication_role \
                      (GRANT SET ON PARAMETER session_replication_role TO the role; pgrelay setup grants it \
                      with a setup_dsn): {}",
                     db_message(&e)
-                ))
+                );
+                ApplyError::setup_from(message, e)
             } else {
-                ApplyError::Transient(format!("region {region}: {}", db_message(&e)))
+                ApplyError::transient(format!("region {region}"), e)
             }
         })?;
     client
         .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
         .await
         .map_err(|e| {
-            let msg = db_message(&e);
             if sqlstate(&e) == "55006" {
-                ApplyError::OriginBusy(format!(
-                    "region {region}: replication origin {origin}: {msg}"
-                ))
+                ApplyErrorKind::OriginBusy {
+                    region: region.to_string(),
+                    origin: origin.to_string(),
+                    source: e,
+                }
+                .into()
             } else if is_transient_db(&e) {
-                ApplyError::Transient(format!(
-                    "region {region}: replication origin {origin}: {msg}"
-                ))
+                ApplyError::transient(format!("region {region}: replication origin {origin}"), e)
             } else {
-                ApplyError::Setup(format!(
-                    "region {region}: replication origin {origin}: {msg}; run pgrelay setup"
-                ))
+                let message = format!(
+                    "region {region}: replication origin {origin}: {}; run pgrelay setup",
+                    db_message(&e)
+                );
+                ApplyError::setup_from(message, e)
             }
         })?;
     Ok(client)
@@ -86,9 +86,7 @@ pub async fn stored_offsets(
             &[&topic],
         )
         .await
-        .map_err(|e| {
-            ApplyError::Transient(format!("reading stored offsets: {}", db_message(&e)))
-        })?;
+        .map_err(|e| ApplyError::transient("reading stored offsets", e))?;
     Ok(rows
         .iter()
         .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))

@@ -25,24 +25,30 @@ pub async fn load_targets(
         let state = cat
             .table(&t.name)
             .await
-            .map_err(|e| ApplyError::Transient(e.to_string()))?;
+            .map_err(|e| ApplyError::transient("", e))?;
         if !state.exists {
-            return Err(ApplyError::Setup(format!(
-                "region {region}: declared table {} does not exist; create it, then run pgrelay setup",
-                t.name
-            )));
+            return Err(ApplyError::setup_table(
+                &t.name,
+                format!(
+                    "region {region}: declared table {} does not exist; create it, then run pgrelay setup",
+                    t.name
+                ),
+            ));
         }
         if state.primary_key.is_empty() {
-            return Err(ApplyError::Setup(format!(
-                "region {region}: table {} has no primary key",
-                t.name
-            )));
+            return Err(ApplyError::setup_table(
+                &t.name,
+                format!("region {region}: table {} has no primary key", t.name),
+            ));
         }
         if !state.has_stamp_column {
-            return Err(ApplyError::Setup(format!(
-                "region {region}: table {} lacks pgrelay's stamp column; run pgrelay setup",
-                t.name
-            )));
+            return Err(ApplyError::setup_table(
+                &t.name,
+                format!(
+                    "region {region}: table {} lacks pgrelay's stamp column; run pgrelay setup",
+                    t.name
+                ),
+            ));
         }
         targets.insert(
             t.name.to_string(),

@@ -12,13 +12,14 @@ use rdkafka::message::Message as _;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::dr::{hex_bytes, Sealed};
 use crate::metrics::Metrics;
 use crate::source::catalog;
 
 use super::consume::{assign, consumer};
-use super::error::{db_message, ApplyError};
+use super::error::ApplyError;
 use super::session::stored_offsets;
 use super::sql::OFFSETS_SQL;
 
@@ -80,17 +81,17 @@ pub async fn supervise(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         match run(&config, &region, &home, &metrics, shutdown.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
-                tracing::warn!(region = %region, home = %home, error = %e, retry_in = ?backoff, "DR vault consumer failed, restarting");
+                let delay = backoff.next_delay();
+                tracing::warn!(region = %region, home = %home, error = %e, retry_in = ?delay, "DR vault consumer failed, restarting");
                 tokio::select! {
                     _ = shutdown.changed() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             Err(e) => return Err(e),
         }
@@ -104,13 +105,10 @@ async fn run(
     metrics: &Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
-    let dsn = &config
-        .region(region)
-        .map_err(|e| ApplyError::Setup(e.to_string()))?
-        .dsn;
+    let dsn = &config.region(region)?.dsn;
     let mut client = catalog::connect(dsn, region)
         .await
-        .map_err(|e| ApplyError::Transient(e.to_string()))?;
+        .map_err(|e| ApplyError::transient("", e))?;
     let topic = config.dr_topic(home, region);
     let stored = stored_offsets(&client, &topic).await?;
     let consumer = consumer(config, region, &format!("pgrelay-dr-{region}"))?;
@@ -121,19 +119,23 @@ async fn run(
         tokio::select! {
             _ = shutdown.changed() => return Ok(()),
             m = consumer.recv() => {
-                let m = m.map_err(|e| ApplyError::Transient(format!("consuming {topic}: {e}")))?;
+                let m = m.map_err(|e| consuming(&topic, e))?;
                 batch.push(owned(&m));
             }
         }
         while batch.len() < MAX_BATCH {
             match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
                 Ok(Ok(m)) => batch.push(owned(&m)),
-                Ok(Err(e)) => return Err(ApplyError::Transient(format!("consuming {topic}: {e}"))),
+                Ok(Err(e)) => return Err(consuming(&topic, e)),
                 Err(_) => break,
             }
         }
         store(&mut client, home, &topic, &batch, metrics, region).await?;
     }
+}
+
+fn consuming(topic: &str, source: rdkafka::error::KafkaError) -> ApplyError {
+    ApplyError::kafka("consuming", topic, None, source)
 }
 
 fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> (i32, i64, Vec<u8>, Vec<u8>) {
@@ -177,10 +179,7 @@ async fn store(
     )
     .to_string();
     let fail = |what: &str, e: tokio_postgres::Error| {
-        ApplyError::Transient(format!(
-            "region {region}: DR vault {what}: {}",
-            db_message(&e)
-        ))
+        ApplyError::transient(format!("region {region}: DR vault {what}"), e)
     };
     let tx = client.transaction().await.map_err(|e| fail("begin", e))?;
     tx.execute(VAULT_SQL, &[&home, &rows])

@@ -32,8 +32,15 @@ use crate::config::Config;
 #[derive(Debug)]
 pub enum Delivery {
     Acked(u64),
-    Failed { seq: u64, error: String },
-    Fatal(String),
+    Failed {
+        seq: u64,
+        error: KafkaError,
+    },
+    /// The producer cannot go on (librdkafka's `reason` with it).
+    Fatal {
+        error: KafkaError,
+        reason: String,
+    },
 }
 
 /// Collects what librdkafka reports until the capture loop takes it.
@@ -61,7 +68,10 @@ impl ClientContext for ReportingContext {
                 | Some(RDKafkaErrorCode::InvalidProducerEpoch)
         );
         if fatal {
-            self.report(Delivery::Fatal(format!("{error}: {reason}")));
+            self.report(Delivery::Fatal {
+                error,
+                reason: reason.to_string(),
+            });
         } else {
             tracing::warn!(error = %error, reason, "kafka client error");
         }
@@ -89,7 +99,7 @@ impl ProducerContext for ReportingContext {
             Ok(_) => Delivery::Acked(seq as u64),
             Err((e, _)) => Delivery::Failed {
                 seq: seq as u64,
-                error: e.to_string(),
+                error: e.clone(),
             },
         };
         self.report(report);
@@ -159,22 +169,27 @@ impl Publisher {
     }
 
     /// How many partitions `topic` has (blocking: a metadata request).
-    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<i32, String> {
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<i32, OpenError> {
         let md = self
             .producer
             .client()
             .fetch_metadata(Some(topic), timeout)
-            .map_err(|e| format!("kafka metadata for {topic}: {e}"))?;
-        let t = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .ok_or_else(|| format!("topic {topic} not in the broker's metadata"))?;
+            .map_err(|source| OpenError::Metadata {
+                topic: topic.to_string(),
+                source,
+            })?;
+        let topic = topic.to_string();
+        let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+            return Err(OpenError::NoTopic { topic });
+        };
         if let Some(e) = t.error() {
-            return Err(format!("topic {topic}: {e:?}"));
+            return Err(OpenError::Topic {
+                topic,
+                code: e.into(),
+            });
         }
         match t.partitions().len() {
-            0 => Err(format!("topic {topic} has no partitions")),
+            0 => Err(OpenError::NoPartitions { topic }),
             n => Ok(n as i32),
         }
     }
@@ -208,7 +223,12 @@ impl Publisher {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(SendError::QueueFull)
             }
-            Err((e, _)) => Err(SendError::Other(e.to_string())),
+            Err((source, _)) => Err(SendError::Kafka {
+                record: "record",
+                topic: topic.to_string(),
+                partition,
+                source,
+            }),
         }
     }
 
@@ -237,7 +257,7 @@ impl Outlets {
         config: &Config,
         destinations: &[String],
         topics: &[String],
-    ) -> Result<Outlets, String> {
+    ) -> Result<Outlets, OpenError> {
         let max_in_flight = config.capture.max_in_flight.max(1);
         let mut publishers: Vec<(String, Publisher)> = Vec::new();
         let mut dest_publisher = Vec::with_capacity(destinations.len());
@@ -247,8 +267,10 @@ impl Outlets {
                 Some(i) => i,
                 None => {
                     let cfg = producer_config(&cluster.brokers, &cluster.properties, max_in_flight);
-                    let p = Publisher::new(&cfg)
-                        .map_err(|e| format!("kafka producer for {dest}: {e}"))?;
+                    let p = Publisher::new(&cfg).map_err(|source| OpenError::Producer {
+                        destination: dest.clone(),
+                        source,
+                    })?;
                     publishers.push((cluster.brokers.clone(), p));
                     publishers.len() - 1
                 }
@@ -326,8 +348,46 @@ impl Outlets {
     }
 }
 
-#[derive(Debug)]
+/// Why a record was not queued.
+#[derive(Debug, thiserror::Error)]
 pub enum SendError {
+    /// librdkafka's local queue is full: collect deliveries, then again.
+    #[error("the producer's queue is full")]
     QueueFull,
-    Other(String),
+    /// Kafka refused the `record` (its kind: a record, a DR record, a
+    /// progress record) for `topic` at `partition`.
+    #[error("cannot queue a {record} for {topic}: {source}")]
+    Kafka {
+        record: &'static str,
+        topic: String,
+        partition: i32,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// Why the producers of [`Outlets`] could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("kafka producer for {destination}: {source}")]
+    Producer {
+        destination: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("kafka metadata for {topic}: {source}")]
+    Metadata {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("topic {topic} not in the broker's metadata")]
+    NoTopic { topic: String },
+    #[error("topic {topic}: {code:?}")]
+    Topic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+    #[error("topic {topic} has no partitions")]
+    NoPartitions { topic: String },
 }

@@ -58,13 +58,7 @@ impl<'a> Outgoing<'a> {
     /// [`SendError::QueueFull`]: make room and call again; any other error
     /// names the topic.
     pub fn queue(&self, outlets: &Outlets, dest: usize, seq: u64) -> Result<(), SendError> {
-        match outlets.send(dest, &self.record, self.headers(), seq) {
-            Err(SendError::Other(e)) => Err(SendError::Other(format!(
-                "cannot queue a record for {}: {e}",
-                outlets.topics[dest]
-            ))),
-            other => other,
-        }
+        outlets.send(dest, &self.record, self.headers(), seq)
     }
 
     /// Bytes this record puts on the wire (egress accounting).
@@ -139,11 +133,20 @@ pub fn queue_dr(
         (HEADER_TABLE, record.table.as_str()),
         (HEADER_OP, DR_OP),
     ];
-    match outlets.send(dest, record, headers, seq) {
-        Err(SendError::Other(e)) => Err(SendError::Other(format!(
-            "cannot queue a DR record for {}: {e}",
-            outlets.topics[dest]
-        ))),
-        other => other,
-    }
+    outlets
+        .send(dest, record, headers, seq)
+        .map_err(|e| match e {
+            SendError::Kafka {
+                topic,
+                partition,
+                source,
+                ..
+            } => SendError::Kafka {
+                record: "DR record",
+                topic,
+                partition,
+                source,
+            },
+            full => full,
+        })
 }

@@ -22,11 +22,23 @@ pub fn reason(e: &tokio_postgres::Error) -> String {
 }
 
 /// An error followed by each of its sources, skipping a source whose text
-/// its parent already shows.
+/// its parent already shows. A database error among them is shown as
+/// [`reason`] gives it (or not at all when its message is already shown),
+/// and ends the chain: what lies under it is part of it.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(cause) = next {
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            let shown = pg
+                .as_db_error()
+                .map_or_else(|| reason(pg), |db| db.message().to_string());
+            if !out.contains(&shown) {
+                out.push_str(": ");
+                out.push_str(&reason(pg));
+            }
+            break;
+        }
         let text = cause.to_string();
         if !text.is_empty() && !out.contains(&text) {
             out.push_str(": ");
