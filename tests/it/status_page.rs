@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::sidecar::{workload, World, REGIONS};
 use crate::support::kafka::read_all;
 use crate::support::relay::Relay;
-use crate::support::{eventually, repo_root, TempDir};
+use crate::support::{eventually, repo_root, temp_dir};
 
 const COLOURS: [(&str, &str); 6] = [
     ("active", "#2ca02c"),
@@ -47,7 +47,7 @@ fn chromium() -> PathBuf {
 /// Runs headless chromium on `url` with `args`, waiting for the page's
 /// scripts and fetches (virtual time), and returns stdout.
 fn browse(url: &str, args: &[&str]) -> String {
-    let profile = TempDir::new("pgrelay-chromium");
+    let profile = temp_dir("pgrelay-chromium");
     let mut child = Command::new(chromium())
         .args([
             "--headless",

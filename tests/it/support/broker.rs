@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::proxy::Proxy;
-use super::{free_port, repo_root, TempDir};
+use super::{free_port, repo_root, temp_dir, TempDir};
 
 pub struct Broker {
     pub port: u16,
@@ -70,7 +70,7 @@ impl Broker {
             advertised,
             durable,
             child: None,
-            dir: TempDir::new("pgrelay-broker"),
+            dir: temp_dir("pgrelay-broker"),
         };
         b.spawn();
         b

@@ -16,7 +16,7 @@ use openssl::x509::extension::{
 };
 use openssl::x509::{X509Name, X509};
 
-use super::TempDir;
+use super::{temp_dir, TempDir};
 
 pub struct Ca {
     pub dir: TempDir,
@@ -51,7 +51,7 @@ fn serial() -> openssl::asn1::Asn1Integer {
 
 impl Ca {
     pub fn new(cn: &str) -> Ca {
-        let dir = TempDir::new("pgrelay-certs");
+        let dir = temp_dir("pgrelay-certs");
         let ca_key = key();
         let mut b = X509::builder().unwrap();
         b.set_version(2).unwrap();

@@ -21,34 +21,15 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-/// A fresh directory under the system temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(prefix: &str) -> TempDir {
-        let base = std::env::temp_dir();
-        for i in 0..1000u32 {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos();
-            let p = base.join(format!("{prefix}-{}-{nanos}-{i}", std::process::id()));
-            if std::fs::create_dir(&p).is_ok() {
-                return TempDir(p);
-            }
-        }
-        panic!("cannot create a temp dir under {}", base.display());
-    }
-
-    pub fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory under the system temp dir (`{prefix}-…`), removed on
+/// drop.
+pub fn temp_dir(prefix: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}-"))
+        .tempdir()
+        .expect("create a temp dir")
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 
 use tokio_postgres::{Client, NoTls};
 
-use super::{free_port, TempDir};
+use super::{free_port, temp_dir, TempDir};
 
 pub const PASSWORD: &str = "relay-secret";
 
@@ -129,7 +129,7 @@ impl Pg {
     }
 
     pub fn start_with(opts: PgOptions) -> Pg {
-        let dir = TempDir::new("pgrelay-pg");
+        let dir = temp_dir("pgrelay-pg");
         let bin = pg_bin();
         let status = Command::new("chown")
             .arg("postgres:postgres")
@@ -264,7 +264,7 @@ impl Pg {
             "SELECT pg_create_physical_replication_slot('{slot}') \
              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
         ));
-        let dir = TempDir::new("pgrelay-pg-standby");
+        let dir = temp_dir("pgrelay-pg-standby");
         let status = Command::new("chown")
             .arg("postgres:postgres")
             .arg(dir.path())

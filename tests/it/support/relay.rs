@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::TempDir;
+use super::{temp_dir, TempDir};
 
 /// The binary under test: this build's, or `PGRELAY_TEST_BIN` (to run the
 /// tests against another build, e.g. to see a regression test fail).
@@ -23,7 +23,7 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     pub fn new(text: &str) -> ConfigFile {
-        let dir = TempDir::new("pgrelay-cfg");
+        let dir = temp_dir("pgrelay-cfg");
         let path = dir.path().join("relay.toml");
         std::fs::write(&path, text).unwrap();
         ConfigFile { dir, path }
