@@ -1,11 +1,11 @@
 //! Exponential delays with jitter for every retry and restart loop: the
 //! sidecar's sides, the apply pipelines and their batches, the DR vault.
 //!
-//! Each delay lies within `[min, max]`. The delays roughly double from `min`
-//! and each is spread at random over the upper half of its step ("equal
-//! jitter": half fixed, half random), so pipelines and sidecars that failed
-//! together do not retry together. After a success the caller resets the
-//! delay to `min`.
+//! Each delay lies within `[min, max]`. Step `n` is `min * 2^n`, at most
+//! `max / 2`, plus a random part of up to one more step (the first delay in
+//! `[min, 2 * min)`, late ones in `[max / 2, max)`), so pipelines and
+//! sidecars that failed together do not retry together. After a success the
+//! caller resets the delay to `min`.
 
 use std::time::Duration;
 
@@ -32,8 +32,9 @@ impl Backoff {
 
     /// The wait before the next attempt.
     pub fn next_delay(&mut self) -> Duration {
-        // backon adds up to one more step to each delay: half the bounds
-        // before, and the result lies in [min / 2, max); clamped to the bounds
+        // backon adds up to one more step to each delay, which caps at
+        // max / 2: the result lies in [min, max) but for rounding (and for
+        // min above max / 2); clamped to the bounds
         self.delays
             .next()
             .unwrap_or(self.max)
@@ -47,7 +48,7 @@ impl Backoff {
 
     fn build(min: Duration, max: Duration) -> ExponentialBackoff {
         ExponentialBuilder::new()
-            .with_min_delay(min / 2)
+            .with_min_delay(min)
             .with_max_delay(max / 2)
             .with_factor(2.0)
             .without_max_times()
@@ -86,7 +87,7 @@ mod tests {
         let mut b = Backoff::new(MIN, MAX);
         let steps: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
         for (i, d) in steps.iter().enumerate() {
-            let floor = (MIN / 2 * 2u32.pow(i as u32)).clamp(MIN, MAX / 2);
+            let floor = (MIN * 2u32.pow(i as u32)).min(MAX / 2);
             assert!(*d >= floor, "step {i}: {d:?} < {floor:?} ({steps:?})");
         }
     }
@@ -96,6 +97,11 @@ mod tests {
         let mut b = Backoff::new(MIN, MAX);
         let late: Vec<Duration> = (0..40).map(|_| b.next_delay()).skip(20).collect();
         assert!(late.iter().any(|d| *d != late[0]), "{late:?}");
+        // first delays too: loops that failed together retry apart
+        let first: Vec<Duration> = (0..20)
+            .map(|_| Backoff::new(MIN, MAX).next_delay())
+            .collect();
+        assert!(first.iter().any(|d| *d != first[0]), "{first:?}");
     }
 
     #[test]
