@@ -40,6 +40,8 @@ command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client-15)
 command -v pgbench >/dev/null 2>&1 || need_apt+=(postgresql-client-15)
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
+# headers to build the pgrelay extension (the C stamp trigger) for 15
+[ -e /usr/include/postgresql/15/server/postgres.h ] || need_apt+=(postgresql-server-dev-15)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 [ -e /usr/include/zlib.h ] || need_apt+=(zlib1g-dev)
 # OpenSSL: pgrelay's one TLS stack (PostgreSQL and librdkafka's ssl/SASL)
@@ -132,6 +134,20 @@ PY
 fi
 # the tools folder must be reachable by the postgres user
 chmod a+rx "$TOOLS"
+
+# the pgrelay extension (extension/: the C stamp trigger) into PostgreSQL
+# 15, rebuilt when its source changed; setup uses it where it is installed
+PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+ext_sum="$(cat "$ROOT"/extension/pgrelay.c "$ROOT"/extension/pgrelay--*.sql "$ROOT"/extension/pgrelay.control | sha256sum | cut -c1-16)"
+ext_mark="$("$PG15_CONFIG" --pkglibdir)/pgrelay.sum"
+if [ "$(cat "$ext_mark" 2>/dev/null)" != "$ext_sum" ]; then
+    log "building the pgrelay extension for PostgreSQL 15"
+    ext_build="$(mktemp -d)"
+    cp "$ROOT"/extension/* "$ext_build"/
+    make -s -C "$ext_build" PG_CONFIG="$PG15_CONFIG" install >/dev/null
+    rm -rf "$ext_build"
+    echo "$ext_sum" > "$ext_mark"
+fi
 
 if [ -z "${PGRELAY_SKIP_TEST_TOOLS:-}" ] \
     && ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then

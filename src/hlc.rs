@@ -105,14 +105,16 @@ fn sql_clock_body(region_id: u8, floor: &str, stamp: &str) -> String {
     target := greatest(
         (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << {cb},
         {floor} + 1);
+    -- past the last logical time a stamp can hold: refuse rather than wrap,
+    -- and before the sequence moves (setval outlives a rollback)
+    IF greatest(l, target) >= (1::bigint << (63 - {rb})) THEN
+        RAISE EXCEPTION 'pgrelay: the region clock is exhausted (logical time %)',
+            greatest(l, target)
+            USING ERRCODE = 'data_exception';
+    END IF;
     IF l < target THEN
         PERFORM setval('pgrelay.hlc_logical', target);
         l := target;
-    END IF;
-    -- past the last logical time a stamp can hold: refuse rather than wrap
-    IF l >= (1::bigint << (63 - {rb})) THEN
-        RAISE EXCEPTION 'pgrelay: the region clock is exhausted (logical time %)', l
-            USING ERRCODE = 'data_exception';
     END IF;
     {stamp} := (l << {rb}) | {rid};"#,
         cb = COUNTER_BITS,

@@ -57,6 +57,9 @@ pub struct Egress {
     pub bytes_per_second: Option<f64>,
     /// `bytes_per_second` for 30 days at the configured price.
     pub monthly_cost: Option<f64>,
+    /// Read back from `pgrelay.egress`: how old the figures are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_seconds_ago: Option<f64>,
 }
 
 /// Span over which egress rates are measured.
@@ -152,6 +155,7 @@ impl Collector {
                 bytes_total: total,
                 bytes_per_second: rate,
                 monthly_cost: rate.zip(price).map(|(r, p)| monthly_cost(r, p)),
+                measured_seconds_ago: None,
             });
         }
         let dead_letters = pairs
@@ -229,6 +233,7 @@ pub fn stored_egress(
         bytes_total: bytes_total as f64,
         bytes_per_second: rate,
         monthly_cost: rate.zip(price_per_gb).map(|(r, p)| monthly_cost(r, p)),
+        measured_seconds_ago: Some(age.as_secs_f64()),
     }
 }
 

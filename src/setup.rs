@@ -104,10 +104,50 @@ $fn$",
     )
 }
 
+/// Which stamp trigger function the replicated tables get: both compute the
+/// same stamps (`hlc.rs`); the caller decides from
+/// `relay.capture.stamp_trigger` and what the server offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stamp {
+    /// `pgrelay.stamp_row_c`, from the `pgrelay` extension (`extension/`).
+    C,
+    /// `pgrelay.stamp_row()` in PL/pgSQL.
+    Plpgsql,
+}
+
+/// The extension providing the C stamp trigger.
+pub const EXTENSION: &str = "pgrelay";
+
+/// Creates the extension in schema pgrelay (the setup role needs the right
+/// to create an untrusted-language extension: a superuser, usually).
+pub const CREATE_EXTENSION_SQL: &str =
+    "CREATE SCHEMA IF NOT EXISTS pgrelay; CREATE EXTENSION IF NOT EXISTS pgrelay SCHEMA pgrelay";
+
+/// The row trigger that stamps `table`'s writes.
+pub fn stamp_trigger_sql(table: &str, stamp: Stamp, region_id: u8) -> String {
+    let function = match stamp {
+        Stamp::C => format!(
+            "pgrelay.stamp_row_c('{region_id}', {})",
+            quote_literal(HLC_COLUMN)
+        ),
+        Stamp::Plpgsql => "pgrelay.stamp_row()".to_string(),
+    };
+    format!(
+        "CREATE TRIGGER pgrelay_stamp BEFORE INSERT OR UPDATE ON {table} \
+         FOR EACH ROW EXECUTE FUNCTION {function}"
+    )
+}
+
 /// The SQL statements that bring a region's database up to date. `keys`
 /// gives each declared table's primary key (the caller reads the catalog and
-/// reports tables without one before calling this).
-pub fn plan(config: &Config, region: &str, keys: &dyn Fn(&TableName) -> KeyColumns) -> Vec<String> {
+/// reports tables without one before calling this); `stamp`, the stamp
+/// trigger (with [`Stamp::C`] the extension must exist already).
+pub fn plan(
+    config: &Config,
+    region: &str,
+    keys: &dyn Fn(&TableName) -> KeyColumns,
+    stamp: Stamp,
+) -> Vec<String> {
     let region_id = config.regions[region].id;
     let mut sql = vec![
         "CREATE SCHEMA IF NOT EXISTS pgrelay".to_string(),
@@ -243,10 +283,7 @@ $fn$"
         };
         sql.push(format!("ALTER TABLE {t} REPLICA IDENTITY {identity}"));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_stamp ON {t}"));
-        sql.push(format!(
-            "CREATE TRIGGER pgrelay_stamp BEFORE INSERT OR UPDATE ON {t} \
-             FOR EACH ROW EXECUTE FUNCTION pgrelay.stamp_row()"
-        ));
+        sql.push(stamp_trigger_sql(&t, stamp, region_id));
         let args = keys(&table.name)
             .iter()
             .map(|k| quote_literal(k))
@@ -411,11 +448,34 @@ home_column = "country"
     #[test]
     fn replica_identity_follows_the_class_and_before_image() {
         let keys = |_: &TableName| vec!["id".to_string()];
-        let plan = plan(&config(""), "us", &keys);
+        let plan = plan(&config(""), "us", &keys, Stamp::Plpgsql);
         assert!(identity(&plan, r#""public"."products""#).ends_with("DEFAULT"));
         assert!(identity(&plan, r#""public"."orders""#).ends_with("FULL"));
         let full = config("[relay.capture]\nbefore_image = \"full\"");
-        let plan = super::plan(&full, "us", &keys);
+        let plan = super::plan(&full, "us", &keys, Stamp::Plpgsql);
         assert!(identity(&plan, r#""public"."products""#).ends_with("FULL"));
+    }
+
+    #[test]
+    fn the_stamp_trigger_is_the_c_or_the_plpgsql_function() {
+        let keys = |_: &TableName| vec!["id".to_string()];
+        let stamps = |stamp| {
+            plan(&config(""), "us", &keys, stamp)
+                .into_iter()
+                .filter(|s| s.starts_with("CREATE TRIGGER pgrelay_stamp "))
+                .collect::<Vec<_>>()
+        };
+        let c = stamps(Stamp::C);
+        let plpgsql = stamps(Stamp::Plpgsql);
+        assert_eq!(c.len(), plpgsql.len());
+        assert!(!c.is_empty());
+        let id = config("").regions["us"].id;
+        for s in &c {
+            assert!(
+                s.ends_with(&format!("pgrelay.stamp_row_c('{id}', '{HLC_COLUMN}')")),
+                "{s}"
+            );
+        }
+        assert!(plpgsql.iter().all(|s| s.ends_with("pgrelay.stamp_row()")));
     }
 }

@@ -36,9 +36,13 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
         bail!("region {region}: fix the errors above, then run pgrelay setup again");
     }
     let keys = cat.keys(&config).await?;
-    let statements = setup::plan(&config, region, &|t| {
-        keys.get(t).cloned().unwrap_or_default()
-    });
+    let stamp = choose_stamp(&config, region, &client).await?;
+    let statements = setup::plan(
+        &config,
+        region,
+        &|t| keys.get(t).cloned().unwrap_or_default(),
+        stamp,
+    );
     let tx = client
         .transaction()
         .await
@@ -96,6 +100,13 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
             ),
         }
     }
+    println!(
+        "region {region}: stamp trigger {}",
+        match stamp {
+            setup::Stamp::C => "in C (extension pgrelay)",
+            setup::Stamp::Plpgsql => "in PL/pgSQL",
+        }
+    );
     println!(
         "region {region}: database ready (schema pgrelay, {} replicated tables, publication {}, slot {})",
         config
@@ -236,4 +247,43 @@ fn statement_label(sql: &str) -> String {
         Some((i, _)) => format!("{}...", &head[..i]),
         None => head,
     }
+}
+
+/// The stamp trigger `region` gets (`relay.capture.stamp_trigger`): the C one
+/// where the `pgrelay` extension is installed on the server and can be
+/// created in the database, else (unless `"c"` was asked for) PL/pgSQL.
+async fn choose_stamp(
+    config: &Config,
+    region: &str,
+    client: &tokio_postgres::Client,
+) -> Result<setup::Stamp> {
+    use crate::config::StampTrigger;
+    if config.capture.stamp_trigger == StampTrigger::Plpgsql {
+        return Ok(setup::Stamp::Plpgsql);
+    }
+    let available = client
+        .query_opt(
+            "SELECT 1 FROM pg_available_extensions WHERE name = $1",
+            &[&setup::EXTENSION],
+        )
+        .await
+        .with_context(|| format!("region {region}: reading pg_available_extensions"))?;
+    let why_not = match available {
+        Some(_) => match client.batch_execute(setup::CREATE_EXTENSION_SQL).await {
+            Ok(()) => return Ok(setup::Stamp::C),
+            Err(e) => format!(
+                "creating extension pgrelay failed ({}); a superuser can run: {}",
+                crate::source::pg_error::reason(&e),
+                setup::CREATE_EXTENSION_SQL
+            ),
+        },
+        None => "the pgrelay extension is not installed on this server (make -C extension \
+                 install, see extension/README.md)"
+            .to_string(),
+    };
+    if config.capture.stamp_trigger == StampTrigger::C {
+        bail!("region {region}: relay.capture.stamp_trigger = \"c\": {why_not}");
+    }
+    println!("region {region}: {why_not}; the PL/pgSQL stamp trigger is used");
+    Ok(setup::Stamp::Plpgsql)
 }

@@ -62,6 +62,7 @@ pub(super) struct RawCapture {
     pub(super) topic_replication_factor: Option<i64>,
     pub(super) before_image: Option<String>,
     pub(super) origin_filter: Option<String>,
+    pub(super) stamp_trigger: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -23,6 +23,22 @@ pub struct CaptureSettings {
     pub before_image: BeforeImage,
     /// Where the changes pgrelay applied are dropped (loop prevention).
     pub origin_filter: OriginFilter,
+    /// Which stamp trigger `setup` installs.
+    pub stamp_trigger: StampTrigger,
+}
+
+/// The stamp trigger `setup` installs on replicated tables
+/// (`relay.capture.stamp_trigger`). Both compute the same stamps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StampTrigger {
+    /// The C one where the `pgrelay` extension is installed on the server
+    /// and the setup role may create it, else PL/pgSQL.
+    #[default]
+    Auto,
+    /// The C one, or `setup` fails naming what is missing.
+    C,
+    /// PL/pgSQL: works everywhere, managed services included.
+    Plpgsql,
 }
 
 /// Where the capture side's loop prevention happens
@@ -190,6 +206,7 @@ impl Default for CaptureSettings {
             topic_replication_factor: default_topic_replication_factor(),
             before_image: BeforeImage::default(),
             origin_filter: OriginFilter::default(),
+            stamp_trigger: StampTrigger::default(),
         }
     }
 }

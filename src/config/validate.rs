@@ -307,6 +307,20 @@ impl Validator<'_> {
                     ))
                 }
             },
+            stamp_trigger: match raw.stamp_trigger.as_deref() {
+                None | Some("auto") => StampTrigger::Auto,
+                Some("c") => StampTrigger::C,
+                Some("plpgsql") => StampTrigger::Plpgsql,
+                Some(other) => {
+                    return Err(self.invalid(
+                        None,
+                        format!(
+                            "relay.capture.stamp_trigger = {other:?}: use \"auto\" (default: the C \
+                             trigger where the pgrelay extension is installed), \"c\" or \"plpgsql\""
+                        ),
+                    ))
+                }
+            },
         })
     }
 

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{DrStatus, PairStatus};
-use crate::overview::{human_bytes, human_rate};
+use crate::overview::{human_bytes, human_rate, EGRESS_STALE_AFTER};
 
 /// A plain-text table.
 pub fn render(rows: &[PairStatus]) -> String {
@@ -81,10 +81,13 @@ pub fn render_egress(rows: &[PairStatus], price_per_gb: Option<f64>) -> String {
             let _ = writeln!(out, "egress (bytes published per destination):");
         }
         let pair = format!("{}->{}", r.source, r.destination);
-        let rate = e
-            .bytes_per_second
-            .map(human_rate)
-            .unwrap_or_else(|| "rate unknown (no sidecar running)".to_string());
+        let rate = match (e.bytes_per_second, e.measured_seconds_ago) {
+            (Some(r), _) => human_rate(r),
+            (None, Some(age)) if age > EGRESS_STALE_AFTER.as_secs_f64() => {
+                format!("no figures for {age:.0}s (is the sidecar running?)")
+            }
+            (None, _) => "rate not measured yet".to_string(),
+        };
         let cost = match e.monthly_cost {
             Some(c) => {
                 total_cost += c;
@@ -166,25 +169,34 @@ mod tests {
 
     #[test]
     fn egress_lines_give_rate_total_and_cost_per_pair_and_in_all() {
-        let e = |rate: Option<f64>| Egress {
+        let e = |rate: Option<f64>, age: f64| Egress {
             bytes_total: 3.0 * 1024.0 * 1024.0,
             bytes_per_second: rate,
             monthly_cost: rate.map(|r| monthly_cost(r, 0.02)),
+            measured_seconds_ago: Some(age),
         };
         let rows = [
-            pair("us", "eu", Some(e(Some(2048.0)))),
-            pair("us", "cn", Some(e(None))),
+            pair("us", "eu", Some(e(Some(2048.0), 3.0))),
+            pair("us", "cn", Some(e(None, 600.0))),
             pair("eu", "us", None),
+            pair("cn", "us", Some(e(None, 3.0))),
         ];
         let out = render_egress(&rows, Some(0.02));
         assert!(out.contains("us->eu"), "{out}");
         assert!(out.contains("2.0 KiB/s"), "{out}");
         assert!(out.contains("3.0 MiB since the sidecar started"), "{out}");
-        assert!(out.contains("rate unknown"), "{out}");
+        assert!(
+            out.contains("no figures for 600s (is the sidecar running?)"),
+            "{out}"
+        );
+        assert!(out.contains("rate not measured yet"), "{out}");
         assert!(!out.contains("eu->us"), "{out}");
         let cost = monthly_cost(2048.0, 0.02);
-        assert!(out.contains(&format!("about {cost:.2} per month at 0.02")), "{out}");
-        assert_eq!(render_egress(&rows[2..], Some(0.02)), "");
+        assert!(
+            out.contains(&format!("about {cost:.2} per month at 0.02")),
+            "{out}"
+        );
+        assert_eq!(render_egress(&rows[2..3], Some(0.02)), "");
         assert!(render_egress(&rows[..1], None).contains("egress_price_per_gb"));
     }
 }

@@ -18,6 +18,7 @@ mod repair;
 mod rules;
 mod security;
 mod sidecar;
+mod stamp;
 mod status_page;
 mod support;
 mod tls;

@@ -1,0 +1,170 @@
+/*
+ * pgrelay's stamp trigger in C.
+ *
+ * Every write to a replicated table takes a stamp from the region's hybrid
+ * logical clock. pgrelay's setup installs the trigger in PL/pgSQL, which
+ * works everywhere (managed services included); where this extension can be
+ * loaded, setup uses this function instead: the same arithmetic without an
+ * interpreter on the path of every written row.
+ *
+ * The clock (see src/hlc.rs): a stamp is (logical << 6) | region, where
+ * logical counts milliseconds since the Unix epoch shifted left by 10 bits.
+ * The next logical time is the greater of the sequence pgrelay.hlc_logical's
+ * next value, the wall clock, and the row's previous logical time plus one;
+ * the sequence is moved up to it when the clock was ahead.
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "commands/sequence.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/timestamp.h"
+
+PG_MODULE_MAGIC;
+
+#define REGION_BITS 6
+#define COUNTER_BITS 10
+#define DEFAULT_COLUMN "_pgrelay_hlc"
+
+PG_FUNCTION_INFO_V1(pgrelay_stamp_row);
+
+/* What one trigger needs on every call, looked up on its first. */
+typedef struct StampCache
+{
+	Oid			relid;
+	Oid			seqid;
+	int			attnum;
+	int64		region;
+} StampCache;
+
+static StampCache *
+stamp_cache(FunctionCallInfo fcinfo, TriggerData *trigdata)
+{
+	StampCache *cache = (StampCache *) fcinfo->flinfo->fn_extra;
+	Relation	rel = trigdata->tg_relation;
+	Trigger    *trigger = trigdata->tg_trigger;
+	const char *column = DEFAULT_COLUMN;
+	char	   *end;
+	long		region;
+	Oid			nsp;
+
+	if (cache != NULL && cache->relid == RelationGetRelid(rel))
+		return cache;
+	if (trigger->tgnargs < 1 || trigger->tgnargs > 2)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("pgrelay: trigger %s on %s: pgrelay.stamp_row_c takes the region id and optionally the column",
+						trigger->tgname, RelationGetRelationName(rel))));
+	region = strtol(trigger->tgargs[0], &end, 10);
+	if (*end != '\0' || region < 0 || region >= (1 << REGION_BITS))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("pgrelay: trigger %s on %s: region id \"%s\" is not a number from 0 to %d",
+						trigger->tgname, RelationGetRelationName(rel),
+						trigger->tgargs[0], (1 << REGION_BITS) - 1)));
+	if (trigger->tgnargs == 2)
+		column = trigger->tgargs[1];
+
+	nsp = get_namespace_oid("pgrelay", false);
+	if (cache == NULL)
+		cache = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(StampCache));
+	cache->relid = RelationGetRelid(rel);
+	cache->seqid = get_relname_relid("hlc_logical", nsp);
+	if (!OidIsValid(cache->seqid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("pgrelay: sequence pgrelay.hlc_logical does not exist; run pgrelay setup")));
+	cache->attnum = SPI_fnumber(RelationGetDescr(rel), column);
+	if (cache->attnum <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("pgrelay: table %s has no column %s; run pgrelay setup",
+						RelationGetRelationName(rel), column)));
+	if (TupleDescAttr(RelationGetDescr(rel), cache->attnum - 1)->atttypid != INT8OID)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("pgrelay: column %s of %s must be bigint",
+						column, RelationGetRelationName(rel))));
+	cache->region = region;
+	fcinfo->flinfo->fn_extra = cache;
+	return cache;
+}
+
+Datum
+pgrelay_stamp_row(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	StampCache *cache;
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	int64		prev = 0;
+	int64		wall_ms;
+	int64		target;
+	int64		l;
+	Datum		value;
+	bool		isnull = false;
+	int			attnum;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("pgrelay.stamp_row_c: not called by the trigger manager")));
+	if (!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
+		!(TRIGGER_FIRED_BY_INSERT(trigdata->tg_event) ||
+		  TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event)))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("pgrelay.stamp_row_c: must fire BEFORE INSERT OR UPDATE FOR EACH ROW")));
+
+	cache = stamp_cache(fcinfo, trigdata);
+	desc = RelationGetDescr(trigdata->tg_relation);
+	attnum = cache->attnum;
+
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		bool		old_null;
+		Datum		old = heap_getattr(trigdata->tg_trigtuple, attnum, desc, &old_null);
+
+		if (!old_null)
+			prev = DatumGetInt64(old) >> REGION_BITS;
+		tuple = trigdata->tg_newtuple;
+	}
+	else
+		tuple = trigdata->tg_trigtuple;
+
+	l = nextval_internal(cache->seqid, true);
+	/* clock_timestamp() in milliseconds since the Unix epoch, floored */
+	wall_ms = (GetCurrentTimestamp() +
+			   (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY);
+	wall_ms = wall_ms >= 0 ? wall_ms / 1000 : -((-wall_ms + 999) / 1000);
+	target = Max(wall_ms << COUNTER_BITS, prev + 1);
+
+	/*
+	 * past the last logical time a stamp can hold: refuse rather than wrap,
+	 * and before the sequence moves (setval outlives a rollback)
+	 */
+	if (Max(l, target) >= ((int64) 1 << (63 - REGION_BITS)))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("pgrelay: the region clock is exhausted (logical time " INT64_FORMAT ")",
+						Max(l, target))));
+	if (l < target)
+	{
+		DirectFunctionCall2(setval_oid, ObjectIdGetDatum(cache->seqid),
+							Int64GetDatum(target));
+		l = target;
+	}
+
+	value = Int64GetDatum((l << REGION_BITS) | cache->region);
+	tuple = heap_modify_tuple_by_cols(tuple, desc, 1, &attnum, &value, &isnull);
+	return PointerGetDatum(tuple);
+}
