@@ -66,6 +66,12 @@ async fn a_fenced_region_refuses_local_writes_and_still_applies() {
             "{sql}: {err}"
         );
     }
+    // setup again (the trigger is dropped and made anew): still fenced
+    relay::ok(&["setup", "--config", cfg, "--region", "eu"]);
+    let err = refused(&eu, "UPDATE products SET price = 6 WHERE id = 1")
+        .await
+        .expect("a write after setup in a fenced region");
+    assert!(err.contains("region eu is fenced"), "{err}");
     // a local table is not replicated, hence not fenced
     eu.batch_execute("INSERT INTO users VALUES (1, 'x@example.org')")
         .await
