@@ -75,6 +75,7 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
                 for line in crate::failover::check_lines(&config, &cat, dsn, region, &slot).await? {
                     println!("{line}");
                 }
+                println!("{}", stamp_line(&config, region, &client).await);
             }
         }
         match catalog::probe_replication(dsn, region).await {
@@ -117,4 +118,57 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Which stamp trigger the region's tables carry, and whether `setup`
+/// would install the faster one.
+async fn stamp_line(
+    config: &config::Config,
+    region: &str,
+    client: &tokio_postgres::Client,
+) -> String {
+    let tables: Vec<String> = config
+        .tables
+        .iter()
+        .filter(|t| !matches!(t.class, crate::config::TableClass::Local))
+        .map(|t| t.name.quoted())
+        .collect();
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE p.proname = 'stamp_row_c'), \
+                    count(*) FILTER (WHERE p.proname = 'stamp_row'), \
+                    (SELECT count(*) FROM pg_available_extensions WHERE name = 'pgrelay') \
+             FROM unnest($1::text[]) AS u(t) \
+             JOIN pg_trigger g ON g.tgrelid = to_regclass(u.t) AND g.tgname = 'pgrelay_stamp' \
+             JOIN pg_proc p ON p.oid = g.tgfoid",
+            &[&tables],
+        )
+        .await;
+    let (c, plpgsql, available) = match row {
+        Ok(r) => (
+            r.get::<_, i64>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, i64>(2) > 0,
+        ),
+        Err(e) => {
+            return format!(
+                "region {region}: stamp trigger unknown ({})",
+                crate::source::pg_error::reason(&e)
+            )
+        }
+    };
+    let wants_c = config.capture.stamp_trigger != crate::config::StampTrigger::Plpgsql;
+    match (c, plpgsql) {
+        (0, 0) => format!("region {region}: no stamp triggers yet (pgrelay setup)"),
+        (_, 0) => format!("region {region}: stamp trigger in C (extension pgrelay) on {c} tables"),
+        (0, _) if wants_c && available => format!(
+            "region {region}: stamp trigger in PL/pgSQL on {plpgsql} tables; the pgrelay extension \
+             is installed on the server: pgrelay setup switches to the faster C trigger"
+        ),
+        (0, _) => format!("region {region}: stamp trigger in PL/pgSQL on {plpgsql} tables"),
+        _ => format!(
+            "region {region}: stamp triggers mixed: {c} tables in C, {plpgsql} in PL/pgSQL \
+             (pgrelay setup makes them one kind)"
+        ),
+    }
 }

@@ -493,6 +493,13 @@ fn check_reports_the_database_and_prints_the_residency_matrix() {
     let out = relay::ok(&["check", "--config", cfg, "--region", "us"]);
     assert!(out.contains("region us: database ok"), "{out}");
     assert!(out.contains("topic pgrelay.us.eu ok"), "{out}");
+    // the C stamp trigger where the extension is built (15 here), else PL/pgSQL
+    let stamp = if crate::support::pg::major() == 15 {
+        "stamp trigger in C (extension pgrelay)"
+    } else {
+        "stamp trigger in PL/pgSQL"
+    };
+    assert!(out.contains(stamp), "{out}");
     assert!(out.contains("public.orders"), "{out}");
     assert!(out.contains("public.users"), "{out}");
     // a global table left at REPLICA IDENTITY FULL (set up by an older
