@@ -54,6 +54,9 @@
 #   LAG_SECONDS [60]  LAG_RATE [5000]  LAG_ROWS_PER_TX [10]
 #   PGRELAY_BENCH_RTT_MS     distance between us and eu for `lag`, e.g. 120 [0]
 #   WRITE_SECONDS [20]  WRITE_CLIENTS [4]  PGRELAY_BENCH_PIN (e.g. 0:1) [no pinning]
+#   PGRELAY_BENCH_WRITE_STATES [none native pgrelay pgrelay-plpgsql]: `pgrelay`
+#            uses the stamp trigger setup picks (C where the extension is
+#            installed), `pgrelay-plpgsql` the PL/pgSQL one
 #   PGRELAY_BENCH_NICE       e.g. -10: run at that niceness (shared machines)
 #   PGRELAY_BENCH_EXTRA_TOML appended to pgrelay's config (tuning experiments)
 #   PGRELAY_BIN              use this binary instead of building target/release/pgrelay
@@ -73,6 +76,8 @@ fi
 
 ONLY="${PGRELAY_BENCH_ONLY:-bulk,small,lag,write}"
 SYSTEMS="${PGRELAY_BENCH_SYSTEMS:-native,pgrelay}"
+WRITE_STATES="${PGRELAY_BENCH_WRITE_STATES:-none native pgrelay pgrelay-plpgsql}"
+STAMP_TRIGGER=""
 REPEAT="${PGRELAY_BENCH_REPEAT:-3}"
 BULK_INSERTS="${BULK_INSERTS:-1000000}"
 BULK_UPDATES="${BULK_UPDATES:-500000}"
@@ -400,6 +405,9 @@ TOML
     for t in ${!tables}; do
         printf '\n[[tables]]\nname = "public.%s"\nclass = "global"\n' "$t" >> "$WORK/relay.toml"
     done
+    if [ -n "$STAMP_TRIGGER" ]; then
+        printf '\n[relay.capture]\nstamp_trigger = "%s"\n' "$STAMP_TRIGGER" >> "$WORK/relay.toml"
+    fi
     # e.g. PGRELAY_BENCH_EXTRA_TOML=$'[relay.apply]\nbatch_max_wait = "10ms"'
     if [ -n "${PGRELAY_BENCH_EXTRA_TOML:-}" ]; then
         printf '\n%s\n' "$PGRELAY_BENCH_EXTRA_TOML" >> "$WORK/relay.toml"
@@ -538,16 +546,19 @@ write_tps() { # script
     awk '/^tps/ { print $3; exit }' "$WORK/pgbench-write.out"
 }
 
-write_run() { # state: none|native|pgrelay
+write_run() { # state: none|native|pgrelay|pgrelay-plpgsql
     local state="$1" tpcb ins
+    STAMP_TRIGGER=""
+    [ "$state" != pgrelay-plpgsql ] || STAMP_TRIGGER=plpgsql
     case "$state" in
         none) start_pg us; start_pg eu; schema us small source; schema eu small target ;;
         native)
             native_pair small
             sql eu "ALTER SUBSCRIPTION bench_sub ENABLE"
             wait_active bench_sub >/dev/null ;;
-        pgrelay)
+        pgrelay*)
             relay_pair small
+            log "write, $state: $(grep -h 'stamp trigger' "$WORK/setup-us.log" || echo 'stamp trigger unknown')"
             start_relay eu; start_relay us
             wait_active pgrelay_us >/dev/null ;;
     esac
@@ -596,8 +607,8 @@ for w in bulk small; do
 done
 if has "$ONLY" write; then
     for i in $(seq "$REPEAT"); do
-        for s in none native pgrelay; do
-            [ "$s" = none ] || has "$SYSTEMS" "$s" || continue
+        for s in $WRITE_STATES; do
+            [ "$s" = none ] || has "$SYSTEMS" "${s%%-*}" || continue
             log "== write, run $i/$REPEAT, $s =="
             write_run "$s"
         done
@@ -643,7 +654,7 @@ write = [r for r in rows if r[1] == "write"]
 if write:
     print(f"\nwrite: source tps with pgbench ({sys.argv[3]}), median of runs")
     med = {}
-    for s in ("none", "native", "pgrelay"):
+    for s in ("none", "native", "pgrelay", "pgrelay-plpgsql"):
         rs = [r for r in write if r[0] == s]
         if not rs:
             continue
@@ -653,11 +664,14 @@ if write:
     if "none" in med:
         for i, name in ((0, "tpcb"), (1, "inserts")):
             b = med["native"][i] / med["none"][i] if "native" in med else None
-            c = med["pgrelay"][i] / med["none"][i] if "pgrelay" in med else None
-            verdict = ""
-            if b is not None and c is not None:
-                verdict = "  target met" if c >= 0.95 and c >= b - 0.03 else "  target NOT met (c/a >= 0.95 and >= b/a - 0.03)"
-            print(f"  {name:8s} b/a (native) {b if b is None else f'{b:.3f}'}   c/a (pgrelay) {c if c is None else f'{c:.3f}'}{verdict}")
+            for s in ("pgrelay", "pgrelay-plpgsql"):
+                if s not in med:
+                    continue
+                c = med[s][i] / med["none"][i]
+                verdict = ""
+                if b is not None:
+                    verdict = "  target met" if c >= 0.95 and c >= b - 0.03 else "  target NOT met (c/a >= 0.95 and >= b/a - 0.03)"
+                print(f"  {name:8s} b/a (native) {b if b is None else f'{b:.3f}'}   c/a ({s}) {c:.3f}{verdict}")
 lag = [r for r in rows if r[1] == "lag"]
 if lag:
     rtt = int(__import__("os").environ.get("PGRELAY_BENCH_RTT_MS", "0") or 0)
