@@ -29,6 +29,34 @@
 #          transaction) for LAG_SECONDS while replication runs; per row the
 #          end-to-end lag: clock_timestamp() at insert in us -> the moment the
 #          row is written in eu (an ENABLE ALWAYS trigger stamps it).
+#   outage catch-up after a region was away: the rows of `lag` at OUTAGE_RATE
+#          rows/s (OUTAGE_ROWS_PER_TX per transaction) from start to end;
+#          after OUTAGE_WARMUP seconds the target is cut off for
+#          OUTAGE_SECONDS, then resumed. States (PGRELAY_BENCH_OUTAGE_STATES):
+#            native         subscription disabled (the walsender re-decodes
+#                           the backlog from the slot on resume)
+#            pgrelay        eu's sidecar stopped (us's keeps publishing to
+#                           Kafka; eu consumes the backlog from there)
+#            pgrelay-kafka  the broker down, both sidecars running: us's
+#                           slot holds the backlog and us's sidecar must
+#                           recover on its own. The durable broker
+#                           (TANSU_DURABLE, libsql storage) is killed and
+#                           started again on its port with its data; without
+#                           that build the in-memory broker is frozen
+#                           (SIGSTOP/SIGCONT) instead, since a restart would
+#                           lose the topics. The results say which.
+#          Printed: the time from the resume (ALTER SUBSCRIPTION ENABLE, the
+#          sidecar or the broker started again) until the lag is under 1 s,
+#          i.e. the first moment T at which every row inserted in us before
+#          T - 1 s had been written in eu -- from the rows' own timestamps
+#          (src_ts in us, seen_at in eu), computed after the run -- and the
+#          same seen from outside ("polled": every 0.5 s, eu holds every id
+#          us's sequence had handed out 1 s or more before), the backlog
+#          (rows inserted in us before the resume and written in eu after
+#          it), and when eu wrote its first row after the resume. Runs once.
+#   scale  pgrelay only: the `small` backlog catch-up (and its CPU
+#          accounting) with [relay.apply] sessions_per_source = each of
+#          SCALE_SESSIONS, side by side.
 #
 # Throughput (bulk, small) is measured from a backlog: replication is paused
 # (pgrelay not running in us / subscription disabled) while the workload
@@ -44,11 +72,14 @@
 #
 #   bash scripts/bench.sh                                # everything
 #   PGRELAY_BENCH_ONLY=bulk,small PGRELAY_BENCH_REPEAT=1 bash scripts/bench.sh
+#   PGRELAY_BENCH_ONLY=outage OUTAGE_SECONDS=300 bash scripts/bench.sh   # ~17 min
+#   PGRELAY_BENCH_ONLY=scale PGRELAY_BENCH_REPEAT=3 bash scripts/bench.sh
 #
 # Environment (defaults in brackets):
-#   PGRELAY_BENCH_ONLY       workloads: bulk,small,lag [all three]
+#   PGRELAY_BENCH_ONLY       workloads: bulk,small,lag,write,outage,scale
+#                            [bulk,small,lag,write]
 #   PGRELAY_BENCH_SYSTEMS    native,pgrelay [both]
-#   PGRELAY_BENCH_REPEAT     repetitions of bulk and small [3]
+#   PGRELAY_BENCH_REPEAT     repetitions of bulk, small, write and scale [3]
 #   BULK_INSERTS [1000000]  BULK_UPDATES [500000]  BULK_TX_ROWS [10000]
 #   SMALL_SECONDS [30]  SMALL_CLIENTS [8]  SMALL_SCALE [4] (100k accounts each)
 #   LAG_SECONDS [60]  LAG_RATE [5000]  LAG_ROWS_PER_TX [10]
@@ -58,7 +89,13 @@
 #            uses the stamp trigger setup picks (C where the extension is
 #            installed), `pgrelay-plpgsql` the PL/pgSQL one
 #   PGRELAY_BENCH_NICE       e.g. -10: run at that niceness (shared machines)
-#   PGRELAY_BENCH_EXTRA_TOML appended to pgrelay's config (tuning experiments)
+#   OUTAGE_SECONDS [300]  OUTAGE_WARMUP [10]  OUTAGE_RATE [5000]  OUTAGE_ROWS_PER_TX [10]
+#   OUTAGE_TAIL [5]          seconds the load goes on after the catch-up was seen
+#   PGRELAY_BENCH_OUTAGE_STATES [native pgrelay pgrelay-kafka]
+#   PGRELAY_TANSU_DURABLE    the libsql Tansu build [.tools/tansu-libsql/bin/tansu]
+#   SCALE_SESSIONS [1 2 4]   sessions_per_source values for `scale`
+#   PGRELAY_BENCH_EXTRA_TOML appended to pgrelay's config (tuning experiments);
+#            `scale` adds its sessions_per_source to a [relay.apply] table in it
 #   PGRELAY_BIN              use this binary instead of building target/release/pgrelay
 #   PGRELAY_BENCH_TIMEOUT    seconds to wait for a catch-up [900]
 #   PGRELAY_BENCH_KEEP=1     keep the work directory (logs)
@@ -88,6 +125,14 @@ SMALL_SCALE="${SMALL_SCALE:-4}"
 LAG_SECONDS="${LAG_SECONDS:-60}"
 LAG_RATE="${LAG_RATE:-5000}"
 LAG_ROWS_PER_TX="${LAG_ROWS_PER_TX:-10}"
+OUTAGE_STATES="${PGRELAY_BENCH_OUTAGE_STATES:-native pgrelay pgrelay-kafka}"
+OUTAGE_WARMUP="${OUTAGE_WARMUP:-10}"
+OUTAGE_SECONDS="${OUTAGE_SECONDS:-300}"
+OUTAGE_RATE="${OUTAGE_RATE:-5000}"
+OUTAGE_ROWS_PER_TX="${OUTAGE_ROWS_PER_TX:-10}"
+OUTAGE_TAIL="${OUTAGE_TAIL:-5}"
+SCALE_SESSIONS="${SCALE_SESSIONS:-1 2 4}"
+APPLY_SESSIONS=""
 TIMEOUT="${PGRELAY_BENCH_TIMEOUT:-900}"
 WRITE_SECONDS="${WRITE_SECONDS:-20}"
 WRITE_CLIENTS="${WRITE_CLIENTS:-4}"
@@ -95,6 +140,9 @@ PIN="${PGRELAY_BENCH_PIN:-}"
 RTT_MS="${PGRELAY_BENCH_RTT_MS:-0}"
 PGBIN="${PGRELAY_PG_BIN:-/usr/lib/postgresql/15/bin}"
 TANSU="${PGRELAY_TANSU:-$ROOT/.tools/bin/tansu}"
+# Tansu with durable (libsql) storage, built by install-deps.sh: a broker that
+# can be killed and restarted with its data (outage, pgrelay-kafka)
+TANSU_DURABLE="${PGRELAY_TANSU_DURABLE:-$ROOT/.tools/tansu-libsql/bin/tansu}"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 has() { [[ ",$1," == *",$2,"* ]]; }
@@ -121,6 +169,7 @@ declare -A PORT=()
 declare -A RELAY_PID=()
 BROKER_PID=""
 BROKER_PORT=""
+LOAD_PID=""
 PROXY_PIDS=()
 
 # `pinned source|rest PROGRAM...`: runs PROGRAM (a binary, not a shell
@@ -141,7 +190,11 @@ stop_all() {
     local r
     for r in "${!RELAY_PID[@]}"; do stop_pid "${RELAY_PID[$r]}"; done
     RELAY_PID=()
-    if [ -n "$BROKER_PID" ]; then stop_pid "$BROKER_PID"; BROKER_PID=""; fi
+    if [ -n "$LOAD_PID" ]; then stop_pid "$LOAD_PID"; LOAD_PID=""; fi
+    if [ -n "$BROKER_PID" ]; then
+        kill -CONT "$BROKER_PID" 2>/dev/null || true   # frozen by outage, pgrelay-kafka
+        stop_pid "$BROKER_PID"; BROKER_PID=""
+    fi
     for r in "${PROXY_PIDS[@]}"; do stop_pid "$r"; done
     PROXY_PIDS=()
     for r in "${!PORT[@]}"; do
@@ -205,23 +258,37 @@ delay_line() {
 # With PGRELAY_BENCH_RTT_MS, the broker stands between the regions: every
 # client reaches it through a delay line of RTT/4 each way, so a record goes
 # us -> broker -> eu in RTT/2, as native's stream goes us -> eu through RTT/2.
+# `start_broker durable`: the libsql build (TANSU_DURABLE), its log in
+# $WORK/broker/broker.db, so that launch_broker can bring it back, killed, on
+# the same port with its topics and records.
+BROKER_LISTEN=""
+BROKER_DURABLE=""
 start_broker() {
-    local port advertised
-    port="$(free_port)"
-    advertised="$port"
+    local advertised
+    BROKER_DURABLE="${1:-}"
+    BROKER_LISTEN="$(free_port)"
+    advertised="$BROKER_LISTEN"
     if [ "$RTT_MS" -gt 0 ]; then
-        delay_line "$(calc "$RTT_MS / 4")" "$port"
+        delay_line "$(calc "$RTT_MS / 4")" "$BROKER_LISTEN"
         advertised="$DELAY_PORT"
     fi
+    BROKER_ADVERTISED="$advertised"
+    launch_broker
+    BROKER_PORT="$advertised"
+}
+
+launch_broker() { # (re)starts the broker on BROKER_LISTEN
+    local bin="$TANSU" storage="memory://tansu/"
+    if [ -n "$BROKER_DURABLE" ]; then bin="$TANSU_DURABLE"; storage="sqlite://broker.db"; fi
     mkdir -p "$WORK/broker"
     local pre=()
     [ -z "$PIN" ] || pre=(taskset -c "${PIN##*:}")
-    (cd "$WORK/broker" && exec "${pre[@]}" "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
-        --advertised-listener-url "tcp://127.0.0.1:$advertised" --storage-engine memory://tansu/ \
+    (cd "$WORK/broker" && exec "${pre[@]}" "$bin" broker --listener-url "tcp://127.0.0.1:$BROKER_LISTEN" \
+        --advertised-listener-url "tcp://127.0.0.1:$BROKER_ADVERTISED" --storage-engine "$storage" \
         >>"$WORK/broker.log" 2>&1) &
     BROKER_PID=$!
-    for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
-    BROKER_PORT="$advertised"
+    for _ in $(seq 150); do (echo >/dev/tcp/127.0.0.1/"$BROKER_LISTEN") 2>/dev/null && return 0; sleep 0.1; done
+    log "broker did not listen on $BROKER_LISTEN"; tail -n 20 "$WORK/broker.log" >&2; return 1
 }
 
 # --- schemas and workloads ---------------------------------------------------
@@ -229,6 +296,7 @@ start_broker() {
 TABLES_bulk="bulk_items"
 TABLES_small="bench_branches bench_tellers bench_accounts bench_history"
 TABLES_lag="lag_probe"
+TABLES_outage="lag_probe"
 
 schema() { # region workload role(source|target)
     local r="$1" w="$2" role="$3"
@@ -246,7 +314,7 @@ schema() { # region workload role(source|target)
                 INSERT INTO bench_tellers SELECT t, (t - 1) / 10 + 1, 0, '' FROM generate_series(1, 10 * $SMALL_SCALE) t;
                 INSERT INTO bench_accounts SELECT a, (a - 1) / 100000 + 1, 0, '' FROM generate_series(1, 100000 * $SMALL_SCALE) a"
             sql "$r" "VACUUM ANALYZE" ;;
-        lag)
+        lag|outage)
             sql "$r" "CREATE TABLE lag_probe (id bigint PRIMARY KEY, src_ts timestamptz NOT NULL, payload text)"
             if [ "$role" = target ]; then
                 # first-seen time in the target: a trigger that fires for replicated rows too
@@ -331,7 +399,7 @@ verify() { # workload
         bulk) q="SELECT count(*), sum(qty), sum(length(name)), sum(price) FROM bulk_items" ;;
         small) q="SELECT (SELECT sum(abalance) FROM bench_accounts), (SELECT sum(tbalance) FROM bench_tellers),
                          (SELECT sum(bbalance) FROM bench_branches), (SELECT count(*) || '/' || sum(delta) FROM bench_history)" ;;
-        lag) q="SELECT count(*), max(id) FROM lag_probe" ;;
+        lag|outage) q="SELECT count(*), max(id) FROM lag_probe" ;;
     esac
     a="$(sql us "$q")"; b="$(sql eu "$q")"
     if [ "$a" = "$b" ]; then echo "match"; else log "MISMATCH us=[$a] eu=[$b]"; echo "MISMATCH"; fi
@@ -379,7 +447,7 @@ native_throughput() { # workload
     t1="$(now)"
     cpu_snap "$WORK/cpu1" us="$(postmaster us)" eu="$(postmaster eu)"
     record native "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
-        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1" "$WORK/cpu-$s-$w-$(date +%s).txt")"
+        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1" "$WORK/cpu-native-$w-$(date +%s).txt")"
     stop_all
 }
 
@@ -409,8 +477,20 @@ TOML
         printf '\n[relay.capture]\nstamp_trigger = "%s"\n' "$STAMP_TRIGGER" >> "$WORK/relay.toml"
     fi
     # e.g. PGRELAY_BENCH_EXTRA_TOML=$'[relay.apply]\nbatch_max_wait = "10ms"'
-    if [ -n "${PGRELAY_BENCH_EXTRA_TOML:-}" ]; then
-        printf '\n%s\n' "$PGRELAY_BENCH_EXTRA_TOML" >> "$WORK/relay.toml"
+    local extra="${PGRELAY_BENCH_EXTRA_TOML:-}"
+    # `scale`: sessions_per_source, into the extra TOML's [relay.apply] table
+    # when it has one (a TOML table may not be declared twice)
+    if [ -n "$APPLY_SESSIONS" ]; then
+        if grep -q '^[[:space:]]*sessions_per_source' <<<"$extra"; then
+            log "PGRELAY_BENCH_EXTRA_TOML sets sessions_per_source, which scale varies"; return 1
+        elif grep -q '^[[:space:]]*\[relay\.apply\][[:space:]]*$' <<<"$extra"; then
+            extra="$(sed "/^[[:space:]]*\[relay\.apply\][[:space:]]*\$/a sessions_per_source = $APPLY_SESSIONS" <<<"$extra")"
+        else
+            extra="$(printf '%s\n\n[relay.apply]\nsessions_per_source = %s' "$extra" "$APPLY_SESSIONS")"
+        fi
+    fi
+    if [ -n "$extra" ]; then
+        printf '\n%s\n' "$extra" >> "$WORK/relay.toml"
     fi
 }
 
@@ -422,10 +502,10 @@ start_relay() { # region
     RELAY_PID[$1]=$!
 }
 
-relay_pair() { # workload
+relay_pair() { # workload [durable]
     start_pg us; start_pg eu
     schema us "$1" source; schema eu "$1" target
-    start_broker
+    start_broker "${2:-}"
     relay_config "$1"
     local r
     for r in us eu; do
@@ -441,8 +521,8 @@ relay_cpu_snap() { # file
 
 applied() { sql eu "SELECT coalesce(sum(next_offset), 0) FROM pgrelay.offsets WHERE topic = 'pgrelay.us.eu'"; }
 
-relay_throughput() { # workload
-    local w="$1" changes t0 ta t1
+relay_throughput() { # workload [name in the results, default the workload]
+    local w="$1" name="${2:-$1}" changes t0 ta t1
     relay_pair "$w"
     start_relay eu   # idle until us publishes; its startup is not timed
     log "pgrelay $w: workload (us sidecar not running)"
@@ -479,8 +559,8 @@ relay_throughput() { # workload
     t1="$(now)"
     log "pgrelay $w: capture side confirmed everything after ${captured:-?}s, apply side done after $(calc "round($t1 - $ta, 2)")s (timeline: $timeline)"
     relay_cpu_snap "$WORK/cpu1"
-    record pgrelay "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
-        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1" "$WORK/cpu-$s-$w-$(date +%s).txt")"
+    record pgrelay "$name" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
+        "$(cpu_used "$WORK/cpu0" "$WORK/cpu1" "$WORK/cpu-pgrelay-$name-$(date +%s).txt")"
     stop_all
 }
 
@@ -533,6 +613,171 @@ lag_run() { # system
         FROM lag_probe" | tr '|' '\t')"
     printf '%s\tlag\t%s\t%s\n' "$s" "$stats" "$(verify lag)" >> "$RESULTS"
     log "$s lag (ms): rows p50 p99 max = $(echo "$stats" | tr '\t' ' ')"
+    stop_all
+}
+
+# --- outage: catch-up after a region was away -----------------------------------
+
+# `outage` runs OUTAGE_RATE rows/s (the lag_probe rows of `lag`, each with its
+# insert time) against us from start to end; eu stamps each row when it is
+# written (the ENABLE ALWAYS trigger of `lag`).
+start_outage_load() {
+    local tps=$((OUTAGE_RATE / OUTAGE_ROWS_PER_TX))
+    cat > "$WORK/outage.sql" <<SQL
+INSERT INTO lag_probe SELECT nextval('lag_ids'), clock_timestamp(), 'probe payload 0123456789'
+FROM generate_series(1, $OUTAGE_ROWS_PER_TX);
+SQL
+    sql us "CREATE SEQUENCE IF NOT EXISTS lag_ids"
+    pgbench -n -h "$WORK" -p "${PORT[us]}" -U postgres -c 4 -j 2 -R "$tps" -T 86400 \
+        -f "$WORK/outage.sql" postgres > "$WORK/pgbench-outage.out" 2>&1 &
+    LOAD_PID=$!
+}
+
+# The durable broker is killed and started again on its port; without it
+# (install-deps.sh builds it) the in-memory broker is frozen (SIGSTOP) instead,
+# since restarting it would lose the topics and their offsets.
+broker_outage_mode() { if [ -x "$TANSU_DURABLE" ]; then echo restart; else echo freeze; fi; }
+
+outage_begin() { # state
+    case "$1" in
+        native)
+            sql eu "ALTER SUBSCRIPTION bench_sub DISABLE"
+            # the apply worker leaves, and with it the walsender
+            for _ in $(seq 300); do
+                [ "$(sql us "SELECT active FROM pg_replication_slots WHERE slot_name = 'bench_sub'")" = f ] && break
+                sleep 0.1
+            done ;;
+        pgrelay) stop_pid "${RELAY_PID[eu]}"; unset 'RELAY_PID[eu]' ;;
+        pgrelay-kafka)
+            if [ "$BROKER_DURABLE" ]; then
+                kill -KILL "$BROKER_PID"; wait "$BROKER_PID" 2>/dev/null || true; BROKER_PID=""
+            else
+                kill -STOP "$BROKER_PID"
+            fi ;;
+    esac
+}
+
+outage_end() { # state
+    case "$1" in
+        native) sql eu "ALTER SUBSCRIPTION bench_sub ENABLE" ;;
+        pgrelay) start_relay eu ;;
+        pgrelay-kafka) if [ "$BROKER_DURABLE" ]; then launch_broker; else kill -CONT "$BROKER_PID"; fi ;;
+    esac
+}
+
+# Whether eu holds every row us had inserted one second or more before:
+# compares the rows with id <= the sequence value us showed then (the cheap
+# pg_stat count first, the exact one only when that passes). Sets CAUGHT.
+POLL_T=(); POLL_V=(); POLL_J=-1; CAUGHT=""
+poll_caught() {
+    local t v n
+    POLL_T+=("$(now)"); POLL_V+=("$(sql us "SELECT last_value FROM lag_ids")")
+    t="${POLL_T[-1]}"
+    # POLL_J: the latest poll at least 1 s before this one
+    while [ $((POLL_J + 1)) -lt ${#POLL_T[@]} ] \
+        && awk -v a="${POLL_T[$((POLL_J + 1))]}" -v b="$t" 'BEGIN { exit !(a <= b - 1) }'; do
+        POLL_J=$((POLL_J + 1))
+    done
+    CAUGHT=""
+    [ "$POLL_J" -ge 0 ] || return 0
+    v="${POLL_V[$POLL_J]}"
+    n="$(sql eu "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'lag_probe'")"
+    [ "$n" -ge "$v" ] || return 0
+    [ "$(sql eu "SELECT count(*) FROM lag_probe WHERE id <= $v")" = "$(sql us "SELECT count(*) FROM lag_probe WHERE id <= $v")" ] \
+        && CAUGHT="$t"
+    return 0
+}
+
+outage_run() { # state: native | pgrelay (eu's sidecar down) | pgrelay-kafka (the broker down)
+    local s="$1" mode=""
+    case "$s" in
+        native)
+            native_pair outage
+            sql eu "ALTER SUBSCRIPTION bench_sub ENABLE"
+            wait_active bench_sub >/dev/null ;;
+        pgrelay*)
+            if [ "$s" = pgrelay-kafka ]; then
+                mode="$(broker_outage_mode)"
+                if [ "$mode" = restart ]; then relay_pair outage durable; else relay_pair outage; fi
+            else
+                relay_pair outage
+            fi
+            start_relay eu; start_relay us
+            wait_active pgrelay_us >/dev/null
+            sleep 2 ;;
+    esac
+    local what="${s}${mode:+ (broker $mode)}"
+    log "$what outage: $OUTAGE_RATE rows/s throughout; ${OUTAGE_WARMUP}s running, then ${OUTAGE_SECONDS}s away"
+    start_outage_load
+    sleep "$OUTAGE_WARMUP"
+    local t_out t_resume t_polled t_stop
+    t_out="$(now)"
+    outage_begin "$s"
+    sleep "$(calc "max($t_out + $OUTAGE_SECONDS - $(now), 0)")"
+    kill -0 "$LOAD_PID" 2>/dev/null || { log "$what outage: the load stopped"; cat "$WORK/pgbench-outage.out" >&2; return 1; }
+    local failed=""
+    if [[ "$s" == pgrelay* ]]; then
+        kill -0 "${RELAY_PID[us]}" 2>/dev/null || failed="us sidecar exited during the outage"
+    fi
+    t_resume="$(now)"
+    outage_end "$s"
+    log "$what outage: resumed ($(calc "round($(now) - $t_resume, 2)")s to resume)"
+    POLL_T=(); POLL_V=(); POLL_J=-1; CAUGHT=""
+    local deadline=$(( $(date +%s) + TIMEOUT ))
+    while [ -z "$failed" ]; do
+        poll_caught
+        [ -z "$CAUGHT" ] || break
+        [ "$(date +%s)" -lt "$deadline" ] || { failed="not caught up after ${TIMEOUT}s"; break; }
+        if [[ "$s" == pgrelay* ]]; then
+            kill -0 "${RELAY_PID[us]}" 2>/dev/null || { failed="us sidecar exited"; break; }
+            kill -0 "${RELAY_PID[eu]}" 2>/dev/null || { failed="eu sidecar exited"; break; }
+        fi
+        sleep 0.5
+    done
+    if [ -n "$failed" ]; then
+        log "$what outage: $failed"; tail -n 20 "$WORK"/relay-*.log >&2 2>/dev/null || true
+        printf '%s\toutage\t%s\t%s\t\t\t\t\tFAILED: %s\n' "$s" "$mode" "$OUTAGE_SECONDS" "$failed" >> "$RESULTS"
+        stop_all
+        return 0
+    fi
+    t_polled="$(calc "round($CAUGHT - $t_resume, 2)")"
+    # the load goes on a little past the catch-up, then eu gets the rest
+    sleep "$OUTAGE_TAIL"
+    t_stop="$(now)"
+    stop_pid "$LOAD_PID"; LOAD_PID=""
+    local total
+    total="$(sql us "SELECT count(*) FROM lag_probe")"
+    until [ "$(sql eu "SELECT count(*) FROM lag_probe")" -ge "$total" ]; do
+        [ "$(date +%s)" -lt "$deadline" ] || { log "$what outage: eu did not get the last rows"; return 1; }
+        sleep 0.5
+    done
+    # From the rows' own times: the first moment T after the resume at which
+    # every row inserted in us before T - 1 s had been written in eu. Rows in
+    # src_ts order; after row i (until the next row's src_ts + 1 s) that holds
+    # from max(the latest seen_at so far, src_ts + 1 s) on.
+    local stats
+    stats="$(sql eu "WITH r AS (
+            SELECT src_ts, seen_at,
+                   max(seen_at) OVER (ORDER BY src_ts, id ROWS UNBOUNDED PRECEDING) AS m,
+                   lead(src_ts) OVER (ORDER BY src_ts, id) AS nxt
+            FROM lag_probe),
+        c AS (SELECT greatest(m, src_ts + interval '1 s', to_timestamp($t_resume)) AS t, nxt FROM r)
+        SELECT (SELECT count(*) FROM r WHERE src_ts < to_timestamp($t_resume) AND seen_at >= to_timestamp($t_resume)),
+               round(extract(epoch FROM (SELECT min(t) FROM c WHERE t <= coalesce(nxt + interval '1 s', 'infinity'))
+                                        - to_timestamp($t_resume))::numeric, 2),
+               (SELECT count(*) FROM r),
+               round(extract(epoch FROM (SELECT min(seen_at) FROM r WHERE seen_at >= to_timestamp($t_resume))
+                                        - to_timestamp($t_resume))::numeric, 2)" | tr '|' '\t')"
+    local backlog caught rows first
+    IFS=$'\t' read -r backlog caught rows first <<<"$stats"
+    local verdict; verdict="$(verify outage)"
+    if awk -v c="$caught" -v r="$t_resume" -v e="$t_stop" 'BEGIN { exit !(r + c > e - 1) }'; then
+        verdict="$verdict, caught up only as the load stopped"
+    fi
+    printf '%s\toutage\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$mode" "$OUTAGE_SECONDS" "$backlog" "$caught" "$t_polled" \
+        "$(calc "round($backlog / max($caught, 0.01))")" "$verdict" "$first" >> "$RESULTS"
+    log "$what outage: backlog $backlog rows at resume; first row written ${first}s after the resume;" \
+        "lag < 1 s after ${caught}s (polled: ${t_polled}s); $rows rows in all; tables $verdict"
     stop_all
 }
 
@@ -605,6 +850,16 @@ for w in bulk small; do
         done
     done
 done
+if has "$ONLY" scale && has "$SYSTEMS" pgrelay; then
+    for i in $(seq "$REPEAT"); do
+        for n in $SCALE_SESSIONS; do
+            log "== scale, run $i/$REPEAT, pgrelay, sessions_per_source = $n =="
+            APPLY_SESSIONS="$n"
+            relay_throughput small "scale-$n"
+        done
+    done
+    APPLY_SESSIONS=""
+fi
 if has "$ONLY" write; then
     for i in $(seq "$REPEAT"); do
         for s in $WRITE_STATES; do
@@ -620,9 +875,17 @@ if has "$ONLY" lag; then
         lag_run "$s"
     done
 fi
+if has "$ONLY" outage; then
+    for s in $OUTAGE_STATES; do
+        has "$SYSTEMS" "${s%%-*}" || continue
+        log "== outage, $s =="
+        outage_run "$s"
+    done
+fi
 
 echo
-python3 - "$RESULTS" "$REPEAT" "${WRITE_CLIENTS} clients, ${WRITE_SECONDS}s${PIN:+, pinned $PIN}" <<'PY'
+python3 - "$RESULTS" "$REPEAT" "${WRITE_CLIENTS} clients, ${WRITE_SECONDS}s${PIN:+, pinned $PIN}" \
+    "$OUTAGE_RATE rows/s in transactions of $OUTAGE_ROWS_PER_TX" <<'PY'
 import sys, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 print("pgrelay vs native logical replication (PostgreSQL 15, loopback, same settings)")
@@ -650,6 +913,24 @@ for w in ("bulk", "small"):
     if "native" in med and "pgrelay" in med:
         print(f"  ratio pgrelay/native: throughput {med['pgrelay'] / med['native']:.2f}, "
               f"CPU per change {med_cpu['pgrelay'] / med_cpu['native']:.2f}")
+scale = {}
+for r in rows:
+    if r[0] == "pgrelay" and r[1].startswith("scale-"):
+        scale.setdefault(int(r[1][6:]), []).append(r)
+if scale:
+    print("\nscale: pgrelay, the small workload's backlog, by [relay.apply] sessions_per_source (median of runs)")
+    base = None
+    for n in sorted(scale):
+        rs = scale[n]
+        rates = [int(r[6]) for r in rs]
+        rate = statistics.median(rates)
+        cpu = statistics.median(float(r[9]) for r in rs)
+        base = base or rate
+        bad = [r[7] for r in rs if r[7] != "match"]
+        print(f"  sessions {n:<2d} {rate:>10,.0f} changes/s  x{rate / base:.2f}   {cpu:>6.1f} CPU us per change   "
+              f"(runs: {', '.join(f'{x:,}' for x in rates)}; {rs[0][2]} changes)"
+              + (f"  TABLE MISMATCH in {len(bad)} run(s)" if bad else ""))
+        print(f"  {'':11s} CPU by process, last run: {rs[-1][10]}")
 write = [r for r in rows if r[1] == "write"]
 if write:
     print(f"\nwrite: source tps with pgbench ({sys.argv[3]}), median of runs")
@@ -679,4 +960,19 @@ if lag:
           + (f", us-eu round trip {rtt} ms (target p99 <= {rtt + 250} ms)" if rtt else ""))
     for r in lag:
         print(f"  {r[0]:8s} rows {r[2]:>8}  p50 {r[3]:>8}  p99 {r[4]:>8}  max {r[5]:>8}  ({r[6]})")
+outage = [r for r in rows if r[1] == "outage"]
+if outage:
+    print(f"\noutage: the target away for {outage[0][3]}s under {sys.argv[4]}; from the resume until the lag is under 1 s")
+    print("  (every row inserted in us more than 1 s earlier is written in eu; `polled`: the same seen from outside, every 0.5 s)")
+    took = {}
+    for r in outage:
+        name = r[0] + (f" (broker {r[2]})" if r[2] else "")
+        if r[8].startswith("FAILED"):
+            print(f"  {name:30s} {r[8]}")
+            continue
+        took[r[0]] = float(r[5])
+        print(f"  {name:30s} lag < 1 s after {float(r[5]):>6.2f} s (polled {float(r[6]):.1f} s)   "
+              f"backlog {int(r[4]):>9,} rows = {int(r[7]):>7,} rows/s   first row {float(r[9]):.2f} s   ({r[8]})")
+    if "native" in took and "pgrelay" in took:
+        print(f"  ratio pgrelay/native, time to catch up: {took['pgrelay'] / max(took['native'], 0.01):.2f}")
 PY

@@ -5,10 +5,7 @@
 //!
 //! The mechanism is the owned-table guard's: `setup` installs a
 //! statement-level trigger `pgrelay_fence` on every replicated table that
-//! raises while `pgrelay.fence` holds a row. The trigger is disabled while
-//! the region is not fenced (a statement trigger costs every write
-//! statement a PL/pgSQL call); fencing enables it in the same transaction
-//! that records the fence, unfencing disables it. Like every pgrelay trigger it
+//! raises while `pgrelay.fence` holds a row. Like every pgrelay trigger it
 //! fires in local sessions only; the apply side writes as
 //! `session_replication_role = replica`, so a fenced region still receives
 //! the other regions' changes. Fencing and unfencing are recorded in
@@ -77,21 +74,6 @@ pub async fn set(
             .await
             .map_err(q("clearing pgrelay.fence"))?
     };
-    // the guard fires only where its trigger is enabled: on while fenced,
-    // off otherwise, so an unfenced region's writes do not pay for it.
-    // Altering a trigger waits for the table's writers: bounded.
-    tx.batch_execute("SET LOCAL lock_timeout = '30s'")
-        .await
-        .map_err(q("setting lock_timeout"))?;
-    for t in replicated(config) {
-        tx.batch_execute(&crate::setup::fence_trigger_sql(&t, fenced))
-            .await
-            .map_err(q(if fenced {
-                "enabling the fence trigger (lock_timeout 30s: a long transaction holds the table?)"
-            } else {
-                "disabling the fence trigger (lock_timeout 30s: a long transaction holds the table?)"
-            }))?;
-    }
     if changed > 0 {
         let kind = if fenced { "fence" } else { "unfence" };
         tx.execute(
@@ -114,7 +96,12 @@ pub async fn set(
 /// Every replicated table carries the fence trigger (a fence that left a
 /// table writable would be worse than none).
 async fn ensure_guarded(config: &Config, region: &str, client: &Client) -> Result<(), FenceError> {
-    let tables = replicated(config);
+    let tables: Vec<String> = config
+        .tables
+        .iter()
+        .filter(|t| !matches!(t.class, TableClass::Local))
+        .map(|t| t.name.quoted())
+        .collect();
     let row = client
         .query_one(
             "SELECT to_regclass('pgrelay.fence') IS NOT NULL, \
@@ -144,16 +131,6 @@ async fn ensure_guarded(config: &Config, region: &str, client: &Client) -> Resul
         });
     }
     Ok(())
-}
-
-/// The replicated tables, quoted: those carrying the fence trigger.
-fn replicated(config: &Config) -> Vec<String> {
-    config
-        .tables
-        .iter()
-        .filter(|t| !matches!(t.class, TableClass::Local))
-        .map(|t| t.name.quoted())
-        .collect()
 }
 
 /// Whether the database `client` is connected to is fenced: since when and

@@ -138,12 +138,6 @@ pub fn stamp_trigger_sql(table: &str, stamp: Stamp, region_id: u8) -> String {
     )
 }
 
-/// Switches `table`'s fence trigger on (`pgrelay fence`) or off.
-pub fn fence_trigger_sql(table: &str, on: bool) -> String {
-    let verb = if on { "ENABLE" } else { "DISABLE" };
-    format!("ALTER TABLE {table} {verb} TRIGGER pgrelay_fence")
-}
-
 /// The SQL statements that bring a region's database up to date. `keys`
 /// gives each declared table's primary key (the caller reads the catalog and
 /// reports tables without one before calling this); `stamp`, the stamp
@@ -327,16 +321,12 @@ $fn$"
              FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.record_truncate()"
         ));
         // fires in local sessions only: apply runs as session_replication_role
-        // = replica, so a fenced region still receives the others' changes.
-        // Disabled while the region is not fenced: an enabled statement
-        // trigger costs every local write statement a PL/pgSQL call
-        // (`fence` enables it, `unfence` disables it)
+        // = replica, so a fenced region still receives the others' changes
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_fence ON {t}"));
         sql.push(format!(
             "CREATE TRIGGER pgrelay_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {t} \
              FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.fence_guard()"
         ));
-        sql.push(fence_trigger_sql(&t, false));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_owned_guard ON {t}"));
         sql.push(format!(
             "DROP TRIGGER IF EXISTS pgrelay_owned_guard_truncate ON {t}"
@@ -354,17 +344,6 @@ $fn$"
                 ));
             }
         }
-    }
-    // a region fenced before this setup stays fenced
-    let enable: Vec<String> = published
-        .iter()
-        .map(|t| fence_trigger_sql(t, true))
-        .collect();
-    if !enable.is_empty() {
-        sql.push(format!(
-            "DO $do$ BEGIN IF EXISTS (SELECT 1 FROM pgrelay.fence) THEN {}; END IF; END $do$",
-            enable.join("; ")
-        ));
     }
     if config.tables.iter().any(|t| !t.dr.is_empty()) {
         sql.extend(crate::dr::SETUP_SQL.iter().map(|s| s.to_string()));
