@@ -7,3 +7,10 @@
 CREATE FUNCTION stamp_row_c() RETURNS trigger
 AS 'MODULE_PATHNAME', 'pgrelay_stamp_row'
 LANGUAGE C;
+
+-- BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE statement trigger: refuses
+-- local writes while pgrelay.fence holds a row, as the PL/pgSQL
+-- pgrelay.fence_guard() does; reads the table with the latest snapshot.
+CREATE FUNCTION fence_guard_c() RETURNS trigger
+AS 'MODULE_PATHNAME', 'pgrelay_fence_guard'
+LANGUAGE C;

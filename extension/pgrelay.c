@@ -15,17 +15,24 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
 #include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 PG_MODULE_MAGIC;
@@ -35,6 +42,27 @@ PG_MODULE_MAGIC;
 #define DEFAULT_COLUMN "_pgrelay_hlc"
 
 PG_FUNCTION_INFO_V1(pgrelay_stamp_row);
+PG_FUNCTION_INFO_V1(pgrelay_fence_guard);
+
+/*
+ * Schema pgrelay, checked for USAGE by the current user as the PL/pgSQL
+ * functions' schema-qualified names are: the same writers may write.
+ */
+static Oid
+pgrelay_namespace(void)
+{
+	Oid			nsp = get_namespace_oid("pgrelay", false);
+	AclResult	acl;
+
+#if PG_VERSION_NUM >= 160000
+	acl = object_aclcheck(NamespaceRelationId, nsp, GetUserId(), ACL_USAGE);
+#else
+	acl = pg_namespace_aclcheck(nsp, GetUserId(), ACL_USAGE);
+#endif
+	if (acl != ACLCHECK_OK)
+		aclcheck_error(acl, OBJECT_SCHEMA, "pgrelay");
+	return nsp;
+}
 
 /* What one trigger needs on every call, looked up on its first. */
 typedef struct StampCache
@@ -64,7 +92,8 @@ stamp_cache(FunctionCallInfo fcinfo, TriggerData *trigdata)
 				 errmsg("pgrelay: trigger %s on %s: pgrelay.stamp_row_c takes the region id and optionally the column",
 						trigger->tgname, RelationGetRelationName(rel))));
 	region = strtol(trigger->tgargs[0], &end, 10);
-	if (*end != '\0' || region < 0 || region >= (1 << REGION_BITS))
+	if (end == trigger->tgargs[0] || *end != '\0' || trigger->tgargs[0][0] < '0' ||
+		trigger->tgargs[0][0] > '9' || region < 0 || region >= (1 << REGION_BITS))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("pgrelay: trigger %s on %s: region id \"%s\" is not a number from 0 to %d",
@@ -73,10 +102,11 @@ stamp_cache(FunctionCallInfo fcinfo, TriggerData *trigdata)
 	if (trigger->tgnargs == 2)
 		column = trigger->tgargs[1];
 
-	nsp = get_namespace_oid("pgrelay", false);
+	nsp = pgrelay_namespace();
 	if (cache == NULL)
 		cache = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(StampCache));
-	cache->relid = RelationGetRelid(rel);
+	/* not valid for any table until every check below passed */
+	cache->relid = InvalidOid;
 	cache->seqid = get_relname_relid("hlc_logical", nsp);
 	if (!OidIsValid(cache->seqid))
 		ereport(ERROR,
@@ -94,6 +124,7 @@ stamp_cache(FunctionCallInfo fcinfo, TriggerData *trigdata)
 				 errmsg("pgrelay: column %s of %s must be bigint",
 						column, RelationGetRelationName(rel))));
 	cache->region = region;
+	cache->relid = RelationGetRelid(rel);
 	fcinfo->flinfo->fn_extra = cache;
 	return cache;
 }
@@ -167,4 +198,70 @@ pgrelay_stamp_row(PG_FUNCTION_ARGS)
 	value = Int64GetDatum((l << REGION_BITS) | cache->region);
 	tuple = heap_modify_tuple_by_cols(tuple, desc, 1, &attnum, &value, &isnull);
 	return PointerGetDatum(tuple);
+}
+
+/*
+ * The fence guard: refuses the statement while pgrelay.fence holds a row.
+ * The table is read with the latest snapshot, not the transaction's: a
+ * REPEATABLE READ or SERIALIZABLE transaction that began before the fence
+ * is refused as well. Fires in local sessions only, like every pgrelay
+ * trigger (the apply side writes as session_replication_role = replica).
+ */
+Datum
+pgrelay_fence_guard(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	Oid			fence;
+	Relation	rel;
+	Snapshot	snapshot;
+	TableScanDesc scan;
+	HeapTuple	tuple;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) ||
+		!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("pgrelay.fence_guard_c: must fire BEFORE ... FOR EACH STATEMENT")));
+
+	fence = get_relname_relid("fence", get_namespace_oid("pgrelay", false));
+	if (!OidIsValid(fence))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("pgrelay: table pgrelay.fence does not exist; run pgrelay setup")));
+
+	rel = table_open(fence, AccessShareLock);
+	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	scan = table_beginscan(rel, snapshot, 0, NULL);
+	tuple = heap_getnext(scan, ForwardScanDirection);
+	if (tuple != NULL)
+	{
+		TupleDesc	desc = RelationGetDescr(rel);
+		bool		region_null;
+		bool		at_null;
+		bool		reason_null;
+		Datum		region = heap_getattr(tuple, 1, desc, &region_null);
+		Datum		at = heap_getattr(tuple, 2, desc, &at_null);
+		Datum		reason = heap_getattr(tuple, 3, desc, &reason_null);
+		char	   *region_s = region_null ? "" : TextDatumGetCString(region);
+		char	   *at_s = at_null ? "" :
+			DatumGetCString(DirectFunctionCall1(timestamptz_out, at));
+		Relation	target = trigdata->tg_relation;
+
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("region %s is fenced (since %s): local writes to %s.%s are refused",
+						region_s, at_s,
+						get_namespace_name(RelationGetNamespace(target)),
+						RelationGetRelationName(target)),
+				 errhint("%s%s%slift it with pgrelay unfence --region %s",
+						 reason_null ? "" : "reason: ",
+						 reason_null ? "" : TextDatumGetCString(reason),
+						 reason_null ? "" : "; ",
+						 region_s)));
+	}
+	table_endscan(scan);
+	UnregisterSnapshot(snapshot);
+	table_close(rel, AccessShareLock);
+	return PointerGetDatum(NULL);
 }

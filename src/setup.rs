@@ -104,9 +104,11 @@ $fn$",
     )
 }
 
-/// Which stamp trigger function the replicated tables get: both compute the
-/// same stamps (`hlc.rs`); the caller decides from
-/// `relay.capture.stamp_trigger` and what the server offers.
+/// Which trigger functions the replicated tables get, the stamp trigger and
+/// the fence guard: C ones from the `pgrelay` extension or PL/pgSQL ones;
+/// both kinds compute the same stamps (`hlc.rs`) and refuse the same
+/// writes. The caller decides from `relay.capture.stamp_trigger` and what
+/// the server offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stamp {
     /// `pgrelay.stamp_row_c`, from the `pgrelay` extension (`extension/`).
@@ -135,6 +137,21 @@ pub fn stamp_trigger_sql(table: &str, stamp: Stamp, region_id: u8) -> String {
     format!(
         "CREATE TRIGGER pgrelay_stamp BEFORE INSERT OR UPDATE ON {table} \
          FOR EACH ROW EXECUTE FUNCTION {function}"
+    )
+}
+
+/// The statement trigger that refuses local writes while the region is
+/// fenced. The C guard reads `pgrelay.fence` with the latest snapshot, so a
+/// transaction whose snapshot predates the fence is refused too; the
+/// PL/pgSQL one reads it with the statement's snapshot.
+pub fn fence_trigger_sql(table: &str, stamp: Stamp) -> String {
+    let function = match stamp {
+        Stamp::C => "pgrelay.fence_guard_c()",
+        Stamp::Plpgsql => "pgrelay.fence_guard()",
+    };
+    format!(
+        "CREATE TRIGGER pgrelay_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} \
+         FOR EACH STATEMENT EXECUTE FUNCTION {function}"
     )
 }
 
@@ -323,10 +340,7 @@ $fn$"
         // fires in local sessions only: apply runs as session_replication_role
         // = replica, so a fenced region still receives the others' changes
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_fence ON {t}"));
-        sql.push(format!(
-            "CREATE TRIGGER pgrelay_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {t} \
-             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.fence_guard()"
-        ));
+        sql.push(fence_trigger_sql(&t, stamp));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_owned_guard ON {t}"));
         sql.push(format!(
             "DROP TRIGGER IF EXISTS pgrelay_owned_guard_truncate ON {t}"

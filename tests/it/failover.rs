@@ -33,6 +33,12 @@ async fn a_fenced_region_refuses_local_writes_and_still_applies() {
         .await
         .unwrap();
     until_count(&us, "SELECT count(*) FROM products", 1, "eu's row in us").await;
+    // a transaction whose snapshot was taken before the fence
+    let early = p.eu.client().await;
+    early
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .await
+        .unwrap();
 
     let out = relay::ok(&[
         "fence",
@@ -66,6 +72,16 @@ async fn a_fenced_region_refuses_local_writes_and_still_applies() {
             "{sql}: {err}"
         );
     }
+    // the C guard reads the fence with the latest snapshot: the early
+    // transaction is refused too (the PL/pgSQL guard, on servers without
+    // the extension, reads it with the transaction's snapshot)
+    if crate::support::pg::major() == 15 {
+        let err = refused(&early, "UPDATE products SET price = 7 WHERE id = 1")
+            .await
+            .expect("a write from a transaction that began before the fence");
+        assert!(err.contains("region eu is fenced"), "{err}");
+    }
+    drop(early);
     // setup again (the trigger is dropped and made anew): still fenced
     relay::ok(&["setup", "--config", cfg, "--region", "eu"]);
     let err = refused(&eu, "UPDATE products SET price = 6 WHERE id = 1")
