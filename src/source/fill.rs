@@ -37,8 +37,14 @@ use super::catalog::{self, CatalogError};
 pub enum FillError {
     #[error(transparent)]
     Connect(#[from] CatalogError),
-    #[error("reading the left-out columns of a row of {table}: {message}")]
-    Query { table: String, message: String },
+    #[error(
+        "reading the left-out columns of a row of {table}: {}",
+        crate::source::pg_error::reason(.source)
+    )]
+    Query {
+        table: String,
+        source: tokio_postgres::Error,
+    },
 }
 
 /// The columns of an insert or update that the stream left out
@@ -130,9 +136,9 @@ impl Filler {
             return Ok(0);
         }
         let table = change.schema.table.to_string();
-        let query_error = |e: tokio_postgres::Error| FillError::Query {
+        let query_error = |source: tokio_postgres::Error| FillError::Query {
             table: table.clone(),
-            message: crate::apply::db_message(&e),
+            source,
         };
         if self.client.as_ref().is_none_or(Client::is_closed) {
             let c = catalog::connect(&self.dsn, &self.region).await?;
