@@ -37,14 +37,17 @@
 #                           the backlog from the slot on resume)
 #            pgrelay        eu's sidecar stopped (us's keeps publishing to
 #                           Kafka; eu consumes the backlog from there)
-#            pgrelay-kafka  the broker down, both sidecars running: us's
-#                           slot holds the backlog and us's sidecar must
-#                           recover on its own. The durable broker
-#                           (TANSU_DURABLE, libsql storage) is killed and
-#                           started again on its port with its data; without
-#                           that build the in-memory broker is frozen
-#                           (SIGSTOP/SIGCONT) instead, since a restart would
-#                           lose the topics. The results say which.
+#            pgrelay-kafka  the broker unreachable, both sidecars running:
+#                           us's slot holds the backlog and us's sidecar
+#                           must recover on its own. By default the
+#                           in-memory broker is frozen (SIGSTOP, SIGCONT to
+#                           resume: requests time out, the records are kept;
+#                           restarting it would lose them and its topics).
+#                           PGRELAY_BENCH_BROKER_OUTAGE=restart uses the
+#                           durable broker (TANSU_DURABLE, libsql storage),
+#                           killed and started again on its port; that
+#                           build does not keep up with OUTAGE_RATE = 5000
+#                           (BENCHMARKS.md). The results say which.
 #          Printed: the time from the resume (ALTER SUBSCRIPTION ENABLE, the
 #          sidecar or the broker started again) until the lag is under 1 s,
 #          i.e. the first moment T at which every row inserted in us before
@@ -92,6 +95,7 @@
 #   OUTAGE_SECONDS [300]  OUTAGE_WARMUP [10]  OUTAGE_RATE [5000]  OUTAGE_ROWS_PER_TX [10]
 #   OUTAGE_TAIL [5]          seconds the load goes on after the catch-up was seen
 #   PGRELAY_BENCH_OUTAGE_STATES [native pgrelay pgrelay-kafka]
+#   PGRELAY_BENCH_BROKER_OUTAGE freeze|restart, for pgrelay-kafka [freeze]
 #   PGRELAY_TANSU_DURABLE    the libsql Tansu build [.tools/tansu-libsql/bin/tansu]
 #   SCALE_SESSIONS [1 2 4]   sessions_per_source values for `scale`
 #   PGRELAY_BENCH_EXTRA_TOML appended to pgrelay's config (tuning experiments);
@@ -131,6 +135,7 @@ OUTAGE_SECONDS="${OUTAGE_SECONDS:-300}"
 OUTAGE_RATE="${OUTAGE_RATE:-5000}"
 OUTAGE_ROWS_PER_TX="${OUTAGE_ROWS_PER_TX:-10}"
 OUTAGE_TAIL="${OUTAGE_TAIL:-5}"
+BROKER_OUTAGE="${PGRELAY_BENCH_BROKER_OUTAGE:-freeze}"
 SCALE_SESSIONS="${SCALE_SESSIONS:-1 2 4}"
 APPLY_SESSIONS=""
 TIMEOUT="${PGRELAY_BENCH_TIMEOUT:-900}"
@@ -633,10 +638,19 @@ SQL
     LOAD_PID=$!
 }
 
-# The durable broker is killed and started again on its port; without it
-# (install-deps.sh builds it) the in-memory broker is frozen (SIGSTOP) instead,
-# since restarting it would lose the topics and their offsets.
-broker_outage_mode() { if [ -x "$TANSU_DURABLE" ]; then echo restart; else echo freeze; fi; }
+# freeze: the in-memory broker stopped (SIGSTOP) and continued, its data
+# kept (a restart would lose the topics and eu's offsets would point past
+# their end); restart: the durable broker killed and started again on its
+# port (PGRELAY_BENCH_BROKER_OUTAGE=restart).
+broker_outage_mode() {
+    case "$BROKER_OUTAGE" in
+        freeze) echo freeze ;;
+        restart)
+            [ -x "$TANSU_DURABLE" ] || { log "no durable broker at $TANSU_DURABLE (scripts/install-deps.sh builds it)"; return 1; }
+            echo restart ;;
+        *) log "PGRELAY_BENCH_BROKER_OUTAGE: freeze or restart, not $BROKER_OUTAGE"; return 1 ;;
+    esac
+}
 
 outage_begin() { # state
     case "$1" in
