@@ -899,10 +899,11 @@ fi
 
 echo
 python3 - "$RESULTS" "$REPEAT" "${WRITE_CLIENTS} clients, ${WRITE_SECONDS}s${PIN:+, pinned $PIN}" \
-    "$OUTAGE_RATE rows/s in transactions of $OUTAGE_ROWS_PER_TX" <<'PY'
+    "$OUTAGE_RATE rows/s in transactions of $OUTAGE_ROWS_PER_TX" \
+    "$("$PGBIN/postgres" --version | sed 's/^postgres (PostgreSQL) /PostgreSQL /')" <<'PY'
 import sys, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-print("pgrelay vs native logical replication (PostgreSQL 15, loopback, same settings)")
+print(f"pgrelay vs native logical replication ({sys.argv[5]}, loopback, same settings)")
 for w in ("bulk", "small"):
     runs = {s: [r for r in rows if r[0] == s and r[1] == w] for s in ("native", "pgrelay")}
     if not any(runs.values()):
