@@ -40,7 +40,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::check::{self, Severity};
-use crate::config::{Config, TableClass};
+use crate::config::Config;
 use crate::dr::DrKey;
 use crate::event::{Lsn, TableName};
 use crate::metrics::Metrics;
@@ -205,12 +205,7 @@ pub async fn run(
         tokio::task::block_in_place(|| Outlets::open(&config, &outlet_regions, &outlet_topics))
             .map_err(transient("kafka producers"))?;
 
-    let declared: HashSet<_> = config
-        .tables
-        .iter()
-        .filter(|t| !matches!(t.class, TableClass::Local))
-        .map(|t| t.name.clone())
-        .collect();
+    let declared: HashSet<_> = config.replicated_tables().map(|t| t.name.clone()).collect();
     let mut assembler = Assembler::new(declared, keys, region_cfg.id);
     let mut tracker = AckTracker::new(slot.confirmed_flush);
     let source = Source {

@@ -13,7 +13,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::{Config, TableClass};
+use crate::config::Config;
 use crate::source::catalog::{self, CatalogError};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,9 +97,7 @@ pub async fn set(
 /// table writable would be worse than none).
 async fn ensure_guarded(config: &Config, region: &str, client: &Client) -> Result<(), FenceError> {
     let tables: Vec<String> = config
-        .tables
-        .iter()
-        .filter(|t| !matches!(t.class, TableClass::Local))
+        .replicated_tables()
         .map(|t| t.name.quoted())
         .collect();
     let row = client

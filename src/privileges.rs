@@ -17,7 +17,7 @@
 //! Creating the schema, triggers, publication, slot and origins is the setup
 //! role's business, not the run role's.
 
-use crate::config::{Config, TableClass};
+use crate::config::Config;
 use crate::event::{quote_ident, TableName};
 
 /// The replication-origin functions the run role calls.
@@ -151,12 +151,7 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
             privileges: DML,
         });
     }
-    let replicated: Vec<&TableName> = config
-        .tables
-        .iter()
-        .filter(|t| !matches!(t.class, TableClass::Local))
-        .map(|t| &t.name)
-        .collect();
+    let replicated: Vec<&TableName> = config.replicated_tables().map(|t| &t.name).collect();
     let mut schemas: Vec<&str> = Vec::new();
     for t in &replicated {
         if t.schema != "pgrelay" && !schemas.contains(&t.schema.as_str()) {

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::Client;
 
 use crate::apply::db_message;
-use crate::config::{Config, TableClass};
+use crate::config::Config;
 use crate::event::{quote_ident, TableName};
 use crate::hlc;
 use crate::names::HLC_COLUMN;
@@ -224,12 +224,7 @@ pub async fn run(
             .get(0),
     };
     let since_stamp = hlc::compose(since_ms.max(0) as u64, 0, 0) as i64;
-    let replicated: Vec<&TableName> = config
-        .tables
-        .iter()
-        .filter(|t| !matches!(t.class, TableClass::Local))
-        .map(|t| &t.name)
-        .collect();
+    let replicated: Vec<&TableName> = config.replicated_tables().map(|t| &t.name).collect();
     for t in &opts.tables {
         if !replicated.contains(&t) {
             return Err(format!(

@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::config::{Config, TableClass};
+use crate::config::Config;
 use crate::event::{
     canonical_text_sets, quote_ident, Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema,
     TxMeta,
@@ -170,11 +170,7 @@ pub async fn run(
         }
     }
     let mut tables = Vec::new();
-    for t in config
-        .tables
-        .iter()
-        .filter(|t| !matches!(t.class, TableClass::Local))
-    {
+    for t in config.replicated_tables() {
         if opts.tables.is_empty() || opts.tables.contains(&t.name) {
             tables.push(t.name.clone());
         }

@@ -283,10 +283,7 @@ $fn$"
     ];
 
     let mut published = Vec::new();
-    for table in &config.tables {
-        if matches!(table.class, TableClass::Local) {
-            continue;
-        }
+    for table in config.replicated_tables() {
         let t = table.name.quoted();
         published.push(t.clone());
         sql.push(format!(

@@ -128,9 +128,7 @@ async fn stamp_line(
     client: &tokio_postgres::Client,
 ) -> String {
     let tables: Vec<String> = config
-        .tables
-        .iter()
-        .filter(|t| !matches!(t.class, crate::config::TableClass::Local))
+        .replicated_tables()
         .map(|t| t.name.quoted())
         .collect();
     let row = client

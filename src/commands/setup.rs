@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 
 use super::{all_clusters, load};
 use crate::check::{self, Severity};
-use crate::config::{Config, Need, TableClass};
+use crate::config::{Config, Need};
 use crate::source::catalog::{self, Catalog};
 use crate::{kafka, privileges, setup};
 
@@ -109,10 +109,7 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
     );
     println!(
         "region {region}: database ready (schema pgrelay, {} replicated tables, publication {}, slot {})",
-        config
-            .tables
-            .iter()
-            .filter(|t| !matches!(t.class, TableClass::Local))
+        config.replicated_tables()
             .count(),
         config.publication_name(),
         config.slot_name(region)

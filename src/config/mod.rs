@@ -117,6 +117,13 @@ impl fmt::Debug for Config {
 }
 
 impl Config {
+    /// The declared tables that replicate: every class but `local`.
+    pub fn replicated_tables(&self) -> impl Iterator<Item = &TableConfig> {
+        self.tables
+            .iter()
+            .filter(|t| !matches!(t.class, TableClass::Local))
+    }
+
     /// The declared table of that name, if any.
     pub fn table(&self, name: &TableName) -> Option<&TableConfig> {
         self.tables.iter().find(|t| t.name == *name)
