@@ -187,13 +187,7 @@ async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
             ("hot_standby_feedback", "on"),
         ],
     );
-    let both = format!(
-        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres password={} dbname=postgres \
-         connect_timeout=3 target_session_attrs=read-write",
-        primary.port,
-        standby.port,
-        pg::PASSWORD
-    );
+    let both = both_hosts(&primary, &standby);
     let broker = Broker::start();
     let cfg = ConfigFile::new(&crate::apply::config(&both, &eu.dsn(), &broker.brokers()));
     let path = cfg.path.to_str().unwrap();
@@ -374,13 +368,7 @@ async fn without_failover_slots_setup_and_resync_recover_a_promoted_standby() {
     primary.psql(SCHEMA);
     eu.psql(SCHEMA);
     let standby = primary.standby("us_standby", &[("hot_standby_feedback", "on")]);
-    let both = format!(
-        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres password={} dbname=postgres \
-         connect_timeout=3 target_session_attrs=read-write",
-        primary.port,
-        standby.port,
-        pg::PASSWORD
-    );
+    let both = both_hosts(&primary, &standby);
     let broker = Broker::start();
     let cfg = ConfigFile::new(&crate::apply::config(&both, &eu.dsn(), &broker.brokers()));
     let path = cfg.path.to_str().unwrap();
@@ -519,4 +507,16 @@ async fn without_failover_slots_setup_and_resync_recover_a_promoted_standby() {
         },
     )
     .await;
+}
+
+/// A DSN naming the primary and its standby, connecting to whichever
+/// accepts writes (as an application configures failover).
+fn both_hosts(primary: &Pg, standby: &Pg) -> String {
+    format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres password={} dbname=postgres \
+         connect_timeout=3 target_session_attrs=read-write",
+        primary.port,
+        standby.port,
+        pg::PASSWORD
+    )
 }

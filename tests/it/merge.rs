@@ -154,49 +154,13 @@ async fn a_concurrent_update_that_loses_is_in_the_conflict_log_once() {
     ] {
         assert!(line.contains(part), "{part:?} in {line}");
     }
-    let none = relay::ok(&[
-        "conflicts",
-        "list",
-        "--config",
-        cfg,
-        "--region",
-        "eu",
-        "--table",
-        "public.users",
-    ]);
+    let none = relay::ok(&conflicts_list(cfg, &["--table", "public.users"]));
     assert!(none.contains("0 conflict(s)"), "{none}");
-    let recent = relay::ok(&[
-        "conflicts",
-        "list",
-        "--config",
-        cfg,
-        "--region",
-        "eu",
-        "--since",
-        "10m",
-    ]);
+    let recent = relay::ok(&conflicts_list(cfg, &["--since", "10m"]));
     assert!(recent.contains("1 conflict(s)"), "{recent}");
-    let future = relay::ok(&[
-        "conflicts",
-        "list",
-        "--config",
-        cfg,
-        "--region",
-        "eu",
-        "--since",
-        "2999-01-01",
-    ]);
+    let future = relay::ok(&conflicts_list(cfg, &["--since", "2999-01-01"]));
     assert!(future.contains("0 conflict(s)"), "{future}");
-    let bad = relay::fails(&[
-        "conflicts",
-        "list",
-        "--config",
-        cfg,
-        "--region",
-        "eu",
-        "--since",
-        "yesterday-ish",
-    ]);
+    let bad = relay::fails(&conflicts_list(cfg, &["--since", "yesterday-ish"]));
     assert!(bad.contains("--since"), "{bad}");
 }
 
@@ -582,4 +546,11 @@ async fn a_counter_table_without_full_identity_stops_capture() {
         "{log}"
     );
     assert_eq!(stock_ops(), ["c"], "only the insert before the change");
+}
+
+/// `pgrelay conflicts list` in eu, with `extra` arguments.
+fn conflicts_list<'a>(cfg: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["conflicts", "list", "--config", cfg, "--region", "eu"];
+    args.extend_from_slice(extra);
+    args
 }

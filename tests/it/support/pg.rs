@@ -180,33 +180,12 @@ impl Pg {
         for (k, v) in &opts.extra {
             conf.push_str(&format!("{k} = {v}\n"));
         }
-        let mut last_err = String::new();
-        for _ in 0..5 {
-            let port = free_port();
-            std::fs::write(
-                data.join("postgresql.auto.conf"),
-                format!("{conf}port = {port}\n"),
-            )
-            .unwrap();
-            let out = as_postgres(&bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.path().join("log"))
-                .args(["-w", "-t", "30", "start"])
-                .stdout(Stdio::null())
-                .output()
-                .expect("run pg_ctl");
-            if out.status.success() {
-                let pg = Pg { port, dir, bin };
-                pg.psql(&format!(
-                    "CREATE ROLE {RUN_ROLE} LOGIN REPLICATION PASSWORD '{PASSWORD}'"
-                ));
-                return pg;
-            }
-            last_err = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
-        }
-        panic!("postgres did not start: {last_err}");
+        let port = start_on_free_port(&bin, &dir, &data, &conf, "30", "postgres");
+        let pg = Pg { port, dir, bin };
+        pg.psql(&format!(
+            "CREATE ROLE {RUN_ROLE} LOGIN REPLICATION PASSWORD '{PASSWORD}'"
+        ));
+        pg
     }
 
     /// The superuser's connection string (tests' own queries, `setup`).
@@ -302,33 +281,12 @@ impl Pg {
         for (k, v) in extra {
             conf.push_str(&format!("{k} = {v}\n"));
         }
-        let mut last_err = String::new();
-        for _ in 0..5 {
-            let port = free_port();
-            std::fs::write(
-                data.join("postgresql.auto.conf"),
-                format!("{conf}port = {port}\n"),
-            )
-            .unwrap();
-            let out = as_postgres(&self.bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.path().join("log"))
-                .args(["-w", "-t", "60", "start"])
-                .stdout(Stdio::null())
-                .output()
-                .expect("run pg_ctl");
-            if out.status.success() {
-                return Pg {
-                    port,
-                    dir,
-                    bin: self.bin.clone(),
-                };
-            }
-            last_err = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+        let port = start_on_free_port(&self.bin, &dir, &data, &conf, "60", "the standby");
+        Pg {
+            port,
+            dir,
+            bin: self.bin.clone(),
         }
-        panic!("the standby did not start: {last_err}");
     }
 
     /// Promotes a standby (waits until it accepts writes).
@@ -375,4 +333,40 @@ impl Drop for Pg {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts the cluster in `data` with `conf` and a free port (another
+/// process may take a port between choosing and binding it: five tries),
+/// logging to `dir/log`; returns the port.
+fn start_on_free_port(
+    bin: &std::path::Path,
+    dir: &TempDir,
+    data: &std::path::Path,
+    conf: &str,
+    wait_seconds: &str,
+    what: &str,
+) -> u16 {
+    let mut last_err = String::new();
+    for _ in 0..5 {
+        let port = free_port();
+        std::fs::write(
+            data.join("postgresql.auto.conf"),
+            format!("{conf}port = {port}\n"),
+        )
+        .unwrap();
+        let out = as_postgres(&bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(data)
+            .arg("-l")
+            .arg(dir.path().join("log"))
+            .args(["-w", "-t", wait_seconds, "start"])
+            .stdout(Stdio::null())
+            .output()
+            .expect("run pg_ctl");
+        if out.status.success() {
+            return port;
+        }
+        last_err = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    }
+    panic!("{what} did not start: {last_err}");
 }
