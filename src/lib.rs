@@ -26,6 +26,7 @@ pub mod fence;
 pub mod hlc;
 pub mod http;
 pub mod kafka;
+pub mod merge;
 pub mod metrics;
 pub mod names;
 pub mod overview;

@@ -4,6 +4,10 @@
 
 /// The relay-managed stamp column on every replicated table.
 pub const HLC_COLUMN: &str = "_pgrelay_hlc";
+/// The relay-managed column of tables with `counter` merge columns: each
+/// region's part of each counter, with the stamp of its last change (see
+/// `merge.rs`).
+pub const COUNTS_COLUMN: &str = "_pgrelay_counts";
 /// The schema of pgrelay's own objects in each database.
 pub const META_SCHEMA: &str = "pgrelay";
 /// The table the delete trigger writes stamps (and tombstones) to.

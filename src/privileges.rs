@@ -122,7 +122,6 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         "breakers",
         "events",
         "conflicts",
-        "merged",
         "primary_identity",
         "egress",
     ] {

@@ -200,12 +200,9 @@ pub fn plan(
             .to_string(),
         "CREATE INDEX IF NOT EXISTS conflicts_recorded_at ON pgrelay.conflicts (recorded_at)"
             .to_string(),
-        // per row of a table with counter columns and per source region:
-        // the highest stamp whose delta was added (apply::sql::counter_sql)
-        "CREATE TABLE IF NOT EXISTS pgrelay.merged (\
-            table_name text NOT NULL, pk jsonb NOT NULL, origin int NOT NULL, hlc bigint NOT NULL, \
-            PRIMARY KEY (table_name, pk, origin))"
-            .to_string(),
+        // counters keep their parts in each row now (see merge.rs): the
+        // per-row high-water marks of the delta scheme are gone
+        "DROP TABLE IF EXISTS pgrelay.merged".to_string(),
         // per partition: every change the source committed before this LSN
         // is applied (see wait_for_function)
         "ALTER TABLE pgrelay.offsets ADD COLUMN IF NOT EXISTS source_lsn pg_lsn".to_string(),
@@ -223,6 +220,7 @@ pub fn plan(
             FROM pgrelay.watermark_parts GROUP BY source_region"
             .to_string(),
         hlc::sql_stamp_row_function(region_id, HLC_COLUMN),
+        crate::merge::sql_merge_row_function(region_id),
         // a deleted row's key keeps the delete's stamp
         tombstone_function(
             "record_delete",
@@ -282,6 +280,7 @@ $fn$"
         .to_string(),
     ];
 
+    sql.extend(crate::merge::setup_functions());
     let mut published = Vec::new();
     for table in config.replicated_tables() {
         let t = table.name.quoted();
@@ -329,6 +328,7 @@ $fn$"
              FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.record_key_move({args})",
             cols = key_list.join(", ")
         ));
+        sql.extend(crate::merge::table_setup(&t, table));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_truncate ON {t}"));
         sql.push(format!(
             "CREATE TRIGGER pgrelay_truncate BEFORE TRUNCATE ON {t} \

@@ -14,7 +14,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::event::{Op, TableName};
+use crate::event::{quote_ident, quote_literal, Op, TableName};
 use crate::names::HLC_COLUMN;
 
 /// Text borrowed from the record unless its JSON spelling had escapes.
@@ -125,6 +125,30 @@ impl TargetTable {
     /// How column `name` is merged, if it is a merge column.
     pub fn merge_kind(&self, name: &str) -> Option<crate::config::MergeKind> {
         self.merge.iter().find(|(c, _)| c == name).map(|(_, k)| *k)
+    }
+
+    /// The key columns of a row `alias` read from JSON, typed: a json key
+    /// column's text arrives as a JSON string scalar and is read back as a
+    /// document (`#>> '{}'`).
+    pub fn typed_keys(&self, alias: &str) -> Vec<String> {
+        self.key
+            .iter()
+            .map(|k| match self.json_columns.iter().find(|(j, _)| j == k) {
+                Some((_, ty)) => format!("({alias}.{0} #>> '{{}}')::{ty} AS {0}", quote_ident(k)),
+                None => format!("{alias}.{}", quote_ident(k)),
+            })
+            .collect()
+    }
+
+    /// The key of row `alias` as `pgrelay.tombstones` spells it (a JSON
+    /// object of each key column's text).
+    pub fn key_json(&self, alias: &str) -> String {
+        let parts: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| format!("{}, {alias}.{}::text", quote_literal(k), quote_ident(k)))
+            .collect();
+        format!("jsonb_build_object({})", parts.join(", "))
     }
 }
 

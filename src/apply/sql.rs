@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 
 use crate::apply::record::{Incoming, TargetTable, Text};
 use crate::event::{quote_ident, quote_literal, row_hash, Op, TableName};
-use crate::names::HLC_COLUMN;
+use crate::names::{COUNTS_COLUMN, HLC_COLUMN};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -254,18 +254,18 @@ fn plan_segment(batch: &[Incoming<'_>], from: usize, to: usize, out: &mut Vec<St
     out.extend(merge_statements(batch, from, to));
 }
 
-/// The merge statements of changes `from..to` of the batch: for each table
-/// with merge columns, one statement adding the `counter` columns' deltas
-/// (the sum over the segment's changes of new - old, each change counted:
-/// the upsert keeps only the newest) and one per `union` column adding the
-/// items of every change. Run after the segment's upserts (which insert a
-/// missing row with its counters at zero) so they apply to the rows that
-/// exist now, whatever the stamps: concurrent increments all count. A
-/// delete of the row in the segment discards what came before it.
+/// The merge statements of changes `from..to` of the batch (see
+/// [`crate::merge`]): for each table with `counter` columns, one statement
+/// merging the parts every change carries (and dropping those older than
+/// a delete of the row in the segment); for each `union` column, one
+/// statement adding the items of every change since the row's last delete
+/// in the segment. Run after the segment's upserts and deletes, so they
+/// apply to the rows that exist now.
 pub fn merge_statements(batch: &[Incoming<'_>], from: usize, to: usize) -> Vec<Statement> {
     use crate::config::MergeKind;
-    // per table: per row, the changes since its last delete, in order
-    type Rows<'b> = Vec<(&'b [Option<Text<'b>>], Vec<usize>)>;
+    // per table: per row, every change (counters), and the changes since
+    // its last delete (unions)
+    type Rows<'b> = Vec<(&'b [Option<Text<'b>>], Vec<usize>, Vec<usize>)>;
     let mut tables: BTreeMap<&TableName, (&TargetTable, Rows<'_>)> = BTreeMap::new();
     for (i, c) in batch.iter().enumerate().take(to).skip(from) {
         if c.table.merge.is_empty() {
@@ -275,20 +275,21 @@ pub fn merge_statements(batch: &[Incoming<'_>], from: usize, to: usize) -> Vec<S
             .entry(&c.table.name)
             .or_insert_with(|| (c.table, Vec::new()));
         let key = c.key.as_slice();
-        let pos = rows.iter().position(|(k, _)| *k == key);
-        match (c.op, pos) {
-            (Op::Delete, Some(p)) => rows[p].1.clear(),
-            (Op::Delete, None) => {}
-            (_, Some(p)) => rows[p].1.push(i),
-            (_, None) => rows.push((key, vec![i])),
+        let p = match rows.iter().position(|(k, _, _)| *k == key) {
+            Some(p) => p,
+            None => {
+                rows.push((key, Vec::new(), Vec::new()));
+                rows.len() - 1
+            }
+        };
+        rows[p].1.push(i);
+        match c.op {
+            Op::Delete => rows[p].2.clear(),
+            _ => rows[p].2.push(i),
         }
     }
     let mut out = Vec::new();
     for (target, rows) in tables.into_values() {
-        let members: Vec<usize> = rows.iter().flat_map(|(_, m)| m.iter().copied()).collect();
-        if members.is_empty() {
-            continue;
-        }
         let counters: Vec<&str> = target
             .merge
             .iter()
@@ -296,15 +297,25 @@ pub fn merge_statements(batch: &[Incoming<'_>], from: usize, to: usize) -> Vec<S
             .map(|(c, _)| c.as_str())
             .collect();
         if !counters.is_empty() {
-            let rows = counter_rows(batch, &members, target, &counters);
-            if rows != "[]" {
+            let members: Vec<usize> = rows
+                .iter()
+                .flat_map(|(_, all, _)| all.iter().copied())
+                .collect();
+            if !members.is_empty() {
                 out.push(merge_statement(
                     target,
-                    counter_sql(target, &counters),
-                    rows,
+                    crate::merge::counts_sql(target, &counters),
+                    counts_rows(batch, &rows, target, &counters),
                     &members,
                 ));
             }
+        }
+        let members: Vec<usize> = rows
+            .iter()
+            .flat_map(|(_, _, live)| live.iter().copied())
+            .collect();
+        if members.is_empty() {
+            continue;
         }
         for (column, kind) in &target.merge {
             if *kind != MergeKind::Union {
@@ -314,7 +325,7 @@ pub fn merge_statements(batch: &[Incoming<'_>], from: usize, to: usize) -> Vec<S
             if rows != "[]" {
                 out.push(merge_statement(
                     target,
-                    union_sql(target, column),
+                    crate::merge::union_sql(target, column),
                     rows,
                     &members,
                 ));
@@ -357,43 +368,52 @@ fn key_members(out: &mut Vec<u8>, target: &TargetTable, c: &Incoming<'_>) {
     }
 }
 
-/// Two rows per change that carries deltas: the counters' new values
-/// under the change's stamp, their old values under the stamp negated (the
-/// stamp column, a `bigint` of the table's row type, carries both).
-fn counter_rows(
+/// The `$1` of [`crate::merge::counts_sql`]: one object per insert or
+/// update (its parts, or its counters' values where it carries no parts,
+/// and its stamp) and per key with a delete (no parts), each with the
+/// highest stamp of a delete of its key before it in the segment.
+fn counts_rows(
     batch: &[Incoming<'_>],
-    members: &[usize],
+    rows: &[(&[Option<Text<'_>>], Vec<usize>, Vec<usize>)],
     target: &TargetTable,
     counters: &[&str],
 ) -> String {
     let mut out: Vec<u8> = vec![b'['];
-    for &i in members {
-        let c = &batch[i];
-        let Some(from) = &c.merge_from else {
-            continue;
-        };
-        for (stamp, new) in [(c.hlc as i64, true), (-(c.hlc as i64), false)] {
+    for (_, all, _) in rows {
+        let mut floor: i64 = -1;
+        for &i in all {
+            let c = &batch[i];
+            if c.op == Op::Delete {
+                floor = floor.max(c.hlc as i64);
+            }
             if out.len() > 1 {
                 out.push(b',');
             }
             out.push(b'{');
             key_members(&mut out, target, c);
-            for counter in counters {
-                // a counter the record gives no old value for adds nothing
-                let Some((_, old)) = from.iter().find(|(n, _)| n == counter) else {
-                    continue;
-                };
-                let value = if new {
-                    c.value(counter)
-                } else {
-                    old.as_deref()
-                };
-                let _ = serde_json::to_writer(&mut out, counter);
-                out.push(b':');
-                let _ = serde_json::to_writer(&mut out, &value);
-                out.push(b',');
+            if c.op != Op::Delete {
+                for counter in counters {
+                    if let Some(v) = c.value(counter) {
+                        let _ = serde_json::to_writer(&mut out, counter);
+                        out.push(b':');
+                        let _ = serde_json::to_writer(&mut out, v);
+                        out.push(b',');
+                    }
+                }
             }
-            let _ = std::io::Write::write_fmt(&mut out, format_args!("\"{HLC_COLUMN}\":{stamp}}}"));
+            let _ = serde_json::to_writer(&mut out, COUNTS_COLUMN);
+            out.push(b':');
+            match c.value(COUNTS_COLUMN) {
+                _ if c.op == Op::Delete => out.extend_from_slice(b"\"{}\""),
+                Some(v) => {
+                    let _ = serde_json::to_writer(&mut out, v);
+                }
+                None => out.extend_from_slice(b"null"),
+            }
+            let _ = std::io::Write::write_fmt(
+                &mut out,
+                format_args!(",\"{HLC_COLUMN}\":{},\"_pgrelay_floor\":{floor}}}", c.hlc),
+            );
         }
     }
     out.push(b']');
@@ -427,85 +447,6 @@ fn union_rows(
     String::from_utf8(out).expect("JSON assembled from UTF-8 strings")
 }
 
-/// The key columns of `json_populate_recordset` rows, typed (see
-/// [`delete_sql`] for json keys).
-fn typed_keys(target: &TargetTable, alias: &str) -> Vec<String> {
-    target
-        .key
-        .iter()
-        .map(|k| match target.json_columns.iter().find(|(j, _)| j == k) {
-            Some((_, ty)) => format!("({alias}.{0} #>> '{{}}')::{ty} AS {0}", quote_ident(k)),
-            None => format!("{alias}.{}", quote_ident(k)),
-        })
-        .collect()
-}
-
-/// Adds each row's summed counter deltas; `$1` from [`counter_rows`].
-///
-/// Exactly once: a capture side that restarts publishes again what Kafka
-/// had not confirmed, so the same change can arrive twice under new
-/// offsets. One source's changes of a row arrive in order with rising
-/// stamps, so `pgrelay.merged` keeps, per row and source region, the
-/// highest stamp whose delta was added, and a change at or below it adds
-/// nothing (it commits with the rows and offsets).
-fn counter_sql(target: &TargetTable, counters: &[&str]) -> String {
-    let t = target.name.quoted();
-    let hlc = quote_ident(HLC_COLUMN);
-    let keys: Vec<String> = target.key.iter().map(|k| quote_ident(k)).collect();
-    let mask = (1u64 << crate::hlc::REGION_BITS) - 1;
-    let sums: Vec<String> = counters
-        .iter()
-        .map(|c| format!("sum(coalesce(r.{0}, 0) * r.sign) AS {0}", quote_ident(c)))
-        .collect();
-    let sets: Vec<String> = counters
-        .iter()
-        .map(|c| format!("{0} = coalesce(cur.{0}, 0) + d.{0}", quote_ident(c)))
-        .collect();
-    let join: Vec<String> = keys.iter().map(|k| format!("cur.{k} = d.{k}")).collect();
-    format!(
-        "WITH x AS (SELECT {typed}, {raw}, abs(x.{hlc}) AS stamp, sign(x.{hlc}) AS sign \
-         FROM json_populate_recordset(NULL::{t}, $1::text::json) AS x), \
-         r AS (SELECT x.*, {pk} AS pk, (x.stamp & {mask})::int AS origin FROM x), \
-         fresh AS (SELECT r.* FROM r LEFT JOIN pgrelay.merged m ON m.table_name = {tname} \
-         AND m.pk = r.pk AND m.origin = r.origin WHERE m.hlc IS NULL OR r.stamp > m.hlc), \
-         mark AS (INSERT INTO pgrelay.merged AS m (table_name, pk, origin, hlc) \
-         SELECT {tname}, pk, origin, max(stamp) FROM fresh GROUP BY pk, origin \
-         ON CONFLICT (table_name, pk, origin) DO UPDATE SET hlc = greatest(m.hlc, EXCLUDED.hlc)), \
-         d AS (SELECT {keys}, {sums} FROM fresh AS r GROUP BY {keys}) \
-         UPDATE {t} AS cur SET {sets} FROM d WHERE {join}",
-        typed = typed_keys(target, "x").join(", "),
-        raw = counters
-            .iter()
-            .map(|c| format!("x.{}", quote_ident(c)))
-            .collect::<Vec<_>>()
-            .join(", "),
-        pk = key_json(target, "x"),
-        tname = quote_literal(&target.name.to_string()),
-        keys = keys.join(", "),
-        sums = sums.join(", "),
-        sets = sets.join(", "),
-        join = join.join(" AND "),
-    )
-}
-
-/// Keeps the sorted union of a row's array and every array of `$1` (from
-/// [`union_rows`]).
-fn union_sql(target: &TargetTable, column: &str) -> String {
-    let t = target.name.quoted();
-    let c = quote_ident(column);
-    let keys: Vec<String> = target.key.iter().map(|k| quote_ident(k)).collect();
-    let join: Vec<String> = keys.iter().map(|k| format!("cur.{k} = d.{k}")).collect();
-    format!(
-        "WITH r AS (SELECT {typed}, x.{c} FROM json_populate_recordset(NULL::{t}, $1::text::json) AS x), \
-         d AS (SELECT {keys}, array_agg(DISTINCT e ORDER BY e) AS items FROM r, unnest(r.{c}) AS e GROUP BY {keys}) \
-         UPDATE {t} AS cur SET {c} = ARRAY(SELECT DISTINCT y FROM unnest(coalesce(cur.{c}, d.items[0:0]) || d.items) AS y ORDER BY y) \
-         FROM d WHERE {join}",
-        typed = typed_keys(target, "x").join(", "),
-        keys = keys.join(", "),
-        join = join.join(" AND "),
-    )
-}
-
 /// The upserts' rows in `COPY` text format: the group's columns (each
 /// member has exactly these), then the stamp.
 fn copy_rows(batch: &[Incoming<'_>], members: &[usize]) -> String {
@@ -523,15 +464,8 @@ fn copy_rows(batch: &[Incoming<'_>], members: &[usize]) -> String {
     let mut out = String::with_capacity(size);
     for &i in members {
         let c = &batch[i];
-        for (name, v) in c.columns.iter().zip(&c.values) {
-            // a counter that carries a delta starts at zero in a new row:
-            // the merge statement adds every delta of the batch
-            let from_zero = c
-                .merge_from
-                .as_ref()
-                .is_some_and(|from| from.iter().any(|(n, _)| n == name));
+        for v in &c.values {
             match v {
-                _ if from_zero => out.push('0'),
                 Some(v) => copy_escape(&mut out, v),
                 None => out.push_str("\\N"),
             }
@@ -586,15 +520,6 @@ fn delete_rows(batch: &[Incoming<'_>], members: &[usize]) -> String {
     }
     out.push(b']');
     String::from_utf8(out).expect("JSON assembled from UTF-8 strings")
-}
-
-fn key_json(target: &TargetTable, alias: &str) -> String {
-    let parts: Vec<String> = target
-        .key
-        .iter()
-        .map(|k| format!("{}, {alias}.{}::text", quote_literal(k), quote_ident(k)))
-        .collect();
-    format!("jsonb_build_object({})", parts.join(", "))
 }
 
 /// Conditional multi-row upsert of the rows staged by `COPY`: the staging
@@ -659,7 +584,7 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
                 .collect::<Vec<_>>()
                 .join(" AND "),
             tname = quote_literal(&target.name.to_string()),
-            pk = key_json(target, "cur"),
+            pk = target.key_json("cur"),
         ),
         name,
     };
@@ -671,7 +596,11 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
     // merge columns are the merge statements' business (after the upsert)
     let updates: Vec<String> = cols
         .iter()
-        .filter(|c| !target.key.iter().any(|k| k == *c) && target.merge_kind(c).is_none())
+        .filter(|c| {
+            !target.key.iter().any(|k| k == *c)
+                && target.merge_kind(c).is_none()
+                && **c != COUNTS_COLUMN
+        })
         .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
         .chain(std::iter::once(format!("{hlc} = EXCLUDED.{hlc}")))
         .collect();
@@ -686,7 +615,7 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
         sel = select_list.join(", "),
         stage = quote_ident(&stage.name),
         tname = quote_literal(&target.name.to_string()),
-        pk = key_json(target, "r"),
+        pk = target.key_json("r"),
         keys = keys.join(", "),
         updates = updates.join(", "),
     );
@@ -732,7 +661,7 @@ pub fn conflicts_sql(target: &TargetTable, stage: Option<&Stage>) -> String {
                     key_cols.join(", ")
                 ),
                 "delete",
-                key_json(target, "r"),
+                target.key_json("r"),
             )
         }
     };
@@ -743,7 +672,7 @@ pub fn conflicts_sql(target: &TargetTable, stage: Option<&Stage>) -> String {
         .collect();
     format!(
         "WITH lost AS (SELECT {pk} AS pk, r.{hlc} AS loser_hlc, w.hlc AS winner_hlc, {version} AS version          FROM {input} CROSS JOIN LATERAL (SELECT greatest(         (SELECT cur.{hlc} FROM {t} AS cur WHERE {join}),          (SELECT max(ts.hlc) FROM pgrelay.tombstones ts WHERE ts.table_name = {tname}          AND ts.pk IN ({pk}, '{{}}'::jsonb))) AS hlc) AS w          WHERE w.hlc > r.{hlc} AND (w.hlc & {region_mask}) <> (r.{hlc} & {region_mask})),          logged AS (INSERT INTO pgrelay.conflicts          (table_name, pk, op, winner_hlc, winner_origin, loser_hlc, loser_origin, loser_version)          SELECT {tname}, pk, '{op}', winner_hlc, $2::text::jsonb ->> (winner_hlc & {region_mask})::text,          loser_hlc, $2::text::jsonb ->> (loser_hlc & {region_mask})::text, version FROM lost          WHERE $1::text::float8 >= 1 OR random() < $1::text::float8          ON CONFLICT (table_name, pk, loser_hlc) DO NOTHING)          SELECT count(*) FROM lost",
-        pk = key_json(target, "r"),
+        pk = target.key_json("r"),
         join = join.join(" AND "),
     )
 }
@@ -775,7 +704,7 @@ pub fn delete_sql(target: &TargetTable) -> String {
          DELETE FROM {t} AS cur USING d WHERE {join} AND (cur.{hlc} IS NULL OR cur.{hlc} < d.{hlc})",
         key_cols = key_cols.join(", "),
         tname = quote_literal(&target.name.to_string()),
-        pk = key_json(target, "d"),
+        pk = target.key_json("d"),
         join = join.join(" AND "),
     )
 }

@@ -187,9 +187,19 @@ fn merge_targets() -> Targets {
         TargetTable {
             name: TableName::new("public", "s"),
             key: vec!["id".into()],
-            columns: vec!["id".into(), "n".into(), "tags".into()],
-            column_types: vec!["integer".into(), "bigint".into(), "text[]".into()],
-            json_columns: vec![],
+            columns: vec![
+                "_pgrelay_counts".into(),
+                "id".into(),
+                "n".into(),
+                "tags".into(),
+            ],
+            column_types: vec![
+                "jsonb".into(),
+                "integer".into(),
+                "bigint".into(),
+                "text[]".into(),
+            ],
+            json_columns: vec![("_pgrelay_counts".into(), "jsonb".into())],
             admit: Default::default(),
             merge: vec![
                 ("n".into(), crate::config::MergeKind::Counter),
@@ -200,12 +210,14 @@ fn merge_targets() -> Targets {
     t
 }
 
-fn merge_record(op: &str, id: &str, hlc: u64, n: &str, from: Option<&str>) -> Vec<u8> {
-    let after = serde_json::json!({"id": id, "n": n, "tags": format!("{{t{hlc}}}")});
-    let mut meta = serde_json::json!({"hlc": hlc, "origin": "us", "commit_lsn": "0/1"});
-    if let Some(from) = from {
-        meta["merge_from"] = serde_json::json!({ "n": from });
+/// A change of table `s`; `counts` is the row's parts (`None`: a row
+/// without kept parts).
+fn merge_record(op: &str, id: &str, hlc: u64, n: &str, counts: Option<&str>) -> Vec<u8> {
+    let mut after = serde_json::json!({"id": id, "n": n, "tags": format!("{{t{hlc}}}")});
+    if let Some(counts) = counts {
+        after["_pgrelay_counts"] = serde_json::json!(counts);
     }
+    let meta = serde_json::json!({"hlc": hlc, "origin": "us", "commit_lsn": "0/1"});
     let (before, after) = if op == "d" {
         (serde_json::json!({ "id": id }), serde_json::Value::Null)
     } else {
@@ -220,28 +232,17 @@ fn merge_record(op: &str, id: &str, hlc: u64, n: &str, from: Option<&str>) -> Ve
 }
 
 #[test]
-fn merge_statements_count_every_change_once_after_the_last_delete() {
+fn merge_statements_carry_every_change_and_each_key_floor() {
     let t = merge_targets();
     let records = [
-        merge_record("c", "1", 10, "5", Some("")),
-        merge_record("u", "1", 11, "7", Some("5")),
-        merge_record("u", "2", 12, "3", Some("1")),
+        merge_record("c", "1", 10, "5", Some(r#"{"n":{"1":[5,10]}}"#)),
+        merge_record("u", "1", 11, "7", Some(r#"{"n":{"1":[7,11]}}"#)),
+        merge_record("u", "2", 12, "3", Some(r#"{"n":{"1":[3,12]}}"#)),
         merge_record("d", "2", 13, "", None),
-        merge_record("c", "2", 14, "4", Some("")),
-        // a resync: no delta, only its items
+        merge_record("c", "2", 14, "4", Some(r#"{"n":{"1":[4,14]}}"#)),
+        // a row without kept parts (older than pgrelay): its value
         merge_record("c", "3", 15, "9", None),
     ];
-    let mut records_json: Vec<serde_json::Value> = records
-        .iter()
-        .map(|r| serde_json::from_slice(r).unwrap())
-        .collect();
-    // an insert carries null: from zero
-    records_json[0]["pgrelay"]["merge_from"]["n"] = serde_json::Value::Null;
-    records_json[4]["pgrelay"]["merge_from"]["n"] = serde_json::Value::Null;
-    let records: Vec<Vec<u8>> = records_json
-        .iter()
-        .map(|v| v.to_string().into_bytes())
-        .collect();
     let plan = plan(&parsed(&records, &t));
     let merges: Vec<&Statement> = plan.iter().filter(|s| s.kind == Kind::Merge).collect();
     assert_eq!(
@@ -251,36 +252,45 @@ fn merge_statements_count_every_change_once_after_the_last_delete() {
     );
     let counter = merges
         .iter()
-        .find(|s| s.sql.contains("pgrelay.merged"))
+        .find(|s| s.sql.contains("pgrelay.counts_merge"))
         .unwrap();
     let rows: Vec<serde_json::Value> = serde_json::from_str(&counter.rows).unwrap();
-    // row 1: +5 (insert from zero) and +2; row 2: only the re-insert
-    // after its delete (+4); row 3: a resync carries no delta
+    // every change, in order; a delete carries no parts and raises its
+    // key's floor for the changes after it
     assert_eq!(
         rows,
         serde_json::json!([
-            {"id": "1", "n": "5", "_pgrelay_hlc": 10}, {"id": "1", "n": null, "_pgrelay_hlc": -10},
-            {"id": "1", "n": "7", "_pgrelay_hlc": 11}, {"id": "1", "n": "5", "_pgrelay_hlc": -11},
-            {"id": "2", "n": "4", "_pgrelay_hlc": 14}, {"id": "2", "n": null, "_pgrelay_hlc": -14},
+            {"id": "1", "n": "5", "_pgrelay_counts": r#"{"n":{"1":[5,10]}}"#, "_pgrelay_hlc": 10, "_pgrelay_floor": -1},
+            {"id": "1", "n": "7", "_pgrelay_counts": r#"{"n":{"1":[7,11]}}"#, "_pgrelay_hlc": 11, "_pgrelay_floor": -1},
+            {"id": "2", "n": "3", "_pgrelay_counts": r#"{"n":{"1":[3,12]}}"#, "_pgrelay_hlc": 12, "_pgrelay_floor": -1},
+            {"id": "2", "_pgrelay_counts": "{}", "_pgrelay_hlc": 13, "_pgrelay_floor": 13},
+            {"id": "2", "n": "4", "_pgrelay_counts": r#"{"n":{"1":[4,14]}}"#, "_pgrelay_hlc": 14, "_pgrelay_floor": 13},
+            {"id": "3", "n": "9", "_pgrelay_counts": null, "_pgrelay_hlc": 15, "_pgrelay_floor": -1},
         ])
         .as_array()
         .unwrap()
         .clone()
     );
+    assert_eq!(counter.members.len(), 6);
     let union = merges.iter().find(|s| s.sql.contains("array_agg")).unwrap();
     let rows: Vec<serde_json::Value> = serde_json::from_str(&union.rows).unwrap();
     let items: Vec<&str> = rows.iter().map(|r| r["tags"].as_str().unwrap()).collect();
     assert_eq!(items, vec!["{t10}", "{t11}", "{t14}", "{t15}"]);
-    // the upserts write a new row's counter as zero (the merge adds the
-    // deltas) unless the change carries none (the resync keeps 9), and
-    // never overwrite a merge column of an existing row
+    // the upserts write a new row as it arrives (the merge statement then
+    // merges every change's parts) and never overwrite a merge column or
+    // the parts of an existing row
     let upserts: Vec<&Statement> = plan.iter().filter(|s| s.kind == Kind::Upsert).collect();
     let copied: String = upserts.iter().map(|s| s.rows.as_str()).collect();
-    assert!(copied.contains("1\t0\t{t11}\t11\n"), "{copied}");
+    assert!(copied.contains("\t1\t7\t{t11}\t11\n"), "{copied}");
     assert!(copied.contains("3\t9\t{t15}\t15\n"), "{copied}");
     for u in &upserts {
         assert!(!u.sql.contains("\"n\" = EXCLUDED"), "{}", u.sql);
         assert!(!u.sql.contains("\"tags\" = EXCLUDED"), "{}", u.sql);
+        assert!(
+            !u.sql.contains("\"_pgrelay_counts\" = EXCLUDED"),
+            "{}",
+            u.sql
+        );
     }
 }
 
