@@ -18,9 +18,11 @@
 //! Residency holds as for captured changes: the same routing and column
 //! rules decide what may go where. Rows without a stamp (written before
 //! `setup` added the column) go with stamp 0, older than any write. A
-//! tombstone of a partitioned table has no home (it keeps only the key) and
-//! is not sent; nor is its table-wide one (a truncate), as the capture side
-//! keeps a partitioned table's truncate home. A table whose column rules
+//! tombstone of a partitioned table keeps the deleted row's home, so its
+//! delete goes where the row may have gone (one without a home, left before
+//! homes were kept, is not sent); its table-wide one (a truncate) is not
+//! sent, as the capture side keeps a partitioned table's truncate home. A
+//! table whose column rules
 //! name a column it lacks is refused before anything is sent.
 //!
 //! Error policy: anything that fails ends the run with an error naming it;
@@ -102,10 +104,13 @@ pub fn select_sql(table: &TableName, columns: &[String]) -> String {
 }
 
 /// The change for one tombstone: a delete of the key it holds (other
-/// columns unknown), or a truncate for the table-wide one (`{}`).
+/// columns unknown, but the home column of a `partitioned` table when the
+/// tombstone kept the deleted row's home: `home` is that column and value),
+/// or a truncate for the table-wide one (`{}`).
 pub fn tombstone_change(
     schema: &Arc<TableSchema>,
     pk: &serde_json::Map<String, serde_json::Value>,
+    home: Option<(&str, &str)>,
     hlc: u64,
     tx: &Arc<TxMeta>,
 ) -> Option<Change> {
@@ -123,7 +128,10 @@ pub fn tombstone_change(
     let mut before = Vec::with_capacity(schema.columns.len());
     for c in &schema.columns {
         if !c.is_key {
-            before.push(Datum::Unchanged);
+            before.push(match home {
+                Some((column, value)) if column == c.name => Datum::Text(value.to_string()),
+                _ => Datum::Unchanged,
+            });
             continue;
         }
         before.push(match pk.get(&c.name)? {
@@ -141,6 +149,20 @@ pub fn tombstone_change(
         tx: tx.clone(),
         seq: 0,
     })
+}
+
+/// The home column of `table` if it is `partitioned`.
+fn home_column<'c>(config: &'c Config, table: &TableName) -> Option<&'c str> {
+    config
+        .tables
+        .iter()
+        .find(|t| t.name == *table)
+        .and_then(|t| match &t.class {
+            crate::config::TableClass::Partitioned { home_column, .. } => {
+                Some(home_column.as_str())
+            }
+            _ => None,
+        })
 }
 
 fn now_us() -> i64 {
@@ -328,7 +350,7 @@ pub async fn run(
         }
         let rows = client
             .query(
-                "SELECT pk::text, hlc FROM pgrelay.tombstones WHERE table_name = $1",
+                "SELECT pk::text, hlc, home FROM pgrelay.tombstones WHERE table_name = $1",
                 &[&schema.table.to_string()],
             )
             .await
@@ -337,7 +359,8 @@ pub async fn run(
             let pk: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(r.get::<_, &str>(0)).unwrap_or_default();
             let hlc: i64 = r.get(1);
-            match tombstone_change(schema, &pk, hlc.max(0) as u64, &tx) {
+            let home = home_column(config, &schema.table).zip(r.get::<_, Option<&str>>(2));
+            match tombstone_change(schema, &pk, home, hlc.max(0) as u64, &tx) {
                 Some(change) => out.send(&change).await?,
                 None => {
                     tracing::warn!(table = %schema.table, "tombstone without the table's key columns: not sent")
@@ -508,7 +531,7 @@ mod tests {
     #[test]
     fn tombstones_become_key_deletes_or_truncates() {
         let pk = serde_json::json!({"id": "7", "region": "eu"});
-        let c = tombstone_change(&schema(), pk.as_object().unwrap(), 42, &tx()).unwrap();
+        let c = tombstone_change(&schema(), pk.as_object().unwrap(), None, 42, &tx()).unwrap();
         assert_eq!(c.op, Op::Delete);
         assert_eq!(c.hlc, 42);
         assert_eq!(
@@ -519,10 +542,27 @@ mod tests {
                 Datum::Unchanged
             ]
         );
-        let all = tombstone_change(&schema(), &serde_json::Map::new(), 9, &tx()).unwrap();
+        let all = tombstone_change(&schema(), &serde_json::Map::new(), None, 9, &tx()).unwrap();
         assert_eq!(all.op, Op::Truncate);
         // a key that is not the table's (changed since): not sent
         let other = serde_json::json!({"id": "7"});
-        assert!(tombstone_change(&schema(), other.as_object().unwrap(), 1, &tx()).is_none());
+        assert!(tombstone_change(&schema(), other.as_object().unwrap(), None, 1, &tx()).is_none());
+        // a partitioned row's tombstone carries its home in the home column
+        let homed = tombstone_change(
+            &schema(),
+            pk.as_object().unwrap(),
+            Some(("note", "us")),
+            43,
+            &tx(),
+        )
+        .unwrap();
+        assert_eq!(
+            homed.before.unwrap(),
+            vec![
+                Datum::Text("eu".into()),
+                Datum::Text("7".into()),
+                Datum::Text("us".into())
+            ]
+        );
     }
 }

@@ -27,21 +27,31 @@ pub type KeyColumns = Vec<String>;
 /// there), then returns `returns`. Key values are spelled as the apply side
 /// spells them, whatever the writing session's settings (set on the
 /// function, restored when it returns).
+///
+/// An argument `home:{column}` (on `partitioned` tables) names the home
+/// column instead of a key column: the OLD row's home is kept with the
+/// tombstone, so `resync` can send the delete where the row may have gone.
 fn tombstone_function(name: &str, stamp: &str, returns: &str) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION pgrelay.{name}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
 DECLARE
     key_json jsonb := '{{}}'::jsonb;
+    home text;
     k text;
     v text;
 BEGIN
     FOREACH k IN ARRAY TG_ARGV LOOP
+        IF k LIKE 'home:%' THEN
+            EXECUTE format('SELECT ($1).%I::text', substr(k, 6)) INTO home USING OLD;
+            CONTINUE;
+        END IF;
         EXECUTE format('SELECT ($1).%I::text', k) INTO v USING OLD;
         key_json := key_json || jsonb_build_object(k, v);
     END LOOP;
-    INSERT INTO pgrelay.tombstones AS ts (table_name, pk, hlc)
-    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, key_json, {stamp})
-    ON CONFLICT (table_name, pk) DO UPDATE SET hlc = greatest(ts.hlc, excluded.hlc), deleted_at = now();
+    INSERT INTO pgrelay.tombstones AS ts (table_name, pk, hlc, home)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, key_json, {stamp}, home)
+    ON CONFLICT (table_name, pk) DO UPDATE SET hlc = greatest(ts.hlc, excluded.hlc), deleted_at = now(),
+        home = coalesce(excluded.home, ts.home);
     RETURN {returns};
 END
 $fn$",
@@ -180,6 +190,8 @@ pub fn plan(
             raised_at timestamptz NOT NULL DEFAULT now())"
             .to_string(),
         "CREATE INDEX IF NOT EXISTS tombstones_hlc ON pgrelay.tombstones (hlc)".to_string(),
+        // the deleted row's home (partitioned tables), for resync's routing
+        "ALTER TABLE pgrelay.tombstones ADD COLUMN IF NOT EXISTS home text".to_string(),
         "CREATE TABLE IF NOT EXISTS pgrelay.offsets (\
             topic text NOT NULL, kafka_partition int NOT NULL, next_offset bigint NOT NULL, \
             updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (topic, kafka_partition))"
@@ -297,9 +309,16 @@ $fn$"
         sql.push(format!("ALTER TABLE {t} REPLICA IDENTITY {identity}"));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_stamp ON {t}"));
         sql.push(stamp_trigger_sql(&t, stamp, region_id));
+        let home = match &table.class {
+            TableClass::Partitioned { home_column, .. } => {
+                Some(quote_literal(&format!("home:{home_column}")))
+            }
+            _ => None,
+        };
         let args = keys(&table.name)
             .iter()
             .map(|k| quote_literal(k))
+            .chain(home)
             .collect::<Vec<_>>()
             .join(", ");
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_tombstone ON {t}"));

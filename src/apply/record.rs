@@ -40,6 +40,9 @@ pub struct Incoming<'a> {
     /// NULL or an insert, i.e. from zero). `None` for a record that carries
     /// no delta (a resync).
     pub merge_from: Option<Vec<(Text<'a>, Option<Text<'a>>)>>,
+    /// Deletes of a `partitioned` table: the deleted row's home column
+    /// value, when the record carries it (kept with the tombstone).
+    pub home: Option<Text<'a>>,
 }
 
 impl Incoming<'_> {
@@ -338,6 +341,7 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
     let mut key = Vec::with_capacity(target.key.len());
     let mut columns = Vec::new();
     let mut values = Vec::new();
+    let mut home = None;
     if let Some(raw) = raw {
         let row: Row<'a> = serde_json::from_str(raw.get())
             .map_err(|e| Rejection::Poison(format!("{} record row: {e}", env.op)))?;
@@ -359,7 +363,15 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
                     })?;
             key.push(v.as_ref().map(|v| v.0.clone()));
         }
-        if op != Op::Delete {
+        if op == Op::Delete {
+            if let Admit::Homes { column, .. } = &target.admit {
+                home = row
+                    .0
+                    .iter()
+                    .find(|(n, _)| n.0 == *column)
+                    .and_then(|(_, v)| v.as_ref().map(|v| v.0.clone()));
+            }
+        } else {
             let mut row = row.0;
             row.sort_unstable_by(|a, b| a.0 .0.cmp(&b.0 .0));
             (columns, values) = row.into_iter().map(|(n, v)| (n.0, v.map(|v| v.0))).unzip();
@@ -409,6 +421,7 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
         columns,
         values,
         merge_from,
+        home,
     })
 }
 

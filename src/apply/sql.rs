@@ -516,6 +516,11 @@ fn delete_rows(batch: &[Incoming<'_>], members: &[usize]) -> String {
             }
             out.push(b',');
         }
+        if let Some(home) = &c.home {
+            out.extend_from_slice(b"\"_pgrelay_home\":");
+            let _ = serde_json::to_writer(&mut out, home.as_ref());
+            out.push(b',');
+        }
         let _ = std::io::Write::write_fmt(&mut out, format_args!("\"{HLC_COLUMN}\":{}}}", c.hlc));
     }
     out.push(b']');
@@ -696,11 +701,16 @@ pub fn delete_sql(target: &TargetTable) -> String {
         .iter()
         .map(|k| format!("cur.{0} = d.{0}", quote_ident(k)))
         .collect();
+    // a partitioned row's home travels beside its key (`_pgrelay_home`)
+    // and stays with the tombstone, for resync's routing
     format!(
-        "WITH d AS (SELECT {key_cols}, r.{hlc} FROM json_populate_recordset(NULL::{t}, $1::text::json) AS r), \
-         ts AS (INSERT INTO pgrelay.tombstones AS old (table_name, pk, hlc) \
-         SELECT {tname}, {pk}, d.{hlc} FROM d \
-         ON CONFLICT (table_name, pk) DO UPDATE SET hlc = greatest(old.hlc, EXCLUDED.hlc), deleted_at = now()) \
+        "WITH d AS (SELECT {key_cols}, r.{hlc}, e.e ->> '_pgrelay_home' AS home \
+         FROM json_array_elements($1::text::json) AS e(e) \
+         CROSS JOIN LATERAL json_populate_record(NULL::{t}, e.e) AS r), \
+         ts AS (INSERT INTO pgrelay.tombstones AS old (table_name, pk, hlc, home) \
+         SELECT {tname}, {pk}, d.{hlc}, d.home FROM d \
+         ON CONFLICT (table_name, pk) DO UPDATE SET hlc = greatest(old.hlc, EXCLUDED.hlc), deleted_at = now(), \
+         home = coalesce(EXCLUDED.home, old.home)) \
          DELETE FROM {t} AS cur USING d WHERE {join} AND (cur.{hlc} IS NULL OR cur.{hlc} < d.{hlc})",
         key_cols = key_cols.join(", "),
         tname = quote_literal(&target.name.to_string()),

@@ -12,6 +12,7 @@ mod dr;
 mod errors;
 mod failover;
 mod faults;
+mod lifecycle;
 mod merge;
 mod origin;
 mod repair;
