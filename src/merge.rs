@@ -108,7 +108,7 @@ $fn$"
 pub fn sql_merge_row_function(region_id: u8) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION pgrelay.merge_row() RETURNS trigger LANGUAGE plpgsql \
-         SET search_path = pg_catalog, pg_temp AS $fn$
+         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     own text := '{region_id}';
     stamp bigint := NEW.{hlc};
@@ -123,11 +123,14 @@ DECLARE
     others numeric;
     mine numeric;
     items jsonb;
+    counted boolean := false;
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         oldj := to_jsonb(OLD);
         -- the parts as they were: a local write never sets them itself
-        counts := coalesce(OLD.{counts}, '{{}}'::jsonb);
+        IF jsonb_typeof(oldj -> {counts_lit}) = 'object' THEN
+            counts := oldj -> {counts_lit};
+        END IF;
     END IF;
     FOREACH arg IN ARRAY TG_ARGV LOOP
         col := substr(arg, 3);
@@ -147,12 +150,11 @@ BEGIN
             END IF;
             CONTINUE;
         END IF;
-        parts := counts -> col;
-        IF jsonb_typeof(parts) IS DISTINCT FROM 'object' THEN
+        counted := true;
+        parts := coalesce(counts -> col, '{{}}'::jsonb);
+        IF jsonb_typeof(oldj -> {counts_lit}) IS DISTINCT FROM 'object' AND (oldj ->> col) IS NOT NULL THEN
             -- a row from before its parts were kept: what it held is a base part
-            parts := CASE WHEN (oldj ->> col) IS NOT NULL
-                THEN jsonb_build_object('0', jsonb_build_array((oldj ->> col)::numeric, 0))
-                ELSE '{{}}'::jsonb END;
+            parts := jsonb_build_object('0', jsonb_build_array((oldj ->> col)::numeric, 0));
         END IF;
         SELECT coalesce(sum((p.value ->> 0)::numeric), 0) INTO others
             FROM jsonb_each(parts) AS p WHERE p.key <> own;
@@ -169,12 +171,16 @@ BEGIN
     IF fix <> '{{}}'::jsonb THEN
         NEW := jsonb_populate_record(NEW, fix);
     END IF;
-    NEW.{counts} := CASE WHEN counts = '{{}}'::jsonb THEN NULL ELSE counts END;
+    IF counted THEN
+        -- in the form the apply side stores (no empty counters)
+        NEW.{counts} := pgrelay.counts_merge('{{}}'::jsonb, counts, -1, 9223372036854775807);
+    END IF;
     RETURN NEW;
 END
 $fn$",
         hlc = quote_ident(HLC_COLUMN),
         counts = quote_ident(COUNTS_COLUMN),
+        counts_lit = quote_literal(COUNTS_COLUMN),
     )
 }
 
@@ -227,11 +233,12 @@ fn base_parts(alias: &str, counters: &[&str]) -> String {
     format!("jsonb_build_object({})", items.join(", "))
 }
 
-/// The parts of the row `alias` as the merge sees them: its kept parts,
-/// and a base part for each counter it kept none of.
+/// The parts of the row `alias` as the merge sees them: its kept parts, or,
+/// for a row that never kept any (written before `setup` added the
+/// column), a base part holding each counter's value.
 fn parts_of(alias: &str, counts: &str, counters: &[&str]) -> String {
     format!(
-        "({base} || coalesce(CASE WHEN jsonb_typeof({counts}) = 'object' THEN {counts} END, '{{}}'::jsonb))",
+        "(CASE WHEN jsonb_typeof({counts}) = 'object' THEN {counts} ELSE {base} END)",
         base = base_parts(alias, counters)
     )
 }

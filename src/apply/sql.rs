@@ -464,7 +464,19 @@ fn copy_rows(batch: &[Incoming<'_>], members: &[usize]) -> String {
     let mut out = String::with_capacity(size);
     for &i in members {
         let c = &batch[i];
-        for v in &c.values {
+        for (name, v) in c.columns.iter().zip(&c.values) {
+            // a new row starts with no counter parts and its counters at
+            // zero: the merge statement after the upsert merges the change's
+            // parts (so a destination that refuses the total parks that
+            // statement alone, not the row's other columns)
+            if c.table.merge_kind(name) == Some(crate::config::MergeKind::Counter) {
+                out.push_str("0\t");
+                continue;
+            }
+            if name == COUNTS_COLUMN {
+                out.push_str("{}\t");
+                continue;
+            }
             match v {
                 Some(v) => copy_escape(&mut out, v),
                 None => out.push_str("\\N"),

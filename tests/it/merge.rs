@@ -776,19 +776,22 @@ async fn counts_merge_ends_the_same_whatever_the_order() {
                 events.push(Event::Delete(rng.below(100) as i64 + 1));
                 continue;
             }
-            let parts = (0..(1 + rng.below(4)))
-                .map(|_| {
-                    let col = if rng.chance(50) { "a" } else { "b" };
-                    // a few equal stamps on purpose (ties break on the value)
-                    (
-                        col,
-                        rng.below(3) as u8 + 1,
-                        rng.below(41) as i64 - 20,
-                        rng.below(100) as i64 + 1,
-                    )
-                })
-                .collect();
-            events.push(Event::Parts(parts));
+            // one part per counter and region in a row (a few equal
+            // stamps across rows on purpose: ties break on the value)
+            let mut parts: BTreeMap<(&'static str, u8), (i64, i64)> = BTreeMap::new();
+            for _ in 0..(1 + rng.below(4)) {
+                let col = if rng.chance(50) { "a" } else { "b" };
+                parts.insert(
+                    (col, rng.below(3) as u8 + 1),
+                    (rng.below(41) as i64 - 20, rng.below(100) as i64 + 1),
+                );
+            }
+            events.push(Event::Parts(
+                parts
+                    .into_iter()
+                    .map(|((c, r), (v, s))| (c, r, v, s))
+                    .collect(),
+            ));
         }
         // the rule
         let floor = events
