@@ -289,14 +289,61 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code().map(|c| c.code().to_string()).unwrap_or_default()
 }
 
-/// A database error as one line: message, detail, SQLSTATE.
+/// A database error of an applied change as one line that carries no row
+/// value: the server's message, and the column it names. Never its DETAIL,
+/// which for a constraint violation quotes the failing row ("Failing row
+/// contains (…)", "Key (id)=(5) already exists"); in a data exception's
+/// message (class 22, e.g. `invalid input syntax for type integer: "…"`)
+/// every quoted value is replaced by `…`. Dead-letter headers, `pgrelay dlq
+/// list` and logs print this: the row values stay in the parked record.
 pub fn db_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => match db.detail() {
-            Some(d) => format!("{} ({d})", db.message()),
-            None => db.message().to_string(),
-        },
+        Some(db) => {
+            let mut out = if db.code().code().starts_with("22") {
+                without_quoted_values(db.message())
+            } else {
+                db.message().to_string()
+            };
+            if let Some(column) = db.column() {
+                out.push_str(&format!(" (column {column})"));
+            }
+            out
+        }
         None => crate::source::pg_error::reason(e),
+    }
+}
+
+/// `text` with each double-quoted segment's content replaced by `…`.
+fn without_quoted_values(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for ch in text.chars() {
+        if ch == '"' {
+            if inside {
+                out.push('…');
+            }
+            inside = !inside;
+            out.push(ch);
+        } else if !inside {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod message_tests {
+    #[test]
+    fn quoted_values_of_data_exceptions_are_left_out() {
+        assert_eq!(
+            super::without_quoted_values(r#"invalid input syntax for type integer: "4111 1111""#),
+            r#"invalid input syntax for type integer: "…""#
+        );
+        assert_eq!(
+            super::without_quoted_values(r#"value "99999999999" is out of range for type integer"#),
+            r#"value "…" is out of range for type integer"#
+        );
+        assert_eq!(super::without_quoted_values("no quotes"), "no quotes");
     }
 }
 

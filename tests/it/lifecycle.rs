@@ -58,6 +58,26 @@ eu = []
     }
 }
 
+/// Drops every replication slot of `pg` once its walsender has gone (the
+/// sidecar was just killed), as a lost slot leaves the region.
+pub async fn lose_slots(pg: &Pg) {
+    let c = pg.client().await;
+    eventually(Duration::from_secs(30), "the slots dropped", || async {
+        c.batch_execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active",
+        )
+        .await
+        .ok()?;
+        let left: i64 = c
+            .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+            .await
+            .ok()?
+            .get(0);
+        (left == 0).then_some(())
+    })
+    .await;
+}
+
 async fn ids(pg: &Pg) -> Vec<i32> {
     let c = pg.client().await;
     c.query("SELECT id FROM people ORDER BY id", &[])
@@ -83,7 +103,7 @@ async fn a_partitioned_delete_no_slot_carried_reaches_the_copy_with_the_resync()
     })
     .await;
     us.kill9();
-    p.us.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots");
+    lose_slots(&p.us).await;
     // deleted at home while no slot carries it: an erasure eu must follow
     p.us.psql("DELETE FROM people WHERE id = 1; UPDATE people SET id = 4 WHERE id = 3");
     relay::ok(&["setup", "--config", cfg, "--region", "us"]);
