@@ -13,6 +13,38 @@ use crate::config::{Config, Need};
 use crate::source::catalog::{self, Catalog};
 use crate::{kafka, privileges, setup};
 
+/// How often `setup` tries its transaction when the applications' locks
+/// get in its way (each wait bounded by [`SETUP_LOCK_TIMEOUT`]).
+const SETUP_ATTEMPTS: u32 = 20;
+const SETUP_LOCK_TIMEOUT: &str = "2s";
+
+/// A deadlock, or a lock not granted within the lock timeout.
+fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| matches!(c.code(), "40P01" | "55P03"))
+}
+
+/// Runs `setup`'s statements in one transaction; on failure the error and
+/// the statement that failed (`None`: the commit).
+async fn run_setup_transaction(
+    client: &mut tokio_postgres::Client,
+    statements: &[String],
+    progress: &mut crate::progress::Progress,
+) -> std::result::Result<(), (tokio_postgres::Error, Option<String>)> {
+    let tx = client.transaction().await.map_err(|e| (e, None))?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{SETUP_LOCK_TIMEOUT}'"))
+        .await
+        .map_err(|e| (e, None))?;
+    for sql in statements {
+        progress.set_label(&statement_label(sql));
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| (e, Some(sql.clone())))?;
+        progress.inc(1);
+    }
+    tx.commit().await.map_err(|e| (e, None))
+}
+
 pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
     let config = load(path)?;
     let region_cfg = config.region(region)?;
@@ -43,23 +75,35 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
         &|t| keys.get(t).cloned().unwrap_or_default(),
         stamp,
     );
-    let tx = client
-        .transaction()
-        .await
-        .context("starting the setup transaction")?;
     let mut progress = crate::progress::Progress::start(
         &format!("setup {region}"),
         "statements",
         Some(statements.len() as u64),
     );
-    for sql in &statements {
-        progress.set_label(&statement_label(sql));
-        tx.batch_execute(sql)
-            .await
-            .with_context(|| format!("region {region}: setup statement failed: {sql}"))?;
-        progress.inc(1);
+    // on a region whose applications keep writing, ALTER TABLE waits for
+    // their transactions and may deadlock with one: wait a bounded time for
+    // each lock (a queued ALTER would hold every writer back behind it),
+    // then try the whole transaction again
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match run_setup_transaction(&mut client, &statements, &mut progress).await {
+            Ok(()) => break,
+            Err((e, _)) if attempt < SETUP_ATTEMPTS && is_lock_conflict(&e) => {
+                tracing::debug!(region, attempt, error = %e, "setup: lock conflict, trying again");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+            Err((e, None)) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("region {region}: committing setup"))
+                )
+            }
+            Err((e, Some(sql))) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("region {region}: setup statement failed: {sql}")))
+            }
+        }
     }
-    tx.commit().await.context("committing setup")?;
     progress.finish();
     if let Some(role) = region_cfg.grantee() {
         grant_run_role(&config, region, &client, &role).await?;

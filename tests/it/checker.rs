@@ -960,6 +960,18 @@ pub enum Fault {
     /// `pgrelay fence` of a region for a moment, then `unfence`: its local
     /// writes are refused meanwhile, incoming changes still apply.
     Fence(usize),
+    /// Lifecycle, a lost slot: a region's sidecar stops and its slot is
+    /// dropped while its writer goes on, then the README's procedure runs —
+    /// `setup` (a new slot), the sidecar started again, `resync`. What the
+    /// region wrote while no slot carried it (counters, erasures included)
+    /// must reach every region that may hold it.
+    LostSlot(usize),
+    /// Lifecycle, park and replay: a region refuses some of the other
+    /// regions' changes of `g` for a while (a CHECK constraint its own rows
+    /// always pass), they are parked in its dead-letter topic, the
+    /// constraint is dropped, and `pgrelay dlq replay` applies them (run
+    /// again at the end until nothing waits). Last-writer-wins as ever.
+    ParkReplay(usize),
 }
 
 /// The sidecar processes of a region, by role.
@@ -975,6 +987,10 @@ pub struct World {
     pub pg: BTreeMap<&'static str, Pg>,
     pub brokers: BTreeMap<&'static str, (Broker, Proxy)>,
     pub cfg: ConfigFile,
+    /// eu's `setup` config (PL/pgSQL triggers).
+    pub plpgsql: ConfigFile,
+    /// Regions that parked changes and must replay them.
+    pub replay: BTreeSet<&'static str>,
     /// By region and role: us and eu run both sides in one process, cn runs
     /// them as two.
     pub sidecars: BTreeMap<(&'static str, &'static str), Relay>,
@@ -1023,6 +1039,8 @@ impl World {
             pg,
             brokers,
             cfg,
+            plpgsql,
+            replay: BTreeSet::new(),
             sidecars,
         }
     }
@@ -1070,6 +1088,61 @@ impl World {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 relay::ok(&["unfence", "--config", cfg, "--region", r]);
             }
+            Fault::LostSlot(i) => {
+                let r = REGIONS[i % 3];
+                for role in roles(r) {
+                    self.sidecars.get_mut(&(r, *role)).unwrap().kill9();
+                }
+                crate::lifecycle::lose_slots(&self.pg[r]).await;
+                // the writer goes on while no slot carries its changes
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let setup_cfg = if r == "eu" { &self.plpgsql } else { &self.cfg };
+                relay::ok(&[
+                    "setup",
+                    "--config",
+                    setup_cfg.path.to_str().unwrap(),
+                    "--region",
+                    r,
+                ]);
+                for role in roles(r) {
+                    self.sidecars
+                        .insert((r, role), Relay::spawn(&self.cfg, r, role));
+                }
+                relay::ok(&[
+                    "resync",
+                    "--config",
+                    self.cfg.path.to_str().unwrap(),
+                    "--region",
+                    r,
+                ]);
+            }
+            Fault::ParkReplay(i) => {
+                let r = REGIONS[i % 3];
+                let id = i % 3 + 1;
+                let c = connect(&self.pg[r].dsn()).await;
+                // other regions' rows of g whose n ends in 1 are refused here
+                c.batch_execute(&format!(
+                    "SET lock_timeout = '5s'; ALTER TABLE g ADD CONSTRAINT checker_park \
+                     CHECK (n % 10 <> 1 OR _pgrelay_hlc IS NULL OR _pgrelay_hlc & 63 = {id}) NOT VALID"
+                ))
+                .await
+                .expect("add the parking constraint");
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                c.batch_execute(
+                    "SET lock_timeout = '5s'; ALTER TABLE g DROP CONSTRAINT checker_park",
+                )
+                .await
+                .expect("drop the parking constraint");
+                relay::ok(&[
+                    "dlq",
+                    "replay",
+                    "--config",
+                    self.cfg.path.to_str().unwrap(),
+                    "--region",
+                    r,
+                ]);
+                self.replay.insert(r);
+            }
         }
     }
 }
@@ -1110,12 +1183,20 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     let n_faults = 2 + rng.below(3);
     for _ in 0..n_faults {
         let region = rng.below(3) as usize;
-        let fault = match rng.below(if durable { 6 } else { 5 }) {
+        let kinds = if durable { 8 } else { 7 };
+        let drawn = rng.below(kinds);
+        let drawn = match forced_faults() {
+            Some(only) => only[drawn as usize % only.len()],
+            None => drawn,
+        };
+        let fault = match drawn {
             0 => Fault::KillSidecar(region),
             1 => Fault::CrashDatabase(region),
             2 => Fault::CutLink(region),
             3 => Fault::KillSide(region),
             4 => Fault::Fence(region),
+            5 => Fault::LostSlot(region),
+            6 => Fault::ParkReplay(region),
             _ => Fault::RestartBroker(region),
         };
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
@@ -1149,6 +1230,18 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         // (a discard parks the storm within a second or so: read again
         // until the regions match)
         resolve_breakers(&w, &clients, &mut rng, &mut resolved).await;
+        // changes parked while a region refused them: replayed (again,
+        // for those parked after the last replay; a replay is idempotent)
+        for r in &w.replay {
+            relay::ok(&[
+                "dlq",
+                "replay",
+                "--config",
+                w.cfg.path.to_str().unwrap(),
+                "--region",
+                r,
+            ]);
+        }
         if resolved.iter().any(|(_, _, action)| *action == "discard") {
             history.discarded = discarded(&w, &resolved);
         }
@@ -1539,8 +1632,28 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
                     rec.value
                 );
             }
-            !discarded
+            // a region that refused changes for a while parked them;
+            // each must have been replayed (checked below)
+            let refused = w.replay.contains(src)
+                && rec.headers.get("pgrelay.dlq.class").map(String::as_str)
+                    == Some("constraint_violation")
+                && rec.value["source"]["table"] == "g";
+            !discarded && !refused
         });
+        if w.replay.contains(src) {
+            let listed = relay::ok(&[
+                "dlq",
+                "list",
+                "--config",
+                w.cfg.path.to_str().unwrap(),
+                "--region",
+                src,
+            ]);
+            assert!(
+                listed.contains(" 0 waiting for replay"),
+                "seed {seed}: {src} still has parked changes to replay:\n{listed}"
+            );
+        }
         assert!(
             parked.is_empty(),
             "seed {seed}: {} records dead-lettered in {src}: {:?}",
@@ -1549,6 +1662,34 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
         );
     }
     total
+}
+
+/// `PGRELAY_CHECK_FAULTS=lost_slot,park_replay`: draw only these fault
+/// kinds (to aim a run at some).
+fn forced_faults() -> Option<Vec<u64>> {
+    const KINDS: [&str; 8] = [
+        "kill_sidecar",
+        "crash_database",
+        "cut_link",
+        "kill_side",
+        "fence",
+        "lost_slot",
+        "park_replay",
+        "restart_broker",
+    ];
+    let list = std::env::var("PGRELAY_CHECK_FAULTS").ok()?;
+    let kinds: Vec<u64> = list
+        .split(',')
+        .map(|k| {
+            KINDS
+                .iter()
+                .position(|n| *n == k.trim())
+                .unwrap_or_else(|| {
+                    panic!("PGRELAY_CHECK_FAULTS: unknown fault {k:?}; one of {KINDS:?}")
+                }) as u64
+        })
+        .collect();
+    (!kinds.is_empty()).then_some(kinds)
 }
 
 fn seeds() -> Vec<u64> {
