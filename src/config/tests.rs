@@ -583,6 +583,15 @@ fn region_rules() {
         &BASE.replace("[regions.cn]", "[regions.dlq]"),
         &["\"dlq\" is reserved"],
     );
+    // its apply origin would be pgrelay_replay, the origin of `dlq replay`
+    assert_err(
+        &BASE.replace("[regions.cn]", "[regions.replay]"),
+        &[
+            "region name \"replay\" is reserved",
+            "replication origin pgrelay_replay",
+            "pick another name",
+        ],
+    );
     assert_err(
         &BASE.replace("dsn = \"host=cn dbname=app\"", "dsn = \"\""),
         &["regions.cn.dsn is empty"],
