@@ -97,6 +97,25 @@ impl ConflictLog {
     }
 }
 
+/// Why a change's stamp cannot be its source's: a live change stamped with
+/// another region's id (see [`BatchOptions::stamp_region`]).
+fn foreign_stamp(
+    inc: &Incoming<'_>,
+    stamp_region: Option<(&str, u8)>,
+) -> Option<record::Rejection> {
+    let (source, source_id) = stamp_region?;
+    let claimed = hlc::region_id(inc.hlc);
+    if inc.resent || claimed == source_id {
+        return None;
+    }
+    Some(record::Rejection::ForeignStamp {
+        stamp: inc.hlc,
+        claimed,
+        region: source.to_string(),
+        source_id,
+    })
+}
+
 /// Runs one planned statement; an upsert first copies its rows into its
 /// staging table.
 async fn write(
@@ -148,6 +167,13 @@ pub struct BatchOptions<'a> {
     pub max_skew: Duration,
     /// A change stamped more than this far ahead is dead-lettered.
     pub max_ahead: Duration,
+    /// The source region's name and id, which every live change's stamp
+    /// must carry (its low bits, [`hlc::region_id`]): a change is stamped
+    /// where it is written. One claiming another region is dead-lettered.
+    /// Records `resync` sent are exempt (each carries its row's own stamp,
+    /// whichever region made it). `None`: any region (DR copies, which
+    /// any region may have written, and letters of unknown topics).
+    pub stamp_region: Option<(&'a str, u8)>,
     /// `relay.apply.tombstone_horizon`: only changes older than about this
     /// can be below the horizon, so only then is it read.
     pub tombstone_horizon: Duration,
@@ -178,6 +204,7 @@ pub async fn apply_batch(
         max_tries,
         max_skew,
         max_ahead,
+        stamp_region,
         tombstone_horizon,
         targets_checked,
         conflict_log,
@@ -221,6 +248,12 @@ pub async fn apply_batch(
                         ahead_ms: ahead,
                         limit_ms: limit as u64,
                     };
+                    outcome
+                        .dead
+                        .push(DeadLetter::rejected(c, &why, attempt + 1));
+                    continue;
+                }
+                if let Some(why) = foreign_stamp(&inc, stamp_region) {
                     outcome
                         .dead
                         .push(DeadLetter::rejected(c, &why, attempt + 1));

@@ -317,6 +317,11 @@ impl Pipeline {
                     max_tries: self.config.apply.max_retries.max(1),
                     max_skew: self.config.max_clock_skew,
                     max_ahead: self.config.max_stamp_ahead,
+                    stamp_region: self
+                        .config
+                        .regions
+                        .get(&self.source)
+                        .map(|r| (self.source.as_str(), r.id)),
                     tombstone_horizon: self.config.apply.tombstone_horizon,
                     targets_checked,
                     conflict_log: self.conflict_log.as_ref(),

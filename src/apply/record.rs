@@ -28,6 +28,10 @@ pub struct Incoming<'a> {
     pub hlc: u64,
     pub commit_lsn: Text<'a>,
     pub commit_ts_ms: i64,
+    /// Sent by `pgrelay resync` (transaction id 0): it carries the row's
+    /// own stamp, which another region may have made; a live change
+    /// carries a stamp of its source region.
+    pub resent: bool,
     /// Primary key values (text), in key-column order.
     pub key: Vec<Option<Text<'a>>>,
     /// Inserts and updates: the names of the columns to write, sorted.
@@ -77,6 +81,17 @@ pub enum Rejection {
         limit_ms: u64,
     },
     #[error(
+        "stamp {stamp} carries region id {claimed}, but the changes of this topic are written \
+         in region {region} (id {source_id}): a change is stamped where it is written, so this \
+         one is forged or misrouted; not applied"
+    )]
+    ForeignStamp {
+        stamp: u64,
+        claimed: u8,
+        region: String,
+        source_id: u8,
+    },
+    #[error(
         "stamp {stamp} is below the tombstone horizon {horizon} and the row does not exist here: \
          it may have been deleted by a tombstone already purged (relay.apply.tombstone_horizon), \
          so it is not brought back"
@@ -96,6 +111,7 @@ impl Rejection {
             Rejection::NotAdmitted(_) => "not_admitted",
             Rejection::OutOfRange { .. } => "out_of_range",
             Rejection::StampAhead { .. } => "stamp_ahead",
+            Rejection::ForeignStamp { .. } => "foreign_stamp",
             Rejection::BeyondHorizon { .. } => "beyond_horizon",
         }
     }
@@ -285,6 +301,10 @@ struct ApplyMeta<'a> {
     hlc: u64,
     #[serde(borrow)]
     commit_lsn: Cow<'a, str>,
+    /// 0 for a record `resync` sent; absent from records of other
+    /// producers.
+    #[serde(default)]
+    xid: Option<u64>,
     #[serde(default, borrow)]
     unchanged: Vec<Value<'a>>,
     #[serde(default, borrow)]
@@ -381,6 +401,7 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
         hlc: env.pgrelay.hlc,
         commit_lsn: env.pgrelay.commit_lsn,
         commit_ts_ms: env.ts_ms,
+        resent: env.pgrelay.xid == Some(0),
         key,
         columns,
         values,
@@ -476,6 +497,11 @@ mod tests {
         assert_eq!(r.values, vec![Some("1".into()), Some("t\"ea".into())]);
         assert_eq!(r.hlc, 77);
         assert_eq!(r.commit_lsn, "0/1");
+        assert!(!r.resent, "transaction 1 is a live change");
+        let resent = String::from_utf8(rec)
+            .unwrap()
+            .replace(r#""xid":1"#, r#""xid":0"#);
+        assert!(parse(Some(resent.as_bytes()), &t).unwrap().resent);
     }
 
     #[test]

@@ -77,7 +77,11 @@ pub async fn replay(
         })?;
     let mut out = Vec::new();
     for (partition, offset, letter) in letters {
-        let source = source_of(config, &letter.topic, region).unwrap_or_else(|| fallback.clone());
+        let known = source_of(config, &letter.topic, region);
+        let stamp_region = known
+            .as_deref()
+            .and_then(|s| config.regions.get(s).map(|r| (s, r.id)));
+        let source = known.clone().unwrap_or_else(|| fallback.clone());
         let consumed = Consumed {
             topic: letter.topic.clone(),
             partition: letter.partition,
@@ -106,6 +110,7 @@ pub async fn replay(
                 max_tries: 1,
                 max_skew: config.max_clock_skew,
                 max_ahead: config.max_stamp_ahead,
+                stamp_region,
                 tombstone_horizon: config.apply.tombstone_horizon,
                 // loaded at the start of the replay
                 targets_checked: true,

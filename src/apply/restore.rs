@@ -144,6 +144,8 @@ pub async fn restore(
                 max_tries: 1,
                 max_skew: config.max_clock_skew,
                 max_ahead: config.max_stamp_ahead,
+                // a row of this home may have been written in any region
+                stamp_region: None,
                 tombstone_horizon: config.apply.tombstone_horizon,
                 targets_checked: true,
                 // an older copy is no conflict: the region is newer already

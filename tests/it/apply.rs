@@ -410,7 +410,9 @@ async fn poison_and_injection_records_are_parked_never_executed() {
         .to_string()
         .into_bytes()
     };
-    let env = |schema: &str, table: &str, after: &str| env_at(schema, table, after, 1u64 << 30);
+    // an early stamp of us (region id 1)
+    let env =
+        |schema: &str, table: &str, after: &str| env_at(schema, table, after, (1u64 << 30) | 1);
     // a stamp an hour ahead of the local clock
     let future = pgrelay::hlc::compose(pgrelay::apply::now_ms() + 3_600_000, 0, 1);
     let records = vec![
@@ -482,6 +484,66 @@ async fn poison_and_injection_records_are_parked_never_executed() {
     assert!(listed.contains("poison"), "{listed}");
     assert_eq!(listed.matches("undeclared_table").count(), 2, "{listed}");
     assert!(listed.contains("unknown_column"), "{listed}");
+}
+
+/// A change is stamped where it is written: one in us's topic whose stamp
+/// claims eu (or an undeclared region) is parked, never applied, so it can
+/// neither pass for eu's write in the conflict log nor outrank eu's own.
+/// A record `resync` sent (transaction id 0) carries its row's own stamp,
+/// whichever region made it, and is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_stamped_as_another_region_are_parked() {
+    let p = pair(SCHEMA);
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    let now = pgrelay::apply::now_ms();
+    let env = |id: i32, region_id: u8, xid: u64| -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let v = serde_json::json!({
+            "before": null, "after": {"id": id.to_string(), "name": "claimed", "price": "1"},
+            "op": "c", "ts_ms": now,
+            "source": {"connector":"pgrelay","version":"0","name":"pgrelay","region":"us","db":"postgres",
+                       "schema": "public", "table": "products", "txId": xid, "lsn": 1, "ts_ms": now},
+            "pgrelay": {"hlc": pgrelay::hlc::compose(now, 0, region_id), "origin": "us",
+                        "commit_lsn": "0/1", "xid": xid, "seq": 0, "unchanged": []}
+        });
+        // one key: one partition, so the last record is processed last
+        (Some(b"k".to_vec()), Some(v.to_string().into_bytes()))
+    };
+    produce(
+        &p.broker.brokers(),
+        "pgrelay.us.eu",
+        &[
+            // live changes stamped as eu's (id 2) and as an undeclared region's
+            env(1, 2, 700),
+            env(2, 9, 701),
+            // a resync of a row eu wrote, as us holds it
+            env(3, 2, 0),
+            // us's own
+            env(4, 1, 702),
+        ],
+    );
+    let eu = p.eu.client().await;
+    eventually(Duration::from_secs(60), "us's own change", || async {
+        let n: i64 = eu
+            .query_one("SELECT count(*) FROM products WHERE id = 4", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    let ids: Vec<i32> = eu
+        .query("SELECT id FROM products ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [3, 4], "the resynced row and us's own change only");
+    let cfg = p.cfg.path.to_str().unwrap();
+    let listed = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);
+    assert!(listed.contains("2 parked record(s)"), "{listed}");
+    assert_eq!(listed.matches("foreign_stamp").count(), 2, "{listed}");
+    assert!(listed.contains("carries region id 2"), "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
