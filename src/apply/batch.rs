@@ -116,6 +116,61 @@ fn foreign_stamp(
     })
 }
 
+/// Records the changes of `dead` (those that claim a commit LSN) in
+/// `pgrelay.parked`; with [`ParkedPositions::RecordAndClear`], forgets the
+/// records of `batch` that were applied.
+async fn store_parked(
+    tx: &tokio_postgres::Transaction<'_>,
+    batch: &[Consumed],
+    dead: &[DeadLetter],
+    mode: ParkedPositions,
+) -> Result<(), BatchError> {
+    let parked: Vec<serde_json::Value> = dead
+        .iter()
+        .filter(|d| record::may_be_genuine(&d.class))
+        .filter_map(|d| {
+            let lsn = record::commit_lsn(d.value.as_deref()?)?;
+            Some(serde_json::json!({
+                "topic": d.topic, "kafka_partition": d.partition, "kafka_offset": d.offset,
+                "commit_lsn": lsn.to_string(), "class": d.class,
+            }))
+        })
+        .collect();
+    if !parked.is_empty() {
+        tx.execute(
+            sql::PARKED_SQL,
+            &[&serde_json::Value::Array(parked).to_string()],
+        )
+        .await
+        .map_err(at_step("recording parked changes in pgrelay.parked"))?;
+    }
+    if mode != ParkedPositions::RecordAndClear {
+        return Ok(());
+    }
+    let applied: Vec<serde_json::Value> = batch
+        .iter()
+        .filter(|c| {
+            !dead
+                .iter()
+                .any(|d| d.topic == c.topic && d.partition == c.partition && d.offset == c.offset)
+        })
+        .map(|c| {
+            serde_json::json!({
+                "topic": c.topic, "kafka_partition": c.partition, "kafka_offset": c.offset,
+            })
+        })
+        .collect();
+    if !applied.is_empty() {
+        tx.execute(
+            sql::UNPARKED_SQL,
+            &[&serde_json::Value::Array(applied).to_string()],
+        )
+        .await
+        .map_err(at_step("clearing replayed changes from pgrelay.parked"))?;
+    }
+    Ok(())
+}
+
 /// Runs one planned statement; an upsert first copies its rows into its
 /// staging table.
 async fn write(
@@ -148,6 +203,19 @@ async fn write(
     // what it brought back (a new snapshot sees that tombstone now)
     let taken_back = tx.execute(stage.recheck.as_str(), &[]).await?;
     Ok(written.saturating_sub(taken_back))
+}
+
+/// What a batch does with `pgrelay.parked`, the changes parked instead of
+/// applied, which `pgrelay.wait_for` does not answer past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkedPositions {
+    /// Records the changes it parks (the apply pipelines).
+    Record,
+    /// Records those it parks again and forgets those it applies (`dlq
+    /// replay`: the records carry their original positions).
+    RecordAndClear,
+    /// Leaves the table alone (`dr restore`: no pair's progress).
+    Untracked,
 }
 
 /// How to apply a batch.
@@ -184,6 +252,8 @@ pub struct BatchOptions<'a> {
     pub targets_checked: bool,
     /// Where losing changes are recorded; `None`: nowhere.
     pub conflict_log: Option<&'a ConflictLog>,
+    /// Whether parked changes are recorded in `pgrelay.parked`.
+    pub parked: ParkedPositions,
 }
 
 /// Applies one batch in one transaction. Returns `Err` for transient
@@ -208,6 +278,7 @@ pub async fn apply_batch(
         tombstone_horizon,
         targets_checked,
         conflict_log,
+        parked: parked_positions,
     } = opts;
     let mut outcome = Outcome::default();
     let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
@@ -218,7 +289,8 @@ pub async fn apply_batch(
     // how far the furthest change within the hard limit is ahead
     let mut furthest = i64::MIN;
     // per partition: every change committed before this LSN is in this
-    // batch or applied before it (see `pgrelay.wait_for`)
+    // batch or before it, applied or parked (`pgrelay.parked`, which
+    // `pgrelay.wait_for` reads too)
     let mut source_lsn: HashMap<(&str, i32), crate::event::Lsn> = HashMap::new();
     for (i, c) in batch.iter().enumerate() {
         let mut reached = |lsn: crate::event::Lsn| {
@@ -474,6 +546,11 @@ pub async fn apply_batch(
     tx.execute(sql::OFFSETS_SQL, &[&offsets])
         .await
         .map_err(at_step("storing offsets"))?;
+    // the source position moved past the parked changes too: `wait_for`
+    // learns of them here, in the same transaction
+    if parked_positions != ParkedPositions::Untracked {
+        store_parked(&tx, batch, &outcome.dead, parked_positions).await?;
+    }
     let applied = || {
         changes
             .iter()

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::source::catalog::{self};
 
-use super::batch::{apply_batch, BatchOptions, ConflictLog, Outcome};
+use super::batch::{apply_batch, BatchOptions, ConflictLog, Outcome, ParkedPositions};
 use super::consume::{assign, consumer, Consumed};
 use super::dlq::DlqProducer;
 use super::error::{db_message, ApplyError, ApplyErrorKind, BatchError};
@@ -325,6 +325,7 @@ impl Pipeline {
                     tombstone_horizon: self.config.apply.tombstone_horizon,
                     targets_checked,
                     conflict_log: self.conflict_log.as_ref(),
+                    parked: ParkedPositions::Record,
                 },
             )
             .await

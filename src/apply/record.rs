@@ -117,6 +117,13 @@ impl Rejection {
     }
 }
 
+/// Whether a dead letter of class `class` may be a change its source
+/// committed: not one no source sends (a stamp out of range or claiming
+/// another region), which `pgrelay.wait_for` therefore never waits for.
+pub fn may_be_genuine(class: &str) -> bool {
+    class != "foreign_stamp" && class != "out_of_range"
+}
+
 /// What the apply side knows of one target table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetTable {
@@ -407,6 +414,23 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
         values,
         merge_from,
     })
+}
+
+/// The commit LSN a record claims (`pgrelay.commit_lsn`), read on its own:
+/// also from a record that cannot be applied.
+pub fn commit_lsn(value: &[u8]) -> Option<crate::event::Lsn> {
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        pgrelay: Meta<'a>,
+    }
+    #[derive(Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow)]
+        commit_lsn: Cow<'a, str>,
+    }
+    let env: Envelope<'_> = serde_json::from_slice(value).ok()?;
+    env.pgrelay.commit_lsn.parse().ok()
 }
 
 /// The highest wall-clock time a stamp can hold (47 bits of milliseconds).

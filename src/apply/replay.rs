@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::apply::dlq::{self, DeadLetter, DlqProducer};
 use crate::apply::{
     apply_batch, load_targets, session_with_origin, stored_offsets, ApplyError, ApplyErrorKind,
-    BatchOptions, Consumed,
+    BatchOptions, Consumed, ParkedPositions,
 };
 use crate::config::Config;
 use crate::names::REPLAY_ORIGIN;
@@ -115,6 +115,7 @@ pub async fn replay(
                 // loaded at the start of the replay
                 targets_checked: true,
                 conflict_log: conflict_log.as_ref(),
+                parked: ParkedPositions::RecordAndClear,
             },
         )
         .await

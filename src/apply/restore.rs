@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use crate::apply::dlq::DlqProducer;
 use crate::apply::{
     apply_batch, load_targets, session_with_origin, ApplyError, BatchOptions, Consumed,
+    ParkedPositions,
 };
 use crate::config::Config;
 use crate::dr::{self, Sealed};
@@ -150,6 +151,7 @@ pub async fn restore(
                 targets_checked: true,
                 // an older copy is no conflict: the region is newer already
                 conflict_log: None,
+                parked: ParkedPositions::Untracked,
             },
         )
         .await

@@ -394,6 +394,81 @@ async fn constraint_violation_is_parked_then_replayed_once() {
     assert!(listed.contains("0 waiting for replay"), "{listed}");
 }
 
+/// `pgrelay.wait_for` answers for what was applied, not for what was
+/// passed: a parked change holds it back (false at its timeout) although a
+/// later change of the same source is applied, until `dlq replay` applies
+/// it. Positions before the parked change are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_waits_for_a_parked_change_until_it_is_replayed() {
+    let p = pair_with(SCHEMA, "max_retries = 1");
+    p.eu.psql("ALTER TABLE products ADD CONSTRAINT cheap CHECK (price < 100)");
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    let us = p.us.client().await;
+    let eu = p.eu.client().await;
+    let write_then_lsn = |sql: &'static str| {
+        let us = &us;
+        async move {
+            us.batch_execute(sql).await.unwrap();
+            us.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    let wait_for = |lsn: String, timeout: &'static str| {
+        let eu = &eu;
+        async move {
+            let started = std::time::Instant::now();
+            let ok: bool = eu
+                .query_one(
+                    "SELECT pgrelay.wait_for('us', $1::text::pg_lsn, $2::text::interval)",
+                    &[&lsn, &timeout],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (ok, started.elapsed())
+        }
+    };
+    let before = write_then_lsn("INSERT INTO products VALUES (1, 'ok', 5)").await;
+    assert!(wait_for(before.clone(), "60s").await.0, "the first write");
+    // parked in eu (its check constraint), then a change eu applies
+    write_then_lsn("INSERT INTO products VALUES (2, 'pricey', 500)").await;
+    let after = write_then_lsn("INSERT INTO products VALUES (3, 'fine', 7)").await;
+    let cfg = p.cfg.path.to_str().unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the later change applied and the other parked",
+        || async {
+            let n: i64 = eu
+                .query_one("SELECT count(*) FROM products WHERE id = 3", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let out = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);
+            (n == 1 && out.contains("constraint_violation")).then_some(())
+        },
+    )
+    .await;
+    let (ok, took) = wait_for(after.clone(), "1s").await;
+    assert!(
+        !ok,
+        "a change committed before {after} is parked, not applied"
+    );
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    assert!(
+        wait_for(before.clone(), "1s").await.0,
+        "{before} precedes the parked change"
+    );
+    eu.batch_execute("ALTER TABLE products DROP CONSTRAINT cheap")
+        .await
+        .unwrap();
+    let replayed = relay::ok(&["dlq", "replay", "--config", cfg, "--region", "eu"]);
+    assert!(replayed.contains("1 record(s) applied"), "{replayed}");
+    assert!(wait_for(after, "10s").await.0, "applied by the replay");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_and_injection_records_are_parked_never_executed() {
     // a column the target lacks is parked at once, not waited for
