@@ -303,6 +303,9 @@ struct ApplySource<'a> {
     table: Cow<'a, str>,
 }
 
+/// `pgrelay.unchanged` is not read: a column left out of `after` keeps the
+/// target's value, and one the target lacks (dropped here first) has no
+/// value to keep, so it is no reason to refuse the record.
 #[derive(Deserialize)]
 struct ApplyMeta<'a> {
     hlc: u64,
@@ -312,8 +315,6 @@ struct ApplyMeta<'a> {
     /// producers.
     #[serde(default)]
     xid: Option<u64>,
-    #[serde(default, borrow)]
-    unchanged: Vec<Value<'a>>,
     #[serde(default, borrow)]
     merge_from: Option<Row<'a>>,
 }
@@ -383,14 +384,6 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
             "{} record without a row",
             env.op
         )));
-    }
-    if let Some(col) = env
-        .pgrelay
-        .unchanged
-        .iter()
-        .find(|c| !has_column(&target.columns, &c.0))
-    {
-        return Err(unknown(&col.0));
     }
     let merge_from = match env.pgrelay.merge_from {
         Some(from) if matches!(op, Op::Insert | Op::Update) => Some(
@@ -526,6 +519,19 @@ mod tests {
             .unwrap()
             .replace(r#""xid":1"#, r#""xid":0"#);
         assert!(parse(Some(resent.as_bytes()), &t).unwrap().resent);
+    }
+
+    #[test]
+    fn a_left_out_column_the_target_lacks_is_no_reason_to_refuse() {
+        let t = targets();
+        let rec = String::from_utf8(envelope("\"products\"", r#"{"id":"1"}"#))
+            .unwrap()
+            .replace(r#""unchanged":[]"#, r#""unchanged":["dropped_here"]"#);
+        let r = parse(Some(rec.as_bytes()), &t).unwrap();
+        assert_eq!(r.columns, vec!["id"]);
+        // a column the row carries must exist
+        let rec = envelope("\"products\"", r#"{"id":"1","dropped_here":"x"}"#);
+        assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "unknown_column");
     }
 
     #[test]
