@@ -281,6 +281,7 @@ pub async fn run(
         reports: Vec::new(),
         dropped: std::collections::HashMap::new(),
         truncates_kept: HashSet::new(),
+        columns_gone: HashSet::new(),
         filler: Filler::new(&region_cfg.dsn, &region),
         progress_sent: Lsn::ZERO,
         progress_rounds: PROGRESS_ROUNDS,
@@ -444,6 +445,9 @@ struct Loop<'a> {
     dropped: std::collections::HashMap<(String, usize, &'static str), u64>,
     /// `partitioned` tables whose truncate was kept home (logged once each).
     truncates_kept: HashSet<TableName>,
+    /// Left-out columns found gone from their table (`source::fill`),
+    /// warned about once each.
+    columns_gone: HashSet<(TableName, String)>,
     /// Reads back what a row moved to a new key left out of the stream.
     filler: Filler,
     /// The LSN of the last progress records sent, and how many more status

@@ -104,6 +104,12 @@ pub async fn database(
                 format!("region {region}: table {name} has no primary key; pgrelay needs one to key records and resolve conflicts (ALTER TABLE {name} ADD PRIMARY KEY (...))"),
             ));
         }
+        if let Some(constraint) = &state.deferrable_key {
+            out.push(finding(
+                Severity::Blocking,
+                deferrable_key_message(region, &name, constraint, &state.primary_key),
+            ));
+        }
         if let Some(t) = config.table(&name) {
             for rule in &t.columns {
                 if !state.columns.contains(&rule.column) {
@@ -320,6 +326,30 @@ fn is_numeric_type(ty: &str) -> bool {
     )
 }
 
+/// A `DEFERRABLE` primary key cannot be a replica identity (so the
+/// table's own updates and deletes would fail once published) nor the
+/// arbiter of the apply side's `ON CONFLICT`. PostgreSQL cannot alter a
+/// key's deferrability in place: the fix recreates the constraint.
+fn deferrable_key_message(
+    region: &str,
+    table: &crate::event::TableName,
+    constraint: &str,
+    key: &[String],
+) -> String {
+    use crate::event::quote_ident;
+    let t = table.quoted();
+    let c = quote_ident(constraint);
+    let columns: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
+    format!(
+        "region {region}: table {table} has a DEFERRABLE primary key ({constraint}); pgrelay needs \
+         it checked at once, to be the table's replica identity and the target of its upserts. \
+         Recreate it NOT DEFERRABLE (foreign keys that reference it must be dropped and added \
+         back around this): ALTER TABLE {t} DROP CONSTRAINT {c}, ADD CONSTRAINT {c} PRIMARY KEY \
+         ({})",
+        columns.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +360,7 @@ mod tests {
         TableState {
             exists: true,
             primary_key: vec!["id".into()],
+            deferrable_key: None,
             replica_identity: 'f',
             partitioned_root: false,
             has_stamp_column: true,

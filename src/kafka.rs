@@ -64,17 +64,24 @@ impl LastBrokerError {
 
     fn keep(&self, reason: String) {
         if let Ok(mut seen) = self.0.lock() {
-            // the same failure repeats on every reconnection
-            let reason = reason
-                .split(" (after ")
-                .next()
-                .unwrap_or(&reason)
-                .to_string();
+            let reason = same_failure(&reason).to_string();
             if !seen.contains(&reason) && seen.len() < 3 {
                 seen.push(reason);
             }
         }
     }
+}
+
+/// A broker failure as one spelling: librdkafka reports each both as a log
+/// line (prefixed with its thread, `[thrd:host:port/bootstrap]: `) and as
+/// an error event, and again on every reconnection (` (after 0ms in state
+/// CONNECT)`).
+fn same_failure(reason: &str) -> &str {
+    let reason = match reason.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ").map_or(reason, |(_, r)| r),
+        None => reason,
+    };
+    reason.split(" (after ").next().unwrap_or(reason)
 }
 
 impl ProducerContext for LastBrokerError {
@@ -138,6 +145,20 @@ pub async fn metadata(cluster: &KafkaCluster, timeout: Duration) -> Result<Metad
     })
     .await
     .map_err(|e| AdminError::Failed(format!("metadata task failed: {e}")))?
+}
+
+/// The names of the topics the cluster has (without an error).
+pub async fn existing_topics(
+    cluster: &KafkaCluster,
+    timeout: Duration,
+) -> Result<std::collections::BTreeSet<String>, AdminError> {
+    let md = metadata(cluster, timeout).await?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.name().to_string())
+        .collect())
 }
 
 /// Fails unless every topic exists.
@@ -275,4 +296,24 @@ async fn watermarks(
     })
     .await
     .map_err(|e| format!("watermark task failed: {e}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_failure_is_kept_once_whichever_way_it_is_reported() {
+        let last = LastBrokerError::default();
+        let failure =
+            "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused";
+        last.keep(format!(
+            "[thrd:127.0.0.1:1/bootstrap]: {failure} (after 0ms in state CONNECT)"
+        ));
+        last.keep(format!("{failure} (after 0ms in state CONNECT)"));
+        last.keep(format!(
+            "{failure} (after 1001ms in state CONNECT, 1 identical error(s) suppressed)"
+        ));
+        assert_eq!(last.suffix(), format!("; last broker error: {failure}"));
+    }
 }

@@ -117,6 +117,7 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
     for table in [
         "tombstones",
         "offsets",
+        "parked",
         "watermark_parts",
         "horizon",
         "breakers",

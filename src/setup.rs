@@ -67,7 +67,10 @@ $fn$",
 /// stores how far its changes are applied (`pgrelay.offsets.source_lsn`,
 /// moved by changes and by the progress records the source's capture side
 /// sends to every partition), so the answer is true when every partition
-/// has reached `lsn`. Polls every 10 ms; each poll sees what has committed
+/// has reached `lsn` and no change `source` committed before `lsn` is
+/// parked (`pgrelay.parked`: dead-lettered, not yet applied by `dlq
+/// replay`; its partition's position moved past it all the same). Polls
+/// every 10 ms; each poll sees what has committed
 /// (call it outside a `REPEATABLE READ` transaction). `SECURITY DEFINER`:
 /// callers need no privilege on `pgrelay.offsets`.
 fn wait_for_function(config: &Config, region: &str) -> String {
@@ -98,7 +101,10 @@ BEGIN
     LOOP
         SELECT count(*) FILTER (WHERE o.source_lsn >= lsn), count(*) INTO reached, known
             FROM pgrelay.offsets o WHERE o.topic = {prefix} || source || {suffix};
-        IF reached >= greatest(known, {partitions}) THEN
+        IF reached >= greatest(known, {partitions}) AND NOT EXISTS (
+            SELECT 1 FROM pgrelay.parked p
+            WHERE p.topic = {prefix} || source || {suffix} AND p.commit_lsn < lsn)
+        THEN
             RETURN true;
         END IF;
         IF clock_timestamp() >= deadline THEN
@@ -218,6 +224,14 @@ pub fn plan(
         // per partition: every change the source committed before this LSN
         // is applied (see wait_for_function)
         "ALTER TABLE pgrelay.offsets ADD COLUMN IF NOT EXISTS source_lsn pg_lsn".to_string(),
+        // changes parked instead of applied, by their original position,
+        // until `dlq replay` applies them (see wait_for_function)
+        "CREATE TABLE IF NOT EXISTS pgrelay.parked (\
+            topic text NOT NULL, kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, \
+            commit_lsn pg_lsn NOT NULL, class text NOT NULL, \
+            parked_at timestamptz NOT NULL DEFAULT now(), \
+            PRIMARY KEY (topic, kafka_partition, kafka_offset))"
+            .to_string(),
         wait_for_function(config, region),
         // why a session holds its records back (NULL: it does not)
         "ALTER TABLE pgrelay.watermark_parts ADD COLUMN IF NOT EXISTS held_reason text".to_string(),

@@ -97,6 +97,80 @@ impl ConflictLog {
     }
 }
 
+/// Why a change's stamp cannot be its source's: a live change stamped with
+/// another region's id (see [`BatchOptions::stamp_region`]).
+fn foreign_stamp(
+    inc: &Incoming<'_>,
+    stamp_region: Option<(&str, u8)>,
+) -> Option<record::Rejection> {
+    let (source, source_id) = stamp_region?;
+    let claimed = hlc::region_id(inc.hlc);
+    if inc.resent || claimed == source_id {
+        return None;
+    }
+    Some(record::Rejection::ForeignStamp {
+        stamp: inc.hlc,
+        claimed,
+        region: source.to_string(),
+        source_id,
+    })
+}
+
+/// Records the changes of `dead` (those that claim a commit LSN) in
+/// `pgrelay.parked`; with [`ParkedPositions::RecordAndClear`], forgets the
+/// records of `batch` that were applied.
+async fn store_parked(
+    tx: &tokio_postgres::Transaction<'_>,
+    batch: &[Consumed],
+    dead: &[DeadLetter],
+    mode: ParkedPositions,
+) -> Result<(), BatchError> {
+    let parked: Vec<serde_json::Value> = dead
+        .iter()
+        .filter(|d| record::may_be_genuine(&d.class))
+        .filter_map(|d| {
+            let lsn = record::commit_lsn(d.value.as_deref()?)?;
+            Some(serde_json::json!({
+                "topic": d.topic, "kafka_partition": d.partition, "kafka_offset": d.offset,
+                "commit_lsn": lsn.to_string(), "class": d.class,
+            }))
+        })
+        .collect();
+    if !parked.is_empty() {
+        tx.execute(
+            sql::PARKED_SQL,
+            &[&serde_json::Value::Array(parked).to_string()],
+        )
+        .await
+        .map_err(at_step("recording parked changes in pgrelay.parked"))?;
+    }
+    if mode != ParkedPositions::RecordAndClear {
+        return Ok(());
+    }
+    let applied: Vec<serde_json::Value> = batch
+        .iter()
+        .filter(|c| {
+            !dead
+                .iter()
+                .any(|d| d.topic == c.topic && d.partition == c.partition && d.offset == c.offset)
+        })
+        .map(|c| {
+            serde_json::json!({
+                "topic": c.topic, "kafka_partition": c.partition, "kafka_offset": c.offset,
+            })
+        })
+        .collect();
+    if !applied.is_empty() {
+        tx.execute(
+            sql::UNPARKED_SQL,
+            &[&serde_json::Value::Array(applied).to_string()],
+        )
+        .await
+        .map_err(at_step("clearing replayed changes from pgrelay.parked"))?;
+    }
+    Ok(())
+}
+
 /// Runs one planned statement; an upsert first copies its rows into its
 /// staging table.
 async fn write(
@@ -131,6 +205,19 @@ async fn write(
     Ok(written.saturating_sub(taken_back))
 }
 
+/// What a batch does with `pgrelay.parked`, the changes parked instead of
+/// applied, which `pgrelay.wait_for` does not answer past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkedPositions {
+    /// Records the changes it parks (the apply pipelines).
+    Record,
+    /// Records those it parks again and forgets those it applies (`dlq
+    /// replay`: the records carry their original positions).
+    RecordAndClear,
+    /// Leaves the table alone (`dr restore`: no pair's progress).
+    Untracked,
+}
+
 /// How to apply a batch.
 pub struct BatchOptions<'a> {
     /// How many times its records were tried before this batch (0; a
@@ -148,6 +235,13 @@ pub struct BatchOptions<'a> {
     pub max_skew: Duration,
     /// A change stamped more than this far ahead is dead-lettered.
     pub max_ahead: Duration,
+    /// The source region's name and id, which every live change's stamp
+    /// must carry (its low bits, [`hlc::region_id`]): a change is stamped
+    /// where it is written. One claiming another region is dead-lettered.
+    /// Records `resync` sent are exempt (each carries its row's own stamp,
+    /// whichever region made it). `None`: any region (DR copies, which
+    /// any region may have written, and letters of unknown topics).
+    pub stamp_region: Option<(&'a str, u8)>,
     /// `relay.apply.tombstone_horizon`: only changes older than about this
     /// can be below the horizon, so only then is it read.
     pub tombstone_horizon: Duration,
@@ -158,6 +252,8 @@ pub struct BatchOptions<'a> {
     pub targets_checked: bool,
     /// Where losing changes are recorded; `None`: nowhere.
     pub conflict_log: Option<&'a ConflictLog>,
+    /// Whether parked changes are recorded in `pgrelay.parked`.
+    pub parked: ParkedPositions,
 }
 
 /// Applies one batch in one transaction. Returns `Err` for transient
@@ -178,9 +274,11 @@ pub async fn apply_batch(
         max_tries,
         max_skew,
         max_ahead,
+        stamp_region,
         tombstone_horizon,
         targets_checked,
         conflict_log,
+        parked: parked_positions,
     } = opts;
     let mut outcome = Outcome::default();
     let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
@@ -191,7 +289,8 @@ pub async fn apply_batch(
     // how far the furthest change within the hard limit is ahead
     let mut furthest = i64::MIN;
     // per partition: every change committed before this LSN is in this
-    // batch or applied before it (see `pgrelay.wait_for`)
+    // batch or before it, applied or parked (`pgrelay.parked`, which
+    // `pgrelay.wait_for` reads too)
     let mut source_lsn: HashMap<(&str, i32), crate::event::Lsn> = HashMap::new();
     for (i, c) in batch.iter().enumerate() {
         let mut reached = |lsn: crate::event::Lsn| {
@@ -221,6 +320,12 @@ pub async fn apply_batch(
                         ahead_ms: ahead,
                         limit_ms: limit as u64,
                     };
+                    outcome
+                        .dead
+                        .push(DeadLetter::rejected(c, &why, attempt + 1));
+                    continue;
+                }
+                if let Some(why) = foreign_stamp(&inc, stamp_region) {
                     outcome
                         .dead
                         .push(DeadLetter::rejected(c, &why, attempt + 1));
@@ -441,6 +546,11 @@ pub async fn apply_batch(
     tx.execute(sql::OFFSETS_SQL, &[&offsets])
         .await
         .map_err(at_step("storing offsets"))?;
+    // the source position moved past the parked changes too: `wait_for`
+    // learns of them here, in the same transaction
+    if parked_positions != ParkedPositions::Untracked {
+        store_parked(&tx, batch, &outcome.dead, parked_positions).await?;
+    }
     let applied = || {
         changes
             .iter()

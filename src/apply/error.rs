@@ -271,18 +271,24 @@ fn kafka_code(e: &KafkaError) -> String {
 pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
     match e.code() {
         None => true, // connection closed, io, timeouts
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08")
-                || c.starts_with("53")
-                || c.starts_with("57P")
-                || c.starts_with("58")
-                || c == "40001"
-                || c == "40P01"
-                || c == "55P03"
-                || c == "55006"
-        }
+        Some(code) => is_transient_sqlstate(code.code()),
     }
+}
+
+/// Whether an error of SQLSTATE `code` is worth retrying as is: the
+/// connection or the server (classes 08, 53, 57, 58), a serialization
+/// failure or deadlock, a lock or an origin held by another session. Class
+/// 57 includes 57014, a statement cancelled or past `statement_timeout`: a
+/// busy target, not the record's doing.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57")
+        || code.starts_with("58")
+        || code == "40001"
+        || code == "40P01"
+        || code == "55P03"
+        || code == "55006"
 }
 
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
@@ -413,5 +419,31 @@ pub(super) fn retryable(e: tokio_postgres::Error, table: &str) -> BatchError {
             table: Some(table.to_string()),
             source: e,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient_sqlstate;
+
+    #[test]
+    fn a_cancelled_or_timed_out_statement_is_transient() {
+        // query_canceled: a statement_timeout or pg_cancel_backend
+        assert!(is_transient_sqlstate("57014"));
+        // admin_shutdown, cannot_connect_now, lock_not_available
+        for code in [
+            "57P01", "57P03", "55P03", "08006", "40001", "40P01", "53300",
+        ] {
+            assert!(is_transient_sqlstate(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_record_s_own_errors_are_definite() {
+        // unique_violation, not_null_violation, invalid_text_representation,
+        // undefined_column, object_not_in_prerequisite_state
+        for code in ["23505", "23502", "22P02", "42703", "55000"] {
+            assert!(!is_transient_sqlstate(code), "{code}");
+        }
     }
 }

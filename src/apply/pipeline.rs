@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::source::catalog::{self};
 
-use super::batch::{apply_batch, BatchOptions, ConflictLog, Outcome};
+use super::batch::{apply_batch, BatchOptions, ConflictLog, Outcome, ParkedPositions};
 use super::consume::{assign, consumer, Consumed};
 use super::dlq::DlqProducer;
 use super::error::{db_message, ApplyError, ApplyErrorKind, BatchError};
@@ -317,9 +317,15 @@ impl Pipeline {
                     max_tries: self.config.apply.max_retries.max(1),
                     max_skew: self.config.max_clock_skew,
                     max_ahead: self.config.max_stamp_ahead,
+                    stamp_region: self
+                        .config
+                        .regions
+                        .get(&self.source)
+                        .map(|r| (self.source.as_str(), r.id)),
                     tombstone_horizon: self.config.apply.tombstone_horizon,
                     targets_checked,
                     conflict_log: self.conflict_log.as_ref(),
+                    parked: ParkedPositions::Record,
                 },
             )
             .await

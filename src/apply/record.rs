@@ -28,6 +28,10 @@ pub struct Incoming<'a> {
     pub hlc: u64,
     pub commit_lsn: Text<'a>,
     pub commit_ts_ms: i64,
+    /// Sent by `pgrelay resync` (transaction id 0): it carries the row's
+    /// own stamp, which another region may have made; a live change
+    /// carries a stamp of its source region.
+    pub resent: bool,
     /// Primary key values (text), in key-column order.
     pub key: Vec<Option<Text<'a>>>,
     /// Inserts and updates: the names of the columns to write, sorted.
@@ -80,6 +84,17 @@ pub enum Rejection {
         limit_ms: u64,
     },
     #[error(
+        "stamp {stamp} carries region id {claimed}, but the changes of this topic are written \
+         in region {region} (id {source_id}): a change is stamped where it is written, so this \
+         one is forged or misrouted; not applied"
+    )]
+    ForeignStamp {
+        stamp: u64,
+        claimed: u8,
+        region: String,
+        source_id: u8,
+    },
+    #[error(
         "stamp {stamp} is below the tombstone horizon {horizon} and the row does not exist here: \
          it may have been deleted by a tombstone already purged (relay.apply.tombstone_horizon), \
          so it is not brought back"
@@ -99,9 +114,17 @@ impl Rejection {
             Rejection::NotAdmitted(_) => "not_admitted",
             Rejection::OutOfRange { .. } => "out_of_range",
             Rejection::StampAhead { .. } => "stamp_ahead",
+            Rejection::ForeignStamp { .. } => "foreign_stamp",
             Rejection::BeyondHorizon { .. } => "beyond_horizon",
         }
     }
+}
+
+/// Whether a dead letter of class `class` may be a change its source
+/// committed: not one no source sends (a stamp out of range or claiming
+/// another region), which `pgrelay.wait_for` therefore never waits for.
+pub fn may_be_genuine(class: &str) -> bool {
+    class != "foreign_stamp" && class != "out_of_range"
 }
 
 /// What the apply side knows of one target table.
@@ -307,13 +330,18 @@ struct ApplySource<'a> {
     table: Cow<'a, str>,
 }
 
+/// `pgrelay.unchanged` is not read: a column left out of `after` keeps the
+/// target's value, and one the target lacks (dropped here first) has no
+/// value to keep, so it is no reason to refuse the record.
 #[derive(Deserialize)]
 struct ApplyMeta<'a> {
     hlc: u64,
     #[serde(borrow)]
     commit_lsn: Cow<'a, str>,
-    #[serde(default, borrow)]
-    unchanged: Vec<Value<'a>>,
+    /// 0 for a record `resync` sent; absent from records of other
+    /// producers.
+    #[serde(default)]
+    xid: Option<u64>,
     #[serde(default, borrow)]
     merge_from: Option<Row<'a>>,
 }
@@ -393,14 +421,6 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
             env.op
         )));
     }
-    if let Some(col) = env
-        .pgrelay
-        .unchanged
-        .iter()
-        .find(|c| !has_column(&target.columns, &c.0))
-    {
-        return Err(unknown(&col.0));
-    }
     let merge_from = match env.pgrelay.merge_from {
         Some(from) if matches!(op, Op::Insert | Op::Update) => Some(
             from.0
@@ -417,12 +437,30 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
         hlc: env.pgrelay.hlc,
         commit_lsn: env.pgrelay.commit_lsn,
         commit_ts_ms: env.ts_ms,
+        resent: env.pgrelay.xid == Some(0),
         key,
         columns,
         values,
         merge_from,
         home,
     })
+}
+
+/// The commit LSN a record claims (`pgrelay.commit_lsn`), read on its own:
+/// also from a record that cannot be applied.
+pub fn commit_lsn(value: &[u8]) -> Option<crate::event::Lsn> {
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        pgrelay: Meta<'a>,
+    }
+    #[derive(Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow)]
+        commit_lsn: Cow<'a, str>,
+    }
+    let env: Envelope<'_> = serde_json::from_slice(value).ok()?;
+    env.pgrelay.commit_lsn.parse().ok()
 }
 
 /// The highest wall-clock time a stamp can hold (47 bits of milliseconds).
@@ -513,6 +551,24 @@ mod tests {
         assert_eq!(r.values, vec![Some("1".into()), Some("t\"ea".into())]);
         assert_eq!(r.hlc, 77);
         assert_eq!(r.commit_lsn, "0/1");
+        assert!(!r.resent, "transaction 1 is a live change");
+        let resent = String::from_utf8(rec)
+            .unwrap()
+            .replace(r#""xid":1"#, r#""xid":0"#);
+        assert!(parse(Some(resent.as_bytes()), &t).unwrap().resent);
+    }
+
+    #[test]
+    fn a_left_out_column_the_target_lacks_is_no_reason_to_refuse() {
+        let t = targets();
+        let rec = String::from_utf8(envelope("\"products\"", r#"{"id":"1"}"#))
+            .unwrap()
+            .replace(r#""unchanged":[]"#, r#""unchanged":["dropped_here"]"#);
+        let r = parse(Some(rec.as_bytes()), &t).unwrap();
+        assert_eq!(r.columns, vec!["id"]);
+        // a column the row carries must exist
+        let rec = envelope("\"products\"", r#"{"id":"1","dropped_here":"x"}"#);
+        assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "unknown_column");
     }
 
     #[test]

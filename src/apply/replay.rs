@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::apply::dlq::{self, DeadLetter, DlqProducer};
 use crate::apply::{
     apply_batch, load_targets, session_with_origin, stored_offsets, ApplyError, ApplyErrorKind,
-    BatchOptions, Consumed,
+    BatchOptions, Consumed, ParkedPositions,
 };
 use crate::config::Config;
 use crate::names::REPLAY_ORIGIN;
@@ -77,7 +77,11 @@ pub async fn replay(
         })?;
     let mut out = Vec::new();
     for (partition, offset, letter) in letters {
-        let source = source_of(config, &letter.topic, region).unwrap_or_else(|| fallback.clone());
+        let known = source_of(config, &letter.topic, region);
+        let stamp_region = known
+            .as_deref()
+            .and_then(|s| config.regions.get(s).map(|r| (s, r.id)));
+        let source = known.clone().unwrap_or_else(|| fallback.clone());
         let consumed = Consumed {
             topic: letter.topic.clone(),
             partition: letter.partition,
@@ -106,10 +110,12 @@ pub async fn replay(
                 max_tries: 1,
                 max_skew: config.max_clock_skew,
                 max_ahead: config.max_stamp_ahead,
+                stamp_region,
                 tombstone_horizon: config.apply.tombstone_horizon,
                 // loaded at the start of the replay
                 targets_checked: true,
                 conflict_log: conflict_log.as_ref(),
+                parked: ParkedPositions::RecordAndClear,
             },
         )
         .await

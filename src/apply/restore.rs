@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use crate::apply::dlq::DlqProducer;
 use crate::apply::{
     apply_batch, load_targets, session_with_origin, ApplyError, BatchOptions, Consumed,
+    ParkedPositions,
 };
 use crate::config::Config;
 use crate::dr::{self, Sealed};
@@ -144,10 +145,13 @@ pub async fn restore(
                 max_tries: 1,
                 max_skew: config.max_clock_skew,
                 max_ahead: config.max_stamp_ahead,
+                // a row of this home may have been written in any region
+                stamp_region: None,
                 tombstone_horizon: config.apply.tombstone_horizon,
                 targets_checked: true,
                 // an older copy is no conflict: the region is newer already
                 conflict_log: None,
+                parked: ParkedPositions::Untracked,
             },
         )
         .await

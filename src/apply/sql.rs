@@ -803,6 +803,23 @@ pub const OFFSETS_SQL: &str = "INSERT INTO pgrelay.offsets AS o (topic, kafka_pa
     SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset), \
     source_lsn = greatest(o.source_lsn, EXCLUDED.source_lsn), updated_at = now()";
 
+/// Records changes parked instead of applied (`$1`: a JSON array of
+/// `{topic, kafka_partition, kafka_offset, commit_lsn, class}`):
+/// `pgrelay.wait_for` answers true past none of them until it is applied.
+pub const PARKED_SQL: &str = "INSERT INTO pgrelay.parked \
+    (topic, kafka_partition, kafka_offset, commit_lsn, class) \
+    SELECT x.topic, x.kafka_partition, x.kafka_offset, x.commit_lsn::pg_lsn, x.class \
+    FROM json_to_recordset($1::text::json) \
+    AS x(topic text, kafka_partition int, kafka_offset bigint, commit_lsn text, class text) \
+    ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING";
+
+/// Forgets parked changes applied since (`$1`: a JSON array of
+/// `{topic, kafka_partition, kafka_offset}`, their original positions).
+pub const UNPARKED_SQL: &str = "DELETE FROM pgrelay.parked p \
+    USING json_to_recordset($1::text::json) AS x(topic text, kafka_partition int, kafka_offset bigint) \
+    WHERE p.topic = x.topic AND p.kafka_partition = x.kafka_partition \
+    AND p.kafka_offset = x.kafka_offset";
+
 /// Raises this session's part of the per-source watermark: `$1` region,
 /// `$2` session (text), `$3` stamp (text), `$4` commit LSN (text), `$5`
 /// commit time (ms since epoch, text). One row per session, so parallel

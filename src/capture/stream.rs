@@ -330,10 +330,37 @@ impl Loop<'_> {
         if fill::missing_columns(change).is_empty() {
             return Ok(());
         }
-        self.filler
+        let filled = self
+            .filler
             .fill(change)
             .await
             .map_err(|e| self.broke_on(&change.schema.table, "source database", e))?;
+        if filled.gone.is_empty() {
+            return Ok(());
+        }
+        let table = change.schema.table.to_string();
+        self.metrics.add(
+            "pgrelay_capture_columns_gone_total",
+            "Changes published with a left-out column that was dropped or renamed before it \
+             could be read back (the destinations keep their value of it)",
+            &[("region", self.region), ("table", &table)],
+            1,
+        );
+        for column in filled.gone {
+            if self
+                .columns_gone
+                .insert((change.schema.table.clone(), column.clone()))
+            {
+                tracing::warn!(
+                    region = self.region,
+                    table = %change.schema.table,
+                    column = %column,
+                    lsn = %change.tx.commit_lsn,
+                    "a column the change left out (unchanged TOAST) no longer exists: published \
+                     as unchanged, so each destination keeps the value it holds"
+                );
+            }
+        }
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! `pgrelay check`: the config, each database and Kafka cluster, and the
 //! residency matrix.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -31,6 +32,14 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
     let mut needs: Vec<Need> = regions.iter().map(|r| Need::Database(r)).collect();
     needs.extend(all_clusters(&config));
     config.require(&needs)?;
+    // each cluster's topics, asked once and all at once while the databases
+    // are checked: an unreachable cluster costs one timeout and one line
+    let mut clusters = Clusters::default();
+    for region in &regions {
+        for (_, cluster) in topics_of(&config, region) {
+            clusters.fetch(cluster);
+        }
+    }
     let mut problems = 0;
     for region in &regions {
         let dsn = &config.regions[region].dsn;
@@ -88,26 +97,28 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
                 problems += 1;
             }
         }
-        let mut topics: Vec<(String, &config::KafkaCluster)> = config
-            .regions
-            .keys()
-            .filter(|d| *d != region)
-            .map(|d| (config.topic(region, d), config.kafka_for(d)))
-            .collect();
-        topics.push((config.dlq_topic(region), config.kafka_for(region)));
-        for (topic, cluster) in topics {
-            match kafka::check_topics(
-                cluster,
-                std::slice::from_ref(&topic),
-                Duration::from_secs(10),
-            )
-            .await
-            {
-                Ok(()) => println!("region {region}: topic {topic} ok"),
-                Err(e) => {
-                    println!("error: region {region}: {e}");
+        for (topic, cluster) in topics_of(&config, region) {
+            match clusters.topics(cluster).await {
+                Reply::Topics(existing) if existing.contains(&topic) => {
+                    println!("region {region}: topic {topic} ok")
+                }
+                Reply::Topics(_) => {
+                    println!(
+                        "error: region {region}: topic {topic} missing on kafka {}; run pgrelay \
+                         setup --region {region}",
+                        cluster.brokers
+                    );
                     problems += 1;
                 }
+                Reply::Failed(e) => {
+                    println!(
+                        "error: region {region}: {e} (its topics, and other regions' on the same \
+                         cluster, are not checked)"
+                    );
+                    problems += 1;
+                }
+                // reported where the cluster was first needed
+                Reply::FailedAbove => {}
             }
         }
     }
@@ -118,6 +129,96 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long `check` waits for a Kafka cluster's answer.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The topics `region` uses, with the cluster each lives on: one to each
+/// other region, and the region's dead-letter topic.
+fn topics_of<'a>(
+    config: &'a config::Config,
+    region: &str,
+) -> Vec<(String, &'a config::KafkaCluster)> {
+    let mut topics: Vec<(String, &config::KafkaCluster)> = config
+        .regions
+        .keys()
+        .filter(|d| *d != region)
+        .map(|d| (config.topic(region, d), config.kafka_for(d)))
+        .collect();
+    topics.push((config.dlq_topic(region), config.kafka_for(region)));
+    topics
+}
+
+/// What a cluster answered, as [`Clusters::topics`] hands it out.
+enum Reply<'a> {
+    Topics(&'a BTreeSet<String>),
+    /// Could not be read: the first time, why.
+    Failed(String),
+    /// Could not be read, said before.
+    FailedAbove,
+}
+
+type Fetch = tokio::task::JoinHandle<Result<BTreeSet<String>, kafka::AdminError>>;
+
+/// One metadata request per distinct cluster, started by [`Self::fetch`]
+/// and awaited by the first [`Self::topics`] that needs it.
+#[derive(Default)]
+struct Clusters {
+    asked: Vec<(config::KafkaCluster, Asked)>,
+}
+
+enum Asked {
+    Pending(Fetch),
+    Topics(BTreeSet<String>),
+    Failed { reported: bool, why: String },
+}
+
+impl Clusters {
+    fn fetch(&mut self, cluster: &config::KafkaCluster) {
+        if self.asked.iter().any(|(c, _)| c == cluster) {
+            return;
+        }
+        let owned = cluster.clone();
+        let handle =
+            tokio::spawn(async move { kafka::existing_topics(&owned, KAFKA_TIMEOUT).await });
+        self.asked.push((cluster.clone(), Asked::Pending(handle)));
+    }
+
+    async fn topics(&mut self, cluster: &config::KafkaCluster) -> Reply<'_> {
+        self.fetch(cluster);
+        let i = self
+            .asked
+            .iter()
+            .position(|(c, _)| c == cluster)
+            .expect("fetched above");
+        let asked = &mut self.asked[i].1;
+        if let Asked::Pending(handle) = asked {
+            *asked = match handle.await {
+                Ok(Ok(topics)) => Asked::Topics(topics),
+                Ok(Err(e)) => Asked::Failed {
+                    reported: false,
+                    why: e.to_string(),
+                },
+                Err(e) => Asked::Failed {
+                    reported: false,
+                    why: format!(
+                        "kafka {}: the metadata request failed: {e}",
+                        cluster.brokers
+                    ),
+                },
+            };
+        }
+        match asked {
+            Asked::Topics(topics) => Reply::Topics(topics),
+            Asked::Failed { reported: true, .. } => Reply::FailedAbove,
+            Asked::Failed { reported, why } => {
+                *reported = true;
+                Reply::Failed(why.clone())
+            }
+            Asked::Pending(_) => unreachable!("awaited above"),
+        }
+    }
 }
 
 /// Which stamp trigger the region's tables carry, and whether `setup`

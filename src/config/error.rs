@@ -21,6 +21,17 @@ pub enum ConfigError {
         line: usize,
         var: String,
     },
+    /// Several variables outside a region's secrets are not set.
+    #[error(
+        "{origin}: environment variables {} are not set (or not valid UTF-8); export them, or \
+         write $${{ for a literal \"${{\"",
+        list_vars(.vars)
+    )]
+    MissingEnvs {
+        origin: String,
+        /// Each variable and the first line that uses it.
+        vars: Vec<(String, usize)>,
+    },
     /// A value this command needs holds a variable that is not set.
     #[error(
         "{origin}, line {line}: environment variable {var} is not set (or not valid UTF-8), \
@@ -31,6 +42,17 @@ pub enum ConfigError {
         line: usize,
         var: String,
         key: String,
+    },
+    /// Several values this command needs hold variables that are not set.
+    #[error(
+        "{origin}: environment variables {} are not set (or not valid UTF-8), and this command \
+         needs them; export them",
+        list_secrets(.secrets)
+    )]
+    UnsetSecrets {
+        origin: String,
+        /// Each variable, the line of the value, the value's key.
+        secrets: Vec<(String, usize, String)>,
     },
     #[error("{origin}, line {line}: {message}")]
     Interpolation {
@@ -62,6 +84,36 @@ pub enum ConfigError {
         region: String,
         declared: String,
     },
+}
+
+/// `A (line 3), B (line 7)`.
+fn list_vars(vars: &[(String, usize)]) -> String {
+    vars.iter()
+        .map(|(var, line)| format!("{var} (line {line})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `A (line 3: regions.us.dsn), B (line 7: regions.us.hash_key)`.
+fn list_secrets(secrets: &[(String, usize, String)]) -> String {
+    secrets
+        .iter()
+        .map(|(var, line, key)| format!("{var} (line {line}: {key})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl ConfigError {
+    /// The line the error is about, when it names one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::MissingEnv { line, .. }
+            | ConfigError::UnsetSecret { line, .. }
+            | ConfigError::Interpolation { line, .. } => Some(*line),
+            ConfigError::Syntax { line, .. } | ConfigError::Invalid { line, .. } => *line,
+            _ => None,
+        }
+    }
 }
 
 pub(super) fn render_located(

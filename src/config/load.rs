@@ -34,16 +34,22 @@ pub fn parse_with_env(
 ) -> Result<Config, ConfigError> {
     let mut unset = Vec::new();
     let interpolated = interpolate(text, origin, &env, &mut unset)?;
-    // an unset variable may be what made the text invalid: name it first
-    let first_unset = || {
-        unset.first().map(|(var, line)| ConfigError::MissingEnv {
-            origin: origin.to_string(),
-            line: *line,
-            var: var.clone(),
-        })
+    // an error on a line that holds an unset variable may be that
+    // variable's doing: name it; any other error is the config's own
+    let unset_on = |line: Option<usize>| {
+        let line = line?;
+        unset
+            .iter()
+            .find(|(_, l)| *l == line)
+            .map(|(var, line)| ConfigError::MissingEnv {
+                origin: origin.to_string(),
+                line: *line,
+                var: var.clone(),
+            })
     };
     let raw: RawConfig = toml::from_str(&interpolated).map_err(|e| {
-        first_unset().unwrap_or_else(|| syntax_error(e, origin, text, &interpolated))
+        let line = e.span().map(|s| line_column(&interpolated, s.start).0);
+        unset_on(line).unwrap_or_else(|| syntax_error(e, origin, text, &interpolated))
     })?;
     let mut first_lines: BTreeMap<String, usize> = BTreeMap::new();
     let mut uses: BTreeMap<&str, usize> = BTreeMap::new();
@@ -51,28 +57,62 @@ pub fn parse_with_env(
         first_lines.entry(var.clone()).or_insert(*line);
         *uses.entry(var.as_str()).or_default() += 1;
     }
-    // every use of an unset variable must be in a region-scoped secret
+    // every use of an unset variable must be in a region-scoped secret:
+    // the others are named all at once
     let scoped = raw.scoped_values();
-    for (var, count) in &uses {
-        let marker = format!("${{{var}}}");
-        let in_scope: usize = scoped.iter().map(|v| v.matches(&marker).count()).sum();
-        if in_scope < *count {
-            return Err(ConfigError::MissingEnv {
-                origin: origin.to_string(),
-                line: first_lines[*var],
-                var: var.to_string(),
-            });
-        }
-    }
-    let mut config = Validator {
+    let outside: Vec<(String, usize)> = uses
+        .iter()
+        .filter(|(var, count)| {
+            let marker = format!("${{{var}}}");
+            let in_scope: usize = scoped.iter().map(|v| v.matches(&marker).count()).sum();
+            in_scope < **count
+        })
+        .map(|(var, _)| (var.to_string(), first_lines[*var]))
+        .collect();
+    let config = Validator {
         origin,
         text: &interpolated,
         unset: &first_lines,
     }
-    .validate(raw)
-    .map_err(|e| first_unset().unwrap_or(e))?;
+    .validate(raw);
+    let mut config = match config {
+        // a rule broken on a line of its own is reported first
+        Err(e) => {
+            let line = e.line();
+            return Err(match unset_on(line) {
+                Some(ConfigError::MissingEnv { var, .. })
+                    if outside.iter().any(|(v, _)| *v == var) =>
+                {
+                    missing_env(origin, outside)
+                }
+                Some(missing) => missing,
+                None if line.is_none() && !outside.is_empty() => missing_env(origin, outside),
+                None => e,
+            });
+        }
+        Ok(_) if !outside.is_empty() => return Err(missing_env(origin, outside)),
+        Ok(config) => config,
+    };
     config.unset = first_lines;
     Ok(config)
+}
+
+/// Variables outside a region's secrets that are not set: one error naming
+/// them all, each with its first line.
+fn missing_env(origin: &str, mut vars: Vec<(String, usize)>) -> ConfigError {
+    if vars.len() == 1 {
+        let (var, line) = vars.remove(0);
+        return ConfigError::MissingEnv {
+            origin: origin.to_string(),
+            line,
+            var,
+        };
+    }
+    vars.sort_by_key(|(_, line)| *line);
+    ConfigError::MissingEnvs {
+        origin: origin.to_string(),
+        vars,
+    }
 }
 
 pub(super) fn syntax_error(

@@ -209,20 +209,42 @@ impl Config {
 
     /// Fails with the variable to export when a value a command needs
     /// holds an environment variable that is not set.
+    /// Names every such variable at once.
     pub fn require(&self, needs: &[Need<'_>]) -> Result<(), ConfigError> {
+        let mut secrets: Vec<(String, usize, String)> = Vec::new();
         for need in needs {
             for (key, value) in self.needed_values(need)? {
-                if let Some((var, line)) = self.unresolved(value) {
-                    return Err(ConfigError::UnsetSecret {
-                        origin: self.origin.clone(),
-                        line,
-                        var: var.to_string(),
-                        key,
-                    });
+                for (var, line) in self.unresolved_all(value) {
+                    if !secrets.iter().any(|(v, _, _)| v == var) {
+                        secrets.push((var.to_string(), line, key.clone()));
+                    }
                 }
             }
         }
-        Ok(())
+        if secrets.len() > 1 {
+            secrets.sort_by_key(|(_, line, _)| *line);
+            return Err(ConfigError::UnsetSecrets {
+                origin: self.origin.clone(),
+                secrets,
+            });
+        }
+        match secrets.pop() {
+            Some((var, line, key)) => Err(ConfigError::UnsetSecret {
+                origin: self.origin.clone(),
+                line,
+                var,
+                key,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Every unset variable `value` holds.
+    fn unresolved_all<'a>(&'a self, value: &'a str) -> impl Iterator<Item = (&'a str, usize)> {
+        self.unset
+            .iter()
+            .filter(move |(var, _)| value.contains(&format!("${{{var}}}")))
+            .map(|(var, line)| (var.as_str(), *line))
     }
 
     fn needed_values<'a>(&'a self, need: &Need<'_>) -> Result<Vec<(String, &'a str)>, ConfigError> {

@@ -386,6 +386,62 @@ fn missing_env_var_names_variable_and_line() {
 }
 
 #[test]
+fn config_errors_come_before_secrets_and_every_missing_variable_at_once() {
+    // every region's secrets unset, as in one region's sidecar
+    let secrets = BASE
+        .replace("s3cret", "${PG_US_PASSWORD}")
+        .replace(
+            "dsn = \"host=us port=5432 user=pgrelay password=${PG_US_PASSWORD} dbname=app\"",
+            "dsn = \"host=us port=5432 user=pgrelay password=${PG_US_PASSWORD} dbname=app\"\n\
+             setup_dsn = \"host=us user=admin password=${PG_US_SETUP_PASSWORD} dbname=app\"",
+        )
+        .replace(
+            "dsn = \"host=eu dbname=app\"",
+            "dsn = \"host=eu password=${PG_EU_PASSWORD} dbname=app\"",
+        )
+        .replace(
+            "\"pepper-pepper-pepper-pepper-pepper\"",
+            "\"${US_HASH_KEY}\"",
+        );
+    // a typo is named with its line, not a secret
+    let typo = secrets.replace("[relay]\n", "[relay]\nmax_clok_skew = \"1s\"\n");
+    let e = err(&typo);
+    assert!(e.contains("max_clok_skew") && e.contains("line 3"), "{e}");
+    assert!(!e.contains("PG_"), "{e}");
+    // a rule broken elsewhere than on a secret's line, likewise
+    let e = err(&secrets.replace("id = 3", "id = 2"));
+    assert!(e.contains("regions.eu.id = 2 is already the id"), "{e}");
+    // a command asks only for what it needs, all of it at once
+    let c = ok(&secrets);
+    assert!(c.require(&c.run_needs("cn", true, true)).is_ok());
+    let e = c
+        .require(&c.run_needs("us", true, true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("environment variables PG_US_PASSWORD (line 10: regions.us.dsn), US_HASH_KEY"),
+        "{e}"
+    );
+    assert!(
+        e.contains("regions.us.hash_key") && e.contains("export them"),
+        "{e}"
+    );
+    assert!(!e.contains("SETUP") && !e.contains("PG_EU"), "{e}");
+    // variables outside a region's secrets: all named at once
+    let e = err(&BASE
+        .replace(
+            "\"pgrelay\"",
+            "\"${PREFIX}\"\n[relay.capture]\nslot = \"${SLOT}\"",
+        )
+        .replace("\"localhost:9092\"", "\"${BROKERS}\""));
+    assert!(
+        e.contains("environment variables PREFIX (line 3), SLOT (line 5) are not set"),
+        "{e}"
+    );
+    assert!(!e.contains("BROKERS"), "a region's cluster: {e}");
+}
+
+#[test]
 fn hash_keys_are_per_region_and_long() {
     let short = BASE.replace("pepper-pepper-pepper-pepper-pepper", "short");
     assert_err(
@@ -582,6 +638,15 @@ fn region_rules() {
     assert_err(
         &BASE.replace("[regions.cn]", "[regions.dlq]"),
         &["\"dlq\" is reserved"],
+    );
+    // its apply origin would be pgrelay_replay, the origin of `dlq replay`
+    assert_err(
+        &BASE.replace("[regions.cn]", "[regions.replay]"),
+        &[
+            "region name \"replay\" is reserved",
+            "replication origin pgrelay_replay",
+            "pick another name",
+        ],
     );
     assert_err(
         &BASE.replace("dsn = \"host=cn dbname=app\"", "dsn = \"\""),

@@ -469,7 +469,7 @@ impl Validator<'_> {
                     ),
                 ));
             }
-            if name == "replay" {
+            if crate::names::origin_name(name, 0) == crate::names::REPLAY_ORIGIN {
                 return Err(self.invalid(
                     None,
                     format!(

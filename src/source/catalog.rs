@@ -330,6 +330,10 @@ fn describe_config(c: &tokio_postgres::Config) -> String {
 pub struct TableState {
     pub exists: bool,
     pub primary_key: Vec<String>,
+    /// The primary key constraint's name when it is `DEFERRABLE`: its
+    /// uniqueness is checked at commit, too late for `ON CONFLICT` and for
+    /// a replica identity.
+    pub deferrable_key: Option<String>,
     /// `d`efault, `f`ull, `i`ndex or `n`othing.
     pub replica_identity: char,
     /// A declaratively partitioned table (`PARTITION BY`, relkind `p`).
@@ -397,6 +401,7 @@ impl Catalog<'_> {
             return Ok(TableState {
                 exists: false,
                 primary_key: vec![],
+                deferrable_key: None,
                 replica_identity: 'd',
                 partitioned_root: false,
                 has_stamp_column: false,
@@ -423,6 +428,16 @@ impl Catalog<'_> {
             .iter()
             .map(|r| r.get::<_, String>(0))
             .collect();
+        let deferrable_key = self
+            .client
+            .query_opt(
+                "SELECT conname::text FROM pg_constraint \
+                 WHERE conrelid = $1 AND contype = 'p' AND condeferrable",
+                &[&oid],
+            )
+            .await
+            .map_err(self.err(format!("reading the primary key of {table}")))?
+            .map(|r| r.get::<_, String>(0));
         // a column is "json" when its type, or the type its domain is
         // over, is json or jsonb
         let column_rows = self
@@ -458,6 +473,7 @@ impl Catalog<'_> {
         Ok(TableState {
             exists: true,
             primary_key: pk,
+            deferrable_key,
             replica_identity: ident.chars().next().unwrap_or('d'),
             partitioned_root,
             has_stamp_column: columns.iter().any(|c| c == HLC_COLUMN),

@@ -17,6 +17,14 @@
 //! that key (deleted or moved again since) is left as it is: its delete or
 //! its next move follows.
 //!
+//! A column can be gone by the time its change is read from the slot (a
+//! backlog, then `ALTER TABLE … DROP COLUMN` or `RENAME COLUMN`, or the
+//! table dropped or renamed): its value no longer exists under that name.
+//! Such a column stays left out (`pgrelay.unchanged`: the destination keeps
+//! the value it holds), the rest is read back as usual, and the change is
+//! published — never retried, since no retry can bring the column back.
+//! [`Filled::gone`] names the columns, for a warning and a metric.
+//!
 //! Key values are passed as parameters (text, cast to the key column's type
 //! by the server), never spliced into the statement; values come back
 //! through each type's output function (`format('%s', …)`), the spelling
@@ -45,6 +53,25 @@ pub enum FillError {
         table: String,
         source: tokio_postgres::Error,
     },
+}
+
+/// What [`Filler::fill`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Filled {
+    /// Columns read back.
+    pub filled: usize,
+    /// Left-out columns that no longer exist under their name (dropped or
+    /// renamed since, or their table is): they stay left out.
+    pub gone: Vec<String>,
+}
+
+/// SQLSTATEs of a read back that names what no longer exists: a column
+/// (42703 undefined_column) or the table (42P01 undefined_table).
+fn names_what_is_gone(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == tokio_postgres::error::SqlState::UNDEFINED_COLUMN
+            || *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
+    })
 }
 
 /// The columns of an insert or update that the stream left out
@@ -128,12 +155,13 @@ impl Filler {
         }
     }
 
-    /// Fills the change's left-out columns from the source; returns how
-    /// many were filled (0 when the row is no longer under that key).
-    pub async fn fill(&mut self, change: &mut Change) -> Result<usize, FillError> {
+    /// Fills the change's left-out columns from the source: how many were
+    /// filled (0 when the row is no longer under that key) and which are
+    /// gone from the table (those stay left out).
+    pub async fn fill(&mut self, change: &mut Change) -> Result<Filled, FillError> {
         let missing = missing_columns(change);
         if missing.is_empty() {
-            return Ok(0);
+            return Ok(Filled::default());
         }
         let table = change.schema.table.to_string();
         let query_error = |source: tokio_postgres::Error| FillError::Query {
@@ -160,10 +188,69 @@ impl Filler {
                 e.insert(row.get(0));
             }
         }
+        let mut wanted = missing;
+        let mut gone = Vec::new();
+        let row = match self.read(change, &wanted).await {
+            Ok(row) => row,
+            Err(e) if names_what_is_gone(&e) => {
+                // the table changed since the change was written: read what
+                // still exists, leave the rest out
+                let present = self.present_columns(change).await.map_err(query_error)?;
+                let columns = &change.schema.columns;
+                let key_present = columns
+                    .iter()
+                    .filter(|c| c.is_key)
+                    .all(|c| present.contains(&c.name));
+                let (still, lost): (Vec<usize>, Vec<usize>) = wanted
+                    .iter()
+                    .partition(|&&i| key_present && present.contains(&columns[i].name));
+                gone = lost.iter().map(|&i| columns[i].name.clone()).collect();
+                wanted = still;
+                if wanted.is_empty() {
+                    None
+                } else {
+                    match self.read(change, &wanted).await {
+                        Ok(row) => row,
+                        // changed again meanwhile: leave it all out
+                        Err(e) if names_what_is_gone(&e) => {
+                            gone.extend(wanted.iter().map(|&i| columns[i].name.clone()));
+                            wanted.clear();
+                            None
+                        }
+                        Err(e) => return Err(query_error(e)),
+                    }
+                }
+            }
+            Err(e) => return Err(query_error(e)),
+        };
+        let (Some(row), Some(after)) = (row, change.after.as_mut()) else {
+            return Ok(Filled { filled: 0, gone });
+        };
+        for (n, &i) in wanted.iter().enumerate() {
+            after[i] = match row.get::<_, Option<String>>(n) {
+                Some(text) => Datum::Text(text),
+                None => Datum::Null,
+            };
+        }
+        Ok(Filled {
+            filled: wanted.len(),
+            gone,
+        })
+    }
+
+    /// Reads columns `wanted` of the change's row by its key (`None`: no
+    /// such row, or nothing to read). A statement that failed is prepared
+    /// again next time.
+    async fn read(
+        &mut self,
+        change: &Change,
+        wanted: &[usize],
+    ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+        let client = self.client.as_ref().expect("connected by fill");
         let Some((sql, params)) =
-            fill_query(change, &missing, |oid| self.type_names.get(&oid).cloned())
+            fill_query(change, wanted, |oid| self.type_names.get(&oid).cloned())
         else {
-            return Ok(0);
+            return Ok(None);
         };
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
             .iter()
@@ -174,29 +261,32 @@ impl Filler {
             None => {
                 let s = client
                     .prepare_typed(&sql, &vec![Type::TEXT; params.len()])
-                    .await
-                    .map_err(query_error)?;
-                self.statements.insert(sql, s.clone());
+                    .await?;
+                self.statements.insert(sql.clone(), s.clone());
                 s
             }
         };
-        let Some(row) = client
-            .query_opt(&statement, &params)
-            .await
-            .map_err(query_error)?
-        else {
-            return Ok(0);
-        };
-        let Some(after) = change.after.as_mut() else {
-            return Ok(0);
-        };
-        for (n, &i) in missing.iter().enumerate() {
-            after[i] = match row.get::<_, Option<String>>(n) {
-                Some(text) => Datum::Text(text),
-                None => Datum::Null,
-            };
+        let result = client.query_opt(&statement, &params).await;
+        if result.is_err() {
+            self.statements.remove(&sql);
         }
-        Ok(missing.len())
+        result
+    }
+
+    /// The names of the columns the change's table has now, under its name
+    /// (none when no table has that name any more).
+    async fn present_columns(&self, change: &Change) -> Result<Vec<String>, tokio_postgres::Error> {
+        let client = self.client.as_ref().expect("connected by fill");
+        Ok(client
+            .query(
+                "SELECT a.attname::text FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&change.schema.table.quoted()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 }
 

@@ -394,6 +394,81 @@ async fn constraint_violation_is_parked_then_replayed_once() {
     assert!(listed.contains("0 waiting for replay"), "{listed}");
 }
 
+/// `pgrelay.wait_for` answers for what was applied, not for what was
+/// passed: a parked change holds it back (false at its timeout) although a
+/// later change of the same source is applied, until `dlq replay` applies
+/// it. Positions before the parked change are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_waits_for_a_parked_change_until_it_is_replayed() {
+    let p = pair_with(SCHEMA, "max_retries = 1");
+    p.eu.psql("ALTER TABLE products ADD CONSTRAINT cheap CHECK (price < 100)");
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    let us = p.us.client().await;
+    let eu = p.eu.client().await;
+    let write_then_lsn = |sql: &'static str| {
+        let us = &us;
+        async move {
+            us.batch_execute(sql).await.unwrap();
+            us.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    let wait_for = |lsn: String, timeout: &'static str| {
+        let eu = &eu;
+        async move {
+            let started = std::time::Instant::now();
+            let ok: bool = eu
+                .query_one(
+                    "SELECT pgrelay.wait_for('us', $1::text::pg_lsn, $2::text::interval)",
+                    &[&lsn, &timeout],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (ok, started.elapsed())
+        }
+    };
+    let before = write_then_lsn("INSERT INTO products VALUES (1, 'ok', 5)").await;
+    assert!(wait_for(before.clone(), "60s").await.0, "the first write");
+    // parked in eu (its check constraint), then a change eu applies
+    write_then_lsn("INSERT INTO products VALUES (2, 'pricey', 500)").await;
+    let after = write_then_lsn("INSERT INTO products VALUES (3, 'fine', 7)").await;
+    let cfg = p.cfg.path.to_str().unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the later change applied and the other parked",
+        || async {
+            let n: i64 = eu
+                .query_one("SELECT count(*) FROM products WHERE id = 3", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let out = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);
+            (n == 1 && out.contains("constraint_violation")).then_some(())
+        },
+    )
+    .await;
+    let (ok, took) = wait_for(after.clone(), "1s").await;
+    assert!(
+        !ok,
+        "a change committed before {after} is parked, not applied"
+    );
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    assert!(
+        wait_for(before.clone(), "1s").await.0,
+        "{before} precedes the parked change"
+    );
+    eu.batch_execute("ALTER TABLE products DROP CONSTRAINT cheap")
+        .await
+        .unwrap();
+    let replayed = relay::ok(&["dlq", "replay", "--config", cfg, "--region", "eu"]);
+    assert!(replayed.contains("1 record(s) applied"), "{replayed}");
+    assert!(wait_for(after, "10s").await.0, "applied by the replay");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_and_injection_records_are_parked_never_executed() {
     // a column the target lacks is parked at once, not waited for
@@ -410,7 +485,9 @@ async fn poison_and_injection_records_are_parked_never_executed() {
         .to_string()
         .into_bytes()
     };
-    let env = |schema: &str, table: &str, after: &str| env_at(schema, table, after, 1u64 << 30);
+    // an early stamp of us (region id 1)
+    let env =
+        |schema: &str, table: &str, after: &str| env_at(schema, table, after, (1u64 << 30) | 1);
     // a stamp an hour ahead of the local clock
     let future = pgrelay::hlc::compose(pgrelay::apply::now_ms() + 3_600_000, 0, 1);
     let records = vec![
@@ -482,6 +559,66 @@ async fn poison_and_injection_records_are_parked_never_executed() {
     assert!(listed.contains("poison"), "{listed}");
     assert_eq!(listed.matches("undeclared_table").count(), 2, "{listed}");
     assert!(listed.contains("unknown_column"), "{listed}");
+}
+
+/// A change is stamped where it is written: one in us's topic whose stamp
+/// claims eu (or an undeclared region) is parked, never applied, so it can
+/// neither pass for eu's write in the conflict log nor outrank eu's own.
+/// A record `resync` sent (transaction id 0) carries its row's own stamp,
+/// whichever region made it, and is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_stamped_as_another_region_are_parked() {
+    let p = pair(SCHEMA);
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    let now = pgrelay::apply::now_ms();
+    let env = |id: i32, region_id: u8, xid: u64| -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let v = serde_json::json!({
+            "before": null, "after": {"id": id.to_string(), "name": "claimed", "price": "1"},
+            "op": "c", "ts_ms": now,
+            "source": {"connector":"pgrelay","version":"0","name":"pgrelay","region":"us","db":"postgres",
+                       "schema": "public", "table": "products", "txId": xid, "lsn": 1, "ts_ms": now},
+            "pgrelay": {"hlc": pgrelay::hlc::compose(now, 0, region_id), "origin": "us",
+                        "commit_lsn": "0/1", "xid": xid, "seq": 0, "unchanged": []}
+        });
+        // one key: one partition, so the last record is processed last
+        (Some(b"k".to_vec()), Some(v.to_string().into_bytes()))
+    };
+    produce(
+        &p.broker.brokers(),
+        "pgrelay.us.eu",
+        &[
+            // live changes stamped as eu's (id 2) and as an undeclared region's
+            env(1, 2, 700),
+            env(2, 9, 701),
+            // a resync of a row eu wrote, as us holds it
+            env(3, 2, 0),
+            // us's own
+            env(4, 1, 702),
+        ],
+    );
+    let eu = p.eu.client().await;
+    eventually(Duration::from_secs(60), "us's own change", || async {
+        let n: i64 = eu
+            .query_one("SELECT count(*) FROM products WHERE id = 4", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    let ids: Vec<i32> = eu
+        .query("SELECT id FROM products ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [3, 4], "the resynced row and us's own change only");
+    let cfg = p.cfg.path.to_str().unwrap();
+    let listed = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);
+    assert!(listed.contains("2 parked record(s)"), "{listed}");
+    assert_eq!(listed.matches("foreign_stamp").count(), 2, "{listed}");
+    assert!(listed.contains("carries region id 2"), "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -748,6 +885,55 @@ async fn schema_changes_reach_the_target_without_dead_letters() {
 /// different versions: resync of one region, then of the other, leaves both
 /// identical — the first region's version of a shared row, every row of
 /// each — and a second round changes nothing.
+/// A column dropped while the capture side is behind on updates that left
+/// it out (unchanged TOAST) does not stall the region: those updates are
+/// published with the column left out, a warning names it, and what was
+/// written after the drop arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_dropped_under_a_backlog_does_not_stall_the_region() {
+    let p = pair(SCHEMA);
+    let mut us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    p.us.psql(
+        "INSERT INTO products SELECT i, 'v1', 1, \
+         (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 4000) g) \
+         FROM generate_series(1, 3) i",
+    );
+    let eu = p.eu.client().await;
+    let count = |sql: &'static str| {
+        let eu = &eu;
+        async move { eu.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    eventually(Duration::from_secs(60), "the TOASTed rows", || async {
+        let n = count("SELECT count(*) FROM products WHERE length(doc) = 128000").await;
+        (n == 3).then_some(())
+    })
+    .await;
+    // behind: updates that leave the TOASTed doc out of the stream, then
+    // doc dropped in every region, then an unrelated row
+    us.kill9();
+    p.us.psql("UPDATE products SET name = 'v2'");
+    p.us.psql("ALTER TABLE products DROP COLUMN doc");
+    p.eu.psql("ALTER TABLE products DROP COLUMN doc");
+    p.us.psql("INSERT INTO products VALUES (10, 'after the drop', 2)");
+    let us = Relay::spawn(&p.cfg, "us", "all");
+    eventually(
+        Duration::from_secs(60),
+        "the updates and the row written after the drop",
+        || async {
+            let n =
+                count("SELECT count(*) FROM products WHERE name IN ('v2', 'after the drop')").await;
+            (n == 4).then_some(())
+        },
+    )
+    .await;
+    let log = us.log_text();
+    assert!(
+        log.contains("no longer exists") && log.contains("doc"),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resync_brings_regions_with_existing_rows_in_line() {
     let p = pair(SCHEMA);

@@ -531,6 +531,48 @@ fn check_reports_the_database_and_prints_the_residency_matrix() {
     );
 }
 
+/// A DEFERRABLE primary key can be neither the replica identity nor the
+/// arbiter of the apply side's upserts: `check` and `setup` refuse the
+/// table, naming the fix, and `setup` alters nothing before it is applied.
+#[test]
+fn a_deferrable_primary_key_is_refused_before_anything_is_altered() {
+    let pg = Pg::start();
+    pg.psql(&SCHEMA.replace(
+        "products (id int PRIMARY KEY,",
+        "products (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED,",
+    ));
+    let broker = Broker::start();
+    let cfg = ConfigFile::new(&config(&pg.dsn(), &broker.brokers()));
+    let path = cfg.path.to_str().unwrap();
+    let fix = "ALTER TABLE \"public\".\"products\" DROP CONSTRAINT \"products_pkey\", \
+               ADD CONSTRAINT \"products_pkey\" PRIMARY KEY (\"id\")";
+    let out = relay::fails(&["check", "--config", path, "--region", "us"]);
+    assert!(
+        out.contains(
+            "error: region us: table public.products has a DEFERRABLE primary key (products_pkey)"
+        ),
+        "{out}"
+    );
+    assert!(out.contains(fix), "{out}");
+    let out = relay::fails(&["setup", "--config", path, "--region", "us"]);
+    assert!(out.contains("DEFERRABLE primary key"), "{out}");
+    // refused before anything was altered
+    let untouched = pg.psql(
+        "SELECT to_regnamespace('pgrelay') IS NULL, \
+                (SELECT relreplident FROM pg_class WHERE oid = 'products'::regclass), \
+                (SELECT count(*) FROM pg_attribute WHERE attrelid = 'products'::regclass \
+                 AND attname = '_pgrelay_hlc')",
+    );
+    assert_eq!(untouched.trim(), "t|d|0");
+    // the fix the message names works; then the table's own writes do
+    pg.psql(fix);
+    relay::ok(&["setup", "--config", path, "--region", "us"]);
+    pg.psql(
+        "INSERT INTO products VALUES (1, 'tea', 1, NULL); \
+         UPDATE products SET price = 2 WHERE id = 1; DELETE FROM products WHERE id = 1;",
+    );
+}
+
 /// `pgrelay resync` sends the rows as they are — those that predate setup
 /// included — and the tombstones, each with its stamp, through the same
 /// residency rules as captured changes.

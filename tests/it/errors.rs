@@ -49,6 +49,33 @@ fn undeclared_region_in_a_rule_is_named() {
     assert!(err.contains("public.orders"), "{err}");
 }
 
+/// `check` against brokers it cannot reach says so once per cluster, each
+/// broker error once, in about one timeout (10 s) — not once per topic and
+/// region, one timeout after another.
+#[test]
+fn check_against_unreachable_brokers_answers_once_in_one_timeout() {
+    let text = config(
+        "host=127.0.0.1 port=1 user=postgres dbname=postgres",
+        "127.0.0.1:1",
+    );
+    let started = std::time::Instant::now();
+    let out = check_fails(&text);
+    let took = started.elapsed();
+    assert_eq!(
+        out.matches("cannot reach kafka brokers 127.0.0.1:1")
+            .count(),
+        1,
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("Connect to ipv4#127.0.0.1:1 failed").count(),
+        1,
+        "{out}"
+    );
+    assert!(out.contains("cannot connect to the us database"), "{out}");
+    assert!(took < Duration::from_secs(25), "{took:?}\n{out}");
+}
+
 #[test]
 fn missing_env_var_is_named() {
     let text = config(
