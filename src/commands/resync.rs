@@ -25,6 +25,45 @@ pub async fn resync(
         .iter()
         .map(|t| TableName::parse(t).map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
+    for dest in &to {
+        if dest == region || !config.regions.contains_key(dest) {
+            let others: Vec<&str> = config
+                .regions
+                .keys()
+                .map(String::as_str)
+                .filter(|r| *r != region)
+                .collect();
+            anyhow::bail!(
+                "--to {dest}: not a region {region} sends to; one of: {}",
+                others.join(", ")
+            );
+        }
+    }
+    if !dry_run {
+        // never let a send create a topic: a destination that was never set
+        // up has none, and a topic the broker made on the fly has the wrong
+        // partition count and nobody consuming it
+        let dests: Vec<&String> = if to.is_empty() {
+            config.regions.keys().filter(|r| *r != region).collect()
+        } else {
+            to.iter().collect()
+        };
+        for dest in dests {
+            let topic = config.topic(region, dest);
+            crate::kafka::check_topics(
+                config.kafka_for(dest),
+                std::slice::from_ref(&topic),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "region {dest}: {e}; set the region up first (pgrelay setup --region {dest}, \
+                     and --region {region} for the topics {region} sends on), then resync"
+                )
+            })?;
+        }
+    }
     let destinations = to.join(",");
     let opts = crate::resync::Options {
         to,

@@ -116,3 +116,54 @@ async fn a_partitioned_delete_no_slot_carried_reaches_the_copy_with_the_resync()
     .await;
     assert_eq!(ids(&p.us).await, [2, 4]);
 }
+
+/// `resync --to` a region that is not set up (no topic yet) is refused
+/// before anything is sent, and no topic appears on the fly; a name that
+/// is no region is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_to_a_region_not_set_up_is_refused_and_creates_no_topic() {
+    let broker = Broker::start();
+    let us = Pg::start();
+    let eu = Pg::start();
+    let ap = Pg::start();
+    for pg in [&us, &eu, &ap] {
+        pg.psql(SCHEMA);
+    }
+    let text = crate::apply::config(&us.dsn(), &eu.dsn(), &broker.brokers());
+    let two = ConfigFile::new(&text);
+    for r in ["us", "eu"] {
+        relay::ok(&[
+            "setup",
+            "--config",
+            two.path.to_str().unwrap(),
+            "--region",
+            r,
+        ]);
+    }
+    // ap added to the config, nothing set up for it yet
+    let cfg = ConfigFile::new(&text.replacen(
+        "[[tables]]",
+        &format!(
+            "[regions.ap]\nid = 3\n{}\n\n[[tables]]",
+            crate::support::pg::region_dsns(&ap.dsn())
+        ),
+        1,
+    ));
+    let path = cfg.path.to_str().unwrap();
+    let topics = || {
+        crate::support::kafka::topics(&broker.brokers())
+            .into_iter()
+            .filter(|t| t.ends_with(".ap"))
+            .collect::<Vec<_>>()
+    };
+    let before = topics();
+    let out = relay::fails(&["resync", "--config", path, "--region", "us", "--to", "ap"]);
+    assert!(out.contains("pgrelay setup --region ap"), "{out}");
+    assert!(out.contains("us.ap"), "{out}");
+    assert_eq!(topics(), before, "the refused resync made a topic");
+    let out = relay::fails(&["resync", "--config", path, "--region", "us", "--to", "zz"]);
+    assert!(
+        out.contains("--to zz") && (out.contains("eu, ap") || out.contains("ap, eu")),
+        "{out}"
+    );
+}
