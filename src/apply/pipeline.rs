@@ -378,7 +378,12 @@ impl Pipeline {
                         1,
                     );
                     tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "records carry a column the target table lacks: waiting for it (add it here, or see relay.apply.schema_wait)");
-                    tokio::time::sleep(schema_backoff.next_delay()).await;
+                    // nothing of the batch is committed: a shutdown may
+                    // end the wait (the records are consumed again later)
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(schema_backoff.next_delay()) => {}
+                    }
                 }
                 Err(
                     e @ (BatchError::Conflict { .. }
@@ -412,7 +417,10 @@ impl Pipeline {
                         }
                         .into());
                     }
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
                 }
                 Err(BatchError::Ahead { wait }) => {
                     waiting_clock = true;

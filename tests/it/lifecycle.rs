@@ -167,3 +167,27 @@ async fn a_resync_to_a_region_not_set_up_is_refused_and_creates_no_topic() {
         "{out}"
     );
 }
+
+/// A sidecar whose apply side waits for a column its table lacks (a
+/// schema change under way) stops promptly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_waiting_for_a_column_stops_on_sigterm() {
+    let p = partitioned_pair();
+    p.us.psql("ALTER TABLE products ADD COLUMN extra text");
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let mut eu = Relay::spawn(&p.cfg, "eu", "all");
+    p.us.psql("INSERT INTO products (id, name, extra) VALUES (1, 'a', 'x')");
+    eventually(Duration::from_secs(60), "eu waiting for the column", || {
+        let waiting = eu.log_text().contains("waiting for it");
+        async move { waiting.then_some(()) }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let code = eu.terminate(Duration::from_secs(15));
+    assert!(
+        code.is_some(),
+        "still running {:?} after SIGTERM:\n{}",
+        started.elapsed(),
+        eu.log_text()
+    );
+}
