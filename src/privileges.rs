@@ -7,7 +7,8 @@
 //! - `USAGE` on schema `pgrelay` and the schemas of the replicated tables;
 //! - `SELECT, INSERT, UPDATE, DELETE` on the replicated tables (capture
 //!   reads rows back, apply writes them) and on pgrelay's own tables;
-//! - `USAGE, SELECT, UPDATE` on the HLC sequence (apply moves the clock);
+//! - `EXECUTE` on `pgrelay.observe_hlc(bigint)` (apply moves the clock past
+//!   what it applies; the clock's sequences are pgrelay's alone);
 //! - `EXECUTE` on `pg_replication_origin_session_setup(text)` (apply writes
 //!   under a replication origin, so capture skips what apply wrote);
 //! - `SET` on the parameter `session_replication_role` (PostgreSQL 15+:
@@ -22,6 +23,9 @@ use crate::event::{quote_ident, TableName};
 
 /// The replication-origin functions the run role calls.
 pub const ORIGIN_FUNCTIONS: &[&str] = &["pg_catalog.pg_replication_origin_session_setup(text)"];
+
+/// The clock function the apply side calls ([`crate::hlc::OBSERVE_SQL`]).
+pub const CLOCK_FUNCTION: &str = "pgrelay.observe_hlc(bigint)";
 
 /// The parameter the apply side sets (`GRANT SET ON PARAMETER`, PG 15+).
 pub const REPLICA_ROLE_PARAMETER: &str = "session_replication_role";
@@ -138,8 +142,8 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         });
     }
     out.push(Need {
-        object: Object::Sequence(pgrelay("hlc_logical")),
-        privileges: &["USAGE", "SELECT", "UPDATE"],
+        object: Object::Function(CLOCK_FUNCTION),
+        privileges: &["EXECUTE"],
     });
     if config.tables.iter().any(|t| !t.dr.is_empty()) {
         out.push(Need {
@@ -222,7 +226,7 @@ class = "local"
         for expected in [
             r#"GRANT USAGE ON SCHEMA "pgrelay" TO "pgrelay_run""#,
             r#"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "pgrelay"."tombstones" TO "pgrelay_run""#,
-            r#"GRANT USAGE, SELECT, UPDATE ON SEQUENCE "pgrelay"."hlc_logical" TO "pgrelay_run""#,
+            r#"GRANT EXECUTE ON FUNCTION pgrelay.observe_hlc(bigint) TO "pgrelay_run""#,
             r#"GRANT USAGE ON SCHEMA "shop" TO "pgrelay_run""#,
             r#"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "shop"."products" TO "pgrelay_run""#,
             r#"GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_setup(text) TO "pgrelay_run""#,
@@ -238,5 +242,10 @@ class = "local"
         assert!(!needs(&config, false)
             .iter()
             .any(|n| matches!(n.object, Object::Parameter(_))));
+        // nothing of the clock but the function that observes a stamp
+        assert!(
+            !grants.iter().any(|g| g.contains("SEQUENCE")),
+            "{grants:#?}"
+        );
     }
 }

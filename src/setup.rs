@@ -29,7 +29,8 @@ pub type KeyColumns = Vec<String>;
 /// function, restored when it returns).
 fn tombstone_function(name: &str, stamp: &str, returns: &str) -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION pgrelay.{name}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
+        "CREATE OR REPLACE FUNCTION pgrelay.{name}() RETURNS trigger LANGUAGE plpgsql \
+         {DEFINER} {settings} AS $fn$
 DECLARE
     key_json jsonb := '{{}}'::jsonb;
     k text;
@@ -48,6 +49,17 @@ $fn$",
         settings = crate::event::canonical_text_sets(" ")
     )
 }
+
+/// How every pgrelay function runs: with the rights of its owner (the setup
+/// role), whoever fires it, and with a search path no caller can put objects
+/// in (every name in the bodies is schema-qualified or pg_catalog's).
+const DEFINER: &str = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
+
+/// Every PL/pgSQL function pgrelay's triggers call: none is for anybody
+/// else to call (the clock's are revoked by [`hlc::sql_clock_functions`]).
+const REVOKE_TRIGGER_FUNCTIONS: &str = "REVOKE ALL ON FUNCTION pgrelay.stamp_row(), \
+    pgrelay.record_delete(), pgrelay.record_key_move(), pgrelay.record_truncate(), \
+    pgrelay.fence_guard(), pgrelay.refuse_write() FROM PUBLIC";
 
 /// `pgrelay.wait_for(source, lsn, timeout)`: read your writes across
 /// regions. Returns true once this region has applied every change `source`
@@ -155,6 +167,18 @@ pub fn fence_trigger_sql(table: &str, stamp: Stamp) -> String {
     )
 }
 
+/// The region's clock: schema `pgrelay`, its two sequences and functions
+/// (see [`hlc::sql_clock_functions`]); the first statements of [`plan`].
+pub fn clock_sql(region_id: u8) -> Vec<String> {
+    let mut sql = vec![
+        "CREATE SCHEMA IF NOT EXISTS pgrelay".to_string(),
+        format!("CREATE SEQUENCE IF NOT EXISTS {}", hlc::SEQUENCE),
+        format!("CREATE SEQUENCE IF NOT EXISTS {}", hlc::GENERATION),
+    ];
+    sql.extend(hlc::sql_clock_functions(region_id));
+    sql
+}
+
 /// The SQL statements that bring a region's database up to date. `keys`
 /// gives each declared table's primary key (the caller reads the catalog and
 /// reports tables without one before calling this); `stamp`, the stamp
@@ -166,10 +190,8 @@ pub fn plan(
     stamp: Stamp,
 ) -> Vec<String> {
     let region_id = config.regions[region].id;
-    let mut sql = vec![
-        "CREATE SCHEMA IF NOT EXISTS pgrelay".to_string(),
-        "CREATE SEQUENCE IF NOT EXISTS pgrelay.hlc_logical".to_string(),
-        hlc::sql_next_hlc_function(region_id),
+    let mut sql = clock_sql(region_id);
+    sql.extend([
         "CREATE TABLE IF NOT EXISTS pgrelay.tombstones (\
             table_name text NOT NULL, pk jsonb NOT NULL, hlc bigint NOT NULL, \
             deleted_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (table_name, pk))"
@@ -231,15 +253,14 @@ pub fn plan(
         ),
         // a row moved to a new key: its old key keeps the move's stamp
         tombstone_function("record_key_move", &format!("NEW.{HLC_COLUMN}"), "NEW"),
-        "CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        format!("CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $fn$
 BEGIN
     INSERT INTO pgrelay.tombstones (table_name, pk, hlc)
-    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, '{}'::jsonb, pgrelay.next_hlc(0))
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, '{{}}'::jsonb, pgrelay.next_hlc(0))
     ON CONFLICT (table_name, pk) DO UPDATE SET hlc = excluded.hlc, deleted_at = now();
     RETURN NULL;
 END
-$fn$"
-        .to_string(),
+$fn$"),
         // the sidecar's egress figures, for `pgrelay status`
         crate::overview::EGRESS_TABLE_SQL.to_string(),
         // the primary the capture side last streamed from (see `events`)
@@ -254,9 +275,9 @@ $fn$"
             reason text)"
             .to_string(),
         // statement-level, so an unfenced region pays one lookup per
-        // statement; security definer, so writers need no grant on pgrelay
-        "CREATE OR REPLACE FUNCTION pgrelay.fence_guard() RETURNS trigger LANGUAGE plpgsql \
-         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+        // statement
+        format!("CREATE OR REPLACE FUNCTION pgrelay.fence_guard() RETURNS trigger LANGUAGE plpgsql \
+         {DEFINER} AS $fn$
 DECLARE
     f record;
 BEGIN
@@ -270,17 +291,16 @@ BEGIN
     END IF;
     RETURN NULL;
 END
-$fn$"
-        .to_string(),
-        "CREATE OR REPLACE FUNCTION pgrelay.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $fn$
+$fn$"),
+        format!("CREATE OR REPLACE FUNCTION pgrelay.refuse_write() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $fn$
 BEGIN
     RAISE EXCEPTION 'table %.% is owned by region %: write it there, it replicates here',
         TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[0]
         USING ERRCODE = 'insufficient_privilege';
 END
-$fn$"
-        .to_string(),
-    ];
+$fn$"),
+        REVOKE_TRIGGER_FUNCTIONS.to_string(),
+    ]);
 
     let mut published = Vec::new();
     for table in config.replicated_tables() {

@@ -68,7 +68,7 @@ fn setup_grants_the_run_role_and_check_names_each_missing_grant() {
         "REVOKE INSERT, DELETE ON products FROM {RUN_ROLE};
          REVOKE SET ON PARAMETER session_replication_role FROM {RUN_ROLE};
          REVOKE EXECUTE ON FUNCTION pg_replication_origin_session_setup(text) FROM {RUN_ROLE};
-         REVOKE UPDATE ON SEQUENCE pgrelay.hlc_logical FROM {RUN_ROLE};"
+         REVOKE EXECUTE ON FUNCTION pgrelay.observe_hlc(bigint) FROM {RUN_ROLE};"
     ));
     let (ok, out) = check(&cfg, Some("us"));
     assert!(!ok, "{out}");
@@ -78,7 +78,7 @@ fn setup_grants_the_run_role_and_check_names_each_missing_grant() {
         format!(
             r#"GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_setup(text) TO "{RUN_ROLE}""#
         ),
-        format!(r#"GRANT UPDATE ON SEQUENCE "pgrelay"."hlc_logical" TO "{RUN_ROLE}""#),
+        format!(r#"GRANT EXECUTE ON FUNCTION pgrelay.observe_hlc(bigint) TO "{RUN_ROLE}""#),
     ] {
         assert!(out.contains(&grant), "missing {grant}:\n{out}");
     }
