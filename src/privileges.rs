@@ -189,6 +189,64 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
     out
 }
 
+/// Privileges held on pgrelay's objects by roles that are neither their
+/// owner (the setup role), a superuser nor one of `$1` (the run roles): an
+/// application role needs none (pgrelay's trigger functions run with their
+/// owner's rights), and one that holds them can move the clock, forge
+/// tombstones or read deleted keys. Rows: kind (`TABLE`, `SEQUENCE`,
+/// `FUNCTION`), object, grantee (`PUBLIC` for everyone), privileges.
+/// Functions: those callable at all (not trigger functions), except
+/// `wait_for`, which is everyone's, and the extension's.
+pub const FOREIGN_GRANTS_SQL: &str = "WITH objects AS (
+    SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind,
+           pg_catalog.format('%I.%I', n.nspname, c.relname) AS object,
+           c.relowner AS owner, c.relacl AS acl
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname IN ('pgrelay', 'pgrelay_dr') AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+    UNION ALL
+    SELECT 'FUNCTION', p.oid::pg_catalog.regprocedure::text, p.proowner,
+           coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = 'pgrelay' AND p.proname <> 'wait_for'
+      AND p.prorettype <> 'pg_catalog.trigger'::pg_catalog.regtype
+      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                      WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                        AND d.objid = p.oid AND d.deptype = 'e')
+)
+SELECT o.kind, o.object, coalesce(r.rolname::text, 'PUBLIC'),
+       array_agg(DISTINCT a.privilege_type ORDER BY a.privilege_type)
+FROM objects o CROSS JOIN LATERAL pg_catalog.aclexplode(o.acl) a
+LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+WHERE a.grantee <> o.owner
+  AND (a.grantee = 0 OR (NOT r.rolsuper AND r.rolname::text <> ALL ($1::text[])))
+GROUP BY 1, 2, 3 ORDER BY 2, 3";
+
+/// A grant [`FOREIGN_GRANTS_SQL`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignGrant {
+    pub kind: String,
+    pub object: String,
+    pub grantee: String,
+    pub privileges: Vec<String>,
+}
+
+impl ForeignGrant {
+    /// The statement that takes the grant back.
+    pub fn revoke(&self) -> String {
+        let grantee = if self.grantee == "PUBLIC" {
+            "PUBLIC".to_string()
+        } else {
+            quote_ident(&self.grantee)
+        };
+        format!(
+            "REVOKE {} ON {} {} FROM {grantee}",
+            self.privileges.join(", "),
+            self.kind,
+            self.object
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +304,30 @@ class = "local"
         assert!(
             !grants.iter().any(|g| g.contains("SEQUENCE")),
             "{grants:#?}"
+        );
+    }
+
+    #[test]
+    fn a_foreign_grant_is_revoked_by_name() {
+        let grant = ForeignGrant {
+            kind: "SEQUENCE".into(),
+            object: "pgrelay.hlc_logical".into(),
+            grantee: "App".into(),
+            privileges: vec!["UPDATE".into(), "USAGE".into()],
+        };
+        assert_eq!(
+            grant.revoke(),
+            r#"REVOKE UPDATE, USAGE ON SEQUENCE pgrelay.hlc_logical FROM "App""#
+        );
+        let public = ForeignGrant {
+            kind: "FUNCTION".into(),
+            object: "pgrelay.next_hlc(bigint)".into(),
+            grantee: "PUBLIC".into(),
+            privileges: vec!["EXECUTE".into()],
+        };
+        assert_eq!(
+            public.revoke(),
+            "REVOKE EXECUTE ON FUNCTION pgrelay.next_hlc(bigint) FROM PUBLIC"
         );
     }
 }
