@@ -55,11 +55,68 @@ $fn$",
 /// in (every name in the bodies is schema-qualified or pg_catalog's).
 const DEFINER: &str = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
 
+/// `pgrelay.row_key(row, key columns)`: the row's key as the tombstones
+/// spell it (`{column: text}`), under the apply side's text settings.
+fn row_key_function() -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION pgrelay.row_key(r anyelement, keys text[]) RETURNS jsonb \
+         LANGUAGE plpgsql STABLE {DEFINER} {settings} AS $fn$
+DECLARE
+    key_json jsonb := '{{}}'::jsonb;
+    k text;
+    v text;
+BEGIN
+    FOREACH k IN ARRAY keys LOOP
+        EXECUTE format('SELECT ($1).%I::text', k) INTO v USING r;
+        key_json := key_json || jsonb_build_object(k, v);
+    END LOOP;
+    RETURN key_json;
+END
+$fn$",
+        settings = crate::event::canonical_text_sets(" ")
+    )
+}
+
+/// The row trigger function `pgrelay.check_tombstone(key columns…)`, fired
+/// after an insert (or a move to a new key) passed its unique check: refuses
+/// the row, as a serialization failure the application retries, when its
+/// key holds a tombstone at or above the row's stamp. That happens only when
+/// a delete of the key committed after the row took its stamp (a tombstone
+/// committed before is below every stamp taken since: the clock is past
+/// it), and would leave the row below its own region's tombstone: kept
+/// here, dropped everywhere else. Its common cost is one index probe: the
+/// table's newest tombstone, below the row's stamp.
+fn check_tombstone_function() -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION pgrelay.check_tombstone() RETURNS trigger LANGUAGE plpgsql \
+         {DEFINER} AS $fn$
+DECLARE
+    name text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    stamp bigint := NEW.{HLC_COLUMN};
+BEGIN
+    IF coalesce((SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name), -1) < stamp THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgrelay.tombstones t
+               WHERE t.table_name = name AND t.hlc >= stamp
+                 AND t.pk IN (pgrelay.row_key(NEW, TG_ARGV), '{{}}'::jsonb)) THEN
+        RAISE EXCEPTION 'pgrelay: a delete of this key in %.% committed after the new row took its stamp',
+            TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = 'serialization_failure',
+                  HINT = 'retry the transaction: it stamps the row anew, above the delete';
+    END IF;
+    RETURN NULL;
+END
+$fn$"
+    )
+}
+
 /// Every PL/pgSQL function pgrelay's triggers call: none is for anybody
 /// else to call (the clock's are revoked by [`hlc::sql_clock_functions`]).
 const REVOKE_TRIGGER_FUNCTIONS: &str = "REVOKE ALL ON FUNCTION pgrelay.stamp_row(), \
     pgrelay.record_delete(), pgrelay.record_key_move(), pgrelay.record_truncate(), \
-    pgrelay.fence_guard(), pgrelay.refuse_write() FROM PUBLIC";
+    pgrelay.check_tombstone(), pgrelay.row_key(anyelement, text[]), pgrelay.fence_guard(), \
+    pgrelay.refuse_write() FROM PUBLIC";
 
 /// `pgrelay.wait_for(source, lsn, timeout)`: read your writes across
 /// regions. Returns true once this region has applied every change `source`
@@ -196,6 +253,9 @@ pub fn plan(
             table_name text NOT NULL, pk jsonb NOT NULL, hlc bigint NOT NULL, \
             deleted_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (table_name, pk))"
             .to_string(),
+        // a table's newest tombstone, for check_tombstone
+        "CREATE INDEX IF NOT EXISTS tombstones_table_hlc ON pgrelay.tombstones (table_name, hlc)"
+            .to_string(),
         // the stamp below which tombstones are gone (see apply::horizon)
         "CREATE TABLE IF NOT EXISTS pgrelay.horizon (\
             table_name text PRIMARY KEY, hlc bigint NOT NULL, \
@@ -253,6 +313,8 @@ pub fn plan(
         ),
         // a row moved to a new key: its old key keeps the move's stamp
         tombstone_function("record_key_move", &format!("NEW.{HLC_COLUMN}"), "NEW"),
+        row_key_function(),
+        check_tombstone_function(),
         format!("CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $fn$
 BEGIN
     INSERT INTO pgrelay.tombstones (table_name, pk, hlc)
@@ -347,6 +409,23 @@ $fn$"),
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone_key BEFORE UPDATE OF {cols} ON {t} \
              FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.record_key_move({args})",
+            cols = key_list.join(", ")
+        ));
+        // after the unique check: a delete of the key that committed after
+        // the new row took its stamp refuses the row (check_tombstone)
+        sql.push(format!(
+            "DROP TRIGGER IF EXISTS pgrelay_tombstone_check ON {t}"
+        ));
+        sql.push(format!(
+            "CREATE TRIGGER pgrelay_tombstone_check AFTER INSERT ON {t} \
+             FOR EACH ROW EXECUTE FUNCTION pgrelay.check_tombstone({args})"
+        ));
+        sql.push(format!(
+            "DROP TRIGGER IF EXISTS pgrelay_tombstone_check_key ON {t}"
+        ));
+        sql.push(format!(
+            "CREATE TRIGGER pgrelay_tombstone_check_key AFTER UPDATE OF {cols} ON {t} \
+             FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.check_tombstone({args})",
             cols = key_list.join(", ")
         ));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_truncate ON {t}"));
@@ -485,6 +564,44 @@ home_column = "country"
         let full = config("[relay.capture]\nbefore_image = \"full\"");
         let plan = super::plan(&full, "us", &keys, Stamp::Plpgsql);
         assert!(identity(&plan, r#""public"."products""#).ends_with("FULL"));
+    }
+
+    #[test]
+    fn every_function_runs_with_pgrelays_rights_and_only_wait_for_is_public() {
+        let keys = |_: &TableName| vec!["id".to_string()];
+        let plan = plan(&config(""), "us", &keys, Stamp::Plpgsql);
+        let functions: Vec<&String> = plan
+            .iter()
+            .filter(|s| s.starts_with("CREATE OR REPLACE FUNCTION"))
+            .collect();
+        assert!(functions.len() >= 11, "{functions:#?}");
+        let revoked = plan
+            .iter()
+            .filter(|s| s.starts_with("REVOKE ALL ON FUNCTION"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        for f in functions {
+            let head = &f[..f.find(" AS $fn$").unwrap()];
+            assert!(
+                head.contains("SECURITY DEFINER SET search_path = pg_catalog, pg_temp"),
+                "{head}"
+            );
+            let name = head
+                .trim_start_matches("CREATE OR REPLACE FUNCTION ")
+                .split('(')
+                .next()
+                .unwrap();
+            assert_eq!(
+                revoked.contains(&format!("{name}(")),
+                name != "pgrelay.wait_for",
+                "{name}: {revoked}"
+            );
+        }
+        // the insert path checks the key's tombstone after the unique check
+        assert!(plan.iter().any(|s| s.starts_with(
+            "CREATE TRIGGER pgrelay_tombstone_check AFTER INSERT ON \"public\".\"products\""
+        )));
     }
 
     #[test]

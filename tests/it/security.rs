@@ -468,3 +468,88 @@ async fn an_application_role_writes_without_grants_and_cannot_touch_the_clock() 
         );
     }
 }
+
+/// A local insert racing a local delete of the same key: the insert takes
+/// its stamp, then waits in an application trigger while another session
+/// deletes the key's old row (a tombstone stamped above the insert) and
+/// commits. The insert must not commit below its own region's tombstone
+/// (kept here, dropped by every other region): it fails as a serialization
+/// failure, and its retry is stamped above the tombstone. Both sessions run
+/// as an application role with nothing of pgrelay's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_racing_a_delete_of_its_key_never_commits_below_the_tombstone() {
+    let pg = Pg::start();
+    app_region(&pg).await;
+    // the application's own trigger, after pgrelay's stamp (name order)
+    pg.psql(
+        "CREATE FUNCTION public.slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;
+         CREATE TRIGGER zz_set_updated_at BEFORE INSERT ON products
+             FOR EACH ROW WHEN (NEW.name = 'slow') EXECUTE FUNCTION public.slow_insert();",
+    );
+    let t1 = app_client(&pg).await;
+    let t2 = app_client(&pg).await;
+    t1.batch_execute("INSERT INTO products (id, name) VALUES (1, 'first')")
+        .await
+        .unwrap();
+    let insert = tokio::spawn(async move {
+        let r = t1
+            .query_one(
+                "INSERT INTO products (id, name) VALUES (1, 'slow') RETURNING _pgrelay_hlc",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0));
+        (t1, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    t2.batch_execute("DELETE FROM products WHERE id = 1")
+        .await
+        .unwrap();
+    let (t1, inserted) = insert.await.unwrap();
+    let su = pg.client().await;
+    let tombstone: i64 = su
+        .query_one(
+            "SELECT hlc FROM pgrelay.tombstones WHERE table_name = 'public.products' \
+             AND pk = '{\"id\": \"1\"}'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    match inserted {
+        Ok(stamp) => assert!(
+            stamp > tombstone,
+            "the insert committed at {} below its own region's tombstone {}",
+            pgrelay::hlc::display(stamp as u64),
+            pgrelay::hlc::display(tombstone as u64)
+        ),
+        Err(e) => assert_eq!(
+            e.as_db_error().map(|e| e.code().code()),
+            Some("40001"),
+            "the racing insert failed otherwise: {e}"
+        ),
+    }
+    // the application retries: stamped above the delete
+    let stamp: i64 = t1
+        .query_one(
+            "INSERT INTO products (id, name) VALUES (1, 'again') \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name RETURNING _pgrelay_hlc",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stamp > tombstone);
+    let below: i64 = su
+        .query_one(
+            "SELECT count(*) FROM products p JOIN pgrelay.tombstones t \
+             ON t.table_name = 'public.products' AND t.pk = jsonb_build_object('id', p.id::text) \
+             WHERE t.hlc >= p._pgrelay_hlc",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(below, 0, "a row is kept below its own tombstone");
+}
