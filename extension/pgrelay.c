@@ -136,13 +136,19 @@ stamp_cache(FunctionCallInfo fcinfo, TriggerData *trigdata)
 		HeapTuple	seq = SearchSysCache1(RELOID, ObjectIdGetDatum(cache->seqid));
 		Oid			argtypes[1] = {INT8OID};
 		Oid			advance;
+		Oid			save_userid;
+		int			save_sec_context;
 
 		if (!HeapTupleIsValid(seq))
 			elog(ERROR, "pgrelay: cache lookup failed for relation %u", cache->seqid);
 		cache->owner = ((Form_pg_class) GETSTRUCT(seq))->relowner;
 		ReleaseSysCache(seq);
+		/* looked up as the clock's owner: the writer may not use the schema */
+		GetUserIdAndSecContext(&save_userid, &save_sec_context);
+		SetUserIdAndSecContext(cache->owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
 		advance = LookupFuncName(list_make2(makeString("pgrelay"), makeString("advance_hlc")),
 								 1, argtypes, true);
+		SetUserIdAndSecContext(save_userid, save_sec_context);
 		if (!OidIsValid(advance))
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_FUNCTION),

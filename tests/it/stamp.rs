@@ -480,3 +480,68 @@ async fn concurrent_stamps_never_repeat_and_increase_per_row() {
         stamps.len()
     );
 }
+
+/// Both triggers serve a writer holding nothing of pgrelay's (not even
+/// USAGE on the schema): the C one reads and moves the clock as the
+/// sequence's owner, the PL/pgSQL one is SECURITY DEFINER; both take the
+/// locked advance for a row stamped ahead of the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_stamp_triggers_serve_a_writer_with_no_grant_on_pgrelay() {
+    if major() != 15 {
+        eprintln!(
+            "SKIP both_stamp_triggers_serve_a_writer_with_no_grant_on_pgrelay: the pgrelay \
+             extension is built for PostgreSQL 15 here"
+        );
+        return;
+    }
+    let pg = Pg::start();
+    let c = pg.client().await;
+    set_up(&c).await;
+    c.batch_execute(&format!(
+        "CREATE ROLE app_writer LOGIN PASSWORD '{}'; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON c_rows, p_rows TO app_writer",
+        crate::support::pg::PASSWORD
+    ))
+    .await
+    .unwrap();
+    let (app, conn) = tokio_postgres::connect(
+        &pg.dsn().replacen("user=postgres ", "user=app_writer ", 1),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (table, kind) in TABLES {
+        app.batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 0), (2, 0); UPDATE {table} SET v = 1 WHERE id = 1"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        // a row stamped a minute ahead: its update takes the locked advance
+        let ahead = (wall_logical(&c).await + (60_000 << COUNTER_BITS)) << REGION_BITS | 9;
+        forge(&c, table, 2, ahead).await;
+        let stamp: i64 = app
+            .query_one(
+                &format!("UPDATE {table} SET v = 2 WHERE id = 2 RETURNING {HLC_COLUMN}"),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: {e}"))
+            .get(0);
+        assert_eq!(
+            hlc::logical(stamp as u64),
+            hlc::logical(ahead as u64) + 1,
+            "{kind}"
+        );
+        assert_eq!(
+            sequence(&c).await,
+            hlc::logical(stamp as u64) as i64,
+            "{kind}"
+        );
+        let denied = app
+            .batch_execute("SELECT setval('pgrelay.hlc_logical', 1)")
+            .await
+            .expect_err("the writer moved the clock");
+        assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{denied}");
+    }
+}
