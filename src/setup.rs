@@ -77,35 +77,57 @@ $fn$",
     )
 }
 
-/// The row trigger function `pgrelay.check_tombstone(key columns…)`, fired
-/// after an insert (or a move to a new key) passed its unique check: refuses
-/// the row, as a serialization failure the application retries, when its
-/// key holds a tombstone at or above the row's stamp. That happens only when
-/// a delete of the key committed after the row took its stamp (a tombstone
+/// The transition table of [`check_tombstone_function`]'s statement trigger.
+const NEW_ROWS: &str = "pgrelay_new_rows";
+
+/// The trigger function `pgrelay.check_tombstone(key columns…)`, fired after
+/// an insert statement (with its new rows as a transition table), or after a
+/// row moved to a new key, once the unique checks passed: refuses the write,
+/// as a serialization failure the application retries, when a new row's key
+/// holds a tombstone at or above the row's stamp. That happens only when a
+/// delete of the key committed after the row took its stamp (a tombstone
 /// committed before is below every stamp taken since: the clock is past
 /// it), and would leave the row below its own region's tombstone: kept
-/// here, dropped everywhere else. Its common cost is one index probe: the
-/// table's newest tombstone, below the row's stamp.
+/// here, dropped everywhere else. Its common cost, per statement, is one
+/// index probe (the table's newest tombstone) and one pass over the new
+/// rows' stamps; keys are compared only when a stamp is not above it.
 fn check_tombstone_function() -> String {
     format!(
         "CREATE OR REPLACE FUNCTION pgrelay.check_tombstone() RETURNS trigger LANGUAGE plpgsql \
          {DEFINER} AS $fn$
 DECLARE
     name text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-    stamp bigint := NEW.{HLC_COLUMN};
+    newest bigint;
+    found boolean;
 BEGIN
-    IF coalesce((SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name), -1) < stamp THEN
+    newest := (SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name);
+    IF newest IS NULL THEN
         RETURN NULL;
     END IF;
-    IF EXISTS (SELECT 1 FROM pgrelay.tombstones t
-               WHERE t.table_name = name AND t.hlc >= stamp
-                 AND t.pk IN (pgrelay.row_key(NEW, TG_ARGV), '{{}}'::jsonb)) THEN
-        RAISE EXCEPTION 'pgrelay: a delete of this key in %.% committed after the new row took its stamp',
-            TG_TABLE_SCHEMA, TG_TABLE_NAME
-            USING ERRCODE = 'serialization_failure',
-                  HINT = 'retry the transaction: it stamps the row anew, above the delete';
+    IF TG_LEVEL = 'ROW' THEN
+        IF NEW.{HLC_COLUMN} > newest OR NOT EXISTS (
+            SELECT 1 FROM pgrelay.tombstones t
+            WHERE t.table_name = name AND t.hlc >= NEW.{HLC_COLUMN}
+              AND t.pk IN (pgrelay.row_key(NEW, TG_ARGV), '{{}}'::jsonb)) THEN
+            RETURN NULL;
+        END IF;
+    ELSIF NOT EXISTS (SELECT 1 FROM {NEW_ROWS} n WHERE n.{HLC_COLUMN} <= newest) THEN
+        RETURN NULL;
+    ELSE
+        -- the transition table's rows are records: typed as the table's
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM {NEW_ROWS} n JOIN pgrelay.tombstones t
+                ON t.table_name = $1 AND t.hlc >= n.{HLC_COLUMN}
+               AND t.pk IN (pgrelay.row_key(n::%s, $2), ''{{}}''::jsonb)
+            WHERE n.{HLC_COLUMN} <= $3)', TG_RELID::regclass)
+            INTO found USING name, TG_ARGV, newest;
+        IF NOT found THEN
+            RETURN NULL;
+        END IF;
     END IF;
-    RETURN NULL;
+    RAISE EXCEPTION 'pgrelay: a delete of a key written to %.% committed after the new row took its stamp',
+        TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'serialization_failure',
+              HINT = 'retry the transaction: it stamps the row anew, above the delete';
 END
 $fn$"
     )
@@ -418,7 +440,8 @@ $fn$"),
         ));
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone_check AFTER INSERT ON {t} \
-             FOR EACH ROW EXECUTE FUNCTION pgrelay.check_tombstone({args})"
+             REFERENCING NEW TABLE AS {NEW_ROWS} \
+             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.check_tombstone({args})"
         ));
         sql.push(format!(
             "DROP TRIGGER IF EXISTS pgrelay_tombstone_check_key ON {t}"
