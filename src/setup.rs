@@ -1,18 +1,24 @@
 //! `pgrelay setup`: the objects a region's database needs, built as SQL
 //! (pure, testable) and then executed in one transaction (idempotent).
 //!
-//! In the `pgrelay` schema: the HLC sequence and `next_hlc()` function, the
-//! `tombstones` table, the trigger functions, and the apply side's offset and
-//! watermark tables. On every declared, non-`local` table: the
-//! `_pgrelay_hlc` stamp column, the replica identity (`FULL` on
-//! `partitioned` tables, whose routing needs the old row, and on every
-//! table with `relay.capture.before_image = "full"`; `DEFAULT` otherwise,
-//! so updates and deletes cost no extra WAL), a stamp
-//! trigger, tombstone triggers for deletes and truncates (a truncate leaves a
-//! table-wide tombstone, key `{}`), and on `owned` tables outside the owner
-//! region a guard that refuses local writes. Then the publication (declared
-//! non-local tables plus `pgrelay.tombstones`), the replication slot, and one
-//! replication origin per other region.
+//! In the `pgrelay` schema: the clock (its sequences and functions, see
+//! [`hlc::sql_clock_functions`]), the `tombstones` table, the trigger
+//! functions, and the apply side's offset and watermark tables. Every
+//! function runs `SECURITY DEFINER` with a pinned `search_path`, owned by
+//! the role running setup, so the application's roles need nothing of
+//! pgrelay's; `EXECUTE` is revoked from `PUBLIC` on all but `wait_for`.
+//!
+//! On every declared, non-`local` table: the `_pgrelay_hlc` stamp column,
+//! the replica identity (`FULL` on `partitioned` tables, whose routing needs
+//! the old row, and on every table with `relay.capture.before_image =
+//! "full"`; `DEFAULT` otherwise, so updates and deletes cost no extra WAL), a
+//! stamp trigger, tombstone triggers for deletes and truncates (a truncate
+//! leaves a table-wide tombstone, key `{}`), a check after inserts and key
+//! moves that refuses a row which a concurrent delete of its key overtook,
+//! and on `owned` tables outside the owner region a guard that refuses local
+//! writes. Then the publication (declared non-local tables plus
+//! `pgrelay.tombstones`), the replication slot, and one replication origin
+//! per other region.
 
 use crate::config::{Config, TableClass};
 use crate::event::{quote_ident, quote_literal, TableName};
