@@ -9,9 +9,17 @@
  *
  * The clock (see src/hlc.rs): a stamp is (logical << 6) | region, where
  * logical counts milliseconds since the Unix epoch shifted left by 10 bits.
- * The next logical time is the greater of the sequence pgrelay.hlc_logical's
- * next value, the wall clock, and the row's previous logical time plus one;
- * the sequence is moved up to it when the clock was ahead.
+ * The next logical time is the sequence pgrelay.hlc_logical's next value
+ * when that reaches both the wall clock and the row's previous logical time
+ * plus one and no locked advance of the clock ran meanwhile (the sequence
+ * pgrelay.hlc_gen, odd while one runs, read before and after); otherwise it
+ * comes from pgrelay.advance_hlc(target), the locked advance, as in the
+ * PL/pgSQL trigger.
+ *
+ * The trigger fires in the writer's session with pgrelay's rights, as the
+ * PL/pgSQL trigger functions (SECURITY DEFINER) do: the clock is read and
+ * moved as the owner of pgrelay.hlc_logical (the setup role), so writers
+ * need no privilege on anything of pgrelay's.
  */
 #include "postgres.h"
 
@@ -20,6 +28,7 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
@@ -27,12 +36,15 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "nodes/makefuncs.h"
+#include "parser/parse_func.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 PG_MODULE_MAGIC;
@@ -44,34 +56,45 @@ PG_MODULE_MAGIC;
 PG_FUNCTION_INFO_V1(pgrelay_stamp_row);
 PG_FUNCTION_INFO_V1(pgrelay_fence_guard);
 
-/*
- * Schema pgrelay, checked for USAGE by the current user as the PL/pgSQL
- * functions' schema-qualified names are: the same writers may write.
- */
-static Oid
-pgrelay_namespace(void)
-{
-	Oid			nsp = get_namespace_oid("pgrelay", false);
-	AclResult	acl;
-
-#if PG_VERSION_NUM >= 160000
-	acl = object_aclcheck(NamespaceRelationId, nsp, GetUserId(), ACL_USAGE);
-#else
-	acl = pg_namespace_aclcheck(nsp, GetUserId(), ACL_USAGE);
-#endif
-	if (acl != ACLCHECK_OK)
-		aclcheck_error(acl, OBJECT_SCHEMA, "pgrelay");
-	return nsp;
-}
+#define LIMIT ((int64) 1 << (63 - REGION_BITS))
 
 /* What one trigger needs on every call, looked up on its first. */
 typedef struct StampCache
 {
 	Oid			relid;
-	Oid			seqid;
+	Oid			seqid;			/* pgrelay.hlc_logical */
+	Oid			genid;			/* pgrelay.hlc_gen */
+	Oid			owner;			/* pgrelay.hlc_logical's owner */
+	FmgrInfo	advance;		/* pgrelay.advance_hlc(bigint) */
 	int			attnum;
 	int64		region;
 } StampCache;
+
+static Oid
+pgrelay_sequence(Oid nsp, const char *name)
+{
+	Oid			seqid = get_relname_relid(name, nsp);
+
+	if (!OidIsValid(seqid) || get_rel_relkind(seqid) != RELKIND_SEQUENCE)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("pgrelay: sequence pgrelay.%s does not exist; run pgrelay setup", name)));
+	return seqid;
+}
+
+/* A sequence's last value given out, 0 before its first. */
+static int64
+sequence_last(Oid seqid)
+{
+	LOCAL_FCINFO(fcinfo, 1);
+	Datum		value;
+
+	InitFunctionCallInfoData(*fcinfo, NULL, 1, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = ObjectIdGetDatum(seqid);
+	fcinfo->args[0].isnull = false;
+	value = pg_sequence_last_value(fcinfo);
+	return fcinfo->isnull ? 0 : DatumGetInt64(value);
+}
 
 static StampCache *
 stamp_cache(FunctionCallInfo fcinfo, TriggerData *trigdata)
@@ -102,16 +125,36 @@ stamp_cache(FunctionCallInfo fcinfo, TriggerData *trigdata)
 	if (trigger->tgnargs == 2)
 		column = trigger->tgargs[1];
 
-	nsp = pgrelay_namespace();
+	nsp = get_namespace_oid("pgrelay", false);
 	if (cache == NULL)
-		cache = MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(StampCache));
+		cache = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(StampCache));
 	/* not valid for any table until every check below passed */
 	cache->relid = InvalidOid;
-	cache->seqid = get_relname_relid("hlc_logical", nsp);
-	if (!OidIsValid(cache->seqid))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("pgrelay: sequence pgrelay.hlc_logical does not exist; run pgrelay setup")));
+	cache->seqid = pgrelay_sequence(nsp, "hlc_logical");
+	cache->genid = pgrelay_sequence(nsp, "hlc_gen");
+	{
+		HeapTuple	seq = SearchSysCache1(RELOID, ObjectIdGetDatum(cache->seqid));
+		Oid			argtypes[1] = {INT8OID};
+		Oid			advance;
+		Oid			save_userid;
+		int			save_sec_context;
+
+		if (!HeapTupleIsValid(seq))
+			elog(ERROR, "pgrelay: cache lookup failed for relation %u", cache->seqid);
+		cache->owner = ((Form_pg_class) GETSTRUCT(seq))->relowner;
+		ReleaseSysCache(seq);
+		/* looked up as the clock's owner: the writer may not use the schema */
+		GetUserIdAndSecContext(&save_userid, &save_sec_context);
+		SetUserIdAndSecContext(cache->owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+		advance = LookupFuncName(list_make2(makeString("pgrelay"), makeString("advance_hlc")),
+								 1, argtypes, true);
+		SetUserIdAndSecContext(save_userid, save_sec_context);
+		if (!OidIsValid(advance))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_FUNCTION),
+					 errmsg("pgrelay: function pgrelay.advance_hlc(bigint) does not exist; run pgrelay setup")));
+		fmgr_info_cxt(advance, &cache->advance, fcinfo->flinfo->fn_mcxt);
+	}
 	cache->attnum = SPI_fnumber(RelationGetDescr(rel), column);
 	if (cache->attnum <= 0)
 		ereport(ERROR,
@@ -140,9 +183,12 @@ pgrelay_stamp_row(PG_FUNCTION_ARGS)
 	int64		wall_ms;
 	int64		target;
 	int64		l;
+	int64		gen;
 	Datum		value;
 	bool		isnull = false;
 	int			attnum;
+	Oid			save_userid;
+	int			save_sec_context;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
@@ -172,7 +218,14 @@ pgrelay_stamp_row(PG_FUNCTION_ARGS)
 	else
 		tuple = trigdata->tg_trigtuple;
 
-	l = nextval_internal(cache->seqid, true);
+	/*
+	 * as the clock's owner, like a SECURITY DEFINER function; an error
+	 * restores the writer's identity with the (sub)transaction's abort
+	 */
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(cache->owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	gen = sequence_last(cache->genid);
+	l = nextval_internal(cache->seqid, false);
 	/* clock_timestamp() in milliseconds since the Unix epoch, floored */
 	wall_ms = (GetCurrentTimestamp() +
 			   (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY);
@@ -181,19 +234,17 @@ pgrelay_stamp_row(PG_FUNCTION_ARGS)
 
 	/*
 	 * past the last logical time a stamp can hold: refuse rather than wrap,
-	 * and before the sequence moves (setval outlives a rollback)
+	 * and before the sequence is set (setval outlives a rollback)
 	 */
-	if (Max(l, target) >= ((int64) 1 << (63 - REGION_BITS)))
+	if (Max(l, target) >= LIMIT)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),
 				 errmsg("pgrelay: the region clock is exhausted (logical time " INT64_FORMAT ")",
 						Max(l, target))));
-	if (l < target)
-	{
-		DirectFunctionCall2(setval_oid, ObjectIdGetDatum(cache->seqid),
-							Int64GetDatum(target));
-		l = target;
-	}
+	/* a new millisecond, a floor above the clock, or an advance meanwhile */
+	if (l < target || gen % 2 == 1 || gen != sequence_last(cache->genid))
+		l = DatumGetInt64(FunctionCall1(&cache->advance, Int64GetDatum(target)));
+	SetUserIdAndSecContext(save_userid, save_sec_context);
 
 	value = Int64GetDatum((l << REGION_BITS) | cache->region);
 	tuple = heap_modify_tuple_by_cols(tuple, desc, 1, &attnum, &value, &isnull);

@@ -254,15 +254,17 @@ async fn privileges(
 ) -> Result<Vec<Finding>, CatalogError> {
     let (role, superuser) = catalog.current_role().await?;
     if superuser {
-        return Ok(vec![finding(
+        let mut out = foreign_grants(config, region, catalog, &role).await?;
+        out.push(finding(
             Severity::Warning,
             format!(
                 "region {region}: the sidecar connects as superuser {role}; give regions.{region}.dsn \
                  a role with only what it needs (README, Security: least privilege)"
             ),
-        )]);
+        ));
+        return Ok(out);
     }
-    let mut out = Vec::new();
+    let mut out = foreign_grants(config, region, catalog, &role).await?;
     let parameters = catalog.has_parameter_privileges().await?;
     for need in crate::privileges::needs(config, parameters) {
         let missing = catalog.missing_privileges(&need, &role).await?;
@@ -281,6 +283,39 @@ async fn privileges(
         ));
     }
     Ok(out)
+}
+
+/// Roles other than the setup role (the owner), the run role and superusers
+/// that hold privileges on pgrelay's objects, each a warning with the
+/// `REVOKE` that takes them back: application roles need none, and with
+/// them a role can stop the region's clock or forge tombstones.
+async fn foreign_grants(
+    config: &Config,
+    region: &str,
+    catalog: &Catalog<'_>,
+    connected: &str,
+) -> Result<Vec<Finding>, CatalogError> {
+    let mut run_roles = vec![connected.to_string()];
+    run_roles.extend(config.regions[region].grantee());
+    Ok(catalog
+        .foreign_grants(&run_roles)
+        .await?
+        .into_iter()
+        .map(|g| {
+            finding(
+                Severity::Warning,
+                format!(
+                    "region {region}: role {} holds {} on {} {}, which only pgrelay's own roles \
+                     need (application roles need nothing of pgrelay's); run: {}",
+                    g.grantee,
+                    g.privileges.join(", "),
+                    g.kind.to_lowercase(),
+                    g.object,
+                    g.revoke()
+                ),
+            )
+        })
+        .collect())
 }
 
 /// What makes merge column `m` impossible on a table of this shape: a key

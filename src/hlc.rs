@@ -92,82 +92,200 @@ impl Clock {
     }
 }
 
-/// The PL/pgSQL statements that take the next stamp of the region's clock
-/// into `stamp`, given `floor` (an expression: the logical time the stamp
-/// must exceed, e.g. the row's previous stamp's). The logical time lives in
-/// the sequence `pgrelay.hlc_logical` (non-transactional, so concurrent
-/// writers never wait on each other); it is moved up to the wall clock and
-/// past `floor`, then the region id is appended. Declares nothing: the
-/// caller declares `l bigint` and `target bigint`.
-fn sql_clock_body(region_id: u8, floor: &str, stamp: &str) -> String {
+/// The sequence holding the region's logical time (the last one given out).
+pub const SEQUENCE: &str = "pgrelay.hlc_logical";
+
+/// A sequence counting the clock's locked advances, twice each: odd while
+/// one is under way. A stamp taken while it moved is retaken under the lock
+/// (see [`sql_clock_functions`]).
+pub const GENERATION: &str = "pgrelay.hlc_gen";
+
+/// The session-level advisory lock (class, id) that serializes the clock's
+/// advances. The class is the apply side's (its key-bucket locks take ids
+/// 0 to 255); the id is none of theirs.
+pub const LOCK: (i32, i32) = (1_885_828_709, -1);
+
+/// The first logical time a stamp cannot hold (63 bits less the region's).
+const LIMIT: &str = "(1::bigint << 57)";
+
+/// The statement that advances the region's clock past a stamp applied
+/// from another region (`$1`, text: the stamp's logical time): the receive
+/// rule of the clock, run by the apply side in each batch's transaction
+/// (the run role may execute `pgrelay.observe_hlc`, nothing else of the
+/// clock).
+pub const OBSERVE_SQL: &str = "SELECT pgrelay.observe_hlc($1::text::bigint)";
+
+/// The raise statement of a clock at its end, for the logical time `value`.
+fn sql_exhausted(value: &str) -> String {
     format!(
-        r#"    l := nextval('pgrelay.hlc_logical');
-    target := greatest(
-        (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << {cb},
-        {floor} + 1);
-    -- past the last logical time a stamp can hold: refuse rather than wrap,
-    -- and before the sequence moves (setval outlives a rollback)
-    IF greatest(l, target) >= (1::bigint << (63 - {rb})) THEN
-        RAISE EXCEPTION 'pgrelay: the region clock is exhausted (logical time %)',
-            greatest(l, target)
-            USING ERRCODE = 'data_exception';
-    END IF;
-    IF l < target THEN
-        PERFORM setval('pgrelay.hlc_logical', target);
-        l := target;
-    END IF;
-    {stamp} := (l << {rb}) | {rid};"#,
-        cb = COUNTER_BITS,
-        rb = REGION_BITS,
-        rid = region_id
+        "RAISE EXCEPTION 'pgrelay: the region clock is exhausted (logical time %)', {value}
+            USING ERRCODE = 'data_exception';"
     )
 }
 
-/// SQL for `pgrelay.next_hlc(prev bigint) returns bigint`, the region's
-/// clock inside PostgreSQL: the next stamp above `prev` (a row's previous
-/// stamp, or 0). Used by the delete and truncate triggers.
-pub fn sql_next_hlc_function(region_id: u8) -> String {
+/// The PL/pgSQL statements that take the next logical time of the region's
+/// clock into `l`, at or above `target` (an expression). The fast path
+/// takes no lock: one `nextval`, kept when it reached `target` and no
+/// locked advance ran meanwhile (the generation read before and after is
+/// the same and even). Otherwise the locked advance gives it
+/// (`pgrelay.advance_hlc`). A time past what a stamp can hold is refused
+/// before the sequence is set (`setval` outlives a rollback). Declares
+/// nothing: the caller declares `g`, `l` and `t` bigint.
+fn sql_clock_take(target: &str) -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION pgrelay.next_hlc(prev bigint) RETURNS bigint
-LANGUAGE plpgsql VOLATILE AS $fn$
+        r#"    g := coalesce(pg_catalog.pg_sequence_last_value('{GENERATION}'::pg_catalog.regclass), 0);
+    l := pg_catalog.nextval('{SEQUENCE}'::pg_catalog.regclass);
+    t := {target};
+    IF greatest(l, t) >= {LIMIT} THEN
+        {exhausted}
+    END IF;
+    IF l < t OR g % 2 = 1
+        OR g <> coalesce(pg_catalog.pg_sequence_last_value('{GENERATION}'::pg_catalog.regclass), 0) THEN
+        l := pgrelay.advance_hlc(t);
+    END IF;"#,
+        exhausted = sql_exhausted("greatest(l, t)"),
+    )
+}
+
+/// The wall clock as a logical time (milliseconds since the Unix epoch,
+/// floored, shifted past the counter).
+fn sql_wall() -> String {
+    format!(
+        "(floor(extract(epoch FROM pg_catalog.clock_timestamp()) * 1000)::bigint << {COUNTER_BITS})"
+    )
+}
+
+/// The clock's functions in schema `pgrelay`, each `SECURITY DEFINER`
+/// (pgrelay's own rights: no application role holds any on the sequences)
+/// with its `search_path` pinned, and callable by nobody else unless
+/// granted (`pgrelay.observe_hlc` to the run role, [`crate::privileges`]):
+///
+/// - `advance_hlc(target)`: the locked advance. Under a session-level
+///   advisory lock ([`LOCK`]), the generation made odd, the sequence set to
+///   `target` if it is below, the next value taken, the generation made
+///   even. Every logical time comes from a `nextval`, so none is given
+///   twice, and the sequence never moves back: a `setval` could only undo
+///   `nextval`s made while the generation was odd, and those are retaken
+///   here. The lock is let go on any error or cancel (a session lock would
+///   outlive it); one interrupted after making the generation odd leaves
+///   fast paths to this function until the next advance evens it.
+/// - `next_hlc(prev)`: a stamp above `prev` (a row's previous stamp, or
+///   0), for the delete, key-move and truncate triggers.
+/// - `observe_hlc(logical)`: the clock at or past `logical`, the apply
+///   side's receive rule ([`OBSERVE_SQL`]).
+pub fn sql_clock_functions(region_id: u8) -> Vec<String> {
+    let (class, id) = LOCK;
+    let settings = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
+    let advance = format!(
+        r#"CREATE OR REPLACE FUNCTION pgrelay.advance_hlc(target bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE {settings} AS $fn$
 DECLARE
     l bigint;
-    target bigint;
-    stamp bigint;
+    last bigint;
 BEGIN
-{body}
-    RETURN stamp;
+    IF target >= {LIMIT} THEN
+        {exhausted_target}
+    END IF;
+    BEGIN
+        PERFORM pg_catalog.pg_advisory_lock({class}, {id});
+        IF pg_catalog.nextval('{GENERATION}'::pg_catalog.regclass) % 2 = 0 THEN
+            PERFORM pg_catalog.nextval('{GENERATION}'::pg_catalog.regclass);
+        END IF;
+        SELECT CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 1 END INTO last
+            FROM {SEQUENCE} s;
+        IF last < target THEN
+            PERFORM pg_catalog.setval('{SEQUENCE}'::pg_catalog.regclass, target, false);
+        END IF;
+        l := pg_catalog.nextval('{SEQUENCE}'::pg_catalog.regclass);
+        PERFORM pg_catalog.nextval('{GENERATION}'::pg_catalog.regclass);
+        PERFORM pg_catalog.pg_advisory_unlock({class}, {id});
+    EXCEPTION WHEN query_canceled OR others THEN
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_locks k
+                   WHERE k.locktype = 'advisory' AND k.pid = pg_catalog.pg_backend_pid()
+                     AND k.classid = {class}::oid AND k.objid = {id_oid}::oid
+                     AND k.objsubid = 2 AND k.granted) THEN
+            IF coalesce(pg_catalog.pg_sequence_last_value('{GENERATION}'::pg_catalog.regclass), 0) % 2 = 1 THEN
+                PERFORM pg_catalog.nextval('{GENERATION}'::pg_catalog.regclass);
+            END IF;
+            PERFORM pg_catalog.pg_advisory_unlock({class}, {id});
+        END IF;
+        RAISE;
+    END;
+    IF l >= {LIMIT} THEN
+        {exhausted_l}
+    END IF;
+    RETURN l;
 END
-$fn$",
-        body = sql_clock_body(
-            region_id,
-            &format!("coalesce(prev >> {REGION_BITS}, 0)"),
-            "stamp"
-        )
-    )
+$fn$"#,
+        exhausted_target = sql_exhausted("target"),
+        exhausted_l = sql_exhausted("l"),
+        id_oid = id as u32,
+    );
+    let next = format!(
+        r#"CREATE OR REPLACE FUNCTION pgrelay.next_hlc(prev bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE {settings} AS $fn$
+DECLARE
+    g bigint;
+    l bigint;
+    t bigint;
+BEGIN
+{take}
+    RETURN (l << {REGION_BITS}) | {region_id};
+END
+$fn$"#,
+        take = sql_clock_take(&format!(
+            "greatest({wall}, coalesce(prev >> {REGION_BITS}, 0) + 1)",
+            wall = sql_wall()
+        )),
+    );
+    let observe = format!(
+        r#"CREATE OR REPLACE FUNCTION pgrelay.observe_hlc(logical bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE {settings} AS $fn$
+DECLARE
+    g bigint;
+    l bigint;
+    t bigint;
+BEGIN
+{take}
+END
+$fn$"#,
+        take = sql_clock_take("logical"),
+    );
+    vec![
+        advance,
+        next,
+        observe,
+        "REVOKE ALL ON FUNCTION pgrelay.advance_hlc(bigint), pgrelay.next_hlc(bigint), \
+         pgrelay.observe_hlc(bigint) FROM PUBLIC"
+            .to_string(),
+    ]
 }
 
 /// SQL for the trigger function `pgrelay.stamp_row()` on every replicated
-/// table: stamps `NEW.{column}` on insert and update. The clock's body is
-/// inlined rather than calling [`sql_next_hlc_function`]'s function: one
-/// PL/pgSQL call per written row instead of two, on the path every write of
-/// the application takes.
+/// table: stamps `NEW.{column}` on insert and update, above the row's
+/// previous stamp. The clock's fast path is inlined rather than calling
+/// `pgrelay.next_hlc`: one PL/pgSQL call per written row instead of two,
+/// on the path every write of the application takes. `SECURITY DEFINER`,
+/// like every pgrelay trigger function: writers need nothing of pgrelay's.
 pub fn sql_stamp_row_function(region_id: u8, column: &str) -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION pgrelay.stamp_row() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        "CREATE OR REPLACE FUNCTION pgrelay.stamp_row() RETURNS trigger LANGUAGE plpgsql \
+         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
+    g bigint;
     l bigint;
-    target bigint;
+    t bigint;
     prev bigint := 0;
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         prev := coalesce(OLD.{column} >> {REGION_BITS}, 0);
     END IF;
-{body}
+{take}
+    NEW.{column} := (l << {REGION_BITS}) | {region_id};
     RETURN NEW;
 END
 $fn$",
-        body = sql_clock_body(region_id, "prev", &format!("NEW.{column}"))
+        take = sql_clock_take(&format!("greatest({}, prev + 1)", sql_wall())),
     )
 }
 

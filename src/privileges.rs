@@ -7,7 +7,8 @@
 //! - `USAGE` on schema `pgrelay` and the schemas of the replicated tables;
 //! - `SELECT, INSERT, UPDATE, DELETE` on the replicated tables (capture
 //!   reads rows back, apply writes them) and on pgrelay's own tables;
-//! - `USAGE, SELECT, UPDATE` on the HLC sequence (apply moves the clock);
+//! - `EXECUTE` on `pgrelay.observe_hlc(bigint)` (apply moves the clock past
+//!   what it applies; the clock's sequences are pgrelay's alone);
 //! - `EXECUTE` on `pg_replication_origin_session_setup(text)` (apply writes
 //!   under a replication origin, so capture skips what apply wrote);
 //! - `SET` on the parameter `session_replication_role` (PostgreSQL 15+:
@@ -22,6 +23,9 @@ use crate::event::{quote_ident, TableName};
 
 /// The replication-origin functions the run role calls.
 pub const ORIGIN_FUNCTIONS: &[&str] = &["pg_catalog.pg_replication_origin_session_setup(text)"];
+
+/// The clock function the apply side calls ([`crate::hlc::OBSERVE_SQL`]).
+pub const CLOCK_FUNCTION: &str = "pgrelay.observe_hlc(bigint)";
 
 /// The parameter the apply side sets (`GRANT SET ON PARAMETER`, PG 15+).
 pub const REPLICA_ROLE_PARAMETER: &str = "session_replication_role";
@@ -138,8 +142,8 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         });
     }
     out.push(Need {
-        object: Object::Sequence(pgrelay("hlc_logical")),
-        privileges: &["USAGE", "SELECT", "UPDATE"],
+        object: Object::Function(CLOCK_FUNCTION),
+        privileges: &["EXECUTE"],
     });
     if config.tables.iter().any(|t| !t.dr.is_empty()) {
         out.push(Need {
@@ -185,6 +189,64 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
     out
 }
 
+/// Privileges held on pgrelay's objects by roles that are neither their
+/// owner (the setup role), a superuser nor one of `$1` (the run roles): an
+/// application role needs none (pgrelay's trigger functions run with their
+/// owner's rights), and one that holds them can move the clock, forge
+/// tombstones or read deleted keys. Rows: kind (`TABLE`, `SEQUENCE`,
+/// `FUNCTION`), object, grantee (`PUBLIC` for everyone), privileges.
+/// Functions: those callable at all (not trigger functions), except
+/// `wait_for`, which is everyone's, and the extension's.
+pub const FOREIGN_GRANTS_SQL: &str = "WITH objects AS (
+    SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind,
+           pg_catalog.format('%I.%I', n.nspname, c.relname) AS object,
+           c.relowner AS owner, c.relacl AS acl
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname IN ('pgrelay', 'pgrelay_dr') AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+    UNION ALL
+    SELECT 'FUNCTION', p.oid::pg_catalog.regprocedure::text, p.proowner,
+           coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = 'pgrelay' AND p.proname <> 'wait_for'
+      AND p.prorettype <> 'pg_catalog.trigger'::pg_catalog.regtype
+      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                      WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                        AND d.objid = p.oid AND d.deptype = 'e')
+)
+SELECT o.kind, o.object, coalesce(r.rolname::text, 'PUBLIC'),
+       array_agg(DISTINCT a.privilege_type ORDER BY a.privilege_type)
+FROM objects o CROSS JOIN LATERAL pg_catalog.aclexplode(o.acl) a
+LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+WHERE a.grantee <> o.owner
+  AND (a.grantee = 0 OR (NOT r.rolsuper AND r.rolname::text <> ALL ($1::text[])))
+GROUP BY 1, 2, 3 ORDER BY 2, 3";
+
+/// A grant [`FOREIGN_GRANTS_SQL`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignGrant {
+    pub kind: String,
+    pub object: String,
+    pub grantee: String,
+    pub privileges: Vec<String>,
+}
+
+impl ForeignGrant {
+    /// The statement that takes the grant back.
+    pub fn revoke(&self) -> String {
+        let grantee = if self.grantee == "PUBLIC" {
+            "PUBLIC".to_string()
+        } else {
+            quote_ident(&self.grantee)
+        };
+        format!(
+            "REVOKE {} ON {} {} FROM {grantee}",
+            self.privileges.join(", "),
+            self.kind,
+            self.object
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,7 +284,7 @@ class = "local"
         for expected in [
             r#"GRANT USAGE ON SCHEMA "pgrelay" TO "pgrelay_run""#,
             r#"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "pgrelay"."tombstones" TO "pgrelay_run""#,
-            r#"GRANT USAGE, SELECT, UPDATE ON SEQUENCE "pgrelay"."hlc_logical" TO "pgrelay_run""#,
+            r#"GRANT EXECUTE ON FUNCTION pgrelay.observe_hlc(bigint) TO "pgrelay_run""#,
             r#"GRANT USAGE ON SCHEMA "shop" TO "pgrelay_run""#,
             r#"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "shop"."products" TO "pgrelay_run""#,
             r#"GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_setup(text) TO "pgrelay_run""#,
@@ -238,5 +300,34 @@ class = "local"
         assert!(!needs(&config, false)
             .iter()
             .any(|n| matches!(n.object, Object::Parameter(_))));
+        // nothing of the clock but the function that observes a stamp
+        assert!(
+            !grants.iter().any(|g| g.contains("SEQUENCE")),
+            "{grants:#?}"
+        );
+    }
+
+    #[test]
+    fn a_foreign_grant_is_revoked_by_name() {
+        let grant = ForeignGrant {
+            kind: "SEQUENCE".into(),
+            object: "pgrelay.hlc_logical".into(),
+            grantee: "App".into(),
+            privileges: vec!["UPDATE".into(), "USAGE".into()],
+        };
+        assert_eq!(
+            grant.revoke(),
+            r#"REVOKE UPDATE, USAGE ON SEQUENCE pgrelay.hlc_logical FROM "App""#
+        );
+        let public = ForeignGrant {
+            kind: "FUNCTION".into(),
+            object: "pgrelay.next_hlc(bigint)".into(),
+            grantee: "PUBLIC".into(),
+            privileges: vec!["EXECUTE".into()],
+        };
+        assert_eq!(
+            public.revoke(),
+            "REVOKE EXECUTE ON FUNCTION pgrelay.next_hlc(bigint) FROM PUBLIC"
+        );
     }
 }

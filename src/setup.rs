@@ -1,18 +1,24 @@
 //! `pgrelay setup`: the objects a region's database needs, built as SQL
 //! (pure, testable) and then executed in one transaction (idempotent).
 //!
-//! In the `pgrelay` schema: the HLC sequence and `next_hlc()` function, the
-//! `tombstones` table, the trigger functions, and the apply side's offset and
-//! watermark tables. On every declared, non-`local` table: the
-//! `_pgrelay_hlc` stamp column, the replica identity (`FULL` on
-//! `partitioned` tables, whose routing needs the old row, and on every
-//! table with `relay.capture.before_image = "full"`; `DEFAULT` otherwise,
-//! so updates and deletes cost no extra WAL), a stamp
-//! trigger, tombstone triggers for deletes and truncates (a truncate leaves a
-//! table-wide tombstone, key `{}`), and on `owned` tables outside the owner
-//! region a guard that refuses local writes. Then the publication (declared
-//! non-local tables plus `pgrelay.tombstones`), the replication slot, and one
-//! replication origin per other region.
+//! In the `pgrelay` schema: the clock (its sequences and functions, see
+//! [`hlc::sql_clock_functions`]), the `tombstones` table, the trigger
+//! functions, and the apply side's offset and watermark tables. Every
+//! function runs `SECURITY DEFINER` with a pinned `search_path`, owned by
+//! the role running setup, so the application's roles need nothing of
+//! pgrelay's; `EXECUTE` is revoked from `PUBLIC` on all but `wait_for`.
+//!
+//! On every declared, non-`local` table: the `_pgrelay_hlc` stamp column,
+//! the replica identity (`FULL` on `partitioned` tables, whose routing needs
+//! the old row, and on every table with `relay.capture.before_image =
+//! "full"`; `DEFAULT` otherwise, so updates and deletes cost no extra WAL), a
+//! stamp trigger, tombstone triggers for deletes and truncates (a truncate
+//! leaves a table-wide tombstone, key `{}`), a check after inserts and key
+//! moves that refuses a row which a concurrent delete of its key overtook,
+//! and on `owned` tables outside the owner region a guard that refuses local
+//! writes. Then the publication (declared non-local tables plus
+//! `pgrelay.tombstones`), the replication slot, and one replication origin
+//! per other region.
 
 use crate::config::{Config, TableClass};
 use crate::event::{quote_ident, quote_literal, TableName};
@@ -33,7 +39,8 @@ pub type KeyColumns = Vec<String>;
 /// tombstone, so `resync` can send the delete where the row may have gone.
 fn tombstone_function(name: &str, stamp: &str, returns: &str) -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION pgrelay.{name}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
+        "CREATE OR REPLACE FUNCTION pgrelay.{name}() RETURNS trigger LANGUAGE plpgsql \
+         {DEFINER} {settings} AS $fn$
 DECLARE
     key_json jsonb := '{{}}'::jsonb;
     home text;
@@ -58,6 +65,96 @@ $fn$",
         settings = crate::event::canonical_text_sets(" ")
     )
 }
+
+/// How every pgrelay function runs: with the rights of its owner (the setup
+/// role), whoever fires it, and with a search path no caller can put objects
+/// in (every name in the bodies is schema-qualified or pg_catalog's).
+const DEFINER: &str = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
+
+/// `pgrelay.row_key(row, key columns)`: the row's key as the tombstones
+/// spell it (`{column: text}`), under the apply side's text settings.
+fn row_key_function() -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION pgrelay.row_key(r anyelement, keys text[]) RETURNS jsonb \
+         LANGUAGE plpgsql STABLE {DEFINER} {settings} AS $fn$
+DECLARE
+    key_json jsonb := '{{}}'::jsonb;
+    k text;
+    v text;
+BEGIN
+    FOREACH k IN ARRAY keys LOOP
+        EXECUTE format('SELECT ($1).%I::text', k) INTO v USING r;
+        key_json := key_json || jsonb_build_object(k, v);
+    END LOOP;
+    RETURN key_json;
+END
+$fn$",
+        settings = crate::event::canonical_text_sets(" ")
+    )
+}
+
+/// The transition table of [`check_tombstone_function`]'s statement trigger.
+const NEW_ROWS: &str = "pgrelay_new_rows";
+
+/// The trigger function `pgrelay.check_tombstone(key columns…)`, fired after
+/// an insert statement (with its new rows as a transition table), or after a
+/// row moved to a new key, once the unique checks passed: refuses the write,
+/// as a serialization failure the application retries, when a new row's key
+/// holds a tombstone at or above the row's stamp. That happens only when a
+/// delete of the key committed after the row took its stamp (a tombstone
+/// committed before is below every stamp taken since: the clock is past
+/// it), and would leave the row below its own region's tombstone: kept
+/// here, dropped everywhere else. Its common cost, per statement, is one
+/// index probe (the table's newest tombstone) and one pass over the new
+/// rows' stamps; keys are compared only when a stamp is not above it.
+fn check_tombstone_function() -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION pgrelay.check_tombstone() RETURNS trigger LANGUAGE plpgsql \
+         {DEFINER} AS $fn$
+DECLARE
+    name text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    newest bigint;
+    found boolean;
+BEGIN
+    newest := (SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name);
+    IF newest IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF TG_LEVEL = 'ROW' THEN
+        IF NEW.{HLC_COLUMN} > newest OR NOT EXISTS (
+            SELECT 1 FROM pgrelay.tombstones t
+            WHERE t.table_name = name AND t.hlc >= NEW.{HLC_COLUMN}
+              AND t.pk IN (pgrelay.row_key(NEW, TG_ARGV), '{{}}'::jsonb)) THEN
+            RETURN NULL;
+        END IF;
+    ELSIF NOT EXISTS (SELECT 1 FROM {NEW_ROWS} n WHERE n.{HLC_COLUMN} <= newest) THEN
+        RETURN NULL;
+    ELSE
+        -- the transition table's rows are records: typed as the table's
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM {NEW_ROWS} n JOIN pgrelay.tombstones t
+                ON t.table_name = $1 AND t.hlc >= n.{HLC_COLUMN}
+               AND t.pk IN (pgrelay.row_key(n::%s, $2), ''{{}}''::jsonb)
+            WHERE n.{HLC_COLUMN} <= $3)', TG_RELID::regclass)
+            INTO found USING name, TG_ARGV, newest;
+        IF NOT found THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'pgrelay: a delete of a key written to %.% committed after the new row took its stamp',
+        TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'serialization_failure',
+              HINT = 'retry the transaction: it stamps the row anew, above the delete';
+END
+$fn$"
+    )
+}
+
+/// Every PL/pgSQL function pgrelay's triggers call: none is for anybody
+/// else to call (the clock's are revoked by [`hlc::sql_clock_functions`]).
+const REVOKE_TRIGGER_FUNCTIONS: &str = "REVOKE ALL ON FUNCTION pgrelay.stamp_row(), \
+    pgrelay.record_delete(), pgrelay.record_key_move(), pgrelay.record_truncate(), \
+    pgrelay.check_tombstone(), pgrelay.row_key(anyelement, text[]), pgrelay.fence_guard(), \
+    pgrelay.refuse_write(), pgrelay.merge_row() FROM PUBLIC";
 
 /// `pgrelay.wait_for(source, lsn, timeout)`: read your writes across
 /// regions. Returns true once this region has applied every change `source`
@@ -171,6 +268,18 @@ pub fn fence_trigger_sql(table: &str, stamp: Stamp) -> String {
     )
 }
 
+/// The region's clock: schema `pgrelay`, its two sequences and functions
+/// (see [`hlc::sql_clock_functions`]); the first statements of [`plan`].
+pub fn clock_sql(region_id: u8) -> Vec<String> {
+    let mut sql = vec![
+        "CREATE SCHEMA IF NOT EXISTS pgrelay".to_string(),
+        format!("CREATE SEQUENCE IF NOT EXISTS {}", hlc::SEQUENCE),
+        format!("CREATE SEQUENCE IF NOT EXISTS {}", hlc::GENERATION),
+    ];
+    sql.extend(hlc::sql_clock_functions(region_id));
+    sql
+}
+
 /// The SQL statements that bring a region's database up to date. `keys`
 /// gives each declared table's primary key (the caller reads the catalog and
 /// reports tables without one before calling this); `stamp`, the stamp
@@ -182,13 +291,14 @@ pub fn plan(
     stamp: Stamp,
 ) -> Vec<String> {
     let region_id = config.regions[region].id;
-    let mut sql = vec![
-        "CREATE SCHEMA IF NOT EXISTS pgrelay".to_string(),
-        "CREATE SEQUENCE IF NOT EXISTS pgrelay.hlc_logical".to_string(),
-        hlc::sql_next_hlc_function(region_id),
+    let mut sql = clock_sql(region_id);
+    sql.extend([
         "CREATE TABLE IF NOT EXISTS pgrelay.tombstones (\
             table_name text NOT NULL, pk jsonb NOT NULL, hlc bigint NOT NULL, \
             deleted_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (table_name, pk))"
+            .to_string(),
+        // a table's newest tombstone, for check_tombstone
+        "CREATE INDEX IF NOT EXISTS tombstones_table_hlc ON pgrelay.tombstones (table_name, hlc)"
             .to_string(),
         // the stamp below which tombstones are gone (see apply::horizon)
         "CREATE TABLE IF NOT EXISTS pgrelay.horizon (\
@@ -255,15 +365,16 @@ pub fn plan(
         ),
         // a row moved to a new key: its old key keeps the move's stamp
         tombstone_function("record_key_move", &format!("NEW.{HLC_COLUMN}"), "NEW"),
-        "CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        row_key_function(),
+        check_tombstone_function(),
+        format!("CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $fn$
 BEGIN
     INSERT INTO pgrelay.tombstones (table_name, pk, hlc)
-    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, '{}'::jsonb, pgrelay.next_hlc(0))
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, '{{}}'::jsonb, pgrelay.next_hlc(0))
     ON CONFLICT (table_name, pk) DO UPDATE SET hlc = excluded.hlc, deleted_at = now();
     RETURN NULL;
 END
-$fn$"
-        .to_string(),
+$fn$"),
         // the sidecar's egress figures, for `pgrelay status`
         crate::overview::EGRESS_TABLE_SQL.to_string(),
         // the primary the capture side last streamed from (see `events`)
@@ -278,9 +389,9 @@ $fn$"
             reason text)"
             .to_string(),
         // statement-level, so an unfenced region pays one lookup per
-        // statement; security definer, so writers need no grant on pgrelay
-        "CREATE OR REPLACE FUNCTION pgrelay.fence_guard() RETURNS trigger LANGUAGE plpgsql \
-         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+        // statement
+        format!("CREATE OR REPLACE FUNCTION pgrelay.fence_guard() RETURNS trigger LANGUAGE plpgsql \
+         {DEFINER} AS $fn$
 DECLARE
     f record;
 BEGIN
@@ -294,17 +405,16 @@ BEGIN
     END IF;
     RETURN NULL;
 END
-$fn$"
-        .to_string(),
-        "CREATE OR REPLACE FUNCTION pgrelay.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $fn$
+$fn$"),
+        format!("CREATE OR REPLACE FUNCTION pgrelay.refuse_write() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $fn$
 BEGIN
     RAISE EXCEPTION 'table %.% is owned by region %: write it there, it replicates here',
         TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[0]
         USING ERRCODE = 'insufficient_privilege';
 END
-$fn$"
-        .to_string(),
-    ];
+$fn$"),
+        REVOKE_TRIGGER_FUNCTIONS.to_string(),
+    ]);
 
     sql.extend(crate::merge::setup_functions());
     let mut published = Vec::new();
@@ -329,12 +439,17 @@ $fn$"
             }
             _ => None,
         };
-        let args = keys(&table.name)
+        let key_args = keys(&table.name)
             .iter()
             .map(|k| quote_literal(k))
+            .collect::<Vec<_>>();
+        let args = key_args
+            .iter()
+            .cloned()
             .chain(home)
             .collect::<Vec<_>>()
             .join(", ");
+        let key_args = key_args.join(", ");
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_tombstone ON {t}"));
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone BEFORE DELETE ON {t} \
@@ -359,6 +474,24 @@ $fn$"
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone_key BEFORE UPDATE OF {cols} ON {t} \
              FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.record_key_move({args})",
+            cols = key_list.join(", ")
+        ));
+        // after the unique check: a delete of the key that committed after
+        // the new row took its stamp refuses the row (check_tombstone)
+        sql.push(format!(
+            "DROP TRIGGER IF EXISTS pgrelay_tombstone_check ON {t}"
+        ));
+        sql.push(format!(
+            "CREATE TRIGGER pgrelay_tombstone_check AFTER INSERT ON {t} \
+             REFERENCING NEW TABLE AS {NEW_ROWS} \
+             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.check_tombstone({key_args})"
+        ));
+        sql.push(format!(
+            "DROP TRIGGER IF EXISTS pgrelay_tombstone_check_key ON {t}"
+        ));
+        sql.push(format!(
+            "CREATE TRIGGER pgrelay_tombstone_check_key AFTER UPDATE OF {cols} ON {t} \
+             FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.check_tombstone({key_args})",
             cols = key_list.join(", ")
         ));
         sql.extend(crate::merge::table_setup(&t, table));
@@ -498,6 +631,44 @@ home_column = "country"
         let full = config("[relay.capture]\nbefore_image = \"full\"");
         let plan = super::plan(&full, "us", &keys, Stamp::Plpgsql);
         assert!(identity(&plan, r#""public"."products""#).ends_with("FULL"));
+    }
+
+    #[test]
+    fn every_function_runs_with_pgrelays_rights_and_only_wait_for_is_public() {
+        let keys = |_: &TableName| vec!["id".to_string()];
+        let plan = plan(&config(""), "us", &keys, Stamp::Plpgsql);
+        let functions: Vec<&String> = plan
+            .iter()
+            .filter(|s| s.starts_with("CREATE OR REPLACE FUNCTION"))
+            .collect();
+        assert!(functions.len() >= 11, "{functions:#?}");
+        let revoked = plan
+            .iter()
+            .filter(|s| s.starts_with("REVOKE ALL ON FUNCTION"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        for f in functions {
+            let head = &f[..f.find(" AS $fn$").unwrap()];
+            assert!(
+                head.contains("SECURITY DEFINER SET search_path = pg_catalog, pg_temp"),
+                "{head}"
+            );
+            let name = head
+                .trim_start_matches("CREATE OR REPLACE FUNCTION ")
+                .split('(')
+                .next()
+                .unwrap();
+            assert_eq!(
+                revoked.contains(&format!("{name}(")),
+                name != "pgrelay.wait_for",
+                "{name}: {revoked}"
+            );
+        }
+        // the insert path checks the key's tombstone after the unique check
+        assert!(plan.iter().any(|s| s.starts_with(
+            "CREATE TRIGGER pgrelay_tombstone_check AFTER INSERT ON \"public\".\"products\""
+        )));
     }
 
     #[test]

@@ -841,8 +841,7 @@ pub const HELD_SQL: &str = "INSERT INTO pgrelay.watermark_parts AS w \
 
 /// Advances the region's HLC past the highest applied stamp (`$1`, text:
 /// the logical part).
-pub const CLOCK_SQL: &str = "SELECT setval('pgrelay.hlc_logical', \
-    greatest((SELECT last_value FROM pgrelay.hlc_logical), $1::text::bigint))";
+pub const CLOCK_SQL: &str = crate::hlc::OBSERVE_SQL;
 
 #[cfg(test)]
 mod tests;

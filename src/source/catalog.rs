@@ -659,6 +659,28 @@ impl Catalog<'_> {
         Ok(row.get(0))
     }
 
+    /// Grants on pgrelay's objects to roles other than their owner,
+    /// superusers and `except` ([`crate::privileges::FOREIGN_GRANTS_SQL`]).
+    pub async fn foreign_grants(
+        &self,
+        except: &[String],
+    ) -> Result<Vec<crate::privileges::ForeignGrant>, CatalogError> {
+        let rows = self
+            .client
+            .query(crate::privileges::FOREIGN_GRANTS_SQL, &[&except])
+            .await
+            .map_err(self.err("reading the grants on schema pgrelay's objects"))?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::privileges::ForeignGrant {
+                kind: r.get(0),
+                object: r.get(1),
+                grantee: r.get(2),
+                privileges: r.get(3),
+            })
+            .collect())
+    }
+
     /// Primary keys of the declared, non-local tables.
     pub async fn keys(
         &self,

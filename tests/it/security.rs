@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::capture::{config, HASH_KEY_US, SCHEMA};
 use crate::support::broker::Broker;
 use crate::support::kafka::read_all;
-use crate::support::pg::{Pg, RUN_ROLE};
+use crate::support::pg::{Pg, PASSWORD, RUN_ROLE};
 use crate::support::relay::{self, ConfigFile, Relay};
 use crate::support::{eventually, free_port};
 
@@ -68,7 +68,7 @@ fn setup_grants_the_run_role_and_check_names_each_missing_grant() {
         "REVOKE INSERT, DELETE ON products FROM {RUN_ROLE};
          REVOKE SET ON PARAMETER session_replication_role FROM {RUN_ROLE};
          REVOKE EXECUTE ON FUNCTION pg_replication_origin_session_setup(text) FROM {RUN_ROLE};
-         REVOKE UPDATE ON SEQUENCE pgrelay.hlc_logical FROM {RUN_ROLE};"
+         REVOKE EXECUTE ON FUNCTION pgrelay.observe_hlc(bigint) FROM {RUN_ROLE};"
     ));
     let (ok, out) = check(&cfg, Some("us"));
     assert!(!ok, "{out}");
@@ -78,7 +78,7 @@ fn setup_grants_the_run_role_and_check_names_each_missing_grant() {
         format!(
             r#"GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_setup(text) TO "{RUN_ROLE}""#
         ),
-        format!(r#"GRANT UPDATE ON SEQUENCE "pgrelay"."hlc_logical" TO "{RUN_ROLE}""#),
+        format!(r#"GRANT EXECUTE ON FUNCTION pgrelay.observe_hlc(bigint) TO "{RUN_ROLE}""#),
     ] {
         assert!(out.contains(&grant), "missing {grant}:\n{out}");
     }
@@ -325,4 +325,231 @@ fn hmac_hex(key: &[u8], message: &[u8]) -> String {
         .chain_update(inner)
         .finalize();
     outer.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The application's role: it may write the replicated tables and holds
+/// nothing of pgrelay's, as the README says it needs.
+const APP_ROLE: &str = "app_writer";
+
+/// A region set up by `setup`'s own statements (PL/pgSQL stamps), with
+/// an application role holding only its tables' privileges.
+async fn app_region(pg: &Pg) -> pgrelay::config::Config {
+    pg.psql(SCHEMA);
+    let config = pgrelay::config::parse(&config(&pg.dsn(), "127.0.0.1:1"), "t.toml").unwrap();
+    let keys = |t: &pgrelay::event::TableName| {
+        vec![if t.name == "currencies" { "code" } else { "id" }.to_string()]
+    };
+    let plan = pgrelay::setup::plan(&config, "us", &keys, pgrelay::setup::Stamp::Plpgsql);
+    let c = pg.client().await;
+    for sql in plan {
+        c.batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}: {sql}"));
+    }
+    pg.psql(&format!(
+        "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{PASSWORD}';
+         GRANT USAGE ON SCHEMA public TO {APP_ROLE};
+         GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON products, orders TO {APP_ROLE};"
+    ));
+    config
+}
+
+async fn app_client(pg: &Pg) -> tokio_postgres::Client {
+    let dsn = pg
+        .dsn()
+        .replacen("user=postgres ", &format!("user={APP_ROLE} "), 1);
+    let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// pgrelay's triggers run with pgrelay's rights: an application role with
+/// no grant on schema pgrelay writes, deletes and truncates replicated
+/// tables, and can neither move the clock nor touch the tombstones. `check`
+/// names any other role that holds such grants, with the REVOKE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_role_writes_without_grants_and_cannot_touch_the_clock() {
+    let pg = Pg::start();
+    let config = app_region(&pg).await;
+    let app = app_client(&pg).await;
+    app.batch_execute(
+        "INSERT INTO products (id, name) VALUES (1, 'a'), (2, 'b');
+         UPDATE products SET name = 'c' WHERE id = 1;
+         UPDATE products SET id = 3 WHERE id = 2;
+         DELETE FROM products WHERE id = 1;
+         INSERT INTO orders (id, country) VALUES (1, 'US');
+         TRUNCATE orders;",
+    )
+    .await
+    .expect("an application role writes replicated tables with no grant on pgrelay");
+    let su = pg.client().await;
+    let tombstones: i64 = su
+        .query_one("SELECT count(*) FROM pgrelay.tombstones", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tombstones, 3,
+        "delete, key move and truncate leave tombstones"
+    );
+    for sql in [
+        "SELECT setval('pgrelay.hlc_logical', (1::bigint << 57) - 1)",
+        "SELECT nextval('pgrelay.hlc_gen')",
+        "INSERT INTO pgrelay.tombstones VALUES ('public.products', '{}', 1 << 62)",
+        "SELECT pk FROM pgrelay.tombstones",
+        "SELECT pgrelay.next_hlc(0)",
+        "SELECT pgrelay.advance_hlc(1 << 56)",
+        "SELECT pgrelay.observe_hlc(1 << 56)",
+    ] {
+        let err = app
+            .batch_execute(sql)
+            .await
+            .expect_err(&format!("an application role ran {sql}"));
+        assert_eq!(
+            err.as_db_error().map(|e| e.code().code()),
+            Some("42501"),
+            "{sql}: {err}"
+        );
+    }
+    // nor with USAGE on the schema: each object is refused on its own
+    pg.psql(&format!("GRANT USAGE ON SCHEMA pgrelay TO {APP_ROLE}"));
+    for sql in [
+        "SELECT setval('pgrelay.hlc_logical', (1::bigint << 57) - 1)",
+        "SELECT pgrelay.next_hlc(0)",
+        "SELECT pgrelay.advance_hlc(1 << 56)",
+        "SELECT pgrelay.row_key(1, '{}'::text[])",
+    ] {
+        let err = app.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            err.as_db_error().map(|e| e.code().code()),
+            Some("42501"),
+            "{sql}: {err}"
+        );
+    }
+
+    // check: nothing to say, then each foreign grant with its REVOKE
+    let findings = |client| {
+        let config = &config;
+        async move {
+            let cat = pgrelay::source::catalog::Catalog {
+                client,
+                region: "us",
+            };
+            pgrelay::check::database(config, "us", &cat, true)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|f| f.to_string())
+                .filter(|f| f.contains(APP_ROLE) || f.contains("PUBLIC"))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(findings(&su).await, Vec::<String>::new());
+    pg.psql(&format!(
+        "GRANT USAGE, UPDATE ON SEQUENCE pgrelay.hlc_logical TO {APP_ROLE};
+         GRANT SELECT, INSERT, UPDATE ON pgrelay.tombstones TO {APP_ROLE};
+         GRANT EXECUTE ON FUNCTION pgrelay.next_hlc(bigint) TO PUBLIC;"
+    ));
+    let found = findings(&su).await;
+    for revoke in [
+        format!(r#"REVOKE UPDATE, USAGE ON SEQUENCE pgrelay.hlc_logical FROM "{APP_ROLE}""#),
+        format!(r#"REVOKE INSERT, SELECT, UPDATE ON TABLE pgrelay.tombstones FROM "{APP_ROLE}""#),
+        "REVOKE EXECUTE ON FUNCTION pgrelay.next_hlc(bigint) FROM PUBLIC".to_string(),
+    ] {
+        assert!(
+            found
+                .iter()
+                .any(|f| f.starts_with("warning: ") && f.ends_with(&revoke)),
+            "no warning ending in {revoke}: {found:#?}"
+        );
+    }
+}
+
+/// A local insert racing a local delete of the same key: the insert takes
+/// its stamp, then waits in an application trigger while another session
+/// deletes the key's old row (a tombstone stamped above the insert) and
+/// commits. The insert must not commit below its own region's tombstone
+/// (kept here, dropped by every other region): it fails as a serialization
+/// failure, and its retry is stamped above the tombstone. Both sessions run
+/// as an application role with nothing of pgrelay's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_racing_a_delete_of_its_key_never_commits_below_the_tombstone() {
+    let pg = Pg::start();
+    app_region(&pg).await;
+    // the application's own trigger, after pgrelay's stamp (name order)
+    pg.psql(
+        "CREATE FUNCTION public.slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;
+         CREATE TRIGGER zz_set_updated_at BEFORE INSERT ON products
+             FOR EACH ROW WHEN (NEW.name = 'slow') EXECUTE FUNCTION public.slow_insert();",
+    );
+    let t1 = app_client(&pg).await;
+    let t2 = app_client(&pg).await;
+    t1.batch_execute("INSERT INTO products (id, name) VALUES (1, 'first')")
+        .await
+        .unwrap();
+    let insert = tokio::spawn(async move {
+        let r = t1
+            .query_one(
+                "INSERT INTO products (id, name) VALUES (1, 'slow') RETURNING _pgrelay_hlc",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0));
+        (t1, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    t2.batch_execute("DELETE FROM products WHERE id = 1")
+        .await
+        .unwrap();
+    let (t1, inserted) = insert.await.unwrap();
+    let su = pg.client().await;
+    let tombstone: i64 = su
+        .query_one(
+            "SELECT hlc FROM pgrelay.tombstones WHERE table_name = 'public.products' \
+             AND pk = '{\"id\": \"1\"}'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    match inserted {
+        Ok(stamp) => assert!(
+            stamp > tombstone,
+            "the insert committed at {} below its own region's tombstone {}",
+            pgrelay::hlc::display(stamp as u64),
+            pgrelay::hlc::display(tombstone as u64)
+        ),
+        Err(e) => assert_eq!(
+            e.as_db_error().map(|e| e.code().code()),
+            Some("40001"),
+            "the racing insert failed otherwise: {e}"
+        ),
+    }
+    // the application retries: stamped above the delete
+    let stamp: i64 = t1
+        .query_one(
+            "INSERT INTO products (id, name) VALUES (1, 'again') \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name RETURNING _pgrelay_hlc",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stamp > tombstone);
+    let below: i64 = su
+        .query_one(
+            "SELECT count(*) FROM products p JOIN pgrelay.tombstones t \
+             ON t.table_name = 'public.products' AND t.pk = jsonb_build_object('id', p.id::text) \
+             WHERE t.hlc >= p._pgrelay_hlc",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(below, 0, "a row is kept below its own tombstone");
 }

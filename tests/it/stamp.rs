@@ -62,12 +62,12 @@ async fn forge(c: &Client, table: &str, id: i32, stamp: i64) {
 
 async fn set_up(c: &Client) {
     c.batch_execute(&format!(
-        "CREATE SCHEMA pgrelay; CREATE SEQUENCE pgrelay.hlc_logical; \
-         CREATE EXTENSION pgrelay SCHEMA pgrelay; {plpgsql}; \
+        "{clock}; CREATE EXTENSION pgrelay SCHEMA pgrelay; {plpgsql}; \
          CREATE TABLE c_rows (id int PRIMARY KEY, v int, {HLC_COLUMN} bigint); \
          CREATE TABLE p_rows (id int PRIMARY KEY, v int, {HLC_COLUMN} bigint); \
          {c_trigger}; {p_trigger}",
         plpgsql = hlc::sql_stamp_row_function(REGION, HLC_COLUMN),
+        clock = pgrelay::setup::clock_sql(REGION).join("; "),
         c_trigger = pgrelay::setup::stamp_trigger_sql("c_rows", pgrelay::setup::Stamp::C, REGION),
         p_trigger =
             pgrelay::setup::stamp_trigger_sql("p_rows", pgrelay::setup::Stamp::Plpgsql, REGION),
@@ -274,4 +274,274 @@ async fn c_and_plpgsql_stamp_triggers_follow_the_same_clock_rules() {
     eprintln!(
         "stamps: {checked} writes checked against the clock's rules, {forged} rows forged ahead"
     );
+}
+
+/// One committed write: which row, its place in that row's history (the
+/// row's counter `v`, moved under the row's lock, so commit order) and the
+/// stamp it got.
+struct Written {
+    table: &'static str,
+    id: i32,
+    order: i32,
+    stamp: i64,
+}
+
+/// Concurrent sessions racing at millisecond boundaries: writers of both
+/// trigger kinds on shared and own rows (single and multi-row statements),
+/// sessions taking stamps as the delete and truncate triggers do, and
+/// apply-style clock advances just ahead of the wall clock, all on one
+/// region's clock. No two committed stamps may be equal, and each row's
+/// stamps must increase in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stamps_never_repeat_and_increase_per_row() {
+    if major() != 15 {
+        eprintln!(
+            "SKIP concurrent_stamps_never_repeat_and_increase_per_row: the pgrelay extension is \
+             built for PostgreSQL 15 here"
+        );
+        return;
+    }
+    const WRITERS: u64 = 6;
+    const SHARED: i32 = 4;
+    let pg = Pg::start();
+    let c = pg.client().await;
+    set_up(&c).await;
+    for (table, _) in TABLES {
+        c.batch_execute(&format!(
+            "INSERT INTO {table} SELECT g, 0 FROM generate_series(1, {SHARED}) g"
+        ))
+        .await
+        .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let client = pg.client().await;
+        writers.push(tokio::spawn(async move {
+            let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ (w + 1));
+            let mut out = Vec::new();
+            let mut own = Vec::new();
+            let mut next_id = 1_000_000 * (w as i32 + 1);
+            while std::time::Instant::now() < deadline {
+                let (table, _) = TABLES[rng.below(2) as usize];
+                match rng.below(5) {
+                    0 | 1 => {
+                        let id = 1 + rng.below(SHARED as u64) as i32;
+                        let row = client
+                            .query_one(
+                                &format!(
+                                    "UPDATE {table} SET v = v + 1 WHERE id = $1 \
+                                     RETURNING v, {HLC_COLUMN}"
+                                ),
+                                &[&id],
+                            )
+                            .await
+                            .unwrap();
+                        out.push(Written {
+                            table,
+                            id,
+                            order: row.get(0),
+                            stamp: row.get(1),
+                        });
+                    }
+                    2 => {
+                        let ids: Vec<i32> = (0..3).map(|i| next_id + i).collect();
+                        next_id += 3;
+                        let rows = client
+                            .query(
+                                &format!(
+                                    "INSERT INTO {table} SELECT unnest($1::int[]), 0 \
+                                     RETURNING id, {HLC_COLUMN}"
+                                ),
+                                &[&ids],
+                            )
+                            .await
+                            .unwrap();
+                        for row in rows {
+                            let id: i32 = row.get(0);
+                            own.push((table, id));
+                            out.push(Written {
+                                table,
+                                id,
+                                order: 0,
+                                stamp: row.get(1),
+                            });
+                        }
+                    }
+                    3 if !own.is_empty() => {
+                        let (table, id) = own[rng.below(own.len() as u64) as usize];
+                        let row = client
+                            .query_one(
+                                &format!(
+                                    "UPDATE {table} SET v = v + 1 WHERE id = $1 \
+                                     RETURNING v, {HLC_COLUMN}"
+                                ),
+                                &[&id],
+                            )
+                            .await
+                            .unwrap();
+                        out.push(Written {
+                            table,
+                            id,
+                            order: row.get(0),
+                            stamp: row.get(1),
+                        });
+                    }
+                    _ => {
+                        // as the delete and truncate triggers take theirs
+                        let stamp: i64 = client
+                            .query_one("SELECT pgrelay.next_hlc(0)", &[])
+                            .await
+                            .unwrap()
+                            .get(0);
+                        out.push(Written {
+                            table: "next_hlc",
+                            id: 0,
+                            order: 0,
+                            stamp,
+                        });
+                    }
+                }
+            }
+            out
+        }));
+    }
+    // the apply side's clock advance, past stamps from a region whose clock
+    // runs up to a millisecond ahead
+    let observer = pg.client().await;
+    let observing = tokio::spawn(async move {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut advances = 0;
+        while std::time::Instant::now() < deadline {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            let logical = ((now_ms + rng.below(2) as i64) << COUNTER_BITS) + rng.below(8) as i64;
+            observer
+                .execute(pgrelay::hlc::OBSERVE_SQL, &[&logical.to_string()])
+                .await
+                .unwrap();
+            advances += 1;
+        }
+        advances
+    });
+    let mut all = Vec::new();
+    for w in writers {
+        all.extend(w.await.unwrap());
+    }
+    let advances = observing.await.unwrap();
+
+    let mut stamps: Vec<i64> = all.iter().map(|w| w.stamp).collect();
+    stamps.sort_unstable();
+    let repeated: Vec<i64> = stamps
+        .windows(2)
+        .filter(|p| p[0] == p[1])
+        .map(|p| p[0])
+        .collect();
+    assert!(
+        repeated.is_empty(),
+        "{} of {} committed stamps repeat one another, e.g. {}",
+        repeated.len(),
+        stamps.len(),
+        hlc::display(repeated[0] as u64)
+    );
+    for w in &all {
+        assert_eq!(hlc::region_id(w.stamp as u64), REGION, "{}", w.table);
+    }
+    let mut rows: std::collections::BTreeMap<(&str, i32), Vec<(i32, i64)>> = Default::default();
+    for w in all.iter().filter(|w| w.table != "next_hlc") {
+        rows.entry((w.table, w.id))
+            .or_default()
+            .push((w.order, w.stamp));
+    }
+    let mut backwards = Vec::new();
+    for ((table, id), mut history) in rows {
+        history.sort_unstable();
+        for p in history.windows(2) {
+            if p[1].1 <= p[0].1 {
+                backwards.push(format!(
+                    "{table} row {id}: write {} stamped {} after write {} stamped {}",
+                    p[1].0,
+                    hlc::display(p[1].1 as u64),
+                    p[0].0,
+                    hlc::display(p[0].1 as u64)
+                ));
+            }
+        }
+    }
+    assert!(
+        backwards.is_empty(),
+        "stamps went backwards in commit order:\n{}",
+        backwards.join("\n")
+    );
+    eprintln!(
+        "stamps: {} concurrent writes and {advances} clock advances, no stamp repeated",
+        stamps.len()
+    );
+}
+
+/// Both triggers serve a writer holding nothing of pgrelay's (not even
+/// USAGE on the schema): the C one reads and moves the clock as the
+/// sequence's owner, the PL/pgSQL one is SECURITY DEFINER; both take the
+/// locked advance for a row stamped ahead of the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_stamp_triggers_serve_a_writer_with_no_grant_on_pgrelay() {
+    if major() != 15 {
+        eprintln!(
+            "SKIP both_stamp_triggers_serve_a_writer_with_no_grant_on_pgrelay: the pgrelay \
+             extension is built for PostgreSQL 15 here"
+        );
+        return;
+    }
+    let pg = Pg::start();
+    let c = pg.client().await;
+    set_up(&c).await;
+    c.batch_execute(&format!(
+        "CREATE ROLE app_writer LOGIN PASSWORD '{}'; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON c_rows, p_rows TO app_writer",
+        crate::support::pg::PASSWORD
+    ))
+    .await
+    .unwrap();
+    let (app, conn) = tokio_postgres::connect(
+        &pg.dsn().replacen("user=postgres ", "user=app_writer ", 1),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (table, kind) in TABLES {
+        app.batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 0), (2, 0); UPDATE {table} SET v = 1 WHERE id = 1"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        // a row stamped a minute ahead: its update takes the locked advance
+        let ahead = (wall_logical(&c).await + (60_000 << COUNTER_BITS)) << REGION_BITS | 9;
+        forge(&c, table, 2, ahead).await;
+        let stamp: i64 = app
+            .query_one(
+                &format!("UPDATE {table} SET v = 2 WHERE id = 2 RETURNING {HLC_COLUMN}"),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: {e}"))
+            .get(0);
+        assert_eq!(
+            hlc::logical(stamp as u64),
+            hlc::logical(ahead as u64) + 1,
+            "{kind}"
+        );
+        assert_eq!(
+            sequence(&c).await,
+            hlc::logical(stamp as u64) as i64,
+            "{kind}"
+        );
+        let denied = app
+            .batch_execute("SELECT setval('pgrelay.hlc_logical', 1)")
+            .await
+            .expect_err("the writer moved the clock");
+        assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{denied}");
+    }
 }
