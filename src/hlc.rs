@@ -175,7 +175,7 @@ fn sql_wall() -> String {
 ///   side's receive rule ([`OBSERVE_SQL`]).
 pub fn sql_clock_functions(region_id: u8) -> Vec<String> {
     let (class, id) = LOCK;
-    let settings = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
+    let settings = crate::names::DEFINER;
     let advance = format!(
         r#"CREATE OR REPLACE FUNCTION pgrelay.advance_hlc(target bigint) RETURNS bigint
 LANGUAGE plpgsql VOLATILE {settings} AS $fn$
@@ -270,7 +270,7 @@ $fn$"#,
 pub fn sql_stamp_row_function(region_id: u8, column: &str) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION pgrelay.stamp_row() RETURNS trigger LANGUAGE plpgsql \
-         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+         {definer} AS $fn$
 DECLARE
     g bigint;
     l bigint;
@@ -286,6 +286,7 @@ BEGIN
 END
 $fn$",
         take = sql_clock_take(&format!("greatest({}, prev + 1)", sql_wall())),
+        definer = crate::names::DEFINER,
     )
 }
 

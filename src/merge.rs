@@ -51,7 +51,7 @@
 use crate::apply::record::TargetTable;
 use crate::config::{MergeKind, TableConfig};
 use crate::event::{quote_ident, quote_literal};
-use crate::names::{COUNTS_COLUMN, HLC_COLUMN};
+use crate::names::{COUNTS_COLUMN, DEFINER, HLC_COLUMN};
 
 /// The row trigger keeping counters' parts and unions sorted; its name
 /// sorts after other BEFORE triggers, so it sees the row as written.
@@ -63,41 +63,59 @@ pub const TRIGGER: &str = "zz_pgrelay_merge";
 ///   `ceiling`;
 /// - `pgrelay.counts_union(parts)`: the aggregate of that merge;
 /// - `pgrelay.counts_total(parts, column)`: a counter's sum.
+///
+/// Each runs with pgrelay's rights ([`DEFINER`]); none is anybody's to call
+/// but the apply side's (the run role is granted [`APPLY_FUNCTIONS`]).
 pub fn setup_functions() -> Vec<String> {
     vec![
-        "CREATE OR REPLACE FUNCTION pgrelay.counts_merge(a jsonb, b jsonb, floor bigint, ceiling bigint) \
-         RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE \
-         SET search_path = pg_catalog, pg_temp AS $fn$
-SELECT coalesce(jsonb_object_agg(col, parts), '{}'::jsonb) FROM (
+        format!(
+            "CREATE OR REPLACE FUNCTION pgrelay.counts_merge(a jsonb, b jsonb, floor bigint, ceiling bigint) \
+             RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE {DEFINER} AS $fn$
+SELECT coalesce(jsonb_object_agg(col, parts), '{{}}'::jsonb) FROM (
     SELECT col, jsonb_object_agg(rid, jsonb_build_array(v, s)) AS parts FROM (
         SELECT DISTINCT ON (col, rid) col, rid, v, s FROM (
             SELECT c.key AS col, p.key AS rid, (p.value ->> 0)::numeric AS v, (p.value ->> 1)::bigint AS s
             FROM (VALUES (a), (b)) AS src(j),
-                 jsonb_each(CASE WHEN jsonb_typeof(src.j) = 'object' THEN src.j ELSE '{}'::jsonb END) AS c,
-                 jsonb_each(CASE WHEN jsonb_typeof(c.value) = 'object' THEN c.value ELSE '{}'::jsonb END) AS p
+                 jsonb_each(CASE WHEN jsonb_typeof(src.j) = 'object' THEN src.j ELSE '{{}}'::jsonb END) AS c,
+                 jsonb_each(CASE WHEN jsonb_typeof(c.value) = 'object' THEN c.value ELSE '{{}}'::jsonb END) AS p
         ) AS e
         WHERE s > floor AND s <= ceiling AND v IS NOT NULL
         ORDER BY col, rid, s DESC, v DESC
     ) AS w GROUP BY col
 ) AS g
 $fn$"
-        .to_string(),
-        "CREATE OR REPLACE FUNCTION pgrelay.counts_merge_pair(a jsonb, b jsonb) RETURNS jsonb \
-         LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+        ),
+        format!(
+            "CREATE OR REPLACE FUNCTION pgrelay.counts_merge_pair(a jsonb, b jsonb) RETURNS jsonb \
+             LANGUAGE sql IMMUTABLE PARALLEL SAFE {DEFINER} AS $fn$
 SELECT pgrelay.counts_merge(a, b, -1, 9223372036854775807)
 $fn$"
-            .to_string(),
+        ),
         "CREATE OR REPLACE AGGREGATE pgrelay.counts_union(jsonb) \
          (SFUNC = pgrelay.counts_merge_pair, STYPE = jsonb, INITCOND = '{}')"
             .to_string(),
-        "CREATE OR REPLACE FUNCTION pgrelay.counts_total(parts jsonb, col text) RETURNS numeric \
-         LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+        format!(
+            "CREATE OR REPLACE FUNCTION pgrelay.counts_total(parts jsonb, col text) RETURNS numeric \
+             LANGUAGE sql IMMUTABLE PARALLEL SAFE {DEFINER} AS $fn$
 SELECT coalesce(sum((p.value ->> 0)::numeric), 0)
-FROM jsonb_each(CASE WHEN jsonb_typeof(parts -> col) = 'object' THEN parts -> col ELSE '{}'::jsonb END) AS p
+FROM jsonb_each(CASE WHEN jsonb_typeof(parts -> col) = 'object' THEN parts -> col ELSE '{{}}'::jsonb END) AS p
 $fn$"
-            .to_string(),
+        ),
+        format!(
+            "REVOKE ALL ON FUNCTION pgrelay.counts_merge(jsonb, jsonb, bigint, bigint), \
+             pgrelay.counts_merge_pair(jsonb, jsonb), {} FROM PUBLIC",
+            APPLY_FUNCTIONS[1..].join(", ")
+        ),
     ]
 }
+
+/// The functions the apply side's statements call ([`counts_sql`]); `setup`
+/// grants the run role EXECUTE on them where a table has counters.
+pub const APPLY_FUNCTIONS: [&str; 3] = [
+    "pgrelay.counts_merge(jsonb, jsonb, bigint, bigint)",
+    "pgrelay.counts_union(jsonb)",
+    "pgrelay.counts_total(jsonb, text)",
+];
 
 /// SQL for the row trigger function `pgrelay.merge_row('c:col' | 'u:col',
 /// …)` of region `region_id`: keeps this region's part of each counter
@@ -108,7 +126,7 @@ $fn$"
 pub fn sql_merge_row_function(region_id: u8) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION pgrelay.merge_row() RETURNS trigger LANGUAGE plpgsql \
-         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+         {DEFINER} AS $fn$
 DECLARE
     own text := '{region_id}';
     stamp bigint := NEW.{hlc};

@@ -12,6 +12,11 @@ pub const COUNTS_COLUMN: &str = "_pgrelay_counts";
 pub const META_SCHEMA: &str = "pgrelay";
 /// The table the delete trigger writes stamps (and tombstones) to.
 pub const TOMBSTONES_TABLE: &str = "tombstones";
+/// How every function of pgrelay's runs: with the rights of its owner (the
+/// setup role), whoever calls or fires it, and with a search path no caller
+/// can put objects in (every name in the bodies is schema-qualified or
+/// pg_catalog's).
+pub const DEFINER: &str = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
 /// Replication origins of pgrelay's apply side are named with this prefix.
 pub const ORIGIN_PREFIX: &str = "pgrelay_";
 

@@ -145,6 +145,19 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         object: Object::Function(CLOCK_FUNCTION),
         privileges: &["EXECUTE"],
     });
+    let counters = config.tables.iter().any(|t| {
+        t.merge
+            .iter()
+            .any(|m| m.kind == crate::config::MergeKind::Counter)
+    });
+    if counters {
+        for f in crate::merge::APPLY_FUNCTIONS {
+            out.push(Need {
+                object: Object::Function(f),
+                privileges: &["EXECUTE"],
+            });
+        }
+    }
     if config.tables.iter().any(|t| !t.dr.is_empty()) {
         out.push(Need {
             object: Object::Schema("pgrelay_dr".into()),

@@ -23,7 +23,7 @@
 use crate::config::{Config, TableClass};
 use crate::event::{quote_ident, quote_literal, TableName};
 use crate::hlc;
-use crate::names::HLC_COLUMN;
+use crate::names::{DEFINER, HLC_COLUMN};
 
 /// Primary key columns of a table, as read from the catalog.
 pub type KeyColumns = Vec<String>;
@@ -65,11 +65,6 @@ $fn$",
         settings = crate::event::canonical_text_sets(" ")
     )
 }
-
-/// How every pgrelay function runs: with the rights of its owner (the setup
-/// role), whoever fires it, and with a search path no caller can put objects
-/// in (every name in the bodies is schema-qualified or pg_catalog's).
-const DEFINER: &str = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
 
 /// `pgrelay.row_key(row, key columns)`: the row's key as the tombstones
 /// spell it (`{column: text}`), under the apply side's text settings.
@@ -181,7 +176,7 @@ fn wait_for_function(config: &Config, region: &str) -> String {
     let suffix = quote_literal(&format!(".{region}"));
     format!(
         "CREATE OR REPLACE FUNCTION pgrelay.wait_for(source text, lsn pg_lsn, timeout interval DEFAULT '10s') \
-         RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+         RETURNS boolean LANGUAGE plpgsql {DEFINER} AS $fn$
 DECLARE
     deadline timestamptz := clock_timestamp() + timeout;
     reached int;
