@@ -6,7 +6,8 @@
 //! random operations ([`Op`]) on a `global` table `g`, an `owned` table `o`
 //! (owner us) and a `partitioned` table `p` (home in column `home`; us-homed
 //! rows may also live in eu). Every committed write is logged with the stamp
-//! PostgreSQL gave it. Faults ([`Fault`]) are injected while the writers run.
+//! PostgreSQL gave it. The writers log in as an application role holding
+//! only what the README says one needs: its tables, nothing of pgrelay's. Faults ([`Fault`]) are injected while the writers run.
 //!
 //! The model ([`Model::expected`]) computes, per region and key, the version
 //! last-writer-wins must leave there: the highest-stamped version among
@@ -907,13 +908,42 @@ async fn tombstone(
     } else {
         serde_json::json!({ "id": id }).to_string()
     };
+    // the writers hold no privilege on pgrelay's objects: a probe the test
+    // installed reads the tombstone (in the writer's own transaction)
     Ok(tx
         .query_one(
-            "SELECT hlc FROM pgrelay.tombstones WHERE table_name = $1 AND pk = $2::text::jsonb",
+            "SELECT public.checker_tombstone($1, $2::text::jsonb)",
             &[&format!("public.{table}"), &pk],
         )
         .await?
         .get(0))
+}
+
+/// The application role the writers run as: it may write the tables and
+/// nothing of pgrelay's (the README's roles section), plus the test's probe.
+const APP_ROLE: &str = "pgrelay_app";
+
+/// Creates [`APP_ROLE`] in `pg` with only what the README says an
+/// application role needs, and the probe [`tombstone`] reads through.
+fn create_app_role(pg: &Pg) {
+    let tables = TABLES.join(", ");
+    pg.psql(&format!(
+        "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}';
+         GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON {tables} TO {APP_ROLE};
+         CREATE FUNCTION public.checker_tombstone(t text, k jsonb) RETURNS bigint
+             LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
+             $$ SELECT hlc FROM pgrelay.tombstones WHERE table_name = t AND pk = k $$;
+         REVOKE ALL ON FUNCTION public.checker_tombstone(text, jsonb) FROM PUBLIC;
+         GRANT EXECUTE ON FUNCTION public.checker_tombstone(text, jsonb) TO {APP_ROLE};",
+        password = crate::support::pg::PASSWORD
+    ));
+}
+
+/// `pg`'s connection string for [`APP_ROLE`].
+fn app_dsn(pg: &Pg) -> String {
+    let dsn = pg.dsn();
+    assert!(dsn.contains("user=postgres "), "{dsn}");
+    dsn.replacen("user=postgres ", &format!("user={APP_ROLE} "), 1)
 }
 
 /// A session whose commits survive a crash of the server (the test
@@ -1029,6 +1059,9 @@ impl World {
                 r != "eu" || out.contains("stamp trigger in PL/pgSQL"),
                 "{out}"
             );
+        }
+        for r in REGIONS {
+            create_app_role(&pg[r]);
         }
         let sidecars = REGIONS
             .iter()
@@ -1170,7 +1203,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     for (i, r) in REGIONS.iter().enumerate() {
         let writer = Writer {
             region: r,
-            dsn: w.pg[r].dsn(),
+            dsn: app_dsn(&w.pg[r]),
             rng: Rng::new(seed.wrapping_mul(31).wrapping_add(i as u64)),
             keys,
             truncates: rng.chance(50),
