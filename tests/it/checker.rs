@@ -7,7 +7,10 @@
 //! (owner us) and a `partitioned` table `p` (home in column `home`; us-homed
 //! rows may also live in eu). Every committed write is logged with the stamp
 //! PostgreSQL gave it. The writers log in as an application role holding
-//! only what the README says one needs: its tables, nothing of pgrelay's. Faults ([`Fault`]) are injected while the writers run.
+//! only what the README says one needs: its tables, nothing of pgrelay's.
+//! Each region runs two writers on the same keys, and `g` has an
+//! application BEFORE INSERT trigger that sometimes sleeps, so local writes
+//! of one key race (an insert overtaken by a delete of its key). Faults ([`Fault`]) are injected while the writers run.
 //!
 //! The model ([`Model::expected`]) computes, per region and key, the version
 //! last-writer-wins must leave there: the highest-stamped version among
@@ -376,6 +379,11 @@ pub struct History {
     /// Changes a destination parked with `pgrelay breaker discard`:
     /// (destination, table, key, stamp). They never apply there.
     pub discarded: BTreeSet<(&'static str, String, i32, i64)>,
+    /// After a `LostSlot` fault: the `p` records each topic carries,
+    /// (source, destination, key, stamp). See [`Model::expected`].
+    pub delivered_p: Option<BTreeSet<(&'static str, &'static str, i32, i64)>>,
+    /// The regions whose slot was lost.
+    pub lost_slots: BTreeSet<&'static str>,
 }
 
 pub struct Model<'h>(pub &'h History);
@@ -395,6 +403,36 @@ impl Model<'_> {
                 w.version.stamp,
             )) {
                 continue;
+            }
+            // a lost slot's limit (README, "A lost slot"): the resync
+            // sends a region's rows as they are, not their history, so a
+            // version of a `p` row its region wrote while no slot carried
+            // it, and then replaced there (written again, moved, deleted,
+            // truncated) before the resync, may never reach another region
+            // — what matters for a partitioned row that left a region's
+            // homes meanwhile. Such a version counts elsewhere only if its
+            // record was published after all; the region's last version of
+            // each row must arrive as always.
+            if let Some(delivered) = &self.0.delivered_p {
+                if table == "p"
+                    && w.region != region
+                    && self.0.lost_slots.contains(w.region)
+                    && !delivered.contains(&(w.region, region_name(region), w.key, w.version.stamp))
+                {
+                    let replaced = self.0.writes.iter().any(|o| {
+                        o.table == "p"
+                            && o.region == w.region
+                            && o.key == w.key
+                            && o.version.stamp > w.version.stamp
+                    }) || self
+                        .0
+                        .truncates
+                        .iter()
+                        .any(|(r, t, s)| *r == w.region && *t == "p" && *s > w.version.stamp);
+                    if replaced {
+                        continue;
+                    }
+                }
             }
             let seen = match table {
                 "p" if w.region != region => {
@@ -934,7 +972,14 @@ fn create_app_role(pg: &Pg) {
              LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
              $$ SELECT hlc FROM pgrelay.tombstones WHERE table_name = t AND pk = k $$;
          REVOKE ALL ON FUNCTION public.checker_tombstone(text, jsonb) FROM PUBLIC;
-         GRANT EXECUTE ON FUNCTION public.checker_tombstone(text, jsonb) TO {APP_ROLE};",
+         GRANT EXECUTE ON FUNCTION public.checker_tombstone(text, jsonb) TO {APP_ROLE};
+         -- an application's own BEFORE trigger that sometimes takes a while:
+         -- it runs after pgrelay's stamp trigger and before the unique check,
+         -- so a delete of the key can overtake the insert
+         CREATE FUNCTION public.app_slow_insert() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN IF random() < 0.2 THEN PERFORM pg_sleep(0.02); END IF; RETURN NEW; END $$;
+         CREATE TRIGGER app_slow_insert BEFORE INSERT ON g
+             FOR EACH ROW EXECUTE FUNCTION public.app_slow_insert();",
         password = crate::support::pg::PASSWORD
     ));
 }
@@ -1021,6 +1066,8 @@ pub struct World {
     pub plpgsql: ConfigFile,
     /// Regions that parked changes and must replay them.
     pub replay: BTreeSet<&'static str>,
+    /// Regions whose slot was lost (`LostSlot`).
+    pub lost_slots: BTreeSet<&'static str>,
     /// By region and role: us and eu run both sides in one process, cn runs
     /// them as two.
     pub sidecars: BTreeMap<(&'static str, &'static str), Relay>,
@@ -1074,6 +1121,7 @@ impl World {
             cfg,
             plpgsql,
             replay: BTreeSet::new(),
+            lost_slots: BTreeSet::new(),
             sidecars,
         }
     }
@@ -1123,6 +1171,7 @@ impl World {
             }
             Fault::LostSlot(i) => {
                 let r = REGIONS[i % 3];
+                self.lost_slots.insert(r);
                 for role in roles(r) {
                     self.sidecars.get_mut(&(r, *role)).unwrap().kill9();
                 }
@@ -1210,6 +1259,18 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             pace_ms: 40,
         };
         writers.push(tokio::spawn(writer.run(ops_per_region, history.clone())));
+        // a second session in the region, on the same keys: local writes
+        // of one key race (an insert with a slow BEFORE trigger against a
+        // delete of its key, see create_app_role)
+        let racer = Writer {
+            region: r,
+            dsn: app_dsn(&w.pg[r]),
+            rng: Rng::new(seed.wrapping_mul(97).wrapping_add(i as u64 + 7)),
+            keys,
+            truncates: false,
+            pace_ms: 40,
+        };
+        writers.push(tokio::spawn(racer.run(ops_per_region / 2, history.clone())));
     }
     // faults while the writers run
     let mut faults = Vec::new();
@@ -1277,6 +1338,10 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         }
         if resolved.iter().any(|(_, _, action)| *action == "discard") {
             history.discarded = discarded(&w, &resolved);
+        }
+        if !w.lost_slots.is_empty() {
+            history.delivered_p = Some(delivered_p(&w));
+            history.lost_slots = w.lost_slots.clone();
         }
         let model = Model(&history);
         last_diff = String::new();
@@ -1703,6 +1768,35 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
         eprintln!("seed {seed}: {replayed} change(s) parked by a refusing region, all replayed");
     }
     total
+}
+
+/// Every `p` record of every topic from a region whose slot was lost:
+/// (source, destination, key, stamp).
+fn delivered_p(w: &World) -> BTreeSet<(&'static str, &'static str, i32, i64)> {
+    let mut out = BTreeSet::new();
+    for src in w.lost_slots.iter().copied() {
+        for dst in REGIONS.iter().copied().filter(|d| *d != src) {
+            let topic = format!("pgrelay.{src}.{dst}");
+            for rec in read_all(&w.brokers[dst].0.brokers(), &topic, Duration::from_secs(1)) {
+                if rec.value["source"]["table"] != "p" {
+                    continue;
+                }
+                let row = if rec.value["after"].is_object() {
+                    &rec.value["after"]
+                } else {
+                    &rec.value["before"]
+                };
+                let key = row["id"]
+                    .as_str()
+                    .and_then(|k| k.parse().ok())
+                    .or_else(|| row["id"].as_i64().map(|k| k as i32));
+                if let (Some(key), Some(stamp)) = (key, rec.value["pgrelay"]["hlc"].as_i64()) {
+                    out.insert((src, dst, key, stamp));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `PGRELAY_CHECK_FAULTS=lost_slot,park_replay`: draw only these fault
