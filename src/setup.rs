@@ -96,7 +96,9 @@ const NEW_ROWS: &str = "pgrelay_new_rows";
 /// it), and would leave the row below its own region's tombstone: kept
 /// here, dropped everywhere else. Its common cost, per statement, is one
 /// index probe (the table's newest tombstone) and one pass over the new
-/// rows' stamps; keys are compared only when a stamp is not above it.
+/// rows' stamps; keys are compared only when a stamp is not above it. With
+/// the extension the trigger is its C fast path, `check_tombstone_c`, which
+/// hands this function the call when a stamp is not above that tombstone.
 fn check_tombstone_function() -> String {
     format!(
         "CREATE OR REPLACE FUNCTION pgrelay.check_tombstone() RETURNS trigger LANGUAGE plpgsql \
@@ -201,8 +203,9 @@ $fn$",
     )
 }
 
-/// Which trigger functions the replicated tables get, the stamp trigger and
-/// the fence guard: C ones from the `pgrelay` extension or PL/pgSQL ones;
+/// Which trigger functions the replicated tables get, the stamp trigger, the
+/// fence guard and the insert's tombstone check: C ones from the `pgrelay`
+/// extension (the check's rare path still in PL/pgSQL) or PL/pgSQL ones;
 /// both kinds compute the same stamps (`hlc.rs`) and refuse the same
 /// writes. The caller decides from `relay.capture.stamp_trigger` and what
 /// the server offers.
@@ -219,8 +222,8 @@ pub const EXTENSION: &str = "pgrelay";
 
 /// Creates the extension in schema pgrelay (the setup role needs the right
 /// to create an untrusted-language extension: a superuser, usually).
-pub const CREATE_EXTENSION_SQL: &str =
-    "CREATE SCHEMA IF NOT EXISTS pgrelay; CREATE EXTENSION IF NOT EXISTS pgrelay SCHEMA pgrelay";
+pub const CREATE_EXTENSION_SQL: &str = "CREATE SCHEMA IF NOT EXISTS pgrelay; \
+    CREATE EXTENSION IF NOT EXISTS pgrelay SCHEMA pgrelay; ALTER EXTENSION pgrelay UPDATE";
 
 /// The row trigger that stamps `table`'s writes.
 pub fn stamp_trigger_sql(table: &str, stamp: Stamp, region_id: u8) -> String {
@@ -447,15 +450,23 @@ $fn$"),
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone_check AFTER INSERT ON {t} \
              REFERENCING NEW TABLE AS {NEW_ROWS} \
-             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.check_tombstone({args})"
+             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.{check}({args})",
+            check = match stamp {
+                Stamp::C => "check_tombstone_c",
+                Stamp::Plpgsql => "check_tombstone",
+            }
         ));
         sql.push(format!(
             "DROP TRIGGER IF EXISTS pgrelay_tombstone_check_key ON {t}"
         ));
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone_check_key AFTER UPDATE OF {cols} ON {t} \
-             FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.check_tombstone({args})",
-            cols = key_list.join(", ")
+             FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.{check}({args})",
+            cols = key_list.join(", "),
+            check = match stamp {
+                Stamp::C => "check_tombstone_c",
+                Stamp::Plpgsql => "check_tombstone",
+            }
         ));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_truncate ON {t}"));
         sql.push(format!(
