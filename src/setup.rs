@@ -103,31 +103,34 @@ fn check_tombstone_function() -> String {
     format!(
         "CREATE OR REPLACE FUNCTION pgrelay.check_tombstone() RETURNS trigger LANGUAGE plpgsql \
          {DEFINER} AS $fn$
+-- the new rows carry the application's column names: a name that is also a
+-- variable here means the variable
+#variable_conflict use_variable
 DECLARE
     name text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-    newest bigint;
     found boolean;
 BEGIN
-    newest := (SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name);
-    IF newest IS NULL THEN
-        RETURN NULL;
-    END IF;
     IF TG_LEVEL = 'ROW' THEN
-        IF NEW.{HLC_COLUMN} > newest OR NOT EXISTS (
-            SELECT 1 FROM pgrelay.tombstones t
-            WHERE t.table_name = name AND t.hlc >= NEW.{HLC_COLUMN}
-              AND t.pk IN (pgrelay.row_key(NEW, TG_ARGV), '{{}}'::jsonb)) THEN
+        IF coalesce((SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name), -1)
+                < NEW.{HLC_COLUMN}
+            OR NOT EXISTS (
+                SELECT 1 FROM pgrelay.tombstones t
+                WHERE t.table_name = name AND t.hlc >= NEW.{HLC_COLUMN}
+                  AND t.pk IN (pgrelay.row_key(NEW, TG_ARGV), '{{}}'::jsonb)) THEN
             RETURN NULL;
         END IF;
-    ELSIF NOT EXISTS (SELECT 1 FROM {NEW_ROWS} n WHERE n.{HLC_COLUMN} <= newest) THEN
+    ELSIF NOT EXISTS (
+        SELECT 1 FROM {NEW_ROWS} n
+        WHERE n.{HLC_COLUMN} <= (SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name)) THEN
         RETURN NULL;
     ELSE
         -- the transition table's rows are records: typed as the table's
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM {NEW_ROWS} n JOIN pgrelay.tombstones t
                 ON t.table_name = $1 AND t.hlc >= n.{HLC_COLUMN}
                AND t.pk IN (pgrelay.row_key(n::%s, $2), ''{{}}''::jsonb)
-            WHERE n.{HLC_COLUMN} <= $3)', TG_RELID::regclass)
-            INTO found USING name, TG_ARGV, newest;
+            WHERE n.{HLC_COLUMN} <= (SELECT max(m.hlc) FROM pgrelay.tombstones m
+                                    WHERE m.table_name = $1))', TG_RELID::regclass)
+            INTO found USING name, TG_ARGV;
         IF NOT found THEN
             RETURN NULL;
         END IF;
