@@ -23,8 +23,11 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/heapam.h"
 #include "access/htup_details.h"
+#include "access/skey.h"
+#include "access/stratnum.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
@@ -34,18 +37,21 @@
 #include "commands/sequence.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "parser/parse_func.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/fmgrprotos.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
+#include "utils/tuplestore.h"
 
 PG_MODULE_MAGIC;
 
@@ -55,6 +61,7 @@ PG_MODULE_MAGIC;
 
 PG_FUNCTION_INFO_V1(pgrelay_stamp_row);
 PG_FUNCTION_INFO_V1(pgrelay_fence_guard);
+PG_FUNCTION_INFO_V1(pgrelay_check_tombstone);
 
 #define LIMIT ((int64) 1 << (63 - REGION_BITS))
 
@@ -80,6 +87,44 @@ pgrelay_sequence(Oid nsp, const char *name)
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("pgrelay: sequence pgrelay.%s does not exist; run pgrelay setup", name)));
 	return seqid;
+}
+
+/* The owner of relation relid. */
+static Oid
+relation_owner(Oid relid)
+{
+	HeapTuple	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	Oid			owner;
+
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "pgrelay: cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
+	ReleaseSysCache(tuple);
+	return owner;
+}
+
+/*
+ * Function pgrelay.name(argtypes), looked up as owner (the writer may not
+ * use schema pgrelay), into flinfo.
+ */
+static void
+pgrelay_function(Oid owner, const char *name, int nargs, Oid *argtypes,
+				 FmgrInfo *flinfo, MemoryContext mcxt)
+{
+	Oid			save_userid;
+	int			save_sec_context;
+	Oid			fn;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	fn = LookupFuncName(list_make2(makeString("pgrelay"), makeString(pstrdup(name))),
+						nargs, argtypes, true);
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+	if (!OidIsValid(fn))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("pgrelay: function pgrelay.%s does not exist; run pgrelay setup", name)));
+	fmgr_info_cxt(fn, flinfo, mcxt);
 }
 
 /* A sequence's last value given out, 0 before its first. */
@@ -132,28 +177,12 @@ stamp_cache(FunctionCallInfo fcinfo, TriggerData *trigdata)
 	cache->relid = InvalidOid;
 	cache->seqid = pgrelay_sequence(nsp, "hlc_logical");
 	cache->genid = pgrelay_sequence(nsp, "hlc_gen");
+	cache->owner = relation_owner(cache->seqid);
 	{
-		HeapTuple	seq = SearchSysCache1(RELOID, ObjectIdGetDatum(cache->seqid));
 		Oid			argtypes[1] = {INT8OID};
-		Oid			advance;
-		Oid			save_userid;
-		int			save_sec_context;
 
-		if (!HeapTupleIsValid(seq))
-			elog(ERROR, "pgrelay: cache lookup failed for relation %u", cache->seqid);
-		cache->owner = ((Form_pg_class) GETSTRUCT(seq))->relowner;
-		ReleaseSysCache(seq);
-		/* looked up as the clock's owner: the writer may not use the schema */
-		GetUserIdAndSecContext(&save_userid, &save_sec_context);
-		SetUserIdAndSecContext(cache->owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
-		advance = LookupFuncName(list_make2(makeString("pgrelay"), makeString("advance_hlc")),
-								 1, argtypes, true);
-		SetUserIdAndSecContext(save_userid, save_sec_context);
-		if (!OidIsValid(advance))
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_FUNCTION),
-					 errmsg("pgrelay: function pgrelay.advance_hlc(bigint) does not exist; run pgrelay setup")));
-		fmgr_info_cxt(advance, &cache->advance, fcinfo->flinfo->fn_mcxt);
+		pgrelay_function(cache->owner, "advance_hlc", 1, argtypes, &cache->advance,
+						 fcinfo->flinfo->fn_mcxt);
 	}
 	cache->attnum = SPI_fnumber(RelationGetDescr(rel), column);
 	if (cache->attnum <= 0)
@@ -314,5 +343,182 @@ pgrelay_fence_guard(PG_FUNCTION_ARGS)
 	table_endscan(scan);
 	UnregisterSnapshot(snapshot);
 	table_close(rel, AccessShareLock);
+	return PointerGetDatum(NULL);
+}
+
+/* What the tombstone check needs on every call, looked up on its first. */
+typedef struct CheckCache
+{
+	Oid			relid;
+	Oid			tombstones;		/* pgrelay.tombstones */
+	Oid			index;			/* its index on (table_name, hlc) */
+	AttrNumber	hlc_attnum;		/* tombstones.hlc */
+	int			attnum;			/* the row's stamp column */
+	text	   *name;			/* the table as tombstones name it */
+	FmgrInfo	check;			/* pgrelay.check_tombstone() */
+} CheckCache;
+
+static CheckCache *
+check_cache(FunctionCallInfo fcinfo, TriggerData *trigdata)
+{
+	CheckCache *cache = (CheckCache *) fcinfo->flinfo->fn_extra;
+	Relation	rel = trigdata->tg_relation;
+	MemoryContext mcxt = fcinfo->flinfo->fn_mcxt;
+	Oid			nsp;
+	char	   *name;
+
+	if (cache != NULL && cache->relid == RelationGetRelid(rel))
+		return cache;
+	nsp = get_namespace_oid("pgrelay", false);
+	if (cache == NULL)
+		cache = MemoryContextAllocZero(mcxt, sizeof(CheckCache));
+	/* not valid for any table until every check below passed */
+	cache->relid = InvalidOid;
+	cache->tombstones = get_relname_relid("tombstones", nsp);
+	cache->index = get_relname_relid("tombstones_table_hlc", nsp);
+	if (!OidIsValid(cache->tombstones) || !OidIsValid(cache->index))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("pgrelay: table pgrelay.tombstones or its index tombstones_table_hlc does not exist; run pgrelay setup")));
+	cache->hlc_attnum = get_attnum(cache->tombstones, "hlc");
+	cache->attnum = SPI_fnumber(RelationGetDescr(rel), DEFAULT_COLUMN);
+	if (cache->hlc_attnum <= 0 || cache->attnum <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("pgrelay: table %s has no column %s; run pgrelay setup",
+						RelationGetRelationName(rel), DEFAULT_COLUMN)));
+	name = psprintf("%s.%s", get_namespace_name(RelationGetNamespace(rel)),
+					RelationGetRelationName(rel));
+	if (cache->name != NULL)
+		pfree(cache->name);
+	cache->name = (text *) MemoryContextAlloc(mcxt, VARHDRSZ + strlen(name));
+	SET_VARSIZE(cache->name, VARHDRSZ + strlen(name));
+	memcpy(VARDATA(cache->name), name, strlen(name));
+	{
+		Oid			none[1] = {InvalidOid};
+
+		pgrelay_function(relation_owner(cache->tombstones), "check_tombstone", 0, none,
+						 &cache->check, mcxt);
+	}
+	cache->relid = RelationGetRelid(rel);
+	fcinfo->flinfo->fn_extra = cache;
+	return cache;
+}
+
+/*
+ * The newest tombstone stamp of the table, read with the latest snapshot
+ * (one backward probe of the index on (table_name, hlc)); false when the
+ * table has none.
+ */
+static bool
+newest_tombstone(CheckCache *cache, int64 *newest)
+{
+	Relation	heap = table_open(cache->tombstones, AccessShareLock);
+	Relation	index = index_open(cache->index, AccessShareLock);
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	TupleTableSlot *slot = table_slot_create(heap, NULL);
+	ScanKeyData key;
+	IndexScanDesc scan;
+	bool		found = false;
+
+	ScanKeyEntryInitialize(&key, 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   index->rd_indcollation[0], F_TEXTEQ,
+						   PointerGetDatum(cache->name));
+#if PG_VERSION_NUM >= 180000
+	scan = index_beginscan(heap, index, snapshot, NULL, 1, 0);
+#else
+	scan = index_beginscan(heap, index, snapshot, 1, 0);
+#endif
+	index_rescan(scan, &key, 1, NULL, 0);
+	if (index_getnext_slot(scan, BackwardScanDirection, slot))
+	{
+		bool		isnull;
+		Datum		hlc = slot_getattr(slot, cache->hlc_attnum, &isnull);
+
+		if (!isnull)
+		{
+			*newest = DatumGetInt64(hlc);
+			found = true;
+		}
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	UnregisterSnapshot(snapshot);
+	index_close(index, AccessShareLock);
+	table_close(heap, AccessShareLock);
+	return found;
+}
+
+/*
+ * The insert's tombstone check, the fast path of the PL/pgSQL
+ * pgrelay.check_tombstone() (its arguments are the key columns): AFTER
+ * INSERT FOR EACH STATEMENT with the new rows as a transition table, or AFTER
+ * UPDATE of the key FOR EACH ROW. Rows stamped above their table's newest
+ * tombstone pass on one index probe per call; otherwise the PL/pgSQL
+ * function, given this trigger's call, compares the keys and refuses the
+ * write.
+ */
+Datum
+pgrelay_check_tombstone(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	Relation	rel;
+	CheckCache *cache;
+	int64		oldest = PG_INT64_MAX;
+	int64		newest;
+	bool		any = false;
+	bool		isnull;
+	Datum		stamp;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) ||
+		!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
+		!(TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event) ?
+		  TRIGGER_FIRED_BY_INSERT(trigdata->tg_event) && trigdata->tg_newtable != NULL :
+		  TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) || TRIGGER_FIRED_BY_INSERT(trigdata->tg_event)))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("pgrelay.check_tombstone_c: must fire AFTER INSERT FOR EACH STATEMENT "
+						"with a NEW TABLE, or AFTER INSERT OR UPDATE FOR EACH ROW")));
+	rel = trigdata->tg_relation;
+	cache = check_cache(fcinfo, trigdata);
+	if (TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
+	{
+		/* the oldest stamp among the new rows */
+		TupleTableSlot *slot = MakeSingleTupleTableSlot(RelationGetDescr(rel),
+														&TTSOpsMinimalTuple);
+
+		tuplestore_rescan(trigdata->tg_newtable);
+		while (tuplestore_gettupleslot(trigdata->tg_newtable, true, false, slot))
+		{
+			stamp = slot_getattr(slot, cache->attnum, &isnull);
+			if (!isnull)
+			{
+				oldest = Min(oldest, DatumGetInt64(stamp));
+				any = true;
+			}
+		}
+		ExecDropSingleTupleTableSlot(slot);
+	}
+	else
+	{
+		HeapTuple	tuple = TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ?
+			trigdata->tg_newtuple : trigdata->tg_trigtuple;
+
+		stamp = heap_getattr(tuple, cache->attnum, RelationGetDescr(rel), &isnull);
+		if (!isnull)
+		{
+			oldest = DatumGetInt64(stamp);
+			any = true;
+		}
+	}
+	if (!any || !newest_tombstone(cache, &newest) || newest < oldest)
+		return PointerGetDatum(NULL);
+	{
+		LOCAL_FCINFO(check, 0);
+
+		InitFunctionCallInfoData(*check, &cache->check, 0, InvalidOid,
+								 (Node *) trigdata, NULL);
+		FunctionCallInvoke(check);
+	}
 	return PointerGetDatum(NULL);
 }

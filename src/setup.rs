@@ -101,36 +101,41 @@ const NEW_ROWS: &str = "pgrelay_new_rows";
 /// it), and would leave the row below its own region's tombstone: kept
 /// here, dropped everywhere else. Its common cost, per statement, is one
 /// index probe (the table's newest tombstone) and one pass over the new
-/// rows' stamps; keys are compared only when a stamp is not above it.
+/// rows' stamps; keys are compared only when a stamp is not above it. With
+/// the extension the trigger is its C fast path, `check_tombstone_c`, which
+/// hands this function the call when a stamp is not above that tombstone.
 fn check_tombstone_function() -> String {
     format!(
         "CREATE OR REPLACE FUNCTION pgrelay.check_tombstone() RETURNS trigger LANGUAGE plpgsql \
          {DEFINER} AS $fn$
+-- the new rows carry the application's column names: a name that is also a
+-- variable here means the variable
+#variable_conflict use_variable
 DECLARE
     name text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-    newest bigint;
     found boolean;
 BEGIN
-    newest := (SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name);
-    IF newest IS NULL THEN
-        RETURN NULL;
-    END IF;
     IF TG_LEVEL = 'ROW' THEN
-        IF NEW.{HLC_COLUMN} > newest OR NOT EXISTS (
-            SELECT 1 FROM pgrelay.tombstones t
-            WHERE t.table_name = name AND t.hlc >= NEW.{HLC_COLUMN}
-              AND t.pk IN (pgrelay.row_key(NEW, TG_ARGV), '{{}}'::jsonb)) THEN
+        IF coalesce((SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name), -1)
+                < NEW.{HLC_COLUMN}
+            OR NOT EXISTS (
+                SELECT 1 FROM pgrelay.tombstones t
+                WHERE t.table_name = name AND t.hlc >= NEW.{HLC_COLUMN}
+                  AND t.pk IN (pgrelay.row_key(NEW, TG_ARGV), '{{}}'::jsonb)) THEN
             RETURN NULL;
         END IF;
-    ELSIF NOT EXISTS (SELECT 1 FROM {NEW_ROWS} n WHERE n.{HLC_COLUMN} <= newest) THEN
+    ELSIF NOT EXISTS (
+        SELECT 1 FROM {NEW_ROWS} n
+        WHERE n.{HLC_COLUMN} <= (SELECT max(t.hlc) FROM pgrelay.tombstones t WHERE t.table_name = name)) THEN
         RETURN NULL;
     ELSE
         -- the transition table's rows are records: typed as the table's
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM {NEW_ROWS} n JOIN pgrelay.tombstones t
                 ON t.table_name = $1 AND t.hlc >= n.{HLC_COLUMN}
                AND t.pk IN (pgrelay.row_key(n::%s, $2), ''{{}}''::jsonb)
-            WHERE n.{HLC_COLUMN} <= $3)', TG_RELID::regclass)
-            INTO found USING name, TG_ARGV, newest;
+            WHERE n.{HLC_COLUMN} <= (SELECT max(m.hlc) FROM pgrelay.tombstones m
+                                    WHERE m.table_name = $1))', TG_RELID::regclass)
+            INTO found USING name, TG_ARGV;
         IF NOT found THEN
             RETURN NULL;
         END IF;
@@ -212,8 +217,9 @@ $fn$",
     )
 }
 
-/// Which trigger functions the replicated tables get, the stamp trigger and
-/// the fence guard: C ones from the `pgrelay` extension or PL/pgSQL ones;
+/// Which trigger functions the replicated tables get, the stamp trigger, the
+/// fence guard and the insert's tombstone check: C ones from the `pgrelay`
+/// extension (the check's rare path still in PL/pgSQL) or PL/pgSQL ones;
 /// both kinds compute the same stamps (`hlc.rs`) and refuse the same
 /// writes. The caller decides from `relay.capture.stamp_trigger` and what
 /// the server offers.
@@ -230,8 +236,8 @@ pub const EXTENSION: &str = "pgrelay";
 
 /// Creates the extension in schema pgrelay (the setup role needs the right
 /// to create an untrusted-language extension: a superuser, usually).
-pub const CREATE_EXTENSION_SQL: &str =
-    "CREATE SCHEMA IF NOT EXISTS pgrelay; CREATE EXTENSION IF NOT EXISTS pgrelay SCHEMA pgrelay";
+pub const CREATE_EXTENSION_SQL: &str = "CREATE SCHEMA IF NOT EXISTS pgrelay; \
+    CREATE EXTENSION IF NOT EXISTS pgrelay SCHEMA pgrelay; ALTER EXTENSION pgrelay UPDATE";
 
 /// The row trigger that stamps `table`'s writes.
 pub fn stamp_trigger_sql(table: &str, stamp: Stamp, region_id: u8) -> String {
@@ -479,15 +485,23 @@ $fn$"),
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone_check AFTER INSERT ON {t} \
              REFERENCING NEW TABLE AS {NEW_ROWS} \
-             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.check_tombstone({key_args})"
+             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.{check}({key_args})",
+            check = match stamp {
+                Stamp::C => "check_tombstone_c",
+                Stamp::Plpgsql => "check_tombstone",
+            }
         ));
         sql.push(format!(
             "DROP TRIGGER IF EXISTS pgrelay_tombstone_check_key ON {t}"
         ));
         sql.push(format!(
             "CREATE TRIGGER pgrelay_tombstone_check_key AFTER UPDATE OF {cols} ON {t} \
-             FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.check_tombstone({key_args})",
-            cols = key_list.join(", ")
+             FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.{check}({key_args})",
+            cols = key_list.join(", "),
+            check = match stamp {
+                Stamp::C => "check_tombstone_c",
+                Stamp::Plpgsql => "check_tombstone",
+            }
         ));
         sql.extend(crate::merge::table_setup(&t, table));
         sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_truncate ON {t}"));

@@ -290,6 +290,17 @@ fn statement_label(sql: &str) -> String {
     }
 }
 
+/// Whether the extension offers every C function `setup` uses.
+async fn extension_is_current(client: &tokio_postgres::Client) -> bool {
+    client
+        .query_one(
+            "SELECT to_regprocedure('pgrelay.check_tombstone_c()') IS NOT NULL",
+            &[],
+        )
+        .await
+        .is_ok_and(|r| r.get::<_, bool>(0))
+}
+
 /// The stamp trigger `region` gets (`relay.capture.stamp_trigger`): the C one
 /// where the `pgrelay` extension is installed on the server and can be
 /// created in the database, else (unless `"c"` was asked for) PL/pgSQL.
@@ -311,7 +322,11 @@ async fn choose_stamp(
         .with_context(|| format!("region {region}: reading pg_available_extensions"))?;
     let why_not = match available {
         Some(_) => match client.batch_execute(setup::CREATE_EXTENSION_SQL).await {
-            Ok(()) => return Ok(setup::Stamp::C),
+            Ok(()) if extension_is_current(client).await => return Ok(setup::Stamp::C),
+            Ok(()) => "the pgrelay extension installed on this server predates this pgrelay \
+                       (it lacks pgrelay.check_tombstone_c): install the current one (make -C \
+                       extension install, see extension/README.md)"
+                .to_string(),
             Err(e) => format!(
                 "creating extension pgrelay failed ({}); a superuser can run: {}",
                 crate::source::pg_error::reason(&e),

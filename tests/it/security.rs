@@ -331,15 +331,18 @@ fn hmac_hex(key: &[u8], message: &[u8]) -> String {
 /// nothing of pgrelay's, as the README says it needs.
 const APP_ROLE: &str = "app_writer";
 
-/// A region set up by `setup`'s own statements (PL/pgSQL stamps), with
-/// an application role holding only its tables' privileges.
-async fn app_region(pg: &Pg) -> pgrelay::config::Config {
+/// A region set up by `setup`'s own statements (PL/pgSQL or C triggers),
+/// with an application role holding only its tables' privileges.
+async fn app_region(pg: &Pg, stamp: pgrelay::setup::Stamp) -> pgrelay::config::Config {
     pg.psql(SCHEMA);
+    if stamp == pgrelay::setup::Stamp::C {
+        pg.psql(pgrelay::setup::CREATE_EXTENSION_SQL);
+    }
     let config = pgrelay::config::parse(&config(&pg.dsn(), "127.0.0.1:1"), "t.toml").unwrap();
     let keys = |t: &pgrelay::event::TableName| {
         vec![if t.name == "currencies" { "code" } else { "id" }.to_string()]
     };
-    let plan = pgrelay::setup::plan(&config, "us", &keys, pgrelay::setup::Stamp::Plpgsql);
+    let plan = pgrelay::setup::plan(&config, "us", &keys, stamp);
     let c = pg.client().await;
     for sql in plan {
         c.batch_execute(&sql)
@@ -374,7 +377,7 @@ async fn app_client(pg: &Pg) -> tokio_postgres::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_application_role_writes_without_grants_and_cannot_touch_the_clock() {
     let pg = Pg::start();
-    let config = app_region(&pg).await;
+    let config = app_region(&pg, pgrelay::setup::Stamp::Plpgsql).await;
     let app = app_client(&pg).await;
     app.batch_execute(
         "INSERT INTO products (id, name) VALUES (1, 'a'), (2, 'b');
@@ -478,8 +481,22 @@ async fn an_application_role_writes_without_grants_and_cannot_touch_the_clock() 
 /// as an application role with nothing of pgrelay's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_racing_a_delete_of_its_key_never_commits_below_the_tombstone() {
+    insert_racing_a_delete(pgrelay::setup::Stamp::Plpgsql).await;
+}
+
+/// The same race through the C triggers (the check's fast path in C).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_racing_a_delete_of_its_key_never_commits_below_the_tombstone_in_c() {
+    if crate::support::pg::major() != 15 {
+        eprintln!("SKIP: the pgrelay extension is built for PostgreSQL 15 here");
+        return;
+    }
+    insert_racing_a_delete(pgrelay::setup::Stamp::C).await;
+}
+
+async fn insert_racing_a_delete(stamp: pgrelay::setup::Stamp) {
     let pg = Pg::start();
-    app_region(&pg).await;
+    app_region(&pg, stamp).await;
     // the application's own trigger, after pgrelay's stamp (name order)
     pg.psql(
         "CREATE FUNCTION public.slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$

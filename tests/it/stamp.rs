@@ -545,3 +545,97 @@ async fn both_stamp_triggers_serve_a_writer_with_no_grant_on_pgrelay() {
         assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{denied}");
     }
 }
+
+/// CPU time (user + system, `/proc`, 10 ms ticks) a backend has used, in ms.
+fn backend_cpu_ms(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // the fields after the command name, which is in parentheses
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    (fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()) * 10
+}
+
+/// What pgrelay's triggers cost a writing backend, per written row, with the
+/// C and with the PL/pgSQL triggers: the backend's CPU time for `N` single-row
+/// INSERT statements, `N` single-row UPDATE statements and one `N`-row
+/// INSERT ... SELECT into a table set up by `setup`'s statements, less the
+/// same into a table without triggers. Run with
+/// `cargo nextest run --test it --run-ignored only bench_trigger --no-capture`
+/// (`PGRELAY_BENCH_ROWS`, default 100,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_trigger_cpu_per_row() {
+    let n: i64 = std::env::var("PGRELAY_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let kinds: &[pgrelay::setup::Stamp] = if major() == 15 {
+        &[pgrelay::setup::Stamp::C, pgrelay::setup::Stamp::Plpgsql]
+    } else {
+        &[pgrelay::setup::Stamp::Plpgsql]
+    };
+    for &kind in kinds {
+        let pg = Pg::start();
+        let c = pg.client().await;
+        c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int); CREATE TABLE b (id int PRIMARY KEY, v int)")
+            .await
+            .unwrap();
+        if kind == pgrelay::setup::Stamp::C {
+            c.batch_execute(pgrelay::setup::CREATE_EXTENSION_SQL)
+                .await
+                .unwrap();
+        }
+        let config = pgrelay::config::parse(
+            "[kafka]\nbrokers = \"127.0.0.1:1\"\n[regions.us]\nid = 1\ndsn = \"host=a\"\n\
+             [regions.eu]\nid = 2\ndsn = \"host=b\"\n[[tables]]\nname = \"public.t\"\n\
+             class = \"global\"\n",
+            "bench.toml",
+        )
+        .unwrap();
+        for sql in pgrelay::setup::plan(&config, "us", &|_| vec!["id".to_string()], kind) {
+            c.batch_execute(&sql).await.unwrap();
+        }
+        let pid: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let mut cost = Vec::new();
+        for table in ["b", "t"] {
+            let run = |sql: String| {
+                let c = &c;
+                async move {
+                    let before = backend_cpu_ms(pid);
+                    c.batch_execute(&sql).await.unwrap();
+                    backend_cpu_ms(pid) - before
+                }
+            };
+            c.batch_execute(&format!("TRUNCATE {table}")).await.unwrap();
+            let inserts = run(format!(
+                "DO $$ BEGIN FOR i IN 1..{n} LOOP INSERT INTO {table} VALUES (i, 0); END LOOP; END $$"
+            ))
+            .await;
+            let updates = run(format!(
+                "DO $$ BEGIN FOR i IN 1..{n} LOOP UPDATE {table} SET v = v + 1 WHERE id = i; END LOOP; END $$"
+            ))
+            .await;
+            c.batch_execute(&format!("TRUNCATE {table}")).await.unwrap();
+            let bulk = run(format!(
+                "INSERT INTO {table} SELECT g, 0 FROM generate_series(1, {n}) g"
+            ))
+            .await;
+            cost.push([inserts, updates, bulk]);
+        }
+        let per_row = |i: usize| (cost[1][i] as f64 - cost[0][i] as f64) * 1000.0 / n as f64;
+        eprintln!(
+            "triggers {kind:?} (PostgreSQL {}): µs of backend CPU per row above a table without \
+             triggers: single-row INSERT {:.1}, single-row UPDATE {:.1}, bulk INSERT {:.1} \
+             ({n} rows each)",
+            major(),
+            per_row(0),
+            per_row(1),
+            per_row(2)
+        );
+    }
+}
