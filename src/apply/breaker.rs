@@ -262,18 +262,23 @@ impl Pipeline {
     ) -> Result<Guarded, ApplyError> {
         let targets = self.targets();
         // (table, op, commit time, commit LSN) of each record; records that
-        // do not parse are left to apply_batch, which parks them
+        // do not parse are left to apply_batch, which parks them. A
+        // resync's records are not judged: an operator sent them (after a
+        // lost slot they resend every tombstone, deletes applied long ago)
         let seen: Vec<Option<(TableName, Op, i64, String)>> = batch
             .iter()
             .map(|c| {
-                record::parse(c.value.as_deref(), &targets).ok().map(|inc| {
-                    (
-                        inc.table.name.clone(),
-                        inc.op,
-                        inc.commit_ts_ms,
-                        inc.commit_lsn.to_string(),
-                    )
-                })
+                record::parse(c.value.as_deref(), &targets)
+                    .ok()
+                    .filter(|inc| !inc.resent)
+                    .map(|inc| {
+                        (
+                            inc.table.name.clone(),
+                            inc.op,
+                            inc.commit_ts_ms,
+                            inc.commit_lsn.to_string(),
+                        )
+                    })
             })
             .collect();
         let rows = self

@@ -429,7 +429,13 @@ impl Model<'_> {
                         .truncates
                         .iter()
                         .any(|(r, t, s)| *r == w.region && *t == "p" && *s > w.version.stamp);
-                    if replaced {
+                    // a move out of this region's homes reaches it only as
+                    // the stream's delete: a resync sends the row where it
+                    // may go now, not where it may no longer be
+                    let moved_out = w.version.cols.is_some()
+                        && w.homes.0.as_deref().is_some_and(|h| allowed(h, region))
+                        && !w.homes.1.as_deref().is_some_and(|h| allowed(h, region));
+                    if replaced || moved_out {
                         continue;
                     }
                 }
