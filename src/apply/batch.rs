@@ -74,22 +74,31 @@ async fn execute(
 pub struct ConflictLog {
     /// The fraction of losers recorded (text, `0..=1`).
     pub sample: String,
-    /// Region id -> name (a JSON object, text).
+    /// Region id -> name (a JSON object, text), and under `local` the id
+    /// of the region applying (a copy of its own write that comes back,
+    /// e.g. in another region's resync, is its own history, not a
+    /// conflict).
     pub regions: String,
 }
 
 impl ConflictLog {
     /// `None` when `relay.apply.conflict_log = "off"`.
-    pub fn from_config(config: &Config) -> Option<ConflictLog> {
+    pub fn from_config(config: &Config, region: &str) -> Option<ConflictLog> {
         let percent = config.apply.conflict_log_percent;
         if percent == 0 {
             return None;
         }
-        let regions: serde_json::Map<String, serde_json::Value> = config
+        let mut regions: serde_json::Map<String, serde_json::Value> = config
             .regions
             .values()
             .map(|r| (r.id.to_string(), serde_json::Value::from(r.name.as_str())))
             .collect();
+        if let Some(local) = config.regions.get(region) {
+            regions.insert(
+                "local".into(),
+                serde_json::Value::from(local.id.to_string()),
+            );
+        }
         Some(ConflictLog {
             sample: (f64::from(percent) / 100.0).to_string(),
             regions: serde_json::Value::Object(regions).to_string(),

@@ -56,7 +56,7 @@ pub async fn run(
                 metrics: metrics.clone(),
                 dlq: dlq.clone(),
                 breaker: breaker.clone(),
-                conflict_log: ConflictLog::from_config(&config),
+                conflict_log: ConflictLog::from_config(&config, &region),
             };
             let shutdown = shutdown.clone();
             tasks.spawn(async move { pipeline.supervise(shutdown).await });
