@@ -1,0 +1,218 @@
+//! The SQL verify runs in each region (pure). Every statement takes the
+//! run's key as `$1` (bytea) and hashes inside the database with core
+//! PostgreSQL only (`sha256`, no extension): what comes back is counts,
+//! keyed digests and, in buckets that differ, keys.
+
+use crate::event::{quote_ident, quote_literal, TableName};
+use crate::hlc::REGION_BITS;
+use crate::names::HLC_COLUMN;
+
+/// A table as both regions of a pair have it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub table: TableName,
+    /// Primary key columns with their types.
+    pub key: Vec<(String, String)>,
+}
+
+/// One region pair's part of a table, as one region computes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    /// Which rows: a boolean SQL expression over the table's columns.
+    pub filter: String,
+    /// Which columns are compared (the stamp apart).
+    pub columns: Vec<String>,
+}
+
+/// The home-column test of a partitioned pair's rows.
+pub fn home_filter(home_column: &str, values: &[String]) -> String {
+    let list = values
+        .iter()
+        .map(|v| quote_literal(v))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "coalesce(t.{}::text = ANY (ARRAY[{list}]::text[]), false)",
+        quote_ident(home_column)
+    )
+}
+
+/// The key as the tombstones spell it: `{"col": "text value", ...}`.
+pub fn key_json(shape: &Shape) -> String {
+    let parts = shape
+        .key
+        .iter()
+        .map(|(k, _)| format!("{}, t.{}::text", quote_literal(k), quote_ident(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("jsonb_build_object({parts})::text")
+}
+
+/// The keyed hash of the key (bytea).
+fn key_hash(shape: &Shape) -> String {
+    format!(
+        "sha256($1::bytea || convert_to({}, 'UTF8'))",
+        key_json(shape)
+    )
+}
+
+/// The bucket (0..4096) of a key hash expression.
+fn bucket_of(kh: &str) -> String {
+    format!("((get_byte({kh}, 0) << 4) | (get_byte({kh}, 1) >> 4))")
+}
+
+/// A keyed digest of the given columns, as a bigint (the first 8 bytes).
+fn digest(columns: &[String]) -> String {
+    let cols = columns
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // ROW() of one column is still a record; of none, the empty record
+    format!(
+        "('x' || encode(substr(sha256($1::bytea || convert_to(ROW({cols})::text, 'UTF8')), 1, 8), 'hex'))::bit(64)::bigint"
+    )
+}
+
+fn stamp() -> String {
+    format!("coalesce(t.{}, 0)", quote_ident(HLC_COLUMN))
+}
+
+/// One scan of the table (or of a block range, `$2`..`$3` as tids, when
+/// `ranged`): per bucket, for each view, how many rows and the sum of
+/// their digests (stamp included) as text.
+pub fn buckets(shape: &Shape, views: &[View], ranged: bool) -> String {
+    let mut inner = vec![format!("{} AS _b", bucket_of("t._pgrelay_kh"))];
+    let mut outer = vec!["_b".to_string()];
+    for (i, view) in views.iter().enumerate() {
+        let mut cols = vec![HLC_COLUMN.to_string()];
+        cols.extend(view.columns.iter().cloned());
+        inner.push(format!("({}) AS _f{i}", view.filter));
+        inner.push(format!(
+            "CASE WHEN {} THEN {} END AS _d{i}",
+            view.filter,
+            digest(&cols)
+        ));
+        outer.push(format!("count(*) FILTER (WHERE _f{i})"));
+        outer.push(format!(
+            "coalesce(sum(_d{i}) FILTER (WHERE _f{i}), 0)::text"
+        ));
+    }
+    let range = if ranged {
+        " WHERE t.ctid >= $2::text::tid AND t.ctid < $3::text::tid"
+    } else {
+        ""
+    };
+    format!(
+        "SELECT {outer} FROM (SELECT {inner} FROM (SELECT {kh} AS _pgrelay_kh, t.* FROM {table} t{range}) t) s GROUP BY _b",
+        outer = outer.join(", "),
+        inner = inner.join(", "),
+        kh = key_hash(shape),
+        table = shape.table.quoted(),
+    )
+}
+
+/// The rows of one view in the buckets `$2` (int[]), sorted by key hash:
+/// key hash, key, stamp, content digest.
+pub fn descend(shape: &Shape, view: &View) -> String {
+    format!(
+        "SELECT t._pgrelay_kh, t._pgrelay_key, {stamp}, {digest} FROM \
+         (SELECT {kh} AS _pgrelay_kh, {key} AS _pgrelay_key, t.* FROM {table} t) t \
+         WHERE ({filter}) AND {bucket} = ANY ($2::int[]) ORDER BY t._pgrelay_kh",
+        stamp = stamp(),
+        digest = digest(&view.columns),
+        kh = key_hash(shape),
+        key = key_json(shape),
+        table = shape.table.quoted(),
+        filter = view.filter,
+        bucket = bucket_of("t._pgrelay_kh"),
+    )
+}
+
+/// The rows and tombstones of the keys `$2` (text[] of key JSON), whatever
+/// the view: key, stamp (NULL: no row), content digest, whether the row
+/// belongs to the view, the key's tombstone stamp, the table's truncate
+/// stamp. `$3` is the table's name as the tombstones spell it.
+pub fn lookup(shape: &Shape, view: &View) -> String {
+    let on = shape
+        .key
+        .iter()
+        .map(|(k, ty)| {
+            format!(
+                "t.{col} = (k.pk::jsonb ->> {lit})::{ty}",
+                col = quote_ident(k),
+                lit = quote_literal(k)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!(
+        "SELECT k.pk, CASE WHEN t.ctid IS NULL THEN NULL ELSE {stamp} END, \
+         CASE WHEN t.ctid IS NULL THEN NULL ELSE {digest} END, \
+         coalesce(t.ctid IS NOT NULL AND ({filter}), false), ts.hlc, \
+         (SELECT tt.hlc FROM pgrelay.tombstones tt WHERE tt.table_name = $3 AND tt.pk = '{{}}'::jsonb) \
+         FROM unnest($2::text[]) AS k(pk) \
+         LEFT JOIN {table} t ON {on} \
+         LEFT JOIN pgrelay.tombstones ts ON ts.table_name = $3 AND ts.pk = k.pk::jsonb",
+        stamp = stamp(),
+        digest = digest(&view.columns),
+        filter = view.filter,
+        table = shape.table.quoted(),
+    )
+}
+
+/// The rows of a partitioned table homed where this region may not hold
+/// them (`$1`: the forbidden home values): home value, key.
+pub fn leaked_rows(shape: &Shape, home_column: &str) -> String {
+    format!(
+        "SELECT t.{home}::text, {key} FROM {table} t WHERE t.{home}::text = ANY ($1::text[])",
+        home = quote_ident(home_column),
+        key = key_json(shape),
+        table = shape.table.quoted(),
+    )
+}
+
+/// Rows another region wrote whose `column` is not in the form the rule
+/// writes for this region (`$1`: the region's id; `$2`: the mask, or the
+/// pattern of a keyed hash): writer id, key.
+pub fn clear_values(shape: &Shape, column: &str, mask: bool) -> String {
+    let test = if mask {
+        "t.{c}::text <> $2::text"
+    } else {
+        "t.{c}::text !~ $2::text"
+    };
+    format!(
+        "SELECT ({stamp} & {mask_bits})::int, {key} FROM {table} t \
+         WHERE ({stamp} & {mask_bits}) <> $1::int AND {stamp} <> 0 AND t.{c} IS NOT NULL AND {test}",
+        stamp = stamp(),
+        mask_bits = (1u64 << REGION_BITS) - 1,
+        key = key_json(shape),
+        table = shape.table.quoted(),
+        c = quote_ident(column),
+        test = test.replace("{c}", &quote_ident(column)),
+    )
+}
+
+/// The pattern a keyed hash matches, for the given key ids.
+pub fn hash_pattern(key_ids: &[String]) -> String {
+    let ids = key_ids
+        .iter()
+        .map(|id| regex_escape(id))
+        .collect::<Vec<_>>()
+        .join("|");
+    format!("^({ids}):[0-9a-f]{{64}}$")
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if !ch.is_ascii_alphanumeric() && ch != '_' && ch != '-' {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// Per source region, what this region has applied from it.
+pub const WATERMARKS: &str = "SELECT source_region, hlc FROM pgrelay.watermarks";
