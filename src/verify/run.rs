@@ -8,7 +8,7 @@
 //! with a rate, one per block range), so no snapshot is held for long and
 //! no lock beyond the ones a SELECT takes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures_util::{pin_mut, TryStreamExt};
@@ -719,6 +719,9 @@ async fn leaks(
             source,
         }
     };
+    let id = i32::from(config.region(region.name)?.id);
+    // a row leaked whole is one difference, not one more per rule column
+    let mut leaked_keys: HashSet<String> = HashSet::new();
     if let TableClass::Partitioned { home_column, .. } = &table.class {
         let forbidden = policy::forbidden_homes(config, table, region.name);
         if !forbidden.is_empty() {
@@ -726,7 +729,7 @@ async fn leaks(
             let statement = sql::leaked_rows(shape, home_column);
             let stream = region
                 .client
-                .query_raw(&statement, [&values as &(dyn ToSql + Sync)])
+                .query_raw(&statement, [&values as &(dyn ToSql + Sync), &id])
                 .await
                 .map_err(err("reading rows homed elsewhere"))?;
             pin_mut!(stream);
@@ -738,6 +741,7 @@ async fn leaks(
                 let home_value: String = row.get(0);
                 let k: String = row.get(1);
                 let home = forbidden.get(&home_value).cloned().unwrap_or_default();
+                leaked_keys.insert(k.clone());
                 found.push((
                     Difference {
                         table: table.name.to_string(),
@@ -752,7 +756,6 @@ async fn leaks(
             }
         }
     }
-    let id = i32::from(config.region(region.name)?.id);
     for (column, form) in policy::arriving_forms(config, table, region.name) {
         let (statement, pattern) = match &form {
             Form::Mask(mask) => (sql::clear_values(shape, &column, true), mask.clone()),
@@ -775,6 +778,9 @@ async fn leaks(
         {
             let writer: i32 = row.get(0);
             let k: String = row.get(1);
+            if leaked_keys.contains(&k) {
+                continue;
+            }
             let source = config
                 .regions
                 .values()

@@ -162,10 +162,14 @@ pub fn lookup(shape: &Shape, view: &View) -> String {
 }
 
 /// The rows of a partitioned table homed where this region may not hold
-/// them (`$1`: the forbidden home values): home value, key.
+/// them (`$1`: the forbidden home values) that the region did not write
+/// itself (`$2`: its id; a row an application writes in its region stays
+/// there, wherever it is homed): home value, key.
 pub fn leaked_rows(shape: &Shape, home_column: &str) -> String {
     format!(
-        "SELECT t.{home}::text, {key} FROM {table} t WHERE t.{home}::text = ANY ($1::text[])",
+        "SELECT t.{home}::text, {key} FROM {table} t WHERE t.{home}::text = ANY ($1::text[]) AND ({stamp} & {mask_bits}) <> $2::int",
+        stamp = stamp(),
+        mask_bits = (1u64 << REGION_BITS) - 1,
         home = quote_ident(home_column),
         key = key_json(shape),
         table = shape.table.quoted(),
