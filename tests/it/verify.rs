@@ -4,10 +4,24 @@
 //! reported exactly once with its kind, table and pair.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::sidecar::{identical, workload, World, REGIONS};
 use crate::support::relay::{self, Relay};
+
+/// Writes in `region` (the mixed workload of `sidecar.rs`, over and over)
+/// until `stop` is set.
+fn writer(w: &World, region: &'static str, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    let dsn = w.pg[region].dsn();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            workload(region, dsn.clone(), 50).await;
+        }
+    })
+}
 
 /// Runs verify; returns its exit code and its JSON.
 async fn verify(w: &World, extra: &[&str]) -> (i32, serde_json::Value, String) {
@@ -106,20 +120,12 @@ async fn verify_is_quiet_under_writes_then_reports_each_planted_difference_once(
     .await;
 
     // (a) writes in every region, verify run again and again: nothing
-    let mut tasks = Vec::new();
-    for r in REGIONS {
-        tasks.push(tokio::spawn(workload(r, w.pg[r].dsn(), 1500)));
-    }
-    let mut runs = 0;
-    let mut during_writes = 0;
-    while runs < 3 || !tasks.iter().all(|t| t.is_finished()) {
-        let writing = !tasks.iter().any(|t| t.is_finished());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = REGIONS.iter().map(|r| writer(&w, r, &stop)).collect();
+    for run in 0..4 {
         let (code, report, stderr) = verify(&w, &[]).await;
-        if writing && !tasks.iter().any(|t| t.is_finished()) {
-            during_writes += 1;
-        }
         eprintln!(
-            "verify run {runs} (during writes: {writing}): unsettled {}, buckets differing {:?}",
+            "verify run {run} during writes: unsettled {}, buckets differing {}",
             report["unsettled"],
             report["pairs"]
                 .as_array()
@@ -133,12 +139,12 @@ async fn verify_is_quiet_under_writes_then_reports_each_planted_difference_once(
             (0, BTreeSet::new()),
             "a false difference while every region writes:\n{report:#}\n{stderr}"
         );
-        runs += 1;
-        if runs >= 6 {
-            break;
-        }
+        assert!(writers.iter().all(|t| !t.is_finished()));
     }
-    assert!(during_writes >= 2, "only {during_writes} run(s) overlapped the writes");
+    stop.store(true, Ordering::Relaxed);
+    for t in writers {
+        t.await.unwrap();
+    }
     // every pair of every replicated table was compared
     let (code, report, stderr) = verify(&w, &[]).await;
     assert_eq!(code, 0, "{report:#}\n{stderr}");
@@ -166,14 +172,17 @@ async fn verify_is_quiet_under_writes_then_reports_each_planted_difference_once(
     assert!(pairs.contains(&("public.orders".into(), "eu".into(), "us".into())));
 
     // (b) plants, while every region keeps writing
-    let mut tasks = Vec::new();
-    for r in REGIONS {
-        tasks.push(tokio::spawn(workload(r, w.pg[r].dsn(), 250)));
-    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = REGIONS.iter().map(|r| writer(&w, r, &stop)).collect();
     // missing: eu loses a row us wrote
     unseen(&w, "eu", "DELETE FROM products WHERE id = 901").await;
     // diverged: cn's copy changed under the same stamp
-    unseen(&w, "cn", "UPDATE products SET name = 'other' WHERE id = 902").await;
+    unseen(
+        &w,
+        "cn",
+        "UPDATE products SET name = 'other' WHERE id = 902",
+    )
+    .await;
     // leaked: eu's pinned order copied into us, stamp and all
     let stamp: i64 = eu
         .query_one("SELECT _pgrelay_hlc FROM orders WHERE id = 9001", &[])
@@ -205,11 +214,46 @@ async fn verify_is_quiet_under_writes_then_reports_each_planted_difference_once(
 
     let (code, report, stderr) = verify(&w, &["--show-keys"]).await;
     let want: BTreeSet<[String; 6]> = [
-        row("leaked", "public.orders", "eu", "us", "", r#"{"id": "9001"}"#),
-        row("leaked", "public.orders", "us", "cn", "email", r#"{"id": "9002"}"#),
-        row("missing", "public.products", "us", "eu", "", r#"{"id": "901"}"#),
-        row("extra", "public.currencies", "us", "eu", "", r#"{"code": "ZZZ"}"#),
-        row("diverged", "public.products", "us", "cn", "", r#"{"id": "902"}"#),
+        row(
+            "leaked",
+            "public.orders",
+            "eu",
+            "us",
+            "",
+            r#"{"id": "9001"}"#,
+        ),
+        row(
+            "leaked",
+            "public.orders",
+            "us",
+            "cn",
+            "email",
+            r#"{"id": "9002"}"#,
+        ),
+        row(
+            "missing",
+            "public.products",
+            "us",
+            "eu",
+            "",
+            r#"{"id": "901"}"#,
+        ),
+        row(
+            "extra",
+            "public.currencies",
+            "us",
+            "eu",
+            "",
+            r#"{"code": "ZZZ"}"#,
+        ),
+        row(
+            "diverged",
+            "public.products",
+            "us",
+            "cn",
+            "",
+            r#"{"id": "902"}"#,
+        ),
     ]
     .into_iter()
     .collect();
@@ -232,10 +276,17 @@ async fn verify_is_quiet_under_writes_then_reports_each_planted_difference_once(
         .collect();
     assert_eq!(kinds, ["leaked"], "{report:#}");
     // text for people: a leak first and loudest
-    let text = relay::cmd(&["verify", "--config", w.cfg_path("us"), "--table", "public.orders"]);
+    let text = relay::cmd(&[
+        "verify",
+        "--config",
+        w.cfg_path("us"),
+        "--table",
+        "public.orders",
+    ]);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains("LEAKED public.orders"), "{text}");
-    for t in tasks {
+    stop.store(true, Ordering::Relaxed);
+    for t in writers {
         t.await.unwrap();
     }
 }
