@@ -110,10 +110,7 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, VerifyError>
                 context: "setting the session's text formats",
                 source,
             })?;
-        regions.push(Region {
-            name: *name,
-            client,
-        });
+        regions.push(Region { name, client });
     }
     let mut key = vec![0u8; 32];
     openssl::rand::rand_bytes(&mut key).map_err(|e| VerifyError::Key(e.to_string()))?;
@@ -563,7 +560,9 @@ async fn settle(
     opts: &Options,
 ) -> Result<(Vec<Found>, u64), VerifyError> {
     let statement = sql::lookup(shape, view);
-    let mut pending: Vec<(String, Option<(Judgement, Held, Held)>)> =
+    // each key with what it showed last time, if a difference
+    type Seen = (Judgement, Held, Held);
+    let mut pending: Vec<(String, Option<Seen>)> =
         suspects.into_iter().map(|k| (k, None)).collect();
     let mut found = Vec::new();
     for round in 0..opts.rounds.max(2) {
