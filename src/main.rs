@@ -140,6 +140,10 @@ enum Command {
         /// Seconds between those looks.
         #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
         wait: f64,
+        /// How bucket sums digest rows: `fast` (a seeded 64-bit hash) or
+        /// `sha256` (keyed, as per-row digests always are; slower).
+        #[arg(long, value_enum, default_value_t = verify::Digest::Fast)]
+        digest: verify::Digest,
     },
     /// Inspect or replay the dead-letter topic of a region.
     Dlq {
@@ -326,8 +330,10 @@ fn main() -> ExitCode {
                 rate,
                 rounds,
                 wait,
+                digest,
             } => {
                 let args = verify::Args {
+                    digest,
                     regions: region,
                     tables: table,
                     json,

@@ -11,10 +11,19 @@ use anyhow::Result;
 use super::load;
 use crate::config::Need;
 use crate::event::TableName;
+use crate::verify::sql::BucketDigest;
 use crate::verify::{report, run};
+
+/// How bucket sums digest rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Digest {
+    Fast,
+    Sha256,
+}
 
 /// What the command line asks for.
 pub struct Args {
+    pub digest: Digest,
     pub regions: Vec<String>,
     pub tables: Vec<String>,
     pub json: bool,
@@ -62,6 +71,10 @@ async fn compare(path: &Path, args: &Args) -> Result<ExitCode> {
         rate: args.rate,
         rounds: args.rounds,
         wait: args.wait,
+        digest: match args.digest {
+            Digest::Fast => BucketDigest::Fast,
+            Digest::Sha256 => BucketDigest::Sha256,
+        },
         ..run::Options::default()
     };
     let result = run::run(&config, &opts).await?;

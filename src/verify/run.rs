@@ -12,12 +12,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures_util::{pin_mut, TryStreamExt};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Row};
 
 use super::classify::{judge, Held, Judgement, Rules, Side};
 use super::policy::{self, Form, Share};
-use super::sql::{self, Shape, View};
+use super::sql::{self, BucketDigest, Shape, View};
 use super::{dedupe, Difference, Kind, PairSummary, Report, BUCKETS};
 use crate::config::{Config, TableClass, TableConfig};
 use crate::event::{canonical_text_sets, TableName};
@@ -39,6 +39,8 @@ pub struct Options {
     pub wait: Duration,
     /// Suspect keys kept per table and pair.
     pub max_suspects: usize,
+    /// How bucket sums digest rows.
+    pub digest: BucketDigest,
 }
 
 impl Default for Options {
@@ -50,6 +52,7 @@ impl Default for Options {
             rounds: 5,
             wait: Duration::from_secs(2),
             max_suspects: 100_000,
+            digest: BucketDigest::Fast,
         }
     }
 }
@@ -112,7 +115,8 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, VerifyError>
             })?;
         regions.push(Region { name, client });
     }
-    let mut key = vec![0u8; 32];
+    // 32 bytes keying the row digests, 8 seeding the key hash
+    let mut key = vec![0u8; 40];
     openssl::rand::rand_bytes(&mut key).map_err(|e| VerifyError::Key(e.to_string()))?;
     let ids: BTreeMap<u8, String> = config
         .regions
@@ -321,7 +325,7 @@ async fn scan_all<'a>(
             .filter(|(a, b, _)| *a == region.name || *b == region.name)
             .map(|(_, _, v)| v.clone())
             .collect();
-        let buckets = scan(region, shape, &views, key, opts.rate).await?;
+        let buckets = scan(region, shape, &views, key, opts.rate, opts.digest).await?;
         Ok::<_, VerifyError>((region.name, buckets))
     });
     let done = futures_util::future::join_all(scans).await;
@@ -339,6 +343,7 @@ async fn scan(
     views: &[View],
     key: &[u8],
     rate: Option<u64>,
+    digest: BucketDigest,
 ) -> Result<Buckets, VerifyError> {
     let mut buckets: Buckets = vec![vec![(0, "0".to_string()); views.len()]; BUCKETS];
     if views.is_empty() {
@@ -366,14 +371,53 @@ async fn scan(
             }
         }
     };
+    // 4096 groups, which the planner cannot know: without this it sorts
+    // the whole table (on disk) to group it
+    region
+        .client
+        .batch_execute("SET enable_sort = off")
+        .await
+        .map_err(err("setting the scan's plan"))?;
+    let result = scan_rows(region, shape, views, key, rate, digest, &mut add).await;
+    let _ = region.client.batch_execute("RESET enable_sort").await;
+    result?;
+    Ok(buckets)
+}
+
+async fn scan_rows(
+    region: &Region<'_>,
+    shape: &Shape,
+    views: &[View],
+    key: &[u8],
+    rate: Option<u64>,
+    digest: BucketDigest,
+    add: &mut impl FnMut(Vec<Row>),
+) -> Result<(), VerifyError> {
+    let err = |context: &'static str| {
+        let region = region.name.to_string();
+        let table = shape.table.to_string();
+        move |source| VerifyError::Query {
+            region,
+            table,
+            context,
+            source,
+        }
+    };
+    // typed: the fast digest leaves the key ($1) unused
+    let types = [Type::BYTEA, Type::INT8, Type::TEXT, Type::TEXT];
     let Some(rate) = rate else {
+        let statement = region
+            .client
+            .prepare_typed(&sql::buckets(shape, views, false, digest), &types[..2])
+            .await
+            .map_err(err("scanning"))?;
         let rows = region
             .client
-            .query(&sql::buckets(shape, views, false), &[&key])
+            .query(&statement, &[&mac(key), &seed(key)])
             .await
             .map_err(err("scanning"))?;
         add(rows);
-        return Ok(buckets);
+        return Ok(());
     };
     // throttled: block ranges sized to about a second's worth of rows each
     let size = region
@@ -389,7 +433,11 @@ async fn scan(
     let blocks: i64 = size.get(0);
     let per_block: f64 = size.get::<_, f64>(1).max(1.0);
     let chunk = ((rate as f64 / per_block) as i64).max(1);
-    let statement = sql::buckets(shape, views, true);
+    let statement = region
+        .client
+        .prepare_typed(&sql::buckets(shape, views, true, digest), &types)
+        .await
+        .map_err(err("scanning a block range"))?;
     let started = Instant::now();
     let mut rows_read: u64 = 0;
     let mut start: i64 = 0;
@@ -402,7 +450,7 @@ async fn scan(
         } else {
             format!("({},0)", start + chunk)
         };
-        let params: [&(dyn ToSql + Sync); 3] = [&key, &from, &to];
+        let params: [&(dyn ToSql + Sync); 4] = [&mac(key), &seed(key), &from, &to];
         let rows = region
             .client
             .query(&statement, &params)
@@ -427,7 +475,19 @@ async fn scan(
             tokio::time::sleep(wait).await;
         }
     }
-    Ok(buckets)
+    Ok(())
+}
+
+/// The key of the row digests: the run's key's first 32 bytes.
+fn mac(key: &[u8]) -> &[u8] {
+    &key[..32]
+}
+
+/// The seed of the key hash: the run's key's last 8 bytes.
+fn seed(key: &[u8]) -> i64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&key[32..40]);
+    i64::from_be_bytes(bytes)
 }
 
 /// The sum of two non-negative-or-negative decimal integers as text (the
@@ -469,7 +529,7 @@ async fn descend(
     let next = |r: Option<Row>| {
         r.map(|row| {
             (
-                row.get::<_, Vec<u8>>(0),
+                row.get::<_, i64>(0),
                 row.get::<_, String>(1),
                 row.get::<_, i64>(2),
                 row.get::<_, i64>(3),
@@ -500,14 +560,17 @@ async fn descend(
     loop {
         match (&ra, &rb) {
             (None, None) => break,
-            (Some(x), Some(y)) if x.0 == y.0 => {
+            (Some(x), Some(y)) if (x.0, &x.1) == (y.0, &y.1) => {
                 if x.2 != y.2 || x.3 != y.3 {
                     suspect(x.1.clone());
                 }
                 ra = next(sa.try_next().await.map_err(read_err(a.name))?);
                 rb = next(sb.try_next().await.map_err(read_err(b.name))?);
             }
-            (Some(x), y) if y.as_ref().is_none_or(|y| x.0 < y.0) => {
+            (Some(x), y)
+                if y.as_ref()
+                    .is_none_or(|y| (x.0, x.1.as_bytes()) < (y.0, y.1.as_bytes())) =>
+            {
                 suspect(x.1.clone());
                 ra = next(sa.try_next().await.map_err(read_err(a.name))?);
             }
@@ -528,7 +591,7 @@ async fn open_descent(
     key: &[u8],
     buckets: &[i32],
 ) -> Result<tokio_postgres::RowStream, VerifyError> {
-    let params: [&(dyn ToSql + Sync); 2] = [&key, &buckets];
+    let params: [&(dyn ToSql + Sync); 3] = [&mac(key), &seed(key), &buckets];
     region
         .client
         .query_raw(statement, params)
@@ -653,7 +716,7 @@ async fn lookup(
             .await
             .map_err(err("reading the watermarks"))?;
         let table_name = shape.table.to_string();
-        let params: [&(dyn ToSql + Sync); 3] = [&key, &keys, &table_name];
+        let params: [&(dyn ToSql + Sync); 3] = [&mac(key), &keys, &table_name];
         let rows = client
             .query(statement, &params)
             .await

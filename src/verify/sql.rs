@@ -1,7 +1,10 @@
 //! The SQL verify runs in each region (pure). Every statement takes the
 //! run's key as `$1` (bytea) and hashes inside the database with core
-//! PostgreSQL only (`sha256`, no extension): what comes back is counts,
-//! keyed digests and, in buckets that differ, keys.
+//! PostgreSQL only (no extension): rows are digested with
+//! `sha256(key || row text)`, so a digest cannot be looked up without the
+//! key; keys are spread over buckets with PostgreSQL's 64-bit text hash
+//! seeded by the run (`$2`), which only places rows and is cheap. What comes
+//! back is counts, digests and, in buckets that differ, keys.
 
 use crate::event::{quote_ident, quote_literal, TableName};
 use crate::hlc::REGION_BITS;
@@ -48,17 +51,21 @@ pub fn key_json(shape: &Shape) -> String {
     format!("jsonb_build_object({parts})::text")
 }
 
-/// The keyed hash of the key (bytea).
+/// The seeded hash of the key (bigint): places a row in its bucket and
+/// orders the rows of a descent.
 fn key_hash(shape: &Shape) -> String {
-    format!(
-        "sha256($1::bytea || convert_to({}, 'UTF8'))",
-        key_json(shape)
-    )
+    let cols = shape
+        .key
+        .iter()
+        .map(|(k, _)| format!("t.{}", quote_ident(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("hashtextextended(ROW({cols})::text, $2::bigint)")
 }
 
 /// The bucket (0..4096) of a key hash expression.
 fn bucket_of(kh: &str) -> String {
-    format!("((get_byte({kh}, 0) << 4) | (get_byte({kh}, 1) >> 4))")
+    format!("({kh} & {})::int", super::BUCKETS - 1)
 }
 
 /// A keyed digest of the given columns, as a bigint (the first 8 bytes).
@@ -74,32 +81,83 @@ fn digest(columns: &[String]) -> String {
     )
 }
 
+/// A bucket's share of a row: PostgreSQL's 64-bit text hash, seeded by the
+/// run (`$2`), of the columns' texts joined by a separator (NULL spelled as
+/// a control character). About as fast as reading the row for `COPY`;
+/// only bucket sums of it leave the database.
+fn fast_digest(columns: &[String]) -> String {
+    let cols = columns
+        .iter()
+        .map(|c| format!("coalesce(t.{}::text, chr(31))", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", chr(30), ");
+    format!("hashtextextended(concat({cols}), $2::bigint)")
+}
+
+/// How bucket sums digest rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BucketDigest {
+    /// Seeded 64-bit hash (see [`fast_digest`]).
+    #[default]
+    Fast,
+    /// Keyed SHA-256, as per-row digests always are (about 4x the cost).
+    Sha256,
+}
+
 fn stamp() -> String {
     format!("coalesce(t.{}, 0)", quote_ident(HLC_COLUMN))
 }
 
-/// One scan of the table (or of a block range, `$2`..`$3` as tids, when
+/// One scan of the table (or of a block range, `$3`..`$4` as tids, when
 /// `ranged`): per bucket, for each view, how many rows and the sum of
 /// their digests (stamp included) as text.
-pub fn buckets(shape: &Shape, views: &[View], ranged: bool) -> String {
+pub fn buckets(shape: &Shape, views: &[View], ranged: bool, how: BucketDigest) -> String {
+    let digest = |cols: &[String]| match how {
+        BucketDigest::Fast => fast_digest(cols),
+        BucketDigest::Sha256 => digest(cols),
+    };
     let mut inner = vec![format!("{} AS _b", bucket_of("t._pgrelay_kh"))];
     let mut outer = vec!["_b".to_string()];
-    for (i, view) in views.iter().enumerate() {
+    // one digest per distinct column list, computed for the rows of any
+    // view that uses it (pairs of a global table share one)
+    let mut digests: Vec<&[String]> = Vec::new();
+    for view in views {
+        if !digests.contains(&view.columns.as_slice()) {
+            digests.push(&view.columns);
+        }
+    }
+    for (j, columns) in digests.iter().enumerate() {
         let mut cols = vec![HLC_COLUMN.to_string()];
-        cols.extend(view.columns.iter().cloned());
-        inner.push(format!("({}) AS _f{i}", view.filter));
-        inner.push(format!(
-            "CASE WHEN {} THEN {} END AS _d{i}",
-            view.filter,
+        cols.extend(columns.iter().cloned());
+        let filters: Vec<&str> = views
+            .iter()
+            .filter(|v| v.columns == *columns)
+            .map(|v| v.filter.as_str())
+            .collect();
+        let expr = if filters.contains(&"true") {
             digest(&cols)
-        ));
+        } else {
+            format!(
+                "CASE WHEN {} THEN {} END",
+                filters.join(" OR "),
+                digest(&cols)
+            )
+        };
+        inner.push(format!("{expr} AS _d{j}"));
+    }
+    for (i, view) in views.iter().enumerate() {
+        let j = digests
+            .iter()
+            .position(|c| *c == view.columns.as_slice())
+            .unwrap_or(0);
+        inner.push(format!("({}) AS _f{i}", view.filter));
         outer.push(format!("count(*) FILTER (WHERE _f{i})"));
         outer.push(format!(
-            "coalesce(sum(_d{i}) FILTER (WHERE _f{i}), 0)::text"
+            "coalesce(sum(_d{j}) FILTER (WHERE _f{i}), 0)::text"
         ));
     }
     let range = if ranged {
-        " WHERE t.ctid >= $2::text::tid AND t.ctid < $3::text::tid"
+        " WHERE t.ctid >= $3::text::tid AND t.ctid < $4::text::tid"
     } else {
         ""
     };
@@ -112,13 +170,14 @@ pub fn buckets(shape: &Shape, views: &[View], ranged: bool) -> String {
     )
 }
 
-/// The rows of one view in the buckets `$2` (int[]), sorted by key hash:
-/// key hash, key, stamp, content digest.
+/// The rows of one view in the buckets `$3` (int[]), sorted by key hash
+/// and key: key hash, key, stamp, content digest.
 pub fn descend(shape: &Shape, view: &View) -> String {
     format!(
         "SELECT t._pgrelay_kh, t._pgrelay_key, {stamp}, {digest} FROM \
          (SELECT {kh} AS _pgrelay_kh, {key} AS _pgrelay_key, t.* FROM {table} t) t \
-         WHERE ({filter}) AND {bucket} = ANY ($2::int[]) ORDER BY t._pgrelay_kh",
+         WHERE ({filter}) AND {bucket} = ANY ($3::int[]) \
+         ORDER BY t._pgrelay_kh, convert_to(t._pgrelay_key, 'UTF8')",
         stamp = stamp(),
         digest = digest(&view.columns),
         kh = key_hash(shape),
