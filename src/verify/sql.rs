@@ -52,8 +52,14 @@ pub fn key_json(shape: &Shape) -> String {
 }
 
 /// The seeded hash of the key (bigint): places a row in its bucket and
-/// orders the rows of a descent.
+/// orders the rows of a descent. An integer key is hashed as a number
+/// (about a third of the cost of its text).
 fn key_hash(shape: &Shape) -> String {
+    if let [(k, ty)] = shape.key.as_slice() {
+        if matches!(ty.as_str(), "bigint" | "integer" | "smallint") {
+            return format!("hashint8extended(t.{}::bigint, $2::bigint)", quote_ident(k));
+        }
+    }
     let cols = shape
         .key
         .iter()
