@@ -1,6 +1,7 @@
 //! The judgement of one key of one table between two regions (pure): from
 //! what each side holds (a row with its stamp and digest, or a tombstone)
-//! and what each side has applied from the others (watermarks), either
+//! and what each side has applied from the others (watermarks, and how far
+//! each source's WAL is applied), either
 //! they agree, or a newer version is still in flight (looked at again, not
 //! reported), or one region lacks what it must hold.
 
@@ -39,6 +40,21 @@ pub struct Side<'a> {
     pub region: &'a str,
     pub held: Held,
     pub watermarks: &'a BTreeMap<u8, i64>,
+    /// Per source region (by id): every change it committed before this
+    /// wall-clock time (ms) is applied here (read from the source's WAL
+    /// position and this region's applied offsets just before `held`).
+    pub caught_up: &'a BTreeMap<u8, u64>,
+}
+
+impl Side<'_> {
+    /// Has this side applied what region `id` wrote under `stamp`?
+    fn has_applied(&self, id: u8, stamp: i64) -> bool {
+        self.watermarks.get(&id).is_some_and(|&wm| wm >= stamp)
+            || self
+                .caught_up
+                .get(&id)
+                .is_some_and(|&t| t > hlc::wall_ms(stamp as u64))
+    }
 }
 
 /// What a table's class and columns mean for the judgement.
@@ -81,10 +97,7 @@ pub fn judge(a: &Side<'_>, b: &Side<'_>, rules: &Rules<'_>) -> Judgement {
     let delivered = |side: &Side<'_>, stamp: i64| -> bool {
         match writer_of(stamp) {
             Some(w) if w == side.region => true,
-            Some(_) => side
-                .watermarks
-                .get(&hlc::region_id(stamp as u64))
-                .is_some_and(|&wm| wm >= stamp),
+            Some(_) => side.has_applied(hlc::region_id(stamp as u64), stamp),
             // a stamp no declared region made: nothing will deliver it
             None => true,
         }
@@ -114,7 +127,7 @@ pub fn judge(a: &Side<'_>, b: &Side<'_>, rules: &Rules<'_>) -> Judgement {
                         .regions
                         .iter()
                         .filter(|(_, name)| name.as_str() != side.region)
-                        .all(|(id, _)| side.watermarks.get(id).is_some_and(|&wm| wm >= *sa))
+                        .all(|(id, _)| side.has_applied(*id, *sa))
                 };
                 if !settled(a) || !settled(b) {
                     return Judgement::InFlight;

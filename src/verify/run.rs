@@ -172,8 +172,10 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, VerifyError>
                 },
                 merges: !table.merge.is_empty(),
             };
-            let (diffs, unsettled) =
-                settle(config, ra, rb, &shape, view, &key, suspects, &rules, opts).await?;
+            let (diffs, unsettled) = settle(
+                config, &regions, ra, rb, &shape, view, &key, suspects, &rules, opts,
+            )
+            .await?;
             report.unsettled += unsettled;
             found.extend(
                 diffs
@@ -613,6 +615,7 @@ type Found = (Kind, String, String, Option<String>, String);
 #[allow(clippy::too_many_arguments)]
 async fn settle(
     config: &Config,
+    regions: &[Region<'_>],
     a: &Region<'_>,
     b: &Region<'_>,
     shape: &Shape,
@@ -635,6 +638,12 @@ async fn settle(
         if round > 0 {
             tokio::time::sleep(opts.wait).await;
         }
+        // how far each side has applied each source, read before the
+        // snapshots the keys are looked up in
+        let wal = wal_positions(regions).await?;
+        let (caught_a, caught_b) =
+            futures_util::future::try_join(caught_up(config, a, &wal), caught_up(config, b, &wal))
+                .await?;
         let mut still = Vec::new();
         for chunk in pending.chunks(1000) {
             let keys: Vec<String> = chunk.iter().map(|(k, _)| k.clone()).collect();
@@ -648,11 +657,13 @@ async fn settle(
                     region: a.name,
                     held: held_a[i].clone(),
                     watermarks: &wm_a,
+                    caught_up: &caught_a,
                 };
                 let side_b = Side {
                     region: b.name,
                     held: held_b[i].clone(),
                     watermarks: &wm_b,
+                    caught_up: &caught_b,
                 };
                 let now = judge(&side_a, &side_b, rules);
                 match &now {
@@ -683,6 +694,73 @@ async fn settle(
         pending = still;
     }
     Ok((found, pending.len() as u64))
+}
+
+/// A change committed this long before a region's WAL position was read
+/// is below that position (a transaction commits after it stamps its rows).
+const COMMIT_MARGIN_MS: u64 = 2_000;
+
+/// Each region's WAL insert position and clock (ms), read now.
+async fn wal_positions<'r>(
+    regions: &'r [Region<'_>],
+) -> Result<Vec<(&'r str, String, u64)>, VerifyError> {
+    let mut out = Vec::with_capacity(regions.len());
+    for region in regions {
+        let row = region
+            .client
+            .query_one(
+                "SELECT pg_current_wal_insert_lsn()::text, \
+                 (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                &[],
+            )
+            .await
+            .map_err(|source| VerifyError::Query {
+                region: region.name.to_string(),
+                table: String::new(),
+                context: "reading the WAL position",
+                source,
+            })?;
+        let now: i64 = row.get(1);
+        out.push((region.name, row.get::<_, String>(0), now.max(0) as u64));
+    }
+    Ok(out)
+}
+
+/// Per source region (by id): the time before which everything it
+/// committed is applied in `side` (`pgrelay.wait_for` at the source's WAL
+/// position read by [`wal_positions`]: every partition's applied offsets
+/// past it, nothing parked before it).
+async fn caught_up(
+    config: &Config,
+    side: &Region<'_>,
+    wal: &[(&str, String, u64)],
+) -> Result<BTreeMap<u8, u64>, VerifyError> {
+    let mut out = BTreeMap::new();
+    for (source, lsn, now) in wal {
+        if *source == side.name {
+            continue;
+        }
+        let row = side
+            .client
+            .query_one(
+                "SELECT pgrelay.wait_for($1::text, $2::text::pg_lsn, '0s')",
+                &[source, lsn],
+            )
+            .await
+            .map_err(|e| VerifyError::Query {
+                region: side.name.to_string(),
+                table: String::new(),
+                context: "asking pgrelay.wait_for how far a source is applied",
+                source: e,
+            })?;
+        if row.get::<_, bool>(0) {
+            out.insert(
+                config.region(source)?.id,
+                now.saturating_sub(COMMIT_MARGIN_MS),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// One region's version of each key (in the order given) and its

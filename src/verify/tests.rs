@@ -225,11 +225,13 @@ fn judge_pair(a: Held, b: Held, wm_b_from_us: i64, owner: Option<&str>) -> Judge
             region: "us",
             held: a,
             watermarks: &wm_a,
+            caught_up: &BTreeMap::new(),
         },
         &Side {
             region: "eu",
             held: b,
             watermarks: &wm_b,
+            caught_up: &BTreeMap::new(),
         },
         &rules,
     )
@@ -262,6 +264,37 @@ fn a_key_is_judged_by_stamps_tombstones_and_watermarks() {
     // ... or not yet: in flight, not a difference
     assert_eq!(
         judge_pair(row(s, 5), gone(0), s - 1, None),
+        Judgement::InFlight
+    );
+    // a watermark behind (a quiet session), but eu has applied all us
+    // committed until after the stamp's time
+    let ids = ids();
+    let marks: BTreeMap<u8, i64> = BTreeMap::new();
+    let after: BTreeMap<u8, u64> = [(1, 1_001)].into_iter().collect();
+    let before: BTreeMap<u8, u64> = [(1, 1_000)].into_iter().collect();
+    let rules = Rules {
+        regions: &ids,
+        owner: None,
+        merges: false,
+    };
+    let us = |caught_up| Side {
+        region: "us",
+        held: row(s, 5),
+        watermarks: &marks,
+        caught_up,
+    };
+    let eu = |caught_up| Side {
+        region: "eu",
+        held: gone(0),
+        watermarks: &marks,
+        caught_up,
+    };
+    assert_eq!(
+        judge(&us(&before), &eu(&after), &rules),
+        differ(Kind::Missing, "us", "eu", "us")
+    );
+    assert_eq!(
+        judge(&us(&after), &eu(&before), &rules),
         Judgement::InFlight
     );
     // an older version at eu, the newer one delivered
@@ -329,10 +362,12 @@ fn merge_tables_wait_for_every_region_before_a_same_stamp_difference() {
         owner: None,
         merges: true,
     };
+    let none = BTreeMap::new();
     let side = |region, held, marks| Side {
         region,
         held,
         watermarks: marks,
+        caught_up: &none,
     };
     assert_eq!(
         judge(
