@@ -140,6 +140,10 @@ enum Command {
         /// Seconds between those looks.
         #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
         wait: f64,
+        /// A version older than this (seconds) that a region still lacks is
+        /// a difference even if not yet delivered: that region is behind.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        window: f64,
         /// How bucket sums digest rows: `fast` (a seeded 64-bit hash) or
         /// `sha256` (keyed, as per-row digests always are; slower).
         #[arg(long, value_enum, default_value_t = verify::Digest::Fast)]
@@ -330,6 +334,7 @@ fn main() -> ExitCode {
                 rate,
                 rounds,
                 wait,
+                window,
                 digest,
             } => {
                 let args = verify::Args {
@@ -341,6 +346,7 @@ fn main() -> ExitCode {
                     rate,
                     rounds,
                     wait: std::time::Duration::from_secs_f64(wait.max(0.0)),
+                    window: std::time::Duration::from_secs_f64(window.max(0.0)),
                 };
                 verify::verify(&config, args).await
             }

@@ -31,6 +31,7 @@ pub struct Args {
     pub rate: Option<u64>,
     pub rounds: u32,
     pub wait: Duration,
+    pub window: Duration,
 }
 
 pub async fn verify(path: &Path, args: Args) -> Result<ExitCode> {
@@ -71,6 +72,7 @@ async fn compare(path: &Path, args: &Args) -> Result<ExitCode> {
         rate: args.rate,
         rounds: args.rounds,
         wait: args.wait,
+        window: args.window,
         digest: match args.digest {
             Digest::Fast => BucketDigest::Fast,
             Digest::Sha256 => BucketDigest::Sha256,

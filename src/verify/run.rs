@@ -39,6 +39,9 @@ pub struct Options {
     pub wait: Duration,
     /// Suspect keys kept per table and pair.
     pub max_suspects: usize,
+    /// A version older than this that a region still lacks is a
+    /// difference, delivered or not (the region is that far behind).
+    pub window: Duration,
     /// How bucket sums digest rows.
     pub digest: BucketDigest,
 }
@@ -52,6 +55,7 @@ impl Default for Options {
             rounds: 5,
             wait: Duration::from_secs(2),
             max_suspects: 100_000,
+            window: Duration::from_secs(10),
             digest: BucketDigest::Fast,
         }
     }
@@ -641,9 +645,11 @@ async fn settle(
         // how far each side has applied each source, read before the
         // snapshots the keys are looked up in
         let wal = wal_positions(regions).await?;
-        let (caught_a, caught_b) =
-            futures_util::future::try_join(caught_up(config, a, &wal), caught_up(config, b, &wal))
-                .await?;
+        let (caught_a, caught_b) = futures_util::future::try_join(
+            caught_up(config, a, &wal, opts.window),
+            caught_up(config, b, &wal, opts.window),
+        )
+        .await?;
         let mut still = Vec::new();
         for chunk in pending.chunks(1000) {
             let keys: Vec<String> = chunk.iter().map(|(k, _)| k.clone()).collect();
@@ -729,13 +735,25 @@ async fn wal_positions<'r>(
 /// Per source region (by id): the time before which everything it
 /// committed is applied in `side` (`pgrelay.wait_for` at the source's WAL
 /// position read by [`wal_positions`]: every partition's applied offsets
-/// past it, nothing parked before it).
+/// past it, nothing parked before it), or else before which a version
+/// still missing counts as a difference (`window` ago).
 async fn caught_up(
     config: &Config,
     side: &Region<'_>,
     wal: &[(&str, String, u64)],
+    window: Duration,
 ) -> Result<BTreeMap<u8, u64>, VerifyError> {
     let mut out = BTreeMap::new();
+    let here = wal
+        .iter()
+        .find(|(r, _, _)| *r == side.name)
+        .map_or(0, |(_, _, now)| *now);
+    let behind = here.saturating_sub(window.as_millis() as u64);
+    for region in config.regions.values() {
+        if region.name != side.name {
+            out.insert(region.id, behind);
+        }
+    }
     for (source, lsn, now) in wal {
         if *source == side.name {
             continue;

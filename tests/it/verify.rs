@@ -380,7 +380,7 @@ async fn verify_compares_merge_columns_by_their_parts() {
             .await
             .unwrap();
     }
-    let (code, report, stderr) = verify(&w, &["--show-keys"]).await;
+    let (code, report, stderr) = verify(&w, &["--show-keys", "--window", "3"]).await;
     let found = differences(&report);
     assert_eq!(found.len(), 1, "{report:#}\n{stderr}");
     let d = found.into_iter().next().unwrap();
