@@ -139,7 +139,7 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, VerifyError>
         for region in &regions {
             leaks(config, table, &shape, region, &mut found).await?;
         }
-        let pairs = pairs(config, table, &regions, &columns, &shape);
+        let pairs = pairs(config, table, &regions, &columns);
         if pairs.list.is_empty() {
             continue;
         }
@@ -280,7 +280,6 @@ fn pairs<'a>(
     table: &TableConfig,
     regions: &[Region<'a>],
     columns: &[String],
-    _shape: &Shape,
 ) -> Pairs<'a> {
     let mut list = Vec::new();
     for (i, a) in regions.iter().enumerate() {
