@@ -41,3 +41,4 @@ pub mod setup;
 pub mod sidecar;
 pub mod source;
 pub mod status;
+pub mod verify;

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use pgrelay::commands::{breaker, check, conflicts, dlq, dr, fence, repair, resync, setup, status};
+use pgrelay::commands::{
+    breaker, check, conflicts, dlq, dr, fence, repair, resync, setup, status, verify,
+};
 use pgrelay::sidecar::{self, Role};
 
 /// mimalloc: the capture and apply paths allocate and free small buffers
@@ -106,6 +108,46 @@ enum Command {
         region: String,
         #[arg(long)]
         dsn: Option<String>,
+    },
+    /// Compare every region with what the residency policy says it must
+    /// hold (missing, extra, diverged and leaked rows), online: rows still
+    /// in flight are looked at again, not reported. Exit 0 when every
+    /// region agrees, 1 on differences, 2 on error.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only these regions (repeatable; default: every region). With
+        /// one, only its own leak checks run.
+        #[arg(long)]
+        region: Vec<String>,
+        /// Only these tables, `schema.table` (repeatable; default: every
+        /// replicated table).
+        #[arg(long)]
+        table: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Print the primary keys of the differences (never other values).
+        #[arg(long)]
+        show_keys: bool,
+        /// Read at most this many rows per second in each region.
+        #[arg(long, value_name = "ROWS_PER_S")]
+        rate: Option<u64>,
+        /// How many times a suspect key is looked at again before it is
+        /// left as still in flight.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Seconds between those looks.
+        #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
+        wait: f64,
+        /// A version older than this (seconds) that a region still lacks is
+        /// a difference even if not yet delivered: that region is behind.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        window: f64,
+        /// How bucket sums digest rows: `fast` (a seeded 64-bit hash) or
+        /// `sha256` (keyed, as per-row digests always are; slower).
+        #[arg(long, value_enum, default_value_t = verify::Digest::Fast)]
+        digest: verify::Digest,
     },
     /// Inspect or replay the dead-letter topic of a region.
     Dlq {
@@ -283,6 +325,31 @@ fn main() -> ExitCode {
             } => sidecar::run(&config, &region, role).await,
             Command::Check { config, region } => check::check(&config, region.as_deref()).await,
             Command::Setup { config, region } => setup::setup(&config, &region).await,
+            Command::Verify {
+                config,
+                region,
+                table,
+                json,
+                show_keys,
+                rate,
+                rounds,
+                wait,
+                window,
+                digest,
+            } => {
+                let args = verify::Args {
+                    digest,
+                    regions: region,
+                    tables: table,
+                    json,
+                    show_keys,
+                    rate,
+                    rounds,
+                    wait: std::time::Duration::from_secs_f64(wait.max(0.0)),
+                    window: std::time::Duration::from_secs_f64(window.max(0.0)),
+                };
+                verify::verify(&config, args).await
+            }
             Command::Dlq { action } => match action {
                 DlqAction::List {
                     config,

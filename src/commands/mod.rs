@@ -19,6 +19,7 @@ pub mod repair;
 pub mod resync;
 pub mod setup;
 pub mod status;
+pub mod verify;
 
 pub(crate) fn load(path: &Path) -> Result<Arc<Config>> {
     Ok(Arc::new(config::load(path)?))

@@ -23,3 +23,4 @@ mod stamp;
 mod status_page;
 mod support;
 mod tls;
+mod verify;

@@ -253,7 +253,7 @@ CREATE TABLE carts (id int PRIMARY KEY, items text[] NOT NULL DEFAULT '{}', note
 
 /// Three regions (us, eu, cn) with a counter table and a cart table whose
 /// items are a grow-only set, set up; no sidecar runs yet.
-fn merge_world() -> crate::sidecar::World {
+pub fn merge_world() -> crate::sidecar::World {
     use crate::sidecar::{region_blocks, World, REGIONS};
     use crate::support::broker::Broker;
     use crate::support::pg::Pg;

@@ -1,0 +1,127 @@
+//! What two regions must share of a table, and what a region must not
+//! hold, by the residency policy (the same rules `residency::Policy::route`
+//! applies to each change; the tests hold the two to each other).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::config::{ColumnAction, Config, TableClass, TableConfig};
+
+/// Regions that may hold the rows homed in `home` (the home and the
+/// regions `allow` lists for it), for a partitioned table.
+fn allowed_for(allow: &BTreeMap<String, BTreeSet<String>>, home: &str) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = allow.get(home).cloned().unwrap_or_default();
+    out.insert(home.to_string());
+    out
+}
+
+/// Every home column value the policy knows, with its home region: each
+/// region's own name, then the aliases (which win, as in routing).
+pub fn home_values(config: &Config, table: &TableConfig) -> BTreeMap<String, String> {
+    let TableClass::Partitioned { aliases, .. } = &table.class else {
+        return BTreeMap::new();
+    };
+    let mut homes: BTreeMap<String, String> = config
+        .regions
+        .keys()
+        .map(|r| (r.clone(), r.clone()))
+        .collect();
+    for (value, region) in aliases {
+        homes.insert(value.clone(), region.clone());
+    }
+    homes
+}
+
+/// Which rows of `table` regions `a` and `b` must both hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Share {
+    /// Every row (`global`, `owned`).
+    All,
+    /// The rows whose home column holds one of these values.
+    Homes(Vec<String>),
+    /// None: the pair is not compared.
+    Nothing,
+}
+
+pub fn share(config: &Config, table: &TableConfig, a: &str, b: &str) -> Share {
+    match &table.class {
+        TableClass::Local => Share::Nothing,
+        TableClass::Global | TableClass::Owned { .. } => Share::All,
+        TableClass::Partitioned { allow, .. } => {
+            let values: Vec<String> = home_values(config, table)
+                .into_iter()
+                .filter(|(_, home)| {
+                    let allowed = allowed_for(allow, home);
+                    allowed.contains(a) && allowed.contains(b)
+                })
+                .map(|(value, _)| value)
+                .collect();
+            if values.is_empty() {
+                Share::Nothing
+            } else {
+                Share::Homes(values)
+            }
+        }
+    }
+}
+
+/// Home column values whose rows `region` must not hold, with their home.
+pub fn forbidden_homes(
+    config: &Config,
+    table: &TableConfig,
+    region: &str,
+) -> BTreeMap<String, String> {
+    let TableClass::Partitioned { allow, .. } = &table.class else {
+        return BTreeMap::new();
+    };
+    home_values(config, table)
+        .into_iter()
+        .filter(|(_, home)| !allowed_for(allow, home).contains(region))
+        .collect()
+}
+
+/// Whether a column rule alters `column` for `a` or for `b`: such a column
+/// holds different values in the two regions by design and is not compared
+/// between them.
+pub fn altered_between(table: &TableConfig, column: &str, a: &str, b: &str) -> bool {
+    table
+        .columns
+        .iter()
+        .any(|rule| rule.column == column && (rule.applies_to(a) || rule.applies_to(b)))
+}
+
+/// The form a column must have in `region` when another region wrote the
+/// row: masked to this text, or a keyed hash (`{key id}:` + 64 hex digits).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Form {
+    Mask(String),
+    Hash { key_ids: Vec<String> },
+}
+
+/// The rule columns of `table` that arrive in `region` masked or hashed.
+/// Dropped columns are not checked: the apply side leaves them to their
+/// default, which may be anything.
+pub fn arriving_forms(config: &Config, table: &TableConfig, region: &str) -> Vec<(String, Form)> {
+    let key_ids: Vec<String> = config
+        .regions
+        .values()
+        .filter(|r| r.name != region)
+        .map(|r| r.hash_key_id.clone())
+        .collect();
+    let mut out: Vec<(String, Form)> = Vec::new();
+    for rule in table.columns.iter().filter(|r| r.applies_to(region)) {
+        if out.iter().any(|(c, _)| *c == rule.column) {
+            continue;
+        }
+        match &rule.action {
+            ColumnAction::Drop => {}
+            ColumnAction::Mask(mask) => out.push((rule.column.clone(), Form::Mask(mask.clone()))),
+            ColumnAction::Hash => out.push((
+                rule.column.clone(),
+                Form::Hash {
+                    key_ids: key_ids.clone(),
+                },
+            )),
+        }
+    }
+    out
+}
