@@ -254,6 +254,10 @@ fn plan_segment(batch: &[Incoming<'_>], from: usize, to: usize, out: &mut Vec<St
     out.extend(merge_statements(batch, from, to));
 }
 
+/// One row's changes in a batch segment: its key, every change of it, and
+/// those since its last delete (positions in the batch).
+type KeyChanges<'b> = (&'b [Option<Text<'b>>], Vec<usize>, Vec<usize>);
+
 /// The merge statements of changes `from..to` of the batch (see
 /// [`crate::merge`]): for each table with `counter` columns, one statement
 /// merging the parts every change carries (and dropping those older than
@@ -265,8 +269,7 @@ pub fn merge_statements(batch: &[Incoming<'_>], from: usize, to: usize) -> Vec<S
     use crate::config::MergeKind;
     // per table: per row, every change (counters), and the changes since
     // its last delete (unions)
-    type Rows<'b> = Vec<(&'b [Option<Text<'b>>], Vec<usize>, Vec<usize>)>;
-    let mut tables: BTreeMap<&TableName, (&TargetTable, Rows<'_>)> = BTreeMap::new();
+    let mut tables: BTreeMap<&TableName, (&TargetTable, Vec<KeyChanges<'_>>)> = BTreeMap::new();
     for (i, c) in batch.iter().enumerate().take(to).skip(from) {
         if c.table.merge.is_empty() {
             continue;
@@ -374,7 +377,7 @@ fn key_members(out: &mut Vec<u8>, target: &TargetTable, c: &Incoming<'_>) {
 /// highest stamp of a delete of its key before it in the segment.
 fn counts_rows(
     batch: &[Incoming<'_>],
-    rows: &[(&[Option<Text<'_>>], Vec<usize>, Vec<usize>)],
+    rows: &[KeyChanges<'_>],
     target: &TargetTable,
     counters: &[&str],
 ) -> String {
