@@ -34,7 +34,7 @@ pub async fn resync(
                 .filter(|r| *r != region)
                 .collect();
             anyhow::bail!(
-                "--to {dest}: not a region {region} sends to; one of: {}",
+                "--to {dest}: not a destination of region {region} (destinations: {})",
                 others.join(", ")
             );
         }
