@@ -39,11 +39,6 @@ pub struct Incoming<'a> {
     pub columns: Vec<Text<'a>>,
     /// Inserts and updates: the values of `columns` (`None`: NULL).
     pub values: Vec<Option<Text<'a>>>,
-    /// Inserts and updates of a table with `counter` merge columns, as the
-    /// stream captured them: each counter's value before the change (`None`:
-    /// NULL or an insert, i.e. from zero). `None` for a record that carries
-    /// no delta (a resync).
-    pub merge_from: Option<Vec<(Text<'a>, Option<Text<'a>>)>>,
     /// Deletes of a `partitioned` table: the deleted row's home column
     /// value, when the record carries it (kept with the tombstone).
     pub home: Option<Text<'a>>,
@@ -330,6 +325,8 @@ struct ApplySource<'a> {
     table: Cow<'a, str>,
 }
 
+/// `pgrelay.merge_from` (counters' old values, which older capture sides
+/// sent) is not read: a counter's parts travel in the row (`merge.rs`).
 /// `pgrelay.unchanged` is not read: a column left out of `after` keeps the
 /// target's value, and one the target lacks (dropped here first) has no
 /// value to keep, so it is no reason to refuse the record.
@@ -342,8 +339,6 @@ struct ApplyMeta<'a> {
     /// producers.
     #[serde(default)]
     xid: Option<u64>,
-    #[serde(default, borrow)]
-    merge_from: Option<Row<'a>>,
 }
 
 /// Parses and validates one record value.
@@ -421,16 +416,6 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
             env.op
         )));
     }
-    let merge_from = match env.pgrelay.merge_from {
-        Some(from) if matches!(op, Op::Insert | Op::Update) => Some(
-            from.0
-                .into_iter()
-                .filter(|(n, _)| target.merge_kind(&n.0) == Some(crate::config::MergeKind::Counter))
-                .map(|(n, v)| (n.0, v.map(|v| v.0)))
-                .collect(),
-        ),
-        _ => None,
-    };
     Ok(Incoming {
         table: target,
         op,
@@ -441,7 +426,6 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
         key,
         columns,
         values,
-        merge_from,
         home,
     })
 }

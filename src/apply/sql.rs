@@ -467,16 +467,17 @@ fn copy_rows(batch: &[Incoming<'_>], members: &[usize]) -> String {
     let mut out = String::with_capacity(size);
     for &i in members {
         let c = &batch[i];
+        let merged = !c.table.merge.is_empty();
         for (name, v) in c.columns.iter().zip(&c.values) {
             // a new row starts with no counter parts and its counters at
             // zero: the merge statement after the upsert merges the change's
             // parts (so a destination that refuses the total parks that
             // statement alone, not the row's other columns)
-            if c.table.merge_kind(name) == Some(crate::config::MergeKind::Counter) {
+            if merged && c.table.merge_kind(name) == Some(crate::config::MergeKind::Counter) {
                 out.push_str("0\t");
                 continue;
             }
-            if name == COUNTS_COLUMN {
+            if merged && name == COUNTS_COLUMN {
                 out.push_str("{}\t");
                 continue;
             }

@@ -70,14 +70,36 @@ pub fn pair_with(schema: &str, apply_settings: &str) -> Pair {
 
 /// [`pair_with`] on a given broker.
 pub fn pair_on(schema: &str, apply_settings: &str, broker: Broker) -> Pair {
+    pair_built(schema, "", broker, |text| {
+        text.replace(
+            "batch_max_wait = \"50ms\"\n",
+            &format!("batch_max_wait = \"50ms\"\n{apply_settings}\n"),
+        )
+    })
+}
+
+/// [`pair`] with more `[[tables]]` declared (TOML appended to the config)
+/// and `before` run in us before `setup` (rows older than pgrelay).
+pub fn pair_with_tables(schema: &str, tables: &str, before: &str) -> Pair {
+    pair_built(schema, before, Broker::start(), |text| text + tables)
+}
+
+/// Two clusters with `schema` (and `before` in us), the config `edit`
+/// makes of [`config`], both regions set up.
+fn pair_built(
+    schema: &str,
+    before: &str,
+    broker: Broker,
+    edit: impl FnOnce(String) -> String,
+) -> Pair {
     let us = Pg::start();
     let eu = Pg::start();
     us.psql(schema);
     eu.psql(schema);
-    let text = config(&us.dsn(), &eu.dsn(), &broker.brokers()).replace(
-        "batch_max_wait = \"50ms\"\n",
-        &format!("batch_max_wait = \"50ms\"\n{apply_settings}\n"),
-    );
+    if !before.is_empty() {
+        us.psql(before);
+    }
+    let text = edit(config(&us.dsn(), &eu.dsn(), &broker.brokers()));
     let cfg = ConfigFile::new(&text);
     for r in ["us", "eu"] {
         relay::ok(&[

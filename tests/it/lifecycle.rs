@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::apply::Pair;
 use crate::support::broker::Broker;
 use crate::support::eventually;
 use crate::support::pg::Pg;
@@ -16,22 +17,11 @@ CREATE TABLE users (id int PRIMARY KEY, email text);
 CREATE TABLE people (id int PRIMARY KEY, home text NOT NULL, name text);
 ";
 
-struct Pair {
-    us: Pg,
-    eu: Pg,
-    _broker: Broker,
-    cfg: ConfigFile,
-}
-
 /// us and eu with a partitioned table whose us-homed rows may live in eu.
 fn partitioned_pair() -> Pair {
-    let broker = Broker::start();
-    let us = Pg::start();
-    let eu = Pg::start();
-    us.psql(SCHEMA);
-    eu.psql(SCHEMA);
-    let text = crate::apply::config(&us.dsn(), &eu.dsn(), &broker.brokers())
-        + "
+    crate::apply::pair_with_tables(
+        SCHEMA,
+        "
 [[tables]]
 name = \"public.people\"
 class = \"partitioned\"
@@ -39,23 +29,9 @@ home_column = \"home\"
 [tables.allow]
 us = [\"eu\"]
 eu = []
-";
-    let cfg = ConfigFile::new(&text);
-    for r in ["us", "eu"] {
-        relay::ok(&[
-            "setup",
-            "--config",
-            cfg.path.to_str().unwrap(),
-            "--region",
-            r,
-        ]);
-    }
-    Pair {
-        us,
-        eu,
-        _broker: broker,
-        cfg,
-    }
+",
+        "",
+    )
 }
 
 /// Drops every replication slot of `pg` once its walsender has gone (the

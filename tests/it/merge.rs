@@ -581,41 +581,18 @@ CREATE TABLE stock (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0, label text)
 /// Two regions (us, eu) with the counter table `stock`, one broker; `before`
 /// runs in us before `setup` (rows older than pgrelay), then both are set up.
 fn counter_pair(before: &str) -> crate::apply::Pair {
-    use crate::support::broker::Broker;
-    use crate::support::pg::Pg;
-    let broker = Broker::start();
-    let us = Pg::start();
-    let eu = Pg::start();
-    us.psql(COUNTER_SCHEMA);
-    eu.psql(COUNTER_SCHEMA);
-    if !before.is_empty() {
-        us.psql(before);
-    }
-    let text = crate::apply::config(&us.dsn(), &eu.dsn(), &broker.brokers())
-        + "
+    crate::apply::pair_with_tables(
+        COUNTER_SCHEMA,
+        "
 [[tables]]
 name = \"public.stock\"
 class = \"global\"
 [[tables.columns]]
 name = \"n\"
 merge = \"counter\"
-";
-    let cfg = crate::support::relay::ConfigFile::new(&text);
-    for r in ["us", "eu"] {
-        relay::ok(&[
-            "setup",
-            "--config",
-            cfg.path.to_str().unwrap(),
-            "--region",
-            r,
-        ]);
-    }
-    crate::apply::Pair {
-        us,
-        eu,
-        broker,
-        cfg,
-    }
+",
+        before,
+    )
 }
 
 /// `id:n` of every row of `stock`, in id order.
