@@ -282,6 +282,7 @@ pub async fn run(
         dropped: std::collections::HashMap::new(),
         truncates_kept: HashSet::new(),
         columns_gone: HashSet::new(),
+        shape_gone: HashMap::new(),
         filler: Filler::new(&region_cfg.dsn, &region),
         progress_sent: Lsn::ZERO,
         progress_rounds: PROGRESS_ROUNDS,
@@ -448,6 +449,10 @@ struct Loop<'a> {
     /// Left-out columns found gone from their table (`source::fill`),
     /// warned about once each.
     columns_gone: HashSet<(TableName, String)>,
+    /// Per table: columns of the stream's current shape that the source's
+    /// table no longer has (`Loop::note_columns_gone`), left out of every
+    /// change of that shape.
+    shape_gone: HashMap<TableName, Vec<String>>,
     /// Reads back what a row moved to a new key left out of the stream.
     filler: Filler,
     /// The LSN of the last progress records sent, and how many more status

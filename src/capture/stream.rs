@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use crate::event::{Change, TableName};
+use crate::event::{Change, Lsn, TableName};
 use crate::pgoutput::{self, encode_status_update, Frame};
 use crate::publish::envelope::{self, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
 use crate::publish::producer::{Delivery, SendError};
@@ -285,6 +285,7 @@ impl Loop<'_> {
                                 source,
                             })
                         })?;
+                    self.note_columns_gone(&table, columns).await?;
                     // a counter's delta needs the old row: without it an
                     // update's increment would be lost everywhere else
                     if *replica_identity != b'f' && self.counters.contains_key(&table) {
@@ -327,41 +328,111 @@ impl Loop<'_> {
     /// Reads back the columns the stream left out of an insert or update
     /// (`source::fill`): a change that wins elsewhere carries the whole row.
     async fn complete(&mut self, change: &mut Change) -> Result<(), CaptureError> {
-        if fill::missing_columns(change).is_empty() {
+        let gone_before = self.gone_in_shape(change);
+        if !gone_before.is_empty() {
+            fill::leave_out(change, &gone_before);
+            let names: Vec<String> = gone_before
+                .iter()
+                .map(|&i| change.schema.columns[i].name.clone())
+                .collect();
+            self.count_columns_gone(&change.schema.table, &names, change.tx.commit_lsn);
+        }
+        if fill::missing_columns(change).len() == gone_before.len() {
             return Ok(());
         }
         let filled = self
             .filler
-            .fill(change)
+            .fill(change, &gone_before)
             .await
             .map_err(|e| self.broke_on(&change.schema.table, "source database", e))?;
         if filled.gone.is_empty() {
             return Ok(());
         }
-        let table = change.schema.table.to_string();
+        // gone for every later change of this shape too (an insert's value
+        // of it must not reach destinations that dropped it)
+        self.shape_gone
+            .entry(change.schema.table.clone())
+            .or_default()
+            .extend(filled.gone.iter().cloned());
+        self.count_columns_gone(&change.schema.table, &filled.gone, change.tx.commit_lsn);
+        Ok(())
+    }
+
+    /// On a Relation message: the columns of the announced shape that the
+    /// source's table no longer has — dropped or renamed after the changes
+    /// of that shape were written, as when the capture side is behind.
+    /// Every change of the shape is then published without them, so a
+    /// destination that dropped the column too has nothing to wait for.
+    /// Key columns are never left out (a table whose key is gone keeps its
+    /// changes whole, and a destination parks what it cannot apply).
+    async fn note_columns_gone(
+        &mut self,
+        table: &TableName,
+        columns: &[pgoutput::RelColumn],
+    ) -> Result<(), CaptureError> {
+        self.shape_gone.remove(table);
+        if !self.policy.is_declared(table) {
+            return Ok(());
+        }
+        let now = self
+            .filler
+            .columns_now(table)
+            .await
+            .map_err(|e| self.broke_on(table, "source database", e))?;
+        if now.is_empty() {
+            return Ok(());
+        }
+        let gone: Vec<String> = columns
+            .iter()
+            .filter(|c| c.name != crate::names::HLC_COLUMN && !now.contains(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        if !gone.is_empty() {
+            self.shape_gone.insert(table.clone(), gone);
+        }
+        Ok(())
+    }
+
+    /// Indices of the change's columns known gone from its table.
+    fn gone_in_shape(&self, change: &Change) -> Vec<usize> {
+        let Some(gone) = self.shape_gone.get(&change.schema.table) else {
+            return Vec::new();
+        };
+        let columns = &change.schema.columns;
+        if columns.iter().any(|c| c.is_key && gone.contains(&c.name)) {
+            return Vec::new();
+        }
+        columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| gone.contains(&c.name))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// A change published without columns its table no longer has: the
+    /// metric, and a warning once per column and process.
+    fn count_columns_gone(&mut self, table: &TableName, gone: &[String], lsn: Lsn) {
+        let name = table.to_string();
         self.metrics.add(
             "pgrelay_capture_columns_gone_total",
-            "Changes published with a left-out column that was dropped or renamed before it \
-             could be read back (the destinations keep their value of it)",
-            &[("region", self.region), ("table", &table)],
+            "Changes published without a column their table no longer has (dropped or renamed \
+             after the change was written): the destinations keep their value of it",
+            &[("region", self.region), ("table", &name)],
             1,
         );
-        for column in filled.gone {
-            if self
-                .columns_gone
-                .insert((change.schema.table.clone(), column.clone()))
-            {
+        for column in gone {
+            if self.columns_gone.insert((table.clone(), column.clone())) {
                 tracing::warn!(
                     region = self.region,
-                    table = %change.schema.table,
+                    table = %table,
                     column = %column,
-                    lsn = %change.tx.commit_lsn,
-                    "a column the change left out (unchanged TOAST) no longer exists: published \
-                     as unchanged, so each destination keeps the value it holds"
+                    lsn = %lsn,
+                    "a column of the change no longer exists at the source (dropped or renamed \
+                     since): published without it, so each destination keeps the value it holds"
                 );
             }
         }
-        Ok(())
     }
 
     async fn publish(&mut self, change: &Change) -> Result<(), CaptureError> {

@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use crate::event::{canonical_text_sets, quote_ident, Change, Datum, Op};
+use crate::event::{canonical_text_sets, quote_ident, Change, Datum, Op, TableName};
 
 use super::catalog::{self, CatalogError};
 
@@ -158,8 +158,10 @@ impl Filler {
     /// Fills the change's left-out columns from the source: how many were
     /// filled (0 when the row is no longer under that key) and which are
     /// gone from the table (those stay left out).
-    pub async fn fill(&mut self, change: &mut Change) -> Result<Filled, FillError> {
-        let missing = missing_columns(change);
+    /// `skip`: left-out columns known to be gone, not read.
+    pub async fn fill(&mut self, change: &mut Change, skip: &[usize]) -> Result<Filled, FillError> {
+        let mut missing = missing_columns(change);
+        missing.retain(|i| !skip.contains(i));
         if missing.is_empty() {
             return Ok(Filled::default());
         }
@@ -168,15 +170,7 @@ impl Filler {
             table: table.clone(),
             source,
         };
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            let c = catalog::connect(&self.dsn, &self.region).await?;
-            // values in the same spelling as the replication stream's
-            c.batch_execute(&canonical_text_sets("; "))
-                .await
-                .map_err(query_error)?;
-            self.client = Some(c);
-            self.statements.clear();
-        }
+        self.connect(&table).await?;
         let client = self.client.as_ref().expect("connected above");
         for c in change.schema.columns.iter().filter(|c| c.is_key) {
             if let std::collections::hash_map::Entry::Vacant(e) = self.type_names.entry(c.type_oid)
@@ -277,16 +271,70 @@ impl Filler {
     /// (none when no table has that name any more).
     async fn present_columns(&self, change: &Change) -> Result<Vec<String>, tokio_postgres::Error> {
         let client = self.client.as_ref().expect("connected by fill");
-        Ok(client
-            .query(
-                "SELECT a.attname::text FROM pg_attribute a \
-                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&change.schema.table.quoted()],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect())
+        present_columns(client, &change.schema.table).await
+    }
+
+    /// The columns `table` has now, by name; empty when the table itself
+    /// is gone (dropped or renamed).
+    pub async fn columns_now(&mut self, table: &TableName) -> Result<Vec<String>, FillError> {
+        let name = table.to_string();
+        self.connect(&name).await?;
+        let client = self.client.as_ref().expect("connected above");
+        present_columns(client, table)
+            .await
+            .map_err(|source| FillError::Query {
+                table: name,
+                source,
+            })
+    }
+
+    async fn connect(&mut self, table: &str) -> Result<(), FillError> {
+        if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
+            return Ok(());
+        }
+        let c = catalog::connect(&self.dsn, &self.region).await?;
+        // values in the same spelling as the replication stream's
+        c.batch_execute(&canonical_text_sets("; "))
+            .await
+            .map_err(|source| FillError::Query {
+                table: table.to_string(),
+                source,
+            })?;
+        self.client = Some(c);
+        self.statements.clear();
+        Ok(())
+    }
+}
+
+async fn present_columns(
+    client: &Client,
+    table: &TableName,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table.quoted()],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Marks `columns` (indices into the change's schema) as left out of the
+/// change, in both images: they are not published, so every destination
+/// keeps the value it holds (or, having dropped the column, has none).
+pub fn leave_out(change: &mut Change, columns: &[usize]) {
+    for row in [change.before.as_mut(), change.after.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        for &i in columns {
+            if let Some(d) = row.get_mut(i) {
+                *d = Datum::Unchanged;
+            }
+        }
     }
 }
 

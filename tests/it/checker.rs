@@ -52,7 +52,7 @@ pub const REGIONS: [&str; 3] = ["us", "eu", "cn"];
 
 const SCHEMA: &str = "
 CREATE TABLE g (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, s text, big text);
-CREATE TABLE o (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+CREATE TABLE o (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, extra text);
 CREATE TABLE p (id int PRIMARY KEY, home text NOT NULL, n int NOT NULL DEFAULT 0, big text);
 CREATE TABLE b (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
 CREATE TABLE m (id int PRIMARY KEY, c bigint NOT NULL DEFAULT 0, items text[] NOT NULL DEFAULT '{}', s text);
@@ -560,13 +560,37 @@ fn region_name(region: &str) -> &'static str {
         .expect("a region of the checker")
 }
 
-/// SELECT list giving a [`Version`]'s columns, then the stamp.
+/// SELECT list giving a [`Version`]'s columns, then the stamp. `g`'s
+/// `added` reads as NULL where the column does not exist yet (and nobody
+/// writes it before every region has it, see [`Shape`]); `o.extra` is
+/// never compared (it is dropped under a backlog, see
+/// [`Fault::SchemaChange`]).
 fn select_list(table: &str) -> &'static str {
     match table {
-        "g" => "id, n::text, s, md5(big), _pgrelay_hlc",
+        "g" => "id, n::text, s, md5(big), to_jsonb(g) ->> 'added', _pgrelay_hlc",
         "o" | "b" => "id, n::text, _pgrelay_hlc",
         "m" => "id, c::text, array_to_string(ARRAY(SELECT x FROM unnest(items) AS x ORDER BY x COLLATE \"C\"), ','), s, _pgrelay_hlc",
         _ => "id, home, n::text, md5(big), _pgrelay_hlc",
+    }
+}
+
+/// The schema as the history goes. `o` starts with `extra`, a TOASTed
+/// column us's writers set on insert and leave untouched on every update;
+/// [`Fault::SchemaChange`] drops it under a backlog, then adds `g.added`
+/// in one region after another, and only once every region has it do the
+/// writers write it (the README's schema-change procedure).
+#[derive(Default)]
+pub struct Shape {
+    extra_dropped: std::sync::atomic::AtomicBool,
+    added: std::sync::atomic::AtomicBool,
+}
+
+impl Shape {
+    fn extra_dropped(&self) -> bool {
+        self.extra_dropped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn added(&self) -> bool {
+        self.added.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -604,6 +628,7 @@ pub struct Writer {
     /// Up to this many ms between transactions (spreads the history over
     /// the faults).
     pub pace_ms: u64,
+    pub shape: Arc<Shape>,
 }
 
 /// `pgrelay fence` refuses every local write with SQLSTATE 25006.
@@ -666,6 +691,9 @@ impl Writer {
                 }
                 // a duplicate key, a moved row's new key taken: nothing committed
                 Err(e) if e.code().is_some_and(|c| c.code() == "23505") => done += 1,
+                // `o.extra` dropped between choosing the statement and
+                // running it: nothing committed, try again (without it)
+                Err(e) if e.code().is_some_and(|c| c.code() == "42703") => {}
                 // the region is fenced: nothing committed, try again later
                 Err(e) if is_fenced(&e) => {
                     history.lock().unwrap().fenced += 1;
@@ -716,14 +744,28 @@ impl Writer {
         let rows = match op {
             Op::UpsertG { id, n, s, big } => {
                 let big = (*big > 0).then(|| rng.big_text(*big));
-                tx.query(
-                    &format!(
-                        "INSERT INTO g (id, n, s, big) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n, s = EXCLUDED.s RETURNING {sel}"
-                    ),
-                    &[id, n, s, &big],
-                )
-                .await?
+                // `added` once every region has it
+                let added = n % 7;
+                if self.shape.added() {
+                    tx.query(
+                        &format!(
+                            "INSERT INTO g (id, n, s, big, added) VALUES ($1, $2, $3, $4, $5) \
+                             ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n, s = EXCLUDED.s, \
+                             added = EXCLUDED.added RETURNING {sel}"
+                        ),
+                        &[id, n, s, &big, &added],
+                    )
+                    .await?
+                } else {
+                    tx.query(
+                        &format!(
+                            "INSERT INTO g (id, n, s, big) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n, s = EXCLUDED.s RETURNING {sel}"
+                        ),
+                        &[id, n, s, &big],
+                    )
+                    .await?
+                }
             }
             Op::IncM { id, k } => {
                 tx.query(
@@ -767,6 +809,19 @@ impl Writer {
                 tx.query(
                     &format!("UPDATE g SET big = $2 WHERE id = $1 RETURNING {sel}"),
                     &[id, &big],
+                )
+                .await?
+            }
+            // a new row of `o` gets a TOASTed `extra` while the column
+            // exists; updates leave it alone
+            Op::UpsertO { id, n } if !self.shape.extra_dropped() => {
+                let extra = rng.big_text(9_000);
+                tx.query(
+                    &format!(
+                        "INSERT INTO o (id, n, extra) VALUES ($1, $2, $3) \
+                         ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n RETURNING {sel}"
+                    ),
+                    &[id, n, &extra],
                 )
                 .await?
             }
@@ -1053,6 +1108,16 @@ pub enum Fault {
     /// constraint is dropped, and `pgrelay dlq replay` applies them (run
     /// again at the end until nothing waits). Last-writer-wins as ever.
     ParkReplay(usize),
+    /// Lifecycle, schema changes under a backlog (the README's "Schema
+    /// changes"): us's sidecar stops while its writers go on (inserts into
+    /// `o` carrying `extra`, TOASTed, and updates leaving it untouched pile
+    /// up), `o.extra` is dropped in every region, the sidecar starts again
+    /// and must publish its backlog without the column, nothing waiting
+    /// for it anywhere; then `g.added` is added in one region after
+    /// another while every region writes, and the writers write it only
+    /// once every region has it. Once per history (drawn again, it is a
+    /// [`Fault::KillSidecar`]).
+    SchemaChange(usize),
 }
 
 /// The sidecar processes of a region, by role.
@@ -1074,6 +1139,8 @@ pub struct World {
     pub replay: BTreeSet<&'static str>,
     /// Regions whose slot was lost (`LostSlot`).
     pub lost_slots: BTreeSet<&'static str>,
+    /// `g`'s schema (`SchemaChange`).
+    pub shape: Arc<Shape>,
     /// By region and role: us and eu run both sides in one process, cn runs
     /// them as two.
     pub sidecars: BTreeMap<(&'static str, &'static str), Relay>,
@@ -1128,11 +1195,16 @@ impl World {
             plpgsql,
             replay: BTreeSet::new(),
             lost_slots: BTreeSet::new(),
+            shape: Arc::new(Shape::default()),
             sidecars,
         }
     }
 
     pub async fn inject(&mut self, fault: Fault) {
+        let fault = match fault {
+            Fault::SchemaChange(i) if self.shape.extra_dropped() => Fault::KillSidecar(i),
+            other => other,
+        };
         match fault {
             Fault::KillSidecar(i) => {
                 let r = REGIONS[i % 3];
@@ -1231,8 +1303,64 @@ impl World {
                 ]);
                 self.replay.insert(r);
             }
+            Fault::SchemaChange(_) => {
+                // us alone writes `o`: its sidecar stops, and a backlog of
+                // inserts carrying `extra` and updates leaving it
+                // untouched piles up
+                let r = "us";
+                for role in roles(r) {
+                    self.sidecars.get_mut(&(r, *role)).unwrap().kill9();
+                }
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                self.shape
+                    .extra_dropped
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                for region in REGIONS {
+                    alter(&self.pg[region], "ALTER TABLE o DROP COLUMN extra").await;
+                }
+                for role in roles(r) {
+                    self.sidecars
+                        .insert((r, role), Relay::spawn(&self.cfg, r, role));
+                }
+                // a column added in any order while every region writes:
+                // records from a region that has it wait where it is missing
+                for region in REGIONS.iter().rev() {
+                    alter(&self.pg[region], "ALTER TABLE g ADD COLUMN added int").await;
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                }
+                self.shape
+                    .added
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     }
+}
+
+/// Runs one DDL statement as the schema's owner while the writers go on
+/// (waiting for their locks at most a second each time, as an operator
+/// would: a long wait would queue every writer behind it).
+async fn alter(pg: &Pg, ddl: &str) {
+    let c = connect(&pg.dsn()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c
+            .batch_execute(&format!("SET lock_timeout = '1s'; {ddl}"))
+            .await
+        {
+            Ok(()) => return,
+            Err(e) if Instant::now() < deadline && transient_ddl(&e) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{ddl}: {e:?}"),
+        }
+    }
+}
+
+/// A lock wait that timed out, a deadlock, a server restarting.
+fn transient_ddl(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code() == "55P03" || c.code() == "40P01")
+        || transient(e)
 }
 
 /// One checked history: its size, for the soak's summary.
@@ -1263,6 +1391,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             keys,
             truncates: rng.chance(50),
             pace_ms: 40,
+            shape: w.shape.clone(),
         };
         writers.push(tokio::spawn(writer.run(ops_per_region, history.clone())));
         // a second session in the region, on the same keys: local writes
@@ -1275,28 +1404,38 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             keys,
             truncates: false,
             pace_ms: 40,
+            shape: w.shape.clone(),
         };
         writers.push(tokio::spawn(racer.run(ops_per_region / 2, history.clone())));
     }
-    // faults while the writers run
+    // faults while the writers run: two of the three lifecycle procedures
+    // in every history (which two follows the seed, so consecutive seeds
+    // cover all three), the rest drawn from every kind
     let mut faults = Vec::new();
-    let n_faults = 2 + rng.below(3);
-    for _ in 0..n_faults {
+    let n_faults = 3 + rng.below(3);
+    let lifecycle = [LOST_SLOT, PARK_REPLAY, SCHEMA_CHANGE];
+    for f in 0..n_faults {
         let region = rng.below(3) as usize;
-        let kinds = if durable { 8 } else { 7 };
-        let drawn = rng.below(kinds);
+        let kinds = if durable {
+            KINDS.len()
+        } else {
+            KINDS.len() - 1
+        };
+        let drawn = rng.below(kinds as u64) as usize;
         let drawn = match forced_faults() {
-            Some(only) => only[drawn as usize % only.len()],
+            Some(only) => only[drawn % only.len()],
+            None if f < 2 => lifecycle[(seed as usize + f as usize) % lifecycle.len()],
             None => drawn,
         };
-        let fault = match drawn {
-            0 => Fault::KillSidecar(region),
-            1 => Fault::CrashDatabase(region),
-            2 => Fault::CutLink(region),
-            3 => Fault::KillSide(region),
-            4 => Fault::Fence(region),
-            5 => Fault::LostSlot(region),
-            6 => Fault::ParkReplay(region),
+        let fault = match KINDS[drawn] {
+            "kill_sidecar" => Fault::KillSidecar(region),
+            "crash_database" => Fault::CrashDatabase(region),
+            "cut_link" => Fault::CutLink(region),
+            "kill_side" => Fault::KillSide(region),
+            "fence" => Fault::Fence(region),
+            "lost_slot" => Fault::LostSlot(region),
+            "park_replay" => Fault::ParkReplay(region),
+            "schema_change" => Fault::SchemaChange(region),
             _ => Fault::RestartBroker(region),
         };
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
@@ -1427,6 +1566,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     eprintln!("seed {seed}: {conflicts} conflict log entries, each a write of the history");
     let records = residency_of_every_record(&w, seed);
     dr_vault_holds_the_newest_copies(&w, &history, &clients, seed).await;
+    verify_agrees_then_finds_a_planted_difference(&w, &history, &resolved, seed).await;
     eprintln!("seed {seed}: breaker trips resolved: {resolved:?}");
     eprintln!(
         "seed {seed}: {} transaction(s) refused by a fence and retried after it",
@@ -1730,6 +1870,106 @@ async fn dr_vault_holds_the_newest_copies(
     );
 }
 
+/// The second oracle: `pgrelay verify`, the command operators run, must
+/// find what the model found — every region agrees, save what the model
+/// itself allows to differ (a lost slot's limit in `p`, storms a region
+/// discarded in `b`) — and then, once one silent difference is planted (a
+/// row of `g` changed in eu as if by the apply side, which no capture side
+/// publishes), report exactly that key: a verify that cannot see a
+/// difference could not pass this.
+async fn verify_agrees_then_finds_a_planted_difference(
+    w: &World,
+    history: &History,
+    resolved: &[(&'static str, String, &'static str)],
+    seed: u64,
+) {
+    let mut may_differ: BTreeSet<&str> = BTreeSet::new();
+    if !history.lost_slots.is_empty() {
+        may_differ.insert("public.p");
+    }
+    if resolved.iter().any(|(_, _, a)| *a == "discard") {
+        may_differ.insert("public.b");
+    }
+    let verify = || {
+        let out = relay::cmd(&[
+            "verify",
+            "--config",
+            w.cfg.path.to_str().unwrap(),
+            "--json",
+            "--show-keys",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "seed {seed}: pgrelay verify printed no JSON ({e}):\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let report = verify();
+    let differences = report["differences"].as_array().expect("differences");
+    let unexpected: Vec<&serde_json::Value> = differences
+        .iter()
+        .filter(|d| !d["table"].as_str().is_some_and(|t| may_differ.contains(t)))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "seed {seed}: the model found the regions converged, pgrelay verify reports {} \
+         difference(s) it does not allow: {unexpected:?}",
+        unexpected.len()
+    );
+    // plant: as the apply side writes (no trigger, pgrelay's origin), so
+    // nothing is published and nothing will repair it
+    let eu = connect(&w.pg["eu"].dsn()).await;
+    eu.batch_execute(
+        "SET session_replication_role = replica; \
+         SELECT pg_replication_origin_session_setup('pgrelay_us')",
+    )
+    .await
+    .expect("a session as the apply side writes");
+    let key: i32 = eu
+        .query_one(
+            "WITH k AS (SELECT min(id) AS id FROM g), \
+             upd AS (UPDATE g SET n = n + 1 FROM k WHERE g.id = k.id RETURNING g.id), \
+             ins AS (INSERT INTO g (id, n, _pgrelay_hlc) SELECT 1000000, 1, 1 \
+                     WHERE NOT EXISTS (SELECT 1 FROM k WHERE id IS NOT NULL) RETURNING id) \
+             SELECT id FROM upd UNION ALL SELECT id FROM ins",
+            &[],
+        )
+        .await
+        .expect("plant a difference in eu")
+        .get(0);
+    let report = verify();
+    let found: Vec<&serde_json::Value> = report["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .filter(|d| d["table"] == "public.g")
+        .collect();
+    let names_key = |d: &serde_json::Value| {
+        let k: serde_json::Value = d["key"]
+            .as_str()
+            .and_then(|k| serde_json::from_str(k).ok())
+            .unwrap_or_default();
+        k["id"].as_i64().or_else(|| k["id"].as_str()?.parse().ok()) == Some(i64::from(key))
+    };
+    assert!(
+        !found.is_empty() && found.iter().all(|d| names_key(d)),
+        "seed {seed}: g key {key} was changed in eu alone: pgrelay verify must report that key \
+         and no other of g; it reported {found:?}"
+    );
+    eprintln!(
+        "seed {seed}: pgrelay verify agrees with the model ({} difference(s) the model allows), \
+         and reports the difference planted in eu (g key {key}: {})",
+        differences.len(),
+        found
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap_or("?"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
 fn residency_of_every_record(w: &World, seed: u64) -> usize {
     let mut total = 0;
     let mut replayed = 0;
@@ -1836,21 +2076,28 @@ fn delivered_p(w: &World) -> BTreeSet<(&'static str, &'static str, i32, i64)> {
     out
 }
 
+/// The fault kinds by name (`restart_broker` last: drawn only where the
+/// broker keeps its log across a restart).
+const KINDS: [&str; 9] = [
+    "kill_sidecar",
+    "crash_database",
+    "cut_link",
+    "kill_side",
+    "fence",
+    "lost_slot",
+    "park_replay",
+    "schema_change",
+    "restart_broker",
+];
+const LOST_SLOT: usize = 5;
+const PARK_REPLAY: usize = 6;
+const SCHEMA_CHANGE: usize = 7;
+
 /// `PGRELAY_CHECK_FAULTS=lost_slot,park_replay`: draw only these fault
 /// kinds (to aim a run at some).
-fn forced_faults() -> Option<Vec<u64>> {
-    const KINDS: [&str; 8] = [
-        "kill_sidecar",
-        "crash_database",
-        "cut_link",
-        "kill_side",
-        "fence",
-        "lost_slot",
-        "park_replay",
-        "restart_broker",
-    ];
+fn forced_faults() -> Option<Vec<usize>> {
     let list = std::env::var("PGRELAY_CHECK_FAULTS").ok()?;
-    let kinds: Vec<u64> = list
+    let kinds: Vec<usize> = list
         .split(',')
         .map(|k| {
             KINDS
@@ -1858,7 +2105,7 @@ fn forced_faults() -> Option<Vec<u64>> {
                 .position(|n| *n == k.trim())
                 .unwrap_or_else(|| {
                     panic!("PGRELAY_CHECK_FAULTS: unknown fault {k:?}; one of {KINDS:?}")
-                }) as u64
+                })
         })
         .collect();
     (!kinds.is_empty()).then_some(kinds)
