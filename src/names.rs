@@ -12,6 +12,9 @@ pub const COUNTS_COLUMN: &str = "_pgrelay_counts";
 pub const META_SCHEMA: &str = "pgrelay";
 /// The table the delete trigger writes stamps (and tombstones) to.
 pub const TOMBSTONES_TABLE: &str = "tombstones";
+/// The columns the apply side last saw in each replicated table, and which
+/// of them were dropped here (see `apply::target`).
+pub const COLUMNS_TABLE: &str = "pgrelay.columns";
 /// How every function of pgrelay's runs: with the rights of its owner (the
 /// setup role), whoever calls or fires it, and with a search path no caller
 /// can put objects in (every name in the bodies is schema-qualified or

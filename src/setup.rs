@@ -344,6 +344,16 @@ pub fn plan(
             PRIMARY KEY (topic, kafka_partition, kafka_offset))"
             .to_string(),
         wait_for_function(config, region),
+        // the columns the apply side last saw in each replicated table, so
+        // it knows a column dropped here from one never added here (see
+        // apply::target)
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (\
+                table_name text NOT NULL, column_name text NOT NULL, \
+                dropped boolean NOT NULL DEFAULT false, \
+                PRIMARY KEY (table_name, column_name))",
+            crate::names::COLUMNS_TABLE
+        ),
         // why a session holds its records back (NULL: it does not)
         "ALTER TABLE pgrelay.watermark_parts ADD COLUMN IF NOT EXISTS held_reason text".to_string(),
         // the blast-radius breaker's state per source, and the region's events

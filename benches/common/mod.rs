@@ -343,6 +343,7 @@ pub fn targets() -> Targets {
     t.insert(
         name.to_string(),
         TargetTable {
+            dropped: Vec::new(),
             name,
             key: vec!["id".into()],
             columns,

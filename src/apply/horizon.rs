@@ -198,6 +198,7 @@ mod tests {
     #[test]
     fn the_existence_check_casts_each_key_to_its_type() {
         let t = TargetTable {
+            dropped: Vec::new(),
             name: TableName::new("public", "we\"ird"),
             key: vec!["tenant".into(), "id".into()],
             columns: vec!["id".into(), "tenant".into(), "v".into()],

@@ -128,6 +128,9 @@ pub struct TargetTable {
     pub name: TableName,
     pub key: Vec<String>,
     pub columns: Vec<String>,
+    /// Columns the table had here and lost (`target::COLUMNS_TABLE`): a
+    /// record that still carries one applies without it.
+    pub dropped: Vec<String>,
     /// The type of each of `columns` as the catalog prints it, modifier
     /// included (empty: not known).
     pub column_types: Vec<String>,
@@ -366,8 +369,16 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
     let mut values = Vec::new();
     let mut home = None;
     if let Some(raw) = raw {
-        let row: Row<'a> = serde_json::from_str(raw.get())
+        let mut row: Row<'a> = serde_json::from_str(raw.get())
             .map_err(|e| Rejection::Poison(format!("{} record row: {e}", env.op)))?;
+        if !target.dropped.is_empty() {
+            // written before the column was dropped here: its value has no
+            // place any more (never a key column: those cannot be dropped
+            // while they are the key)
+            row.0.retain(|(n, _)| {
+                has_column(&target.columns, &n.0) || !has_column(&target.dropped, &n.0)
+            });
+        }
         if let Some((name, _)) = row
             .0
             .iter()
@@ -504,6 +515,7 @@ mod tests {
         t.insert(
             "public.products".into(),
             TargetTable {
+                dropped: Vec::new(),
                 name: TableName::new("public", "products"),
                 key: vec!["id".into()],
                 columns: vec!["id".into(), "name".into(), "_pgrelay_hlc".into()],

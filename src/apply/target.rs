@@ -1,9 +1,20 @@
 //! The target's table definitions, read from its catalog, and which
 //! records each table admits.
+//!
+//! A record may carry a column its target lacks for two reasons: the column
+//! was added in the source and not here yet (the record waits for it, see
+//! `pipeline`), or it was dropped here while records written before the
+//! drop were still on their way (a backlog in Kafka, a held breaker, a
+//! stopped sidecar). Those must not wait for a column that will not come
+//! back: [`COLUMNS_TABLE`] keeps the columns each table had when the apply
+//! side last read it, so a column found there and gone from the catalog was
+//! dropped here, and records carrying it apply without it.
 
 use tokio_postgres::Client;
 
 use crate::config::{Config, TableClass};
+use crate::event::TableName;
+use crate::names::COLUMNS_TABLE;
 use crate::source::catalog::Catalog;
 
 use super::error::ApplyError;
@@ -50,11 +61,13 @@ pub async fn load_targets(
                 ),
             ));
         }
+        let dropped = dropped_columns(client, &t.name, &state.columns).await?;
         targets.insert(
             t.name.to_string(),
             TargetTable {
                 name: t.name.clone(),
                 key: state.primary_key,
+                dropped,
                 columns: state.columns,
                 column_types: state.column_types,
                 json_columns: state.json_columns,
@@ -64,6 +77,45 @@ pub async fn load_targets(
         );
     }
     Ok(targets)
+}
+
+/// Records `columns` as `table`'s columns now, marks those it had before
+/// and lacks now as dropped, and returns every column dropped here (and
+/// not added again). A database whose setup predates the record has no
+/// such table: then nothing is known dropped (records carrying a column
+/// the table lacks wait for it, as before).
+async fn dropped_columns(
+    client: &Client,
+    table: &TableName,
+    columns: &[String],
+) -> Result<Vec<String>, ApplyError> {
+    let name = table.to_string();
+    let rows = client
+        .query(
+            &format!(
+                "WITH gone AS (\
+                    UPDATE {COLUMNS_TABLE} SET dropped = true \
+                    WHERE table_name = $1 AND NOT dropped AND column_name <> ALL($2::text[]) \
+                    RETURNING column_name), \
+                 seen AS (\
+                    INSERT INTO {COLUMNS_TABLE} (table_name, column_name) \
+                    SELECT $1, c FROM unnest($2::text[]) AS c \
+                    ON CONFLICT (table_name, column_name) DO UPDATE SET dropped = false \
+                    WHERE {COLUMNS_TABLE}.dropped) \
+                 SELECT column_name FROM gone \
+                 UNION SELECT column_name FROM {COLUMNS_TABLE} \
+                 WHERE table_name = $1 AND dropped AND column_name <> ALL($2::text[])"
+            ),
+            &[&name, &columns],
+        )
+        .await;
+    match rows {
+        Ok(rows) => Ok(rows.iter().map(|r| r.get(0)).collect()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(ApplyError::transient("", e)),
+    }
 }
 
 /// What `region` accepts of a table of class `class` (see [`record::Admit`]).

@@ -1021,6 +1021,65 @@ async fn a_column_dropped_everywhere_under_a_backlog_applies_the_backlog_whole()
     );
 }
 
+/// A column dropped in the destination while records written before the
+/// drop still wait in Kafka (its apply side stopped): they apply without
+/// the column at once — the destination knows it had the column and lost
+/// it, so nothing waits for a column that will not come back — while a
+/// column the destination never had still makes records wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_carrying_a_column_dropped_here_apply_without_it() {
+    let p = pair(SCHEMA);
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let mut eu = Relay::spawn(&p.cfg, "eu", "apply");
+    p.us.psql("INSERT INTO products VALUES (1, 'v1', 1, 'doc')");
+    let c = p.eu.client().await;
+    let rows = || async {
+        c.query("SELECT id, name FROM products ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1)))
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(60), "the first row", || async {
+        (rows().await.len() == 1).then_some(())
+    })
+    .await;
+    // eu's apply side stops; us writes the column, then every region
+    // drops it (records with it are in Kafka by then)
+    eu.kill9();
+    p.us.psql(
+        "INSERT INTO products VALUES (2, 'new', 2, 'doc 2');
+         UPDATE products SET name = 'v2', doc = 'doc 1b' WHERE id = 1;",
+    );
+    // the update is in Kafka, with the column, before any drop
+    eventually(Duration::from_secs(60), "the update in Kafka", || async {
+        crate::support::kafka::read_all(
+            &p.broker.brokers(),
+            "pgrelay.us.eu",
+            Duration::from_secs(1),
+        )
+        .iter()
+        .any(|r| r.value["after"]["name"] == "v2" && r.value["after"]["doc"] == "doc 1b")
+        .then_some(())
+    })
+    .await;
+    for pg in [&p.eu, &p.us] {
+        pg.psql("ALTER TABLE products DROP COLUMN doc");
+    }
+    p.us.psql("INSERT INTO products VALUES (3, 'after the drop', 3)");
+    let _eu = Relay::spawn(&p.cfg, "eu", "apply");
+    let want: Vec<(i32, String)> = [(1, "v2"), (2, "new"), (3, "after the drop")]
+        .iter()
+        .map(|(k, n)| (*k, n.to_string()))
+        .collect();
+    // well within relay.apply.schema_wait
+    eventually(Duration::from_secs(60), "every change in eu", || async {
+        (rows().await == want).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resync_brings_regions_with_existing_rows_in_line() {
     let p = pair(SCHEMA);

@@ -629,6 +629,9 @@ pub struct Writer {
     /// the faults).
     pub pace_ms: u64,
     pub shape: Arc<Shape>,
+    /// Set once every fault is injected: until then the writer goes on
+    /// past `ops`, so every fault and procedure runs while regions write.
+    pub faults_done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `pgrelay fence` refuses every local write with SQLSTATE 25006.
@@ -649,7 +652,7 @@ impl Writer {
     pub async fn run(mut self, ops: usize, history: Arc<Mutex<History>>) {
         let mut client = connect(&self.dsn).await;
         let mut done = 0;
-        while done < ops {
+        while done < ops || !self.faults_done.load(std::sync::atomic::Ordering::SeqCst) {
             let n = 1 + self.rng.below(3) as usize;
             let batch: Vec<Op> = (0..n)
                 .map(|_| draw(&mut self.rng, self.region, self.keys, self.truncates))
@@ -1383,6 +1386,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     let mut rng = Rng::new(seed);
     let keys = 12 + rng.below(12) as i32;
     let mut writers = Vec::new();
+    let faults_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for (i, r) in REGIONS.iter().enumerate() {
         let writer = Writer {
             region: r,
@@ -1392,6 +1396,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             truncates: rng.chance(50),
             pace_ms: 40,
             shape: w.shape.clone(),
+            faults_done: faults_done.clone(),
         };
         writers.push(tokio::spawn(writer.run(ops_per_region, history.clone())));
         // a second session in the region, on the same keys: local writes
@@ -1405,6 +1410,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             truncates: false,
             pace_ms: 40,
             shape: w.shape.clone(),
+            faults_done: faults_done.clone(),
         };
         writers.push(tokio::spawn(racer.run(ops_per_region / 2, history.clone())));
     }
@@ -1439,13 +1445,11 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             _ => Fault::RestartBroker(region),
         };
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
-        if writers.iter().all(|t| t.is_finished()) {
-            break;
-        }
         eprintln!("seed {seed}: fault {fault:?}");
         w.inject(fault).await;
         faults.push(fault);
     }
+    faults_done.store(true, std::sync::atomic::Ordering::SeqCst);
     for t in writers {
         t.await.expect("writer");
     }

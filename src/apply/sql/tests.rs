@@ -6,6 +6,7 @@ fn targets() -> Targets {
     t.insert(
         "public.p".into(),
         TargetTable {
+            dropped: Vec::new(),
             name: TableName::new("public", "p"),
             key: vec!["id".into()],
             columns: vec!["id".into(), "v".into(), "doc".into()],
@@ -185,6 +186,7 @@ fn merge_targets() -> Targets {
     t.insert(
         "public.s".into(),
         TargetTable {
+            dropped: Vec::new(),
             name: TableName::new("public", "s"),
             key: vec!["id".into()],
             columns: vec![
