@@ -130,9 +130,10 @@ BEGIN
         RETURN NULL;
     ELSE
         -- the transition table's rows are records: typed as the table's
+        -- ((n.*) is the whole row, even where the table has a column n)
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM {NEW_ROWS} n JOIN pgrelay.tombstones t
                 ON t.table_name = $1 AND t.hlc >= n.{HLC_COLUMN}
-               AND t.pk IN (pgrelay.row_key(n::%s, $2), ''{{}}''::jsonb)
+               AND t.pk IN (pgrelay.row_key((n.*)::%s, $2), ''{{}}''::jsonb)
             WHERE n.{HLC_COLUMN} <= (SELECT max(m.hlc) FROM pgrelay.tombstones m
                                     WHERE m.table_name = $1))', TG_RELID::regclass)
             INTO found USING name, TG_ARGV;

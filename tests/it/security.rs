@@ -497,9 +497,11 @@ async fn an_insert_racing_a_delete_of_its_key_never_commits_below_the_tombstone_
 async fn insert_racing_a_delete(stamp: pgrelay::setup::Stamp) {
     let pg = Pg::start();
     app_region(&pg, stamp).await;
-    // the application's own trigger, after pgrelay's stamp (name order)
+    // the application's own trigger, after pgrelay's stamp (name order);
+    // and a column named like the check's own alias for the new rows
     pg.psql(
-        "CREATE FUNCTION public.slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+        "ALTER TABLE products ADD COLUMN n int;
+         CREATE FUNCTION public.slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;
          CREATE TRIGGER zz_set_updated_at BEFORE INSERT ON products
              FOR EACH ROW WHEN (NEW.name = 'slow') EXECUTE FUNCTION public.slow_insert();",
