@@ -286,6 +286,7 @@ pub async fn run(
         filler: Filler::new(&region_cfg.dsn, &region),
         progress_sent: Lsn::ZERO,
         progress_rounds: PROGRESS_ROUNDS,
+        progress_at: std::time::Instant::now(),
         counters: config
             .tables
             .iter()
@@ -459,6 +460,8 @@ struct Loop<'a> {
     /// ticks may send them (see [`Loop::send_progress`]).
     progress_sent: Lsn,
     progress_rounds: u8,
+    /// When the last progress records were sent.
+    progress_at: std::time::Instant,
     /// The `counter` merge columns of each table that has some.
     counters: std::collections::HashMap<TableName, Vec<String>>,
     /// This region's DR key, when some table keeps DR copies.
@@ -473,6 +476,9 @@ struct Loop<'a> {
 /// Status ticks after the last published change (and after a start) that
 /// send progress records when the confirmed LSN has moved.
 const PROGRESS_ROUNDS: u8 = 3;
+
+/// Then, how often progress records go out while the confirmed LSN moves.
+const IDLE_PROGRESS: Duration = Duration::from_secs(5);
 
 /// How often delivery reports are collected while records are in flight
 /// and nothing else wakes the capture loop.

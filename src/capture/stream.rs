@@ -18,7 +18,7 @@ use crate::source::fill;
 
 use super::{
     set_server_wal_end, CaptureError, CaptureErrorKind, Cause, Loop, ACK_POLL, BURST,
-    PROGRESS_ROUNDS,
+    IDLE_PROGRESS, PROGRESS_ROUNDS,
 };
 
 fn now_us() -> i64 {
@@ -181,14 +181,20 @@ impl Loop<'_> {
     /// change it covers. The apply side stores it and `pgrelay.wait_for`
     /// reads it, so a partition no change went to still shows that nothing
     /// is missing there. Sent for a few status ticks after the last
-    /// published change (and after a start), and only when the confirmed
-    /// LSN moved: an idle source sends none.
+    /// published change (and after a start), then every [`IDLE_PROGRESS`]
+    /// while the confirmed LSN still moves (the region applies other
+    /// regions' changes, or other databases write): so `wait_for` answers
+    /// for a position taken after the source's last own change too. Only
+    /// when the confirmed LSN moved: a source whose WAL stands still sends
+    /// none.
     async fn send_progress(&mut self) -> Result<(), CaptureError> {
         let lsn = self.tracker.confirmed();
-        if self.progress_rounds == 0 || lsn <= self.progress_sent {
+        let due = self.progress_rounds > 0 || self.progress_at.elapsed() >= IDLE_PROGRESS;
+        if !due || lsn <= self.progress_sent {
             return Ok(());
         }
-        self.progress_rounds -= 1;
+        self.progress_rounds = self.progress_rounds.saturating_sub(1);
+        self.progress_at = std::time::Instant::now();
         self.progress_sent = lsn;
         let ts_ms = (now_us() / 1000).max(0) as u64;
         let (key, value) = envelope::progress(self.region, lsn, ts_ms);

@@ -384,6 +384,9 @@ pub struct History {
     pub delivered_p: Option<BTreeSet<(&'static str, &'static str, i32, i64)>>,
     /// The regions whose slot was lost.
     pub lost_slots: BTreeSet<&'static str>,
+    /// `Join`: the newest stamp of `p` cn held when its database was
+    /// replaced.
+    pub joined: Option<i64>,
 }
 
 pub struct Model<'h>(pub &'h History);
@@ -395,7 +398,20 @@ impl Model<'_> {
             return self.merged();
         }
         let mut best: BTreeMap<i32, Version> = BTreeMap::new();
+        // what cn wrote of `p` before its database was replaced is gone
+        // with it where no other region holds it: cn's own versions
+        // (other regions' versions of the same keys come back with their
+        // resync)
+        let lost_with_cn = |region: &str, writer: &str, stamp: i64| {
+            table == "p"
+                && region == "cn"
+                && writer == "cn"
+                && self.0.joined.is_some_and(|j| stamp <= j)
+        };
         for w in self.0.writes.iter().filter(|w| w.table == table) {
+            if lost_with_cn(region, w.region, w.version.stamp) {
+                continue;
+            }
             if self.0.discarded.contains(&(
                 region_name(region),
                 table.to_string(),
@@ -473,7 +489,9 @@ impl Model<'_> {
             .0
             .truncates
             .iter()
-            .filter(|(r, t, _)| *t == table && (table == "g" || *r == region))
+            .filter(|(r, t, s)| {
+                *t == table && (table == "g" || *r == region) && !lost_with_cn(region, r, *s)
+            })
             .map(|(_, _, s)| *s)
             .max();
         {
@@ -632,6 +650,8 @@ pub struct Writer {
     /// Set once every fault is injected: until then the writer goes on
     /// past `ops`, so every fault and procedure runs while regions write.
     pub faults_done: Arc<std::sync::atomic::AtomicBool>,
+    /// Held for each transaction (see [`World::gates`]).
+    pub gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// `pgrelay fence` refuses every local write with SQLSTATE 25006.
@@ -658,6 +678,11 @@ impl Writer {
                 .map(|_| draw(&mut self.rng, self.region, self.keys, self.truncates))
                 .collect();
             let mut rng = self.rng.clone();
+            let gate = self.gate.clone();
+            let open = gate.read().await;
+            if client.is_closed() {
+                client = connect(&self.dsn).await;
+            }
             let result = async {
                 let tx = client.transaction().await?;
                 let mut writes = Vec::new();
@@ -674,6 +699,7 @@ impl Writer {
                 Ok::<_, tokio_postgres::Error>((writes, truncates, refused))
             }
             .await;
+            drop(open);
             self.rng = rng;
             match result {
                 Ok((writes, truncates, refused)) => {
@@ -1028,10 +1054,19 @@ const APP_ROLE: &str = "pgrelay_app";
 /// Creates [`APP_ROLE`] in `pg` with only what the README says an
 /// application role needs, and the probe [`tombstone`] reads through.
 fn create_app_role(pg: &Pg) {
+    pg.psql(&format!(
+        "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}'",
+        password = crate::support::pg::PASSWORD
+    ));
+    create_app_objects(pg);
+}
+
+/// The application's grants, the probe and the application's own trigger
+/// in `pg`'s database (the role itself is the cluster's).
+fn create_app_objects(pg: &Pg) {
     let tables = TABLES.join(", ");
     pg.psql(&format!(
-        "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}';
-         GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON {tables} TO {APP_ROLE};
+        "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON {tables} TO {APP_ROLE};
          CREATE FUNCTION public.checker_tombstone(t text, k jsonb) RETURNS bigint
              LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
              $$ SELECT hlc FROM pgrelay.tombstones WHERE table_name = t AND pk = k $$;
@@ -1043,8 +1078,7 @@ fn create_app_role(pg: &Pg) {
          CREATE FUNCTION public.app_slow_insert() RETURNS trigger LANGUAGE plpgsql AS
              $$ BEGIN IF random() < 0.2 THEN PERFORM pg_sleep(0.02); END IF; RETURN NEW; END $$;
          CREATE TRIGGER app_slow_insert BEFORE INSERT ON g
-             FOR EACH ROW EXECUTE FUNCTION public.app_slow_insert();",
-        password = crate::support::pg::PASSWORD
+             FOR EACH ROW EXECUTE FUNCTION public.app_slow_insert();"
     ));
 }
 
@@ -1121,6 +1155,15 @@ pub enum Fault {
     /// once every region has it. Once per history (drawn again, it is a
     /// [`Fault::KillSidecar`]).
     SchemaChange(usize),
+    /// Lifecycle, a region joins with an empty database: cn's writers
+    /// pause, everything cn committed is applied elsewhere
+    /// (`pgrelay.wait_for`), cn's database is replaced by an empty one, and
+    /// the README's new-region procedure runs while us and eu write —
+    /// `setup`, start the sidecar, `resync --to cn` from every other
+    /// region — then cn writes again. cn must end equal to the model:
+    /// everything the others hold, counters with cn's own part, minus what
+    /// only cn held (its `p` rows homed cn). Once per history.
+    Join(usize),
 }
 
 /// The sidecar processes of a region, by role.
@@ -1144,6 +1187,12 @@ pub struct World {
     pub lost_slots: BTreeSet<&'static str>,
     /// `g`'s schema (`SchemaChange`).
     pub shape: Arc<Shape>,
+    /// Per region: its writers hold this for each transaction; a fault
+    /// that must stop them takes it exclusively.
+    pub gates: BTreeMap<&'static str, Arc<tokio::sync::RwLock<()>>>,
+    /// `Join`: the newest stamp of `p` cn held when its database was
+    /// replaced (what cn wrote of `p` up to it is gone with it).
+    pub joined: Option<i64>,
     /// By region and role: us and eu run both sides in one process, cn runs
     /// them as two.
     pub sidecars: BTreeMap<(&'static str, &'static str), Relay>,
@@ -1199,6 +1248,11 @@ impl World {
             replay: BTreeSet::new(),
             lost_slots: BTreeSet::new(),
             shape: Arc::new(Shape::default()),
+            gates: REGIONS
+                .iter()
+                .map(|r| (*r, Arc::new(tokio::sync::RwLock::new(()))))
+                .collect(),
+            joined: None,
             sidecars,
         }
     }
@@ -1206,6 +1260,15 @@ impl World {
     pub async fn inject(&mut self, fault: Fault) {
         let fault = match fault {
             Fault::SchemaChange(i) if self.shape.extra_dropped() => Fault::KillSidecar(i),
+            // once, and not where parked changes wait for a replay or a
+            // lost slot's limits apply
+            Fault::Join(i)
+                if self.joined.is_some()
+                    || self.replay.contains("cn")
+                    || self.lost_slots.contains("cn") =>
+            {
+                Fault::KillSidecar(i)
+            }
             other => other,
         };
         match fault {
@@ -1335,7 +1398,196 @@ impl World {
                     .added
                     .store(true, std::sync::atomic::Ordering::SeqCst);
             }
+            Fault::Join(_) => self.join().await,
         }
+    }
+}
+
+impl World {
+    /// [`Fault::Join`].
+    async fn join(&mut self) {
+        let r = "cn";
+        let gate = self.gates[r].clone();
+        let paused = gate.write().await;
+        let cn = connect(&self.pg[r].dsn()).await;
+        let lsn: String = cn
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .expect("cn's WAL position")
+            .get(0);
+        // the positive sign that the others hold all cn wrote: rows,
+        // deletes and cn's part of every counter
+        for other in REGIONS.iter().filter(|o| **o != r) {
+            let c = connect(&self.pg[other].dsn()).await;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                // a storm of cn's may hold its changes there: released (an
+                // operator rebuilding a region lets its changes through)
+                let frozen = c
+                    .query(
+                        "SELECT 1 FROM pgrelay.breakers WHERE source_region = 'cn' AND state = 'frozen'",
+                        &[],
+                    )
+                    .await
+                    .map(|rows| !rows.is_empty())
+                    .unwrap_or(false);
+                if frozen {
+                    relay::ok(&[
+                        "breaker",
+                        "release",
+                        "--config",
+                        self.cfg.path.to_str().unwrap(),
+                        "--region",
+                        other,
+                        "--source",
+                        r,
+                    ]);
+                }
+                let done: bool = c
+                    .query_one(
+                        "SELECT pgrelay.wait_for('cn', $1::text::pg_lsn, '5s')",
+                        &[&lsn],
+                    )
+                    .await
+                    .map(|row| row.get(0))
+                    .unwrap_or(false);
+                if done {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let parked = c
+                        .query("SELECT topic, kafka_offset, class FROM pgrelay.parked", &[])
+                        .await
+                        .map(|rows| {
+                            rows.iter()
+                                .map(|r| {
+                                    format!(
+                                        "{}@{} {}",
+                                        r.get::<_, String>(0),
+                                        r.get::<_, i64>(1),
+                                        r.get::<_, String>(2)
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                        });
+                    let offsets = actual_offsets(&c).await;
+                    panic!(
+                        "{other} did not apply what cn wrote up to {lsn} within 90 s; parked there: \
+                         {parked:?}; offsets: {offsets:?}"
+                    );
+                }
+            }
+        }
+        let newest: i64 = cn
+            .query_one(
+                "SELECT greatest((SELECT max(_pgrelay_hlc) FROM p), \
+                 (SELECT max(hlc) FROM pgrelay.tombstones WHERE table_name = 'public.p'), 0)",
+                &[],
+            )
+            .await
+            .expect("cn's newest stamp of p")
+            .get(0);
+        drop(cn);
+        // a new, empty database in cn's place
+        for role in roles(r) {
+            self.sidecars.get_mut(&(r, *role)).unwrap().kill9();
+        }
+        crate::lifecycle::lose_slots(&self.pg[r]).await;
+        let admin = connect(
+            &self.pg[r]
+                .dsn()
+                .replace("dbname=postgres", "dbname=template1"),
+        )
+        .await;
+        for sql in [
+            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin",
+            "DROP DATABASE postgres WITH (FORCE)",
+            "CREATE DATABASE postgres",
+        ] {
+            admin
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("replace cn's database: {sql}: {e:?}"));
+        }
+        self.pg[r].psql(SCHEMA);
+        self.joined = Some(newest);
+        // the README's procedure for a new region
+        relay::ok(&[
+            "setup",
+            "--config",
+            self.cfg.path.to_str().unwrap(),
+            "--region",
+            r,
+        ]);
+        create_app_objects(&self.pg[r]);
+        for role in roles(r) {
+            self.sidecars
+                .insert((r, role), Relay::spawn(&self.cfg, r, role));
+        }
+        let us = connect(&self.pg["us"].dsn()).await;
+        let m_keys: Vec<i32> = us
+            .query("SELECT id FROM m", &[])
+            .await
+            .expect("us's counter rows")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for source in REGIONS.iter().filter(|o| **o != r) {
+            relay::ok(&[
+                "resync",
+                "--config",
+                self.cfg.path.to_str().unwrap(),
+                "--region",
+                source,
+                "--to",
+                r,
+            ]);
+        }
+        // cn writes again only once its part of each counter is back
+        // (a region's part is kept by its stamp: an increment taken from
+        // zero before the resync arrived would outrank it)
+        let cn = connect(&self.pg[r].dsn()).await;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            // with no stored offsets the new database's apply side reads
+            // each topic from its start: old storms trip its breakers,
+            // which the operator releases (they were judged before)
+            let frozen: Vec<String> = cn
+                .query(
+                    "SELECT source_region FROM pgrelay.breakers WHERE state = 'frozen'",
+                    &[],
+                )
+                .await
+                .map(|rows| rows.iter().map(|row| row.get(0)).collect())
+                .unwrap_or_default();
+            for source in &frozen {
+                relay::ok(&[
+                    "breaker",
+                    "release",
+                    "--config",
+                    self.cfg.path.to_str().unwrap(),
+                    "--region",
+                    r,
+                    "--source",
+                    source,
+                ]);
+            }
+            let held: i64 = cn
+                .query_one("SELECT count(*) FROM m WHERE id = ANY($1)", &[&m_keys])
+                .await
+                .map(|row| row.get(0))
+                .unwrap_or(0);
+            if held as usize >= m_keys.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cn holds {held} of us's {} counter rows 90 s after the resync",
+                m_keys.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        drop(paused);
     }
 }
 
@@ -1396,6 +1648,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             truncates: rng.chance(50),
             pace_ms: 40,
             shape: w.shape.clone(),
+            gate: w.gates[r].clone(),
             faults_done: faults_done.clone(),
         };
         writers.push(tokio::spawn(writer.run(ops_per_region, history.clone())));
@@ -1410,16 +1663,17 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             truncates: false,
             pace_ms: 40,
             shape: w.shape.clone(),
+            gate: w.gates[r].clone(),
             faults_done: faults_done.clone(),
         };
         writers.push(tokio::spawn(racer.run(ops_per_region / 2, history.clone())));
     }
-    // faults while the writers run: two of the three lifecycle procedures
-    // in every history (which two follows the seed, so consecutive seeds
-    // cover all three), the rest drawn from every kind
+    // faults while the writers run: two of the four lifecycle procedures
+    // in every history (which two follows the seed: seeds 1 and 3, CI's,
+    // cover all four), the rest drawn from every kind
     let mut faults = Vec::new();
     let n_faults = 3 + rng.below(3);
-    let lifecycle = [LOST_SLOT, PARK_REPLAY, SCHEMA_CHANGE];
+    let lifecycle = [LOST_SLOT, PARK_REPLAY, SCHEMA_CHANGE, JOIN];
     for f in 0..n_faults {
         let region = rng.below(3) as usize;
         let kinds = if durable {
@@ -1442,6 +1696,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             "lost_slot" => Fault::LostSlot(region),
             "park_replay" => Fault::ParkReplay(region),
             "schema_change" => Fault::SchemaChange(region),
+            "join" => Fault::Join(region),
             _ => Fault::RestartBroker(region),
         };
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
@@ -1492,6 +1747,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             history.delivered_p = Some(delivered_p(&w));
             history.lost_slots = w.lost_slots.clone();
         }
+        history.joined = w.joined;
         let model = Model(&history);
         last_diff = String::new();
         missing = Vec::new();
@@ -2130,7 +2386,7 @@ fn delivered_p(w: &World) -> BTreeSet<(&'static str, &'static str, i32, i64)> {
 
 /// The fault kinds by name (`restart_broker` last: drawn only where the
 /// broker keeps its log across a restart).
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "kill_sidecar",
     "crash_database",
     "cut_link",
@@ -2139,11 +2395,13 @@ const KINDS: [&str; 9] = [
     "lost_slot",
     "park_replay",
     "schema_change",
+    "join",
     "restart_broker",
 ];
 const LOST_SLOT: usize = 5;
 const PARK_REPLAY: usize = 6;
 const SCHEMA_CHANGE: usize = 7;
+const JOIN: usize = 8;
 
 /// `PGRELAY_CHECK_FAULTS=lost_slot,park_replay`: draw only these fault
 /// kinds (to aim a run at some).
@@ -2166,7 +2424,7 @@ fn forced_faults() -> Option<Vec<usize>> {
 fn seeds() -> Vec<u64> {
     match std::env::var("PGRELAY_CHECK_SEEDS") {
         Ok(s) => s.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
-        Err(_) => vec![1, 2],
+        Err(_) => vec![1, 3],
     }
 }
 
