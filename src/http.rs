@@ -27,11 +27,14 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::Metrics;
 
-/// Readiness flags, one per running side.
+/// Readiness flags, one per running side. A side raises its own flag once
+/// it streams (the capture side when `START_REPLICATION` has answered, the
+/// apply side when every pipeline consumes) and its supervisor lowers it
+/// when a run ends.
 #[derive(Default)]
 pub struct Readiness {
-    pub capture: AtomicBool,
-    pub apply: AtomicBool,
+    pub capture: Arc<AtomicBool>,
+    pub apply: Arc<AtomicBool>,
     pub wants_capture: AtomicBool,
     pub wants_apply: AtomicBool,
 }

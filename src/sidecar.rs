@@ -266,12 +266,13 @@ async fn supervise(
     };
     loop {
         let started = Instant::now();
-        flag.store(true, Ordering::Relaxed);
+        // the side raises the flag itself once it streams
         let result: Result<(), SideError> = match side {
             Side::Capture => capture::run(
                 config.clone(),
                 region.clone(),
                 metrics.clone(),
+                flag.clone(),
                 shutdown.clone(),
             )
             .await
@@ -280,6 +281,7 @@ async fn supervise(
                 config.clone(),
                 region.clone(),
                 metrics.clone(),
+                flag.clone(),
                 shutdown.clone(),
             )
             .await

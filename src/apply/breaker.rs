@@ -172,6 +172,8 @@ impl Pipeline {
                 .unwrap_or_else(|e| e.into_inner())
                 .frozen = Some(stored.reason.clone());
             self.set_breaker_metric(true);
+            // held on purpose: the pipeline is up, waiting for an operator
+            self.mark_consuming();
             if !warned {
                 tracing::warn!(region = %self.region, source = %self.source, reason = %stored.reason, "breaker frozen: changes from this source are held in Kafka until `pgrelay breaker release` or `discard`");
                 warned = true;
