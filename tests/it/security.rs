@@ -570,3 +570,73 @@ async fn insert_racing_a_delete(stamp: pgrelay::setup::Stamp) {
         .get(0);
     assert_eq!(below, 0, "a row is kept below its own tombstone");
 }
+
+/// A password holding a backslash, a quote and a space, given as the
+/// example config does (`password=${VAR}` in a `key=value` DSN, and in a
+/// URL): both the SQL session and the replication connection log in.
+#[test]
+fn dsn_passwords_with_backslash_quote_and_space_log_in_on_both_connection_kinds() {
+    let pg = Pg::start();
+    pg.psql(SCHEMA);
+    let broker = Broker::start();
+    let text = config(&pg.dsn(), &broker.brokers());
+    let (ok, out) = setup(&ConfigFile::new(&text), "us");
+    assert!(ok, "{out}");
+    // standard_conforming_strings: the password is  a\b'c d
+    let password = "a\\b'c d";
+    pg.psql(&format!("ALTER ROLE {RUN_ROLE} PASSWORD 'a\\b''c d'"));
+    let run_password = format!("user={RUN_ROLE} password={PASSWORD} ");
+    assert!(text.contains(&run_password), "{text}");
+    let key_value = text.replacen(
+        &run_password,
+        &format!("user={RUN_ROLE} password=${{PGRELAY_TEST_RUN_PASSWORD}} "),
+        1,
+    );
+    let url = key_value.replacen(
+        &format!(
+            "dsn = \"host=127.0.0.1 port={} user={RUN_ROLE} password=${{PGRELAY_TEST_RUN_PASSWORD}} ",
+            pg.port
+        ),
+        &format!(
+            "dsn = \"postgres://{RUN_ROLE}:${{PGRELAY_TEST_RUN_PASSWORD}}@127.0.0.1:{}/postgres?",
+            pg.port
+        ),
+        1,
+    );
+    assert_ne!(url, key_value, "{key_value}");
+    // the rest of the URL's line: `dbname=postgres connect_timeout=5"`
+    let url = url.replacen(
+        "?dbname=postgres connect_timeout=5\"",
+        "?connect_timeout=5\"",
+        1,
+    );
+    for (form, text) in [("key=value", key_value), ("URL", url)] {
+        let cfg = ConfigFile::new(&text);
+        let out = std::process::Command::new(relay::bin())
+            .args([
+                "check",
+                "--config",
+                cfg.path.to_str().unwrap(),
+                "--region",
+                "us",
+            ])
+            .env("PGRELAY_TEST_RUN_PASSWORD", password)
+            .env("PGRELAY_LOG", "warn")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.contains("region us: database connection NOT encrypted"),
+            "{form}: {out}"
+        );
+        assert!(
+            out.contains("region us: replication connection NOT encrypted"),
+            "{form}: {out}"
+        );
+        assert!(
+            !out.contains("password authentication failed"),
+            "{form}: {out}"
+        );
+    }
+}
