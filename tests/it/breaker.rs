@@ -517,3 +517,73 @@ async fn an_update_storm_trips_by_fraction_and_a_truncate_by_kind() {
         4
     );
 }
+
+/// `max_fraction` is a share of the rows the destination holds, whatever
+/// its statistics say: a stale low estimate (a table filled since it was
+/// last analyzed) does not freeze the pair over a few updates, a stale
+/// high one (a table emptied since) does not let a storm through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_fraction_counts_the_rows_here_whatever_the_statistics_say() {
+    let p = crate::apply::pair(crate::apply::SCHEMA);
+    let text = std::fs::read_to_string(&p.cfg.path).unwrap()
+        + "\n[[breakers]]\ntable = \"public.products\"\nmax_fraction = 0.5\nmin_rows = 10\n";
+    std::fs::write(&p.cfg.path, text).unwrap();
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    let us = p.us.client().await;
+    let eu = p.eu.client().await;
+    us.execute(
+        "INSERT INTO products (id, name, price) SELECT g, 'p' || g, g FROM generate_series(1, 400) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    until_count(&eu, "SELECT count(*) FROM products", 400, "rows replicated").await;
+    let set_estimate = |n: i64| {
+        p.eu.psql(&format!(
+            "ALTER TABLE products SET (autovacuum_enabled = off); \
+             UPDATE pg_class SET reltuples = {n} WHERE oid = 'products'::regclass"
+        ));
+    };
+
+    // the planner believes in 2 rows: 30 updates (7.5% of 400) apply
+    set_estimate(2);
+    us.execute("UPDATE products SET price = -1 WHERE id <= 30", &[])
+        .await
+        .unwrap();
+    until_count(
+        &eu,
+        "SELECT count(*) FROM products WHERE price = -1",
+        30,
+        "the updates applied",
+    )
+    .await;
+    assert_eq!(
+        count(
+            &eu,
+            "SELECT count(*) FROM pgrelay.breakers WHERE state = 'frozen'"
+        )
+        .await,
+        0
+    );
+
+    // the planner believes in a million rows: 250 more updates (70% of
+    // 400 with the first 30) trip the breaker
+    set_estimate(1_000_000);
+    us.execute("UPDATE products SET price = 0 WHERE id > 150", &[])
+        .await
+        .unwrap();
+    until_count(
+        &eu,
+        "SELECT count(*) FROM pgrelay.breakers WHERE state = 'frozen' AND kind = 'change' \
+         AND reason LIKE '% of public.products from us within %, more than 50% of its 400 rows here'",
+        1,
+        "the breaker frozen by the fraction",
+    )
+    .await;
+    let early = count(&eu, "SELECT count(*) FROM products WHERE price = 0").await;
+    assert!(
+        early <= 200,
+        "{early} of the 250 updates applied before the breaker tripped"
+    );
+}
