@@ -640,3 +640,74 @@ fn dsn_passwords_with_backslash_quote_and_space_log_in_on_both_connection_kinds(
         );
     }
 }
+
+/// As the README's setup role (no superuser), `setup` cannot create the
+/// `pgrelay` extension and falls back to the PL/pgSQL stamp trigger;
+/// `check` then gives the superuser's one-time step, and after it `setup`
+/// does switch to the C trigger.
+#[test]
+fn check_gives_the_superuser_step_when_the_setup_role_cannot_create_the_extension() {
+    if crate::support::pg::major() != 15 {
+        // the extension is built for the PostgreSQL 15 packages only
+        return;
+    }
+    let pg = Pg::start();
+    pg.psql(SCHEMA);
+    pg.psql(&format!(
+        "CREATE ROLE relay_setup LOGIN REPLICATION PASSWORD 'relay-secret';
+         GRANT CREATE ON DATABASE postgres TO relay_setup;
+         ALTER TABLE users OWNER TO relay_setup;
+         ALTER TABLE products OWNER TO relay_setup;
+         ALTER TABLE currencies OWNER TO relay_setup;
+         ALTER TABLE orders OWNER TO relay_setup;
+         GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text) TO relay_setup;
+         GRANT SET ON PARAMETER session_replication_role TO {RUN_ROLE};
+         GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text) TO {RUN_ROLE};"
+    ));
+    let broker = Broker::start();
+    let text = config(&pg.dsn(), &broker.brokers());
+    let setup_line = text
+        .lines()
+        .find(|l| l.starts_with("setup_dsn"))
+        .unwrap()
+        .to_string();
+    let text = text.replace(
+        &setup_line,
+        &setup_line.replace("user=postgres ", "user=relay_setup "),
+    );
+    let cfg = ConfigFile::new(&text);
+    let (ok, out) = setup(&cfg, "us");
+    assert!(ok, "{out}");
+    assert!(out.contains("creating extension pgrelay failed"), "{out}");
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(ok, "{out}");
+    let stamp = out
+        .lines()
+        .find(|l| l.contains("stamp trigger"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(stamp.contains("stamp trigger in PL/pgSQL"), "{stamp}");
+    assert!(stamp.contains("takes a superuser"), "{stamp}");
+    let step = stamp
+        .split('`')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no statement in: {stamp}"));
+    assert!(step.contains("CREATE EXTENSION"), "{stamp}");
+    // the superuser's step, then setup: the C trigger
+    pg.psql(step);
+    let (ok, out) = setup(&cfg, "us");
+    assert!(ok, "{out}");
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("stamp trigger in C (extension pgrelay)"),
+        "{out}"
+    );
+    // and it stamps
+    assert_eq!(
+        pg.psql(
+            "INSERT INTO products (id, name, price) VALUES (1, 'c', 1) RETURNING _pgrelay_hlc > 0"
+        )
+        .trim(),
+        "t"
+    );
+}
