@@ -518,18 +518,18 @@ async fn an_update_storm_trips_by_fraction_and_a_truncate_by_kind() {
     );
 }
 
-/// `max_fraction` is a share of the rows the destination holds, whatever
-/// its statistics say: a stale low estimate (a table filled since it was
-/// last analyzed) does not freeze the pair over a few updates, a stale
-/// high one (a table emptied since) does not let a storm through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_fraction_counts_the_rows_here_whatever_the_statistics_say() {
+/// Two regions under a `max_fraction = 0.5` rule on products, 400 rows
+/// replicated to eu, whose planner estimate of them is then set to
+/// `estimate` (autovacuum off: the statistics stay stale).
+async fn stale_estimate_pair(estimate: i64) -> (crate::apply::Pair, [Relay; 2], Client, Client) {
     let p = crate::apply::pair(crate::apply::SCHEMA);
     let text = std::fs::read_to_string(&p.cfg.path).unwrap()
         + "\n[[breakers]]\ntable = \"public.products\"\nmax_fraction = 0.5\nmin_rows = 10\n";
     std::fs::write(&p.cfg.path, text).unwrap();
-    let _us = Relay::spawn(&p.cfg, "us", "all");
-    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    let relays = [
+        Relay::spawn(&p.cfg, "us", "all"),
+        Relay::spawn(&p.cfg, "eu", "all"),
+    ];
     let us = p.us.client().await;
     let eu = p.eu.client().await;
     us.execute(
@@ -539,15 +539,20 @@ async fn max_fraction_counts_the_rows_here_whatever_the_statistics_say() {
     .await
     .unwrap();
     until_count(&eu, "SELECT count(*) FROM products", 400, "rows replicated").await;
-    let set_estimate = |n: i64| {
-        p.eu.psql(&format!(
-            "ALTER TABLE products SET (autovacuum_enabled = off); \
-             UPDATE pg_class SET reltuples = {n} WHERE oid = 'products'::regclass"
-        ));
-    };
+    p.eu.psql(&format!(
+        "ALTER TABLE products SET (autovacuum_enabled = off); \
+         UPDATE pg_class SET reltuples = {estimate} WHERE oid = 'products'::regclass"
+    ));
+    (p, relays, us, eu)
+}
 
-    // the planner believes in 2 rows: 30 updates (7.5% of 400) apply
-    set_estimate(2);
+/// `max_fraction` is a share of the rows the destination holds: a stale
+/// low estimate (a table filled since it was last analyzed) does not
+/// freeze the pair over a few updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_fraction_ignores_a_stale_low_row_estimate() {
+    let (_p, _relays, us, eu) = stale_estimate_pair(2).await;
+    // 30 updates: 7.5% of the 400 rows, 1500% of the 2 the planner believes in
     us.execute("UPDATE products SET price = -1 WHERE id <= 30", &[])
         .await
         .unwrap();
@@ -566,10 +571,14 @@ async fn max_fraction_counts_the_rows_here_whatever_the_statistics_say() {
         .await,
         0
     );
+}
 
-    // the planner believes in a million rows: 250 more updates (70% of
-    // 400 with the first 30) trip the breaker
-    set_estimate(1_000_000);
+/// ... and a stale high estimate (a table emptied or never analyzed since
+/// it was large) does not let a storm through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_fraction_ignores_a_stale_high_row_estimate() {
+    let (_p, _relays, us, eu) = stale_estimate_pair(1_000_000).await;
+    // 250 updates: 62.5% of the 400 rows
     us.execute("UPDATE products SET price = 0 WHERE id > 150", &[])
         .await
         .unwrap();
