@@ -711,3 +711,63 @@ fn check_gives_the_superuser_step_when_the_setup_role_cannot_create_the_extensio
         "t"
     );
 }
+
+/// Clients that trickle their request heads in cannot hold the HTTP
+/// endpoint's connection slots against the probes: with every slot taken
+/// by them, `/healthz` and `/readyz` are still answered at once.
+#[test]
+fn trickling_clients_do_not_keep_the_probes_from_an_answer() {
+    let http_port = free_port();
+    // nothing to reach: the sidecar retries its start (relay.startup_timeout,
+    // 30 s) and serves the probes meanwhile
+    let text = config(
+        "host=127.0.0.1 port=1 user=postgres dbname=postgres connect_timeout=1",
+        "127.0.0.1:1",
+    )
+    .replace(
+        "[kafka]\n",
+        &format!("[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n[kafka]\n"),
+    );
+    let cfg = ConfigFile::new(&text);
+    let relay = Relay::spawn(&cfg, "us", "all");
+    // positive sign: the endpoint answers
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !get(http_port, "GET /healthz HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 ") {
+        assert!(std::time::Instant::now() < deadline, "{}", relay.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 64 clients (every slot) send their heads a byte at a time
+    let mut slow: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).unwrap();
+            s.write_all(b"G").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..3 {
+        for s in &mut slow {
+            let _ = s.write_all(b"E");
+        }
+        for path in ["/healthz", "/readyz"] {
+            let started = std::time::Instant::now();
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+                .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            assert!(
+                out.starts_with("HTTP/1.1 200 ") || out.starts_with("HTTP/1.1 503 "),
+                "round {round}: {path} not answered within 1 s (after {:?}): {out:?}",
+                started.elapsed()
+            );
+        }
+        // a new wave of slow clients
+        for s in slow.iter_mut().take(8) {
+            *s = std::net::TcpStream::connect(("127.0.0.1", http_port)).unwrap();
+            let _ = s.write_all(b"G");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
