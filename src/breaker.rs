@@ -283,6 +283,11 @@ pub struct Counter {
 }
 
 impl Counter {
+    /// The deletes and updates of `table` the window holds now.
+    pub fn changed(&self, table: &TableName) -> u64 {
+        self.windows.get(table).map_or(0, |w| w.deletes + w.updates)
+    }
+
     /// Judges one change. `rows` gives the table's row count here (asked
     /// only when a fraction is to be checked).
     pub fn judge(

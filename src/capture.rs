@@ -34,6 +34,7 @@
 //! (the loop: frames in, records out, deliveries back), `error`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,11 +131,13 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), CaptureError
 }
 
 /// Streams until `shutdown` turns true (then drains and returns `Ok`) or
-/// something breaks.
+/// something breaks. `streaming` turns true once the server has answered
+/// `START_REPLICATION` (the walsender holds the slot); the caller lowers it.
 pub async fn run(
     config: Arc<Config>,
     region: String,
     metrics: Arc<Metrics>,
+    streaming: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), CaptureError> {
     let region_cfg = config.region(&region)?.clone();
@@ -263,6 +266,7 @@ pub async fn run(
         })
     })?;
     tracing::info!(region = %region, slot = %slot_name, from = %slot.confirmed_flush, "capture streaming");
+    streaming.store(true, Ordering::Relaxed);
 
     let mut ctx = Loop {
         config: &config,

@@ -8,8 +8,9 @@
 //! per connection, no request bodies. It is built to face an untrusted
 //! network without help: the request head must arrive within
 //! [`Limits::request_timeout`] (a slow client is cut off, never waited on),
-//! at most [`Limits::max_connections`] connections are served at once (the
-//! others wait in the listen backlog), and with a token `/metrics` answers
+//! at most [`Limits::max_connections`] connections are served at once, and
+//! when all are taken a new one takes the slot of the oldest still reading
+//! its head (see [`serve`]), and with a token `/metrics` answers
 //! 401 unless the request carries `Authorization: Bearer TOKEN`, and so does
 //! `/status.json` (the page sends the token it finds in its URL's fragment,
 //! `/#token=...`, which browsers never send to the server). `/healthz`,
@@ -18,20 +19,23 @@
 //! policy that lets them load only themselves and `/status.json`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::metrics::Metrics;
 
-/// Readiness flags, one per running side.
+/// Readiness flags, one per running side. A side raises its own flag once
+/// it streams (the capture side when `START_REPLICATION` has answered, the
+/// apply side when every pipeline consumes) and its supervisor lowers it
+/// when a run ends.
 #[derive(Default)]
 pub struct Readiness {
-    pub capture: AtomicBool,
-    pub apply: AtomicBool,
+    pub capture: Arc<AtomicBool>,
+    pub apply: Arc<AtomicBool>,
     pub wants_capture: AtomicBool,
     pub wants_apply: AtomicBool,
 }
@@ -89,7 +93,27 @@ const PAGE_HEADERS: &[&str] = &[
     "Cache-Control: no-cache",
 ];
 
+/// The connections still reading their request head, oldest first: the
+/// ones a new connection may take the slot of.
+#[derive(Default)]
+struct Reading {
+    next: u64,
+    waiting: std::collections::BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl Reading {
+    fn lock(this: &Mutex<Reading>) -> std::sync::MutexGuard<'_, Reading> {
+        this.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Serves until `shutdown` turns true.
+///
+/// When every slot is taken, a new connection takes the slot of the oldest
+/// one still sending its request head (which is closed without an answer):
+/// clients that trickle their heads in cannot keep a probe, which sends its
+/// head at once, from being answered. Connections already answered keep
+/// their slots until their response is written.
 pub async fn serve(
     listener: TcpListener,
     state: State,
@@ -98,14 +122,8 @@ pub async fn serve(
 ) {
     let state = Arc::new(state);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let reading = Arc::new(Mutex::new(Reading::default()));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.changed() => return,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let stream = tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
@@ -118,16 +136,61 @@ pub async fn serve(
                 }
             },
         };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // every slot taken: free the oldest slow reader's, if any
+                let oldest = Reading::lock(&reading).waiting.pop_first();
+                if let Some((_, evict)) = oldest {
+                    let _ = evict.send(());
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                }
+            }
+        };
+        let (evict_tx, evict) = oneshot::channel();
+        let id = {
+            let mut r = Reading::lock(&reading);
+            let id = r.next;
+            r.next += 1;
+            r.waiting.insert(id, evict_tx);
+            id
+        };
         let state = state.clone();
+        let reading = reading.clone();
         tokio::spawn(async move {
-            respond(stream, &state, limits.request_timeout).await;
+            respond(stream, &state, limits.request_timeout, evict, || {
+                Reading::lock(&reading).waiting.remove(&id);
+            })
+            .await;
+            // (gone already unless the head never came)
+            Reading::lock(&reading).waiting.remove(&id);
             drop(permit);
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, state: &State, timeout: Duration) {
-    let head = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
+/// Answers one request. `evict` fires while the head is being read when a
+/// new connection needs the slot; `head_read` is called once it has come.
+async fn respond(
+    mut stream: TcpStream,
+    state: &State,
+    timeout: Duration,
+    evict: oneshot::Receiver<()>,
+    head_read: impl FnOnce(),
+) {
+    let head = tokio::select! {
+        // the slot went to a newer connection: drop this one without a word
+        Ok(()) = evict => return,
+        head = tokio::time::timeout(timeout, read_head(&mut stream)) => head,
+    };
+    head_read();
+    let head = match head {
         Ok(Ok(head)) => head,
         Ok(Err(Oversized)) => {
             let response = render("431 Request Header Fields Too Large", "too large\n", &[]);
@@ -363,34 +426,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_slow_client_is_cut_off_and_does_not_block_others() {
+    async fn slow_clients_are_cut_off_and_never_keep_a_probe_waiting() {
         let limits = Limits {
             max_connections: 2,
-            request_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_millis(500),
         };
         let (addr, _stop) = start(None, limits).await;
-        // two idle clients take every slot...
-        let mut idle1 = TcpStream::connect(addr).await.unwrap();
-        let mut idle2 = TcpStream::connect(addr).await.unwrap();
-        idle1.write_all(b"GET /hea").await.unwrap();
+        // two slow clients take every slot...
+        let mut slow1 = TcpStream::connect(addr).await.unwrap();
+        slow1.write_all(b"GET /hea").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        // ...so a third waits, and is served once the deadline frees a slot
+        let mut slow2 = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...a probe takes the oldest one's slot and is answered at once
         let started = std::time::Instant::now();
         let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
         assert!(
-            started.elapsed() >= Duration::from_millis(200),
-            "served before a slot was free: {:?}",
+            started.elapsed() < Duration::from_millis(300),
+            "the probe waited for a slot: {:?}",
             started.elapsed()
         );
-        // the slow ones were closed without an answer
+        // the oldest was closed without an answer, the other is cut off by
+        // its deadline
         let mut out = Vec::new();
-        let n = tokio::time::timeout(Duration::from_secs(2), idle1.read_to_end(&mut out))
+        let n = tokio::time::timeout(Duration::from_secs(2), slow1.read_to_end(&mut out))
             .await
             .expect("closed by the server")
             .unwrap_or(0);
         assert_eq!(n, 0);
-        let n = tokio::time::timeout(Duration::from_secs(2), idle2.read_to_end(&mut out))
+        let n = tokio::time::timeout(Duration::from_secs(2), slow2.read_to_end(&mut out))
             .await
             .expect("closed by the server")
             .unwrap_or(0);

@@ -120,11 +120,61 @@ fn client_config(cluster: &KafkaCluster) -> ClientConfig {
     cfg
 }
 
+/// librdkafka properties that name a file (or a directory of them).
+const FILE_PROPERTIES: [&str; 6] = [
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.crl.location",
+    "ssl.keystore.location",
+    "sasl.kerberos.keytab",
+];
+
+/// The first file a property names that cannot be opened, as a message
+/// with the property and the path (librdkafka reports only an OpenSSL code).
+pub fn unreadable_file(cluster: &KafkaCluster) -> Option<String> {
+    FILE_PROPERTIES.iter().find_map(|key| {
+        let path = cluster.properties.get(*key)?;
+        if *key == "ssl.ca.location" && path == "probe" {
+            return None;
+        }
+        let error = std::fs::File::open(path).err()?;
+        Some(format!(
+            "kafka property {key} = {path:?} for {}: cannot read it ({error})",
+            cluster.brokers
+        ))
+    })
+}
+
+/// With TLS asked for (`security.protocol` ssl or sasl_ssl) and no broker
+/// error better than "transport failure", the likely cause: a plaintext
+/// listener drops a TLS handshake without a word.
+fn tls_hint(cluster: &KafkaCluster, suffix: &str) -> String {
+    let protocol = cluster
+        .properties
+        .get("security.protocol")
+        .map(|p| p.to_ascii_lowercase())
+        .unwrap_or_default();
+    if !protocol.ends_with("ssl") || suffix.to_ascii_lowercase().contains("ssl") {
+        return String::new();
+    }
+    format!(
+        " (security.protocol = {protocol}: is the listener at {} a TLS one? Against a plaintext \
+         listener the TLS handshake fails with nothing but a transport failure; check the port, \
+         or use plaintext/sasl_plaintext there)",
+        cluster.brokers
+    )
+}
+
 /// Every topic's metadata, or an error naming the brokers that could not be
 /// reached.
 pub async fn metadata(cluster: &KafkaCluster, timeout: Duration) -> Result<Metadata, AdminError> {
+    if let Some(unreadable) = unreadable_file(cluster) {
+        return Err(AdminError::Failed(unreadable));
+    }
     let cfg = client_config(cluster);
     let brokers = cluster.brokers.clone();
+    let owned = cluster.clone();
     tokio::task::spawn_blocking(move || {
         // a producer, because polling it serves the main queue where
         // librdkafka puts broker errors and logs
@@ -137,9 +187,10 @@ pub async fn metadata(cluster: &KafkaCluster, timeout: Duration) -> Result<Metad
             for _ in 0..100 {
                 probe.poll(Duration::ZERO);
             }
+            let suffix = probe.context().suffix();
             AdminError::Unreachable(format!(
-                "cannot reach kafka brokers {brokers} within {timeout:?}: {e}{}",
-                probe.context().suffix()
+                "cannot reach kafka brokers {brokers} within {timeout:?}: {e}{suffix}{}",
+                tls_hint(&owned, &suffix)
             ))
         })
     })

@@ -35,6 +35,10 @@ pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
     };
     // only this region's secrets (and the clusters it uses) must be set
     config.require(&config.run_needs(region, with_capture, with_apply))?;
+    // a CA or client certificate file the DSN names is there or not: fail
+    // now, naming it, rather than retry as if the network might fix it
+    crate::source::tls::check_files(&config.region(region)?.dsn)
+        .map_err(|e| anyhow::anyhow!("region {region} dsn: {e}"))?;
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
     readiness
@@ -266,12 +270,13 @@ async fn supervise(
     };
     loop {
         let started = Instant::now();
-        flag.store(true, Ordering::Relaxed);
+        // the side raises the flag itself once it streams
         let result: Result<(), SideError> = match side {
             Side::Capture => capture::run(
                 config.clone(),
                 region.clone(),
                 metrics.clone(),
+                flag.clone(),
                 shutdown.clone(),
             )
             .await
@@ -280,6 +285,7 @@ async fn supervise(
                 config.clone(),
                 region.clone(),
                 metrics.clone(),
+                flag.clone(),
                 shutdown.clone(),
             )
             .await

@@ -100,9 +100,20 @@ pub async fn load(client: &Client, source: &str) -> Result<Option<Stored>, Apply
 #[derive(Default)]
 pub struct Shared {
     pub counter: Mutex<Counter>,
-    /// Row counts of tables here, for `max_fraction`: (when read, rows).
-    rows: Mutex<HashMap<TableName, (Instant, u64)>>,
+    /// Row counts of tables here, for `max_fraction`.
+    rows: Mutex<HashMap<TableName, RowCount>>,
 }
+
+/// A table's rows here, counted for `max_fraction`.
+struct RowCount {
+    at: Instant,
+    /// The rows counted: all of them when `exact`, else a lower bound.
+    rows: u64,
+    exact: bool,
+}
+
+/// How long a row count is reused.
+const RECOUNT: Duration = Duration::from_secs(5);
 
 /// How long a batch with deletes or updates of a guarded table waits for
 /// more records (the rest of their transaction) before it is judged.
@@ -172,6 +183,8 @@ impl Pipeline {
                 .unwrap_or_else(|e| e.into_inner())
                 .frozen = Some(stored.reason.clone());
             self.set_breaker_metric(true);
+            // held on purpose: the pipeline is up, waiting for an operator
+            self.mark_consuming();
             if !warned {
                 tracing::warn!(region = %self.region, source = %self.source, reason = %stored.reason, "breaker frozen: changes from this source are held in Kafka until `pgrelay breaker release` or `discard`");
                 warned = true;
@@ -200,41 +213,52 @@ impl Pipeline {
         })
     }
 
-    /// Row counts of the tables whose rule has a fraction, read at most
-    /// once per window.
+    /// Row counts of the tables whose rule has a fraction, as far as the
+    /// rule needs them: `bounds` holds, per table, the most deletes and
+    /// updates the window can count while this batch is judged. The table
+    /// is counted (never estimated: the planner's `reltuples` lags behind a
+    /// freshly filled or emptied table) up to `bound / fraction + 1` rows;
+    /// a count that stops there is a lower bound, enough to know that none
+    /// of those changes crosses the fraction. A count is reused for at most
+    /// [`RECOUNT`] (and the rule's window), and only if it still decides.
     async fn row_counts(
         &self,
         client: &Client,
-        tables: impl Iterator<Item = &TableName>,
+        bounds: &HashMap<TableName, u64>,
     ) -> Result<HashMap<TableName, u64>, ApplyError> {
         let mut out = HashMap::new();
-        for t in tables {
+        for (t, &bound) in bounds {
             let Some(rule) = crate::breaker::rule_for(&self.config.breakers, &self.source, t)
             else {
                 continue;
             };
-            if rule.max_fraction.is_none() || out.contains_key(t) {
+            let Some(fraction) = rule.max_fraction else {
+                continue;
+            };
+            if bound < rule.min_rows {
+                // the fraction is not checked below min_rows
                 continue;
             }
+            let enough = (bound as f64 / fraction).floor() as u64 + 1;
+            let max_age = rule.window.min(RECOUNT);
             let cached = self
                 .breaker
                 .rows
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(t)
-                .filter(|(at, _)| at.elapsed() < rule.window)
-                .map(|(_, n)| *n);
+                .filter(|c| c.at.elapsed() < max_age && (c.exact || c.rows >= enough))
+                .map(|c| c.rows);
             let n = match cached {
                 Some(n) => n,
                 None => {
-                    // the planner's estimate, or a count when there is none yet
                     let sql = format!(
-                        "SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint \
-                         ELSE (SELECT count(*) FROM {}) END FROM pg_class c WHERE c.oid = $1::text::regclass",
+                        "SELECT count(*) FROM (SELECT 1 FROM {} LIMIT $1) s",
                         t.quoted()
                     );
+                    let limit = i64::try_from(enough).unwrap_or(i64::MAX);
                     let n: i64 = client
-                        .query_one(sql.as_str(), &[&t.quoted()])
+                        .query_one(sql.as_str(), &[&limit])
                         .await
                         .map_err(|e| ApplyError::transient(format!("counting rows of {t}"), e))?
                         .get(0);
@@ -243,7 +267,14 @@ impl Pipeline {
                         .rows
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(t.clone(), (Instant::now(), n));
+                        .insert(
+                            t.clone(),
+                            RowCount {
+                                at: Instant::now(),
+                                rows: n,
+                                exact: n < enough,
+                            },
+                        );
                     n
                 }
             };
@@ -281,15 +312,29 @@ impl Pipeline {
                     })
             })
             .collect();
-        let rows = self
-            .row_counts(
-                client,
-                seen.iter()
-                    .flatten()
-                    .filter(|s| matches!(s.1, Op::Delete | Op::Update))
-                    .map(|s| &s.0),
-            )
-            .await?;
+        // per table: the window's deletes and updates so far plus the
+        // batch's, and a batch of each other session of this source (they
+        // share the window), the most the judgement below can count
+        let others = (self.groups.saturating_sub(1) * self.config.apply.batch_max_records) as u64;
+        let mut bounds: HashMap<TableName, u64> = HashMap::new();
+        for s in seen
+            .iter()
+            .flatten()
+            .filter(|s| matches!(s.1, Op::Delete | Op::Update))
+        {
+            *bounds.entry(s.0.clone()).or_default() += 1;
+        }
+        {
+            let counter = self
+                .breaker
+                .counter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for (t, n) in bounds.iter_mut() {
+                *n += counter.changed(t) + others;
+            }
+        }
+        let rows = self.row_counts(client, &bounds).await?;
         let mut verdicts = Vec::with_capacity(batch.len());
         {
             let mut counter = self

@@ -4,7 +4,11 @@
 //! Tombstones cannot be kept forever, so they are purged once older than
 //! `relay.apply.tombstone_horizon`, and never above the lowest stamp the
 //! apply sessions have reached (`pgrelay.watermarks`: a source that is
-//! behind may still send changes older than that). Before a table's
+//! behind may still send changes older than that). Only the sources in the
+//! config count: the watermark rows a region removed from it left behind
+//! would otherwise hold every purge back forever (they are ignored, with a
+//! warning; should the region come back, its changes older than the
+//! horizons are parked like any others). Before a table's
 //! tombstones go, its horizon in `pgrelay.horizon` is raised to just above
 //! the newest of them, and from then on the apply side treats an insert or
 //! update stamped below it for a row that does not exist as undecidable:
@@ -51,13 +55,17 @@ pub async fn purge(
     client: &mut Client,
     horizon: Duration,
     now_ms: u64,
+    sources: &[String],
 ) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let all: Vec<u32> = (0..KEY_BUCKETS).collect();
     tx.execute(LOCK_BUCKETS_SQL, &[&buckets_param(&all)])
         .await?;
     let lowest: Option<i64> = tx
-        .query_one("SELECT min(hlc) FROM pgrelay.watermarks", &[])
+        .query_one(
+            "SELECT min(hlc) FROM pgrelay.watermarks WHERE source_region = ANY($1)",
+            &[&sources],
+        )
         .await?
         .get(0);
     let cut = cutoff(now_ms, horizon, lowest.map(|w| w.max(0) as u64)) as i64;
@@ -94,6 +102,10 @@ pub async fn purge(
     }
 }
 
+/// Sources with watermark rows that are not among `$1` (the config's).
+const FORMER_SOURCES_SQL: &str =
+    "SELECT source_region FROM pgrelay.watermarks WHERE source_region <> ALL($1) ORDER BY 1";
+
 /// How often the horizon moves: a quarter of it, between 1 s and a minute.
 pub fn purge_interval(horizon: Duration) -> Duration {
     (horizon / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
@@ -112,6 +124,13 @@ pub async fn keep(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let horizon = config.apply.tombstone_horizon;
+    let sources: Vec<String> = config
+        .regions
+        .keys()
+        .filter(|r| **r != region)
+        .cloned()
+        .collect();
+    let mut warned: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut client: Option<Client> = None;
     loop {
         tokio::select! {
@@ -131,7 +150,15 @@ pub async fn keep(
             }
         }
         let c = client.as_mut().expect("connected above");
-        match purge(c, horizon, crate::apply::now_ms()).await {
+        if let Ok(rows) = c.query(FORMER_SOURCES_SQL, &[&sources]).await {
+            for row in rows {
+                let former: String = row.get(0);
+                if warned.insert(former.clone()) {
+                    tracing::warn!(region = %region, source = %former, "pgrelay.watermarks holds a source that is not in the config: ignored by the tombstone purge (delete its rows from pgrelay.watermark_parts once it is gone for good)");
+                }
+            }
+        }
+        match purge(c, horizon, crate::apply::now_ms(), &sources).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(region = %region, purged = n, "tombstones purged"),
             Err(e) => {

@@ -1,6 +1,7 @@
 //! One pipeline per source region and partition group: collect a batch,
 //! apply it, retry or wait as its error says, restart after failures.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,10 +28,14 @@ use super::target::load_targets;
 const IDLE_GAP: Duration = Duration::from_millis(2);
 
 /// Runs the apply side of `region` until shutdown: one pipeline per source.
+/// `consuming` turns true once every pipeline has been assigned its
+/// partitions (or is held by a frozen breaker, or has none); the caller
+/// lowers it.
 pub async fn run(
     config: Arc<Config>,
     region: String,
     metrics: Arc<Metrics>,
+    consuming: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
     let dsn = &config.region(&region)?.dsn;
@@ -42,6 +47,14 @@ pub async fn run(
     let dlq = Arc::new(DlqProducer::new(&config, &region)?);
     let mut tasks = tokio::task::JoinSet::new();
     let groups = config.apply.sessions_per_source.max(1);
+    let sources = config.regions.keys().filter(|r| **r != region).count();
+    let started = Arc::new(Started {
+        pending: AtomicUsize::new(sources * groups),
+        all: consuming,
+    });
+    if sources == 0 {
+        started.all.store(true, Ordering::Relaxed);
+    }
     for source in config.regions.keys().filter(|r| **r != region) {
         let breaker = Arc::new(super::breaker::Shared::default());
         for group in 0..groups {
@@ -57,6 +70,8 @@ pub async fn run(
                 dlq: dlq.clone(),
                 breaker: breaker.clone(),
                 conflict_log: ConflictLog::from_config(&config, &region),
+                started: started.clone(),
+                counted: AtomicBool::new(false),
             };
             let shutdown = shutdown.clone();
             tasks.spawn(async move { pipeline.supervise(shutdown).await });
@@ -100,6 +115,28 @@ pub(super) struct Pipeline {
     /// The breaker of this source, shared with its other sessions.
     pub(super) breaker: Arc<super::breaker::Shared>,
     pub(super) conflict_log: Option<ConflictLog>,
+    /// The apply side's count of pipelines not yet consuming.
+    pub(super) started: Arc<Started>,
+    /// Whether this pipeline has been counted in `started`.
+    pub(super) counted: AtomicBool,
+}
+
+/// How many pipelines have yet to consume; the last one raises `all`.
+pub(super) struct Started {
+    pending: AtomicUsize,
+    all: Arc<AtomicBool>,
+}
+
+impl Pipeline {
+    /// Counts this pipeline as consuming (once, whatever its restarts).
+    pub(super) fn mark_consuming(&self) {
+        if self.counted.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if self.started.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.started.all.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Pipeline {
@@ -161,6 +198,7 @@ impl Pipeline {
             &format!("pgrelay-apply-{}", self.region),
         )?;
         let n = assign(&consumer, &self.topic, &stored, self.group, self.groups).await?;
+        self.mark_consuming();
         if n == 0 {
             // more sessions than partitions: nothing for this one to do
             let _ = shutdown.changed().await;

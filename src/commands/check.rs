@@ -236,18 +236,20 @@ async fn stamp_line(
         .query_one(
             "SELECT count(*) FILTER (WHERE p.proname = 'stamp_row_c'), \
                     count(*) FILTER (WHERE p.proname = 'stamp_row'), \
-                    (SELECT count(*) FROM pg_available_extensions WHERE name = 'pgrelay') \
+                    (SELECT count(*) FROM pg_available_extensions WHERE name = 'pgrelay'), \
+                    (SELECT count(*) FROM pg_extension WHERE extname = 'pgrelay') \
              FROM unnest($1::text[]) AS u(t) \
              JOIN pg_trigger g ON g.tgrelid = to_regclass(u.t) AND g.tgname = 'pgrelay_stamp' \
              JOIN pg_proc p ON p.oid = g.tgfoid",
             &[&tables],
         )
         .await;
-    let (c, plpgsql, available) = match row {
+    let (c, plpgsql, available, created) = match row {
         Ok(r) => (
             r.get::<_, i64>(0),
             r.get::<_, i64>(1),
             r.get::<_, i64>(2) > 0,
+            r.get::<_, i64>(3) > 0,
         ),
         Err(e) => {
             return format!(
@@ -260,9 +262,16 @@ async fn stamp_line(
     match (c, plpgsql) {
         (0, 0) => format!("region {region}: no stamp triggers yet (pgrelay setup)"),
         (_, 0) => format!("region {region}: stamp trigger in C (extension pgrelay) on {c} tables"),
+        (0, _) if wants_c && created => format!(
+            "region {region}: stamp trigger in PL/pgSQL on {plpgsql} tables; the pgrelay extension \
+             is created in this database: pgrelay setup switches to the faster C trigger"
+        ),
+        // setup tried and could not create it: it takes a superuser
         (0, _) if wants_c && available => format!(
             "region {region}: stamp trigger in PL/pgSQL on {plpgsql} tables; the pgrelay extension \
-             is installed on the server: pgrelay setup switches to the faster C trigger"
+             is installed on the server, and creating it in the database takes a superuser: \
+             for the faster C trigger a superuser runs once `{}`, then pgrelay setup switches to it",
+            crate::setup::CREATE_EXTENSION_SQL
         ),
         (0, _) => format!("region {region}: stamp trigger in PL/pgSQL on {plpgsql} tables"),
         _ => format!(

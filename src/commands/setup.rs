@@ -320,6 +320,19 @@ async fn choose_stamp(
         )
         .await
         .with_context(|| format!("region {region}: reading pg_available_extensions"))?;
+    // created already (by a superuser, once) and current: nothing to run,
+    // which the setup role may not (ALTER EXTENSION wants its owner)
+    let created = client
+        .query_opt(
+            "SELECT 1 FROM pg_extension WHERE extname = $1",
+            &[&setup::EXTENSION],
+        )
+        .await
+        .with_context(|| format!("region {region}: reading pg_extension"))?
+        .is_some();
+    if created && extension_is_current(client).await {
+        return Ok(setup::Stamp::C);
+    }
     let why_not = match available {
         Some(_) => match client.batch_execute(setup::CREATE_EXTENSION_SQL).await {
             Ok(()) if extension_is_current(client).await => return Ok(setup::Stamp::C),

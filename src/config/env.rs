@@ -32,6 +32,11 @@ pub(super) enum Lexical {
 /// for the string it lands in (a password may hold `"` or `\`) and comments
 /// are left alone (they may mention `${VAR}` freely). Values never contain a
 /// line break after escaping, so line numbers stay those of the file.
+///
+/// Inside a connection string (the value of a `dsn` or `setup_dsn` key) the
+/// value is escaped for the connection string first ([`dsn_escape`]), so
+/// `password=${PW}` carries a password with spaces, quotes or backslashes
+/// as it is.
 pub(super) fn interpolate(
     text: &str,
     origin: &str,
@@ -40,6 +45,9 @@ pub(super) fn interpolate(
 ) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut state = Lexical::Bare;
+    // where the text of the current string starts in `out`, if it is a
+    // connection string
+    let mut dsn_start: Option<usize> = None;
     let mut line = 1;
     let mut i = 0;
     while i < text.len() {
@@ -88,6 +96,10 @@ pub(super) fn interpolate(
                     continue;
                 }
             };
+            let value = match dsn_start {
+                Some(start) => dsn_escape(&string_text(&out[start..], state), &value),
+                None => value,
+            };
             insert_value(&mut out, &value, state).map_err(|why| ConfigError::Interpolation {
                 origin: origin.to_string(),
                 line,
@@ -97,12 +109,128 @@ pub(super) fn interpolate(
             continue;
         }
         let (next, consumed) = lex_step(state, rest, c);
+        if state == Lexical::Bare && next != Lexical::Bare && next != Lexical::Comment {
+            dsn_start = is_dsn_key(line_before(&out)).then_some(out.len() + consumed);
+        } else if next == Lexical::Bare {
+            dsn_start = None;
+        }
         out.push_str(&rest[..consumed]);
         line += rest[..consumed].matches('\n').count();
         state = next;
         i += consumed;
     }
     Ok(out)
+}
+
+/// The text of `out`'s last line.
+fn line_before(out: &str) -> &str {
+    out.rsplit('\n').next().unwrap_or(out)
+}
+
+/// Whether a string opened after `before` (its line so far) is the value of
+/// a connection string key: `dsn = `, `setup_dsn = ` (dotted or in an inline
+/// table too).
+fn is_dsn_key(before: &str) -> bool {
+    let Some(key) = before.trim_end().strip_suffix('=') else {
+        return false;
+    };
+    let key = key.trim_end();
+    ["setup_dsn", "dsn"].into_iter().any(|k| {
+        key.strip_suffix(k).is_some_and(|head| {
+            head.is_empty() || head.ends_with(|c: char| c.is_whitespace() || "{,.\"".contains(c))
+        }) || key.ends_with(&format!("\"{k}\""))
+    })
+}
+
+/// The content of a string so far (`raw`, as written in the file) with
+/// TOML's escapes undone, as far as the connection string's syntax needs.
+fn string_text(raw: &str, state: Lexical) -> String {
+    if !matches!(state, Lexical::Basic | Lexical::MultiBasic) {
+        return raw.to_string();
+    }
+    let mut text = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => text.extend(chars.next()),
+            c => text.push(c),
+        }
+    }
+    text
+}
+
+/// `value` escaped for where it lands in a connection string whose text so
+/// far is `before`: percent-encoded in a `postgres://` URL; in libpq's
+/// `key=value` form, a backslash before each backslash and quote (and, in an
+/// unquoted value, before each space), or `''` for an empty value.
+pub(super) fn dsn_escape(before: &str, value: &str) -> String {
+    let trimmed = before.trim_start();
+    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+        let mut out = String::with_capacity(value.len());
+        for b in value.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        return out;
+    }
+    let context = key_value_context(before);
+    if context == KeyValue::Key {
+        return value.to_string();
+    }
+    if value.is_empty() && context == KeyValue::ValueStart {
+        return "''".to_string();
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    for c in value.chars() {
+        let escape = c == '\\' || c == '\'' || (context != KeyValue::Quoted && c.is_whitespace());
+        if escape {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Where the end of a `key=value` connection string's text stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum KeyValue {
+    /// Between parameters or in a key.
+    Key,
+    /// Right after `=` (and spaces).
+    ValueStart,
+    /// In an unquoted value.
+    Unquoted,
+    /// In a `'...'` value.
+    Quoted,
+}
+
+fn key_value_context(text: &str) -> KeyValue {
+    let mut context = KeyValue::Key;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        context = match (context, c) {
+            (KeyValue::Key, '=') => KeyValue::ValueStart,
+            (KeyValue::Key, _) => KeyValue::Key,
+            (KeyValue::ValueStart, c) if c.is_whitespace() => KeyValue::ValueStart,
+            (KeyValue::ValueStart, '\'') => KeyValue::Quoted,
+            (KeyValue::ValueStart | KeyValue::Unquoted, '\\') => {
+                chars.next();
+                KeyValue::Unquoted
+            }
+            (KeyValue::ValueStart | KeyValue::Unquoted, c) if c.is_whitespace() => KeyValue::Key,
+            (KeyValue::ValueStart | KeyValue::Unquoted, _) => KeyValue::Unquoted,
+            (KeyValue::Quoted, '\\') => {
+                chars.next();
+                KeyValue::Quoted
+            }
+            (KeyValue::Quoted, '\'') => KeyValue::Key,
+            (KeyValue::Quoted, _) => KeyValue::Quoted,
+        };
+    }
+    context
 }
 
 /// One lexer step from `state` at the start of `rest` (whose first char is

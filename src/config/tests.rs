@@ -276,15 +276,72 @@ fn env_interpolation() {
         _ => None,
     })
     .unwrap_or_else(|e| panic!("{e}"));
+    // escaped for the connection string too: its parser gives the
+    // password back as it is
     assert_eq!(
         c.regions["us"].dsn,
-        "host=us port=5432 user=pgrelay password=pa\"ss\\word dbname=app"
+        "host=us port=5432 user=pgrelay password=pa\"ss\\\\word dbname=app"
     );
+    let dsn = crate::source::dsn::Dsn::parse(&c.regions["us"].dsn).unwrap();
+    assert_eq!(dsn.config.get_password(), Some(&b"pa\"ss\\word"[..]));
     assert_eq!(
         c.regions["us"].hash_key.as_deref(),
         Some("salty-salty-salty-salty-salty-salty")
     );
     assert_eq!(c.regions["us"].kafka.brokers, "${literal}");
+}
+
+#[test]
+fn env_values_are_escaped_for_the_connection_string_they_land_in() {
+    let pw = "a\\b'c d";
+    let env = |name: &str| match name {
+        "PW" => Some(pw.to_string()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    };
+    let dsn_of = |line: &str| {
+        let text = interpolate(line, "f.toml", &env, &mut Vec::new()).unwrap();
+        let value: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let mut value = &toml::Value::Table(value);
+        while let toml::Value::Table(t) = value {
+            value = t.values().next().unwrap();
+        }
+        value.as_str().unwrap().to_string()
+    };
+    let password = |line: &str| {
+        let dsn = dsn_of(line);
+        let parsed = crate::source::dsn::Dsn::parse(&dsn).unwrap_or_else(|e| panic!("{dsn}: {e}"));
+        String::from_utf8(parsed.config.get_password().unwrap().to_vec()).unwrap()
+    };
+    for line in [
+        "dsn = \"host=h user=u password=${PW} dbname=d\"",
+        "dsn = \"host=h user=u password=${PW}\"",
+        "dsn = \"host=h user=u password = '${PW}' dbname=d\"",
+        "setup_dsn = \"user=u password=${PW}\"",
+        "dsn = \"host=h password=\\\\x${PW}\"",
+        "regions.us.dsn = \"user=u password=${PW}\"",
+        "us = { id = 1, dsn = \"user=u password=${PW}\" }",
+        "dsn = \"postgres://u:${PW}@h:5432/d?sslmode=disable\"",
+        "dsn = \"postgresql://u@h/d?password=${PW}\"",
+    ] {
+        let want = if line.contains("\\x") {
+            format!("x{pw}")
+        } else {
+            pw.to_string()
+        };
+        assert_eq!(password(line), want, "{line}");
+    }
+    // an empty value stays a value
+    assert_eq!(password("dsn = \"user=u password=${EMPTY} dbname=d\""), "");
+    // other strings are left as they are
+    assert_eq!(
+        dsn_of("note = \"password=${PW}\""),
+        format!("password={pw}")
+    );
+    assert_eq!(
+        dsn_of("dsn_note = \"password=${PW}\""),
+        format!("password={pw}")
+    );
 }
 
 #[test]

@@ -402,6 +402,22 @@ impl ReplConnection {
         )?;
         self.send(&buf).await?;
         let mut scram: Option<ScramSha256> = None;
+        // whether SCRAM-SHA-256-PLUS was chosen, and whether its exchange
+        // completed (the server proved it saw the same TLS channel)
+        let mut chose_plus = false;
+        let mut bound = false;
+        // with channel_binding=require, as in libpq: only a completed
+        // SCRAM-SHA-256-PLUS exchange may end authentication (not trust,
+        // not a password, not plain SCRAM)
+        let unbound = || {
+            ConnError::Auth(
+                "channel_binding=require, and the server authenticated without channel \
+                 binding (trust, password or md5 authentication, or SCRAM without -PLUS); \
+                 use SCRAM-SHA-256 over TLS in pg_hba.conf or remove channel_binding=require"
+                    .into(),
+            )
+        };
+        let require_binding = params.channel_binding == ChannelBindingMode::Require;
         loop {
             let (tag, mut body) = self.reader.next().await?;
             match tag {
@@ -427,7 +443,9 @@ impl ReplConnection {
                         }
                     }
                     match code {
+                        0 if require_binding && !bound => return Err(unbound()),
                         0 => continue,
+                        3 | 5 if require_binding => return Err(unbound()),
                         3 => {
                             let pw = password()?;
                             frontend::password_message(&pw, &mut out)?;
@@ -476,6 +494,7 @@ impl ReplConnection {
                                 _ => (SCRAM_SHA_256, ChannelBinding::unsupported()),
                             };
                             let pw = password()?;
+                            chose_plus = mechanism == SCRAM_SHA_256_PLUS;
                             let s = ScramSha256::new(&pw, channel);
                             frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
                             scram = Some(s);
@@ -494,6 +513,7 @@ impl ReplConnection {
                             })?;
                             s.finish(&body)
                                 .map_err(|e| ConnError::Auth(format!("SCRAM: {e}")))?;
+                            bound = chose_plus;
                             continue;
                         }
                         other => {

@@ -20,7 +20,7 @@ use openssl::x509::{X509VerifyResult, X509};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_openssl::SslStream;
 
-use super::dsn::TlsOptions;
+use super::dsn::{Dsn, SslMode, TlsOptions};
 
 /// A TLS setup or handshake failure, with OpenSSL's reason.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,20 @@ pub enum TlsError {
     Handshake(String),
     #[error("the server does not support TLS (ssl = off), and sslmode={mode} requires it")]
     NotSupported { mode: &'static str },
+}
+
+/// Reads the files a DSN's TLS options name (CA, client certificate and
+/// key) as a connection would: a missing or unreadable one is a mistake in
+/// the configuration, which no retry fixes. A DSN that does not parse is
+/// left to the connection, which names the problem.
+pub fn check_files(dsn: &str) -> Result<(), TlsError> {
+    let Ok(parsed) = Dsn::parse(dsn) else {
+        return Ok(());
+    };
+    if parsed.tls.mode == SslMode::Disable {
+        return Ok(());
+    }
+    connector(&parsed.tls).map(|_| ())
 }
 
 /// Builds the OpenSSL connector for a DSN's TLS options: the CA that

@@ -517,3 +517,82 @@ async fn an_update_storm_trips_by_fraction_and_a_truncate_by_kind() {
         4
     );
 }
+
+/// Two regions under a `max_fraction = 0.5` rule on products, 400 rows
+/// replicated to eu, whose planner estimate of them is then set to
+/// `estimate` (autovacuum off: the statistics stay stale).
+async fn stale_estimate_pair(estimate: i64) -> (crate::apply::Pair, [Relay; 2], Client, Client) {
+    let p = crate::apply::pair(crate::apply::SCHEMA);
+    let text = std::fs::read_to_string(&p.cfg.path).unwrap()
+        + "\n[[breakers]]\ntable = \"public.products\"\nmax_fraction = 0.5\nmin_rows = 10\n";
+    std::fs::write(&p.cfg.path, text).unwrap();
+    let relays = [
+        Relay::spawn(&p.cfg, "us", "all"),
+        Relay::spawn(&p.cfg, "eu", "all"),
+    ];
+    let us = p.us.client().await;
+    let eu = p.eu.client().await;
+    us.execute(
+        "INSERT INTO products (id, name, price) SELECT g, 'p' || g, g FROM generate_series(1, 400) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    until_count(&eu, "SELECT count(*) FROM products", 400, "rows replicated").await;
+    p.eu.psql(&format!(
+        "ALTER TABLE products SET (autovacuum_enabled = off); \
+         UPDATE pg_class SET reltuples = {estimate} WHERE oid = 'products'::regclass"
+    ));
+    (p, relays, us, eu)
+}
+
+/// `max_fraction` is a share of the rows the destination holds: a stale
+/// low estimate (a table filled since it was last analyzed) does not
+/// freeze the pair over a few updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_fraction_ignores_a_stale_low_row_estimate() {
+    let (_p, _relays, us, eu) = stale_estimate_pair(2).await;
+    // 30 updates: 7.5% of the 400 rows, 1500% of the 2 the planner believes in
+    us.execute("UPDATE products SET price = -1 WHERE id <= 30", &[])
+        .await
+        .unwrap();
+    until_count(
+        &eu,
+        "SELECT count(*) FROM products WHERE price = -1",
+        30,
+        "the updates applied",
+    )
+    .await;
+    assert_eq!(
+        count(
+            &eu,
+            "SELECT count(*) FROM pgrelay.breakers WHERE state = 'frozen'"
+        )
+        .await,
+        0
+    );
+}
+
+/// ... and a stale high estimate (a table emptied or never analyzed since
+/// it was large) does not let a storm through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_fraction_ignores_a_stale_high_row_estimate() {
+    let (_p, _relays, us, eu) = stale_estimate_pair(1_000_000).await;
+    // 250 updates: 62.5% of the 400 rows
+    us.execute("UPDATE products SET price = 0 WHERE id > 150", &[])
+        .await
+        .unwrap();
+    until_count(
+        &eu,
+        "SELECT count(*) FROM pgrelay.breakers WHERE state = 'frozen' AND kind = 'change' \
+         AND reason LIKE '% of public.products from us within %, more than 50% of its 400 rows here'",
+        1,
+        "the breaker frozen by the fraction",
+    )
+    .await;
+    let early = count(&eu, "SELECT count(*) FROM products WHERE price = 0").await;
+    assert!(
+        early <= 200,
+        "{early} of the 250 updates applied before the breaker tripped"
+    );
+}

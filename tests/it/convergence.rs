@@ -415,6 +415,46 @@ async fn a_change_older_than_a_purged_tombstone_is_parked_not_resurrected() {
     );
 }
 
+/// The watermark rows of a region removed from the config (a source that
+/// will never deliver again) do not hold the tombstone purge back: they are
+/// ignored, with a warning naming the region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_regions_watermarks_do_not_hold_the_tombstone_purge_back() {
+    let p = crate::apply::pair_with(SCHEMA, "tombstone_horizon = \"2s\"");
+    // what a region "gone" left behind in us: a watermark far in the past
+    p.us.psql(
+        "INSERT INTO pgrelay.watermark_parts (source_region, session, hlc) VALUES ('gone', 0, 1)",
+    );
+    p.us.psql("INSERT INTO products VALUES (1, 'a', 1)");
+    p.us.psql("DELETE FROM products WHERE id = 1");
+    let relay = Relay::spawn(&p.cfg, "us", "all");
+    let us = p.us.client().await;
+    eventually(
+        Duration::from_secs(60),
+        "us to purge the tombstone",
+        || async {
+            let n: i64 = us
+                .query_one("SELECT count(*) FROM pgrelay.tombstones", &[])
+                .await
+                .ok()?
+                .get(0);
+            let h: i64 = us
+                .query_one("SELECT coalesce(max(hlc), 0) FROM pgrelay.horizon", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == 0 && h > 0).then_some(())
+        },
+    )
+    .await;
+    let log = relay.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("not in the config") && l.contains("gone")),
+        "{log}"
+    );
+}
+
 /// Waits until both regions agree (possibly on no rows at all).
 async fn same_rows_or_empty(a: &Pg, b: &Pg) -> Vec<(i32, Option<String>, Option<String>, i64)> {
     eventually(Duration::from_secs(60), "both regions to agree", || async {

@@ -182,3 +182,125 @@ async fn unreachable_broker_fails_start_and_loses_nothing() {
     assert!(recs.iter().any(|r| r.value["after"]["name"] == "kept"));
     drop(Broker::start());
 }
+
+/// `config` with `properties` (TOML lines) in `[kafka.properties]`.
+fn with_kafka_properties(toml: &str, properties: &str) -> String {
+    let at = toml.find("[regions.us]").expect("a [regions.us] table");
+    format!(
+        "{}[kafka.properties]\n{properties}\n\n{}",
+        &toml[..at],
+        &toml[at..]
+    )
+}
+
+/// `sasl_ssl` against a plaintext listener: librdkafka says only "broker
+/// transport failure"; the message points at TLS.
+#[test]
+fn tls_to_a_plaintext_broker_hints_at_the_protocol() {
+    let broker = Broker::start();
+    let text = with_kafka_properties(
+        &config(
+            "host=127.0.0.1 port=1 user=postgres dbname=postgres connect_timeout=1",
+            &broker.brokers(),
+        ),
+        "\"security.protocol\" = \"sasl_ssl\"\n\"sasl.mechanism\" = \"PLAIN\"\n\
+         \"sasl.username\" = \"relay\"\n\"sasl.password\" = \"secret\"",
+    );
+    let err = check_fails(&text);
+    let line = err
+        .lines()
+        .find(|l| l.contains("cannot reach kafka brokers"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("security.protocol = sasl_ssl"), "{line}");
+    assert!(line.contains("TLS"), "{line}");
+    assert!(line.contains(&broker.brokers()), "{line}");
+}
+
+/// A CA file that is not there is named with its property and path, at
+/// once, by every command that talks to Kafka.
+#[test]
+fn a_missing_kafka_ca_file_is_named_with_its_path() {
+    let missing = "/nonexistent-pgrelay-test/kafka-ca.pem";
+    let pg = Pg::start();
+    pg.psql(SCHEMA);
+    let text = quick_start(&with_kafka_properties(
+        &config(&pg.dsn(), "127.0.0.1:1"),
+        &format!("\"security.protocol\" = \"ssl\"\n\"ssl.ca.location\" = \"{missing}\""),
+    ));
+    let cfg = ConfigFile::new(&text);
+    let path = cfg.path.to_str().unwrap();
+    for args in [
+        vec!["check", "--config", path, "--region", "us"],
+        vec!["setup", "--config", path, "--region", "us"],
+        vec![
+            "run", "--config", path, "--region", "us", "--role", "capture",
+        ],
+    ] {
+        let err = fails(&args);
+        assert!(
+            err.contains(&format!("ssl.ca.location = \"{missing}\"")),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("No such file"), "{args:?}: {err}");
+    }
+}
+
+/// `run` with an `sslrootcert` that is not there fails at once, naming the
+/// file, instead of retrying for relay.startup_timeout as if the network
+/// could bring it.
+#[test]
+fn run_with_a_missing_sslrootcert_fails_at_once_naming_the_file() {
+    let missing = "/nonexistent-pgrelay-test/pg-ca.pem";
+    // unreachable, so a retrying sidecar would wait out the default 30 s
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=1 \
+         sslmode=verify-full sslrootcert={missing}",
+        free_port()
+    );
+    let cfg = ConfigFile::new(&config(&dsn, "127.0.0.1:1"));
+    let mut child = std::process::Command::new(crate::support::relay::bin())
+        .args([
+            "run",
+            "--config",
+            cfg.path.to_str().unwrap(),
+            "--region",
+            "us",
+        ])
+        .args(["--role", "capture"])
+        .env("PGRELAY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pgrelay run still retrying after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains(&format!("sslrootcert {missing}")), "{err}");
+    assert!(!err.contains("retrying"), "{err}");
+}
+
+/// The unknown-key message offers only keys that are in use.
+#[test]
+fn an_unknown_key_lists_no_retired_key() {
+    let text = config("host=127.0.0.1 user=x", "127.0.0.1:1").replacen(
+        "[relay]\n",
+        "[relay]\nprefx = \"pgrelay\"\n",
+        1,
+    );
+    let err = check_fails(&text);
+    assert!(err.contains("unknown field `prefx`"), "{err}");
+    assert!(err.contains("`startup_timeout`"), "{err}");
+    assert!(!err.contains("hash_salt"), "{err}");
+}

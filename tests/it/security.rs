@@ -572,3 +572,204 @@ async fn insert_racing_a_delete(stamp: pgrelay::setup::Stamp) {
         .get(0);
     assert_eq!(below, 0, "a row is kept below its own tombstone");
 }
+
+/// A password holding a backslash, a quote and a space, given as the
+/// example config does (`password=${VAR}` in a `key=value` DSN, and in a
+/// URL): both the SQL session and the replication connection log in.
+#[test]
+fn dsn_passwords_with_backslash_quote_and_space_log_in_on_both_connection_kinds() {
+    let pg = Pg::start();
+    pg.psql(SCHEMA);
+    let broker = Broker::start();
+    let text = config(&pg.dsn(), &broker.brokers());
+    let (ok, out) = setup(&ConfigFile::new(&text), "us");
+    assert!(ok, "{out}");
+    // standard_conforming_strings: the password is  a\b'c d
+    let password = "a\\b'c d";
+    pg.psql(&format!("ALTER ROLE {RUN_ROLE} PASSWORD 'a\\b''c d'"));
+    let run_password = format!("user={RUN_ROLE} password={PASSWORD} ");
+    assert!(text.contains(&run_password), "{text}");
+    let key_value = text.replacen(
+        &run_password,
+        &format!("user={RUN_ROLE} password=${{PGRELAY_TEST_RUN_PASSWORD}} "),
+        1,
+    );
+    let url = key_value.replacen(
+        &format!(
+            "dsn = \"host=127.0.0.1 port={} user={RUN_ROLE} password=${{PGRELAY_TEST_RUN_PASSWORD}} ",
+            pg.port
+        ),
+        &format!(
+            "dsn = \"postgres://{RUN_ROLE}:${{PGRELAY_TEST_RUN_PASSWORD}}@127.0.0.1:{}/postgres?",
+            pg.port
+        ),
+        1,
+    );
+    assert_ne!(url, key_value, "{key_value}");
+    // the rest of the URL's line: `dbname=postgres connect_timeout=5"`
+    let url = url.replacen(
+        "?dbname=postgres connect_timeout=5\"",
+        "?connect_timeout=5\"",
+        1,
+    );
+    for (form, text) in [("key=value", key_value), ("URL", url)] {
+        let cfg = ConfigFile::new(&text);
+        let out = std::process::Command::new(relay::bin())
+            .args([
+                "check",
+                "--config",
+                cfg.path.to_str().unwrap(),
+                "--region",
+                "us",
+            ])
+            .env("PGRELAY_TEST_RUN_PASSWORD", password)
+            .env("PGRELAY_LOG", "warn")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.contains("region us: database connection NOT encrypted"),
+            "{form}: {out}"
+        );
+        assert!(
+            out.contains("region us: replication connection NOT encrypted"),
+            "{form}: {out}"
+        );
+        assert!(
+            !out.contains("password authentication failed"),
+            "{form}: {out}"
+        );
+    }
+}
+
+/// As the README's setup role (no superuser), `setup` cannot create the
+/// `pgrelay` extension and falls back to the PL/pgSQL stamp trigger;
+/// `check` then gives the superuser's one-time step, and after it `setup`
+/// does switch to the C trigger.
+#[test]
+fn check_gives_the_superuser_step_when_the_setup_role_cannot_create_the_extension() {
+    if crate::support::pg::major() != 15 {
+        // the extension is built for the PostgreSQL 15 packages only
+        return;
+    }
+    let pg = Pg::start();
+    pg.psql(SCHEMA);
+    pg.psql(&format!(
+        "CREATE ROLE relay_setup LOGIN REPLICATION PASSWORD 'relay-secret';
+         GRANT CREATE ON DATABASE postgres TO relay_setup;
+         ALTER TABLE users OWNER TO relay_setup;
+         ALTER TABLE products OWNER TO relay_setup;
+         ALTER TABLE currencies OWNER TO relay_setup;
+         ALTER TABLE orders OWNER TO relay_setup;
+         GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text) TO relay_setup;
+         GRANT SET ON PARAMETER session_replication_role TO {RUN_ROLE};
+         GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text) TO {RUN_ROLE};"
+    ));
+    let broker = Broker::start();
+    let text = config(&pg.dsn(), &broker.brokers());
+    let setup_line = text
+        .lines()
+        .find(|l| l.starts_with("setup_dsn"))
+        .unwrap()
+        .to_string();
+    let text = text.replace(
+        &setup_line,
+        &setup_line.replace("user=postgres ", "user=relay_setup "),
+    );
+    let cfg = ConfigFile::new(&text);
+    let (ok, out) = setup(&cfg, "us");
+    assert!(ok, "{out}");
+    assert!(out.contains("creating extension pgrelay failed"), "{out}");
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(ok, "{out}");
+    let stamp = out
+        .lines()
+        .find(|l| l.contains("stamp trigger"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(stamp.contains("stamp trigger in PL/pgSQL"), "{stamp}");
+    assert!(stamp.contains("takes a superuser"), "{stamp}");
+    let step = stamp
+        .split('`')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no statement in: {stamp}"));
+    assert!(step.contains("CREATE EXTENSION"), "{stamp}");
+    // the superuser's step, then setup: the C trigger
+    pg.psql(step);
+    let (ok, out) = setup(&cfg, "us");
+    assert!(ok, "{out}");
+    let (ok, out) = check(&cfg, Some("us"));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("stamp trigger in C (extension pgrelay)"),
+        "{out}"
+    );
+    // and it stamps
+    assert_eq!(
+        pg.psql(
+            "INSERT INTO products (id, name, price) VALUES (1, 'c', 1) RETURNING _pgrelay_hlc > 0"
+        )
+        .trim(),
+        "t"
+    );
+}
+
+/// Clients that trickle their request heads in cannot hold the HTTP
+/// endpoint's connection slots against the probes: with every slot taken
+/// by them, `/healthz` and `/readyz` are still answered at once.
+#[test]
+fn trickling_clients_do_not_keep_the_probes_from_an_answer() {
+    let http_port = free_port();
+    // nothing to reach: the sidecar retries its start (relay.startup_timeout,
+    // 30 s) and serves the probes meanwhile
+    let text = config(
+        "host=127.0.0.1 port=1 user=postgres dbname=postgres connect_timeout=1",
+        "127.0.0.1:1",
+    )
+    .replace(
+        "[kafka]\n",
+        &format!("[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n[kafka]\n"),
+    );
+    let cfg = ConfigFile::new(&text);
+    let relay = Relay::spawn(&cfg, "us", "all");
+    // positive sign: the endpoint answers
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !get(http_port, "GET /healthz HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 ") {
+        assert!(std::time::Instant::now() < deadline, "{}", relay.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 64 clients (every slot) send their heads a byte at a time
+    let mut slow: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).unwrap();
+            s.write_all(b"G").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..3 {
+        for s in &mut slow {
+            let _ = s.write_all(b"E");
+        }
+        for path in ["/healthz", "/readyz"] {
+            let started = std::time::Instant::now();
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+                .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            assert!(
+                out.starts_with("HTTP/1.1 200 ") || out.starts_with("HTTP/1.1 503 "),
+                "round {round}: {path} not answered within 1 s (after {:?}): {out:?}",
+                started.elapsed()
+            );
+        }
+        // a new wave of slow clients
+        for s in slow.iter_mut().take(8) {
+            *s = std::net::TcpStream::connect(("127.0.0.1", http_port)).unwrap();
+            let _ = s.write_all(b"G");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

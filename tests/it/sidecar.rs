@@ -579,3 +579,69 @@ async fn three_regions_mixed_workload_converge_with_residency_and_no_loops() {
         assert_eq!(p["state"], "active", "{p}");
     }
 }
+
+/// One `GET path` against a sidecar's HTTP endpoint: the status line, or
+/// nothing while it does not listen yet.
+fn http_status(port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().map(str::to_string)
+}
+
+/// `/readyz` answers 200 only once the capture side streams (a walsender
+/// holds the slot) and the apply side consumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_ready_only_once_both_sides_stream() {
+    let port = free_port();
+    let p = crate::apply::pair_with_tables(
+        crate::apply::SCHEMA,
+        &format!("\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+        "",
+    );
+    let relay = Relay::spawn(&p.cfg, "us", "all");
+    let us = p.us.client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut answered = 0;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered 200:\n{}",
+            relay.log_text()
+        );
+        match http_status(port, "/readyz") {
+            Some(line) if line.contains(" 200 ") => break,
+            Some(line) => {
+                assert!(line.contains(" 503 "), "{line}");
+                answered += 1;
+            }
+            None => {}
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // at the first 200: the slot is held by a walsender, and every apply
+    // pipeline has been assigned its partitions
+    let walsenders: i64 = us
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication r \
+             JOIN pg_replication_slots s ON s.active_pid = r.pid \
+             WHERE s.slot_name = 'pgrelay_us'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        walsenders,
+        1,
+        "ready without a walsender on the slot:\n{}",
+        relay.log_text()
+    );
+    let log = relay.log_text();
+    assert!(log.contains("capture streaming"), "{log}");
+    assert!(log.contains("apply consuming"), "{log}");
+    assert!(answered > 0, "the endpoint was never seen not ready");
+}

@@ -434,3 +434,55 @@ fn kafka_client_certificate_is_used_and_required() {
     assert!(ok, "{out}");
     assert!(out.contains("topic pgrelay.us.eu ok"), "{out}");
 }
+
+/// `channel_binding=require` refuses a server that authenticates without
+/// it (trust, or a password over TLS) on both connection kinds, as libpq
+/// does with `replication=database`.
+#[test]
+fn channel_binding_require_refuses_trust_and_passwords_on_both_connection_kinds() {
+    if crate::support::pg::skip_without_tls(
+        "channel_binding_require_refuses_trust_and_passwords_on_both_connection_kinds",
+    ) {
+        return;
+    }
+    let ca = Ca::new("pgrelay test CA");
+    let server = ca.server("server", &["localhost"], &["127.0.0.1"]);
+    let broker = Broker::start();
+    for method in ["trust", "password"] {
+        let pg = tls_pg(
+            &ca,
+            &server,
+            Some(&format!(
+                "hostssl all all 127.0.0.1/32 {method}\n\
+                 hostssl replication all 127.0.0.1/32 {method}"
+            )),
+        );
+        // without the requirement both kinds connect, encrypted
+        let cfg = ConfigFile::new(&config(
+            &dsn(&pg, "127.0.0.1", "sslmode=require"),
+            &broker.brokers(),
+        ));
+        let (_, out) = check(&cfg);
+        assert!(
+            out.contains("region us: database connection encrypted"),
+            "{method}: {out}"
+        );
+        assert!(
+            out.contains("region us: replication connection encrypted"),
+            "{method}: {out}"
+        );
+        let cfg = ConfigFile::new(&config(
+            &dsn(&pg, "127.0.0.1", "sslmode=require channel_binding=require"),
+            &broker.brokers(),
+        ));
+        let (ok, out) = check(&cfg);
+        assert!(!ok, "{method}: {out}");
+        assert!(!out.contains("connection encrypted"), "{method}: {out}");
+        assert!(
+            out.lines()
+                .any(|l| l.contains("replication connection")
+                    && l.contains("channel_binding=require")),
+            "{method}: {out}"
+        );
+    }
+}
