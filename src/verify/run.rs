@@ -200,7 +200,8 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, VerifyError>
             );
         }
     }
-    report.differences = dedupe(found);
+    report.differences = dedupe(found.clone());
+    report.found = found;
     Ok(report)
 }
 
