@@ -129,6 +129,7 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         "conflicts",
         "primary_identity",
         "egress",
+        "verify_runs",
     ] {
         out.push(Need {
             object: Object::Table(pgrelay(table)),

@@ -32,6 +32,7 @@ pub mod plan;
 pub mod policy;
 pub mod report;
 pub mod run;
+pub mod schedule;
 pub mod sql;
 
 use std::collections::BTreeMap;

@@ -654,3 +654,45 @@ fn repair_removals_keep_their_guards() {
     assert!(sql::guard_clear_value("email", false).contains("!~ ($4::text[])[1]"));
     assert!(sql::guard_same_stamp().ends_with("= k.stamp"));
 }
+
+#[test]
+fn periodic_counts_are_per_peer_with_zeros_for_every_pair_compared() {
+    let pair = |a: &str, b: &str| PairSummary {
+        table: "public.products".into(),
+        a: a.into(),
+        b: b.into(),
+        rows_a: 1,
+        rows_b: 1,
+        buckets_differing: 0,
+    };
+    let diff = |kind, source: &str, destination: &str| Difference {
+        table: "public.products".into(),
+        kind,
+        source: source.into(),
+        destination: destination.into(),
+        column: None,
+        key: None,
+    };
+    let report = Report {
+        pairs: vec![pair("eu", "us"), pair("cn", "us")],
+        differences: vec![
+            diff(Kind::Missing, "us", "eu"),
+            diff(Kind::Missing, "us", "eu"),
+            diff(Kind::Extra, "eu", "us"),
+            // a leak in eu of a row from cn: counted against cn
+            diff(Kind::Leaked, "cn", "eu"),
+        ],
+        ..Report::default()
+    };
+    let counts = schedule::counts(&report, "eu");
+    let get =
+        |peer: &str, kind| counts.get(&(peer.to_string(), "public.products".to_string(), kind));
+    assert_eq!(get("us", Kind::Missing), Some(&2));
+    assert_eq!(get("us", Kind::Extra), Some(&1));
+    assert_eq!(get("us", Kind::Diverged), Some(&0));
+    assert_eq!(get("cn", Kind::Leaked), Some(&1));
+    // the pair cn-us is not eu's
+    assert_eq!(get("cn", Kind::Missing), None);
+    let json = schedule::counts_json(&counts).to_string();
+    assert!(json.contains(r#""peer":"us""#), "{json}");
+}

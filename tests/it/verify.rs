@@ -737,3 +737,83 @@ async fn verify_repair_fixes_every_kind_and_its_dry_run_changes_nothing() {
         Some("XAU=2000".into())
     );
 }
+
+/// `[verify] interval`: each sidecar verifies its region against its peers
+/// on its own; a planted difference shows in its gauge (in both regions of
+/// the pair) and in `pgrelay status`, and goes back to zero once repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_verify_shows_differences_in_metrics_and_status() {
+    use std::io::Write as _;
+    let w = World::start(false);
+    for r in REGIONS {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&w.cfg[r].path)
+            .unwrap();
+        writeln!(f, "\n[verify]\ninterval = \"1s\"\nrate = 100000").unwrap();
+    }
+    let _sidecars: Vec<Relay> = REGIONS.iter().map(|r| w.sidecar(r)).collect();
+    let us = w.pg["us"].client().await;
+    us.batch_execute("INSERT INTO products VALUES (901, 'lost', 1)")
+        .await
+        .unwrap();
+    identical(
+        &w,
+        "SELECT id, name FROM products WHERE id = 901",
+        Duration::from_secs(60),
+    )
+    .await;
+    let missing = |region: &str, peer: &str| {
+        let filter = format!(
+            "region=\"{region}\",peer=\"{peer}\",table=\"public.products\",kind=\"missing\"}} "
+        );
+        w.metrics(region)
+            .lines()
+            .find(|l| l.starts_with("pgrelay_verify_differences{") && l.contains(&filter))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}:\n{}",
+                w.metrics("eu")
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    // a run finished, the pair compared and found equal
+    wait_for("no periodic verify in eu", &|| {
+        missing("eu", "us") == Some(0.0)
+            && w.metric_sum("eu", "pgrelay_verify_last_run_timestamp_seconds", "eu") > 0.0
+    });
+
+    unseen(&w, "eu", "DELETE FROM products WHERE id = 901").await;
+    wait_for("the planted row not reported missing", &|| {
+        missing("eu", "us") == Some(1.0) && missing("us", "eu") == Some(1.0)
+    });
+    let out = relay::ok(&["status", "--config", w.cfg_path("us"), "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pair = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["source"] == "us" && p["destination"] == "eu")
+        .unwrap()
+        .clone();
+    assert_eq!(pair["verify_differences"], 1, "{pair:#}");
+    assert!(pair["last_verify"].as_str().is_some(), "{pair:#}");
+    let text = relay::ok(&["status", "--config", w.cfg_path("us")]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("us->eu") && l.contains("1 difference(s)")),
+        "{text}"
+    );
+
+    let (code, report, stderr) = verify(&w, &["--repair", "--table", "public.products"]).await;
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    wait_for("the repaired row still reported missing", &|| {
+        missing("eu", "us") == Some(0.0) && missing("us", "eu") == Some(0.0)
+    });
+}
