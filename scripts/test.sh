@@ -11,12 +11,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # On PostgreSQL 18: the stream, apply, the three-region sidecar, failover
-# (failover slots exist from 17 on, so this is where they are tested) and
-# one seed of the convergence checker. What it leaves to the 15 run: TLS to
+# (failover slots exist from 17 on, so this is where they are tested),
+# verify (its bucket scans, descents and repairs run in the database;
+# about 4 minutes) and one seed of the convergence checker. What it leaves to the 15 run: TLS to
 # PostgreSQL (the wheel is built without OpenSSL), config and error messages
 # (no server involved, or the same on both), and the slower fault tests,
 # whose server-side behaviour (crash, restart) is the same on both majors.
-PG18_SUBSET='test(/^(capture|apply|sidecar|failover|origin|checker|security)::/)'
+PG18_SUBSET='test(/^(capture|apply|sidecar|failover|origin|checker|security|verify)::/)'
 
 bash scripts/install-deps.sh
 threads="${PGRELAY_TEST_THREADS:-2}"

@@ -148,6 +148,13 @@ enum Command {
         /// `sha256` (keyed, as per-row digests always are; slower).
         #[arg(long, value_enum, default_value_t = verify::Digest::Fast)]
         digest: verify::Digest,
+        /// Fix each difference found: the region holding the version that
+        /// must win sends it again; leaked rows and values are removed.
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: print what it would do, change nothing.
+        #[arg(long, requires = "repair")]
+        dry_run: bool,
     },
     /// Inspect or replay the dead-letter topic of a region.
     Dlq {
@@ -336,6 +343,8 @@ fn main() -> ExitCode {
                 wait,
                 window,
                 digest,
+                repair,
+                dry_run,
             } => {
                 let args = verify::Args {
                     digest,
@@ -347,6 +356,8 @@ fn main() -> ExitCode {
                     rounds,
                     wait: std::time::Duration::from_secs_f64(wait.max(0.0)),
                     window: std::time::Duration::from_secs_f64(window.max(0.0)),
+                    repair,
+                    dry_run,
                 };
                 verify::verify(&config, args).await
             }

@@ -130,6 +130,7 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
         "primary_identity",
         "egress",
         "columns",
+        "verify_runs",
     ] {
         out.push(Need {
             object: Object::Table(pgrelay(table)),

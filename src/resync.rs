@@ -73,6 +73,9 @@ pub struct Counts {
     pub tombstones: u64,
     /// Withheld by the residency policy.
     pub withheld: u64,
+    /// Not sent by [`send_keys`]: a copy whose columns a rule altered on
+    /// its way here (see [`Resend::own_only`]).
+    pub partial: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +175,45 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
+/// The schemas of `tables` in `region`, each checked against the policy's
+/// column rules (a rule naming a column the table lacks refuses it).
+async fn schemas(
+    cat: &Catalog<'_>,
+    region: &str,
+    policy: &Policy,
+    tables: &[TableName],
+) -> Result<Vec<Arc<TableSchema>>, ResyncError> {
+    let mut schemas = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        let state = cat.table(t).await?;
+        if !state.exists || !state.has_stamp_column {
+            return Err(ResyncError::Setup(format!(
+                "region {region}: table {t} is missing or lacks pgrelay's stamp column; run pgrelay setup"
+            )));
+        }
+        policy
+            .check_relation(t, state.columns.iter().map(String::as_str), None)
+            .map_err(|e| ResyncError::Setup(format!("region {region}: {e}")))?;
+        let columns = state
+            .columns
+            .iter()
+            .filter(|c| *c != HLC_COLUMN)
+            .map(|c| ColumnDesc {
+                name: c.clone(),
+                type_oid: 0,
+                is_key: state.primary_key.contains(c),
+            })
+            .collect();
+        schemas.push(Arc::new(TableSchema {
+            oid: i as u32 + 1,
+            table: t.clone(),
+            columns,
+        }));
+    }
+
+    Ok(schemas)
+}
+
 /// Sends `region`'s rows and tombstones again; see the module docs.
 pub async fn run(
     config: &Config,
@@ -227,33 +269,7 @@ pub async fn run(
         region,
     };
     let db = cat.database_name().await?;
-    let mut schemas = Vec::new();
-    for (i, t) in tables.iter().enumerate() {
-        let state = cat.table(t).await?;
-        if !state.exists || !state.has_stamp_column {
-            return Err(ResyncError::Setup(format!(
-                "region {region}: table {t} is missing or lacks pgrelay's stamp column; run pgrelay setup"
-            )));
-        }
-        policy
-            .check_relation(t, state.columns.iter().map(String::as_str), None)
-            .map_err(|e| ResyncError::Setup(format!("region {region}: {e}")))?;
-        let columns = state
-            .columns
-            .iter()
-            .filter(|c| *c != HLC_COLUMN)
-            .map(|c| ColumnDesc {
-                name: c.clone(),
-                type_oid: 0,
-                is_key: state.primary_key.contains(c),
-            })
-            .collect();
-        schemas.push(Arc::new(TableSchema {
-            oid: i as u32 + 1,
-            table: t.clone(),
-            columns,
-        }));
-    }
+    let schemas = schemas(&cat, region, &policy, &tables).await?;
 
     let topics: Vec<String> = policy
         .destinations()
@@ -276,7 +292,6 @@ pub async fn run(
             db,
         },
         policy: &policy,
-        wanted: &wanted,
         outlets: outlets.as_ref(),
         max_in_flight: config.capture.max_in_flight.max(1),
         sent: 0,
@@ -345,7 +360,7 @@ pub async fn run(
                 tx: tx.clone(),
                 seq: 0,
             };
-            out.send(&change).await?;
+            out.send(&change, &wanted).await?;
             progress.inc(1);
         }
         let rows = client
@@ -361,7 +376,7 @@ pub async fn run(
             let hlc: i64 = r.get(1);
             let home = home_column(config, &schema.table).zip(r.get::<_, Option<&str>>(2));
             match tombstone_change(schema, &pk, home, hlc.max(0) as u64, &tx) {
-                Some(change) => out.send(&change).await?,
+                Some(change) => out.send(&change, &wanted).await?,
                 None => {
                     tracing::warn!(table = %schema.table, "tombstone without the table's key columns: not sent")
                 }
@@ -377,13 +392,230 @@ pub async fn run(
     Ok(out.summary)
 }
 
+/// Keys of one table that a region sends again to one destination
+/// (`pgrelay verify --repair`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resend {
+    pub table: TableName,
+    pub to: String,
+    /// Primary keys as the tombstones spell them (`{"column": "text"}`).
+    pub keys: Vec<String>,
+    /// Send only rows this region wrote itself: its copies of others' rows
+    /// had columns altered by a rule on their way here that the destination
+    /// must hold unaltered.
+    pub own_only: bool,
+}
+
+/// Sends `region`'s current version of each key of `requests` (its row,
+/// or its tombstone) again, as [`run`] would send it but to the named
+/// destination only. A key the region holds nothing for sends nothing.
+pub async fn send_keys(
+    config: &Config,
+    region: &str,
+    requests: &[Resend],
+    dry_run: bool,
+) -> Result<Summary, ResyncError> {
+    let region_cfg = config
+        .region(region)
+        .map_err(|e| ResyncError::Setup(e.to_string()))?;
+    let policy = Policy::compile(config, region).map_err(|e| ResyncError::Setup(e.to_string()))?;
+    let mut tables: Vec<TableName> = Vec::new();
+    for r in requests {
+        if !policy.destinations().contains(&r.to) {
+            return Err(ResyncError::Setup(format!(
+                "{}: not a destination of region {region}",
+                r.to
+            )));
+        }
+        if !tables.contains(&r.table) {
+            tables.push(r.table.clone());
+        }
+    }
+    let client = catalog::connect(&region_cfg.dsn, region).await?;
+    let read_err = |what: &str| {
+        let region = region.to_string();
+        let what = what.to_string();
+        move |source| ResyncError::Read {
+            region,
+            what,
+            source,
+        }
+    };
+    client
+        .batch_execute(&canonical_text_sets("; "))
+        .await
+        .map_err(read_err("session settings"))?;
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    let db = cat.database_name().await?;
+    let schemas = schemas(&cat, region, &policy, &tables).await?;
+    let topics: Vec<String> = policy
+        .destinations()
+        .iter()
+        .map(|d| config.topic(region, d))
+        .collect();
+    let outlets = if dry_run {
+        None
+    } else {
+        Some(
+            tokio::task::block_in_place(|| Outlets::open(config, policy.destinations(), &topics))
+                .map_err(|e| ResyncError::Kafka(e.to_string()))?,
+        )
+    };
+    let mut out = Sender {
+        region,
+        source: Source {
+            prefix: config.prefix.clone(),
+            region: region.to_string(),
+            db,
+        },
+        policy: &policy,
+        outlets: outlets.as_ref(),
+        max_in_flight: config.capture.max_in_flight.max(1),
+        sent: 0,
+        acked: 0,
+        reports: Vec::new(),
+        summary: Summary::default(),
+    };
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(read_err("a snapshot"))?;
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(read_err("the current LSN"))?
+        .get(0);
+    let tx = Arc::new(TxMeta {
+        xid: 0,
+        commit_lsn: lsn.parse::<Lsn>().unwrap_or_default(),
+        commit_ts_us: now_us(),
+    });
+    let id = region_cfg.id;
+    for request in requests {
+        let Some(schema) = schemas.iter().find(|s| s.table == request.table) else {
+            continue;
+        };
+        let wanted: Vec<usize> = (0..policy.destinations().len())
+            .filter(|&i| policy.destinations()[i] == request.to)
+            .collect();
+        let state = cat.table(&request.table).await?;
+        let key_types: Vec<(String, String)> = state
+            .primary_key
+            .iter()
+            .map(|k| {
+                let i = state.columns.iter().position(|c| c == k).unwrap_or(0);
+                (k.clone(), state.column_types[i].clone())
+            })
+            .collect();
+        let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        let what = format!("table {}", schema.table);
+        for keys in request.keys.chunks(1000) {
+            let statement = keyed_select_sql(&schema.table, &names, &key_types, keys);
+            let rows = client
+                .simple_query(&statement)
+                .await
+                .map_err(read_err(&what))?;
+            for msg in rows {
+                let SimpleQueryMessage::Row(row) = msg else {
+                    continue;
+                };
+                let n = names.len();
+                let hlc: u64 = row.get(n).and_then(|s| s.parse().ok()).unwrap_or(0);
+                if request.own_only && crate::hlc::region_id(hlc) != id {
+                    for &i in &wanted {
+                        let dest = policy.destinations()[i].clone();
+                        let counts = out
+                            .summary
+                            .counts
+                            .entry((schema.table.to_string(), dest))
+                            .or_default();
+                        counts.partial += 1;
+                    }
+                    continue;
+                }
+                let after: Vec<Datum> = (0..n)
+                    .map(|i| match row.get(i) {
+                        Some(v) => Datum::Text(v.to_string()),
+                        None => Datum::Null,
+                    })
+                    .collect();
+                let change = Change {
+                    schema: schema.clone(),
+                    op: Op::Insert,
+                    before: None,
+                    after: Some(after),
+                    hlc,
+                    tx: tx.clone(),
+                    seq: 0,
+                };
+                out.send(&change, &wanted).await?;
+            }
+            let tombs = client
+                .query(
+                    "SELECT pk::text, hlc, home FROM pgrelay.tombstones \
+                     WHERE table_name = $1 AND pk = ANY ($2::text[]::jsonb[])",
+                    &[&schema.table.to_string(), &keys],
+                )
+                .await
+                .map_err(read_err(&format!("the tombstones of {}", schema.table)))?;
+            for r in tombs {
+                let pk: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(r.get::<_, &str>(0)).unwrap_or_default();
+                let hlc: i64 = r.get(1);
+                let home = home_column(config, &schema.table).zip(r.get::<_, Option<&str>>(2));
+                if let Some(change) = tombstone_change(schema, &pk, home, hlc.max(0) as u64, &tx) {
+                    out.send(&change, &wanted).await?;
+                }
+            }
+        }
+    }
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(read_err("the end of the snapshot"))?;
+    out.finish().await?;
+    Ok(out.summary)
+}
+
+/// The statement reading the rows of `keys` (`{"column": "text"}`) of a
+/// table: as [`select_sql`], matched on the typed key (so an index on it
+/// serves).
+pub fn keyed_select_sql(
+    table: &TableName,
+    columns: &[String],
+    key: &[(String, String)],
+    keys: &[String],
+) -> String {
+    let list = keys
+        .iter()
+        .map(|k| crate::event::quote_literal(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cols = key
+        .iter()
+        .map(|(k, _)| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let typed = key
+        .iter()
+        .map(|(k, ty)| format!("(k.pk::jsonb ->> {})::{ty}", crate::event::quote_literal(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "{} WHERE ({cols}) IN (SELECT {typed} FROM unnest(ARRAY[{list}]::text[]) AS k(pk))",
+        select_sql(table, columns)
+    )
+}
+
 /// Routes, encodes and sends changes, keeping at most `max_in_flight`
 /// unacknowledged.
 struct Sender<'a> {
     region: &'a str,
     source: Source,
     policy: &'a Policy,
-    wanted: &'a [usize],
     outlets: Option<&'a Outlets>,
     max_in_flight: usize,
     sent: u64,
@@ -393,9 +625,11 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    async fn send(&mut self, change: &Change) -> Result<(), ResyncError> {
+    /// Sends `change` to the destinations of `wanted` (indices into the
+    /// policy's destinations) that the policy lets it reach.
+    async fn send(&mut self, change: &Change, wanted: &[usize]) -> Result<(), ResyncError> {
         let hlc = change.hlc.to_string();
-        for &i in self.wanted {
+        for &i in wanted {
             let dest = &self.policy.destinations()[i];
             let counts = self
                 .summary

@@ -389,6 +389,8 @@ END
 $fn$"),
         // the sidecar's egress figures, for `pgrelay status`
         crate::overview::EGRESS_TABLE_SQL.to_string(),
+        // the sidecar's last periodic verify, for `pgrelay status`
+        crate::verify::schedule::RUNS_TABLE_SQL.to_string(),
         // the primary the capture side last streamed from (see `events`)
         "CREATE TABLE IF NOT EXISTS pgrelay.primary_identity (\
             region text PRIMARY KEY, system_id text NOT NULL, timeline int NOT NULL, \

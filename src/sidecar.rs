@@ -96,6 +96,12 @@ pub async fn run(path: &Path, region: &str, role: Role) -> Result<ExitCode> {
             }
         });
     }
+    tokio::spawn(crate::verify::schedule::keep(
+        config.clone(),
+        region.to_string(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(apply::horizon::keep(
         config.clone(),
         region.to_string(),

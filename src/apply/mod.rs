@@ -42,7 +42,7 @@ mod pipeline;
 pub mod record;
 pub mod replay;
 pub mod restore;
-mod session;
+pub(crate) mod session;
 pub mod sql;
 mod target;
 pub mod vault;

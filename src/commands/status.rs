@@ -30,6 +30,7 @@ pub async fn status(path: &Path, json: bool, watch: Option<u64>) -> Result<ExitC
             "{}",
             crate::status::render_egress(&rows, config.status.egress_price_per_gb)
         );
+        print!("{}", crate::status::render_verify(&rows));
         // DR pairs: the text output only (the JSON stays one row per pair)
         let dr = crate::status::collect_dr(&config).await;
         print!("{}", crate::status::render_dr(&dr));
@@ -60,6 +61,7 @@ async fn watch_loop(
         } else {
             crate::status::render(&rows)
                 + &crate::status::render_egress(&rows, config.status.egress_price_per_gb)
+                + &crate::status::render_verify(&rows)
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -1,6 +1,7 @@
 //! `pgrelay verify`: compare every region with what the policy says it must
-//! hold. Exit 0 when every region agrees, 1 when differences were found, 2
-//! on error (the config, a database, a table whose shape differs).
+//! hold, and with `--repair` fix what differs. Exit 0 when every region
+//! agrees, 1 when differences were found (repaired or not), 2 on error (the
+//! config, a database, a table whose shape differs, a repair step failed).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use super::load;
 use crate::config::Need;
 use crate::event::TableName;
 use crate::verify::sql::BucketDigest;
-use crate::verify::{report, run};
+use crate::verify::{fix, plan, report, run};
 
 /// How bucket sums digest rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -32,6 +33,9 @@ pub struct Args {
     pub rounds: u32,
     pub wait: Duration,
     pub window: Duration,
+    /// Fix what was found (`--repair`); with `dry_run`, only say how.
+    pub repair: bool,
+    pub dry_run: bool,
 }
 
 pub async fn verify(path: &Path, args: Args) -> Result<ExitCode> {
@@ -80,12 +84,42 @@ async fn compare(path: &Path, args: &Args) -> Result<ExitCode> {
         ..run::Options::default()
     };
     let result = run::run(&config, &opts).await?;
+    let steps = if args.repair {
+        plan::plan(&config, &result, &opts.regions)
+    } else {
+        Vec::new()
+    };
+    let outcomes = if args.repair && !args.dry_run && !steps.is_empty() {
+        // the senders' hash keys and the destinations' clusters
+        let mut needs: Vec<Need> = Vec::new();
+        for step in &steps {
+            if let Some(from) = &step.from {
+                needs.push(Need::HashKey(from));
+                needs.push(Need::Kafka(&step.to));
+            }
+        }
+        config.require(&needs)?;
+        Some(fix::carry_out(&config, &steps).await)
+    } else {
+        None
+    };
     if args.json {
-        println!("{}", report::json(&result, args.show_keys));
+        let mut out = report::json(&result, args.show_keys);
+        if args.repair {
+            out["repair"] = report::repair_json(&steps, outcomes.as_deref(), args.show_keys);
+        }
+        println!("{out}");
     } else {
         print!("{}", report::text(&result, args.show_keys));
+        print!(
+            "{}",
+            report::repair_text(&steps, outcomes.as_deref(), args.show_keys)
+        );
     }
-    Ok(if result.agrees() {
+    let failed = outcomes.iter().flatten().any(|o| o.error.is_some());
+    Ok(if failed {
+        ExitCode::from(2)
+    } else if result.agrees() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -97,6 +97,7 @@ pub struct Config {
     pub tables: Vec<TableConfig>,
     /// `[[breakers]]`: blast-radius thresholds (see [`crate::breaker`]).
     pub breakers: Vec<crate::breaker::Rule>,
+    pub verify: VerifySettings,
 }
 
 impl fmt::Debug for Config {

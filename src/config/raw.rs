@@ -24,6 +24,15 @@ pub(super) struct RawConfig {
     pub(super) tables: Vec<RawTable>,
     #[serde(default)]
     pub(super) breakers: Vec<crate::breaker::RawRule>,
+    #[serde(default)]
+    pub(super) verify: RawVerify,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVerify {
+    pub(super) interval: Option<HumanDuration>,
+    pub(super) rate: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -123,6 +123,15 @@ impl Default for StatusSettings {
     }
 }
 
+/// `[verify]`: the sidecar's own periodic `pgrelay verify`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifySettings {
+    /// How often; `None`: never (the default).
+    pub interval: Option<Duration>,
+    /// Rows read per second per region (`--rate`); `None`: unthrottled.
+    pub rate: Option<u64>,
+}
+
 /// `[http]`.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct HttpSettings {

@@ -1122,3 +1122,22 @@ fn dr_key_is_32_bytes_and_only_its_region_needs_it() {
     let e = c.dr_key("eu").unwrap_err().to_string();
     assert!(e.contains("regions.eu.dr_key is not set"), "{e}");
 }
+
+#[test]
+fn verify_section_schedules_the_sidecars_own_verify() {
+    assert_eq!(ok(BASE).verify, VerifySettings::default());
+    let c = ok(&format!(
+        "{BASE}\n[verify]\ninterval = \"15m\"\nrate = 20000\n"
+    ));
+    assert_eq!(c.verify.interval, Some(std::time::Duration::from_secs(900)));
+    assert_eq!(c.verify.rate, Some(20000));
+    assert_err(
+        &format!("{BASE}\n[verify]\ninterval = \"0s\"\n"),
+        &["verify.interval must be greater than zero"],
+    );
+    assert_err(
+        &format!("{BASE}\n[verify]\nrate = 0\n"),
+        &["verify.rate = 0"],
+    );
+    assert_err(&format!("{BASE}\n[verify]\nevery = \"1m\"\n"), &["every"]);
+}

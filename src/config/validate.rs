@@ -173,6 +173,16 @@ impl Validator<'_> {
         }
         self.hash_keys_declared(&tables, &lines, &regions)?;
         let breakers = self.breakers(raw.breakers, &regions, &tables)?;
+        let verify = VerifySettings {
+            interval: match raw.verify.interval {
+                None => None,
+                Some(d) => Some(self.positive("verify.interval", Some(d), d.0)?),
+            },
+            rate: match raw.verify.rate {
+                None => None,
+                Some(_) => Some(self.count("verify.rate", raw.verify.rate, 0, 1)? as u64),
+            },
+        };
         Ok(Config {
             origin: self.origin.to_string(),
             prefix,
@@ -193,6 +203,7 @@ impl Validator<'_> {
             regions,
             tables,
             breakers,
+            verify,
         })
     }
 

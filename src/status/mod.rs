@@ -28,7 +28,7 @@ use crate::event::Lsn;
 use crate::source::catalog::{self, Catalog};
 
 mod render;
-pub use render::{render, render_dr, render_egress};
+pub use render::{render, render_dr, render_egress, render_verify};
 
 const IDLE_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -70,6 +70,13 @@ pub struct PairStatus {
     /// Why the pair is `rebuilding` (a failover that lost the slot, until a
     /// resync to the destination has been applied).
     pub rebuilding: Option<String>,
+    /// When the destination's sidecar last verified its region against
+    /// the source (`[verify] interval`), and the differences it found
+    /// between the two.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_differences: Option<u64>,
 }
 
 #[derive(Default)]
@@ -97,6 +104,8 @@ struct DestSide {
     /// source -> why the breaker holds its changes
     frozen: BTreeMap<String, String>,
     problem: Option<String>,
+    /// The region's sidecar's last periodic verify.
+    verify: Option<crate::verify::schedule::LastRun>,
 }
 
 async fn source_side(config: &Config, region: &str) -> SourceSide {
@@ -206,7 +215,10 @@ async fn dest_side(config: &Config, region: &str) -> DestSide {
             }
         }
     };
-    let mut out = DestSide::default();
+    let mut out = DestSide {
+        verify: crate::verify::schedule::last_run(&client, region).await,
+        ..DestSide::default()
+    };
     match client
         .query(
             "SELECT source_region, hlc, commit_time::text, \
@@ -431,6 +443,8 @@ pub async fn export_local(
             source_fenced: src.fenced.clone(),
             source_last_failover: src.last_failover.clone(),
             rebuilding,
+            last_verify: None,
+            verify_differences: None,
         });
     }
     for source in config.regions.keys().filter(|s| *s != region) {
@@ -505,6 +519,8 @@ pub async fn export_local(
             source_fenced: None,
             source_last_failover: None,
             rebuilding: None,
+            last_verify: None,
+            verify_differences: None,
         });
     }
     pairs
@@ -579,6 +595,8 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 source_fenced: src.fenced.clone(),
                 source_last_failover: src.last_failover.clone(),
                 rebuilding,
+                last_verify: dst.verify.as_ref().map(|v| v.at.clone()),
+                verify_differences: dst.verify.as_ref().and_then(|v| v.by_peer.get(s).copied()),
             });
         }
     }

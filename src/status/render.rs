@@ -67,6 +67,26 @@ pub fn render(rows: &[PairStatus]) -> String {
     out
 }
 
+/// The verify lines: per pair whose destination's sidecar verified it
+/// (`[verify] interval`), when it last did and the differences found.
+/// Empty when no sidecar has.
+pub fn render_verify(rows: &[PairStatus]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        let Some(at) = &r.last_verify else { continue };
+        if out.is_empty() {
+            out.push_str("verify (each destination's sidecar, [verify] interval):\n");
+        }
+        let pair = format!("{}->{}", r.source, r.destination);
+        let _ = writeln!(
+            out,
+            "  {pair:<10} last at {at}: {} difference(s)",
+            r.verify_differences.unwrap_or(0)
+        );
+    }
+    out
+}
+
 /// The egress lines: per outgoing pair whose sidecar left figures, the
 /// bytes published since it started, the rate over the last minute and, at
 /// `price_per_gb`, the estimated monthly transfer cost. Empty when no
@@ -164,7 +184,22 @@ mod tests {
             source_fenced: None,
             source_last_failover: None,
             rebuilding: None,
+            last_verify: None,
+            verify_differences: None,
         }
+    }
+
+    #[test]
+    fn verify_lines_name_the_pair_the_time_and_the_differences() {
+        let mut a = pair("us", "eu", None);
+        a.last_verify = Some("2026-12-07 08:00:00Z".into());
+        a.verify_differences = Some(2);
+        let b = pair("eu", "us", None);
+        assert_eq!(render_verify(std::slice::from_ref(&b)), "");
+        assert_eq!(
+            render_verify(&[a, b]),
+            "verify (each destination's sidecar, [verify] interval):\n  us->eu     last at 2026-12-07 08:00:00Z: 2 difference(s)\n"
+        );
     }
 
     #[test]

@@ -27,9 +27,12 @@
 //! is [`run`].
 
 pub mod classify;
+pub mod fix;
+pub mod plan;
 pub mod policy;
 pub mod report;
 pub mod run;
+pub mod schedule;
 pub mod sql;
 
 use std::collections::BTreeMap;
@@ -144,6 +147,10 @@ pub struct Report {
     pub unsettled: u64,
     /// Keys not examined because a pair had more suspects than the cap.
     pub not_examined: u64,
+    /// Every pair's view of each difference, before [`dedupe`], with the
+    /// region whose version is authoritative: what `--repair` plans from.
+    #[serde(skip)]
+    pub found: Vec<(Difference, Option<String>)>,
 }
 
 impl Report {

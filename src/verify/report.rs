@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use serde_json::json;
 
+use super::fix::Outcome;
+use super::plan::{action_name, Action, Step};
 use super::{Counts, Report};
 
 /// How many differences the text output lists after the table.
@@ -140,4 +142,121 @@ pub fn json(report: &Report, show_keys: bool) -> serde_json::Value {
         "unsettled": report.unsettled,
         "not_examined": report.not_examined,
     })
+}
+
+/// What `--repair` does or did (`outcomes` is `None` for a dry run).
+pub fn repair_text(steps: &[Step], outcomes: Option<&[Outcome]>, show_keys: bool) -> String {
+    let mut out = String::new();
+    if steps.is_empty() {
+        return out;
+    }
+    out.push_str(match outcomes {
+        None => "repair (dry run, nothing changed); it would:\n",
+        Some(_) => "repair:\n",
+    });
+    for (i, step) in steps.iter().enumerate() {
+        let place = match &step.from {
+            Some(from) => format!("{from} -> {}", step.to),
+            None => format!("in {}", step.to),
+        };
+        let _ = write!(
+            out,
+            "  {:<8} {:<8} {} {place}",
+            action_name(&step.action),
+            step.kind.as_str(),
+            step.table
+        );
+        if let Some(column) = &step.column {
+            let _ = write!(out, " column {column}");
+        }
+        let _ = write!(out, ", {} key(s): ", step.keys.len());
+        let from = step.from.as_deref().unwrap_or_default();
+        match (&step.action, outcomes.map(|o| &o[i])) {
+            (Action::Report(reason), _) => {
+                let _ = write!(out, "not repaired: {reason}");
+            }
+            (_, Some(Outcome { error: Some(e), .. })) => {
+                let _ = write!(out, "FAILED: {e}");
+            }
+            (Action::Resend, None) => {
+                let _ = write!(out, "{from} would send its version again");
+            }
+            (Action::Replace, None) => {
+                let _ = write!(
+                    out,
+                    "{}'s copy would be removed, {from} would send its version again",
+                    step.to
+                );
+            }
+            (Action::Remove, None) => {
+                let _ = write!(out, "{}'s copy would be removed", step.to);
+            }
+            (_, Some(o)) => {
+                let mut parts = Vec::new();
+                if matches!(step.action, Action::Remove | Action::Replace) {
+                    parts.push(format!("{} row(s) removed", o.removed));
+                }
+                if matches!(step.action, Action::Resend | Action::Replace) {
+                    parts.push(format!(
+                        "{} row(s) and {} tombstone(s) sent again by {from}",
+                        o.rows_sent, o.tombstones_sent
+                    ));
+                }
+                if o.not_whole > 0 {
+                    parts.push(format!(
+                        "{} row(s) not sent: {from}'s copy has columns a rule altered (write them again where they were written)",
+                        o.not_whole
+                    ));
+                }
+                out.push_str(&parts.join(", "));
+            }
+        }
+        if show_keys {
+            let _ = write!(out, " keys {}", step.keys.join(" "));
+        }
+        out.push('\n');
+    }
+    if outcomes.is_some() {
+        out.push_str(
+            "what was sent is applied as it arrives: run verify again to see every region agree\n",
+        );
+    }
+    out
+}
+
+pub fn repair_json(
+    steps: &[Step],
+    outcomes: Option<&[Outcome]>,
+    show_keys: bool,
+) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            let mut v = json!({
+                "table": step.table.to_string(),
+                "kind": step.kind,
+                "action": action_name(&step.action),
+                "to": step.to,
+                "keys": step.keys.len(),
+            });
+            if let Some(from) = &step.from {
+                v["from"] = json!(from);
+            }
+            if let Some(column) = &step.column {
+                v["column"] = json!(column);
+            }
+            if let Action::Report(reason) = &step.action {
+                v["reason"] = json!(reason);
+            }
+            if let Some(o) = outcomes.map(|o| &o[i]) {
+                v["outcome"] = json!(o);
+            }
+            if show_keys {
+                v["key_list"] = json!(step.keys);
+            }
+            v
+        })
+        .collect();
+    json!({ "dry_run": outcomes.is_none(), "steps": list })
 }

@@ -44,6 +44,9 @@ pub struct Options {
     pub window: Duration,
     /// How bucket sums digest rows.
     pub digest: BucketDigest,
+    /// Only the pairs with this region, and only its own leak checks (a
+    /// sidecar's periodic verify).
+    pub around: Option<String>,
 }
 
 impl Default for Options {
@@ -57,6 +60,7 @@ impl Default for Options {
             max_suspects: 100_000,
             window: Duration::from_secs(10),
             digest: BucketDigest::Fast,
+            around: None,
         }
     }
 }
@@ -136,10 +140,12 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, VerifyError>
         }
         let (shape, columns) = shape(table, &regions).await?;
         // leaks: each region alone
-        for region in &regions {
+        let around = |name: &str| opts.around.as_deref().is_none_or(|c| c == name);
+        for region in regions.iter().filter(|r| around(r.name)) {
             leaks(config, table, &shape, region, &mut found).await?;
         }
-        let pairs = pairs(config, table, &regions, &columns);
+        let mut pairs = pairs(config, table, &regions, &columns);
+        pairs.list.retain(|(a, b, _)| around(a) || around(b));
         if pairs.list.is_empty() {
             continue;
         }
@@ -200,7 +206,8 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, VerifyError>
             );
         }
     }
-    report.differences = dedupe(found);
+    report.differences = dedupe(found.clone());
+    report.found = found;
     Ok(report)
 }
 

@@ -198,8 +198,9 @@ pub fn descend(shape: &Shape, view: &View) -> String {
 /// the view: key, stamp (NULL: no row), content digest, whether the row
 /// belongs to the view, the key's tombstone stamp, the table's truncate
 /// stamp. `$3` is the table's name as the tombstones spell it.
-pub fn lookup(shape: &Shape, view: &View) -> String {
-    let on = shape
+/// `t`'s key equals the key `k.pk` spells (typed, so an index serves).
+fn key_match(shape: &Shape) -> String {
+    shape
         .key
         .iter()
         .map(|(k, ty)| {
@@ -210,7 +211,11 @@ pub fn lookup(shape: &Shape, view: &View) -> String {
             )
         })
         .collect::<Vec<_>>()
-        .join(" AND ");
+        .join(" AND ")
+}
+
+pub fn lookup(shape: &Shape, view: &View) -> String {
+    let on = key_match(shape);
     format!(
         "SELECT k.pk, CASE WHEN t.ctid IS NULL THEN NULL ELSE {stamp} END, \
          CASE WHEN t.ctid IS NULL THEN NULL ELSE {digest} END, \
@@ -285,3 +290,62 @@ fn regex_escape(s: &str) -> String {
 
 /// Per source region, what this region has applied from it.
 pub const WATERMARKS: &str = "SELECT source_region, hlc FROM pgrelay.watermarks";
+
+/// `--repair`: removes the rows of the keys in `$1` (with, in `$2`, the
+/// stamp each was seen with) that still meet `guard`. Guards may use `$3`
+/// (a region id) and `$4` (text values); every statement declares all four.
+pub fn remove(shape: &Shape, guard: &str) -> String {
+    format!(
+        "DELETE FROM {table} t USING unnest($1::text[], $2::int8[]) AS k(pk, stamp) \
+         WHERE {on} AND ({guard})",
+        table = shape.table.quoted(),
+        on = key_match(shape),
+    )
+}
+
+/// The stamp of each key of `$1` a region holds a row for.
+pub fn stamps(shape: &Shape) -> String {
+    format!(
+        "SELECT k.pk, {stamp} FROM unnest($1::text[]) AS k(pk) JOIN {table} t ON {on}",
+        stamp = stamp(),
+        table = shape.table.quoted(),
+        on = key_match(shape),
+    )
+}
+
+/// Guard: a row homed where `$4` lists, not written by region `$3`.
+pub fn guard_homed_elsewhere(home_column: &str) -> String {
+    format!(
+        "t.{home}::text = ANY ($4::text[]) AND ({stamp} & {mask}) <> $3::int",
+        home = quote_ident(home_column),
+        stamp = stamp(),
+        mask = (1u64 << REGION_BITS) - 1,
+    )
+}
+
+/// Guard: `column` still not in the form a rule writes (`$4[1]`: the mask,
+/// or the hash pattern), in a row region `$3` did not write.
+pub fn guard_clear_value(column: &str, mask: bool) -> String {
+    let c = quote_ident(column);
+    let test = if mask { "<>" } else { "!~" };
+    format!(
+        "({stamp} & {bits}) <> $3::int AND {stamp} <> 0 AND t.{c} IS NOT NULL \
+         AND t.{c}::text {test} ($4::text[])[1]",
+        stamp = stamp(),
+        bits = (1u64 << REGION_BITS) - 1,
+    )
+}
+
+/// Guard: the row still has the stamp it was seen with.
+pub fn guard_same_stamp() -> String {
+    format!("{} = k.stamp", stamp())
+}
+
+/// Guard: a row region `$3` did not write.
+pub fn guard_not_written_by() -> String {
+    format!(
+        "({stamp} & {bits}) <> $3::int",
+        stamp = stamp(),
+        bits = (1u64 << REGION_BITS) - 1,
+    )
+}

@@ -428,8 +428,7 @@ fn output_carries_keys_only_when_asked() {
             column: None,
             key: Some(r#"{"id": "7"}"#.into()),
         }],
-        unsettled: 0,
-        not_examined: 0,
+        ..Report::default()
     };
     let plain = report::json(&report, false).to_string();
     assert!(!plain.contains("\"7\""), "{plain}");
@@ -447,4 +446,253 @@ fn hash_pattern_escapes_key_ids() {
         sql::hash_pattern(&["k1".into(), "a.b".into()]),
         r"^(k1|a\.b):[0-9a-f]{64}$"
     );
+}
+
+fn found(
+    table: &str,
+    kind: Kind,
+    source: &str,
+    destination: &str,
+    key: &str,
+    preferred: Option<&str>,
+) -> (Difference, Option<String>) {
+    (
+        Difference {
+            table: table.into(),
+            kind,
+            source: source.into(),
+            destination: destination.into(),
+            column: None,
+            key: Some(key.into()),
+        },
+        preferred.map(str::to_string),
+    )
+}
+
+fn planned(found: Vec<(Difference, Option<String>)>, verified: &[&str]) -> Vec<plan::Step> {
+    let report = Report {
+        differences: dedupe(found.clone()),
+        found,
+        ..Report::default()
+    };
+    let verified: Vec<String> = verified.iter().map(|r| r.to_string()).collect();
+    plan::plan(&config(), &report, &verified)
+}
+
+fn summary(steps: &[plan::Step]) -> Vec<(&'static str, Kind, String, Option<String>, String)> {
+    steps
+        .iter()
+        .map(|s| {
+            (
+                plan::action_name(&s.action),
+                s.kind,
+                s.table.to_string(),
+                s.from.clone(),
+                s.to.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn repair_resends_from_the_writer_and_removes_only_what_must_not_stay() {
+    let all = ["cn", "eu", "us"];
+    let some = |s: &str| Some(s.to_string());
+    let steps = planned(
+        vec![
+            found(
+                "public.products",
+                Kind::Missing,
+                "cn",
+                "eu",
+                "1",
+                Some("us"),
+            ),
+            found(
+                "public.products",
+                Kind::Missing,
+                "us",
+                "eu",
+                "1",
+                Some("us"),
+            ),
+            // cn diverged: the pair without the writer names no authority
+            found(
+                "public.products",
+                Kind::Diverged,
+                "cn",
+                "eu",
+                "2",
+                Some("us"),
+            ),
+            found(
+                "public.products",
+                Kind::Diverged,
+                "us",
+                "cn",
+                "2",
+                Some("us"),
+            ),
+            found(
+                "public.currencies",
+                Kind::Extra,
+                "us",
+                "eu",
+                "Z",
+                Some("us"),
+            ),
+            found("public.orders", Kind::Leaked, "eu", "us", "9", None),
+        ],
+        &all,
+    );
+    assert_eq!(
+        summary(&steps),
+        vec![
+            (
+                "replace",
+                Kind::Extra,
+                "public.currencies".into(),
+                some("us"),
+                "eu".into()
+            ),
+            (
+                "remove",
+                Kind::Leaked,
+                "public.orders".into(),
+                None,
+                "us".into()
+            ),
+            (
+                "resend",
+                Kind::Missing,
+                "public.products".into(),
+                some("us"),
+                "eu".into()
+            ),
+            (
+                "replace",
+                Kind::Diverged,
+                "public.products".into(),
+                some("us"),
+                "cn".into()
+            ),
+        ]
+    );
+    // the owner lacks its own row: a copy from elsewhere would be refused
+    let steps = planned(
+        vec![found(
+            "public.currencies",
+            Kind::Missing,
+            "eu",
+            "us",
+            "C",
+            Some("us"),
+        )],
+        &all,
+    );
+    assert!(
+        matches!(steps[0].action, plan::Action::Report(_)),
+        "{steps:?}"
+    );
+    // an extra row whose owner was not verified: reported, not removed
+    let steps = planned(
+        vec![found(
+            "public.currencies",
+            Kind::Extra,
+            "cn",
+            "eu",
+            "Z",
+            Some("us"),
+        )],
+        &["cn", "eu"],
+    );
+    assert!(
+        matches!(steps[0].action, plan::Action::Report(_)),
+        "{steps:?}"
+    );
+    // eu's copy of a us-homed order lacks its email (dropped on the way to
+    // eu): only rows eu wrote itself may go from eu to us
+    let steps = planned(
+        vec![found(
+            "public.orders",
+            Kind::Missing,
+            "eu",
+            "us",
+            "4",
+            Some("us"),
+        )],
+        &all,
+    );
+    assert!(steps[0].own_only, "{steps:?}");
+    let steps = planned(
+        vec![found(
+            "public.products",
+            Kind::Missing,
+            "eu",
+            "us",
+            "4",
+            Some("us"),
+        )],
+        &all,
+    );
+    assert!(!steps[0].own_only, "{steps:?}");
+}
+
+#[test]
+fn repair_removals_keep_their_guards() {
+    let shape = sql::Shape {
+        table: TableName::new("public", "orders"),
+        key: vec![("id".into(), "bigint".into())],
+    };
+    let remove = sql::remove(&shape, &sql::guard_homed_elsewhere("country"));
+    assert_eq!(
+        remove,
+        "DELETE FROM \"public\".\"orders\" t USING unnest($1::text[], $2::int8[]) AS k(pk, stamp) \
+         WHERE t.\"id\" = (k.pk::jsonb ->> 'id')::bigint AND (t.\"country\"::text = ANY ($4::text[]) \
+         AND (coalesce(t.\"_pgrelay_hlc\", 0) & 63) <> $3::int)"
+    );
+    assert!(sql::guard_clear_value("email", false).contains("!~ ($4::text[])[1]"));
+    assert!(sql::guard_same_stamp().ends_with("= k.stamp"));
+}
+
+#[test]
+fn periodic_counts_are_per_peer_with_zeros_for_every_pair_compared() {
+    let pair = |a: &str, b: &str| PairSummary {
+        table: "public.products".into(),
+        a: a.into(),
+        b: b.into(),
+        rows_a: 1,
+        rows_b: 1,
+        buckets_differing: 0,
+    };
+    let diff = |kind, source: &str, destination: &str| Difference {
+        table: "public.products".into(),
+        kind,
+        source: source.into(),
+        destination: destination.into(),
+        column: None,
+        key: None,
+    };
+    let report = Report {
+        pairs: vec![pair("eu", "us"), pair("cn", "us")],
+        differences: vec![
+            diff(Kind::Missing, "us", "eu"),
+            diff(Kind::Missing, "us", "eu"),
+            diff(Kind::Extra, "eu", "us"),
+            // a leak in eu of a row from cn: counted against cn
+            diff(Kind::Leaked, "cn", "eu"),
+        ],
+        ..Report::default()
+    };
+    let counts = schedule::counts(&report, "eu");
+    let get =
+        |peer: &str, kind| counts.get(&(peer.to_string(), "public.products".to_string(), kind));
+    assert_eq!(get("us", Kind::Missing), Some(&2));
+    assert_eq!(get("us", Kind::Extra), Some(&1));
+    assert_eq!(get("us", Kind::Diverged), Some(&0));
+    assert_eq!(get("cn", Kind::Leaked), Some(&1));
+    // the pair cn-us is not eu's
+    assert_eq!(get("cn", Kind::Missing), None);
+    let json = schedule::counts_json(&counts).to_string();
+    assert!(json.contains(r#""peer":"us""#), "{json}");
 }

@@ -392,3 +392,428 @@ async fn verify_compares_merge_columns_by_their_parts() {
     );
     assert_eq!(code, 1);
 }
+
+/// The steps of a `--repair` run: (action, kind, table, from, to).
+fn steps(report: &serde_json::Value) -> BTreeSet<[String; 5]> {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    report["repair"]["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no repair steps: {report:#}"))
+        .iter()
+        .map(|d| {
+            [
+                s(&d["action"]),
+                s(&d["kind"]),
+                s(&d["table"]),
+                s(&d["from"]),
+                s(&d["to"]),
+            ]
+        })
+        .collect()
+}
+
+fn step(action: &str, kind: &str, table: &str, from: &str, to: &str) -> [String; 5] {
+    [action, kind, table, from, to].map(str::to_string)
+}
+
+/// Every kind of difference planted while the regions write; `--repair
+/// --dry-run` says what it would do and changes nothing (verify still
+/// finds each one afterwards); `--repair` fixes each the way changes
+/// normally travel, and verify then reports none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_repair_fixes_every_kind_and_its_dry_run_changes_nothing() {
+    let w = World::start(false);
+    let _sidecars: Vec<Relay> = REGIONS.iter().map(|r| w.sidecar(r)).collect();
+    let us = w.pg["us"].client().await;
+    let eu = w.pg["eu"].client().await;
+    let cn = w.pg["cn"].client().await;
+    us.batch_execute(
+        "INSERT INTO products VALUES (901, 'lost', 1), (902, 'tampered', 2), (903, 'deleted', 3); \
+         INSERT INTO currencies VALUES ('XAU', 2000); \
+         INSERT INTO orders VALUES (9002, 'US', 'buyer9002@example.com', '4111', 5)",
+    )
+    .await
+    .unwrap();
+    eu.batch_execute("INSERT INTO orders VALUES (9001, 'DE', 'pinned@example.com', '4222', 7)")
+        .await
+        .unwrap();
+    identical(
+        &w,
+        "SELECT id, name FROM products WHERE id > 900 ORDER BY id",
+        Duration::from_secs(60),
+    )
+    .await;
+    identical(
+        &w,
+        "SELECT code, rate FROM currencies WHERE code = 'XAU'",
+        Duration::from_secs(60),
+    )
+    .await;
+    let stamp_903: i64 = cn
+        .query_one("SELECT _pgrelay_hlc FROM products WHERE id = 903", &[])
+        .await
+        .unwrap()
+        .get(0);
+    us.execute("DELETE FROM products WHERE id = 903", &[])
+        .await
+        .unwrap();
+    identical(
+        &w,
+        "SELECT count(*) FROM products WHERE id = 903",
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = REGIONS.iter().map(|r| writer(&w, r, &stop)).collect();
+    // missing row, missing delete, diverged, leaked row and value, extra
+    // (one the owner never wrote, one over the owner's own version)
+    unseen(&w, "eu", "DELETE FROM products WHERE id = 901").await;
+    unseen(
+        &w,
+        "cn",
+        &format!("INSERT INTO products VALUES (903, 'deleted', 3, {stamp_903})"),
+    )
+    .await;
+    unseen(
+        &w,
+        "cn",
+        "UPDATE products SET name = 'other' WHERE id = 902",
+    )
+    .await;
+    let stamp_9001: i64 = eu
+        .query_one("SELECT _pgrelay_hlc FROM orders WHERE id = 9001", &[])
+        .await
+        .unwrap()
+        .get(0);
+    unseen(
+        &w,
+        "us",
+        &format!(
+            "INSERT INTO orders VALUES (9001, 'DE', 'pinned@example.com', '4222', 7, {stamp_9001})"
+        ),
+    )
+    .await;
+    unseen(
+        &w,
+        "cn",
+        "UPDATE orders SET email = 'buyer9002@example.com' WHERE id = 9002",
+    )
+    .await;
+    unseen(
+        &w,
+        "eu",
+        "INSERT INTO currencies VALUES ('ZZZ', 1, pgrelay.next_hlc(0))",
+    )
+    .await;
+    unseen(
+        &w,
+        "eu",
+        "UPDATE currencies SET rate = 1, _pgrelay_hlc = pgrelay.next_hlc(0) WHERE code = 'XAU'",
+    )
+    .await;
+    let planted: BTreeSet<[String; 6]> = [
+        row(
+            "leaked",
+            "public.orders",
+            "eu",
+            "us",
+            "",
+            r#"{"id": "9001"}"#,
+        ),
+        row(
+            "leaked",
+            "public.orders",
+            "us",
+            "cn",
+            "email",
+            r#"{"id": "9002"}"#,
+        ),
+        row(
+            "missing",
+            "public.products",
+            "us",
+            "eu",
+            "",
+            r#"{"id": "901"}"#,
+        ),
+        row(
+            "missing",
+            "public.products",
+            "us",
+            "cn",
+            "",
+            r#"{"id": "903"}"#,
+        ),
+        row(
+            "extra",
+            "public.currencies",
+            "us",
+            "eu",
+            "",
+            r#"{"code": "ZZZ"}"#,
+        ),
+        row(
+            "extra",
+            "public.currencies",
+            "us",
+            "eu",
+            "",
+            r#"{"code": "XAU"}"#,
+        ),
+        row(
+            "diverged",
+            "public.products",
+            "us",
+            "cn",
+            "",
+            r#"{"id": "902"}"#,
+        ),
+    ]
+    .into_iter()
+    .collect();
+
+    // the dry run: the plan, and nothing changed
+    let (code, report, stderr) = verify(&w, &["--repair", "--dry-run", "--show-keys"]).await;
+    assert_eq!(differences(&report), planted, "{report:#}\n{stderr}");
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    assert_eq!(report["repair"]["dry_run"], true, "{report:#}");
+    let want: BTreeSet<[String; 5]> = [
+        step("remove", "leaked", "public.orders", "", "us"),
+        step("replace", "leaked", "public.orders", "us", "cn"),
+        step("resend", "missing", "public.products", "us", "eu"),
+        step("resend", "missing", "public.products", "us", "cn"),
+        step("replace", "extra", "public.currencies", "us", "eu"),
+        step("replace", "diverged", "public.products", "us", "cn"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(steps(&report), want, "{report:#}");
+    for s in report["repair"]["steps"].as_array().unwrap() {
+        assert!(s.get("outcome").is_none(), "{s}");
+    }
+    // verify, after the dry run, still finds every planted difference
+    let (code, report, stderr) = verify(&w, &["--show-keys"]).await;
+    assert_eq!(
+        (code, differences(&report)),
+        (1, planted.clone()),
+        "{report:#}\n{stderr}"
+    );
+    let lost: i64 = eu
+        .query_one("SELECT count(*) FROM products WHERE id = 901", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(lost, 0);
+
+    // the repair
+    let (code, report, stderr) = verify(&w, &["--repair"]).await;
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    assert_eq!(report["repair"]["dry_run"], false, "{report:#}");
+    assert_eq!(steps(&report), want, "{report:#}");
+    let outcome = |action: &str, kind: &str, to: &str| -> serde_json::Value {
+        report["repair"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["action"] == action && s["kind"] == kind && s["to"] == to)
+            .unwrap_or_else(|| panic!("no {action} {kind} {to}: {report:#}"))["outcome"]
+            .clone()
+    };
+    assert_eq!(
+        outcome("remove", "leaked", "us")["removed"],
+        1,
+        "{report:#}"
+    );
+    assert_eq!(
+        outcome("replace", "leaked", "cn")["removed"],
+        1,
+        "{report:#}"
+    );
+    assert_eq!(
+        outcome("replace", "leaked", "cn")["rows_sent"],
+        1,
+        "{report:#}"
+    );
+    assert_eq!(
+        outcome("resend", "missing", "eu")["rows_sent"],
+        1,
+        "{report:#}"
+    );
+    assert_eq!(
+        outcome("resend", "missing", "cn")["tombstones_sent"],
+        1,
+        "{report:#}"
+    );
+    // both extra keys removed; the owner holds one of them and sends it
+    assert_eq!(
+        outcome("replace", "extra", "eu")["removed"],
+        2,
+        "{report:#}"
+    );
+    assert_eq!(
+        outcome("replace", "extra", "eu")["rows_sent"],
+        1,
+        "{report:#}"
+    );
+    assert_eq!(
+        outcome("replace", "diverged", "cn")["removed"],
+        1,
+        "{report:#}"
+    );
+    assert_eq!(
+        outcome("replace", "diverged", "cn")["rows_sent"],
+        1,
+        "{report:#}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in writers {
+        t.await.unwrap();
+    }
+
+    // once what was sent is applied, every region agrees
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let (code, report, stderr) = verify(&w, &["--show-keys"]).await;
+        if code == 0 && differences(&report).is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still differences after the repair:\n{report:#}\n{stderr}"
+        );
+    }
+    let text = |row: tokio_postgres::Row| row.get::<_, Option<String>>(0);
+    assert_eq!(
+        text(
+            eu.query_one("SELECT max(name) FROM products WHERE id = 901", &[])
+                .await
+                .unwrap()
+        ),
+        Some("lost".into())
+    );
+    assert_eq!(
+        text(
+            cn.query_one("SELECT max(name) FROM products WHERE id = 902", &[])
+                .await
+                .unwrap()
+        ),
+        Some("tampered".into())
+    );
+    assert_eq!(
+        text(
+            cn.query_one("SELECT max(name) FROM products WHERE id = 903", &[])
+                .await
+                .unwrap()
+        ),
+        None
+    );
+    assert_eq!(
+        text(
+            us.query_one("SELECT max(email) FROM orders WHERE id = 9001", &[])
+                .await
+                .unwrap()
+        ),
+        None
+    );
+    let email = text(
+        cn.query_one("SELECT max(email) FROM orders WHERE id = 9002", &[])
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(email.contains(':'), "{email}");
+    assert_ne!(email, "buyer9002@example.com");
+    assert_eq!(
+        text(
+            eu.query_one(
+                "SELECT string_agg(code || '=' || rate, ',' ORDER BY code) FROM currencies \
+                 WHERE code IN ('XAU', 'ZZZ')",
+                &[]
+            )
+            .await
+            .unwrap()
+        ),
+        Some("XAU=2000".into())
+    );
+}
+
+/// `[verify] interval`: each sidecar verifies its region against its peers
+/// on its own; a planted difference shows in its gauge (in both regions of
+/// the pair) and in `pgrelay status`, and goes back to zero once repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_verify_shows_differences_in_metrics_and_status() {
+    use std::io::Write as _;
+    let w = World::start(false);
+    for r in REGIONS {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&w.cfg[r].path)
+            .unwrap();
+        writeln!(f, "\n[verify]\ninterval = \"1s\"\nrate = 100000").unwrap();
+    }
+    let _sidecars: Vec<Relay> = REGIONS.iter().map(|r| w.sidecar(r)).collect();
+    let us = w.pg["us"].client().await;
+    us.batch_execute("INSERT INTO products VALUES (901, 'lost', 1)")
+        .await
+        .unwrap();
+    identical(
+        &w,
+        "SELECT id, name FROM products WHERE id = 901",
+        Duration::from_secs(60),
+    )
+    .await;
+    let missing = |region: &str, peer: &str| {
+        let filter = format!(
+            "region=\"{region}\",peer=\"{peer}\",table=\"public.products\",kind=\"missing\"}} "
+        );
+        w.metrics(region)
+            .lines()
+            .find(|l| l.starts_with("pgrelay_verify_differences{") && l.contains(&filter))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}:\n{}",
+                w.metrics("eu")
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    // a run finished, the pair compared and found equal
+    wait_for("no periodic verify in eu", &|| {
+        missing("eu", "us") == Some(0.0)
+            && w.metric_sum("eu", "pgrelay_verify_last_run_timestamp_seconds", "eu") > 0.0
+    });
+
+    unseen(&w, "eu", "DELETE FROM products WHERE id = 901").await;
+    wait_for("the planted row not reported missing", &|| {
+        missing("eu", "us") == Some(1.0) && missing("us", "eu") == Some(1.0)
+    });
+    let out = relay::ok(&["status", "--config", w.cfg_path("us"), "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pair = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["source"] == "us" && p["destination"] == "eu")
+        .unwrap()
+        .clone();
+    assert_eq!(pair["verify_differences"], 1, "{pair:#}");
+    assert!(pair["last_verify"].as_str().is_some(), "{pair:#}");
+    let text = relay::ok(&["status", "--config", w.cfg_path("us")]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("us->eu") && l.contains("1 difference(s)")),
+        "{text}"
+    );
+
+    let (code, report, stderr) = verify(&w, &["--repair", "--table", "public.products"]).await;
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    wait_for("the repaired row still reported missing", &|| {
+        missing("eu", "us") == Some(0.0) && missing("us", "eu") == Some(0.0)
+    });
+}
