@@ -37,13 +37,19 @@ use sha2::Sha256;
 /// the newest sealed copy of each row of each home region; nothing in it is
 /// readable without the home's key. Its consumer's offsets live in
 /// `pgrelay.offsets`, like the apply side's.
-pub const SETUP_SQL: [&str; 2] = [
+pub const SETUP_SQL: [&str; 3] = [
     "CREATE SCHEMA IF NOT EXISTS pgrelay_dr",
     "CREATE TABLE IF NOT EXISTS pgrelay_dr.vault (\
         home text NOT NULL, table_hash text NOT NULL, key_hash bytea NOT NULL, \
         stamp bigint NOT NULL, key_id text NOT NULL, nonce bytea NOT NULL, \
         ciphertext bytea NOT NULL, stored_at timestamptz NOT NULL DEFAULT now(), \
         PRIMARY KEY (home, key_hash))",
+    // in the sealing region: how many records each DR key sealed (counted
+    // ahead, in blocks), so the capture side warns before a key is worn
+    "CREATE TABLE IF NOT EXISTS pgrelay_dr.seals (\
+        fingerprint text PRIMARY KEY, key_id text NOT NULL, seals bigint NOT NULL, \
+        first_sealed timestamptz NOT NULL DEFAULT now(), \
+        updated_at timestamptz NOT NULL DEFAULT now())",
 ];
 
 /// Length of a DR key in bytes (AES-256).

@@ -42,6 +42,26 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
     }
     let mut problems = 0;
     for region in &regions {
+        // a sidecar's own secrets: checked for the region it runs
+        if only.is_some() && config.sends_dr(region) {
+            match config.dr_key_ring(region) {
+                Ok(ring) => println!(
+                    "region {region}: DR key {} ok{}",
+                    ring.current.id(),
+                    match ring.old.len() {
+                        0 => String::new(),
+                        n => format!(
+                            " ({n} old for dr restore: {})",
+                            ring.old.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ")
+                        ),
+                    }
+                ),
+                Err(e) => {
+                    println!("error: {e}");
+                    problems += 1;
+                }
+            }
+        }
         let dsn = &config.regions[region].dsn;
         match catalog::connect(dsn, region).await {
             Err(e) => {
