@@ -54,7 +54,7 @@ use crate::source::conn::{ConnError, ConnParams, ReplConnection};
 use crate::source::fill::Filler;
 
 mod error;
-mod seals;
+pub(crate) mod seals;
 mod stream;
 
 pub use error::{CaptureError, CaptureErrorKind, Cause};

@@ -611,10 +611,16 @@ mod tests {
         );
         let mut bad = good.clone();
         bad.nonce.pop();
-        assert_eq!(bad.vault_check(&ROW, now_ms, 300_000), Err(Refusal::Malformed));
+        assert_eq!(
+            bad.vault_check(&ROW, now_ms, 300_000),
+            Err(Refusal::Malformed)
+        );
         let mut bad = good.clone();
         bad.key_id = "no spaces".into();
-        assert_eq!(bad.vault_check(&ROW, now_ms, 300_000), Err(Refusal::Malformed));
+        assert_eq!(
+            bad.vault_check(&ROW, now_ms, 300_000),
+            Err(Refusal::Malformed)
+        );
     }
 
     #[test]

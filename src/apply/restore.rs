@@ -123,7 +123,10 @@ pub async fn restore(
             };
             let name = dr::hex_bytes::encode(&key_hash);
             let Some(key) = ring.get(&sealed.key_id) else {
-                *report.unknown_keys.entry(sealed.key_id.clone()).or_default() += 1;
+                *report
+                    .unknown_keys
+                    .entry(sealed.key_id.clone())
+                    .or_default() += 1;
                 continue;
             };
             let Some(table) = tables.get(&(sealed.key_id.clone(), sealed.table_hash.clone()))

@@ -16,7 +16,7 @@ use crate::dr::{DrKey, SEALS_WARN};
 use crate::metrics::Metrics;
 use crate::source::catalog;
 
-use super::error::{Cause, CaptureError};
+use super::error::{CaptureError, Cause};
 
 /// Seals reserved per write to the table.
 pub const BLOCK: u64 = 1 << 16;

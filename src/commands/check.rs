@@ -52,7 +52,11 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
                         0 => String::new(),
                         n => format!(
                             " ({n} old for dr restore: {})",
-                            ring.old.iter().map(|k| k.id()).collect::<Vec<_>>().join(", ")
+                            ring.old
+                                .iter()
+                                .map(|k| k.id())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     }
                 ),

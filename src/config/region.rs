@@ -94,10 +94,7 @@ impl fmt::Debug for Region {
             .field("hash_key_id", &self.hash_key_id)
             .field("dr_key", &self.dr_key.as_ref().map(|_| "***"))
             .field("dr_key_id", &self.dr_key_id)
-            .field(
-                "dr_old_keys",
-                &self.dr_old_keys.keys().collect::<Vec<_>>(),
-            )
+            .field("dr_old_keys", &self.dr_old_keys.keys().collect::<Vec<_>>())
             .field("kafka", &self.kafka)
             .finish()
     }

@@ -597,10 +597,9 @@ impl Validator<'_> {
                 }
                 if !self.is_unresolved(key) {
                     if let Err(e) = crate::dr::DrKey::parse(id, key) {
-                        return Err(self.invalid(
-                            None,
-                            format!("regions.{name}.dr_old_keys.{id}: {e}"),
-                        ));
+                        return Err(
+                            self.invalid(None, format!("regions.{name}.dr_old_keys.{id}: {e}"))
+                        );
                     }
                 }
             }
