@@ -524,7 +524,15 @@ async fn copies_under_an_old_dr_key_restore_with_dr_old_keys() {
     )
     .await
     .unwrap();
-    vault_caught_up(&eu, &us, 25).await;
+    // a row's copies under the new key have their own row hashes: next to
+    // the old key's copies, not in their place
+    until_count(
+        &us,
+        "SELECT count(*) FROM pgrelay_dr.vault WHERE key_id = 'eu2'",
+        10,
+        "the vault holding eu2's copies",
+    )
+    .await;
     assert_eq!(
         one(
             &us,
@@ -532,7 +540,7 @@ async fn copies_under_an_old_dr_key_restore_with_dr_old_keys() {
                   (SELECT key_id, count(*) n FROM pgrelay_dr.vault GROUP BY key_id) k"
         )
         .await,
-        "eu1=15 eu2=10"
+        "eu1=20 eu2=10"
     );
     assert_eq!(
         one(
@@ -566,7 +574,7 @@ async fn copies_under_an_old_dr_key_restore_with_dr_old_keys() {
     let out = relay::cmd(&restore);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("failed: 15 copies sealed with DR key id eu1")
+        stdout.contains("failed: 20 copies sealed with DR key id eu1")
             && stdout.contains("dr_old_keys.eu1"),
         "{stdout}"
     );
@@ -584,12 +592,39 @@ async fn copies_under_an_old_dr_key_restore_with_dr_old_keys() {
         "{checked}"
     );
     let out = relay::ok(&restore);
+    // rows 1-5 have an older copy under eu1 and a newer one under eu2
     assert!(
-        out.contains("15 written, 10 already current, 0 failed"),
+        out.contains("15 written, 15 already current, 0 failed"),
         "{out}"
     );
-    assert!(out.contains("DR key eu1: 15 copies opened"), "{out}");
+    assert!(out.contains("DR key eu1: 20 copies opened"), "{out}");
     assert_eq!(one(&eu, CHECKSUM).await, before);
+
+    // re-sealing under eu2: a resync seals every row again; then the
+    // vault's eu1 copies are all superseded, can go, and eu1 retires
+    let _eu_side = Relay::spawn(&cfg, "eu", "all");
+    relay::ok(&["resync", "--config", &path, "--region", "eu", "--to", "us"]);
+    until_count(
+        &us,
+        "SELECT count(*) FROM pgrelay_dr.vault WHERE key_id = 'eu2'",
+        25,
+        "every row sealed under eu2",
+    )
+    .await;
+    us.execute("DELETE FROM pgrelay_dr.vault WHERE key_id = 'eu1'", &[])
+        .await
+        .unwrap();
+    std::fs::write(
+        &cfg.path,
+        config_with(&eu_pg, &us_pg, &eu_broker, &us_broker, &new_keys),
+    )
+    .unwrap();
+    let out = relay::ok(&restore);
+    assert!(out.contains("25 sealed copies"), "{out}");
+    assert!(
+        out.contains("0 written, 25 already current, 0 failed"),
+        "{out}"
+    );
 
     // check names a sealing region's missing key
     std::fs::write(
