@@ -353,13 +353,19 @@ fn restamped(sealed: &serde_json::Value, stamp: u64) -> Option<Vec<u8>> {
     Some(forged.to_string().into_bytes())
 }
 
-/// Whoever may write the DR topic can send a row's old copy again with a
-/// higher stamp, or a stamp no bigint holds. The vault refuses stamps out
-/// of range or too far ahead and goes on storing every other copy; one it
-/// cannot tell from a genuine copy (a little ahead) does not open at
-/// restore, which names it and restores the rest: no row rolls back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_dr_copies_neither_roll_back_nor_freeze_the_vault() {
+/// Two regions, eu sealing `patients` to us, both sidecars running.
+struct Pair {
+    eu_pg: Pg,
+    us_pg: Pg,
+    _eu_broker: Broker,
+    us_broker: Broker,
+    _cfg: ConfigFile,
+    path: String,
+    _eu_side: Relay,
+    us_side: Relay,
+}
+
+fn pair() -> Pair {
     let eu_pg = Pg::start();
     let us_pg = Pg::start();
     eu_pg.psql(SCHEMA);
@@ -373,10 +379,26 @@ async fn forged_dr_copies_neither_roll_back_nor_freeze_the_vault() {
     }
     let _eu_side = Relay::spawn(&cfg, "eu", "all");
     let us_side = Relay::spawn(&cfg, "us", "all");
-    let eu = eu_pg.client().await;
-    let us = us_pg.client().await;
-    let name = "SELECT coalesce(name, '') FROM patients WHERE id = 1";
+    Pair {
+        eu_pg,
+        us_pg,
+        _eu_broker: eu_broker,
+        us_broker,
+        _cfg: cfg,
+        path,
+        _eu_side,
+        us_side,
+    }
+}
 
+/// Whoever may write the DR topic can send a row's old copy again stamped
+/// beyond any bigint, or far ahead. The vault refuses both (never retried)
+/// and goes on storing every genuine copy after them, of every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_far_stamps_on_the_dr_topic_do_not_freeze_the_vault() {
+    let p = pair();
+    let eu = p.eu_pg.client().await;
+    let us = p.us_pg.client().await;
     eu.batch_execute("INSERT INTO patients (id, country, name) VALUES (1, 'MKR-HOME-DE', 'v1')")
         .await
         .unwrap();
@@ -389,7 +411,7 @@ async fn forged_dr_copies_neither_roll_back_nor_freeze_the_vault() {
     // the oldest copy again: stamped beyond any bigint, and ten minutes on
     let ten_minutes = 600_000u64 << 16;
     produce(
-        &us_broker.brokers(),
+        &p.us_broker.brokers(),
         "pgrelay.dr.eu.us",
         &[
             (Some(key.clone()), restamped(&oldest, u64::MAX)),
@@ -400,16 +422,7 @@ async fn forged_dr_copies_neither_roll_back_nor_freeze_the_vault() {
             (Some(key.clone()), Some(b"not a sealed record".to_vec())),
         ],
     );
-    // the vault skipped them, and still stores every genuine copy after
-    eventually(
-        Duration::from_secs(30),
-        "the vault refusing them",
-        || async {
-            let log = us_side.log_text();
-            (log.contains("stamp_out_of_range") && log.contains("stamp_ahead")).then_some(())
-        },
-    )
-    .await;
+    // genuine copies after them, of that row and another, are stored
     eu.batch_execute(
         "UPDATE patients SET name = 'v3' WHERE id = 1;
          INSERT INTO patients (id, country, name) VALUES (2, 'MKR-HOME-DE', 'two')",
@@ -417,12 +430,47 @@ async fn forged_dr_copies_neither_roll_back_nor_freeze_the_vault() {
     .await
     .unwrap();
     vault_caught_up(&eu, &us, 2).await;
+    // the forged records were seen and skipped, not stored after all
+    eventually(
+        Duration::from_secs(30),
+        "the vault refusing them",
+        || async {
+            let log = p.us_side.log_text();
+            (log.contains("stamp_out_of_range")
+                && log.contains("stamp_ahead")
+                && log.contains("malformed"))
+            .then_some(())
+        },
+    )
+    .await;
+    vault_caught_up(&eu, &us, 2).await;
+}
 
-    // a copy the vault cannot tell from a genuine one: just newer than v3
+/// A row's old copy sent again stamped just newer than its newest copy: the
+/// vault cannot tell it from a genuine one and keeps it, but it does not
+/// open at restore, which names it and restores the rest: no row rolls
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restamped_old_dr_copy_does_not_roll_a_row_back_at_restore() {
+    let p = pair();
+    let eu = p.eu_pg.client().await;
+    let us = p.us_pg.client().await;
+    let name = "SELECT coalesce(name, '') FROM patients WHERE id = 1";
+    eu.batch_execute("INSERT INTO patients (id, country, name) VALUES (1, 'MKR-HOME-DE', 'v1')")
+        .await
+        .unwrap();
+    let (key, _, oldest) = vault_copy(&eu, &us, 1).await;
+    eu.batch_execute(
+        "UPDATE patients SET name = 'v3' WHERE id = 1;
+         INSERT INTO patients (id, country, name) VALUES (2, 'MKR-HOME-DE', 'two')",
+    )
+    .await
+    .unwrap();
+    vault_caught_up(&eu, &us, 2).await;
     let (_, v3_stamp, _) = vault_copy(&eu, &us, 1).await;
     let forged_stamp = v3_stamp + 1;
     produce(
-        &us_broker.brokers(),
+        &p.us_broker.brokers(),
         "pgrelay.dr.eu.us",
         &[(Some(key.clone()), restamped(&oldest, forged_stamp as u64))],
     );
@@ -434,7 +482,7 @@ async fn forged_dr_copies_neither_roll_back_nor_freeze_the_vault() {
     )
     .await;
     let out = relay::cmd(&[
-        "dr", "restore", "--config", &path, "--region", "eu", "--from", "us",
+        "dr", "restore", "--config", &p.path, "--region", "eu", "--from", "us",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(one(&eu, name).await, "v3", "rolled back: {stdout}");
@@ -451,11 +499,64 @@ async fn forged_dr_copies_neither_roll_back_nor_freeze_the_vault() {
     );
 }
 
+/// Seals are counted per key in the sealing region, ahead in blocks; a key
+/// that sealed 2^31 records is warned about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seals_are_counted_per_dr_key_and_a_worn_key_is_warned_about() {
+    let eu_pg = Pg::start();
+    let us_pg = Pg::start();
+    eu_pg.psql(SCHEMA);
+    us_pg.psql(SCHEMA);
+    let eu_broker = Broker::start();
+    let us_broker = Broker::start();
+    let cfg = ConfigFile::new(&config(&eu_pg, &us_pg, &eu_broker, &us_broker));
+    let path = cfg.path.to_str().unwrap().to_string();
+    for r in ["eu", "us"] {
+        relay::ok(&["setup", "--config", &path, "--region", r]);
+    }
+    let eu = eu_pg.client().await;
+    let us = us_pg.client().await;
+    // eu1 has sealed 2^31 records already
+    let fingerprint = pgrelay::dr::DrKey::parse("eu1", DR_KEY)
+        .unwrap()
+        .fingerprint();
+    eu.execute(
+        "INSERT INTO pgrelay_dr.seals (fingerprint, key_id, seals) VALUES ($1, 'eu1', 2147483648)",
+        &[&fingerprint],
+    )
+    .await
+    .unwrap();
+    let eu_side = Relay::spawn(&cfg, "eu", "all");
+    let _us_side = Relay::spawn(&cfg, "us", "all");
+    eu.batch_execute(
+        "INSERT INTO patients (id, country, name) \
+         SELECT i, 'MKR-HOME-DE', 'first-' || i FROM generate_series(1, 20) i",
+    )
+    .await
+    .unwrap();
+    vault_caught_up(&eu, &us, 20).await;
+    let log = eu_side.log_text();
+    assert!(
+        log.contains("DR key eu1 has sealed about") && log.contains("rotate it"),
+        "{log}"
+    );
+    // one block reserved for this start's seals
+    assert_eq!(
+        one(
+            &eu,
+            "SELECT seals::text FROM pgrelay_dr.seals WHERE key_id = 'eu1'"
+        )
+        .await,
+        (2147483648u64 + 65536).to_string()
+    );
+}
+
 const DR_KEY_2: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
 /// A key rotation: copies sealed under the old key are restored with the
 /// old key in `dr_old_keys`; without it, restore names the key id and exits
-/// 3. Seals are counted per key in eu, and a worn key is warned about.
+/// 3. A resync re-seals every row under the new key, and the old key
+/// retires. `check --region` checks the key ring.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_under_an_old_dr_key_restore_with_dr_old_keys() {
     let mut eu_pg = Pg::start();
@@ -476,16 +577,6 @@ async fn copies_under_an_old_dr_key_restore_with_dr_old_keys() {
     }
     let eu = eu_pg.client().await;
     let us = us_pg.client().await;
-    // eu1 has sealed 2^31 records already: the sidecar warns at start
-    let fingerprint = pgrelay::dr::DrKey::parse("eu1", DR_KEY)
-        .unwrap()
-        .fingerprint();
-    eu.execute(
-        "INSERT INTO pgrelay_dr.seals (fingerprint, key_id, seals) VALUES ($1, 'eu1', 2147483648)",
-        &[&fingerprint],
-    )
-    .await
-    .unwrap();
     let mut eu_side = Relay::spawn(&cfg, "eu", "all");
     let _us_side = Relay::spawn(&cfg, "us", "all");
     eu.batch_execute(
@@ -495,19 +586,6 @@ async fn copies_under_an_old_dr_key_restore_with_dr_old_keys() {
     .await
     .unwrap();
     vault_caught_up(&eu, &us, 20).await;
-    let log = eu_side.log_text();
-    assert!(
-        log.contains("DR key eu1 has sealed about") && log.contains("rotate it"),
-        "{log}"
-    );
-    assert_eq!(
-        one(
-            &eu,
-            "SELECT seals::text FROM pgrelay_dr.seals WHERE key_id = 'eu1'"
-        )
-        .await,
-        (2147483648u64 + 65536).to_string()
-    );
 
     // rotation: eu seals under eu2 from its next start
     assert_eq!(eu_side.terminate(Duration::from_secs(30)), Some(0));
@@ -541,14 +619,6 @@ async fn copies_under_an_old_dr_key_restore_with_dr_old_keys() {
         )
         .await,
         "eu1=20 eu2=10"
-    );
-    assert_eq!(
-        one(
-            &eu,
-            "SELECT seals::text FROM pgrelay_dr.seals WHERE key_id = 'eu2'"
-        )
-        .await,
-        "65536"
     );
     let checked = relay::ok(&["check", "--config", &path, "--region", "eu"]);
     assert!(checked.contains("region eu: DR key eu2 ok"), "{checked}");
