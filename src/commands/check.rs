@@ -44,25 +44,23 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
     for region in &regions {
         // a sidecar's own secrets: checked for the region it runs
         if only.is_some() && config.sends_dr(region) {
-            match config.dr_key_ring(region) {
-                Ok(ring) => println!(
-                    "region {region}: DR key {} ok{}",
-                    ring.current.id(),
-                    match ring.old.len() {
-                        0 => String::new(),
-                        n => format!(
-                            " ({n} old for dr restore: {})",
-                            ring.old
-                                .iter()
-                                .map(|k| k.id())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    }
-                ),
+            match config.dr_key(region) {
+                Ok(key) => println!("region {region}: DR key {} ok", key.id()),
                 Err(e) => {
                     println!("error: {e}");
                     problems += 1;
+                }
+            }
+            // only `dr restore` needs the old keys: unset here is no error
+            let old = &config.regions[region].dr_old_keys;
+            if !old.is_empty() {
+                let ids = old.keys().cloned().collect::<Vec<_>>().join(", ");
+                match config.dr_key_ring(region) {
+                    Ok(_) => println!("region {region}: old DR keys for dr restore ok: {ids}"),
+                    Err(e) => println!(
+                        "region {region}: old DR keys {ids} not usable here ({e}); only dr \
+                         restore needs them"
+                    ),
                 }
             }
         }
