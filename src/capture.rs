@@ -55,6 +55,7 @@ use crate::source::conn::{ConnError, ConnParams, ReplConnection};
 use crate::source::fill::Filler;
 
 mod error;
+pub(crate) mod seals;
 mod stream;
 
 pub use error::{CaptureError, CaptureErrorKind, Cause};
@@ -305,6 +306,9 @@ pub async fn run(
             })
             .collect(),
         dr_key: dr_key.as_ref(),
+        seals: dr_key
+            .as_ref()
+            .map(|k| seals::SealLedger::new(&region_cfg.dsn, &region, k)),
         dr_outlets: &dr_outlets,
         at: slot.confirmed_flush,
     };
@@ -470,6 +474,8 @@ struct Loop<'a> {
     counters: std::collections::HashMap<TableName, Vec<String>>,
     /// This region's DR key, when some table keeps DR copies.
     dr_key: Option<&'a DrKey>,
+    /// The count of records sealed under `dr_key`.
+    seals: Option<seals::SealLedger>,
     /// Per table with DR copies: the outlets of its DR topics.
     dr_outlets: &'a HashMap<TableName, Vec<usize>>,
     /// Where the stream is: the start of the last WAL data read (before

@@ -165,10 +165,12 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
             object: Object::Schema("pgrelay_dr".into()),
             privileges: &["USAGE"],
         });
-        out.push(Need {
-            object: Object::Table(TableName::new("pgrelay_dr", "vault")),
-            privileges: DML,
-        });
+        for table in ["vault", "seals"] {
+            out.push(Need {
+                object: Object::Table(TableName::new("pgrelay_dr", table)),
+                privileges: DML,
+            });
+        }
     }
     let replicated: Vec<&TableName> = config.replicated_tables().map(|t| &t.name).collect();
     let mut schemas: Vec<&str> = Vec::new();

@@ -25,18 +25,25 @@
 //! table whose column rules
 //! name a column it lacks is refused before anything is sent.
 //!
+//! Rows of a table with DR regions are also sealed to those regions' DR
+//! topics, as the capture side seals them, so a row written while a slot
+//! was lost gets its copy in the vault too (the vault keeps the newest
+//! stamp: a copy it holds already changes nothing).
+//!
 //! Error policy: anything that fails ends the run with an error naming it;
 //! records already delivered stay (resending is idempotent), so the fix is
 //! to run it again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::SimpleQueryMessage;
 
+use crate::capture::seals::SealLedger;
 use crate::config::Config;
+use crate::dr::DrKey;
 use crate::event::{
     canonical_text_sets, quote_ident, Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema,
     TxMeta,
@@ -44,7 +51,7 @@ use crate::event::{
 use crate::names::HLC_COLUMN;
 use crate::publish::envelope::Source;
 use crate::publish::producer::{Delivery, Outlets, SendError};
-use crate::publish::sink::Outgoing;
+use crate::publish::sink::{queue_dr, seal_for_dr, Outgoing};
 use crate::residency::{Policy, Verdict};
 use crate::source::catalog::{self, Catalog};
 
@@ -225,8 +232,15 @@ pub async fn run(
         .region(region)
         .map_err(|e| ResyncError::Setup(e.to_string()))?;
     let policy = Policy::compile(config, region).map_err(|e| ResyncError::Setup(e.to_string()))?;
+    // DR copies: sealed to the DR regions `--to` keeps, after the live
+    // destinations (as the capture side orders its outlets)
+    let dr_topics: Vec<(String, String)> = config
+        .dr_topics(region)
+        .into_iter()
+        .filter(|(d, _)| opts.to.is_empty() || opts.to.contains(d))
+        .collect();
     for d in &opts.to {
-        if !policy.destinations().contains(d) {
+        if !policy.destinations().contains(d) && !dr_topics.iter().any(|(r, _)| r == d) {
             return Err(ResyncError::Setup(format!(
                 "--to {d}: not a destination of region {region} (destinations: {})",
                 policy.destinations().join(", ")
@@ -271,19 +285,49 @@ pub async fn run(
     let db = cat.database_name().await?;
     let schemas = schemas(&cat, region, &policy, &tables).await?;
 
+    let live = policy.destinations().len();
+    let outlet_regions: Vec<String> = policy
+        .destinations()
+        .iter()
+        .cloned()
+        .chain(dr_topics.iter().map(|(d, _)| d.clone()))
+        .collect();
     let topics: Vec<String> = policy
         .destinations()
         .iter()
         .map(|d| config.topic(region, d))
+        .chain(dr_topics.iter().map(|(_, t)| t.clone()))
         .collect();
     let outlets = if opts.dry_run {
         None
     } else {
         Some(
-            tokio::task::block_in_place(|| Outlets::open(config, policy.destinations(), &topics))
+            tokio::task::block_in_place(|| Outlets::open(config, &outlet_regions, &topics))
                 .map_err(|e| ResyncError::Kafka(e.to_string()))?,
         )
     };
+    let dr_key = match dr_topics.is_empty() || opts.dry_run {
+        true => None,
+        false => Some(
+            config
+                .dr_key(region)
+                .map_err(|e| ResyncError::Setup(e.to_string()))?,
+        ),
+    };
+    let dr_outlets: HashMap<TableName, Vec<usize>> = config
+        .tables
+        .iter()
+        .filter(|t| tables.contains(&t.name))
+        .map(|t| {
+            let outlets = t
+                .dr_regions(region)
+                .filter_map(|d| dr_topics.iter().position(|(r, _)| r == d))
+                .map(|i| live + i)
+                .collect::<Vec<_>>();
+            (t.name.clone(), outlets)
+        })
+        .filter(|(_, outlets)| !outlets.is_empty())
+        .collect();
     let mut out = Sender {
         region,
         source: Source {
@@ -298,6 +342,13 @@ pub async fn run(
         acked: 0,
         reports: Vec::new(),
         summary: Summary::default(),
+        dr_key: dr_key.as_ref(),
+        dr_outlets: &dr_outlets,
+        outlet_regions: &outlet_regions,
+        seals: dr_key
+            .as_ref()
+            .map(|k| SealLedger::new(&region_cfg.dsn, region, k)),
+        metrics: crate::metrics::Metrics::new(),
     };
 
     // one snapshot for every table and the tombstones
@@ -622,6 +673,17 @@ struct Sender<'a> {
     acked: u64,
     reports: Vec<Delivery>,
     summary: Summary,
+    /// The region's DR key, when some resent table keeps DR copies.
+    dr_key: Option<&'a DrKey>,
+    /// Per table with DR copies: the outlets of its DR topics.
+    dr_outlets: &'a HashMap<TableName, Vec<usize>>,
+    /// The region of each outlet.
+    outlet_regions: &'a [String],
+    /// The count of records sealed under `dr_key`.
+    seals: Option<SealLedger>,
+    /// Where the seal count's gauge goes (this command serves no metrics:
+    /// its warning goes to the log).
+    metrics: crate::metrics::Metrics,
 }
 
 impl Sender<'_> {
@@ -656,6 +718,60 @@ impl Sender<'_> {
             }
             loop {
                 match out.queue(outlets, i, self.sent) {
+                    Ok(()) => break,
+                    Err(SendError::QueueFull) => self.wait().await?,
+                    Err(e) => return Err(ResyncError::Kafka(e.to_string())),
+                }
+            }
+            self.sent += 1;
+        }
+        self.send_dr(change, &hlc).await
+    }
+
+    /// Seals `change` for the DR regions of its table, if any, as the
+    /// capture side does (a dry run only counts).
+    async fn send_dr(&mut self, change: &Change, hlc: &str) -> Result<(), ResyncError> {
+        let Some(dr_outlets) = self.dr_outlets.get(&change.schema.table) else {
+            return Ok(());
+        };
+        if change.op == Op::Truncate {
+            return Ok(());
+        }
+        for &dest in dr_outlets {
+            let counts = self
+                .summary
+                .counts
+                .entry((
+                    change.schema.table.to_string(),
+                    format!("{} (DR)", self.outlet_regions[dest]),
+                ))
+                .or_default();
+            match change.op {
+                Op::Insert => counts.rows += 1,
+                _ => counts.tombstones += 1,
+            }
+        }
+        let (Some(key), Some(outlets)) = (self.dr_key, self.outlets) else {
+            return Ok(());
+        };
+        if let Some(seals) = self.seals.as_mut() {
+            seals
+                .count(&self.metrics)
+                .await
+                .map_err(|e| ResyncError::Setup(e.to_string()))?;
+        }
+        let sealed = seal_for_dr(key, &self.source, change).map_err(|e| {
+            ResyncError::Setup(format!("sealing a DR copy of {}: {e}", change.schema.table))
+        })?;
+        let Some(record) = sealed else {
+            return Ok(());
+        };
+        for &dest in dr_outlets {
+            while self.sent - self.acked >= self.max_in_flight as u64 {
+                self.wait().await?;
+            }
+            loop {
+                match queue_dr(outlets, dest, &record, self.region, hlc, self.sent) {
                     Ok(()) => break,
                     Err(SendError::QueueFull) => self.wait().await?,
                     Err(e) => return Err(ResyncError::Kafka(e.to_string())),

@@ -25,12 +25,24 @@ pub struct Restored {
     pub copies: u64,
     /// Per table: copies opened.
     pub tables: BTreeMap<String, u64>,
+    /// Per DR key id: copies opened with it.
+    pub keys: BTreeMap<String, u64>,
     /// Rows written (the copy was newer than what the region holds).
     pub written: u64,
     /// Copies older than or as new as what the region holds.
     pub current: u64,
-    /// Copies that could not be opened or applied, with why.
+    /// Copies sealed under a key id the region's key ring lacks, by id.
+    pub unknown_keys: BTreeMap<String, u64>,
+    /// Copies that could not be opened, did not match their vault row or
+    /// could not be applied, with why.
     pub failed: Vec<String>,
+}
+
+impl Restored {
+    /// Copies not restored.
+    pub fn not_restored(&self) -> u64 {
+        self.failed.len() as u64 + self.unknown_keys.values().sum::<u64>()
+    }
 }
 
 /// Restores `region` from the vault of `from`; `progress` counts the copies
@@ -42,12 +54,20 @@ pub async fn restore(
     progress: &mut crate::progress::Progress,
 ) -> Result<Restored, ApplyError> {
     let setup = |e: &dyn std::fmt::Display| ApplyError::setup(e.to_string());
-    let key = config.dr_key(region).map_err(|e| setup(&e))?;
-    let tables: BTreeMap<String, String> = config
-        .tables
-        .iter()
-        .filter(|t| t.dr.contains(from))
-        .map(|t| (key.table_hash(&t.name.to_string()), t.name.to_string()))
+    let ring = config.dr_key_ring(region).map_err(|e| setup(&e))?;
+    // each key hashes table names its own way
+    let tables: BTreeMap<(String, String), String> = ring
+        .keys()
+        .flat_map(|key| {
+            config
+                .tables
+                .iter()
+                .filter(|t| t.dr.contains(from))
+                .map(move |t| {
+                    let name = t.name.to_string();
+                    ((key.id().to_string(), key.table_hash(&name)), name)
+                })
+        })
         .collect();
     let vault = catalog::connect(&config.region(from).map_err(|e| setup(&e))?.dsn, from)
         .await
@@ -102,23 +122,30 @@ pub async fn restore(
                 ciphertext: row.get(5),
             };
             let name = dr::hex_bytes::encode(&key_hash);
-            let Some(table) = tables.get(&sealed.table_hash) else {
+            let Some(key) = ring.get(&sealed.key_id) else {
+                *report
+                    .unknown_keys
+                    .entry(sealed.key_id.clone())
+                    .or_default() += 1;
+                continue;
+            };
+            let Some(table) = tables.get(&(sealed.key_id.clone(), sealed.table_hash.clone()))
+            else {
                 report.failed.push(format!(
-                    "copy {name}: its table is none this config keeps DR copies of in {from}, \
-                     or it was sealed with another key"
+                    "copy {name} (DR key {}): its table is none this config keeps DR copies of \
+                     in {from}",
+                    sealed.key_id
                 ));
                 continue;
             };
-            let opened_plain = key.open(table, &sealed).and_then(|plain| {
-                dr::split_plaintext(&plain).map(|(k, v)| (k.to_vec(), v.to_vec()))
-            });
-            let (k, v) = match opened_plain {
+            let (k, v) = match open_copy(key, region, table, &key_hash, &sealed) {
                 Ok(kv) => kv,
                 Err(e) => {
                     report.failed.push(format!("copy {name} of {table}: {e}"));
                     continue;
                 }
             };
+            *report.keys.entry(sealed.key_id.clone()).or_default() += 1;
             *report.tables.entry(table.clone()).or_default() += 1;
             opened.push(Consumed {
                 topic: topic.clone(),
@@ -167,4 +194,41 @@ pub async fn restore(
     }
     progress.finish();
     Ok(report)
+}
+
+/// Opens one vault copy and checks that what it holds is the vault row's:
+/// the row whose hash the vault keys it by, stamped as the vault says.
+/// Returns the live record key and value.
+fn open_copy(
+    key: &dr::DrKey,
+    home: &str,
+    table: &str,
+    key_hash: &[u8],
+    sealed: &Sealed,
+) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let (plain, _format) = key
+        .open(home, table, key_hash, sealed)
+        .map_err(|e| e.to_string())?;
+    let (k, v) = dr::split_plaintext(&plain).map_err(|e| e.to_string())?;
+    if key.row_hash(table, k)[..] != *key_hash {
+        return Err(format!(
+            "opens with DR key {}, but holds another row than the vault row (moved in the \
+             vault): not restored",
+            key.id()
+        ));
+    }
+    let stamp = crate::publish::envelope::Envelope::decode(v)
+        .map_err(|e| format!("opens, but holds no change record: {e}"))?
+        .pgrelay
+        .hlc;
+    if stamp != sealed.stamp {
+        return Err(format!(
+            "opens with DR key {}, but its change is stamped {} and the vault row {} \
+             (re-stamped in the vault): not restored",
+            key.id(),
+            crate::hlc::display(stamp),
+            crate::hlc::display(sealed.stamp)
+        ));
+    }
+    Ok((k.to_vec(), v.to_vec()))
 }

@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::dr::{hex_bytes, Sealed};
+use crate::dr::{hex_bytes, Refusal, Sealed};
 use crate::metrics::Metrics;
 use crate::source::catalog;
 
@@ -40,14 +40,25 @@ pub const VAULT_SQL: &str = "INSERT INTO pgrelay_dr.vault AS v \
 const MAX_BATCH: usize = 500;
 
 /// The `$2` of [`VAULT_SQL`] for a batch of (record key, value): the newest
-/// copy of each row; records that are no sealed copy are counted apart.
-pub fn vault_rows<'a>(records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> (String, usize) {
+/// copy of each row. Records the vault refuses (see
+/// [`Sealed::vault_check`]) are returned apart, by their index in the batch.
+pub fn vault_rows<'a>(
+    records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    now_ms: u64,
+    max_ahead_ms: u64,
+) -> (String, Vec<(usize, Refusal)>) {
     let mut newest: BTreeMap<&[u8], Sealed> = BTreeMap::new();
-    let mut malformed = 0;
-    for (key, value) in records {
-        let Ok(sealed) = Sealed::decode(value) else {
-            malformed += 1;
-            continue;
+    let mut refused = Vec::new();
+    for (i, (key, value)) in records.into_iter().enumerate() {
+        let checked = Sealed::decode(value)
+            .map_err(|_| Refusal::Malformed)
+            .and_then(|s| s.vault_check(key, now_ms, max_ahead_ms).map(|()| s));
+        let sealed = match checked {
+            Ok(sealed) => sealed,
+            Err(why) => {
+                refused.push((i, why));
+                continue;
+            }
         };
         match newest.get(key) {
             Some(seen) if seen.stamp >= sealed.stamp => {}
@@ -69,7 +80,7 @@ pub fn vault_rows<'a>(records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -
             })
         })
         .collect();
-    (serde_json::Value::Array(rows).to_string(), malformed)
+    (serde_json::Value::Array(rows).to_string(), refused)
 }
 
 /// Keeps the vault of `home`'s copies up to date until shutdown,
@@ -130,7 +141,16 @@ async fn run(
                 Err(_) => break,
             }
         }
-        store(&mut client, home, &topic, &batch, metrics, region).await?;
+        store(
+            &mut client,
+            home,
+            &topic,
+            &batch,
+            metrics,
+            region,
+            config.max_stamp_ahead,
+        )
+        .await?;
     }
 }
 
@@ -155,16 +175,40 @@ async fn store(
     batch: &[(i32, i64, Vec<u8>, Vec<u8>)],
     metrics: &Metrics,
     region: &str,
+    max_ahead: Duration,
 ) -> Result<(), ApplyError> {
-    let (rows, malformed) = vault_rows(batch.iter().map(|(_, _, k, v)| (&k[..], &v[..])));
-    if malformed > 0 {
-        // only a foreign writer puts these here: skipped, never stalling
+    let now_ms = super::batch::now_ms();
+    let max_ahead_ms = u64::try_from(max_ahead.as_millis()).unwrap_or(u64::MAX);
+    let (rows, refused) = vault_rows(
+        batch.iter().map(|(_, _, k, v)| (&k[..], &v[..])),
+        now_ms,
+        max_ahead_ms,
+    );
+    // only a foreign writer of the DR topic puts these here: counted and
+    // skipped, never retried, the rest of the batch stored as usual
+    let mut by_reason: BTreeMap<&'static str, (u64, i32, i64)> = BTreeMap::new();
+    for (i, why) in &refused {
+        let (p, o, _, _) = &batch[*i];
+        by_reason.entry(why.reason()).or_insert((0, *p, *o)).0 += 1;
+    }
+    for (reason, (count, partition, offset)) in by_reason {
         tracing::error!(
             region,
             home,
             topic,
-            malformed,
-            "records that are no sealed DR copy skipped"
+            reason,
+            count,
+            first_partition = partition,
+            first_offset = offset,
+            "records on the DR topic that no region sealed (a writer other than {home}'s \
+             sidecar?) skipped, not stored in the vault"
+        );
+        metrics.add(
+            "pgrelay_dr_vault_refused_total",
+            "Records on a DR topic the vault refused (malformed, stamp out of range or too far \
+             ahead): skipped, never stored",
+            &[("region", region), ("home", home), ("reason", reason)],
+            count,
         );
     }
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
@@ -193,7 +237,7 @@ async fn store(
         "pgrelay_dr_vault_records_total",
         "Sealed DR copies stored in this region's vault",
         &[("region", region), ("home", home)],
-        batch.len() as u64,
+        (batch.len() - refused.len()) as u64,
     );
     Ok(())
 }
@@ -204,22 +248,46 @@ mod tests {
     use crate::dr::DrKey;
 
     #[test]
-    fn a_batch_keeps_the_newest_copy_of_each_row() {
+    fn a_batch_keeps_the_newest_copy_of_each_row_and_refuses_forged_stamps() {
         let k = DrKey::parse("k1", &"11".repeat(32)).unwrap();
-        let old = k.seal("t", 5, b"old").unwrap().encode();
-        let new = k.seal("t", 9, b"new").unwrap().encode();
-        let other = k.seal("t", 1, b"other").unwrap().encode();
-        let (rows, malformed) = vault_rows([
-            (&b"row-a"[..], &new[..]),
-            (&b"row-a"[..], &old[..]),
-            (&b"row-b"[..], &other[..]),
-            (&b"row-c"[..], &b"not json"[..]),
-        ]);
-        assert_eq!(malformed, 1);
+        let now_ms = 1_800_000_000_000;
+        let at = |ms: u64| crate::hlc::compose(ms, 0, 1);
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let seal = |row: &[u8; 32], stamp: u64| k.seal("eu", "t", row, stamp, b"x").unwrap();
+        let old = seal(&a, at(now_ms - 9)).encode();
+        let new = seal(&a, at(now_ms - 5)).encode();
+        let other = seal(&b, at(now_ms - 1)).encode();
+        let mut far = seal(&a, 0);
+        far.stamp = at(now_ms + 600_000);
+        let mut huge = seal(&b, 0);
+        huge.stamp = u64::MAX;
+        let (far, huge) = (far.encode(), huge.encode());
+        let (rows, refused) = vault_rows(
+            [
+                (&a[..], &new[..]),
+                (&a[..], &far[..]),
+                (&a[..], &old[..]),
+                (&b[..], &huge[..]),
+                (&b[..], &other[..]),
+                (&b"row-c"[..], &other[..]),
+                (&b[..], &b"not json"[..]),
+            ],
+            now_ms,
+            300_000,
+        );
+        assert_eq!(
+            refused,
+            vec![
+                (1, Refusal::StampAhead),
+                (3, Refusal::StampOutOfRange),
+                (5, Refusal::Malformed),
+                (6, Refusal::Malformed)
+            ]
+        );
         let rows: Vec<serde_json::Value> = serde_json::from_str(&rows).unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0]["key_hash"], hex_bytes::encode(b"row-a"));
-        assert_eq!(rows[0]["stamp"], 9);
-        assert_eq!(rows[1]["stamp"], 1);
+        assert_eq!(rows[0]["key_hash"], hex_bytes::encode(&a));
+        assert_eq!(rows[0]["stamp"], at(now_ms - 5));
+        assert_eq!(rows[1]["stamp"], at(now_ms - 1));
     }
 }

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use crate::event::{Change, Lsn, TableName};
+use crate::event::{Change, Lsn, Op, TableName};
 use crate::pgoutput::{self, encode_status_update, Frame};
 use crate::publish::envelope::{self, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
 use crate::publish::producer::{Delivery, SendError};
@@ -494,6 +494,11 @@ impl Loop<'_> {
         else {
             return Ok(());
         };
+        if change.op != Op::Truncate {
+            if let Some(seals) = self.seals.as_mut() {
+                seals.count(self.metrics).await?;
+            }
+        }
         let Some(record) = sink::seal_for_dr(key, self.source, change)
             .map_err(|e| self.broke_on(&change.schema.table, "sealing a DR copy", e))?
         else {

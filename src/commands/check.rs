@@ -42,6 +42,28 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
     }
     let mut problems = 0;
     for region in &regions {
+        // a sidecar's own secrets: checked for the region it runs
+        if only.is_some() && config.sends_dr(region) {
+            match config.dr_key(region) {
+                Ok(key) => println!("region {region}: DR key {} ok", key.id()),
+                Err(e) => {
+                    println!("error: {e}");
+                    problems += 1;
+                }
+            }
+            // only `dr restore` needs the old keys: unset here is no error
+            let old = &config.regions[region].dr_old_keys;
+            if !old.is_empty() {
+                let ids = old.keys().cloned().collect::<Vec<_>>().join(", ");
+                match config.dr_key_ring(region) {
+                    Ok(_) => println!("region {region}: old DR keys for dr restore ok: {ids}"),
+                    Err(e) => println!(
+                        "region {region}: old DR keys {ids} not usable here ({e}); only dr \
+                         restore needs them"
+                    ),
+                }
+            }
+        }
         let dsn = &config.regions[region].dsn;
         match catalog::connect(dsn, region).await {
             Err(e) => {

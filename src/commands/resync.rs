@@ -19,6 +19,9 @@ pub async fn resync(
     let config = load(path)?;
     config.region(region)?;
     let mut needs = vec![Need::Database(region), Need::HashKey(region)];
+    if config.sends_dr(region) && !dry_run {
+        needs.push(Need::DrKey(region));
+    }
     needs.extend(all_clusters(&config));
     config.require(&needs)?;
     let tables = tables
@@ -60,6 +63,23 @@ pub async fn resync(
                 anyhow::anyhow!(
                     "region {dest}: {e}; set the region up first (pgrelay setup --region {dest}, \
                      and --region {region} for the topics {region} sends on), then resync"
+                )
+            })?;
+        }
+        for (dest, topic) in config.dr_topics(region) {
+            if !to.is_empty() && !to.contains(&dest) {
+                continue;
+            }
+            crate::kafka::check_topics(
+                config.kafka_for(&dest),
+                std::slice::from_ref(&topic),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "region {dest}: {e}; run pgrelay setup --region {region} (it creates the DR \
+                     topic), then resync"
                 )
             })?;
         }

@@ -270,6 +270,12 @@ impl Config {
                 .iter()
                 .map(|k| (format!("regions.{r}.dr_key"), k.as_str()))
                 .collect(),
+            Need::DrOldKeys(r) => self
+                .region(r)?
+                .dr_old_keys
+                .iter()
+                .map(|(id, k)| (format!("regions.{r}.dr_old_keys.{id}"), k.as_str()))
+                .collect(),
             Need::Kafka(r) => {
                 let cluster = &self.region(r)?.kafka;
                 let key = format!("the Kafka cluster of region {r}");
@@ -386,6 +392,26 @@ impl Config {
         crate::dr::DrKey::parse(&r.dr_key_id, text)
             .map_err(|e| invalid(format!("regions.{region}.dr_key: {e}")))
     }
+
+    /// `region`'s DR key and the keys it sealed with before
+    /// (`dr_old_keys`), for opening copies.
+    pub fn dr_key_ring(&self, region: &str) -> Result<crate::dr::KeyRing, ConfigError> {
+        let current = self.dr_key(region)?;
+        self.require(&[Need::DrOldKeys(region)])?;
+        let old = self
+            .region(region)?
+            .dr_old_keys
+            .iter()
+            .map(|(id, text)| {
+                crate::dr::DrKey::parse(id, text).map_err(|e| ConfigError::Invalid {
+                    origin: self.origin.clone(),
+                    line: None,
+                    message: format!("regions.{region}.dr_old_keys.{id}: {e}"),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(crate::dr::KeyRing { current, old })
+    }
 }
 
 /// A value a command needs (see [`Config::require`]).
@@ -399,6 +425,8 @@ pub enum Need<'a> {
     HashKey(&'a str),
     /// `regions.X.dr_key`.
     DrKey(&'a str),
+    /// `regions.X.dr_old_keys`.
+    DrOldKeys(&'a str),
     /// The Kafka cluster holding the topics destined to region X.
     Kafka(&'a str),
     /// `http.token`.

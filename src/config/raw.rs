@@ -113,6 +113,8 @@ pub(super) struct RawRegion {
     pub(super) hash_key_id: Option<String>,
     pub(super) dr_key: Option<String>,
     pub(super) dr_key_id: Option<String>,
+    #[serde(default)]
+    pub(super) dr_old_keys: BTreeMap<String, String>,
     pub(super) kafka: Option<RawKafka>,
 }
 
@@ -133,6 +135,7 @@ impl RawConfig {
             out.extend(region.setup_dsn.as_deref());
             out.extend(region.hash_key.as_deref());
             out.extend(region.dr_key.as_deref());
+            out.extend(region.dr_old_keys.values().map(String::as_str));
             if let Some(kafka) = &region.kafka {
                 out.extend(kafka.values());
             }

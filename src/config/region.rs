@@ -31,6 +31,9 @@ pub struct Region {
     pub dr_key: Option<String>,
     /// Names the DR key in every sealed record, so keys can rotate.
     pub dr_key_id: String,
+    /// Keys this region sealed with before a rotation, by key id: only
+    /// `dr restore` uses them, to open the copies still sealed under them.
+    pub dr_old_keys: BTreeMap<String, String>,
     /// The cluster holding the topics destined to this region (the region's
     /// own `kafka` table, else the default `[kafka]`).
     pub kafka: KafkaCluster,
@@ -91,6 +94,7 @@ impl fmt::Debug for Region {
             .field("hash_key_id", &self.hash_key_id)
             .field("dr_key", &self.dr_key.as_ref().map(|_| "***"))
             .field("dr_key_id", &self.dr_key_id)
+            .field("dr_old_keys", &self.dr_old_keys.keys().collect::<Vec<_>>())
             .field("kafka", &self.kafka)
             .finish()
     }

@@ -1141,3 +1141,35 @@ fn verify_section_schedules_the_sidecars_own_verify() {
     );
     assert_err(&format!("{BASE}\n[verify]\nevery = \"1m\"\n"), &["every"]);
 }
+
+#[test]
+fn old_dr_keys_open_copies_by_their_id_and_only_restore_needs_them() {
+    let tables =
+        "[[tables]]\nname = \"public.users\"\nclass = \"owned\"\nowner = \"eu\"\ndr = [\"us\"]\n";
+    let with_old = |old: &str| {
+        with_tables(tables).replace(
+            "hash_key = \"eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu\"",
+            &format!(
+                "hash_key = \"eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu-eu\"\ndr_key = \"{DR_KEY}\"\n\
+                 dr_key_id = \"k2\"\ndr_old_keys = {{ {old} }}"
+            ),
+        )
+    };
+    let c = ok(&with_old(&format!("k1 = \"{}\"", "ab".repeat(32))));
+    let ring = c.dr_key_ring("eu").unwrap();
+    assert_eq!(ring.current.id(), "k2");
+    assert_eq!(ring.get("k1").unwrap().id(), "k1");
+    assert_err(
+        &with_old("k1 = \"abcd\""),
+        &["regions.eu.dr_old_keys.k1", "32 bytes"],
+    );
+    assert_err(
+        &with_old(&format!("k2 = \"{}\"", "ab".repeat(32))),
+        &["dr_old_keys", "not the current dr_key_id"],
+    );
+    // an unset old key stops neither capture nor apply, only what opens copies
+    let c = ok(&with_old("k1 = \"${EU_DR_KEY_K1}\""));
+    assert!(c.require(&c.run_needs("eu", true, true)).is_ok());
+    let e = c.dr_key_ring("eu").unwrap_err().to_string();
+    assert!(e.contains("EU_DR_KEY_K1"), "{e}");
+}

@@ -591,6 +591,29 @@ impl Validator<'_> {
                     ),
                 ));
             }
+            for (id, key) in &region.dr_old_keys {
+                let valid_id = !id.is_empty()
+                    && id.len() <= 16
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if !valid_id || *id == dr_key_id {
+                    return Err(self.invalid(
+                        None,
+                        format!(
+                            "regions.{name}.dr_old_keys: key id {id:?} must be 1 to 16 letters, \
+                             digits, '_' or '-' and not the current dr_key_id"
+                        ),
+                    ));
+                }
+                if !self.is_unresolved(key) {
+                    if let Err(e) = crate::dr::DrKey::parse(id, key) {
+                        return Err(
+                            self.invalid(None, format!("regions.{name}.dr_old_keys.{id}: {e}"))
+                        );
+                    }
+                }
+            }
             let hash_key_id = region.hash_key_id.unwrap_or_else(|| "k1".to_string());
             let valid_id = !hash_key_id.is_empty()
                 && hash_key_id.len() <= 16
@@ -618,6 +641,7 @@ impl Validator<'_> {
                     hash_key_id,
                     dr_key: region.dr_key,
                     dr_key_id,
+                    dr_old_keys: region.dr_old_keys,
                     kafka,
                 },
             );

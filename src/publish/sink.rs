@@ -104,12 +104,14 @@ pub fn seal_for_dr(
         after: change.after.as_deref().map(Cow::Borrowed),
     };
     let live = envelope::encode(source, change, &whole);
+    let row = key.row_hash(&live.table, &live.key);
     let sealed = key.seal(
+        &source.region,
         &live.table,
+        &row,
         change.hlc,
         &dr::plaintext(&live.key, &live.value),
     )?;
-    let row = key.row_hash(&live.table, &live.key);
     Ok(Some(Record {
         key: row.to_vec(),
         value: sealed.encode(),
