@@ -515,6 +515,7 @@ pub async fn send_keys(
                 .map_err(|e| ResyncError::Kafka(e.to_string()))?,
         )
     };
+    let no_dr_outlets = HashMap::new();
     let mut out = Sender {
         region,
         source: Source {
@@ -529,6 +530,13 @@ pub async fn send_keys(
         acked: 0,
         reports: Vec::new(),
         summary: Summary::default(),
+        // a repair re-sends rows to regions that differ; DR copies follow
+        // the rows' next change (or a resync)
+        dr_key: None,
+        dr_outlets: &no_dr_outlets,
+        outlet_regions: policy.destinations(),
+        seals: None,
+        metrics: crate::metrics::Metrics::new(),
     };
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

@@ -167,3 +167,86 @@ async fn a_sidecar_waiting_for_a_column_stops_on_sigterm() {
         eu.log_text()
     );
 }
+
+/// The README's policy-change procedures, while the regions write. A home
+/// gains a destination (eu's rows may now live in us too): the
+/// destination's sidecar restarts first, then the home's, then the home
+/// resyncs its rows to it. A home loses one (us's rows may no longer live
+/// in eu): the home's sidecar restarts first, then the destination's, then
+/// `verify --repair` removes what the destination may no longer hold —
+/// there only, published nowhere — and `verify` finds the regions agreeing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_moves_rows_where_the_new_policy_says() {
+    let p = partitioned_pair();
+    let cfg = p.cfg.path.to_str().unwrap().to_string();
+    let mut us = Relay::spawn(&p.cfg, "us", "all");
+    let mut eu = Relay::spawn(&p.cfg, "eu", "all");
+    p.us.psql("INSERT INTO people VALUES (1, 'us', 'a'), (2, 'us', 'b')");
+    p.eu.psql("INSERT INTO people VALUES (10, 'eu', 'x'), (11, 'eu', 'y')");
+    eventually(Duration::from_secs(60), "eu holds us's rows", || async {
+        (ids(&p.eu).await == [1, 2, 10, 11]).then_some(())
+    })
+    .await;
+    assert_eq!(ids(&p.us).await, [1, 2], "eu's rows stay in eu");
+    // the new policy in every region's config
+    let text = std::fs::read_to_string(&p.cfg.path).unwrap();
+    let changed = text.replacen("us = [\"eu\"]\neu = []", "us = []\neu = [\"us\"]", 1);
+    assert_ne!(text, changed);
+    std::fs::write(&p.cfg.path, changed).unwrap();
+    // us first: it stops sending its rows to eu, and admits eu's
+    us.kill9();
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    p.us.psql("INSERT INTO people VALUES (3, 'us', 'c')");
+    // then eu: it sends its rows to us from now on
+    eu.kill9();
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    p.eu.psql("INSERT INTO people VALUES (12, 'eu', 'z')");
+    let out = relay::ok(&[
+        "resync",
+        "--config",
+        &cfg,
+        "--region",
+        "eu",
+        "--to",
+        "us",
+        "--table",
+        "public.people",
+    ]);
+    assert!(out.contains("public.people"), "{out}");
+    eventually(Duration::from_secs(60), "us holds eu's rows", || async {
+        (ids(&p.us).await == [1, 2, 3, 10, 11, 12]).then_some(())
+    })
+    .await;
+    // eu still holds us's old rows, which it may no longer hold
+    assert_eq!(ids(&p.eu).await, [1, 2, 10, 11, 12]);
+    let found = relay::cmd(&["verify", "--config", &cfg, "--table", "public.people"]);
+    let text = String::from_utf8_lossy(&found.stdout);
+    assert_eq!(found.status.code(), Some(1), "{text}");
+    assert!(text.contains("LEAKED"), "{text}");
+    let repaired = relay::cmd(&[
+        "verify",
+        "--config",
+        &cfg,
+        "--table",
+        "public.people",
+        "--repair",
+    ]);
+    assert_ne!(
+        repaired.status.code(),
+        Some(2),
+        "{}{}",
+        String::from_utf8_lossy(&repaired.stdout),
+        String::from_utf8_lossy(&repaired.stderr)
+    );
+    eventually(Duration::from_secs(60), "eu without us's rows", || async {
+        (ids(&p.eu).await == [10, 11, 12]).then_some(())
+    })
+    .await;
+    assert_eq!(ids(&p.us).await, [1, 2, 3, 10, 11, 12], "us keeps its rows");
+    let again = relay::cmd(&["verify", "--config", &cfg, "--table", "public.people"]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+}
