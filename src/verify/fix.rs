@@ -194,6 +194,29 @@ async fn remove(
             .await
             .map_err(|e| query_error(&step.to, &step.table, "removing rows", &e))?;
     }
+    if removed > 0 {
+        // what was removed and why, in the region's event log (no key,
+        // no value: counts and the reason)
+        let why = match (step.kind, &step.column) {
+            (Kind::Leaked, None) => "rows homed where the policy does not allow this region",
+            (Kind::Leaked, Some(_)) => "rows holding in clear a value the column rule transforms",
+            (Kind::Extra, _) => "rows of an owned table its owner did not write",
+            _ => "copies differing from the writer's version under its stamp (sent again)",
+        };
+        let table = step.table.to_string();
+        let kind = step.kind.as_str();
+        let column = step.column.clone();
+        let rows = removed as i64;
+        client
+            .execute(
+                "INSERT INTO pgrelay.events (region, kind, detail) VALUES ($1, 'verify_repair', \
+                 jsonb_strip_nulls(jsonb_build_object('table', $2::text, 'difference', $3::text, \
+                 'column', $4::text, 'removed', $5::bigint, 'why', $6::text)))",
+                &[&step.to, &table, &kind, &column, &rows, &why],
+            )
+            .await
+            .map_err(|e| query_error(&step.to, &step.table, "recording the removal", &e))?;
+    }
     Ok(removed)
 }
 

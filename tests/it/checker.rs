@@ -2220,55 +2220,100 @@ async fn verify_agrees_then_finds_a_planted_difference(
             unexpected.len()
         );
     }
-    // plant: as the apply side writes (no trigger, pgrelay's origin), so
-    // nothing is published and nothing will repair it
-    let eu = connect(&w.pg["eu"].dsn()).await;
-    eu.batch_execute(
-        "SET session_replication_role = replica; \
-         SELECT pg_replication_origin_session_setup('pgrelay_replay')",
-    )
-    .await
-    .expect("a session as the apply side writes");
-    let key: i32 = eu
-        .query_one(
-            "WITH k AS (SELECT min(id) AS id FROM g), \
-             upd AS (UPDATE g SET n = n + 1 FROM k WHERE g.id = k.id RETURNING g.id), \
-             ins AS (INSERT INTO g (id, n, _pgrelay_hlc) SELECT 1000000, 1, 1 \
-                     WHERE NOT EXISTS (SELECT 1 FROM k WHERE id IS NOT NULL) RETURNING id) \
-             SELECT id FROM upd UNION ALL SELECT id FROM ins",
-            &[],
+    // plant, as the apply side writes (no trigger, pgrelay's replay
+    // origin, which no capture side publishes), so nothing will repair it:
+    // in eu a value of one `g` row changed under its stamp (diverged) and
+    // another `g` row deleted (missing in eu); in cn a `p` row homed us,
+    // which cn may not hold (leaked in cn)
+    let as_apply = |region: &'static str| {
+        let dsn = w.pg[region].dsn();
+        async move {
+            let c = connect(&dsn).await;
+            c.batch_execute(
+                "SET session_replication_role = replica; \
+                 SELECT pg_replication_origin_session_setup('pgrelay_replay')",
+            )
+            .await
+            .expect("a session as the apply side writes");
+            c
+        }
+    };
+    let eu = as_apply("eu").await;
+    let ids: Vec<i32> = eu
+        .query("SELECT id FROM g ORDER BY id", &[])
+        .await
+        .expect("eu's g")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let changed = ids.first().copied();
+    let deleted = (ids.len() >= 2).then(|| ids[ids.len() - 1]);
+    if let Some(k) = changed {
+        eu.execute("UPDATE g SET n = n + 1 WHERE id = $1", &[&k])
+            .await
+            .expect("change a g row in eu");
+    }
+    if let Some(k) = deleted {
+        eu.execute("DELETE FROM g WHERE id = $1", &[&k])
+            .await
+            .expect("delete a g row in eu");
+    }
+    let leaked = 1_000_000;
+    as_apply("cn")
+        .await
+        .execute(
+            "INSERT INTO p (id, home, n, _pgrelay_hlc) VALUES ($1, 'us', 1, 64 + 1)",
+            &[&leaked],
         )
         .await
-        .expect("plant a difference in eu")
-        .get(0);
+        .expect("a p row homed us in cn");
+    let mut planted: Vec<(&str, i32, &str, &str)> = vec![("public.p", leaked, "leaked", "cn")];
+    planted.extend(changed.map(|k| ("public.g", k, "diverged", "")));
+    planted.extend(deleted.map(|k| ("public.g", k, "missing", "eu")));
     let report = verify();
+    let key_of = |d: &serde_json::Value| -> Option<i32> {
+        let k: serde_json::Value = serde_json::from_str(d["key"].as_str()?).ok()?;
+        k["id"]
+            .as_i64()
+            .map(|k| k as i32)
+            .or_else(|| k["id"].as_str()?.parse().ok())
+    };
     let found: Vec<&serde_json::Value> = report["differences"]
         .as_array()
         .expect("differences")
         .iter()
-        .filter(|d| d["table"] == "public.g")
+        .filter(|d| {
+            d["table"] == "public.g"
+                || (d["table"] == "public.p" && key_of(d) == Some(leaked))
+        })
         .collect();
-    let names_key = |d: &serde_json::Value| {
-        let k: serde_json::Value = d["key"]
-            .as_str()
-            .and_then(|k| serde_json::from_str(k).ok())
-            .unwrap_or_default();
-        k["id"].as_i64().or_else(|| k["id"].as_str()?.parse().ok()) == Some(i64::from(key))
-    };
-    assert!(
-        !found.is_empty() && found.iter().all(|d| names_key(d)),
-        "seed {seed}: g key {key} was changed in eu alone: pgrelay verify must report that key \
-         and no other of g; it reported {found:?}"
+    for (table, key, kind, destination) in &planted {
+        let matching: Vec<&&serde_json::Value> = found
+            .iter()
+            .filter(|d| {
+                d["table"] == *table
+                    && key_of(d) == Some(*key)
+                    && d["kind"] == *kind
+                    && (destination.is_empty() || d["destination"] == *destination)
+            })
+            .collect();
+        assert_eq!(
+            matching.len(),
+            1,
+            "seed {seed}: planted {kind} {table} key {key} (in {destination:?}): pgrelay verify \
+             must report it exactly once; it reported {found:?}"
+        );
+    }
+    assert_eq!(
+        found.len(),
+        planted.len(),
+        "seed {seed}: pgrelay verify reported more than what was planted {planted:?}: {found:?}"
     );
     eprintln!(
         "seed {seed}: pgrelay verify agrees with the model ({} difference(s) the model allows), \
-         and reports the difference planted in eu (g key {key}: {})",
+         and reports each of the {} differences planted, once, with its kind: {planted:?}",
         differences.len(),
-        found
-            .iter()
-            .map(|d| d["kind"].as_str().unwrap_or("?"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        planted.len()
     );
 }
 
