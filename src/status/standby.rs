@@ -90,7 +90,7 @@ pub async fn read(client: &Client, logical_slot: &str, lagging_bytes: u64) -> Ve
         .flatten()
         .is_some_and(|r| r.get::<_, bool>(0));
     let named = match client
-        .query_one("SHOW synchronized_standby_slots", &[])
+        .query_one("SELECT current_setting('synchronized_standby_slots')", &[])
         .await
     {
         Ok(r) => parse_setting(&r.get::<_, String>(0)),
