@@ -142,6 +142,20 @@ impl Pipeline {
             &self.breaker_labels(),
             if frozen { 1.0 } else { 0.0 },
         );
+        // the pair's state gauge follows at once rather than at the next
+        // periodic refresh (a release is left to that refresh: the pair
+        // may be lagging then)
+        if frozen {
+            self.metrics.set(
+                "pgrelay_pair_state",
+                "State of an incoming region pair as this sidecar sees it: 0 active, 1 lagging, 2 failed, 3 frozen by the breaker",
+                &[
+                    ("source", self.source.as_str()),
+                    ("destination", self.region.as_str()),
+                ],
+                crate::status::state_code("frozen"),
+            );
+        }
     }
 
     /// Reads the stored breaker; while it is frozen, waits (polling it) for

@@ -16,7 +16,9 @@
 //! otherwise it is the age of the newest change the destination applied from
 //! that source. State: `failed` when a database is
 //! unreachable or no sidecar streams from the slot, `lagging` past the
-//! `[relay.status]` thresholds, else `active`.
+//! `[relay.status]` thresholds or while the source's primary holds its
+//! changes back for a standby (`source_held`, see [`standby`]), else
+//! `active`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,6 +30,7 @@ use crate::event::Lsn;
 use crate::source::catalog::{self, Catalog};
 
 mod render;
+pub mod standby;
 pub use render::{render, render_dr, render_egress, render_verify};
 
 const IDLE_BYTES: u64 = 16 * 1024 * 1024;
@@ -63,6 +66,10 @@ pub struct PairStatus {
     /// their rate over the last minute; in a sidecar's view only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress: Option<crate::overview::Egress>,
+    /// Why the source's primary sends the capture side nothing: a standby
+    /// named in `synchronized_standby_slots` is down or far behind (the
+    /// pair is `lagging` then).
+    pub source_held: Option<String>,
     /// The source region is fenced (`pgrelay fence`): since when, and why.
     pub source_fenced: Option<String>,
     /// The source region's last recorded failover (`pgrelay.events`).
@@ -88,6 +95,8 @@ struct SourceSide {
     fenced: Option<String>,
     last_failover: Option<String>,
     unrecovered: Option<(String, Vec<String>)>,
+    /// The physical slots the walsender may wait for (PostgreSQL 17+).
+    standby_slots: Vec<standby::StandbySlot>,
     /// destination -> what the sidecar last left in `pgrelay.egress`
     egress: BTreeMap<String, crate::overview::Egress>,
 }
@@ -133,8 +142,15 @@ async fn source_side(config: &Config, region: &str) -> SourceSide {
     let last_failover = crate::failover::last_event(&client).await.ok().flatten();
     let unrecovered = crate::failover::unrecovered(&client).await.ok().flatten();
     let egress = stored_egress(config, &client).await;
+    let standby_slots = standby::read(
+        &client,
+        &config.slot_name(region),
+        config.status.lagging_bytes,
+    )
+    .await;
     let side = slot_side(config, region, &cat).await;
     SourceSide {
+        standby_slots,
         fenced,
         last_failover,
         unrecovered,
@@ -175,6 +191,7 @@ async fn slot_side(config: &Config, region: &str, cat: &Catalog<'_>) -> SourceSi
             fenced: None,
             last_failover: None,
             unrecovered: None,
+            standby_slots: Vec::new(),
             egress: BTreeMap::new(),
             problem: if s.is_lost() {
                 Some(catalog::lost_slot_message(
@@ -394,6 +411,15 @@ pub async fn export_local(
             n as f64,
         );
     }
+    for slot in &src.standby_slots {
+        metrics.set(
+            "pgrelay_capture_held_by_standby",
+            "1 while the source's primary holds the capture side back for this standby slot (synchronized_standby_slots)",
+            &[("region", region), ("slot", slot.name.as_str())],
+            if slot.holding.is_some() { 1.0 } else { 0.0 },
+        );
+    }
+    let source_held = standby::describe(&src.standby_slots);
     let mut pairs = Vec::new();
     let lag_bytes = match (src.current, src.confirmed) {
         (Some(c), Some(f)) => Some(c.0.saturating_sub(f.0)),
@@ -417,7 +443,7 @@ pub async fn export_local(
             "failed"
         } else if rebuilding.is_some() {
             "rebuilding"
-        } else if lag_bytes.unwrap_or(0) > config.status.lagging_bytes {
+        } else if source_held.is_some() || lag_bytes.unwrap_or(0) > config.status.lagging_bytes {
             "lagging"
         } else {
             "active"
@@ -440,6 +466,7 @@ pub async fn export_local(
             frozen: None,
             seen_from: Some("source"),
             egress: None,
+            source_held: source_held.clone(),
             source_fenced: src.fenced.clone(),
             source_last_failover: src.last_failover.clone(),
             rebuilding,
@@ -516,6 +543,7 @@ pub async fn export_local(
             }),
             seen_from: Some("destination"),
             egress: None,
+            source_held: None,
             source_fenced: None,
             source_last_failover: None,
             rebuilding: None,
@@ -560,6 +588,7 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 )
             });
             let rebuilding = crate::failover::rebuilding(s, d, src.unrecovered.as_ref(), backlog);
+            let source_held = standby::describe(&src.standby_slots);
             let state = if !problems.is_empty() {
                 "failed"
             } else if frozen.is_some() {
@@ -567,6 +596,7 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
             } else if rebuilding.is_some() {
                 "rebuilding"
             } else if held.is_some()
+                || source_held.is_some()
                 || lag_bytes.unwrap_or(0) > config.status.lagging_bytes
                 || lag_seconds.unwrap_or(0.0) > config.status.lagging_after.as_secs_f64()
             {
@@ -592,6 +622,7 @@ pub async fn collect(config: &Config) -> Vec<PairStatus> {
                 frozen,
                 seen_from: None,
                 egress: src.egress.get(d).copied(),
+                source_held,
                 source_fenced: src.fenced.clone(),
                 source_last_failover: src.last_failover.clone(),
                 rebuilding,

@@ -44,6 +44,7 @@ pub fn render(rows: &[PairStatus]) -> String {
             .problems
             .iter()
             .chain(&r.held)
+            .chain(&r.source_held)
             .chain(&r.frozen)
             .chain(&r.rebuilding)
         {
@@ -181,6 +182,7 @@ mod tests {
             frozen: None,
             seen_from: None,
             egress,
+            source_held: None,
             source_fenced: None,
             source_last_failover: None,
             rebuilding: None,

@@ -357,6 +357,169 @@ async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
     );
 }
 
+/// The value of the gauge `name` whose labels include `labels`, as the
+/// sidecar listening on `port` serves it.
+fn gauge(port: u16, name: &str, labels: &[&str]) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut out = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let _ = s.read_to_string(&mut out);
+    }
+    out.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
+
+/// The `source_held` of the pair us -> eu in `status --json`.
+fn source_held(path: &str) -> Option<String> {
+    let out = relay::cmd(&["status", "--config", path, "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    rows.as_array()?
+        .iter()
+        .find(|r| r["source"] == "us" && r["destination"] == "eu")?["source_held"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_is_down_holds_the_region_and_status_says_why() {
+    if pg::major() < 17 {
+        eprintln!(
+            "SKIP a_standby_that_is_down_holds_the_region_and_status_says_why: \
+             failover slots need PostgreSQL 17+ (this run: {})",
+            pg::major()
+        );
+        return;
+    }
+    let primary = Pg::start();
+    let eu = Pg::start();
+    primary.psql(SCHEMA);
+    eu.psql(SCHEMA);
+    primary.psql("ALTER SYSTEM SET synchronized_standby_slots = 'us_standby'");
+    primary.psql("SELECT pg_reload_conf()");
+    let standby = primary.standby(
+        "us_standby",
+        &[
+            ("sync_replication_slots", "on"),
+            ("hot_standby_feedback", "on"),
+        ],
+    );
+    let broker = Broker::start();
+    let text = crate::apply::config(&primary.dsn(), &eu.dsn(), &broker.brokers());
+    let cfg = ConfigFile::new(&text);
+    let path = cfg.path.to_str().unwrap();
+    // us's sidecar serves its metrics
+    let http = crate::support::free_port();
+    let us_cfg = ConfigFile::new(&format!("{text}\n[http]\nlisten = \"127.0.0.1:{http}\"\n"));
+    for r in ["us", "eu"] {
+        relay::ok(&["setup", "--config", path, "--region", r]);
+    }
+    let _us_relay = Relay::spawn(&us_cfg, "us", "all");
+    let _eu_relay = Relay::spawn(&cfg, "eu", "all");
+    let pc = primary.client().await;
+    let eu_client = eu.client().await;
+    let held = ["region=\"us\"", "slot=\"us_standby\""];
+
+    // with the standby up, changes flow and nothing is held
+    pc.batch_execute("INSERT INTO products (id, name, price) VALUES (1, 'standby up', 1)")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while eu_client
+        .query_one("SELECT count(*) FROM products WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first row never reached eu; us sidecar log:\n{}\neu sidecar log:\n{}",
+            _us_relay.log_text(),
+            _eu_relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eventually(Duration::from_secs(30), "the held gauge at 0", || async {
+        (gauge(http, "pgrelay_capture_held_by_standby", &held) == Some(0.0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        source_held(path),
+        None,
+        "nothing held while the standby runs"
+    );
+
+    // the standby goes down: the primary sends nothing it lacks
+    standby.stop();
+    pc.batch_execute("INSERT INTO products (id, name, price) VALUES (2, 'standby down', 2)")
+        .await
+        .unwrap();
+    let reason = "standby slot \"us_standby\" (synchronized_standby_slots) is inactive";
+    eventually(
+        Duration::from_secs(60),
+        "status naming the standby",
+        || async { source_held(path).filter(|h| h.contains(reason)).map(|_| ()) },
+    )
+    .await;
+    let text =
+        String::from_utf8_lossy(&relay::cmd(&["status", "--config", path]).stdout).into_owned();
+    let line = text
+        .lines()
+        .skip_while(|l| !l.starts_with("us->eu"))
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        line.contains(&format!("held: {reason}"))
+            && line.contains("ALTER SYSTEM RESET synchronized_standby_slots"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("us->eu") && l.ends_with("lagging")),
+        "{text}"
+    );
+    eventually(Duration::from_secs(30), "the held gauge at 1", || async {
+        (gauge(http, "pgrelay_capture_held_by_standby", &held) == Some(1.0)).then_some(())
+    })
+    .await;
+    let n: i64 = eu_client
+        .query_one("SELECT count(*) FROM products WHERE id = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "a change the standby lacks reached eu");
+
+    // the standby is back: the held change arrives, the reason goes
+    standby.restart();
+    until_count(
+        &eu_client,
+        "SELECT count(*) FROM products WHERE id = 2",
+        1,
+        "the held row in eu",
+    )
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "status without the reason",
+        || async { source_held(path).is_none().then_some(()) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the held gauge back at 0",
+        || async {
+            (gauge(http, "pgrelay_capture_held_by_standby", &held) == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+    let text =
+        String::from_utf8_lossy(&relay::cmd(&["status", "--config", path]).stdout).into_owned();
+    assert!(!text.contains("synchronized_standby_slots"), "{text}");
+}
+
 /// PostgreSQL 15/16, no failover slots: the promoted standby has no slot;
 /// `setup` makes a new one, the sidecar records the failover, and `resync`
 /// sends what the old slot had not delivered. Runs on any major (the
