@@ -2283,8 +2283,7 @@ async fn verify_agrees_then_finds_a_planted_difference(
         .expect("differences")
         .iter()
         .filter(|d| {
-            d["table"] == "public.g"
-                || (d["table"] == "public.p" && key_of(d) == Some(leaked))
+            d["table"] == "public.g" || (d["table"] == "public.p" && key_of(d) == Some(leaked))
         })
         .collect();
     for (table, key, kind, destination) in &planted {

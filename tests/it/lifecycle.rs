@@ -244,19 +244,18 @@ async fn a_policy_change_moves_rows_where_the_new_policy_says() {
     .await;
     assert_eq!(ids(&p.us).await, [1, 2, 3, 10, 11, 12], "us keeps its rows");
     // the removal is in eu's event log, with why (no key, no value)
-    let events: Vec<String> = p
-        .eu
-        .client()
-        .await
-        .query(
-            "SELECT detail::text FROM pgrelay.events WHERE kind = 'verify_repair'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let events: Vec<String> =
+        p.eu.client()
+            .await
+            .query(
+                "SELECT detail::text FROM pgrelay.events WHERE kind = 'verify_repair'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
     assert!(
         events.len() == 1 && events[0].contains("\"removed\": 2") && events[0].contains("leaked"),
         "{events:?}"
