@@ -1547,7 +1547,8 @@ impl World {
         // (a region's part is kept by its stamp: an increment taken from
         // zero before the resync arrived would outrank it)
         let cn = connect(&self.pg[r].dsn()).await;
-        let deadline = Instant::now() + Duration::from_secs(90);
+        // it reads every topic from its start first: the whole history
+        let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             // with no stored offsets the new database's apply side reads
             // each topic from its start: old storms trip its breakers,
@@ -1580,11 +1581,40 @@ impl World {
             if held as usize >= m_keys.len() {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "cn holds {held} of us's {} counter rows 90 s after the resync",
-                m_keys.len()
-            );
+            if Instant::now() > deadline {
+                let parked = cn
+                    .query(
+                        "SELECT class, count(*) FROM pgrelay.parked GROUP BY class",
+                        &[],
+                    )
+                    .await
+                    .map(|rows| {
+                        rows.iter()
+                            .map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, i64>(1)))
+                            .collect::<Vec<_>>()
+                    });
+                let breakers = cn
+                    .query("SELECT source_region, state FROM pgrelay.breakers", &[])
+                    .await
+                    .map(|rows| {
+                        rows.iter()
+                            .map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, String>(1)))
+                            .collect::<Vec<_>>()
+                    });
+                let log = self.sidecars[&(r, "apply")].log_text();
+                let warnings: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .take(20)
+                    .collect();
+                panic!(
+                    "cn holds {held} of us's {} counter rows 300 s after the resync; parked there: \
+                     {parked:?}; breakers: {breakers:?}; offsets: {:?}; cn apply warnings:\n{}",
+                    m_keys.len(),
+                    actual_offsets(&cn).await,
+                    warnings.join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         drop(paused);
