@@ -1334,7 +1334,7 @@ impl World {
                     self.sidecars
                         .insert((r, role), Relay::spawn(&self.cfg, r, role));
                 }
-                relay::ok(&[
+                resync(&[
                     "resync",
                     "--config",
                     self.cfg.path.to_str().unwrap(),
@@ -1533,7 +1533,7 @@ impl World {
             .map(|row| row.get(0))
             .collect();
         for source in REGIONS.iter().filter(|o| **o != r) {
-            relay::ok(&[
+            resync(&[
                 "resync",
                 "--config",
                 self.cfg.path.to_str().unwrap(),
@@ -1618,6 +1618,22 @@ impl World {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         drop(paused);
+    }
+}
+
+/// `pgrelay resync` as an operator runs it: safe to run again, so run
+/// again (at most three times) when it stopped on an error — a Kafka
+/// metadata request that timed out on a loaded machine has been seen.
+fn resync(args: &[&str]) {
+    for attempt in 1..=3 {
+        let out = relay::cmd(args);
+        if out.status.success() {
+            return;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(attempt < 3, "pgrelay {args:?} failed three times: {stderr}");
+        eprintln!("pgrelay {args:?} failed (attempt {attempt}), running it again: {stderr}");
+        std::thread::sleep(Duration::from_secs(2));
     }
 }
 
