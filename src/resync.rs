@@ -264,7 +264,7 @@ pub async fn run(
         .filter(|&i| opts.to.is_empty() || opts.to.contains(&policy.destinations()[i]))
         .collect();
 
-    let client = catalog::connect(&region_cfg.dsn, region).await?;
+    let client = read_session(&region_cfg.dsn, region).await?;
     let read_err = |what: &str| {
         let region = region.to_string();
         let what = what.to_string();
@@ -274,10 +274,6 @@ pub async fn run(
             source,
         }
     };
-    client
-        .batch_execute(&canonical_text_sets("; "))
-        .await
-        .map_err(read_err("session settings"))?;
     let cat = Catalog {
         client: &client,
         region,
@@ -482,7 +478,7 @@ pub async fn send_keys(
             tables.push(r.table.clone());
         }
     }
-    let client = catalog::connect(&region_cfg.dsn, region).await?;
+    let client = read_session(&region_cfg.dsn, region).await?;
     let read_err = |what: &str| {
         let region = region.to_string();
         let what = what.to_string();
@@ -492,10 +488,6 @@ pub async fn send_keys(
             source,
         }
     };
-    client
-        .batch_execute(&canonical_text_sets("; "))
-        .await
-        .map_err(read_err("session settings"))?;
     let cat = Catalog {
         client: &client,
         region,
@@ -671,6 +663,21 @@ pub fn keyed_select_sql(
 
 /// Routes, encodes and sends changes, keeping at most `max_in_flight`
 /// unacknowledged.
+/// A session on the region's database that reads values in the stream's
+/// spelling (see `canonical_text_sets`).
+async fn read_session(dsn: &str, region: &str) -> Result<tokio_postgres::Client, ResyncError> {
+    let client = catalog::connect(dsn, region).await?;
+    client
+        .batch_execute(&canonical_text_sets("; "))
+        .await
+        .map_err(|source| ResyncError::Read {
+            region: region.to_string(),
+            what: "session settings".to_string(),
+            source,
+        })?;
+    Ok(client)
+}
+
 struct Sender<'a> {
     region: &'a str,
     source: Source,
