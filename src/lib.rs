@@ -37,6 +37,7 @@ pub mod publish;
 pub mod repair;
 pub mod residency;
 pub mod resync;
+pub mod schema;
 pub mod setup;
 pub mod sidecar;
 pub mod source;

@@ -137,7 +137,7 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
             privileges: DML,
         });
     }
-    for view in ["watermarks", "fence"] {
+    for view in ["watermarks", "fence", "schema_version"] {
         out.push(Need {
             object: Object::Table(pgrelay(view)),
             privileges: &["SELECT"],
@@ -160,7 +160,7 @@ pub fn needs(config: &Config, parameters: bool) -> Vec<Need> {
             });
         }
     }
-    if config.tables.iter().any(|t| !t.dr.is_empty()) {
+    if config.has_dr() {
         out.push(Need {
             object: Object::Schema("pgrelay_dr".into()),
             privileges: &["USAGE"],

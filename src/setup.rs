@@ -24,6 +24,7 @@ use crate::config::{Config, TableClass};
 use crate::event::{quote_ident, quote_literal, TableName};
 use crate::hlc;
 use crate::names::{DEFINER, HLC_COLUMN};
+use crate::schema;
 
 /// Primary key columns of a table, as read from the catalog.
 pub type KeyColumns = Vec<String>;
@@ -285,81 +286,23 @@ pub fn clock_sql(region_id: u8) -> Vec<String> {
 /// The SQL statements that bring a region's database up to date. `keys`
 /// gives each declared table's primary key (the caller reads the catalog and
 /// reports tables without one before calling this); `stamp`, the stamp
-/// trigger (with [`Stamp::C`] the extension must exist already).
+/// trigger (with [`Stamp::C`] the extension must exist already);
+/// `installed`, the versions of pgrelay's tables the database holds (see
+/// [`schema`]): the migrations it lacks come first, then every object that
+/// follows the config, re-created.
 pub fn plan(
     config: &Config,
     region: &str,
     keys: &dyn Fn(&TableName) -> KeyColumns,
     stamp: Stamp,
+    installed: &schema::Installed,
 ) -> Vec<String> {
     let region_id = config.regions[region].id;
     let mut sql = clock_sql(region_id);
+    // pgrelay's tables: the migrations this database lacks
+    sql.extend(schema::upgrade_sql(&installed.pending(config.has_dr())));
     sql.extend([
-        "CREATE TABLE IF NOT EXISTS pgrelay.tombstones (\
-            table_name text NOT NULL, pk jsonb NOT NULL, hlc bigint NOT NULL, \
-            deleted_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (table_name, pk))"
-            .to_string(),
-        // a table's newest tombstone, for check_tombstone
-        "CREATE INDEX IF NOT EXISTS tombstones_table_hlc ON pgrelay.tombstones (table_name, hlc)"
-            .to_string(),
-        // the stamp below which tombstones are gone (see apply::horizon)
-        "CREATE TABLE IF NOT EXISTS pgrelay.horizon (\
-            table_name text PRIMARY KEY, hlc bigint NOT NULL, \
-            raised_at timestamptz NOT NULL DEFAULT now())"
-            .to_string(),
-        "CREATE INDEX IF NOT EXISTS tombstones_hlc ON pgrelay.tombstones (hlc)".to_string(),
-        // the deleted row's home (partitioned tables), for resync's routing
-        "ALTER TABLE pgrelay.tombstones ADD COLUMN IF NOT EXISTS home text".to_string(),
-        "CREATE TABLE IF NOT EXISTS pgrelay.offsets (\
-            topic text NOT NULL, kafka_partition int NOT NULL, next_offset bigint NOT NULL, \
-            updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (topic, kafka_partition))"
-            .to_string(),
-        "CREATE TABLE IF NOT EXISTS pgrelay.watermark_parts (\
-            source_region text NOT NULL, session int NOT NULL, hlc bigint NOT NULL, \
-            commit_lsn pg_lsn, commit_time timestamptz, \
-            applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (source_region, session))"
-            .to_string(),
-        // incoming changes that lost to a newer version (see
-        // apply::sql::conflicts_sql); one entry per table, key and stamp
-        "CREATE TABLE IF NOT EXISTS pgrelay.conflicts (\
-            table_name text NOT NULL, pk jsonb NOT NULL, op text NOT NULL, \
-            winner_hlc bigint NOT NULL, winner_origin text, \
-            loser_hlc bigint NOT NULL, loser_origin text, loser_version jsonb, \
-            recorded_at timestamptz NOT NULL DEFAULT now(), \
-            PRIMARY KEY (table_name, pk, loser_hlc))"
-            .to_string(),
-        "CREATE INDEX IF NOT EXISTS conflicts_recorded_at ON pgrelay.conflicts (recorded_at)"
-            .to_string(),
-        // counters keep their parts in each row now (see merge.rs): the
-        // per-row high-water marks of the delta scheme are gone
-        "DROP TABLE IF EXISTS pgrelay.merged".to_string(),
-        // per partition: every change the source committed before this LSN
-        // is applied (see wait_for_function)
-        "ALTER TABLE pgrelay.offsets ADD COLUMN IF NOT EXISTS source_lsn pg_lsn".to_string(),
-        // changes parked instead of applied, by their original position,
-        // until `dlq replay` applies them (see wait_for_function)
-        "CREATE TABLE IF NOT EXISTS pgrelay.parked (\
-            topic text NOT NULL, kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, \
-            commit_lsn pg_lsn NOT NULL, class text NOT NULL, \
-            parked_at timestamptz NOT NULL DEFAULT now(), \
-            PRIMARY KEY (topic, kafka_partition, kafka_offset))"
-            .to_string(),
         wait_for_function(config, region),
-        // the columns the apply side last saw in each replicated table, so
-        // it knows a column dropped here from one never added here (see
-        // apply::target)
-        format!(
-            "CREATE TABLE IF NOT EXISTS {} (\
-                table_name text NOT NULL, column_name text NOT NULL, \
-                dropped boolean NOT NULL DEFAULT false, \
-                PRIMARY KEY (table_name, column_name))",
-            crate::names::COLUMNS_TABLE
-        ),
-        // why a session holds its records back (NULL: it does not)
-        "ALTER TABLE pgrelay.watermark_parts ADD COLUMN IF NOT EXISTS held_reason text".to_string(),
-        // the blast-radius breaker's state per source, and the region's events
-        crate::apply::breaker::SETUP_SQL[0].to_string(),
-        crate::apply::breaker::SETUP_SQL[1].to_string(),
         // per source: what every apply session has reached (the least of
         // them), and when anything was last applied
         "CREATE OR REPLACE VIEW pgrelay.watermarks AS \
@@ -387,21 +330,6 @@ BEGIN
     RETURN NULL;
 END
 $fn$"),
-        // the sidecar's egress figures, for `pgrelay status`
-        crate::overview::EGRESS_TABLE_SQL.to_string(),
-        // the sidecar's last periodic verify, for `pgrelay status`
-        crate::verify::schedule::RUNS_TABLE_SQL.to_string(),
-        // the primary the capture side last streamed from (see `events`)
-        "CREATE TABLE IF NOT EXISTS pgrelay.primary_identity (\
-            region text PRIMARY KEY, system_id text NOT NULL, timeline int NOT NULL, \
-            seen_at timestamptz NOT NULL DEFAULT now())"
-            .to_string(),
-        // a row here fences the region: local writes to replicated tables
-        // are refused (`pgrelay fence`), applied changes still land
-        "CREATE TABLE IF NOT EXISTS pgrelay.fence (\
-            region text PRIMARY KEY, fenced_at timestamptz NOT NULL DEFAULT now(), \
-            reason text)"
-            .to_string(),
         // statement-level, so an unfenced region pays one lookup per
         // statement
         format!("CREATE OR REPLACE FUNCTION pgrelay.fence_guard() RETURNS trigger LANGUAGE plpgsql \
@@ -544,9 +472,6 @@ $fn$"),
             }
         }
     }
-    if config.tables.iter().any(|t| !t.dr.is_empty()) {
-        sql.extend(crate::dr::SETUP_SQL.iter().map(|s| s.to_string()));
-    }
     published.push("pgrelay.tombstones".to_string());
     let publication = quote_ident(config.publication_name());
     let list = published.join(", ");
@@ -647,18 +572,30 @@ home_column = "country"
     #[test]
     fn replica_identity_follows_the_class_and_before_image() {
         let keys = |_: &TableName| vec!["id".to_string()];
-        let plan = plan(&config(""), "us", &keys, Stamp::Plpgsql);
+        let plan = plan(
+            &config(""),
+            "us",
+            &keys,
+            Stamp::Plpgsql,
+            &Default::default(),
+        );
         assert!(identity(&plan, r#""public"."products""#).ends_with("DEFAULT"));
         assert!(identity(&plan, r#""public"."orders""#).ends_with("FULL"));
         let full = config("[relay.capture]\nbefore_image = \"full\"");
-        let plan = super::plan(&full, "us", &keys, Stamp::Plpgsql);
+        let plan = super::plan(&full, "us", &keys, Stamp::Plpgsql, &Default::default());
         assert!(identity(&plan, r#""public"."products""#).ends_with("FULL"));
     }
 
     #[test]
     fn every_function_runs_with_pgrelays_rights_and_only_wait_for_is_public() {
         let keys = |_: &TableName| vec!["id".to_string()];
-        let plan = plan(&config(""), "us", &keys, Stamp::Plpgsql);
+        let plan = plan(
+            &config(""),
+            "us",
+            &keys,
+            Stamp::Plpgsql,
+            &Default::default(),
+        );
         let functions: Vec<&String> = plan
             .iter()
             .filter(|s| s.starts_with("CREATE OR REPLACE FUNCTION"))
@@ -697,7 +634,7 @@ home_column = "country"
     fn the_stamp_trigger_is_the_c_or_the_plpgsql_function() {
         let keys = |_: &TableName| vec!["id".to_string()];
         let stamps = |stamp| {
-            plan(&config(""), "us", &keys, stamp)
+            plan(&config(""), "us", &keys, stamp, &Default::default())
                 .into_iter()
                 .filter(|s| s.starts_with("CREATE TRIGGER pgrelay_stamp "))
                 .collect::<Vec<_>>()

@@ -108,6 +108,37 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
     load_targets(config, region, &client)
         .await
         .map_err(ApplyError::unreachable_at_start)?;
+    // pgrelay's tables as this binary knows them (capture's preflight says
+    // the same through `check`; an apply-only process must too)
+    let installed = catalog::Catalog {
+        client: &client,
+        region,
+    }
+    .schema_versions()
+    .await
+    .map_err(|e| {
+        if e.is_unreachable() {
+            ApplyError::unreachable(e).unreachable_at_start()
+        } else {
+            ApplyError::setup_from(format!("region {region}"), e)
+        }
+    })?;
+    match installed.verdict(config.has_dr()) {
+        crate::schema::Verdict::Current => {}
+        crate::schema::Verdict::Ahead(what) => {
+            return Err(ApplyError::setup(format!(
+                "region {region}: pgrelay's tables were set up by a newer pgrelay ({what}); run \
+                 that version's binary (this is pgrelay {})",
+                env!("CARGO_PKG_VERSION")
+            )))
+        }
+        crate::schema::Verdict::Behind(what) => {
+            return Err(ApplyError::setup(format!(
+                "region {region}: pgrelay's tables are behind this binary ({what}); run pgrelay \
+                 setup --region {region}"
+            )))
+        }
+    }
     let cluster = config.kafka_for(region);
     let mut topics: Vec<String> = config
         .regions

@@ -82,6 +82,16 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
                     region,
                 };
                 let findings = check::database(&config, region, &cat, true).await?;
+                println!(
+                    "region {region}: pgrelay's tables at {} (this pgrelay: core {}{})",
+                    cat.schema_versions().await?,
+                    crate::schema::Component::Core.latest(),
+                    if config.has_dr() {
+                        format!(", dr {}", crate::schema::Component::Dr.latest())
+                    } else {
+                        String::new()
+                    }
+                );
                 if findings.is_empty() {
                     println!(
                         "region {region}: database ok ({})",

@@ -18,6 +18,12 @@ use crate::{kafka, privileges, setup};
 const SETUP_ATTEMPTS: u32 = 20;
 const SETUP_LOCK_TIMEOUT: &str = "2s";
 
+/// The versions recorded in the database, as `pgrelay check` prints them.
+async fn cat_versions(client: &tokio_postgres::Client, region: &str) -> Result<String> {
+    let cat = Catalog { client, region };
+    Ok(cat.schema_versions().await?.to_string())
+}
+
 /// A deadlock, or a lock not granted within the lock timeout.
 fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
     e.code()
@@ -69,11 +75,14 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
     }
     let keys = cat.keys(&config).await?;
     let stamp = choose_stamp(&config, region, &client).await?;
+    let installed = cat.schema_versions().await?;
+    let pending = installed.pending(config.has_dr());
     let statements = setup::plan(
         &config,
         region,
         &|t| keys.get(t).cloned().unwrap_or_default(),
         stamp,
+        &installed,
     );
     let mut progress = crate::progress::Progress::start(
         &format!("setup {region}"),
@@ -105,6 +114,18 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
         }
     }
     progress.finish();
+    for (component, m) in &pending {
+        println!(
+            "region {region}: migration {} {} applied ({})",
+            component.name(),
+            m.version,
+            m.name
+        );
+    }
+    println!(
+        "region {region}: pgrelay's tables at {}",
+        cat_versions(&client, region).await?
+    );
     if let Some(role) = region_cfg.grantee() {
         grant_run_role(&config, region, &client, &role).await?;
     }

@@ -125,6 +125,11 @@ impl Config {
             .filter(|t| !matches!(t.class, TableClass::Local))
     }
 
+    /// Whether any table sends encrypted DR copies (schema `pgrelay_dr`).
+    pub fn has_dr(&self) -> bool {
+        self.tables.iter().any(|t| !t.dr.is_empty())
+    }
+
     /// The declared table of that name, if any.
     pub fn table(&self, name: &TableName) -> Option<&TableConfig> {
         self.tables.iter().find(|t| t.name == *name)

@@ -594,6 +594,29 @@ impl Catalog<'_> {
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
+    /// The versions of pgrelay's tables recorded in the database (none
+    /// where the version table does not exist yet).
+    pub async fn schema_versions(&self) -> Result<crate::schema::Installed, CatalogError> {
+        let exists: bool = self
+            .client
+            .query_one(crate::schema::EXISTS_SQL, &[])
+            .await
+            .map_err(self.err("looking for pgrelay's schema version"))?
+            .get(0);
+        if !exists {
+            return Ok(Default::default());
+        }
+        let rows = self
+            .client
+            .query(crate::schema::READ_SQL, &[])
+            .await
+            .map_err(self.err("reading pgrelay's schema version"))?;
+        Ok(crate::schema::Installed::from_rows(
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1))),
+        ))
+    }
+
     /// Whether the server knows parameter privileges (PostgreSQL 15+).
     pub async fn has_parameter_privileges(&self) -> Result<bool, CatalogError> {
         Ok(self.server_version_num().await? >= 150_000)

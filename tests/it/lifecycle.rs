@@ -267,3 +267,115 @@ async fn a_policy_change_moves_rows_where_the_new_policy_says() {
         String::from_utf8_lossy(&again.stdout)
     );
 }
+
+/// pgrelay's tables as versioned migrations: `setup` runs what a database
+/// lacks and says which, a database set up before versions were recorded
+/// is brought up to date without losing its state, a database behind the
+/// binary keeps the sidecar from starting until `setup` ran, and one set up
+/// by a newer pgrelay is refused by `check`, `setup` and the sidecar alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_runs_the_migrations_a_database_lacks_and_a_newer_one_is_refused() {
+    let p = partitioned_pair();
+    let cfg = p.cfg.path.to_str().unwrap().to_string();
+    let setup = |region: &str| relay::cmd(&["setup", "--config", &cfg, "--region", region]);
+    let text = |out: &std::process::Output| {
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let us = p.us.client().await;
+    let latest: i32 = us
+        .query_one(
+            "SELECT max(version) FROM pgrelay.schema_version WHERE component = 'core'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(latest >= 11, "{latest}");
+    // already current: nothing to run
+    let again = setup("us");
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(!text(&again).contains("migration core"), "{}", text(&again));
+    assert!(
+        text(&again).contains(&format!("pgrelay's tables at core {latest}")),
+        "{}",
+        text(&again)
+    );
+
+    // a database set up before versions were recorded, with state in it
+    p.us.psql("INSERT INTO people VALUES (1, 'us', 'a'); DELETE FROM people WHERE id = 1");
+    us.batch_execute("DROP TABLE pgrelay.schema_version")
+        .await
+        .unwrap();
+    let upgraded = setup("us");
+    assert!(upgraded.status.success(), "{}", text(&upgraded));
+    for v in 1..=latest {
+        assert!(
+            text(&upgraded).contains(&format!("migration core {v} applied")),
+            "{}",
+            text(&upgraded)
+        );
+    }
+    let kept: i64 = us
+        .query_one(
+            "SELECT count(*) FROM pgrelay.tombstones WHERE table_name = 'public.people'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1, "the tombstone survives the migrations");
+
+    // behind the binary: the sidecar does not start until setup ran
+    us.batch_execute(&format!(
+        "DELETE FROM pgrelay.schema_version WHERE component = 'core' AND version = {latest}"
+    ))
+    .await
+    .unwrap();
+    for role in ["capture", "apply"] {
+        let refused = relay::fails(&["run", "--config", &cfg, "--region", "us", "--role", role]);
+        assert!(
+            refused.contains(&format!(
+                "behind this binary (core {} of {latest})",
+                latest - 1
+            )) && refused.contains("run pgrelay setup"),
+            "{role}: {refused}"
+        );
+    }
+    let caught_up = setup("us");
+    assert!(
+        text(&caught_up).contains(&format!("migration core {latest} applied")),
+        "{}",
+        text(&caught_up)
+    );
+
+    // set up by a newer pgrelay: refused everywhere, nothing changed
+    us.batch_execute(&format!(
+        "INSERT INTO pgrelay.schema_version (component, version, name, applied_by) \
+         VALUES ('core', {}, 'from the future', 'pgrelay 99')",
+        latest + 1
+    ))
+    .await
+    .unwrap();
+    let newer = format!("set up by a newer pgrelay (core {}", latest + 1);
+    let checked = relay::fails(&["check", "--config", &cfg, "--region", "us"]);
+    assert!(checked.contains(&newer), "{checked}");
+    let refused = text(&setup("us"));
+    assert!(refused.contains(&newer), "{refused}");
+    for role in ["capture", "apply"] {
+        let refused = relay::fails(&["run", "--config", &cfg, "--region", "us", "--role", role]);
+        assert!(refused.contains(&newer), "{role}: {refused}");
+    }
+    // eu, untouched, still runs and replicates from a us brought back
+    us.batch_execute(&format!(
+        "DELETE FROM pgrelay.schema_version WHERE version > {latest}"
+    ))
+    .await
+    .unwrap();
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    p.us.psql("INSERT INTO people VALUES (2, 'us', 'b')");
+    eventually(Duration::from_secs(60), "eu holds us's row", || async {
+        (ids(&p.eu).await == [2]).then_some(())
+    })
+    .await;
+}

@@ -342,7 +342,7 @@ async fn app_region(pg: &Pg, stamp: pgrelay::setup::Stamp) -> pgrelay::config::C
     let keys = |t: &pgrelay::event::TableName| {
         vec![if t.name == "currencies" { "code" } else { "id" }.to_string()]
     };
-    let plan = pgrelay::setup::plan(&config, "us", &keys, stamp);
+    let plan = pgrelay::setup::plan(&config, "us", &keys, stamp, &Default::default());
     let c = pg.client().await;
     for sql in plan {
         c.batch_execute(&sql)

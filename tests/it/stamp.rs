@@ -593,7 +593,13 @@ async fn bench_trigger_cpu_per_row() {
             "bench.toml",
         )
         .unwrap();
-        for sql in pgrelay::setup::plan(&config, "us", &|_| vec!["id".to_string()], kind) {
+        for sql in pgrelay::setup::plan(
+            &config,
+            "us",
+            &|_| vec!["id".to_string()],
+            kind,
+            &Default::default(),
+        ) {
             c.batch_execute(&sql).await.unwrap();
         }
         let pid: i32 = c
