@@ -15,6 +15,52 @@ use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 
 use crate::config::KafkaCluster;
 
+/// How long a metadata request may keep failing with a timeout before the
+/// caller gives up: a broker busy serving a region's catch-up can answer one
+/// request later than [`METADATA_ATTEMPT`], which is no reason to fail a
+/// command or a start.
+pub const METADATA_PATIENCE: Duration = Duration::from_secs(60);
+/// How long one metadata request waits for its answer.
+pub const METADATA_ATTEMPT: Duration = Duration::from_secs(10);
+
+/// Metadata of `topic` (every topic with `None`), asked again while the
+/// cluster answers with a timeout or a transport error, for up to
+/// `patience`; any other error, or the last one, is returned. Blocking.
+pub fn fetch_metadata<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: Option<&str>,
+    patience: Duration,
+) -> rdkafka::error::KafkaResult<Metadata> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let result = client.fetch_metadata(
+            topic,
+            METADATA_ATTEMPT.min(left.max(Duration::from_secs(1))),
+        );
+        match result {
+            Err(e) if is_slow_answer(&e) && std::time::Instant::now() < deadline => {
+                tracing::warn!(topic = topic.unwrap_or("*"), error = %e, "kafka metadata slow to come, asking again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A timed-out or cut request (worth asking again), not an answer.
+fn is_slow_answer(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+        )
+    )
+}
+
 /// A Kafka administration failure: the cluster cannot be reached (worth
 /// retrying), or it answered and something is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -331,8 +377,7 @@ async fn watermarks(
         let consumer: BaseConsumer = cfg
             .create()
             .map_err(|e| format!("invalid kafka settings: {e}"))?;
-        let md = consumer
-            .fetch_metadata(Some(&topic), timeout)
+        let md = fetch_metadata(consumer.client(), Some(&topic), timeout)
             .map_err(|e| format!("kafka metadata for {topic}: {e}"))?;
         let mut out = std::collections::BTreeMap::new();
         for t in md.topics().iter().filter(|t| t.name() == topic) {

@@ -242,11 +242,14 @@ pub fn read(
     let consumer: BaseConsumer = cfg
         .create()
         .map_err(|e| ApplyError::setup_from(format!("kafka consumer: {e}"), e))?;
-    let md = consumer
-        .fetch_metadata(Some(&topic), Duration::from_secs(10))
-        .map_err(|e| {
-            ApplyError::setup_from(format!("cannot read dead-letter topic {topic}: {e}"), e)
-        })?;
+    let md = crate::kafka::fetch_metadata(
+        consumer.client(),
+        Some(&topic),
+        crate::kafka::METADATA_PATIENCE,
+    )
+    .map_err(|e| {
+        ApplyError::setup_from(format!("cannot read dead-letter topic {topic}: {e}"), e)
+    })?;
     let mut tpl = TopicPartitionList::new();
     for t in md
         .topics()

@@ -137,6 +137,14 @@ function cell(tr, text, cls) {
   tr.appendChild(td);
 }
 
+// The destination's last periodic verify of this pair: its differences and
+// when it finished; "-" where no sidecar verifies it ([verify] interval).
+function verified(p) {
+  if (!p.last_verify) return "-";
+  const n = p.verify_differences === null || p.verify_differences === undefined ? 0 : p.verify_differences;
+  return (n === 0 ? "agree" : n + " differ") + " @ " + p.last_verify;
+}
+
 function drawTable(view) {
   const body = document.querySelector("#pairs tbody");
   body.replaceChildren();
@@ -160,8 +168,12 @@ function drawTable(view) {
     cell(tr, num(p.dead_letters));
     cell(tr, p.egress && p.egress.bytes_per_second !== null ? bytes(p.egress.bytes_per_second) + "/s" : "-");
     cell(tr, cost(p));
+    cell(tr, verified(p), p.last_verify && p.verify_differences > 0 ? "state failed" : "");
     body.appendChild(tr);
-    const notes = (p.problems || []).concat(p.held ? [p.held] : [], p.frozen ? [p.frozen] : []);
+    const found = p.last_verify && p.verify_differences > 0
+      ? ["verify found " + p.verify_differences + " difference(s) at " + p.last_verify + " (pgrelay verify --show-keys says which)"]
+      : [];
+    const notes = (p.problems || []).concat(p.held ? [p.held] : [], p.frozen ? [p.frozen] : [], found);
     for (const msg of notes) {
       const li = document.createElement("li");
       li.textContent = p.source + "->" + p.destination + ": " + msg;

@@ -170,10 +170,7 @@ impl Publisher {
 
     /// How many partitions `topic` has (blocking: a metadata request).
     pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<i32, OpenError> {
-        let md = self
-            .producer
-            .client()
-            .fetch_metadata(Some(topic), timeout)
+        let md = crate::kafka::fetch_metadata(self.producer.client(), Some(topic), timeout)
             .map_err(|source| OpenError::Metadata {
                 topic: topic.to_string(),
                 source,
@@ -281,7 +278,7 @@ impl Outlets {
         for (topic, &p) in topics.iter().zip(&dest_publisher) {
             let n = publishers[p]
                 .1
-                .partition_count(topic, Duration::from_secs(10))?;
+                .partition_count(topic, crate::kafka::METADATA_PATIENCE)?;
             partitions.push(n as u32);
         }
         Ok(Outlets {

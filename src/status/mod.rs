@@ -547,8 +547,11 @@ pub async fn export_local(
             source_fenced: None,
             source_last_failover: None,
             rebuilding: None,
-            last_verify: None,
-            verify_differences: None,
+            last_verify: dst.verify.as_ref().map(|v| v.at.clone()),
+            verify_differences: dst
+                .verify
+                .as_ref()
+                .and_then(|v| v.by_peer.get(source).copied()),
         });
     }
     pairs
