@@ -308,6 +308,31 @@ mod tests {
         );
     }
 
+    /// `docs/reference.md` gives each metric a row with its kind, labels
+    /// and help text exactly as exported.
+    #[test]
+    fn every_metric_has_its_entry_in_the_reference() {
+        let reference = include_str!("../docs/reference.md");
+        let missing: Vec<String> = catalog::ALL
+            .iter()
+            .map(|m| {
+                format!(
+                    "| `{}` | {} | {} | {} |",
+                    m.name,
+                    m.kind,
+                    m.labels.join(", "),
+                    m.help.replace('|', "\\|")
+                )
+            })
+            .filter(|row| !reference.contains(&format!("\n{row}")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/reference.md, Metrics, lacks these rows (or they differ):\n{}",
+            missing.join("\n")
+        );
+    }
+
     #[test]
     fn the_catalogue_names_each_metric_once_and_well() {
         let mut seen = std::collections::BTreeSet::new();

@@ -1,6 +1,7 @@
 //! Every metric pgrelay exports: name, kind, label names and help text, in
 //! one place. Call sites name a constant from here, never a string, so a
-//! metric cannot be misspelt or exported under two help texts.
+//! metric cannot be misspelt, exported under two help texts or left out of
+//! `docs/reference.md` (a test reads that file for every entry of [`ALL`]).
 //!
 //! Labels are regions, tables, slots, key ids and reasons — never keys or
 //! row values (residency: metrics leave the region too).
