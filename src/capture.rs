@@ -44,6 +44,7 @@ use crate::check::{self, Severity};
 use crate::config::Config;
 use crate::dr::DrKey;
 use crate::event::{Lsn, TableName};
+use crate::metrics::catalog as metric;
 use crate::metrics::Metrics;
 use crate::publish::acks::AckTracker;
 use crate::publish::envelope::Source;
@@ -368,7 +369,7 @@ async fn watch_primary(
         .and_then(|r| crate::failover::parse_identify(r).map_err(protocol))?;
     // the old primary's WAL end as this process last heard it
     let old_wal_end = metrics
-        .get(SERVER_WAL_END, &[("region", region)])
+        .get(&metric::CAPTURE_SERVER_WAL_END, &[("region", region)])
         .map(|v| Lsn(v as u64));
     // where the current timeline began (a promotion), to tell a carried
     // slot from a new one
@@ -393,14 +394,12 @@ async fn watch_primary(
     .await
     .map_err(transient("recording the primary's identity"))?;
     metrics.set(
-        "pgrelay_source_timeline",
-        "Timeline of the primary the capture side streams from",
+        &metric::SOURCE_TIMELINE,
         &[("region", region)],
         identity.timeline as f64,
     );
     metrics.add(
-        "pgrelay_failovers_total",
-        "Failovers seen by the capture side (a new primary behind the region)",
+        &metric::FAILOVERS,
         &[("region", region)],
         u64::from(event.is_some()),
     );
@@ -420,13 +419,9 @@ async fn watch_primary(
     Ok(())
 }
 
-/// The server's WAL end as last reported (keepalives, `IDENTIFY_SYSTEM`).
-const SERVER_WAL_END: &str = "pgrelay_capture_server_wal_end";
-
 fn set_server_wal_end(metrics: &Metrics, region: &str, lsn: Lsn) {
     metrics.set(
-        SERVER_WAL_END,
-        "The source server's WAL end as it last reported it",
+        &metric::CAPTURE_SERVER_WAL_END,
         &[("region", region)],
         lsn.0 as f64,
     );

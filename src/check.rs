@@ -280,7 +280,7 @@ async fn privileges(
             Severity::Warning,
             format!(
                 "region {region}: the sidecar connects as superuser {role}; give regions.{region}.dsn \
-                 a role with only what it needs (README, Security: least privilege)"
+                 a role with only what it needs (docs/security.md, Roles: least privilege)"
             ),
         ));
         return Ok(out);

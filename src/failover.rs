@@ -361,7 +361,8 @@ pub async fn check_lines(
         }
         OriginFilter::Message if server::origin_filter(version) => {
             "the capture side reads each transaction's Origin message and skips pgrelay's own \
-             (origin_filter = \"server\" would let the walsender drop them, see README)"
+             (origin_filter = \"server\" would let the walsender drop them, see docs/operations.md, \
+             PostgreSQL versions)"
         }
         OriginFilter::Message => {
             "the capture side reads each transaction's Origin message and skips pgrelay's own"
@@ -373,7 +374,7 @@ pub async fn check_lines(
         if server::failover_slots(version) {
             "available (17+)"
         } else {
-            "not available before 17: after a failover run pgrelay setup and pgrelay resync (README, Failover)"
+            "not available before 17: after a failover run pgrelay setup and pgrelay resync (docs/operations.md, Failover and split brain)"
         }
     )];
     if config.capture.origin_filter == OriginFilter::Server && server::origin_filter(version) {

@@ -19,6 +19,8 @@ pub mod check;
 pub mod commands;
 pub mod config;
 pub mod conflicts;
+#[cfg(test)]
+mod doc_links;
 pub mod dr;
 pub mod event;
 pub mod failover;

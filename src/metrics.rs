@@ -1,14 +1,95 @@
 //! Process metrics in Prometheus' text format.
 //!
-//! A small registry of labelled counters and gauges. Labels are regions,
-//! tables and reasons — never keys or row values (residency: metrics leave
-//! the region too). Updates take a short uncontended lock.
+//! A small registry of labelled counters, gauges and histograms. What each
+//! metric is — name, kind, labels, help — is declared once, in [`catalog`];
+//! the registry takes those declarations, never a bare name. Labels are
+//! regions, tables and reasons — never keys or row values (residency:
+//! metrics leave the region too). Updates take a short uncontended lock.
+
+pub mod catalog;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// One metric as [`catalog`] declares it; `K` is its kind ([`Counter`],
+/// [`Gauge`] or [`Histogram`]), so a counter cannot be set like a gauge.
+#[derive(Debug)]
+pub struct Metric<K> {
+    pub name: &'static str,
+    pub kind: K,
+    /// Label names, in the order call sites give them.
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+/// A metric that only goes up ([`Metrics::add`]).
+#[derive(Debug)]
+pub struct Counter;
+
+/// A metric that is set ([`Metrics::set`]).
+#[derive(Debug)]
+pub struct Gauge;
+
+/// A distribution of observations ([`Metrics::observe`]) over fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    pub buckets: &'static [f64],
+}
+
+/// The Prometheus type name of a metric kind.
+pub trait Kind {
+    const NAME: &'static str;
+}
+
+impl Kind for Counter {
+    const NAME: &'static str = "counter";
+}
+
+impl Kind for Gauge {
+    const NAME: &'static str = "gauge";
+}
+
+impl Kind for Histogram {
+    const NAME: &'static str = "histogram";
+}
+
+/// A metric's description without its kind's type: what [`catalog::ALL`]
+/// lists, for the reference documentation and its test.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+impl<K: Kind> Metric<K> {
+    pub const fn entry(&self) -> Entry {
+        Entry {
+            name: self.name,
+            kind: K::NAME,
+            labels: self.labels,
+            help: self.help,
+        }
+    }
+
+    /// The series key of `labels`; they must be the declared ones, in order.
+    fn key(&self, labels: &[(&'static str, &str)]) -> Labels {
+        debug_assert!(
+            labels
+                .iter()
+                .map(|(k, _)| *k)
+                .eq(self.labels.iter().copied()),
+            "metric {} takes labels {:?}",
+            self.name,
+            self.labels
+        );
+        labels.iter().map(|(k, v)| (*k, v.to_string())).collect()
+    }
+}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -44,66 +125,45 @@ impl Metrics {
         Self::default()
     }
 
-    fn update(
+    fn update<K: Kind>(
         &self,
-        name: &'static str,
-        help: &'static str,
-        kind: &'static str,
+        metric: &Metric<K>,
         labels: &[(&'static str, &str)],
         f: impl FnOnce(&mut f64),
     ) {
+        let key = metric.key(labels);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let family = inner.families.entry(name).or_insert_with(|| Family {
-            help,
-            kind,
+        let family = inner.families.entry(metric.name).or_insert_with(|| Family {
+            help: metric.help,
+            kind: K::NAME,
             series: BTreeMap::new(),
             buckets: &[],
             histograms: BTreeMap::new(),
         });
-        let key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
         f(family.series.entry(key).or_insert(0.0));
     }
 
     /// Adds `by` to a counter.
-    pub fn add(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        labels: &[(&'static str, &str)],
-        by: u64,
-    ) {
-        self.update(name, help, "counter", labels, |v| *v += by as f64);
+    pub fn add(&self, metric: &Metric<Counter>, labels: &[(&'static str, &str)], by: u64) {
+        self.update(metric, labels, |v| *v += by as f64);
     }
 
     /// Sets a gauge.
-    pub fn set(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        labels: &[(&'static str, &str)],
-        value: f64,
-    ) {
-        self.update(name, help, "gauge", labels, |v| *v = value);
+    pub fn set(&self, metric: &Metric<Gauge>, labels: &[(&'static str, &str)], value: f64) {
+        self.update(metric, labels, |v| *v = value);
     }
 
     /// Records one observation in a histogram.
-    pub fn observe(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        labels: &[(&'static str, &str)],
-        buckets: &'static [f64],
-        value: f64,
-    ) {
+    pub fn observe(&self, metric: &Metric<Histogram>, labels: &[(&'static str, &str)], value: f64) {
+        let key = metric.key(labels);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let family = inner.families.entry(name).or_insert_with(|| Family {
-            help,
-            kind: "histogram",
+        let family = inner.families.entry(metric.name).or_insert_with(|| Family {
+            help: metric.help,
+            kind: Histogram::NAME,
             series: BTreeMap::new(),
-            buckets,
+            buckets: metric.kind.buckets,
             histograms: BTreeMap::new(),
         });
-        let key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
         let n = family.buckets.len();
         let entry = family
             .histograms
@@ -118,11 +178,11 @@ impl Metrics {
         entry.2 += 1;
     }
 
-    /// Reads one series (tests and `status`).
-    pub fn get(&self, name: &str, labels: &[(&'static str, &str)]) -> Option<f64> {
+    /// Reads one series of a counter or gauge (tests and `status`).
+    pub fn get<K: Kind>(&self, metric: &Metric<K>, labels: &[(&'static str, &str)]) -> Option<f64> {
+        let key = metric.key(labels);
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        inner.families.get(name)?.series.get(&key).copied()
+        inner.families.get(metric.name)?.series.get(&key).copied()
     }
 
     /// The whole registry in Prometheus' text exposition format.
@@ -188,12 +248,32 @@ fn write_labels(out: &mut String, labels: &Labels, le: Option<&str>) {
 mod tests {
     use super::*;
 
+    const DROPPED: Metric<Counter> = Metric {
+        name: "pgrelay_dropped_total",
+        kind: Counter,
+        labels: &["table", "destination", "reason"],
+        help: "rows not published",
+    };
+    const CONFIRMED: Metric<Gauge> = Metric {
+        name: "pgrelay_confirmed_lsn",
+        kind: Gauge,
+        labels: &[],
+        help: "confirmed",
+    };
+    const BATCH: Metric<Histogram> = Metric {
+        name: "pgrelay_batch_seconds",
+        kind: Histogram {
+            buckets: LATENCY_BUCKETS,
+        },
+        labels: &["region"],
+        help: "latency",
+    };
+
     #[test]
     fn renders_counters_and_gauges() {
         let m = Metrics::new();
         m.add(
-            "pgrelay_dropped_total",
-            "rows not published",
+            &DROPPED,
             &[
                 ("table", "public.users"),
                 ("destination", "eu"),
@@ -201,26 +281,23 @@ mod tests {
             ],
             2,
         );
-        m.set("pgrelay_confirmed_lsn", "confirmed", &[], 5.0);
+        m.set(&CONFIRMED, &[], 5.0);
         let text = m.render();
         assert!(text.contains(
             "pgrelay_dropped_total{table=\"public.users\",destination=\"eu\",reason=\"local\"} 2"
         ));
+        assert!(text.contains("# HELP pgrelay_dropped_total rows not published"));
+        assert!(text.contains("# TYPE pgrelay_dropped_total counter"));
         assert!(text.contains("# TYPE pgrelay_confirmed_lsn gauge"));
-        m.observe(
-            "pgrelay_batch_seconds",
-            "latency",
-            &[("region", "eu")],
-            LATENCY_BUCKETS,
-            0.03,
-        );
+        m.observe(&BATCH, &[("region", "eu")], 0.03);
         let text = m.render();
+        assert!(text.contains("# TYPE pgrelay_batch_seconds histogram"));
         assert!(text.contains("pgrelay_batch_seconds_bucket{region=\"eu\",le=\"0.05\"} 1"));
         assert!(text.contains("pgrelay_batch_seconds_bucket{region=\"eu\",le=\"0.025\"} 0"));
         assert!(text.contains("pgrelay_batch_seconds_count{region=\"eu\"} 1"));
         assert_eq!(
             m.get(
-                "pgrelay_dropped_total",
+                &DROPPED,
                 &[
                     ("table", "public.users"),
                     ("destination", "eu"),
@@ -229,5 +306,46 @@ mod tests {
             ),
             Some(2.0)
         );
+    }
+
+    /// `docs/reference.md` gives each metric a row with its kind, labels
+    /// and help text exactly as exported.
+    #[test]
+    fn every_metric_has_its_entry_in_the_reference() {
+        let reference = include_str!("../docs/reference.md");
+        let missing: Vec<String> = catalog::ALL
+            .iter()
+            .map(|m| {
+                format!(
+                    "| `{}` | {} | {} | {} |",
+                    m.name,
+                    m.kind,
+                    m.labels.join(", "),
+                    m.help.replace('|', "\\|")
+                )
+            })
+            .filter(|row| !reference.contains(&format!("\n{row}")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/reference.md, Metrics, lacks these rows (or they differ):\n{}",
+            missing.join("\n")
+        );
+    }
+
+    #[test]
+    fn the_catalogue_names_each_metric_once_and_well() {
+        let mut seen = std::collections::BTreeSet::new();
+        for m in catalog::ALL {
+            assert!(seen.insert(m.name), "{} is declared twice", m.name);
+            assert!(m.name.starts_with("pgrelay_"), "{}", m.name);
+            assert!(!m.help.is_empty(), "{} has no help text", m.name);
+            assert_eq!(
+                m.kind == "counter",
+                m.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                m.name
+            );
+        }
     }
 }

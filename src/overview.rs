@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::metrics::catalog as metric;
 use crate::metrics::Metrics;
 use crate::status::PairStatus;
 
@@ -142,7 +143,7 @@ impl Collector {
         for pair in pairs.iter_mut().filter(|p| p.source == region) {
             let total = metrics
                 .get(
-                    EGRESS_METRIC,
+                    &metric::CAPTURE_BYTES,
                     &[("source", region), ("destination", &pair.destination)],
                 )
                 .unwrap_or(0.0);
@@ -180,9 +181,6 @@ impl Collector {
         }
     }
 }
-
-/// The capture side's per-destination byte counter.
-pub const EGRESS_METRIC: &str = "pgrelay_capture_bytes_total";
 
 /// Where a sidecar leaves its egress figures for `pgrelay status`, which
 /// reads databases, not sidecars: per destination, the bytes published since

@@ -153,7 +153,7 @@ pub enum RelationError {
          its replica identity is now {identity}, not FULL: the old home of a changed row is no \
          longer known. Run ALTER TABLE {table} REPLICA IDENTITY FULL (or pgrelay setup); the \
          changes written meanwhile cannot be routed: recreate the slot and resync as for a lost \
-         slot (README, Resync)"
+         slot (docs/operations.md, Resync)"
     )]
     PartitionedIdentity {
         table: TableName,

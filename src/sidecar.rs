@@ -14,6 +14,7 @@ use crate::backoff::Backoff;
 use crate::commands::load;
 use crate::config::Config;
 use crate::http::{self, Readiness};
+use crate::metrics::catalog as metric;
 use crate::metrics::Metrics;
 use crate::{apply, capture};
 
@@ -301,12 +302,7 @@ async fn supervise(
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
-                metrics.add(
-                    "pgrelay_restarts_total",
-                    "Runs of a side ended by a transient failure",
-                    &[("region", &region), ("side", name)],
-                    1,
-                );
+                metrics.add(&metric::RESTARTS, &[("region", &region), ("side", name)], 1);
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff.reset();
                 }

@@ -32,6 +32,7 @@ use crate::apply::{db_message, record, ApplyError, Consumed};
 use crate::breaker::{Counter, Seen, Trip, Verdict};
 use crate::config::Config;
 use crate::event::{Op, TableName};
+use crate::metrics::catalog as metric;
 
 /// The class of dead letters a discard parks; `dlq replay` skips them.
 pub const CLASS_DISCARDED: &str = "breaker_discarded";
@@ -137,8 +138,7 @@ impl Pipeline {
 
     fn set_breaker_metric(&self, frozen: bool) {
         self.metrics.set(
-            "pgrelay_breaker_state",
-            "1 while the blast-radius breaker holds the source's changes (pgrelay breaker release|discard)",
+            &metric::BREAKER_STATE,
             &self.breaker_labels(),
             if frozen { 1.0 } else { 0.0 },
         );
@@ -147,8 +147,7 @@ impl Pipeline {
         // may be lagging then)
         if frozen {
             self.metrics.set(
-                "pgrelay_pair_state",
-                "State of an incoming region pair as this sidecar sees it: 0 active, 1 lagging, 2 failed, 3 frozen by the breaker",
+                &metric::PAIR_STATE,
                 &[
                     ("source", self.source.as_str()),
                     ("destination", self.region.as_str()),
@@ -430,8 +429,7 @@ impl Pipeline {
                 .map_err(|e| ApplyError::transient("", Box::new(e)))?;
             tracing::info!(region = %self.region, source = %self.source, parked = parked.len(), "discarded changes parked in the dead-letter topic");
             self.metrics.add(
-                "pgrelay_breaker_discarded_total",
-                "Changes parked by pgrelay breaker discard",
+                &metric::BREAKER_DISCARDED,
                 &self.breaker_labels(),
                 parked.len() as u64,
             );
@@ -470,8 +468,7 @@ impl Pipeline {
             .frozen = Some(trip.reason.clone());
         self.set_breaker_metric(true);
         self.metrics.add(
-            "pgrelay_breaker_trips_total",
-            "Times the blast-radius breaker stopped a source",
+            &metric::BREAKER_TRIPS,
             &[
                 ("region", self.region.as_str()),
                 ("source", self.source.as_str()),

@@ -12,6 +12,7 @@ use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::metrics::catalog as metric;
 use crate::metrics::Metrics;
 use crate::source::catalog::{self};
 
@@ -150,8 +151,7 @@ impl Pipeline {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     self.metrics.add(
-                        "pgrelay_apply_restarts_total",
-                        "Apply pipelines restarted after a transient failure",
+                        &metric::APPLY_RESTARTS,
                         &[("region", &self.region), ("source", &self.source)],
                         1,
                     );
@@ -167,8 +167,7 @@ impl Pipeline {
                 }
                 Err(e) if matches!(e.kind(), ApplyErrorKind::RecordsLost { .. }) => {
                     self.metrics.set(
-                        "pgrelay_apply_records_lost",
-                        "1 while records of the pair were deleted by Kafka retention before they were applied (run pgrelay resync)",
+                        &metric::APPLY_RECORDS_LOST,
                         &[("region", &self.region), ("source", &self.source)],
                         1.0,
                     );
@@ -372,8 +371,7 @@ impl Pipeline {
                     self.record(batch, &outcome, started.elapsed());
                     if waiting_clock {
                         self.metrics.set(
-                            "pgrelay_apply_clock_wait_seconds",
-                            "How long the pair's next batch waits for the local clock to catch up with its stamps",
+                            &metric::APPLY_CLOCK_WAIT_SECONDS,
                             &[("region", &self.region), ("source", &self.source)],
                             0.0,
                         );
@@ -410,8 +408,7 @@ impl Pipeline {
                         continue;
                     }
                     self.metrics.add(
-                        "pgrelay_apply_schema_waits_total",
-                        "Batches held because records carry a column the target table lacks",
+                        &metric::APPLY_SCHEMA_WAITS,
                         &[("region", &self.region), ("source", &self.source)],
                         1,
                     );
@@ -429,8 +426,7 @@ impl Pipeline {
                     | BatchError::DeadLetter(_)),
                 ) => {
                     self.metrics.add(
-                        "pgrelay_apply_retries_total",
-                        "Batches retried after a transient failure",
+                        &metric::APPLY_RETRIES,
                         &[("region", &self.region), ("source", &self.source)],
                         1,
                     );
@@ -463,14 +459,12 @@ impl Pipeline {
                 Err(BatchError::Ahead { wait }) => {
                     waiting_clock = true;
                     self.metrics.add(
-                        "pgrelay_apply_clock_skew_total",
-                        "Batches held back because a change is stamped further ahead of the local clock than relay.max_clock_skew",
+                        &metric::APPLY_CLOCK_SKEW,
                         &[("region", &self.region), ("source", &self.source)],
                         1,
                     );
                     self.metrics.set(
-                        "pgrelay_apply_clock_wait_seconds",
-                        "How long the pair's next batch waits for the local clock to catch up with its stamps",
+                        &metric::APPLY_CLOCK_WAIT_SECONDS,
                         &[("region", &self.region), ("source", &self.source)],
                         wait.as_secs_f64(),
                     );
@@ -508,34 +502,16 @@ impl Pipeline {
             ("region", self.region.as_str()),
             ("source", self.source.as_str()),
         ];
-        self.metrics.set(
-            "pgrelay_apply_records_lost",
-            "1 while records of the pair were deleted by Kafka retention before they were applied (run pgrelay resync)",
-            &labels,
-            0.0,
-        );
-        self.metrics.add(
-            "pgrelay_apply_records_total",
-            "Records consumed and applied (or found redundant)",
-            &labels,
-            batch.len() as u64,
-        );
-        self.metrics.add(
-            "pgrelay_apply_conflicts_won_total",
-            "Incoming changes that won last-writer-wins",
-            &labels,
-            outcome.won,
-        );
-        self.metrics.add(
-            "pgrelay_apply_conflicts_lost_total",
-            "Incoming changes older than the target row or tombstone",
-            &labels,
-            outcome.lost,
-        );
+        self.metrics.set(&metric::APPLY_RECORDS_LOST, &labels, 0.0);
+        self.metrics
+            .add(&metric::APPLY_RECORDS, &labels, batch.len() as u64);
+        self.metrics
+            .add(&metric::APPLY_CONFLICTS_WON, &labels, outcome.won);
+        self.metrics
+            .add(&metric::APPLY_CONFLICTS_LOST, &labels, outcome.lost);
         for (table, n) in &outcome.conflicts {
             self.metrics.add(
-                "pgrelay_apply_conflicts_total",
-                "Incoming changes that lost to a newer version of their row (the conflict log)",
+                &metric::APPLY_CONFLICTS,
                 &[
                     ("region", self.region.as_str()),
                     ("source", self.source.as_str()),
@@ -545,24 +521,13 @@ impl Pipeline {
             );
         }
         self.metrics.add(
-            "pgrelay_apply_dead_lettered_total",
-            "Records sent to the dead-letter topic",
+            &metric::APPLY_DEAD_LETTERED,
             &labels,
             outcome.dead.len() as u64,
         );
-        self.metrics.observe(
-            "pgrelay_apply_batch_seconds",
-            "Time to apply one batch (one target transaction)",
-            &labels,
-            crate::metrics::LATENCY_BUCKETS,
-            took.as_secs_f64(),
-        );
-        self.metrics.observe(
-            "pgrelay_apply_batch_records",
-            "Records per applied batch",
-            &labels,
-            crate::metrics::SIZE_BUCKETS,
-            batch.len() as f64,
-        );
+        self.metrics
+            .observe(&metric::APPLY_BATCH_SECONDS, &labels, took.as_secs_f64());
+        self.metrics
+            .observe(&metric::APPLY_BATCH_RECORDS, &labels, batch.len() as f64);
     }
 }

@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::dr::{hex_bytes, Refusal, Sealed};
+use crate::metrics::catalog as metric;
 use crate::metrics::Metrics;
 use crate::source::catalog;
 
@@ -204,9 +205,7 @@ async fn store(
              sidecar?) skipped, not stored in the vault"
         );
         metrics.add(
-            "pgrelay_dr_vault_refused_total",
-            "Records on a DR topic the vault refused (malformed, stamp out of range or too far \
-             ahead): skipped, never stored",
+            &metric::DR_VAULT_REFUSED,
             &[("region", region), ("home", home), ("reason", reason)],
             count,
         );
@@ -234,8 +233,7 @@ async fn store(
         .map_err(|e| fail("offsets", e))?;
     tx.commit().await.map_err(|e| fail("commit", e))?;
     metrics.add(
-        "pgrelay_dr_vault_records_total",
-        "Sealed DR copies stored in this region's vault",
+        &metric::DR_VAULT_RECORDS,
         &[("region", region), ("home", home)],
         (batch.len() - refused.len()) as u64,
     );

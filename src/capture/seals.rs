@@ -13,6 +13,7 @@
 use tokio_postgres::Client;
 
 use crate::dr::{DrKey, SEALS_WARN};
+use crate::metrics::catalog as metric;
 use crate::metrics::Metrics;
 use crate::source::catalog;
 
@@ -114,9 +115,7 @@ impl SealLedger {
 
     fn report(&mut self, total: u64, metrics: &Metrics) {
         metrics.set(
-            "pgrelay_dr_key_seals",
-            "Records sealed under this DR key, counted ahead in blocks (an upper bound); rotate \
-             the key before 2^31",
+            &metric::DR_KEY_SEALS,
             &[("region", &self.region), ("key_id", &self.key_id)],
             total as f64,
         );

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use crate::event::{Change, Lsn, Op, TableName};
+use crate::metrics::catalog as metric;
 use crate::pgoutput::{self, encode_status_update, Frame};
 use crate::publish::envelope::{self, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
 use crate::publish::producer::{Delivery, SendError};
@@ -114,8 +115,7 @@ impl Loop<'_> {
         for (i, n) in self.published.iter_mut().enumerate() {
             if *n > 0 {
                 self.metrics.add(
-                    "pgrelay_capture_published_total",
-                    "Records handed to Kafka, by destination",
+                    &metric::CAPTURE_PUBLISHED,
                     &[
                         ("source", self.region),
                         ("destination", &self.destinations[i]),
@@ -127,8 +127,7 @@ impl Loop<'_> {
         for (i, n) in self.published_bytes.iter_mut().enumerate() {
             if *n > 0 {
                 self.metrics.add(
-                    crate::overview::EGRESS_METRIC,
-                    "Bytes of records handed to Kafka (key, value, headers), by destination",
+                    &metric::CAPTURE_BYTES,
                     &[
                         ("source", self.region),
                         ("destination", &self.destinations[i]),
@@ -139,8 +138,7 @@ impl Loop<'_> {
         }
         for ((table, dest, reason), n) in self.dropped.drain() {
             self.metrics.add(
-                "pgrelay_capture_dropped_total",
-                "Row changes not published to a destination, by reason",
+                &metric::CAPTURE_DROPPED,
                 &[
                     ("table", &table),
                     ("destination", &self.destinations[dest]),
@@ -166,8 +164,7 @@ impl Loop<'_> {
         if lsn != self.last_reported {
             self.last_reported = lsn;
             self.metrics.set(
-                "pgrelay_capture_confirmed_lsn",
-                "Highest LSN confirmed to PostgreSQL (everything below it is in Kafka)",
+                &metric::CAPTURE_CONFIRMED_LSN,
                 &[("region", self.region)],
                 lsn.0 as f64,
             );
@@ -421,9 +418,7 @@ impl Loop<'_> {
     fn count_columns_gone(&mut self, table: &TableName, gone: &[String], lsn: Lsn) {
         let name = table.to_string();
         self.metrics.add(
-            "pgrelay_capture_columns_gone_total",
-            "Changes published without a column their table no longer has (dropped or renamed \
-             after the change was written): the destinations keep their value of it",
+            &metric::CAPTURE_COLUMNS_GONE,
             &[("region", self.region), ("table", &name)],
             1,
         );

@@ -253,7 +253,7 @@ pub async fn grant_run_role(
         Some((true, _)) => {
             println!(
                 "region {region}: run role {role} is a superuser: nothing to grant (give the \
-                 sidecar a role of its own: README, Security)"
+                 sidecar a role of its own: docs/security.md, Roles: least privilege)"
             );
             return Ok(());
         }

@@ -37,6 +37,8 @@ mod error;
 mod load;
 mod raw;
 mod redact;
+#[cfg(test)]
+mod reference_tests;
 mod region;
 mod settings;
 mod table;

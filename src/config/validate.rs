@@ -103,7 +103,7 @@ impl Validator<'_> {
                  region now (HMAC-SHA-256). Set hash_key (at least 32 bytes, e.g. \
                  hash_key = \"${PGRELAY_US_HASH_KEY}\") and hash_key_id (e.g. \"k1\") under \
                  each [regions.NAME] whose tables hash columns, then remove relay.hash_salt; \
-                 README \"Keyed pseudonyms\" explains the migration",
+                 docs/security.md, \"Keyed pseudonyms\", explains the migration",
             ));
         }
         let regions = self.regions(raw.regions, raw.kafka)?;

@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::event::Lsn;
+use crate::metrics::catalog as metric;
 use crate::source::catalog::{self, Catalog};
 
 mod render;
@@ -389,32 +390,20 @@ pub async fn export_local(
     let labels = [("region", region)];
     if let (Some(c), Some(f)) = (src.current, src.confirmed) {
         metrics.set(
-            "pgrelay_capture_lag_bytes",
-            "WAL bytes the capture side has not confirmed yet",
+            &metric::CAPTURE_LAG_BYTES,
             &labels,
             c.0.saturating_sub(f.0) as f64,
         );
     }
     if let Some(r) = src.retained {
-        metrics.set(
-            "pgrelay_slot_retained_wal_bytes",
-            "WAL retained by the replication slot",
-            &labels,
-            r as f64,
-        );
+        metrics.set(&metric::SLOT_RETAINED_WAL_BYTES, &labels, r as f64);
     }
     if let Some(n) = dst.dead_letters {
-        metrics.set(
-            "pgrelay_dead_letters",
-            "Records parked in the dead-letter topic and not yet replayed",
-            &labels,
-            n as f64,
-        );
+        metrics.set(&metric::DEAD_LETTERS, &labels, n as f64);
     }
     for slot in &src.standby_slots {
         metrics.set(
-            "pgrelay_capture_held_by_standby",
-            "1 while the source's primary holds the capture side back for this standby slot (synchronized_standby_slots)",
+            &metric::CAPTURE_HELD_BY_STANDBY,
             &[("region", region), ("slot", slot.name.as_str())],
             if slot.holding.is_some() { 1.0 } else { 0.0 },
         );
@@ -434,8 +423,7 @@ pub async fn export_local(
             .as_ref()
             .and_then(|u| crate::failover::rebuilding(region, destination, Some(u), Some(0)));
         metrics.set(
-            "pgrelay_pair_rebuilding",
-            "1 while an outgoing pair waits for the resync a failover without its slot needs",
+            &metric::PAIR_REBUILDING,
             &[("source", region), ("destination", destination.as_str())],
             if rebuilding.is_some() { 1.0 } else { 0.0 },
         );
@@ -490,19 +478,9 @@ pub async fn export_local(
         } else {
             "active"
         };
-        metrics.set(
-            "pgrelay_pair_state",
-            "State of an incoming region pair as this sidecar sees it: 0 active, 1 lagging, 2 failed, 3 frozen by the breaker",
-            &pair,
-            state_code(state),
-        );
+        metrics.set(&metric::PAIR_STATE, &pair, state_code(state));
         if let Some(b) = backlog {
-            metrics.set(
-                "pgrelay_apply_backlog_records",
-                "Records in the source's topic not yet applied",
-                &pair,
-                b as f64,
-            );
+            metrics.set(&metric::APPLY_BACKLOG_RECORDS, &pair, b as f64);
         }
         let wm = dst.watermarks.get(source);
         let mut lag_seconds = None;
@@ -514,12 +492,7 @@ pub async fn export_local(
             };
             // unknown while the backlog cannot be read
             lag_seconds = backlog.is_some().then_some(lag);
-            metrics.set(
-                "pgrelay_apply_lag_seconds",
-                "Age of the newest applied change while records wait (0 when caught up)",
-                &pair,
-                lag,
-            );
+            metrics.set(&metric::APPLY_LAG_SECONDS, &pair, lag);
         }
         pairs.push(PairStatus {
             source: source.clone(),

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use super::run::{self, Options};
 use super::{Kind, Report};
 use crate::config::{Config, Need};
+use crate::metrics::catalog as metric;
 use crate::metrics::Metrics;
 
 /// The table a sidecar leaves its last run in (created by `setup`).
@@ -36,10 +37,6 @@ pub const READ_SQL: &str =
     "SELECT to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS\"Z\"'), \
     extract(epoch FROM now() - finished_at)::float8, counts::text \
     FROM pgrelay.verify_runs WHERE region = $1";
-
-const DIFFERENCES: &str = "pgrelay_verify_differences";
-const DIFFERENCES_HELP: &str =
-    "differences between the region and a peer found by the last periodic verify, by table and kind";
 
 /// Differences between `region` and each peer, by (peer, table, kind):
 /// every pair compared with a zero for each kind, then what was found
@@ -125,12 +122,7 @@ pub async fn keep(
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(region = %region, error = %e, "periodic verify failed; trying again at the next interval");
-                metrics.add(
-                    "pgrelay_verify_errors_total",
-                    "periodic verify runs that failed",
-                    &[("region", &region)],
-                    1,
-                );
+                metrics.add(&metric::VERIFY_ERRORS, &[("region", &region)], 1);
                 continue;
             }
         };
@@ -139,8 +131,7 @@ pub async fn keep(
         for gone in shown.iter().filter(|k| !counts.contains_key(*k)) {
             let (peer, table, kind) = gone;
             metrics.set(
-                DIFFERENCES,
-                DIFFERENCES_HELP,
+                &metric::VERIFY_DIFFERENCES,
                 &[
                     ("region", &region),
                     ("peer", peer),
@@ -152,8 +143,7 @@ pub async fn keep(
         }
         for ((peer, table, kind), n) in &counts {
             metrics.set(
-                DIFFERENCES,
-                DIFFERENCES_HELP,
+                &metric::VERIFY_DIFFERENCES,
                 &[
                     ("region", &region),
                     ("peer", peer),
@@ -169,14 +159,12 @@ pub async fn keep(
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         metrics.set(
-            "pgrelay_verify_last_run_timestamp_seconds",
-            "when the last periodic verify finished (unix time)",
+            &metric::VERIFY_LAST_RUN_TIMESTAMP,
             &[("region", &region)],
             now,
         );
         metrics.set(
-            "pgrelay_verify_last_run_seconds",
-            "how long the last periodic verify took",
+            &metric::VERIFY_LAST_RUN_SECONDS,
             &[("region", &region)],
             seconds,
         );

@@ -1,4 +1,4 @@
-//! The README's procedures run as an operator runs them, with the
+//! The procedures of docs/operations.md run as an operator runs them, with the
 //! guarantees they state: here, what a lost slot's resync must carry.
 //! Two regions (us, eu), real PostgreSQL clusters, one broker, real
 //! sidecars.
@@ -64,7 +64,7 @@ async fn ids(pg: &Pg) -> Vec<i32> {
         .collect()
 }
 
-/// An erasure made while no slot carried it: the resync the README
+/// An erasure made while no slot carried it: the resync docs/operations.md
 /// prescribes after a lost slot sends the partitioned row's tombstone to
 /// the region that held a copy, routed by the home the tombstone kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +168,7 @@ async fn a_sidecar_waiting_for_a_column_stops_on_sigterm() {
     );
 }
 
-/// The README's policy-change procedures, while the regions write. A home
+/// The policy-change procedures of docs/operations.md, while the regions write. A home
 /// gains a destination (eu's rows may now live in us too): the
 /// destination's sidecar restarts first, then the home's, then the home
 /// resyncs its rows to it. A home loses one (us's rows may no longer live

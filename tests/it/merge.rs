@@ -714,7 +714,7 @@ async fn increments_no_slot_carried_arrive_with_the_resync() {
     us.kill9();
     crate::lifecycle::lose_slots(&p.us).await;
     p.us.psql("UPDATE stock SET n = n + 5; UPDATE stock SET n = n + 7 WHERE id = 2");
-    // the README's procedure: setup (a new slot), start, resync
+    // the procedure of docs/operations.md: setup (a new slot), start, resync
     relay::ok(&["setup", "--config", cfg, "--region", "us"]);
     let _us = Relay::spawn(&p.cfg, "us", "capture");
     relay::ok(&["resync", "--config", cfg, "--region", "us"]);

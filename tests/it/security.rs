@@ -328,7 +328,7 @@ fn hmac_hex(key: &[u8], message: &[u8]) -> String {
 }
 
 /// The application's role: it may write the replicated tables and holds
-/// nothing of pgrelay's, as the README says it needs.
+/// nothing of pgrelay's, as docs/security.md says it needs.
 const APP_ROLE: &str = "app_writer";
 
 /// A region set up by `setup`'s own statements (PL/pgSQL or C triggers),
@@ -643,7 +643,7 @@ fn dsn_passwords_with_backslash_quote_and_space_log_in_on_both_connection_kinds(
     }
 }
 
-/// As the README's setup role (no superuser), `setup` cannot create the
+/// As the setup role of docs/security.md (no superuser), `setup` cannot create the
 /// `pgrelay` extension and falls back to the PL/pgSQL stamp trigger;
 /// `check` then gives the superuser's one-time step, and after it `setup`
 /// does switch to the C trigger.
