@@ -56,10 +56,11 @@ CREATE TABLE o (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, extra text);
 CREATE TABLE p (id int PRIMARY KEY, home text NOT NULL, n int NOT NULL DEFAULT 0, big text);
 CREATE TABLE b (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
 CREATE TABLE m (id int PRIMARY KEY, c bigint NOT NULL DEFAULT 0, items text[] NOT NULL DEFAULT '{}', s text);
+CREATE TABLE q (id int PRIMARY KEY, home text NOT NULL, n int NOT NULL DEFAULT 0);
 ";
 
 /// The tables the check compares.
-const TABLES: [&str; 5] = ["g", "o", "p", "b", "m"];
+const TABLES: [&str; 6] = ["g", "o", "p", "b", "m", "q"];
 
 /// us's DR key (32 bytes, hex): the key that seals `o`'s copies in eu's vault.
 const DR_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -67,6 +68,24 @@ const DR_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbcc
 /// Which regions may hold a `p` row homed in `home`.
 pub fn allowed(home: &str, region: &str) -> bool {
     home == region || (home == "us" && region == "eu")
+}
+
+/// `q`'s policy before [`Fault::PolicyChange`] (us's rows may live in eu),
+/// as the config spells it.
+const Q_POLICY_BEFORE: &str = "cn = []\neu = []\nus = [\"eu\"]\n";
+/// `q`'s policy after it: us's rows may no longer live in eu, eu's may now
+/// live in cn.
+const Q_POLICY_AFTER: &str = "cn = []\neu = [\"cn\"]\nus = []\n";
+
+/// Which regions may hold a `q` row homed in `home`, before or after the
+/// policy change.
+pub fn q_allowed(home: &str, region: &str, changed: bool) -> bool {
+    home == region
+        || if changed {
+            home == "eu" && region == "cn"
+        } else {
+            home == "us" && region == "eu"
+        }
 }
 
 fn config(
@@ -123,6 +142,12 @@ us = ["eu"]
 eu = []
 cn = []
 
+[[tables]]
+name = "public.q"
+class = "partitioned"
+home_column = "home"
+[tables.allow]
+{Q_POLICY_BEFORE}
 [[tables]]
 name = "public.b"
 class = "global"
@@ -254,6 +279,15 @@ pub enum Op {
     /// `DELETE FROM b`: the only deletes of `b`, a storm when more than 3
     /// rows go.
     StormB,
+    /// Insert or update `q` row `id`, homed in the writing region (its key
+    /// range is the region's own).
+    UpsertQ {
+        id: i32,
+        n: i32,
+    },
+    DeleteQ {
+        id: i32,
+    },
 }
 
 impl Op {
@@ -268,6 +302,7 @@ impl Op {
             Op::UpsertO { .. } | Op::DeleteO { .. } | Op::ForbiddenO { .. } => "o",
             Op::UpsertB { .. } | Op::StormB => "b",
             Op::IncM { .. } | Op::AddM { .. } | Op::SetMS { .. } => "m",
+            Op::UpsertQ { .. } | Op::DeleteQ { .. } => "q",
             _ => "p",
         }
     }
@@ -303,6 +338,16 @@ pub fn draw(rng: &mut Rng, region: &'static str, keys: i32, truncates: bool) -> 
                 id,
                 s: format!("{region}-{n}"),
             }
+        }
+        // the policy-change table: each region writes rows of its own home
+        // only, on keys no other region writes
+        12..=15 => {
+            let own = 1000 * REGIONS.iter().position(|r| *r == region).unwrap_or(0) as i32 + id;
+            return if rng.chance(75) {
+                Op::UpsertQ { id: own, n }
+            } else {
+                Op::DeleteQ { id: own }
+            };
         }
         _ => {}
     }
@@ -384,9 +429,11 @@ pub struct History {
     pub delivered_p: Option<BTreeSet<(&'static str, &'static str, i32, i64)>>,
     /// The regions whose slot was lost.
     pub lost_slots: BTreeSet<&'static str>,
-    /// `Join`: the newest stamp of `p` cn held when its database was
-    /// replaced.
+    /// `Join`: the newest stamp of `p` and `q` cn held when its database
+    /// was replaced.
     pub joined: Option<i64>,
+    /// `PolicyChange` ran: `q`'s new policy holds.
+    pub policy_changed: bool,
 }
 
 pub struct Model<'h>(pub &'h History);
@@ -403,7 +450,7 @@ impl Model<'_> {
         // (other regions' versions of the same keys come back with their
         // resync)
         let lost_with_cn = |region: &str, writer: &str, stamp: i64| {
-            table == "p"
+            (table == "p" || table == "q")
                 && region == "cn"
                 && writer == "cn"
                 && self.0.joined.is_some_and(|j| stamp <= j)
@@ -471,6 +518,11 @@ impl Model<'_> {
                         }),
                         _ => None,
                     }
+                }
+                // homed where it was written; the policy in force at the
+                // end decides (the procedures move rows as it says)
+                "q" if w.region != region => {
+                    q_allowed(w.region, region, self.0.policy_changed).then(|| w.version.clone())
                 }
                 _ => Some(w.version.clone()),
             };
@@ -588,6 +640,7 @@ fn select_list(table: &str) -> &'static str {
         "g" => "id, n::text, s, md5(big), to_jsonb(g) ->> 'added', _pgrelay_hlc",
         "o" | "b" => "id, n::text, _pgrelay_hlc",
         "m" => "id, c::text, array_to_string(ARRAY(SELECT x FROM unnest(items) AS x ORDER BY x COLLATE \"C\"), ','), s, _pgrelay_hlc",
+        "q" => "id, home, n::text, _pgrelay_hlc",
         _ => "id, home, n::text, md5(big), _pgrelay_hlc",
     }
 }
@@ -935,7 +988,24 @@ impl Writer {
                 }
                 return Ok(Outcome::Done);
             }
-            Op::DeleteG { id } | Op::DeleteO { id } | Op::DeleteP { id } => {
+            Op::UpsertQ { id, n } => {
+                let rows = tx
+                    .query(
+                        &format!(
+                            "INSERT INTO q (id, home, n) VALUES ($1, $2, $3) \
+                             ON CONFLICT (id) DO UPDATE SET n = excluded.n RETURNING {sel}"
+                        ),
+                        &[id, &self.region, n],
+                    )
+                    .await?;
+                for r in &rows {
+                    let (k, v) = version_of(r);
+                    let home = Some(self.region.to_string());
+                    push(out, k, v, (home.clone(), home));
+                }
+                return Ok(Outcome::Done);
+            }
+            Op::DeleteG { id } | Op::DeleteO { id } | Op::DeleteP { id } | Op::DeleteQ { id } => {
                 let home = if table == "p" {
                     p_home(tx, *id).await?
                 } else {
@@ -1164,6 +1234,15 @@ pub enum Fault {
     /// everything the others hold, counters with cn's own part, minus what
     /// only cn held (its `p` rows homed cn). Once per history.
     Join(usize),
+    /// Lifecycle, a policy change of the partitioned table `q` while every
+    /// region writes, by the README's procedures: us's rows may no longer
+    /// live in eu (us's sidecar restarts first; once eu applied what us
+    /// wrote up to then, eu's), eu's may now live in cn (cn's sidecars
+    /// restart before eu's), then `resync --region eu --to cn --table
+    /// public.q` and `verify --table public.q --repair`. Every region must
+    /// end as the new policy says: cn with every row eu holds, eu with none
+    /// of us's. Once per history.
+    PolicyChange(usize),
 }
 
 /// The sidecar processes of a region, by role.
@@ -1190,9 +1269,11 @@ pub struct World {
     /// Per region: its writers hold this for each transaction; a fault
     /// that must stop them takes it exclusively.
     pub gates: BTreeMap<&'static str, Arc<tokio::sync::RwLock<()>>>,
-    /// `Join`: the newest stamp of `p` cn held when its database was
-    /// replaced (what cn wrote of `p` up to it is gone with it).
+    /// `Join`: the newest stamp of `p` and `q` cn held when its database
+    /// was replaced (what cn wrote of them up to it is gone with it).
     pub joined: Option<i64>,
+    /// `PolicyChange` ran: `q`'s new policy holds.
+    pub policy_changed: bool,
     /// By region and role: us and eu run both sides in one process, cn runs
     /// them as two.
     pub sidecars: BTreeMap<(&'static str, &'static str), Relay>,
@@ -1253,6 +1334,7 @@ impl World {
                 .map(|r| (*r, Arc::new(tokio::sync::RwLock::new(()))))
                 .collect(),
             joined: None,
+            policy_changed: false,
             sidecars,
         }
     }
@@ -1269,6 +1351,7 @@ impl World {
             {
                 Fault::KillSidecar(i)
             }
+            Fault::PolicyChange(i) if self.policy_changed => Fault::KillSidecar(i),
             other => other,
         };
         match fault {
@@ -1334,13 +1417,16 @@ impl World {
                     self.sidecars
                         .insert((r, role), Relay::spawn(&self.cfg, r, role));
                 }
-                resync(&[
-                    "resync",
-                    "--config",
-                    self.cfg.path.to_str().unwrap(),
-                    "--region",
-                    r,
-                ]);
+                resync(
+                    &[
+                        "resync",
+                        "--config",
+                        self.cfg.path.to_str().unwrap(),
+                        "--region",
+                        r,
+                    ],
+                    &self.brokers,
+                );
             }
             Fault::ParkReplay(i) => {
                 let r = REGIONS[i % 3];
@@ -1399,25 +1485,19 @@ impl World {
                     .store(true, std::sync::atomic::Ordering::SeqCst);
             }
             Fault::Join(_) => self.join().await,
+            Fault::PolicyChange(_) => self.change_policy().await,
         }
     }
 }
 
 impl World {
-    /// [`Fault::Join`].
-    async fn join(&mut self) {
-        let r = "cn";
-        let gate = self.gates[r].clone();
-        let paused = gate.write().await;
-        let cn = connect(&self.pg[r].dsn()).await;
-        let lsn: String = cn
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .expect("cn's WAL position")
-            .get(0);
-        // the positive sign that the others hold all cn wrote: rows,
-        // deletes and cn's part of every counter
-        for other in REGIONS.iter().filter(|o| **o != r) {
+    /// Waits until every region of `at` applied what `source` committed
+    /// before `lsn` (`pgrelay.wait_for`), releasing a breaker that holds
+    /// `source`'s changes there (an operator running a procedure lets them
+    /// through: they were judged before).
+    async fn wait_applied(&self, source: &'static str, lsn: &str, at: &[&'static str]) {
+        let r = source;
+        for other in at {
             let c = connect(&self.pg[other].dsn()).await;
             let deadline = Instant::now() + Duration::from_secs(90);
             loop {
@@ -1425,8 +1505,8 @@ impl World {
                 // operator rebuilding a region lets its changes through)
                 let frozen = c
                     .query(
-                        "SELECT 1 FROM pgrelay.breakers WHERE source_region = 'cn' AND state = 'frozen'",
-                        &[],
+                        "SELECT 1 FROM pgrelay.breakers WHERE source_region = $1 AND state = 'frozen'",
+                        &[&r],
                     )
                     .await
                     .map(|rows| !rows.is_empty())
@@ -1445,8 +1525,8 @@ impl World {
                 }
                 let done: bool = c
                     .query_one(
-                        "SELECT pgrelay.wait_for('cn', $1::text::pg_lsn, '5s')",
-                        &[&lsn],
+                        "SELECT pgrelay.wait_for($2, $1::text::pg_lsn, '5s')",
+                        &[&lsn, &r],
                     )
                     .await
                     .map(|row| row.get(0))
@@ -1472,16 +1552,91 @@ impl World {
                         });
                     let offsets = actual_offsets(&c).await;
                     panic!(
-                        "{other} did not apply what cn wrote up to {lsn} within 90 s; parked there: \
+                        "{other} did not apply what {r} wrote up to {lsn} within 90 s; parked there: \
                          {parked:?}; offsets: {offsets:?}"
                     );
                 }
             }
         }
+    }
+
+    /// Stops a region's sidecar processes (SIGTERM, as an operator does)
+    /// and starts them again: they read the config anew.
+    fn restart(&mut self, region: &'static str) {
+        for role in roles(region) {
+            let relay = self.sidecars.get_mut(&(region, *role)).unwrap();
+            if relay.terminate(Duration::from_secs(30)).is_none() {
+                relay.kill9();
+            }
+            self.sidecars
+                .insert((region, role), Relay::spawn(&self.cfg, region, role));
+        }
+    }
+
+    /// [`Fault::PolicyChange`], by the README's procedures.
+    async fn change_policy(&mut self) {
+        for file in [&self.cfg, &self.plpgsql] {
+            let text = std::fs::read_to_string(&file.path).unwrap();
+            let changed = text.replacen(Q_POLICY_BEFORE, Q_POLICY_AFTER, 1);
+            assert_ne!(text, changed, "q's policy in {}", file.path.display());
+            std::fs::write(&file.path, changed).unwrap();
+        }
+        let cfg = self.cfg.path.to_str().unwrap().to_string();
+        // a home loses a destination: the home first, so it stops sending
+        // its rows there; the destination once it applied what the home
+        // wrote until then
+        self.restart("us");
+        let lsn: String = connect(&self.pg["us"].dsn())
+            .await
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .expect("us's WAL position")
+            .get(0);
+        self.wait_applied("us", &lsn, &["eu"]).await;
+        // a home gains a destination: the destination first
+        self.restart("cn");
+        self.restart("eu");
+        self.policy_changed = true;
+        resync(
+            &[
+                "resync", "--config", &cfg, "--region", "eu", "--to", "cn", "--table", "public.q",
+            ],
+            &self.brokers,
+        );
+        // what eu may no longer hold, removed there (it may report rows
+        // still on their way to cn as well, and send them again)
+        let repaired = relay::cmd(&[
+            "verify", "--config", &cfg, "--table", "public.q", "--repair",
+        ]);
+        assert_ne!(
+            repaired.status.code(),
+            Some(2),
+            "verify --repair failed: {}{}",
+            String::from_utf8_lossy(&repaired.stdout),
+            String::from_utf8_lossy(&repaired.stderr)
+        );
+    }
+
+    /// [`Fault::Join`].
+    async fn join(&mut self) {
+        let r = "cn";
+        let gate = self.gates[r].clone();
+        let paused = gate.write().await;
+        let cn = connect(&self.pg[r].dsn()).await;
+        let lsn: String = cn
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .expect("cn's WAL position")
+            .get(0);
+        // the positive sign that the others hold all cn wrote: rows,
+        // deletes and cn's part of every counter
+        let others: Vec<&'static str> = REGIONS.into_iter().filter(|o| *o != r).collect();
+        self.wait_applied(r, &lsn, &others).await;
         let newest: i64 = cn
             .query_one(
-                "SELECT greatest((SELECT max(_pgrelay_hlc) FROM p), \
-                 (SELECT max(hlc) FROM pgrelay.tombstones WHERE table_name = 'public.p'), 0)",
+                "SELECT greatest((SELECT max(_pgrelay_hlc) FROM p), (SELECT max(_pgrelay_hlc) FROM q), \
+                 (SELECT max(hlc) FROM pgrelay.tombstones \
+                  WHERE table_name IN ('public.p', 'public.q')), 0)",
                 &[],
             )
             .await
@@ -1533,15 +1688,18 @@ impl World {
             .map(|row| row.get(0))
             .collect();
         for source in REGIONS.iter().filter(|o| **o != r) {
-            resync(&[
-                "resync",
-                "--config",
-                self.cfg.path.to_str().unwrap(),
-                "--region",
-                source,
-                "--to",
-                r,
-            ]);
+            resync(
+                &[
+                    "resync",
+                    "--config",
+                    self.cfg.path.to_str().unwrap(),
+                    "--region",
+                    source,
+                    "--to",
+                    r,
+                ],
+                &self.brokers,
+            );
         }
         // cn writes again only once its part of each counter is back
         // (a region's part is kept by its stamp: an increment taken from
@@ -1624,14 +1782,23 @@ impl World {
 /// `pgrelay resync` as an operator runs it: safe to run again, so run
 /// again (at most three times) when it stopped on an error — a Kafka
 /// metadata request that timed out on a loaded machine has been seen.
-fn resync(args: &[&str]) {
+fn resync(args: &[&str], brokers: &BTreeMap<&'static str, (Broker, Proxy)>) {
     for attempt in 1..=3 {
         let out = relay::cmd(args);
         if out.status.success() {
             return;
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(attempt < 3, "pgrelay {args:?} failed three times: {stderr}");
+        if attempt == 3 {
+            let seen: Vec<String> = brokers
+                .iter()
+                .map(|(r, (b, _))| format!("{r}: {}", b.diagnose()))
+                .collect();
+            panic!(
+                "pgrelay {args:?} failed three times: {stderr}\n{}",
+                seen.join("\n")
+            );
+        }
         eprintln!("pgrelay {args:?} failed (attempt {attempt}), running it again: {stderr}");
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -1714,12 +1881,12 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         };
         writers.push(tokio::spawn(racer.run(ops_per_region / 2, history.clone())));
     }
-    // faults while the writers run: two of the four lifecycle procedures
-    // in every history (which two follows the seed: seeds 1 and 3, CI's,
-    // cover all four), the rest drawn from every kind
+    // faults while the writers run: three of the five lifecycle
+    // procedures in every history (which three follows the seed: seeds 1
+    // and 3, CI's, cover all five), the rest drawn from every kind
     let mut faults = Vec::new();
-    let n_faults = 3 + rng.below(3);
-    let lifecycle = [LOST_SLOT, PARK_REPLAY, SCHEMA_CHANGE, JOIN];
+    let n_faults = 4 + rng.below(2);
+    let lifecycle = [LOST_SLOT, PARK_REPLAY, SCHEMA_CHANGE, JOIN, POLICY_CHANGE];
     for f in 0..n_faults {
         let region = rng.below(3) as usize;
         let kinds = if durable {
@@ -1730,7 +1897,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         let drawn = rng.below(kinds as u64) as usize;
         let drawn = match forced_faults() {
             Some(only) => only[drawn % only.len()],
-            None if f < 2 => lifecycle[(seed as usize + f as usize) % lifecycle.len()],
+            None if f < 3 => lifecycle[(seed as usize + f as usize) % lifecycle.len()],
             None => drawn,
         };
         let fault = match KINDS[drawn] {
@@ -1743,6 +1910,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             "park_replay" => Fault::ParkReplay(region),
             "schema_change" => Fault::SchemaChange(region),
             "join" => Fault::Join(region),
+            "policy_change" => Fault::PolicyChange(region),
             _ => Fault::RestartBroker(region),
         };
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
@@ -1794,6 +1962,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             history.lost_slots = w.lost_slots.clone();
         }
         history.joined = w.joined;
+        history.policy_changed = w.policy_changed;
         let model = Model(&history);
         last_diff = String::new();
         missing = Vec::new();
@@ -1923,6 +2092,18 @@ async fn resolve_breakers(
     }
 }
 
+/// Every record of `region`'s dead-letter topic up to its read markers;
+/// when its broker cannot be reached, says what became of the broker.
+fn read_dlq(w: &World, region: &str) -> Vec<crate::support::kafka::Rec> {
+    let (broker, _) = &w.brokers[region];
+    let topic = format!("pgrelay.dlq.{region}");
+    let addr = broker.brokers();
+    match std::panic::catch_unwind(|| read_to_markers(&addr, &topic)) {
+        Ok(recs) => recs,
+        Err(_) => panic!("cannot read {topic}: {}", broker.diagnose()),
+    }
+}
+
 /// What the destinations that discarded a storm parked: (destination,
 /// table, key, stamp), from their dead-letter topics.
 fn discarded(
@@ -1934,7 +2115,7 @@ fn discarded(
         if !resolved.iter().any(|(d, _, a)| *d == r && *a == "discard") {
             continue;
         }
-        for rec in read_to_markers(&w.brokers[r].0.brokers(), &format!("pgrelay.dlq.{r}")) {
+        for rec in read_dlq(w, r) {
             if rec.headers.get("pgrelay.dlq.class").map(String::as_str) != Some("breaker_discarded")
             {
                 continue;
@@ -2372,13 +2553,19 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
             total += records.len();
             for rec in records {
                 let v = &rec.value;
-                if v["source"]["table"] != "p" {
+                let table = v["source"]["table"].as_str().unwrap_or("");
+                if table != "p" && table != "q" {
                     continue;
                 }
                 for image in ["before", "after"] {
                     if let Some(home) = v[image]["home"].as_str() {
+                        // q: under the policy of before or after its change
+                        let may = match table {
+                            "p" => allowed(home, dst),
+                            _ => q_allowed(home, dst, false) || q_allowed(home, dst, true),
+                        };
                         assert!(
-                            allowed(home, dst),
+                            may,
                             "seed {seed}: topic {topic} offset {} carries a row homed {home} in \
                              its {image} image: {dst} may not hold it",
                             rec.offset
@@ -2408,8 +2595,7 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
                 "seed {seed}: {src} still has parked changes to replay:\n{listed}"
             );
         }
-        let dlq = format!("pgrelay.dlq.{src}");
-        let mut parked = read_to_markers(&w.brokers[src].0.brokers(), &dlq);
+        let mut parked = read_dlq(w, src);
         // a discarded storm is parked for audit: deletes of b only
         parked.retain(|rec| {
             let discarded = rec.headers.get("pgrelay.dlq.class").map(String::as_str)
@@ -2476,7 +2662,7 @@ fn delivered_p(w: &World) -> BTreeSet<(&'static str, &'static str, i32, i64)> {
 
 /// The fault kinds by name (`restart_broker` last: drawn only where the
 /// broker keeps its log across a restart).
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 11] = [
     "kill_sidecar",
     "crash_database",
     "cut_link",
@@ -2486,12 +2672,14 @@ const KINDS: [&str; 10] = [
     "park_replay",
     "schema_change",
     "join",
+    "policy_change",
     "restart_broker",
 ];
 const LOST_SLOT: usize = 5;
 const PARK_REPLAY: usize = 6;
 const SCHEMA_CHANGE: usize = 7;
 const JOIN: usize = 8;
+const POLICY_CHANGE: usize = 9;
 
 /// `PGRELAY_CHECK_FAULTS=lost_slot,park_replay`: draw only these fault
 /// kinds (to aim a run at some).

@@ -126,6 +126,25 @@ impl Broker {
         panic!("broker did not listen on {} within 15 s", self.port);
     }
 
+    /// Whether the broker answers on its port, and the end of its log: what
+    /// a test prints when a client cannot reach it.
+    pub fn diagnose(&self) -> String {
+        let listening = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+        let log = std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "broker on port {} {} (durable: {}); the end of its log:\n{}",
+            self.port,
+            if listening {
+                "accepts connections"
+            } else {
+                "does NOT accept connections"
+            },
+            self.durable,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
     /// The address clients use.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.advertised)
