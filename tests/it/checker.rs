@@ -5,7 +5,9 @@
 //! a proxy that can cut its link) and sidecar. One writer per region issues
 //! random operations ([`Op`]) on a `global` table `g`, an `owned` table `o`
 //! (owner us) and a `partitioned` table `p` (home in column `home`; us-homed
-//! rows may also live in eu). Every committed write is logged with the stamp
+//! rows may also live in eu), a second `partitioned` table `q` whose policy
+//! changes mid-history ([`Fault::PolicyChange`]), a `global` table `m` with
+//! merge columns and a guarded table `b`. Every committed write is logged with the stamp
 //! PostgreSQL gave it. The writers log in as an application role holding
 //! only what the README says one needs: its tables, nothing of pgrelay's.
 //! Each region runs two writers on the same keys, and `g` has an
@@ -2043,6 +2045,25 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     dr_vault_holds_the_newest_copies(&w, &history, &clients, seed).await;
     verify_agrees_then_finds_a_planted_difference(&w, &history, &resolved, seed).await;
     eprintln!("seed {seed}: breaker trips resolved: {resolved:?}");
+    if history.policy_changed {
+        // the model held it already; said here so a reader sees the move
+        let count = |r: &'static str, home: &'static str| {
+            let c = &clients[r];
+            async move {
+                c.query_one("SELECT count(*) FROM q WHERE home = $1", &[&home])
+                    .await
+                    .map(|row| row.get::<_, i64>(0))
+                    .unwrap_or(-1)
+            }
+        };
+        eprintln!(
+            "seed {seed}: after the policy change cn holds {} of eu's {} rows of q, eu {} of us's {}",
+            count("cn", "eu").await,
+            count("eu", "eu").await,
+            count("eu", "us").await,
+            count("us", "us").await
+        );
+    }
     eprintln!(
         "seed {seed}: {} transaction(s) refused by a fence and retried after it",
         history.fenced
