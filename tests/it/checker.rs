@@ -1666,7 +1666,14 @@ impl World {
                 .await
                 .unwrap_or_else(|e| panic!("replace cn's database: {sql}: {e:?}"));
         }
+        // the tables as the other regions have them now
         self.pg[r].psql(SCHEMA);
+        if self.shape.extra_dropped() {
+            self.pg[r].psql("ALTER TABLE o DROP COLUMN extra");
+        }
+        if self.shape.added() {
+            self.pg[r].psql("ALTER TABLE g ADD COLUMN added int");
+        }
         self.joined = Some(newest);
         // the README's procedure for a new region
         relay::ok(&[
