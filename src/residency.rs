@@ -13,14 +13,15 @@
 //! schema and cached by relation oid, so routing a row costs one small map
 //! lookup, the home lookup and the copy of the tuples.
 //!
-//! Rules (brief §3): undeclared and `local` tables never leave; `global`
-//! tables go everywhere; `owned` tables go everywhere from their owner only;
-//! a `partitioned` row goes to its home and to the regions `allow` lists for
-//! that home, and a row whose home moves is inserted where it becomes allowed
-//! and deleted where it stops being allowed. A truncate of a `partitioned`
-//! table has no rows, hence no homes, and stays home: elsewhere it would
-//! remove rows homed there. Column rules run last, on both tuples, and fail
-//! closed: a table whose rules name a column its relation lacks goes
+//! Rules (brief §3): undeclared tables never leave. Which regions may hold
+//! a row, and which changes of a declared table travel at all (`local`
+//! never, `owned` from its owner only, a `partitioned` table's truncate
+//! never), is the table's [`TableRule`], defined once in `rule.rs` and read
+//! alike by routing, the apply side's admission, resync and verify; here it
+//! is compiled per source into one bit set of destinations per home value.
+//! A row whose home moves is inserted where it becomes allowed and deleted
+//! where it stops being allowed. Column rules run last, on both tuples, and
+//! fail closed: a table whose rules name a column its relation lacks goes
 //! nowhere ([`Policy::check_relation`] lets the caller stop on it first).
 //!
 //! Nothing here logs or returns row values.
@@ -35,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::{ColumnAction, Config, ConfigError, TableClass, TableConfig};
+use crate::config::{ColumnAction, Config, ConfigError};
 use crate::event::{Change, Datum, Op, TableName, TableSchema};
 
 /// What to do with one change for one destination.
@@ -130,6 +131,9 @@ impl std::fmt::Debug for Policy {
 /// One table's rules, compiled for the source region.
 #[derive(Debug)]
 struct TableRules {
+    /// The table's residency rule, as every side reads it.
+    rule: TableRule,
+    /// The rule compiled for this source: which rows leave, by home value.
     rows: RowRule,
     /// Per destination index: (column, action) of the rules that apply there.
     columns: Vec<Vec<(String, ColumnAction)>>,
@@ -172,11 +176,10 @@ enum RowRule {
 #[derive(Debug)]
 struct Partition {
     home_column: String,
-    /// Home column value -> home region (index in the sorted region list).
-    homes: HashMap<String, usize>,
-    /// Per home region: bit `d` is set when destination `d` may receive
-    /// rows homed there.
-    allowed: Vec<u64>,
+    /// Home column value -> bit `d` set when destination `d` may hold rows
+    /// whose home column holds that value ([`TableRule::may_hold`]); a
+    /// value absent here names no home.
+    allowed: HashMap<String, u64>,
 }
 
 impl Partition {
@@ -184,7 +187,7 @@ impl Partition {
     /// when the home is unknown (allowed nowhere).
     fn allowed_for(&self, value: Option<&Datum>) -> Option<u64> {
         match value? {
-            Datum::Text(v) => self.homes.get(v.as_str()).map(|&home| self.allowed[home]),
+            Datum::Text(v) => self.allowed.get(v.as_str()).copied(),
             Datum::Null | Datum::Unchanged => None,
         }
     }
@@ -244,56 +247,43 @@ impl Policy {
                 message: format!("{} regions: at most 63 are supported", regions.len()),
             });
         }
-        let region_index = |name: &str| regions.iter().position(|r| r.as_str() == name);
-        let dest_index = |name: &str| destinations.iter().position(|d| d == name);
-        let undeclared = |table: &TableConfig, region: &str| ConfigError::Invalid {
-            origin: config.origin.clone(),
-            line: None,
-            message: format!(
-                "table {}: region {region:?} is not declared; declared regions: {}",
-                table.name,
-                config.declared_regions()
-            ),
-        };
 
         let mut tables = HashMap::with_capacity(config.tables.len());
         let mut any_hash = false;
         for table in &config.tables {
-            let rows = match &table.class {
-                TableClass::Local => RowRule::Never(DropReason::Local),
-                TableClass::Global => RowRule::All,
-                TableClass::Owned { owner } if owner == source => RowRule::All,
-                TableClass::Owned { .. } => RowRule::Never(DropReason::NotOwner),
-                TableClass::Partitioned {
-                    home_column,
-                    aliases,
-                    allow,
-                } => {
-                    let mut homes: HashMap<String, usize> = regions
-                        .iter()
-                        .enumerate()
-                        .map(|(i, r)| (r.to_string(), i))
+            let residency = TableRule::compile(config, table);
+            if let Some(region) = residency
+                .named_regions()
+                .find(|region| !config.regions.contains_key(*region))
+            {
+                return Err(ConfigError::Invalid {
+                    origin: config.origin.clone(),
+                    line: None,
+                    message: format!(
+                        "table {}: region {region:?} is not declared; declared regions: {}",
+                        table.name,
+                        config.declared_regions()
+                    ),
+                });
+            }
+            let rows = match (residency.leaves(source), residency.home_column()) {
+                (Err(reason), _) => RowRule::Never(reason),
+                (Ok(()), None) => RowRule::All,
+                (Ok(()), Some(home_column)) => {
+                    // each home value's destinations, as a bit set
+                    let allowed = residency
+                        .home_values()
+                        .map(|(value, _)| {
+                            let mask = destinations
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, dest)| residency.may_hold(dest, value).is_ok())
+                                .fold(0u64, |mask, (d, _)| mask | 1 << d);
+                            (value.to_string(), mask)
+                        })
                         .collect();
-                    for (value, region) in aliases {
-                        let home = region_index(region).ok_or_else(|| undeclared(table, region))?;
-                        homes.insert(value.clone(), home);
-                    }
-                    let mut allowed = vec![0u64; regions.len()];
-                    for (home, mask) in allowed.iter_mut().enumerate() {
-                        let home_name = regions[home].as_str();
-                        let extra = allow.get(home_name).into_iter().flatten();
-                        for region in std::iter::once(home_name).chain(extra.map(String::as_str)) {
-                            if region_index(region).is_none() {
-                                return Err(undeclared(table, region));
-                            }
-                            if let Some(d) = dest_index(region) {
-                                *mask |= 1 << d;
-                            }
-                        }
-                    }
                     RowRule::Partitioned(Partition {
-                        home_column: home_column.clone(),
-                        homes,
+                        home_column: home_column.to_string(),
                         allowed,
                     })
                 }
@@ -322,6 +312,7 @@ impl Policy {
             tables.insert(
                 table.name.clone(),
                 Arc::new(TableRules {
+                    rule: residency,
                     rows,
                     columns,
                     rule_columns,
@@ -367,6 +358,11 @@ impl Policy {
     /// Every other region, sorted: `route`'s `dest_index` indexes this.
     pub fn destinations(&self) -> &[String] {
         &self.destinations
+    }
+
+    /// The residency rule of a declared table.
+    pub fn rule(&self, table: &TableName) -> Option<&TableRule> {
+        self.tables.get(table).map(|t| &t.rule)
     }
 
     /// Declared and not local: changes of this table are worth decoding.
@@ -438,14 +434,12 @@ impl Policy {
             RowRule::All => None,
             RowRule::Partitioned(p) => Some(p),
         };
+        if let Err(reason) = rules.rule.sends(&self.source, change.op) {
+            return Verdict::Drop(reason);
+        }
         let Some(partition) = partition else {
             return self.publish(dest, change.op, before, after, None);
         };
-        if change.op == Op::Truncate {
-            // a truncate has no rows, hence no homes: at a destination it
-            // would remove rows homed there too, which never came from here
-            return Verdict::Drop(DropReason::TruncatePartitioned);
-        }
         let Some(home) = home_index else {
             return Verdict::Drop(DropReason::UnknownHome);
         };
@@ -494,7 +488,7 @@ impl Policy {
                     (false, false) => Verdict::Drop(DropReason::HomeNotAllowed),
                 }
             }
-            Op::Truncate => unreachable!("handled above"),
+            Op::Truncate => unreachable!("never sent: TableRule::sends"),
         }
     }
 
@@ -666,7 +660,9 @@ fn dest_plan(schema: &TableSchema, rules: &[(String, ColumnAction)]) -> DestPlan
 }
 
 mod matrix;
+mod rule;
 pub use matrix::matrix;
+pub use rule::TableRule;
 
 #[cfg(test)]
 mod tests;

@@ -52,7 +52,7 @@ use crate::names::HLC_COLUMN;
 use crate::publish::envelope::Source;
 use crate::publish::producer::{Delivery, Outlets, SendError};
 use crate::publish::sink::{queue_dr, seal_for_dr, Outgoing};
-use crate::residency::{Policy, Verdict};
+use crate::residency::{Policy, TableRule, Verdict};
 use crate::source::catalog::{self, Catalog};
 
 /// What to send again.
@@ -159,20 +159,6 @@ pub fn tombstone_change(
         tx: tx.clone(),
         seq: 0,
     })
-}
-
-/// The home column of `table` if it is `partitioned`.
-fn home_column<'c>(config: &'c Config, table: &TableName) -> Option<&'c str> {
-    config
-        .tables
-        .iter()
-        .find(|t| t.name == *table)
-        .and_then(|t| match &t.class {
-            crate::config::TableClass::Partitioned { home_column, .. } => {
-                Some(home_column.as_str())
-            }
-            _ => None,
-        })
 }
 
 fn now_us() -> i64 {
@@ -421,7 +407,10 @@ pub async fn run(
             let pk: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(r.get::<_, &str>(0)).unwrap_or_default();
             let hlc: i64 = r.get(1);
-            let home = home_column(config, &schema.table).zip(r.get::<_, Option<&str>>(2));
+            let home = policy
+                .rule(&schema.table)
+                .and_then(TableRule::home_column)
+                .zip(r.get::<_, Option<&str>>(2));
             match tombstone_change(schema, &pk, home, hlc.max(0) as u64, &tx) {
                 Some(change) => out.send(&change, &wanted).await?,
                 None => {
@@ -616,7 +605,10 @@ pub async fn send_keys(
                 let pk: serde_json::Map<String, serde_json::Value> =
                     serde_json::from_str(r.get::<_, &str>(0)).unwrap_or_default();
                 let hlc: i64 = r.get(1);
-                let home = home_column(config, &schema.table).zip(r.get::<_, Option<&str>>(2));
+                let home = policy
+                    .rule(&schema.table)
+                    .and_then(TableRule::home_column)
+                    .zip(r.get::<_, Option<&str>>(2));
                 if let Some(change) = tombstone_change(schema, &pk, home, hlc.max(0) as u64, &tx) {
                     out.send(&change, &wanted).await?;
                 }

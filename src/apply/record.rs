@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::event::{quote_ident, quote_literal, Op, TableName};
 use crate::names::HLC_COLUMN;
+use crate::residency::{DropReason, TableRule};
 
 /// Text borrowed from the record unless its JSON spelling had escapes.
 pub type Text<'a> = Cow<'a, str>;
@@ -176,65 +177,75 @@ impl TargetTable {
     }
 }
 
-/// The apply side's own residency check of a table's incoming changes.
+/// The apply side's own residency check of a table's incoming changes: the
+/// table's [`TableRule`] (the one capture routes by) asked for this region,
+/// whatever a record claims. The default admits everything (`global`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Admit {
-    /// `global`: from any region.
-    #[default]
-    Any,
-    /// `owned`: only from the owner.
-    Owner(String),
-    /// `partitioned`: inserts and updates only of rows whose home lets this
-    /// region hold them (deletes always: removing a row leaks nothing).
-    Homes {
-        column: String,
-        /// Column value -> home region.
-        homes: HashMap<String, String>,
-        /// Home regions whose rows this region may hold.
-        allowed: std::collections::BTreeSet<String>,
-    },
+pub struct Admit {
+    /// The region applying the changes.
+    region: String,
+    rule: TableRule,
 }
 
 impl Admit {
-    /// `Err` names why a change from `source` may not be applied here.
+    pub fn new(region: &str, rule: TableRule) -> Admit {
+        Admit {
+            region: region.to_string(),
+            rule,
+        }
+    }
+
+    /// The column a row's home is read from, for a `partitioned` table.
+    pub fn home_column(&self) -> Option<&str> {
+        self.rule.home_column()
+    }
+
+    /// `Err` names why a change from `source` may not be applied here:
+    /// one its source never sends (an `owned` table's change from another
+    /// region, a truncate of a `partitioned` table), or an insert or update
+    /// of a row this region may not hold. Deletes are admitted whatever
+    /// their home: removing a row leaks nothing.
     pub fn check(&self, source: &str, change: &Incoming<'_>) -> Result<(), String> {
-        match self {
-            Admit::Any => Ok(()),
-            Admit::Owner(owner) if owner == source => Ok(()),
-            Admit::Owner(owner) => Err(format!(
-                "table {} is owned by region {owner}: a change from {source} is not accepted",
-                change.table.name
-            )),
-            // a truncate has no home: it would empty rows of every home
-            // (capture never sends one for such a table)
-            Admit::Homes { .. } if change.op == Op::Truncate => Err(format!(
-                "table {}: a truncate of a partitioned table is not replicated",
-                change.table.name
-            )),
-            Admit::Homes { .. } if change.op == Op::Delete => Ok(()),
-            Admit::Homes {
-                column,
-                homes,
-                allowed,
-            } => {
-                let Some(value) = change.value(column) else {
-                    return Err(format!(
-                        "table {}: the row has no home ({column} is absent or NULL)",
-                        change.table.name
-                    ));
-                };
-                match homes.get(value) {
-                    Some(home) if allowed.contains(home) => Ok(()),
-                    Some(home) => Err(format!(
-                        "table {}: a row homed in {home} may not be held in this region",
-                        change.table.name
-                    )),
-                    None => Err(format!(
-                        "table {}: {column} names no declared home",
-                        change.table.name
-                    )),
-                }
+        let table = &change.table.name;
+        match self.rule.sends(source, change.op) {
+            Ok(()) => {}
+            Err(DropReason::NotOwner) => {
+                let owner = self.rule.owner().unwrap_or_default();
+                return Err(format!(
+                    "table {table} is owned by region {owner}: a change from {source} is not accepted"
+                ));
             }
+            // a truncate has no home: it would empty rows of every home
+            Err(DropReason::TruncatePartitioned) => {
+                return Err(format!(
+                    "table {table}: a truncate of a partitioned table is not replicated"
+                ))
+            }
+            Err(reason) => {
+                return Err(format!(
+                    "table {table}: not replicated ({})",
+                    reason.as_str()
+                ))
+            }
+        }
+        let Some(column) = self.rule.home_column() else {
+            return Ok(());
+        };
+        if change.op == Op::Delete {
+            return Ok(());
+        }
+        let Some(value) = change.value(column) else {
+            return Err(format!(
+                "table {table}: the row has no home ({column} is absent or NULL)"
+            ));
+        };
+        match self.rule.may_hold(&self.region, value) {
+            Ok(()) => Ok(()),
+            Err(DropReason::HomeNotAllowed) => Err(format!(
+                "table {table}: a row homed in {} may not be held in this region",
+                self.rule.home_of(value).unwrap_or_default()
+            )),
+            Err(_) => Err(format!("table {table}: {column} names no declared home")),
         }
     }
 }
@@ -398,7 +409,7 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
             key.push(v.as_ref().map(|v| v.0.clone()));
         }
         if op == Op::Delete {
-            if let Admit::Homes { column, .. } = &target.admit {
+            if let Some(column) = target.admit.home_column() {
                 home = row
                     .0
                     .iter()
@@ -521,7 +532,7 @@ mod tests {
                 columns: vec!["id".into(), "name".into(), "_pgrelay_hlc".into()],
                 column_types: vec![],
                 json_columns: vec![],
-                admit: Admit::Any,
+                admit: Admit::default(),
                 merge: vec![],
             },
         );
@@ -605,5 +616,128 @@ mod tests {
         assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "poison");
         let rec = envelope("\"products\"", "null");
         assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "poison");
+    }
+
+    const POLICY: &str = r#"
+[kafka]
+brokers = "k:9092"
+[regions.us]
+id = 1
+dsn = "host=us"
+[regions.eu]
+id = 2
+dsn = "host=eu"
+[regions.cn]
+id = 3
+dsn = "host=cn"
+
+[[tables]]
+name = "orders"
+class = "partitioned"
+home_column = "country"
+aliases = { DE = "eu" }
+[tables.allow]
+us = ["eu"]
+
+[[tables]]
+name = "currencies"
+class = "owned"
+owner = "us"
+"#;
+
+    /// A change of `table` with `country` = `value`.
+    fn incoming<'a>(table: &'a TargetTable, op: Op, value: Option<&'a str>) -> Incoming<'a> {
+        Incoming {
+            table,
+            op,
+            hlc: 1,
+            commit_lsn: "0/1".into(),
+            commit_ts_ms: 1,
+            resent: false,
+            key: vec![Some("1".into())],
+            columns: vec!["country".into(), "id".into()],
+            values: vec![value.map(Into::into), Some("1".into())],
+            home: None,
+        }
+    }
+
+    /// The apply side admits what the table's rule lets the region hold,
+    /// from the regions the rule lets send it: the very rule capture
+    /// routes by.
+    #[test]
+    fn admission_is_the_table_rule() {
+        let config = crate::config::parse_with_env(POLICY, "relay.toml", |_| None).unwrap();
+        let table = |name: &str| {
+            let t = config.table(&TableName::new("public", name)).unwrap();
+            let rule = TableRule::compile(&config, t);
+            move |region: &str| TargetTable {
+                name: t.name.clone(),
+                key: vec!["id".into()],
+                columns: vec!["id".into(), "country".into()],
+                dropped: vec![],
+                column_types: vec![],
+                json_columns: vec![],
+                admit: Admit::new(region, rule.clone()),
+                merge: vec![],
+            }
+        };
+        let orders = table("orders");
+        let currencies = table("currencies");
+        let rule = TableRule::compile(&config, &config.tables[0]);
+        for region in ["us", "eu", "cn"] {
+            let target = orders(region);
+            let source = if region == "us" { "eu" } else { "us" };
+            for value in ["us", "eu", "cn", "DE", "XX"] {
+                let insert = incoming(&target, Op::Insert, Some(value));
+                let admitted = target.admit.check(source, &insert);
+                assert_eq!(
+                    admitted.is_ok(),
+                    rule.may_hold(region, value).is_ok(),
+                    "{value} in {region}: {admitted:?}"
+                );
+                let update = incoming(&target, Op::Update, Some(value));
+                assert_eq!(target.admit.check(source, &update), admitted);
+                // removing a row leaks nothing
+                let delete = incoming(&target, Op::Delete, Some(value));
+                assert_eq!(target.admit.check(source, &delete), Ok(()));
+            }
+            let unknown = target
+                .admit
+                .check(source, &incoming(&target, Op::Insert, Some("XX")));
+            assert_eq!(
+                unknown.unwrap_err(),
+                "table public.orders: country names no declared home"
+            );
+            let homeless = target
+                .admit
+                .check(source, &incoming(&target, Op::Insert, None));
+            assert_eq!(
+                homeless.unwrap_err(),
+                "table public.orders: the row has no home (country is absent or NULL)"
+            );
+            let truncate = target
+                .admit
+                .check(source, &incoming(&target, Op::Truncate, None));
+            assert_eq!(
+                truncate.unwrap_err(),
+                "table public.orders: a truncate of a partitioned table is not replicated"
+            );
+        }
+        let eu = orders("eu");
+        assert_eq!(
+            eu.admit.check("us", &incoming(&eu, Op::Insert, Some("cn"))),
+            Err("table public.orders: a row homed in cn may not be held in this region".into())
+        );
+        let cn = currencies("cn");
+        for op in [Op::Insert, Op::Update, Op::Delete, Op::Truncate] {
+            assert_eq!(cn.admit.check("us", &incoming(&cn, op, Some("x"))), Ok(()));
+            assert_eq!(
+                cn.admit.check("eu", &incoming(&cn, op, Some("x"))),
+                Err(
+                    "table public.currencies is owned by region us: a change from eu is not accepted"
+                        .into()
+                )
+            );
+        }
     }
 }

@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 use crate::config::{Config, TableClass};
 use crate::event::TableName;
 use crate::names::COLUMNS_TABLE;
+use crate::residency::TableRule;
 use crate::source::catalog::Catalog;
 
 use super::error::ApplyError;
@@ -71,7 +72,7 @@ pub async fn load_targets(
                 columns: state.columns,
                 column_types: state.column_types,
                 json_columns: state.json_columns,
-                admit: admission(config, region, &t.class),
+                admit: record::Admit::new(region, TableRule::compile(config, t)),
                 merge: t.merge.iter().map(|m| (m.column.clone(), m.kind)).collect(),
             },
         );
@@ -115,38 +116,5 @@ async fn dropped_columns(
             Ok(Vec::new())
         }
         Err(e) => Err(ApplyError::transient("", e)),
-    }
-}
-
-/// What `region` accepts of a table of class `class` (see [`record::Admit`]).
-fn admission(config: &Config, region: &str, class: &TableClass) -> record::Admit {
-    match class {
-        TableClass::Owned { owner } => record::Admit::Owner(owner.clone()),
-        TableClass::Partitioned {
-            home_column,
-            aliases,
-            allow,
-        } => {
-            let mut homes: std::collections::HashMap<String, String> = config
-                .regions
-                .keys()
-                .map(|r| (r.clone(), r.clone()))
-                .collect();
-            homes.extend(aliases.iter().map(|(v, r)| (v.clone(), r.clone())));
-            let allowed = config
-                .regions
-                .keys()
-                .filter(|home| {
-                    *home == region || allow.get(*home).is_some_and(|a| a.contains(region))
-                })
-                .cloned()
-                .collect();
-            record::Admit::Homes {
-                column: home_column.clone(),
-                homes,
-                allowed,
-            }
-        }
-        _ => record::Admit::Any,
     }
 }

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use crate::config::{ColumnAction, Config, TableClass, TableConfig};
 
+use super::TableRule;
+
 /// A plain-text residency matrix: for every declared table and every
 /// (source -> destination) pair, which rows may go and what happens to
 /// which columns. Stable order (tables by name, regions by name).
@@ -61,6 +63,7 @@ pub fn matrix(config: &Config) -> String {
                 .collect();
             let _ = writeln!(out, "  merged, not last-writer-wins: {}", merged.join(", "));
         }
+        let rule = TableRule::compile(config, table);
         let mut rows = vec![[
             "FROM".to_string(),
             "TO".to_string(),
@@ -72,7 +75,7 @@ pub fn matrix(config: &Config) -> String {
                 if source == dest {
                     continue;
                 }
-                let which_rows = rows_going(&table.class, source, dest, &regions);
+                let which_rows = rows_going(&rule, source, dest, &regions);
                 let mut columns = if which_rows == "none" {
                     "-".to_string()
                 } else {
@@ -133,27 +136,22 @@ fn home_mapping(
     parts.join("; ")
 }
 
-fn rows_going(class: &TableClass, source: &str, dest: &str, regions: &[&String]) -> String {
-    match class {
-        TableClass::Local => "none".to_string(),
-        TableClass::Global => "all".to_string(),
-        TableClass::Owned { owner } if owner == source => "all".to_string(),
-        TableClass::Owned { .. } => "none".to_string(),
-        TableClass::Partitioned { allow, .. } => {
-            let homes: Vec<&str> = regions
-                .iter()
-                .filter(|home| {
-                    home.as_str() == dest
-                        || allow.get(home.as_str()).is_some_and(|a| a.contains(dest))
-                })
-                .map(|home| home.as_str())
-                .collect();
-            if homes.is_empty() {
-                "none".to_string()
-            } else {
-                format!("rows homed in {}", homes.join(", "))
-            }
-        }
+fn rows_going(rule: &TableRule, source: &str, dest: &str, regions: &[&String]) -> String {
+    if rule.leaves(source).is_err() {
+        return "none".to_string();
+    }
+    if rule.home_column().is_none() {
+        return "all".to_string();
+    }
+    let homes: Vec<&str> = regions
+        .iter()
+        .filter(|home| rule.home_allows(home, dest))
+        .map(|home| home.as_str())
+        .collect();
+    if homes.is_empty() {
+        "none".to_string()
+    } else {
+        format!("rows homed in {}", homes.join(", "))
     }
 }
 

@@ -759,3 +759,148 @@ fn matrix_shows_dr_copies_as_such() {
     assert!(line.contains(&format!("; and a {dr}")), "{line}");
     assert_eq!(m.matches("DR copy").count(), 1, "{m}");
 }
+
+fn table_rule(config: &Config, table: &str) -> TableRule {
+    let table = config.table(&TableName::new("public", table)).unwrap();
+    TableRule::compile(config, table)
+}
+
+const REGIONS: [&str; 3] = ["cn", "eu", "us"];
+const OPS: [Op; 4] = [Op::Insert, Op::Update, Op::Delete, Op::Truncate];
+
+#[test]
+fn a_home_value_names_a_region_or_an_alias_or_no_home() {
+    let rule = table_rule(&config(), "orders");
+    assert_eq!(rule.home_column(), Some("country"));
+    for (value, home) in [("eu", "eu"), ("DE", "eu"), ("FR", "eu"), ("US", "us")] {
+        assert_eq!(rule.home_of(value), Some(home), "{value}");
+    }
+    // values are compared as written; an empty one names nothing
+    for value in ["XX", "de", "Eu", "", " eu"] {
+        assert_eq!(rule.home_of(value), None, "{value:?}");
+        for region in REGIONS {
+            assert_eq!(rule.may_hold(region, value), Err(DropReason::UnknownHome));
+        }
+    }
+    let values: Vec<(&str, &str)> = rule.home_values().collect();
+    assert_eq!(
+        values,
+        [
+            ("CN", "cn"),
+            ("DE", "eu"),
+            ("FR", "eu"),
+            ("US", "us"),
+            ("cn", "cn"),
+            ("eu", "eu"),
+            ("us", "us")
+        ]
+    );
+    // an alias spelled like a region wins over the region's own name
+    let text = CONFIG.replace(
+        r#"aliases = { DE = "eu", FR = "eu", US = "us", CN = "cn" }"#,
+        r#"aliases = { DE = "eu", cn = "eu" }"#,
+    );
+    let config = parse_with_env(&text, "relay.toml", |_| None).unwrap();
+    let rule = table_rule(&config, "orders");
+    assert_eq!(rule.home_of("cn"), Some("eu"));
+    assert_eq!(rule.may_hold("cn", "cn"), Err(DropReason::HomeNotAllowed));
+    assert_eq!(rule.may_hold("eu", "cn"), Ok(()));
+}
+
+#[test]
+fn a_home_allows_itself_and_the_regions_allow_lists() {
+    let rule = table_rule(&config(), "orders");
+    // us = ["eu", "cn"], eu = [], cn: not listed
+    let held = |value: &str| -> Vec<&str> {
+        REGIONS
+            .into_iter()
+            .filter(|r| rule.may_hold(r, value).is_ok())
+            .collect()
+    };
+    assert_eq!(held("US"), ["cn", "eu", "us"]);
+    assert_eq!(held("us"), ["cn", "eu", "us"]);
+    assert_eq!(held("DE"), ["eu"]);
+    assert_eq!(held("CN"), ["cn"]);
+    assert_eq!(rule.may_hold("us", "DE"), Err(DropReason::HomeNotAllowed));
+    assert!(rule.home_allows("us", "cn"));
+    assert!(!rule.home_allows("cn", "us"));
+    assert!(rule.home_allows("cn", "cn"));
+}
+
+#[test]
+fn which_changes_are_ever_sent() {
+    let config = config();
+    let orders = table_rule(&config, "orders");
+    let currencies = table_rule(&config, "currencies");
+    let products = table_rule(&config, "products");
+    let users = table_rule(&config, "users");
+    assert_eq!(currencies.owner(), Some("us"));
+    assert_eq!(orders.owner(), None);
+    for source in REGIONS {
+        for op in OPS {
+            assert_eq!(products.sends(source, op), Ok(()));
+            assert_eq!(users.sends(source, op), Err(DropReason::Local));
+            let owned = match source {
+                "us" => Ok(()),
+                _ => Err(DropReason::NotOwner),
+            };
+            assert_eq!(currencies.sends(source, op), owned, "{source} {op:?}");
+            let partitioned = match op {
+                Op::Truncate => Err(DropReason::TruncatePartitioned),
+                _ => Ok(()),
+            };
+            assert_eq!(orders.sends(source, op), partitioned, "{source} {op:?}");
+        }
+        assert_eq!(orders.leaves(source), Ok(()));
+        assert_eq!(users.leaves(source), Err(DropReason::Local));
+    }
+    // every region may hold every row of a table without homes
+    for rule in [&products, &currencies] {
+        assert_eq!(rule.home_column(), None);
+        assert_eq!(rule.home_of("us"), None);
+        assert!(REGIONS.iter().all(|r| rule.home_allows("us", r)));
+    }
+}
+
+/// Routing is the table rule: a change goes to a destination exactly when
+/// the rule sends it and lets the destination hold its row, and is dropped
+/// for the reason the rule gives.
+#[test]
+fn routing_follows_the_table_rule() {
+    let config = config();
+    let schemas = [
+        orders(),
+        schema(3, "products", &["id", "name"]),
+        schema(4, "currencies", &["code"]),
+        schema(2, "users", &["id"]),
+    ];
+    let rule = table_rule(&config, "orders");
+    for source in REGIONS {
+        let p = policy(source);
+        for (i, dest) in p.destinations().iter().enumerate() {
+            for value in ["DE", "FR", "US", "CN", "us", "eu", "cn", "XX", "NULL"] {
+                let r = row(&["1", value, "a@b", "4111", "{}"]);
+                let insert = change(&orders(), Op::Insert, None, Some(r));
+                let expected = match value {
+                    "NULL" => Err(DropReason::UnknownHome),
+                    _ => rule.may_hold(dest, value),
+                };
+                let got = match p.route(&insert, i) {
+                    Verdict::Publish(_) => Ok(()),
+                    Verdict::Drop(reason) => Err(reason),
+                };
+                assert_eq!(got, expected, "{value} from {source} to {dest}");
+            }
+            for schema in &schemas {
+                let rule = table_rule(&config, &schema.table.name);
+                let r = row(&vec!["US"; schema.columns.len()]);
+                for op in OPS {
+                    let c = change(schema, op, Some(r.clone()), Some(r.clone()));
+                    if let Err(reason) = rule.sends(source, op) {
+                        assert_eq!(p.route(&c, i), Verdict::Drop(reason), "{op:?}");
+                    }
+                }
+            }
+        }
+    }
+}

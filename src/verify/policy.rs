@@ -1,34 +1,20 @@
 //! What two regions must share of a table, and what a region must not
-//! hold, by the residency policy (the same rules `residency::Policy::route`
-//! applies to each change; the tests hold the two to each other).
+//! hold, by the residency policy: the table's [`TableRule`], which
+//! `residency::Policy::route` applies to each change (the tests hold the
+//! two to each other).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::config::{ColumnAction, Config, TableClass, TableConfig};
-
-/// Regions that may hold the rows homed in `home` (the home and the
-/// regions `allow` lists for it), for a partitioned table.
-fn allowed_for(allow: &BTreeMap<String, BTreeSet<String>>, home: &str) -> BTreeSet<String> {
-    let mut out: BTreeSet<String> = allow.get(home).cloned().unwrap_or_default();
-    out.insert(home.to_string());
-    out
-}
+use crate::residency::TableRule;
 
 /// Every home column value the policy knows, with its home region: each
 /// region's own name, then the aliases (which win, as in routing).
 pub fn home_values(config: &Config, table: &TableConfig) -> BTreeMap<String, String> {
-    let TableClass::Partitioned { aliases, .. } = &table.class else {
-        return BTreeMap::new();
-    };
-    let mut homes: BTreeMap<String, String> = config
-        .regions
-        .keys()
-        .map(|r| (r.clone(), r.clone()))
-        .collect();
-    for (value, region) in aliases {
-        homes.insert(value.clone(), region.clone());
-    }
-    homes
+    TableRule::compile(config, table)
+        .home_values()
+        .map(|(value, home)| (value.to_string(), home.to_string()))
+        .collect()
 }
 
 /// Which rows of `table` regions `a` and `b` must both hold.
@@ -46,14 +32,14 @@ pub fn share(config: &Config, table: &TableConfig, a: &str, b: &str) -> Share {
     match &table.class {
         TableClass::Local => Share::Nothing,
         TableClass::Global | TableClass::Owned { .. } => Share::All,
-        TableClass::Partitioned { allow, .. } => {
-            let values: Vec<String> = home_values(config, table)
-                .into_iter()
-                .filter(|(_, home)| {
-                    let allowed = allowed_for(allow, home);
-                    allowed.contains(a) && allowed.contains(b)
+        TableClass::Partitioned { .. } => {
+            let rule = TableRule::compile(config, table);
+            let values: Vec<String> = rule
+                .home_values()
+                .filter(|(value, _)| {
+                    rule.may_hold(a, value).is_ok() && rule.may_hold(b, value).is_ok()
                 })
-                .map(|(value, _)| value)
+                .map(|(value, _)| value.to_string())
                 .collect();
             if values.is_empty() {
                 Share::Nothing
@@ -70,12 +56,10 @@ pub fn forbidden_homes(
     table: &TableConfig,
     region: &str,
 ) -> BTreeMap<String, String> {
-    let TableClass::Partitioned { allow, .. } = &table.class else {
-        return BTreeMap::new();
-    };
-    home_values(config, table)
-        .into_iter()
-        .filter(|(_, home)| !allowed_for(allow, home).contains(region))
+    let rule = TableRule::compile(config, table);
+    rule.home_values()
+        .filter(|(value, _)| rule.may_hold(region, value).is_err())
+        .map(|(value, home)| (value.to_string(), home.to_string()))
         .collect()
 }
 
