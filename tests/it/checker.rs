@@ -1392,11 +1392,11 @@ impl World {
             }
             Fault::Fence(i) => {
                 let (cfg, r) = (self.cfg.path.to_str().unwrap(), REGIONS[i % 3]);
-                relay::ok(&[
+                self.ok(&[
                     "fence", "--config", cfg, "--region", r, "--reason", "checker",
                 ]);
                 tokio::time::sleep(Duration::from_millis(1500)).await;
-                relay::ok(&["unfence", "--config", cfg, "--region", r]);
+                self.ok(&["unfence", "--config", cfg, "--region", r]);
             }
             Fault::LostSlot(i) => {
                 let r = REGIONS[i % 3];
@@ -1408,7 +1408,7 @@ impl World {
                 // the writer goes on while no slot carries its changes
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 let setup_cfg = if r == "eu" { &self.plpgsql } else { &self.cfg };
-                relay::ok(&[
+                self.ok(&[
                     "setup",
                     "--config",
                     setup_cfg.path.to_str().unwrap(),
@@ -1447,7 +1447,7 @@ impl World {
                 )
                 .await
                 .expect("drop the parking constraint");
-                relay::ok(&[
+                self.ok(&[
                     "dlq",
                     "replay",
                     "--config",
@@ -1493,6 +1493,26 @@ impl World {
 }
 
 impl World {
+    /// Runs a pgrelay command that must succeed; when it does not, says
+    /// what became of each broker too.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = relay::cmd(args);
+        if !out.status.success() {
+            let seen: Vec<String> = self
+                .brokers
+                .iter()
+                .map(|(r, (b, _))| format!("{r}: {}", b.diagnose()))
+                .collect();
+            panic!(
+                "pgrelay {args:?} failed:\nstdout: {}\nstderr: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                seen.join("\n")
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Waits until every region of `at` applied what `source` committed
     /// before `lsn` (`pgrelay.wait_for`), releasing a breaker that holds
     /// `source`'s changes there (an operator running a procedure lets them
@@ -1514,7 +1534,7 @@ impl World {
                     .map(|rows| !rows.is_empty())
                     .unwrap_or(false);
                 if frozen {
-                    relay::ok(&[
+                    self.ok(&[
                         "breaker",
                         "release",
                         "--config",
@@ -1676,7 +1696,7 @@ impl World {
         }
         self.joined = Some(newest);
         // the README's procedure for a new region
-        relay::ok(&[
+        self.ok(&[
             "setup",
             "--config",
             self.cfg.path.to_str().unwrap(),
@@ -1729,7 +1749,7 @@ impl World {
                 .map(|rows| rows.iter().map(|row| row.get(0)).collect())
                 .unwrap_or_default();
             for source in &frozen {
-                relay::ok(&[
+                self.ok(&[
                     "breaker",
                     "release",
                     "--config",
@@ -1954,7 +1974,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         // changes parked while a region refused them: replayed (again,
         // for those parked after the last replay; a replay is idempotent)
         for r in &w.replay {
-            relay::ok(&[
+            w.ok(&[
                 "dlq",
                 "replay",
                 "--config",
@@ -2105,7 +2125,7 @@ async fn resolve_breakers(
         for row in rows {
             let source: String = row.get(0);
             let action = if rng.chance(50) { "release" } else { "discard" };
-            relay::ok(&[
+            w.ok(&[
                 "breaker",
                 action,
                 "--config",
@@ -2604,7 +2624,7 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
         }
         // before the markers below land in the topic
         if w.replay.contains(src) {
-            let listed = relay::ok(&[
+            let listed = w.ok(&[
                 "dlq",
                 "list",
                 "--config",
