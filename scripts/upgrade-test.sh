@@ -14,12 +14,20 @@
 # binary is built once, in a git worktree and target directory of its own
 # under $PGRELAY_UPGRADE_DIR (default /tmp/pgrelay-upgrade-from), and kept
 # there as pgrelay-<commit>: a rerun for the same commit does not build again.
+#
+# The test runs under the lock the integration tests share,
+# $PGRELAY_TESTS_LOCK (default /tmp/pgrelay-tests.lock; empty: no lock,
+# for a caller that holds it already).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 
+case "${1:-}" in
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+esac
 FROM_REF="${1:-v0.1.0}"
 WORK="${PGRELAY_UPGRADE_DIR:-/tmp/pgrelay-upgrade-from}"
+LOCK="${PGRELAY_TESTS_LOCK-/tmp/pgrelay-tests.lock}"
 
 log() { printf '[upgrade-test] %s\n' "$*" >&2; }
 
@@ -57,11 +65,15 @@ else
 fi
 "$old_bin" --version >&2 || true
 
+if [ -n "$LOCK" ]; then
+    log "waiting for the test lock $LOCK"
+    exec 9>"$LOCK"
+    flock 9
+fi
 log "running the upgrade test from $FROM_REF"
 SECONDS=0
 rc=0
-PGRELAY_UPGRADE_FROM_BIN="$old_bin" PGRELAY_UPGRADE_FROM_REF="$FROM_REF" \
-    flock /tmp/pgrelay-tests.lock \
+PGRELAY_UPGRADE_FROM_BIN="$old_bin" \
     cargo nextest run --locked --test-threads 2 -E 'test(/upgrade::/)' --no-capture || rc=$?
-log "upgrade test from $FROM_REF: exit $rc after ${SECONDS}s"
+log "upgrade test from $FROM_REF: exit $rc after ${SECONDS}s (test build included)"
 exit "$rc"
