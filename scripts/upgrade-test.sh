@@ -65,15 +65,14 @@ else
 fi
 "$old_bin" --version >&2 || true
 
-if [ -n "$LOCK" ]; then
-    log "waiting for the test lock $LOCK"
-    exec 9>"$LOCK"
-    flock 9
-fi
-log "running the upgrade test from $FROM_REF"
+# -o: the lock is the flock process's alone, so no sidecar or server the
+# test leaves behind after a crash keeps holding it
+locked=()
+[ -z "$LOCK" ] || locked=(flock -o "$LOCK")
+log "running the upgrade test from $FROM_REF${LOCK:+ under $LOCK}"
 SECONDS=0
 rc=0
-PGRELAY_UPGRADE_FROM_BIN="$old_bin" \
+PGRELAY_UPGRADE_FROM_BIN="$old_bin" "${locked[@]}" \
     cargo nextest run --locked --test-threads 2 -E 'test(/upgrade::/)' --no-capture || rc=$?
-log "upgrade test from $FROM_REF: exit $rc after ${SECONDS}s (test build included)"
+log "upgrade test from $FROM_REF: exit $rc after ${SECONDS}s (waiting for the lock and the test build included)"
 exit "$rc"

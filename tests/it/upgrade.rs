@@ -5,9 +5,10 @@
 //! time: SIGTERM its sidecar, `setup` and `check` with the binary under
 //! test, start it, wait until `status` shows the region's pairs active.
 //! While old and new sidecars run side by side, changes must flow both
-//! ways between them; at the end every region holds the same rows, each
-//! counter holds every increment committed anywhere, nothing was parked and
-//! `verify` finds no difference.
+//! ways between them, and the demo's residency classes and column rules
+//! (sidecar.rs) must hold whichever release sent a row; at the end every
+//! region holds the same rows, each counter holds every increment committed
+//! anywhere, nothing was parked and `verify` finds no difference.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,13 +16,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::sidecar::{identical, region_blocks, rows, World, REGIONS};
+use crate::sidecar::{
+    assert_global, assert_residency, identical, orders_settled, rows, workload, World, WriteLog,
+    REGIONS,
+};
 use crate::support::broker::Broker;
 use crate::support::kafka::read_records;
 use crate::support::pg::Pg;
 use crate::support::relay::{self, ConfigFile, Relay};
-use crate::support::{eventually, free_port};
+use crate::support::{eventually, free_port, repo_root};
 
+/// Next to the demo's tables (demo/schema.sql, sidecar.rs's config).
 const SCHEMA: &str = "
 CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL, note text);
 CREATE TABLE stock (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0, label text);
@@ -49,36 +54,8 @@ fn old_binary() -> Option<PathBuf> {
     Some(bin)
 }
 
-/// Three regions with a global table and a global table with a counter
-/// column, set up by `bin`; no sidecar runs yet.
-fn world(bin: &Path) -> World {
-    let mut pg = BTreeMap::new();
-    let mut brokers = BTreeMap::new();
-    for r in REGIONS {
-        let p = Pg::start();
-        p.psql(SCHEMA);
-        pg.insert(r, p);
-        brokers.insert(r, Broker::behind_proxy(false));
-    }
-    let mut cfg = BTreeMap::new();
-    let mut http = BTreeMap::new();
-    for r in REGIONS {
-        let port = free_port();
-        http.insert(r, port);
-        let regions = region_blocks(&pg, &brokers, |_| String::new());
-        let text = format!(
-            r#"
-[relay.capture]
-status_interval = "200ms"
-topic_partitions = 3
-
-[relay.apply]
-batch_max_wait = "20ms"
-
-[http]
-listen = "127.0.0.1:{port}"
-
-{regions}
+/// The tables of [`SCHEMA`] in the config.
+const TABLES: &str = r#"
 [[tables]]
 name = "public.items"
 class = "global"
@@ -89,8 +66,27 @@ class = "global"
 [[tables.columns]]
 name = "n"
 merge = "counter"
-"#
-        );
+"#;
+
+/// Three regions with the demo's tables and rules (sidecar.rs) and those
+/// of [`SCHEMA`], set up by `bin`; no sidecar runs yet.
+fn world(bin: &Path) -> World {
+    let demo = std::fs::read_to_string(repo_root().join("demo/schema.sql")).unwrap();
+    let mut pg = BTreeMap::new();
+    let mut brokers = BTreeMap::new();
+    for r in REGIONS {
+        let p = Pg::start();
+        p.psql(&demo);
+        p.psql(SCHEMA);
+        pg.insert(r, p);
+        brokers.insert(r, Broker::behind_proxy(false));
+    }
+    let mut cfg = BTreeMap::new();
+    let mut http = BTreeMap::new();
+    for r in REGIONS {
+        let port = free_port();
+        http.insert(r, port);
+        let text = crate::sidecar::config(&pg, &brokers, port) + TABLES;
         cfg.insert(r, ConfigFile::new(&text));
     }
     let w = World {
@@ -103,6 +99,23 @@ merge = "counter"
         relay::ok_with(bin, &["setup", "--config", w.cfg_path(r), "--region", r]);
     }
     w
+}
+
+/// sidecar.rs's mixed workload (every data class and column rule), `n`
+/// rounds in every region at once, added to `logs`. Every round is
+/// idempotent, so a later call repeats earlier rows harmlessly.
+async fn demo_round(w: &World, n: i64, logs: &mut BTreeMap<&'static str, WriteLog>) {
+    let tasks: Vec<_> = REGIONS
+        .iter()
+        .map(|r| (*r, tokio::spawn(workload(r, w.pg[r].dsn(), n))))
+        .collect();
+    for (r, t) in tasks {
+        let done = t.await.unwrap();
+        let log = logs.entry(r).or_default();
+        log.products.extend(done.products);
+        log.orders.extend(done.orders);
+        log.users.extend(done.users);
+    }
 }
 
 /// What one region's writer committed.
@@ -307,6 +320,9 @@ async fn a_rolling_upgrade_while_every_region_writes_loses_nothing() {
     )
     .await;
 
+    let mut demo = BTreeMap::new();
+    demo_round(&w, 40, &mut demo).await;
+
     for (step, region) in REGIONS.iter().enumerate() {
         let phase = Instant::now();
         // stop the old sidecar: it drains and confirms what Kafka holds
@@ -385,6 +401,13 @@ async fn a_rolling_upgrade_while_every_region_writes_loses_nothing() {
             "counter of stock {id}: {stock:?}"
         );
     }
+
+    // the demo's tables: global rows on the highest stamp, partitioned
+    // rows only where their home allows, local rows home, column rules
+    // applied, in every database and every topic
+    assert_global(&w, &demo).await;
+    orders_settled(&w, &demo).await;
+    assert_residency(&w, &demo).await;
 
     // nothing parked, nothing in a dead-letter topic, every pair active
     for r in REGIONS {
