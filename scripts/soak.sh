@@ -5,12 +5,14 @@
 # cut link, a durable broker restart), each history checked against what
 # last-writer-wins and the residency rules must produce.
 #
-#   bash scripts/soak.sh --minutes 60 [--seed S] [--ops N]
+#   bash scripts/soak.sh --minutes 60 [--seed S] [--ops N] [--upgrade [REF]]
 #
 #   --minutes N   how long to keep starting new histories (default 60)
 #   --seed S      the first seed (default: the current time); each next
 #                 history uses the next seed, so a failure names its seed
 #   --ops N       transactions per region and history (default 300)
+#   --upgrade     first the rolling upgrade from REF (default v0.1.0) to
+#                 this tree, scripts/upgrade-test.sh; the soak stops if it fails
 #
 # Prints one line per history checked and a total at the end; stops at the
 # first failing history with its report (seed, key, expected and found
@@ -22,18 +24,32 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MINUTES=60
 SEED="$(date +%s)"
 OPS=300
+UPGRADE_FROM=
 while [ $# -gt 0 ]; do
     case "$1" in
         --minutes) MINUTES="$2"; shift 2 ;;
         --seed) SEED="$2"; shift 2 ;;
         --ops) OPS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --upgrade)
+            UPGRADE_FROM=v0.1.0
+            if [ $# -gt 1 ] && [ "${2#--}" = "$2" ]; then UPGRADE_FROM="$2"; shift; fi
+            shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
 
 bash scripts/install-deps.sh
 cargo nextest run --locked --no-run --test it >/dev/null 2>&1 || cargo nextest run --locked --no-run --test it
+
+if [ -n "$UPGRADE_FROM" ]; then
+    # like the histories below, without the test lock
+    if ! PGRELAY_TESTS_LOCK= bash scripts/upgrade-test.sh "$UPGRADE_FROM"; then
+        echo "soak: the rolling upgrade from $UPGRADE_FROM FAILED" >&2
+        exit 1
+    fi
+    echo "[soak $((SECONDS / 60))m] rolling upgrade from $UPGRADE_FROM passed"
+fi
 
 end=$((SECONDS + MINUTES * 60))
 seed="$SEED"

@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::event::{quote_ident, quote_literal, Op, TableName};
 use crate::names::HLC_COLUMN;
+use crate::publish::envelope::{self, NewerFormat};
 use crate::residency::{DropReason, TableRule};
 
 /// Text borrowed from the record unless its JSON spelling had escapes.
@@ -58,6 +59,8 @@ impl Incoming<'_> {
 pub enum Rejection {
     #[error("record is not a pgrelay envelope: {0}")]
     Poison(String),
+    #[error(transparent)]
+    NewerFormat(#[from] NewerFormat),
     #[error("table {0:?} is not declared for replication in this region's config")]
     UndeclaredTable(String),
     #[error("table {table}: column {column:?} does not exist in the target table")]
@@ -103,6 +106,7 @@ impl Rejection {
     pub fn class(&self) -> &'static str {
         match self {
             Rejection::Poison(_) => "poison",
+            Rejection::NewerFormat(_) => "newer_format",
             Rejection::UndeclaredTable(_) => "undeclared_table",
             Rejection::UnknownColumn { .. } => "unknown_column",
             Rejection::MissingKey { .. } => "missing_key",
@@ -339,6 +343,7 @@ struct ApplySource<'a> {
     table: Cow<'a, str>,
 }
 
+/// Fields not named here are ignored (see `envelope`, Format versions).
 /// `pgrelay.merge_from` (counters' old values, which older capture sides
 /// sent) is not read: a counter's parts travel in the row (`merge.rs`).
 /// `pgrelay.unchanged` is not read: a column left out of `after` keeps the
@@ -346,6 +351,9 @@ struct ApplySource<'a> {
 /// value to keep, so it is no reason to refuse the record.
 #[derive(Deserialize)]
 struct ApplyMeta<'a> {
+    /// Absent from records written before formats were numbered (format 1).
+    #[serde(default)]
+    format: Option<u64>,
     hlc: u64,
     #[serde(borrow)]
     commit_lsn: Cow<'a, str>,
@@ -358,8 +366,18 @@ struct ApplyMeta<'a> {
 /// Parses and validates one record value.
 pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incoming<'a>, Rejection> {
     let value = value.ok_or_else(|| Rejection::Poison("empty record".into()))?;
-    let env: ApplyEnvelope<'a> =
-        serde_json::from_slice(value).map_err(|e| Rejection::Poison(e.to_string()))?;
+    let env: ApplyEnvelope<'a> = match serde_json::from_slice(value) {
+        Ok(env) => env,
+        // a newer format may be laid out in a way this release does not
+        // know: name the format, not the field it misses
+        Err(e) => {
+            if let Some(found) = envelope::format_of(value) {
+                envelope::readable(found)?;
+            }
+            return Err(Rejection::Poison(e.to_string()));
+        }
+    };
+    envelope::readable(env.pgrelay.format.unwrap_or(envelope::UNVERSIONED))?;
     let table_name = format!("{}.{}", env.source.schema, env.source.table);
     let Some(target) = targets.get(&table_name) else {
         return Err(Rejection::UndeclaredTable(table_name));

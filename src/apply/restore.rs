@@ -16,6 +16,7 @@ use crate::apply::{
 use crate::config::Config;
 use crate::dr::{self, Sealed};
 use crate::names::REPLAY_ORIGIN;
+use crate::publish::envelope;
 use crate::source::catalog;
 
 /// What a restore did.
@@ -217,8 +218,18 @@ fn open_copy(
             key.id()
         ));
     }
-    let stamp = crate::publish::envelope::Envelope::decode(v)
-        .map_err(|e| format!("opens, but holds no change record: {e}"))?
+    let stamp = envelope::Envelope::decode(v)
+        .map_err(|e| match e {
+            envelope::DecodeError::NewerFormat(n) => format!(
+                "opens, but holds a change of record format {} (this pgrelay reads up to {}): \
+                 restore with a release that reads it",
+                n.found,
+                envelope::FORMAT
+            ),
+            envelope::DecodeError::Malformed(e) => {
+                format!("opens, but holds no change record: {e}")
+            }
+        })?
         .pgrelay
         .hlc;
     if stamp != sealed.stamp {

@@ -8,8 +8,8 @@
 //!   "source": { "connector": "pgrelay", "version": "..", "name": "<prefix>", "region": "us",
 //!               "db": "app", "schema": "public", "table": "orders", "txId": 1234,
 //!               "lsn": 23456789, "ts_ms": 1700000000000 },
-//!   "pgrelay": { "hlc": 111, "origin": "us", "commit_lsn": "0/16B3748", "xid": 1234,
-//!                "seq": 0, "unchanged": ["big_text_column"] } }
+//!   "pgrelay": { "format": 1, "hlc": 111, "origin": "us", "commit_lsn": "0/16B3748",
+//!                "xid": 1234, "seq": 0, "unchanged": ["big_text_column"] } }
 //! ```
 //!
 //! Values are PostgreSQL's text output as JSON strings (lossless for every
@@ -17,11 +17,70 @@
 //! left out of `after` and listed in `pgrelay.unchanged`. The key is
 //! `{"table":"schema.table","key":{<primary key columns>}}`, so one row's
 //! history stays in one partition.
+//!
+//! # Format versions
+//!
+//! `pgrelay.format` is the version of this layout ([`FORMAT`]); a record
+//! without it was written before the field existed and is format 1. Its
+//! place never moves, so any release can read it. `source.version` is the
+//! writing release, for people; readers do not act on it.
+//!
+//! - Readers ignore fields they do not know. A release may add fields within
+//!   a format version: a reader that predates them reads the rest as before
+//!   (the rolling upgrade of docs/operations.md runs old and new sidecars
+//!   side by side).
+//! - A change an older reader would misread (a field's meaning changed, one
+//!   it relies on gone) takes the next format version, and a reader refuses
+//!   a record of a format newer than it knows ([`NewerFormat`]): the apply
+//!   side parks it in the dead-letter topic (class `newer_format`, the
+//!   reason naming both versions) — never applied by guesswork, never
+//!   dropped — and `pgrelay dlq replay` applies it once the region runs a
+//!   release that reads it.
 
 use serde::Serialize;
 
 use crate::event::{Change, Datum, Op, RowHasher};
 use crate::residency::Routed;
+
+/// The record format this release writes, and the newest it reads.
+pub const FORMAT: u64 = 1;
+
+/// The format of a record without `pgrelay.format`.
+pub const UNVERSIONED: u64 = 1;
+
+/// A record of a format this release cannot read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "record format {found} is newer than this pgrelay reads (format {FORMAT}): written by a newer \
+     release, so it is not applied; upgrade this region's pgrelay, then run pgrelay dlq replay"
+)]
+pub struct NewerFormat {
+    pub found: u64,
+}
+
+/// `Err` when a record of format `found` cannot be read here.
+pub fn readable(found: u64) -> Result<(), NewerFormat> {
+    if found > FORMAT {
+        return Err(NewerFormat { found });
+    }
+    Ok(())
+}
+
+/// The format a record value claims (`pgrelay.format`, 1 when absent),
+/// read on its own: also from a value laid out in a way this release does
+/// not know. `None`: not a JSON object with a `pgrelay` object.
+pub fn format_of(value: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Versioned {
+        pgrelay: Meta,
+    }
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        format: Option<u64>,
+    }
+    let v: Versioned = serde_json::from_slice(value).ok()?;
+    Some(v.pgrelay.format.unwrap_or(UNVERSIONED))
+}
 
 /// Header names carried by every record.
 pub const HEADER_ORIGIN: &str = "pgrelay.origin";
@@ -40,18 +99,19 @@ pub const PROGRESS_OP: &str = "p";
 ///
 /// ```json
 /// {"progress":"us"}
-/// {"op":"p","ts_ms":1700000000000,"pgrelay":{"origin":"us","lsn":"0/16B3748"}}
+/// {"op":"p","ts_ms":1700000000000,"pgrelay":{"format":1,"origin":"us","lsn":"0/16B3748"}}
 /// ```
 pub fn progress(region: &str, lsn: crate::event::Lsn, ts_ms: u64) -> (Vec<u8>, Vec<u8>) {
     let key = serde_json::json!({ "progress": region }).to_string();
     let value = format!(
-        "{{\"op\":\"{PROGRESS_OP}\",\"ts_ms\":{ts_ms},\"pgrelay\":{{\"origin\":{},\"lsn\":\"{lsn}\"}}}}",
+        "{{\"op\":\"{PROGRESS_OP}\",\"ts_ms\":{ts_ms},\"pgrelay\":{{\"format\":{FORMAT},\"origin\":{},\"lsn\":\"{lsn}\"}}}}",
         serde_json::Value::from(region)
     );
     (key.into_bytes(), value.into_bytes())
 }
 
-/// The LSN of a progress record; `None` for any other record.
+/// The LSN of a progress record; `None` for any other record, and for one
+/// of a newer format (the apply side then parks it as such).
 pub fn progress_lsn(value: &[u8]) -> Option<crate::event::Lsn> {
     if !value.starts_with(b"{\"op\":\"p\"") {
         return None;
@@ -62,9 +122,11 @@ pub fn progress_lsn(value: &[u8]) -> Option<crate::event::Lsn> {
     }
     #[derive(serde::Deserialize)]
     struct Inner {
+        format: Option<u64>,
         lsn: String,
     }
     let p: Progress = serde_json::from_slice(value).ok()?;
+    readable(p.pgrelay.format.unwrap_or(UNVERSIONED)).ok()?;
     p.pgrelay.lsn.parse().ok()
 }
 
@@ -143,7 +205,9 @@ pub fn encode_merging(
     out.extend_from_slice(change.tx.commit_lsn.0.to_string().as_bytes());
     out.extend_from_slice(b",\"ts_ms\":");
     out.extend_from_slice(commit_ms.to_string().as_bytes());
-    out.extend_from_slice(b"},\"pgrelay\":{\"hlc\":");
+    out.extend_from_slice(b"},\"pgrelay\":{\"format\":");
+    out.extend_from_slice(FORMAT.to_string().as_bytes());
+    out.extend_from_slice(b",\"hlc\":");
     out.extend_from_slice(change.hlc.to_string().as_bytes());
     out.extend_from_slice(b",\"origin\":");
     write_str(&mut out, &source.region);
@@ -299,6 +363,8 @@ pub struct EnvelopeSource {
 
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
 pub struct EnvelopeMeta {
+    #[serde(default = "unversioned")]
+    pub format: u64,
     pub hlc: u64,
     pub origin: String,
     pub commit_lsn: String,
@@ -307,9 +373,35 @@ pub struct EnvelopeMeta {
     pub unchanged: Vec<String>,
 }
 
+const fn unversioned() -> u64 {
+    UNVERSIONED
+}
+
+/// Why [`Envelope::decode`] gave no envelope.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error(transparent)]
+    NewerFormat(#[from] NewerFormat),
+    #[error("not a pgrelay change record: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
 impl Envelope {
-    pub fn decode(value: &[u8]) -> Result<Envelope, serde_json::Error> {
-        serde_json::from_slice(value)
+    /// Fields it does not know are ignored; a record of a newer format is
+    /// refused, whatever it looks like.
+    pub fn decode(value: &[u8]) -> Result<Envelope, DecodeError> {
+        match serde_json::from_slice::<Envelope>(value) {
+            Ok(env) => {
+                readable(env.pgrelay.format)?;
+                Ok(env)
+            }
+            Err(e) => {
+                if let Some(found) = format_of(value) {
+                    readable(found)?;
+                }
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -323,7 +415,7 @@ mod tests {
         assert_eq!(key, br#"{"progress":"us"}"#);
         assert_eq!(
             String::from_utf8(value.clone()).unwrap(),
-            r#"{"op":"p","ts_ms":5,"pgrelay":{"origin":"us","lsn":"1/10"}}"#
+            r#"{"op":"p","ts_ms":5,"pgrelay":{"format":1,"origin":"us","lsn":"1/10"}}"#
         );
         assert_eq!(progress_lsn(&value), Some(crate::event::Lsn(0x1_0000_0010)));
         assert_eq!(progress_lsn(br#"{"before":null,"op":"p"}"#), None);
@@ -404,6 +496,187 @@ mod tests {
         assert_eq!(
             key,
             serde_json::json!({"table":"public.orders","key":{"id":"7"}})
+        );
+    }
+}
+
+/// Readers of other releases' records: fields they do not know, records
+/// written before formats were numbered, and records of a newer format.
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+    use crate::apply::record::{self, Admit, TargetTable, Targets};
+    use crate::event::{ColumnDesc, Lsn, TableName, TableSchema, TxMeta};
+    use std::sync::Arc;
+
+    fn targets() -> Targets {
+        let mut t = Targets::new();
+        t.insert(
+            "public.orders".into(),
+            TargetTable {
+                name: TableName::new("public", "orders"),
+                key: vec!["id".into()],
+                columns: vec!["id".into(), "note".into()],
+                dropped: vec![],
+                column_types: vec![],
+                json_columns: vec![],
+                admit: Admit::default(),
+                merge: vec![],
+            },
+        );
+        t
+    }
+
+    /// An insert of orders row 7 as this release writes it, as JSON.
+    fn written() -> serde_json::Value {
+        let schema = Arc::new(TableSchema {
+            oid: 1,
+            table: TableName::new("public", "orders"),
+            columns: vec![
+                ColumnDesc {
+                    name: "id".into(),
+                    type_oid: 23,
+                    is_key: true,
+                },
+                ColumnDesc {
+                    name: "note".into(),
+                    type_oid: 25,
+                    is_key: false,
+                },
+            ],
+        });
+        let after = vec![Datum::Text("7".into()), Datum::Text("hi".into())];
+        let change = Change {
+            schema,
+            op: Op::Insert,
+            before: None,
+            after: Some(after.clone()),
+            hlc: 42,
+            tx: Arc::new(TxMeta {
+                xid: 9,
+                commit_lsn: Lsn(0x10),
+                commit_ts_us: 1_700_000_000_000_000,
+            }),
+            seq: 0,
+        };
+        let routed = Routed {
+            op: Op::Insert,
+            columns: Arc::from(vec!["id".to_string(), "note".into()]),
+            before: None,
+            after: Some(after.into()),
+        };
+        let source = Source {
+            prefix: "pgrelay".into(),
+            region: "us".into(),
+            db: "app".into(),
+        };
+        serde_json::from_slice(&encode(&source, &change, &routed).value).unwrap()
+    }
+
+    fn bytes(v: &serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(v).unwrap()
+    }
+
+    #[test]
+    fn records_carry_the_format_this_release_writes() {
+        let v = written();
+        assert_eq!(v["pgrelay"]["format"], FORMAT);
+        assert_eq!(format_of(&bytes(&v)), Some(FORMAT));
+        let env = Envelope::decode(&bytes(&v)).unwrap();
+        assert_eq!(env.pgrelay.format, FORMAT);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let mut v = written();
+        v["added_later"] = serde_json::json!({"nested": [1, 2]});
+        v["source"]["added_later"] = "x".into();
+        v["pgrelay"]["added_later"] = 5.into();
+        let with_more = bytes(&v);
+        let env = Envelope::decode(&with_more).unwrap();
+        assert_eq!(env, Envelope::decode(&bytes(&written())).unwrap());
+        let t = targets();
+        let inc = record::parse(Some(&with_more), &t).unwrap();
+        assert_eq!((inc.hlc, inc.value("note")), (42, Some("hi")));
+        // a progress record with a field more is still one
+        let (_, progress_value) = progress("us", Lsn(0x10), 5);
+        let mut p: serde_json::Value = serde_json::from_slice(&progress_value).unwrap();
+        p["pgrelay"]["added_later"] = true.into();
+        assert_eq!(progress_lsn(&bytes(&p)), Some(Lsn(0x10)));
+    }
+
+    #[test]
+    fn a_record_without_a_format_is_format_one() {
+        // as releases before formats were numbered wrote them
+        let mut v = written();
+        v["pgrelay"].as_object_mut().unwrap().remove("format");
+        let old = bytes(&v);
+        assert_eq!(format_of(&old), Some(1));
+        assert_eq!(Envelope::decode(&old).unwrap().pgrelay.format, 1);
+        assert!(record::parse(Some(&old), &targets()).is_ok());
+        let (_, progress_value) = progress("us", Lsn(0x10), 5);
+        let old = String::from_utf8(progress_value)
+            .unwrap()
+            .replace("\"format\":1,", "");
+        assert_eq!(progress_lsn(old.as_bytes()), Some(Lsn(0x10)));
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_with_its_version() {
+        let t = targets();
+        let mut v = written();
+        v["pgrelay"]["format"] = (FORMAT + 1).into();
+        let newer = bytes(&v);
+        let refused = NewerFormat { found: FORMAT + 1 };
+        assert!(matches!(
+            Envelope::decode(&newer),
+            Err(DecodeError::NewerFormat(e)) if e == refused
+        ));
+        // the apply side parks it with a reason naming both versions
+        let why = record::parse(Some(&newer), &t).unwrap_err();
+        assert_eq!(why.class(), "newer_format");
+        let reason = why.to_string();
+        assert!(
+            reason.contains(&format!("record format {}", FORMAT + 1))
+                && reason.contains(&format!("reads (format {FORMAT})"))
+                && reason.contains("dlq replay"),
+            "{reason}"
+        );
+        // laid out in a way this release does not know: still the format
+        // that is named, not a missing field
+        let unknown = serde_json::json!({
+            "changes": [{"op": "c"}],
+            "pgrelay": {"format": FORMAT + 1}
+        });
+        assert_eq!(
+            record::parse(Some(&bytes(&unknown)), &t)
+                .unwrap_err()
+                .class(),
+            "newer_format"
+        );
+        assert!(matches!(
+            Envelope::decode(&bytes(&unknown)),
+            Err(DecodeError::NewerFormat(_))
+        ));
+        // a newer progress record is not taken for one: the apply side
+        // parks it like any other record of that format
+        let (_, progress_value) = progress("us", Lsn(0x10), 5);
+        let newer = String::from_utf8(progress_value)
+            .unwrap()
+            .replace("\"format\":1", &format!("\"format\":{}", FORMAT + 1));
+        assert_eq!(progress_lsn(newer.as_bytes()), None);
+        assert_eq!(
+            record::parse(Some(newer.as_bytes()), &t)
+                .unwrap_err()
+                .class(),
+            "newer_format"
+        );
+        // garbage is still garbage
+        assert_eq!(
+            record::parse(Some(b"{\"pgrelay\":1}"), &t)
+                .unwrap_err()
+                .class(),
+            "poison"
         );
     }
 }

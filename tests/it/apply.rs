@@ -534,6 +534,20 @@ async fn poison_and_injection_records_are_parked_never_executed() {
                 r#"{"id":"5","name\"; DROP TABLE users; --":"x"}"#,
             )),
         ),
+        // a record format newer than this release reads
+        (
+            None,
+            Some({
+                let mut v: serde_json::Value = serde_json::from_slice(&env(
+                    "public",
+                    "products",
+                    r#"{"id":"9","name":"newer","price":"3"}"#,
+                ))
+                .unwrap();
+                v["pgrelay"]["format"] = (pgrelay::publish::envelope::FORMAT + 1).into();
+                serde_json::to_vec(&v).unwrap()
+            }),
+        ),
         (
             None,
             Some(env(
@@ -576,7 +590,21 @@ async fn poison_and_injection_records_are_parked_never_executed() {
     let cfg = p.cfg.path.to_str().unwrap();
     let listed = relay::ok(&["dlq", "list", "--config", cfg, "--region", "eu"]);
     // the stamp an hour ahead is parked, not applied: the clock never follows it
-    assert!(listed.contains("5 parked record(s)"), "{listed}");
+    assert!(listed.contains("6 parked record(s)"), "{listed}");
+    assert!(
+        listed.contains("newer_format")
+            && listed.contains(&format!(
+                "record format {}",
+                pgrelay::publish::envelope::FORMAT + 1
+            )),
+        "{listed}"
+    );
+    let newer: i64 = eu
+        .query_one("SELECT count(*) FROM products WHERE id = 9", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(newer, 0, "a record of a newer format applied");
     assert!(listed.contains("stamp_ahead"), "{listed}");
     assert!(listed.contains("poison"), "{listed}");
     assert_eq!(listed.matches("undeclared_table").count(), 2, "{listed}");

@@ -23,4 +23,5 @@ mod stamp;
 mod status_page;
 mod support;
 mod tls;
+mod upgrade;
 mod verify;

@@ -1,6 +1,6 @@
 //! Running the real `pgrelay` binary against test clusters.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,18 +32,29 @@ impl ConfigFile {
 
 /// Runs a pgrelay command to completion.
 pub fn cmd(args: &[&str]) -> Output {
-    Command::new(bin())
+    cmd_with(&bin(), args)
+}
+
+/// [`cmd`] with another pgrelay binary (an older release, say).
+pub fn cmd_with(bin: &Path, args: &[&str]) -> Output {
+    Command::new(bin)
         .args(args)
         .env("PGRELAY_LOG", "warn")
         .output()
-        .expect("run pgrelay")
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
 }
 
 pub fn ok(args: &[&str]) -> String {
-    let out = cmd(args);
+    ok_with(&bin(), args)
+}
+
+/// [`ok`] with another pgrelay binary.
+pub fn ok_with(bin: &Path, args: &[&str]) -> String {
+    let out = cmd_with(bin, args);
     assert!(
         out.status.success(),
-        "pgrelay {args:?} failed:\nstdout: {}\nstderr: {}",
+        "{} {args:?} failed:\nstdout: {}\nstderr: {}",
+        bin.display(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -65,6 +76,11 @@ pub struct Relay {
 
 impl Relay {
     pub fn spawn(config: &ConfigFile, region: &str, role: &str) -> Relay {
+        Relay::spawn_with(&bin(), config, region, role)
+    }
+
+    /// [`Relay::spawn`] with another pgrelay binary (an older release, say).
+    pub fn spawn_with(bin: &Path, config: &ConfigFile, region: &str, role: &str) -> Relay {
         let log = config
             .dir
             .path()
@@ -74,7 +90,7 @@ impl Relay {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(bin())
+        let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(&config.path)
             .args(["--region", region, "--role", role])
