@@ -350,6 +350,20 @@ pub async fn topic_end(
         .sum())
 }
 
+/// The next offset of each partition of `topic` (where a reader that skips
+/// everything written so far starts).
+pub async fn partition_ends(
+    cluster: &KafkaCluster,
+    topic: &str,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<i32, i64>, String> {
+    Ok(watermarks(cluster, topic, timeout)
+        .await?
+        .into_iter()
+        .map(|(p, (_, high))| (p, high))
+        .collect())
+}
+
 /// The first offset still held of each partition of `topic` (records below
 /// it were deleted by retention).
 pub async fn partition_starts(

@@ -53,6 +53,12 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         region: String,
+        /// A region rebuilt from an empty database: its apply side starts each
+        /// incoming topic where it ends now, instead of reading the whole
+        /// history there; `pgrelay resync --to REGION` from every other region
+        /// then brings the rows. Only where no offset is stored yet.
+        #[arg(long)]
+        start_at_end: bool,
     },
     /// Per region pair: source and confirmed LSN, lag, apply watermark, dead letters, state.
     Status {
@@ -331,7 +337,11 @@ fn main() -> ExitCode {
                 role,
             } => sidecar::run(&config, &region, role).await,
             Command::Check { config, region } => check::check(&config, region.as_deref()).await,
-            Command::Setup { config, region } => setup::setup(&config, &region).await,
+            Command::Setup {
+                config,
+                region,
+                start_at_end,
+            } => setup::setup(&config, &region, start_at_end).await,
             Command::Verify {
                 config,
                 region,

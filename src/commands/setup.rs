@@ -51,7 +51,7 @@ async fn run_setup_transaction(
     tx.commit().await.map_err(|e| (e, None))
 }
 
-pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
+pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<ExitCode> {
     let config = load(path)?;
     let region_cfg = config.region(region)?;
     let mut needs = vec![Need::SetupDatabase(region)];
@@ -231,7 +231,63 @@ pub async fn setup(path: &Path, region: &str) -> Result<ExitCode> {
             "created"
         }
     );
+    if start_at_end {
+        start_incoming_at_end(&config, region, &client, path).await?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `setup --start-at-end`: stores, for each partition of each incoming
+/// topic that has no stored offset yet, the partition's end as the offset
+/// to resume from, so the apply side of a region rebuilt from an empty
+/// database does not read the whole history the topics hold (the resync
+/// from every other region brings the rows, with their stamps: every
+/// record skipped is a change of a row the resync sends as it is now, at
+/// a stamp no older). Offsets already stored are never moved.
+async fn start_incoming_at_end(
+    config: &Config,
+    region: &str,
+    client: &tokio_postgres::Client,
+    path: &Path,
+) -> Result<()> {
+    let cluster = config.kafka_for(region);
+    let sources: Vec<&String> = config.regions.keys().filter(|s| *s != region).collect();
+    for source in &sources {
+        let topic = config.topic(source, region);
+        let ends = kafka::partition_ends(cluster, &topic, kafka::METADATA_PATIENCE)
+            .await
+            .map_err(|e| anyhow::anyhow!("region {region}: reading where {topic} ends: {e}"))?;
+        let (partitions, offsets): (Vec<i32>, Vec<i64>) = ends.into_iter().unzip();
+        let stored = client
+            .execute(
+                "INSERT INTO pgrelay.offsets (topic, kafka_partition, next_offset) \
+                 SELECT $1, p, o FROM unnest($2::int[], $3::bigint[]) AS u(p, o) \
+                 ON CONFLICT (topic, kafka_partition) DO NOTHING",
+                &[&topic, &partitions, &offsets],
+            )
+            .await
+            .with_context(|| format!("region {region}: storing where {topic} ends"))?;
+        let skipped: i64 = offsets.iter().sum();
+        println!(
+            "region {region}: apply starts {topic} at its end ({stored} of {} partition(s) \
+             newly set; {skipped} record(s) written so far are not read)",
+            partitions.len()
+        );
+    }
+    let resyncs: Vec<String> = sources
+        .iter()
+        .map(|s| {
+            format!(
+                "pgrelay resync --config {} --region {s} --to {region}",
+                path.display()
+            )
+        })
+        .collect();
+    println!(
+        "region {region}: start its sidecar, then bring the rows from every other region: {}",
+        resyncs.join("; ")
+    );
+    Ok(())
 }
 
 /// Grants the sidecar's run role what it lacks of what it needs

@@ -379,3 +379,123 @@ async fn setup_runs_the_migrations_a_database_lacks_and_a_newer_one_is_refused()
     })
     .await;
 }
+
+/// A region rebuilt from an empty database: `setup --start-at-end` has its
+/// apply side start each incoming topic at its end (the history there is
+/// not read again), stored offsets are never moved back, and the resync
+/// from the other region brings every row, while that region writes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_region_starts_at_the_topics_end_and_the_resync_brings_the_rows() {
+    let p = partitioned_pair();
+    let cfg = p.cfg.path.to_str().unwrap().to_string();
+    let _us = Relay::spawn(&p.cfg, "us", "all");
+    let mut eu = Relay::spawn(&p.cfg, "eu", "all");
+    p.us.psql(
+        "INSERT INTO people SELECT i, 'us', 'n' || i FROM generate_series(1, 40) AS i;
+         UPDATE people SET name = 'again' WHERE id <= 20; DELETE FROM people WHERE id > 35",
+    );
+    eventually(Duration::from_secs(60), "eu holds us's rows", || async {
+        (ids(&p.eu).await == (1..=35).collect::<Vec<_>>()).then_some(())
+    })
+    .await;
+    // eu's database is lost: an empty one in its place
+    eu.kill9();
+    lose_slots(&p.eu).await;
+    p.eu.psql(
+        "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin;
+         DROP SCHEMA pgrelay CASCADE; DROP TABLE people, products, users;",
+    );
+    p.eu.psql(SCHEMA);
+    let out = relay::ok(&[
+        "setup",
+        "--config",
+        &cfg,
+        "--region",
+        "eu",
+        "--start-at-end",
+    ]);
+    assert!(
+        out.contains("apply starts pgrelay.us.eu at its end")
+            && out.contains("pgrelay resync --config")
+            && out.contains("--region us --to eu"),
+        "{out}"
+    );
+    let c = p.eu.client().await;
+    let offsets = || async {
+        c.query(
+            "SELECT kafka_partition, next_offset FROM pgrelay.offsets \
+             WHERE topic = 'pgrelay.us.eu' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+        .collect::<Vec<_>>()
+    };
+    let ends = offsets().await;
+    assert!(
+        !ends.is_empty() && ends.iter().map(|(_, o)| o).sum::<i64>() > 0,
+        "the history's end is stored: {ends:?}"
+    );
+    // run again: stored offsets are never moved
+    relay::ok(&[
+        "setup",
+        "--config",
+        &cfg,
+        "--region",
+        "eu",
+        "--start-at-end",
+    ]);
+    assert_eq!(offsets().await, ends);
+    let _eu = Relay::spawn(&p.cfg, "eu", "all");
+    // us writes on: what comes after the end arrives as ever
+    p.us.psql("INSERT INTO people VALUES (50, 'us', 'after')");
+    let lsn: String =
+        p.us.client()
+            .await
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+    // the positive sign: eu applied everything us committed up to now
+    eventually(
+        Duration::from_secs(60),
+        "eu applied us's changes",
+        || async {
+            c.query_one(
+                "SELECT pgrelay.wait_for('us', $1::text::pg_lsn, '1s')",
+                &[&lsn],
+            )
+            .await
+            .ok()?
+            .get::<_, bool>(0)
+            .then_some(())
+        },
+    )
+    .await;
+    // and nothing before the end was read: eu holds only what came after it
+    assert_eq!(ids(&p.eu).await, [50]);
+    relay::ok(&["resync", "--config", &cfg, "--region", "us", "--to", "eu"]);
+    let want: Vec<i32> = (1..=35).chain([50]).collect();
+    eventually(
+        Duration::from_secs(60),
+        "eu holds every row again",
+        || async { (ids(&p.eu).await == want).then_some(()) },
+    )
+    .await;
+    let names: Vec<String> = c
+        .query("SELECT name FROM people WHERE id <= 20 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(names.iter().all(|n| n == "again"), "{names:?}");
+    let verified = relay::cmd(&["verify", "--config", &cfg]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+}
