@@ -2287,9 +2287,17 @@ fn describe_diff(
             let _ = writeln!(out, "  (more keys differ in {table}@{region})");
             break;
         }
+        let discarded: Vec<i64> = model
+            .0
+            .discarded
+            .iter()
+            .filter(|(r, t, key, _)| *r == region && t == table && *key == k)
+            .map(|(_, _, _, stamp)| *stamp)
+            .collect();
         let _ = writeln!(
             out,
-            "{table} key {k} in {region}:\n  expected {:?}\n  found    {:?}\n  writes:\n{}",
+            "{table} key {k} in {region}:\n  expected {:?}\n  found    {:?}\n  \
+             discarded there (parked by a breaker discard): {discarded:?}\n  writes:\n{}",
             want.get(&k),
             got.get(&k),
             model.trail(table, k)

@@ -292,12 +292,28 @@ async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
     sb.batch_execute("INSERT INTO products (id, name, price) VALUES (-1, 'after failover', 2)")
         .await
         .unwrap();
+    let lsn: String = sb
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     let mut want = survived.clone();
     want.insert(-1);
+    // the positive sign: eu applied everything the region committed up to
+    // the new row, on every partition (a row in one partition arriving
+    // says nothing of the others)
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let got = loop {
+        let applied = eu_client
+            .query_one(
+                "SELECT pgrelay.wait_for('us', $1::text::pg_lsn, '1s')",
+                &[&lsn],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false);
         let got = ids(&eu_client).await;
-        if got.contains(&-1) {
+        if applied && got.contains(&-1) {
             break got;
         }
         assert!(
