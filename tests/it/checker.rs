@@ -2157,32 +2157,77 @@ fn read_dlq(w: &World, region: &str) -> Vec<crate::support::kafka::Rec> {
     }
 }
 
-/// What the destinations that discarded a storm parked: (destination,
-/// table, key, stamp), from their dead-letter topics.
+/// What the destinations that discarded a storm never applied:
+/// (destination, table, key, stamp). A change is discarded there when every
+/// copy of it its topic delivered was parked with class
+/// `breaker_discarded` (read back from the destination's dead-letter topic,
+/// by original position). A copy not parked was applied: the first deletes
+/// of a storm pass before the one that trips the breaker, and a copy
+/// published again after a restart of its source may be parked while the
+/// first one had applied.
 fn discarded(
     w: &World,
     resolved: &[(&'static str, String, &'static str)],
 ) -> BTreeSet<(&'static str, String, i32, i64)> {
+    // (table, key, stamp) of a record's change
+    let change = |v: &serde_json::Value| -> Option<(String, i32, i64)> {
+        Some((
+            v["source"]["table"].as_str()?.to_string(),
+            v["before"]["id"].as_str().and_then(|k| k.parse().ok())?,
+            v["pgrelay"]["hlc"].as_i64()?,
+        ))
+    };
     let mut out = BTreeSet::new();
     for r in REGIONS {
         if !resolved.iter().any(|(d, _, a)| *d == r && *a == "discard") {
             continue;
         }
+        // parked copies, by change: their original (topic, partition, offset)
+        let mut parked: BTreeMap<(String, i32, i64), BTreeSet<(String, i32, i64)>> =
+            BTreeMap::new();
         for rec in read_dlq(w, r) {
             if rec.headers.get("pgrelay.dlq.class").map(String::as_str) != Some("breaker_discarded")
             {
                 continue;
             }
-            let v = &rec.value;
-            let key = v["before"]["id"].as_str().and_then(|k| k.parse().ok());
-            let (Some(table), Some(key), Some(stamp)) = (
-                v["source"]["table"].as_str(),
-                key,
-                v["pgrelay"]["hlc"].as_i64(),
+            let (Some(c), Some(topic), Some(partition), Some(offset)) = (
+                change(&rec.value),
+                rec.headers.get("pgrelay.dlq.topic"),
+                rec.headers
+                    .get("pgrelay.dlq.partition")
+                    .and_then(|p| p.parse().ok()),
+                rec.headers
+                    .get("pgrelay.dlq.offset")
+                    .and_then(|o| o.parse().ok()),
             ) else {
                 continue;
             };
-            out.insert((r, table.to_string(), key, stamp));
+            parked
+                .entry(c)
+                .or_default()
+                .insert((topic.clone(), partition, offset));
+        }
+        // every copy each topic into r delivered
+        let mut copies: BTreeMap<(String, i32, i64), BTreeSet<(String, i32, i64)>> =
+            BTreeMap::new();
+        for src in REGIONS.iter().filter(|s| **s != r) {
+            let topic = format!("pgrelay.{src}.{r}");
+            for rec in read_all(&w.brokers[r].0.brokers(), &topic, Duration::from_secs(2)) {
+                if let Some(c) = change(&rec.value) {
+                    if parked.contains_key(&c) {
+                        copies.entry(c).or_default().insert((
+                            topic.clone(),
+                            rec.partition,
+                            rec.offset,
+                        ));
+                    }
+                }
+            }
+        }
+        for (c, at) in parked {
+            if copies.get(&c).is_none_or(|all| all.is_subset(&at)) {
+                out.insert((r, c.0, c.1, c.2));
+            }
         }
     }
     out
