@@ -2157,6 +2157,10 @@ fn read_dlq(w: &World, region: &str) -> Vec<crate::support::kafka::Rec> {
     }
 }
 
+/// Per change (table, key, stamp): the (topic, partition, offset) of its
+/// copies.
+type Positions = BTreeMap<(String, i32, i64), BTreeSet<(String, i32, i64)>>;
+
 /// What the destinations that discarded a storm never applied:
 /// (destination, table, key, stamp). A change is discarded there when every
 /// copy of it its topic delivered was parked with class
@@ -2183,8 +2187,7 @@ fn discarded(
             continue;
         }
         // parked copies, by change: their original (topic, partition, offset)
-        let mut parked: BTreeMap<(String, i32, i64), BTreeSet<(String, i32, i64)>> =
-            BTreeMap::new();
+        let mut parked: Positions = BTreeMap::new();
         for rec in read_dlq(w, r) {
             if rec.headers.get("pgrelay.dlq.class").map(String::as_str) != Some("breaker_discarded")
             {
@@ -2208,8 +2211,7 @@ fn discarded(
                 .insert((topic.clone(), partition, offset));
         }
         // every copy each topic into r delivered
-        let mut copies: BTreeMap<(String, i32, i64), BTreeSet<(String, i32, i64)>> =
-            BTreeMap::new();
+        let mut copies: Positions = BTreeMap::new();
         for src in REGIONS.iter().filter(|s| **s != r) {
             let topic = format!("pgrelay.{src}.{r}");
             for rec in read_all(&w.brokers[r].0.brokers(), &topic, Duration::from_secs(2)) {
