@@ -196,24 +196,13 @@ pub async fn database(
     }
     // pgrelay's tables: a database set up by a newer pgrelay is refused
     // whether or not setup has run here; one behind needs setup
-    let installed = catalog.schema_versions().await?;
-    match installed.verdict(config.has_dr()) {
-        crate::schema::Verdict::Current => {}
-        crate::schema::Verdict::Ahead(what) => out.push(finding(
-            Severity::Blocking,
-            format!(
-                "region {region}: pgrelay's tables were set up by a newer pgrelay ({what}); \
-                 run that version's binary (this is pgrelay {})",
-                env!("CARGO_PKG_VERSION")
-            ),
-        )),
-        crate::schema::Verdict::Behind(what) if after_setup => out.push(finding(
-            Severity::NeedsSetup,
-            format!(
-                "region {region}: pgrelay's tables are behind this binary ({what}); run pgrelay setup"
-            ),
-        )),
-        crate::schema::Verdict::Behind(_) => {}
+    let verdict = catalog.schema_versions().await?.verdict(config.has_dr());
+    if let Some(message) = verdict.problem(region) {
+        match verdict {
+            crate::schema::Verdict::Ahead(_) => out.push(finding(Severity::Blocking, message)),
+            _ if after_setup => out.push(finding(Severity::NeedsSetup, message)),
+            _ => {}
+        }
     }
     if after_setup {
         out.extend(privileges(config, region, catalog).await?);

@@ -190,6 +190,24 @@ pub enum Verdict {
     Ahead(String),
 }
 
+impl Verdict {
+    /// What to tell the operator of `region`'s database (`None`: current).
+    pub fn problem(&self, region: &str) -> Option<String> {
+        match self {
+            Verdict::Current => None,
+            Verdict::Behind(what) => Some(format!(
+                "region {region}: pgrelay's tables are behind this binary ({what}); run pgrelay \
+                 setup --region {region}"
+            )),
+            Verdict::Ahead(what) => Some(format!(
+                "region {region}: pgrelay's tables were set up by a newer pgrelay ({what}); run \
+                 that version's binary (this is pgrelay {})",
+                env!("CARGO_PKG_VERSION")
+            )),
+        }
+    }
+}
+
 /// The statements running `pending` and recording each: the version table
 /// first (idempotent), then each migration's statements and its row.
 pub fn upgrade_sql(pending: &[(Component, &'static Migration)]) -> Vec<String> {

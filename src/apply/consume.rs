@@ -123,21 +123,8 @@ pub async fn preflight(config: &Config, region: &str) -> Result<(), ApplyError> 
             ApplyError::setup_from(format!("region {region}"), e)
         }
     })?;
-    match installed.verdict(config.has_dr()) {
-        crate::schema::Verdict::Current => {}
-        crate::schema::Verdict::Ahead(what) => {
-            return Err(ApplyError::setup(format!(
-                "region {region}: pgrelay's tables were set up by a newer pgrelay ({what}); run \
-                 that version's binary (this is pgrelay {})",
-                env!("CARGO_PKG_VERSION")
-            )))
-        }
-        crate::schema::Verdict::Behind(what) => {
-            return Err(ApplyError::setup(format!(
-                "region {region}: pgrelay's tables are behind this binary ({what}); run pgrelay \
-                 setup --region {region}"
-            )))
-        }
+    if let Some(message) = installed.verdict(config.has_dr()).problem(region) {
+        return Err(ApplyError::setup(message));
     }
     let cluster = config.kafka_for(region);
     let mut topics: Vec<String> = config

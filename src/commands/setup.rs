@@ -18,12 +18,6 @@ use crate::{kafka, privileges, setup};
 const SETUP_ATTEMPTS: u32 = 20;
 const SETUP_LOCK_TIMEOUT: &str = "2s";
 
-/// The versions recorded in the database, as `pgrelay check` prints them.
-async fn cat_versions(client: &tokio_postgres::Client, region: &str) -> Result<String> {
-    let cat = Catalog { client, region };
-    Ok(cat.schema_versions().await?.to_string())
-}
-
 /// A deadlock, or a lock not granted within the lock timeout.
 fn is_lock_conflict(e: &tokio_postgres::Error) -> bool {
     e.code()
@@ -122,10 +116,6 @@ pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<Exit
             m.name
         );
     }
-    println!(
-        "region {region}: pgrelay's tables at {}",
-        cat_versions(&client, region).await?
-    );
     if let Some(role) = region_cfg.grantee() {
         grant_run_role(&config, region, &client, &role).await?;
     }
@@ -134,6 +124,10 @@ pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<Exit
         client: &client,
         region,
     };
+    println!(
+        "region {region}: pgrelay's tables at {}",
+        cat.schema_versions().await?
+    );
     let lost = cat.slot(&slot).await?.is_some_and(|s| s.is_lost());
     if lost {
         // an invalidated slot can never stream again: replace it

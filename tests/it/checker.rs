@@ -1498,16 +1498,11 @@ impl World {
     fn ok(&self, args: &[&str]) -> String {
         let out = relay::cmd(args);
         if !out.status.success() {
-            let seen: Vec<String> = self
-                .brokers
-                .iter()
-                .map(|(r, (b, _))| format!("{r}: {}", b.diagnose()))
-                .collect();
             panic!(
                 "pgrelay {args:?} failed:\nstdout: {}\nstderr: {}\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr),
-                seen.join("\n")
+                brokers_seen(&self.brokers)
             );
         }
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -1816,6 +1811,15 @@ impl World {
 /// `pgrelay resync` as an operator runs it: safe to run again, so run
 /// again (at most three times) when it stopped on an error — a Kafka
 /// metadata request that timed out on a loaded machine has been seen.
+/// What became of each region's broker, for a failure report.
+fn brokers_seen(brokers: &BTreeMap<&'static str, (Broker, Proxy)>) -> String {
+    brokers
+        .iter()
+        .map(|(r, (b, _))| format!("{r}: {}", b.diagnose()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn resync(args: &[&str], brokers: &BTreeMap<&'static str, (Broker, Proxy)>) {
     for attempt in 1..=3 {
         let out = relay::cmd(args);
@@ -1824,13 +1828,9 @@ fn resync(args: &[&str], brokers: &BTreeMap<&'static str, (Broker, Proxy)>) {
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
         if attempt == 3 {
-            let seen: Vec<String> = brokers
-                .iter()
-                .map(|(r, (b, _))| format!("{r}: {}", b.diagnose()))
-                .collect();
             panic!(
                 "pgrelay {args:?} failed three times: {stderr}\n{}",
-                seen.join("\n")
+                brokers_seen(brokers)
             );
         }
         eprintln!("pgrelay {args:?} failed (attempt {attempt}), running it again: {stderr}");

@@ -163,6 +163,26 @@ async fn ids(client: &tokio_postgres::Client) -> std::collections::BTreeSet<i32>
         .collect()
 }
 
+/// us's primary with a physical standby `us_standby` that syncs the
+/// failover slots (the logical walsender sends nothing the standby has not
+/// received), and eu; both with [`SCHEMA`].
+fn primary_with_standby() -> (Pg, Pg, Pg) {
+    let primary = Pg::start();
+    let eu = Pg::start();
+    primary.psql(SCHEMA);
+    eu.psql(SCHEMA);
+    primary.psql("ALTER SYSTEM SET synchronized_standby_slots = 'us_standby'");
+    primary.psql("SELECT pg_reload_conf()");
+    let standby = primary.standby(
+        "us_standby",
+        &[
+            ("sync_replication_slots", "on"),
+            ("hot_standby_feedback", "on"),
+        ],
+    );
+    (primary, standby, eu)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
     if pg::major() < 17 {
@@ -173,20 +193,7 @@ async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
         );
         return;
     }
-    let primary = Pg::start();
-    let eu = Pg::start();
-    primary.psql(SCHEMA);
-    eu.psql(SCHEMA);
-    // the logical walsender sends nothing the standby has not received
-    primary.psql("ALTER SYSTEM SET synchronized_standby_slots = 'us_standby'");
-    primary.psql("SELECT pg_reload_conf()");
-    let standby = primary.standby(
-        "us_standby",
-        &[
-            ("sync_replication_slots", "on"),
-            ("hot_standby_feedback", "on"),
-        ],
-    );
+    let (primary, standby, eu) = primary_with_standby();
     let both = both_hosts(&primary, &standby);
     let broker = Broker::start();
     let cfg = ConfigFile::new(&crate::apply::config(&both, &eu.dsn(), &broker.brokers()));
@@ -408,19 +415,7 @@ async fn a_standby_that_is_down_holds_the_region_and_status_says_why() {
         );
         return;
     }
-    let primary = Pg::start();
-    let eu = Pg::start();
-    primary.psql(SCHEMA);
-    eu.psql(SCHEMA);
-    primary.psql("ALTER SYSTEM SET synchronized_standby_slots = 'us_standby'");
-    primary.psql("SELECT pg_reload_conf()");
-    let standby = primary.standby(
-        "us_standby",
-        &[
-            ("sync_replication_slots", "on"),
-            ("hot_standby_feedback", "on"),
-        ],
-    );
+    let (primary, standby, eu) = primary_with_standby();
     let broker = Broker::start();
     let text = crate::apply::config(&primary.dsn(), &eu.dsn(), &broker.brokers());
     let cfg = ConfigFile::new(&text);

@@ -24,12 +24,27 @@ pub struct World {
 
 impl World {
     pub fn start(durable_brokers: bool) -> World {
-        let schema = std::fs::read_to_string(repo_root().join("demo/schema.sql")).unwrap();
+        World::start_with(durable_brokers, "", "", &relay::bin())
+    }
+
+    /// Three regions with the demo's tables and rules plus `schema` and
+    /// `tables` (config text), set up by the pgrelay binary `bin`; no
+    /// sidecar runs yet.
+    pub fn start_with(
+        durable_brokers: bool,
+        schema: &str,
+        tables: &str,
+        bin: &std::path::Path,
+    ) -> World {
+        let demo = std::fs::read_to_string(repo_root().join("demo/schema.sql")).unwrap();
         let mut pg = BTreeMap::new();
         let mut brokers = BTreeMap::new();
         for r in REGIONS {
             let p = Pg::start();
-            p.psql(&schema);
+            p.psql(&demo);
+            if !schema.is_empty() {
+                p.psql(schema);
+            }
             pg.insert(r, p);
             brokers.insert(r, Broker::behind_proxy(durable_brokers));
         }
@@ -38,7 +53,8 @@ impl World {
         for r in REGIONS {
             let port = free_port();
             http.insert(r, port);
-            cfg.insert(r, ConfigFile::new(&config(&pg, &brokers, port)));
+            let text = config(&pg, &brokers, port) + tables;
+            cfg.insert(r, ConfigFile::new(&text));
         }
         let w = World {
             pg,
@@ -47,7 +63,7 @@ impl World {
             http,
         };
         for r in REGIONS {
-            relay::ok(&["setup", "--config", w.cfg_path(r), "--region", r]);
+            relay::ok_with(bin, &["setup", "--config", w.cfg_path(r), "--region", r]);
         }
         w
     }

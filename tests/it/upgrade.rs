@@ -20,11 +20,9 @@ use crate::sidecar::{
     assert_global, assert_residency, identical, orders_settled, rows, workload, World, WriteLog,
     REGIONS,
 };
-use crate::support::broker::Broker;
+use crate::support::eventually;
 use crate::support::kafka::read_records;
-use crate::support::pg::Pg;
-use crate::support::relay::{self, ConfigFile, Relay};
-use crate::support::{eventually, free_port, repo_root};
+use crate::support::relay::{self, Relay};
 
 /// Next to the demo's tables (demo/schema.sql, sidecar.rs's config).
 const SCHEMA: &str = "
@@ -71,34 +69,7 @@ merge = "counter"
 /// Three regions with the demo's tables and rules (sidecar.rs) and those
 /// of [`SCHEMA`], set up by `bin`; no sidecar runs yet.
 fn world(bin: &Path) -> World {
-    let demo = std::fs::read_to_string(repo_root().join("demo/schema.sql")).unwrap();
-    let mut pg = BTreeMap::new();
-    let mut brokers = BTreeMap::new();
-    for r in REGIONS {
-        let p = Pg::start();
-        p.psql(&demo);
-        p.psql(SCHEMA);
-        pg.insert(r, p);
-        brokers.insert(r, Broker::behind_proxy(false));
-    }
-    let mut cfg = BTreeMap::new();
-    let mut http = BTreeMap::new();
-    for r in REGIONS {
-        let port = free_port();
-        http.insert(r, port);
-        let text = crate::sidecar::config(&pg, &brokers, port) + TABLES;
-        cfg.insert(r, ConfigFile::new(&text));
-    }
-    let w = World {
-        pg,
-        brokers,
-        cfg,
-        http,
-    };
-    for r in REGIONS {
-        relay::ok_with(bin, &["setup", "--config", w.cfg_path(r), "--region", r]);
-    }
-    w
+    World::start_with(false, SCHEMA, TABLES, bin)
 }
 
 /// sidecar.rs's mixed workload (every data class and column rule), `n`
