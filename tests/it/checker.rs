@@ -1154,9 +1154,8 @@ fn create_app_objects(pg: &Pg) {
     ));
 }
 
-/// `pg`'s connection string for [`APP_ROLE`].
-fn app_dsn(pg: &Pg) -> String {
-    let dsn = pg.dsn();
+/// A region's connection string (as [`Pg::dsn`]) for [`APP_ROLE`].
+fn app_dsn(dsn: &str) -> String {
     assert!(dsn.contains("user=postgres "), "{dsn}");
     dsn.replacen("user=postgres ", &format!("user={APP_ROLE} "), 1)
 }
@@ -1245,6 +1244,16 @@ pub enum Fault {
     /// end as the new policy says: cn with every row eu holds, eu with none
     /// of us's. Once per history.
     PolicyChange(usize),
+    /// Lifecycle, failover: us's primary (with a synchronous physical
+    /// standby, both hosts in the config's DSN with
+    /// `target_session_attrs=read-write`, the writers' too) stops at once
+    /// while every region writes, and the standby is promoted, by the
+    /// README's procedure. On PostgreSQL 17+ the failover slot it carries
+    /// lets the running sidecar go on by itself: nothing lost, nothing to
+    /// do but reset `synchronized_standby_slots`. Below 17 the standby has
+    /// no slot: `setup`, the sidecar started again, `resync` — the lost
+    /// slot's model from then on. Once per history.
+    Failover(usize),
 }
 
 /// The sidecar processes of a region, by role.
@@ -1276,13 +1285,20 @@ pub struct World {
     pub joined: Option<i64>,
     /// `PolicyChange` ran: `q`'s new policy holds.
     pub policy_changed: bool,
+    /// us's synchronous physical standby, until `Failover` promotes it.
+    pub standby: Option<Pg>,
+    /// us's primary after `Failover` (stopped; kept until the end).
+    pub retired: Option<Pg>,
     /// By region and role: us and eu run both sides in one process, cn runs
     /// them as two.
     pub sidecars: BTreeMap<(&'static str, &'static str), Relay>,
 }
 
 impl World {
-    pub fn start(durable: bool) -> World {
+    /// Three regions set up and running, us's primary given a synchronous
+    /// physical standby when `standby` (what `Fault::Failover` promotes):
+    /// the config's DSNs for us name both hosts.
+    pub fn build(durable: bool, standby: bool) -> World {
         let mut pg = BTreeMap::new();
         let mut brokers = BTreeMap::new();
         for r in REGIONS {
@@ -1291,7 +1307,11 @@ impl World {
             pg.insert(r, p);
             brokers.insert(r, Broker::behind_proxy(durable));
         }
-        let text = config(&pg, &brokers);
+        let standby = standby.then(|| us_standby(&pg["us"]));
+        let mut text = config(&pg, &brokers);
+        if let Some(s) = &standby {
+            text = both_hosts(&text, &pg["us"], s);
+        }
         let cfg = ConfigFile::new(&text);
         // the regions' triggers differ: eu's are PL/pgSQL, the others' C
         // where the extension is installed (PostgreSQL 15 here); the stamps
@@ -1337,6 +1357,8 @@ impl World {
                 .collect(),
             joined: None,
             policy_changed: false,
+            standby,
+            retired: None,
             sidecars,
         }
     }
@@ -1354,6 +1376,7 @@ impl World {
                 Fault::KillSidecar(i)
             }
             Fault::PolicyChange(i) if self.policy_changed => Fault::KillSidecar(i),
+            Fault::Failover(i) if self.standby.is_none() => Fault::KillSidecar(i),
             other => other,
         };
         match fault {
@@ -1400,35 +1423,13 @@ impl World {
             }
             Fault::LostSlot(i) => {
                 let r = REGIONS[i % 3];
-                self.lost_slots.insert(r);
                 for role in roles(r) {
                     self.sidecars.get_mut(&(r, *role)).unwrap().kill9();
                 }
                 crate::lifecycle::lose_slots(&self.pg[r]).await;
                 // the writer goes on while no slot carries its changes
                 tokio::time::sleep(Duration::from_millis(1500)).await;
-                let setup_cfg = if r == "eu" { &self.plpgsql } else { &self.cfg };
-                self.ok(&[
-                    "setup",
-                    "--config",
-                    setup_cfg.path.to_str().unwrap(),
-                    "--region",
-                    r,
-                ]);
-                for role in roles(r) {
-                    self.sidecars
-                        .insert((r, role), Relay::spawn(&self.cfg, r, role));
-                }
-                resync(
-                    &[
-                        "resync",
-                        "--config",
-                        self.cfg.path.to_str().unwrap(),
-                        "--region",
-                        r,
-                    ],
-                    &self.brokers,
-                );
+                self.new_slot(r);
             }
             Fault::ParkReplay(i) => {
                 let r = REGIONS[i % 3];
@@ -1441,7 +1442,31 @@ impl World {
                 ))
                 .await
                 .expect("add the parking constraint");
-                tokio::time::sleep(Duration::from_secs(4)).await;
+                // the positive sign: the region's apply parked at least one
+                // change the constraint refused (its log says so, sqlstate
+                // 23514) before the cause is removed
+                let apply = if r == "cn" { "apply" } else { "all" };
+                let parked = |w: &World| {
+                    w.sidecars[&(r, apply)]
+                        .log_text()
+                        .lines()
+                        .filter(|l| l.contains("record dead-lettered") && l.contains("23514"))
+                        .count()
+                };
+                let before = parked(self);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                while parked(self) == before {
+                    assert!(
+                        Instant::now() < deadline,
+                        "park_replay: {r} parked nothing in 60 s while the constraint held"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                eprintln!(
+                    "park_replay: {r} parked {} change(s)",
+                    parked(self) - before
+                );
                 c.batch_execute(
                     "SET lock_timeout = '5s'; ALTER TABLE g DROP CONSTRAINT checker_park",
                 )
@@ -1488,8 +1513,160 @@ impl World {
             }
             Fault::Join(_) => self.join().await,
             Fault::PolicyChange(_) => self.change_policy().await,
+            Fault::Failover(_) => self.failover().await,
         }
     }
+}
+
+impl World {
+    /// A region's connection string as the applications have it: us's
+    /// names its primary and its standby while it has one.
+    fn hosts(&self, r: &'static str) -> String {
+        match &self.standby {
+            Some(s) if r == "us" => both_hosts(&self.pg[r].dsn(), &self.pg[r], s),
+            _ => self.pg[r].dsn(),
+        }
+    }
+
+    /// The README's procedure for a region whose slot is gone (lost, or
+    /// not carried by a failover): `setup` (a new slot), the sidecar
+    /// started again, `resync`. What the region wrote while no slot
+    /// carried it must reach every region that may hold it: the lost
+    /// slot's model from here on.
+    fn new_slot(&mut self, r: &'static str) {
+        self.lost_slots.insert(r);
+        let setup_cfg = if r == "eu" { &self.plpgsql } else { &self.cfg };
+        self.ok(&[
+            "setup",
+            "--config",
+            setup_cfg.path.to_str().unwrap(),
+            "--region",
+            r,
+        ]);
+        for role in roles(r) {
+            self.sidecars
+                .insert((r, role), Relay::spawn(&self.cfg, r, role));
+        }
+        resync(
+            &[
+                "resync",
+                "--config",
+                self.cfg.path.to_str().unwrap(),
+                "--region",
+                r,
+            ],
+            &self.brokers,
+        );
+    }
+
+    /// `Fault::Failover`: us's primary stops at once while every region
+    /// writes, its standby is promoted, and the README's failover
+    /// procedure runs.
+    async fn failover(&mut self) {
+        let r = "us";
+        let standby = self.standby.take().expect("us has a standby");
+        let carries_slot = crate::support::pg::major() >= 17;
+        if carries_slot {
+            // the operator's precondition (`check` says the slot is
+            // synced): the standby's copy of the failover slot is usable
+            let primary = connect(&self.pg[r].dsn()).await;
+            let copy = connect(&standby.dsn()).await;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                primary
+                    .batch_execute("SELECT pg_log_standby_snapshot()")
+                    .await
+                    .expect("pg_log_standby_snapshot");
+                let synced: i64 = copy
+                    .query_one(
+                        "SELECT count(*) FROM pg_replication_slots \
+                         WHERE slot_name = 'pgrelay_us' AND synced AND NOT temporary",
+                        &[],
+                    )
+                    .await
+                    .expect("the standby's slots")
+                    .get(0);
+                if synced == 1 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "failover: the standby never had a synced copy of pgrelay_us"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        } else {
+            // below 17 the sidecar has nothing to go on with
+            for role in roles(r) {
+                self.sidecars.get_mut(&(r, *role)).unwrap().kill9();
+            }
+        }
+        // the primary is lost: what its standby did not confirm was never
+        // acknowledged to a writer (synchronous replication)
+        self.pg[r].stop();
+        standby.promote();
+        // the new primary has no standby of its own yet: commits must not
+        // wait for one, nor the sidecar for a slot it does not have
+        let c = connect(&standby.dsn()).await;
+        let mut resets = vec!["synchronous_standby_names"];
+        if carries_slot {
+            resets.push("synchronized_standby_slots");
+        }
+        for setting in resets {
+            c.batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
+                .await
+                .expect("reset the standby settings on the new primary");
+        }
+        c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        let old = self.pg.insert(r, standby).expect("us's primary");
+        self.retired = Some(old);
+        if !carries_slot {
+            self.new_slot(r);
+        }
+        eprintln!(
+            "failover: us's standby promoted ({})",
+            if carries_slot {
+                "the failover slot carried"
+            } else {
+                "setup + resync"
+            }
+        );
+    }
+}
+
+/// us's synchronous physical standby (`cluster_name` `us_standby`, the
+/// name `synchronous_standby_names` gives), syncing failover slots on
+/// PostgreSQL 17+. The primary's settings are made after the base backup:
+/// the standby does not inherit them.
+fn us_standby(primary: &Pg) -> Pg {
+    let mut extra = vec![
+        ("hot_standby_feedback", "on"),
+        ("cluster_name", "'us_standby'"),
+    ];
+    if crate::support::pg::major() >= 17 {
+        extra.push(("sync_replication_slots", "on"));
+    }
+    let standby = primary.standby("us_standby", &extra);
+    if crate::support::pg::major() >= 17 {
+        primary.psql("ALTER SYSTEM SET synchronized_standby_slots = 'us_standby'");
+    }
+    primary.psql("ALTER SYSTEM SET synchronous_standby_names = 'us_standby'");
+    primary.psql("SELECT pg_reload_conf()");
+    standby
+}
+
+/// `config` with us's DSNs naming its primary and its standby, the
+/// writable one first found (`target_session_attrs=read-write`).
+fn both_hosts(config: &str, primary: &Pg, standby: &Pg) -> String {
+    let one = format!("host=127.0.0.1 port={} ", primary.port);
+    assert!(config.contains(&one), "{config}");
+    config.replace(
+        &one,
+        &format!(
+            "host=127.0.0.1,127.0.0.1 port={},{} target_session_attrs=read-write ",
+            primary.port, standby.port
+        ),
+    )
 }
 
 impl World {
@@ -1880,7 +2057,7 @@ pub struct Checked {
 /// report on any divergence from the model.
 pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     let durable = durable_tansu_bin().is_some();
-    let mut w = World::start(durable);
+    let mut w = World::build(durable, true);
     let history = Arc::new(Mutex::new(History::default()));
     let mut rng = Rng::new(seed);
     let keys = 12 + rng.below(12) as i32;
@@ -1889,7 +2066,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     for (i, r) in REGIONS.iter().enumerate() {
         let writer = Writer {
             region: r,
-            dsn: app_dsn(&w.pg[r]),
+            dsn: app_dsn(&w.hosts(r)),
             rng: Rng::new(seed.wrapping_mul(31).wrapping_add(i as u64)),
             keys,
             truncates: rng.chance(50),
@@ -1904,7 +2081,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         // delete of its key, see create_app_role)
         let racer = Writer {
             region: r,
-            dsn: app_dsn(&w.pg[r]),
+            dsn: app_dsn(&w.hosts(r)),
             rng: Rng::new(seed.wrapping_mul(97).wrapping_add(i as u64 + 7)),
             keys,
             truncates: false,
@@ -1915,12 +2092,20 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         };
         writers.push(tokio::spawn(racer.run(ops_per_region / 2, history.clone())));
     }
-    // faults while the writers run: three of the five lifecycle
+    // faults while the writers run: three of the six lifecycle
     // procedures in every history (which three follows the seed: seeds 1
-    // and 3, CI's, cover all five), the rest drawn from every kind
+    // and 4, CI's, cover all six; seed 1, PostgreSQL 18's, has the
+    // failover), the rest drawn from every kind
     let mut faults = Vec::new();
     let n_faults = 4 + rng.below(2);
-    let lifecycle = [LOST_SLOT, PARK_REPLAY, SCHEMA_CHANGE, JOIN, POLICY_CHANGE];
+    let lifecycle = [
+        LOST_SLOT,
+        PARK_REPLAY,
+        FAILOVER,
+        SCHEMA_CHANGE,
+        JOIN,
+        POLICY_CHANGE,
+    ];
     for f in 0..n_faults {
         let region = rng.below(3) as usize;
         let kinds = if durable {
@@ -1945,6 +2130,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             "schema_change" => Fault::SchemaChange(region),
             "join" => Fault::Join(region),
             "policy_change" => Fault::PolicyChange(region),
+            "failover" => Fault::Failover(region),
             _ => Fault::RestartBroker(region),
         };
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
@@ -2770,7 +2956,7 @@ fn delivered_p(w: &World) -> BTreeSet<(&'static str, &'static str, i32, i64)> {
 
 /// The fault kinds by name (`restart_broker` last: drawn only where the
 /// broker keeps its log across a restart).
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 12] = [
     "kill_sidecar",
     "crash_database",
     "cut_link",
@@ -2781,6 +2967,7 @@ const KINDS: [&str; 11] = [
     "schema_change",
     "join",
     "policy_change",
+    "failover",
     "restart_broker",
 ];
 const LOST_SLOT: usize = 5;
@@ -2788,6 +2975,7 @@ const PARK_REPLAY: usize = 6;
 const SCHEMA_CHANGE: usize = 7;
 const JOIN: usize = 8;
 const POLICY_CHANGE: usize = 9;
+const FAILOVER: usize = 10;
 
 /// `PGRELAY_CHECK_FAULTS=lost_slot,park_replay`: draw only these fault
 /// kinds (to aim a run at some).
@@ -2810,7 +2998,7 @@ fn forced_faults() -> Option<Vec<usize>> {
 fn seeds() -> Vec<u64> {
     match std::env::var("PGRELAY_CHECK_SEEDS") {
         Ok(s) => s.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
-        Err(_) => vec![1, 3],
+        Err(_) => vec![1, 4],
     }
 }
 
