@@ -1289,6 +1289,8 @@ pub struct World {
     pub standby: Option<Pg>,
     /// us's primary after `Failover` (stopped; kept until the end).
     pub retired: Option<Pg>,
+    /// Durable brokers started again after their storage task panicked.
+    pub healed: std::sync::atomic::AtomicUsize,
     /// By region and role: us and eu run both sides in one process, cn runs
     /// them as two.
     pub sidecars: BTreeMap<(&'static str, &'static str), Relay>,
@@ -1359,6 +1361,7 @@ impl World {
             policy_changed: false,
             standby,
             retired: None,
+            healed: Default::default(),
             sidecars,
         }
     }
@@ -1411,7 +1414,7 @@ impl World {
                 proxy.restore();
             }
             Fault::RestartBroker(i) => {
-                self.brokers.get_mut(REGIONS[i % 3]).unwrap().0.restart();
+                self.brokers[REGIONS[i % 3]].0.restart();
             }
             Fault::Fence(i) => {
                 let (cfg, r) = (self.cfg.path.to_str().unwrap(), REGIONS[i % 3]);
@@ -1457,6 +1460,10 @@ impl World {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 while parked(self) == before {
+                    // a breaker holding a source's changes here would hold
+                    // the ones to park too
+                    self.release_frozen(&c, r, None).await;
+                    self.heal_brokers();
                     assert!(
                         Instant::now() < deadline,
                         "park_replay: {r} parked nothing in 60 s while the constraint held"
@@ -1685,6 +1692,57 @@ impl World {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A durable test broker whose storage task panicked (see
+    /// [`Broker::storage_panic`]) accepts connections and answers nothing:
+    /// it is started again on its storage, as a `RestartBroker` fault
+    /// would, and counted. An in-memory one cannot be: the history fails.
+    fn heal_brokers(&self) {
+        for (r, (broker, _)) in &self.brokers {
+            if let Some(panic) = broker.storage_panic() {
+                assert!(
+                    broker.durable(),
+                    "{r}'s in-memory test broker panicked: {panic}"
+                );
+                eprintln!("{r}'s test broker panicked ({panic}): started again on its storage");
+                broker.restart();
+                self.healed
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Releases the breakers frozen at `at` (of `source` only, if given):
+    /// an operator running a procedure lets the held changes through,
+    /// they were judged before.
+    async fn release_frozen(
+        &self,
+        c: &tokio_postgres::Client,
+        at: &'static str,
+        source: Option<&str>,
+    ) {
+        let frozen: Vec<String> = c
+            .query(
+                "SELECT source_region FROM pgrelay.breakers \
+                 WHERE state = 'frozen' AND ($1::text IS NULL OR source_region = $1)",
+                &[&source],
+            )
+            .await
+            .map(|rows| rows.iter().map(|row| row.get(0)).collect())
+            .unwrap_or_default();
+        for source in frozen {
+            self.ok(&[
+                "breaker",
+                "release",
+                "--config",
+                self.cfg.path.to_str().unwrap(),
+                "--region",
+                at,
+                "--source",
+                &source,
+            ]);
+        }
+    }
+
     /// Waits until every region of `at` applied what `source` committed
     /// before `lsn` (`pgrelay.wait_for`), releasing a breaker that holds
     /// `source`'s changes there (an operator running a procedure lets them
@@ -1697,26 +1755,8 @@ impl World {
             loop {
                 // a storm of cn's may hold its changes there: released (an
                 // operator rebuilding a region lets its changes through)
-                let frozen = c
-                    .query(
-                        "SELECT 1 FROM pgrelay.breakers WHERE source_region = $1 AND state = 'frozen'",
-                        &[&r],
-                    )
-                    .await
-                    .map(|rows| !rows.is_empty())
-                    .unwrap_or(false);
-                if frozen {
-                    self.ok(&[
-                        "breaker",
-                        "release",
-                        "--config",
-                        self.cfg.path.to_str().unwrap(),
-                        "--region",
-                        other,
-                        "--source",
-                        r,
-                    ]);
-                }
+                self.release_frozen(&c, other, Some(r)).await;
+                self.heal_brokers();
                 let done: bool = c
                     .query_one(
                         "SELECT pgrelay.wait_for($2, $1::text::pg_lsn, '5s')",
@@ -1745,9 +1785,22 @@ impl World {
                                 .collect::<Vec<_>>()
                         });
                     let offsets = actual_offsets(&c).await;
+                    let logs: String = [r, *other]
+                        .iter()
+                        .flat_map(|region| roles(region).iter().map(move |role| (*region, *role)))
+                        .map(|(region, role)| {
+                            let text = self.sidecars[&(region, role)].log_text();
+                            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                            format!(
+                                "--- sidecar {region} {role}, last lines:\n{}\n",
+                                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                            )
+                        })
+                        .collect();
                     panic!(
                         "{other} did not apply what {r} wrote up to {lsn} within 90 s; parked there: \
-                         {parked:?}; offsets: {offsets:?}"
+                         {parked:?}; offsets: {offsets:?}\n{logs}{}",
+                        brokers_seen(&self.brokers)
                     );
                 }
             }
@@ -2051,6 +2104,8 @@ pub struct Checked {
     pub records: usize,
     /// Breaker trips released or discarded.
     pub trips: usize,
+    /// Test brokers started again after their storage task panicked.
+    pub healed: usize,
 }
 
 /// Runs one seeded history with faults and checks it. Panics with a
@@ -2135,7 +2190,9 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         };
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
         eprintln!("seed {seed}: fault {fault:?}");
+        w.heal_brokers();
         w.inject(fault).await;
+        w.heal_brokers();
         faults.push(fault);
     }
     faults_done.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -2162,6 +2219,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         // (a discard parks the storm within a second or so: read again
         // until the regions match)
         resolve_breakers(&w, &clients, &mut rng, &mut resolved).await;
+        w.heal_brokers();
         // changes parked while a region refused them: replayed (again,
         // for those parked after the last replay; a replay is idempotent)
         for r in &w.replay {
@@ -2293,6 +2351,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         faults: faults.len(),
         records,
         trips: resolved.len(),
+        healed: w.healed.load(std::sync::atomic::Ordering::SeqCst),
     }
 }
 
@@ -3023,10 +3082,15 @@ async fn random_histories_with_faults_converge_to_last_writer_wins() {
         total.faults += c.faults;
         total.records += c.records;
         total.trips += c.trips;
+        total.healed += c.healed;
     }
     eprintln!(
         "CHECKED total: {} ops, {} row writes, {} faults, {} records read",
         total.ops, total.writes, total.faults, total.records
     );
     eprintln!("CHECKED breaker trips resolved: {}", total.trips);
+    eprintln!(
+        "CHECKED test brokers started again after a storage panic: {}",
+        total.healed
+    );
 }

@@ -34,18 +34,23 @@ eu = []
     )
 }
 
-/// Drops every replication slot of `pg` once its walsender has gone (the
-/// sidecar was just killed), as a lost slot leaves the region.
+/// Drops every logical replication slot of `pg` once its walsender has
+/// gone (the sidecar was just killed), as a lost slot leaves the region; a
+/// standby's physical slot stays.
 pub async fn lose_slots(pg: &Pg) {
     let c = pg.client().await;
     eventually(Duration::from_secs(30), "the slots dropped", || async {
         c.batch_execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active",
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE NOT active AND slot_type = 'logical'",
         )
         .await
         .ok()?;
         let left: i64 = c
-            .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical'",
+                &[],
+            )
             .await
             .ok()?
             .get(0);

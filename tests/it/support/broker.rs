@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::proxy::Proxy;
@@ -17,7 +18,9 @@ pub struct Broker {
     pub port: u16,
     advertised: u16,
     durable: bool,
-    child: Option<Child>,
+    child: Mutex<Option<Child>>,
+    /// Bytes of `broker.log` written before the running process started.
+    log_start: Mutex<usize>,
     dir: TempDir,
 }
 
@@ -69,14 +72,15 @@ impl Broker {
             port,
             advertised,
             durable,
-            child: None,
+            child: Mutex::new(None),
+            log_start: Mutex::new(0),
             dir: temp_dir("pgrelay-broker"),
         };
         b.spawn();
         b
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&self) {
         let bin = if self.durable {
             durable_tansu_bin().expect("durable broker build missing: run scripts/install-deps.sh")
         } else {
@@ -94,6 +98,7 @@ impl Broker {
             .append(true)
             .open(self.dir.path().join("broker.log"))
             .unwrap();
+        *self.log_start.lock().unwrap() = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
         let mut child = Command::new(bin)
             .arg("broker")
             .args([
@@ -111,7 +116,7 @@ impl Broker {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(15) {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                self.child = Some(child);
+                *self.child.lock().unwrap() = Some(child);
                 return;
             }
             if let Ok(Some(st)) = child.try_wait() {
@@ -145,22 +150,38 @@ impl Broker {
         )
     }
 
+    pub fn durable(&self) -> bool {
+        self.durable
+    }
+
     /// The address clients use.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.advertised)
     }
 
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+    pub fn stop(&self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
     /// kill -9 and start again on the same port and storage.
-    pub fn restart(&mut self) {
+    pub fn restart(&self) {
         self.stop();
         self.spawn();
+    }
+
+    /// The running process's storage task panicked (Tansu's libsql engine
+    /// does so on some idempotent produce requests after client retries):
+    /// the broker still accepts connections but answers nothing more. The
+    /// panic, if so.
+    pub fn storage_panic(&self) -> Option<String> {
+        let log = std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default();
+        let start = (*self.log_start.lock().unwrap()).min(log.len());
+        let since = log.get(start..).unwrap_or_default();
+        let at = since.find("panicked at")?;
+        Some(since[at..].lines().take(2).collect::<Vec<_>>().join(" "))
     }
 }
 
