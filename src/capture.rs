@@ -52,7 +52,7 @@ use crate::publish::producer::{Delivery, Outlets};
 use crate::residency::Policy;
 use crate::source::assemble::Assembler;
 use crate::source::catalog::{self, Catalog};
-use crate::source::conn::{ConnError, ConnParams, ReplConnection};
+use crate::source::conn::{ConnError, ConnParams, ReplConnection, ReplReader, ReplWriter};
 use crate::source::fill::Filler;
 
 mod error;
@@ -153,61 +153,18 @@ pub async fn run(
     let keys = cat.keys(&config).await.map_err(transient("catalog"))?;
     let db = cat.database_name().await.map_err(transient("catalog"))?;
     let slot_name = config.slot_name(&region);
-    let slot = cat
-        .slot(&slot_name)
-        .await
-        .map_err(transient("catalog"))?
-        .ok_or_else(|| {
-            CaptureError::setup(format!(
-                "replication slot {slot_name} does not exist in region {region}; run pgrelay setup"
-            ))
-        })?;
-    if slot.is_lost() {
-        return Err(CaptureError::setup(catalog::lost_slot_message(
-            &region, &slot_name,
-        )));
-    }
+    let slot = usable_slot(&cat, &region, &slot_name).await?;
 
     let policy = Policy::compile(&config, &region)?;
     let destinations: Vec<String> = policy.destinations().to_vec();
-    let topics: Vec<String> = destinations
-        .iter()
-        .map(|d| config.topic(&region, d))
-        .collect();
-
-    // DR copies: sealed to their own topics, after the live destinations
-    let dr_topics = config.dr_topics(&region);
-    let dr_key = match dr_topics.is_empty() {
-        true => None,
-        false => Some(config.dr_key(&region)?),
+    let layout = OutletLayout::of(&config, &region, &destinations);
+    let dr_key = match layout.has_dr() {
+        true => Some(config.dr_key(&region)?),
+        false => None,
     };
-    let dr_outlets: HashMap<TableName, Vec<usize>> = config
-        .tables
-        .iter()
-        .map(|t| {
-            let outlets = t
-                .dr_regions(&region)
-                .filter_map(|d| dr_topics.iter().position(|(r, _)| r == d))
-                .map(|i| destinations.len() + i)
-                .collect::<Vec<_>>();
-            (t.name.clone(), outlets)
-        })
-        .filter(|(_, outlets)| !outlets.is_empty())
-        .collect();
-    let outlet_regions: Vec<String> = destinations
-        .iter()
-        .cloned()
-        .chain(dr_topics.iter().map(|(d, _)| d.clone()))
-        .collect();
-    let outlet_topics: Vec<String> = topics
-        .iter()
-        .cloned()
-        .chain(dr_topics.iter().map(|(_, t)| t.clone()))
-        .collect();
-
     let max_in_flight = config.capture.max_in_flight.max(1);
     let outlets =
-        tokio::task::block_in_place(|| Outlets::open(&config, &outlet_regions, &outlet_topics))
+        tokio::task::block_in_place(|| Outlets::open(&config, &layout.regions, &layout.topics))
             .map_err(transient("kafka producers"))?;
 
     let declared: HashSet<_> = config.replicated_tables().map(|t| t.name.clone()).collect();
@@ -219,23 +176,7 @@ pub async fn run(
         db,
     };
 
-    let params =
-        ConnParams::from_dsn(&region_cfg.dsn, &format!("pgrelay_{region}")).map_err(|e| {
-            CaptureError::from(CaptureErrorKind::Setup {
-                message: format!("region {region} dsn: {e}"),
-                table: None,
-                source: Some(e.into()),
-            })
-        })?;
-    let mut conn = ReplConnection::connect(&params).await.map_err(|e| {
-        CaptureError::transient(
-            format!(
-                "region {region}: replication connection to {}",
-                params.target()
-            ),
-            e,
-        )
-    })?;
+    let mut conn = replication_connection(&region_cfg.dsn, &region).await?;
     let version = cat
         .server_version_num()
         .await
@@ -255,18 +196,8 @@ pub async fn run(
         config.publication_name(),
         server_filters_origins(&config, version),
     );
-    let (mut reader, mut writer) = conn.start_replication(&command).await.map_err(|e| {
-        let doing = match e.sqlstate() {
-            Some("55006") => format!("replication slot {slot_name} is in use by another process"),
-            _ => "START_REPLICATION".to_string(),
-        };
-        CaptureError::from(CaptureErrorKind::Transient {
-            doing,
-            lsn: Some(slot.confirmed_flush),
-            table: None,
-            source: e.into(),
-        })
-    })?;
+    let (mut reader, mut writer) =
+        start_streaming(conn, &command, &slot_name, slot.confirmed_flush).await?;
     tracing::info!(region = %region, slot = %slot_name, from = %slot.confirmed_flush, "capture streaming");
     streaming.store(true, Ordering::Relaxed);
 
@@ -293,24 +224,12 @@ pub async fn run(
         progress_sent: Lsn::ZERO,
         progress_rounds: PROGRESS_ROUNDS,
         progress_at: std::time::Instant::now(),
-        counters: config
-            .tables
-            .iter()
-            .filter_map(|t| {
-                let c: Vec<String> = t
-                    .merge
-                    .iter()
-                    .filter(|m| m.kind == crate::config::MergeKind::Counter)
-                    .map(|m| m.column.clone())
-                    .collect();
-                (!c.is_empty()).then(|| (t.name.clone(), c))
-            })
-            .collect(),
+        counters: counter_columns(&config),
         dr_key: dr_key.as_ref(),
         seals: dr_key
             .as_ref()
             .map(|k| seals::SealLedger::new(&region_cfg.dsn, &region, k)),
-        dr_outlets: &dr_outlets,
+        dr_outlets: &layout.dr_outlets,
         at: slot.confirmed_flush,
     };
     let result = ctx.stream(&mut reader, &mut writer, &mut shutdown).await;
@@ -319,14 +238,160 @@ pub async fn run(
     // also when a table's rules stopped the stream — a restart after the
     // fix then resumes at the transaction that stopped it, not before
     if result.as_ref().err().is_none_or(CaptureError::is_setup) {
-        tokio::task::block_in_place(|| outlets.flush(Duration::from_secs(10)));
-        // a failure here only keeps its record unconfirmed
-        let _ = ctx.poll_deliveries();
-        let _ = ctx.send_status(&mut writer, false).await;
-        writer.close().await;
-        tracing::info!(region = %region, confirmed = %ctx.tracker.confirmed(), "capture stopped");
+        ctx.drain(writer).await;
     }
     result
+}
+
+/// The region's replication slot, which must exist and not be lost.
+async fn usable_slot(
+    cat: &Catalog<'_>,
+    region: &str,
+    slot_name: &str,
+) -> Result<catalog::SlotState, CaptureError> {
+    let slot = cat
+        .slot(slot_name)
+        .await
+        .map_err(transient("catalog"))?
+        .ok_or_else(|| {
+            CaptureError::setup(format!(
+                "replication slot {slot_name} does not exist in region {region}; run pgrelay setup"
+            ))
+        })?;
+    if slot.is_lost() {
+        return Err(CaptureError::setup(catalog::lost_slot_message(
+            region, slot_name,
+        )));
+    }
+    Ok(slot)
+}
+
+/// Where the records go: one outlet per live destination, then one per DR
+/// region (its sealed copies' topic); and per table with DR copies, the
+/// outlets of its DR topics.
+#[derive(Debug, PartialEq, Eq)]
+struct OutletLayout {
+    /// The live destinations: the first outlets.
+    live: usize,
+    /// The region of each outlet.
+    regions: Vec<String>,
+    /// The topic of each outlet.
+    topics: Vec<String>,
+    dr_outlets: HashMap<TableName, Vec<usize>>,
+}
+
+impl OutletLayout {
+    /// `destinations`: the policy's, in its order.
+    fn of(config: &Config, region: &str, destinations: &[String]) -> OutletLayout {
+        // DR copies: sealed to their own topics, after the live destinations
+        let dr_topics = config.dr_topics(region);
+        let dr_outlets: HashMap<TableName, Vec<usize>> = config
+            .tables
+            .iter()
+            .map(|t| {
+                let outlets = t
+                    .dr_regions(region)
+                    .filter_map(|d| dr_topics.iter().position(|(r, _)| r == d))
+                    .map(|i| destinations.len() + i)
+                    .collect::<Vec<_>>();
+                (t.name.clone(), outlets)
+            })
+            .filter(|(_, outlets)| !outlets.is_empty())
+            .collect();
+        let regions: Vec<String> = destinations
+            .iter()
+            .cloned()
+            .chain(dr_topics.iter().map(|(d, _)| d.clone()))
+            .collect();
+        let topics: Vec<String> = destinations
+            .iter()
+            .map(|d| config.topic(region, d))
+            .chain(dr_topics.iter().map(|(_, t)| t.clone()))
+            .collect();
+        OutletLayout {
+            live: destinations.len(),
+            regions,
+            topics,
+            dr_outlets,
+        }
+    }
+
+    /// Whether some outlet holds DR copies (the region's DR key is needed).
+    fn has_dr(&self) -> bool {
+        self.regions.len() > self.live
+    }
+}
+
+/// The `counter` merge columns of each table that has some.
+fn counter_columns(config: &Config) -> HashMap<TableName, Vec<String>> {
+    config
+        .tables
+        .iter()
+        .filter_map(|t| {
+            let c: Vec<String> = t
+                .merge
+                .iter()
+                .filter(|m| m.kind == crate::config::MergeKind::Counter)
+                .map(|m| m.column.clone())
+                .collect();
+            (!c.is_empty()).then(|| (t.name.clone(), c))
+        })
+        .collect()
+}
+
+/// The replication connection to the region's primary (`dsn`: the region's).
+async fn replication_connection(dsn: &str, region: &str) -> Result<ReplConnection, CaptureError> {
+    let params = ConnParams::from_dsn(dsn, &format!("pgrelay_{region}")).map_err(|e| {
+        CaptureError::from(CaptureErrorKind::Setup {
+            message: format!("region {region} dsn: {e}"),
+            table: None,
+            source: Some(e.into()),
+        })
+    })?;
+    ReplConnection::connect(&params).await.map_err(|e| {
+        CaptureError::transient(
+            format!(
+                "region {region}: replication connection to {}",
+                params.target()
+            ),
+            e,
+        )
+    })
+}
+
+/// Sends `command` (`START_REPLICATION` of `slot_name`, from `from`): the
+/// connection becomes the stream's reader and writer.
+async fn start_streaming(
+    conn: ReplConnection,
+    command: &str,
+    slot_name: &str,
+    from: Lsn,
+) -> Result<(ReplReader, ReplWriter), CaptureError> {
+    conn.start_replication(command).await.map_err(|e| {
+        let doing = match e.sqlstate() {
+            Some("55006") => format!("replication slot {slot_name} is in use by another process"),
+            _ => "START_REPLICATION".to_string(),
+        };
+        CaptureError::from(CaptureErrorKind::Transient {
+            doing,
+            lsn: Some(from),
+            table: None,
+            source: e.into(),
+        })
+    })
+}
+
+impl Loop<'_> {
+    /// After the stream ended cleanly or on a table's rules: waits briefly
+    /// for Kafka, confirms what it acknowledged and closes the stream.
+    async fn drain(&mut self, mut writer: ReplWriter) {
+        tokio::task::block_in_place(|| self.outlets.flush(Duration::from_secs(10)));
+        // a failure here only keeps its record unconfirmed
+        let _ = self.poll_deliveries();
+        let _ = self.send_status(&mut writer, false).await;
+        writer.close().await;
+        tracing::info!(region = %self.region, confirmed = %self.tracker.confirmed(), "capture stopped");
+    }
 }
 
 /// Whether the walsender drops changes that carry a replication origin
@@ -492,3 +557,90 @@ const ACK_POLL: Duration = Duration::from_millis(5);
 /// Replication messages handled per wake-up, at most, before the loop
 /// looks at its timers again.
 const BURST: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[kafka]
+brokers = "k:9092"
+
+[regions.us]
+id = 1
+dsn = "host=us"
+[regions.eu]
+id = 2
+dsn = "host=eu"
+[regions.cn]
+id = 3
+dsn = "host=cn"
+
+[[tables]]
+name = "stock"
+class = "global"
+columns = [
+    { name = "count", merge = "counter" },
+    { name = "tags", merge = "union" },
+]
+
+[[tables]]
+name = "orders"
+class = "owned"
+owner = "us"
+dr = ["eu", "cn"]
+
+[[tables]]
+name = "invoices"
+class = "owned"
+owner = "us"
+dr = ["cn"]
+"#;
+
+    fn destinations(region: &str) -> Vec<String> {
+        ["cn", "eu", "us"]
+            .into_iter()
+            .filter(|d| *d != region)
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn dr_outlets_follow_the_live_destinations() {
+        let config = crate::config::parse(CONFIG, "relay.toml").unwrap();
+        let layout = OutletLayout::of(&config, "us", &destinations("us"));
+        assert!(layout.has_dr());
+        assert_eq!(layout.regions, ["cn", "eu", "cn", "eu"]);
+        assert_eq!(
+            layout.topics,
+            [
+                "pgrelay.us.cn",
+                "pgrelay.us.eu",
+                "pgrelay.dr.us.cn",
+                "pgrelay.dr.us.eu"
+            ]
+        );
+        assert_eq!(
+            layout.dr_outlets,
+            HashMap::from([
+                (TableName::new("public", "orders"), vec![2, 3]),
+                (TableName::new("public", "invoices"), vec![2]),
+            ])
+        );
+        // a region that owns no table with DR copies seals nothing
+        let layout = OutletLayout::of(&config, "eu", &destinations("eu"));
+        assert!(!layout.has_dr());
+        assert_eq!(layout.regions, ["cn", "us"]);
+        assert_eq!(layout.topics, ["pgrelay.eu.cn", "pgrelay.eu.us"]);
+        assert!(layout.dr_outlets.is_empty());
+    }
+
+    #[test]
+    fn counter_columns_are_listed_per_table() {
+        let config = crate::config::parse(CONFIG, "relay.toml").unwrap();
+        assert_eq!(
+            counter_columns(&config),
+            HashMap::from([(TableName::new("public", "stock"), vec!["count".to_string()])])
+        );
+    }
+}

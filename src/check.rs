@@ -4,8 +4,9 @@
 
 use std::fmt;
 
-use crate::config::{Config, TableClass};
-use crate::source::catalog::{Catalog, CatalogError};
+use crate::config::{Config, TableClass, TableConfig};
+use crate::event::TableName;
+use crate::source::catalog::{Catalog, CatalogError, SlotState, TableState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
@@ -45,6 +46,41 @@ pub async fn database(
     catalog: &Catalog<'_>,
     after_setup: bool,
 ) -> Result<Vec<Finding>, CatalogError> {
+    let mut out = server(region, catalog).await?;
+    let mut partitioned_roots = Vec::new();
+    for (name, class, state) in catalog.tables(config).await? {
+        out.extend(table(config, region, &name, &class, &state, after_setup));
+        if state.exists && !matches!(class, TableClass::Local) && state.partitioned_root {
+            partitioned_roots.push(name);
+        }
+    }
+    // pgrelay's tables: a database set up by a newer pgrelay is refused
+    // whether or not setup has run here; one behind needs setup
+    let verdict = catalog.schema_versions().await?.verdict(config.has_dr());
+    out.extend(schema_version(region, &verdict, after_setup));
+    if after_setup {
+        out.extend(privileges(config, region, catalog).await?);
+        let slot = config.slot_name(region);
+        out.extend(slot_finding(
+            region,
+            &slot,
+            catalog.slot(&slot).await?.as_ref(),
+        ));
+        let publication = config.publication_name();
+        let tables = catalog.publication_tables(publication).await?;
+        out.extend(publication_findings(
+            config,
+            region,
+            publication,
+            tables.as_deref(),
+            &partitioned_roots,
+        ));
+    }
+    Ok(out)
+}
+
+/// The server settings and role attribute replication needs.
+async fn server(region: &str, catalog: &Catalog<'_>) -> Result<Vec<Finding>, CatalogError> {
     let mut out = Vec::new();
     let wal_level = catalog.setting("wal_level").await?;
     if wal_level != "logical" {
@@ -72,187 +108,230 @@ pub async fn database(
             ),
         ));
     }
-    let mut partitioned_roots = Vec::new();
-    for (name, class, state) in catalog.tables(config).await? {
-        if !state.exists {
-            out.push(finding(
-                Severity::Blocking,
-                format!("region {region}: declared table {name} does not exist; create it or remove it from [[tables]]"),
-            ));
-            continue;
-        }
-        if matches!(class, TableClass::Local) {
-            continue;
-        }
-        if state.partitioned_root {
-            // its changes arrive under each partition's name, its triggers
-            // would record partition names: not supported, refused up front
-            out.push(finding(
-                Severity::Blocking,
-                format!(
-                    "region {region}: table {name} is declaratively partitioned (PARTITION BY); \
-                     pgrelay does not replicate partitioned tables: remove it from [[tables]] \
-                     or declare it class = \"local\" (or replicate a regular table instead)"
-                ),
-            ));
-            partitioned_roots.push(name);
-            continue;
-        }
-        if state.primary_key.is_empty() {
-            out.push(finding(
-                Severity::Blocking,
-                format!("region {region}: table {name} has no primary key; pgrelay needs one to key records and resolve conflicts (ALTER TABLE {name} ADD PRIMARY KEY (...))"),
-            ));
-        }
-        if let Some(constraint) = &state.deferrable_key {
-            out.push(finding(
-                Severity::Blocking,
-                deferrable_key_message(region, &name, constraint, &state.primary_key),
-            ));
-        }
-        if let Some(t) = config.table(&name) {
-            for rule in &t.columns {
-                if !state.columns.contains(&rule.column) {
-                    // fail closed: the capture side would stop at the table's next change
-                    out.push(finding(
-                        Severity::Blocking,
-                        format!(
-                            "region {region}: table {name} has no column {:?}, which a column rule names \
-                             (renamed or dropped?); pgrelay publishes nothing of the table until the rule \
-                             names the column's current name or is removed",
-                            rule.column
-                        ),
-                    ));
-                }
-                if state.primary_key.contains(&rule.column) {
-                    out.push(finding(
-                        Severity::Blocking,
-                        format!("region {region}: table {name}: column rule on primary key column {:?}; a key cannot be dropped, hashed or masked", rule.column),
-                    ));
-                }
-            }
-            for m in &t.merge {
-                if let Some(problem) = merge_problem(m, &state) {
-                    out.push(finding(
-                        Severity::Blocking,
-                        format!("region {region}: table {name}: {problem}"),
-                    ));
-                }
-            }
-            if let TableClass::Partitioned { home_column, .. } = &t.class {
-                if !state.columns.contains(home_column) {
-                    out.push(finding(
-                        Severity::Blocking,
-                        format!("region {region}: table {name} has no home column {home_column:?}"),
-                    ));
-                }
-            }
-        }
-        if after_setup {
-            let full = match config.table(&name) {
-                Some(t) => config.table_needs_full_identity(t),
-                None => config.needs_full_identity(&class),
-            };
-            if full && state.replica_identity != 'f' {
-                out.push(finding(
-                    Severity::NeedsSetup,
-                    format!("region {region}: table {name} needs REPLICA IDENTITY FULL; run pgrelay setup"),
-                ));
-            } else if !full && state.replica_identity == 'f' {
-                // works (updates just carry the whole old row): not a reason
-                // to stop a sidecar that was set up before
-                out.push(finding(
-                    Severity::Warning,
-                    format!(
-                        "region {region}: table {name} has REPLICA IDENTITY FULL, which \
-                         relay.capture.before_image = \"key\" does not need; run pgrelay setup \
-                         to return it to DEFAULT (less WAL and decoding per update)"
-                    ),
-                ));
-            } else if !full && state.replica_identity != 'd' {
-                out.push(finding(
-                    Severity::NeedsSetup,
-                    format!(
-                        "region {region}: table {name} has REPLICA IDENTITY {}; pgrelay needs \
-                         DEFAULT (the primary key) so deletes carry the key; run pgrelay setup",
-                        match state.replica_identity {
-                            'n' => "NOTHING",
-                            'i' => "USING INDEX",
-                            _ => "unknown",
-                        }
-                    ),
-                ));
-            }
-            if !state.has_stamp_column
-                || !state.triggers.iter().any(|t| t == "pgrelay_stamp")
-                || !state.triggers.iter().any(|t| t == "pgrelay_tombstone")
-            {
-                out.push(finding(
-                    Severity::NeedsSetup,
-                    format!("region {region}: table {name} lacks pgrelay's stamp column or triggers; run pgrelay setup"),
-                ));
-            }
-        }
+    Ok(out)
+}
+
+/// One declared table as the region has it: it exists, is no partitioned
+/// root, has a usable key and the columns its rules name; with
+/// `after_setup`, what setup gives it too. A local table only needs to
+/// exist.
+fn table(
+    config: &Config,
+    region: &str,
+    name: &TableName,
+    class: &TableClass,
+    state: &TableState,
+    after_setup: bool,
+) -> Vec<Finding> {
+    if !state.exists {
+        return vec![finding(
+            Severity::Blocking,
+            format!("region {region}: declared table {name} does not exist; create it or remove it from [[tables]]"),
+        )];
     }
-    // pgrelay's tables: a database set up by a newer pgrelay is refused
-    // whether or not setup has run here; one behind needs setup
-    let verdict = catalog.schema_versions().await?.verdict(config.has_dr());
-    if let Some(message) = verdict.problem(region) {
-        match verdict {
-            crate::schema::Verdict::Ahead(_) => out.push(finding(Severity::Blocking, message)),
-            _ if after_setup => out.push(finding(Severity::NeedsSetup, message)),
-            _ => {}
-        }
+    if matches!(class, TableClass::Local) {
+        return Vec::new();
+    }
+    if state.partitioned_root {
+        // its changes arrive under each partition's name, its triggers
+        // would record partition names: not supported, refused up front
+        return vec![finding(
+            Severity::Blocking,
+            format!(
+                "region {region}: table {name} is declaratively partitioned (PARTITION BY); \
+                 pgrelay does not replicate partitioned tables: remove it from [[tables]] \
+                 or declare it class = \"local\" (or replicate a regular table instead)"
+            ),
+        )];
+    }
+    let mut out = Vec::new();
+    if state.primary_key.is_empty() {
+        out.push(finding(
+            Severity::Blocking,
+            format!("region {region}: table {name} has no primary key; pgrelay needs one to key records and resolve conflicts (ALTER TABLE {name} ADD PRIMARY KEY (...))"),
+        ));
+    }
+    if let Some(constraint) = &state.deferrable_key {
+        out.push(finding(
+            Severity::Blocking,
+            deferrable_key_message(region, name, constraint, &state.primary_key),
+        ));
+    }
+    if let Some(t) = config.table(name) {
+        out.extend(column_rules(region, t, state));
     }
     if after_setup {
-        out.extend(privileges(config, region, catalog).await?);
-        let slot = config.slot_name(region);
-        match catalog.slot(&slot).await? {
-            None => out.push(finding(
+        let full = match config.table(name) {
+            Some(t) => config.table_needs_full_identity(t),
+            None => config.needs_full_identity(class),
+        };
+        out.extend(replica_identity(region, name, full, state.replica_identity));
+        if !state.has_stamp_column
+            || !state.triggers.iter().any(|t| t == "pgrelay_stamp")
+            || !state.triggers.iter().any(|t| t == "pgrelay_tombstone")
+        {
+            out.push(finding(
                 Severity::NeedsSetup,
-                format!("region {region}: replication slot {slot} does not exist; run pgrelay setup"),
-            )),
-            Some(s) if s.is_lost() => out.push(finding(
-                Severity::NeedsSetup,
-                crate::source::catalog::lost_slot_message(region, &slot),
-            )),
-            Some(s) if s.plugin != "pgoutput" => out.push(finding(
-                Severity::Blocking,
-                format!("region {region}: replication slot {slot} uses plugin {}; drop it and run pgrelay setup", s.plugin),
-            )),
-            Some(_) => {}
-        }
-        let publication = config.publication_name();
-        match catalog.publication_tables(publication).await? {
-            None => out.push(finding(
-                Severity::NeedsSetup,
-                format!(
-                    "region {region}: publication {publication} does not exist; run pgrelay setup"
-                ),
-            )),
-            Some(tables) => {
-                for t in config
-                    .tables
-                    .iter()
-                    .filter(|t| !partitioned_roots.contains(&t.name))
-                {
-                    let listed = tables.contains(&t.name);
-                    let local = matches!(t.class, TableClass::Local);
-                    if listed == local {
-                        out.push(finding(
-                            Severity::NeedsSetup,
-                            format!(
-                                "region {region}: publication {publication} {} table {}; run pgrelay setup",
-                                if local { "includes local" } else { "lacks" },
-                                t.name
-                            ),
-                        ));
-                    }
-                }
-            }
+                format!("region {region}: table {name} lacks pgrelay's stamp column or triggers; run pgrelay setup"),
+            ));
         }
     }
-    Ok(out)
+    out
+}
+
+/// The columns a table's declaration names (column rules, merge columns,
+/// the home column), against the table's columns and key.
+fn column_rules(region: &str, t: &TableConfig, state: &TableState) -> Vec<Finding> {
+    let name = &t.name;
+    let mut out = Vec::new();
+    for rule in &t.columns {
+        if !state.columns.contains(&rule.column) {
+            // fail closed: the capture side would stop at the table's next change
+            out.push(finding(
+                Severity::Blocking,
+                format!(
+                    "region {region}: table {name} has no column {:?}, which a column rule names \
+                     (renamed or dropped?); pgrelay publishes nothing of the table until the rule \
+                     names the column's current name or is removed",
+                    rule.column
+                ),
+            ));
+        }
+        if state.primary_key.contains(&rule.column) {
+            out.push(finding(
+                Severity::Blocking,
+                format!("region {region}: table {name}: column rule on primary key column {:?}; a key cannot be dropped, hashed or masked", rule.column),
+            ));
+        }
+    }
+    for m in &t.merge {
+        if let Some(problem) = merge_problem(m, state) {
+            out.push(finding(
+                Severity::Blocking,
+                format!("region {region}: table {name}: {problem}"),
+            ));
+        }
+    }
+    if let TableClass::Partitioned { home_column, .. } = &t.class {
+        if !state.columns.contains(home_column) {
+            out.push(finding(
+                Severity::Blocking,
+                format!("region {region}: table {name} has no home column {home_column:?}"),
+            ));
+        }
+    }
+    out
+}
+
+/// The replica identity a table has (`identity`: `d`efault, `f`ull,
+/// `i`ndex, `n`othing) against the one it needs: FULL when `full`,
+/// DEFAULT otherwise.
+fn replica_identity(region: &str, name: &TableName, full: bool, identity: char) -> Option<Finding> {
+    if full && identity != 'f' {
+        Some(finding(
+            Severity::NeedsSetup,
+            format!("region {region}: table {name} needs REPLICA IDENTITY FULL; run pgrelay setup"),
+        ))
+    } else if !full && identity == 'f' {
+        // works (updates just carry the whole old row): not a reason
+        // to stop a sidecar that was set up before
+        Some(finding(
+            Severity::Warning,
+            format!(
+                "region {region}: table {name} has REPLICA IDENTITY FULL, which \
+                 relay.capture.before_image = \"key\" does not need; run pgrelay setup \
+                 to return it to DEFAULT (less WAL and decoding per update)"
+            ),
+        ))
+    } else if !full && identity != 'd' {
+        Some(finding(
+            Severity::NeedsSetup,
+            format!(
+                "region {region}: table {name} has REPLICA IDENTITY {}; pgrelay needs \
+                 DEFAULT (the primary key) so deletes carry the key; run pgrelay setup",
+                match identity {
+                    'n' => "NOTHING",
+                    'i' => "USING INDEX",
+                    _ => "unknown",
+                }
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
+/// pgrelay's own tables: ahead of this pgrelay blocks; behind needs setup
+/// (reported with `after_setup` only).
+fn schema_version(
+    region: &str,
+    verdict: &crate::schema::Verdict,
+    after_setup: bool,
+) -> Option<Finding> {
+    let message = verdict.problem(region)?;
+    match verdict {
+        crate::schema::Verdict::Ahead(_) => Some(finding(Severity::Blocking, message)),
+        _ if after_setup => Some(finding(Severity::NeedsSetup, message)),
+        _ => None,
+    }
+}
+
+/// The region's replication slot (`state`: as the catalog has it, if at
+/// all): present, not lost, decoding with pgoutput.
+fn slot_finding(region: &str, slot: &str, state: Option<&SlotState>) -> Option<Finding> {
+    match state {
+        None => Some(finding(
+            Severity::NeedsSetup,
+            format!("region {region}: replication slot {slot} does not exist; run pgrelay setup"),
+        )),
+        Some(s) if s.is_lost() => Some(finding(
+            Severity::NeedsSetup,
+            crate::source::catalog::lost_slot_message(region, slot),
+        )),
+        Some(s) if s.plugin != "pgoutput" => Some(finding(
+            Severity::Blocking,
+            format!("region {region}: replication slot {slot} uses plugin {}; drop it and run pgrelay setup", s.plugin),
+        )),
+        Some(_) => None,
+    }
+}
+
+/// The publication (`tables`: the tables it lists, `None`: it does not
+/// exist) lists every replicated table and no local one; partitioned roots,
+/// refused already, are not checked.
+fn publication_findings(
+    config: &Config,
+    region: &str,
+    publication: &str,
+    tables: Option<&[TableName]>,
+    partitioned_roots: &[TableName],
+) -> Vec<Finding> {
+    let Some(tables) = tables else {
+        return vec![finding(
+            Severity::NeedsSetup,
+            format!("region {region}: publication {publication} does not exist; run pgrelay setup"),
+        )];
+    };
+    let mut out = Vec::new();
+    for t in config
+        .tables
+        .iter()
+        .filter(|t| !partitioned_roots.contains(&t.name))
+    {
+        let listed = tables.contains(&t.name);
+        let local = matches!(t.class, TableClass::Local);
+        if listed == local {
+            out.push(finding(
+                Severity::NeedsSetup,
+                format!(
+                    "region {region}: publication {publication} {} table {}; run pgrelay setup",
+                    if local { "includes local" } else { "lacks" },
+                    t.name
+                ),
+            ));
+        }
+    }
+    out
 }
 
 /// What the connected role (the sidecar's run role) lacks, each finding
@@ -399,7 +478,6 @@ fn deferrable_key_message(
 mod tests {
     use super::*;
     use crate::config::{MergeColumn, MergeKind};
-    use crate::source::catalog::TableState;
 
     fn state() -> TableState {
         TableState {
@@ -429,6 +507,195 @@ mod tests {
             },
             &state(),
         )
+    }
+
+    const CONFIG: &str = r#"
+[kafka]
+brokers = "k:9092"
+
+[regions.us]
+id = 1
+dsn = "host=us"
+[regions.eu]
+id = 2
+dsn = "host=eu"
+
+[[tables]]
+name = "sessions"
+class = "local"
+
+[[tables]]
+name = "orders"
+class = "owned"
+owner = "us"
+columns = [{ name = "email", action = "drop" }]
+"#;
+
+    fn config() -> Config {
+        crate::config::parse(CONFIG, "relay.toml").unwrap()
+    }
+
+    fn orders_state() -> TableState {
+        TableState {
+            replica_identity: 'd',
+            triggers: vec!["pgrelay_stamp".into(), "pgrelay_tombstone".into()],
+            columns: vec!["id".into(), "email".into()],
+            column_types: vec!["integer".into(), "text".into()],
+            ..state()
+        }
+    }
+
+    fn orders(state: &TableState, after_setup: bool) -> Vec<Finding> {
+        let config = config();
+        let name = TableName::new("public", "orders");
+        let class = config.table(&name).unwrap().class.clone();
+        table(&config, "us", &name, &class, state, after_setup)
+    }
+
+    #[test]
+    fn a_table_set_up_as_declared_has_no_findings() {
+        assert_eq!(orders(&orders_state(), true), vec![]);
+    }
+
+    #[test]
+    fn a_missing_or_partitioned_table_gets_one_blocking_finding() {
+        let missing = TableState {
+            exists: false,
+            primary_key: vec![],
+            ..orders_state()
+        };
+        let found = orders(&missing, true);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].severity, Severity::Blocking);
+        assert!(found[0].message.contains("does not exist"), "{found:?}");
+        let root = TableState {
+            partitioned_root: true,
+            has_stamp_column: false,
+            ..orders_state()
+        };
+        let found = orders(&root, true);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].message.contains("PARTITION BY"), "{found:?}");
+    }
+
+    #[test]
+    fn a_local_table_only_needs_to_exist() {
+        let config = config();
+        let name = TableName::new("public", "sessions");
+        let bare = TableState {
+            primary_key: vec![],
+            has_stamp_column: false,
+            ..state()
+        };
+        assert_eq!(
+            table(&config, "us", &name, &TableClass::Local, &bare, true),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn key_rules_and_setup_objects_are_checked_in_order() {
+        let state = TableState {
+            primary_key: vec!["email".into()],
+            triggers: vec!["pgrelay_stamp".into()],
+            ..orders_state()
+        };
+        let found: Vec<(Severity, bool)> = orders(&state, true)
+            .into_iter()
+            .map(|f| {
+                (
+                    f.severity,
+                    f.message.contains("primary key column \"email\""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            vec![(Severity::Blocking, true), (Severity::NeedsSetup, false)]
+        );
+        // before setup, only what blocks replication
+        assert_eq!(orders(&state, false).len(), 1);
+        let no_key = TableState {
+            primary_key: vec![],
+            columns: vec!["id".into()],
+            ..orders_state()
+        };
+        let found = orders(&no_key, false);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].message.contains("has no primary key"));
+        assert!(found[1].message.contains("has no column \"email\""));
+    }
+
+    #[test]
+    fn replica_identity_is_full_only_where_needed() {
+        let name = TableName::new("public", "orders");
+        let severity =
+            |full, identity| replica_identity("us", &name, full, identity).map(|f| f.severity);
+        assert_eq!(severity(true, 'f'), None);
+        assert_eq!(severity(true, 'd'), Some(Severity::NeedsSetup));
+        assert_eq!(severity(false, 'd'), None);
+        assert_eq!(severity(false, 'f'), Some(Severity::Warning));
+        assert_eq!(severity(false, 'n'), Some(Severity::NeedsSetup));
+        let index = replica_identity("us", &name, false, 'i').unwrap();
+        assert!(
+            index.message.contains("REPLICA IDENTITY USING INDEX"),
+            "{index}"
+        );
+    }
+
+    #[test]
+    fn the_slot_must_exist_decode_pgoutput_and_not_be_lost() {
+        let slot = |plugin: &str, wal_status: &str| SlotState {
+            plugin: plugin.into(),
+            active: false,
+            confirmed_flush: crate::event::Lsn(0),
+            current_wal: crate::event::Lsn(0),
+            retained_bytes: 0,
+            wal_status: wal_status.into(),
+        };
+        let severity =
+            |state: Option<&SlotState>| slot_finding("us", "s", state).map(|f| f.severity);
+        assert_eq!(severity(Some(&slot("pgoutput", "reserved"))), None);
+        assert_eq!(severity(None), Some(Severity::NeedsSetup));
+        assert_eq!(
+            severity(Some(&slot("pgoutput", "lost"))),
+            Some(Severity::NeedsSetup)
+        );
+        assert_eq!(
+            severity(Some(&slot("test_decoding", "reserved"))),
+            Some(Severity::Blocking)
+        );
+    }
+
+    #[test]
+    fn the_publication_lists_replicated_tables_only() {
+        let config = config();
+        let orders = TableName::new("public", "orders");
+        let sessions = TableName::new("public", "sessions");
+        let messages = |tables: Option<&[TableName]>, roots: &[TableName]| -> Vec<String> {
+            publication_findings(&config, "us", "pgrelay", tables, roots)
+                .into_iter()
+                .map(|f| f.message)
+                .collect()
+        };
+        assert_eq!(
+            messages(Some(std::slice::from_ref(&orders)), &[]),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            messages(None, &[]),
+            ["region us: publication pgrelay does not exist; run pgrelay setup"]
+        );
+        assert_eq!(
+            messages(Some(&[orders.clone(), sessions.clone()]), &[]),
+            ["region us: publication pgrelay includes local table public.sessions; run pgrelay setup"]
+        );
+        assert_eq!(
+            messages(Some(&[]), &[]),
+            ["region us: publication pgrelay lacks table public.orders; run pgrelay setup"]
+        );
+        // a partitioned root is refused already
+        assert_eq!(messages(Some(&[]), &[orders]), Vec::<String>::new());
     }
 
     #[test]

@@ -297,20 +297,52 @@ async fn repair_table(
     opts: &Options,
     progress: &mut crate::progress::Progress,
 ) -> Result<TableReport, String> {
-    let Databases { live, backup } = dbs;
     let name = table.to_string();
     let mut report = TableReport {
         table: name.clone(),
         ..Default::default()
     };
-    // key -> newest stamp at or after --since (rows, then tombstones)
+    let candidates = candidates(&dbs, table, sql, since_stamp).await?;
+    let mine = by_origin(config, candidates, opts, &mut report);
+    // the keys to compare are known now: the bar's total grows by them
+    progress.set_total(progress.done() + mine.len() as u64);
+    for keys in mine.chunks(CHUNK) {
+        progress.inc(keys.len() as u64);
+        let current = rows_of(dbs.live, sql, keys, &format!("reading {name}")).await?;
+        let before = rows_of(
+            dbs.backup,
+            sql,
+            keys,
+            &format!("reading {name} in the backup"),
+        )
+        .await?;
+        let writes = compare(keys, &current, &before, &mut report);
+        if opts.dry_run {
+            for (_, action, _) in &writes {
+                count(&mut report, *action);
+            }
+            continue;
+        }
+        write_chunk(dbs.live, sql, &name, &writes, &before, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// The keys of `table` whose current version may be the corruption's,
+/// each with its newest stamp at or after `since_stamp`: rows and
+/// tombstones stamped since, and after a truncate since, every row the
+/// backup holds (at the truncate's stamp).
+async fn candidates(
+    dbs: &Databases<'_>,
+    table: &TableName,
+    sql: &TableSql,
+    since_stamp: i64,
+) -> Result<BTreeMap<String, i64>, String> {
+    let name = table.to_string();
     let mut candidates: BTreeMap<String, i64> = BTreeMap::new();
-    let mut add = |key: String, stamp: i64| {
-        let entry = candidates.entry(key).or_insert(stamp);
-        *entry = (*entry).max(stamp);
-    };
     let stamp = quote_ident(HLC_COLUMN);
-    for r in live
+    for r in dbs
+        .live
         .query(
             &format!(
                 "SELECT {}::text, {stamp} FROM {} WHERE {stamp} >= $1",
@@ -322,9 +354,10 @@ async fn repair_table(
         .await
         .map_err(|e| err(&format!("reading {name}"), &e))?
     {
-        add(r.get(0), r.get(1));
+        keep_newest(&mut candidates, r.get(0), r.get(1));
     }
-    let tombstones = live
+    let tombstones = dbs
+        .live
         .query(
             "SELECT pk::text, hlc FROM pgrelay.tombstones WHERE table_name = $1 AND hlc >= $2",
             &[&name, &since_stamp],
@@ -338,11 +371,12 @@ async fn repair_table(
             // a truncate since: every row the backup holds is a candidate
             truncated = truncated.max(Some(r.get(1)));
         } else {
-            add(key, r.get(1));
+            keep_newest(&mut candidates, key, r.get(1));
         }
     }
     if let Some(at) = truncated {
-        for r in backup
+        for r in dbs
+            .backup
             .query(
                 &format!("SELECT {}::text FROM {}", sql.key, table.quoted()),
                 &[],
@@ -353,6 +387,23 @@ async fn repair_table(
             candidates.entry(r.get(0)).or_insert(at);
         }
     }
+    Ok(candidates)
+}
+
+/// Notes `key` as a candidate at `stamp`, keeping the newest stamp seen.
+fn keep_newest(candidates: &mut BTreeMap<String, i64>, key: String, stamp: i64) {
+    let entry = candidates.entry(key).or_insert(stamp);
+    *entry = (*entry).max(stamp);
+}
+
+/// The candidates to repair: those `--origin` wrote (or all, without it or
+/// with `--include-others`); the others are listed in `report` as left.
+fn by_origin(
+    config: &Config,
+    candidates: BTreeMap<String, i64>,
+    opts: &Options,
+    report: &mut TableReport,
+) -> Vec<String> {
     let origin_id = opts.origin.as_ref().map(|o| config.regions[o.as_str()].id);
     let mut mine = Vec::new();
     for (key, stamp) in candidates {
@@ -364,59 +415,72 @@ async fn repair_table(
             report.left.push((key, by, stamp));
         }
     }
-    // the keys to compare are known now: the bar's total grows by them
-    progress.set_total(progress.done() + mine.len() as u64);
-    for keys in mine.chunks(CHUNK) {
-        progress.inc(keys.len() as u64);
-        let current = rows_of(live, sql, keys, &format!("reading {name}")).await?;
-        let before = rows_of(backup, sql, keys, &format!("reading {name} in the backup")).await?;
-        let mut writes = Vec::new();
-        for k in keys {
-            let cur = current.get(k);
-            let action = decide(
-                cur.map(|c| c.0.as_str()),
-                before.get(k).map(|b| b.0.as_str()),
-            );
-            match action {
-                Action::Unchanged => report.unchanged += 1,
-                _ => writes.push((k, action, cur.and_then(|c| c.1))),
-            }
+    mine
+}
+
+/// One write of a repair: the key, what to do, and the stamp of the
+/// current version read (the write's condition).
+type Write<'k> = (&'k String, Action, Option<i64>);
+
+/// What to do with each of `keys`, from its current row and the backup's;
+/// keys already as in the backup are counted in `report`.
+fn compare<'k>(
+    keys: &'k [String],
+    current: &BTreeMap<String, (String, Option<i64>)>,
+    before: &BTreeMap<String, (String, Option<i64>)>,
+    report: &mut TableReport,
+) -> Vec<Write<'k>> {
+    let mut writes = Vec::new();
+    for k in keys {
+        let cur = current.get(k);
+        let action = decide(
+            cur.map(|c| c.0.as_str()),
+            before.get(k).map(|b| b.0.as_str()),
+        );
+        match action {
+            Action::Unchanged => report.unchanged += 1,
+            _ => writes.push((k, action, cur.and_then(|c| c.1))),
         }
-        if opts.dry_run {
-            for (_, action, _) in &writes {
-                count(&mut report, *action);
-            }
-            continue;
-        }
-        // one transaction per chunk; each write only if the row is still
-        // the version read
-        live.batch_execute("BEGIN")
-            .await
-            .map_err(|e| err("begin", &e))?;
-        for (k, action, seen) in writes {
-            let n = match action {
-                Action::Remove => live
-                    .execute(sql.delete.as_str(), &[k, &seen])
-                    .await
-                    .map_err(|e| err(&format!("deleting from {name}"), &e))?,
-                _ => {
-                    let row = &before[k].0;
-                    live.execute(sql.upsert.as_str(), &[row, &seen])
-                        .await
-                        .map_err(|e| err(&format!("writing {name}"), &e))?
-                }
-            };
-            if n == 1 {
-                count(&mut report, action);
-            } else {
-                report.raced.push(k.clone());
-            }
-        }
-        live.batch_execute("COMMIT")
-            .await
-            .map_err(|e| err("commit", &e))?;
     }
-    Ok(report)
+    writes
+}
+
+/// Writes one chunk's `writes` (`before`: the backup's rows) in one
+/// transaction, each only if the row is still the version read; a row
+/// that changed meanwhile is listed in `report` as raced.
+async fn write_chunk(
+    live: &Client,
+    sql: &TableSql,
+    name: &str,
+    writes: &[Write<'_>],
+    before: &BTreeMap<String, (String, Option<i64>)>,
+    report: &mut TableReport,
+) -> Result<(), String> {
+    live.batch_execute("BEGIN")
+        .await
+        .map_err(|e| err("begin", &e))?;
+    for &(k, action, seen) in writes {
+        let n = match action {
+            Action::Remove => live
+                .execute(sql.delete.as_str(), &[k, &seen])
+                .await
+                .map_err(|e| err(&format!("deleting from {name}"), &e))?,
+            _ => {
+                let row = &before[k].0;
+                live.execute(sql.upsert.as_str(), &[row, &seen])
+                    .await
+                    .map_err(|e| err(&format!("writing {name}"), &e))?
+            }
+        };
+        if n == 1 {
+            count(report, action);
+        } else {
+            report.raced.push(k.clone());
+        }
+    }
+    live.batch_execute("COMMIT")
+        .await
+        .map_err(|e| err("commit", &e))
 }
 
 fn count(report: &mut TableReport, action: Action) {
@@ -464,6 +528,97 @@ pub fn render(reports: &[TableReport], region: &str, dry_run: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options(origin: Option<&str>, include_others: bool) -> Options {
+        Options {
+            tables: vec![],
+            since: None,
+            origin: origin.map(String::from),
+            include_others,
+            dry_run: true,
+        }
+    }
+
+    #[test]
+    fn candidates_by_origin_and_the_others_left() {
+        let config = crate::config::parse(
+            r#"
+[kafka]
+brokers = "k:9092"
+[regions.us]
+id = 1
+dsn = "host=us"
+[regions.eu]
+id = 2
+dsn = "host=eu"
+"#,
+            "relay.toml",
+        )
+        .unwrap();
+        let mut candidates = BTreeMap::new();
+        keep_newest(&mut candidates, "a".into(), hlc::compose(10, 0, 1) as i64);
+        keep_newest(&mut candidates, "a".into(), hlc::compose(5, 0, 2) as i64);
+        keep_newest(&mut candidates, "b".into(), hlc::compose(7, 0, 2) as i64);
+        // the newest stamp of a key counts
+        assert_eq!(candidates["a"], hlc::compose(10, 0, 1) as i64);
+        let mut report = TableReport::default();
+        let mine = by_origin(
+            &config,
+            candidates.clone(),
+            &options(Some("us"), false),
+            &mut report,
+        );
+        assert_eq!(mine, ["a"]);
+        assert_eq!(
+            report.left,
+            vec![("b".to_string(), "eu".to_string(), candidates["b"])]
+        );
+        let mut report = TableReport::default();
+        let all = by_origin(
+            &config,
+            candidates.clone(),
+            &options(Some("us"), true),
+            &mut report,
+        );
+        assert_eq!(all, ["a", "b"]);
+        assert!(report.left.is_empty());
+        let all = by_origin(&config, candidates, &options(None, false), &mut report);
+        assert_eq!(all, ["a", "b"]);
+    }
+
+    #[test]
+    fn compare_counts_the_unchanged_and_keeps_the_stamp_read() {
+        let row = |v: &str, stamp| (v.to_string(), Some(stamp));
+        let current = BTreeMap::from([
+            ("same".to_string(), row("x", 1)),
+            ("changed".to_string(), row("x", 2)),
+            ("extra".to_string(), row("x", 3)),
+        ]);
+        let before = BTreeMap::from([
+            ("same".to_string(), row("x", 0)),
+            ("changed".to_string(), row("y", 0)),
+            ("gone".to_string(), row("z", 0)),
+        ]);
+        let keys: Vec<String> = ["same", "changed", "extra", "gone"]
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        let mut report = TableReport::default();
+        let writes = compare(&keys, &current, &before, &mut report);
+        assert_eq!(report.unchanged, 1);
+        let writes: Vec<(&str, Action, Option<i64>)> = writes
+            .into_iter()
+            .map(|(k, a, s)| (k.as_str(), a, s))
+            .collect();
+        assert_eq!(
+            writes,
+            vec![
+                ("changed", Action::Rewrite, Some(2)),
+                ("extra", Action::Remove, Some(3)),
+                ("gone", Action::Restore, None),
+            ]
+        );
+    }
 
     #[test]
     fn actions() {

@@ -218,77 +218,19 @@ pub async fn run(
         .region(region)
         .map_err(|e| ResyncError::Setup(e.to_string()))?;
     let policy = Policy::compile(config, region).map_err(|e| ResyncError::Setup(e.to_string()))?;
-    // DR copies: sealed to the DR regions `--to` keeps, after the live
-    // destinations (as the capture side orders its outlets)
-    let dr_topics: Vec<(String, String)> = config
-        .dr_topics(region)
-        .into_iter()
-        .filter(|(d, _)| opts.to.is_empty() || opts.to.contains(d))
-        .collect();
-    for d in &opts.to {
-        if !policy.destinations().contains(d) && !dr_topics.iter().any(|(r, _)| r == d) {
-            return Err(ResyncError::Setup(format!(
-                "--to {d}: not a destination of region {region} (destinations: {})",
-                policy.destinations().join(", ")
-            )));
-        }
-    }
-    let mut tables = Vec::new();
-    for t in config.replicated_tables() {
-        if opts.tables.is_empty() || opts.tables.contains(&t.name) {
-            tables.push(t.name.clone());
-        }
-    }
-    for t in &opts.tables {
-        if !tables.contains(t) {
-            return Err(ResyncError::Setup(format!(
-                "--table {t}: not a declared, replicated table"
-            )));
-        }
-    }
-    let wanted: Vec<usize> = (0..policy.destinations().len())
-        .filter(|&i| opts.to.is_empty() || opts.to.contains(&policy.destinations()[i]))
-        .collect();
+    let selection = Selection::of(config, region, &policy, opts)?;
 
     let client = read_session(&region_cfg.dsn, region).await?;
-    let read_err = |what: &str| {
-        let region = region.to_string();
-        let what = what.to_string();
-        move |source| ResyncError::Read {
-            region,
-            what,
-            source,
-        }
-    };
     let cat = Catalog {
         client: &client,
         region,
     };
     let db = cat.database_name().await?;
-    let schemas = schemas(&cat, region, &policy, &tables).await?;
+    let schemas = schemas(&cat, region, &policy, &selection.tables).await?;
 
-    let live = policy.destinations().len();
-    let outlet_regions: Vec<String> = policy
-        .destinations()
-        .iter()
-        .cloned()
-        .chain(dr_topics.iter().map(|(d, _)| d.clone()))
-        .collect();
-    let topics: Vec<String> = policy
-        .destinations()
-        .iter()
-        .map(|d| config.topic(region, d))
-        .chain(dr_topics.iter().map(|(_, t)| t.clone()))
-        .collect();
-    let outlets = if opts.dry_run {
-        None
-    } else {
-        Some(
-            tokio::task::block_in_place(|| Outlets::open(config, &outlet_regions, &topics))
-                .map_err(|e| ResyncError::Kafka(e.to_string()))?,
-        )
-    };
-    let dr_key = match dr_topics.is_empty() || opts.dry_run {
+    let layout = OutletLayout::of(config, region, &policy, &selection);
+    let outlets = open_outlets(config, &layout.regions, &layout.topics, opts.dry_run)?;
+    let dr_key = match selection.dr_topics.is_empty() || opts.dry_run {
         true => None,
         false => Some(
             config
@@ -296,56 +238,217 @@ pub async fn run(
                 .map_err(|e| ResyncError::Setup(e.to_string()))?,
         ),
     };
-    let dr_outlets: HashMap<TableName, Vec<usize>> = config
-        .tables
-        .iter()
-        .filter(|t| tables.contains(&t.name))
-        .map(|t| {
-            let outlets = t
-                .dr_regions(region)
-                .filter_map(|d| dr_topics.iter().position(|(r, _)| r == d))
-                .map(|i| live + i)
-                .collect::<Vec<_>>();
-            (t.name.clone(), outlets)
-        })
-        .filter(|(_, outlets)| !outlets.is_empty())
-        .collect();
-    let mut out = Sender {
+    let mut out = Sender::new(
+        config,
         region,
-        source: Source {
-            prefix: config.prefix.clone(),
-            region: region.to_string(),
-            db,
-        },
-        policy: &policy,
-        outlets: outlets.as_ref(),
-        max_in_flight: config.capture.max_in_flight.max(1),
-        sent: 0,
-        acked: 0,
-        reports: Vec::new(),
-        summary: Summary::default(),
-        dr_key: dr_key.as_ref(),
-        dr_outlets: &dr_outlets,
-        outlet_regions: &outlet_regions,
-        seals: dr_key
-            .as_ref()
-            .map(|k| SealLedger::new(&region_cfg.dsn, region, k)),
-        metrics: crate::metrics::Metrics::new(),
-    };
+        db,
+        &policy,
+        outlets.as_ref(),
+        &layout.regions,
+        &layout.dr_outlets,
+    )
+    .sealing(dr_key.as_ref(), &region_cfg.dsn);
 
     // one snapshot for every table and the tombstones
+    let lsn = begin_snapshot(&client, region).await?;
+    progress.set_total(row_estimate(&client, region, &schemas).await?);
+    let snapshot = Snapshot {
+        client: &client,
+        region,
+        policy: &policy,
+        tx: snapshot_tx(&lsn),
+    };
+    for schema in &schemas {
+        progress.set_label(&schema.table.to_string());
+        snapshot
+            .send_rows(schema, &selection.wanted, &mut out, progress)
+            .await?;
+        snapshot
+            .send_tombstones(schema, &selection.wanted, &mut out)
+            .await?;
+    }
+    end_snapshot(&client, region).await?;
+    out.finish().await?;
+    progress.finish();
+    Ok(out.summary)
+}
+
+/// What a run sends, from its options: the DR topics, tables and live
+/// destinations `--to` and `--table` keep, each named one checked.
+#[derive(Debug, PartialEq, Eq)]
+struct Selection {
+    /// DR region and topic, for the DR regions `--to` keeps.
+    dr_topics: Vec<(String, String)>,
+    /// The declared, replicated tables `--table` keeps, in declared order.
+    tables: Vec<TableName>,
+    /// The live destinations `--to` keeps (indices into the policy's).
+    wanted: Vec<usize>,
+}
+
+impl Selection {
+    fn of(
+        config: &Config,
+        region: &str,
+        policy: &Policy,
+        opts: &Options,
+    ) -> Result<Selection, ResyncError> {
+        // DR copies: sealed to the DR regions `--to` keeps, after the live
+        // destinations (as the capture side orders its outlets)
+        let dr_topics: Vec<(String, String)> = config
+            .dr_topics(region)
+            .into_iter()
+            .filter(|(d, _)| opts.to.is_empty() || opts.to.contains(d))
+            .collect();
+        for d in &opts.to {
+            if !policy.destinations().contains(d) && !dr_topics.iter().any(|(r, _)| r == d) {
+                return Err(ResyncError::Setup(format!(
+                    "--to {d}: not a destination of region {region} (destinations: {})",
+                    policy.destinations().join(", ")
+                )));
+            }
+        }
+        let mut tables = Vec::new();
+        for t in config.replicated_tables() {
+            if opts.tables.is_empty() || opts.tables.contains(&t.name) {
+                tables.push(t.name.clone());
+            }
+        }
+        for t in &opts.tables {
+            if !tables.contains(t) {
+                return Err(ResyncError::Setup(format!(
+                    "--table {t}: not a declared, replicated table"
+                )));
+            }
+        }
+        let wanted: Vec<usize> = (0..policy.destinations().len())
+            .filter(|&i| opts.to.is_empty() || opts.to.contains(&policy.destinations()[i]))
+            .collect();
+        Ok(Selection {
+            dr_topics,
+            tables,
+            wanted,
+        })
+    }
+}
+
+/// The outlets of a run: every live destination's topic, then the DR
+/// topics selected; and per selected table with DR copies, its DR outlets.
+#[derive(Debug, PartialEq, Eq)]
+struct OutletLayout {
+    /// The region of each outlet.
+    regions: Vec<String>,
+    /// The topic of each outlet.
+    topics: Vec<String>,
+    dr_outlets: HashMap<TableName, Vec<usize>>,
+}
+
+impl OutletLayout {
+    fn of(config: &Config, region: &str, policy: &Policy, selection: &Selection) -> OutletLayout {
+        let live = policy.destinations().len();
+        let dr_topics = &selection.dr_topics;
+        let regions: Vec<String> = policy
+            .destinations()
+            .iter()
+            .cloned()
+            .chain(dr_topics.iter().map(|(d, _)| d.clone()))
+            .collect();
+        let topics: Vec<String> = policy
+            .destinations()
+            .iter()
+            .map(|d| config.topic(region, d))
+            .chain(dr_topics.iter().map(|(_, t)| t.clone()))
+            .collect();
+        let dr_outlets: HashMap<TableName, Vec<usize>> = config
+            .tables
+            .iter()
+            .filter(|t| selection.tables.contains(&t.name))
+            .map(|t| {
+                let outlets = t
+                    .dr_regions(region)
+                    .filter_map(|d| dr_topics.iter().position(|(r, _)| r == d))
+                    .map(|i| live + i)
+                    .collect::<Vec<_>>();
+                (t.name.clone(), outlets)
+            })
+            .filter(|(_, outlets)| !outlets.is_empty())
+            .collect();
+        OutletLayout {
+            regions,
+            topics,
+            dr_outlets,
+        }
+    }
+}
+
+/// The producers of `topics` (one per outlet); none for a dry run.
+fn open_outlets(
+    config: &Config,
+    regions: &[String],
+    topics: &[String],
+    dry_run: bool,
+) -> Result<Option<Outlets>, ResyncError> {
+    if dry_run {
+        return Ok(None);
+    }
+    tokio::task::block_in_place(|| Outlets::open(config, regions, topics))
+        .map(Some)
+        .map_err(|e| ResyncError::Kafka(e.to_string()))
+}
+
+/// Maps a read's error to [`ResyncError::Read`] about `what` in `region`.
+fn read_err(region: &str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> ResyncError {
+    let region = region.to_string();
+    let what = what.to_string();
+    move |source| ResyncError::Read {
+        region,
+        what,
+        source,
+    }
+}
+
+/// Opens the snapshot every table and tombstone is read in (a read-only
+/// REPEATABLE READ transaction); returns the WAL position it starts at.
+async fn begin_snapshot(
+    client: &tokio_postgres::Client,
+    region: &str,
+) -> Result<String, ResyncError> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
-        .map_err(read_err("a snapshot"))?;
-    let lsn: String = client
+        .map_err(read_err(region, "a snapshot"))?;
+    Ok(client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(read_err("the current LSN"))?
-        .get(0);
-    // the planner's row estimates: enough for a rate and an ETA
+        .map_err(read_err(region, "the current LSN"))?
+        .get(0))
+}
+
+async fn end_snapshot(client: &tokio_postgres::Client, region: &str) -> Result<(), ResyncError> {
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(read_err(region, "the end of the snapshot"))
+}
+
+/// The transaction every resent change belongs to: the snapshot's LSN
+/// (`lsn` as `pg_current_wal_lsn()` spells it), committed now.
+fn snapshot_tx(lsn: &str) -> Arc<TxMeta> {
+    Arc::new(TxMeta {
+        xid: 0,
+        commit_lsn: lsn.parse::<Lsn>().unwrap_or_default(),
+        commit_ts_us: now_us(),
+    })
+}
+
+/// The planner's row estimates of `schemas`' tables: enough for a rate
+/// and an ETA.
+async fn row_estimate(
+    client: &tokio_postgres::Client,
+    region: &str,
+    schemas: &[Arc<TableSchema>],
+) -> Result<u64, ResyncError> {
     let mut estimate = 0u64;
-    for schema in &schemas {
+    for schema in schemas {
         let rows: i64 = client
             .query_one(
                 "SELECT coalesce(max(greatest(c.reltuples, 0)), 0)::bigint FROM pg_class c \
@@ -353,79 +456,196 @@ pub async fn run(
                 &[&schema.table.schema, &schema.table.name],
             )
             .await
-            .map_err(read_err("row estimates"))?
+            .map_err(read_err(region, "row estimates"))?
             .get(0);
         estimate += rows.max(0) as u64;
     }
-    progress.set_total(estimate);
-    let tx = Arc::new(TxMeta {
-        xid: 0,
-        commit_lsn: lsn.parse::<Lsn>().unwrap_or_default(),
-        commit_ts_us: now_us(),
-    });
-    for schema in &schemas {
+    Ok(estimate)
+}
+
+/// The insert that sends a row again: `value(i)` is the text of its
+/// `i`-th column in the table's order (`None`: SQL NULL), the stamp after
+/// the columns (none, or not a number: 0).
+fn row_change<'r>(
+    schema: &Arc<TableSchema>,
+    value: impl Fn(usize) -> Option<&'r str>,
+    tx: &Arc<TxMeta>,
+) -> Change {
+    let n = schema.columns.len();
+    let after: Vec<Datum> = (0..n)
+        .map(|i| match value(i) {
+            Some(v) => Datum::Text(v.to_string()),
+            None => Datum::Null,
+        })
+        .collect();
+    let hlc = value(n).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Change {
+        schema: schema.clone(),
+        op: Op::Insert,
+        before: None,
+        after: Some(after),
+        hlc,
+        tx: tx.clone(),
+        seq: 0,
+    }
+}
+
+/// The read side of a resend: one snapshot of the region, the changes it
+/// holds made into records by a [`Sender`].
+struct Snapshot<'a> {
+    client: &'a tokio_postgres::Client,
+    region: &'a str,
+    policy: &'a Policy,
+    tx: Arc<TxMeta>,
+}
+
+impl Snapshot<'_> {
+    /// Every row of `schema`'s table, as inserts.
+    async fn send_rows(
+        &self,
+        schema: &Arc<TableSchema>,
+        wanted: &[usize],
+        out: &mut Sender<'_>,
+        progress: &mut crate::progress::Progress,
+    ) -> Result<(), ResyncError> {
         let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
         let what = format!("table {}", schema.table);
-        progress.set_label(&schema.table.to_string());
-        let stream = client
+        let stream = self
+            .client
             .simple_query_raw(&select_sql(&schema.table, &names))
             .await
-            .map_err(read_err(&what))?;
+            .map_err(read_err(self.region, &what))?;
         pin_mut!(stream);
-        while let Some(msg) = stream.try_next().await.map_err(read_err(&what))? {
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(read_err(self.region, &what))?
+        {
             let SimpleQueryMessage::Row(row) = msg else {
                 continue;
             };
-            let n = names.len();
-            let after: Vec<Datum> = (0..n)
-                .map(|i| match row.get(i) {
-                    Some(v) => Datum::Text(v.to_string()),
-                    None => Datum::Null,
-                })
-                .collect();
-            let hlc = row.get(n).and_then(|s| s.parse().ok()).unwrap_or(0);
-            let change = Change {
-                schema: schema.clone(),
-                op: Op::Insert,
-                before: None,
-                after: Some(after),
-                hlc,
-                tx: tx.clone(),
-                seq: 0,
-            };
-            out.send(&change, &wanted).await?;
+            let change = row_change(schema, |i| row.get(i), &self.tx);
+            out.send(&change, wanted).await?;
             progress.inc(1);
         }
-        let rows = client
+        Ok(())
+    }
+
+    /// Every tombstone of `schema`'s table, as deletes and truncates; one
+    /// without the table's key columns is logged and not sent.
+    async fn send_tombstones(
+        &self,
+        schema: &Arc<TableSchema>,
+        wanted: &[usize],
+        out: &mut Sender<'_>,
+    ) -> Result<(), ResyncError> {
+        let rows = self
+            .client
             .query(
                 "SELECT pk::text, hlc, home FROM pgrelay.tombstones WHERE table_name = $1",
                 &[&schema.table.to_string()],
             )
             .await
-            .map_err(read_err(&format!("the tombstones of {}", schema.table)))?;
+            .map_err(read_err(
+                self.region,
+                &format!("the tombstones of {}", schema.table),
+            ))?;
         for r in rows {
-            let pk: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(r.get::<_, &str>(0)).unwrap_or_default();
-            let hlc: i64 = r.get(1);
-            let home = policy
-                .rule(&schema.table)
-                .and_then(TableRule::home_column)
-                .zip(r.get::<_, Option<&str>>(2));
-            match tombstone_change(schema, &pk, home, hlc.max(0) as u64, &tx) {
-                Some(change) => out.send(&change, &wanted).await?,
+            match self.tombstone(schema, &r) {
+                Some(change) => out.send(&change, wanted).await?,
                 None => {
                     tracing::warn!(table = %schema.table, "tombstone without the table's key columns: not sent")
                 }
             }
         }
+        Ok(())
     }
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(read_err("the end of the snapshot"))?;
-    out.finish().await?;
-    progress.finish();
-    Ok(out.summary)
+
+    /// The change for a row of `pgrelay.tombstones` (`pk::text, hlc,
+    /// home`), as [`tombstone_change`] makes it.
+    fn tombstone(&self, schema: &Arc<TableSchema>, r: &tokio_postgres::Row) -> Option<Change> {
+        let pk: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r.get::<_, &str>(0)).unwrap_or_default();
+        let hlc: i64 = r.get(1);
+        let home = self
+            .policy
+            .rule(&schema.table)
+            .and_then(TableRule::home_column)
+            .zip(r.get::<_, Option<&str>>(2));
+        tombstone_change(schema, &pk, home, hlc.max(0) as u64, &self.tx)
+    }
+
+    /// The current version of each key of `request` (its row, or its
+    /// tombstone), to the request's destination; with `own_only`, rows
+    /// another region wrote are counted as partial instead. `region_id`
+    /// is this region's.
+    async fn send_request(
+        &self,
+        cat: &Catalog<'_>,
+        region_id: u8,
+        schema: &Arc<TableSchema>,
+        request: &Resend,
+        out: &mut Sender<'_>,
+    ) -> Result<(), ResyncError> {
+        let destinations = self.policy.destinations();
+        let wanted: Vec<usize> = (0..destinations.len())
+            .filter(|&i| destinations[i] == request.to)
+            .collect();
+        let state = cat.table(&request.table).await?;
+        let key_types = key_types(&state);
+        let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        let what = format!("table {}", schema.table);
+        for keys in request.keys.chunks(1000) {
+            let statement = keyed_select_sql(&schema.table, &names, &key_types, keys);
+            let rows = self
+                .client
+                .simple_query(&statement)
+                .await
+                .map_err(read_err(self.region, &what))?;
+            for msg in rows {
+                let SimpleQueryMessage::Row(row) = msg else {
+                    continue;
+                };
+                let change = row_change(schema, |i| row.get(i), &self.tx);
+                if request.own_only && crate::hlc::region_id(change.hlc) != region_id {
+                    out.count_partial(&schema.table, &wanted);
+                    continue;
+                }
+                out.send(&change, &wanted).await?;
+            }
+            let tombs = self
+                .client
+                .query(
+                    "SELECT pk::text, hlc, home FROM pgrelay.tombstones \
+                     WHERE table_name = $1 AND pk = ANY ($2::text[]::jsonb[])",
+                    &[&schema.table.to_string(), &keys],
+                )
+                .await
+                .map_err(read_err(
+                    self.region,
+                    &format!("the tombstones of {}", schema.table),
+                ))?;
+            for r in tombs {
+                if let Some(change) = self.tombstone(schema, &r) {
+                    out.send(&change, &wanted).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Each primary key column of a table with its type (as
+/// [`keyed_select_sql`] casts the keys to).
+fn key_types(state: &catalog::TableState) -> Vec<(String, String)> {
+    state
+        .primary_key
+        .iter()
+        .map(|k| {
+            let i = state.columns.iter().position(|c| c == k).unwrap_or(0);
+            (k.clone(), state.column_types[i].clone())
+        })
+        .collect()
 }
 
 /// Keys of one table that a region sends again to one destination
@@ -455,6 +675,59 @@ pub async fn send_keys(
         .region(region)
         .map_err(|e| ResyncError::Setup(e.to_string()))?;
     let policy = Policy::compile(config, region).map_err(|e| ResyncError::Setup(e.to_string()))?;
+    let tables = requested_tables(region, &policy, requests)?;
+    let client = read_session(&region_cfg.dsn, region).await?;
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    let db = cat.database_name().await?;
+    let schemas = schemas(&cat, region, &policy, &tables).await?;
+    let topics: Vec<String> = policy
+        .destinations()
+        .iter()
+        .map(|d| config.topic(region, d))
+        .collect();
+    let outlets = open_outlets(config, policy.destinations(), &topics, dry_run)?;
+    // a repair re-sends rows to regions that differ; DR copies follow
+    // the rows' next change (or a resync)
+    let no_dr_outlets = HashMap::new();
+    let mut out = Sender::new(
+        config,
+        region,
+        db,
+        &policy,
+        outlets.as_ref(),
+        policy.destinations(),
+        &no_dr_outlets,
+    );
+    let lsn = begin_snapshot(&client, region).await?;
+    let snapshot = Snapshot {
+        client: &client,
+        region,
+        policy: &policy,
+        tx: snapshot_tx(&lsn),
+    };
+    for request in requests {
+        let Some(schema) = schemas.iter().find(|s| s.table == request.table) else {
+            continue;
+        };
+        snapshot
+            .send_request(&cat, region_cfg.id, schema, request, &mut out)
+            .await?;
+    }
+    end_snapshot(&client, region).await?;
+    out.finish().await?;
+    Ok(out.summary)
+}
+
+/// The tables of `requests`, each once in the order first named; every
+/// request's destination must be one of the region's.
+fn requested_tables(
+    region: &str,
+    policy: &Policy,
+    requests: &[Resend],
+) -> Result<Vec<TableName>, ResyncError> {
     let mut tables: Vec<TableName> = Vec::new();
     for r in requests {
         if !policy.destinations().contains(&r.to) {
@@ -467,160 +740,7 @@ pub async fn send_keys(
             tables.push(r.table.clone());
         }
     }
-    let client = read_session(&region_cfg.dsn, region).await?;
-    let read_err = |what: &str| {
-        let region = region.to_string();
-        let what = what.to_string();
-        move |source| ResyncError::Read {
-            region,
-            what,
-            source,
-        }
-    };
-    let cat = Catalog {
-        client: &client,
-        region,
-    };
-    let db = cat.database_name().await?;
-    let schemas = schemas(&cat, region, &policy, &tables).await?;
-    let topics: Vec<String> = policy
-        .destinations()
-        .iter()
-        .map(|d| config.topic(region, d))
-        .collect();
-    let outlets = if dry_run {
-        None
-    } else {
-        Some(
-            tokio::task::block_in_place(|| Outlets::open(config, policy.destinations(), &topics))
-                .map_err(|e| ResyncError::Kafka(e.to_string()))?,
-        )
-    };
-    let no_dr_outlets = HashMap::new();
-    let mut out = Sender {
-        region,
-        source: Source {
-            prefix: config.prefix.clone(),
-            region: region.to_string(),
-            db,
-        },
-        policy: &policy,
-        outlets: outlets.as_ref(),
-        max_in_flight: config.capture.max_in_flight.max(1),
-        sent: 0,
-        acked: 0,
-        reports: Vec::new(),
-        summary: Summary::default(),
-        // a repair re-sends rows to regions that differ; DR copies follow
-        // the rows' next change (or a resync)
-        dr_key: None,
-        dr_outlets: &no_dr_outlets,
-        outlet_regions: policy.destinations(),
-        seals: None,
-        metrics: crate::metrics::Metrics::new(),
-    };
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(read_err("a snapshot"))?;
-    let lsn: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(read_err("the current LSN"))?
-        .get(0);
-    let tx = Arc::new(TxMeta {
-        xid: 0,
-        commit_lsn: lsn.parse::<Lsn>().unwrap_or_default(),
-        commit_ts_us: now_us(),
-    });
-    let id = region_cfg.id;
-    for request in requests {
-        let Some(schema) = schemas.iter().find(|s| s.table == request.table) else {
-            continue;
-        };
-        let wanted: Vec<usize> = (0..policy.destinations().len())
-            .filter(|&i| policy.destinations()[i] == request.to)
-            .collect();
-        let state = cat.table(&request.table).await?;
-        let key_types: Vec<(String, String)> = state
-            .primary_key
-            .iter()
-            .map(|k| {
-                let i = state.columns.iter().position(|c| c == k).unwrap_or(0);
-                (k.clone(), state.column_types[i].clone())
-            })
-            .collect();
-        let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
-        let what = format!("table {}", schema.table);
-        for keys in request.keys.chunks(1000) {
-            let statement = keyed_select_sql(&schema.table, &names, &key_types, keys);
-            let rows = client
-                .simple_query(&statement)
-                .await
-                .map_err(read_err(&what))?;
-            for msg in rows {
-                let SimpleQueryMessage::Row(row) = msg else {
-                    continue;
-                };
-                let n = names.len();
-                let hlc: u64 = row.get(n).and_then(|s| s.parse().ok()).unwrap_or(0);
-                if request.own_only && crate::hlc::region_id(hlc) != id {
-                    for &i in &wanted {
-                        let dest = policy.destinations()[i].clone();
-                        let counts = out
-                            .summary
-                            .counts
-                            .entry((schema.table.to_string(), dest))
-                            .or_default();
-                        counts.partial += 1;
-                    }
-                    continue;
-                }
-                let after: Vec<Datum> = (0..n)
-                    .map(|i| match row.get(i) {
-                        Some(v) => Datum::Text(v.to_string()),
-                        None => Datum::Null,
-                    })
-                    .collect();
-                let change = Change {
-                    schema: schema.clone(),
-                    op: Op::Insert,
-                    before: None,
-                    after: Some(after),
-                    hlc,
-                    tx: tx.clone(),
-                    seq: 0,
-                };
-                out.send(&change, &wanted).await?;
-            }
-            let tombs = client
-                .query(
-                    "SELECT pk::text, hlc, home FROM pgrelay.tombstones \
-                     WHERE table_name = $1 AND pk = ANY ($2::text[]::jsonb[])",
-                    &[&schema.table.to_string(), &keys],
-                )
-                .await
-                .map_err(read_err(&format!("the tombstones of {}", schema.table)))?;
-            for r in tombs {
-                let pk: serde_json::Map<String, serde_json::Value> =
-                    serde_json::from_str(r.get::<_, &str>(0)).unwrap_or_default();
-                let hlc: i64 = r.get(1);
-                let home = policy
-                    .rule(&schema.table)
-                    .and_then(TableRule::home_column)
-                    .zip(r.get::<_, Option<&str>>(2));
-                if let Some(change) = tombstone_change(schema, &pk, home, hlc.max(0) as u64, &tx) {
-                    out.send(&change, &wanted).await?;
-                }
-            }
-        }
-    }
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(read_err("the end of the snapshot"))?;
-    out.finish().await?;
-    Ok(out.summary)
+    Ok(tables)
 }
 
 /// The statement reading the rows of `keys` (`{"column": "text"}`) of a
@@ -653,8 +773,6 @@ pub fn keyed_select_sql(
     )
 }
 
-/// Routes, encodes and sends changes, keeping at most `max_in_flight`
-/// unacknowledged.
 /// A session on the region's database that reads values in the stream's
 /// spelling (see `canonical_text_sets`).
 async fn read_session(dsn: &str, region: &str) -> Result<tokio_postgres::Client, ResyncError> {
@@ -670,6 +788,8 @@ async fn read_session(dsn: &str, region: &str) -> Result<tokio_postgres::Client,
     Ok(client)
 }
 
+/// Routes, encodes and sends changes, keeping at most `max_in_flight`
+/// unacknowledged.
 struct Sender<'a> {
     region: &'a str,
     source: Source,
@@ -693,7 +813,62 @@ struct Sender<'a> {
     metrics: crate::metrics::Metrics,
 }
 
-impl Sender<'_> {
+impl<'a> Sender<'a> {
+    /// A sender of `region`'s changes to `outlets` (`None`: a dry run, which
+    /// only counts), sealing nothing for DR until [`Sender::sealing`].
+    fn new(
+        config: &Config,
+        region: &'a str,
+        db: String,
+        policy: &'a Policy,
+        outlets: Option<&'a Outlets>,
+        outlet_regions: &'a [String],
+        dr_outlets: &'a HashMap<TableName, Vec<usize>>,
+    ) -> Self {
+        Sender {
+            region,
+            source: Source {
+                prefix: config.prefix.clone(),
+                region: region.to_string(),
+                db,
+            },
+            policy,
+            outlets,
+            max_in_flight: config.capture.max_in_flight.max(1),
+            sent: 0,
+            acked: 0,
+            reports: Vec::new(),
+            summary: Summary::default(),
+            dr_key: None,
+            dr_outlets,
+            outlet_regions,
+            seals: None,
+            metrics: crate::metrics::Metrics::new(),
+        }
+    }
+
+    /// Seals DR copies under `dr_key` (if any), counting the seals in the
+    /// region's ledger (`dsn`: its database).
+    fn sealing(mut self, dr_key: Option<&'a DrKey>, dsn: &str) -> Self {
+        self.dr_key = dr_key;
+        self.seals = dr_key.map(|k| SealLedger::new(dsn, self.region, k));
+        self
+    }
+
+    /// Counts a row of `table` not sent to the destinations of `wanted`
+    /// because a rule altered its copy here ([`Resend::own_only`]).
+    fn count_partial(&mut self, table: &TableName, wanted: &[usize]) {
+        for &i in wanted {
+            let dest = self.policy.destinations()[i].clone();
+            let counts = self
+                .summary
+                .counts
+                .entry((table.to_string(), dest))
+                .or_default();
+            counts.partial += 1;
+        }
+    }
+
     /// Sends `change` to the destinations of `wanted` (indices into the
     /// policy's destinations) that the policy lets it reach.
     async fn send(&mut self, change: &Change, wanted: &[usize]) -> Result<(), ResyncError> {
@@ -872,6 +1047,160 @@ mod tests {
             commit_lsn: Lsn(1),
             commit_ts_us: 0,
         })
+    }
+
+    const CONFIG: &str = r#"
+[kafka]
+brokers = "k:9092"
+
+[regions.us]
+id = 1
+dsn = "host=us"
+[regions.eu]
+id = 2
+dsn = "host=eu"
+[regions.cn]
+id = 3
+dsn = "host=cn"
+
+[[tables]]
+name = "sessions"
+class = "local"
+
+[[tables]]
+name = "products"
+class = "global"
+
+[[tables]]
+name = "orders"
+class = "owned"
+owner = "us"
+dr = ["eu"]
+"#;
+
+    fn options(to: &[&str], tables: &[&str]) -> Options {
+        Options {
+            to: to.iter().map(|d| d.to_string()).collect(),
+            tables: tables
+                .iter()
+                .map(|t| TableName::new("public", *t))
+                .collect(),
+            dry_run: false,
+        }
+    }
+
+    fn select(to: &[&str], tables: &[&str]) -> Result<(Selection, OutletLayout), String> {
+        let config = crate::config::parse(CONFIG, "relay.toml").unwrap();
+        let policy = Policy::compile(&config, "us").unwrap();
+        let selection = Selection::of(&config, "us", &policy, &options(to, tables))
+            .map_err(|e| e.to_string())?;
+        let layout = OutletLayout::of(&config, "us", &policy, &selection);
+        Ok((selection, layout))
+    }
+
+    #[test]
+    fn a_run_sends_every_replicated_table_to_every_destination_and_dr_region() {
+        let (selection, layout) = select(&[], &[]).unwrap();
+        assert_eq!(
+            selection.tables,
+            vec![
+                TableName::new("public", "products"),
+                TableName::new("public", "orders")
+            ]
+        );
+        assert_eq!(selection.wanted, vec![0, 1]);
+        assert_eq!(
+            selection.dr_topics,
+            vec![("eu".to_string(), "pgrelay.dr.us.eu".to_string())]
+        );
+        // live destinations first, then the DR topics
+        assert_eq!(layout.regions, ["cn", "eu", "eu"]);
+        assert_eq!(
+            layout.topics,
+            ["pgrelay.us.cn", "pgrelay.us.eu", "pgrelay.dr.us.eu"]
+        );
+        assert_eq!(
+            layout.dr_outlets,
+            HashMap::from([(TableName::new("public", "orders"), vec![2])])
+        );
+    }
+
+    #[test]
+    fn to_and_table_narrow_a_run() {
+        let (selection, layout) = select(&["cn"], &["products"]).unwrap();
+        assert_eq!(selection.tables, vec![TableName::new("public", "products")]);
+        assert_eq!(selection.wanted, vec![0]);
+        assert!(selection.dr_topics.is_empty());
+        assert_eq!(layout.regions, ["cn", "eu"]);
+        assert!(layout.dr_outlets.is_empty());
+        // a DR region alone is a destination too
+        let (selection, layout) = select(&["eu"], &["orders"]).unwrap();
+        assert_eq!(selection.wanted, vec![1]);
+        assert_eq!(layout.dr_outlets.len(), 1);
+    }
+
+    #[test]
+    fn unknown_destinations_and_tables_are_refused() {
+        let e = select(&["mars"], &[]).unwrap_err();
+        assert_eq!(
+            e,
+            "--to mars: not a destination of region us (destinations: cn, eu)"
+        );
+        let e = select(&[], &["sessions"]).unwrap_err();
+        assert_eq!(
+            e,
+            "--table public.sessions: not a declared, replicated table"
+        );
+    }
+
+    #[test]
+    fn requests_name_each_table_once_and_known_destinations_only() {
+        let config = crate::config::parse(CONFIG, "relay.toml").unwrap();
+        let policy = Policy::compile(&config, "us").unwrap();
+        let request = |table: &str, to: &str| Resend {
+            table: TableName::new("public", table),
+            to: to.into(),
+            keys: vec![],
+            own_only: false,
+        };
+        let tables = requested_tables(
+            "us",
+            &policy,
+            &[
+                request("orders", "eu"),
+                request("products", "cn"),
+                request("orders", "cn"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            tables,
+            vec![
+                TableName::new("public", "orders"),
+                TableName::new("public", "products")
+            ]
+        );
+        let e = requested_tables("us", &policy, &[request("orders", "us")]).unwrap_err();
+        assert_eq!(e.to_string(), "us: not a destination of region us");
+    }
+
+    #[test]
+    fn rows_become_inserts_with_their_stamp() {
+        let values = [Some("eu"), Some("7"), None, Some("12345")];
+        let c = row_change(&schema(), |i| values[i], &tx());
+        assert_eq!(c.op, Op::Insert);
+        assert_eq!(c.hlc, 12345);
+        assert_eq!(
+            c.after.unwrap(),
+            vec![
+                Datum::Text("eu".into()),
+                Datum::Text("7".into()),
+                Datum::Null
+            ]
+        );
+        // no stamp (written before setup added the column): 0
+        let values = [Some("eu"), Some("7"), Some("x"), None];
+        assert_eq!(row_change(&schema(), |i| values[i], &tx()).hlc, 0);
     }
 
     #[test]

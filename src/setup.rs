@@ -20,7 +20,7 @@
 //! `pgrelay.tombstones`), the replication slot, and one replication origin
 //! per other region.
 
-use crate::config::{Config, TableClass};
+use crate::config::{Config, TableClass, TableConfig};
 use crate::event::{quote_ident, quote_literal, TableName};
 use crate::hlc;
 use crate::names::{DEFINER, HLC_COLUMN};
@@ -301,7 +301,31 @@ pub fn plan(
     let mut sql = clock_sql(region_id);
     // pgrelay's tables: the migrations this database lacks
     sql.extend(schema::upgrade_sql(&installed.pending(config.has_dr())));
-    sql.extend([
+    sql.extend(functions_sql(config, region, region_id));
+    sql.extend(crate::merge::setup_functions());
+    let mut published = Vec::new();
+    for table in config.replicated_tables() {
+        published.push(table.name.quoted());
+        sql.extend(table_sql(
+            config,
+            region,
+            table,
+            &keys(&table.name),
+            stamp,
+            region_id,
+        ));
+    }
+    published.push("pgrelay.tombstones".to_string());
+    sql.push(publication_sql(config.publication_name(), &published));
+    sql.extend(origins_sql(config, region));
+    sql
+}
+
+/// pgrelay's view and functions, re-created: the watermarks view, the
+/// stamp, merge, tombstone, fence and ownership trigger functions, then the
+/// `REVOKE` that keeps them from `PUBLIC`.
+fn functions_sql(config: &Config, region: &str, region_id: u8) -> Vec<String> {
+    vec![
         wait_for_function(config, region),
         // per source: what every apply session has reached (the least of
         // them), and when anything was last applied
@@ -322,17 +346,32 @@ pub fn plan(
         tombstone_function("record_key_move", &format!("NEW.{HLC_COLUMN}"), "NEW"),
         row_key_function(),
         check_tombstone_function(),
-        format!("CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $fn$
+        record_truncate_function(),
+        fence_guard_function(),
+        refuse_write_function(),
+        REVOKE_TRIGGER_FUNCTIONS.to_string(),
+    ]
+}
+
+/// `pgrelay.record_truncate()`: a truncate leaves the table-wide tombstone
+/// (key `{}`).
+fn record_truncate_function() -> String {
+    format!("CREATE OR REPLACE FUNCTION pgrelay.record_truncate() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $fn$
 BEGIN
     INSERT INTO pgrelay.tombstones (table_name, pk, hlc)
     VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, '{{}}'::jsonb, pgrelay.next_hlc(0))
     ON CONFLICT (table_name, pk) DO UPDATE SET hlc = excluded.hlc, deleted_at = now();
     RETURN NULL;
 END
-$fn$"),
-        // statement-level, so an unfenced region pays one lookup per
-        // statement
-        format!("CREATE OR REPLACE FUNCTION pgrelay.fence_guard() RETURNS trigger LANGUAGE plpgsql \
+$fn$")
+}
+
+/// `pgrelay.fence_guard()`: refuses local writes while the region is
+/// fenced. Statement-level, so an unfenced region pays one lookup per
+/// statement.
+fn fence_guard_function() -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION pgrelay.fence_guard() RETURNS trigger LANGUAGE plpgsql \
          {DEFINER} AS $fn$
 DECLARE
     f record;
@@ -347,135 +386,162 @@ BEGIN
     END IF;
     RETURN NULL;
 END
-$fn$"),
-        format!("CREATE OR REPLACE FUNCTION pgrelay.refuse_write() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $fn$
+$fn$"
+    )
+}
+
+/// `pgrelay.refuse_write(owner)`: refuses writes to an `owned` table
+/// outside its owner region.
+fn refuse_write_function() -> String {
+    format!("CREATE OR REPLACE FUNCTION pgrelay.refuse_write() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $fn$
 BEGIN
     RAISE EXCEPTION 'table %.% is owned by region %: write it there, it replicates here',
         TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[0]
         USING ERRCODE = 'insufficient_privilege';
 END
-$fn$"),
-        REVOKE_TRIGGER_FUNCTIONS.to_string(),
-    ]);
+$fn$")
+}
 
-    sql.extend(crate::merge::setup_functions());
-    let mut published = Vec::new();
-    for table in config.replicated_tables() {
-        let t = table.name.quoted();
-        published.push(t.clone());
-        sql.push(format!(
-            "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} bigint",
-            quote_ident(HLC_COLUMN)
-        ));
-        let identity = if config.table_needs_full_identity(table) {
-            "FULL"
-        } else {
-            "DEFAULT"
-        };
-        sql.push(format!("ALTER TABLE {t} REPLICA IDENTITY {identity}"));
-        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_stamp ON {t}"));
-        sql.push(stamp_trigger_sql(&t, stamp, region_id));
-        let home = match &table.class {
-            TableClass::Partitioned { home_column, .. } => {
-                Some(quote_literal(&format!("home:{home_column}")))
-            }
-            _ => None,
-        };
-        let key_args = keys(&table.name)
-            .iter()
-            .map(|k| quote_literal(k))
-            .collect::<Vec<_>>();
-        let args = key_args
-            .iter()
-            .cloned()
-            .chain(home)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let key_args = key_args.join(", ");
-        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_tombstone ON {t}"));
-        sql.push(format!(
+/// One replicated table's setup (`keys`: its primary key): the stamp
+/// column, replica identity, stamp, tombstone, merge, truncate and fence
+/// triggers, and the ownership guard.
+fn table_sql(
+    config: &Config,
+    region: &str,
+    table: &TableConfig,
+    keys: &KeyColumns,
+    stamp: Stamp,
+    region_id: u8,
+) -> Vec<String> {
+    let t = table.name.quoted();
+    let mut sql = vec![format!(
+        "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} bigint",
+        quote_ident(HLC_COLUMN)
+    )];
+    let identity = if config.table_needs_full_identity(table) {
+        "FULL"
+    } else {
+        "DEFAULT"
+    };
+    sql.push(format!("ALTER TABLE {t} REPLICA IDENTITY {identity}"));
+    sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_stamp ON {t}"));
+    sql.push(stamp_trigger_sql(&t, stamp, region_id));
+    sql.extend(tombstone_triggers_sql(&t, table, keys, stamp));
+    sql.extend(crate::merge::table_setup(&t, table));
+    sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_truncate ON {t}"));
+    sql.push(format!(
+        "CREATE TRIGGER pgrelay_truncate BEFORE TRUNCATE ON {t} \
+         FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.record_truncate()"
+    ));
+    // fires in local sessions only: apply runs as session_replication_role
+    // = replica, so a fenced region still receives the others' changes
+    sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_fence ON {t}"));
+    sql.push(fence_trigger_sql(&t, stamp));
+    sql.extend(owned_guard_sql(&t, table, region));
+    sql
+}
+
+/// The triggers that keep a table's tombstones (`t`: the quoted table,
+/// `keys`: its primary key): on delete, on a key move, and the checks after
+/// inserts and key moves.
+fn tombstone_triggers_sql(
+    t: &str,
+    table: &TableConfig,
+    keys: &KeyColumns,
+    stamp: Stamp,
+) -> Vec<String> {
+    let home = match &table.class {
+        TableClass::Partitioned { home_column, .. } => {
+            Some(quote_literal(&format!("home:{home_column}")))
+        }
+        _ => None,
+    };
+    let key_args = keys.iter().map(|k| quote_literal(k)).collect::<Vec<_>>();
+    let args = key_args
+        .iter()
+        .cloned()
+        .chain(home)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key_args = key_args.join(", ");
+    let check = match stamp {
+        Stamp::C => "check_tombstone_c",
+        Stamp::Plpgsql => "check_tombstone",
+    };
+    let mut sql = vec![
+        format!("DROP TRIGGER IF EXISTS pgrelay_tombstone ON {t}"),
+        format!(
             "CREATE TRIGGER pgrelay_tombstone BEFORE DELETE ON {t} \
              FOR EACH ROW EXECUTE FUNCTION pgrelay.record_delete({args})"
-        ));
-        // a row moved to a new key leaves its old key a tombstone under the
-        // move's stamp, as the other regions record it from the delete the
-        // move is published as (fires after pgrelay_stamp: triggers of one
-        // event fire in name order)
-        let key_list = keys(&table.name)
-            .iter()
-            .map(|k| quote_ident(k))
-            .collect::<Vec<_>>();
-        let moved = key_list
-            .iter()
-            .map(|k| format!("OLD.{k} IS DISTINCT FROM NEW.{k}"))
-            .collect::<Vec<_>>()
-            .join(" OR ");
-        sql.push(format!(
-            "DROP TRIGGER IF EXISTS pgrelay_tombstone_key ON {t}"
-        ));
-        sql.push(format!(
-            "CREATE TRIGGER pgrelay_tombstone_key BEFORE UPDATE OF {cols} ON {t} \
-             FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.record_key_move({args})",
-            cols = key_list.join(", ")
-        ));
-        // after the unique check: a delete of the key that committed after
-        // the new row took its stamp refuses the row (check_tombstone)
-        sql.push(format!(
-            "DROP TRIGGER IF EXISTS pgrelay_tombstone_check ON {t}"
-        ));
-        sql.push(format!(
-            "CREATE TRIGGER pgrelay_tombstone_check AFTER INSERT ON {t} \
-             REFERENCING NEW TABLE AS {NEW_ROWS} \
-             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.{check}({key_args})",
-            check = match stamp {
-                Stamp::C => "check_tombstone_c",
-                Stamp::Plpgsql => "check_tombstone",
-            }
-        ));
-        sql.push(format!(
-            "DROP TRIGGER IF EXISTS pgrelay_tombstone_check_key ON {t}"
-        ));
-        sql.push(format!(
-            "CREATE TRIGGER pgrelay_tombstone_check_key AFTER UPDATE OF {cols} ON {t} \
-             FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.{check}({key_args})",
-            cols = key_list.join(", "),
-            check = match stamp {
-                Stamp::C => "check_tombstone_c",
-                Stamp::Plpgsql => "check_tombstone",
-            }
-        ));
-        sql.extend(crate::merge::table_setup(&t, table));
-        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_truncate ON {t}"));
-        sql.push(format!(
-            "CREATE TRIGGER pgrelay_truncate BEFORE TRUNCATE ON {t} \
-             FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.record_truncate()"
-        ));
-        // fires in local sessions only: apply runs as session_replication_role
-        // = replica, so a fenced region still receives the others' changes
-        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_fence ON {t}"));
-        sql.push(fence_trigger_sql(&t, stamp));
-        sql.push(format!("DROP TRIGGER IF EXISTS pgrelay_owned_guard ON {t}"));
-        sql.push(format!(
-            "DROP TRIGGER IF EXISTS pgrelay_owned_guard_truncate ON {t}"
-        ));
-        if let TableClass::Owned { owner } = &table.class {
-            if owner != region {
-                let owner = quote_literal(owner);
-                sql.push(format!(
-                    "CREATE TRIGGER pgrelay_owned_guard BEFORE INSERT OR UPDATE OR DELETE ON {t} \
-                     FOR EACH ROW EXECUTE FUNCTION pgrelay.refuse_write({owner})"
-                ));
-                sql.push(format!(
-                    "CREATE TRIGGER pgrelay_owned_guard_truncate BEFORE TRUNCATE ON {t} \
-                     FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.refuse_write({owner})"
-                ));
-            }
+        ),
+    ];
+    // a row moved to a new key leaves its old key a tombstone under the
+    // move's stamp, as the other regions record it from the delete the
+    // move is published as (fires after pgrelay_stamp: triggers of one
+    // event fire in name order)
+    let key_list = keys.iter().map(|k| quote_ident(k)).collect::<Vec<_>>();
+    let moved = key_list
+        .iter()
+        .map(|k| format!("OLD.{k} IS DISTINCT FROM NEW.{k}"))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let cols = key_list.join(", ");
+    sql.push(format!(
+        "DROP TRIGGER IF EXISTS pgrelay_tombstone_key ON {t}"
+    ));
+    sql.push(format!(
+        "CREATE TRIGGER pgrelay_tombstone_key BEFORE UPDATE OF {cols} ON {t} \
+         FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.record_key_move({args})"
+    ));
+    // after the unique check: a delete of the key that committed after
+    // the new row took its stamp refuses the row (check_tombstone)
+    sql.push(format!(
+        "DROP TRIGGER IF EXISTS pgrelay_tombstone_check ON {t}"
+    ));
+    sql.push(format!(
+        "CREATE TRIGGER pgrelay_tombstone_check AFTER INSERT ON {t} \
+         REFERENCING NEW TABLE AS {NEW_ROWS} \
+         FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.{check}({key_args})"
+    ));
+    sql.push(format!(
+        "DROP TRIGGER IF EXISTS pgrelay_tombstone_check_key ON {t}"
+    ));
+    sql.push(format!(
+        "CREATE TRIGGER pgrelay_tombstone_check_key AFTER UPDATE OF {cols} ON {t} \
+         FOR EACH ROW WHEN ({moved}) EXECUTE FUNCTION pgrelay.{check}({key_args})"
+    ));
+    sql
+}
+
+/// The guard of an `owned` table outside its owner region: local writes
+/// and truncates refused. Dropped first everywhere, so a table whose owner
+/// changed loses it.
+fn owned_guard_sql(t: &str, table: &TableConfig, region: &str) -> Vec<String> {
+    let mut sql = vec![
+        format!("DROP TRIGGER IF EXISTS pgrelay_owned_guard ON {t}"),
+        format!("DROP TRIGGER IF EXISTS pgrelay_owned_guard_truncate ON {t}"),
+    ];
+    if let TableClass::Owned { owner } = &table.class {
+        if owner != region {
+            let owner = quote_literal(owner);
+            sql.push(format!(
+                "CREATE TRIGGER pgrelay_owned_guard BEFORE INSERT OR UPDATE OR DELETE ON {t} \
+                 FOR EACH ROW EXECUTE FUNCTION pgrelay.refuse_write({owner})"
+            ));
+            sql.push(format!(
+                "CREATE TRIGGER pgrelay_owned_guard_truncate BEFORE TRUNCATE ON {t} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.refuse_write({owner})"
+            ));
         }
     }
-    published.push("pgrelay.tombstones".to_string());
-    let publication = quote_ident(config.publication_name());
+    sql
+}
+
+/// The publication of `published` (quoted table names), created or set.
+fn publication_sql(publication_name: &str, published: &[String]) -> String {
+    let publication = quote_ident(publication_name);
     let list = published.join(", ");
-    sql.push(format!(
+    format!(
         "DO $do$ BEGIN
     IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {name}) THEN
         ALTER PUBLICATION {publication} SET TABLE {list};
@@ -483,9 +549,15 @@ $fn$"),
         CREATE PUBLICATION {publication} FOR TABLE {list};
     END IF;
 END $do$",
-        name = quote_literal(config.publication_name()),
-    ));
-    let origins = config
+        name = quote_literal(publication_name),
+    )
+}
+
+/// The replication origins the apply side writes under: one per other
+/// region and apply session, and the replay origin; each created if
+/// missing.
+fn origins_sql(config: &Config, region: &str) -> Vec<String> {
+    config
         .regions
         .keys()
         .filter(|r| *r != region)
@@ -493,15 +565,15 @@ END $do$",
             (0..config.apply.sessions_per_source.max(1))
                 .map(move |g| crate::names::origin_name(r, g))
         })
-        .chain(std::iter::once(crate::names::REPLAY_ORIGIN.to_string()));
-    for origin in origins {
-        let origin = quote_literal(&origin);
-        sql.push(format!(
-            "SELECT pg_replication_origin_create({origin}) \
-             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {origin})"
-        ));
-    }
-    sql
+        .chain(std::iter::once(crate::names::REPLAY_ORIGIN.to_string()))
+        .map(|origin| {
+            let origin = quote_literal(&origin);
+            format!(
+                "SELECT pg_replication_origin_create({origin}) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {origin})"
+            )
+        })
+        .collect()
 }
 
 /// SQL creating the region's logical replication slot if it is missing.

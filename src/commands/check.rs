@@ -44,115 +44,12 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
     for region in &regions {
         // a sidecar's own secrets: checked for the region it runs
         if only.is_some() && config.sends_dr(region) {
-            match config.dr_key(region) {
-                Ok(key) => println!("region {region}: DR key {} ok", key.id()),
-                Err(e) => {
-                    println!("error: {e}");
-                    problems += 1;
-                }
-            }
-            // only `dr restore` needs the old keys: unset here is no error
-            let old = &config.regions[region].dr_old_keys;
-            if !old.is_empty() {
-                let ids = old.keys().cloned().collect::<Vec<_>>().join(", ");
-                match config.dr_key_ring(region) {
-                    Ok(_) => println!("region {region}: old DR keys for dr restore ok: {ids}"),
-                    Err(e) => println!(
-                        "region {region}: old DR keys {ids} not usable here ({e}); only dr \
-                         restore needs them"
-                    ),
-                }
-            }
+            problems += check_dr_keys(&config, region);
         }
         let dsn = &config.regions[region].dsn;
-        match catalog::connect(dsn, region).await {
-            Err(e) => {
-                println!("error: {e}");
-                problems += 1;
-            }
-            Ok(client) => {
-                match catalog::session_tls(&client, region).await? {
-                    Some(version) => {
-                        println!("region {region}: database connection encrypted ({version})")
-                    }
-                    None => println!("region {region}: database connection NOT encrypted"),
-                }
-                let cat = Catalog {
-                    client: &client,
-                    region,
-                };
-                let findings = check::database(&config, region, &cat, true).await?;
-                println!(
-                    "region {region}: pgrelay's tables at {} (this pgrelay: core {}{})",
-                    cat.schema_versions().await?,
-                    crate::schema::Component::Core.latest(),
-                    if config.has_dr() {
-                        format!(", dr {}", crate::schema::Component::Dr.latest())
-                    } else {
-                        String::new()
-                    }
-                );
-                if findings.is_empty() {
-                    println!(
-                        "region {region}: database ok ({})",
-                        catalog::describe_target(dsn)
-                    );
-                }
-                for f in &findings {
-                    println!("{f}");
-                    if f.severity != Severity::Warning {
-                        problems += 1;
-                    }
-                }
-                let slot = config.slot_name(region);
-                if let Some(s) = cat.slot(&slot).await? {
-                    println!(
-                        "region {region}: slot {slot} {} confirmed {} (WAL retained {} bytes)",
-                        if s.active { "active," } else { "inactive," },
-                        s.confirmed_flush,
-                        s.retained_bytes
-                    );
-                }
-                for line in crate::failover::check_lines(&config, &cat, dsn, region, &slot).await? {
-                    println!("{line}");
-                }
-                println!("{}", stamp_line(&config, region, &client).await);
-            }
-        }
-        match catalog::probe_replication(dsn, region).await {
-            Ok(Some(version)) => {
-                println!("region {region}: replication connection encrypted ({version})")
-            }
-            Ok(None) => println!("region {region}: replication connection NOT encrypted"),
-            Err(e) => {
-                println!("error: {e}");
-                problems += 1;
-            }
-        }
-        for (topic, cluster) in topics_of(&config, region) {
-            match clusters.topics(cluster).await {
-                Reply::Topics(existing) if existing.contains(&topic) => {
-                    println!("region {region}: topic {topic} ok")
-                }
-                Reply::Topics(_) => {
-                    println!(
-                        "error: region {region}: topic {topic} missing on kafka {}; run pgrelay \
-                         setup --region {region}",
-                        cluster.brokers
-                    );
-                    problems += 1;
-                }
-                Reply::Failed(e) => {
-                    println!(
-                        "error: region {region}: {e} (its topics, and other regions' on the same \
-                         cluster, are not checked)"
-                    );
-                    problems += 1;
-                }
-                // reported where the cluster was first needed
-                Reply::FailedAbove => {}
-            }
-        }
+        problems += check_database(&config, region, dsn).await?;
+        problems += check_replication(region, dsn).await;
+        problems += check_topics(&config, region, &mut clusters).await;
     }
     println!();
     print!("{}", residency::matrix(&config));
@@ -161,6 +58,143 @@ pub async fn check(path: &Path, only: Option<&str>) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The region's DR key, and the old keys `dr restore` may need; returns
+/// the problems found.
+fn check_dr_keys(config: &config::Config, region: &str) -> usize {
+    let mut problems = 0;
+    match config.dr_key(region) {
+        Ok(key) => println!("region {region}: DR key {} ok", key.id()),
+        Err(e) => {
+            println!("error: {e}");
+            problems += 1;
+        }
+    }
+    // only `dr restore` needs the old keys: unset here is no error
+    let old = &config.regions[region].dr_old_keys;
+    if !old.is_empty() {
+        let ids = old.keys().cloned().collect::<Vec<_>>().join(", ");
+        match config.dr_key_ring(region) {
+            Ok(_) => println!("region {region}: old DR keys for dr restore ok: {ids}"),
+            Err(e) => println!(
+                "region {region}: old DR keys {ids} not usable here ({e}); only dr \
+                 restore needs them"
+            ),
+        }
+    }
+    problems
+}
+
+/// The region's database (`dsn`): the connection, the findings of
+/// [`check::database`], pgrelay's tables, the slot, failover and the stamp
+/// trigger; returns the problems found.
+async fn check_database(config: &config::Config, region: &str, dsn: &str) -> Result<usize> {
+    let client = match catalog::connect(dsn, region).await {
+        Err(e) => {
+            println!("error: {e}");
+            return Ok(1);
+        }
+        Ok(client) => client,
+    };
+    match catalog::session_tls(&client, region).await? {
+        Some(version) => {
+            println!("region {region}: database connection encrypted ({version})")
+        }
+        None => println!("region {region}: database connection NOT encrypted"),
+    }
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    let findings = check::database(config, region, &cat, true).await?;
+    println!(
+        "region {region}: pgrelay's tables at {} (this pgrelay: core {}{})",
+        cat.schema_versions().await?,
+        crate::schema::Component::Core.latest(),
+        if config.has_dr() {
+            format!(", dr {}", crate::schema::Component::Dr.latest())
+        } else {
+            String::new()
+        }
+    );
+    if findings.is_empty() {
+        println!(
+            "region {region}: database ok ({})",
+            catalog::describe_target(dsn)
+        );
+    }
+    let mut problems = 0;
+    for f in &findings {
+        println!("{f}");
+        if f.severity != Severity::Warning {
+            problems += 1;
+        }
+    }
+    let slot = config.slot_name(region);
+    if let Some(s) = cat.slot(&slot).await? {
+        println!(
+            "region {region}: slot {slot} {} confirmed {} (WAL retained {} bytes)",
+            if s.active { "active," } else { "inactive," },
+            s.confirmed_flush,
+            s.retained_bytes
+        );
+    }
+    for line in crate::failover::check_lines(config, &cat, dsn, region, &slot).await? {
+        println!("{line}");
+    }
+    println!("{}", stamp_line(config, region, &client).await);
+    Ok(problems)
+}
+
+/// Whether a replication connection can be made, and is encrypted;
+/// returns the problems found.
+async fn check_replication(region: &str, dsn: &str) -> usize {
+    match catalog::probe_replication(dsn, region).await {
+        Ok(Some(version)) => {
+            println!("region {region}: replication connection encrypted ({version})");
+            0
+        }
+        Ok(None) => {
+            println!("region {region}: replication connection NOT encrypted");
+            0
+        }
+        Err(e) => {
+            println!("error: {e}");
+            1
+        }
+    }
+}
+
+/// Whether the region's topics exist ([`topics_of`]); returns the problems
+/// found.
+async fn check_topics(config: &config::Config, region: &str, clusters: &mut Clusters) -> usize {
+    let mut problems = 0;
+    for (topic, cluster) in topics_of(config, region) {
+        match clusters.topics(cluster).await {
+            Reply::Topics(existing) if existing.contains(&topic) => {
+                println!("region {region}: topic {topic} ok")
+            }
+            Reply::Topics(_) => {
+                println!(
+                    "error: region {region}: topic {topic} missing on kafka {}; run pgrelay \
+                     setup --region {region}",
+                    cluster.brokers
+                );
+                problems += 1;
+            }
+            Reply::Failed(e) => {
+                println!(
+                    "error: region {region}: {e} (its topics, and other regions' on the same \
+                     cluster, are not checked)"
+                );
+                problems += 1;
+            }
+            // reported where the cluster was first needed
+            Reply::FailedAbove => {}
+        }
+    }
+    problems
 }
 
 /// How long `check` waits for a Kafka cluster's answer.

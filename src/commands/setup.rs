@@ -57,16 +57,7 @@ pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<Exit
         region,
     };
     let findings = check::database(&config, region, &cat, false).await?;
-    let blocking: Vec<_> = findings
-        .iter()
-        .filter(|f| f.severity == Severity::Blocking)
-        .collect();
-    if !blocking.is_empty() {
-        for f in &blocking {
-            eprintln!("{f}");
-        }
-        bail!("region {region}: fix the errors above, then run pgrelay setup again");
-    }
+    refuse_blocking(region, &findings)?;
     let keys = cat.keys(&config).await?;
     let stamp = choose_stamp(&config, region, &client).await?;
     let installed = cat.schema_versions().await?;
@@ -78,19 +69,91 @@ pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<Exit
         stamp,
         &installed,
     );
+    run_statements(&mut client, region, &statements).await?;
+    for (component, m) in &pending {
+        println!(
+            "region {region}: migration {} {} applied ({})",
+            component.name(),
+            m.version,
+            m.name
+        );
+    }
+    if let Some(role) = region_cfg.grantee() {
+        grant_run_role(&config, region, &client, &role).await?;
+    }
+    let cat = Catalog {
+        client: &client,
+        region,
+    };
+    println!(
+        "region {region}: pgrelay's tables at {}",
+        cat.schema_versions().await?
+    );
+    let lost = ensure_slot(&config, region, region_cfg.setup_dsn(), &client).await?;
+    println!(
+        "region {region}: stamp trigger {}",
+        match stamp {
+            setup::Stamp::C => "in C (extension pgrelay)",
+            setup::Stamp::Plpgsql => "in PL/pgSQL",
+        }
+    );
+    println!(
+        "region {region}: database ready (schema pgrelay, {} replicated tables, publication {}, slot {})",
+        config.replicated_tables()
+            .count(),
+        config.publication_name(),
+        config.slot_name(region)
+    );
+    if lost {
+        let slot = config.slot_name(region);
+        println!(
+            "region {region}: slot {slot} had been invalidated by PostgreSQL (wal_status lost) and was \
+             created anew; what was written while it was lost has not reached the other regions: \
+             run pgrelay resync --config {} --region {region}",
+            path.display()
+        );
+    }
+    create_topics(&config, region).await?;
+    if start_at_end {
+        start_incoming_at_end(&config, region, &client, path).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the findings that block replication, if any, and fails.
+fn refuse_blocking(region: &str, findings: &[check::Finding]) -> Result<()> {
+    let blocking: Vec<_> = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Blocking)
+        .collect();
+    if !blocking.is_empty() {
+        for f in &blocking {
+            eprintln!("{f}");
+        }
+        bail!("region {region}: fix the errors above, then run pgrelay setup again");
+    }
+    Ok(())
+}
+
+/// Runs `setup`'s statements in one transaction, with a progress bar. On a
+/// region whose applications keep writing, ALTER TABLE waits for their
+/// transactions and may deadlock with one: each lock is waited for a
+/// bounded time (a queued ALTER would hold every writer back behind it),
+/// then the whole transaction is tried again.
+async fn run_statements(
+    client: &mut tokio_postgres::Client,
+    region: &str,
+    statements: &[String],
+) -> Result<()> {
     let mut progress = crate::progress::Progress::start(
         &format!("setup {region}"),
         "statements",
         Some(statements.len() as u64),
     );
-    // on a region whose applications keep writing, ALTER TABLE waits for
-    // their transactions and may deadlock with one: wait a bounded time for
-    // each lock (a queued ALTER would hold every writer back behind it),
-    // then try the whole transaction again
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match run_setup_transaction(&mut client, &statements, &mut progress).await {
+        match run_setup_transaction(client, statements, &mut progress).await {
             Ok(()) => break,
             Err((e, _)) if attempt < SETUP_ATTEMPTS && is_lock_conflict(&e) => {
                 tracing::debug!(region, attempt, error = %e, "setup: lock conflict, trying again");
@@ -108,26 +171,20 @@ pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<Exit
         }
     }
     progress.finish();
-    for (component, m) in &pending {
-        println!(
-            "region {region}: migration {} {} applied ({})",
-            component.name(),
-            m.version,
-            m.name
-        );
-    }
-    if let Some(role) = region_cfg.grantee() {
-        grant_run_role(&config, region, &client, &role).await?;
-    }
+    Ok(())
+}
+
+/// The region's replication slot: created if missing, replaced if
+/// PostgreSQL invalidated it, made a failover slot where it can be.
+/// Returns whether it had been lost (`setup_dsn`: the region's).
+async fn ensure_slot(
+    config: &Config,
+    region: &str,
+    setup_dsn: &str,
+    client: &tokio_postgres::Client,
+) -> Result<bool> {
     let slot = config.slot_name(region);
-    let cat = Catalog {
-        client: &client,
-        region,
-    };
-    println!(
-        "region {region}: pgrelay's tables at {}",
-        cat.schema_versions().await?
-    );
+    let cat = Catalog { client, region };
     let lost = cat.slot(&slot).await?.is_some_and(|s| s.is_lost());
     if lost {
         // an invalidated slot can never stream again: replace it
@@ -138,7 +195,7 @@ pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<Exit
     }
     let version = cat.server_version_num().await?;
     client
-        .batch_execute(&setup::slot_sql(&config, region, version))
+        .batch_execute(&setup::slot_sql(config, region, version))
         .await
         .with_context(|| {
             format!(
@@ -148,7 +205,7 @@ pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<Exit
         })?;
     if cat.slot_failover(&slot).await? == Some(false) {
         // made before PostgreSQL 17 (an upgrade) or by hand
-        match crate::failover::make_failover_slot(region_cfg.setup_dsn(), region, &slot).await {
+        match crate::failover::make_failover_slot(setup_dsn, region, &slot).await {
             Ok(()) => println!(
                 "region {region}: slot {slot} is now a failover slot (standbys with \
                  sync_replication_slots keep a copy)"
@@ -159,28 +216,13 @@ pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<Exit
             ),
         }
     }
-    println!(
-        "region {region}: stamp trigger {}",
-        match stamp {
-            setup::Stamp::C => "in C (extension pgrelay)",
-            setup::Stamp::Plpgsql => "in PL/pgSQL",
-        }
-    );
-    println!(
-        "region {region}: database ready (schema pgrelay, {} replicated tables, publication {}, slot {})",
-        config.replicated_tables()
-            .count(),
-        config.publication_name(),
-        config.slot_name(region)
-    );
-    if lost {
-        println!(
-            "region {region}: slot {slot} had been invalidated by PostgreSQL (wal_status lost) and was \
-             created anew; what was written while it was lost has not reached the other regions: \
-             run pgrelay resync --config {} --region {region}",
-            path.display()
-        );
-    }
+    Ok(lost)
+}
+
+/// The region's topics, created where missing: one per live destination
+/// and per DR region (on the destination's cluster), and its dead-letter
+/// topic (on its own).
+async fn create_topics(config: &Config, region: &str) -> Result<()> {
     let timeout = Duration::from_secs(30);
     let live = config
         .regions
@@ -225,10 +267,7 @@ pub async fn setup(path: &Path, region: &str, start_at_end: bool) -> Result<Exit
             "created"
         }
     );
-    if start_at_end {
-        start_incoming_at_end(&config, region, &client, path).await?;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// `setup --start-at-end`: stores, for each partition of each incoming

@@ -235,31 +235,7 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
             origin_lsn: r.lsn()?,
             name: r.string()?,
         },
-        b'R' => {
-            let oid = r.u32()?;
-            let schema = r.string()?;
-            let name = r.string()?;
-            let replica_identity = r.u8()?;
-            let n = r.count16("column count")?;
-            // Each column takes at least 10 bytes: don't let a bogus count
-            // reserve memory the buffer cannot back.
-            let mut columns = Vec::with_capacity(n.min(r.remaining() / 10));
-            for _ in 0..n {
-                columns.push(RelColumn {
-                    flags: r.u8()?,
-                    name: r.string()?,
-                    type_oid: r.u32()?,
-                    type_mod: r.i32()?,
-                });
-            }
-            Message::Relation {
-                oid,
-                schema,
-                name,
-                replica_identity,
-                columns,
-            }
-        }
+        b'R' => relation(&mut r)?,
         b'Y' => Message::Type {
             oid: r.u32()?,
             schema: r.string()?,
@@ -273,70 +249,111 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
                 new: r.tuple()?,
             }
         }
-        b'U' => {
-            let rel = r.u32()?;
-            let at = r.pos;
-            let old = match r.u8()? {
-                b'N' => None,
-                b'K' => Some(OldKind::Key),
-                b'O' => Some(OldKind::Full),
-                found => return Err(r.unexpected(at, found, "'K', 'O' or 'N'")),
-            };
-            let old = match old {
-                None => None,
-                Some(kind) => {
-                    let tuple = r.tuple()?;
-                    r.expect(b'N', "'N'")?;
-                    Some((kind, tuple))
-                }
-            };
-            Message::Update {
-                rel,
-                old,
-                new: r.tuple()?,
-            }
-        }
-        b'D' => {
-            let rel = r.u32()?;
-            let at = r.pos;
-            let kind = match r.u8()? {
-                b'K' => OldKind::Key,
-                b'O' => OldKind::Full,
-                found => return Err(r.unexpected(at, found, "'K' or 'O'")),
-            };
-            Message::Delete {
-                rel,
-                old: (kind, r.tuple()?),
-            }
-        }
-        b'T' => {
-            let n = r.count32("relation count")?;
-            let options = r.u8()?;
-            // Check the whole array up front so the allocation is backed by
-            // the buffer.
-            r.need(n.saturating_mul(4))?;
-            let mut rels = Vec::with_capacity(n);
-            for _ in 0..n {
-                rels.push(r.u32()?);
-            }
-            Message::Truncate { options, rels }
-        }
-        b'M' => {
-            let flags = r.u8()?;
-            let lsn = r.lsn()?;
-            let prefix = r.string()?;
-            let len = r.count32("content length")?;
-            Message::LogicalMessage {
-                transactional: flags & 1 != 0,
-                lsn,
-                prefix,
-                content: r.take(len)?,
-            }
-        }
+        b'U' => update(&mut r)?,
+        b'D' => delete(&mut r)?,
+        b'T' => truncate(&mut r)?,
+        b'M' => logical_message(&mut r)?,
         _ => return Err(DecodeError::UnknownTag { tag }),
     };
     r.finish()?;
     Ok(m)
+}
+
+/// `'R'`: oid, schema, name, replica identity, then each column's flags,
+/// name, type and type modifier.
+fn relation(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    let oid = r.u32()?;
+    let schema = r.string()?;
+    let name = r.string()?;
+    let replica_identity = r.u8()?;
+    let n = r.count16("column count")?;
+    // Each column takes at least 10 bytes: don't let a bogus count
+    // reserve memory the buffer cannot back.
+    let mut columns = Vec::with_capacity(n.min(r.remaining() / 10));
+    for _ in 0..n {
+        columns.push(RelColumn {
+            flags: r.u8()?,
+            name: r.string()?,
+            type_oid: r.u32()?,
+            type_mod: r.i32()?,
+        });
+    }
+    Ok(Message::Relation {
+        oid,
+        schema,
+        name,
+        replica_identity,
+        columns,
+    })
+}
+
+/// `'U'`: the relation, an optional old tuple (`'K'` key or `'O'` full),
+/// then `'N'` and the new tuple.
+fn update(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    let rel = r.u32()?;
+    let at = r.pos;
+    let old = match r.u8()? {
+        b'N' => None,
+        b'K' => Some(OldKind::Key),
+        b'O' => Some(OldKind::Full),
+        found => return Err(r.unexpected(at, found, "'K', 'O' or 'N'")),
+    };
+    let old = match old {
+        None => None,
+        Some(kind) => {
+            let tuple = r.tuple()?;
+            r.expect(b'N', "'N'")?;
+            Some((kind, tuple))
+        }
+    };
+    Ok(Message::Update {
+        rel,
+        old,
+        new: r.tuple()?,
+    })
+}
+
+/// `'D'`: the relation, then the old tuple (`'K'` key or `'O'` full).
+fn delete(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    let rel = r.u32()?;
+    let at = r.pos;
+    let kind = match r.u8()? {
+        b'K' => OldKind::Key,
+        b'O' => OldKind::Full,
+        found => return Err(r.unexpected(at, found, "'K' or 'O'")),
+    };
+    Ok(Message::Delete {
+        rel,
+        old: (kind, r.tuple()?),
+    })
+}
+
+/// `'T'`: the relation count, options, then the relations.
+fn truncate(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    let n = r.count32("relation count")?;
+    let options = r.u8()?;
+    // Check the whole array up front so the allocation is backed by
+    // the buffer.
+    r.need(n.saturating_mul(4))?;
+    let mut rels = Vec::with_capacity(n);
+    for _ in 0..n {
+        rels.push(r.u32()?);
+    }
+    Ok(Message::Truncate { options, rels })
+}
+
+/// `'M'`: flags, LSN, prefix, then the content's length and bytes.
+fn logical_message(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    let flags = r.u8()?;
+    let lsn = r.lsn()?;
+    let prefix = r.string()?;
+    let len = r.count32("content length")?;
+    Ok(Message::LogicalMessage {
+        transactional: flags & 1 != 0,
+        lsn,
+        prefix,
+        content: r.take(len)?,
+    })
 }
 
 /// A bounds-checked cursor over a buffer. Every read checks the remaining

@@ -253,6 +253,177 @@ async fn negotiate_tls(
     Ok(Negotiated::Tls(Box::new(tls_stream), binding))
 }
 
+/// The startup message of a replication session.
+fn startup_message(params: &ConnParams) -> Result<BytesMut, ConnError> {
+    let mut buf = BytesMut::new();
+    // the walsender prints values with this session's settings: the
+    // canonical ones make every region spell a value the same way
+    let base = [
+        ("user", params.user.as_str()),
+        ("database", params.dbname.as_str()),
+        ("replication", "database"),
+        ("application_name", params.application_name.as_str()),
+        ("client_encoding", "UTF8"),
+    ];
+    frontend::startup_message(
+        base.into_iter()
+            .chain(crate::event::CANONICAL_TEXT_SETTINGS),
+        &mut buf,
+    )?;
+    Ok(buf)
+}
+
+/// The client side of authentication, without IO: each authentication
+/// message of the server answered from the DSN's credentials, under
+/// libpq's rules (no password over an unencrypted TCP connection unless
+/// `sslmode=disable`; `channel_binding`).
+struct Authentication<'a> {
+    params: &'a ConnParams,
+    /// The tls-server-end-point data of an encrypted session.
+    binding: Option<Vec<u8>>,
+    encrypted: bool,
+    scram: Option<ScramSha256>,
+    /// Whether SCRAM-SHA-256-PLUS was chosen, and whether its exchange
+    /// completed (the server proved it saw the same TLS channel).
+    chose_plus: bool,
+    bound: bool,
+}
+
+impl<'a> Authentication<'a> {
+    fn new(params: &'a ConnParams, binding: Option<Vec<u8>>, encrypted: bool) -> Self {
+        Authentication {
+            params,
+            binding,
+            encrypted,
+            scram: None,
+            chose_plus: false,
+            bound: false,
+        }
+    }
+
+    /// The answer to one authentication message (its body, after the
+    /// tag), if it needs one.
+    fn answer(&mut self, mut body: Bytes) -> Result<Option<BytesMut>, ConnError> {
+        if body.len() < 4 {
+            return Err(ConnError::Protocol("short authentication message".into()));
+        }
+        let code = body.get_i32();
+        let params = self.params;
+        let mut out = BytesMut::new();
+        if !self.encrypted && params.tls.mode != SslMode::Disable {
+            if let Some(refusal) = InsecureAuth::for_code(code) {
+                if !matches!(params.host, Host::Unix(_)) {
+                    return Err(refusal.into());
+                }
+            }
+        }
+        // with channel_binding=require, as in libpq: only a completed
+        // SCRAM-SHA-256-PLUS exchange may end authentication (not trust,
+        // not a password, not plain SCRAM)
+        let require_binding = params.channel_binding == ChannelBindingMode::Require;
+        match code {
+            0 if require_binding && !self.bound => return Err(unbound()),
+            0 => return Ok(None),
+            3 | 5 if require_binding => return Err(unbound()),
+            3 => {
+                let pw = self.password()?;
+                frontend::password_message(&pw, &mut out)?;
+            }
+            5 => {
+                if body.len() < 4 {
+                    return Err(ConnError::Protocol("short md5 salt".into()));
+                }
+                let mut salt = [0u8; 4];
+                body.copy_to_slice(&mut salt);
+                let pw = self.password()?;
+                let hash = md5_hash(params.user.as_bytes(), &pw, salt);
+                frontend::password_message(hash.as_bytes(), &mut out)?;
+            }
+            10 => self.sasl_start(&body, &mut out)?,
+            11 => {
+                let s = self.scram.as_mut().ok_or_else(|| {
+                    ConnError::Protocol("SASL continue without SASL start".into())
+                })?;
+                s.update(&body)
+                    .map_err(|e| ConnError::Auth(format!("SCRAM: {e}")))?;
+                frontend::sasl_response(s.message(), &mut out)?;
+            }
+            12 => {
+                let s = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| ConnError::Protocol("SASL final without SASL start".into()))?;
+                s.finish(&body)
+                    .map_err(|e| ConnError::Auth(format!("SCRAM: {e}")))?;
+                self.bound = self.chose_plus;
+                return Ok(None);
+            }
+            other => {
+                return Err(ConnError::Auth(format!(
+                    "unsupported authentication method (code {other})"
+                )))
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn password(&self) -> Result<Vec<u8>, ConnError> {
+        self.params.password.clone().ok_or_else(|| {
+            ConnError::Auth(format!(
+                "the server asks user {:?} for a password and the DSN has none",
+                self.params.user
+            ))
+        })
+    }
+
+    /// SASL start (`mechanisms`: the server's, NUL-separated): the
+    /// SCRAM mechanism `channel_binding` allows, and its first message.
+    fn sasl_start(&mut self, mechanisms: &[u8], out: &mut BytesMut) -> Result<(), ConnError> {
+        let params = self.params;
+        let mechanisms = mechanisms.split(|b| *b == 0).collect::<Vec<_>>();
+        let plus = mechanisms.contains(&SCRAM_SHA_256_PLUS.as_bytes());
+        let (mechanism, channel) = match &self.binding {
+            Some(hash) if plus && params.channel_binding != ChannelBindingMode::Disable => (
+                SCRAM_SHA_256_PLUS,
+                ChannelBinding::tls_server_end_point(hash.clone()),
+            ),
+            _ if params.channel_binding == ChannelBindingMode::Require => {
+                return Err(ConnError::Auth(
+                    "channel_binding=require, and the server offers no \
+                     SCRAM-SHA-256-PLUS over TLS"
+                        .into(),
+                ))
+            }
+            _ if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) => {
+                return Err(ConnError::Auth(
+                    "the server offers no supported SASL mechanism".into(),
+                ))
+            }
+            _ if self.encrypted && params.channel_binding != ChannelBindingMode::Disable => {
+                (SCRAM_SHA_256, ChannelBinding::unrequested())
+            }
+            _ => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+        };
+        let pw = self.password()?;
+        self.chose_plus = mechanism == SCRAM_SHA_256_PLUS;
+        let s = ScramSha256::new(&pw, channel);
+        frontend::sasl_initial_response(mechanism, s.message(), out)?;
+        self.scram = Some(s);
+        Ok(())
+    }
+}
+
+/// Authentication that ended, or went on, without the channel binding
+/// `channel_binding=require` asks for.
+fn unbound() -> ConnError {
+    ConnError::Auth(
+        "channel_binding=require, and the server authenticated without channel \
+         binding (trust, password or md5 authentication, or SCRAM without -PLUS); \
+         use SCRAM-SHA-256 over TLS in pg_hba.conf or remove channel_binding=require"
+            .into(),
+    )
+}
+
 /// One result row of a simple query: text values.
 pub type Row = Vec<Option<String>>;
 
@@ -385,144 +556,15 @@ impl ReplConnection {
         params: &ConnParams,
         binding: Option<Vec<u8>>,
     ) -> Result<(), ConnError> {
-        let mut buf = BytesMut::new();
-        // the walsender prints values with this session's settings: the
-        // canonical ones make every region spell a value the same way
-        let base = [
-            ("user", params.user.as_str()),
-            ("database", params.dbname.as_str()),
-            ("replication", "database"),
-            ("application_name", params.application_name.as_str()),
-            ("client_encoding", "UTF8"),
-        ];
-        frontend::startup_message(
-            base.into_iter()
-                .chain(crate::event::CANONICAL_TEXT_SETTINGS),
-            &mut buf,
-        )?;
-        self.send(&buf).await?;
-        let mut scram: Option<ScramSha256> = None;
-        // whether SCRAM-SHA-256-PLUS was chosen, and whether its exchange
-        // completed (the server proved it saw the same TLS channel)
-        let mut chose_plus = false;
-        let mut bound = false;
-        // with channel_binding=require, as in libpq: only a completed
-        // SCRAM-SHA-256-PLUS exchange may end authentication (not trust,
-        // not a password, not plain SCRAM)
-        let unbound = || {
-            ConnError::Auth(
-                "channel_binding=require, and the server authenticated without channel \
-                 binding (trust, password or md5 authentication, or SCRAM without -PLUS); \
-                 use SCRAM-SHA-256 over TLS in pg_hba.conf or remove channel_binding=require"
-                    .into(),
-            )
-        };
-        let require_binding = params.channel_binding == ChannelBindingMode::Require;
+        self.send(&startup_message(params)?).await?;
+        let mut auth = Authentication::new(params, binding, self.encrypted);
         loop {
-            let (tag, mut body) = self.reader.next().await?;
+            let (tag, body) = self.reader.next().await?;
             match tag {
                 b'R' => {
-                    if body.len() < 4 {
-                        return Err(ConnError::Protocol("short authentication message".into()));
+                    if let Some(out) = auth.answer(body)? {
+                        self.send(&out).await?;
                     }
-                    let code = body.get_i32();
-                    let password = || {
-                        params.password.clone().ok_or_else(|| {
-                            ConnError::Auth(format!(
-                                "the server asks user {:?} for a password and the DSN has none",
-                                params.user
-                            ))
-                        })
-                    };
-                    let mut out = BytesMut::new();
-                    if !self.encrypted && params.tls.mode != SslMode::Disable {
-                        if let Some(refusal) = InsecureAuth::for_code(code) {
-                            if !matches!(params.host, Host::Unix(_)) {
-                                return Err(refusal.into());
-                            }
-                        }
-                    }
-                    match code {
-                        0 if require_binding && !bound => return Err(unbound()),
-                        0 => continue,
-                        3 | 5 if require_binding => return Err(unbound()),
-                        3 => {
-                            let pw = password()?;
-                            frontend::password_message(&pw, &mut out)?;
-                        }
-                        5 => {
-                            if body.len() < 4 {
-                                return Err(ConnError::Protocol("short md5 salt".into()));
-                            }
-                            let mut salt = [0u8; 4];
-                            body.copy_to_slice(&mut salt);
-                            let pw = password()?;
-                            let hash = md5_hash(params.user.as_bytes(), &pw, salt);
-                            frontend::password_message(hash.as_bytes(), &mut out)?;
-                        }
-                        10 => {
-                            let mechanisms = body.split(|b| *b == 0).collect::<Vec<_>>();
-                            let plus = mechanisms.contains(&SCRAM_SHA_256_PLUS.as_bytes());
-                            let (mechanism, channel) = match &binding {
-                                Some(hash)
-                                    if plus
-                                        && params.channel_binding
-                                            != ChannelBindingMode::Disable =>
-                                {
-                                    (
-                                        SCRAM_SHA_256_PLUS,
-                                        ChannelBinding::tls_server_end_point(hash.clone()),
-                                    )
-                                }
-                                _ if params.channel_binding == ChannelBindingMode::Require => {
-                                    return Err(ConnError::Auth(
-                                        "channel_binding=require, and the server offers no \
-                                         SCRAM-SHA-256-PLUS over TLS"
-                                            .into(),
-                                    ))
-                                }
-                                _ if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) => {
-                                    return Err(ConnError::Auth(
-                                        "the server offers no supported SASL mechanism".into(),
-                                    ))
-                                }
-                                _ if self.encrypted
-                                    && params.channel_binding != ChannelBindingMode::Disable =>
-                                {
-                                    (SCRAM_SHA_256, ChannelBinding::unrequested())
-                                }
-                                _ => (SCRAM_SHA_256, ChannelBinding::unsupported()),
-                            };
-                            let pw = password()?;
-                            chose_plus = mechanism == SCRAM_SHA_256_PLUS;
-                            let s = ScramSha256::new(&pw, channel);
-                            frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
-                            scram = Some(s);
-                        }
-                        11 => {
-                            let s = scram.as_mut().ok_or_else(|| {
-                                ConnError::Protocol("SASL continue without SASL start".into())
-                            })?;
-                            s.update(&body)
-                                .map_err(|e| ConnError::Auth(format!("SCRAM: {e}")))?;
-                            frontend::sasl_response(s.message(), &mut out)?;
-                        }
-                        12 => {
-                            let s = scram.as_mut().ok_or_else(|| {
-                                ConnError::Protocol("SASL final without SASL start".into())
-                            })?;
-                            s.finish(&body)
-                                .map_err(|e| ConnError::Auth(format!("SCRAM: {e}")))?;
-                            bound = chose_plus;
-                            continue;
-                        }
-                        other => {
-                            return Err(ConnError::Auth(format!(
-                                "unsupported authentication method (code {other})"
-                            )))
-                        }
-                    }
-                    self.send(&out).await?;
                 }
                 b'E' => return Err(server_error(&body)),
                 b'Z' => return Ok(()),

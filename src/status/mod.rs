@@ -387,6 +387,20 @@ pub async fn export_local(
 ) -> Vec<PairStatus> {
     let src = source_side(config, region).await;
     let dst = dest_side(config, region).await;
+    export_region(metrics, region, &src, &dst);
+    let mut pairs = outgoing_pairs(config, region, &src, metrics);
+    pairs.extend(incoming_pairs(config, region, &dst, metrics));
+    pairs
+}
+
+/// The region's own gauges: WAL not yet confirmed and retained by its
+/// slot, its dead letters, the standby slots holding its changes back.
+fn export_region(
+    metrics: &crate::metrics::Metrics,
+    region: &str,
+    src: &SourceSide,
+    dst: &DestSide,
+) {
     let labels = [("region", region)];
     if let (Some(c), Some(f)) = (src.current, src.confirmed) {
         metrics.set(
@@ -408,12 +422,18 @@ pub async fn export_local(
             if slot.holding.is_some() { 1.0 } else { 0.0 },
         );
     }
+}
+
+/// The pairs `region` sends to, as its source side sees them; sets each
+/// one's rebuilding gauge.
+fn outgoing_pairs(
+    config: &Config,
+    region: &str,
+    src: &SourceSide,
+    metrics: &crate::metrics::Metrics,
+) -> Vec<PairStatus> {
     let source_held = standby::describe(&src.standby_slots);
     let mut pairs = Vec::new();
-    let lag_bytes = match (src.current, src.confirmed) {
-        (Some(c), Some(f)) => Some(c.0.saturating_sub(f.0)),
-        _ => None,
-    };
     for destination in config.regions.keys().filter(|d| *d != region) {
         // a failover that came without the slot, and no resync to this
         // destination since: what it lost is not on its way yet (once the
@@ -427,107 +447,157 @@ pub async fn export_local(
             &[("source", region), ("destination", destination.as_str())],
             if rebuilding.is_some() { 1.0 } else { 0.0 },
         );
-        let state = if src.problem.is_some() || lag_bytes.is_none() {
-            "failed"
-        } else if rebuilding.is_some() {
-            "rebuilding"
-        } else if source_held.is_some() || lag_bytes.unwrap_or(0) > config.status.lagging_bytes {
-            "lagging"
-        } else {
-            "active"
-        };
-        pairs.push(PairStatus {
-            source: region.to_string(),
-            destination: destination.clone(),
-            source_lsn: src.current.map(|l| l.to_string()),
-            confirmed_lsn: src.confirmed.map(|l| l.to_string()),
-            lag_bytes,
-            lag_seconds: None,
-            retained_wal_bytes: src.retained,
-            watermark_hlc: None,
-            watermark_commit_time: None,
-            backlog_records: None,
-            dead_letters: None,
-            state,
-            problems: src.problem.clone().into_iter().collect(),
-            held: None,
-            frozen: None,
-            seen_from: Some("source"),
-            egress: None,
-            source_held: source_held.clone(),
-            source_fenced: src.fenced.clone(),
-            source_last_failover: src.last_failover.clone(),
+        pairs.push(outgoing_pair(
+            config,
+            region,
+            destination,
+            src,
+            source_held.clone(),
             rebuilding,
-            last_verify: None,
-            verify_differences: None,
-        });
-    }
-    for source in config.regions.keys().filter(|s| *s != region) {
-        let pair = [("source", source.as_str()), ("destination", region)];
-        let backlog = dst.backlog.get(source).copied();
-        let age = dst.watermarks.get(source).and_then(|w| w.2);
-        let state = if dst.problem.is_some() || backlog.is_none() {
-            "failed"
-        } else if dst.frozen.contains_key(source) {
-            "frozen"
-        } else if dst.held.contains_key(source)
-            || backlog.unwrap_or(0) > 0
-                && age.unwrap_or(f64::MAX) > config.status.lagging_after.as_secs_f64()
-        {
-            "lagging"
-        } else {
-            "active"
-        };
-        metrics.set(&metric::PAIR_STATE, &pair, state_code(state));
-        if let Some(b) = backlog {
-            metrics.set(&metric::APPLY_BACKLOG_RECORDS, &pair, b as f64);
-        }
-        let wm = dst.watermarks.get(source);
-        let mut lag_seconds = None;
-        if let Some((_, _, Some(age))) = wm {
-            let lag = if dst.backlog.get(source).copied().unwrap_or(0) == 0 {
-                0.0
-            } else {
-                *age
-            };
-            // unknown while the backlog cannot be read
-            lag_seconds = backlog.is_some().then_some(lag);
-            metrics.set(&metric::APPLY_LAG_SECONDS, &pair, lag);
-        }
-        pairs.push(PairStatus {
-            source: source.clone(),
-            destination: region.to_string(),
-            source_lsn: None,
-            confirmed_lsn: None,
-            lag_bytes: None,
-            lag_seconds,
-            retained_wal_bytes: None,
-            watermark_hlc: wm.map(|w| w.0),
-            watermark_commit_time: wm.and_then(|w| w.1.clone()),
-            backlog_records: backlog,
-            dead_letters: dst.dead_letters,
-            state,
-            problems: dst.problem.clone().into_iter().collect(),
-            held: dst.held.get(source).cloned(),
-            frozen: dst.frozen.get(source).map(|reason| {
-                format!(
-                    "breaker: {reason}; pgrelay breaker release|discard --region {region} --source {source}"
-                )
-            }),
-            seen_from: Some("destination"),
-            egress: None,
-            source_held: None,
-            source_fenced: None,
-            source_last_failover: None,
-            rebuilding: None,
-            last_verify: dst.verify.as_ref().map(|v| v.at.clone()),
-            verify_differences: dst
-                .verify
-                .as_ref()
-                .and_then(|v| v.by_peer.get(source).copied()),
-        });
+        ));
     }
     pairs
+}
+
+/// One pair `region` sends to, from its source side: `source_held`, why
+/// standbys hold the region's changes back; `rebuilding`, what a failover
+/// lost that has not been sent again.
+fn outgoing_pair(
+    config: &Config,
+    region: &str,
+    destination: &str,
+    src: &SourceSide,
+    source_held: Option<String>,
+    rebuilding: Option<String>,
+) -> PairStatus {
+    let lag_bytes = match (src.current, src.confirmed) {
+        (Some(c), Some(f)) => Some(c.0.saturating_sub(f.0)),
+        _ => None,
+    };
+    let state = if src.problem.is_some() || lag_bytes.is_none() {
+        "failed"
+    } else if rebuilding.is_some() {
+        "rebuilding"
+    } else if source_held.is_some() || lag_bytes.unwrap_or(0) > config.status.lagging_bytes {
+        "lagging"
+    } else {
+        "active"
+    };
+    PairStatus {
+        source: region.to_string(),
+        destination: destination.to_string(),
+        source_lsn: src.current.map(|l| l.to_string()),
+        confirmed_lsn: src.confirmed.map(|l| l.to_string()),
+        lag_bytes,
+        lag_seconds: None,
+        retained_wal_bytes: src.retained,
+        watermark_hlc: None,
+        watermark_commit_time: None,
+        backlog_records: None,
+        dead_letters: None,
+        state,
+        problems: src.problem.clone().into_iter().collect(),
+        held: None,
+        frozen: None,
+        seen_from: Some("source"),
+        egress: None,
+        source_held,
+        source_fenced: src.fenced.clone(),
+        source_last_failover: src.last_failover.clone(),
+        rebuilding,
+        last_verify: None,
+        verify_differences: None,
+    }
+}
+
+/// The pairs `region` receives from, as its destination side sees them;
+/// sets each one's state, backlog and lag gauges.
+fn incoming_pairs(
+    config: &Config,
+    region: &str,
+    dst: &DestSide,
+    metrics: &crate::metrics::Metrics,
+) -> Vec<PairStatus> {
+    let mut pairs = Vec::new();
+    for source in config.regions.keys().filter(|s| *s != region) {
+        let labels = [("source", source.as_str()), ("destination", region)];
+        let pair = incoming_pair(config, region, source, dst);
+        metrics.set(&metric::PAIR_STATE, &labels, state_code(pair.state));
+        if let Some(b) = pair.backlog_records {
+            metrics.set(&metric::APPLY_BACKLOG_RECORDS, &labels, b as f64);
+        }
+        if let Some(lag) = apply_lag(dst, source) {
+            metrics.set(&metric::APPLY_LAG_SECONDS, &labels, lag);
+        }
+        pairs.push(pair);
+    }
+    pairs
+}
+
+/// How far `region` is behind `source`, when its watermark is known: 0
+/// with nothing left to apply, else the age of the newest change applied.
+fn apply_lag(dst: &DestSide, source: &str) -> Option<f64> {
+    let (_, _, Some(age)) = dst.watermarks.get(source)? else {
+        return None;
+    };
+    Some(if dst.backlog.get(source).copied().unwrap_or(0) == 0 {
+        0.0
+    } else {
+        *age
+    })
+}
+
+/// One pair `region` receives from `source`, from its destination side.
+fn incoming_pair(config: &Config, region: &str, source: &str, dst: &DestSide) -> PairStatus {
+    let backlog = dst.backlog.get(source).copied();
+    let age = dst.watermarks.get(source).and_then(|w| w.2);
+    let state = if dst.problem.is_some() || backlog.is_none() {
+        "failed"
+    } else if dst.frozen.contains_key(source) {
+        "frozen"
+    } else if dst.held.contains_key(source)
+        || backlog.unwrap_or(0) > 0
+            && age.unwrap_or(f64::MAX) > config.status.lagging_after.as_secs_f64()
+    {
+        "lagging"
+    } else {
+        "active"
+    };
+    let wm = dst.watermarks.get(source);
+    // unknown while the backlog cannot be read
+    let lag_seconds = apply_lag(dst, source).filter(|_| backlog.is_some());
+    PairStatus {
+        source: source.to_string(),
+        destination: region.to_string(),
+        source_lsn: None,
+        confirmed_lsn: None,
+        lag_bytes: None,
+        lag_seconds,
+        retained_wal_bytes: None,
+        watermark_hlc: wm.map(|w| w.0),
+        watermark_commit_time: wm.and_then(|w| w.1.clone()),
+        backlog_records: backlog,
+        dead_letters: dst.dead_letters,
+        state,
+        problems: dst.problem.clone().into_iter().collect(),
+        held: dst.held.get(source).cloned(),
+        frozen: dst.frozen.get(source).map(|reason| {
+            format!(
+                "breaker: {reason}; pgrelay breaker release|discard --region {region} --source {source}"
+            )
+        }),
+        seen_from: Some("destination"),
+        egress: None,
+        source_held: None,
+        source_fenced: None,
+        source_last_failover: None,
+        rebuilding: None,
+        last_verify: dst.verify.as_ref().map(|v| v.at.clone()),
+        verify_differences: dst
+            .verify
+            .as_ref()
+            .and_then(|v| v.by_peer.get(source).copied()),
+    }
 }
 
 /// Collects every pair's status.
@@ -661,4 +731,117 @@ pub async fn collect_dr(config: &Config) -> Vec<DrStatus> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        crate::config::parse(
+            r#"
+[kafka]
+brokers = "k:9092"
+
+[relay.status]
+lagging_after = "30s"
+lagging_bytes = 1000
+
+[regions.us]
+id = 1
+dsn = "host=us"
+[regions.eu]
+id = 2
+dsn = "host=eu"
+"#,
+            "relay.toml",
+        )
+        .unwrap()
+    }
+
+    fn streaming(behind: u64) -> SourceSide {
+        SourceSide {
+            current: Some(Lsn(5000 + behind)),
+            confirmed: Some(Lsn(5000)),
+            ..SourceSide::default()
+        }
+    }
+
+    #[test]
+    fn an_outgoing_pair_is_failed_rebuilding_lagging_or_active() {
+        let config = config();
+        let state = |src: &SourceSide, held: Option<&str>, rebuilding: Option<&str>| {
+            outgoing_pair(
+                &config,
+                "us",
+                "eu",
+                src,
+                held.map(String::from),
+                rebuilding.map(String::from),
+            )
+            .state
+        };
+        assert_eq!(state(&streaming(10), None, None), "active");
+        assert_eq!(state(&streaming(1001), None, None), "lagging");
+        assert_eq!(state(&streaming(10), Some("standby s1"), None), "lagging");
+        assert_eq!(state(&streaming(10), None, Some("failover")), "rebuilding");
+        assert_eq!(state(&SourceSide::default(), None, None), "failed");
+        let broken = SourceSide {
+            problem: Some("slot gone".into()),
+            ..streaming(10)
+        };
+        let pair = outgoing_pair(&config, "us", "eu", &broken, None, None);
+        assert_eq!(pair.state, "failed");
+        assert_eq!(pair.problems, ["slot gone"]);
+        assert_eq!(pair.lag_bytes, Some(10));
+        assert_eq!(pair.seen_from, Some("source"));
+    }
+
+    fn applying(backlog: Option<i64>, age: Option<f64>) -> DestSide {
+        DestSide {
+            watermarks: BTreeMap::from([("us".to_string(), (7, None, age))]),
+            backlog: backlog
+                .map(|b| BTreeMap::from([("us".to_string(), b)]))
+                .unwrap_or_default(),
+            ..DestSide::default()
+        }
+    }
+
+    #[test]
+    fn an_incoming_pair_lags_by_its_newest_change_while_records_wait() {
+        let config = config();
+        let pair = |dst: &DestSide| incoming_pair(&config, "eu", "us", dst);
+        let idle = pair(&applying(Some(0), Some(600.0)));
+        assert_eq!((idle.state, idle.lag_seconds), ("active", Some(0.0)));
+        let behind = pair(&applying(Some(5), Some(60.0)));
+        assert_eq!((behind.state, behind.lag_seconds), ("lagging", Some(60.0)));
+        let recent = pair(&applying(Some(5), Some(2.0)));
+        assert_eq!((recent.state, recent.lag_seconds), ("active", Some(2.0)));
+        // the backlog unread: failed, and the lag unknown (the gauge,
+        // counting no backlog, reads 0)
+        let dst = applying(None, Some(60.0));
+        let unknown = pair(&dst);
+        assert_eq!((unknown.state, unknown.lag_seconds), ("failed", None));
+        assert_eq!(apply_lag(&dst, "us"), Some(0.0));
+        assert_eq!(apply_lag(&applying(Some(5), None), "us"), None);
+    }
+
+    #[test]
+    fn a_frozen_or_held_incoming_pair_says_why() {
+        let config = config();
+        let mut dst = applying(Some(0), Some(1.0));
+        dst.held.insert("us".into(), "schema wait".into());
+        let held = incoming_pair(&config, "eu", "us", &dst);
+        assert_eq!(held.state, "lagging");
+        assert_eq!(held.held.as_deref(), Some("schema wait"));
+        dst.frozen.insert("us".into(), "too many deletes".into());
+        let frozen = incoming_pair(&config, "eu", "us", &dst);
+        assert_eq!(frozen.state, "frozen");
+        assert_eq!(
+            frozen.frozen.as_deref(),
+            Some(
+                "breaker: too many deletes; pgrelay breaker release|discard --region eu --source us"
+            )
+        );
+    }
 }

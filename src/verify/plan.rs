@@ -72,138 +72,192 @@ fn receives_altered(table: &TableConfig, region: &str) -> bool {
 
 /// The steps for a report's differences, `verified` the regions compared.
 pub fn plan(config: &Config, report: &Report, verified: &[String]) -> Vec<Step> {
-    type Slot = (
-        TableName,
-        Kind,
-        String,
-        Option<String>,
-        String,
-        Option<String>,
-    );
-    let mut grouped: BTreeMap<Slot, (Action, bool, Vec<String>)> = BTreeMap::new();
-    let mut add = |d: &Difference, action: Action, from: Option<&str>, to: &str, own: bool| {
+    let mut steps = Steps::default();
+    for d in &report.differences {
+        let Some(table) = config.tables.iter().find(|t| t.name.to_string() == d.table) else {
+            continue;
+        };
+        for fix in fixes(table, d, report, verified) {
+            steps.add(d, fix);
+        }
+    }
+    steps.into_steps()
+}
+
+/// One fix of one difference; fixes of the same kind, table, action,
+/// regions and column are one [`Step`].
+#[derive(Debug, PartialEq, Eq)]
+struct Fix {
+    action: Action,
+    from: Option<String>,
+    to: String,
+    own_only: bool,
+}
+
+impl Fix {
+    fn new(action: Action, from: Option<&str>, to: &str, own_only: bool) -> Fix {
+        Fix {
+            action,
+            from: from.map(str::to_string),
+            to: to.to_string(),
+            own_only,
+        }
+    }
+}
+
+/// What is done about difference `d` of `table` (see the module docs).
+fn fixes(table: &TableConfig, d: &Difference, report: &Report, verified: &[String]) -> Vec<Fix> {
+    let is_verified = |r: &str| verified.iter().any(|v| v == r);
+    let owner = match &table.class {
+        TableClass::Owned { owner } => Some(owner.as_str()),
+        _ => None,
+    };
+    // a copy of a row written elsewhere may have columns a rule altered
+    // on its way to `from`: only `from`'s own rows go from there
+    let own_only = |from: &str| receives_altered(table, from);
+    let to = d.destination.as_str();
+    match d.kind {
+        Kind::Leaked if d.column.is_none() => vec![Fix::new(Action::Remove, None, to, false)],
+        Kind::Leaked => {
+            if is_verified(&d.source) {
+                vec![Fix::new(Action::Replace, Some(&d.source), to, false)]
+            } else {
+                vec![Fix::new(Action::Remove, None, to, false)]
+            }
+        }
+        Kind::Missing => {
+            if owner.is_some_and(|o| o != d.source) {
+                vec![Fix::new(Action::Report(OWNER_LACKS), None, to, false)]
+            } else {
+                let own = own_only(&d.source);
+                vec![Fix::new(Action::Resend, Some(&d.source), to, own)]
+            }
+        }
+        Kind::Extra => match owner {
+            Some(o) if is_verified(o) => vec![Fix::new(Action::Replace, Some(o), to, false)],
+            _ => vec![Fix::new(
+                Action::Report(OWNER_NOT_VERIFIED),
+                None,
+                to,
+                false,
+            )],
+        },
+        Kind::Diverged => {
+            // the authority: the owner, or the writer of the stamp
+            let writer = report
+                .found
+                .iter()
+                .find(|(f, _)| same_key(f, d) && f.kind == Kind::Diverged)
+                .and_then(|(_, preferred)| preferred.clone());
+            let authority = owner.map(str::to_string).or(writer);
+            match authority {
+                Some(a) if is_verified(&a) => {
+                    let targets = diverged_from(report, d, &a);
+                    if !targets.is_empty() {
+                        return targets
+                            .into_iter()
+                            .map(|t| Fix::new(Action::Replace, Some(&a), &t, own_only(&a)))
+                            .collect();
+                    }
+                }
+                _ => {}
+            }
+            if owner.is_some() {
+                vec![Fix::new(
+                    Action::Report(OWNER_NOT_VERIFIED),
+                    None,
+                    to,
+                    false,
+                )]
+            } else {
+                // no pair with the writer: the pair's first region wins
+                let own = own_only(&d.source);
+                vec![Fix::new(Action::Replace, Some(&d.source), to, own)]
+            }
+        }
+    }
+}
+
+/// The regions whose copy of `d`'s key differs from `authority`'s, by the
+/// report's `diverged` findings for the key.
+fn diverged_from(report: &Report, d: &Difference, authority: &str) -> Vec<String> {
+    report
+        .found
+        .iter()
+        .filter(|(f, _)| same_key(f, d) && f.kind == Kind::Diverged)
+        .filter_map(|(f, _)| {
+            if f.source == authority {
+                Some(f.destination.clone())
+            } else if f.destination == authority {
+                Some(f.source.clone())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// Fixes grouped into steps: by table, kind, action, regions and column,
+/// each key once. The first fix of a step decides its action and
+/// `own_only`.
+#[derive(Default)]
+struct Steps {
+    grouped: BTreeMap<StepSlot, (Action, bool, Vec<String>)>,
+}
+
+/// Table, kind, action name, from, to, column.
+type StepSlot = (
+    TableName,
+    Kind,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+);
+
+impl Steps {
+    /// Adds `fix` of difference `d` (one of a table that cannot be named is
+    /// left out).
+    fn add(&mut self, d: &Difference, fix: Fix) {
         let Ok(table) = TableName::parse(&d.table) else {
             return;
         };
         let slot = (
             table,
             d.kind,
-            action_name(&action).to_string(),
-            from.map(str::to_string),
-            to.to_string(),
+            action_name(&fix.action).to_string(),
+            fix.from,
+            fix.to,
             d.column.clone(),
         );
-        let entry = grouped.entry(slot).or_insert((action, own, Vec::new()));
+        let entry = self
+            .grouped
+            .entry(slot)
+            .or_insert((fix.action, fix.own_only, Vec::new()));
         if let Some(k) = &d.key {
             if !entry.2.contains(k) {
                 entry.2.push(k.clone());
             }
         }
-    };
-    let is_verified = |r: &str| verified.iter().any(|v| v == r);
-    for d in &report.differences {
-        let Some(table) = config.tables.iter().find(|t| t.name.to_string() == d.table) else {
-            continue;
-        };
-        let owner = match &table.class {
-            TableClass::Owned { owner } => Some(owner.as_str()),
-            _ => None,
-        };
-        // a copy of a row written elsewhere may have columns a rule altered
-        // on its way to `from`: only `from`'s own rows go from there
-        let own_only = |from: &str, _to: &str| receives_altered(table, from);
-        match d.kind {
-            Kind::Leaked if d.column.is_none() => {
-                add(d, Action::Remove, None, &d.destination, false);
-            }
-            Kind::Leaked => {
-                if is_verified(&d.source) {
-                    add(d, Action::Replace, Some(&d.source), &d.destination, false);
-                } else {
-                    add(d, Action::Remove, None, &d.destination, false);
-                }
-            }
-            Kind::Missing => {
-                if owner.is_some_and(|o| o != d.source) {
-                    add(d, Action::Report(OWNER_LACKS), None, &d.destination, false);
-                } else {
-                    let own = own_only(&d.source, &d.destination);
-                    add(d, Action::Resend, Some(&d.source), &d.destination, own);
-                }
-            }
-            Kind::Extra => match owner {
-                Some(o) if is_verified(o) => {
-                    add(d, Action::Replace, Some(o), &d.destination, false);
-                }
-                _ => add(
-                    d,
-                    Action::Report(OWNER_NOT_VERIFIED),
-                    None,
-                    &d.destination,
-                    false,
-                ),
-            },
-            Kind::Diverged => {
-                // the authority: the owner, or the writer of the stamp
-                let writer = report
-                    .found
-                    .iter()
-                    .find(|(f, _)| same_key(f, d) && f.kind == Kind::Diverged)
-                    .and_then(|(_, preferred)| preferred.clone());
-                let authority = owner.map(str::to_string).or(writer);
-                let targets: Vec<String> = match &authority {
-                    Some(a) if is_verified(a) => report
-                        .found
-                        .iter()
-                        .filter(|(f, _)| same_key(f, d) && f.kind == Kind::Diverged)
-                        .filter_map(|(f, _)| {
-                            if f.source == *a {
-                                Some(f.destination.clone())
-                            } else if f.destination == *a {
-                                Some(f.source.clone())
-                            } else {
-                                None
-                            }
-                        })
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                if !targets.is_empty() {
-                    let a = authority.expect("targets come from the authority");
-                    for to in targets {
-                        add(d, Action::Replace, Some(&a), &to, own_only(&a, &to));
-                    }
-                } else if owner.is_some() {
-                    add(
-                        d,
-                        Action::Report(OWNER_NOT_VERIFIED),
-                        None,
-                        &d.destination,
-                        false,
-                    );
-                } else {
-                    // no pair with the writer: the pair's first region wins
-                    let own = own_only(&d.source, &d.destination);
-                    add(d, Action::Replace, Some(&d.source), &d.destination, own);
-                }
-            }
-        }
     }
-    grouped
-        .into_iter()
-        .map(
-            |((table, kind, _, from, to, column), (action, own_only, keys))| Step {
-                table,
-                kind,
-                action,
-                from,
-                to,
-                column,
-                own_only,
-                keys,
-            },
-        )
-        .collect()
+
+    fn into_steps(self) -> Vec<Step> {
+        self.grouped
+            .into_iter()
+            .map(
+                |((table, kind, _, from, to, column), (action, own_only, keys))| Step {
+                    table,
+                    kind,
+                    action,
+                    from,
+                    to,
+                    column,
+                    own_only,
+                    keys,
+                },
+            )
+            .collect()
+    }
 }
 
 fn same_key(a: &Difference, b: &Difference) -> bool {
