@@ -103,6 +103,11 @@
 #   PGRELAY_BIN              use this binary instead of building target/release/pgrelay
 #   PGRELAY_BENCH_TIMEOUT    seconds to wait for a catch-up [900]
 #   PGRELAY_BENCH_KEEP=1     keep the work directory (logs)
+#   PGRELAY_BENCH_STATEMENTS=1  load pg_stat_statements into the target (eu) of
+#            bulk and small and, after each catch-up, write what eu ran per
+#            statement (calls, rows, time, share) to statements-*.txt in the
+#            work directory (and the log); it costs the target some CPU, so
+#            take CPU figures from runs without it
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shared helpers: as_pg, free_port, now, stop_pid, cpu_snap, cpu_used
@@ -242,6 +247,10 @@ wal_sender_timeout = 300s
 wal_receiver_timeout = 300s
 max_connections = 100
 CONF
+    if [ -n "${PGRELAY_BENCH_STATEMENTS:-}" ] && [ "$r" = eu ]; then
+        printf "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all\npg_stat_statements.max = 1000\n" \
+            >> "$WORK/$r/postgresql.auto.conf"
+    fi
     local pre=()
     if [ -n "$PIN" ]; then
         if [ "$r" = us ]; then pre=(taskset -c "${PIN%%:*}"); else pre=(taskset -c "${PIN##*:}"); fi
@@ -440,6 +449,7 @@ native_throughput() { # workload
     changes="$(workload_"$w")"
     local w1; w1="$(now)"
     end="$(sql us "SELECT pg_current_wal_insert_lsn()")"
+    statements_reset
     cpu_snap "$WORK/cpu0" us="$(postmaster us)" eu="$(postmaster eu)"
     t0="$(now)"
     sql eu "ALTER SUBSCRIPTION bench_sub ENABLE"
@@ -453,6 +463,7 @@ native_throughput() { # workload
     cpu_snap "$WORK/cpu1" us="$(postmaster us)" eu="$(postmaster eu)"
     record native "$w" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
         "$(cpu_used "$WORK/cpu0" "$WORK/cpu1" "$WORK/cpu-native-$w-$(date +%s).txt")"
+    statements_report "native-$w"
     stop_all
 }
 
@@ -536,6 +547,7 @@ relay_throughput() { # workload [name in the results, default the workload]
     local w1; w1="$(now)"
     local end n=0 done_applied=0 captured=""
     end="$(sql us "SELECT pg_current_wal_insert_lsn()")"
+    statements_reset
     relay_cpu_snap "$WORK/cpu0"
     t0="$(now)"
     start_relay us
@@ -566,7 +578,26 @@ relay_throughput() { # workload [name in the results, default the workload]
     relay_cpu_snap "$WORK/cpu1"
     record pgrelay "$name" "$changes" "$w0" "$w1" "$t0" "$ta" "$t1" "$(verify "$w")" \
         "$(cpu_used "$WORK/cpu0" "$WORK/cpu1" "$WORK/cpu-pgrelay-$name-$(date +%s).txt")"
+    statements_report "pgrelay-$name"
     stop_all
+}
+
+# With PGRELAY_BENCH_STATEMENTS: what the target ran, per statement, from the
+# reset (after the workload) to the catch-up. Our own polling shows up as
+# the few statements on pgrelay.offsets/pg_stat_user_tables with calls ~ 10/s.
+statements_reset() {
+    [ -n "${PGRELAY_BENCH_STATEMENTS:-}" ] || return 0
+    sql eu "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()" >/dev/null
+}
+statements_report() { # name
+    [ -n "${PGRELAY_BENCH_STATEMENTS:-}" ] || return 0
+    local out="$WORK/statements-$1-$(date +%s).txt"
+    sql eu "SELECT rpad(calls::text, 8) || rpad(rows::text, 10) || rpad(round(total_exec_time)::text || ' ms', 11)
+            || rpad(round(100 * total_exec_time / sum(total_exec_time) OVER ())::text || ' %', 6)
+            || left(regexp_replace(query, '\s+', ' ', 'g'), 150)
+        FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25" > "$out"
+    log "$1: target statements (calls, rows, exec time, share, query) in $out:"
+    sed 's/^/    /' "$out" >&2
 }
 
 # system workload changes w0 w1 t0 t_active t_done verdict cpu

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::SinkExt as _;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::config::Config;
@@ -25,6 +26,14 @@ pub struct Outcome {
     /// Per table: changes that lost to a newer version (the conflict log's
     /// rule: duplicates and a region's own later writes do not count).
     pub conflicts: BTreeMap<String, u64>,
+    /// Changes of upsert statements that wrote rows, by path (see
+    /// `UpsertPath`): `fast`, all inserted by a plain insert with no
+    /// tombstone as new as any of them; `upserted`, through the
+    /// conditional upsert with no such tombstone; `checked`, looked up
+    /// again for a tombstone as new as one of them.
+    pub fast: u64,
+    pub upserted: u64,
+    pub checked: u64,
 }
 
 impl Outcome {
@@ -33,6 +42,44 @@ impl Outcome {
             *self.conflicts.entry(table.to_string()).or_insert(0) += n;
         }
     }
+
+    fn count_path(&mut self, done: &Executed) {
+        match done.path {
+            Some(UpsertPath::Fast) => self.fast += done.changes,
+            Some(UpsertPath::Upsert) => self.upserted += done.changes,
+            Some(UpsertPath::Checked) => self.checked += done.changes,
+            None => {}
+        }
+    }
+}
+
+/// How an upsert statement wrote its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpsertPath {
+    /// Every change was an insert of a key the target lacked, written by a
+    /// plain insert (`Stage::insert`), and the table's newest tombstone is
+    /// older than every change: nothing to look up again.
+    Fast,
+    /// Some rows needed the conditional upsert (their key was there, a
+    /// tombstone may have held them back, or the changes were updates);
+    /// no tombstone is as new as any of them.
+    Upsert,
+    /// A tombstone of the table is as new as one of the rows: the rows
+    /// were looked up again (`Stage::recheck`).
+    Checked,
+}
+
+/// What running one planned statement did.
+#[derive(Debug, Clone, Copy)]
+struct Executed {
+    /// Rows it wrote.
+    written: u64,
+    /// Of its changes, how many lost.
+    lost: u64,
+    /// How many changes it applied (its members).
+    changes: u64,
+    /// An upsert that wrote rows: how they were checked.
+    path: Option<UpsertPath>,
 }
 
 pub fn now_ms() -> u64 {
@@ -44,20 +91,27 @@ pub fn now_ms() -> u64 {
 
 /// Runs one planned statement and records its losers in the conflict log
 /// (see [`sql::conflicts_sql`]): how many rows it wrote, and how many of
-/// its changes lost.
+/// its changes lost. `savepoint` was set just before (see [`write`]).
 async fn execute(
     tx: &tokio_postgres::Transaction<'_>,
     s: &sql::Statement,
+    savepoint: &str,
     staged: &mut HashSet<String>,
     log: Option<&ConflictLog>,
-) -> Result<(u64, u64), tokio_postgres::Error> {
-    let written = write(tx, s, staged).await?;
+) -> Result<Executed, tokio_postgres::Error> {
+    let (written, path) = write(tx, s, savepoint, staged).await?;
+    let mut done = Executed {
+        written,
+        lost: 0,
+        changes: s.members.len() as u64,
+        path,
+    };
     // every change written: none lost (the common case costs nothing)
     let (Some(log), Some(conflicts)) = (log, &s.conflicts) else {
-        return Ok((written, 0));
+        return Ok(done);
     };
     if written >= s.members.len() as u64 {
-        return Ok((written, 0));
+        return Ok(done);
     }
     let row = if s.stage.is_some() {
         tx.query_one(conflicts.as_str(), &[&log.sample, &log.regions])
@@ -66,7 +120,8 @@ async fn execute(
         tx.query_one(conflicts.as_str(), &[&log.sample, &log.regions, &s.rows])
             .await?
     };
-    Ok((written, row.get::<_, i64>(0).max(0) as u64))
+    done.lost = row.get::<_, i64>(0).max(0) as u64;
+    Ok(done)
 }
 
 /// The conflict log's settings, as the apply statements take them.
@@ -180,20 +235,13 @@ async fn store_parked(
     Ok(())
 }
 
-/// Runs one planned statement; an upsert first copies its rows into its
-/// staging table.
-async fn write(
+/// Copies an upsert's rows into its staging table.
+async fn stage_rows(
     tx: &tokio_postgres::Transaction<'_>,
     s: &sql::Statement,
+    stage: &sql::Stage,
     staged: &mut HashSet<String>,
-) -> Result<u64, tokio_postgres::Error> {
-    let Some(stage) = &s.stage else {
-        return if s.rows.is_empty() {
-            tx.execute(s.sql.as_str(), &[]).await
-        } else {
-            tx.execute(s.sql.as_str(), &[&s.rows]).await
-        };
-    };
+) -> Result<(), tokio_postgres::Error> {
     tx.batch_execute(&stage.create).await?;
     if !staged.insert(stage.name.clone()) {
         tx.batch_execute(&stage.clear).await?;
@@ -202,16 +250,78 @@ async fn write(
     let mut sink = std::pin::pin!(sink);
     sink.send(bytes::Bytes::copy_from_slice(s.rows.as_bytes()))
         .await?;
-    sink.as_mut().finish().await?;
-    let written = tx.execute(s.sql.as_str(), &[]).await?;
+    sink.as_mut().finish().await.map(|_| ())
+}
+
+/// Runs one planned statement; an upsert first copies its rows into its
+/// staging table. Returns the rows written and, for an upsert that wrote
+/// some, how. `savepoint` was set just before: the fast path of inserts
+/// returns there when a row of one of its keys committed meanwhile.
+async fn write(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &sql::Statement,
+    savepoint: &str,
+    staged: &mut HashSet<String>,
+) -> Result<(u64, Option<UpsertPath>), tokio_postgres::Error> {
+    let Some(stage) = &s.stage else {
+        let written = if s.rows.is_empty() {
+            tx.execute(s.sql.as_str(), &[]).await?
+        } else {
+            tx.execute(s.sql.as_str(), &[&s.rows]).await?
+        };
+        return Ok((written, None));
+    };
+    stage_rows(tx, s, stage, staged).await?;
+    // changes that were inserts at their source: first the rows the target
+    // lacks, as plain inserts; the upsert does the rest (a row the insert
+    // wrote is there at the same stamp: the upsert leaves it alone). A row
+    // of one of the keys that committed meanwhile fails the insert (a
+    // unique violation): back to the savepoint, staged again, and the
+    // upsert does it all
+    let mut inserted = 0;
+    if let Some(insert) = &stage.insert {
+        match tx.execute(insert.as_str(), &[]).await {
+            Ok(n) => inserted = n,
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT {savepoint}"))
+                    .await?;
+                stage_rows(tx, s, stage, staged).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let all_inserted = inserted == s.members.len() as u64;
+    let upserted = if all_inserted {
+        0
+    } else {
+        tx.execute(s.sql.as_str(), &[]).await?
+    };
+    let written = inserted + upserted;
     if written == 0 {
-        return Ok(0);
+        return Ok((0, None));
     }
     // a local delete that committed while the upsert waited for its row
     // lock left a tombstone the upsert's snapshot could not see: take back
-    // what it brought back (a new snapshot sees that tombstone now)
+    // what it brought back (a new snapshot sees that tombstone now). Only a
+    // tombstone at or above one of the rows' stamps can: the table's newest,
+    // read now, says whether there is one (the fast path: there is none)
+    let newest: i64 = tx
+        .query_one(stage.newest_tombstone.as_str(), &[])
+        .await?
+        .get(0);
+    if !sql::needs_recheck(newest, s.oldest) {
+        let path = if all_inserted {
+            UpsertPath::Fast
+        } else {
+            UpsertPath::Upsert
+        };
+        return Ok((written, Some(path)));
+    }
     let taken_back = tx.execute(stage.recheck.as_str(), &[]).await?;
-    Ok(written.saturating_sub(taken_back))
+    Ok((
+        written.saturating_sub(taken_back),
+        Some(UpsertPath::Checked),
+    ))
 }
 
 /// What a batch does with `pgrelay.parked`, the changes parked instead of
@@ -462,11 +572,13 @@ pub async fn apply_batch(
         tx.execute("SAVEPOINT stmt", &[])
             .await
             .map_err(at_step("savepoint"))?;
-        let result = execute(&tx, s, &mut staged, conflict_log).await;
+        let result = execute(&tx, s, "stmt", &mut staged, conflict_log).await;
         match result {
             Ok(_) if s.kind == sql::Kind::Merge => {}
-            Ok((n, lost)) => {
+            Ok(done) => {
+                let (n, lost) = (done.written, done.lost);
                 outcome.count_conflicts(&s.table, lost);
+                outcome.count_path(&done);
                 outcome.won += n;
                 outcome.lost +=
                     (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
@@ -499,11 +611,13 @@ pub async fn apply_batch(
                             tx.execute("SAVEPOINT one", &[])
                                 .await
                                 .map_err(at_step("savepoint"))?;
-                            let r = execute(&tx, one, &mut staged, conflict_log).await;
+                            let r = execute(&tx, one, "one", &mut staged, conflict_log).await;
                             match r {
                                 Ok(_) if one.kind == sql::Kind::Merge => break,
-                                Ok((n, lost)) => {
+                                Ok(done) => {
+                                    let (n, lost) = (done.written, done.lost);
                                     outcome.count_conflicts(&s.table, lost);
+                                    outcome.count_path(&done);
                                     outcome.won += n;
                                     outcome.lost += 1u64.saturating_sub(n);
                                     break;

@@ -520,6 +520,23 @@ impl Pipeline {
                 *n,
             );
         }
+        for (path, n) in [
+            ("fast", outcome.fast),
+            ("upsert", outcome.upserted),
+            ("checked", outcome.checked),
+        ] {
+            if n > 0 {
+                self.metrics.add(
+                    &metric::APPLY_UPSERTED,
+                    &[
+                        ("region", self.region.as_str()),
+                        ("source", self.source.as_str()),
+                        ("path", path),
+                    ],
+                    n,
+                );
+            }
+        }
         self.metrics.add(
             &metric::APPLY_DEAD_LETTERED,
             &labels,

@@ -6,15 +6,21 @@
 //! grouped by table, kind and column set; each group becomes one statement.
 //! Upserts stream their rows with `COPY` (text format, each value through
 //! its column type's input function) into a session-local staging table,
-//! then one `INSERT … SELECT … ON CONFLICT` moves them; deletes and
-//! truncates carry their keys as one JSON parameter.
+//! then one `INSERT … SELECT … ON CONFLICT` moves them; changes that were
+//! inserts at their source are grouped apart and first go in by a plain
+//! `INSERT` of the keys the target lacks (the fast path: no speculative
+//! insertion per row), the conditional upsert taking what remains. Deletes
+//! and truncates carry their keys as one JSON parameter.
 //!
 //! Every statement is conditional on stamps: an upsert wins only over a row
 //! with a lower stamp (or none) and only if no tombstone of that key (or of
 //! the whole table, left by a truncate) has an equal or higher stamp; a
 //! delete removes only a lower-stamped row and leaves (or raises) a
 //! tombstone; a truncate removes the rows older than itself. Re-applying a batch therefore changes
-//! nothing. Identifiers come from the target catalog and are quoted.
+//! nothing. A change stamped above its table's newest tombstone (read once
+//! per statement) has no tombstone to look for: rows are looked up in
+//! `pgrelay.tombstones` only below it. Identifiers come from the target
+//! catalog and are quoted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -50,6 +56,9 @@ pub struct Statement {
     /// Records this statement's losers in `pgrelay.conflicts` (see
     /// [`conflicts_sql`]); `None` for truncates.
     pub conflicts: Option<String>,
+    /// The lowest stamp among `members`: a tombstone of the table below it
+    /// cannot hold any of them back (see [`needs_recheck`]).
+    pub oldest: u64,
 }
 
 /// A fast, non-keyed hasher for the batch's own keys (no untrusted party
@@ -103,9 +112,31 @@ pub struct Stage {
     pub copy: String,
     /// Empties it (when one transaction stages it twice).
     pub clear: String,
-    /// Run after the upsert: removes the rows it wrote that a tombstone
-    /// committed meanwhile covers (see `apply::execute`).
+    /// Run after the upsert when [`needs_recheck`] says so: removes the
+    /// rows it wrote that a tombstone committed meanwhile covers (see
+    /// `apply::batch::write`).
     pub recheck: String,
+    /// The table's newest tombstone stamp, -1 without one (one index
+    /// probe): run after the upsert, it decides whether `recheck` can find
+    /// anything ([`needs_recheck`]).
+    pub newest_tombstone: String,
+    /// The fast path of changes that were inserts at their source: a plain
+    /// `INSERT` of the staged rows whose key the target lacks and that no
+    /// tombstone holds back, run before the upsert (see
+    /// `apply::batch::write`). `None` for updates, whose rows are mostly
+    /// there.
+    pub insert: Option<String>,
+}
+
+/// Whether an upsert's rows may be covered by a tombstone, given the
+/// table's newest tombstone stamp (`-1`: none; read after the upsert, so
+/// it includes every delete that committed while the upsert ran) and the
+/// statement's lowest stamp ([`Statement::oldest`]). A row is covered only
+/// by a tombstone of its key (or of the whole table) stamped at or above
+/// the row, so below `oldest` there is nothing to check: the fast path,
+/// the common case of changes newer than every delete of their table.
+pub fn needs_recheck(newest_tombstone: i64, oldest: u64) -> bool {
+    i128::from(newest_tombstone) >= i128::from(oldest)
 }
 
 /// Gives each insert or update the columns it lacks from the same row's
@@ -183,6 +214,7 @@ pub fn plan(batch: &[Incoming<'_>]) -> Vec<Statement> {
                 members: vec![i],
                 superseded: vec![],
                 conflicts: None,
+                oldest: change.hlc,
             });
             start = i + 1;
         }
@@ -210,8 +242,9 @@ fn plan_segment(batch: &[Incoming<'_>], from: usize, to: usize, out: &mut Vec<St
             }
         }
     }
-    // group: (table, kind, column set) -> members, in batch order
-    type Group<'b> = (&'b TableName, bool, &'b [Text<'b>]);
+    // group: (table, kind, inserted at the source, column set) -> members,
+    // in batch order
+    type Group<'b> = (&'b TableName, bool, bool, &'b [Text<'b>]);
     let mut groups: BTreeMap<Group<'_>, (&TargetTable, Vec<usize>)> = BTreeMap::new();
     let mut winners: Vec<usize> = newest.into_values().collect();
     winners.sort_unstable();
@@ -220,27 +253,33 @@ fn plan_segment(batch: &[Incoming<'_>], from: usize, to: usize, out: &mut Vec<St
         let is_delete = c.op == Op::Delete;
         let cols: &[Text<'_>] = if is_delete { &[] } else { &c.columns };
         groups
-            .entry((&c.table.name, is_delete, cols))
+            .entry((&c.table.name, is_delete, c.op == Op::Insert, cols))
             .or_insert_with(|| (c.table, Vec::new()))
             .1
             .push(i);
     }
     let mut first = true;
-    for ((_, is_delete, cols), (target, members)) in groups {
+    for ((_, is_delete, inserted, cols), (target, members)) in groups {
         let (kind, stage, sql, rows) = if is_delete {
             let rows = delete_rows(batch, &members);
             (Kind::Delete, None, delete_sql(target), rows)
         } else {
-            let (stage, sql) = upsert_sql(target, cols);
+            let (mut stage, sql) = upsert_sql(target, cols);
+            if !inserted {
+                // rows updated at the source are mostly there already
+                stage.insert = None;
+            }
             (Kind::Upsert, Some(stage), sql, copy_rows(batch, &members))
         };
         let conflicts = Some(conflicts_sql(target, stage.as_ref()));
+        let oldest = members.iter().map(|&i| batch[i].hlc).min().unwrap_or(0);
         out.push(Statement {
             kind,
             table: target.name.to_string(),
             stage,
             sql,
             rows,
+            oldest,
             members,
             superseded: if first {
                 std::mem::take(&mut superseded)
@@ -306,6 +345,7 @@ pub fn merge_statements(batch: &[Incoming<'_>], from: usize, to: usize) -> Vec<S
                 .collect();
             if !members.is_empty() {
                 out.push(merge_statement(
+                    batch,
                     target,
                     crate::merge::counts_sql(target, &counters),
                     counts_rows(batch, &rows, target, &counters),
@@ -327,6 +367,7 @@ pub fn merge_statements(batch: &[Incoming<'_>], from: usize, to: usize) -> Vec<S
             let rows = union_rows(batch, &members, target, column);
             if rows != "[]" {
                 out.push(merge_statement(
+                    batch,
                     target,
                     crate::merge::union_sql(target, column),
                     rows,
@@ -339,6 +380,7 @@ pub fn merge_statements(batch: &[Incoming<'_>], from: usize, to: usize) -> Vec<S
 }
 
 fn merge_statement(
+    batch: &[Incoming<'_>],
     target: &TargetTable,
     sql: String,
     rows: String,
@@ -350,6 +392,7 @@ fn merge_statement(
         stage: None,
         sql,
         rows,
+        oldest: members.iter().map(|&i| batch[i].hlc).min().unwrap_or(0),
         members: members.to_vec(),
         superseded: vec![],
         conflicts: None,
@@ -585,7 +628,7 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     let name = format!("pgrelay_stage_{h:016x}");
-    let stage = Stage {
+    let mut stage = Stage {
         create: format!(
             "CREATE TEMP TABLE IF NOT EXISTS {q} ON COMMIT DELETE ROWS AS \
              SELECT {with_hlc} FROM {t} WITH NO DATA",
@@ -607,6 +650,8 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
             tname = quote_literal(&target.name.to_string()),
             pk = target.key_json("cur"),
         ),
+        newest_tombstone: newest_tombstone_sql(target),
+        insert: None,
         name,
     };
     let select_list: Vec<String> = cols
@@ -626,21 +671,54 @@ pub fn upsert_sql(target: &TargetTable, cols: &[impl AsRef<str>]) -> (Stage, Str
         .chain(std::iter::once(format!("{hlc} = EXCLUDED.{hlc}")))
         .collect();
     let keys: Vec<String> = target.key.iter().map(|k| quote_ident(k)).collect();
+    // a row stamped above the table's newest tombstone (read once, an
+    // index probe) has no tombstone to look for: the common case costs no
+    // probe per row
+    let not_held_back = format!(
+        "(r.{hlc} > ({newest}) OR NOT EXISTS (SELECT 1 FROM pgrelay.tombstones ts \
+         WHERE ts.table_name = {tname} AND ts.pk IN ({pk}, '{{}}'::jsonb) AND ts.hlc >= r.{hlc}))",
+        newest = stage.newest_tombstone,
+        tname = quote_literal(&target.name.to_string()),
+        pk = target.key_json("r"),
+    );
+    // the rows whose key the target lacks, inserted as they are: no
+    // speculative insertion (its extra lock and WAL record per row) where
+    // there is no row to conflict with. The key lookup is a subplan per row
+    // (OFFSET 0 keeps it one), never a join that reads the whole table. A
+    // row of the key committed meanwhile fails it with a unique violation:
+    // the upsert then does it all
+    stage.insert = Some(format!(
+        "INSERT INTO {t} ({with_hlc}) SELECT {sel} FROM {stage} AS r \
+         WHERE NOT EXISTS (SELECT 1 FROM {t} AS cur WHERE {join} OFFSET 0) AND {not_held_back}",
+        sel = select_list.join(", "),
+        stage = quote_ident(&stage.name),
+        join = target
+            .key
+            .iter()
+            .map(|k| format!("cur.{0} = r.{0}", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(" AND "),
+    ));
     let sql = format!(
         "INSERT INTO {t} AS cur ({with_hlc}) \
-         SELECT {sel} FROM {stage} AS r \
-         WHERE NOT EXISTS (SELECT 1 FROM pgrelay.tombstones ts \
-         WHERE ts.table_name = {tname} AND ts.pk IN ({pk}, '{{}}'::jsonb) AND ts.hlc >= r.{hlc}) \
+         SELECT {sel} FROM {stage} AS r WHERE {not_held_back} \
          ON CONFLICT ({keys}) DO UPDATE SET {updates} \
          WHERE cur.{hlc} IS NULL OR cur.{hlc} < EXCLUDED.{hlc}",
         sel = select_list.join(", "),
         stage = quote_ident(&stage.name),
-        tname = quote_literal(&target.name.to_string()),
-        pk = target.key_json("r"),
         keys = keys.join(", "),
         updates = updates.join(", "),
     );
     (stage, sql)
+}
+
+/// The stamp of `target`'s newest tombstone (of a key or of the whole
+/// table), -1 without one: one backward probe of `tombstones_table_hlc`.
+pub fn newest_tombstone_sql(target: &TargetTable) -> String {
+    format!(
+        "SELECT coalesce(max(ts.hlc), -1) FROM pgrelay.tombstones ts WHERE ts.table_name = {}",
+        quote_literal(&target.name.to_string())
+    )
 }
 
 /// Records the changes of one statement that lost in `pgrelay.conflicts`;

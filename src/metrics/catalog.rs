@@ -204,6 +204,12 @@ catalog! {
         labels: &["region", "source", "table"],
         help: "Incoming changes that lost to a newer version of their row (the conflict log)",
     };
+    APPLY_UPSERTED: Counter = Metric {
+        name: "pgrelay_apply_upserted_total",
+        kind: Counter,
+        labels: &["region", "source", "path"],
+        help: "Changes written by upsert statements, by path: fast (plain inserts of keys the target lacked), upsert (the conditional upsert), checked (rows looked up again for a tombstone as new as one of them)",
+    };
     APPLY_DEAD_LETTERED: Counter = Metric {
         name: "pgrelay_apply_dead_lettered_total",
         kind: Counter,

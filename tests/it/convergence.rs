@@ -158,6 +158,57 @@ async fn a_local_delete_racing_an_older_apply_does_not_bring_the_row_back() {
     );
 }
 
+/// Changes inserted at their source are first written by a plain insert of
+/// the keys the target lacks. A local insert of the same key, open while
+/// that insert runs, makes it wait and then fail with a unique violation
+/// once it commits: the conditional upsert takes over and the stamps
+/// decide, with nothing parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_racing_a_local_insert_of_its_key_is_decided_by_stamp() {
+    let p = pair(SCHEMA);
+    // eu inserts the key first (the older stamp), and does not commit yet
+    let eu = p.eu.client().await;
+    eu.batch_execute("BEGIN; INSERT INTO products VALUES (1, 'eu', 1)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // us inserts it after (the newer stamp)
+    p.us.psql("INSERT INTO products VALUES (1, 'us', 2)");
+    let _us = Relay::spawn(&p.cfg, "us", "capture");
+    let _eu_apply = Relay::spawn(&p.cfg, "eu", "apply");
+    let watch = p.eu.client().await;
+    eventually(
+        Duration::from_secs(60),
+        "the plain insert to wait for the local insert of its key",
+        || async {
+            let n: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgrelay' \
+                     AND wait_event_type = 'Lock' AND query ILIKE 'INSERT INTO%products%' \
+                     AND query NOT ILIKE '%ON CONFLICT%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n > 0).then_some(())
+        },
+    )
+    .await;
+    eu.batch_execute("COMMIT").await.unwrap();
+    // the newer row, us's, in both regions
+    let both = same_rows(&p.us, &p.eu, "us's newer row in eu").await;
+    assert_eq!(both.len(), 1);
+    assert_eq!(both[0].1.as_deref(), Some("2"), "{both:?}");
+    // applied, not parked
+    let parked: i64 = watch
+        .query_one("SELECT count(*) FROM pgrelay.parked", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(parked, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_loses_its_last_commits_gets_them_again() {
     let p = pair(SCHEMA);

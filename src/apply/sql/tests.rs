@@ -359,3 +359,126 @@ fn identifiers_are_quoted() {
     assert!(stage.create.contains("FROM \"public\".\"we\"\"ird\""));
     assert!(stage.copy.contains("\"a\"\"b\""));
 }
+
+#[test]
+fn an_upsert_is_rechecked_only_below_the_newest_tombstone() {
+    let t = targets();
+    let records = vec![
+        record(Op::Update, "1", 40, &[("id", "1"), ("v", "a")]),
+        record(Op::Update, "2", 25, &[("id", "2"), ("v", "b")]),
+        record(Op::Update, "1", 50, &[("id", "1"), ("v", "c")]),
+        record(Op::Delete, "3", 20, &[]),
+    ];
+    let plan = plan(&parsed(&records, &t));
+    let upsert = plan.iter().find(|s| s.kind == Kind::Upsert).unwrap();
+    // the survivors are stamped 50 and 25: the superseded 40 does not count
+    assert_eq!(upsert.members, vec![1, 2]);
+    assert_eq!(upsert.oldest, 25);
+    let delete = plan.iter().find(|s| s.kind == Kind::Delete).unwrap();
+    assert_eq!(delete.oldest, 20);
+    // no tombstone, or only older ones: the fast path
+    assert!(!needs_recheck(-1, upsert.oldest));
+    assert!(!needs_recheck(24, upsert.oldest));
+    // a tombstone as new as a row may cover it (a tie covers: LWW keeps
+    // the delete)
+    assert!(needs_recheck(25, upsert.oldest));
+    assert!(needs_recheck(i64::MAX, upsert.oldest));
+    assert!(!needs_recheck(i64::MAX, u64::MAX));
+    assert!(needs_recheck(0, 0));
+}
+
+#[test]
+fn the_upsert_looks_tombstones_up_only_for_rows_not_above_the_newest() {
+    let t = targets();
+    let records = vec![record(Op::Insert, "1", 40, &[("id", "1"), ("v", "a")])];
+    let plan = plan(&parsed(&records, &t));
+    let upsert = plan.iter().find(|s| s.kind == Kind::Upsert).unwrap();
+    let stage = upsert.stage.as_ref().unwrap();
+    assert_eq!(
+        stage.newest_tombstone,
+        "SELECT coalesce(max(ts.hlc), -1) FROM pgrelay.tombstones ts \
+         WHERE ts.table_name = 'public.p'"
+    );
+    // the newest tombstone is read once (an uncorrelated subquery), the
+    // per-row lookup only where a row is not above it; the table-wide
+    // tombstone of a truncate is among both
+    assert!(
+        upsert.sql.contains(&format!(
+            "WHERE (r.\"_pgrelay_hlc\" > ({}) OR NOT EXISTS (SELECT 1 FROM pgrelay.tombstones ts \
+             WHERE ts.table_name = 'public.p' AND ts.pk IN (jsonb_build_object('id', r.\"id\"::text), \
+             '{{}}'::jsonb) AND ts.hlc >= r.\"_pgrelay_hlc\")) ON CONFLICT",
+            stage.newest_tombstone
+        )),
+        "{}",
+        upsert.sql
+    );
+    // the recheck itself is unchanged: the key's or the table's tombstone
+    // at or above the row's stamp takes the row back
+    assert!(stage.recheck.contains(
+        "ts.pk IN (jsonb_build_object('id', cur.\"id\"::text), '{}'::jsonb) AND ts.hlc >= cur.\"_pgrelay_hlc\""
+    ));
+}
+
+#[test]
+fn inserts_get_a_plain_insert_of_the_keys_the_target_lacks() {
+    let t = targets();
+    let records = vec![
+        record(Op::Insert, "1", 10, &[("id", "1"), ("v", "a")]),
+        record(Op::Update, "2", 11, &[("id", "2"), ("v", "b")]),
+        record(Op::Insert, "3", 12, &[("id", "3"), ("v", "c")]),
+        // inserted, then updated in the batch: an update
+        record(Op::Insert, "4", 13, &[("id", "4"), ("v", "d")]),
+        record(Op::Update, "4", 14, &[("id", "4"), ("v", "e")]),
+    ];
+    let plan = plan(&parsed(&records, &t));
+    assert_eq!(plan.len(), 2, "{plan:#?}");
+    let inserts = plan.iter().find(|s| s.members == vec![0, 2]).unwrap();
+    let updates = plan.iter().find(|s| s.members == vec![1, 4]).unwrap();
+    assert_eq!(inserts.kind, Kind::Upsert);
+    assert_eq!(inserts.oldest, 10);
+    assert_eq!(updates.oldest, 11);
+    // the same staging table and upsert for both
+    assert_eq!(
+        inserts.stage.as_ref().unwrap().name,
+        updates.stage.as_ref().unwrap().name
+    );
+    assert_eq!(inserts.sql, updates.sql);
+    assert!(updates.stage.as_ref().unwrap().insert.is_none());
+    let stage = inserts.stage.as_ref().unwrap();
+    let insert = stage.insert.as_deref().unwrap();
+    assert_eq!(
+        insert,
+        format!(
+            "INSERT INTO \"public\".\"p\" (\"id\", \"v\", \"_pgrelay_hlc\") \
+             SELECT r.\"id\", r.\"v\", r.\"_pgrelay_hlc\" FROM \"{name}\" AS r \
+             WHERE NOT EXISTS (SELECT 1 FROM \"public\".\"p\" AS cur WHERE cur.\"id\" = r.\"id\" OFFSET 0) \
+             AND (r.\"_pgrelay_hlc\" > ({newest}) OR NOT EXISTS (SELECT 1 FROM pgrelay.tombstones ts \
+             WHERE ts.table_name = 'public.p' AND ts.pk IN (jsonb_build_object('id', r.\"id\"::text), \
+             '{{}}'::jsonb) AND ts.hlc >= r.\"_pgrelay_hlc\"))",
+            name = stage.name,
+            newest = stage.newest_tombstone,
+        )
+    );
+    // no ON CONFLICT: a row of the key that committed meanwhile is a
+    // unique violation, and the upsert does it all
+    assert!(!insert.contains("ON CONFLICT"));
+    // the upsert holds rows back by the same tombstone condition
+    assert!(inserts
+        .sql
+        .contains(&insert[insert.find("(r.\"_pgrelay_hlc\" >").unwrap()..]));
+}
+
+#[test]
+fn a_composite_key_is_looked_up_whole() {
+    let mut t = targets();
+    let mut tt = t.get("public.p").unwrap().clone();
+    tt.key = vec!["id".into(), "v".into()];
+    t.insert("public.p".into(), tt);
+    let records = vec![record(Op::Insert, "1", 10, &[("id", "1"), ("v", "a")])];
+    let plan = plan(&parsed(&records, &t));
+    let insert = plan[0].stage.as_ref().unwrap().insert.clone().unwrap();
+    assert!(
+        insert.contains("WHERE cur.\"id\" = r.\"id\" AND cur.\"v\" = r.\"v\" OFFSET 0"),
+        "{insert}"
+    );
+}
