@@ -185,19 +185,22 @@ fn column_rules(region: &str, t: &TableConfig, state: &TableState) -> Vec<Findin
     let name = &t.name;
     let mut out = Vec::new();
     for rule in &t.columns {
-        if !state.columns.contains(&rule.column) {
+        if !rule.present_in(&state.columns) {
             // fail closed: the capture side would stop at the table's next change
             out.push(finding(
                 Severity::Blocking,
                 format!(
                     "region {region}: table {name} has no column {:?}, which a column rule names \
                      (renamed or dropped?); pgrelay publishes nothing of the table until the rule \
-                     names the column's current name or is removed",
+                     names the column's current name (formerly = [the old name]) or is removed",
                     rule.column
                 ),
             ));
         }
-        if state.primary_key.contains(&rule.column) {
+        if rule
+            .names()
+            .any(|n| state.primary_key.iter().any(|k| k == n))
+        {
             out.push(finding(
                 Severity::Blocking,
                 format!("region {region}: table {name}: column rule on primary key column {:?}; a key cannot be dropped, hashed or masked", rule.column),

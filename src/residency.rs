@@ -137,8 +137,9 @@ struct TableRules {
     rows: RowRule,
     /// Per destination index: (column, action) of the rules that apply there.
     columns: Vec<Vec<(String, ColumnAction)>>,
-    /// Every column some rule names (for any destination), in config order.
-    rule_columns: Vec<String>,
+    /// Every column some rule names (for any destination), in config order:
+    /// its name, then its earlier names (one of them must be there).
+    rule_columns: Vec<Vec<String>>,
 }
 
 /// A relation whose shape the table's rules cannot be applied to safely:
@@ -148,10 +149,25 @@ pub enum RelationError {
     #[error(
         "table {table} has no column {column:?}, which a column rule in [[tables.columns]] \
          names; its changes are not published, so a renamed column cannot leave the region \
-         unprotected. Point the rule at the column's current name (or remove the rule if the \
-         column was dropped), then restart"
+         unprotected. Point the rule at the column's current name with formerly = \
+         [{column:?}] (changes written before the rename still carry it), or remove the rule if \
+         the column was dropped, then restart"
     )]
     MissingRuleColumn { table: TableName, column: String },
+    #[error(
+        "table {table} has column {column:?}, which a column rule in [[tables.columns]] names, \
+         but the stream is at changes written before it had that name (a backlog from before a \
+         rename; the shape then had {earlier}); they are not published, so the column cannot \
+         leave the region under its earlier name. Add the earlier name to the rule, \
+         formerly = [\"<earlier name>\"], then restart"
+    )]
+    RuleColumnNamedLater {
+        table: TableName,
+        column: String,
+        /// The shape's columns the table no longer has (the earlier name is
+        /// one of them), as a readable list.
+        earlier: String,
+    },
     #[error(
         "table {table} is partitioned (each row's home read from column {home_column:?}) but \
          its replica identity is now {identity}, not FULL: the old home of a changed row is no \
@@ -295,7 +311,10 @@ impl Policy {
                         .columns
                         .iter()
                         .filter(|rule| rule.applies_to(dest))
-                        .map(|rule| (rule.column.clone(), rule.action.clone()))
+                        .flat_map(|rule| {
+                            rule.names()
+                                .map(|name| (name.to_string(), rule.action.clone()))
+                        })
                         .collect::<Vec<_>>()
                 })
                 .collect::<Vec<_>>();
@@ -303,10 +322,11 @@ impl Policy {
                 .columns
                 .iter()
                 .any(|rule| rule.action == ColumnAction::Hash);
-            let mut rule_columns: Vec<String> = Vec::new();
+            let mut rule_columns: Vec<Vec<String>> = Vec::new();
             for rule in &table.columns {
-                if !rule_columns.contains(&rule.column) {
-                    rule_columns.push(rule.column.clone());
+                let names: Vec<String> = rule.names().map(str::to_string).collect();
+                if !rule_columns.contains(&names) {
+                    rule_columns.push(names);
                 }
             }
             tables.insert(
@@ -390,11 +410,15 @@ impl Policy {
         if matches!(rules.rows, RowRule::Never(_)) {
             return Ok(());
         }
-        for rule_column in &rules.rule_columns {
-            if !columns.clone().into_iter().any(|c| c == rule_column) {
+        for names in &rules.rule_columns {
+            if !columns
+                .clone()
+                .into_iter()
+                .any(|c| names.iter().any(|n| n == c))
+            {
                 return Err(RelationError::MissingRuleColumn {
                     table: table.clone(),
-                    column: rule_column.clone(),
+                    column: names[0].clone(),
                 });
             }
         }
@@ -593,7 +617,7 @@ impl Policy {
                 _ if rules
                     .rule_columns
                     .iter()
-                    .any(|c| schema.column_index(c).is_none()) =>
+                    .any(|names| names.iter().all(|c| schema.column_index(c).is_none())) =>
                 {
                     PlanBody::Never(DropReason::RuleColumnMissing)
                 }

@@ -12,7 +12,7 @@ use crate::pgoutput::{self, encode_status_update, Frame};
 use crate::publish::envelope::{self, HEADER_HLC, HEADER_OP, HEADER_ORIGIN, HEADER_TABLE};
 use crate::publish::producer::{Delivery, SendError};
 use crate::publish::sink::{self, Outgoing};
-use crate::residency::{DropReason, Verdict};
+use crate::residency::{DropReason, RelationError, Verdict};
 use crate::source::assemble::Output;
 use crate::source::conn::{ReplReader, ReplWriter};
 use crate::source::fill;
@@ -274,20 +274,19 @@ impl Loop<'_> {
                 {
                     // before any row of the new shape is read
                     let table = TableName::new(schema.as_str(), name.as_str());
-                    self.policy
-                        .check_relation(
-                            &table,
-                            columns.iter().map(|c| c.name.as_str()),
-                            Some(*replica_identity),
-                        )
-                        .map_err(|source| {
-                            CaptureError::from(CaptureErrorKind::Relation {
-                                region: self.region.to_string(),
-                                table: table.clone(),
-                                lsn: self.at,
-                                source,
-                            })
-                        })?;
+                    if let Err(source) = self.policy.check_relation(
+                        &table,
+                        columns.iter().map(|c| c.name.as_str()),
+                        Some(*replica_identity),
+                    ) {
+                        let source = self.explain_relation(&table, columns, source).await;
+                        return Err(CaptureError::from(CaptureErrorKind::Relation {
+                            region: self.region.to_string(),
+                            table,
+                            lsn: self.at,
+                            source,
+                        }));
+                    }
                     self.note_columns_gone(&table, columns).await?;
                     // a counter's delta needs the old row: without it an
                     // update's increment would be lost everywhere else
@@ -368,6 +367,40 @@ impl Loop<'_> {
     /// destination that dropped the column too has nothing to wait for.
     /// Key columns are never left out (a table whose key is gone keeps its
     /// changes whole, and a destination parks what it cannot apply).
+    /// A rule column missing from a relation the table has now: the
+    /// relation is older than the column's name (a backlog from before a
+    /// rename), and the fix is an earlier name, not a new one.
+    async fn explain_relation(
+        &mut self,
+        table: &TableName,
+        columns: &[pgoutput::RelColumn],
+        error: RelationError,
+    ) -> RelationError {
+        let RelationError::MissingRuleColumn { column, .. } = &error else {
+            return error;
+        };
+        let Ok(now) = self.filler.columns_now(table).await else {
+            return error;
+        };
+        if !now.contains(column) {
+            return error;
+        }
+        let earlier: Vec<String> = columns
+            .iter()
+            .filter(|c| !now.contains(&c.name))
+            .map(|c| format!("{:?}", c.name))
+            .collect();
+        RelationError::RuleColumnNamedLater {
+            table: table.clone(),
+            column: column.clone(),
+            earlier: if earlier.is_empty() {
+                "no column the table lacks now".to_string()
+            } else {
+                format!("{}, which the table lacks now", earlier.join(", "))
+            },
+        }
+    }
+
     async fn note_columns_gone(
         &mut self,
         table: &TableName,

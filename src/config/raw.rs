@@ -179,6 +179,7 @@ pub(super) struct RawColumnRule {
     pub(super) mask: Option<String>,
     pub(super) to: Option<Vec<String>>,
     pub(super) merge: Option<RawMerge>,
+    pub(super) formerly: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -94,6 +94,10 @@ impl TableClass {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ColumnRule {
     pub column: String,
+    /// Earlier names of the column (`formerly`): a relation that still has
+    /// one of them (changes written before a rename, published after it)
+    /// gets the rule on that column.
+    pub formerly: Vec<String>,
     pub action: ColumnAction,
     /// Destinations the rule applies to; `None`: every destination.
     pub to: Option<BTreeSet<String>>,
@@ -102,6 +106,22 @@ pub struct ColumnRule {
 impl ColumnRule {
     pub fn applies_to(&self, destination: &str) -> bool {
         self.to.as_ref().is_none_or(|to| to.contains(destination))
+    }
+
+    /// The column's name, then its earlier names.
+    pub fn names(&self) -> impl Iterator<Item = &str> + Clone {
+        std::iter::once(self.column.as_str()).chain(self.formerly.iter().map(String::as_str))
+    }
+
+    /// Whether the rule covers a column of this name (current or earlier).
+    pub fn covers(&self, column: &str) -> bool {
+        self.names().any(|n| n == column)
+    }
+
+    /// Whether a table with these columns has the rule's column under one
+    /// of its names.
+    pub fn present_in<S: AsRef<str>>(&self, columns: &[S]) -> bool {
+        columns.iter().any(|c| self.covers(c.as_ref()))
     }
 }
 
@@ -140,6 +160,7 @@ impl TableConfig {
         let named = self
             .columns
             .iter()
+            .filter(|r| !r.present_in(columns))
             .map(|r| r.column.as_str())
             .chain(self.merge.iter().map(|m| m.column.as_str()));
         for name in named {

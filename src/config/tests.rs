@@ -963,6 +963,54 @@ fn column_rules() {
         ),
         &["column a has two rules for destination eu"],
     );
+    // earlier names: each once, never the current name or the home column,
+    // never on a merge column; a rule under an earlier name is a clash
+    table_err(
+        &rule(
+            "class = \"global\"",
+            "name = \"a\"\naction = \"drop\"\nformerly = [\"a\"]",
+        ),
+        &["column a: formerly entry \"a\" must be an earlier name"],
+    );
+    table_err(
+        &rule(
+            "class = \"global\"",
+            "name = \"a\"\naction = \"drop\"\nformerly = [\"b\", \"b\"]",
+        ),
+        &["formerly entry \"b\""],
+    );
+    table_err(
+        &rule(
+            partitioned,
+            "name = \"a\"\naction = \"drop\"\nformerly = [\"country\"]",
+        ),
+        &["formerly entry \"country\" is the home column"],
+    );
+    table_err(
+        &rule(
+            "class = \"global\"",
+            "name = \"a\"\nmerge = \"counter\"\nformerly = [\"b\"]",
+        ),
+        &["column a: formerly is for drop, hash and mask rules"],
+    );
+    table_err(
+        &format!(
+            "{}[[tables.columns]]\nname = \"b\"\naction = \"hash\"\n",
+            rule(
+                "class = \"global\"",
+                "name = \"a\"\naction = \"drop\"\nformerly = [\"b\"]"
+            )
+        ),
+        &["column b has two rules for destination"],
+    );
+    let c = ok(&with_tables(&rule(
+        "class = \"global\"",
+        "name = \"a\"\naction = \"drop\"\nformerly = [\"b\"]",
+    )));
+    let t = &c.tables[0];
+    assert_eq!(t.columns[0].formerly, ["b"]);
+    assert!(t.missing_columns(&["id", "b"]).is_empty());
+    assert_eq!(t.missing_columns(&["id", "c"]), ["a"]);
     // hash needs the key of every region that sends the table
     let text = with_tables(&rule(
         "class = \"global\"",

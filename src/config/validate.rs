@@ -928,7 +928,7 @@ impl TableCheck<'_> {
         }
         if let Some(m) = merge
             .iter()
-            .find(|m| columns.iter().any(|r| r.column == m.column))
+            .find(|m| columns.iter().any(|r| r.covers(&m.column)))
         {
             return Err(self.err(format!(
                 "column {}: a merge column cannot also have a column rule (it goes to every \
@@ -965,6 +965,12 @@ impl TableCheck<'_> {
             return Err(self.err(format!(
                 "column {column}: a merge column goes to every region as it is; remove \
                  action, mask and to from its entry"
+            )));
+        }
+        if rule.formerly.is_some() {
+            return Err(self.err(format!(
+                "column {column}: formerly is for drop, hash and mask rules (a merge column \
+                 cannot be renamed in place; see Schema changes in docs/operations.md)"
             )));
         }
         if merge.iter().any(|m| m.column == column) {
@@ -1031,7 +1037,42 @@ impl TableCheck<'_> {
                 Some(to.into_iter().collect::<BTreeSet<_>>())
             }
         };
-        Ok(ColumnRule { column, action, to })
+        let formerly = self.formerly(&column, rule.formerly.unwrap_or_default(), class)?;
+        Ok(ColumnRule {
+            column,
+            formerly,
+            action,
+            to,
+        })
+    }
+
+    /// `formerly`: the column's earlier names, each once, none its current
+    /// name or the home column.
+    fn formerly(
+        &self,
+        column: &str,
+        formerly: Vec<String>,
+        class: &TableClass,
+    ) -> Result<Vec<String>, ConfigError> {
+        let mut out: Vec<String> = Vec::with_capacity(formerly.len());
+        for name in formerly {
+            if name.is_empty() || name == column || out.contains(&name) {
+                return Err(self.err(format!(
+                    "column {column}: formerly entry {name:?} must be an earlier name of the \
+                     column, non-empty, other than {column:?} and listed once"
+                )));
+            }
+            if let TableClass::Partitioned { home_column, .. } = class {
+                if *home_column == name {
+                    return Err(self.err(format!(
+                        "column {column}: formerly entry {name:?} is the home column; it cannot \
+                         be dropped, hashed or masked"
+                    )));
+                }
+            }
+            out.push(name);
+        }
+        Ok(out)
     }
 
     /// No destination gets two rules for one column (`columns` holds the
@@ -1043,7 +1084,7 @@ impl TableCheck<'_> {
     ) -> Result<(), ConfigError> {
         for region in self.regions.keys() {
             let clash = columns.iter().any(|r| {
-                r.column == rule.column && r.applies_to(region) && rule.applies_to(region)
+                rule.names().any(|n| r.covers(n)) && r.applies_to(region) && rule.applies_to(region)
             });
             if clash {
                 return Err(self.err(format!(

@@ -166,7 +166,15 @@ fn columns_going(table: &TableConfig, dest: &str) -> String {
                 ColumnAction::Hash => "hashed".to_string(),
                 ColumnAction::Mask(mask) => format!("masked as {mask:?}"),
             };
-            format!("{} {what}", rule.column)
+            if rule.formerly.is_empty() {
+                format!("{} {what}", rule.column)
+            } else {
+                format!(
+                    "{} (formerly {}) {what}",
+                    rule.column,
+                    rule.formerly.join(", ")
+                )
+            }
         })
         .collect();
     if rules.is_empty() {

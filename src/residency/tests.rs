@@ -904,3 +904,47 @@ fn routing_follows_the_table_rule() {
         }
     }
 }
+
+#[test]
+fn a_rule_with_earlier_names_covers_both_shapes_of_a_rename() {
+    // `card` renamed to `cardnum` in place; the rule names the new name and
+    // the old one, so changes written before the rename (old shape) and
+    // after it (new shape) both leave masked
+    let text = CONFIG.replace(
+        "name = \"card\"\naction = \"mask\"",
+        "name = \"cardnum\"\nformerly = [\"card\"]\naction = \"mask\"",
+    );
+    let config = parse_with_env(&text, "relay.toml", |_| None).unwrap_or_else(|e| panic!("{e}"));
+    let p = Policy::compile(&config, "us").unwrap();
+    let orders = TableName::new("public", "orders");
+    let before = ["id", "country", "email", "card"];
+    let after = ["id", "country", "email", "cardnum"];
+    assert_eq!(p.check_relation(&orders, before, Some(b'f')), Ok(()));
+    assert_eq!(p.check_relation(&orders, after, Some(b'f')), Ok(()));
+    // a shape with neither name is still refused, under the current name
+    let neither = ["id", "country", "email", "pan"];
+    assert_eq!(
+        p.check_relation(&orders, neither, Some(b'f')),
+        Err(RelationError::MissingRuleColumn {
+            table: orders.clone(),
+            column: "cardnum".into()
+        })
+    );
+    for columns in [&before, &after] {
+        let s = schema(41, "orders", columns);
+        let c = change(&s, Op::Insert, None, Some(row(&["1", "US", "a@b", "4111"])));
+        for dest in ["eu", "cn"] {
+            let r = published(route(&p, &c, dest));
+            let at = r.columns.len() - 1;
+            assert_eq!(r.columns[at], columns[3], "{dest}");
+            assert_eq!(r.after.as_deref().unwrap()[at], t("****"), "{dest}");
+        }
+    }
+    let s = schema(41, "orders", &neither);
+    let c = change(&s, Op::Insert, None, Some(row(&["1", "US", "a@b", "4111"])));
+    assert_eq!(
+        route(&p, &c, "eu"),
+        Verdict::Drop(DropReason::RuleColumnMissing)
+    );
+    assert!(matrix(&config).contains("cardnum (formerly card) masked as \"****\""));
+}

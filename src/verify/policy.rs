@@ -70,7 +70,7 @@ pub fn altered_between(table: &TableConfig, column: &str, a: &str, b: &str) -> b
     table
         .columns
         .iter()
-        .any(|rule| rule.column == column && (rule.applies_to(a) || rule.applies_to(b)))
+        .any(|rule| rule.covers(column) && (rule.applies_to(a) || rule.applies_to(b)))
 }
 
 /// The form a column must have in `region` when another region wrote the

@@ -56,13 +56,22 @@ use crate::support::relay::{self, ConfigFile, Relay};
 pub const REGIONS: [&str; 3] = ["us", "eu", "cn"];
 
 const SCHEMA: &str = "
-CREATE TABLE g (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, s text, big text);
+CREATE TABLE g (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, s text, big text,
+                secret text DEFAULT 'SECRET-' || md5(random()::text));
 CREATE TABLE o (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, extra text);
 CREATE TABLE p (id int PRIMARY KEY, home text NOT NULL, n int NOT NULL DEFAULT 0, big text);
 CREATE TABLE b (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
 CREATE TABLE m (id int PRIMARY KEY, c bigint NOT NULL DEFAULT 0, items text[] NOT NULL DEFAULT '{}', s text);
 CREATE TABLE q (id int PRIMARY KEY, home text NOT NULL, n int NOT NULL DEFAULT 0);
 ";
+
+/// `g`'s column that never leaves its region (a `drop` rule): every row
+/// gets a value marked [`SECRET_MARK`] where it is inserted, and no record of
+/// any topic may carry one. [`Fault::SchemaChange`] renames it in place to
+/// [`G_SECRET_RENAMED`] under a backlog, with the rule updated.
+const G_SECRET: &str = "secret";
+const G_SECRET_RENAMED: &str = "hidden";
+const SECRET_MARK: &str = "SECRET-";
 
 /// The tables the check compares.
 const TABLES: [&str; 6] = ["g", "o", "p", "b", "m", "q"];
@@ -121,6 +130,9 @@ batch_max_wait = "20ms"
 [[tables]]
 name = "public.g"
 class = "global"
+[[tables.columns]]
+name = "{G_SECRET}"
+action = "drop"
 
 [[tables]]
 name = "public.o"
@@ -659,6 +671,8 @@ fn select_list(table: &str) -> &'static str {
 pub struct Shape {
     extra_dropped: std::sync::atomic::AtomicBool,
     added: std::sync::atomic::AtomicBool,
+    /// `g.secret` is `g.hidden` now, and the rule says so.
+    renamed: std::sync::atomic::AtomicBool,
 }
 
 impl Shape {
@@ -667,6 +681,9 @@ impl Shape {
     }
     fn added(&self) -> bool {
         self.added.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn renamed(&self) -> bool {
+        self.renamed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -1222,9 +1239,14 @@ pub enum Fault {
     /// Lifecycle, schema changes under a backlog (the README's "Schema
     /// changes"): us's sidecar stops while its writers go on (inserts into
     /// `o` carrying `extra`, TOASTed, and updates leaving it untouched pile
-    /// up), `o.extra` is dropped in every region, the sidecar starts again
-    /// and must publish its backlog without the column, nothing waiting
-    /// for it anywhere; then `g.added` is added in one region after
+    /// Lifecycle, schema changes under a backlog: us's sidecar stops (a
+    /// backlog of `o` inserts carrying the TOASTed `extra` and updates leaving
+    /// it untouched piles up), `o.extra` is dropped in every region, `g.secret`
+    /// (a `drop` rule's column) is renamed in place in every region
+    /// ([`World::rename_ruled_column`]: the running capture sides stop, fail
+    /// closed, until the rule names both names), the sidecar starts again
+    /// and must publish its backlog without either column's values, nothing
+    /// waiting anywhere; then `g.added` is added in one region after
     /// another while every region writes, and the writers write it only
     /// once every region has it. Once per history (drawn again, it is a
     /// [`Fault::KillSidecar`]).
@@ -1507,6 +1529,7 @@ impl World {
                 for region in REGIONS {
                     alter(&self.pg[region], "ALTER TABLE o DROP COLUMN extra").await;
                 }
+                self.rename_ruled_column().await;
                 for role in roles(r) {
                     self.sidecars
                         .insert((r, role), Relay::spawn(&self.cfg, r, role));
@@ -1529,6 +1552,65 @@ impl World {
 }
 
 impl World {
+    /// The README's rename of a column a rule covers, done the hard way:
+    /// renamed in place in every region while us's sidecar is stopped (its
+    /// backlog holds changes of `g` under the old name and the new), so
+    /// eu's and cn's capture sides stop at their next change of `g` (fail
+    /// closed: seen in their logs); then the rule is given the new name with
+    /// the old one in `formerly` and every sidecar restarts (us's by the
+    /// caller). No record of any topic may carry the column's values
+    /// (`residency_of_every_record`), and every region must converge.
+    async fn rename_ruled_column(&mut self) {
+        for region in REGIONS {
+            alter(
+                &self.pg[region],
+                &format!("ALTER TABLE g RENAME COLUMN {G_SECRET} TO {G_SECRET_RENAMED}"),
+            )
+            .await;
+        }
+        self.shape
+            .renamed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for r in ["eu", "cn"] {
+            let capture = if r == "cn" { "capture" } else { "all" };
+            let stopped = |w: &World| {
+                w.sidecars[&(r, capture)]
+                    .log_text()
+                    .contains(&format!("no column \"{G_SECRET}\", which a column rule"))
+            };
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stopped(self) {
+                assert!(
+                    Instant::now() < deadline,
+                    "schema_change: {r}'s capture side published changes of g for 90 s after \
+                     {G_SECRET} was renamed under its rule (fail closed expected):\n{}",
+                    self.sidecars[&(r, capture)].log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            eprintln!("schema_change: {r}'s capture side stopped at the renamed rule column");
+        }
+        for cfg in [&self.cfg, &self.plpgsql] {
+            let text = std::fs::read_to_string(&cfg.path).expect("read the config");
+            let rule = format!("name = \"{G_SECRET}\"\naction = \"drop\"\n");
+            assert!(text.contains(&rule), "the config names g's rule column");
+            let renamed = text.replacen(
+                &rule,
+                &format!(
+                    "name = \"{G_SECRET_RENAMED}\"\nformerly = [\"{G_SECRET}\"]\naction = \"drop\"\n"
+                ),
+                1,
+            );
+            std::fs::write(&cfg.path, renamed).expect("write the config");
+        }
+        for r in ["eu", "cn"] {
+            for role in roles(r) {
+                self.sidecars
+                    .insert((r, role), Relay::spawn(&self.cfg, r, role));
+            }
+        }
+    }
+
     /// A region's connection string as the applications have it: us's
     /// names its primary and its standby while it has one.
     fn hosts(&self, r: &'static str) -> String {
@@ -1921,6 +2003,11 @@ impl World {
         }
         if self.shape.added() {
             self.pg[r].psql("ALTER TABLE g ADD COLUMN added int");
+        }
+        if self.shape.renamed() {
+            self.pg[r].psql(&format!(
+                "ALTER TABLE g RENAME COLUMN {G_SECRET} TO {G_SECRET_RENAMED}"
+            ));
         }
         self.joined = Some(newest);
         // the procedure for a region rebuilt from an empty database: its
@@ -2935,6 +3022,12 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
             total += records.len();
             for rec in records {
                 let v = &rec.value;
+                assert!(
+                    !v.to_string().contains(SECRET_MARK),
+                    "seed {seed}: topic {topic} offset {} carries a value of g's {G_SECRET} \
+                     column, which its drop rule keeps home: {v}",
+                    rec.offset
+                );
                 let table = v["source"]["table"].as_str().unwrap_or("");
                 if table != "p" && table != "q" {
                     continue;
@@ -2998,6 +3091,10 @@ fn residency_of_every_record(w: &World, seed: u64) -> usize {
             if refused {
                 replayed += 1;
             }
+            assert!(
+                !rec.value.to_string().contains(SECRET_MARK),
+                "seed {seed}: {src}'s dead-letter topic carries a value of g's {G_SECRET}"
+            );
             !discarded && !refused
         });
         assert!(

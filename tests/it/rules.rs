@@ -119,6 +119,103 @@ async fn a_renamed_rule_column_stops_capture_instead_of_leaking() {
         .any(|r| table_of(r) == "public.products" && key_id(r) == "7"));
 }
 
+/// A rule column renamed in place while the capture side is stopped: its
+/// backlog holds changes of both shapes. A rule naming only the new name
+/// stops at the old shape and says to add the earlier name; with
+/// `formerly`, both shapes leave under the rule and nothing else stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_column_renamed_under_a_backlog_needs_its_earlier_name() {
+    let f = fixture(SCHEMA);
+    let cfg = f.cfg.path.to_str().unwrap().to_string();
+    let c = f.pg.client().await;
+    // set up, then stopped: what follows is a backlog
+    let mut relay = Relay::spawn(&f.cfg, "us", "capture");
+    c.batch_execute("INSERT INTO products VALUES (1, 'before', 1, NULL)")
+        .await
+        .unwrap();
+    caught_up(&f.pg, Duration::from_secs(30)).await;
+    relay.kill9();
+    c.batch_execute(
+        "INSERT INTO orders VALUES (1, 'US', 'a@x.org', '4111111111111111', 5);
+         ALTER TABLE orders RENAME COLUMN card TO cardnum;
+         INSERT INTO orders VALUES (2, 'US', 'b@x.org', '5500000000000004', 6);
+         INSERT INTO products VALUES (7, 'after the rename', 1, NULL);",
+    )
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&f.cfg.path).unwrap();
+    std::fs::write(
+        &f.cfg.path,
+        text.replace("name = \"card\"", "name = \"cardnum\""),
+    )
+    .unwrap();
+    // the table has the rule's column: check passes, the backlog does not
+    let out = relay::cmd(&["check", "--config", &cfg, "--region", "us"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.starts_with("error:") && l.contains("cardnum")),
+        "{stdout}"
+    );
+    let mut relay = Relay::spawn(&f.cfg, "us", "capture");
+    let log = exited(&mut relay, "the capture side to stop at the old shape").await;
+    assert!(
+        log.contains("public.orders")
+            && log.contains("has column \"cardnum\"")
+            && log.contains("\"card\", which the table lacks now")
+            && log.contains("formerly"),
+        "{log}"
+    );
+    for (topic, recs) in us_topics(&f.broker.brokers()) {
+        assert!(
+            !recs.iter().any(|r| table_of(r) == "public.orders"),
+            "{topic}: an order left before the rule covered both names"
+        );
+    }
+    // the fix the error names: the earlier name too
+    let text = std::fs::read_to_string(&f.cfg.path).unwrap();
+    std::fs::write(
+        &f.cfg.path,
+        text.replace(
+            "name = \"cardnum\"",
+            "name = \"cardnum\"\nformerly = [\"card\"]",
+        ),
+    )
+    .unwrap();
+    let check = relay::cmd(&["check", "--config", &cfg, "--region", "us"]);
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("cardnum (formerly card) masked"),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let _relay = Relay::spawn(&f.cfg, "us", "capture");
+    caught_up(&f.pg, Duration::from_secs(30)).await;
+    for (topic, recs) in us_topics(&f.broker.brokers()) {
+        // the positive sign: the change after the backlog's orders
+        assert!(
+            recs.iter()
+                .any(|r| table_of(r) == "public.products" && key_id(r) == "7"),
+            "{topic}: the backlog was not published"
+        );
+        let orders: Vec<&Rec> = recs
+            .iter()
+            .filter(|r| table_of(r) == "public.orders")
+            .collect();
+        assert_eq!(orders.len(), 2, "{topic}: both orders");
+        // before the rename: the column is gone from the table now, so it
+        // is left out (the destination keeps its value); after: masked
+        let order = |id: &str| orders.iter().find(|r| key_id(r) == id).unwrap();
+        assert!(order("1").value["after"].get("card").is_none(), "{topic}");
+        assert_eq!(order("2").value["after"]["cardnum"], "****", "{topic}");
+        for r in &recs {
+            let text = r.value.to_string();
+            assert!(!text.contains("4111111111111111"), "{topic}: card leaked");
+            assert!(!text.contains("5500000000000004"), "{topic}: card leaked");
+        }
+    }
+}
+
 /// A `partitioned` table whose replica identity is no longer FULL stops
 /// the capture side: an update's old home would be a guess.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
