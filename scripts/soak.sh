@@ -54,6 +54,7 @@ fi
 end=$((SECONDS + MINUTES * 60))
 seed="$SEED"
 histories=0 ops=0 writes=0 faults=0 records=0
+declare -A kinds=()
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 while [ "$SECONDS" -lt "$end" ]; do
@@ -69,6 +70,13 @@ while [ "$SECONDS" -lt "$end" ]; do
     echo "[soak $((SECONDS / 60))m] $line"
     read -r o w f r < <(echo "$line" | sed -E 's/.*: ([0-9]+) ops, ([0-9]+) row writes, ([0-9]+) faults, ([0-9]+) records read/\1 \2 \3 \4/')
     histories=$((histories + 1)) ops=$((ops + o)) writes=$((writes + w)) faults=$((faults + f)) records=$((records + r))
+    for pair in $(grep '^CHECKED faults seed' "$log" | tail -n 1 | cut -d: -f2-); do
+        kind="${pair%%=*}"
+        kinds[$kind]=$(( ${kinds[$kind]:-0} + ${pair#*=} ))
+    done
     seed=$((seed + 1))
 done
 echo "soak: $histories histories passed in $MINUTES min (seeds $SEED..$((seed - 1))): $ops operations, $writes row writes, $faults faults, $records records read"
+by_kind=""
+for kind in $(printf '%s\n' "${!kinds[@]}" | sort); do by_kind="$by_kind $kind=${kinds[$kind]}"; done
+echo "soak: faults by kind:${by_kind:- none}"

@@ -1391,8 +1391,10 @@ impl World {
         }
     }
 
-    pub async fn inject(&mut self, fault: Fault) {
-        let fault = match fault {
+    /// The fault `inject` runs for a drawn one: a once-per-history
+    /// operation drawn again (or where it cannot run) is a sidecar kill.
+    pub fn effective(&self, fault: Fault) -> Fault {
+        match fault {
             Fault::SchemaChange(i) if self.shape.extra_dropped() => Fault::KillSidecar(i),
             // once, and not where parked changes wait for a replay or a
             // lost slot's limits apply
@@ -1406,7 +1408,11 @@ impl World {
             Fault::PolicyChange(i) if self.policy_changed => Fault::KillSidecar(i),
             Fault::Failover(i) if self.standby.is_none() => Fault::KillSidecar(i),
             other => other,
-        };
+        }
+    }
+
+    pub async fn inject(&mut self, fault: Fault) {
+        let fault = self.effective(fault);
         match fault {
             Fault::KillSidecar(i) => {
                 let r = REGIONS[i % 3];
@@ -2186,8 +2192,10 @@ fn transient_ddl(e: &tokio_postgres::Error) -> bool {
 }
 
 /// One checked history: its size, for the soak's summary.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Checked {
+    /// Faults injected, by kind (`KillSidecar`, `Join`, …).
+    pub kinds: BTreeMap<String, usize>,
     pub ops: usize,
     pub writes: usize,
     pub faults: usize,
@@ -2286,6 +2294,7 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
             _ => Fault::RestartBroker(region),
         };
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
+        let fault = w.effective(fault);
         eprintln!("seed {seed}: fault {fault:?}");
         w.heal_brokers();
         w.inject(fault).await;
@@ -2450,7 +2459,14 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
         history.fenced
     );
     // owned writes outside the owner were refused, and none of them exists
+    let mut kinds = BTreeMap::new();
+    for fault in &faults {
+        let kind = format!("{fault:?}");
+        let kind = kind.split('(').next().unwrap_or_default().to_string();
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
     Checked {
+        kinds,
         ops: history.ops,
         writes: history.writes.len(),
         faults: faults.len(),
@@ -3203,6 +3219,10 @@ async fn random_histories_with_faults_converge_to_last_writer_wins() {
             "CHECKED seed {seed}: {} ops, {} row writes, {} faults, {} records read",
             c.ops, c.writes, c.faults, c.records
         );
+        eprintln!("CHECKED faults seed {seed}: {}", kinds_line(&c.kinds));
+        for (kind, n) in &c.kinds {
+            *total.kinds.entry(kind.clone()).or_insert(0) += n;
+        }
         total.ops += c.ops;
         total.writes += c.writes;
         total.faults += c.faults;
@@ -3214,9 +3234,19 @@ async fn random_histories_with_faults_converge_to_last_writer_wins() {
         "CHECKED total: {} ops, {} row writes, {} faults, {} records read",
         total.ops, total.writes, total.faults, total.records
     );
+    eprintln!("CHECKED faults: {}", kinds_line(&total.kinds));
     eprintln!("CHECKED breaker trips resolved: {}", total.trips);
     eprintln!(
         "CHECKED test brokers started again after a storage panic: {}",
         total.healed
     );
+}
+
+/// `Kind=n` pairs, space-separated (the soak adds them up).
+fn kinds_line(kinds: &BTreeMap<String, usize>) -> String {
+    kinds
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
