@@ -79,8 +79,30 @@ impl Relay {
         Relay::spawn_with(&bin(), config, region, role)
     }
 
+    /// [`Relay::spawn`] with its own copy of the config as it is now, plus
+    /// `[http] listen` on `port` (processes sharing one config file cannot
+    /// share a listening port).
+    pub fn spawn_listening(config: &ConfigFile, region: &str, role: &str, port: u16) -> Relay {
+        let text = std::fs::read_to_string(&config.path).expect("read the config");
+        let own = config
+            .dir
+            .path()
+            .join(format!("relay-{region}-{role}.toml"));
+        std::fs::write(
+            &own,
+            format!("{text}\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+        )
+        .expect("write the sidecar's config");
+        Relay::spawn_at(&bin(), config, &own, region, role)
+    }
+
     /// [`Relay::spawn`] with another pgrelay binary (an older release, say).
     pub fn spawn_with(bin: &Path, config: &ConfigFile, region: &str, role: &str) -> Relay {
+        Relay::spawn_at(bin, config, &config.path, region, role)
+    }
+
+    /// Runs `bin` on the config at `path`, logging into `config`'s directory.
+    fn spawn_at(bin: &Path, config: &ConfigFile, path: &Path, region: &str, role: &str) -> Relay {
         let log = config
             .dir
             .path()
@@ -92,7 +114,7 @@ impl Relay {
             .unwrap();
         let child = Command::new(bin)
             .args(["run", "--config"])
-            .arg(&config.path)
+            .arg(path)
             .args(["--region", region, "--role", role])
             .env("PGRELAY_LOG", "info")
             .stdout(Stdio::null())
