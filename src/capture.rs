@@ -562,20 +562,8 @@ const BURST: usize = 1024;
 mod tests {
     use super::*;
 
-    const CONFIG: &str = r#"
-[kafka]
-brokers = "k:9092"
-
-[regions.us]
-id = 1
-dsn = "host=us"
-[regions.eu]
-id = 2
-dsn = "host=eu"
-[regions.cn]
-id = 3
-dsn = "host=cn"
-
+    /// The tables of [`config`], three regions.
+    const TABLES: &str = r#"
 [[tables]]
 name = "stock"
 class = "global"
@@ -597,6 +585,10 @@ owner = "us"
 dr = ["cn"]
 "#;
 
+    fn config() -> Config {
+        crate::config::test_config(&["us", "eu", "cn"], TABLES)
+    }
+
     fn destinations(region: &str) -> Vec<String> {
         ["cn", "eu", "us"]
             .into_iter()
@@ -607,7 +599,7 @@ dr = ["cn"]
 
     #[test]
     fn dr_outlets_follow_the_live_destinations() {
-        let config = crate::config::parse(CONFIG, "relay.toml").unwrap();
+        let config = config();
         let layout = OutletLayout::of(&config, "us", &destinations("us"));
         assert!(layout.has_dr());
         assert_eq!(layout.regions, ["cn", "eu", "cn", "eu"]);
@@ -637,7 +629,7 @@ dr = ["cn"]
 
     #[test]
     fn counter_columns_are_listed_per_table() {
-        let config = crate::config::parse(CONFIG, "relay.toml").unwrap();
+        let config = config();
         assert_eq!(
             counter_columns(&config),
             HashMap::from([(TableName::new("public", "stock"), vec!["count".to_string()])])

@@ -512,17 +512,7 @@ mod tests {
         )
     }
 
-    const CONFIG: &str = r#"
-[kafka]
-brokers = "k:9092"
-
-[regions.us]
-id = 1
-dsn = "host=us"
-[regions.eu]
-id = 2
-dsn = "host=eu"
-
+    const TABLES: &str = r#"
 [[tables]]
 name = "sessions"
 class = "local"
@@ -535,7 +525,7 @@ columns = [{ name = "email", action = "drop" }]
 "#;
 
     fn config() -> Config {
-        crate::config::parse(CONFIG, "relay.toml").unwrap()
+        crate::config::test_config(&["us", "eu"], TABLES)
     }
 
     fn orders_state() -> TableState {

@@ -541,20 +541,7 @@ mod tests {
 
     #[test]
     fn candidates_by_origin_and_the_others_left() {
-        let config = crate::config::parse(
-            r#"
-[kafka]
-brokers = "k:9092"
-[regions.us]
-id = 1
-dsn = "host=us"
-[regions.eu]
-id = 2
-dsn = "host=eu"
-"#,
-            "relay.toml",
-        )
-        .unwrap();
+        let config = crate::config::test_config(&["us", "eu"], "");
         let mut candidates = BTreeMap::new();
         keep_newest(&mut candidates, "a".into(), hlc::compose(10, 0, 1) as i64);
         keep_newest(&mut candidates, "a".into(), hlc::compose(5, 0, 2) as i64);

@@ -1049,20 +1049,8 @@ mod tests {
         })
     }
 
-    const CONFIG: &str = r#"
-[kafka]
-brokers = "k:9092"
-
-[regions.us]
-id = 1
-dsn = "host=us"
-[regions.eu]
-id = 2
-dsn = "host=eu"
-[regions.cn]
-id = 3
-dsn = "host=cn"
-
+    /// The tables of [`config`], three regions.
+    const TABLES: &str = r#"
 [[tables]]
 name = "sessions"
 class = "local"
@@ -1078,6 +1066,10 @@ owner = "us"
 dr = ["eu"]
 "#;
 
+    fn config() -> Config {
+        crate::config::test_config(&["us", "eu", "cn"], TABLES)
+    }
+
     fn options(to: &[&str], tables: &[&str]) -> Options {
         Options {
             to: to.iter().map(|d| d.to_string()).collect(),
@@ -1090,7 +1082,7 @@ dr = ["eu"]
     }
 
     fn select(to: &[&str], tables: &[&str]) -> Result<(Selection, OutletLayout), String> {
-        let config = crate::config::parse(CONFIG, "relay.toml").unwrap();
+        let config = config();
         let policy = Policy::compile(&config, "us").unwrap();
         let selection = Selection::of(&config, "us", &policy, &options(to, tables))
             .map_err(|e| e.to_string())?;
@@ -1155,7 +1147,7 @@ dr = ["eu"]
 
     #[test]
     fn requests_name_each_table_once_and_known_destinations_only() {
-        let config = crate::config::parse(CONFIG, "relay.toml").unwrap();
+        let config = config();
         let policy = Policy::compile(&config, "us").unwrap();
         let request = |table: &str, to: &str| Resend {
             table: TableName::new("public", table),

@@ -636,19 +636,7 @@ mod tests {
         assert_eq!(parse(Some(&rec), &t).unwrap_err().class(), "poison");
     }
 
-    const POLICY: &str = r#"
-[kafka]
-brokers = "k:9092"
-[regions.us]
-id = 1
-dsn = "host=us"
-[regions.eu]
-id = 2
-dsn = "host=eu"
-[regions.cn]
-id = 3
-dsn = "host=cn"
-
+    const TABLES: &str = r#"
 [[tables]]
 name = "orders"
 class = "partitioned"
@@ -684,7 +672,7 @@ owner = "us"
     /// routes by.
     #[test]
     fn admission_is_the_table_rule() {
-        let config = crate::config::parse_with_env(POLICY, "relay.toml", |_| None).unwrap();
+        let config = crate::config::test_config(&["us", "eu", "cn"], TABLES);
         let table = |name: &str| {
             let t = config.table(&TableName::new("public", name)).unwrap();
             let rule = TableRule::compile(&config, t);

@@ -55,6 +55,23 @@ pub use settings::*;
 pub use table::*;
 pub use values::parse_duration;
 
+/// A unit test's config: `[kafka]`, then `regions` numbered from 1 (each
+/// with DSN `host={name}`), then `rest` (tables and the like), parsed with
+/// no environment; panics with the error.
+#[cfg(test)]
+pub(crate) fn test_config(regions: &[&str], rest: &str) -> Config {
+    let mut text = String::from("[kafka]\nbrokers = \"k:9092\"\n\n");
+    for (i, r) in regions.iter().enumerate() {
+        text.push_str(&format!(
+            "[regions.{r}]\nid = {}\ndsn = \"host={r}\"\n",
+            i + 1
+        ));
+    }
+    text.push('\n');
+    text.push_str(rest);
+    parse_with_env(&text, "relay.toml", |_| None).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Region names go into topic, slot and origin names: keep them short.
 pub const MAX_REGION_NAME_LEN: usize = 40;
 /// Region ids are the tie-break of HLC stamps (6 bits, 0 reserved).

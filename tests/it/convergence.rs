@@ -120,21 +120,10 @@ async fn a_local_delete_racing_an_older_apply_does_not_bring_the_row_back() {
         .unwrap();
     let _eu_apply = Relay::spawn(&p.cfg, "eu", "apply");
     let watch = p.eu.client().await;
-    eventually(
-        Duration::from_secs(60),
+    apply_waits_on_a_lock(
+        &watch,
         "the apply session to wait for the delete's row lock",
-        || async {
-            let n: i64 = watch
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgrelay' \
-                     AND wait_event_type = 'Lock' AND query ILIKE 'INSERT INTO%products%'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n > 0).then_some(())
-        },
+        "",
     )
     .await;
     eu.batch_execute("COMMIT").await.unwrap();
@@ -177,22 +166,10 @@ async fn an_insert_racing_a_local_insert_of_its_key_is_decided_by_stamp() {
     let _us = Relay::spawn(&p.cfg, "us", "capture");
     let _eu_apply = Relay::spawn(&p.cfg, "eu", "apply");
     let watch = p.eu.client().await;
-    eventually(
-        Duration::from_secs(60),
+    apply_waits_on_a_lock(
+        &watch,
         "the plain insert to wait for the local insert of its key",
-        || async {
-            let n: i64 = watch
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgrelay' \
-                     AND wait_event_type = 'Lock' AND query ILIKE 'INSERT INTO%products%' \
-                     AND query NOT ILIKE '%ON CONFLICT%'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n > 0).then_some(())
-        },
+        " AND query NOT ILIKE '%ON CONFLICT%'",
     )
     .await;
     eu.batch_execute("COMMIT").await.unwrap();
@@ -638,4 +615,19 @@ async fn an_exhausted_clock_refuses_writes_instead_of_wrapping() {
         format!("{err:?}").contains("region clock is exhausted"),
         "{err:?}"
     );
+}
+
+/// Waits until pgrelay's apply session in `watch`'s cluster waits on a lock
+/// while inserting into `products` (`also`: a further condition on the
+/// query text).
+async fn apply_waits_on_a_lock(watch: &tokio_postgres::Client, what: &str, also: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgrelay' \
+         AND wait_event_type = 'Lock' AND query ILIKE 'INSERT INTO%products%'{also}"
+    );
+    eventually(Duration::from_secs(60), what, || async {
+        let n: i64 = watch.query_one(&sql, &[]).await.unwrap().get(0);
+        (n > 0).then_some(())
+    })
+    .await;
 }
