@@ -375,8 +375,12 @@ pub struct BatchOptions<'a> {
     pub parked: ParkedPositions,
 }
 
-/// Applies one batch in one transaction. Returns `Err` for transient
-/// failures (the caller retries the whole batch).
+/// Applies one batch in one transaction: admits its records
+/// ([`admit`]), locks their key buckets, sets aside what is below its
+/// table's tombstone horizon ([`beyond_horizon`]), runs the planned
+/// statements ([`run_statements`]), stores offsets, watermark and clock
+/// ([`store_progress`]), then sends the dead letters and commits. Returns
+/// `Err` for transient failures (the caller retries the whole batch).
 pub async fn apply_batch(
     client: &mut Client,
     source: &str,
@@ -386,34 +390,90 @@ pub async fn apply_batch(
     dlq: &DlqProducer,
     opts: BatchOptions<'_>,
 ) -> Result<Outcome, BatchError> {
-    let BatchOptions {
-        attempt,
-        extra_offsets,
-        commit,
-        max_tries,
-        max_skew,
-        max_ahead,
-        stamp_region,
-        tombstone_horizon,
-        targets_checked,
-        conflict_log,
-        parked: parked_positions,
-    } = opts;
     let mut outcome = Outcome::default();
-    let mut changes: Vec<Incoming> = Vec::with_capacity(batch.len());
-    let mut positions: Vec<usize> = Vec::with_capacity(batch.len());
     let now = now_ms();
-    let skew = max_skew.as_millis() as i64;
-    let limit = max_ahead.as_millis() as i64;
-    // how far the furthest change within the hard limit is ahead
-    let mut furthest = i64::MIN;
-    // per partition: every change committed before this LSN is in this
-    // batch or before it, applied or parked (`pgrelay.parked`, which
-    // `pgrelay.wait_for` reads too)
-    let mut source_lsn: HashMap<(&str, i32), crate::event::Lsn> = HashMap::new();
+    let mut admitted = admit(batch, targets, source, now, &opts, &mut outcome)?;
+    if admitted.furthest > opts.max_skew.as_millis() as i64 {
+        // applying it would drag this region's clock ahead of the others':
+        // wait until the local clock has come within max_clock_skew of it
+        return Err(BatchError::Ahead {
+            wait: Duration::from_millis(
+                (admitted.furthest - opts.max_skew.as_millis() as i64) as u64,
+            ),
+        });
+    }
+    let buckets = sql::key_buckets(&admitted.changes);
+    let tx = client.transaction().await.map_err(at_step("begin"))?;
+    // Sessions applying changes of the same rows (other source regions,
+    // other partition groups) take turns: each first locks the key buckets
+    // of its batch, in ascending order. Without this, an upsert could
+    // check for a tombstone, miss the one a concurrent delete is writing,
+    // and bring back a row the newer delete removed. READ COMMITTED: the
+    // statements after the lock see what the previous holder committed.
+    if !buckets.is_empty() {
+        tx.execute(sql::LOCK_BUCKETS_SQL, &[&sql::buckets_param(&buckets)])
+            .await
+            .map_err(at_step("locking key buckets"))?;
+    }
+    beyond_horizon(&tx, batch, &mut admitted, now, &opts, &mut outcome).await?;
+    sql::fill_from_earlier(&mut admitted.changes);
+    let parked = run_statements(&tx, batch, &admitted, &opts, &mut outcome).await?;
+    store_progress(
+        &tx, source, session_no, batch, &admitted, &parked, &opts, &outcome,
+    )
+    .await?;
+    if !opts.commit {
+        tx.rollback().await.map_err(at_step("rollback"))?;
+        return Ok(outcome);
+    }
+    // dead letters must be in Kafka before the offsets that skip them commit
+    if !outcome.dead.is_empty() {
+        dlq.send_all(&outcome.dead)
+            .await
+            .map_err(|e| BatchError::DeadLetter(Box::new(e)))?;
+    }
+    tx.commit().await.map_err(at_step("commit"))?;
+    Ok(outcome)
+}
+
+/// The changes of a batch that may be applied, with where each came from.
+struct Admitted<'a> {
+    changes: Vec<Incoming<'a>>,
+    /// Per change: its record's index in the batch.
+    positions: Vec<usize>,
+    /// Per topic and partition: every change committed before this LSN is
+    /// in this batch or before it, applied or parked (`pgrelay.parked`,
+    /// which `pgrelay.wait_for` reads too).
+    source_lsn: HashMap<(&'a str, i32), crate::event::Lsn>,
+    /// How far (ms) the furthest change within the hard limit is ahead of
+    /// the local clock.
+    furthest: i64,
+}
+
+/// Parses each record and admits it, or dead-letters it: stamped too far
+/// ahead (`max_stamp_ahead`), stamped by a region other than the source
+/// ([`foreign_stamp`]), not admitted by the table's residency rule, or not
+/// a change these targets can take. No IO.
+fn admit<'a>(
+    batch: &'a [Consumed],
+    targets: &'a Targets,
+    source: &str,
+    now: u64,
+    opts: &BatchOptions<'_>,
+    outcome: &mut Outcome,
+) -> Result<Admitted<'a>, BatchError> {
+    let attempt = opts.attempt;
+    let limit = opts.max_ahead.as_millis() as i64;
+    let mut admitted = Admitted {
+        changes: Vec::with_capacity(batch.len()),
+        positions: Vec::with_capacity(batch.len()),
+        source_lsn: HashMap::new(),
+        furthest: i64::MIN,
+    };
     for (i, c) in batch.iter().enumerate() {
         let mut reached = |lsn: crate::event::Lsn| {
-            let e = source_lsn
+            let e = admitted
+                .source_lsn
                 .entry((c.topic.as_str(), c.partition))
                 .or_default();
             *e = (*e).max(lsn);
@@ -444,7 +504,7 @@ pub async fn apply_batch(
                         .push(DeadLetter::rejected(c, &why, attempt + 1));
                     continue;
                 }
-                if let Some(why) = foreign_stamp(&inc, stamp_region) {
+                if let Some(why) = foreign_stamp(&inc, opts.stamp_region) {
                     outcome
                         .dead
                         .push(DeadLetter::rejected(c, &why, attempt + 1));
@@ -457,11 +517,11 @@ pub async fn apply_batch(
                         .push(DeadLetter::rejected(c, &why, attempt + 1));
                     continue;
                 }
-                furthest = furthest.max(ahead);
-                changes.push(inc);
-                positions.push(i);
+                admitted.furthest = admitted.furthest.max(ahead);
+                admitted.changes.push(inc);
+                admitted.positions.push(i);
             }
-            Err(rej @ record::Rejection::UnknownColumn { .. }) if !targets_checked => {
+            Err(rej @ record::Rejection::UnknownColumn { .. }) if !opts.targets_checked => {
                 let record::Rejection::UnknownColumn { table, column } = rej else {
                     unreachable!()
                 };
@@ -474,118 +534,124 @@ pub async fn apply_batch(
                 .push(DeadLetter::rejected(c, &rej, attempt + 1)),
         }
     }
-    if furthest > skew {
-        // applying it would drag this region's clock ahead of the others':
-        // wait until the local clock has come within max_clock_skew of it
-        return Err(BatchError::Ahead {
-            wait: Duration::from_millis((furthest - skew) as u64),
-        });
+    Ok(admitted)
+}
+
+/// Changes below their table's tombstone horizon apply only to rows that
+/// exist: the others are dead-lettered and leave `admitted`. The horizon
+/// never passes `tombstone_horizon` ago (`horizon::cutoff`), and half of it
+/// again covers the clocks of other hosts that purge, so only a batch with
+/// a change older than that reads the horizons at all.
+async fn beyond_horizon(
+    tx: &tokio_postgres::Transaction<'_>,
+    batch: &[Consumed],
+    admitted: &mut Admitted<'_>,
+    now: u64,
+    opts: &BatchOptions<'_>,
+    outcome: &mut Outcome,
+) -> Result<(), BatchError> {
+    let recent = now.saturating_sub((opts.tombstone_horizon / 2).as_millis() as u64);
+    if !admitted
+        .changes
+        .iter()
+        .any(|c| hlc::wall_ms(c.hlc) < recent)
+    {
+        return Ok(());
     }
-    let buckets = sql::key_buckets(&changes);
-    let tx = client.transaction().await.map_err(at_step("begin"))?;
-    // Sessions applying changes of the same rows (other source regions,
-    // other partition groups) take turns: each first locks the key buckets
-    // of its batch, in ascending order. Without this, an upsert could
-    // check for a tombstone, miss the one a concurrent delete is writing,
-    // and bring back a row the newer delete removed. READ COMMITTED: the
-    // statements after the lock see what the previous holder committed.
-    if !buckets.is_empty() {
-        tx.execute(sql::LOCK_BUCKETS_SQL, &[&sql::buckets_param(&buckets)])
-            .await
-            .map_err(at_step("locking key buckets"))?;
-    }
-    // changes below their table's tombstone horizon apply only to rows
-    // that exist; the horizon never passes `tombstone_horizon` ago
-    // (horizon::cutoff), and half of it again covers the clocks of other
-    // hosts that purge
-    let recent = now.saturating_sub((tombstone_horizon / 2).as_millis() as u64);
-    if changes.iter().any(|c| hlc::wall_ms(c.hlc) < recent) {
-        let horizons: HashMap<String, u64> = tx
-            .query(horizon::HORIZONS_SQL, &[])
-            .await
-            .map_err(at_step("reading the tombstone horizons"))?
+    let horizons: HashMap<String, u64> = tx
+        .query(horizon::HORIZONS_SQL, &[])
+        .await
+        .map_err(at_step("reading the tombstone horizons"))?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+        .collect();
+    let mut i = 0;
+    while i < admitted.changes.len() {
+        let c = &admitted.changes[i];
+        let horizon = horizons
+            .get(&c.table.name.to_string())
+            .copied()
+            .unwrap_or(0);
+        if !horizon::below(c, horizon) {
+            i += 1;
+            continue;
+        }
+        let record = &batch[admitted.positions[i]];
+        let keys: Vec<Option<&str>> = c.key.iter().map(|k| k.as_deref()).collect();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
             .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+            .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        let mut i = 0;
-        while i < changes.len() {
-            let c = &changes[i];
-            let horizon = horizons
-                .get(&c.table.name.to_string())
-                .copied()
-                .unwrap_or(0);
-            if !horizon::below(c, horizon) {
-                i += 1;
-                continue;
+        tx.execute("SAVEPOINT horizon", &[])
+            .await
+            .map_err(at_step("savepoint"))?;
+        let dead = match tx
+            .query_one(horizon::exists_sql(c.table).as_str(), &params)
+            .await
+        {
+            Ok(row) if row.get::<_, bool>(0) => None,
+            Ok(_) => Some(DeadLetter::rejected(
+                record,
+                &record::Rejection::BeyondHorizon {
+                    stamp: c.hlc,
+                    horizon,
+                },
+                opts.attempt + 1,
+            )),
+            Err(e) if is_transient_db(&e) => return Err(retryable(e, &c.table.name.to_string())),
+            // a key the table cannot hold: the record's own doing
+            Err(e) => {
+                tx.execute("ROLLBACK TO SAVEPOINT horizon", &[])
+                    .await
+                    .map_err(at_step("rollback to savepoint"))?;
+                Some(DeadLetter::failed(record, &e, opts.attempt + 1))
             }
-            let keys: Vec<Option<&str>> = c.key.iter().map(|k| k.as_deref()).collect();
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
-                .iter()
-                .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            tx.execute("SAVEPOINT horizon", &[])
-                .await
-                .map_err(at_step("savepoint"))?;
-            let dead = match tx
-                .query_one(horizon::exists_sql(c.table).as_str(), &params)
-                .await
-            {
-                Ok(row) if row.get::<_, bool>(0) => None,
-                Ok(_) => Some(DeadLetter::rejected(
-                    &batch[positions[i]],
-                    &record::Rejection::BeyondHorizon {
-                        stamp: c.hlc,
-                        horizon,
-                    },
-                    attempt + 1,
-                )),
-                Err(e) if is_transient_db(&e) => {
-                    return Err(retryable(e, &c.table.name.to_string()))
-                }
-                // a key the table cannot hold: the record's own doing
-                Err(e) => {
-                    tx.execute("ROLLBACK TO SAVEPOINT horizon", &[])
-                        .await
-                        .map_err(at_step("rollback to savepoint"))?;
-                    Some(DeadLetter::failed(&batch[positions[i]], &e, attempt + 1))
-                }
-            };
-            match dead {
-                None => i += 1,
-                Some(letter) => {
-                    outcome.dead.push(letter);
-                    changes.remove(i);
-                    positions.remove(i);
-                }
+        };
+        match dead {
+            None => i += 1,
+            Some(letter) => {
+                outcome.dead.push(letter);
+                admitted.changes.remove(i);
+                admitted.positions.remove(i);
             }
         }
     }
-    sql::fill_from_earlier(&mut changes);
-    let statements = sql::plan(&changes);
+    Ok(())
+}
+
+/// Runs the statements planned for the admitted changes, each under a
+/// savepoint. A statement that fails for a reason of its own is rolled back
+/// and its changes tried one by one ([`one_by_one`]). Returns the changes
+/// dead-lettered that way (by index in `admitted.changes`): neither the
+/// clock nor the watermark moves for them.
+async fn run_statements(
+    tx: &tokio_postgres::Transaction<'_>,
+    batch: &[Consumed],
+    admitted: &Admitted<'_>,
+    opts: &BatchOptions<'_>,
+    outcome: &mut Outcome,
+) -> Result<HashSet<usize>, BatchError> {
+    let statements = sql::plan(&admitted.changes);
     // staging tables filled in this transaction (one filled twice is
     // emptied first)
     let mut staged = HashSet::new();
-    // changes dead-lettered one by one: neither the clock nor the
-    // watermark moves for them
     let mut parked: HashSet<usize> = HashSet::new();
     for s in &statements {
         tx.execute("SAVEPOINT stmt", &[])
             .await
             .map_err(at_step("savepoint"))?;
-        let result = execute(&tx, s, "stmt", &mut staged, conflict_log).await;
-        match result {
+        match execute(tx, s, "stmt", &mut staged, opts.conflict_log).await {
             Ok(_) if s.kind == sql::Kind::Merge => {}
             Ok(done) => {
-                let (n, lost) = (done.written, done.lost);
-                outcome.count_conflicts(&s.table, lost);
+                outcome.count_conflicts(&s.table, done.lost);
                 outcome.count_path(&done);
-                outcome.won += n;
-                outcome.lost +=
-                    (s.members.len() as u64).saturating_sub(n) + s.superseded.len() as u64;
+                outcome.won += done.written;
+                outcome.lost += (s.members.len() as u64).saturating_sub(done.written)
+                    + s.superseded.len() as u64;
             }
             Err(e) if is_transient_db(&e) => return Err(retryable(e, &s.table)),
             // the transaction is dropped, so rolled back
-            Err(_) if !targets_checked => {
+            Err(_) if !opts.targets_checked => {
                 return Err(BatchError::Recheck {
                     unknown_column: None,
                 })
@@ -594,73 +660,106 @@ pub async fn apply_batch(
                 tx.execute("ROLLBACK TO SAVEPOINT stmt", &[])
                     .await
                     .map_err(at_step("rollback to savepoint"))?;
-                // one by one: only what fails again is dead-lettered
                 outcome.lost += s.superseded.len() as u64;
                 for &m in &s.members {
-                    let single = sql::plan(std::slice::from_ref(&changes[m]));
-                    // a change's merge runs with its table's merge statement,
-                    // its upsert or delete with theirs: never twice
-                    let merging = s.kind == sql::Kind::Merge;
-                    for one in single
-                        .iter()
-                        .filter(|o| (o.kind == sql::Kind::Merge) == merging)
-                    {
-                        let mut tries = 0;
-                        loop {
-                            tries += 1;
-                            tx.execute("SAVEPOINT one", &[])
-                                .await
-                                .map_err(at_step("savepoint"))?;
-                            let r = execute(&tx, one, "one", &mut staged, conflict_log).await;
-                            match r {
-                                Ok(_) if one.kind == sql::Kind::Merge => break,
-                                Ok(done) => {
-                                    let (n, lost) = (done.written, done.lost);
-                                    outcome.count_conflicts(&s.table, lost);
-                                    outcome.count_path(&done);
-                                    outcome.won += n;
-                                    outcome.lost += 1u64.saturating_sub(n);
-                                    break;
-                                }
-                                Err(e) if is_transient_db(&e) => {
-                                    return Err(retryable(e, &s.table))
-                                }
-                                Err(e) => {
-                                    tx.execute("ROLLBACK TO SAVEPOINT one", &[])
-                                        .await
-                                        .map_err(at_step("rollback"))?;
-                                    if tries >= max_tries {
-                                        // the change alone was tried `tries` times
-                                        outcome.dead.push(DeadLetter::failed(
-                                            &batch[positions[m]],
-                                            &e,
-                                            attempt + tries,
-                                        ));
-                                        parked.insert(m);
-                                        break;
-                                    }
-                                }
-                            }
-                        }
+                    let record = &batch[admitted.positions[m]];
+                    let change = &admitted.changes[m];
+                    if one_by_one(tx, s, change, record, &mut staged, opts, outcome).await? {
+                        parked.insert(m);
                     }
                 }
             }
         }
     }
-    // offsets, watermark, clock
+    Ok(parked)
+}
+
+/// One change of a failed statement `s`, alone: each of its statements
+/// tried up to `max_tries` times, the change dead-lettered if one fails
+/// every time (returns `true` then). A change's merge runs with its table's merge statement,
+/// its upsert or delete with theirs: never twice.
+async fn one_by_one(
+    tx: &tokio_postgres::Transaction<'_>,
+    s: &sql::Statement,
+    change: &Incoming<'_>,
+    record: &Consumed,
+    staged: &mut HashSet<String>,
+    opts: &BatchOptions<'_>,
+    outcome: &mut Outcome,
+) -> Result<bool, BatchError> {
+    let single = sql::plan(std::slice::from_ref(change));
+    let merging = s.kind == sql::Kind::Merge;
+    let mut dead = false;
+    for one in single
+        .iter()
+        .filter(|o| (o.kind == sql::Kind::Merge) == merging)
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            tx.execute("SAVEPOINT one", &[])
+                .await
+                .map_err(at_step("savepoint"))?;
+            match execute(tx, one, "one", staged, opts.conflict_log).await {
+                Ok(_) if one.kind == sql::Kind::Merge => break,
+                Ok(done) => {
+                    outcome.count_conflicts(&s.table, done.lost);
+                    outcome.count_path(&done);
+                    outcome.won += done.written;
+                    outcome.lost += 1u64.saturating_sub(done.written);
+                    break;
+                }
+                Err(e) if is_transient_db(&e) => return Err(retryable(e, &s.table)),
+                Err(e) => {
+                    tx.execute("ROLLBACK TO SAVEPOINT one", &[])
+                        .await
+                        .map_err(at_step("rollback"))?;
+                    if tries >= opts.max_tries {
+                        // the change alone was tried `tries` times
+                        outcome
+                            .dead
+                            .push(DeadLetter::failed(record, &e, opts.attempt + tries));
+                        dead = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(dead)
+}
+
+/// In the batch's transaction: the next offset of each partition (with
+/// the source position reached), the parked changes' positions, and —
+/// for the changes applied — the session's watermark and the local clock
+/// advanced past the newest stamp.
+#[allow(clippy::too_many_arguments)]
+async fn store_progress(
+    tx: &tokio_postgres::Transaction<'_>,
+    source: &str,
+    session_no: Option<usize>,
+    batch: &[Consumed],
+    admitted: &Admitted<'_>,
+    parked: &HashSet<usize>,
+    opts: &BatchOptions<'_>,
+    outcome: &Outcome,
+) -> Result<(), BatchError> {
     let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for c in batch {
         let e = next.entry((c.topic.clone(), c.partition)).or_insert(0);
         *e = (*e).max(c.offset + 1);
     }
-    for (topic, partition, offset) in extra_offsets {
+    for (topic, partition, offset) in opts.extra_offsets {
         let e = next.entry((topic.clone(), *partition)).or_insert(0);
         *e = (*e).max(*offset);
     }
     let offsets = serde_json::Value::Array(
         next.iter()
             .map(|((t, p), o)| {
-                let lsn = source_lsn.get(&(t.as_str(), *p)).map(|l| l.to_string());
+                let lsn = admitted
+                    .source_lsn
+                    .get(&(t.as_str(), *p))
+                    .map(|l| l.to_string());
                 serde_json::json!({"topic": t, "kafka_partition": p, "next_offset": o, "source_lsn": lsn})
             })
             .collect(),
@@ -671,46 +770,37 @@ pub async fn apply_batch(
         .map_err(at_step("storing offsets"))?;
     // the source position moved past the parked changes too: `wait_for`
     // learns of them here, in the same transaction
-    if parked_positions != ParkedPositions::Untracked {
-        store_parked(&tx, batch, &outcome.dead, parked_positions).await?;
+    if opts.parked != ParkedPositions::Untracked {
+        store_parked(tx, batch, &outcome.dead, opts.parked).await?;
     }
     let applied = || {
-        changes
+        admitted
+            .changes
             .iter()
             .enumerate()
             .filter(|(i, _)| !parked.contains(i))
             .map(|(_, c)| c)
     };
-    if let Some(newest) = applied().max_by_key(|c| c.hlc) {
-        let commit_ts = applied().map(|c| c.commit_ts_ms).max().unwrap_or(0);
-        if let Some(session_no) = session_no {
-            tx.execute(
-                sql::WATERMARK_SQL,
-                &[
-                    &source,
-                    &session_no.to_string(),
-                    &newest.hlc.to_string(),
-                    &newest.commit_lsn.as_ref(),
-                    &commit_ts.to_string(),
-                ],
-            )
-            .await
-            .map_err(at_step("storing watermark"))?;
-        }
-        tx.execute(sql::CLOCK_SQL, &[&hlc::logical(newest.hlc).to_string()])
-            .await
-            .map_err(at_step("advancing the clock"))?;
+    let Some(newest) = applied().max_by_key(|c| c.hlc) else {
+        return Ok(());
+    };
+    let commit_ts = applied().map(|c| c.commit_ts_ms).max().unwrap_or(0);
+    if let Some(session_no) = session_no {
+        tx.execute(
+            sql::WATERMARK_SQL,
+            &[
+                &source,
+                &session_no.to_string(),
+                &newest.hlc.to_string(),
+                &newest.commit_lsn.as_ref(),
+                &commit_ts.to_string(),
+            ],
+        )
+        .await
+        .map_err(at_step("storing watermark"))?;
     }
-    if !commit {
-        tx.rollback().await.map_err(at_step("rollback"))?;
-        return Ok(outcome);
-    }
-    // dead letters must be in Kafka before the offsets that skip them commit
-    if !outcome.dead.is_empty() {
-        dlq.send_all(&outcome.dead)
-            .await
-            .map_err(|e| BatchError::DeadLetter(Box::new(e)))?;
-    }
-    tx.commit().await.map_err(at_step("commit"))?;
-    Ok(outcome)
+    tx.execute(sql::CLOCK_SQL, &[&hlc::logical(newest.hlc).to_string()])
+        .await
+        .map_err(at_step("advancing the clock"))?;
+    Ok(())
 }
