@@ -297,19 +297,62 @@ impl Pipeline {
     }
 
     /// Applies what the breaker lets through of `batch`: parks what a
-    /// discard covers, stops at the first record past a threshold.
+    /// discard covers, stops at the first record past a threshold (the
+    /// trip stored first, the tripping transaction held whole).
     pub(super) async fn apply_guarded(
         &self,
         client: &mut Client,
         batch: &[Consumed],
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Guarded, ApplyError> {
+        let seen = self.seen(batch);
+        let verdicts = self.judge(client, &seen).await?;
+        let trip = match verdicts.last() {
+            Some(Verdict::Hold(t)) => Some(t.clone()),
+            _ => None,
+        };
+        if let Some(Some(trip)) = &trip {
+            // stored before anything of the batch is applied: a crash in
+            // between holds more, never less
+            self.store_trip(client, trip).await?;
+        }
+        let cut = held_from(&seen, &verdicts, batch.len());
+        let SetAside {
+            keep,
+            parked,
+            extra,
+        } = set_aside(&batch[..cut], &verdicts);
+        if !parked.is_empty() {
+            // in Kafka before the offsets that skip them are stored
+            self.dlq
+                .send_quietly(&parked)
+                .await
+                .map_err(|e| ApplyError::transient("", Box::new(e)))?;
+            tracing::info!(region = %self.region, source = %self.source, parked = parked.len(), "discarded changes parked in the dead-letter topic");
+            self.metrics.add(
+                &metric::BREAKER_DISCARDED,
+                &self.breaker_labels(),
+                parked.len() as u64,
+            );
+        }
+        if !keep.is_empty() || !parked.is_empty() {
+            self.apply_with_retry(client, &keep, &extra, shutdown)
+                .await?;
+        }
+        match trip {
+            None => Ok(Guarded::Applied),
+            Some(_) => Ok(Guarded::Held),
+        }
+    }
+
+    /// What the breaker judges of each record: (table, op, commit time,
+    /// commit LSN). Records that do not parse are left to `apply_batch`,
+    /// which parks them. A resync's records are not judged: an operator
+    /// sent them (after a lost slot they resend every tombstone, deletes
+    /// applied long ago).
+    fn seen(&self, batch: &[Consumed]) -> Vec<Option<SeenRecord>> {
         let targets = self.targets();
-        // (table, op, commit time, commit LSN) of each record; records that
-        // do not parse are left to apply_batch, which parks them. A
-        // resync's records are not judged: an operator sent them (after a
-        // lost slot they resend every tombstone, deletes applied long ago)
-        let seen: Vec<Option<(TableName, Op, i64, String)>> = batch
+        batch
             .iter()
             .map(|c| {
                 record::parse(c.value.as_deref(), &targets)
@@ -324,10 +367,19 @@ impl Pipeline {
                         )
                     })
             })
-            .collect();
-        // per table: the window's deletes and updates so far plus the
-        // batch's, and a batch of each other session of this source (they
-        // share the window), the most the judgement below can count
+            .collect()
+    }
+
+    /// The breaker's verdict on each record, up to and including the first
+    /// that holds. The row counts a fraction threshold needs are read only
+    /// for tables whose window could reach it: the window's deletes and
+    /// updates so far plus the batch's, and a batch of each other session
+    /// of this source (they share the window).
+    async fn judge(
+        &self,
+        client: &Client,
+        seen: &[Option<SeenRecord>],
+    ) -> Result<Vec<Verdict>, ApplyError> {
         let others = (self.groups.saturating_sub(1) * self.config.apply.batch_max_records) as u64;
         let mut bounds: HashMap<TableName, u64> = HashMap::new();
         for s in seen
@@ -348,102 +400,33 @@ impl Pipeline {
             }
         }
         let rows = self.row_counts(client, &bounds).await?;
-        let mut verdicts = Vec::with_capacity(batch.len());
-        {
-            let mut counter = self
-                .breaker
-                .counter
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for s in &seen {
-                let v = match s {
-                    None => Verdict::Pass,
-                    Some((table, op, ts, _)) => counter.judge(
-                        &self.config.breakers,
-                        &self.source,
-                        &Seen {
-                            table,
-                            op: *op,
-                            commit_ts_ms: *ts,
-                        },
-                        &mut |t| rows.get(t).copied(),
-                    ),
-                };
-                let stop = matches!(v, Verdict::Hold(_));
-                verdicts.push(v);
-                if stop {
-                    break;
-                }
+        let mut verdicts = Vec::with_capacity(seen.len());
+        let mut counter = self
+            .breaker
+            .counter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for s in seen {
+            let v = match s {
+                None => Verdict::Pass,
+                Some((table, op, ts, _)) => counter.judge(
+                    &self.config.breakers,
+                    &self.source,
+                    &Seen {
+                        table,
+                        op: *op,
+                        commit_ts_ms: *ts,
+                    },
+                    &mut |t| rows.get(t).copied(),
+                ),
+            };
+            let stop = matches!(v, Verdict::Hold(_));
+            verdicts.push(v);
+            if stop {
+                break;
             }
         }
-        let trip = match verdicts.last() {
-            Some(Verdict::Hold(t)) => Some(t.clone()),
-            _ => None,
-        };
-        if let Some(Some(trip)) = &trip {
-            // stored before anything of the batch is applied: a crash in
-            // between holds more, never less
-            self.store_trip(client, trip).await?;
-        }
-        // the source transaction of the record that tripped is held whole,
-        // as far as this batch holds it
-        let cut = match verdicts.len().checked_sub(1) {
-            Some(last) if matches!(verdicts[last], Verdict::Hold(_)) => {
-                let lsn = seen[last].as_ref().map(|s| &s.3);
-                seen[..last]
-                    .iter()
-                    .position(|s| lsn.is_some() && s.as_ref().map(|s| &s.3) == lsn)
-                    .unwrap_or(last)
-            }
-            _ => batch.len(),
-        };
-        let mut keep = Vec::with_capacity(cut);
-        let mut parked = Vec::new();
-        let mut extra: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        for (c, v) in batch[..cut].iter().zip(&verdicts) {
-            if *v == Verdict::Discard {
-                parked.push(DeadLetter {
-                    class: CLASS_DISCARDED.to_string(),
-                    message: "discarded by pgrelay breaker discard: part of the storm that tripped the breaker"
-                        .to_string(),
-                    sqlstate: String::new(),
-                    attempts: 0,
-                    replay_run: None,
-                    key: c.key.clone(),
-                    value: c.value.clone(),
-                    topic: c.topic.clone(),
-                    partition: c.partition,
-                    offset: c.offset,
-                });
-                let e = extra.entry((c.topic.clone(), c.partition)).or_insert(0);
-                *e = (*e).max(c.offset + 1);
-            } else {
-                keep.push(c.clone());
-            }
-        }
-        if !parked.is_empty() {
-            // in Kafka before the offsets that skip them are stored
-            self.dlq
-                .send_quietly(&parked)
-                .await
-                .map_err(|e| ApplyError::transient("", Box::new(e)))?;
-            tracing::info!(region = %self.region, source = %self.source, parked = parked.len(), "discarded changes parked in the dead-letter topic");
-            self.metrics.add(
-                &metric::BREAKER_DISCARDED,
-                &self.breaker_labels(),
-                parked.len() as u64,
-            );
-        }
-        if !keep.is_empty() || !parked.is_empty() {
-            let extra: Vec<(String, i32, i64)> =
-                extra.into_iter().map(|((t, p), o)| (t, p, o)).collect();
-            self.apply_with_retry(client, &keep, &extra, shutdown)
-                .await?;
-        }
-        match trip {
-            None => Ok(Guarded::Applied),
-            Some(_) => Ok(Guarded::Held),
-        }
+        Ok(verdicts)
     }
 
     async fn store_trip(&self, client: &Client, trip: &Trip) -> Result<(), ApplyError> {
@@ -577,4 +560,67 @@ pub async fn resolve(
         .await
         .map_err(|e| ApplyError::transient(format!("region {region}"), e))?;
     Ok(out)
+}
+
+/// (table, op, commit time, commit LSN) of a record the breaker judges.
+type SeenRecord = (TableName, Op, i64, String);
+
+/// Where the batch stops: at the first record of the source transaction
+/// whose record tripped the breaker (held whole, as far as this batch
+/// holds it); the whole batch when nothing holds.
+fn held_from(seen: &[Option<SeenRecord>], verdicts: &[Verdict], len: usize) -> usize {
+    match verdicts.len().checked_sub(1) {
+        Some(last) if matches!(verdicts[last], Verdict::Hold(_)) => {
+            let lsn = seen[last].as_ref().map(|s| &s.3);
+            seen[..last]
+                .iter()
+                .position(|s| lsn.is_some() && s.as_ref().map(|s| &s.3) == lsn)
+                .unwrap_or(last)
+        }
+        _ => len,
+    }
+}
+
+/// Splits the records before the cut: those a discard covers become dead
+/// letters (class `breaker_discarded`) with the offsets past them, the
+/// rest are kept to apply.
+fn set_aside(records: &[Consumed], verdicts: &[Verdict]) -> SetAside {
+    let mut keep = Vec::with_capacity(records.len());
+    let mut parked = Vec::new();
+    let mut extra: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for (c, v) in records.iter().zip(verdicts) {
+        if *v == Verdict::Discard {
+            parked.push(DeadLetter {
+                class: CLASS_DISCARDED.to_string(),
+                message: "discarded by pgrelay breaker discard: part of the storm that tripped the breaker"
+                    .to_string(),
+                sqlstate: String::new(),
+                attempts: 0,
+                replay_run: None,
+                key: c.key.clone(),
+                value: c.value.clone(),
+                topic: c.topic.clone(),
+                partition: c.partition,
+                offset: c.offset,
+            });
+            let e = extra.entry((c.topic.clone(), c.partition)).or_insert(0);
+            *e = (*e).max(c.offset + 1);
+        } else {
+            keep.push(c.clone());
+        }
+    }
+    let extra = extra.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+    SetAside {
+        keep,
+        parked,
+        extra,
+    }
+}
+
+/// The records before the cut, split by [`set_aside`].
+struct SetAside {
+    keep: Vec<Consumed>,
+    parked: Vec<DeadLetter>,
+    /// (topic, partition, next offset) past the parked ones.
+    extra: Vec<(String, i32, i64)>,
 }

@@ -100,6 +100,48 @@ pub async fn run(
     result
 }
 
+/// After a failed attempt at a batch: try again, or stop (shutdown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Retry,
+    Stop,
+}
+
+/// The state of [`Pipeline::apply_with_retry`] across attempts at one batch.
+struct Attempts {
+    attempt: u32,
+    /// Short first waits: most failures are serialization conflicts with
+    /// another session, gone on the next attempt.
+    backoff: Backoff,
+    /// Waits for a column the target lacks.
+    schema_backoff: Backoff,
+    targets: Arc<Targets>,
+    /// The targets were read again after the batch met them: a record that
+    /// does not fit them may be dead-lettered.
+    targets_checked: bool,
+    /// Since when records of this batch have waited for a column.
+    waiting_since: Option<Instant>,
+    /// Whether the batch waited for the local clock.
+    waiting_clock: bool,
+}
+
+impl Attempts {
+    fn new(group: usize, targets: Arc<Targets>) -> Attempts {
+        Attempts {
+            attempt: 0,
+            backoff: Backoff::new(
+                Duration::from_millis(10 + (group as u64) * 7),
+                Duration::from_secs(10),
+            ),
+            schema_backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(5)),
+            targets,
+            targets_checked: false,
+            waiting_since: None,
+            waiting_clock: false,
+        }
+    }
+}
+
 pub(super) struct Pipeline {
     pub(super) config: Arc<Config>,
     pub(super) region: String,
@@ -312,9 +354,12 @@ impl Pipeline {
         }
     }
 
-    /// Applies `batch`, retrying what is worth retrying. Returns early,
-    /// without applying it, on shutdown while it waits for the local clock
-    /// (nothing of it is committed: it is consumed again after a restart).
+    /// Applies `batch`, retrying what is worth retrying: a batch that met
+    /// changed or missing target columns ([`Pipeline::recheck`]), a failed
+    /// or conflicting one ([`Pipeline::failed`]), one stamped ahead of the
+    /// local clock ([`Pipeline::held`]). Returns early, without applying
+    /// it, on shutdown while it waits (nothing of it is committed: it is
+    /// consumed again after a restart).
     pub(super) async fn apply_with_retry(
         &self,
         client: &mut Client,
@@ -322,54 +367,25 @@ impl Pipeline {
         extra_offsets: &[(String, i32, i64)],
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ApplyError> {
-        // short first waits: most failures here are serialization conflicts
-        // with another session, gone on the next attempt
-        let mut backoff = Backoff::new(
-            Duration::from_millis(10 + (self.group as u64) * 7),
-            Duration::from_secs(10),
-        );
-        // waits for a column the target lacks
-        let mut schema_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
-        let mut attempt = 0u32;
-        let mut targets = self.targets();
-        let mut targets_checked = false;
-        // since when records of this batch have waited for a column
-        let mut waiting_since: Option<Instant> = None;
-        // whether the batch waited for the local clock
-        let mut waiting_clock = false;
+        let mut tries = Attempts::new(self.group, self.targets());
         loop {
-            attempt += 1;
+            tries.attempt += 1;
             let started = Instant::now();
-            match apply_batch(
+            let options = self.batch_options(extra_offsets, tries.targets_checked);
+            let then = match apply_batch(
                 client,
                 &self.source,
                 Some(self.group),
-                &targets,
+                &tries.targets,
                 batch,
                 &self.dlq,
-                BatchOptions {
-                    attempt: 0,
-                    extra_offsets,
-                    commit: true,
-                    max_tries: self.config.apply.max_retries.max(1),
-                    max_skew: self.config.max_clock_skew,
-                    max_ahead: self.config.max_stamp_ahead,
-                    stamp_region: self
-                        .config
-                        .regions
-                        .get(&self.source)
-                        .map(|r| (self.source.as_str(), r.id)),
-                    tombstone_horizon: self.config.apply.tombstone_horizon,
-                    targets_checked,
-                    conflict_log: self.conflict_log.as_ref(),
-                    parked: ParkedPositions::Record,
-                },
+                options,
             )
             .await
             {
                 Ok(outcome) => {
                     self.record(batch, &outcome, started.elapsed());
-                    if waiting_clock {
+                    if tries.waiting_clock {
                         self.metrics.set(
                             &metric::APPLY_CLOCK_WAIT_SECONDS,
                             &[("region", &self.region), ("source", &self.source)],
@@ -379,114 +395,183 @@ impl Pipeline {
                     return Ok(());
                 }
                 Err(BatchError::Recheck { unknown_column }) => {
-                    match load_targets(&self.config, &self.region, client).await {
-                        Ok(fresh) if fresh != *targets => {
-                            tracing::info!(region = %self.region, source = %self.source, "target table definitions changed: re-read");
-                            targets = Arc::new(fresh);
-                            *self.targets.lock().unwrap_or_else(|e| e.into_inner()) =
-                                targets.clone();
-                            continue;
-                        }
-                        Ok(_) => {}
-                        Err(e) if e.is_setup() => return Err(e),
-                        Err(e) => {
-                            tracing::warn!(region = %self.region, source = %self.source, error = %e, "re-reading the target's table definitions failed, retrying");
-                            tokio::time::sleep(backoff.next_delay()).await;
-                            continue;
-                        }
-                    }
-                    let Some(column) = unknown_column else {
-                        // the definitions are current: what fails now is
-                        // the record's own doing
-                        targets_checked = true;
-                        continue;
-                    };
-                    let since = *waiting_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= self.config.apply.schema_wait {
-                        tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "the target still lacks a column records carry: dead-lettering them (relay.apply.schema_wait)");
-                        targets_checked = true;
-                        continue;
-                    }
-                    self.metrics.add(
-                        &metric::APPLY_SCHEMA_WAITS,
-                        &[("region", &self.region), ("source", &self.source)],
-                        1,
-                    );
-                    tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "records carry a column the target table lacks: waiting for it (add it here, or see relay.apply.schema_wait)");
-                    // nothing of the batch is committed: a shutdown may
-                    // end the wait (the records are consumed again later)
-                    tokio::select! {
-                        _ = shutdown.changed() => return Ok(()),
-                        _ = tokio::time::sleep(schema_backoff.next_delay()) => {}
-                    }
+                    self.recheck(client, unknown_column, &mut tries, shutdown)
+                        .await?
                 }
                 Err(
                     e @ (BatchError::Conflict { .. }
                     | BatchError::Database { .. }
                     | BatchError::DeadLetter(_)),
-                ) => {
-                    self.metrics.add(
-                        &metric::APPLY_RETRIES,
-                        &[("region", &self.region), ("source", &self.source)],
-                        1,
-                    );
-                    if let BatchError::Conflict { .. } = &e {
-                        tracing::debug!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch conflicted with another session, retrying");
-                        tokio::time::sleep(backoff.next_delay()).await;
-                        continue;
-                    }
-                    tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
-                    if client.is_closed() || attempt % 3 == 0 {
-                        // a new session means starting again from the offsets
-                        // stored in the target: a target that lost its last
-                        // commits (asynchronous commit, failover to a standby
-                        // behind it) lost the offsets with them, and those
-                        // records must be consumed again
-                        let first = batch.first();
-                        return Err(ApplyErrorKind::Batch {
-                            topic: self.topic.clone(),
-                            partition: first.map(|c| c.partition),
-                            offset: first.map(|c| c.offset),
-                            source: e,
-                        }
-                        .into());
-                    }
-                    tokio::select! {
-                        _ = shutdown.changed() => return Ok(()),
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    }
-                }
+                ) => self.failed(client, batch, e, &mut tries, shutdown).await?,
                 Err(BatchError::Ahead { wait }) => {
-                    waiting_clock = true;
-                    self.metrics.add(
-                        &metric::APPLY_CLOCK_SKEW,
-                        &[("region", &self.region), ("source", &self.source)],
-                        1,
-                    );
-                    self.metrics.set(
-                        &metric::APPLY_CLOCK_WAIT_SECONDS,
-                        &[("region", &self.region), ("source", &self.source)],
-                        wait.as_secs_f64(),
-                    );
-                    tracing::warn!(region = %self.region, source = %self.source, wait = ?wait, "changes are stamped ahead of this region's clock by more than relay.max_clock_skew: waiting for the clock");
-                    let reason = format!(
-                        "changes stamped ahead of this region's clock by more than relay.max_clock_skew: held for {wait:?}"
-                    );
-                    if let Err(e) = client
-                        .execute(
-                            sql::HELD_SQL,
-                            &[&self.source, &self.group.to_string(), &reason],
-                        )
-                        .await
-                    {
-                        tracing::debug!(error = %db_message(&e), "recording the hold failed");
-                    }
-                    tokio::select! {
-                        _ = shutdown.changed() => return Ok(()),
-                        _ = tokio::time::sleep(wait.min(Duration::from_secs(5))) => {}
-                    }
+                    self.held(client, wait, &mut tries, shutdown).await
                 }
+            };
+            if then == Then::Stop {
+                return Ok(());
             }
+        }
+    }
+
+    /// How [`apply_batch`] runs for this pipeline.
+    fn batch_options<'a>(
+        &'a self,
+        extra_offsets: &'a [(String, i32, i64)],
+        targets_checked: bool,
+    ) -> BatchOptions<'a> {
+        BatchOptions {
+            attempt: 0,
+            extra_offsets,
+            commit: true,
+            max_tries: self.config.apply.max_retries.max(1),
+            max_skew: self.config.max_clock_skew,
+            max_ahead: self.config.max_stamp_ahead,
+            stamp_region: self
+                .config
+                .regions
+                .get(&self.source)
+                .map(|r| (self.source.as_str(), r.id)),
+            tombstone_horizon: self.config.apply.tombstone_horizon,
+            targets_checked,
+            conflict_log: self.conflict_log.as_ref(),
+            parked: ParkedPositions::Record,
+        }
+    }
+
+    /// A batch that met a target it may have read before a change: read
+    /// the definitions again; if they are current, a record carrying a
+    /// column the target lacks waits for it (up to `relay.apply.schema_wait`,
+    /// then it is dead-lettered), and anything else failing now is the
+    /// record's own doing (`targets_checked`).
+    async fn recheck(
+        &self,
+        client: &mut Client,
+        unknown_column: Option<String>,
+        tries: &mut Attempts,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Then, ApplyError> {
+        match load_targets(&self.config, &self.region, client).await {
+            Ok(fresh) if fresh != *tries.targets => {
+                tracing::info!(region = %self.region, source = %self.source, "target table definitions changed: re-read");
+                tries.targets = Arc::new(fresh);
+                *self.targets.lock().unwrap_or_else(|e| e.into_inner()) = tries.targets.clone();
+                return Ok(Then::Retry);
+            }
+            Ok(_) => {}
+            Err(e) if e.is_setup() => return Err(e),
+            Err(e) => {
+                tracing::warn!(region = %self.region, source = %self.source, error = %e, "re-reading the target's table definitions failed, retrying");
+                tokio::time::sleep(tries.backoff.next_delay()).await;
+                return Ok(Then::Retry);
+            }
+        }
+        let Some(column) = unknown_column else {
+            // the definitions are current: what fails now is the record's
+            // own doing
+            tries.targets_checked = true;
+            return Ok(Then::Retry);
+        };
+        let since = *tries.waiting_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.config.apply.schema_wait {
+            tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "the target still lacks a column records carry: dead-lettering them (relay.apply.schema_wait)");
+            tries.targets_checked = true;
+            return Ok(Then::Retry);
+        }
+        self.metrics.add(
+            &metric::APPLY_SCHEMA_WAITS,
+            &[("region", &self.region), ("source", &self.source)],
+            1,
+        );
+        tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "records carry a column the target table lacks: waiting for it (add it here, or see relay.apply.schema_wait)");
+        // nothing of the batch is committed: a shutdown may end the wait
+        // (the records are consumed again later)
+        Ok(tokio::select! {
+            _ = shutdown.changed() => Then::Stop,
+            _ = tokio::time::sleep(tries.schema_backoff.next_delay()) => Then::Retry,
+        })
+    }
+
+    /// A batch that failed (a conflict with another session, a database
+    /// error, the dead-letter topic out of reach): retried after a backoff;
+    /// every third failure, or on a closed session, the pipeline starts
+    /// again from the offsets stored in the target (returns the error).
+    async fn failed(
+        &self,
+        client: &Client,
+        batch: &[Consumed],
+        e: BatchError,
+        tries: &mut Attempts,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Then, ApplyError> {
+        let attempt = tries.attempt;
+        self.metrics.add(
+            &metric::APPLY_RETRIES,
+            &[("region", &self.region), ("source", &self.source)],
+            1,
+        );
+        if let BatchError::Conflict { .. } = &e {
+            tracing::debug!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch conflicted with another session, retrying");
+            tokio::time::sleep(tries.backoff.next_delay()).await;
+            return Ok(Then::Retry);
+        }
+        tracing::warn!(region = %self.region, source = %self.source, error = %e, attempt, "apply batch failed, retrying");
+        if client.is_closed() || attempt % 3 == 0 {
+            // a new session means starting again from the offsets stored in
+            // the target: a target that lost its last commits (asynchronous
+            // commit, failover to a standby behind it) lost the offsets with
+            // them, and those records must be consumed again
+            let first = batch.first();
+            return Err(ApplyErrorKind::Batch {
+                topic: self.topic.clone(),
+                partition: first.map(|c| c.partition),
+                offset: first.map(|c| c.offset),
+                source: e,
+            }
+            .into());
+        }
+        Ok(tokio::select! {
+            _ = shutdown.changed() => Then::Stop,
+            _ = tokio::time::sleep(tries.backoff.next_delay()) => Then::Retry,
+        })
+    }
+
+    /// A batch stamped ahead of the local clock by more than
+    /// `relay.max_clock_skew`: held (counted, shown in `pgrelay.held`)
+    /// until the clock comes within reach, in waits of at most 5 s.
+    async fn held(
+        &self,
+        client: &Client,
+        wait: Duration,
+        tries: &mut Attempts,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Then {
+        tries.waiting_clock = true;
+        self.metrics.add(
+            &metric::APPLY_CLOCK_SKEW,
+            &[("region", &self.region), ("source", &self.source)],
+            1,
+        );
+        self.metrics.set(
+            &metric::APPLY_CLOCK_WAIT_SECONDS,
+            &[("region", &self.region), ("source", &self.source)],
+            wait.as_secs_f64(),
+        );
+        tracing::warn!(region = %self.region, source = %self.source, wait = ?wait, "changes are stamped ahead of this region's clock by more than relay.max_clock_skew: waiting for the clock");
+        let reason = format!(
+            "changes stamped ahead of this region's clock by more than relay.max_clock_skew: held for {wait:?}"
+        );
+        if let Err(e) = client
+            .execute(
+                sql::HELD_SQL,
+                &[&self.source, &self.group.to_string(), &reason],
+            )
+            .await
+        {
+            tracing::debug!(error = %db_message(&e), "recording the hold failed");
+        }
+        tokio::select! {
+            _ = shutdown.changed() => Then::Stop,
+            _ = tokio::time::sleep(wait.min(Duration::from_secs(5))) => Then::Retry,
         }
     }
 
