@@ -306,17 +306,7 @@ enum DlqAction {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PGRELAY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
+    init_logging();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -329,155 +319,174 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run {
-                config,
-                region,
-                role,
-            } => sidecar::run(&config, &region, role).await,
-            Command::Check { config, region } => check::check(&config, region.as_deref()).await,
-            Command::Setup {
-                config,
-                region,
-                start_at_end,
-            } => setup::setup(&config, &region, start_at_end).await,
-            Command::Verify {
-                config,
-                region,
-                table,
-                json,
-                show_keys,
-                rate,
-                rounds,
-                wait,
-                window,
-                digest,
-                repair,
-                dry_run,
-            } => {
-                let args = verify::Args {
-                    digest,
-                    regions: region,
-                    tables: table,
-                    json,
-                    show_keys,
-                    rate,
-                    rounds,
-                    wait: std::time::Duration::from_secs_f64(wait.max(0.0)),
-                    window: std::time::Duration::from_secs_f64(window.max(0.0)),
-                    repair,
-                    dry_run,
-                };
-                verify::verify(&config, args).await
-            }
-            Command::Dlq { action } => match action {
-                DlqAction::List {
-                    config,
-                    region,
-                    limit,
-                } => dlq::list(&config, &region, limit).await,
-                DlqAction::Replay {
-                    config,
-                    region,
-                    dry_run,
-                    limit,
-                } => dlq::replay(&config, &region, dry_run, limit).await,
-            },
-            Command::Resync {
-                config,
-                region,
-                to,
-                table,
-                dry_run,
-            } => resync::resync(&config, &region, to, &table, dry_run).await,
-            Command::Status {
-                config,
-                json,
-                watch,
-            } => status::status(&config, json, watch).await,
-            Command::Repair {
-                config,
-                region,
-                backup,
-                table,
-                since,
-                origin,
-                include_others,
-                dry_run,
-            } => {
-                repair::repair(
-                    &config,
-                    &region,
-                    &backup,
-                    &table,
-                    since,
-                    origin,
-                    include_others,
-                    dry_run,
-                )
-                .await
-            }
-            Command::Conflicts {
-                action:
-                    ConflictsAction::List {
-                        config,
-                        region,
-                        table,
-                        since,
-                        limit,
-                    },
-            } => {
-                let filter = pgrelay::conflicts::Filter {
-                    table,
-                    since,
-                    limit,
-                };
-                conflicts::list(&config, &region, &filter).await
-            }
-            Command::Dr {
-                action:
-                    DrAction::Restore {
-                        config,
-                        region,
-                        from,
-                    },
-            } => dr::restore(&config, &region, &from).await,
-            Command::Breaker { action } => match action {
-                BreakerAction::Release {
-                    config,
-                    region,
-                    source,
-                } => breaker::breaker(&config, &region, &source, None).await,
-                BreakerAction::Discard {
-                    config,
-                    region,
-                    source,
-                    until,
-                } => {
-                    let until = until.unwrap_or_else(|| "now".into());
-                    breaker::breaker(&config, &region, &source, Some(&until)).await
-                }
-            },
-            Command::Fence {
-                config,
-                region,
-                dsn,
-                reason,
-            } => fence::fence(&config, &region, dsn, Some(reason)).await,
-            Command::Unfence {
-                config,
-                region,
-                dsn,
-            } => fence::fence(&config, &region, dsn, None).await,
-        }
-    });
-    match result {
+    match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             // the error and its causes, each shown once
             eprintln!("error: {}", pgrelay::source::pg_error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr, filtered by `PGRELAY_LOG` (default `info`), coloured
+/// only on a terminal without `NO_COLOR`.
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGRELAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
+        .init();
+}
+
+/// Runs a subcommand: one arm each, handing its arguments to the module
+/// that owns it (long only because the commands are many).
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run {
+            config,
+            region,
+            role,
+        } => sidecar::run(&config, &region, role).await,
+        Command::Check { config, region } => check::check(&config, region.as_deref()).await,
+        Command::Setup {
+            config,
+            region,
+            start_at_end,
+        } => setup::setup(&config, &region, start_at_end).await,
+        Command::Verify {
+            config,
+            region,
+            table,
+            json,
+            show_keys,
+            rate,
+            rounds,
+            wait,
+            window,
+            digest,
+            repair,
+            dry_run,
+        } => {
+            let args = verify::Args {
+                digest,
+                regions: region,
+                tables: table,
+                json,
+                show_keys,
+                rate,
+                rounds,
+                wait: std::time::Duration::from_secs_f64(wait.max(0.0)),
+                window: std::time::Duration::from_secs_f64(window.max(0.0)),
+                repair,
+                dry_run,
+            };
+            verify::verify(&config, args).await
+        }
+        Command::Dlq { action } => match action {
+            DlqAction::List {
+                config,
+                region,
+                limit,
+            } => dlq::list(&config, &region, limit).await,
+            DlqAction::Replay {
+                config,
+                region,
+                dry_run,
+                limit,
+            } => dlq::replay(&config, &region, dry_run, limit).await,
+        },
+        Command::Resync {
+            config,
+            region,
+            to,
+            table,
+            dry_run,
+        } => resync::resync(&config, &region, to, &table, dry_run).await,
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => status::status(&config, json, watch).await,
+        Command::Repair {
+            config,
+            region,
+            backup,
+            table,
+            since,
+            origin,
+            include_others,
+            dry_run,
+        } => {
+            repair::repair(
+                &config,
+                &region,
+                &backup,
+                &table,
+                since,
+                origin,
+                include_others,
+                dry_run,
+            )
+            .await
+        }
+        Command::Conflicts {
+            action:
+                ConflictsAction::List {
+                    config,
+                    region,
+                    table,
+                    since,
+                    limit,
+                },
+        } => {
+            let filter = pgrelay::conflicts::Filter {
+                table,
+                since,
+                limit,
+            };
+            conflicts::list(&config, &region, &filter).await
+        }
+        Command::Dr {
+            action:
+                DrAction::Restore {
+                    config,
+                    region,
+                    from,
+                },
+        } => dr::restore(&config, &region, &from).await,
+        Command::Breaker { action } => match action {
+            BreakerAction::Release {
+                config,
+                region,
+                source,
+            } => breaker::breaker(&config, &region, &source, None).await,
+            BreakerAction::Discard {
+                config,
+                region,
+                source,
+                until,
+            } => {
+                let until = until.unwrap_or_else(|| "now".into());
+                breaker::breaker(&config, &region, &source, Some(&until)).await
+            }
+        },
+        Command::Fence {
+            config,
+            region,
+            dsn,
+            reason,
+        } => fence::fence(&config, &region, dsn, Some(reason)).await,
+        Command::Unfence {
+            config,
+            region,
+            dsn,
+        } => fence::fence(&config, &region, dsn, None).await,
     }
 }

@@ -110,52 +110,7 @@ pub async fn restore(
         };
         progress.inc(rows.len() as u64);
         after = last.get(0);
-        let mut opened: Vec<Consumed> = Vec::with_capacity(rows.len());
-        for row in &rows {
-            report.copies += 1;
-            let key_hash: Vec<u8> = row.get(0);
-            let stamp: i64 = row.get(1);
-            let sealed = Sealed {
-                key_id: row.get(2),
-                table_hash: row.get(3),
-                stamp: stamp as u64,
-                nonce: row.get(4),
-                ciphertext: row.get(5),
-            };
-            let name = dr::hex_bytes::encode(&key_hash);
-            let Some(key) = ring.get(&sealed.key_id) else {
-                *report
-                    .unknown_keys
-                    .entry(sealed.key_id.clone())
-                    .or_default() += 1;
-                continue;
-            };
-            let Some(table) = tables.get(&(sealed.key_id.clone(), sealed.table_hash.clone()))
-            else {
-                report.failed.push(format!(
-                    "copy {name} (DR key {}): its table is none this config keeps DR copies of \
-                     in {from}",
-                    sealed.key_id
-                ));
-                continue;
-            };
-            let (k, v) = match open_copy(key, region, table, &key_hash, &sealed) {
-                Ok(kv) => kv,
-                Err(e) => {
-                    report.failed.push(format!("copy {name} of {table}: {e}"));
-                    continue;
-                }
-            };
-            *report.keys.entry(sealed.key_id.clone()).or_default() += 1;
-            *report.tables.entry(table.clone()).or_default() += 1;
-            opened.push(Consumed {
-                topic: topic.clone(),
-                partition: 0,
-                offset: report.copies as i64 - 1,
-                key: Some(k),
-                value: Some(v),
-            });
-        }
+        let opened = open_page(&rows, &ring, &tables, region, from, &topic, &mut report);
         if opened.is_empty() {
             continue;
         }
@@ -195,6 +150,67 @@ pub async fn restore(
     }
     progress.finish();
     Ok(report)
+}
+
+/// Opens one page of vault rows (`key_hash, stamp, key_id, table_hash,
+/// nonce, ciphertext`) as records the apply side takes, counting each in
+/// `report`: a copy under a key id the ring lacks, of a table this config
+/// keeps no DR copies of, or that does not open is counted, not applied.
+fn open_page(
+    rows: &[tokio_postgres::Row],
+    ring: &dr::KeyRing,
+    tables: &BTreeMap<(String, String), String>,
+    region: &str,
+    from: &str,
+    topic: &str,
+    report: &mut Restored,
+) -> Vec<Consumed> {
+    let mut opened: Vec<Consumed> = Vec::with_capacity(rows.len());
+    for row in rows {
+        report.copies += 1;
+        let key_hash: Vec<u8> = row.get(0);
+        let stamp: i64 = row.get(1);
+        let sealed = Sealed {
+            key_id: row.get(2),
+            table_hash: row.get(3),
+            stamp: stamp as u64,
+            nonce: row.get(4),
+            ciphertext: row.get(5),
+        };
+        let name = dr::hex_bytes::encode(&key_hash);
+        let Some(key) = ring.get(&sealed.key_id) else {
+            *report
+                .unknown_keys
+                .entry(sealed.key_id.clone())
+                .or_default() += 1;
+            continue;
+        };
+        let Some(table) = tables.get(&(sealed.key_id.clone(), sealed.table_hash.clone())) else {
+            report.failed.push(format!(
+                "copy {name} (DR key {}): its table is none this config keeps DR copies of \
+                 in {from}",
+                sealed.key_id
+            ));
+            continue;
+        };
+        let (k, v) = match open_copy(key, region, table, &key_hash, &sealed) {
+            Ok(kv) => kv,
+            Err(e) => {
+                report.failed.push(format!("copy {name} of {table}: {e}"));
+                continue;
+            }
+        };
+        *report.keys.entry(sealed.key_id.clone()).or_default() += 1;
+        *report.tables.entry(table.clone()).or_default() += 1;
+        opened.push(Consumed {
+            topic: topic.to_string(),
+            partition: 0,
+            offset: report.copies as i64 - 1,
+            key: Some(k),
+            value: Some(v),
+        });
+    }
+    opened
 }
 
 /// Opens one vault copy and checks that what it holds is the vault row's:
