@@ -2898,6 +2898,30 @@ async fn dr_vault_holds_the_newest_copies(
     );
 }
 
+/// Keys of `p` that some region keeps an older row of than the key's
+/// newest write: the newer write's homes (before and after) never routed it
+/// there. It happens where regions write one key under homes that route
+/// differently without holding each other's versions (the README's limit,
+/// "A key written under different homes"); `pgrelay verify` reports such
+/// keys, the model keeps them as the product leaves them.
+fn stale_by_residency(history: &History) -> BTreeSet<i32> {
+    let mut newest: BTreeMap<i32, i64> = BTreeMap::new();
+    for w in history.writes.iter().filter(|w| w.table == "p") {
+        let e = newest.entry(w.key).or_insert(w.version.stamp);
+        *e = (*e).max(w.version.stamp);
+    }
+    let model = Model(history);
+    let mut out = BTreeSet::new();
+    for r in REGIONS {
+        for (k, v) in model.expected("p", r) {
+            if v.cols.is_some() && newest.get(&k).is_some_and(|n| v.stamp < *n) {
+                out.insert(k);
+            }
+        }
+    }
+    out
+}
+
 /// The second oracle: `pgrelay verify`, the command operators run, must
 /// find what the model found — every region agrees, save what the model
 /// itself allows to differ (a truncate of `p`, which stays in its region,
@@ -2939,12 +2963,35 @@ async fn verify_agrees_then_finds_a_planted_difference(
             )
         })
     };
+    let stale = stale_by_residency(history);
+    let stale_key = |d: &serde_json::Value| {
+        d["table"] == "public.p"
+            && d["key"]
+                .as_str()
+                .and_then(|k| serde_json::from_str::<serde_json::Value>(k).ok())
+                .and_then(|k| k["id"].as_str().and_then(|id| id.parse::<i32>().ok()))
+                .is_some_and(|id| stale.contains(&id))
+    };
     let report = verify();
     let differences = report["differences"].as_array().expect("differences");
     let unexpected: Vec<&serde_json::Value> = differences
         .iter()
         .filter(|d| !d["table"].as_str().is_some_and(|t| may_differ.contains(t)))
+        .filter(|d| !stale_key(d))
         .collect();
+    if !stale.is_empty() {
+        let reported: BTreeSet<&str> = differences
+            .iter()
+            .filter(|d| stale_key(d))
+            .filter_map(|d| d["key"].as_str())
+            .collect();
+        eprintln!(
+            "seed {seed}: {} `p` key(s) left stale where a newer write's homes did not reach \
+             (the README's limit), {} of them reported by verify",
+            stale.len(),
+            reported.len()
+        );
+    }
     if !unexpected.is_empty() {
         // what each region holds of those keys, for the report
         let mut held = String::new();
