@@ -216,7 +216,7 @@ mod proto {
             out.extend_from_slice(b",\"ts_ms\":");
             int(&mut out, commit_ms);
             out.extend_from_slice(b"},\"pgrelay\":{\"hlc\":");
-            num(&mut out, change.hlc);
+            num(&mut out, change.hlc.get());
             out.extend_from_slice(&self.origin);
             hex(&mut out, change.tx.commit_lsn.0 >> 32);
             out.push(b'/');

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::hlc;
+use crate::hlc::Hlc;
 
 /// What to list.
 #[derive(Debug, Clone, Default)]
@@ -29,9 +29,9 @@ pub struct Conflict {
     pub key: serde_json::Value,
     /// `upsert` or `delete`: what the losing change was.
     pub op: String,
-    pub winner_hlc: u64,
+    pub winner_hlc: Hlc,
     pub winner_origin: Option<String>,
-    pub loser_hlc: u64,
+    pub loser_hlc: Hlc,
     pub loser_origin: Option<String>,
     /// The losing version (an upsert's row as it arrived; a delete's key).
     pub loser_version: Option<serde_json::Value>,
@@ -77,9 +77,9 @@ pub async fn list(client: &Client, filter: &Filter) -> Result<Vec<Conflict>, Str
             table: r.get(1),
             key: json(r.get(2)).unwrap_or(serde_json::Value::Null),
             op: r.get(3),
-            winner_hlc: r.get::<_, i64>(4).max(0) as u64,
+            winner_hlc: Hlc::from_sql(r.get(4)),
             winner_origin: r.get(5),
-            loser_hlc: r.get::<_, i64>(6).max(0) as u64,
+            loser_hlc: Hlc::from_sql(r.get(6)),
             loser_origin: r.get(7),
             loser_version: json(r.get(8)),
         })
@@ -123,9 +123,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// One line per entry: when, table, key, what lost to what (stamps as
 /// `wall_ms.counter@region_id` and the regions' names), the losing version.
 pub fn format(c: &Conflict) -> String {
-    let stamp = |h: u64, o: &Option<String>| {
-        format!("{}({})", hlc::display(h), o.as_deref().unwrap_or("?"))
-    };
+    let stamp =
+        |h: Hlc, o: &Option<String>| format!("{}({})", h.readable(), o.as_deref().unwrap_or("?"));
     format!(
         "{}  {}  {}  {} {} lost to {}  {}",
         c.recorded_at,
@@ -161,9 +160,9 @@ mod tests {
             table: "public.products".into(),
             key: serde_json::json!({"id": "1"}),
             op: "upsert".into(),
-            winner_hlc: hlc::compose(2000, 1, 2),
+            winner_hlc: Hlc::compose(2000, 1, 2),
             winner_origin: Some("eu".into()),
-            loser_hlc: hlc::compose(1000, 0, 1),
+            loser_hlc: Hlc::compose(1000, 0, 1),
             loser_origin: Some("us".into()),
             loser_version: Some(serde_json::json!({"id": 1, "name": "a"})),
         };

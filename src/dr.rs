@@ -28,6 +28,7 @@
 //! are checked against the sealed plaintext, which is what makes a
 //! re-stamped old record fail there too.
 
+use crate::hlc::Hlc;
 use hmac::{Hmac, Mac};
 use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
 use serde::{Deserialize, Serialize};
@@ -81,7 +82,7 @@ pub struct Sealed {
     pub key_id: String,
     /// Hex of the keyed hash of the table name.
     pub table_hash: String,
-    pub stamp: u64,
+    pub stamp: Hlc,
     #[serde(with = "hex_bytes")]
     pub nonce: Vec<u8>,
     #[serde(with = "hex_bytes")]
@@ -162,7 +163,7 @@ impl DrKey {
         home: &str,
         table: &str,
         row: &[u8; 32],
-        stamp: u64,
+        stamp: Hlc,
         plaintext: &[u8],
     ) -> Result<Sealed, DrError> {
         let mut nonce = [0u8; NONCE_LEN];
@@ -238,7 +239,7 @@ pub enum Format {
 }
 
 impl Format {
-    fn aad(self, key_id: &str, home: &str, table: &str, row: &[u8], stamp: u64) -> Vec<u8> {
+    fn aad(self, key_id: &str, home: &str, table: &str, row: &[u8], stamp: Hlc) -> Vec<u8> {
         let mut aad = Vec::with_capacity(64 + key_id.len() + home.len() + table.len());
         if self == Format::V2 {
             aad.extend_from_slice(b"pgrelay dr v2\0");
@@ -255,7 +256,7 @@ impl Format {
         aad.push(0);
         aad.extend_from_slice(&(row.len() as u32).to_be_bytes());
         aad.extend_from_slice(row);
-        aad.extend_from_slice(&stamp.to_be_bytes());
+        aad.extend_from_slice(&stamp.get().to_be_bytes());
         aad
     }
 }
@@ -338,10 +339,10 @@ impl Sealed {
         {
             return Err(Refusal::Malformed);
         }
-        if self.stamp > i64::MAX as u64 {
+        if self.stamp.get() > i64::MAX as u64 {
             return Err(Refusal::StampOutOfRange);
         }
-        if crate::hlc::ahead_ms(self.stamp, now_ms) > max_ahead_ms.min(i64::MAX as u64) as i64 {
+        if self.stamp.ahead_ms(now_ms) > max_ahead_ms.min(i64::MAX as u64) as i64 {
             return Err(Refusal::StampAhead);
         }
         Ok(())
@@ -447,11 +448,12 @@ mod tests {
     const ROW: [u8; 32] = [7; 32];
 
     fn seal(k: &DrKey, table: &str, stamp: u64, plain: &[u8]) -> Sealed {
-        k.seal("eu", table, &ROW, stamp, plain).unwrap()
+        k.seal("eu", table, &ROW, Hlc::new(stamp), plain).unwrap()
     }
 
     /// A record as releases before [`Format::V2`] sealed it.
     fn seal_v1(k: &DrKey, table: &str, stamp: u64, plain: &[u8]) -> Sealed {
+        let stamp = Hlc::new(stamp);
         let nonce = [3u8; NONCE_LEN];
         let mut tag = [0u8; TAG_LEN];
         let aad = Format::V1.aad(&k.id, "ignored", table, &[], stamp);
@@ -483,7 +485,7 @@ mod tests {
         assert!(!String::from_utf8_lossy(&wire).contains("MARKER"));
         assert!(!String::from_utf8_lossy(&wire).contains("users"));
         let back = Sealed::decode(&wire).unwrap();
-        assert_eq!(back.stamp, 42);
+        assert_eq!(back.stamp, Hlc::new(42));
         assert_eq!(
             k.open("eu", "public.users", &ROW, &back).unwrap(),
             (plain.to_vec(), Format::V2)
@@ -533,7 +535,7 @@ mod tests {
         // re-stamped to win over newer copies, by a little or by a lot
         for stamp in [2, 1 + (600_000 << 16), u64::MAX] {
             let mut restamped = sealed.clone();
-            restamped.stamp = stamp;
+            restamped.stamp = Hlc::new(stamp);
             assert_eq!(open("eu", "public.users", &ROW, &restamped), refused);
         }
     }
@@ -588,11 +590,11 @@ mod tests {
     fn the_vault_refuses_what_no_region_sealed() {
         let k = key("k1");
         let now_ms = 1_800_000_000_000;
-        let stamp = crate::hlc::compose(now_ms, 0, 1);
-        let good = seal(&k, "t", stamp, b"x");
+        let stamp = Hlc::compose(now_ms, 0, 1);
+        let good = seal(&k, "t", stamp.get(), b"x");
         assert_eq!(good.vault_check(&ROW, now_ms, 300_000), Ok(()));
         let with_stamp = |stamp: u64| Sealed {
-            stamp,
+            stamp: Hlc::new(stamp),
             ..good.clone()
         };
         assert_eq!(with_stamp(0).vault_check(&ROW, now_ms, 300_000), Ok(()));
@@ -601,7 +603,7 @@ mod tests {
             Err(Refusal::StampOutOfRange)
         );
         assert_eq!(
-            with_stamp(crate::hlc::compose(now_ms + 600_000, 0, 1))
+            with_stamp(Hlc::compose(now_ms + 600_000, 0, 1).get())
                 .vault_check(&ROW, now_ms, 300_000),
             Err(Refusal::StampAhead)
         );

@@ -285,8 +285,8 @@ pub struct Change {
     pub op: Op,
     pub before: Option<Vec<Datum>>,
     pub after: Option<Vec<Datum>>,
-    /// The HLC stamp of this write (see `hlc`).
-    pub hlc: u64,
+    /// The HLC stamp of this write.
+    pub hlc: crate::hlc::Hlc,
     pub tx: Arc<TxMeta>,
     /// Position of this change inside its transaction (0-based).
     pub seq: u64,

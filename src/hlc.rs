@@ -24,41 +24,102 @@ pub const REGION_BITS: u32 = 6;
 pub const COUNTER_BITS: u32 = 10;
 pub const MAX_REGION_ID: u8 = (1 << REGION_BITS) - 1;
 
-/// Builds a stamp from its parts.
-pub fn compose(wall_ms: u64, counter: u16, region_id: u8) -> u64 {
-    debug_assert!(region_id <= MAX_REGION_ID);
-    debug_assert!((counter as u64) < (1 << COUNTER_BITS));
-    (((wall_ms << COUNTER_BITS) | counter as u64) << REGION_BITS) | region_id as u64
+/// A stamp. Ordered as its number, and never above `i64::MAX`: it is a
+/// PostgreSQL `bigint` in the database ([`Hlc::from_sql`], [`Hlc::to_sql`])
+/// and decimal text in records and headers ([`Display`](std::fmt::Display),
+/// [`FromStr`](std::str::FromStr)).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct Hlc(u64);
+
+impl Hlc {
+    /// Older than any write (rows from before `setup`).
+    pub const ZERO: Hlc = Hlc(0);
+
+    /// A stamp from its number as records carry it.
+    pub const fn new(raw: u64) -> Hlc {
+        Hlc(raw)
+    }
+
+    /// Builds a stamp from its parts.
+    pub fn compose(wall_ms: u64, counter: u16, region_id: u8) -> Hlc {
+        debug_assert!(region_id <= MAX_REGION_ID);
+        debug_assert!((counter as u64) < (1 << COUNTER_BITS));
+        Hlc((((wall_ms << COUNTER_BITS) | counter as u64) << REGION_BITS) | region_id as u64)
+    }
+
+    /// A stamp read from a `bigint` column (a negative one, which no clock
+    /// makes, reads as [`Hlc::ZERO`]).
+    pub fn from_sql(value: i64) -> Hlc {
+        Hlc(value.max(0) as u64)
+    }
+
+    /// The stamp as a `bigint`.
+    pub fn to_sql(self) -> i64 {
+        self.0 as i64
+    }
+
+    /// The stamp's number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The logical time (wall ms and counter, without the region).
+    pub fn logical(self) -> u64 {
+        self.0 >> REGION_BITS
+    }
+
+    /// The wall-clock milliseconds.
+    pub fn wall_ms(self) -> u64 {
+        self.0 >> (REGION_BITS + COUNTER_BITS)
+    }
+
+    /// The id of the region that made the stamp.
+    pub fn region_id(self) -> u8 {
+        (self.0 & ((1 << REGION_BITS) - 1)) as u8
+    }
+
+    /// Human-readable form: `wall_ms.counter@region`.
+    pub fn readable(self) -> String {
+        format!(
+            "{}.{}@{}",
+            self.wall_ms(),
+            self.logical() & ((1 << COUNTER_BITS) - 1),
+            self.region_id()
+        )
+    }
+
+    /// How far (ms) the stamp is ahead of the given wall clock; negative if
+    /// behind.
+    pub fn ahead_ms(self, now_ms: u64) -> i64 {
+        self.wall_ms() as i64 - now_ms as i64
+    }
 }
 
-/// The logical time of a stamp (wall ms and counter, without the region).
-pub fn logical(stamp: u64) -> u64 {
-    stamp >> REGION_BITS
+impl std::fmt::Display for Hlc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
 }
 
-/// The wall-clock milliseconds of a stamp.
-pub fn wall_ms(stamp: u64) -> u64 {
-    stamp >> (REGION_BITS + COUNTER_BITS)
-}
+impl std::str::FromStr for Hlc {
+    type Err = std::num::ParseIntError;
 
-/// The id of the region that made the stamp.
-pub fn region_id(stamp: u64) -> u8 {
-    (stamp & ((1 << REGION_BITS) - 1)) as u8
-}
-
-/// Human-readable form: `wall_ms.counter@region`.
-pub fn display(stamp: u64) -> String {
-    format!(
-        "{}.{}@{}",
-        wall_ms(stamp),
-        logical(stamp) & ((1 << COUNTER_BITS) - 1),
-        region_id(stamp)
-    )
-}
-
-/// How far (ms) a stamp is ahead of the given wall clock; negative if behind.
-pub fn ahead_ms(stamp: u64, now_ms: u64) -> i64 {
-    wall_ms(stamp) as i64 - now_ms as i64
+    fn from_str(s: &str) -> Result<Hlc, Self::Err> {
+        s.parse().map(Hlc)
+    }
 }
 
 /// An in-process HLC, for the stamps pgrelay makes itself (for example a
@@ -79,16 +140,16 @@ impl Clock {
 
     /// A new stamp above every stamp made or observed so far and above
     /// `floor` (the previous stamp of the same row, or 0).
-    pub fn tick(&mut self, now_ms: u64, floor: u64) -> u64 {
+    pub fn tick(&mut self, now_ms: u64, floor: Hlc) -> Hlc {
         let wall = now_ms << COUNTER_BITS;
-        let next = wall.max(self.last_logical + 1).max(logical(floor) + 1);
+        let next = wall.max(self.last_logical + 1).max(floor.logical() + 1);
         self.last_logical = next;
-        (next << REGION_BITS) | self.region_id as u64
+        Hlc((next << REGION_BITS) | self.region_id as u64)
     }
 
     /// Advances the clock past a stamp received from elsewhere.
-    pub fn observe(&mut self, stamp: u64) {
-        self.last_logical = self.last_logical.max(logical(stamp));
+    pub fn observe(&mut self, stamp: Hlc) {
+        self.last_logical = self.last_logical.max(stamp.logical());
     }
 }
 
@@ -297,29 +358,32 @@ mod tests {
 
     #[test]
     fn parts_round_trip() {
-        let s = compose(1_700_000_000_123, 5, 3);
-        assert_eq!(wall_ms(s), 1_700_000_000_123);
-        assert_eq!(region_id(s), 3);
-        assert_eq!(logical(s) & 1023, 5);
-        assert!(s < i64::MAX as u64);
-        assert_eq!(display(s), "1700000000123.5@3");
+        let s = Hlc::compose(1_700_000_000_123, 5, 3);
+        assert_eq!(s.wall_ms(), 1_700_000_000_123);
+        assert_eq!(s.region_id(), 3);
+        assert_eq!(s.logical() & 1023, 5);
+        assert!(s.get() < i64::MAX as u64);
+        assert_eq!(s.readable(), "1700000000123.5@3");
+        assert_eq!(Hlc::from_sql(s.to_sql()), s);
+        assert_eq!(s.to_string().parse::<Hlc>(), Ok(s));
+        assert_eq!(Hlc::from_sql(-1), Hlc::ZERO);
     }
 
     #[test]
     fn region_breaks_ties() {
-        assert!(compose(10, 0, 2) > compose(10, 0, 1));
-        assert!(compose(10, 1, 1) > compose(10, 0, 63));
-        assert!(compose(11, 0, 1) > compose(10, 1023, 63));
+        assert!(Hlc::compose(10, 0, 2) > Hlc::compose(10, 0, 1));
+        assert!(Hlc::compose(10, 1, 1) > Hlc::compose(10, 0, 63));
+        assert!(Hlc::compose(11, 0, 1) > Hlc::compose(10, 1023, 63));
     }
 
     #[test]
     fn write_after_replicated_write_wins_despite_slow_clock() {
         let mut eu = Clock::new(2);
         // a stamp from a region whose clock is 10 s ahead
-        let remote = compose(1_000_010_000, 0, 1);
+        let remote = Hlc::compose(1_000_010_000, 0, 1);
         let local = eu.tick(1_000_000_000, remote);
         assert!(local > remote);
-        assert_eq!(region_id(local), 2);
+        assert_eq!(local.region_id(), 2);
     }
 
     proptest! {
@@ -328,17 +392,17 @@ mod tests {
             steps in proptest::collection::vec((0u64..1u64 << 40, any::<u64>(), any::<bool>()), 1..200)
         ) {
             let mut clock = Clock::new(7);
-            let mut last = 0u64;
+            let mut last = Hlc::ZERO;
             for (now, floor, observe) in steps {
-                let floor = floor >> 8;
+                let floor = Hlc::new(floor >> 8);
                 if observe {
                     clock.observe(floor);
                     continue;
                 }
                 let s = clock.tick(now, floor);
                 prop_assert!(s > last);
-                prop_assert!(logical(s) > logical(floor));
-                prop_assert_eq!(region_id(s), 7);
+                prop_assert!(s.logical() > floor.logical());
+                prop_assert_eq!(s.region_id(), 7);
                 last = s;
             }
         }

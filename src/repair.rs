@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 use crate::apply::db_message;
 use crate::config::Config;
 use crate::event::{quote_ident, TableName};
-use crate::hlc;
+use crate::hlc::Hlc;
 use crate::names::HLC_COLUMN;
 use crate::source::catalog::{self, Catalog};
 
@@ -69,7 +69,7 @@ pub fn decide(current: Option<&str>, backup: Option<&str>) -> Action {
 
 /// The region that made `stamp`, by its `id`.
 pub fn writer(config: &Config, stamp: i64) -> String {
-    let id = hlc::region_id(stamp as u64);
+    let id = Hlc::from_sql(stamp).region_id();
     config
         .regions
         .iter()
@@ -223,7 +223,7 @@ pub async fn run(
             .map_err(|e| err(&format!("--since {s:?} is not a time PostgreSQL reads"), &e))?
             .get(0),
     };
-    let since_stamp = hlc::compose(since_ms.max(0) as u64, 0, 0) as i64;
+    let since_stamp = Hlc::compose(since_ms.max(0) as u64, 0, 0).to_sql();
     let replicated: Vec<&TableName> = config.replicated_tables().map(|t| &t.name).collect();
     for t in &opts.tables {
         if !replicated.contains(&t) {
@@ -407,7 +407,7 @@ fn by_origin(
     let origin_id = opts.origin.as_ref().map(|o| config.regions[o.as_str()].id);
     let mut mine = Vec::new();
     for (key, stamp) in candidates {
-        let by_origin = origin_id.is_none_or(|id| hlc::region_id(stamp as u64) == id);
+        let by_origin = origin_id.is_none_or(|id| Hlc::from_sql(stamp).region_id() == id);
         if by_origin || opts.include_others {
             mine.push(key);
         } else {
@@ -514,7 +514,7 @@ pub fn render(reports: &[TableReport], region: &str, dry_run: bool) -> String {
             let _ = writeln!(
                 out,
                 "    left {key}: written by {writer} ({}); --include-others repairs it too",
-                hlc::display(*stamp as u64)
+                Hlc::from_sql(*stamp).readable()
             );
         }
         let unique: BTreeSet<&String> = r.raced.iter().collect();
@@ -543,11 +543,11 @@ mod tests {
     fn candidates_by_origin_and_the_others_left() {
         let config = crate::config::test_config(&["us", "eu"], "");
         let mut candidates = BTreeMap::new();
-        keep_newest(&mut candidates, "a".into(), hlc::compose(10, 0, 1) as i64);
-        keep_newest(&mut candidates, "a".into(), hlc::compose(5, 0, 2) as i64);
-        keep_newest(&mut candidates, "b".into(), hlc::compose(7, 0, 2) as i64);
+        keep_newest(&mut candidates, "a".into(), Hlc::compose(10, 0, 1).to_sql());
+        keep_newest(&mut candidates, "a".into(), Hlc::compose(5, 0, 2).to_sql());
+        keep_newest(&mut candidates, "b".into(), Hlc::compose(7, 0, 2).to_sql());
         // the newest stamp of a key counts
-        assert_eq!(candidates["a"], hlc::compose(10, 0, 1) as i64);
+        assert_eq!(candidates["a"], Hlc::compose(10, 0, 1).to_sql());
         let mut report = TableReport::default();
         let mine = by_origin(
             &config,

@@ -48,6 +48,7 @@ use crate::event::{
     canonical_text_sets, quote_ident, Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema,
     TxMeta,
 };
+use crate::hlc::Hlc;
 use crate::names::HLC_COLUMN;
 use crate::publish::envelope::Source;
 use crate::publish::producer::{Delivery, Outlets, SendError};
@@ -121,7 +122,7 @@ pub fn tombstone_change(
     schema: &Arc<TableSchema>,
     pk: &serde_json::Map<String, serde_json::Value>,
     home: Option<(&str, &str)>,
-    hlc: u64,
+    hlc: Hlc,
     tx: &Arc<TxMeta>,
 ) -> Option<Change> {
     if pk.is_empty() {
@@ -478,7 +479,7 @@ fn row_change<'r>(
             None => Datum::Null,
         })
         .collect();
-    let hlc = value(n).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let hlc = value(n).and_then(|s| s.parse().ok()).unwrap_or(Hlc::ZERO);
     Change {
         schema: schema.clone(),
         op: Op::Insert,
@@ -572,7 +573,7 @@ impl Snapshot<'_> {
             .rule(&schema.table)
             .and_then(TableRule::home_column)
             .zip(r.get::<_, Option<&str>>(2));
-        tombstone_change(schema, &pk, home, hlc.max(0) as u64, &self.tx)
+        tombstone_change(schema, &pk, home, Hlc::from_sql(hlc), &self.tx)
     }
 
     /// The current version of each key of `request` (its row, or its
@@ -607,7 +608,7 @@ impl Snapshot<'_> {
                     continue;
                 };
                 let change = row_change(schema, |i| row.get(i), &self.tx);
-                if request.own_only && crate::hlc::region_id(change.hlc) != region_id {
+                if request.own_only && change.hlc.region_id() != region_id {
                     out.count_partial(&schema.table, &wanted);
                     continue;
                 }
@@ -1181,7 +1182,7 @@ dr = ["eu"]
         let values = [Some("eu"), Some("7"), None, Some("12345")];
         let c = row_change(&schema(), |i| values[i], &tx());
         assert_eq!(c.op, Op::Insert);
-        assert_eq!(c.hlc, 12345);
+        assert_eq!(c.hlc, Hlc::new(12345));
         assert_eq!(
             c.after.unwrap(),
             vec![
@@ -1192,7 +1193,7 @@ dr = ["eu"]
         );
         // no stamp (written before setup added the column): 0
         let values = [Some("eu"), Some("7"), Some("x"), None];
-        assert_eq!(row_change(&schema(), |i| values[i], &tx()).hlc, 0);
+        assert_eq!(row_change(&schema(), |i| values[i], &tx()).hlc, Hlc::ZERO);
     }
 
     #[test]
@@ -1209,9 +1210,16 @@ dr = ["eu"]
     #[test]
     fn tombstones_become_key_deletes_or_truncates() {
         let pk = serde_json::json!({"id": "7", "region": "eu"});
-        let c = tombstone_change(&schema(), pk.as_object().unwrap(), None, 42, &tx()).unwrap();
+        let c = tombstone_change(
+            &schema(),
+            pk.as_object().unwrap(),
+            None,
+            Hlc::new(42),
+            &tx(),
+        )
+        .unwrap();
         assert_eq!(c.op, Op::Delete);
-        assert_eq!(c.hlc, 42);
+        assert_eq!(c.hlc, Hlc::new(42));
         assert_eq!(
             c.before.unwrap(),
             vec![
@@ -1220,17 +1228,25 @@ dr = ["eu"]
                 Datum::Unchanged
             ]
         );
-        let all = tombstone_change(&schema(), &serde_json::Map::new(), None, 9, &tx()).unwrap();
+        let all =
+            tombstone_change(&schema(), &serde_json::Map::new(), None, Hlc::new(9), &tx()).unwrap();
         assert_eq!(all.op, Op::Truncate);
         // a key that is not the table's (changed since): not sent
         let other = serde_json::json!({"id": "7"});
-        assert!(tombstone_change(&schema(), other.as_object().unwrap(), None, 1, &tx()).is_none());
+        assert!(tombstone_change(
+            &schema(),
+            other.as_object().unwrap(),
+            None,
+            Hlc::new(1),
+            &tx()
+        )
+        .is_none());
         // a partitioned row's tombstone carries its home in the home column
         let homed = tombstone_change(
             &schema(),
             pk.as_object().unwrap(),
             Some(("note", "us")),
-            43,
+            Hlc::new(43),
             &tx(),
         )
         .unwrap();

@@ -292,7 +292,7 @@ pub fn change(schema: &Arc<TableSchema>, op: Op, id: u64) -> Change {
         op,
         before,
         after,
-        hlc: 7_190_123_456_789_012_481,
+        hlc: pgrelay::hlc::Hlc::new(7_190_123_456_789_012_481),
         tx: tx(),
         seq: id,
     }
@@ -325,7 +325,7 @@ pub fn records(count: usize, op: Op, dup: usize) -> Vec<Vec<u8>> {
     (0..count)
         .map(|i| {
             let mut c = change(&schema, op, (i / dup.max(1)) as u64);
-            c.hlc += i as u64;
+            c.hlc = pgrelay::hlc::Hlc::new(c.hlc.get() + i as u64);
             match policy.route(&c, 0) {
                 Verdict::Publish(r) => envelope::encode(&src, &c, &r).value,
                 Verdict::Drop(d) => panic!("dropped: {d:?}"),

@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::hlc;
+use crate::hlc::Hlc;
 
 use super::dlq::{DeadLetter, DlqProducer};
 use super::error::{at_step, is_transient_db, retryable, BatchError};
@@ -168,7 +168,7 @@ fn foreign_stamp(
     stamp_region: Option<(&str, u8)>,
 ) -> Option<record::Rejection> {
     let (source, source_id) = stamp_region?;
-    let claimed = hlc::region_id(inc.hlc);
+    let claimed = inc.hlc.region_id();
     if inc.resent || claimed == source_id {
         return None;
     }
@@ -491,7 +491,7 @@ fn admit<'a>(
                 if let Ok(lsn) = inc.commit_lsn.parse() {
                     reached(lsn);
                 }
-                let ahead = hlc::ahead_ms(inc.hlc, now);
+                let ahead = inc.hlc.ahead_ms(now);
                 if ahead > limit {
                     // never applied, so the clock never follows it
                     let why = record::Rejection::StampAhead {
@@ -551,19 +551,15 @@ async fn beyond_horizon(
     outcome: &mut Outcome,
 ) -> Result<(), BatchError> {
     let recent = now.saturating_sub((opts.tombstone_horizon / 2).as_millis() as u64);
-    if !admitted
-        .changes
-        .iter()
-        .any(|c| hlc::wall_ms(c.hlc) < recent)
-    {
+    if !admitted.changes.iter().any(|c| c.hlc.wall_ms() < recent) {
         return Ok(());
     }
-    let horizons: HashMap<String, u64> = tx
+    let horizons: HashMap<String, Hlc> = tx
         .query(horizon::HORIZONS_SQL, &[])
         .await
         .map_err(at_step("reading the tombstone horizons"))?
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+        .map(|r| (r.get::<_, String>(0), Hlc::from_sql(r.get::<_, i64>(1))))
         .collect();
     let mut i = 0;
     while i < admitted.changes.len() {
@@ -571,7 +567,7 @@ async fn beyond_horizon(
         let horizon = horizons
             .get(&c.table.name.to_string())
             .copied()
-            .unwrap_or(0);
+            .unwrap_or(Hlc::ZERO);
         if !horizon::below(c, horizon) {
             i += 1;
             continue;
@@ -799,7 +795,7 @@ async fn store_progress(
         .await
         .map_err(at_step("storing watermark"))?;
     }
-    tx.execute(sql::CLOCK_SQL, &[&hlc::logical(newest.hlc).to_string()])
+    tx.execute(sql::CLOCK_SQL, &[&newest.hlc.logical().to_string()])
         .await
         .map_err(at_step("advancing the clock"))?;
     Ok(())

@@ -34,7 +34,7 @@ use tokio_postgres::Client;
 use crate::apply::record::{Incoming, TargetTable};
 use crate::apply::sql::{buckets_param, KEY_BUCKETS, LOCK_BUCKETS_SQL};
 use crate::event::{quote_ident, Op};
-use crate::hlc;
+use crate::hlc::Hlc;
 
 /// Every table's horizon (a table without one has had nothing purged).
 pub const HORIZONS_SQL: &str = "SELECT table_name, hlc FROM pgrelay.horizon";
@@ -44,8 +44,8 @@ const PURGE_CHUNK: i64 = 10_000;
 
 /// The stamp below which tombstones may go: `horizon` ago, and not above
 /// the lowest stamp delivered from any source (`lowest_delivered`).
-pub fn cutoff(now_ms: u64, horizon: Duration, lowest_delivered: Option<u64>) -> u64 {
-    let by_age = hlc::compose(now_ms.saturating_sub(horizon.as_millis() as u64), 0, 0);
+pub fn cutoff(now_ms: u64, horizon: Duration, lowest_delivered: Option<Hlc>) -> Hlc {
+    let by_age = Hlc::compose(now_ms.saturating_sub(horizon.as_millis() as u64), 0, 0);
     lowest_delivered.map_or(by_age, |w| w.min(by_age))
 }
 
@@ -68,7 +68,7 @@ pub async fn purge(
         )
         .await?
         .get(0);
-    let cut = cutoff(now_ms, horizon, lowest.map(|w| w.max(0) as u64)) as i64;
+    let cut = cutoff(now_ms, horizon, lowest.map(Hlc::from_sql)).to_sql();
     let raised = tx
         .execute(
             "INSERT INTO pgrelay.horizon AS h (table_name, hlc) \
@@ -178,8 +178,8 @@ pub async fn keep(
 
 /// Whether `change` is an insert or update stamped below `horizon`: the
 /// caller must then check that its row exists before applying it.
-pub fn below(change: &Incoming<'_>, horizon: u64) -> bool {
-    horizon > 0 && change.hlc < horizon && !matches!(change.op, Op::Delete | Op::Truncate)
+pub fn below(change: &Incoming<'_>, horizon: Hlc) -> bool {
+    horizon > Hlc::ZERO && change.hlc < horizon && !matches!(change.op, Op::Delete | Op::Truncate)
 }
 
 /// `SELECT EXISTS (… WHERE key = $n::text::type …)` for a row of `target`.
@@ -215,11 +215,11 @@ mod tests {
     fn the_cutoff_never_passes_what_a_source_has_not_delivered() {
         let day = Duration::from_secs(86_400);
         let now = 10 * 86_400_000;
-        let by_age = hlc::compose(9 * 86_400_000, 0, 0);
+        let by_age = Hlc::compose(9 * 86_400_000, 0, 0);
         assert_eq!(cutoff(now, day, None), by_age);
-        assert_eq!(cutoff(now, day, Some(by_age + 5)), by_age);
-        assert_eq!(cutoff(now, day, Some(17)), 17);
-        assert_eq!(cutoff(5, day, None), 0);
+        assert_eq!(cutoff(now, day, Some(Hlc::new(by_age.get() + 5))), by_age);
+        assert_eq!(cutoff(now, day, Some(Hlc::new(17))), Hlc::new(17));
+        assert_eq!(cutoff(5, day, None), Hlc::ZERO);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::event::{quote_ident, quote_literal, Op, TableName};
+use crate::hlc::Hlc;
 use crate::names::HLC_COLUMN;
 use crate::publish::envelope::{self, NewerFormat};
 use crate::residency::{DropReason, TableRule};
@@ -27,7 +28,7 @@ pub type Text<'a> = Cow<'a, str>;
 pub struct Incoming<'a> {
     pub table: &'a TargetTable,
     pub op: Op,
-    pub hlc: u64,
+    pub hlc: Hlc,
     pub commit_lsn: Text<'a>,
     pub commit_ts_ms: i64,
     /// Sent by `pgrelay resync` (transaction id 0): it carries the row's
@@ -78,7 +79,7 @@ pub enum Rejection {
          is {limit_ms} ms): not applied, so the region's clock does not follow it"
     )]
     StampAhead {
-        stamp: u64,
+        stamp: Hlc,
         ahead_ms: i64,
         limit_ms: u64,
     },
@@ -88,7 +89,7 @@ pub enum Rejection {
          one is forged or misrouted; not applied"
     )]
     ForeignStamp {
-        stamp: u64,
+        stamp: Hlc,
         claimed: u8,
         region: String,
         source_id: u8,
@@ -98,7 +99,7 @@ pub enum Rejection {
          it may have been deleted by a tombstone already purged (relay.apply.tombstone_horizon), \
          so it is not brought back"
     )]
-    BeyondHorizon { stamp: u64, horizon: u64 },
+    BeyondHorizon { stamp: Hlc, horizon: Hlc },
 }
 
 impl Rejection {
@@ -459,7 +460,7 @@ pub fn parse<'a>(value: Option<&'a [u8]>, targets: &'a Targets) -> Result<Incomi
     Ok(Incoming {
         table: target,
         op,
-        hlc: env.pgrelay.hlc,
+        hlc: Hlc::new(env.pgrelay.hlc),
         commit_lsn: env.pgrelay.commit_lsn,
         commit_ts_ms: env.ts_ms,
         resent: env.pgrelay.xid == Some(0),
@@ -574,7 +575,7 @@ mod tests {
         assert_eq!(r.value("name"), Some("t\"ea"));
         assert_eq!(r.columns, vec!["id", "name"]);
         assert_eq!(r.values, vec![Some("1".into()), Some("t\"ea".into())]);
-        assert_eq!(r.hlc, 77);
+        assert_eq!(r.hlc, Hlc::new(77));
         assert_eq!(r.commit_lsn, "0/1");
         assert!(!r.resent, "transaction 1 is a live change");
         let resent = String::from_utf8(rec)
@@ -656,7 +657,7 @@ owner = "us"
         Incoming {
             table,
             op,
-            hlc: 1,
+            hlc: crate::hlc::Hlc::new(1),
             commit_lsn: "0/1".into(),
             commit_ts_ms: 1,
             resent: false,

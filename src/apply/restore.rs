@@ -173,7 +173,7 @@ fn open_page(
         let sealed = Sealed {
             key_id: row.get(2),
             table_hash: row.get(3),
-            stamp: stamp as u64,
+            stamp: crate::hlc::Hlc::new(stamp as u64),
             nonce: row.get(4),
             ciphertext: row.get(5),
         };
@@ -253,8 +253,8 @@ fn open_copy(
             "opens with DR key {}, but its change is stamped {} and the vault row {} \
              (re-stamped in the vault): not restored",
             key.id(),
-            crate::hlc::display(stamp),
-            crate::hlc::display(sealed.stamp)
+            stamp.readable(),
+            sealed.stamp.readable()
         ));
     }
     Ok((k.to_vec(), v.to_vec()))

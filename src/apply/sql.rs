@@ -27,6 +27,7 @@ use std::fmt::Write as _;
 
 use crate::apply::record::{Incoming, TargetTable, Text};
 use crate::event::{quote_ident, quote_literal, row_hash, Op, TableName};
+use crate::hlc::Hlc;
 use crate::names::{COUNTS_COLUMN, HLC_COLUMN};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +59,7 @@ pub struct Statement {
     pub conflicts: Option<String>,
     /// The lowest stamp among `members`: a tombstone of the table below it
     /// cannot hold any of them back (see [`needs_recheck`]).
-    pub oldest: u64,
+    pub oldest: Hlc,
 }
 
 /// A fast, non-keyed hasher for the batch's own keys (no untrusted party
@@ -135,8 +136,8 @@ pub struct Stage {
 /// by a tombstone of its key (or of the whole table) stamped at or above
 /// the row, so below `oldest` there is nothing to check: the fast path,
 /// the common case of changes newer than every delete of their table.
-pub fn needs_recheck(newest_tombstone: i64, oldest: u64) -> bool {
-    i128::from(newest_tombstone) >= i128::from(oldest)
+pub fn needs_recheck(newest_tombstone: i64, oldest: Hlc) -> bool {
+    i128::from(newest_tombstone) >= i128::from(oldest.get())
 }
 
 /// Gives each insert or update the columns it lacks from the same row's
@@ -272,7 +273,11 @@ fn plan_segment(batch: &[Incoming<'_>], from: usize, to: usize, out: &mut Vec<St
             (Kind::Upsert, Some(stage), sql, copy_rows(batch, &members))
         };
         let conflicts = Some(conflicts_sql(target, stage.as_ref()));
-        let oldest = members.iter().map(|&i| batch[i].hlc).min().unwrap_or(0);
+        let oldest = members
+            .iter()
+            .map(|&i| batch[i].hlc)
+            .min()
+            .unwrap_or(Hlc::ZERO);
         out.push(Statement {
             kind,
             table: target.name.to_string(),
@@ -392,7 +397,11 @@ fn merge_statement(
         stage: None,
         sql,
         rows,
-        oldest: members.iter().map(|&i| batch[i].hlc).min().unwrap_or(0),
+        oldest: members
+            .iter()
+            .map(|&i| batch[i].hlc)
+            .min()
+            .unwrap_or(Hlc::ZERO),
         members: members.to_vec(),
         superseded: vec![],
         conflicts: None,
@@ -430,7 +439,7 @@ fn counts_rows(
         for &i in all {
             let c = &batch[i];
             if c.op == Op::Delete {
-                floor = floor.max(c.hlc as i64);
+                floor = floor.max(c.hlc.to_sql());
             }
             if out.len() > 1 {
                 out.push(b',');

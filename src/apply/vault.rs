@@ -249,16 +249,19 @@ mod tests {
     fn a_batch_keeps_the_newest_copy_of_each_row_and_refuses_forged_stamps() {
         let k = DrKey::parse("k1", &"11".repeat(32)).unwrap();
         let now_ms = 1_800_000_000_000;
-        let at = |ms: u64| crate::hlc::compose(ms, 0, 1);
+        let at = |ms: u64| crate::hlc::Hlc::compose(ms, 0, 1);
         let (a, b) = ([1u8; 32], [2u8; 32]);
-        let seal = |row: &[u8; 32], stamp: u64| k.seal("eu", "t", row, stamp, b"x").unwrap();
-        let old = seal(&a, at(now_ms - 9)).encode();
-        let new = seal(&a, at(now_ms - 5)).encode();
-        let other = seal(&b, at(now_ms - 1)).encode();
+        let seal = |row: &[u8; 32], stamp: u64| {
+            k.seal("eu", "t", row, crate::hlc::Hlc::new(stamp), b"x")
+                .unwrap()
+        };
+        let old = seal(&a, at(now_ms - 9).get()).encode();
+        let new = seal(&a, at(now_ms - 5).get()).encode();
+        let other = seal(&b, at(now_ms - 1).get()).encode();
         let mut far = seal(&a, 0);
         far.stamp = at(now_ms + 600_000);
         let mut huge = seal(&b, 0);
-        huge.stamp = u64::MAX;
+        huge.stamp = crate::hlc::Hlc::new(u64::MAX);
         let (far, huge) = (far.encode(), huge.encode());
         let (rows, refused) = vault_rows(
             [
@@ -285,7 +288,7 @@ mod tests {
         let rows: Vec<serde_json::Value> = serde_json::from_str(&rows).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0]["key_hash"], hex_bytes::encode(&a));
-        assert_eq!(rows[0]["stamp"], at(now_ms - 5));
-        assert_eq!(rows[1]["stamp"], at(now_ms - 1));
+        assert_eq!(rows[0]["stamp"], at(now_ms - 5).get());
+        assert_eq!(rows[1]["stamp"], at(now_ms - 1).get());
     }
 }

@@ -365,7 +365,7 @@ pub struct EnvelopeSource {
 pub struct EnvelopeMeta {
     #[serde(default = "unversioned")]
     pub format: u64,
-    pub hlc: u64,
+    pub hlc: crate::hlc::Hlc,
     pub origin: String,
     pub commit_lsn: String,
     pub xid: u32,
@@ -456,7 +456,7 @@ mod tests {
             op,
             before: None,
             after: Some(after.clone()),
-            hlc: 42,
+            hlc: crate::hlc::Hlc::new(42),
             tx: Arc::new(TxMeta {
                 xid: 9,
                 commit_lsn: Lsn(0x1_0000_0010),
@@ -489,7 +489,7 @@ mod tests {
         assert_eq!(after["note"], "say \"hi\"\n");
         assert!(!after.contains_key("doc"));
         assert_eq!(env.pgrelay.unchanged, vec!["doc".to_string()]);
-        assert_eq!(env.pgrelay.hlc, 42);
+        assert_eq!(env.pgrelay.hlc, crate::hlc::Hlc::new(42));
         assert_eq!(env.pgrelay.commit_lsn, "1/10");
         assert_eq!(env.source.table, "orders");
         let key: serde_json::Value = serde_json::from_slice(&rec.key).unwrap();
@@ -551,7 +551,7 @@ mod format_tests {
             op: Op::Insert,
             before: None,
             after: Some(after.clone()),
-            hlc: 42,
+            hlc: crate::hlc::Hlc::new(42),
             tx: Arc::new(TxMeta {
                 xid: 9,
                 commit_lsn: Lsn(0x10),
@@ -597,7 +597,10 @@ mod format_tests {
         assert_eq!(env, Envelope::decode(&bytes(&written())).unwrap());
         let t = targets();
         let inc = record::parse(Some(&with_more), &t).unwrap();
-        assert_eq!((inc.hlc, inc.value("note")), (42, Some("hi")));
+        assert_eq!(
+            (inc.hlc, inc.value("note")),
+            (crate::hlc::Hlc::new(42), Some("hi"))
+        );
         // a progress record with a field more is still one
         let (_, progress_value) = progress("us", Lsn(0x10), 5);
         let mut p: serde_json::Value = serde_json::from_slice(&progress_value).unwrap();

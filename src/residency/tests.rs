@@ -113,7 +113,7 @@ fn change(
         op,
         before,
         after,
-        hlc: 1,
+        hlc: crate::hlc::Hlc::new(1),
         tx: Arc::new(TxMeta {
             xid: 1,
             commit_lsn: Lsn(1),

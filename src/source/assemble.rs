@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::event::{Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema, TxMeta};
 use crate::hlc;
+use crate::hlc::Hlc;
 use crate::pgoutput::{Message, OldKind, RelColumn, Tuple, TupleValue};
 
 use crate::names::{HLC_COLUMN, META_SCHEMA, ORIGIN_PREFIX, TOMBSTONES_TABLE};
@@ -80,7 +81,7 @@ pub struct Assembler {
     keys: HashMap<TableName, Vec<String>>,
     relations: HashMap<u32, (TableName, RelKind)>,
     tx: Option<OpenTx>,
-    pending_stamps: HashMap<String, u64>,
+    pending_stamps: HashMap<String, Hlc>,
     clock: hlc::Clock,
 }
 
@@ -248,7 +249,7 @@ impl Assembler {
             } => {
                 if let Some(new) = new {
                     let name = text_at(&new, *table_index);
-                    let stamp = text_at(&new, *hlc_index).and_then(|s| s.parse::<u64>().ok());
+                    let stamp = text_at(&new, *hlc_index).and_then(|s| s.parse::<Hlc>().ok());
                     if let (Some(name), Some(stamp)) = (name, stamp) {
                         self.pending_stamps.insert(name, stamp);
                     }
@@ -297,7 +298,13 @@ impl Assembler {
         if let (Some(after), Some(before)) = (after.as_mut(), before.as_ref()) {
             fill_unchanged(after, before);
         }
-        let stamp = self.stamp(what, &schema.table, op, new_stamp, old_stamp.unwrap_or(0))?;
+        let stamp = self.stamp(
+            what,
+            &schema.table,
+            op,
+            new_stamp,
+            old_stamp.unwrap_or(Hlc::ZERO),
+        )?;
         let tx = self.open_tx(what)?;
         let seq = tx.seq;
         tx.seq += 1;
@@ -332,9 +339,9 @@ impl Assembler {
         what: &'static str,
         table: &TableName,
         op: Op,
-        new_stamp: Option<u64>,
-        previous: u64,
-    ) -> Result<u64, AssembleError> {
+        new_stamp: Option<Hlc>,
+        previous: Hlc,
+    ) -> Result<Hlc, AssembleError> {
         let commit_ms = (self.open_tx(what)?.meta.commit_ts_us.max(0) / 1000) as u64;
         let known = match op {
             Op::Delete => self.pending_stamps.remove(&table.to_string()),
@@ -371,7 +378,7 @@ impl Assembler {
         for schema in declared {
             let stamp = match self.pending_stamps.remove(&schema.table.to_string()) {
                 Some(s) => s,
-                None => self.clock.tick(commit_ms, 0),
+                None => self.clock.tick(commit_ms, Hlc::ZERO),
             };
             self.clock.observe(stamp);
             changes.push(Change {
@@ -395,7 +402,7 @@ fn row_image(
     schema: &TableSchema,
     hlc_index: Option<usize>,
     t: Tuple,
-) -> Result<(Vec<Datum>, Option<u64>), AssembleError> {
+) -> Result<(Vec<Datum>, Option<Hlc>), AssembleError> {
     let width = schema.columns.len() + usize::from(hlc_index.is_some());
     if t.0.len() != width {
         return Err(AssembleError::Arity {
@@ -451,7 +458,7 @@ fn strip(
     t: Tuple,
     hlc_index: Option<usize>,
     table: &TableName,
-) -> Result<(Vec<Datum>, Option<u64>), AssembleError> {
+) -> Result<(Vec<Datum>, Option<Hlc>), AssembleError> {
     let mut row = Vec::with_capacity(t.0.len());
     let mut stamp = None;
     for (i, v) in t.0.into_iter().enumerate() {
@@ -469,7 +476,7 @@ fn strip(
             }
         };
         if Some(i) == hlc_index {
-            stamp = datum.as_text().and_then(|s| s.parse::<u64>().ok());
+            stamp = datum.as_text().and_then(|s| s.parse::<Hlc>().ok());
             continue;
         }
         row.push(datum);
@@ -569,7 +576,7 @@ mod tests {
                 new: tuple(&[Some("1"), Some("a"), Some("4242")]),
             })
             .unwrap());
-        assert_eq!((c.op, c.hlc, c.seq), (Op::Insert, 4242, 0));
+        assert_eq!((c.op, c.hlc, c.seq), (Op::Insert, Hlc::new(4242), 0));
         assert_eq!(c.after.unwrap(), datums(&["1", "a"]));
         assert!(c.before.is_none());
         // a row without a stamp gets one from the clock, in this region
@@ -579,8 +586,8 @@ mod tests {
                 new: Tuple(vec![text("2"), text("b"), TupleValue::Null]),
             })
             .unwrap());
-        assert_eq!(hlc::region_id(c.hlc), 3);
-        assert!(c.hlc > 4242);
+        assert_eq!(c.hlc.region_id(), 3);
+        assert!(c.hlc > Hlc::new(4242));
         assert_eq!(c.seq, 1);
     }
 
@@ -600,7 +607,7 @@ mod tests {
                 old: (OldKind::Key, tuple(&[Some("1"), Some(""), Some("")])),
             })
             .unwrap());
-        assert_eq!((c.op, c.hlc), (Op::Delete, 9001));
+        assert_eq!((c.op, c.hlc), (Op::Delete, Hlc::new(9001)));
         // only the key was sent: the rest is unknown, not NULL
         assert_eq!(
             c.before.unwrap(),
@@ -618,7 +625,7 @@ mod tests {
                 new: tuple(&[Some("1"), None, Some("11")]),
             })
             .unwrap());
-        assert_eq!((c.op, c.hlc), (Op::Update, 11));
+        assert_eq!((c.op, c.hlc), (Op::Update, Hlc::new(11)));
         assert_eq!(c.after.unwrap(), datums(&["1", "long"]));
         let moved = a
             .push(Message::Update {
@@ -630,7 +637,7 @@ mod tests {
         let Some(Output::Changes(changes)) = moved else {
             panic!("expected a delete and an insert, got {moved:?}");
         };
-        let ops: Vec<(Op, u64, u64)> = changes.iter().map(|c| (c.op, c.hlc, c.seq)).collect();
+        let ops: Vec<(Op, u64, u64)> = changes.iter().map(|c| (c.op, c.hlc.get(), c.seq)).collect();
         assert_eq!(ops, vec![(Op::Delete, 12, 1), (Op::Insert, 12, 2)]);
     }
 

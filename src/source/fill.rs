@@ -359,7 +359,7 @@ mod tests {
             op,
             before: None,
             after: Some(after),
-            hlc: 1,
+            hlc: crate::hlc::Hlc::new(1),
             tx: Arc::new(TxMeta {
                 xid: 1,
                 commit_lsn: Lsn(1),

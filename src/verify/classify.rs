@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::Kind;
-use crate::hlc;
+use crate::hlc::Hlc;
 
 /// What one region holds under a key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,7 +53,7 @@ impl Side<'_> {
             || self
                 .caught_up
                 .get(&id)
-                .is_some_and(|&t| t > hlc::wall_ms(stamp as u64))
+                .is_some_and(|&t| t > Hlc::from_sql(stamp).wall_ms())
     }
 }
 
@@ -90,14 +90,14 @@ pub fn judge(a: &Side<'_>, b: &Side<'_>, rules: &Rules<'_>) -> Judgement {
     let writer_of = |stamp: i64| -> Option<&str> {
         rules
             .regions
-            .get(&hlc::region_id(stamp as u64))
+            .get(&Hlc::from_sql(stamp).region_id())
             .map(String::as_str)
     };
     // has `side` applied everything `writer` wrote up to `stamp`?
     let delivered = |side: &Side<'_>, stamp: i64| -> bool {
         match writer_of(stamp) {
             Some(w) if w == side.region => true,
-            Some(_) => side.has_applied(hlc::region_id(stamp as u64), stamp),
+            Some(_) => side.has_applied(Hlc::from_sql(stamp).region_id(), stamp),
             // a stamp no declared region made: nothing will deliver it
             None => true,
         }

@@ -6,7 +6,6 @@ use super::policy::{self, Form, Share};
 use super::*;
 use crate::config::{parse_with_env, Config};
 use crate::event::{Change, ColumnDesc, Datum, Lsn, Op, TableName, TableSchema, TxMeta};
-use crate::hlc;
 use crate::residency::{Policy, Verdict};
 
 const CONFIG: &str = r#"
@@ -88,7 +87,7 @@ fn orders_insert(country: &str) -> Change {
         op: Op::Insert,
         before: None,
         after: Some(values.iter().map(|v| Datum::Text(v.to_string())).collect()),
-        hlc: 1,
+        hlc: crate::hlc::Hlc::new(1),
         tx: Arc::new(TxMeta {
             xid: 1,
             commit_lsn: Lsn(1),
@@ -196,7 +195,7 @@ fn ids() -> BTreeMap<u8, String> {
 }
 
 fn stamp(ms: u64, region: u8) -> i64 {
-    hlc::compose(ms, 0, region) as i64
+    crate::hlc::Hlc::compose(ms, 0, region).to_sql()
 }
 
 fn row(stamp: i64, digest: i64) -> Held {

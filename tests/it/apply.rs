@@ -511,7 +511,7 @@ async fn poison_and_injection_records_are_parked_never_executed() {
     let env =
         |schema: &str, table: &str, after: &str| env_at(schema, table, after, (1u64 << 30) | 1);
     // a stamp an hour ahead of the local clock
-    let future = pgrelay::hlc::compose(pgrelay::apply::now_ms() + 3_600_000, 0, 1);
+    let future = pgrelay::hlc::Hlc::compose(pgrelay::apply::now_ms() + 3_600_000, 0, 1).get();
     let records = vec![
         (None, Some(b"\x00\xffnot json at all".to_vec())),
         (
@@ -627,7 +627,7 @@ async fn changes_stamped_as_another_region_are_parked() {
             "op": "c", "ts_ms": now,
             "source": {"connector":"pgrelay","version":"0","name":"pgrelay","region":"us","db":"postgres",
                        "schema": "public", "table": "products", "txId": xid, "lsn": 1, "ts_ms": now},
-            "pgrelay": {"hlc": pgrelay::hlc::compose(now, 0, region_id), "origin": "us",
+            "pgrelay": {"hlc": pgrelay::hlc::Hlc::compose(now, 0, region_id), "origin": "us",
                         "commit_lsn": "0/1", "xid": xid, "seq": 0, "unchanged": []}
         });
         // one key: one partition, so the last record is processed last
@@ -696,7 +696,7 @@ async fn truncate_replicates_and_late_older_rows_stay_out() {
     marker["after"]["id"] = serde_json::json!("999");
     marker["after"]["name"] = serde_json::json!("marker");
     marker["pgrelay"]["hlc"] =
-        serde_json::json!(pgrelay::hlc::compose(pgrelay::apply::now_ms(), 0, 1));
+        serde_json::json!(pgrelay::hlc::Hlc::compose(pgrelay::apply::now_ms(), 0, 1));
     produce(
         &p.broker.brokers(),
         "pgrelay.us.eu",

@@ -261,7 +261,7 @@ async fn forged_records_cannot_bend_the_region_clock() {
         });
         (None, Some(v.to_string().into_bytes()))
     };
-    let stamp = |ms: u64| pgrelay::hlc::compose(ms, 0, 1);
+    let stamp = |ms: u64| pgrelay::hlc::Hlc::compose(ms, 0, 1).get();
     let records = vec![
         // near the top of the range
         env(1, i64::MAX as u64 - 5, "0/1", 1),
@@ -341,7 +341,7 @@ async fn forged_records_cannot_bend_the_region_clock() {
         .unwrap();
     let local: i64 = row.get(0);
     assert!(local > 0);
-    let ahead = pgrelay::hlc::ahead_ms(local as u64, pgrelay::apply::now_ms());
+    let ahead = pgrelay::hlc::Hlc::new(local as u64).ahead_ms(pgrelay::apply::now_ms());
     assert!(ahead < 5_000, "eu's clock was dragged {ahead} ms ahead");
     let us = p.us.client().await;
     until_count(
@@ -539,7 +539,7 @@ eu = ["us"]
         relay::ok(&["setup", "--config", path, "--region", r]);
     }
     let _eu = Relay::spawn(&cfg, "eu", "apply");
-    let stamp = pgrelay::hlc::compose(pgrelay::apply::now_ms(), 0, 1);
+    let stamp = pgrelay::hlc::Hlc::compose(pgrelay::apply::now_ms(), 0, 1);
     let env = |table: &str, after: serde_json::Value| -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let v = serde_json::json!({
             "before": null, "after": after, "op": "c", "ts_ms": 1,
@@ -605,7 +605,7 @@ async fn an_exhausted_clock_refuses_writes_instead_of_wrapping() {
         .await
         .unwrap()
         .get(0);
-    assert!(last > 0 && pgrelay::hlc::logical(last as u64) == (1 << 57) - 1);
+    assert!(last > 0 && pgrelay::hlc::Hlc::new(last as u64).logical() == (1 << 57) - 1);
     // ...then the clock refuses, never a negative stamp
     let err = us
         .execute("INSERT INTO products VALUES (2, 'b', 1)", &[])

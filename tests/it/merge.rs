@@ -147,8 +147,8 @@ async fn a_concurrent_update_that_loses_is_in_the_conflict_log_once() {
         "upsert",
         &format!(
             "{}(us) lost to {}(eu)",
-            pgrelay::hlc::display(us_stamp as u64),
-            pgrelay::hlc::display(eu_stamp as u64)
+            pgrelay::hlc::Hlc::new(us_stamp as u64).readable(),
+            pgrelay::hlc::Hlc::new(eu_stamp as u64).readable()
         ),
         "from us",
     ] {

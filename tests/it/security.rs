@@ -540,8 +540,8 @@ async fn insert_racing_a_delete(stamp: pgrelay::setup::Stamp) {
         Ok(stamp) => assert!(
             stamp > tombstone,
             "the insert committed at {} below its own region's tombstone {}",
-            pgrelay::hlc::display(stamp as u64),
-            pgrelay::hlc::display(tombstone as u64)
+            pgrelay::hlc::Hlc::new(stamp as u64).readable(),
+            pgrelay::hlc::Hlc::new(tombstone as u64).readable()
         ),
         Err(e) => assert_eq!(
             e.as_db_error().map(|e| e.code().code()),

@@ -132,8 +132,8 @@ async fn c_and_plpgsql_stamp_triggers_follow_the_same_clock_rules() {
             .unwrap()
             .get(0);
         let wall_after = wall_logical(&c).await;
-        let logical = hlc::logical(stamp as u64) as i64;
-        assert_eq!(hlc::region_id(stamp as u64), REGION, "{kind}");
+        let logical = hlc::Hlc::new(stamp as u64).logical() as i64;
+        assert_eq!(hlc::Hlc::new(stamp as u64).region_id(), REGION, "{kind}");
         assert!(
             logical > seq_before
                 && logical >= wall_before
@@ -156,7 +156,8 @@ async fn c_and_plpgsql_stamp_triggers_follow_the_same_clock_rules() {
         let current = stamps(&c, table).await;
         if let Some((_, p)) = current.iter().find(|(i, _)| *i == id) {
             if rng.below(8) == 0 {
-                let ahead = hlc::logical(*p as u64) as i64 + 1 + rng.below(50) as i64 * 1024;
+                let ahead =
+                    hlc::Hlc::new(*p as u64).logical() as i64 + 1 + rng.below(50) as i64 * 1024;
                 forge(&c, table, id, (ahead << REGION_BITS) | 9).await;
                 forged += 1;
             }
@@ -184,7 +185,7 @@ async fn c_and_plpgsql_stamp_triggers_follow_the_same_clock_rules() {
             before
                 .iter()
                 .find(|(i, _)| *i == row)
-                .map(|(_, s)| hlc::logical(*s as u64) as i64)
+                .map(|(_, s)| hlc::Hlc::new(*s as u64).logical() as i64)
                 .unwrap_or(0)
         };
         if written.is_empty() {
@@ -202,12 +203,12 @@ async fn c_and_plpgsql_stamp_triggers_follow_the_same_clock_rules() {
         for (row, stamp) in &written {
             let stamp = *stamp as u64;
             assert_eq!(
-                hlc::region_id(stamp),
+                hlc::Hlc::new(stamp).region_id(),
                 REGION,
                 "{kind} step {step}: row {row}'s stamp names region {}",
-                hlc::region_id(stamp)
+                hlc::Hlc::new(stamp).region_id()
             );
-            let logical = hlc::logical(stamp) as i64;
+            let logical = hlc::Hlc::new(stamp).logical() as i64;
             // above the row's own previous stamp, the sequence and the wall
             // clock before the write; no further than the clock allows
             let low = (old(*row) + 1).max(wall_before).max(seq_before + 1);
@@ -444,10 +445,15 @@ async fn concurrent_stamps_never_repeat_and_increase_per_row() {
         "{} of {} committed stamps repeat one another, e.g. {}",
         repeated.len(),
         stamps.len(),
-        hlc::display(repeated[0] as u64)
+        hlc::Hlc::new(repeated[0] as u64).readable()
     );
     for w in &all {
-        assert_eq!(hlc::region_id(w.stamp as u64), REGION, "{}", w.table);
+        assert_eq!(
+            hlc::Hlc::new(w.stamp as u64).region_id(),
+            REGION,
+            "{}",
+            w.table
+        );
     }
     let mut rows: std::collections::BTreeMap<(&str, i32), Vec<(i32, i64)>> = Default::default();
     for w in all.iter().filter(|w| w.table != "next_hlc") {
@@ -463,9 +469,9 @@ async fn concurrent_stamps_never_repeat_and_increase_per_row() {
                 backwards.push(format!(
                     "{table} row {id}: write {} stamped {} after write {} stamped {}",
                     p[1].0,
-                    hlc::display(p[1].1 as u64),
+                    hlc::Hlc::new(p[1].1 as u64).readable(),
                     p[0].0,
-                    hlc::display(p[0].1 as u64)
+                    hlc::Hlc::new(p[0].1 as u64).readable()
                 ));
             }
         }
@@ -529,13 +535,13 @@ async fn both_stamp_triggers_serve_a_writer_with_no_grant_on_pgrelay() {
             .unwrap_or_else(|e| panic!("{kind}: {e}"))
             .get(0);
         assert_eq!(
-            hlc::logical(stamp as u64),
-            hlc::logical(ahead as u64) + 1,
+            hlc::Hlc::new(stamp as u64).logical(),
+            hlc::Hlc::new(ahead as u64).logical() + 1,
             "{kind}"
         );
         assert_eq!(
             sequence(&c).await,
-            hlc::logical(stamp as u64) as i64,
+            hlc::Hlc::new(stamp as u64).logical() as i64,
             "{kind}"
         );
         let denied = app

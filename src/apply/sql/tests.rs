@@ -373,9 +373,9 @@ fn an_upsert_is_rechecked_only_below_the_newest_tombstone() {
     let upsert = plan.iter().find(|s| s.kind == Kind::Upsert).unwrap();
     // the survivors are stamped 50 and 25: the superseded 40 does not count
     assert_eq!(upsert.members, vec![1, 2]);
-    assert_eq!(upsert.oldest, 25);
+    assert_eq!(upsert.oldest, Hlc::new(25));
     let delete = plan.iter().find(|s| s.kind == Kind::Delete).unwrap();
-    assert_eq!(delete.oldest, 20);
+    assert_eq!(delete.oldest, Hlc::new(20));
     // no tombstone, or only older ones: the fast path
     assert!(!needs_recheck(-1, upsert.oldest));
     assert!(!needs_recheck(24, upsert.oldest));
@@ -383,8 +383,8 @@ fn an_upsert_is_rechecked_only_below_the_newest_tombstone() {
     // the delete)
     assert!(needs_recheck(25, upsert.oldest));
     assert!(needs_recheck(i64::MAX, upsert.oldest));
-    assert!(!needs_recheck(i64::MAX, u64::MAX));
-    assert!(needs_recheck(0, 0));
+    assert!(!needs_recheck(i64::MAX, Hlc::new(u64::MAX)));
+    assert!(needs_recheck(0, Hlc::ZERO));
 }
 
 #[test]
@@ -435,8 +435,8 @@ fn inserts_get_a_plain_insert_of_the_keys_the_target_lacks() {
     let inserts = plan.iter().find(|s| s.members == vec![0, 2]).unwrap();
     let updates = plan.iter().find(|s| s.members == vec![1, 4]).unwrap();
     assert_eq!(inserts.kind, Kind::Upsert);
-    assert_eq!(inserts.oldest, 10);
-    assert_eq!(updates.oldest, 11);
+    assert_eq!(inserts.oldest, Hlc::new(10));
+    assert_eq!(updates.oldest, Hlc::new(11));
     // the same staging table and upsert for both
     assert_eq!(
         inserts.stage.as_ref().unwrap().name,
