@@ -624,3 +624,87 @@ struct SetAside {
     /// (topic, partition, next offset) past the parked ones.
     extra: Vec<(String, i32, i64)>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(offset: i64) -> Consumed {
+        Consumed {
+            topic: "pgrelay.us.eu".into(),
+            partition: (offset % 2) as i32,
+            offset,
+            key: Some(format!("k{offset}").into_bytes()),
+            value: Some(b"{}".to_vec()),
+        }
+    }
+
+    fn at(lsn: &str) -> Option<SeenRecord> {
+        Some((
+            TableName::new("public", "t"),
+            Op::Delete,
+            1,
+            lsn.to_string(),
+        ))
+    }
+
+    #[test]
+    fn the_tripping_transaction_is_held_whole() {
+        let seen = vec![at("0/1"), at("0/2"), None, at("0/2"), at("0/2")];
+        // nothing holds: the whole batch goes on
+        let pass = vec![Verdict::Pass; 5];
+        assert_eq!(held_from(&seen, &pass, 5), 5);
+        // the fourth record trips: its transaction (0/2) began at the second
+        let trip = vec![
+            Verdict::Pass,
+            Verdict::Pass,
+            Verdict::Pass,
+            Verdict::Hold(None),
+        ];
+        assert_eq!(held_from(&seen, &trip, 5), 1);
+        // a record the breaker could not read trips nothing before it
+        let seen = vec![at("0/1"), None];
+        assert_eq!(
+            held_from(&seen, &[Verdict::Pass, Verdict::Hold(None)], 2),
+            1
+        );
+        assert_eq!(held_from(&seen, &[Verdict::Hold(None)], 2), 0);
+    }
+
+    #[test]
+    fn discarded_records_become_letters_with_the_offsets_past_them() {
+        let records: Vec<Consumed> = (10..15).map(record).collect();
+        let verdicts = [
+            Verdict::Pass,
+            Verdict::Discard,
+            Verdict::Discard,
+            Verdict::Pass,
+            Verdict::Discard,
+        ];
+        let SetAside {
+            keep,
+            parked,
+            extra,
+        } = set_aside(&records, &verdicts);
+        assert_eq!(
+            keep.iter().map(|c| c.offset).collect::<Vec<_>>(),
+            vec![10, 13]
+        );
+        assert_eq!(
+            parked.iter().map(|d| d.offset).collect::<Vec<_>>(),
+            vec![11, 12, 14]
+        );
+        assert!(parked.iter().all(|d| d.class == CLASS_DISCARDED
+            && d.attempts == 0
+            && d.key.is_some()
+            && d.value.is_some()));
+        // per partition: past the last discarded record
+        assert_eq!(
+            extra,
+            vec![
+                ("pgrelay.us.eu".to_string(), 0, 15),
+                ("pgrelay.us.eu".to_string(), 1, 12)
+            ]
+        );
+    }
+}
