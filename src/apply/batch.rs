@@ -800,3 +800,126 @@ async fn store_progress(
         .map_err(at_step("advancing the clock"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::record::TargetTable;
+    use crate::event::{Lsn, TableName};
+
+    fn targets() -> Targets {
+        let mut t = Targets::new();
+        t.insert(
+            "public.products".into(),
+            TargetTable {
+                dropped: Vec::new(),
+                name: TableName::new("public", "products"),
+                key: vec!["id".into()],
+                columns: vec!["id".into(), "name".into()],
+                column_types: vec![],
+                json_columns: vec![],
+                admit: Default::default(),
+                merge: vec![],
+            },
+        );
+        t
+    }
+
+    /// A record of `products` from us, stamped `hlc`, committed at `lsn`.
+    fn record(offset: i64, hlc: Hlc, lsn: &str, after: &str) -> Consumed {
+        let value = format!(
+            r#"{{"before":null,"after":{after},"op":"c","ts_ms":1,"source":{{"connector":"pgrelay","version":"0","name":"p","region":"us","db":"d","schema":"public","table":"products","txId":1,"lsn":1,"ts_ms":1}},"pgrelay":{{"hlc":{hlc},"origin":"us","commit_lsn":"{lsn}","xid":1,"seq":0,"unchanged":[]}}}}"#
+        );
+        Consumed {
+            topic: "pgrelay.us.eu".into(),
+            partition: 0,
+            offset,
+            key: None,
+            value: Some(value.into_bytes()),
+        }
+    }
+
+    fn options(targets_checked: bool) -> BatchOptions<'static> {
+        BatchOptions {
+            attempt: 0,
+            extra_offsets: &[],
+            commit: true,
+            max_tries: 1,
+            max_skew: Duration::from_secs(2),
+            max_ahead: Duration::from_secs(300),
+            stamp_region: Some(("us", 1)),
+            tombstone_horizon: Duration::from_secs(86_400),
+            targets_checked,
+            conflict_log: None,
+            parked: ParkedPositions::Record,
+        }
+    }
+
+    /// What `admit` lets through, what it dead-letters and why, how far the
+    /// partition's source position goes, and how far ahead the batch is:
+    /// no database needed.
+    #[test]
+    fn admission_sorts_a_batch_before_any_io() {
+        let now = 1_800_000_000_000;
+        let t = targets();
+        let row = r#"{"id":"1","name":"a"}"#;
+        let (_, progress) = crate::publish::envelope::progress("us", Lsn(0x90), 5);
+        let batch = vec![
+            record(0, Hlc::compose(now - 10, 0, 1), "0/10", row),
+            // ten minutes ahead: past max_stamp_ahead
+            record(1, Hlc::compose(now + 600_000, 0, 1), "0/20", row),
+            // stamped by eu on us's topic
+            record(2, Hlc::compose(now, 0, 2), "0/30", row),
+            // three seconds ahead: admitted, and the batch must wait
+            record(3, Hlc::compose(now + 3_000, 0, 1), "0/40", row),
+            Consumed {
+                value: Some(b"not json".to_vec()),
+                ..record(4, Hlc::ZERO, "0/50", row)
+            },
+            Consumed {
+                value: Some(progress),
+                ..record(5, Hlc::ZERO, "0/0", row)
+            },
+        ];
+        let mut outcome = Outcome::default();
+        let admitted = admit(&batch, &t, "us", now, &options(true), &mut outcome).unwrap();
+        assert_eq!(admitted.positions, vec![0, 3]);
+        assert_eq!(admitted.furthest, 3_000);
+        let dead: Vec<(i64, &str)> = outcome
+            .dead
+            .iter()
+            .map(|d| (d.offset, d.class.as_str()))
+            .collect();
+        assert_eq!(
+            dead,
+            vec![(1, "stamp_ahead"), (2, "foreign_stamp"), (4, "poison")]
+        );
+        // the furthest source position any record of the partition reached
+        assert_eq!(
+            admitted.source_lsn[&("pgrelay.us.eu", 0)],
+            Lsn(0x90),
+            "the progress record's"
+        );
+        // a column the target lacks, before the targets were read again:
+        // the whole batch is given up, nothing dead-lettered
+        let unknown = [record(
+            0,
+            Hlc::compose(now, 0, 1),
+            "0/10",
+            r#"{"id":"1","x":"y"}"#,
+        )];
+        let mut outcome = Outcome::default();
+        match admit(&unknown, &t, "us", now, &options(false), &mut outcome) {
+            Err(BatchError::Recheck { unknown_column }) => {
+                assert_eq!(unknown_column.as_deref(), Some("public.products.x"))
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("admitted a column the target lacks"),
+        }
+        assert!(outcome.dead.is_empty());
+        // once they were: it is the record's own doing
+        admit(&unknown, &t, "us", now, &options(true), &mut outcome).unwrap();
+        assert_eq!(outcome.dead.len(), 1);
+        assert_eq!(outcome.dead[0].class, "unknown_column");
+    }
+}
