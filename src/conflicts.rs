@@ -1,14 +1,54 @@
-//! `pgrelay conflicts list`: the region's conflict log, `pgrelay.conflicts`.
+//! The region's conflict log, `pgrelay.conflicts`: its settings and
+//! `pgrelay conflicts list`.
 //!
 //! The apply side records there every incoming change that lost to a newer
-//! version of its row (see `apply::sql::conflicts_sql`), in the transaction
-//! that applied its batch. This module only reads it back.
+//! version of its row (the statement is `apply::sql::conflicts_sql`, run
+//! with the settings [`ConflictLog`] gives), in the transaction that applied
+//! its batch. This module holds those settings and reads the log back.
 
 use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use crate::config::Config;
 use crate::hlc::Hlc;
+
+/// The conflict log's settings, as the apply statements take them.
+#[derive(Debug, Clone)]
+pub struct ConflictLog {
+    /// The fraction of losers recorded (text, `0..=1`).
+    pub sample: String,
+    /// Region id -> name (a JSON object, text), and under `local` the id
+    /// of the region applying (a copy of its own write that comes back,
+    /// e.g. in another region's resync, is its own history, not a
+    /// conflict).
+    pub regions: String,
+}
+
+impl ConflictLog {
+    /// `None` when `relay.apply.conflict_log = "off"`.
+    pub fn from_config(config: &Config, region: &str) -> Option<ConflictLog> {
+        let percent = config.apply.conflict_log_percent;
+        if percent == 0 {
+            return None;
+        }
+        let mut regions: serde_json::Map<String, serde_json::Value> = config
+            .regions
+            .values()
+            .map(|r| (r.id.to_string(), serde_json::Value::from(r.name.as_str())))
+            .collect();
+        if let Some(local) = config.regions.get(region) {
+            regions.insert(
+                "local".into(),
+                serde_json::Value::from(local.id.to_string()),
+            );
+        }
+        Some(ConflictLog {
+            sample: (f64::from(percent) / 100.0).to_string(),
+            regions: serde_json::Value::Object(regions).to_string(),
+        })
+    }
+}
 
 /// What to list.
 #[derive(Debug, Clone, Default)]

@@ -8,7 +8,7 @@ use futures_util::SinkExt as _;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::conflicts::ConflictLog;
 use crate::hlc::Hlc;
 
 use super::dlq::{DeadLetter, DlqProducer};
@@ -122,43 +122,6 @@ async fn execute(
     };
     done.lost = row.get::<_, i64>(0).max(0) as u64;
     Ok(done)
-}
-
-/// The conflict log's settings, as the apply statements take them.
-#[derive(Debug, Clone)]
-pub struct ConflictLog {
-    /// The fraction of losers recorded (text, `0..=1`).
-    pub sample: String,
-    /// Region id -> name (a JSON object, text), and under `local` the id
-    /// of the region applying (a copy of its own write that comes back,
-    /// e.g. in another region's resync, is its own history, not a
-    /// conflict).
-    pub regions: String,
-}
-
-impl ConflictLog {
-    /// `None` when `relay.apply.conflict_log = "off"`.
-    pub fn from_config(config: &Config, region: &str) -> Option<ConflictLog> {
-        let percent = config.apply.conflict_log_percent;
-        if percent == 0 {
-            return None;
-        }
-        let mut regions: serde_json::Map<String, serde_json::Value> = config
-            .regions
-            .values()
-            .map(|r| (r.id.to_string(), serde_json::Value::from(r.name.as_str())))
-            .collect();
-        if let Some(local) = config.regions.get(region) {
-            regions.insert(
-                "local".into(),
-                serde_json::Value::from(local.id.to_string()),
-            );
-        }
-        Some(ConflictLog {
-            sample: (f64::from(percent) / 100.0).to_string(),
-            regions: serde_json::Value::Object(regions).to_string(),
-        })
-    }
 }
 
 /// Why a change's stamp cannot be its source's: a live change stamped with

@@ -47,7 +47,7 @@ pub mod sql;
 mod target;
 pub mod vault;
 
-pub use batch::{apply_batch, now_ms, BatchOptions, ConflictLog, Outcome, ParkedPositions};
+pub use batch::{apply_batch, now_ms, BatchOptions, Outcome, ParkedPositions};
 pub use consume::{assign, consumer, preflight, Consumed};
 pub use dlq::DlqSendError;
 pub use error::{

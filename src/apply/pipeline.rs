@@ -16,7 +16,7 @@ use crate::metrics::catalog as metric;
 use crate::metrics::Metrics;
 use crate::source::catalog::{self};
 
-use super::batch::{apply_batch, BatchOptions, ConflictLog, Outcome, ParkedPositions};
+use super::batch::{apply_batch, BatchOptions, Outcome, ParkedPositions};
 use super::consume::{assign, consumer, Consumed};
 use super::dlq::DlqProducer;
 use super::error::{db_message, ApplyError, ApplyErrorKind, BatchError};
@@ -24,6 +24,7 @@ use super::record::Targets;
 use super::session::{session, stored_offsets};
 use super::sql;
 use super::target::load_targets;
+use crate::conflicts::ConflictLog;
 
 /// A batch closes when no record arrived for this long.
 const IDLE_GAP: Duration = Duration::from_millis(2);

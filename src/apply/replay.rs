@@ -54,7 +54,7 @@ pub async fn replay(
     let start = stored_offsets(&client, &dlq_topic).await?;
     let letters = dlq::read(config, region, &start, limit, Duration::from_secs(2))?;
     let producer = DlqProducer::new(config, region)?;
-    let conflict_log = crate::apply::ConflictLog::from_config(config, region);
+    let conflict_log = crate::conflicts::ConflictLog::from_config(config, region);
     let fallback = config
         .regions
         .keys()
