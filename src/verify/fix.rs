@@ -135,10 +135,11 @@ async fn remove(
             )
         }
         (Kind::Leaked, Some(column)) => {
-            let form = policy::arriving_forms(config, table, &step.to)
-                .into_iter()
-                .find(|(c, _)| c == column)
-                .map(|(_, f)| f);
+            let form =
+                policy::arriving_forms(config, table, &step.to, std::slice::from_ref(column))
+                    .into_iter()
+                    .find(|(c, _)| c == column)
+                    .map(|(_, f)| f);
             match form {
                 Some(Form::Mask(mask)) => (sql::guard_clear_value(column, true), here, vec![mask]),
                 Some(Form::Hash { key_ids }) => (

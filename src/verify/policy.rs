@@ -81,10 +81,17 @@ pub enum Form {
     Hash { key_ids: Vec<String> },
 }
 
-/// The rule columns of `table` that arrive in `region` masked or hashed.
-/// Dropped columns are not checked: the apply side leaves them to their
-/// default, which may be anything.
-pub fn arriving_forms(config: &Config, table: &TableConfig, region: &str) -> Vec<(String, Form)> {
+/// The rule columns of `table` that arrive in `region` masked or hashed,
+/// each under the first of its names (current, then `formerly`) that
+/// `columns` (the table's columns) has; a rule none of whose names is
+/// there is not checked. Dropped columns are not checked either: the apply
+/// side leaves them to their default, which may be anything.
+pub fn arriving_forms(
+    config: &Config,
+    table: &TableConfig,
+    region: &str,
+    columns: &[String],
+) -> Vec<(String, Form)> {
     let key_ids: Vec<String> = config
         .regions
         .values()
@@ -93,14 +100,17 @@ pub fn arriving_forms(config: &Config, table: &TableConfig, region: &str) -> Vec
         .collect();
     let mut out: Vec<(String, Form)> = Vec::new();
     for rule in table.columns.iter().filter(|r| r.applies_to(region)) {
-        if out.iter().any(|(c, _)| *c == rule.column) {
+        let Some(name) = rule.names().find(|n| columns.iter().any(|c| c == n)) else {
+            continue;
+        };
+        if out.iter().any(|(c, _)| c == name) {
             continue;
         }
         match &rule.action {
             ColumnAction::Drop => {}
-            ColumnAction::Mask(mask) => out.push((rule.column.clone(), Form::Mask(mask.clone()))),
+            ColumnAction::Mask(mask) => out.push((name.to_string(), Form::Mask(mask.clone()))),
             ColumnAction::Hash => out.push((
-                rule.column.clone(),
+                name.to_string(),
                 Form::Hash {
                     key_ids: key_ids.clone(),
                 },

@@ -142,7 +142,7 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, VerifyError>
         // leaks: each region alone
         let around = |name: &str| opts.around.as_deref().is_none_or(|c| c == name);
         for region in regions.iter().filter(|r| around(r.name)) {
-            leaks(config, table, &shape, region, &mut found).await?;
+            leaks(config, table, &shape, &columns, region, &mut found).await?;
         }
         let mut pairs = pairs(config, table, &regions, &columns);
         pairs.list.retain(|(a, b, _)| around(a) || around(b));
@@ -870,6 +870,7 @@ async fn leaks(
     config: &Config,
     table: &TableConfig,
     shape: &Shape,
+    columns: &[String],
     region: &Region<'_>,
     found: &mut Vec<(Difference, Option<String>)>,
 ) -> Result<(), VerifyError> {
@@ -920,7 +921,7 @@ async fn leaks(
             }
         }
     }
-    for (column, form) in policy::arriving_forms(config, table, region.name) {
+    for (column, form) in policy::arriving_forms(config, table, region.name, columns) {
         let (statement, pattern) = match &form {
             Form::Mask(mask) => (sql::clear_values(shape, &column, true), mask.clone()),
             Form::Hash { key_ids } => (
