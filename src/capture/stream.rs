@@ -360,13 +360,6 @@ impl Loop<'_> {
         Ok(())
     }
 
-    /// On a Relation message: the columns of the announced shape that the
-    /// source's table no longer has — dropped or renamed after the changes
-    /// of that shape were written, as when the capture side is behind.
-    /// Every change of the shape is then published without them, so a
-    /// destination that dropped the column too has nothing to wait for.
-    /// Key columns are never left out (a table whose key is gone keeps its
-    /// changes whole, and a destination parks what it cannot apply).
     /// A rule column missing from a relation the table has now: the
     /// relation is older than the column's name (a backlog from before a
     /// rename), and the fix is an earlier name, not a new one.
@@ -401,6 +394,13 @@ impl Loop<'_> {
         }
     }
 
+    /// On a Relation message: the columns of the announced shape that the
+    /// source's table no longer has — dropped or renamed after the changes
+    /// of that shape were written, as when the capture side is behind.
+    /// Every change of the shape is then published without them, so a
+    /// destination that dropped the column too has nothing to wait for.
+    /// Key columns are never left out (a table whose key is gone keeps its
+    /// changes whole, and a destination parks what it cannot apply).
     async fn note_columns_gone(
         &mut self,
         table: &TableName,
