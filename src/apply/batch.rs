@@ -767,26 +767,8 @@ async fn store_progress(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::record::TargetTable;
-    use crate::event::{Lsn, TableName};
-
-    fn targets() -> Targets {
-        let mut t = Targets::new();
-        t.insert(
-            "public.products".into(),
-            TargetTable {
-                dropped: Vec::new(),
-                name: TableName::new("public", "products"),
-                key: vec!["id".into()],
-                columns: vec!["id".into(), "name".into()],
-                column_types: vec![],
-                json_columns: vec![],
-                admit: Default::default(),
-                merge: vec![],
-            },
-        );
-        t
-    }
+    use crate::apply::record::test_targets as targets;
+    use crate::event::Lsn;
 
     /// A record of `products` from us, stamped `hlc`, committed at `lsn`.
     fn record(offset: i64, hlc: Hlc, lsn: &str, after: &str) -> Consumed {

@@ -108,6 +108,15 @@ enum Then {
     Stop,
 }
 
+/// Waits `delay` before the next attempt, or until shutdown (nothing of
+/// the batch is committed: it is consumed again after a restart).
+async fn pause(shutdown: &mut watch::Receiver<bool>, delay: Duration) -> Then {
+    tokio::select! {
+        _ = shutdown.changed() => Then::Stop,
+        _ = tokio::time::sleep(delay) => Then::Retry,
+    }
+}
+
 /// The state of [`Pipeline::apply_with_retry`] across attempts at one batch.
 struct Attempts {
     attempt: u32,
@@ -486,10 +495,7 @@ impl Pipeline {
         tracing::warn!(region = %self.region, source = %self.source, column = %column, waited = ?since.elapsed(), "records carry a column the target table lacks: waiting for it (add it here, or see relay.apply.schema_wait)");
         // nothing of the batch is committed: a shutdown may end the wait
         // (the records are consumed again later)
-        Ok(tokio::select! {
-            _ = shutdown.changed() => Then::Stop,
-            _ = tokio::time::sleep(tries.schema_backoff.next_delay()) => Then::Retry,
-        })
+        Ok(pause(shutdown, tries.schema_backoff.next_delay()).await)
     }
 
     /// A batch that failed (a conflict with another session, a database
@@ -530,10 +536,7 @@ impl Pipeline {
             }
             .into());
         }
-        Ok(tokio::select! {
-            _ = shutdown.changed() => Then::Stop,
-            _ = tokio::time::sleep(tries.backoff.next_delay()) => Then::Retry,
-        })
+        Ok(pause(shutdown, tries.backoff.next_delay()).await)
     }
 
     /// A batch stamped ahead of the local clock by more than
@@ -570,10 +573,7 @@ impl Pipeline {
         {
             tracing::debug!(error = %db_message(&e), "recording the hold failed");
         }
-        tokio::select! {
-            _ = shutdown.changed() => Then::Stop,
-            _ = tokio::time::sleep(wait.min(Duration::from_secs(5))) => Then::Retry,
-        }
+        pause(shutdown, wait.min(Duration::from_secs(5))).await
     }
 
     pub(super) fn targets(&self) -> Arc<Targets> {

@@ -536,27 +536,32 @@ fn has_column(columns: &[String], name: &str) -> bool {
     columns.iter().any(|c| c == name)
 }
 
+/// Targets with one table, `public.products` (`id` key, `name`), for unit
+/// tests of the apply side.
+#[cfg(test)]
+pub(crate) fn test_targets() -> Targets {
+    let mut t = Targets::new();
+    t.insert(
+        "public.products".into(),
+        TargetTable {
+            dropped: Vec::new(),
+            name: TableName::new("public", "products"),
+            key: vec!["id".into()],
+            columns: vec!["id".into(), "name".into(), "_pgrelay_hlc".into()],
+            column_types: vec![],
+            json_columns: vec![],
+            admit: Admit::default(),
+            merge: vec![],
+        },
+    );
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn targets() -> Targets {
-        let mut t = Targets::new();
-        t.insert(
-            "public.products".into(),
-            TargetTable {
-                dropped: Vec::new(),
-                name: TableName::new("public", "products"),
-                key: vec!["id".into()],
-                columns: vec!["id".into(), "name".into(), "_pgrelay_hlc".into()],
-                column_types: vec![],
-                json_columns: vec![],
-                admit: Admit::default(),
-                merge: vec![],
-            },
-        );
-        t
-    }
+    use super::test_targets as targets;
 
     fn envelope(table: &str, after: &str) -> Vec<u8> {
         format!(
