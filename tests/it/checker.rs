@@ -1574,7 +1574,7 @@ impl World {
     fn apply_paths(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         for port in self.http.values() {
-            for line in scrape(*port).lines() {
+            for line in crate::support::metrics_text(*port).lines() {
                 let Some(rest) = line.strip_prefix("pgrelay_apply_upserted_total{") else {
                     continue;
                 };
@@ -3357,17 +3357,4 @@ fn kinds_line(kinds: &BTreeMap<String, usize>) -> String {
         .map(|(k, n)| format!("{k}={n}"))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// A sidecar's `/metrics` text (empty if it does not answer).
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }

@@ -383,13 +383,8 @@ async fn a_promoted_standby_carries_the_failover_slot_and_nothing_is_lost() {
 /// The value of the gauge `name` whose labels include `labels`, as the
 /// sidecar listening on `port` serves it.
 fn gauge(port: u16, name: &str, labels: &[&str]) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut out = String::new();
-    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        let _ = s.read_to_string(&mut out);
-    }
-    out.lines()
+    crate::support::metrics_text(port)
+        .lines()
         .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
 }
@@ -603,13 +598,8 @@ async fn without_failover_slots_setup_and_resync_recover_a_promoted_standby() {
     ));
     let _us_relay = Relay::spawn(&us_cfg, "us", "all");
     let rebuilding_gauge = || {
-        let mut out = String::new();
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http)) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-            let _ = s.read_to_string(&mut out);
-        }
-        out.lines()
+        crate::support::metrics_text(http)
+            .lines()
             .find(|l| {
                 l.starts_with("pgrelay_pair_rebuilding{")
                     && l.contains("source=\"us\"")

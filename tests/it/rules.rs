@@ -3,7 +3,6 @@
 //! replica identity, declaratively partitioned tables, and truncates of
 //! `partitioned` tables.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use crate::apply;
@@ -294,16 +293,6 @@ fn declaratively_partitioned_tables_are_refused() {
 
 const ACCOUNTS: &str = "CREATE TABLE accounts (id int PRIMARY KEY, home text, note text);";
 
-fn metrics(port: u16) -> String {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 async fn ids(pg: &Pg) -> Vec<(i32, String)> {
     pg.client()
         .await
@@ -384,7 +373,7 @@ eu = []
     // the global table's truncate replicated as before
     assert!(apply::dump(&p.eu).await.is_empty());
     eventually(Duration::from_secs(30), "the drop counted", || async {
-        metrics(port)
+        crate::support::metrics_text(port)
             .lines()
             .any(|l| {
                 l.starts_with("pgrelay_capture_dropped_total{")

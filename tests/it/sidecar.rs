@@ -77,14 +77,7 @@ impl World {
     }
 
     pub fn metrics(&self, region: &str) -> String {
-        let port = self.http[region];
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-            return String::new();
-        };
-        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        crate::support::metrics_text(self.http[region])
     }
 
     /// Sum of a metric's series whose label set contains `filter`.
