@@ -1562,6 +1562,17 @@ impl World {
 }
 
 impl World {
+    /// Replaces `from` by `to` in the config files (the sidecars' and eu's
+    /// `setup` one); each must hold `from`.
+    fn edit_configs(&self, from: &str, to: &str) {
+        for file in [&self.cfg, &self.plpgsql] {
+            let text = std::fs::read_to_string(&file.path).expect("read the config");
+            let changed = text.replacen(from, to, 1);
+            assert_ne!(text, changed, "{from:?} in {}", file.path.display());
+            std::fs::write(&file.path, changed).expect("write the config");
+        }
+    }
+
     /// A region's sidecar process for `role`, on the config as it is now,
     /// its metrics on its own port.
     fn spawn(&self, r: &'static str, role: &'static str) -> Relay {
@@ -1634,19 +1645,12 @@ impl World {
             }
             eprintln!("schema_change: {r}'s capture side stopped at the renamed rule column");
         }
-        for cfg in [&self.cfg, &self.plpgsql] {
-            let text = std::fs::read_to_string(&cfg.path).expect("read the config");
-            let rule = format!("name = \"{G_SECRET}\"\naction = \"drop\"\n");
-            assert!(text.contains(&rule), "the config names g's rule column");
-            let renamed = text.replacen(
-                &rule,
-                &format!(
-                    "name = \"{G_SECRET_RENAMED}\"\nformerly = [\"{G_SECRET}\"]\naction = \"drop\"\n"
-                ),
-                1,
-            );
-            std::fs::write(&cfg.path, renamed).expect("write the config");
-        }
+        self.edit_configs(
+            &format!("name = \"{G_SECRET}\"\naction = \"drop\"\n"),
+            &format!(
+                "name = \"{G_SECRET_RENAMED}\"\nformerly = [\"{G_SECRET}\"]\naction = \"drop\"\n"
+            ),
+        );
         for r in ["eu", "cn"] {
             for role in roles(r) {
                 self.sidecars.insert((r, role), self.spawn(r, role));
@@ -1949,12 +1953,7 @@ impl World {
 
     /// [`Fault::PolicyChange`], by the README's procedures.
     async fn change_policy(&mut self) {
-        for file in [&self.cfg, &self.plpgsql] {
-            let text = std::fs::read_to_string(&file.path).unwrap();
-            let changed = text.replacen(Q_POLICY_BEFORE, Q_POLICY_AFTER, 1);
-            assert_ne!(text, changed, "q's policy in {}", file.path.display());
-            std::fs::write(&file.path, changed).unwrap();
-        }
+        self.edit_configs(Q_POLICY_BEFORE, Q_POLICY_AFTER);
         let cfg = self.cfg.path.to_str().unwrap().to_string();
         // a home loses a destination: the home first, so it stops sending
         // its rows there; the destination once it applied what the home
