@@ -1515,6 +1515,18 @@ impl World {
                 )
                 .await
                 .expect("drop the parking constraint");
+                // a batch in flight when the constraint went may still park:
+                // replay once r applied all the others wrote until now, so
+                // nothing parks after the replay read the topic
+                for s in REGIONS.into_iter().filter(|s| *s != r) {
+                    let lsn: String = connect(&self.pg[s].dsn())
+                        .await
+                        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                        .await
+                        .expect("the source's WAL position")
+                        .get(0);
+                    self.wait_passed(s, &lsn, r, &c).await;
+                }
                 self.ok(&[
                     "dlq",
                     "replay",
@@ -1935,6 +1947,42 @@ impl World {
                     );
                 }
             }
+        }
+    }
+
+    /// Waits until every partition of `source`'s topic at `at` stored a
+    /// position at or past `lsn`: applied or parked, unlike `wait_for`,
+    /// which waits for parked changes to be replayed too.
+    async fn wait_passed(
+        &self,
+        source: &'static str,
+        lsn: &str,
+        at: &'static str,
+        c: &tokio_postgres::Client,
+    ) {
+        let topic = format!("pgrelay.{source}.{at}");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            self.release_frozen(c, at, Some(source)).await;
+            self.heal_brokers();
+            let reached: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pgrelay.offsets \
+                     WHERE topic = $1 AND source_lsn >= $2::text::pg_lsn",
+                    &[&topic, &lsn],
+                )
+                .await
+                .expect("read pgrelay.offsets")
+                .get(0);
+            if reached >= 3 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{at} did not pass what {source} wrote up to {lsn} within 90 s: offsets {:?}",
+                actual_offsets(c).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
