@@ -259,7 +259,7 @@ const CORE: &[Migration] = &[
                 commit_lsn pg_lsn, commit_time timestamptz, \
                 applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (source_region, session))",
             // incoming changes that lost to a newer version (see
-            // apply::sql::conflicts_sql); one entry per table, key and stamp
+            // conflicts::losers_sql); one entry per table, key and stamp
             "CREATE TABLE IF NOT EXISTS pgrelay.conflicts (\
                 table_name text NOT NULL, pk jsonb NOT NULL, op text NOT NULL, \
                 winner_hlc bigint NOT NULL, winner_origin text, \

@@ -90,7 +90,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Runs one planned statement and records its losers in the conflict log
-/// (see [`sql::conflicts_sql`]): how many rows it wrote, and how many of
+/// (see [`crate::conflicts::losers_sql`]): how many rows it wrote, and how many of
 /// its changes lost. `savepoint` was set just before (see [`write`]).
 async fn execute(
     tx: &tokio_postgres::Transaction<'_>,

@@ -55,7 +55,7 @@ pub struct Statement {
     /// Indices of changes made redundant by a newer change of the same row.
     pub superseded: Vec<usize>,
     /// Records this statement's losers in `pgrelay.conflicts` (see
-    /// [`conflicts_sql`]); `None` for truncates.
+    /// [`crate::conflicts::losers_sql`]); `None` for truncates.
     pub conflicts: Option<String>,
     /// The lowest stamp among `members`: a tombstone of the table below it
     /// cannot hold any of them back (see [`needs_recheck`]).
@@ -272,7 +272,10 @@ fn plan_segment(batch: &[Incoming<'_>], from: usize, to: usize, out: &mut Vec<St
             }
             (Kind::Upsert, Some(stage), sql, copy_rows(batch, &members))
         };
-        let conflicts = Some(conflicts_sql(target, stage.as_ref()));
+        let conflicts = Some(crate::conflicts::losers_sql(
+            target,
+            stage.as_ref().map(|s| s.name.as_str()),
+        ));
         let oldest = members
             .iter()
             .map(|&i| batch[i].hlc)
@@ -727,62 +730,6 @@ pub fn newest_tombstone_sql(target: &TargetTable) -> String {
     format!(
         "SELECT coalesce(max(ts.hlc), -1) FROM pgrelay.tombstones ts WHERE ts.table_name = {}",
         quote_literal(&target.name.to_string())
-    )
-}
-
-/// Records the changes of one statement that lost in `pgrelay.conflicts`;
-/// run after the statement, in its transaction, so the log commits exactly
-/// with the rows and offsets. Returns one row: how many lost.
-///
-/// A change lost when the row, or a tombstone of its key or of the whole
-/// table, now carries a higher stamp. Not conflicts: an equal stamp (a
-/// redelivered duplicate of what is there) and a higher stamp made in the
-/// change's own region (its own later history, e.g. a record delivered
-/// again). `$1` is the sampled fraction (text, `0..=1`), `$2` a JSON object
-/// from region id to region name (text); deletes take their rows as `$3`
-/// (see [`delete_sql`]), upserts read them from their staging table. A
-/// change already recorded (same table, key and stamp: a resync, a replay)
-/// is not recorded twice.
-pub fn conflicts_sql(target: &TargetTable, stage: Option<&Stage>) -> String {
-    let t = target.name.quoted();
-    let hlc = quote_ident(HLC_COLUMN);
-    let tname = quote_literal(&target.name.to_string());
-    let region_mask = (1u64 << crate::hlc::REGION_BITS) - 1;
-    let (input, op, version) = match stage {
-        Some(stage) => (
-            format!("{} AS r", quote_ident(&stage.name)),
-            "upsert",
-            format!("to_jsonb(r) - {}", quote_literal(HLC_COLUMN)),
-        ),
-        None => {
-            let key_cols: Vec<String> = target
-                .key
-                .iter()
-                .map(|k| match target.json_columns.iter().find(|(j, _)| j == k) {
-                    Some((_, ty)) => format!("(x.{0} #>> '{{}}')::{ty} AS {0}", quote_ident(k)),
-                    None => format!("x.{}", quote_ident(k)),
-                })
-                .collect();
-            (
-                format!(
-                    "(SELECT {}, x.{hlc} FROM json_populate_recordset(NULL::{t}, $3::text::json) AS x) AS r",
-                    key_cols.join(", ")
-                ),
-                "delete",
-                target.key_json("r"),
-            )
-        }
-    };
-    let join: Vec<String> = target
-        .key
-        .iter()
-        .map(|k| format!("cur.{0} = r.{0}", quote_ident(k)))
-        .collect();
-    format!(
-        "WITH lost AS (SELECT {pk} AS pk, r.{hlc} AS loser_hlc, w.hlc AS winner_hlc, {version} AS version          FROM {input} CROSS JOIN LATERAL (SELECT greatest(         (SELECT cur.{hlc} FROM {t} AS cur WHERE {join}),          (SELECT max(ts.hlc) FROM pgrelay.tombstones ts WHERE ts.table_name = {tname}          AND ts.pk IN ({pk}, '{{}}'::jsonb))) AS hlc) AS w          WHERE w.hlc > r.{hlc} AND (w.hlc & {region_mask}) <> (r.{hlc} & {region_mask}) \
-         AND (r.{hlc} & {region_mask})::text IS DISTINCT FROM ($2::text::jsonb ->> 'local')),          logged AS (INSERT INTO pgrelay.conflicts          (table_name, pk, op, winner_hlc, winner_origin, loser_hlc, loser_origin, loser_version)          SELECT {tname}, pk, '{op}', winner_hlc, $2::text::jsonb ->> (winner_hlc & {region_mask})::text,          loser_hlc, $2::text::jsonb ->> (loser_hlc & {region_mask})::text, version FROM lost          WHERE $1::text::float8 >= 1 OR random() < $1::text::float8          ON CONFLICT (table_name, pk, loser_hlc) DO NOTHING)          SELECT count(*) FROM lost",
-        pk = target.key_json("r"),
-        join = join.join(" AND "),
     )
 }
 
