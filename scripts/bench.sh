@@ -60,6 +60,11 @@
 #   scale  pgrelay only: the `small` backlog catch-up (and its CPU
 #          accounting) with [relay.apply] sessions_per_source = each of
 #          SCALE_SESSIONS, side by side.
+#   resync pgrelay only: `pgrelay resync` of a RESYNC_ROWS-row table (the
+#          bulk table's shape) from us to eu, until Kafka acknowledged every
+#          record, against PostgreSQL's own `COPY … TO STDOUT` of the same
+#          table to a client in the same run; rows/s of each, the ratio, CPU
+#          per process and the resync's peak memory.
 #
 # Throughput (bulk, small) is measured from a backlog: replication is paused
 # (pgrelay not running in us / subscription disabled) while the workload
@@ -77,9 +82,10 @@
 #   PGRELAY_BENCH_ONLY=bulk,small PGRELAY_BENCH_REPEAT=1 bash scripts/bench.sh
 #   PGRELAY_BENCH_ONLY=outage OUTAGE_SECONDS=300 bash scripts/bench.sh   # ~17 min
 #   PGRELAY_BENCH_ONLY=scale PGRELAY_BENCH_REPEAT=3 bash scripts/bench.sh
+#   PGRELAY_BENCH_ONLY=resync bash scripts/bench.sh                      # ~10 min
 #
 # Environment (defaults in brackets):
-#   PGRELAY_BENCH_ONLY       workloads: bulk,small,lag,write,outage,scale
+#   PGRELAY_BENCH_ONLY       workloads: bulk,small,lag,write,outage,scale,resync
 #                            [bulk,small,lag,write]
 #   PGRELAY_BENCH_SYSTEMS    native,pgrelay [both]
 #   PGRELAY_BENCH_REPEAT     repetitions of bulk, small, write and scale [3]
@@ -98,6 +104,8 @@
 #   PGRELAY_BENCH_BROKER_OUTAGE freeze|restart, for pgrelay-kafka [freeze]
 #   PGRELAY_TANSU_DURABLE    the libsql Tansu build [.tools/tansu-libsql/bin/tansu]
 #   SCALE_SESSIONS [1 2 4]   sessions_per_source values for `scale`
+#   RESYNC_ROWS [10000000]   rows of the table `resync` sends
+#   PGRELAY_BENCH_RESYNC_JOBS  its --jobs [the command's default]
 #   PGRELAY_BENCH_EXTRA_TOML appended to pgrelay's config (tuning experiments);
 #            `scale` adds its sessions_per_source to a [relay.apply] table in it
 #   PGRELAY_BIN              use this binary instead of building target/release/pgrelay
@@ -142,6 +150,8 @@ OUTAGE_ROWS_PER_TX="${OUTAGE_ROWS_PER_TX:-10}"
 OUTAGE_TAIL="${OUTAGE_TAIL:-5}"
 BROKER_OUTAGE="${PGRELAY_BENCH_BROKER_OUTAGE:-freeze}"
 SCALE_SESSIONS="${SCALE_SESSIONS:-1 2 4}"
+RESYNC_ROWS="${RESYNC_ROWS:-10000000}"
+RESYNC_JOBS="${PGRELAY_BENCH_RESYNC_JOBS:-}"
 APPLY_SESSIONS=""
 TIMEOUT="${PGRELAY_BENCH_TIMEOUT:-900}"
 WRITE_SECONDS="${WRITE_SECONDS:-20}"
@@ -311,11 +321,12 @@ TABLES_bulk="bulk_items"
 TABLES_small="bench_branches bench_tellers bench_accounts bench_history"
 TABLES_lag="lag_probe"
 TABLES_outage="lag_probe"
+TABLES_resync="bulk_items"
 
 schema() { # region workload role(source|target)
     local r="$1" w="$2" role="$3"
     case "$w" in
-        bulk) sql "$r" "CREATE TABLE bulk_items (id bigint PRIMARY KEY, name text, email text,
+        bulk|resync) sql "$r" "CREATE TABLE bulk_items (id bigint PRIMARY KEY, name text, email text,
                 price numeric(12,2), active boolean, created_at timestamptz, doc jsonb, qty int)" ;;
         small)
             sql "$r" "CREATE TABLE bench_branches (bid int PRIMARY KEY, bbalance int, filler char(88));
@@ -882,6 +893,57 @@ SQL
     stop_all
 }
 
+# `resync`: us holds RESYNC_ROWS rows (stamped by setup's trigger, written
+# with no sidecar running); PostgreSQL's own COPY of the table to a client
+# (psql, output discarded) is the baseline, timed on its second run so both
+# read a warm cache; then `pgrelay resync --to eu` of the same table, timed
+# until it exits (every record acknowledged by Kafka).
+resync_run() {
+    local c0 c1 copy_s t0 t1 i
+    relay_pair resync
+    log "resync: loading $RESYNC_ROWS rows into us"
+    sql us "INSERT INTO bulk_items
+        SELECT g, 'item ' || g, 'user' || g || '@example.com', (g % 100000) / 100.0,
+               g % 2 = 0, now(), jsonb_build_object('n', g, 'tag', 'bench'), (g % 1000)::int
+        FROM generate_series(1, $RESYNC_ROWS) AS g" >&2
+    sql us "VACUUM ANALYZE bulk_items"
+    local size; size="$(sql us "SELECT pg_size_pretty(pg_table_size('bulk_items'))")"
+    for i in 1 2; do
+        c0="$(now)"
+        PGPASSWORD="$PASSWORD" pinned rest psql -X -q -h 127.0.0.1 -p "${PORT[us]}" -U postgres -d postgres \
+            -c "COPY bulk_items TO STDOUT" > /dev/null
+        c1="$(now)"
+    done
+    copy_s="$(calc "round($c1 - $c0, 2)")"
+    log "resync: COPY bulk_items TO STDOUT ($size): ${copy_s}s"
+    cpu_snap "$WORK/cpu0" us="$(postmaster us)" broker="$BROKER_PID"
+    t0="$(now)"
+    # the resync's own CPU and peak memory: its rusage, from a parent
+    pinned rest python3 -c '
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[2:])
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(f"{u.ru_utime + u.ru_stime:.2f} {u.ru_maxrss // 1024}\n")
+sys.exit(r.returncode)' "$WORK/resync.rusage" \
+        "$BIN" resync --config "$WORK/relay.toml" --region us --to eu --table public.bulk_items \
+        ${RESYNC_JOBS:+--jobs "$RESYNC_JOBS"} \
+        > "$WORK/resync.out" 2> "$WORK/resync.err" \
+        || { log "resync failed"; tail -n 20 "$WORK/resync.err" >&2; return 1; }
+    t1="$(now)"
+    cpu_snap "$WORK/cpu1" us="$(postmaster us)" broker="$BROKER_PID"
+    local sent cpu rusage
+    sent="$(awk '$1 == "public.bulk_items" && $2 == "eu" { print $3 }' "$WORK/resync.out")"
+    if [ "$sent" != "$RESYNC_ROWS" ]; then
+        log "resync sent ${sent:-?} rows of $RESYNC_ROWS"; cat "$WORK/resync.out" >&2; return 1
+    fi
+    cpu="$(cpu_used "$WORK/cpu0" "$WORK/cpu1")"
+    read -r -a rusage < "$WORK/resync.rusage"
+    printf 'pgrelay\tresync\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$RESYNC_ROWS" "$copy_s" \
+        "$(calc "round($t1 - $t0, 2)")" "$cpu" "${rusage[0]}" "${rusage[1]}" "$size" >> "$RESULTS"
+    log "resync: $RESYNC_ROWS rows in $(calc "round($t1 - $t0, 2)")s; CPU $cpu resync=${rusage[0]}; peak ${rusage[1]} MiB"
+    stop_all
+}
+
 # --- main ----------------------------------------------------------------------
 
 log "work directory $WORK; results in $RESULTS"
@@ -904,6 +966,10 @@ if has "$ONLY" scale && has "$SYSTEMS" pgrelay; then
         done
     done
     APPLY_SESSIONS=""
+fi
+if has "$ONLY" resync && has "$SYSTEMS" pgrelay; then
+    log "== resync, pgrelay =="
+    resync_run
 fi
 if has "$ONLY" write; then
     for i in $(seq "$REPEAT"); do
@@ -999,6 +1065,15 @@ if write:
                 if b is not None:
                     verdict = "  target met" if c >= 0.95 and c >= b - 0.03 else "  target NOT met (c/a >= 0.95 and >= b/a - 0.03)"
                 print(f"  {name:8s} b/a (native) {b if b is None else f'{b:.3f}'}   c/a ({s}) {c:.3f}{verdict}")
+for r in rows:
+    if r[1] != "resync":
+        continue
+    n, copy_s, took = int(r[2]), float(r[3]), float(r[4])
+    print(f"\nresync: {n:,} rows ({r[8]}), `pgrelay resync --to eu` until Kafka acknowledged every record")
+    print(f"  COPY TO STDOUT {n / copy_s:>10,.0f} rows/s   ({copy_s:.2f} s)")
+    print(f"  pgrelay resync {n / took:>10,.0f} rows/s   ({took:.2f} s; peak memory {r[7]} MiB)")
+    print(f"  CPU seconds: resync {r[6]}, {r[5]}; CPU us per row: resync {float(r[6]) * 1e6 / n:.2f}")
+    print(f"  ratio resync/COPY: {copy_s / took:.3f} (target >= 0.5)")
 lag = [r for r in rows if r[1] == "lag"]
 if lag:
     rtt = int(__import__("os").environ.get("PGRELAY_BENCH_RTT_MS", "0") or 0)

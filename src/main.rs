@@ -12,7 +12,9 @@ use pgrelay::sidecar::{self, Role};
 
 /// mimalloc: the capture and apply paths allocate and free small buffers
 /// per row, often on different threads (librdkafka's), where it is
-/// markedly cheaper than the system allocator.
+/// markedly cheaper than the system allocator. Built with `override`, it is
+/// also `malloc` and `free` for the C code in the process (librdkafka's
+/// per-record messages and headers, libc, OpenSSL): one allocator for all.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -90,6 +92,10 @@ enum Command {
         /// Read and route everything, send nothing: print what would go.
         #[arg(long)]
         dry_run: bool,
+        /// Sessions reading a table at once, each a range of its blocks
+        /// under one snapshot, each with its own Kafka producer.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
     },
     /// Refuse local writes to every replicated table of a region (split
     /// brain: an old primary that came back); applied changes still land.
@@ -408,7 +414,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             to,
             table,
             dry_run,
-        } => resync::resync(&config, &region, to, &table, dry_run).await,
+            jobs,
+        } => resync::resync(&config, &region, to, &table, dry_run, jobs.into()).await,
         Command::Status {
             config,
             json,

@@ -35,7 +35,8 @@
 //! to run it again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{pin_mut, TryStreamExt};
@@ -51,7 +52,7 @@ use crate::event::{
 use crate::hlc::Hlc;
 use crate::names::HLC_COLUMN;
 use crate::publish::envelope::Source;
-use crate::publish::producer::{Delivery, Outlets, SendError};
+use crate::publish::producer::{Delivery, Outlets, Reports, SendError};
 use crate::publish::sink::{queue_dr, seal_for_dr, Outgoing};
 use crate::residency::{Policy, TableRule, Verdict};
 use crate::source::catalog::{self, Catalog};
@@ -65,12 +66,29 @@ pub struct Options {
     pub tables: Vec<TableName>,
     /// Read and route everything, send nothing.
     pub dry_run: bool,
+    /// Sessions reading a table's rows at once, each a range of its heap
+    /// blocks under the one snapshot, each with its own producer (0 or 1:
+    /// one).
+    pub jobs: usize,
 }
 
 /// Records sent and withheld, by table and destination.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
     pub counts: BTreeMap<(String, String), Counts>,
+}
+
+impl Summary {
+    /// Adds the counts of `other` (another reader of the same run).
+    fn absorb(&mut self, other: Summary) {
+        for (key, c) in other.counts {
+            let mine = self.counts.entry(key).or_default();
+            mine.rows += c.rows;
+            mine.tombstones += c.tombstones;
+            mine.withheld += c.withheld;
+            mine.partial += c.partial;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,6 +118,49 @@ pub enum ResyncError {
     },
     #[error("{0}")]
     Kafka(String),
+    /// Another reader of the run failed (its error is the one reported).
+    #[error("stopped: another reader of this resync failed")]
+    Stopped,
+}
+
+/// A range of a table's heap blocks, `from..to` (`to`: `None`, to the
+/// end): what one session of a parallel read scans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocks {
+    pub from: u64,
+    pub to: Option<u64>,
+}
+
+impl Blocks {
+    /// Every block of the table.
+    pub const ALL: Blocks = Blocks { from: 0, to: None };
+}
+
+/// Splits a table of `blocks` heap blocks into at most `jobs` ranges of
+/// whole blocks that cover it once, the last open-ended (rows in blocks
+/// added after the count are not in the snapshot anyway): one range, the
+/// whole table, when `jobs` is 1 or the table has fewer than two blocks.
+pub fn block_ranges(blocks: u64, jobs: usize) -> Vec<Blocks> {
+    let parts = (jobs.max(1) as u64).min(blocks).max(1);
+    (0..parts)
+        .map(|i| Blocks {
+            from: blocks * i / parts,
+            to: (i + 1 < parts).then(|| blocks * (i + 1) / parts),
+        })
+        .collect()
+}
+
+/// [`select_sql`] of the rows in `part` of the table's heap (a TID range
+/// scan), or of every row for [`Blocks::ALL`].
+pub fn select_part_sql(table: &TableName, columns: &[String], part: Blocks) -> String {
+    let all = select_sql(table, columns);
+    match part {
+        Blocks::ALL => all,
+        Blocks { from, to: None } => format!("{all} WHERE ctid >= '({from},0)'::tid"),
+        Blocks { from, to: Some(to) } => {
+            format!("{all} WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid")
+        }
+    }
 }
 
 /// The statement reading a table's rows: every column in the table's
@@ -250,28 +311,251 @@ pub async fn run(
     )
     .sealing(dr_key.as_ref(), &region_cfg.dsn);
 
-    // one snapshot for every table and the tombstones
+    // one snapshot for every table and the tombstones, shared with the
+    // helper sessions of a parallel read
     let lsn = begin_snapshot(&client, region).await?;
     progress.set_total(row_estimate(&client, region, &schemas).await?);
+    let mut parts = Vec::with_capacity(schemas.len());
+    for schema in &schemas {
+        let blocks = match opts.jobs > 1 {
+            true => heap_blocks(&client, region, &schema.table).await?,
+            false => 0,
+        };
+        parts.push(block_ranges(blocks, opts.jobs));
+    }
+    let helpers = parts.iter().map(Vec::len).max().unwrap_or(1) - 1;
+    let snapshot_id = match helpers {
+        0 => None,
+        _ => Some(export_snapshot(&client, region).await?),
+    };
+    let shared = Shared {
+        config,
+        region,
+        dsn: &region_cfg.dsn,
+        policy: &policy,
+        layout: &layout,
+        wanted: &selection.wanted,
+        dr_key: dr_key.as_ref(),
+        tx: snapshot_tx(&lsn),
+        snapshot_id,
+        dry_run: opts.dry_run,
+        rows_elsewhere: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    };
     let snapshot = Snapshot {
         client: &client,
         region,
         policy: &policy,
-        tx: snapshot_tx(&lsn),
+        tx: shared.tx.clone(),
+        helper: false,
+        rows_elsewhere: &shared.rows_elsewhere,
+        stop: &shared.stop,
     };
-    for schema in &schemas {
-        progress.set_label(&schema.table.to_string());
-        snapshot
-            .send_rows(schema, &selection.wanted, &mut out, progress)
-            .await?;
-        snapshot
-            .send_tombstones(schema, &selection.wanted, &mut out)
-            .await?;
+    let handle = tokio::runtime::Handle::current();
+    let (queue, queued) = std::sync::mpsc::channel::<(Arc<TableSchema>, Blocks)>();
+    let queued = Mutex::new(queued);
+    let (read, helped) = tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            let (shared, queued) = (&shared, &queued);
+            let readers: Vec<_> = (0..helpers)
+                .map(|_| {
+                    let db = out.source.db.clone();
+                    s.spawn(move || shared.help(queued, db))
+                })
+                .collect();
+            let read = handle.block_on(async {
+                for (schema, ranges) in schemas.iter().zip(&parts) {
+                    progress.set_label(&schema.table.to_string());
+                    if ranges.len() > 1 {
+                        tracing::info!(table = %schema.table, parts = ranges.len(), "reading the table in parts, one session each");
+                    }
+                    for range in &ranges[1..] {
+                        // a reader that ended (failed) took no more: its
+                        // error is reported below
+                        let _ = queue.send((schema.clone(), *range));
+                    }
+                    snapshot
+                        .send_rows(schema, ranges[0], &selection.wanted, &mut out, progress)
+                        .await?;
+                    snapshot
+                        .send_tombstones(schema, &selection.wanted, &mut out)
+                        .await?;
+                }
+                Ok::<(), ResyncError>(())
+            });
+            drop(queue);
+            if read.is_err() {
+                shared.stop.store(true, Ordering::Relaxed);
+            }
+            while !readers.iter().all(|r| r.is_finished()) {
+                progress.inc(shared.rows_elsewhere.swap(0, Ordering::Relaxed));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let helped: Vec<Result<Summary, ResyncError>> = readers
+                .into_iter()
+                .map(|r| {
+                    r.join().unwrap_or_else(|_| {
+                        Err(ResyncError::Setup("a resync reader panicked".into()))
+                    })
+                })
+                .collect();
+            (read, helped)
+        })
+    });
+    progress.inc(shared.rows_elsewhere.swap(0, Ordering::Relaxed));
+    let mut errors: Vec<ResyncError> = read.err().into_iter().collect();
+    for result in helped {
+        match result {
+            Ok(summary) => out.summary.absorb(summary),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        // the failure, not the stops it caused in the other readers
+        let first = errors
+            .iter()
+            .position(|e| !matches!(e, ResyncError::Stopped))
+            .unwrap_or(0);
+        return Err(errors.swap_remove(first));
     }
     end_snapshot(&client, region).await?;
     out.finish().await?;
     progress.finish();
     Ok(out.summary)
+}
+
+/// What every reader of a run shares: the run's selection, its snapshot
+/// and how the others are doing.
+struct Shared<'a> {
+    config: &'a Config,
+    region: &'a str,
+    dsn: &'a str,
+    policy: &'a Policy,
+    layout: &'a OutletLayout,
+    wanted: &'a [usize],
+    dr_key: Option<&'a DrKey>,
+    tx: Arc<TxMeta>,
+    /// `pg_export_snapshot()` of the run's snapshot: helper sessions
+    /// read under it.
+    snapshot_id: Option<String>,
+    dry_run: bool,
+    /// Rows the helper sessions read, not yet shown by the progress.
+    rows_elsewhere: AtomicU64,
+    /// Set when a reader failed: the others stop.
+    stop: AtomicBool,
+}
+
+impl Shared<'_> {
+    /// A helper session's thread: its own runtime, session (under the
+    /// run's snapshot) and producer; reads the parts `queued` gives it
+    /// until the queue ends, then waits for Kafka's acknowledgements.
+    fn help(
+        &self,
+        queued: &Mutex<std::sync::mpsc::Receiver<(Arc<TableSchema>, Blocks)>>,
+        db: String,
+    ) -> Result<Summary, ResyncError> {
+        let result = self.read_parts(queued, db);
+        if result.is_err() {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn read_parts(
+        &self,
+        queued: &Mutex<std::sync::mpsc::Receiver<(Arc<TableSchema>, Blocks)>>,
+        db: String,
+    ) -> Result<Summary, ResyncError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ResyncError::Setup(format!("a resync reader's runtime: {e}")))?;
+        let outlets = match self.dry_run {
+            true => None,
+            false => Some(
+                Outlets::open_reporting(
+                    self.config,
+                    &self.layout.regions,
+                    &self.layout.topics,
+                    Reports::Failures,
+                )
+                .map_err(|e| ResyncError::Kafka(e.to_string()))?,
+            ),
+        };
+        let snapshot_id = self.snapshot_id.as_deref().unwrap_or_default();
+        runtime.block_on(async {
+            let mut out = Sender::new(
+                self.config,
+                self.region,
+                db,
+                self.policy,
+                outlets.as_ref(),
+                &self.layout.regions,
+                &self.layout.dr_outlets,
+            )
+            .sealing(self.dr_key, self.dsn);
+            let client = read_session(self.dsn, self.region).await?;
+            client
+                .batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                    crate::event::quote_literal(snapshot_id)
+                ))
+                .await
+                .map_err(read_err(self.region, "the resync's snapshot"))?;
+            let snapshot = Snapshot {
+                client: &client,
+                region: self.region,
+                policy: self.policy,
+                tx: self.tx.clone(),
+                helper: true,
+                rows_elsewhere: &self.rows_elsewhere,
+                stop: &self.stop,
+            };
+            let mut hidden = crate::progress::Progress::hidden();
+            loop {
+                // the lock is held while waiting: one reader waits, the
+                // others wait for the lock
+                let next = queued.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let Ok((schema, range)) = next else { break };
+                snapshot
+                    .send_rows(&schema, range, self.wanted, &mut out, &mut hidden)
+                    .await?;
+            }
+            end_snapshot(&client, self.region).await?;
+            out.finish().await?;
+            Ok(out.summary)
+        })
+    }
+}
+
+/// How many heap blocks `table` has now (0 for a partitioned table's
+/// parent, which has none of its own).
+async fn heap_blocks(
+    client: &tokio_postgres::Client,
+    region: &str,
+    table: &TableName,
+) -> Result<u64, ResyncError> {
+    let blocks: i64 = client
+        .query_one(
+            "SELECT (pg_relation_size($1::text::regclass) / current_setting('block_size')::bigint)::bigint",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(read_err(region, &format!("the size of {table}")))?
+        .get(0);
+    Ok(blocks.max(0) as u64)
+}
+
+/// Exports the run's snapshot for the helper sessions.
+async fn export_snapshot(
+    client: &tokio_postgres::Client,
+    region: &str,
+) -> Result<String, ResyncError> {
+    Ok(client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(read_err(region, "an exported snapshot"))?
+        .get(0))
 }
 
 /// What a run sends, from its options: the DR topics, tables and live
@@ -391,9 +675,11 @@ fn open_outlets(
     if dry_run {
         return Ok(None);
     }
-    tokio::task::block_in_place(|| Outlets::open(config, regions, topics))
-        .map(Some)
-        .map_err(|e| ResyncError::Kafka(e.to_string()))
+    tokio::task::block_in_place(|| {
+        Outlets::open_reporting(config, regions, topics, Reports::Failures)
+    })
+    .map(Some)
+    .map_err(|e| ResyncError::Kafka(e.to_string()))
 }
 
 /// Maps a read's error to [`ResyncError::Read`] about `what` in `region`.
@@ -498,13 +784,20 @@ struct Snapshot<'a> {
     region: &'a str,
     policy: &'a Policy,
     tx: Arc<TxMeta>,
+    /// A helper session's: counts its rows in `rows_elsewhere`; the main
+    /// one shows them with its own.
+    helper: bool,
+    rows_elsewhere: &'a AtomicU64,
+    /// Set when a reader failed.
+    stop: &'a AtomicBool,
 }
 
 impl Snapshot<'_> {
-    /// Every row of `schema`'s table, as inserts.
+    /// Every row of `schema`'s table in `part` of its heap, as inserts.
     async fn send_rows(
         &self,
         schema: &Arc<TableSchema>,
+        part: Blocks,
         wanted: &[usize],
         out: &mut Sender<'_>,
         progress: &mut crate::progress::Progress,
@@ -513,10 +806,11 @@ impl Snapshot<'_> {
         let what = format!("table {}", schema.table);
         let stream = self
             .client
-            .simple_query_raw(&select_sql(&schema.table, &names))
+            .simple_query_raw(&select_part_sql(&schema.table, &names, part))
             .await
             .map_err(read_err(self.region, &what))?;
         pin_mut!(stream);
+        let mut read = 0u64;
         while let Some(msg) = stream
             .try_next()
             .await
@@ -525,9 +819,20 @@ impl Snapshot<'_> {
             let SimpleQueryMessage::Row(row) = msg else {
                 continue;
             };
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(ResyncError::Stopped);
+            }
             let change = row_change(schema, |i| row.get(i), &self.tx);
             out.send(&change, wanted).await?;
-            progress.inc(1);
+            read += 1;
+            if self.helper {
+                self.rows_elsewhere.fetch_add(1, Ordering::Relaxed);
+            } else {
+                progress.inc(1);
+                if read % 1024 == 0 {
+                    progress.inc(self.rows_elsewhere.swap(0, Ordering::Relaxed));
+                }
+            }
         }
         Ok(())
     }
@@ -703,11 +1008,15 @@ pub async fn send_keys(
         &no_dr_outlets,
     );
     let lsn = begin_snapshot(&client, region).await?;
+    let (counted, never) = (AtomicU64::new(0), AtomicBool::new(false));
     let snapshot = Snapshot {
         client: &client,
         region,
         policy: &policy,
         tx: snapshot_tx(&lsn),
+        helper: false,
+        rows_elsewhere: &counted,
+        stop: &never,
     };
     for request in requests {
         let Some(schema) = schemas.iter().find(|s| s.table == request.table) else {
@@ -789,6 +1098,12 @@ async fn read_session(dsn: &str, region: &str) -> Result<tokio_postgres::Client,
     Ok(client)
 }
 
+/// The most records one resync session keeps unacknowledged (fewer when
+/// `relay.capture.max_in_flight` says so): a full producer batch, and few
+/// enough that a session's buffers stay small (measured: no slower than
+/// 100,000 on `scripts/bench.sh`'s `resync`, at less than half the memory).
+const SESSION_IN_FLIGHT: usize = 10_000;
+
 /// Routes, encodes and sends changes, keeping at most `max_in_flight`
 /// unacknowledged.
 struct Sender<'a> {
@@ -798,7 +1113,6 @@ struct Sender<'a> {
     outlets: Option<&'a Outlets>,
     max_in_flight: usize,
     sent: u64,
-    acked: u64,
     reports: Vec<Delivery>,
     summary: Summary,
     /// The region's DR key, when some resent table keeps DR copies.
@@ -835,9 +1149,8 @@ impl<'a> Sender<'a> {
             },
             policy,
             outlets,
-            max_in_flight: config.capture.max_in_flight.max(1),
+            max_in_flight: config.capture.max_in_flight.clamp(1, SESSION_IN_FLIGHT),
             sent: 0,
-            acked: 0,
             reports: Vec::new(),
             summary: Summary::default(),
             dr_key: None,
@@ -896,7 +1209,7 @@ impl<'a> Sender<'a> {
                 continue;
             };
             let out = Outgoing::new(self.region, &self.source, change, &routed, &hlc);
-            while self.sent - self.acked >= self.max_in_flight as u64 {
+            while self.unacked() >= self.max_in_flight as u64 {
                 self.wait().await?;
             }
             loop {
@@ -950,7 +1263,7 @@ impl<'a> Sender<'a> {
             return Ok(());
         };
         for &dest in dr_outlets {
-            while self.sent - self.acked >= self.max_in_flight as u64 {
+            while self.unacked() >= self.max_in_flight as u64 {
                 self.wait().await?;
             }
             loop {
@@ -973,7 +1286,8 @@ impl<'a> Sender<'a> {
         outlets.poll(&mut self.reports);
         for d in self.reports.drain(..) {
             match d {
-                Delivery::Acked(_) => self.acked += 1,
+                // reported only where every delivery is (never here)
+                Delivery::Acked(_) => {}
                 Delivery::Failed { error, .. } => {
                     return Err(ResyncError::Kafka(format!(
                         "kafka did not accept a record: {error}; run resync again"
@@ -994,19 +1308,29 @@ impl<'a> Sender<'a> {
         self.collect()
     }
 
+    /// Records handed to Kafka and not yet acknowledged (the producers
+    /// report failures only: what left their queues was delivered).
+    fn unacked(&self) -> u64 {
+        self.outlets.map_or(0, Outlets::in_flight)
+    }
+
     async fn finish(&mut self) -> Result<(), ResyncError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while self.acked < self.sent {
+        loop {
+            // a failure's report is served before the queue counts empty
+            self.collect()?;
+            let unacked = self.unacked();
+            if unacked == 0 {
+                return Ok(());
+            }
             if tokio::time::Instant::now() > deadline {
                 return Err(ResyncError::Kafka(format!(
-                    "{} of {} records not acknowledged by Kafka within 60s; run resync again",
-                    self.sent - self.acked,
+                    "{unacked} of {} records not acknowledged by Kafka within 60s; run resync again",
                     self.sent
                 )));
             }
             self.wait().await?;
         }
-        Ok(())
     }
 }
 
@@ -1079,6 +1403,7 @@ dr = ["eu"]
                 .map(|t| TableName::new("public", *t))
                 .collect(),
             dry_run: false,
+            jobs: 1,
         }
     }
 
@@ -1204,6 +1529,69 @@ dr = ["eu"]
                 &["id".into(), "a\"b".into()]
             ),
             r#"SELECT "id", "a""b", "_pgrelay_hlc" FROM "public"."Orders""#
+        );
+    }
+
+    #[test]
+    fn block_ranges_cover_the_heap_once_in_at_most_jobs_parts() {
+        for blocks in [0u64, 1, 2, 3, 7, 100, 1_000_003] {
+            for jobs in [0usize, 1, 2, 3, 8, 64] {
+                let ranges = block_ranges(blocks, jobs);
+                assert!(
+                    !ranges.is_empty() && ranges.len() <= jobs.max(1),
+                    "{blocks} {jobs}"
+                );
+                assert_eq!(ranges[0].from, 0);
+                assert_eq!(
+                    ranges.last().unwrap().to,
+                    None,
+                    "the last part is open-ended"
+                );
+                for pair in ranges.windows(2) {
+                    let to = pair[0].to.expect("only the last part is open-ended");
+                    assert!(
+                        pair[0].from < to,
+                        "{blocks} {jobs}: an empty part {ranges:?}"
+                    );
+                    assert_eq!(
+                        to, pair[1].from,
+                        "{blocks} {jobs}: a gap or overlap {ranges:?}"
+                    );
+                }
+                if blocks < 2 || jobs <= 1 {
+                    assert_eq!(ranges, vec![Blocks::ALL]);
+                } else {
+                    assert_eq!(ranges.len() as u64, (jobs as u64).min(blocks));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_part_reads_its_blocks_by_tid_range() {
+        let t = TableName::new("public", "t");
+        let cols = ["id".to_string()];
+        assert_eq!(
+            select_part_sql(&t, &cols, Blocks::ALL),
+            select_sql(&t, &cols)
+        );
+        assert_eq!(
+            select_part_sql(
+                &t,
+                &cols,
+                Blocks {
+                    from: 5,
+                    to: Some(9)
+                }
+            ),
+            format!(
+                "{} WHERE ctid >= '(5,0)'::tid AND ctid < '(9,0)'::tid",
+                select_sql(&t, &cols)
+            )
+        );
+        assert_eq!(
+            select_part_sql(&t, &cols, Blocks { from: 9, to: None }),
+            format!("{} WHERE ctid >= '(9,0)'::tid", select_sql(&t, &cols))
         );
     }
 

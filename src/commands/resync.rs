@@ -15,6 +15,7 @@ pub async fn resync(
     to: Vec<String>,
     tables: &[String],
     dry_run: bool,
+    jobs: usize,
 ) -> Result<ExitCode> {
     let config = load(path)?;
     config.region(region)?;
@@ -89,6 +90,7 @@ pub async fn resync(
         to,
         tables,
         dry_run,
+        jobs,
     };
     let mut progress = crate::progress::Progress::start(&format!("resync {region}"), "rows", None);
     let summary = crate::resync::run(&config, region, &opts, &mut progress).await?;

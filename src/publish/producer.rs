@@ -234,6 +234,23 @@ impl Publisher {
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
     }
+
+    /// Records handed over and not yet delivered or failed (with their
+    /// reports not yet served).
+    pub fn in_flight(&self) -> u64 {
+        self.producer.in_flight_count().max(0) as u64
+    }
+}
+
+/// Which deliveries the producers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reports {
+    /// Every record's: the capture side confirms positions from them.
+    Each,
+    /// Failures only: a bulk sender (resync) counts what is still in
+    /// flight ([`Outlets::in_flight`]) instead, and librdkafka frees a
+    /// delivered record where it learns of it.
+    Failures,
 }
 
 /// Where one source region's records go: a producer per distinct Kafka
@@ -255,6 +272,16 @@ impl Outlets {
         destinations: &[String],
         topics: &[String],
     ) -> Result<Outlets, OpenError> {
+        Outlets::open_reporting(config, destinations, topics, Reports::Each)
+    }
+
+    /// [`Outlets::open`] with the producers reporting `reports`.
+    pub fn open_reporting(
+        config: &Config,
+        destinations: &[String],
+        topics: &[String],
+        reports: Reports,
+    ) -> Result<Outlets, OpenError> {
         let max_in_flight = config.capture.max_in_flight.max(1);
         let mut publishers: Vec<(String, Publisher)> = Vec::new();
         let mut dest_publisher = Vec::with_capacity(destinations.len());
@@ -263,7 +290,11 @@ impl Outlets {
             let idx = match publishers.iter().position(|(b, _)| *b == cluster.brokers) {
                 Some(i) => i,
                 None => {
-                    let cfg = producer_config(&cluster.brokers, &cluster.properties, max_in_flight);
+                    let mut cfg =
+                        producer_config(&cluster.brokers, &cluster.properties, max_in_flight);
+                    if reports == Reports::Failures {
+                        cfg.set("delivery.report.only.error", "true");
+                    }
                     let p = Publisher::new(&cfg).map_err(|source| OpenError::Producer {
                         destination: dest.clone(),
                         source,
@@ -335,6 +366,11 @@ impl Outlets {
         for (_, p) in &self.publishers {
             p.poll(out);
         }
+    }
+
+    /// [`Publisher::in_flight`] of every producer.
+    pub fn in_flight(&self) -> u64 {
+        self.publishers.iter().map(|(_, p)| p.in_flight()).sum()
     }
 
     /// [`Publisher::flush`] of every producer (blocking).

@@ -2216,9 +2216,6 @@ impl World {
     }
 }
 
-/// `pgrelay resync` as an operator runs it: safe to run again, so run
-/// again (at most three times) when it stopped on an error — a Kafka
-/// metadata request that timed out on a loaded machine has been seen.
 /// What became of each region's broker, for a failure report.
 fn brokers_seen(brokers: &BTreeMap<&'static str, (Broker, Proxy)>) -> String {
     brokers
@@ -2228,10 +2225,27 @@ fn brokers_seen(brokers: &BTreeMap<&'static str, (Broker, Proxy)>) -> String {
         .join("\n")
 }
 
+/// Tables the checker's resyncs read in parts, one session each (their
+/// log says `parts=`): the positive sign the parallel read ran.
+static RESYNC_PARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `pgrelay resync` as an operator runs it, with three reading sessions:
+/// safe to run again, so run again (at most three times) when it stopped
+/// on an error — a Kafka metadata request that timed out on a loaded
+/// machine has been seen.
 fn resync(args: &[&str], brokers: &BTreeMap<&'static str, (Broker, Proxy)>) {
+    let args: Vec<&str> = args.iter().copied().chain(["--jobs", "3"]).collect();
     for attempt in 1..=3 {
-        let out = relay::cmd(args);
+        let out = std::process::Command::new(relay::bin())
+            .args(&args)
+            .env("PGRELAY_LOG", "info")
+            .output()
+            .expect("run pgrelay resync");
         if out.status.success() {
+            let parts = String::from_utf8_lossy(&out.stderr)
+                .matches(" parts=")
+                .count();
+            RESYNC_PARTS.fetch_add(parts, std::sync::atomic::Ordering::SeqCst);
             return;
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -3394,6 +3408,10 @@ async fn random_histories_with_faults_converge_to_last_writer_wins() {
     eprintln!(
         "CHECKED test brokers started again after a storage panic: {}",
         total.healed
+    );
+    eprintln!(
+        "CHECKED tables resync read in parts, one session each: {}",
+        RESYNC_PARTS.load(std::sync::atomic::Ordering::SeqCst)
     );
 }
 
