@@ -438,6 +438,11 @@ pub struct History {
     /// Transactions a fenced region refused (nothing of them committed;
     /// the writer tries them again after the fence is lifted).
     pub fenced: usize,
+    /// Commits whose answer was lost (a crash, a failover) that the
+    /// region's marker row showed committed: in the history.
+    pub in_doubt_committed: usize,
+    /// Such commits that had not happened: left out.
+    pub in_doubt_lost: usize,
     /// Changes a destination parked with `pgrelay breaker discard`:
     /// (destination, table, key, stamp). They never apply there.
     pub discarded: BTreeSet<(&'static str, String, i32, i64)>,
@@ -758,8 +763,15 @@ impl Writer {
             if client.is_closed() {
                 client = connect(&self.dsn).await;
             }
+            // the transaction's marker row: whether it committed, when the
+            // commit's answer is lost (a crash, a failover mid-commit)
+            let mark = TX_MARK.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // what the transaction wrote, once only its commit is left
+            let mut pending = None;
             let result = async {
                 let tx = client.transaction().await?;
+                tx.execute("INSERT INTO public.checker_tx (id) VALUES ($1)", &[&mark])
+                    .await?;
                 let mut writes = Vec::new();
                 let mut truncates = Vec::new();
                 let mut refused = 0;
@@ -770,25 +782,27 @@ impl Writer {
                         Outcome::Refused => refused += 1,
                     }
                 }
+                pending = Some((writes, truncates, refused));
                 tx.commit().await?;
-                Ok::<_, tokio_postgres::Error>((writes, truncates, refused))
+                Ok::<_, tokio_postgres::Error>(())
             }
             .await;
             drop(open);
             self.rng = rng;
+            let record = |(writes, truncates, refused): Committed| {
+                let mut h = history.lock().unwrap();
+                h.writes.extend(writes);
+                h.truncates.extend(
+                    truncates
+                        .into_iter()
+                        .map(|(table, t)| (self.region, table, t)),
+                );
+                h.ops += batch.len();
+                h.refused += refused;
+            };
             match result {
-                Ok((writes, truncates, refused)) => {
-                    {
-                        let mut h = history.lock().unwrap();
-                        h.writes.extend(writes);
-                        h.truncates.extend(
-                            truncates
-                                .into_iter()
-                                .map(|(table, t)| (self.region, table, t)),
-                        );
-                        h.ops += batch.len();
-                        h.refused += refused;
-                    }
+                Ok(()) => {
+                    record(pending.take().expect("committed"));
                     done += 1;
                     tokio::time::sleep(Duration::from_millis(self.rng.below(self.pace_ms + 1)))
                         .await;
@@ -804,16 +818,45 @@ impl Writer {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) if transient(&e) => {
-                    // the commit may have happened or not: a commit whose
-                    // outcome is unknown is left out of the history only if
-                    // the database shows it did not happen, so only
-                    // retry statements that failed before the commit
                     if client.is_closed() {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         client = connect(&self.dsn).await;
                     }
+                    // a commit whose answer was lost happened or not: the
+                    // database (the promoted standby after a failover) says
+                    // which by the marker row; a failure before the commit
+                    // committed nothing
+                    if let Some(committed) = pending.take() {
+                        if self.committed(&mut client, mark).await {
+                            record(committed);
+                            history.lock().unwrap().in_doubt_committed += 1;
+                            done += 1;
+                        } else {
+                            history.lock().unwrap().in_doubt_lost += 1;
+                        }
+                    }
                 }
                 Err(e) => panic!("{} writer: {e:?}", self.region),
+            }
+        }
+    }
+
+    /// Whether the transaction that wrote marker `mark` committed: asked
+    /// until the region answers.
+    async fn committed(&self, client: &mut tokio_postgres::Client, mark: i64) -> bool {
+        loop {
+            match client
+                .query_opt("SELECT 1 FROM public.checker_tx WHERE id = $1", &[&mark])
+                .await
+            {
+                Ok(row) => return row.is_some(),
+                Err(e) if transient(&e) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if client.is_closed() {
+                        *client = connect(&self.dsn).await;
+                    }
+                }
+                Err(e) => panic!("{} writer: reading its commit marker: {e:?}", self.region),
             }
         }
     }
@@ -1145,6 +1188,12 @@ const APP_ROLE: &str = "pgrelay_app";
 
 /// Creates [`APP_ROLE`] in `pg` with only what the README says an
 /// application role needs, and the probe [`tombstone`] reads through.
+/// The next writer transaction's commit marker (`public.checker_tx`).
+static TX_MARK: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
+
+/// What a writer transaction wrote: rows, truncates, refused writes.
+type Committed = (Vec<Write>, Vec<(&'static str, i64)>, usize);
+
 fn create_app_role(pg: &Pg) {
     pg.psql(&format!(
         "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}'",
@@ -1159,6 +1208,9 @@ fn create_app_objects(pg: &Pg) {
     let tables = TABLES.join(", ");
     pg.psql(&format!(
         "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON {tables} TO {APP_ROLE};
+         -- the writers' commit markers (not replicated: no table rule names it)
+         CREATE TABLE IF NOT EXISTS public.checker_tx (id bigint PRIMARY KEY);
+         GRANT SELECT, INSERT ON public.checker_tx TO {APP_ROLE};
          CREATE FUNCTION public.checker_tombstone(t text, k jsonb) RETURNS bigint
              LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
              $$ SELECT hlc FROM pgrelay.tombstones WHERE table_name = t AND pk = k $$;
@@ -1823,7 +1875,7 @@ impl World {
     /// Runs a pgrelay command that must succeed; when it does not, says
     /// what became of each broker too.
     fn ok(&self, args: &[&str]) -> String {
-        let out = relay::cmd(args);
+        let out = bounded(args, "warn");
         if !out.status.success() {
             panic!(
                 "pgrelay {args:?} failed:\nstdout: {}\nstderr: {}\n{}",
@@ -2042,7 +2094,24 @@ impl World {
     async fn join(&mut self) {
         let r = "cn";
         let gate = self.gates[r].clone();
-        let paused = gate.write().await;
+        let Ok(paused) = tokio::time::timeout(Duration::from_secs(120), gate.write()).await else {
+            let sessions: Vec<String> = connect(&self.pg[r].dsn())
+                .await
+                .query(
+                    "SELECT format('%s %s %s/%s since %s: %s', pid, usename, wait_event_type, \
+                     wait_event, xact_start, left(query, 160)) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map(|rows| rows.iter().map(|row| row.get(0)).collect())
+                .unwrap_or_default();
+            panic!(
+                "join: cn's writer did not end its transaction in 120 s; cn's sessions:\n{}",
+                sessions.join("\n")
+            );
+        };
+        eprintln!("join: cn's writer paused");
         let cn = connect(&self.pg[r].dsn()).await;
         let lsn: String = cn
             .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
@@ -2117,6 +2186,7 @@ impl World {
         for role in roles(r) {
             self.sidecars.insert((r, role), self.spawn(r, role));
         }
+        eprintln!("join: cn's database replaced and set up, its sidecars started");
         let us = connect(&self.pg["us"].dsn()).await;
         let m_keys: Vec<i32> = us
             .query("SELECT id FROM m", &[])
@@ -2139,6 +2209,7 @@ impl World {
                 &self.brokers,
             );
         }
+        eprintln!("join: us and eu resynced to cn");
         // cn writes again only once its part of each counter is back
         // (a region's part is kept by its stamp: an increment taken from
         // zero before the resync arrived would outrank it)
@@ -2225,6 +2296,23 @@ fn brokers_seen(brokers: &BTreeMap<&'static str, (Broker, Proxy)>) -> String {
         .join("\n")
 }
 
+/// Runs a pgrelay command with `PGRELAY_LOG=log`, killed after 240 s (a
+/// command that hangs fails the history with its output, instead of
+/// stalling it until the test's own timeout).
+fn bounded(args: &[&str], log: &str) -> std::process::Output {
+    let out = std::process::Command::new("timeout")
+        .args(["--kill-after=5", "240"])
+        .arg(relay::bin())
+        .args(args)
+        .env("PGRELAY_LOG", log)
+        .output()
+        .expect("run pgrelay under timeout");
+    if out.status.code() == Some(124) {
+        eprintln!("pgrelay {args:?} timed out after 240 s");
+    }
+    out
+}
+
 /// Tables the checker's resyncs read in parts, one session each (their
 /// log says `parts=`): the positive sign the parallel read ran.
 static RESYNC_PARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -2236,11 +2324,7 @@ static RESYNC_PARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicU
 fn resync(args: &[&str], brokers: &BTreeMap<&'static str, (Broker, Proxy)>) {
     let args: Vec<&str> = args.iter().copied().chain(["--jobs", "3"]).collect();
     for attempt in 1..=3 {
-        let out = std::process::Command::new(relay::bin())
-            .args(&args)
-            .env("PGRELAY_LOG", "info")
-            .output()
-            .expect("run pgrelay resync");
+        let out = bounded(&args, "info");
         if out.status.success() {
             let parts = String::from_utf8_lossy(&out.stderr)
                 .matches(" parts=")
@@ -2557,6 +2641,10 @@ pub async fn check(seed: u64, ops_per_region: usize) -> Checked {
     eprintln!(
         "seed {seed}: {} transaction(s) refused by a fence and retried after it",
         history.fenced
+    );
+    eprintln!(
+        "seed {seed}: commits whose answer was lost: {} committed (kept), {} not (left out)",
+        history.in_doubt_committed, history.in_doubt_lost
     );
     // the apply side's fast paths — an upsert with no tombstone recheck
     // (`upsert`: changes newer than every delete of their table) and new
