@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{pin_mut, TryStreamExt};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::capture::seals::SealLedger;
@@ -314,6 +315,15 @@ pub async fn run(
     // one snapshot for every table and the tombstones, shared with the
     // helper sessions of a parallel read
     let lsn = begin_snapshot(&client, region).await?;
+    if opts.jobs > 1 {
+        // see PARALLEL_LOCK_TIMEOUT
+        client
+            .batch_execute(&format!(
+                "SET LOCAL lock_timeout = '{PARALLEL_LOCK_TIMEOUT}'"
+            ))
+            .await
+            .map_err(read_err(region, "the resync's snapshot"))?;
+    }
     progress.set_total(row_estimate(&client, region, &schemas).await?);
     let mut parts = Vec::with_capacity(schemas.len());
     for schema in &schemas {
@@ -418,11 +428,38 @@ pub async fn run(
             .unwrap_or(0);
         return Err(errors.swap_remove(first));
     }
-    end_snapshot(&client, region).await?;
+    // everything is read: a snapshot that ended on its own (an idle
+    // session's timeout while the helpers finished) loses nothing
+    if let Err(e) = end_snapshot(&client, region).await {
+        tracing::warn!(region, error = %e, "ending the resync's snapshot");
+    }
     out.finish().await?;
     progress.finish();
     Ok(out.summary)
 }
+
+/// [`read_err`], or for a lock a session of a parallel read waited for in
+/// vain (see [`PARALLEL_LOCK_TIMEOUT`]), what to do.
+fn parallel_read_err(region: &str, what: &str, e: tokio_postgres::Error) -> ResyncError {
+    match e.code() {
+        Some(&SqlState::LOCK_NOT_AVAILABLE) => ResyncError::Setup(format!(
+            "region {region}: reading {what} in parts, a session waited {PARALLEL_LOCK_TIMEOUT} \
+             for its lock: another session holds or waits for it exclusively (ALTER TABLE, \
+             VACUUM FULL, ...); run resync again once that is done, or with --jobs 1, which \
+             waits for it"
+        )),
+        _ => read_err(region, what)(e),
+    }
+}
+
+/// How long a session of a parallel read waits for a table's lock. A
+/// statement that wants a table exclusively (`ALTER TABLE`, `VACUUM FULL`)
+/// waits for the session that reads it and queues every later reader of
+/// the table behind it — a helper starting its part, or the main session
+/// starting the next table while a helper still holds the last one — and
+/// the run waits for all its readers: a wait nothing would end. With the
+/// timeout the run stops, naming the table, and the statement goes on.
+const PARALLEL_LOCK_TIMEOUT: &str = "10s";
 
 /// What every reader of a run shares: the run's selection, its snapshot
 /// and how the others are doing.
@@ -497,7 +534,8 @@ impl Shared<'_> {
             let client = read_session(self.dsn, self.region).await?;
             client
                 .batch_execute(&format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+                     SET LOCAL lock_timeout = '{PARALLEL_LOCK_TIMEOUT}'",
                     crate::event::quote_literal(snapshot_id)
                 ))
                 .await
@@ -541,7 +579,7 @@ async fn heap_blocks(
             &[&table.quoted()],
         )
         .await
-        .map_err(read_err(region, &format!("the size of {table}")))?
+        .map_err(|e| parallel_read_err(region, &format!("table {table}"), e))?
         .get(0);
     Ok(blocks.max(0) as u64)
 }
@@ -804,18 +842,15 @@ impl Snapshot<'_> {
     ) -> Result<(), ResyncError> {
         let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
         let what = format!("table {}", schema.table);
+        let failed = |e: tokio_postgres::Error| parallel_read_err(self.region, &what, e);
         let stream = self
             .client
             .simple_query_raw(&select_part_sql(&schema.table, &names, part))
             .await
-            .map_err(read_err(self.region, &what))?;
+            .map_err(failed)?;
         pin_mut!(stream);
         let mut read = 0u64;
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .map_err(read_err(self.region, &what))?
-        {
+        while let Some(msg) = stream.try_next().await.map_err(failed)? {
             let SimpleQueryMessage::Row(row) = msg else {
                 continue;
             };

@@ -2317,12 +2317,13 @@ fn bounded(args: &[&str], log: &str) -> std::process::Output {
 /// log says `parts=`): the positive sign the parallel read ran.
 static RESYNC_PARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// `pgrelay resync` as an operator runs it, with three reading sessions:
-/// safe to run again, so run again (at most three times) when it stopped
+/// `pgrelay resync` as an operator runs it (one reading session: the
+/// writers' truncates would stop a parallel read, see
+/// `resync::PARALLEL_LOCK_TIMEOUT`): safe to run again, so run again (at most three times) when it stopped
 /// on an error — a Kafka metadata request that timed out on a loaded
 /// machine has been seen.
 fn resync(args: &[&str], brokers: &BTreeMap<&'static str, (Broker, Proxy)>) {
-    let args: Vec<&str> = args.iter().copied().chain(["--jobs", "3"]).collect();
+    let args: Vec<&str> = args.to_vec();
     for attempt in 1..=3 {
         let out = bounded(&args, "info");
         if out.status.success() {
