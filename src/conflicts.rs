@@ -79,14 +79,7 @@ pub fn losers_sql(target: &TargetTable, stage: Option<&str>) -> String {
             format!("to_jsonb(r) - {}", quote_literal(HLC_COLUMN)),
         ),
         None => {
-            let key_cols: Vec<String> = target
-                .key
-                .iter()
-                .map(|k| match target.json_columns.iter().find(|(j, _)| j == k) {
-                    Some((_, ty)) => format!("(x.{0} #>> '{{}}')::{ty} AS {0}", quote_ident(k)),
-                    None => format!("x.{}", quote_ident(k)),
-                })
-                .collect();
+            let key_cols = target.key_columns_from("x");
             (
                 format!(
                     "(SELECT {}, x.{hlc} FROM json_populate_recordset(NULL::{t}, $3::text::json) AS x) AS r",

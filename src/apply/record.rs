@@ -172,6 +172,19 @@ impl TargetTable {
 
     /// The key of row `alias` as `pgrelay.tombstones` spells it (a JSON
     /// object of each key column's text).
+    /// The key columns read from `alias`, a row `json_populate_recordset`
+    /// made: a json/jsonb key column comes as a JSON string scalar there,
+    /// so its document's text is read back (`#>> '{}'`) and cast.
+    pub fn key_columns_from(&self, alias: &str) -> Vec<String> {
+        self.key
+            .iter()
+            .map(|k| match self.json_columns.iter().find(|(j, _)| j == k) {
+                Some((_, ty)) => format!("({alias}.{0} #>> '{{}}')::{ty} AS {0}", quote_ident(k)),
+                None => format!("{alias}.{}", quote_ident(k)),
+            })
+            .collect()
+    }
+
     pub fn key_json(&self, alias: &str) -> String {
         let parts: Vec<String> = self
             .key

@@ -737,16 +737,7 @@ pub fn newest_tombstone_sql(target: &TargetTable) -> String {
 pub fn delete_sql(target: &TargetTable) -> String {
     let t = target.name.quoted();
     let hlc = quote_ident(HLC_COLUMN);
-    // json_populate_recordset keeps a JSON string as a string scalar for a
-    // json/jsonb column: read the document's text back (`#>> '{}'`)
-    let key_cols: Vec<String> = target
-        .key
-        .iter()
-        .map(|k| match target.json_columns.iter().find(|(j, _)| j == k) {
-            Some((_, ty)) => format!("(r.{0} #>> '{{}}')::{ty} AS {0}", quote_ident(k)),
-            None => format!("r.{}", quote_ident(k)),
-        })
-        .collect();
+    let key_cols = target.key_columns_from("r");
     let join: Vec<String> = target
         .key
         .iter()
